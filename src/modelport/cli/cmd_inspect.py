@@ -1,0 +1,128 @@
+"""``modelport inspect``: what is in a model file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+import modelport
+from modelport.cli._output import human_bytes, json_default
+from modelport.report import InspectReport
+
+EXAMPLES = """examples:
+  modelport inspect model.safetensors
+  modelport inspect checkpoint.pt --tensors
+  modelport inspect scripted.pt --code
+  modelport inspect ./my-hf-model --json
+"""
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "inspect",
+        help="show what a model file holds (format, tensors, metadata, checkpoint extras)",
+        description="Read a model file or directory by content and summarise it. Never "
+        "executes anything stored in the file and reads no tensor data.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("path", help="model file or directory")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--tensors", action="store_true", help="list every tensor")
+    parser.add_argument("--code", action="store_true", help="print TorchScript code")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = modelport.inspect(args.path)
+    if args.json:
+        payload = report.to_json()
+        if args.code:
+            with modelport.open(args.path) as model:
+                payload["code"] = model.code
+        print(json.dumps(payload, indent=2, default=json_default))
+        return 0
+    console = Console()
+    show_summary(console, report)
+    if args.tensors:
+        show_tensors(console, report)
+    if args.code:
+        with modelport.open(args.path) as model:
+            for name, text in model.code.items():
+                console.rule(name)
+                console.print(text, markup=False, highlight=False)
+            if not model.code:
+                console.print("[dim]no code in this file[/dim]")
+    return 0
+
+
+def show_summary(console: Console, report: InspectReport) -> None:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("file", report.path)
+    table.add_row("format", report.format)
+    table.add_row("size", human_bytes(report.size_bytes))
+    table.add_row("tensors", f"{len(report.tensors):,}")
+    table.add_row("parameters", f"{report.parameters:,}")
+    dtype_text = ", ".join(f"{d} {human_bytes(n)}" for d, n in report.bytes_by_dtype.items())
+    table.add_row("bytes by dtype", dtype_text or "-")
+    if report.weights_note:
+        table.add_row("weights", report.weights_note)
+    if report.aliases:
+        table.add_row("shared storage", "; ".join(" = ".join(g) for g in report.aliases[:5]))
+    for key, value in report.details.items():
+        if key != "modules":
+            table.add_row(key.replace("_", " "), _short(value))
+    console.print(table)
+    if report.metadata:
+        meta = Table("key", "value", title="metadata", title_justify="left")
+        for key, value in report.metadata.items():
+            meta.add_row(str(key), _short(value))
+        console.print(meta)
+    if report.extras:
+        console.print("[bold]checkpoint extras[/bold]")
+        console.print_json(json.dumps(report.extras, default=json_default)[:4000])
+    if report.modules:
+        console.print(_module_tree(report.modules))
+    if report.code_files:
+        console.print(f"[bold]code[/bold]: {len(report.code_files)} files (show with --code)")
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def show_tensors(console: Console, report: InspectReport) -> None:
+    table = Table("name", "dtype", "shape", "bytes", title="tensors", title_justify="left")
+    for tensor in report.tensors:
+        table.add_row(
+            tensor.name, tensor.dtype, str(list(tensor.shape)), human_bytes(tensor.nbytes)
+        )
+    console.print(table)
+
+
+def _module_tree(modules: dict[str, Any]) -> Tree:
+    if "class" in modules:
+        root = Tree(f"[bold]modules[/bold]: {modules['class']}")
+        _add_children(root, modules.get("children", {}))
+        return root
+    root = Tree("[bold]modules[/bold]")
+    for key, node in modules.items():
+        branch = root.add(f"{key}: {node['class']}")
+        _add_children(branch, node.get("children", {}))
+    return root
+
+
+def _add_children(branch: Tree, children: dict[str, Any]) -> None:
+    for name, child in children.items():
+        sub = branch.add(f"{name}: {child['class']}")
+        _add_children(sub, child.get("children", {}))
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=json_default)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

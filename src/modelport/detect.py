@@ -1,0 +1,85 @@
+"""Which format a path holds, decided by its bytes; and what it is when it is not a model.
+
+The extension never decides. It only produces a warning when it names another format than
+the content. Before the format sniffers run, the common non-models are recognised by name:
+an empty file, a Git LFS pointer (the weights were never pulled), an HTML page (a login or
+error page saved under the model's name).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from modelport.errors import ModelFileNotFoundError, NotAModelError, UnknownFormatError
+from modelport.formats import READERS, FormatReader, Probe
+from modelport.formats._zip import ZipDirectory
+
+LFS_PREFIX = b"version https://git-lfs.github.com/spec/"
+_LFS_OID = re.compile(rb"^oid sha256:([0-9a-f]{64})$", re.M)
+_LFS_SIZE = re.compile(rb"^size (\d+)$", re.M)
+
+
+def detect(path: Path | str) -> tuple[FormatReader, Probe, list[str]]:
+    """The reader for ``path``, the probe it was chosen on, and warnings about the name."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileNotFoundError(f"{path}: no such file or directory")
+    probe = Probe.of(path)
+    if not probe.is_dir:
+        _reject_non_models(probe)
+    for reader in READERS:
+        if reader.sniff(probe):
+            return reader, probe, _extension_warnings(path, reader)
+    if probe.head.startswith(b"PK\x03\x04"):
+        ZipDirectory.read(path)  # raises the precise reason a zip is unreadable
+    if probe.is_dir:
+        raise UnknownFormatError(
+            "directory holds no model modelport recognises (expected config.json with weights, "
+            "a *.index.json, or a torch.distributed.checkpoint .metadata)",
+            path=path,
+        )
+    raise UnknownFormatError(
+        f"unrecognised content (first bytes {probe.head[:16].hex(' ')}); "
+        "modelport reads safetensors, torch, pickle, numpy, ONNX, GGUF, HDF5, Keras and TFLite",
+        path=path,
+    )
+
+
+def _reject_non_models(probe: Probe) -> None:
+    head = probe.head
+    if probe.size == 0:
+        raise NotAModelError("empty file (0 bytes)", kind="empty", path=probe.path)
+    if head.startswith(LFS_PREFIX):
+        oid = _LFS_OID.search(head)
+        size = _LFS_SIZE.search(head)
+        described = f"{int(size.group(1)):,}-byte file" if size else "file"
+        oid_text = f" (oid sha256:{oid.group(1).decode()})" if oid else ""
+        raise NotAModelError(
+            f"Git LFS pointer to a {described}{oid_text}, not the file itself: "
+            "run `git lfs pull` in its repository to fetch the weights",
+            kind="git-lfs-pointer",
+            path=probe.path,
+        )
+    start = head[:512].lstrip().lower()
+    if (
+        start.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml"))
+        or b"<html" in start[:256]
+    ):
+        raise NotAModelError(
+            "an HTML page, not a model: the download probably saved an error or login page",
+            kind="html",
+            path=probe.path,
+        )
+
+
+def _extension_warnings(path: Path, reader: FormatReader) -> list[str]:
+    suffix = path.suffix.lower()
+    if not suffix or path.is_dir() or suffix in reader.extensions:
+        return []
+    owners = [r.format.value for r in READERS if suffix in r.extensions]
+    if not owners:
+        return []
+    return [
+        f"extension {suffix} suggests {' or '.join(owners)}, but the content is {reader.format}"
+    ]

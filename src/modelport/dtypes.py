@@ -1,0 +1,157 @@
+"""Element types, named the way torch spells them (without the ``torch.`` prefix).
+
+One table ties each name to its numpy dtype (``ml_dtypes`` for bfloat16 and the float8
+family), its width, and the codes each file format uses for it. Formats translate their
+own codes here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final
+
+import ml_dtypes
+import numpy as np
+
+from modelport.errors import UnsupportedDtypeError
+
+
+@dataclass(frozen=True)
+class DType:
+    """One element type: its torch name, width in bits, and numpy equivalent (if any)."""
+
+    name: str
+    bits: int
+    numpy: np.dtype | None  # type: ignore[type-arg]
+    is_floating: bool = False
+
+    @property
+    def itemsize(self) -> int:
+        return max(1, self.bits // 8)
+
+
+def _np(spec: object) -> np.dtype:  # type: ignore[type-arg]
+    return np.dtype(spec)  # type: ignore[call-overload,no-any-return]
+
+
+_ALL: Final = (
+    DType("float64", 64, _np("<f8"), True),
+    DType("float32", 32, _np("<f4"), True),
+    DType("float16", 16, _np("<f2"), True),
+    DType("bfloat16", 16, _np(ml_dtypes.bfloat16), True),
+    DType("float8_e4m3fn", 8, _np(ml_dtypes.float8_e4m3fn), True),
+    DType("float8_e5m2", 8, _np(ml_dtypes.float8_e5m2), True),
+    DType("float8_e4m3fnuz", 8, _np(ml_dtypes.float8_e4m3fnuz), True),
+    DType("float8_e5m2fnuz", 8, _np(ml_dtypes.float8_e5m2fnuz), True),
+    DType("float8_e8m0fnu", 8, _np(ml_dtypes.float8_e8m0fnu), True),
+    DType("complex128", 128, _np("<c16")),
+    DType("complex64", 64, _np("<c8")),
+    DType("complex32", 32, None),
+    DType("int64", 64, _np("<i8")),
+    DType("int32", 32, _np("<i4")),
+    DType("int16", 16, _np("<i2")),
+    DType("int8", 8, _np("i1")),
+    DType("uint64", 64, _np("<u8")),
+    DType("uint32", 32, _np("<u4")),
+    DType("uint16", 16, _np("<u2")),
+    DType("uint8", 8, _np("u1")),
+    DType("bool", 8, _np("?")),
+    DType("qint8", 8, _np("i1")),
+    DType("quint8", 8, _np("u1")),
+    DType("qint32", 32, _np("<i4")),
+    DType("quint4x2", 8, _np("u1")),
+    DType("quint2x4", 8, _np("u1")),
+    DType("float4_e2m1fn_x2", 8, _np("u1")),
+)
+
+DTYPES: Final = MappingProxyType({d.name: d for d in _ALL})
+
+# torch storage classes as they appear in pickles (``torch.FloatStorage``) -> dtype name.
+TORCH_STORAGE_TYPES: Final = MappingProxyType(
+    {
+        "DoubleStorage": "float64",
+        "FloatStorage": "float32",
+        "HalfStorage": "float16",
+        "BFloat16Storage": "bfloat16",
+        "ComplexDoubleStorage": "complex128",
+        "ComplexFloatStorage": "complex64",
+        "LongStorage": "int64",
+        "IntStorage": "int32",
+        "ShortStorage": "int16",
+        "CharStorage": "int8",
+        "ByteStorage": "uint8",
+        "BoolStorage": "bool",
+        "QInt8Storage": "qint8",
+        "QUInt8Storage": "quint8",
+        "QInt32Storage": "qint32",
+        "QUInt4x2Storage": "quint4x2",
+        "QUInt2x4Storage": "quint2x4",
+        "UntypedStorage": "uint8",
+    }
+)
+
+# Attribute names of ``torch`` that are dtypes, as pickles reference them (``torch.float32``).
+TORCH_DTYPE_ATTRS: Final = MappingProxyType(
+    {
+        **{name: name for name in DTYPES},
+        "float": "float32",
+        "double": "float64",
+        "half": "float16",
+        "long": "int64",
+        "int": "int32",
+        "short": "int16",
+        "cfloat": "complex64",
+        "cdouble": "complex128",
+        "chalf": "complex32",
+    }
+)
+
+# safetensors header codes (the format's README lists them).
+SAFETENSORS_CODES: Final = MappingProxyType(
+    {
+        "F64": "float64",
+        "F32": "float32",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
+        "F8_E8M0": "float8_e8m0fnu",
+        "F4": "float4_e2m1fn_x2",
+        "C64": "complex64",
+        "C128": "complex128",
+        "I64": "int64",
+        "I32": "int32",
+        "I16": "int16",
+        "I8": "int8",
+        "U64": "uint64",
+        "U32": "uint32",
+        "U16": "uint16",
+        "U8": "uint8",
+        "BOOL": "bool",
+    }
+)
+
+
+def dtype(name: str) -> DType:
+    """Look up a dtype by its torch name; unknown names are a format error upstream."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise UnsupportedDtypeError(f"unknown dtype {name!r}") from None
+
+
+def from_numpy(np_dtype: np.dtype) -> str:  # type: ignore[type-arg]
+    """The torch name of a numpy dtype (byte order must already be little-endian or n/a)."""
+    for d in _ALL:
+        if d.numpy is not None and d.numpy == np_dtype and not d.name.startswith("q"):
+            return d.name
+    raise UnsupportedDtypeError(f"numpy dtype {np_dtype} has no torch equivalent")
+
+
+def to_numpy(name: str) -> np.dtype:  # type: ignore[type-arg]
+    """The numpy dtype of a torch dtype name; raises for types numpy cannot hold."""
+    found = dtype(name).numpy
+    if found is None:
+        raise UnsupportedDtypeError(f"dtype {name} has no numpy equivalent")
+    return found

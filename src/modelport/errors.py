@@ -1,0 +1,102 @@
+"""Every error modelport raises on purpose.
+
+Callers catch one family at the depth they care about; each class also subclasses the
+builtin a caller would otherwise expect, so ``except ValueError`` keeps working.
+
+    ModelportError
+    ├── ModelFileNotFoundError (FileNotFoundError)
+    ├── FormatError (ValueError)               the bytes are not what they must be
+    │   ├── UnknownFormatError                 no reader recognises the content
+    │   ├── NotAModelError                     something else (LFS pointer, HTML, empty)
+    │   ├── TruncatedFileError                 shorter than its own header says
+    │   ├── CorruptFileError                   inconsistent structure (offsets, sizes, opcodes)
+    │   └── UnsupportedVersionError            a known format at a version we do not read
+    ├── LimitExceededError (ValueError)        a declared size or count past a hard limit
+    ├── TensorNotFoundError (KeyError)         no tensor by that name
+    ├── UnsupportedDtypeError (TypeError)      a dtype numpy or torch cannot represent
+    └── MissingDependencyError (ImportError)   an optional extra is not installed
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ModelportError(Exception):
+    """Base class of every error modelport raises deliberately."""
+
+
+class ModelFileNotFoundError(ModelportError, FileNotFoundError):
+    """The path does not exist."""
+
+
+class FormatError(ModelportError, ValueError):
+    """The file's bytes do not form the format they claim or appear to be."""
+
+    def __init__(self, message: str, *, path: Path | str | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class UnknownFormatError(FormatError):
+    """No reader recognises the content; the extension is never trusted instead."""
+
+
+class NotAModelError(FormatError):
+    """The file is recognisably something other than a model (LFS pointer, HTML, empty)."""
+
+    def __init__(self, message: str, *, kind: str, path: Path | str | None = None) -> None:
+        self.kind = kind
+        super().__init__(message, path=path)
+
+
+class TruncatedFileError(FormatError):
+    """The file ends before the bytes its own header promises."""
+
+    def __init__(
+        self, message: str, *, expected: int, actual: int, path: Path | str | None = None
+    ) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(message, path=path)
+
+
+class CorruptFileError(FormatError):
+    """The structure contradicts itself: overlapping ranges, bad offsets, malformed opcodes."""
+
+
+class UnsupportedVersionError(FormatError):
+    """A known format at a version modelport does not read."""
+
+
+class LimitExceededError(ModelportError, ValueError):
+    """A declared size or count is past a hard safety limit; nothing was allocated for it."""
+
+    def __init__(self, resource: str, limit: int, actual: int, *, path: Path | str | None = None):
+        self.resource = resource
+        self.limit = limit
+        self.actual = actual
+        where = f"{path}: " if path is not None else ""
+        super().__init__(f"{where}{resource} is {actual:,}, above the limit of {limit:,}")
+
+
+class TensorNotFoundError(ModelportError, KeyError):
+    """No tensor by that name in the file."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "tensor not found"
+
+
+class UnsupportedDtypeError(ModelportError, TypeError):
+    """The tensor's dtype has no numpy or torch equivalent (quantized GGUF blocks, say)."""
+
+
+class MissingDependencyError(ModelportError, ImportError):
+    """An optional extra is needed for this operation and is not installed."""
+
+    def __init__(self, package: str, extra: str, purpose: str) -> None:
+        self.package = package
+        self.extra = extra
+        super().__init__(
+            f"{purpose} needs the '{package}' package: pip install 'modelport[{extra}]'"
+        )

@@ -1,0 +1,103 @@
+"""The one small protocol every format module implements.
+
+A format module exposes ``READER = FormatReader(...)``: a ``sniff`` that decides from a
+``Probe`` (the first bytes, the size, a zip directory if the file is a zip) and a ``read``
+that returns ``Contents``: the file's object tree with ``TensorRef`` leaves, plus metadata.
+``read`` parses headers only; tensor bytes stay on disk until someone asks for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from modelport.errors import ModelportError
+
+HEAD_BYTES = 64 * 1024
+
+
+class Format(str, Enum):
+    """What a file is, by content. Values are the names ``inspect --json`` reports."""
+
+    SAFETENSORS = "safetensors"
+    TORCH_ZIP = "torch-zip"
+    TORCH_LEGACY = "torch-legacy"
+    TORCHSCRIPT = "torchscript"
+    TORCH_EXPORT = "torch-export"
+    PICKLE = "pickle"
+    NPY = "npy"
+    NPZ = "npz"
+    ONNX = "onnx"
+    GGUF = "gguf"
+    HDF5 = "hdf5"
+    KERAS = "keras"
+    TFLITE = "tflite"
+    HF_DIR = "hf-dir"
+    DCP = "dcp"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What sniffers look at: path, size and first bytes, plus the zip directory on demand."""
+
+    path: Path
+    size: int
+    head: bytes
+    is_dir: bool
+
+    @classmethod
+    def of(cls, path: Path) -> Probe:
+        if path.is_dir():
+            return cls(path, 0, b"", True)
+        with open(path, "rb") as handle:
+            head = handle.read(HEAD_BYTES)
+        return cls(path, path.stat().st_size, head, False)
+
+    @cached_property
+    def zip(self) -> Any:
+        """The parsed zip directory (``formats._zip.ZipDirectory``), or None if not a zip."""
+        if self.is_dir or not self.head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+            return None
+        from modelport.formats._zip import ZipDirectory
+
+        try:
+            return ZipDirectory.read(self.path)
+        except ModelportError:
+            return None
+
+
+@dataclass
+class Contents:
+    """A file as read: its object tree (``TensorRef`` leaves), metadata and format details.
+
+    ``tree`` is what loading the file would give, with tensors as references: a dict for
+    state_dicts and checkpoints, a module record for a pickled ``nn.Module``. ``metadata`` is
+    the format's own key/value metadata; ``details`` holds other facts worth showing (ONNX
+    opset and graph summary, GGUF version, zip prefix); ``code`` is TorchScript source text.
+    """
+
+    format: Format
+    tree: Any
+    metadata: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    code: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    close: Callable[[], None] | None = None  # releases handles a reader keeps open (HDF5)
+
+
+@dataclass(frozen=True)
+class FormatReader:
+    """One format: how to recognise it and how to read it. ``extensions`` only feed the
+    warning when a file's name contradicts its content; they never decide the format."""
+
+    format: Format
+    sniff: Callable[[Probe], bool]
+    read: Callable[[Path, Probe], Contents]
+    extensions: tuple[str, ...] = ()

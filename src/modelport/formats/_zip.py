@@ -1,0 +1,234 @@
+"""Zip archives read the way torch's reader reads them: directory first, data in place.
+
+Layout (APPNOTE 6.3): local file headers with their data, then the central directory,
+then the end-of-central-directory record (EOCD, plus zip64 locator and record when sizes
+pass 4 GiB). We parse the central directory ourselves so that:
+
+- a member's data offset is known without reading it (torch stores tensor records
+  uncompressed and 64-byte aligned, so a tensor is a plain byte range of the file);
+- counts, sizes and offsets are checked against the file before anything is allocated;
+- duplicate names resolve to the first entry, as torch's miniz lookup does;
+- names that would escape a directory (``../``, absolute) are reported, never followed.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
+
+EOCD_SIGNATURE = b"PK\x05\x06"
+ZIP64_LOCATOR_SIGNATURE = b"PK\x06\x07"
+ZIP64_EOCD_SIGNATURE = b"PK\x06\x06"
+CENTRAL_SIGNATURE = b"PK\x01\x02"
+LOCAL_SIGNATURE = b"PK\x03\x04"
+EOCD_SIZE = 22
+LOCAL_HEADER_SIZE = 30
+MAX_COMMENT = 0xFFFF
+MAX_ENTRIES = 1_000_000
+MAX_DECOMPRESSED = 1 << 30  # a compressed member we inflate into memory (pickles, configs)
+
+STORED = 0
+DEFLATED = 8
+
+
+@dataclass(frozen=True)
+class ZipEntry:
+    """One central-directory record, with where its data begins in the file."""
+
+    name: str
+    method: int
+    compressed_size: int
+    size: int
+    crc32: int
+    header_offset: int
+    data_offset: int
+
+    @property
+    def is_stored(self) -> bool:
+        return self.method == STORED
+
+
+@dataclass(frozen=True)
+class ZipDirectory:
+    path: Path
+    entries: tuple[ZipEntry, ...]
+    unsafe_names: tuple[str, ...]
+
+    @classmethod
+    def read(cls, path: Path) -> ZipDirectory:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            tail_len = min(size, EOCD_SIZE + MAX_COMMENT + 20 + 56)
+            handle.seek(size - tail_len)
+            tail = handle.read(tail_len)
+            eocd_at = tail.rfind(EOCD_SIGNATURE)
+            if eocd_at < 0 or eocd_at + EOCD_SIZE > len(tail):
+                raise TruncatedFileError(
+                    "zip archive has no end-of-central-directory record (truncated download?)",
+                    expected=size + 1,
+                    actual=size,
+                    path=path,
+                )
+            (_, _, _, _, count, cd_size, cd_offset, _) = struct.unpack(
+                "<4sHHHHIIH", tail[eocd_at : eocd_at + EOCD_SIZE]
+            )
+            eocd_file_offset = size - tail_len + eocd_at
+            locator_at = eocd_at - 20
+            if locator_at >= 0 and tail[locator_at : locator_at + 4] == ZIP64_LOCATOR_SIGNATURE:
+                (zip64_offset,) = struct.unpack("<Q", tail[locator_at + 8 : locator_at + 16])
+                handle.seek(zip64_offset)
+                record = handle.read(56)
+                if len(record) < 56 or record[:4] != ZIP64_EOCD_SIGNATURE:
+                    raise CorruptFileError("zip64 end record missing", path=path)
+                count, cd_size, cd_offset = struct.unpack("<QQQ", record[32:56])
+                eocd_file_offset = zip64_offset
+            if count > MAX_ENTRIES:
+                raise LimitExceededError("zip entry count", MAX_ENTRIES, count, path=path)
+            if cd_offset + cd_size > eocd_file_offset:
+                raise TruncatedFileError(
+                    f"zip central directory claims bytes {cd_offset}..{cd_offset + cd_size} "
+                    f"but the file's directory ends at {eocd_file_offset}",
+                    expected=cd_offset + cd_size,
+                    actual=eocd_file_offset,
+                    path=path,
+                )
+            handle.seek(cd_offset)
+            directory = handle.read(cd_size)
+            entries, unsafe = _parse_central(directory, count, size, path)
+            resolved = tuple(_with_data_offset(handle, e, size, path) for e in entries)
+        return cls(path, resolved, tuple(unsafe))
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def find(self, name: str) -> ZipEntry | None:
+        for entry in self.entries:  # first match wins, as in torch's reader
+            if entry.name == name:
+                return entry
+        return None
+
+    def read_member(self, entry: ZipEntry, limit: int = MAX_DECOMPRESSED) -> bytes:
+        """A member's bytes, inflated if needed, never more than ``limit`` of them."""
+        if entry.size > limit:
+            raise LimitExceededError(
+                f"zip member {entry.name!r} size", limit, entry.size, path=self.path
+            )
+        with open(self.path, "rb") as handle:
+            handle.seek(entry.data_offset)
+            raw = handle.read(entry.compressed_size)
+        if len(raw) != entry.compressed_size:
+            raise TruncatedFileError(
+                f"zip member {entry.name!r} is cut short",
+                expected=entry.compressed_size,
+                actual=len(raw),
+                path=self.path,
+            )
+        if entry.method == STORED:
+            return raw
+        if entry.method != DEFLATED:
+            raise CorruptFileError(
+                f"zip member {entry.name!r} uses compression method {entry.method}", path=self.path
+            )
+        inflater = zlib.decompressobj(-15)
+        data = inflater.decompress(raw, limit + 1)
+        if len(data) > limit:
+            raise LimitExceededError(
+                f"zip member {entry.name!r} inflated size", limit, len(data), path=self.path
+            )
+        return data
+
+
+def _parse_central(
+    directory: bytes, count: int, file_size: int, path: Path
+) -> tuple[list[ZipEntry], list[str]]:
+    entries: list[ZipEntry] = []
+    unsafe: list[str] = []
+    pos = 0
+    for _ in range(count):
+        if directory[pos : pos + 4] != CENTRAL_SIGNATURE or pos + 46 > len(directory):
+            raise CorruptFileError("zip central directory is malformed", path=path)
+        flags, method, crc, csize, usize, name_len, extra_len, comment_len, offset = (
+            _central_fields(directory, pos)
+        )
+        name_bytes = directory[pos + 46 : pos + 46 + name_len]
+        extra = directory[pos + 46 + name_len : pos + 46 + name_len + extra_len]
+        name = name_bytes.decode("utf-8" if flags & 0x800 else "cp437", "replace")
+        usize, csize, offset = _zip64_sizes(extra, usize, csize, offset)
+        if offset + LOCAL_HEADER_SIZE > file_size or csize > file_size:
+            raise CorruptFileError(f"zip entry {name!r} points past the end of the file", path=path)
+        if (
+            name.startswith(("/", "\\"))
+            or ".." in name.replace("\\", "/").split("/")
+            or ":" in name[:3]
+        ):
+            unsafe.append(name)
+        entries.append(ZipEntry(name, method, csize, usize, crc, offset, -1))
+        pos += 46 + name_len + extra_len + comment_len
+    return entries, unsafe
+
+
+def _central_fields(directory: bytes, pos: int) -> tuple[int, ...]:
+    fields = struct.unpack("<4sHHHHHHIIIHHHHHII", directory[pos : pos + 46])
+    # signature, made-by, needed, flags, method, time, date, crc, csize, usize,
+    # name_len, extra_len, comment_len, disk, internal attr, external attr, offset
+    return (
+        fields[3],
+        fields[4],
+        fields[7],
+        fields[8],
+        fields[9],
+        fields[10],
+        fields[11],
+        fields[12],
+        fields[16],
+    )
+
+
+def _zip64_sizes(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack("<HH", extra[pos : pos + 4])
+        if tag == 0x0001:
+            values = extra[pos + 4 : pos + 4 + length]
+            cursor = 0
+            if usize == 0xFFFFFFFF and cursor + 8 <= len(values):
+                (usize,) = struct.unpack("<Q", values[cursor : cursor + 8])
+                cursor += 8
+            if csize == 0xFFFFFFFF and cursor + 8 <= len(values):
+                (csize,) = struct.unpack("<Q", values[cursor : cursor + 8])
+                cursor += 8
+            if offset == 0xFFFFFFFF and cursor + 8 <= len(values):
+                (offset,) = struct.unpack("<Q", values[cursor : cursor + 8])
+        pos += 4 + length
+    return usize, csize, offset
+
+
+def _with_data_offset(handle: BinaryIO, entry: ZipEntry, file_size: int, path: Path) -> ZipEntry:
+    handle.seek(entry.header_offset)
+    header = handle.read(LOCAL_HEADER_SIZE)
+    if len(header) < LOCAL_HEADER_SIZE or header[:4] != LOCAL_SIGNATURE:
+        raise CorruptFileError(f"zip entry {entry.name!r} has no local header", path=path)
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    data_offset = entry.header_offset + LOCAL_HEADER_SIZE + name_len + extra_len
+    if data_offset + entry.compressed_size > file_size:
+        raise TruncatedFileError(
+            f"zip member {entry.name!r} ends at byte {data_offset + entry.compressed_size}, "
+            f"past the end of the {file_size}-byte file",
+            expected=data_offset + entry.compressed_size,
+            actual=file_size,
+            path=path,
+        )
+    return ZipEntry(
+        entry.name,
+        entry.method,
+        entry.compressed_size,
+        entry.size,
+        entry.crc32,
+        entry.header_offset,
+        data_offset,
+    )

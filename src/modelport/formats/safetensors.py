@@ -1,0 +1,158 @@
+"""safetensors: an 8-byte header length, a JSON header, then the tensor bytes.
+
+Layout (huggingface/safetensors README, "Format"):
+
+- bytes 0..8 MUST be ``N``, a little-endian u64;
+- the next ``N`` bytes MUST be a UTF-8 JSON object mapping each tensor name to
+  ``{"dtype", "shape", "data_offsets": [begin, end]}``, offsets relative to the byte buffer
+  that follows the header; an optional ``"__metadata__"`` maps strings to strings;
+- the byte buffer MUST be covered exactly: offsets in order, no overlap, no holes;
+- a tensor's span MUST equal ``prod(shape) * itemsize``; empty and 0-d tensors are allowed.
+
+Everything is checked before a byte of tensor data is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+from modelport import dtypes
+from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
+from modelport.formats._base import Contents, Format, FormatReader, Probe
+from modelport.tensors import Storage, TensorRef
+
+MAX_HEADER = 100 * 1024 * 1024  # the reference library's own cap
+METADATA_KEY = "__metadata__"
+
+
+def sniff(probe: Probe) -> bool:
+    if probe.is_dir or len(probe.head) < 10:
+        return False
+    (length,) = struct.unpack("<Q", probe.head[:8])
+    start = probe.head[8:10].lstrip(b" ")[:1]
+    return 2 <= length <= MAX_HEADER and start == b"{" and _header_looks_like_json(probe.head[8:])
+
+
+def _header_looks_like_json(text: bytes) -> bool:
+    stripped = text.lstrip(b" ")
+    return stripped.startswith(b"{") and (
+        b'"dtype"' in stripped[:4096]
+        or stripped.startswith(b"{}")
+        or b"__metadata__" in stripped[:4096]
+    )
+
+
+def read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(offset of the byte buffer, parsed header), with every size checked against the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise TruncatedFileError(
+                "safetensors file shorter than its 8-byte header length",
+                expected=8,
+                actual=len(prefix),
+                path=path,
+            )
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER:
+            raise LimitExceededError("safetensors header length", MAX_HEADER, length, path=path)
+        if 8 + length > size:
+            raise TruncatedFileError(
+                f"safetensors header claims {length} bytes but the file has {size - 8} after "
+                "the length field (truncated download?)",
+                expected=8 + length,
+                actual=size,
+                path=path,
+            )
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(f"safetensors header is not valid JSON ({exc})", path=path) from None
+    if not isinstance(header, dict):
+        raise CorruptFileError("safetensors header is not a JSON object", path=path)
+    return 8 + length, header
+
+
+def read(path: Path, probe: Probe) -> Contents:
+    data_start, header = read_header(path)
+    data_size = probe.size - data_start
+    metadata = header.pop(METADATA_KEY, None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CorruptFileError("safetensors __metadata__ must map strings to strings", path=path)
+    spans: list[tuple[int, int, str]] = []
+    tensors: dict[str, TensorRef] = {}
+    for name, entry in header.items():
+        dtype, shape, begin, end = _entry(name, entry, path)
+        expected = math.prod(shape) * dtypes.dtype(dtype).itemsize
+        if end - begin != expected:
+            raise CorruptFileError(
+                f"tensor {name!r}: shape {shape} of {dtype} needs {expected} bytes, "
+                f"data_offsets span {end - begin}",
+                path=path,
+            )
+        if end > data_size:
+            raise TruncatedFileError(
+                f"tensor {name!r} ends at byte {data_start + end} of a {probe.size}-byte file "
+                "(truncated download?)",
+                expected=data_start + end,
+                actual=probe.size,
+                path=path,
+            )
+        spans.append((begin, end, name))
+        storage = Storage(path, data_start + begin, end - begin, key=name)
+        tensors[name] = TensorRef(dtype, tuple(shape), storage)
+    _check_coverage(spans, path)
+    ordered = {name: tensors[name] for _, _, name in sorted(spans)}
+    return Contents(
+        Format.SAFETENSORS,
+        ordered,
+        metadata=dict(metadata),
+        details={"header_bytes": data_start - 8},
+    )
+
+
+def _entry(name: str, entry: Any, path: Path) -> tuple[str, list[int], int, int]:
+    if not isinstance(entry, dict):
+        raise CorruptFileError(f"tensor {name!r}: header entry is not an object", path=path)
+    code = entry.get("dtype")
+    if code not in dtypes.SAFETENSORS_CODES:
+        raise CorruptFileError(f"tensor {name!r}: unknown dtype {code!r}", path=path)
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
+        raise CorruptFileError(
+            f"tensor {name!r}: shape must be a list of non-negative ints", path=path
+        )
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise CorruptFileError(f"tensor {name!r}: data_offsets must be [begin, end]", path=path)
+    return dtypes.SAFETENSORS_CODES[str(code)], shape, offsets[0], offsets[1]
+
+
+def _check_coverage(spans: list[tuple[int, int, str]], path: Path) -> None:
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin < position:
+            raise CorruptFileError(f"tensor {name!r} overlaps the tensor before it", path=path)
+        if begin > position:
+            raise CorruptFileError(
+                f"hole of {begin - position} bytes before tensor {name!r}", path=path
+            )
+        position = end
+
+
+READER = FormatReader(Format.SAFETENSORS, sniff, read, (".safetensors", ".sft"))

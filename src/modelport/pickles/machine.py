@@ -1,0 +1,603 @@
+"""A pickle machine that interprets opcodes without importing or calling anything.
+
+The stdlib unpickler resolves GLOBAL by importing and REDUCE by calling; that is how a
+pickle runs code. This machine keeps the stack, the mark stack and the memo exactly as
+the stdlib does for protocols 0-5, but hands every operation with a meaning (naming a
+global, calling, instantiating, BUILD, persistent ids, extension codes, out-of-band
+buffers) to a ``Resolver``. The reading resolver maps an explicit allowlist to modelport's
+own pure reconstructors and turns the rest into inert records; the scanner's resolver
+records how each global is used. The loop is iterative, every resource is bounded, and
+large byte payloads stay in place as ``ByteSpan``s.
+"""
+
+from __future__ import annotations
+
+import codecs
+import struct
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from modelport.errors import CorruptFileError, LimitExceededError
+from modelport.pickles.records import ByteSpan
+
+_MARK = object()  # sentinel pushed on the mark stack's behalf; never escapes the machine
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Hard ceilings for one pickle; defaults fit any real checkpoint with room to spare."""
+
+    max_opcodes: int = 50_000_000
+    max_memo: int = 10_000_000
+    max_stack: int = 1_000_000
+    max_marks: int = 100_000
+    inline_bytes: int = 64 * 1024  # payloads above this become ByteSpans, not copies
+
+
+class Cursor(Protocol):
+    """Lets a resolver consume raw bytes that follow an opcode (joblib writes arrays so)."""
+
+    @property
+    def position(self) -> int: ...
+    def read(self, n: int) -> memoryview: ...
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where the machine is: byte offset and name of the opcode being executed."""
+
+    offset: int
+    opcode: str
+    cursor: Cursor
+
+
+class Resolver(Protocol):
+    """What gives opcodes their meaning. Every method may return any inert value."""
+
+    def find_global(self, module: str, name: str, at: Step) -> Any: ...
+    def call(self, func: Any, args: tuple[Any, ...], at: Step) -> Any: ...
+    def new(
+        self, cls: Any, args: tuple[Any, ...], kwargs: dict[Any, Any] | None, at: Step
+    ) -> Any: ...
+    def build(self, obj: Any, state: Any, at: Step) -> Any: ...
+    def append(self, target: Any, items: list[Any], at: Step) -> None: ...
+    def set_items(self, target: Any, pairs: list[tuple[Any, Any]], at: Step) -> None: ...
+    def persistent_load(self, pid: Any, at: Step) -> Any: ...
+    def extension(self, code: int, at: Step) -> Any: ...
+    def next_buffer(self, at: Step) -> Any: ...
+
+
+@dataclass(frozen=True)
+class PickleResult:
+    value: Any
+    end: int  # offset just past STOP
+    protocol: int
+    opcodes: int
+
+
+def run(
+    data: bytes | memoryview, resolver: Resolver, *, start: int = 0, limits: Limits = Limits()
+) -> PickleResult:
+    """Interpret one pickle beginning at ``start`` of ``data`` up to its STOP opcode."""
+    return _Machine(memoryview(data).cast("B"), resolver, start, limits).execute()
+
+
+class _Machine:
+    def __init__(self, data: memoryview, resolver: Resolver, start: int, limits: Limits) -> None:
+        self.data = data
+        self.pos = start
+        self.resolver = resolver
+        self.limits = limits
+        self.stack: list[Any] = []
+        self.marks: list[list[Any]] = []
+        self.memo: dict[int, Any] = {}
+        self.protocol = 0
+        self.step = Step(start, "", self)
+
+    # -- reading primitives -------------------------------------------------------------
+    @property
+    def position(self) -> int:
+        return self.pos
+
+    def read(self, n: int) -> memoryview:
+        return self._take(n)
+
+    def _take(self, n: int) -> memoryview:
+        end = self.pos + n
+        if n < 0 or end > len(self.data):
+            raise CorruptFileError(
+                f"pickle truncated: opcode {self.step.opcode} at byte {self.step.offset} "
+                f"needs {n} bytes, {len(self.data) - self.pos} remain"
+            )
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def _line(self) -> bytes:
+        limit = min(len(self.data), self.pos + (1 << 20))
+        window = 64
+        while True:
+            stop = min(limit, self.pos + window)
+            end = bytes(self.data[self.pos : stop]).find(b"\n")
+            if end >= 0:
+                line = bytes(self.data[self.pos : self.pos + end])
+                self.pos += end + 1
+                return line
+            if stop >= limit:
+                raise CorruptFileError(f"pickle: unterminated text argument at byte {self.pos}")
+            window *= 16
+
+    def _u(self, fmt: str, n: int) -> int:
+        value: int = struct.unpack(fmt, self._take(n))[0]
+        return value
+
+    def _payload(self, n: int) -> bytes | ByteSpan:
+        if n > self.limits.inline_bytes:
+            start = self.pos
+            self._take(n)
+            return ByteSpan(start, n)
+        return bytes(self._take(n))
+
+    # -- stack helpers ------------------------------------------------------------------
+    def push(self, value: Any) -> None:
+        self.stack.append(value)
+        if len(self.stack) > self.limits.max_stack:
+            raise LimitExceededError("pickle stack depth", self.limits.max_stack, len(self.stack))
+
+    def pop(self) -> Any:
+        if not self.stack:
+            raise CorruptFileError(
+                f"pickle: stack underflow at byte {self.step.offset} ({self.step.opcode})"
+            )
+        return self.stack.pop()
+
+    def pop_mark(self) -> list[Any]:
+        if not self.marks:
+            raise CorruptFileError(
+                f"pickle: no MARK for {self.step.opcode} at byte {self.step.offset}"
+            )
+        items = self.stack
+        self.stack = self.marks.pop()
+        return items
+
+    def top(self) -> Any:
+        if not self.stack:
+            raise CorruptFileError(
+                f"pickle: empty stack at byte {self.step.offset} ({self.step.opcode})"
+            )
+        return self.stack[-1]
+
+    def memo_get(self, index: int) -> Any:
+        try:
+            return self.memo[index]
+        except KeyError:
+            raise CorruptFileError(
+                f"pickle: memo key {index} not found at byte {self.step.offset}"
+            ) from None
+
+    def memo_put(self, index: int, value: Any) -> None:
+        if index < 0:
+            raise CorruptFileError(f"pickle: negative memo key at byte {self.step.offset}")
+        if len(self.memo) >= self.limits.max_memo and index not in self.memo:
+            raise LimitExceededError("pickle memo size", self.limits.max_memo, len(self.memo) + 1)
+        self.memo[index] = value
+
+    # -- the loop -------------------------------------------------------------------------
+    def execute(self) -> PickleResult:
+        data = self.data
+        count = 0
+        max_ops = self.limits.max_opcodes
+        while True:
+            if self.pos >= len(data):
+                raise CorruptFileError(f"pickle truncated: no STOP opcode before byte {self.pos}")
+            code = data[self.pos]
+            handler = _DISPATCH.get(code)
+            if handler is None:
+                raise CorruptFileError(f"pickle: unknown opcode 0x{code:02x} at byte {self.pos}")
+            self.step = Step(self.pos, handler.__name__[3:].upper(), self)
+            self.pos += 1
+            count += 1
+            if count > max_ops:
+                raise LimitExceededError("pickle opcode count", max_ops, count)
+            if code == 0x2E:  # STOP
+                value = self.pop()
+                return PickleResult(value, self.pos, self.protocol, count)
+            handler(self)
+
+    # -- opcodes (method name = "op_" + pickletools name, lower case) --------------------
+    def op_proto(self) -> None:
+        self.protocol = self._u("<B", 1)
+        if self.protocol > 5:
+            raise CorruptFileError(f"pickle protocol {self.protocol} is not supported (max 5)")
+
+    def op_frame(self) -> None:
+        self._u("<Q", 8)  # frames only group opcodes for buffered reading
+
+    def op_stop(self) -> None:  # handled in execute()
+        pass
+
+    def op_mark(self) -> None:
+        self.marks.append(self.stack)
+        if len(self.marks) > self.limits.max_marks:
+            raise LimitExceededError("pickle MARK nesting", self.limits.max_marks, len(self.marks))
+        self.stack = []
+
+    def op_pop(self) -> None:
+        if self.stack:
+            self.stack.pop()
+        else:
+            self.pop_mark()
+
+    def op_pop_mark(self) -> None:
+        self.pop_mark()
+
+    def op_dup(self) -> None:
+        self.push(self.top())
+
+    # numbers
+    def op_none(self) -> None:
+        self.push(None)
+
+    def op_newtrue(self) -> None:
+        self.push(True)
+
+    def op_newfalse(self) -> None:
+        self.push(False)
+
+    def op_int(self) -> None:
+        line = self._line()
+        if line == b"01":
+            self.push(True)
+        elif line == b"00":
+            self.push(False)
+        else:
+            self.push(self._parse_int(line))
+
+    def op_long(self) -> None:
+        line = self._line()
+        self.push(self._parse_int(line[:-1] if line.endswith(b"L") else line))
+
+    def _parse_int(self, text: bytes) -> int:
+        if len(text) > 4300:
+            raise LimitExceededError("pickle integer digits", 4300, len(text))
+        try:
+            return int(text)
+        except ValueError:
+            raise CorruptFileError(
+                f"pickle: bad integer literal at byte {self.step.offset}"
+            ) from None
+
+    def op_binint(self) -> None:
+        self.push(self._u("<i", 4))
+
+    def op_binint1(self) -> None:
+        self.push(self._u("<B", 1))
+
+    def op_binint2(self) -> None:
+        self.push(self._u("<H", 2))
+
+    def op_long1(self) -> None:
+        n = self._u("<B", 1)
+        self.push(int.from_bytes(self._take(n), "little", signed=True))
+
+    def op_long4(self) -> None:
+        n = self._u("<i", 4)
+        if n > 1 << 16:
+            raise LimitExceededError("pickle LONG4 size", 1 << 16, n)
+        self.push(int.from_bytes(self._take(n), "little", signed=True))
+
+    def op_float(self) -> None:
+        try:
+            self.push(float(self._line()))
+        except ValueError:
+            raise CorruptFileError(
+                f"pickle: bad float literal at byte {self.step.offset}"
+            ) from None
+
+    def op_binfloat(self) -> None:
+        self.push(struct.unpack(">d", self._take(8))[0])
+
+    # strings and bytes
+    def op_string(self) -> None:
+        line = self._line()
+        if len(line) < 2 or line[0] != line[-1] or line[:1] not in (b'"', b"'"):
+            raise CorruptFileError(f"pickle: STRING argument not quoted at byte {self.step.offset}")
+        self.push(codecs.escape_decode(line[1:-1])[0].decode("latin-1"))
+
+    def op_binstring(self) -> None:
+        n = self._u("<i", 4)
+        self.push(bytes(self._take(n)).decode("latin-1"))
+
+    def op_short_binstring(self) -> None:
+        self.push(bytes(self._take(self._u("<B", 1))).decode("latin-1"))
+
+    def op_unicode(self) -> None:
+        self.push(self._line().decode("raw-unicode-escape"))
+
+    def _text(self, n: int) -> str:
+        try:
+            return str(self._take(n), "utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            raise CorruptFileError(f"pickle: invalid UTF-8 at byte {self.step.offset}") from None
+
+    def op_short_binunicode(self) -> None:
+        self.push(self._text(self._u("<B", 1)))
+
+    def op_binunicode(self) -> None:
+        self.push(self._text(self._u("<I", 4)))
+
+    def op_binunicode8(self) -> None:
+        self.push(self._text(self._u("<Q", 8)))
+
+    def op_short_binbytes(self) -> None:
+        self.push(bytes(self._take(self._u("<B", 1))))
+
+    def op_binbytes(self) -> None:
+        self.push(self._payload(self._u("<I", 4)))
+
+    def op_binbytes8(self) -> None:
+        self.push(self._payload(self._u("<Q", 8)))
+
+    def op_bytearray8(self) -> None:
+        payload = self._payload(self._u("<Q", 8))
+        self.push(bytearray(payload) if isinstance(payload, bytes) else payload)
+
+    def op_next_buffer(self) -> None:
+        self.push(self.resolver.next_buffer(self.step))
+
+    def op_readonly_buffer(self) -> None:
+        self.top()
+
+    # containers
+    def op_empty_tuple(self) -> None:
+        self.push(())
+
+    def op_tuple(self) -> None:
+        self.push(tuple(self.pop_mark()))
+
+    def op_tuple1(self) -> None:
+        self.push((self.pop(),))
+
+    def op_tuple2(self) -> None:
+        b = self.pop()
+        self.push((self.pop(), b))
+
+    def op_tuple3(self) -> None:
+        c = self.pop()
+        b = self.pop()
+        self.push((self.pop(), b, c))
+
+    def op_empty_list(self) -> None:
+        self.push([])
+
+    def op_list(self) -> None:
+        self.push(self.pop_mark())
+
+    def op_empty_dict(self) -> None:
+        self.push({})
+
+    def op_dict(self) -> None:
+        items = self.pop_mark()
+        result: dict[Any, Any] = {}
+        self._set_pairs(result, list(zip(items[::2], items[1::2], strict=False)))
+        self.push(result)
+
+    def op_empty_set(self) -> None:
+        self.push(set())
+
+    def op_frozenset(self) -> None:
+        self.push(frozenset(self._hashable(v) for v in self.pop_mark()))
+
+    def op_append(self) -> None:
+        value = self.pop()
+        self._append(self.top(), [value])
+
+    def op_appends(self) -> None:
+        items = self.pop_mark()
+        self._append(self.top(), items)
+
+    def _append(self, target: Any, items: list[Any]) -> None:
+        if isinstance(target, list):
+            target.extend(items)
+        else:
+            self.resolver.append(target, items, self.step)
+
+    def op_additems(self) -> None:
+        items = self.pop_mark()
+        target = self.top()
+        if isinstance(target, set):
+            target.update(self._hashable(v) for v in items)
+        else:
+            self.resolver.append(target, items, self.step)
+
+    def op_setitem(self) -> None:
+        value = self.pop()
+        key = self.pop()
+        self._set_pairs(self.top(), [(key, value)])
+
+    def op_setitems(self) -> None:
+        items = self.pop_mark()
+        if len(items) % 2:
+            raise CorruptFileError(f"pickle: odd SETITEMS count at byte {self.step.offset}")
+        self._set_pairs(self.top(), list(zip(items[::2], items[1::2], strict=True)))
+
+    def _set_pairs(self, target: Any, pairs: list[tuple[Any, Any]]) -> None:
+        if type(target) is dict:
+            for key, value in pairs:
+                target[self._hashable(key)] = value
+        else:
+            self.resolver.set_items(target, pairs, self.step)
+
+    def _hashable(self, key: Any) -> Any:
+        try:
+            hash(key)
+        except TypeError:
+            raise CorruptFileError(
+                f"pickle: unhashable {type(key).__name__} used as a key at byte {self.step.offset}"
+            ) from None
+        return key
+
+    # memo
+    def op_put(self) -> None:
+        self.memo_put(self._parse_int(self._line()), self.top())
+
+    def op_binput(self) -> None:
+        self.memo_put(self._u("<B", 1), self.top())
+
+    def op_long_binput(self) -> None:
+        self.memo_put(self._u("<I", 4), self.top())
+
+    def op_memoize(self) -> None:
+        self.memo_put(len(self.memo), self.top())
+
+    def op_get(self) -> None:
+        self.push(self.memo_get(self._parse_int(self._line())))
+
+    def op_binget(self) -> None:
+        self.push(self.memo_get(self._u("<B", 1)))
+
+    def op_long_binget(self) -> None:
+        self.push(self.memo_get(self._u("<I", 4)))
+
+    # the operations that carry meaning: all delegated
+    def op_global(self) -> None:
+        module = self._line().decode("utf-8", "replace")
+        name = self._line().decode("utf-8", "replace")
+        self.push(self.resolver.find_global(module, name, self.step))
+
+    def op_stack_global(self) -> None:
+        name = self.pop()
+        module = self.pop()
+        self.push(self.resolver.find_global(module, name, self.step))
+
+    def op_reduce(self) -> None:
+        args = self.pop()
+        func = self.pop()
+        if not isinstance(args, tuple):
+            raise CorruptFileError(
+                f"pickle: REDUCE arguments are not a tuple at byte {self.step.offset}"
+            )
+        self.push(self.resolver.call(func, args, self.step))
+
+    def op_inst(self) -> None:
+        module = self._line().decode("utf-8", "replace")
+        name = self._line().decode("utf-8", "replace")
+        args = tuple(self.pop_mark())
+        cls = self.resolver.find_global(module, name, self.step)
+        self.push(self.resolver.call(cls, args, self.step))
+
+    def op_obj(self) -> None:
+        items = self.pop_mark()
+        if not items:
+            raise CorruptFileError(f"pickle: OBJ without a class at byte {self.step.offset}")
+        self.push(self.resolver.call(items[0], tuple(items[1:]), self.step))
+
+    def op_newobj(self) -> None:
+        args = self.pop()
+        cls = self.pop()
+        if not isinstance(args, tuple):
+            raise CorruptFileError(
+                f"pickle: NEWOBJ arguments are not a tuple at byte {self.step.offset}"
+            )
+        self.push(self.resolver.new(cls, args, None, self.step))
+
+    def op_newobj_ex(self) -> None:
+        kwargs = self.pop()
+        args = self.pop()
+        cls = self.pop()
+        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+            raise CorruptFileError(f"pickle: bad NEWOBJ_EX arguments at byte {self.step.offset}")
+        self.push(self.resolver.new(cls, args, kwargs, self.step))
+
+    def op_build(self) -> None:
+        state = self.pop()
+        obj = self.pop()
+        self.push(self.resolver.build(obj, state, self.step))
+
+    def op_persid(self) -> None:
+        self.push(self.resolver.persistent_load(self._line().decode("ascii", "replace"), self.step))
+
+    def op_binpersid(self) -> None:
+        self.push(self.resolver.persistent_load(self.pop(), self.step))
+
+    def op_ext1(self) -> None:
+        self.push(self.resolver.extension(self._u("<B", 1), self.step))
+
+    def op_ext2(self) -> None:
+        self.push(self.resolver.extension(self._u("<H", 2), self.step))
+
+    def op_ext4(self) -> None:
+        self.push(self.resolver.extension(self._u("<i", 4), self.step))
+
+
+_OPCODES = {
+    b"(": "mark",
+    b".": "stop",
+    b"0": "pop",
+    b"1": "pop_mark",
+    b"2": "dup",
+    b"F": "float",
+    b"I": "int",
+    b"J": "binint",
+    b"K": "binint1",
+    b"L": "long",
+    b"M": "binint2",
+    b"N": "none",
+    b"P": "persid",
+    b"Q": "binpersid",
+    b"R": "reduce",
+    b"S": "string",
+    b"T": "binstring",
+    b"U": "short_binstring",
+    b"V": "unicode",
+    b"X": "binunicode",
+    b"a": "append",
+    b"b": "build",
+    b"c": "global",
+    b"d": "dict",
+    b"}": "empty_dict",
+    b"e": "appends",
+    b"g": "get",
+    b"h": "binget",
+    b"i": "inst",
+    b"j": "long_binget",
+    b"l": "list",
+    b"]": "empty_list",
+    b"o": "obj",
+    b"p": "put",
+    b"q": "binput",
+    b"r": "long_binput",
+    b"s": "setitem",
+    b"t": "tuple",
+    b")": "empty_tuple",
+    b"u": "setitems",
+    b"G": "binfloat",
+    b"\x80": "proto",
+    b"\x81": "newobj",
+    b"\x82": "ext1",
+    b"\x83": "ext2",
+    b"\x84": "ext4",
+    b"\x85": "tuple1",
+    b"\x86": "tuple2",
+    b"\x87": "tuple3",
+    b"\x88": "newtrue",
+    b"\x89": "newfalse",
+    b"\x8a": "long1",
+    b"\x8b": "long4",
+    b"B": "binbytes",
+    b"C": "short_binbytes",
+    b"\x8c": "short_binunicode",
+    b"\x8d": "binunicode8",
+    b"\x8e": "binbytes8",
+    b"\x8f": "empty_set",
+    b"\x90": "additems",
+    b"\x91": "frozenset",
+    b"\x92": "newobj_ex",
+    b"\x93": "stack_global",
+    b"\x94": "memoize",
+    b"\x95": "frame",
+    b"\x96": "bytearray8",
+    b"\x97": "next_buffer",
+    b"\x98": "readonly_buffer",
+}
+_DISPATCH = {code[0]: getattr(_Machine, "op_" + name) for code, name in _OPCODES.items()}

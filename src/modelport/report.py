@@ -1,0 +1,70 @@
+"""The frozen report ``inspect`` returns, and its JSON form (the contract of ``--json``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TensorSummary:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "nbytes": self.nbytes,
+        }
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    """What is in a model file. ``parameters`` counts the elements of every listed name (a
+    tied tensor counts under each of its names, as ``state_dict`` lists it)."""
+
+    path: str
+    format: str
+    size_bytes: int
+    parameters: int
+    tensors: tuple[TensorSummary, ...]
+    metadata: dict[str, Any]
+    extras: Any
+    aliases: tuple[tuple[str, ...], ...]
+    warnings: tuple[str, ...]
+    details: dict[str, Any]
+    modules: dict[str, Any] | None
+    weights_source: str
+    weights_note: str
+    code_files: tuple[str, ...]
+
+    @property
+    def bytes_by_dtype(self) -> dict[str, int]:
+        totals: Counter[str] = Counter()
+        for tensor in self.tensors:
+            totals[tensor.dtype] += tensor.nbytes
+        return dict(totals.most_common())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "size_bytes": self.size_bytes,
+            "parameters": self.parameters,
+            "tensor_count": len(self.tensors),
+            "bytes_by_dtype": self.bytes_by_dtype,
+            "metadata": self.metadata,
+            "extras": self.extras,
+            "aliases": [list(group) for group in self.aliases],
+            "warnings": list(self.warnings),
+            "details": self.details,
+            "modules": self.modules,
+            "weights": {"source": self.weights_source, "note": self.weights_note},
+            "code_files": list(self.code_files),
+            "tensors": [t.to_json() for t in self.tensors],
+        }

@@ -1,0 +1,178 @@
+"""Lazy tensor references: where a tensor's bytes lie, never the bytes themselves.
+
+A ``Storage`` is a run of bytes in one file (or, for data that is not stored plainly, a
+callable that produces it). A ``TensorRef`` is a typed, shaped, possibly strided view of a
+storage. Reading one maps the file (``numpy.memmap``, copy-on-write) and returns a view at
+the stored offset, so opening a file costs the same whatever its size, and two tensors that
+share a storage share memory exactly as they did when they were saved.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from modelport import dtypes
+from modelport.errors import CorruptFileError, MissingDependencyError, UnsupportedDtypeError
+
+if TYPE_CHECKING:
+    import torch
+
+NDArray = np.ndarray[Any, np.dtype[Any]]
+
+
+@dataclass(frozen=True, eq=False)
+class Storage:
+    """``nbytes`` bytes at ``offset`` in ``path``, or produced by ``reader`` when not stored flat.
+
+    Identity matters: tensors that hold the same ``Storage`` object share memory (tied weights,
+    views). ``key`` names the storage inside its container (a zip record, a safetensors tensor).
+    """
+
+    path: Path | None
+    offset: int
+    nbytes: int
+    key: str = ""
+    reader: Callable[[], NDArray] | None = None  # returns a 1-d uint8 array of nbytes
+
+    def bytes_view(self) -> NDArray:
+        """The storage as a 1-d uint8 array: a memory map when the bytes lie flat in a file."""
+        if self.reader is not None:
+            data = self.reader()
+            if data.nbytes != self.nbytes:
+                raise CorruptFileError(
+                    f"storage {self.key!r} produced {data.nbytes} bytes, expected {self.nbytes}",
+                    path=self.path,
+                )
+            return data.reshape(-1).view(np.uint8)
+        if self.nbytes == 0 or self.path is None:
+            return np.zeros(0, dtype=np.uint8)
+        mapped: NDArray = np.memmap(
+            self.path, dtype=np.uint8, mode="c", offset=self.offset, shape=(self.nbytes,)
+        )
+        return mapped
+
+
+@dataclass(frozen=True, eq=False)
+class TensorRef:
+    """A tensor as the file describes it: dtype, shape and where its elements lie.
+
+    ``element_offset`` and ``strides`` (in elements, torch's convention) place the tensor inside
+    its storage; ``strides=None`` means C-contiguous. ``storage=None`` marks a tensor saved
+    without data (torch's meta tensors).
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    storage: Storage | None
+    element_offset: int = 0
+    strides: tuple[int, ...] | None = None
+    is_parameter: bool = False
+    requires_grad: bool = False
+    note: str = ""
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nbytes", self.numel * dtypes.dtype(self.dtype).itemsize)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_contiguous(self) -> bool:
+        return self.strides is None or self.strides == contiguous_strides(self.shape)
+
+    def byte_range(self) -> tuple[int, int] | None:
+        """(file offset, length) of a contiguous tensor stored flat in its file; else None."""
+        st = self.storage
+        if st is None or st.reader is not None or not self.is_contiguous:
+            return None
+        itemsize = dtypes.dtype(self.dtype).itemsize
+        return st.offset + self.element_offset * itemsize, self.nbytes
+
+    def numpy(self) -> NDArray:
+        """A read-only, zero-copy numpy view (bfloat16 and float8 as ``ml_dtypes`` types)."""
+        array = self._view()
+        array.flags.writeable = False
+        return array
+
+    def torch(self, device: str = "cpu") -> torch.Tensor:
+        """A torch tensor over the same memory (copy-on-write map), moved to ``device``."""
+        try:
+            import torch
+        except ImportError:
+            raise MissingDependencyError("torch", "torch", "Making torch tensors") from None
+        if self.storage is None:
+            return torch.empty(self.shape, dtype=getattr(torch, self.dtype), device="meta")
+        array = self._view()
+        torch_dtype = getattr(torch, self.dtype)
+        if array.dtype.kind == "V":
+            # torch cannot import ml_dtypes arrays: reinterpret same-width integers instead.
+            carrier = {1: np.uint8, 2: np.int16, 4: np.int32}[array.dtype.itemsize]
+            tensor = torch.from_numpy(array.view(carrier)).view(torch_dtype)
+        else:
+            tensor = torch.from_numpy(array)
+        return tensor.to(device) if device != "cpu" else tensor
+
+    def _view(self) -> NDArray:
+        info = dtypes.dtype(self.dtype)
+        if info.numpy is None or self.dtype.startswith(("q", "float4")):
+            raise UnsupportedDtypeError(
+                f"{self.dtype} tensors have no numpy equivalent; read their raw bytes with "
+                "raw_bytes() or convert them with --dequantize"
+            )
+        if self.storage is None:
+            raise UnsupportedDtypeError("this tensor was saved without data (a meta tensor)")
+        raw = self.storage.bytes_view()
+        usable = raw.nbytes - raw.nbytes % info.itemsize
+        flat = raw[:usable].view(info.numpy)
+        if self.numel == 0:
+            return np.zeros(self.shape, dtype=info.numpy)
+        if self.strides is None:
+            end = self.element_offset + self.numel
+            _check_extent(end, flat.size, self)
+            return flat[self.element_offset : end].reshape(self.shape)
+        last = self.element_offset + sum(
+            (n - 1) * s for n, s in zip(self.shape, self.strides, strict=True)
+        )
+        _check_extent(last + 1, flat.size, self)
+        base = flat[self.element_offset :]
+        byte_strides = tuple(s * info.itemsize for s in self.strides)
+        return as_strided(base, shape=self.shape, strides=byte_strides, writeable=True)
+
+    def raw_bytes(self) -> NDArray:
+        """The tensor's stored bytes as uint8 (for contiguous tensors and quantized blocks)."""
+        if self.storage is None:
+            return np.zeros(0, dtype=np.uint8)
+        itemsize = dtypes.dtype(self.dtype).itemsize
+        start = self.element_offset * itemsize
+        raw = self.storage.bytes_view()
+        if not self.is_contiguous:
+            return np.ascontiguousarray(self._view()).reshape(-1).view(np.uint8)
+        if start + self.nbytes > raw.nbytes:
+            raise CorruptFileError(f"tensor of {self.nbytes} bytes runs past its storage")
+        return raw[start : start + self.nbytes]
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides: list[int] = []
+    step = 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _check_extent(end: int, available: int, tensor: TensorRef) -> None:
+    if end > available or tensor.element_offset < 0:
+        raise CorruptFileError(
+            f"tensor of shape {list(tensor.shape)} reaches element {end} of a storage "
+            f"holding {available}"
+        )

@@ -1,0 +1,204 @@
+"""From a file's object tree to what people ask about: named tensors, extras, aliases, weights.
+
+Names follow what ``torch.load`` users see: state_dict keys, nested checkpoint entries
+joined with ``.`` (``optimizer_state_dict.state.0.exp_avg``), a pickled module's
+state_dict keys under its place in the tree. The walk is iterative and budgeted, so a
+hostile tree (deep, cyclic, or a DAG that would explode into exponentially many paths)
+costs bounded time and gives a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from modelport.errors import LimitExceededError
+from modelport.pickles import modules
+from modelport.pickles.numpy_types import NumpyArray, NumpyDType, NumpyScalar
+from modelport.pickles.reading import PersistentRef
+from modelport.pickles.records import ByteSpan, CallRecord, GlobalRef, ObjectRecord
+from modelport.pickles.torch_types import (
+    SparseTensor,
+    StorageType,
+    TorchDevice,
+    TorchDType,
+    TypedStorage,
+)
+from modelport.tensors import TensorRef
+
+MAX_NODES = 5_000_000
+MAX_DEPTH = 512
+
+# Checkpoint keys that hold the model weights, in the order they are preferred.
+WEIGHT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
+EMA_KEYS = ("ema", "model_ema", "ema_state_dict", "state_dict_ema", "ema_model")
+
+
+def flatten(tree: Any) -> dict[str, TensorRef]:
+    """Every tensor in the tree under its dotted name, in the tree's order."""
+    found: dict[str, TensorRef] = {}
+    budget = [MAX_NODES]
+    stack: list[tuple[str, Any, int]] = [("", tree, 0)]
+    while stack:
+        name, value, depth = stack.pop()
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise LimitExceededError("objects in the file's tree", MAX_NODES, MAX_NODES + 1)
+        if depth > MAX_DEPTH:
+            raise LimitExceededError("nesting depth of the file's tree", MAX_DEPTH, depth)
+        if isinstance(value, NumpyArray):
+            value = value.tensor
+        if isinstance(value, TensorRef):
+            found.setdefault(name, value)
+            continue
+        children = _children(value)
+        stack.extend((_join(name, key), child, depth + 1) for key, child in reversed(children))
+    return found
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _children(value: Any) -> list[tuple[str, Any]]:
+    """The named parts of a container value, in order; leaves have none."""
+    if isinstance(value, dict):
+        return [(str(k), v) for k, v in value.items()]
+    if isinstance(value, (list, tuple)):
+        return [(str(i), v) for i, v in enumerate(value)]
+    if isinstance(value, SparseTensor):
+        return [(k, v) for k, v in value.parts.items() if isinstance(v, TensorRef)]
+    if isinstance(value, ObjectRecord):
+        if modules.is_module(value):
+            return list(modules.state_dict(value).items())
+        return (
+            list(value.attributes().items())
+            + [(str(k), v) for k, v in value.dict_items.items()]
+            + [(str(i), v) for i, v in enumerate(value.list_items)]
+        )
+    return []
+
+
+def tensors_of(tree: Any) -> dict[str, TensorRef]:
+    return flatten(tree)
+
+
+def aliases(tensors: dict[str, TensorRef]) -> list[list[str]]:
+    """Groups of names whose tensors share one storage (tied weights, views)."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in tensors.items():
+        if tensor.storage is not None and tensor.storage.nbytes > 0:
+            groups.setdefault(id(tensor.storage), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def parameter_count(tensors: dict[str, TensorRef]) -> int:
+    return sum(math.prod(t.shape) for t in tensors.values())
+
+
+def extras(tree: Any) -> Any:
+    """The tree's non-tensor values as JSON-ready data; tensor-only branches are dropped."""
+    converted = _to_json(tree, 0)
+    return {} if converted is _DROP else converted
+
+
+_DROP = object()
+
+
+def _to_json(value: Any, depth: int) -> Any:
+    if depth > 64:
+        return "<nested too deep>"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (TensorRef, NumpyArray, SparseTensor)):
+        if isinstance(value, NumpyArray) and value.tensor is None:
+            return {
+                "__class__": "numpy.ndarray",
+                "dtype": value.dtype_text,
+                "shape": list(value.shape),
+            }
+        return _DROP
+    if isinstance(value, ObjectRecord) and modules.is_module(value):
+        return _DROP
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            converted = _to_json(item, depth + 1)
+            if converted is not _DROP:
+                out[str(key)] = converted
+        return out if out or not value else _DROP
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_to_json(v, depth + 1) for v in value]
+        if items and all(v is _DROP for v in items):
+            return _DROP
+        return [None if v is _DROP else v for v in items]
+    if isinstance(value, (bytes, bytearray)):
+        return {"__bytes__": len(value)}
+    if isinstance(value, ByteSpan):
+        return {"__bytes__": value.length}
+    if isinstance(value, ObjectRecord):
+        state = {k: _to_json(v, depth + 1) for k, v in value.attributes().items()}
+        return {"__class__": value.class_path, **{k: v for k, v in state.items() if v is not _DROP}}
+    if isinstance(value, (TorchDType, TorchDevice)):
+        return str(value)
+    if isinstance(value, complex):
+        return {"real": value.real, "imag": value.imag}
+    if isinstance(
+        value,
+        (
+            GlobalRef,
+            CallRecord,
+            NumpyDType,
+            NumpyScalar,
+            StorageType,
+            TypedStorage,
+            PersistentRef,
+            slice,
+        ),
+    ):
+        return repr(value)
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class WeightSelection:
+    """Which part of a file counts as the model weights, and what was left out."""
+
+    tensors: dict[str, TensorRef]
+    source: str  # "" for the whole file, else the key taken (or "module")
+    note: str = ""
+    left_out: list[str] = field(default_factory=list)
+
+
+def select_weights(tree: Any, *, ema: bool = False) -> WeightSelection:
+    """The model weights of a file: one rule for ``load`` and ``convert``.
+
+    A pickled module gives its state_dict. A checkpoint dict gives the first of
+    ``WEIGHT_KEYS`` (``EMA_KEYS`` when ``ema``) that holds tensors. Anything else gives every
+    tensor in the file.
+    """
+    if isinstance(tree, ObjectRecord) and modules.is_module(tree):
+        return WeightSelection(
+            tensors_of(tree), "module", f"state_dict of a pickled {tree.class_path}"
+        )
+    if isinstance(tree, dict):
+        for key in EMA_KEYS if ema else WEIGHT_KEYS:
+            if key in tree:
+                chosen = tensors_of(tree[key])
+                if chosen:
+                    others = [str(k) for k in tree if k != key]
+                    return WeightSelection(chosen, key, f"took the weights under '{key}'", others)
+        everything = tensors_of(tree)
+        if everything and all(isinstance(v, TensorRef) for v in tree.values()):
+            return WeightSelection(everything, "")
+        if ema:
+            return WeightSelection(
+                {}, "", "no EMA weights found (looked for " + ", ".join(EMA_KEYS) + ")"
+            )
+        return WeightSelection(
+            everything,
+            "",
+            "no state_dict key found: took every tensor in the file" if everything else "",
+        )
+    return WeightSelection(tensors_of(tree), "")
