@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from modelport import dtypes
 from modelport import tree as trees
 from modelport.detect import detect
 from modelport.formats import Contents, Format
@@ -167,7 +168,12 @@ def _to_torch(ref: TensorRef, device: str, shared: dict[int, Any]) -> torch.Tens
     import torch
 
     storage = ref.storage
-    if storage is None or ref.dtype.startswith(("q", "float4", "complex32")) or ref.nbytes == 0:
+    if (
+        storage is None
+        or ref.dtype.startswith(("q", "float4", "complex32"))
+        or dtypes.dtype(ref.dtype).block is not None  # GGML blocks: ref.torch() says why not
+        or ref.nbytes == 0
+    ):
         return ref.torch(device)
     key = id(storage)
     if key not in shared:

@@ -25,10 +25,19 @@ class DType:
     bits: int
     numpy: np.dtype | None  # type: ignore[type-arg]
     is_floating: bool = False
+    # Block-quantized types (GGML's Q4_0, Q4_K, IQ2_XS ...): (elements, bytes) per block.
+    block: tuple[int, int] | None = None
 
     @property
     def itemsize(self) -> int:
         return max(1, self.bits // 8)
+
+    def nbytes(self, numel: int) -> int:
+        """Bytes that ``numel`` elements occupy (whole blocks for block-quantized types)."""
+        if self.block is None:
+            return numel * self.itemsize
+        elements, size = self.block
+        return -(-numel // elements) * size
 
 
 def _np(spec: object) -> np.dtype:  # type: ignore[type-arg]
@@ -65,7 +74,45 @@ _ALL: Final = (
     DType("float4_e2m1fn_x2", 8, _np("u1")),
 )
 
-DTYPES: Final = MappingProxyType({d.name: d for d in _ALL})
+# GGML block-quantized types, named as GGML names them (gguf-py's GGML_QUANT_SIZES). numpy
+# cannot hold them: their tensors are read as raw bytes (``TensorRef.raw_bytes``).
+GGML_BLOCKS: Final = MappingProxyType(
+    {
+        "Q4_0": (32, 18),
+        "Q4_1": (32, 20),
+        "Q5_0": (32, 22),
+        "Q5_1": (32, 24),
+        "Q8_0": (32, 34),
+        "Q8_1": (32, 40),
+        "Q2_K": (256, 84),
+        "Q3_K": (256, 110),
+        "Q4_K": (256, 144),
+        "Q5_K": (256, 176),
+        "Q6_K": (256, 210),
+        "Q8_K": (256, 292),
+        "IQ2_XXS": (256, 66),
+        "IQ2_XS": (256, 74),
+        "IQ3_XXS": (256, 98),
+        "IQ1_S": (256, 50),
+        "IQ4_NL": (32, 18),
+        "IQ3_S": (256, 110),
+        "IQ2_S": (256, 82),
+        "IQ4_XS": (256, 136),
+        "IQ1_M": (256, 56),
+        "TQ1_0": (256, 54),
+        "TQ2_0": (256, 66),
+        "MXFP4": (32, 17),
+        "NVFP4": (64, 36),
+        "Q1_0": (128, 18),
+    }
+)
+
+_GGML: Final = tuple(
+    DType(name, size * 8 // elements, None, True, (elements, size))
+    for name, (elements, size) in GGML_BLOCKS.items()
+)
+
+DTYPES: Final = MappingProxyType({d.name: d for d in (*_ALL, *_GGML)})
 
 # torch storage classes as they appear in pickles (``torch.FloatStorage``) -> dtype name.
 TORCH_STORAGE_TYPES: Final = MappingProxyType(
@@ -94,7 +141,7 @@ TORCH_STORAGE_TYPES: Final = MappingProxyType(
 # Attribute names of ``torch`` that are dtypes, as pickles reference them (``torch.float32``).
 TORCH_DTYPE_ATTRS: Final = MappingProxyType(
     {
-        **{name: name for name in DTYPES},
+        **{d.name: d.name for d in _ALL},
         "float": "float32",
         "double": "float64",
         "half": "float16",

@@ -79,7 +79,7 @@ class TensorRef:
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "nbytes", self.numel * dtypes.dtype(self.dtype).itemsize)
+        object.__setattr__(self, "nbytes", dtypes.dtype(self.dtype).nbytes(self.numel))
 
     @property
     def numel(self) -> int:
@@ -113,7 +113,7 @@ class TensorRef:
             return torch.empty(self.shape, dtype=getattr(torch, self.dtype), device="meta")
         array = self._view()
         torch_dtype = getattr(torch, self.dtype)
-        if array.dtype.kind == "V":
+        if array.dtype.type.__module__.startswith("ml_dtypes"):
             # torch cannot import ml_dtypes arrays: reinterpret same-width integers instead.
             carrier = {1: np.uint8, 2: np.int16, 4: np.int32}[array.dtype.itemsize]
             tensor = torch.from_numpy(array.view(carrier)).view(torch_dtype)

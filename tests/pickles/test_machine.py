@@ -1,0 +1,213 @@
+"""The pickle machine: stdlib pickle is the oracle for plain data; nothing in a file ever runs."""
+
+from __future__ import annotations
+
+import copyreg
+import os
+import pickle
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import modelport
+from modelport.errors import CorruptFileError, LimitExceededError, ModelportError
+from modelport.pickles import CallRecord, GlobalRef, Limits, ObjectRecord, read_pickle
+from modelport.pickles.reading import CALLABLES, CONSTANTS
+
+plain_data = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=40),
+    lambda children: (
+        st.lists(children, max_size=5)
+        | st.tuples(children, children)
+        | st.dictionaries(st.text(max_size=8) | st.integers(), children, max_size=5)
+        | st.frozensets(st.integers(), max_size=4)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(value=plain_data, protocol=st.integers(0, 5))
+def test_plain_data_matches_stdlib(value: Any, protocol: int) -> None:
+    data = pickle.dumps(value, protocol=protocol)
+    assert read_pickle(data).value == pickle.loads(data)
+
+
+def test_shared_references_stay_shared() -> None:
+    inner = [1, 2]
+    value = read_pickle(pickle.dumps({"a": inner, "b": inner}, protocol=4)).value
+    assert value["a"] is value["b"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(blob=st.binary(max_size=200))
+def test_random_bytes_only_raise_modelport_errors(blob: bytes) -> None:
+    try:
+        read_pickle(blob, limits=Limits(max_opcodes=10_000))
+    except ModelportError:
+        pass
+
+
+def _shell(marker: Path) -> str:
+    return f"touch {marker}"
+
+
+def _gadgets(marker: Path) -> dict[str, bytes]:
+    """Hand-built attack pickles: each would create ``marker`` if the stdlib loaded it."""
+    cmd = _shell(marker).encode()
+    code = f"open({str(marker)!r}, 'w').write('x')".encode()
+    short = lambda b: b"\x8c" + bytes([len(b)]) + b  # noqa: E731 - SHORT_BINUNICODE
+    return {
+        "global-reduce": b"cposix\nsystem\n(" + b"V" + cmd + b"\ntR.",
+        "stack-global": b"\x80\x04"
+        + short(b"os")
+        + short(b"system")
+        + b"\x93"
+        + short(cmd)
+        + b"\x85R.",
+        "inst": b"(V" + cmd + b"\nios\nsystem\n.",
+        "obj": b"(cos\nsystem\nV" + cmd + b"\no.",
+        "exec": b"cbuiltins\nexec\n(V" + code + b"\ntR.",
+        "newobj-ex": b"\x80\x04cbuiltins\nexec\n" + short(code) + b"\x85}\x92.",
+        "build-setstate": b"\x80\x02cbuiltins\nobject\n)\x81}"
+        + short(b"__setstate__")
+        + b"cbuiltins\nexec\nsb"
+        + short(code)
+        + b"b.",
+        "getattr-chain": b"\x80\x02cbuiltins\ngetattr\ncbuiltins\n__import__\n"
+        + short(b"os")
+        + b"\x85R"
+        + short(b"system")
+        + b"\x86R"
+        + short(cmd)
+        + b"\x85R.",
+        "dotted-name": b"\x80\x04"
+        + short(b"numpy")
+        + short(b"__builtins__.exec")
+        + b"\x93"
+        + short(code)
+        + b"\x85R.",
+    }
+
+
+@pytest.mark.parametrize("name", list(_gadgets(Path("/x"))))
+def test_attack_pickles_never_run(tmp_path: Path, marker: Path, name: str) -> None:
+    payload = _gadgets(marker)[name]
+    value = read_pickle(payload).value
+    assert not marker.exists()
+    assert isinstance(value, (CallRecord, ObjectRecord, GlobalRef))
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(payload)
+    try:
+        modelport.inspect(path)  # reading shows it (or rejects it); it never runs it
+    except ModelportError:
+        pass
+    assert not marker.exists()
+    # The reference loader would run it: proves the payload is real (in a child process).
+    if name in ("global-reduce", "exec"):
+        import subprocess
+        import sys
+
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import pickle,sys; pickle.loads(open(sys.argv[1],'rb').read())",
+                str(path),
+            ],
+            check=False,
+        )
+        assert marker.exists()
+        marker.unlink()
+
+
+def test_extension_codes_stay_records() -> None:
+    copyreg.add_extension("posix", "system", 0x7F01)
+    try:
+        payload = pickle.dumps(os.system, protocol=2)
+    finally:
+        copyreg.remove_extension("posix", "system", 0x7F01)
+    assert b"\x83\x01\x7f" in payload  # EXT2 0x7f01
+    value = read_pickle(payload).value
+    assert isinstance(value, GlobalRef) and "extension" in value.name
+
+
+def test_memo_and_stack_bombs_hit_limits() -> None:
+    memo_bomb = b"\x80\x04" + b"N\x94" * 5000 + b"."
+    with pytest.raises(LimitExceededError):
+        read_pickle(memo_bomb, limits=Limits(max_memo=1000))
+    stack_bomb = b"N" * 5000 + b"."
+    with pytest.raises(LimitExceededError):
+        read_pickle(stack_bomb, limits=Limits(max_stack=1000))
+    mark_bomb = b"(" * 5000
+    with pytest.raises(LimitExceededError):
+        read_pickle(mark_bomb, limits=Limits(max_marks=1000))
+
+
+def test_deep_nesting_does_not_recurse(tmp_path: Path) -> None:
+    depth = 100_000
+    payload = b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."
+    value = read_pickle(payload).value
+    assert isinstance(value, list)
+    path = tmp_path / "deep.pkl"
+    path.write_bytes(payload)
+    with pytest.raises(ModelportError):
+        modelport.inspect(path)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\x80\x04",
+        b"\x80\x04\x8c\x05ab",
+        b"\x80\x02X\xff\xff\xff\x7f",
+        b"\x80\x09.",
+        b"\xff.",
+        b"0.",
+    ],
+)
+def test_malformed_pickles(payload: bytes) -> None:
+    with pytest.raises(ModelportError):
+        read_pickle(payload)
+
+
+def test_lying_binbytes8_length_is_caught_before_allocation() -> None:
+    payload = b"\x80\x04\x8e" + struct.pack("<Q", 1 << 62) + b"abc."
+    with pytest.raises(CorruptFileError):
+        read_pickle(payload)
+
+
+def test_numpy_arrays_in_pickles_are_tensors() -> None:
+    array = np.arange(20_000, dtype=np.float32).reshape(100, 200)
+    for protocol in (2, 3, 4, 5):
+        value = read_pickle(
+            pickle.dumps({"a": array, "s": np.float64(2.5)}, protocol=protocol)
+        ).value
+        assert value["s"] == 2.5
+        tensor = value["a"].tensor
+        assert tensor.dtype == "float32" and tensor.shape == (100, 200)
+        assert np.array_equal(tensor.numpy(), array)
+
+
+def test_allowlist_tables_are_immutable_and_explained() -> None:
+    for table in (CALLABLES, CONSTANTS):
+        with pytest.raises(TypeError):
+            table[("os", "system")] = None  # type: ignore[index]
+        for key, (_, reason) in table.items():
+            assert reason, key
+    assert not any(
+        module in ("os", "posix", "subprocess", "builtins")
+        and name in ("system", "exec", "eval", "getattr", "__import__")
+        for module, name in CALLABLES
+    )
