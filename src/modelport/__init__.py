@@ -9,6 +9,8 @@ from modelport.api import load as load
 from modelport.api import open as open
 from modelport.formats import Format as Format
 from modelport.report import InspectReport as InspectReport
+from modelport.scan import ScanReport as ScanReport
+from modelport.scan import scan as scan
 from modelport.tensors import TensorRef as TensorRef
 
 __version__ = "0.1.0"
@@ -17,10 +19,12 @@ __all__ = [
     "Format",
     "InspectReport",
     "ModelFile",
+    "ScanReport",
     "TensorRef",
     "__version__",
     "errors",
     "inspect",
     "load",
     "open",
+    "scan",
 ]

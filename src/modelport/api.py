@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from modelport import dtypes
 from modelport import tree as trees
 from modelport.detect import detect
+from modelport.errors import SuspiciousModelWarning, UnsafeModelError
 from modelport.formats import Contents, Format
 from modelport.pickles import modules
 from modelport.pickles.records import ObjectRecord
@@ -25,6 +27,8 @@ from modelport.tensors import TensorRef
 
 if TYPE_CHECKING:
     import torch
+
+    from modelport.scan import ScanReport
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,12 @@ class ModelFile:
             return nested or None
         return None
 
+    def scan(self) -> ScanReport:
+        """The scanner's verdict on this file; opening never refuses, this says what to fear."""
+        from modelport.scan import scan
+
+        return scan(self.path)
+
     def close(self) -> None:
         if self._contents.close is not None:
             self._contents.close()
@@ -139,19 +149,34 @@ def inspect(path: str | Path) -> InspectReport:
             weights_source=selection.source,
             weights_note=selection.note,
             code_files=tuple(model.code),
+            safety=_safety(model.path),
         )
+
+
+def _safety(path: Path) -> dict[str, Any]:
+    """The scanner's verdict, shown beside the contents: inspect never refuses a file."""
+    from modelport.scan import scan
+
+    report = scan(path)
+    findings = [f.to_json() for file in report.files for f in file.findings if f.severity != "info"]
+    return {"verdict": report.verdict, "findings": findings}
 
 
 def _all_tensors(tree: dict[Any, Any]) -> bool:
     return all(isinstance(v, TensorRef) for v in tree.values())
 
 
-def load(path: str | Path, device: str = "cpu", *, ema: bool = False) -> dict[str, torch.Tensor]:
+def load(
+    path: str | Path, device: str = "cpu", *, ema: bool = False, allow_unsafe: bool = False
+) -> dict[str, torch.Tensor]:
     """The model weights as torch tensors, from any readable format, executing nothing.
 
     Checkpoints are unwrapped and pickled modules give their state_dict (see
     ``tree.select_weights``). Tensors that shared storage in the file share it here too.
+    The file is scanned first: an ``unsafe`` verdict raises ``UnsafeModelError`` unless
+    ``allow_unsafe``; a ``suspicious`` one warns (``SuspiciousModelWarning``).
     """
+    check_safety(path, allow_unsafe=allow_unsafe)
     with open(path) as model:
         selection = model.weights(ema=ema)
         if selection.note:
@@ -161,6 +186,19 @@ def load(path: str | Path, device: str = "cpu", *, ema: bool = False) -> dict[st
         for name, ref in selection.tensors.items():
             result[name] = _to_torch(ref, device, shared)
         return result
+
+
+def check_safety(path: str | Path, *, allow_unsafe: bool) -> None:
+    """The gate every command that hands out tensors goes through (load, convert, ...)."""
+    from modelport.scan import scan
+
+    report = scan(path)
+    serious = [f for file in report.files for f in file.findings if f.severity != "info"]
+    summary = "; ".join(f"{f.rule}: {f.message}" for f in serious[:2]) or report.verdict
+    if report.verdict == "unsafe" and not allow_unsafe:
+        raise UnsafeModelError(path, summary)
+    if report.verdict in ("suspicious", "unsafe"):
+        warnings.warn(f"{path}: {report.verdict}: {summary}", SuspiciousModelWarning, stacklevel=3)
 
 
 def _to_torch(ref: TensorRef, device: str, shared: dict[int, Any]) -> torch.Tensor:

@@ -135,6 +135,16 @@ TORCH_STORAGE_TYPES: Final = MappingProxyType(
         "QUInt4x2Storage": "quint4x2",
         "QUInt2x4Storage": "quint2x4",
         "UntypedStorage": "uint8",
+        # TorchScript's C++ pickler names every dtype's storage ``<ScalarType>Storage``
+        "ComplexHalfStorage": "complex32",
+        "UInt16Storage": "uint16",
+        "UInt32Storage": "uint32",
+        "UInt64Storage": "uint64",
+        "Float8_e4m3fnStorage": "float8_e4m3fn",
+        "Float8_e5m2Storage": "float8_e5m2",
+        "Float8_e4m3fnuzStorage": "float8_e4m3fnuz",
+        "Float8_e5m2fnuzStorage": "float8_e5m2fnuz",
+        "Float8_e8m0fnuStorage": "float8_e8m0fnu",
     }
 )
 

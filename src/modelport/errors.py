@@ -11,6 +11,7 @@ builtin a caller would otherwise expect, so ``except ValueError`` keeps working.
     │   ├── TruncatedFileError                 shorter than its own header says
     │   ├── CorruptFileError                   inconsistent structure (offsets, sizes, opcodes)
     │   └── UnsupportedVersionError            a known format at a version we do not read
+    ├── UnsafeModelError                       the scanner found code execution; loading refused
     ├── LimitExceededError (ValueError)        a declared size or count past a hard limit
     ├── TensorNotFoundError (KeyError)         no tensor by that name
     ├── UnsupportedDtypeError (TypeError)      a dtype numpy or torch cannot represent
@@ -67,6 +68,22 @@ class CorruptFileError(FormatError):
 
 class UnsupportedVersionError(FormatError):
     """A known format at a version modelport does not read."""
+
+
+class UnsafeModelError(ModelportError):
+    """The scanner judged the file ``unsafe``; ``allow_unsafe=True`` extracts tensors anyway
+    (still without executing anything)."""
+
+    def __init__(self, path: Path | str, summary: str) -> None:
+        self.path = Path(path)
+        super().__init__(
+            f"{path}: refused, the file is unsafe to load: {summary}. modelport never runs it; "
+            "pass allow_unsafe=True (--allow-unsafe) to extract its tensors anyway"
+        )
+
+
+class SuspiciousModelWarning(UserWarning):
+    """The scanner judged the file ``suspicious`` (a normal loader would run its classes' code)."""
 
 
 class LimitExceededError(ModelportError, ValueError):

@@ -42,6 +42,7 @@ class InspectReport:
     weights_source: str
     weights_note: str
     code_files: tuple[str, ...]
+    safety: dict[str, Any]  # the scanner's verdict and findings above info
 
     @property
     def bytes_by_dtype(self) -> dict[str, int]:
@@ -66,5 +67,6 @@ class InspectReport:
             "modules": self.modules,
             "weights": {"source": self.weights_source, "note": self.weights_note},
             "code_files": list(self.code_files),
+            "safety": self.safety,
             "tensors": [t.to_json() for t in self.tensors],
         }

@@ -112,6 +112,8 @@ class TensorRef:
         if self.storage is None:
             return torch.empty(self.shape, dtype=getattr(torch, self.dtype), device="meta")
         array = self._view()
+        if not array.flags.writeable:  # storages read from memory; torch warns on read-only
+            array = array.copy()
         torch_dtype = getattr(torch, self.dtype)
         if array.dtype.type.__module__.startswith("ml_dtypes"):
             # torch cannot import ml_dtypes arrays: reinterpret same-width integers instead.

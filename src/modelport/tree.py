@@ -21,6 +21,7 @@ from modelport.pickles.records import ByteSpan, CallRecord, GlobalRef, ObjectRec
 from modelport.pickles.torch_types import (
     SparseTensor,
     StorageType,
+    TorchConstant,
     TorchDevice,
     TorchDType,
     TypedStorage,
@@ -140,7 +141,7 @@ def _to_json(value: Any, depth: int) -> Any:
     if isinstance(value, ObjectRecord):
         state = {k: _to_json(v, depth + 1) for k, v in value.attributes().items()}
         return {"__class__": value.class_path, **{k: v for k, v in state.items() if v is not _DROP}}
-    if isinstance(value, (TorchDType, TorchDevice)):
+    if isinstance(value, (TorchDType, TorchDevice, TorchConstant)):
         return str(value)
     if isinstance(value, complex):
         return {"real": value.real, "imag": value.imag}
@@ -184,7 +185,7 @@ def select_weights(tree: Any, *, ema: bool = False) -> WeightSelection:
         )
     if isinstance(tree, dict):
         for key in EMA_KEYS if ema else WEIGHT_KEYS:
-            if key in tree:
+            if key in tree and not isinstance(tree[key], TensorRef):  # a tensor named "model"
                 chosen = tensors_of(tree[key])
                 if chosen:
                     others = [str(k) for k in tree if k != key]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import modelport
@@ -199,3 +201,34 @@ def test_inspect_does_not_import_torch(tmp_path: Path) -> None:
         "assert r.parameters > 0; assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+
+
+_SMALL_ARCHIVE: list[bytes] = []
+
+
+def _small_archive() -> bytes:
+    if not _SMALL_ARCHIVE:
+        import io
+
+        buffer = io.BytesIO()
+        torch.save({"w": torch.arange(6.0).reshape(2, 3), "n": 3, "b": torch.ones(2)}, buffer)
+        _SMALL_ARCHIVE.append(buffer.getvalue())
+    return _SMALL_ARCHIVE[0]
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_mutated_archives_only_raise_modelport_errors(tmp_path: Path, data: st.DataObject) -> None:
+    raw = bytearray(_small_archive())
+    for _ in range(data.draw(st.integers(1, 6))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    path = tmp_path / "m.pt"
+    path.write_bytes(bytes(raw[: data.draw(st.integers(1, len(raw)))]))
+    try:
+        with modelport.open(path) as model:
+            for ref in model.tensors.values():
+                ref.numpy()
+    except ModelportError:
+        pass

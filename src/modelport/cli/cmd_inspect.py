@@ -92,6 +92,11 @@ def show_summary(console: Console, report: InspectReport) -> None:
         console.print(_module_tree(report.modules))
     if report.code_files:
         console.print(f"[bold]code[/bold]: {len(report.code_files)} files (show with --code)")
+    verdict = report.safety.get("verdict", "")
+    style = {"safe": "green", "suspicious": "yellow", "unsafe": "bold red"}.get(verdict, "magenta")
+    console.print(f"[bold]safety[/bold]: [{style}]{verdict}[/{style}]")
+    for finding in report.safety.get("findings", [])[:10]:
+        console.print(f"  {finding['severity']}: {finding['message']}")
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from modelport import __version__
-from modelport.cli import _errors, cmd_inspect
+from modelport.cli import _errors, cmd_inspect, cmd_scan
 
 EXIT_OK = 0
 EXIT_NO = 1
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"modelport {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cmd_inspect.register(commands)
+    cmd_scan.register(commands)
     return parser
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO
 
@@ -60,11 +61,23 @@ class ZipDirectory:
     unsafe_names: tuple[str, ...]
 
     @classmethod
-    def read(cls, path: Path) -> ZipDirectory:
-        size = path.stat().st_size
+    def read(cls, path: Path, *, start: int = 0, length: int | None = None) -> ZipDirectory:
+        """The directory of the zip in ``path``, or of one embedded at ``start`` and spanning
+        ``length`` bytes (a ``torch.save`` blob inside another file); offsets in the zip are
+        relative to ``start``, the entries' offsets returned are absolute in ``path``."""
+        file_size = path.stat().st_size
+        size = file_size - start if length is None else length
+        if start < 0 or size < 0 or start + size > file_size:
+            raise TruncatedFileError(
+                f"embedded zip at bytes {start}..{start + size} lies outside the "
+                f"{file_size}-byte file",
+                expected=start + size,
+                actual=file_size,
+                path=path,
+            )
         with open(path, "rb") as handle:
             tail_len = min(size, EOCD_SIZE + MAX_COMMENT + 20 + 56)
-            handle.seek(size - tail_len)
+            handle.seek(start + size - tail_len)
             tail = handle.read(tail_len)
             eocd_at = tail.rfind(EOCD_SIGNATURE)
             if eocd_at < 0 or eocd_at + EOCD_SIZE > len(tail):
@@ -81,7 +94,9 @@ class ZipDirectory:
             locator_at = eocd_at - 20
             if locator_at >= 0 and tail[locator_at : locator_at + 4] == ZIP64_LOCATOR_SIGNATURE:
                 (zip64_offset,) = struct.unpack("<Q", tail[locator_at + 8 : locator_at + 16])
-                handle.seek(zip64_offset)
+                if zip64_offset + 56 > size:
+                    raise CorruptFileError("zip64 end record points past the file", path=path)
+                handle.seek(start + zip64_offset)
                 record = handle.read(56)
                 if len(record) < 56 or record[:4] != ZIP64_EOCD_SIGNATURE:
                     raise CorruptFileError("zip64 end record missing", path=path)
@@ -97,20 +112,24 @@ class ZipDirectory:
                     actual=eocd_file_offset,
                     path=path,
                 )
-            handle.seek(cd_offset)
+            handle.seek(start + cd_offset)
             directory = handle.read(cd_size)
             entries, unsafe = _parse_central(directory, count, size, path)
-            resolved = tuple(_with_data_offset(handle, e, size, path) for e in entries)
+            resolved = tuple(_with_data_offset(handle, e, size, path, start) for e in entries)
         return cls(path, resolved, tuple(unsafe))
 
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
 
     def find(self, name: str) -> ZipEntry | None:
+        return self._by_name.get(name)
+
+    @cached_property
+    def _by_name(self) -> dict[str, ZipEntry]:
+        index: dict[str, ZipEntry] = {}
         for entry in self.entries:  # first match wins, as in torch's reader
-            if entry.name == name:
-                return entry
-        return None
+            index.setdefault(entry.name, entry)
+        return index
 
     def read_member(self, entry: ZipEntry, limit: int = MAX_DECOMPRESSED) -> bytes:
         """A member's bytes, inflated if needed, never more than ``limit`` of them."""
@@ -135,7 +154,12 @@ class ZipDirectory:
                 f"zip member {entry.name!r} uses compression method {entry.method}", path=self.path
             )
         inflater = zlib.decompressobj(-15)
-        data = inflater.decompress(raw, limit + 1)
+        try:
+            data = inflater.decompress(raw, limit + 1)
+        except zlib.error as exc:
+            raise CorruptFileError(
+                f"zip member {entry.name!r} does not inflate ({exc})", path=self.path
+            ) from None
         if len(data) > limit:
             raise LimitExceededError(
                 f"zip member {entry.name!r} inflated size", limit, len(data), path=self.path
@@ -161,6 +185,10 @@ def _parse_central(
         usize, csize, offset = _zip64_sizes(extra, usize, csize, offset)
         if offset + LOCAL_HEADER_SIZE > file_size or csize > file_size:
             raise CorruptFileError(f"zip entry {name!r} points past the end of the file", path=path)
+        if method == STORED and csize != usize:
+            raise CorruptFileError(
+                f"stored zip entry {name!r} claims {usize} bytes but holds {csize}", path=path
+            )
         if (
             name.startswith(("/", "\\"))
             or ".." in name.replace("\\", "/").split("/")
@@ -208,8 +236,10 @@ def _zip64_sizes(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int
     return usize, csize, offset
 
 
-def _with_data_offset(handle: BinaryIO, entry: ZipEntry, file_size: int, path: Path) -> ZipEntry:
-    handle.seek(entry.header_offset)
+def _with_data_offset(
+    handle: BinaryIO, entry: ZipEntry, file_size: int, path: Path, start: int = 0
+) -> ZipEntry:
+    handle.seek(start + entry.header_offset)
     header = handle.read(LOCAL_HEADER_SIZE)
     if len(header) < LOCAL_HEADER_SIZE or header[:4] != LOCAL_SIGNATURE:
         raise CorruptFileError(f"zip entry {entry.name!r} has no local header", path=path)
@@ -229,6 +259,23 @@ def _with_data_offset(handle: BinaryIO, entry: ZipEntry, file_size: int, path: P
         entry.compressed_size,
         entry.size,
         entry.crc32,
-        entry.header_offset,
-        data_offset,
+        start + entry.header_offset,
+        start + data_offset,
     )
+
+
+def prepended_bytes(path: Path) -> int:
+    """How many bytes precede the zip in ``path`` (a pickle with a zip appended, a
+    self-extracting archive): where the central directory really is minus where the end
+    record says it is. Python's ``zipfile`` reads such files; torch does not."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        tail_len = min(size, EOCD_SIZE + MAX_COMMENT)
+        handle.seek(size - tail_len)
+        tail = handle.read(tail_len)
+    eocd_at = tail.rfind(EOCD_SIGNATURE)
+    if eocd_at < 0 or eocd_at + EOCD_SIZE > len(tail):
+        return 0
+    cd_size, cd_offset = struct.unpack("<II", tail[eocd_at + 12 : eocd_at + 20])
+    prepended: int = size - tail_len + eocd_at - cd_size - cd_offset
+    return max(0, prepended)

@@ -49,12 +49,13 @@ def sniff(probe: Probe) -> bool:
 
 
 def load_archive_pickle(
-    directory: ZipDirectory, prefix: str, member: str, path: Path
+    directory: ZipDirectory, prefix: str, member: str, path: Path, *, data_dir: str = "data"
 ) -> tuple[Any, dict[str, Any]]:
-    """Interpret ``<prefix>/<member>`` with storages resolved to ``<prefix>/data/<key>``.
+    """Interpret ``<prefix>/<member>`` with storages resolved to ``<prefix>/<data_dir>/<key>``.
 
     Returns the tree and facts gathered on the way (storage locations). Shared by the
-    TorchScript reader, whose archives use the same storage scheme.
+    TorchScript reader, whose archives use the same storage scheme (``constants.pkl`` keeps
+    its storages under ``constants/``).
     """
     entry = directory.find(f"{prefix}/{member}")
     if entry is None:
@@ -76,7 +77,7 @@ def load_archive_pickle(
         cached = storages.get(key)
         if cached is not None:
             return cached
-        record = directory.find(f"{prefix}/data/{key}")
+        record = directory.find(f"{prefix}/{data_dir}/{key}")
         if record is None:
             raise CorruptFileError(f"storage {key!r} is missing from the archive", path=path)
         nbytes = numel * dtypes.dtype(storage_type.dtype).itemsize

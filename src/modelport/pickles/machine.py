@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,6 +33,7 @@ class Limits:
     max_stack: int = 1_000_000
     max_marks: int = 100_000
     inline_bytes: int = 64 * 1024  # payloads above this become ByteSpans, not copies
+    max_seconds: float | None = None  # wall-clock budget, checked every 65,536 opcodes
 
 
 class Cursor(Protocol):
@@ -187,6 +189,8 @@ class _Machine:
         data = self.data
         count = 0
         max_ops = self.limits.max_opcodes
+        seconds = self.limits.max_seconds
+        deadline = None if seconds is None else time.monotonic() + seconds
         while True:
             if self.pos >= len(data):
                 raise CorruptFileError(f"pickle truncated: no STOP opcode before byte {self.pos}")
@@ -199,6 +203,9 @@ class _Machine:
             count += 1
             if count > max_ops:
                 raise LimitExceededError("pickle opcode count", max_ops, count)
+            if deadline is not None and not count & 0xFFFF and time.monotonic() > deadline:
+                spent = int(time.monotonic() - deadline + (seconds or 0))
+                raise LimitExceededError("seconds spent on one pickle", int(seconds or 0), spent)
             if code == 0x2E:  # STOP
                 value = self.pop()
                 return PickleResult(value, self.pos, self.protocol, count)

@@ -114,6 +114,41 @@ def _frombuffer(resolver: ReadingResolver, args: tuple[Any, ...]) -> Any:
     return numpy_types.frombuffer(*args, resolver.storage_of)
 
 
+def _jit_list(name: str) -> Reconstructor:
+    """``torch.jit._pickle.build_{int,double,bool,tensor}list(data)`` return ``data``."""
+
+    def reconstruct(resolver: ReadingResolver, args: tuple[Any, ...]) -> Any:
+        if len(args) == 1 and isinstance(args[0], list):
+            return args[0]
+        return CallRecord(GlobalRef(_JIT_PICKLE, name), args)
+
+    return reconstruct
+
+
+def _jit_restore_type_tag(resolver: ReadingResolver, args: tuple[Any, ...]) -> Any:
+    """``restore_type_tag(value, type_str)`` returns ``value`` (the tag is for C++ only)."""
+    if len(args) == 2 and isinstance(args[1], str):
+        return args[0]
+    return CallRecord(GlobalRef(_JIT_PICKLE, "restore_type_tag"), args)
+
+
+def _jit_tensor_from_id(resolver: ReadingResolver, args: tuple[Any, ...]) -> Any:
+    """``build_tensor_from_id(data)`` returns ``data`` if it is an int, else None."""
+    return args[0] if len(args) == 1 and type(args[0]) is int else None
+
+
+def _layout(resolver: ReadingResolver, args: tuple[Any, ...]) -> Any:
+    """``torch.serialization._get_layout("torch.sparse_coo")``: a layout named by a string."""
+    if len(args) == 1 and isinstance(args[0], str) and args[0] in _LAYOUTS:
+        return torch_types.TorchConstant(args[0].removeprefix("torch."))
+    return CallRecord(GlobalRef("torch.serialization", "_get_layout"), args)
+
+
+_LAYOUTS = frozenset(
+    f"torch.{name}"
+    for name in ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc")
+)
+_JIT_PICKLE = "torch.jit._pickle"
 _TORCH_UTILS = "torch._utils"
 _NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")
 
@@ -178,7 +213,20 @@ CALLABLES: Final[MappingProxyType[tuple[str, str], tuple[Reconstructor, str]]] =
             "tensor subclasses: rebuilds through an allowlisted function only",
         ),
         ("torch", "Size"): (_args(torch_types.torch_size), "tensor shapes"),
+        ("torch.serialization", "_get_layout"): (_layout, "sparse tensor layouts, by name"),
         ("torch", "device"): (_args(torch_types.torch_device), "device names"),
+        **{
+            (_JIT_PICKLE, name): (_jit_list(name), "TorchScript typed lists (identity in torch)")
+            for name in ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist")
+        },
+        (_JIT_PICKLE, "restore_type_tag"): (
+            _jit_restore_type_tag,
+            "TorchScript container type tags (identity in torch)",
+        ),
+        (_JIT_PICKLE, "build_tensor_from_id"): (
+            _jit_tensor_from_id,
+            "TorchScript tensor ids (an int or None in torch)",
+        ),
         **{
             (m, "_reconstruct"): (_args(numpy_types.reconstruct), "numpy arrays")
             for m in _NUMPY_CORE
@@ -205,6 +253,26 @@ CONSTANTS: Final[MappingProxyType[tuple[str, str], tuple[Any, str]]] = MappingPr
             for cls, name in dtypes.TORCH_STORAGE_TYPES.items()
         },
         ("torch.storage", "UntypedStorage"): (torch_types.StorageType("uint8"), "storage type"),
+        **{
+            ("torch", name): (torch_types.TorchConstant(name), "layout, memory format or qscheme")
+            for name in (
+                "strided",
+                "sparse_coo",
+                "sparse_csr",
+                "sparse_csc",
+                "sparse_bsr",
+                "sparse_bsc",
+                "contiguous_format",
+                "channels_last",
+                "channels_last_3d",
+                "preserve_format",
+                "per_tensor_affine",
+                "per_channel_affine",
+                "per_tensor_symmetric",
+                "per_channel_symmetric",
+                "per_channel_affine_float_qparams",
+            )
+        },
         ("numpy", "ndarray"): (GlobalRef("numpy", "ndarray"), "the class _reconstruct receives"),
         ("builtins", "object"): (GlobalRef("builtins", "object"), "base class copyreg names"),
     }

@@ -26,6 +26,16 @@ class TorchDType:
 
 
 @dataclass(frozen=True)
+class TorchConstant:
+    """``torch.sparse_coo``, ``torch.channels_last``, ``torch.per_tensor_affine``: named values."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"torch.{self.name}"
+
+
+@dataclass(frozen=True)
 class StorageType:
     """``torch.FloatStorage`` and friends: tells the dtype of a persistent storage id."""
 

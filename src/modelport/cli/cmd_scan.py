@@ -1,0 +1,129 @@
+"""``modelport scan``: is it safe to load? Static analysis; nothing in the files is executed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+import modelport
+from modelport.scan import ScanReport
+
+EXAMPLES = """examples:
+  modelport scan model.pt
+  modelport scan ./downloaded-model/ --json
+  modelport scan *.bin --sarif > scan.sarif
+
+exit codes: 0 safe, 1 suspicious or unsafe, 2 error (a file could not be fully analysed)
+"""
+
+_STYLE = {"critical": "bold red", "high": "red", "medium": "yellow", "info": "dim"}
+_VERDICT_STYLE = {"safe": "green", "suspicious": "yellow", "unsafe": "bold red", "error": "magenta"}
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "scan",
+        help="check whether model files are safe to load (never executes them)",
+        description="Statically analyse model files and directories by content: every pickle "
+        "opcode, every archive member, every header. Nothing is imported or executed.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("paths", nargs="+", help="files or directories")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print one JSON object")
+    output.add_argument("--sarif", action="store_true", help="print SARIF 2.1.0 for code scanning")
+    parser.set_defaults(run=run)
+
+
+def exit_code(verdict: str) -> int:
+    return {"safe": 0, "suspicious": 1, "unsafe": 1}.get(verdict, 2)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = modelport.scan(*args.paths)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    elif args.sarif:
+        print(json.dumps(to_sarif(report), indent=2))
+    else:
+        show(Console(), report)
+    return exit_code(report.verdict)
+
+
+def show(console: Console, report: ScanReport) -> None:
+    for file in report.files:
+        style = _VERDICT_STYLE.get(file.verdict, "")
+        console.print(
+            f"[{style}]{file.verdict.upper()}[/{style}]  {file.path}  [dim]({file.format})[/dim]"
+        )
+        shown = [f for f in file.findings if f.severity != "info"] or list(file.findings)
+        if not shown:
+            continue
+        table = Table(
+            "severity", "rule", "where", "global", "usage", "message / fix", show_lines=False
+        )
+        for finding in shown:
+            where = finding.member + (
+                f" @{finding.offset} {finding.opcode}" if finding.offset is not None else ""
+            )
+            message = finding.message + (f"\n[dim]fix: {finding.fix}[/dim]" if finding.fix else "")
+            sev = _STYLE.get(finding.severity, "")
+            table.add_row(
+                f"[{sev}]{finding.severity}[/{sev}]",
+                finding.rule,
+                where,
+                finding.global_name,
+                finding.usage,
+                message,
+            )
+        console.print(table)
+    if len(report.files) > 1:
+        console.print(f"verdict: {report.verdict} ({len(report.files)} files)")
+
+
+def to_sarif(report: ScanReport) -> dict[str, Any]:
+    """SARIF 2.1.0: one result per finding above info, so code-scanning UIs can show them."""
+    level = {"critical": "error", "high": "error", "medium": "warning", "info": "note"}
+    rules = sorted({f.rule for file in report.files for f in file.findings})
+    results = [
+        {
+            "ruleId": finding.rule,
+            "level": level.get(finding.severity, "warning"),
+            "message": {
+                "text": f"{finding.message}" + (f" Fix: {finding.fix}" if finding.fix else "")
+            },
+            "locations": [{"physicalLocation": {"artifactLocation": {"uri": file.path}}}],
+            "properties": {
+                "member": finding.member,
+                "offset": finding.offset,
+                "opcode": finding.opcode,
+                "global": finding.global_name,
+                "usage": finding.usage,
+                "verdict": file.verdict,
+            },
+        }
+        for file in report.files
+        for finding in file.findings
+        if finding.severity != "info"
+    ]
+    return {
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "version": "2.1.0",
+        "runs": [
+            {
+                "tool": {
+                    "driver": {
+                        "name": "modelport",
+                        "version": modelport.__version__,
+                        "rules": [{"id": r} for r in rules],
+                    }
+                },
+                "results": results,
+            }
+        ],
+    }

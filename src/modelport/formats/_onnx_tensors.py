@@ -1,0 +1,349 @@
+"""ONNX ``TensorProto``: where a tensor's elements lie, found without decoding them.
+
+Layout (onnx/onnx.proto, ``message TensorProto``; field numbers in ``TensorField``):
+
+- ``dims`` (1) MUST be non-negative; ``data_type`` (2) is a ``DataType`` code;
+- the elements MUST be in exactly one place, looked up in this order:
+  ``data_location`` (14) = EXTERNAL: ``external_data`` (13) entries ``location`` (a path
+  relative to the model's folder), ``offset``, ``length`` (decimal strings);
+  ``raw_data`` (9): fixed-width little-endian bytes, bool one byte each (a byte range of the
+  .onnx file: zero-copy);
+  a typed repeated field: ``float_data`` (4, FLOAT/COMPLEX64), ``double_data`` (10,
+  DOUBLE/COMPLEX128), ``int64_data`` (7, INT64), ``uint64_data`` (11, UINT32/UINT64), and
+  ``int32_data`` (5) for every other type, 16-bit floats and float8 as bit patterns;
+- packed ``float_data``/``double_data`` are already the little-endian element bytes (one run
+  is zero-copy); varint fields are decoded and narrowed on first read;
+- STRING (``string_data``, 6) has no numeric data; 2/4/6-bit types and ``segment`` (3) are
+  not supported.
+
+An external ``location`` that is absolute, has a drive, or contains ``..`` is refused, never
+followed; a missing external file is a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+
+import numpy as np
+
+from modelport import dtypes
+from modelport.errors import (
+    CorruptFileError,
+    LimitExceededError,
+    ModelFileNotFoundError,
+    TruncatedFileError,
+)
+from modelport.formats._protobuf import Field, Message, WireType, count_varints, decode_varints
+from modelport.formats._protobuf import signed64 as s64
+from modelport.tensors import Storage, TensorRef
+
+MAX_RANK = 64
+CHUNK = 1 << 24
+MAX_KEPT = 1_000_000  # typed-field occurrences held for lazy decoding (writers pack: 1 each)
+EXTERNAL = 1
+STRING = "string"
+
+
+class TensorField(IntEnum):
+    DIMS = 1
+    DATA_TYPE = 2
+    SEGMENT = 3
+    FLOAT_DATA = 4
+    INT32_DATA = 5
+    STRING_DATA = 6
+    INT64_DATA = 7
+    NAME = 8
+    RAW_DATA = 9
+    DOUBLE_DATA = 10
+    UINT64_DATA = 11
+    EXTERNAL_DATA = 13
+    DATA_LOCATION = 14
+
+
+class DataType(IntEnum):
+    UNDEFINED = 0
+    FLOAT = 1
+    UINT8 = 2
+    INT8 = 3
+    UINT16 = 4
+    INT16 = 5
+    INT32 = 6
+    INT64 = 7
+    STRING = 8
+    BOOL = 9
+    FLOAT16 = 10
+    DOUBLE = 11
+    UINT32 = 12
+    UINT64 = 13
+    COMPLEX64 = 14
+    COMPLEX128 = 15
+    BFLOAT16 = 16
+    FLOAT8E4M3FN = 17
+    FLOAT8E4M3FNUZ = 18
+    FLOAT8E5M2 = 19
+    FLOAT8E5M2FNUZ = 20
+    UINT4 = 21
+    INT4 = 22
+    FLOAT4E2M1 = 23
+    FLOAT8E8M0 = 24
+    UINT2 = 25
+    INT2 = 26
+    FLOAT6E2M3 = 27
+    FLOAT6E3M2 = 28
+
+
+D = DataType
+T = TensorField
+DTYPE_NAMES: Final = MappingProxyType(
+    {
+        D.FLOAT: "float32", D.UINT8: "uint8", D.INT8: "int8", D.UINT16: "uint16",
+        D.INT16: "int16", D.INT32: "int32", D.INT64: "int64", D.BOOL: "bool",
+        D.FLOAT16: "float16", D.DOUBLE: "float64", D.UINT32: "uint32", D.UINT64: "uint64",
+        D.COMPLEX64: "complex64", D.COMPLEX128: "complex128", D.BFLOAT16: "bfloat16",
+        D.FLOAT8E4M3FN: "float8_e4m3fn", D.FLOAT8E4M3FNUZ: "float8_e4m3fnuz",
+        D.FLOAT8E5M2: "float8_e5m2", D.FLOAT8E5M2FNUZ: "float8_e5m2fnuz",
+        D.FLOAT8E8M0: "float8_e8m0fnu",
+    }
+)  # fmt: skip
+# The typed field holding each type's elements when raw_data is absent (int32_data if unlisted).
+TYPED_FIELD: Final = MappingProxyType(
+    {
+        D.FLOAT: T.FLOAT_DATA, D.COMPLEX64: T.FLOAT_DATA, D.DOUBLE: T.DOUBLE_DATA,
+        D.COMPLEX128: T.DOUBLE_DATA, D.INT64: T.INT64_DATA, D.UINT32: T.UINT64_DATA,
+        D.UINT64: T.UINT64_DATA,
+    }
+)  # fmt: skip
+TYPED_FIELDS: Final = frozenset(
+    {T.FLOAT_DATA, T.INT32_DATA, T.INT64_DATA, T.DOUBLE_DATA, T.UINT64_DATA}
+)
+FIXED_WIDTH: Final = MappingProxyType({T.FLOAT_DATA: 4, T.DOUBLE_DATA: 8})
+KNOWN_TYPES: Final = frozenset(int(t) for t in DataType)
+
+
+def dtype_label(code: int) -> str:
+    """modelport's name for an ONNX element type, or the ONNX name when there is none."""
+    if code in KNOWN_TYPES:
+        return DTYPE_NAMES.get(DataType(code), DataType(code).name.lower())
+    return f"onnx-type-{code}"
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """A ``TensorProto`` as found: shape, type and where its elements are."""
+
+    name: str
+    dims: tuple[int, ...]
+    data_type: int
+    raw: tuple[int, int] | None = None
+    typed: Mapping[int, tuple[Field, ...]] = field(default_factory=dict)
+    external: Mapping[str, str] = field(default_factory=dict)
+    location: int = 0
+    segmented: bool = False
+
+
+class TensorData:
+    """Turns ``TensorProto`` fields of one file into records, and records into tensors."""
+
+    def __init__(self, msg: Message, path: Path) -> None:
+        self.msg = msg
+        self.path = path
+        self.external_files: set[str] = set()
+        self.kept = 0
+
+    def keep(self) -> None:
+        """Count one field kept for later (unpacked repeated values cost one each)."""
+        self.kept += 1
+        if self.kept > MAX_KEPT:
+            raise LimitExceededError("repeated tensor fields kept", MAX_KEPT, self.kept)
+
+    def corrupt(self, message: str) -> CorruptFileError:
+        return CorruptFileError(message, path=self.path)
+
+    def record(self, item: Field) -> TensorRecord:
+        msg = self.msg
+        msg.expect(item, WireType.LEN)
+        dims: list[int] = []
+        name, data_type, location, segmented = "", 0, 0, False
+        raw: tuple[int, int] | None = None
+        typed: dict[int, list[Field]] = {}
+        external: dict[str, str] = {}
+        for part in msg.fields(item.start, item.end):
+            number = part.number
+            if number == T.DIMS:
+                dims.extend(s64(v) for v in msg.ints(part, MAX_RANK + 1))
+                if len(dims) > MAX_RANK:
+                    raise LimitExceededError("ONNX tensor rank", MAX_RANK, len(dims))
+            elif number == T.DATA_TYPE:
+                msg.expect(part, WireType.VARINT)
+                data_type = s64(part.value)
+            elif number == T.NAME:
+                name = msg.text(part)
+            elif number == T.RAW_DATA:
+                msg.expect(part, WireType.LEN)
+                raw = (part.start, part.end)
+            elif number in TYPED_FIELDS:
+                self.keep()
+                typed.setdefault(number, []).append(part)
+            elif number == T.EXTERNAL_DATA:
+                msg.expect(part, WireType.LEN)
+                key = value = ""
+                for entry in msg.fields(part.start, part.end):
+                    if entry.number == 1:
+                        key = msg.text(entry)
+                    elif entry.number == 2:
+                        value = msg.text(entry)
+                external[key] = value
+            elif number == T.DATA_LOCATION:
+                msg.expect(part, WireType.VARINT)
+                location = part.value
+            elif number == T.SEGMENT:
+                segmented = True
+        if any(d < 0 for d in dims):
+            raise self.corrupt(f"tensor {name!r} has a negative dimension in {dims}")
+        frozen = MappingProxyType({k: tuple(v) for k, v in typed.items()})
+        return TensorRecord(
+            name,
+            tuple(dims),
+            data_type,
+            raw,
+            frozen,
+            MappingProxyType(external),
+            location,
+            segmented,
+        )
+
+    def count(self, number: int, fields: tuple[Field, ...]) -> int:
+        """Values held by a typed field's occurrences (packed runs or single values)."""
+        width = FIXED_WIDTH.get(TensorField(number)) if number in TYPED_FIELDS else None
+        total = 0
+        for item in fields:
+            if width is not None:
+                self.msg.expect(item, WireType.LEN, WireType.I32 if width == 4 else WireType.I64)
+                if item.length % width:
+                    raise self.corrupt(f"packed field {number} is not a multiple of {width} bytes")
+                total += item.length // width
+            else:
+                self.msg.expect(item, WireType.LEN, WireType.VARINT)
+                for at in range(item.start, item.end, CHUNK):  # no copy of a whole huge field
+                    chunk = self.msg.data[at : min(item.end, at + CHUNK)]
+                    total += count_varints(bytes(chunk))
+        return total
+
+    def ref(self, record: TensorRecord, name: str) -> TensorRef | str:
+        """The tensor, or why it is not one: ``STRING`` or the unsupported type's label."""
+        code = record.data_type
+        if code == D.STRING:
+            return STRING
+        if code == D.UNDEFINED:
+            raise self.corrupt(f"tensor {name!r} has data type UNDEFINED (0)")
+        dtype = DTYPE_NAMES.get(DataType(code)) if code in KNOWN_TYPES else None
+        if dtype is None or record.segmented:
+            return "segmented" if record.segmented else dtype_label(code)
+        numel = math.prod(record.dims)
+        nbytes = numel * dtypes.dtype(dtype).itemsize
+        if record.location == EXTERNAL:
+            storage = self.external(record, name, nbytes)
+        elif record.raw is not None:
+            start, end = record.raw
+            if end - start != nbytes:
+                raise self.corrupt(
+                    f"tensor {name!r}: shape {list(record.dims)} of {dtype} needs {nbytes} "
+                    f"bytes, raw_data holds {end - start}"
+                )
+            storage = Storage(self.path, start, nbytes, key=name)
+        else:
+            storage = self.typed_storage(record, name, DataType(code), numel, nbytes)
+        return TensorRef(dtype, record.dims, storage)
+
+    def typed_storage(
+        self, record: TensorRecord, name: str, code: DataType, numel: int, nbytes: int
+    ) -> Storage:
+        number = TYPED_FIELD.get(code, T.INT32_DATA)
+        fields = record.typed.get(number, ())
+        others = sorted(set(record.typed) - {number})
+        if others and not fields:
+            raise self.corrupt(
+                f"tensor {name!r} of type {code.name} keeps its values in field {others[0]}, "
+                f"where that type needs field {int(number)}"
+            )
+        expected = numel * (2 if code in (D.COMPLEX64, D.COMPLEX128) else 1)
+        found = self.count(number, fields)
+        if found != expected:
+            raise self.corrupt(
+                f"tensor {name!r}: shape {list(record.dims)} needs {expected} values, "
+                f"field {int(number)} holds {found}"
+            )
+        spans = tuple((f.start, f.end) for f in fields)
+        if numel == 0:
+            return Storage(self.path, 0, 0, key=name)
+        if number in FIXED_WIDTH and len(spans) == 1:
+            return Storage(self.path, spans[0][0], nbytes, key=name)  # little-endian, in place
+        width = None if number in FIXED_WIDTH else nbytes // numel
+        return Storage(self.path, 0, nbytes, key=name, reader=_span_reader(self.path, spans, width))
+
+    def external(self, record: TensorRecord, name: str, nbytes: int) -> Storage:
+        entries = record.external
+        location = entries.get("location", "")
+        parts = re.split(r"[\\/]", location)
+        if not location:
+            raise self.corrupt(f"tensor {name!r} is EXTERNAL but names no location")
+        if location[0] in "/\\" or ".." in parts or ":" in parts[0] or "\x00" in location:
+            raise self.corrupt(
+                f"tensor {name!r}: external data location {location!r} points outside the "
+                "model's folder; refusing to follow it"
+            )
+        try:
+            offset = int(entries.get("offset", "0"))
+            length = int(entries.get("length", str(nbytes)))
+        except ValueError:
+            raise self.corrupt(
+                f"tensor {name!r}: external offset/length are not integers"
+            ) from None
+        if offset < 0 or length != nbytes:
+            raise self.corrupt(
+                f"tensor {name!r}: external data of {length} bytes at offset {offset}, "
+                f"its shape needs {nbytes}"
+            )
+        target = self.path.parent / location
+        if not target.is_file():
+            raise ModelFileNotFoundError(
+                f"{self.path}: tensor {name!r} keeps its data in {location!r}, which is not "
+                "next to the model (copy the .onnx together with its data file)"
+            )
+        size = target.stat().st_size
+        if offset + nbytes > size:
+            raise TruncatedFileError(
+                f"tensor {name!r} needs bytes {offset}..{offset + nbytes} of {location!r}, "
+                f"which has {size} (truncated copy?)",
+                expected=offset + nbytes,
+                actual=size,
+                path=target,
+            )
+        self.external_files.add(location)
+        return Storage(target, offset, nbytes, key=name)
+
+
+def _span_reader(
+    path: Path, spans: tuple[tuple[int, int], ...], width: int | None
+) -> Callable[[], np.ndarray[Any, Any]]:
+    """Typed fields decoded on first read: fixed-width runs joined, or varints narrowed."""
+
+    def read_spans() -> np.ndarray[Any, Any]:
+        with open(path, "rb") as handle:
+            chunks = []
+            for start, end in spans:
+                handle.seek(start)
+                chunks.append(handle.read(end - start))
+        data = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+        if width is None:
+            return data
+        return decode_varints(data).astype(f"<u{width}").view(np.uint8)
+
+    return read_spans

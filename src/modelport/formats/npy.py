@@ -1,0 +1,271 @@
+"""numpy ``.npy``: one array, a magic string, a Python-literal header, then the raw data.
+
+Layout (numpy/lib/format.py, NEP 1):
+
+- bytes 0..6 MUST be ``b"\\x93NUMPY"``, then the major and minor version (u8 each): 1.0, 2.0
+  or 3.0;
+- the header length: a little-endian u16 in version 1, u32 in versions 2 and 3;
+- the header: a Python dict literal (latin-1 text, UTF-8 in version 3) with exactly the keys
+  ``descr`` (a dtype string), ``fortran_order`` (bool) and ``shape`` (a tuple of ints),
+  padded with spaces and a newline; writers align the data to 64 bytes, readers MUST NOT
+  rely on it;
+- the data: ``prod(shape) * itemsize`` bytes in C or Fortran order. Object arrays
+  (``descr`` ``|O``) store a pickle of the whole array instead.
+
+Choices and edge cases:
+
+- the header is parsed with ``ast.literal_eval`` after its length is checked against
+  ``MAX_HEADER`` and the file size; nothing from numpy's loader runs;
+- the one array is named after the file's stem (``embeddings.npy`` holds ``embeddings``;
+  ``array`` when the stem is empty);
+- big-endian arrays are read through a storage that swaps bytes on access (not zero-copy);
+- ``|V1``/``|V2``/``|V4``/``|V8`` (what ``ml_dtypes`` types such as bfloat16 and float8 save
+  as) carry no element type: they are reported as unsigned integers of that width, with a
+  warning; structured dtypes, strings, datetimes and other void widths are refused;
+- object arrays: the pickle is interpreted by modelport's restricted reader (nothing from
+  the file is imported or called); the tree holds what it rebuilt, with a warning;
+- bytes past the end of the data are ignored, with a warning.
+
+``parse_header`` and ``tensor_ref`` are shared with the ``.npz`` reader.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelport import dtypes
+from modelport.errors import (
+    CorruptFileError,
+    LimitExceededError,
+    TruncatedFileError,
+    UnsupportedDtypeError,
+    UnsupportedVersionError,
+)
+from modelport.formats._base import Contents, Format, FormatReader, Probe
+from modelport.pickles.reading import read_pickle
+from modelport.tensors import NDArray, Storage, TensorRef
+
+MAGIC = b"\x93NUMPY"
+VERSIONS = {(1, 0): 2, (2, 0): 4, (3, 0): 4}  # version -> width of the header length field
+MAX_HEADER = 64 * 1024  # numpy's own reader refuses headers over 10,000 bytes by default
+MAX_PREFIX = len(MAGIC) + 2 + 4 + MAX_HEADER  # the most bytes a header can span
+MAX_PICKLE = 1 << 30  # an object array's pickle is read into memory
+MAX_NDIM = 64  # numpy's NPY_MAXDIMS
+KEYS = {"descr", "fortran_order", "shape"}
+DEFAULT_NAME = "array"
+OBJECT_WARNING = "object array: contents are a pickle (read without executing anything)"
+
+_DESCR = re.compile(r"^[<>|=]?[biufcVO?][0-9]{0,3}$")
+_VOID_CARRIERS = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
+
+RawReader = Callable[[], NDArray]
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    """A parsed ``.npy`` header; ``data_offset`` counts from the start of the ``.npy``."""
+
+    version: tuple[int, int]
+    descr: str
+    fortran_order: bool
+    shape: tuple[int, ...]
+    data_offset: int
+    dtype: str | None  # modelport dtype; None for object arrays
+    itemsize: int
+    byteswapped: bool  # stored big-endian
+    warning: str = ""
+
+    @property
+    def is_object(self) -> bool:
+        return self.dtype is None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+    @property
+    def strides(self) -> tuple[int, ...] | None:
+        """Element strides of a Fortran-ordered array; None for C order."""
+        if not self.fortran_order or len(self.shape) < 2:
+            return None
+        strides, step = [], 1
+        for size in self.shape:
+            strides.append(step)
+            step *= max(size, 1)
+        return tuple(strides)
+
+
+def sniff(probe: Probe) -> bool:
+    return not probe.is_dir and probe.head.startswith(MAGIC)
+
+
+def parse_header(prefix: bytes, *, path: Path, where: str = "", available: int = -1) -> NpyHeader:
+    """Parse the header at the start of ``prefix`` (the first ``MAX_PREFIX`` bytes or all of
+    a shorter file); ``available`` is the size of the whole ``.npy`` for error messages."""
+    label = f"npy{where}"
+    total = len(prefix) if available < 0 else available
+    if len(prefix) < len(MAGIC) + 2 or not prefix.startswith(MAGIC):
+        if prefix.startswith(MAGIC) or MAGIC.startswith(prefix):
+            _truncated(f"{label} header", len(MAGIC) + 2, total, path)
+        raise CorruptFileError(f"{label}: not a .npy (bad magic)", path=path)
+    version = (prefix[6], prefix[7])
+    width = VERSIONS.get(version)
+    if width is None:
+        raise UnsupportedVersionError(
+            f"{label} format version {version[0]}.{version[1]} is not supported (1.0-3.0 are)",
+            path=path,
+        )
+    start = len(MAGIC) + 2 + width
+    if len(prefix) < start:
+        _truncated(f"{label} header length", start, total, path)
+    (length,) = struct.unpack_from("<H" if width == 2 else "<I", prefix, 8)
+    if length > MAX_HEADER:
+        raise LimitExceededError(f"{label} header length", MAX_HEADER, length, path=path)
+    if len(prefix) < start + length:
+        _truncated(f"{label} header", start + length, total, path)
+    text = prefix[start : start + length].decode(
+        "utf-8" if version == (3, 0) else "latin-1", "replace"
+    )
+    fields = _literal(text, label, path)
+    descr, fortran, shape = fields["descr"], fields["fortran_order"], fields["shape"]
+    if not isinstance(fortran, bool):
+        raise CorruptFileError(f"{label}: fortran_order must be True or False", path=path)
+    if (
+        not isinstance(shape, tuple)
+        or len(shape) > MAX_NDIM
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise CorruptFileError(
+            f"{label}: shape must be a tuple of at most {MAX_NDIM} non-negative ints", path=path
+        )
+    dtype, itemsize, swapped, warning = _element_type(descr, label, path)
+    return NpyHeader(
+        version, descr, fortran, shape, start + length, dtype, itemsize, swapped, warning
+    )
+
+
+def _truncated(what: str, expected: int, actual: int, path: Path) -> None:
+    raise TruncatedFileError(
+        f"{what} needs {expected} bytes, only {actual} are there (truncated download?)",
+        expected=expected,
+        actual=actual,
+        path=path,
+    )
+
+
+def _literal(text: str, label: str, path: Path) -> dict[str, Any]:
+    try:
+        fields = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise CorruptFileError(f"{label}: header is not a Python literal", path=path) from None
+    if not isinstance(fields, dict) or set(fields) != KEYS:
+        raise CorruptFileError(
+            f"{label}: header must be a dict with exactly the keys {sorted(KEYS)}", path=path
+        )
+    return fields
+
+
+def _element_type(descr: Any, label: str, path: Path) -> tuple[str | None, int, bool, str]:
+    """(modelport dtype or None for objects, itemsize, big-endian, warning)."""
+    if isinstance(descr, list):
+        raise UnsupportedDtypeError(
+            f"{path}: {label} holds a structured array (named fields); only plain numeric, "
+            "bool and object arrays are read"
+        )
+    if not isinstance(descr, str) or not _DESCR.match(descr):
+        raise UnsupportedDtypeError(
+            f"{path}: {label} dtype {descr!r:.80} is not supported (strings, datetimes and "
+            "other non-numeric types are not tensors)"
+        )
+    try:
+        parsed = np.dtype(descr)
+    except (TypeError, ValueError):
+        raise CorruptFileError(f"{label}: invalid dtype {descr!r}", path=path) from None
+    if parsed.kind == "O":
+        return None, parsed.itemsize, False, OBJECT_WARNING
+    if parsed.kind == "V":
+        carrier = _VOID_CARRIERS.get(parsed.itemsize)
+        if carrier is None:
+            raise UnsupportedDtypeError(
+                f"{path}: {label} dtype {descr!r} is raw bytes of an unknown type"
+            )
+        return (
+            carrier,
+            parsed.itemsize,
+            False,
+            f"{label} dtype {descr!r} is raw {parsed.itemsize}-byte values (what ml_dtypes "
+            f"types such as bfloat16 or float8 save as): reported as {carrier}",
+        )
+    swapped = parsed.byteorder == ">"
+    name = dtypes.from_numpy(parsed.newbyteorder("<") if swapped else parsed)
+    return name, parsed.itemsize, swapped, ""
+
+
+def tensor_ref(
+    header: NpyHeader,
+    path: Path,
+    offset: int,
+    *,
+    key: str = "",
+    reader: RawReader | None = None,
+) -> TensorRef:
+    """The array as a tensor: its data at ``offset`` in ``path``, or from ``reader``."""
+    if header.dtype is None:
+        raise UnsupportedDtypeError(f"{path}: an object array is a pickle, not a tensor")
+    base = reader
+    if header.byteswapped:
+        stored = Storage(path, offset, header.nbytes, key=key, reader=reader)
+        big = np.dtype(header.descr)
+
+        def swapping() -> NDArray:
+            swapped: NDArray = stored.bytes_view().view(big).byteswap().view(np.uint8)
+            return swapped
+
+        base = swapping
+    storage = Storage(path, offset, header.nbytes, key=key, reader=base)
+    return TensorRef(header.dtype, header.shape, storage, 0, header.strides)
+
+
+def object_array(data: bytes, header: NpyHeader, *, path: Path | None, base_offset: int) -> Any:
+    """What an object array's pickle rebuilds; ``data`` is the whole ``.npy``."""
+    return read_pickle(data, start=header.data_offset, path=path, base_offset=base_offset).value
+
+
+def read(path: Path, probe: Probe) -> Contents:
+    size = probe.size
+    with open(path, "rb") as handle:
+        prefix = handle.read(MAX_PREFIX)
+    header = parse_header(prefix, path=path, available=size)
+    name = path.stem or DEFAULT_NAME
+    warnings = [header.warning] if header.warning else []
+    details: dict[str, Any] = {
+        "version": f"{header.version[0]}.{header.version[1]}",
+        "descr": header.descr,
+        "fortran_order": header.fortran_order,
+        "header_bytes": header.data_offset,
+    }
+    if header.is_object:
+        if size > MAX_PICKLE:
+            raise LimitExceededError("npy object array pickle size", MAX_PICKLE, size, path=path)
+        data = path.read_bytes()
+        value = object_array(data, header, path=path, base_offset=0)
+        return Contents(Format.NPY, {name: value}, details=details, warnings=warnings)
+    end = header.data_offset + header.nbytes
+    if end > size:
+        _truncated(f"npy array of shape {list(header.shape)} ({header.descr})", end, size, path)
+    if end < size:
+        warnings.append(f"{size - end} bytes after the array data are ignored")
+    tensor = tensor_ref(header, path, header.data_offset, key=name)
+    return Contents(Format.NPY, {name: tensor}, details=details, warnings=warnings)
+
+
+READER = FormatReader(Format.NPY, sniff, read, (".npy",))

@@ -1,0 +1,166 @@
+"""What the scanner accepts, and the gadgets it names. Every table is immutable and exact.
+
+Safety is decided by the allowlist and by how each global is used, never by the denylist:
+the denylist only puts a name to a known exploit so the report can say what it would do.
+No prefix matching anywhere: ``numpy.__builtins__.exec`` is not ``numpy``, and
+``torch.nn.modules.linear.Linear`` is allowed because it is listed, not because it starts
+with ``torch.``.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Final
+
+from modelport.pickles.reading import CALLABLES, CONSTANTS
+from modelport.pickles.torch_nn_classes import TORCH_NN_CLASSES
+
+# Globals whose call only rebuilds data; modelport's reader implements each one itself.
+SAFE_CALLS: Final = frozenset(CALLABLES)
+
+# Globals that are values (dtypes, storage types, layouts); calling one is never legitimate.
+SAFE_VALUES: Final = frozenset(CONSTANTS)
+
+# Library classes that legitimate files instantiate with NEWOBJ and fill with BUILD: loading
+# them runs only their library's own __new__/__setstate__, whatever state the file gives.
+SAFE_CLASSES: Final[MappingProxyType[tuple[str, str], str]] = MappingProxyType(
+    {
+        **{key: "torch.nn module, as torch.save(model) writes it" for key in TORCH_NN_CLASSES},
+        ("torch.nn.parameter", "Parameter"): "torch parameter",
+        ("torch.nn.parameter", "Buffer"): "torch buffer",
+        ("argparse", "Namespace"): "training scripts save their arguments",
+        ("types", "SimpleNamespace"): "plain attribute bag",
+        ("joblib.numpy_pickle", "NumpyArrayWrapper"): "joblib's array header",
+        ("torch.optim.adam", "Adam"): "optimizers saved whole",
+        ("torch.optim.sgd", "SGD"): "optimizers saved whole",
+        ("torch.optim.adamw", "AdamW"): "optimizers saved whole",
+        **{
+            ("torch.distributed.checkpoint.metadata", name): "DCP checkpoint metadata (dataclass)"
+            for name in (
+                "Metadata",
+                "TensorStorageMetadata",
+                "BytesStorageMetadata",
+                "ChunkStorageMetadata",
+                "TensorProperties",
+                "MetadataIndex",
+                "StorageMeta",
+            )
+        },
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): "DCP storage location",
+    }
+)
+
+# Constructors of plain values (stdlib types, enums) that real checkpoints call.
+SAFE_STDLIB_CALLS: Final[MappingProxyType[tuple[str, str], str]] = MappingProxyType(
+    {
+        ("datetime", "datetime"): "timestamps in checkpoints",
+        ("datetime", "date"): "dates in checkpoints",
+        ("datetime", "timedelta"): "durations in checkpoints",
+        ("pathlib", "PosixPath"): "paths in saved configs",
+        ("pathlib", "WindowsPath"): "paths in saved configs",
+        ("pathlib", "PurePosixPath"): "paths in saved configs",
+        ("collections", "defaultdict"): "counters in training state",
+        ("collections", "Counter"): "counters in training state",
+        ("collections", "deque"): "history buffers",
+        ("decimal", "Decimal"): "plain number",
+        ("fractions", "Fraction"): "plain number",
+        ("uuid", "UUID"): "run identifiers",
+        ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"): "an enum, by value",
+    }
+)
+
+# Known gadgets: (module, name) or (module, "*") -> what calling it does.
+_SHELL = "runs a shell command"
+_CODE = "executes arbitrary Python code"
+_LOADER = "loads another pickle, which can run code (a nested loader)"
+_IMPORT = "imports arbitrary modules"
+_ATTR = "reaches arbitrary attributes, the first step of most gadget chains"
+_FILES = "reads, writes or deletes files"
+_NET = "opens network connections"
+
+DENYLIST: Final[MappingProxyType[tuple[str, str], str]] = MappingProxyType(
+    {
+        **{
+            (m, "*"): _SHELL
+            for m in ("os", "posix", "nt", "subprocess", "pty", "commands", "popen2")
+        },
+        ("platform", "popen"): _SHELL,
+        ("asyncio.subprocess", "*"): _SHELL,
+        ("builtins", "eval"): _CODE,
+        ("builtins", "exec"): _CODE,
+        ("builtins", "compile"): _CODE,
+        ("builtins", "__import__"): _IMPORT,
+        ("builtins", "getattr"): _ATTR,
+        ("builtins", "setattr"): _ATTR,
+        ("builtins", "delattr"): _ATTR,
+        ("builtins", "globals"): _ATTR,
+        ("builtins", "locals"): _ATTR,
+        ("builtins", "vars"): _ATTR,
+        ("builtins", "open"): _FILES,
+        ("builtins", "breakpoint"): _CODE,
+        ("builtins", "input"): "waits for terminal input",
+        ("builtins", "memoryview"): "raw memory access",
+        ("code", "*"): _CODE,
+        ("codeop", "*"): _CODE,
+        ("runpy", "*"): _CODE,
+        ("timeit", "*"): _CODE,
+        ("cProfile", "*"): _CODE,
+        ("profile", "*"): _CODE,
+        ("pdb", "*"): _CODE,
+        ("bdb", "*"): _CODE,
+        ("trace", "*"): _CODE,
+        ("doctest", "*"): _CODE,
+        ("types", "FunctionType"): _CODE,
+        ("types", "CodeType"): _CODE,
+        ("ctypes", "*"): "calls native code",
+        ("marshal", "*"): _CODE,
+        ("importlib", "*"): _IMPORT,
+        ("importlib", "import_module"): _IMPORT,
+        ("pkgutil", "*"): _IMPORT,
+        ("sys", "*"): _ATTR,
+        ("operator", "attrgetter"): _ATTR,
+        ("operator", "methodcaller"): _ATTR,
+        ("operator", "getitem"): _ATTR,
+        ("functools", "partial"): "binds arguments for a later call (gadget chains)",
+        ("functools", "reduce"): "calls a function repeatedly (gadget chains)",
+        ("pickle", "*"): _LOADER,
+        ("_pickle", "*"): _LOADER,
+        ("cloudpickle", "*"): _LOADER,
+        ("dill", "*"): _LOADER,
+        ("shelve", "*"): _LOADER,
+        ("joblib", "load"): _LOADER,
+        ("numpy", "load"): _LOADER,
+        ("numpy.lib.npyio", "load"): _LOADER,
+        ("torch", "load"): _LOADER,
+        ("torch.serialization", "load"): _LOADER,
+        ("torch.storage", "_load_from_bytes"): _LOADER,
+        ("torch.jit", "load"): _LOADER,
+        ("torch.hub", "load"): "downloads and runs a repository's code",
+        ("torch.hub", "load_state_dict_from_url"): _NET,
+        ("shutil", "*"): _FILES,
+        ("tempfile", "*"): _FILES,
+        ("glob", "*"): _FILES,
+        ("io", "open"): _FILES,
+        ("socket", "*"): _NET,
+        ("ssl", "*"): _NET,
+        ("http.client", "*"): _NET,
+        ("urllib.request", "*"): _NET,
+        ("requests", "*"): _NET,
+        ("httpx", "*"): _NET,
+        ("webbrowser", "*"): "opens a browser",
+        ("smtplib", "*"): _NET,
+        ("ftplib", "*"): _NET,
+        ("telnetlib", "*"): _NET,
+        ("signal", "*"): "changes process signal handling",
+        ("multiprocessing", "*"): _SHELL,
+        ("threading", "*"): "starts threads",
+        ("_thread", "*"): "starts threads",
+        ("builtins", "exit"): "stops the process",
+        ("builtins", "quit"): "stops the process",
+    }
+)
+
+
+def gadget(module: str, name: str) -> str | None:
+    """What a known gadget does, or None. Module-wide entries end in ``*``."""
+    return DENYLIST.get((module, name)) or DENYLIST.get((module, "*"))

@@ -1,0 +1,519 @@
+"""``modelport.scan``: is a model file safe to load? Static analysis that never executes it.
+
+Containers are found by content, never by extension: a pickle at offset 0 (plain, joblib,
+legacy torch with every pickle of its stream), zips (torch archives, TorchScript, ``.pt2``,
+``.keras``, ``.npz``; every member that holds a pickle, wherever it sits; a pickle with a zip
+appended is scanned both ways), compressed wrappers, ``.npy`` object arrays, and the headers
+of the formats that carry no code (safetensors, GGUF, ONNX, HDF5, TFLite), whose readers
+check every size and offset. Directories are walked; one bad file never stops the walk.
+
+Verdicts: ``safe`` (info findings at most), ``suspicious`` (medium), ``unsafe`` (high or
+critical), ``error`` (could not be fully analysed: never reported as safe).
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelport.errors import ModelportError
+from modelport.formats import READERS, Probe
+from modelport.formats._zip import ZipDirectory, prepended_bytes
+from modelport.pickles.machine import Limits
+from modelport.pickles.scanning import PickleFinding, scan_pickle
+
+MAX_FILES = 100_000
+MAX_NESTING = 4
+MAX_PICKLES_PER_STREAM = 64
+MAX_MEMBER_BYTES = 1 << 30
+MAX_INFLATED = 4 << 30
+SECONDS_PER_FILE = 120.0
+TORCH_MAGIC = 0x1950A86A20F9469CFC6C
+_PICKLE_STARTS = frozenset(b"(}]cKJNIFSVX\x80")
+_ORDER = ("safe", "suspicious", "error", "unsafe")
+
+FIXES: dict[str, str] = {
+    "known-gadget": "do not load this file; it carries an exploit",
+    "unknown-call": "trust its author before loading; modelport.load(allow_unsafe=True) "
+    "extracts the tensors without running anything",
+    "dynamic-global": "do not load this file; it hides what it calls",
+    "computed-call": "do not load this file; it hides what it calls",
+    "attribute-smuggling": "do not load this file",
+    "extension-code": "do not load this file; it names code through the copyreg registry",
+    "custom-class": "modelport.load reads its weights without the class; load it whole only "
+    "with its author's code",
+    "custom-state": "modelport.load reads its weights without the class; load it whole only "
+    "with its author's code",
+    "unknown-global": "inspect the file; modelport.load reads only its tensors",
+    "unknown-constructor-args": "do not load this file with pickle",
+    "value-called": "do not load this file",
+    "keras-lambda": "load with safe_mode=True, or rebuild the model in code and load weights only",
+    "template-injection": "do not use this chat template",
+    "malformed": "the file is damaged or crafted; re-download it from its source",
+    "zip-path-traversal": "do not extract this archive",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: str
+    rule: str
+    member: str
+    offset: int | None
+    opcode: str
+    global_name: str
+    usage: str
+    message: str
+
+    @property
+    def fix(self) -> str:
+        return FIXES.get(self.rule, "")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "severity": self.severity,
+            "rule": self.rule,
+            "member": self.member,
+            "offset": self.offset,
+            "opcode": self.opcode,
+            "global": self.global_name,
+            "usage": self.usage,
+            "message": self.message,
+            "fix": self.fix,
+        }
+
+
+@dataclass(frozen=True)
+class FileReport:
+    path: str
+    format: str
+    verdict: str
+    findings: tuple[Finding, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "verdict": self.verdict,
+            "findings": [f.to_json() for f in self.findings],
+        }
+
+
+@dataclass(frozen=True)
+class ScanReport:
+    """One verdict for everything scanned (the worst of its files), and each file's report."""
+
+    verdict: str
+    files: tuple[FileReport, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        if len(self.files) == 1:
+            return self.files[0].to_json()
+        return {"verdict": self.verdict, "files": [f.to_json() for f in self.files]}
+
+
+def worst(verdicts: list[str]) -> str:
+    return max(verdicts, key=_ORDER.index, default="safe")
+
+
+def scan(*paths: str | Path) -> ScanReport:
+    """Scan files and directories (recursively); never executes anything from them."""
+    reports: list[FileReport] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+            segments = _dcp_segments(files)
+            reports.extend(scan_file(p, segments.get(p.resolve())) for p in files[:MAX_FILES])
+            if len(files) > MAX_FILES:
+                reports.append(
+                    _error_report(
+                        path, "dir", f"more than {MAX_FILES} files; the rest were not scanned"
+                    )
+                )
+        else:
+            reports.append(scan_file(path))
+    return ScanReport(worst([r.verdict for r in reports]), tuple(reports))
+
+
+def scan_file(path: Path, segments: list[tuple[int, int]] | None = None) -> FileReport:
+    """One file's verdict; errors while reading become an ``error`` verdict, not a crash.
+    ``segments`` lists (offset, length) of zips stored back to back (DCP ``.distcp`` files)."""
+    scanner = _FileScanner(path, segments)
+    try:
+        scanner.run()
+    except ModelportError as exc:
+        scanner.error(str(exc), "")
+    except OSError as exc:
+        scanner.error(f"could not read the file: {exc.strerror or exc}", "")
+    return scanner.report()
+
+
+def _error_report(path: Path, kind: str, message: str) -> FileReport:
+    finding = Finding("high", "not-analysed", "", None, "", "", "", message)
+    return FileReport(str(path), kind, "error", (finding,))
+
+
+def _dcp_segments(files: list[Path]) -> dict[Path, list[tuple[int, int]]]:
+    """For each ``.distcp`` file of a DCP checkpoint, the byte ranges of its items."""
+    from modelport.formats import dcp
+
+    segments: dict[Path, list[tuple[int, int]]] = {}
+    for meta in (f for f in files if f.name == dcp.METADATA_NAME):
+        try:
+            items = dcp.data_items(meta.parent)
+        except ModelportError:
+            continue  # the data files are then scanned on their own, and report what fails
+        for item in items:
+            segments.setdefault(item.file.resolve(), []).append((item.offset, item.length))
+    return {path: sorted(ranges) for path, ranges in segments.items()}
+
+
+@dataclass
+class _FileScanner:
+    path: Path
+    segments: list[tuple[int, int]] | None = None
+    format: str = "unknown"
+    findings: list[Finding] = field(default_factory=list)
+    errors: int = 0
+    deadline: float = field(default_factory=lambda: time.monotonic() + SECONDS_PER_FILE)
+
+    def error(self, message: str, member: str) -> None:
+        self.errors += 1
+        self.findings.append(Finding("high", "not-analysed", member, None, "", "", "", message))
+
+    def add(self, severity: str, rule: str, member: str, message: str) -> None:
+        self.findings.append(Finding(severity, rule, member, None, "", "", "", message))
+
+    def report(self) -> FileReport:
+        verdicts = []
+        for finding in self.findings:
+            if finding.rule == "not-analysed":
+                verdicts.append("error")
+            elif finding.severity in ("critical", "high"):
+                verdicts.append("unsafe")
+            elif finding.severity == "medium":
+                verdicts.append("suspicious")
+        return FileReport(str(self.path), self.format, worst(verdicts), tuple(self.findings))
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_opcodes=20_000_000, max_seconds=max(1.0, self.deadline - time.monotonic())
+        )
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def run(self) -> None:
+        size = self.path.stat().st_size
+        if size == 0:
+            self.format = "empty"
+            return
+        if self.segments is not None:
+            self.format = "dcp-data"
+            for offset, length in self.segments:
+                self.scan_zip(f"@{offset}", 1, start=offset, length=length)
+            return
+        with open(self.path, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        # Views into the map may outlive this call inside findings' arguments; the map is
+        # unmapped when the last of them is collected.
+        self.scan_bytes(memoryview(mapped), "", 0, in_file=True)
+
+    def scan_bytes(self, data: memoryview, member: str, depth: int, *, in_file: bool) -> None:
+        if depth > MAX_NESTING:
+            self.error(f"containers nested deeper than {MAX_NESTING}", member)
+            return
+        head = bytes(data[:16])
+        if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+            self.format = self.format if depth else "zip"
+            if in_file:
+                self.scan_zip(member, depth)
+            else:
+                self.error("a zip inside a member is not scanned", member)
+            return
+        if head.startswith(b"\x93NUMPY"):
+            self.format = self.format if depth else "npy"
+            self.scan_npy(data, member, depth)
+            return
+        kind = _compression(head)
+        if kind is not None:
+            self.format = self.format if depth else f"pickle ({kind})"
+            self.scan_compressed(data, kind, member, depth)
+            return
+        if head[:1] and head[0] in _PICKLE_STARTS and self._parses_as_pickle(data):
+            self.format = self.format if depth else "pickle"
+            self.scan_pickle_stream(data, member, depth)
+            if in_file and depth == 0 and _has_zip_tail(data):
+                self.add(
+                    "medium",
+                    "polyglot",
+                    member,
+                    "a pickle with a zip appended: loaders that read either view see "
+                    "different content",
+                )
+                self.scan_zip(member, depth, start=prepended_bytes(self.path))
+            return
+        if depth == 0:
+            self.scan_with_reader()
+        else:
+            self.add("info", "opaque-member", member, "member holds no pickle")
+
+    # -- pickles ----------------------------------------------------------------------------
+    def _parses_as_pickle(self, data: memoryview) -> bool:
+        if data[0] == 0x80:
+            return len(data) > 2 and 2 <= data[1] <= 5
+        try:
+            scan_pickle(data[: 1 << 16], limits=Limits(max_opcodes=100_000))
+        except ModelportError:
+            return False
+        return True
+
+    def scan_pickle_stream(
+        self,
+        data: memoryview,
+        member: str,
+        depth: int,
+        *,
+        torch_archive: bool = False,
+        torchscript: bool = False,
+    ) -> None:
+        """Every pickle of the stream: one for plain pickles, five for legacy torch files."""
+        start = 0
+        for index in range(MAX_PICKLES_PER_STREAM):
+            expect_pids = torch_archive or index == 3  # legacy torch: the object pickle
+            try:
+                result = scan_pickle(
+                    data,
+                    start=start,
+                    torchscript=torchscript,
+                    expect_persistent_ids=expect_pids,
+                    limits=self.limits(),
+                )
+            except ModelportError as exc:
+                self.error(f"pickle at byte {start} could not be analysed: {exc}", member)
+                return
+            self.findings.extend(_located(f, member) for f in result.findings)
+            for nested in result.nested:
+                payload = nested.payload
+                blob = (
+                    memoryview(payload)
+                    if isinstance(payload, bytes)
+                    else data[payload.offset : payload.offset + payload.length]
+                )
+                self.add(
+                    "info",
+                    "nested-torch-storage",
+                    member,
+                    f"a torch storage pickled inside the pickle at byte {nested.offset}; "
+                    "scanned as well",
+                )
+                self.scan_bytes(blob, f"{member}@{nested.offset}", depth + 1, in_file=False)
+            start = result.end
+            legacy = index == 0 and _is_torch_magic(data, 0, start)
+            if legacy:
+                self.format = "torch-legacy" if depth == 0 else self.format
+            if torch_archive or (not legacy and index == 0):
+                return
+            if index >= 4:
+                return  # legacy: magic, protocol, sys_info, objects, storage keys; then data
+
+    def scan_compressed(self, data: memoryview, kind: str, member: str, depth: int) -> None:
+        from modelport.formats import pickle_file
+
+        compression = pickle_file.compression_of(bytes(data[:16]))
+        if compression is None:
+            self.error("compressed stream of unknown kind", member)
+            return
+        inflated = pickle_file.inflate(
+            data, compression, min(MAX_INFLATED, pickle_file.decompression_cap()), partial=False
+        )
+        self.scan_bytes(memoryview(inflated), f"{member}<{kind}>", depth + 1, in_file=False)
+
+    def scan_npy(self, data: memoryview, member: str, depth: int) -> None:
+        from modelport.formats import npy
+
+        header = npy.parse_header(
+            bytes(data[: npy.MAX_PREFIX]), path=self.path, where=member, available=len(data)
+        )
+        if header.is_object:
+            self.add(
+                "medium",
+                "object-array",
+                member,
+                "numpy object array: its contents are a pickle (scanned below)",
+            )
+            self.scan_pickle_stream(data[header.data_offset :], member, depth + 1)
+
+    # -- zips -------------------------------------------------------------------------------
+    def scan_zip(
+        self, member: str, depth: int, *, start: int = 0, length: int | None = None
+    ) -> None:
+        directory = ZipDirectory.read(self.path, start=start, length=length)
+        names = directory.names()
+        for name in directory.unsafe_names:
+            self.add("high", "zip-path-traversal", name, "member name escapes the archive's folder")
+        if len(set(names)) != len(names):
+            self.add(
+                "medium",
+                "duplicate-member",
+                member,
+                "the archive lists a member name twice: different loaders read different copies",
+            )
+        torchscript = any("/code/" in n or n.startswith("code/") for n in names) and any(
+            n.endswith("constants.pkl") for n in names
+        )
+        torch_archive = any(n.endswith("data.pkl") for n in names)
+        if depth == 0:
+            self.format = "torchscript" if torchscript else "torch-zip" if torch_archive else "zip"
+        for entry in directory.entries:  # duplicates too: other loaders read the last copy
+            if time.monotonic() > self.deadline:
+                self.error(f"time limit of {SECONDS_PER_FILE:.0f}s per file reached", member)
+                return
+            if entry.size > MAX_MEMBER_BYTES and not entry.name.endswith(".pkl"):
+                continue
+            if (
+                entry.compressed_size
+                and entry.size / entry.compressed_size > 1000
+                and entry.size > 1 << 24
+            ):
+                self.add(
+                    "high",
+                    "zip-bomb",
+                    entry.name,
+                    f"inflates {entry.compressed_size:,} bytes to {entry.size:,}",
+                )
+                continue
+            is_data = "/data/" in entry.name or entry.name.startswith("data/")
+            if is_data and entry.is_stored and not entry.name.endswith(".pkl"):
+                continue  # raw tensor storage of a torch archive
+            blob = (
+                directory.read_member(entry, MAX_MEMBER_BYTES)
+                if entry.size <= (1 << 26) or entry.name.endswith(".pkl")
+                else None
+            )
+            if blob is None:
+                continue
+            if entry.name.endswith(".pkl") and zlib.crc32(blob) != entry.crc32:
+                self.add(
+                    "medium", "bad-crc", entry.name, "the member's CRC-32 does not match its bytes"
+                )
+            label = f"{self.path.name}!{entry.name}"
+            view = memoryview(blob)
+            if entry.name.endswith(".pkl") or (view[:1] and view[0] == 0x80):
+                self.scan_pickle_stream(
+                    view, label, depth + 1, torch_archive=torch_archive, torchscript=torchscript
+                )
+            elif blob.startswith(b"\x93NUMPY"):
+                self.scan_npy(view, label, depth + 1)
+        if depth == 0 and not torch_archive:
+            self.scan_with_reader(zip_only=True)
+
+    # -- formats without code: their readers check every header field -------------------------
+    def scan_with_reader(self, *, zip_only: bool = False) -> None:
+        probe = Probe.of(self.path)
+        for reader in READERS:
+            if not reader.sniff(probe):
+                continue
+            if self.format in ("unknown", "zip"):
+                self.format = reader.format.value
+            try:
+                contents = reader.read(self.path, probe)
+            except ModelportError as exc:
+                self.add("high", "malformed", "", f"{reader.format} header check failed: {exc}")
+                return
+            for warning in contents.warnings:
+                lowered = warning.lower()
+                if "lambda" in lowered:
+                    self.add("high", "keras-lambda", "", warning)
+                elif "custom object" in lowered:
+                    self.add("medium", "keras-custom-object", "", warning)
+            self.check_chat_templates(contents.metadata)
+            if contents.close is not None:
+                contents.close()
+            return
+        if zip_only:
+            return
+        if _is_text(self.path):
+            self.format = "text"
+            return
+        self.error("unrecognised binary content: could not be analysed", "")
+
+    def check_chat_templates(self, metadata: dict[str, Any]) -> None:
+        for key, value in metadata.items():
+            if "chat_template" in str(key) and isinstance(value, str):
+                hits = [w for w in _TEMPLATE_ESCAPES if w in value]
+                if hits:
+                    self.add(
+                        "critical",
+                        "template-injection",
+                        str(key),
+                        f"chat template reaches for {', '.join(hits)}: template injection "
+                        "runs code in loaders that render it",
+                    )
+
+
+_TEMPLATE_ESCAPES = (
+    "__class__",
+    "__globals__",
+    "__builtins__",
+    "__subclasses__",
+    "__import__",
+    "__init__",
+    "__mro__",
+    "__base__",
+    "__getattribute__",
+    "os.popen",
+    "lipsum",
+    "cycler",
+    "joiner",
+)
+
+
+def _located(finding: PickleFinding, member: str) -> Finding:
+    return Finding(
+        finding.severity.value,
+        finding.rule,
+        member,
+        finding.offset,
+        finding.opcode,
+        finding.global_name,
+        finding.usage,
+        finding.message,
+    )
+
+
+def _is_torch_magic(data: memoryview, start: int, end: int) -> bool:
+    from modelport.pickles.reading import read_pickle
+
+    try:
+        value = read_pickle(data[start:end]).value
+        return isinstance(value, int) and value == TORCH_MAGIC
+    except ModelportError:
+        return False
+
+
+def _compression(head: bytes) -> str | None:
+    from modelport.formats import pickle_file
+
+    kind = pickle_file.compression_of(head)
+    return None if kind is None else kind.value
+
+
+def _has_zip_tail(data: memoryview) -> bool:
+    tail = bytes(data[-(1 << 16) - 22 :])
+    return b"PK\x05\x06" in tail and bytes(data[:4]) != b"PK\x03\x04"
+
+
+def _is_text(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

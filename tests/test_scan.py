@@ -1,0 +1,336 @@
+"""The scanner: real benign files from their own libraries are safe; attacks built opcode by
+opcode are caught, and their payload (it would create a marker file) never runs."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import modelport
+from modelport.errors import SuspiciousModelWarning, UnsafeModelError
+from tests.models import TiedLM, TinyResNet, trained_checkpoint
+
+
+def short(text: bytes) -> bytes:
+    return b"\x8c" + bytes([len(text)]) + text  # SHORT_BINUNICODE
+
+
+def attack_pickles(marker: Path) -> dict[str, bytes]:
+    """Each would create ``marker`` when loaded by pickle / torch.load(weights_only=False)."""
+    cmd = f"touch {marker}".encode()
+    code = f"open({str(marker)!r}, 'w').write('x')".encode()
+    return {
+        "global-reduce": b"cposix\nsystem\n(V" + cmd + b"\ntR.",
+        "stack-global": b"\x80\x04"
+        + short(b"os")
+        + short(b"system")
+        + b"\x93"
+        + short(cmd)
+        + b"\x85R.",
+        "inst": b"(V" + cmd + b"\nios\nsystem\n.",
+        "obj": b"(cos\nsystem\nV" + cmd + b"\no.",
+        "exec": b"cbuiltins\nexec\n(V" + code + b"\ntR.",
+        "unlisted-callable": b"cshutil_alike\nrun_anything\n(V" + cmd + b"\ntR.",
+        "getattr-chain": b"\x80\x02cbuiltins\ngetattr\ncbuiltins\n__import__\n"
+        + short(b"os")
+        + b"\x85R"
+        + short(b"system")
+        + b"\x86R"
+        + short(cmd)
+        + b"\x85R.",
+        "dynamic-stack-global": b"\x80\x04cbuiltins\nstr\n"
+        + short(b"os")
+        + b"\x85R"
+        + short(b"system")
+        + b"\x93"
+        + short(cmd)
+        + b"\x85R.",
+        "ext-code": b"\x80\x02\x82\x01" + short(cmd) + b"\x85R.",
+        "setstate-smuggling": b"\x80\x02cbuiltins\nobject\n)\x81}"
+        + short(b"__setstate__")
+        + b"cbuiltins\nexec\nsb"
+        + short(code)
+        + b"b.",
+        "nested-loader": b"\x80\x02cpickle\nloads\nC\x05hello\x85R.",
+    }
+
+
+@pytest.mark.parametrize("name", list(attack_pickles(Path("/x"))))
+def test_attack_pickles_are_unsafe_and_never_run(tmp_path: Path, marker: Path, name: str) -> None:
+    path = tmp_path / "model.bin"  # an innocent name: the extension never decides
+    path.write_bytes(attack_pickles(marker)[name])
+    report = modelport.scan(path)
+    assert report.verdict == "unsafe", report.to_json()
+    finding = next(f for f in report.files[0].findings if f.severity in ("critical", "high"))
+    assert finding.message and finding.rule
+    with pytest.raises(UnsafeModelError):
+        modelport.load(path)
+    assert not marker.exists()
+
+
+def test_reference_loader_would_run_the_payload(tmp_path: Path, marker: Path) -> None:
+    """Proves the attack files are real: the stdlib runs them (in a child process)."""
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(attack_pickles(marker)["exec"])
+    code = "import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read())"
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+    assert marker.exists()
+
+
+def _inject(archive: Path, payload: bytes, *, duplicate: bool = False) -> None:
+    """Replace (or shadow with a second copy of) the data.pkl of a torch archive."""
+    with zipfile.ZipFile(archive) as source:
+        members = [(info.filename, source.read(info.filename)) for info in source.infolist()]
+    with zipfile.ZipFile(archive, "w") as target:
+        for name, data in members:
+            if name.endswith("data.pkl") and not duplicate:
+                data = payload
+            target.writestr(name, data)
+        if duplicate:
+            name = next(n for n, _ in members if n.endswith("data.pkl"))
+            with pytest.warns(UserWarning, match="Duplicate name"):
+                target.writestr(name, payload)
+
+
+@pytest.mark.parametrize("duplicate", [False, True], ids=["replaced", "duplicate-member"])
+def test_attack_inside_torch_archive(tmp_path: Path, marker: Path, duplicate: bool) -> None:
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(3)}, path)
+    _inject(path, attack_pickles(marker)["global-reduce"], duplicate=duplicate)
+    report = modelport.scan(path)
+    assert report.verdict == "unsafe"
+    assert any(f.member.endswith("data.pkl") for f in report.files[0].findings)
+    assert not marker.exists()
+
+
+def test_attack_in_legacy_torch_stream(tmp_path: Path, marker: Path) -> None:
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (print, (f"would touch {marker}",))
+
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(2), "p": Payload()}, path, _use_new_zipfile_serialization=False)
+    report = modelport.scan(path)
+    assert report.files[0].format == "torch-legacy"
+    assert report.verdict == "unsafe"
+    assert any("print" in f.global_name for f in report.files[0].findings)
+
+
+def test_pickle_with_zip_appended_is_scanned_both_ways(tmp_path: Path, marker: Path) -> None:
+    benign = pickle.dumps({"a": 1}, protocol=4)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("archive/data.pkl", attack_pickles(marker)["exec"])
+    path = tmp_path / "polyglot.pt"
+    path.write_bytes(benign + archive.getvalue())
+    report = modelport.scan(path)
+    rules = {f.rule for f in report.files[0].findings}
+    assert "polyglot" in rules and report.verdict == "unsafe"
+
+
+def test_zip_member_escaping_the_folder(tmp_path: Path) -> None:
+    path = tmp_path / "traversal.pt"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+        zf.writestr("../../evil.sh", b"#!/bin/sh\n")
+    report = modelport.scan(path)
+    assert "zip-path-traversal" in {f.rule for f in report.files[0].findings}
+    assert report.verdict == "unsafe"
+
+
+def benign_files(tmp_path: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+
+    def save(name: str, obj: object, **kwargs: object) -> None:
+        files[name] = tmp_path / name
+        torch.save(obj, files[name], **kwargs)  # type: ignore[arg-type]
+
+    model = TinyResNet()
+    save("state_dict.pt", model.state_dict())
+    save("checkpoint_adam.pt", trained_checkpoint(model, torch.randn(2, 3, 8, 8)))
+    save("sequential.pt", torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU()))
+    save("legacy.pt", model.state_dict(), _use_new_zipfile_serialization=False)
+    save("numpy_values.pt", {"loss": np.float64(0.5), "ids": np.arange(3), "os": 1, "eval": "x"})
+    with pytest.warns(UserWarning, match="deprecated"):
+        quantized = torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8)
+    save("quantized.pt", {"q": quantized})
+    save("sparse.pt", {"s": torch.eye(3).to_sparse()})
+    save("tied.bin", TiedLM().state_dict())
+    files["scripted.pt"] = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(TiedLM()), files["scripted.pt"])
+    files["traced.pt"] = tmp_path / "traced.pt"
+    torch.jit.save(
+        torch.jit.trace(TinyResNet().eval(), torch.randn(1, 3, 8, 8)), files["traced.pt"]
+    )
+    files["plain.pkl"] = tmp_path / "plain.pkl"
+    files["plain.pkl"].write_bytes(pickle.dumps({"w": np.ones((3, 3)), "n": [1, 2]}, protocol=5))
+    files["arrays.npz"] = tmp_path / "arrays.npz"
+    np.savez(files["arrays.npz"], a=np.ones(3), b=np.arange(4))
+    return files
+
+
+def test_ordinary_files_are_safe(tmp_path: Path) -> None:
+    for name, path in benign_files(tmp_path).items():
+        report = modelport.scan(path)
+        assert report.verdict == "safe", (name, report.to_json())
+
+
+def test_custom_class_save_is_suspicious_not_unsafe(tmp_path: Path) -> None:
+    path = tmp_path / "whole.pt"
+    torch.save(TinyResNet(), path)
+    report = modelport.scan(path)
+    assert report.verdict == "suspicious"
+    assert {f.rule for f in report.files[0].findings} == {"custom-class"}
+    with pytest.warns(SuspiciousModelWarning):
+        weights = modelport.load(path)
+    assert "fc.weight" in weights
+
+
+def test_allow_unsafe_extracts_tensors_without_running(tmp_path: Path, marker: Path) -> None:
+    path = tmp_path / "mixed.pt"
+    torch.save({"w": torch.arange(4.0)}, path)
+    with zipfile.ZipFile(path) as zf:
+        original = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
+    # Append an attack value to the dict: SETITEM 'evil' -> exec(...)
+    cmd = f"open({str(marker)!r}, 'w').write('x')".encode()
+    evil = original[:-1] + b"X\x04\x00\x00\x00evilcbuiltins\nexec\n(V" + cmd + b"\ntRs."
+    _inject(path, evil)
+    with pytest.raises(UnsafeModelError, match="exec"):
+        modelport.load(path)
+    with pytest.warns(SuspiciousModelWarning):
+        weights = modelport.load(path, allow_unsafe=True)
+    assert torch.equal(weights["w"], torch.arange(4.0))
+    assert not marker.exists()
+
+
+def test_cli_exit_codes_json_and_directories(tmp_path: Path, marker: Path) -> None:
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(2)}, good)
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(attack_pickles(marker)["global-reduce"])
+    broken = tmp_path / "broken.pkl"
+    broken.write_bytes(b"\x80\x04\x95\xff\xff")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "modelport", "scan", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    assert cli(str(good)).returncode == 0
+    result = cli(str(bad), "--json")
+    assert result.returncode == 1
+    payload = json.loads(result.stdout)
+    assert payload["verdict"] == "unsafe" and payload["path"] == str(bad)
+    finding = payload["findings"][0]
+    assert set(finding) >= {
+        "severity",
+        "rule",
+        "member",
+        "offset",
+        "opcode",
+        "global",
+        "usage",
+        "message",
+    }
+    assert finding["global"] == "posix.system" and finding["usage"] == "called"
+    assert finding["opcode"] == "REDUCE"
+    assert cli(str(broken)).returncode == 2
+    result = cli(str(tmp_path), "--json")
+    payload = json.loads(result.stdout)
+    assert payload["verdict"] == "unsafe" and len(payload["files"]) == 3
+    assert {f["verdict"] for f in payload["files"]} == {"safe", "unsafe", "error"}
+    sarif = json.loads(cli(str(tmp_path), "--sarif").stdout)
+    assert sarif["version"] == "2.1.0" and sarif["runs"][0]["results"]
+    assert not marker.exists()
+
+
+def test_truncated_pickle_is_an_error_never_safe(tmp_path: Path) -> None:
+    path = tmp_path / "cut.pt"
+    torch.save({"w": torch.ones(3)}, path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[:60])
+    assert modelport.scan(path).verdict == "error"
+
+
+_BENIGN: list[bytes] = []
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_mutated_files_never_crash_the_scanner(tmp_path: Path, data: st.DataObject) -> None:
+    if not _BENIGN:
+        buffer = io.BytesIO()
+        torch.save({"w": torch.ones(3), "m": torch.nn.Linear(2, 2)}, buffer)
+        _BENIGN.append(buffer.getvalue())
+        _BENIGN.append(pickle.dumps({"a": np.ones(4), "b": [1, "x"]}, protocol=2))
+    raw = bytearray(data.draw(st.sampled_from(_BENIGN)))
+    for _ in range(data.draw(st.integers(1, 6))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    path = tmp_path / "m.bin"
+    path.write_bytes(bytes(raw[: data.draw(st.integers(1, len(raw)))]))
+    report = modelport.scan(path)
+    assert report.verdict in ("safe", "suspicious", "unsafe", "error")
+
+
+def test_lying_sizes_are_reported(tmp_path: Path) -> None:
+    path = tmp_path / "lying.safetensors"
+    header = json.dumps({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    report = modelport.scan(path)
+    assert report.verdict == "unsafe"
+    assert report.files[0].findings[0].rule == "malformed"
+
+
+class Estimator:
+    """A scikit-learn-like object: arrays as attributes, saved with joblib."""
+
+    def __init__(self) -> None:
+        self.coef_ = np.arange(12.0).reshape(3, 4)
+        self.classes_ = np.array(["a", None, 3], dtype=object)
+
+
+@pytest.mark.parametrize("compress", [0, 3, ("gzip", 3), ("bz2", 3), ("xz", 3), ("lzma", 3)])
+def test_joblib_files_are_scanned_through_their_arrays(
+    tmp_path: Path, marker: Path, monkeypatch: pytest.MonkeyPatch, compress: object
+) -> None:
+    import joblib
+
+    monkeypatch.setattr(Estimator, "__module__", "__main__")
+    monkeypatch.setattr(sys.modules["__main__"], "Estimator", Estimator, raising=False)
+    path = tmp_path / "model.joblib"
+    joblib.dump({"est": Estimator(), "big": np.ones(50_000)}, path, compress=compress)
+    report = modelport.scan(path)
+    assert report.verdict == "suspicious", report.to_json()
+    assert {f.rule for f in report.files[0].findings} == {"custom-class"}
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os_system_stand_in, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.joblib"
+    joblib.dump({"arr": np.ones(50_000), "p": Payload()}, evil, compress=compress)
+    report = modelport.scan(evil)
+    assert report.verdict == "unsafe"
+    assert any(f.global_name.endswith("os_system_stand_in") for f in report.files[0].findings)
+    assert not marker.exists()
+
+
+def os_system_stand_in(command: str) -> None:
+    """Stands in for os.system in saved payloads; never called by any test."""
+    raise AssertionError(f"payload ran: {command}")
