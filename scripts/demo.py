@@ -90,7 +90,38 @@ def save_all(model: DemoNet, example: torch.Tensor) -> dict[str, Path]:
         torch.onnx.export(model, (example,), path, dynamo=False)
 
     save("model.onnx", onnx_file)
+
+    def gguf_file(path: Path) -> None:
+        import gguf
+
+        writer = gguf.GGUFWriter(path, "demo")
+        for name, tensor in state.items():
+            writer.add_tensor(name, tensor.numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    save("model.gguf", gguf_file)
+
+    def hdf5_file(path: Path) -> None:
+        import h5py
+
+        with h5py.File(path, "w") as handle:
+            for name, tensor in state.items():
+                handle.create_dataset(name, data=tensor.numpy())
+
+    save("weights.h5", hdf5_file)
     return files
+
+
+def attack_file() -> Path:
+    """A pickle that would create a file if loaded with pickle or torch.load(weights_only=False)."""
+    marker = OUT / "PWNED"
+    payload = f"open({str(marker)!r}, 'w').write('ran')".encode()
+    path = OUT / "innocent_looking.bin"
+    path.write_bytes(b"cbuiltins\nexec\n(V" + payload + b"\ntR.")
+    return path
 
 
 def main() -> int:
@@ -107,25 +138,49 @@ def main() -> int:
     cli("inspect", str(files["checkpoint.ckpt"]))
     cli("inspect", str(files["whole_model.pt"]))
     cli("inspect", str(files["renamed.bin.safetensors"]), "--tensors")
+    evil = attack_file()
+    cli("scan", str(OUT))
+
+    import warnings
 
     import modelport
 
-    print("\nFormat by content, and modelport.load vs the state_dict, bit for bit:")
+    warnings.simplefilter("ignore", modelport.errors.SuspiciousModelWarning)
+    print("\nFormat by content, scan verdict, and modelport.load vs the state_dict, bit for bit:")
     expected = {k: sha(v) for k, v in model.state_dict().items()}
     failures = 0
     for name, path in files.items():
-        try:
-            detected = modelport.inspect(path).format
-            loaded = modelport.load(path)
-        except modelport.errors.ModelportError as exc:
-            print(f"  {name:28} {'-':14} not readable yet: {exc}")
-            continue
-        same = {k: sha(v) for k, v in loaded.items()} == expected
+        report = modelport.inspect(path)
+        loaded = modelport.load(path)
+        if name == "model.onnx":  # the exporter folds batch norm: compare with onnx itself
+            same = _matches_onnx(path, loaded)
+        else:
+            same = {k: sha(v) for k, v in loaded.items()} == expected
         failures += not same
         verdict = "identical" if same else f"DIFFERENT ({len(loaded)} tensors)"
-        print(f"  {name:28} {detected:14} {verdict}")
-    print("\nAll formats verified." if not failures else f"\n{failures} formats differ.")
+        print(f"  {name:26} {report.format:13} {report.safety['verdict']:11} {verdict}")
+    try:
+        modelport.load(evil)
+        failures += 1
+    except modelport.errors.UnsafeModelError as exc:
+        print(f"\nmodelport.load refused the attack file: {str(exc)[:110]}...")
+    ran = (OUT / "PWNED").exists()
+    print(f"payload ran: {ran}")
+    failures += ran
+    print("\nAll formats verified." if not failures else f"\n{failures} checks failed.")
     return 1 if failures else 0
+
+
+def _matches_onnx(path: Path, loaded: dict[str, torch.Tensor]) -> bool:
+    """Every initializer equals what the onnx package reads, byte for byte."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    reference = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    return set(reference) <= set(loaded) and all(
+        reference[name].tobytes() == loaded[name].numpy().tobytes() for name in reference
+    )
 
 
 if __name__ == "__main__":

@@ -424,12 +424,21 @@ class _FileScanner:
             except ModelportError as exc:
                 self.add("high", "malformed", "", f"{reader.format} header check failed: {exc}")
                 return
-            for warning in contents.warnings:
-                lowered = warning.lower()
-                if "lambda" in lowered:
-                    self.add("high", "keras-lambda", "", warning)
-                elif "custom object" in lowered:
-                    self.add("medium", "keras-custom-object", "", warning)
+            for key in ("lambda_layers", "lambda_functions"):
+                for item in contents.details.get(key) or []:
+                    self.add(
+                        "high",
+                        "keras-lambda",
+                        str(item),
+                        "Keras Lambda code: Python bytecode that runs when Keras loads the model",
+                    )
+            for item in contents.details.get("custom_objects") or []:
+                self.add(
+                    "medium",
+                    "keras-custom-object",
+                    "",
+                    f"custom Keras object {item}: loading it runs code the model file names",
+                )
             self.check_chat_templates(contents.metadata)
             if contents.close is not None:
                 contents.close()

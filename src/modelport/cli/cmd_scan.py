@@ -7,7 +7,6 @@ import json
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 import modelport
 from modelport.scan import ScanReport
@@ -56,34 +55,32 @@ def run(args: argparse.Namespace) -> int:
 
 
 def show(console: Console, report: ScanReport) -> None:
+    """One line per file, then each finding above info: where, what, how it is used, the fix."""
     for file in report.files:
         style = _VERDICT_STYLE.get(file.verdict, "")
         console.print(
-            f"[{style}]{file.verdict.upper()}[/{style}]  {file.path}  [dim]({file.format})[/dim]"
+            f"[{style}]{file.verdict.upper():10}[/{style}] {file.path} [dim]({file.format})[/dim]",
+            highlight=False,
         )
-        shown = [f for f in file.findings if f.severity != "info"] or list(file.findings)
-        if not shown:
-            continue
-        table = Table(
-            "severity", "rule", "where", "global", "usage", "message / fix", show_lines=False
-        )
-        for finding in shown:
-            where = finding.member + (
-                f" @{finding.offset} {finding.opcode}" if finding.offset is not None else ""
-            )
-            message = finding.message + (f"\n[dim]fix: {finding.fix}[/dim]" if finding.fix else "")
+        for finding in file.findings:
+            if finding.severity == "info":
+                continue
+            where = finding.member or file.path.rsplit("/", 1)[-1]
+            if finding.offset is not None:
+                where += f" @{finding.offset} {finding.opcode}"
+            used = f" {finding.global_name} ({finding.usage})" if finding.global_name else ""
             sev = _STYLE.get(finding.severity, "")
-            table.add_row(
-                f"[{sev}]{finding.severity}[/{sev}]",
-                finding.rule,
-                where,
-                finding.global_name,
-                finding.usage,
-                message,
+            console.print(
+                f"  [{sev}]{finding.severity:8}[/{sev}] {finding.rule}  {where}{used}",
+                highlight=False,
             )
-        console.print(table)
+            console.print(f"           {finding.message}", highlight=False, markup=False)
+            if finding.fix:
+                console.print(f"           [dim]fix: {finding.fix}[/dim]", highlight=False)
     if len(report.files) > 1:
-        console.print(f"verdict: {report.verdict} ({len(report.files)} files)")
+        counts = {v: sum(f.verdict == v for f in report.files) for v in _VERDICT_STYLE}
+        summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+        console.print(f"verdict: {report.verdict} ({summary})")
 
 
 def to_sarif(report: ScanReport) -> dict[str, Any]:

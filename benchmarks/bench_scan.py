@@ -1,0 +1,221 @@
+"""modelport scan vs picklescan, modelscan and fickling on one generated corpus, one run.
+
+The corpus holds benign files written by torch / numpy / joblib / safetensors themselves
+and attack files built opcode by opcode in several containers (plain pickle under innocent
+names, torch zip, legacy torch, compressed joblib, npy object array, polyglot, duplicate
+zip member). Every payload would only create a marker file. Each tool runs as a command on
+each file (its own exit code is its verdict), so start-up costs count as users see them.
+
+The peers are installed into bench-output/peers-venv on first use (from PyPI).
+
+Usage: python benchmarks/bench_scan.py
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import joblib
+import numpy as np
+import torch
+
+OUT = Path(__file__).resolve().parent.parent / "bench-output"
+CORPUS = OUT / "scan-corpus"
+PEERS = OUT / "peers-venv"
+MARKER = CORPUS / "MARKER-SHOULD-NEVER-EXIST"
+
+
+def short(text: bytes) -> bytes:
+    return b"\x8c" + bytes([len(text)]) + text
+
+
+def gadgets() -> dict[str, bytes]:
+    cmd = f"touch {MARKER}".encode()
+    code = f"open({str(MARKER)!r}, 'w')".encode()
+    return {
+        "os-system": b"cposix\nsystem\n(V" + cmd + b"\ntR.",
+        "exec": b"cbuiltins\nexec\n(V" + code + b"\ntR.",
+        "stack-global": b"\x80\x04"
+        + short(b"os")
+        + short(b"system")
+        + b"\x93"
+        + short(cmd)
+        + b"\x85R.",
+        "inst": b"(V" + cmd + b"\nios\nsystem\n.",
+        "obj": b"(cos\nsystem\nV" + cmd + b"\no.",
+        "subprocess": b"\x80\x02csubprocess\ncheck_output\n]"
+        + short(b"touch")
+        + b"a"
+        + short(str(MARKER).encode())
+        + b"a\x85R.",
+        "runpy": b"\x80\x02crunpy\n_run_code\n" + short(code) + b"}\x86R.",
+        "getattr-chain": b"\x80\x02cbuiltins\ngetattr\ncbuiltins\n__import__\n"
+        + short(b"os")
+        + b"\x85R"
+        + short(b"system")
+        + b"\x86R"
+        + short(cmd)
+        + b"\x85R.",
+        "dynamic-global": b"\x80\x04cbuiltins\nstr\n"
+        + short(b"os")
+        + b"\x85R"
+        + short(b"system")
+        + b"\x93"
+        + short(cmd)
+        + b"\x85R.",
+        "unlisted-module": b"cnot_a_denylisted_module\nrun\n(V" + cmd + b"\ntR.",
+        "nested-loads": b"\x80\x02cpickle\nloads\nC\x05hello\x85R.",
+        "ext-code": b"\x80\x02\x82\x01" + short(cmd) + b"\x85R.",
+        "setstate": b"\x80\x02cbuiltins\nobject\n)\x81}"
+        + short(b"__setstate__")
+        + b"cbuiltins\nexec\nsb"
+        + short(code)
+        + b"b.",
+    }
+
+
+class Payload:
+    """Pickles as a call to os.system; only ever unpickled by the scanners' own parsers."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return (os.system, (f"touch {MARKER}",))
+
+
+def torch_zip_with(payload: bytes, *, duplicate: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(4)}, buffer)
+    source = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as target:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if info.filename.endswith("data.pkl") and not duplicate:
+                data = payload
+            target.writestr(info.filename, data)
+        if duplicate:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                target.writestr("archive/data.pkl", payload)
+    return out.getvalue()
+
+
+def build_corpus() -> dict[Path, bool]:
+    """Files and whether each is malicious."""
+    CORPUS.mkdir(parents=True, exist_ok=True)
+    labels: dict[Path, bool] = {}
+
+    def put(name: str, data: bytes, malicious: bool) -> None:
+        path = CORPUS / name
+        path.write_bytes(data)
+        labels[path] = malicious
+
+    def save(name: str, write: Callable[[Path], object]) -> None:
+        path = CORPUS / name
+        write(path)
+        labels[path] = False
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(1, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    save("state_dict.pt", lambda p: torch.save(model.state_dict(), p))
+    save(
+        "checkpoint.ckpt",
+        lambda p: torch.save(
+            {"epoch": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, p
+        ),
+    )
+    save("sequential_whole.pt", lambda p: torch.save(model, p))
+    save(
+        "legacy.bin",
+        lambda p: torch.save(model.state_dict(), p, _use_new_zipfile_serialization=False),
+    )
+    save("numpy_values.pt", lambda p: torch.save({"loss": np.float64(1.5), "ids": np.arange(4)}, p))
+    save(
+        "keys_named_os.pt", lambda p: torch.save({"os": torch.ones(1), "eval": 1, "system": "x"}, p)
+    )
+    save("scripted.pt", lambda p: torch.jit.save(torch.jit.script(model), p))
+    save("arrays.pkl", lambda p: p.write_bytes(pickle.dumps({"w": np.ones((8, 8))}, protocol=4)))
+    save("arrays.joblib", lambda p: joblib.dump({"w": np.ones(1000)}, p, compress=3))
+    save("arrays.npz", lambda p: np.savez(p, a=np.ones(3)))
+    for name, payload in gadgets().items():
+        put(f"{name}.pkl", payload, True)
+        put(f"{name}.weights", payload, True)  # an extension scanners may not look at
+        put(f"{name}.pt", torch_zip_with(payload), True)
+    put("duplicate-member.pt", torch_zip_with(gadgets()["exec"], duplicate=True), True)
+    legacy = io.BytesIO()
+    torch.save({"w": torch.ones(2), "p": Payload()}, legacy, _use_new_zipfile_serialization=False)
+    put("legacy-attack.bin", legacy.getvalue(), True)
+    import zlib
+
+    put("compressed-joblib.joblib", b"\x78\x9c" + zlib.compress(gadgets()["exec"])[2:], True)
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        npy, {"descr": "|O", "fortran_order": False, "shape": (1,)}
+    )
+    put("object-array.npy", npy.getvalue() + gadgets()["exec"], True)
+    polyglot = io.BytesIO()
+    with zipfile.ZipFile(polyglot, "w") as zf:
+        zf.writestr("archive/data.pkl", gadgets()["exec"])
+    put("polyglot.pt", pickle.dumps({"a": 1}, protocol=4) + polyglot.getvalue(), True)
+    return labels
+
+
+def peers_ready() -> dict[str, list[str]]:
+    if not (PEERS / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEERS)], check=True)
+        pip = [str(PEERS / "bin" / "python"), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "picklescan", "fickling", "modelscan"], check=True)
+    bin_dir = PEERS / "bin"
+    return {
+        "modelport": [sys.executable, "-m", "modelport", "scan"],
+        "picklescan": [str(bin_dir / "picklescan"), "-p"],
+        "modelscan": [str(bin_dir / "modelscan"), "-p"],
+        "fickling": [str(bin_dir / "fickling"), "--check-safety", "-p"],
+    }
+
+
+def main() -> int:
+    labels = build_corpus()
+    tools = peers_ready()
+    attacks = sum(labels.values())
+    benign = len(labels) - attacks
+    print(f"corpus: {attacks} attack files, {benign} benign files\n")
+    print(f"{'tool':12} {'detected':>12} {'false alarms':>14} {'files/s':>9}  missed (first 4)")
+    for tool, command in tools.items():
+        detected = false_alarms = 0
+        missed: list[str] = []
+        start = time.perf_counter()
+        for path, malicious in labels.items():
+            result = subprocess.run([*command, str(path)], capture_output=True, check=False)
+            flagged = result.returncode != 0
+            if malicious and flagged:
+                detected += 1
+            elif malicious:
+                missed.append(path.name)
+            elif flagged:
+                false_alarms += 1
+        rate = len(labels) / (time.perf_counter() - start)
+        print(
+            f"{tool:12} {detected:>5}/{attacks:<6} {false_alarms:>7}/{benign:<6} {rate:9.1f}  "
+            f"{', '.join(missed[:4])}",
+            flush=True,
+        )
+    assert not MARKER.exists(), "a payload ran"
+    print("\nmarker file absent: no payload ran")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

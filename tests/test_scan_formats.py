@@ -1,0 +1,127 @@
+"""The scanner on containers other than pickles: Keras code, GGUF templates, ONNX external
+data, numpy object arrays, and whole model directories."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import modelport
+from tests.formats.test_keras import model_config, write_keras
+from tests.test_scan import attack_pickles
+
+
+def rules(path: Path) -> set[str]:
+    return {f.rule for file in modelport.scan(path).files for f in file.findings}
+
+
+def test_keras_lambda_layer_is_unsafe(tmp_path: Path) -> None:
+    path = tmp_path / "model.keras"
+    write_keras(path, config=model_config(with_lambda=True))
+    assert "keras-lambda" in rules(path)
+    assert modelport.scan(path).verdict == "unsafe"
+    plain = tmp_path / "plain.keras"
+    write_keras(plain)
+    assert modelport.scan(plain).verdict == "safe"
+
+
+def test_gguf_chat_template_reaching_for_dunders(tmp_path: Path) -> None:
+    import gguf
+
+    def write(path: Path, template: str) -> None:
+        writer = gguf.GGUFWriter(path, "llama")
+        writer.add_chat_template(template)
+        writer.add_tensor("w", np.ones(4, dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    evil = tmp_path / "evil.gguf"
+    write(evil, "{{ self.__init__.__globals__.__builtins__['__import__']('os').popen('id') }}")
+    assert "template-injection" in rules(evil)
+    assert modelport.scan(evil).verdict == "unsafe"
+    good = tmp_path / "good.gguf"
+    write(good, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    assert modelport.scan(good).verdict == "safe"
+
+
+def test_onnx_external_data_outside_the_folder(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    tensor = helper.make_tensor("w", TensorProto.FLOAT, [2], [1.0, 2.0])
+    tensor.ClearField("float_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "../../etc/passwd"), ("offset", "0"), ("length", "8")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["y"])],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [tensor],
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), path)
+    report = modelport.scan(path)
+    assert report.verdict == "unsafe"
+    assert (
+        "escapes" in report.files[0].findings[0].message
+        or "outside" in report.files[0].findings[0].message
+    )
+
+
+def test_object_arrays_in_npz_and_npy(tmp_path: Path, marker: Path) -> None:
+    path = tmp_path / "objects.npz"
+    np.savez(path, names=np.array(["a", None, 3], dtype=object), w=np.ones(3))
+    assert modelport.scan(path).verdict == "suspicious"
+    assert "object-array" in rules(path)
+    import io
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|O", "fortran_order": False, "shape": (1,)}
+    )
+    evil = tmp_path / "evil.npy"
+    evil.write_bytes(header.getvalue() + attack_pickles(marker)["exec"])
+    assert modelport.scan(evil).verdict == "unsafe"
+    assert not marker.exists()
+
+
+def test_model_directory_with_one_bad_shard(tmp_path: Path, marker: Path) -> None:
+    model = torch.nn.Linear(4, 4)
+    directory = tmp_path / "hf-model"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model_type": "demo"}))
+    torch.save({"weight": model.weight}, directory / "pytorch_model-00001-of-00002.bin")
+    (directory / "pytorch_model-00002-of-00002.bin").write_bytes(attack_pickles(marker)["exec"])
+    index = {
+        "metadata": {"total_size": 80},
+        "weight_map": {
+            "weight": "pytorch_model-00001-of-00002.bin",
+            "bias": "pytorch_model-00002-of-00002.bin",
+        },
+    }
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    report = modelport.scan(directory)
+    assert report.verdict == "unsafe"
+    verdicts = {Path(f.path).name: f.verdict for f in report.files}
+    assert verdicts["pytorch_model-00001-of-00002.bin"] == "safe"
+    assert verdicts["pytorch_model-00002-of-00002.bin"] == "unsafe"
+    assert verdicts["config.json"] == "safe"
+    with pytest.raises(modelport.errors.UnsafeModelError):
+        modelport.load(directory)
+    assert not marker.exists()
+
+
+def test_plain_pickle_of_numpy_arrays_is_safe(tmp_path: Path) -> None:
+    path = tmp_path / "arrays.pkl"
+    path.write_bytes(pickle.dumps({"w": np.ones((300, 300))}, protocol=5))
+    assert modelport.scan(path).verdict == "safe"
