@@ -125,3 +125,75 @@ def test_plain_pickle_of_numpy_arrays_is_safe(tmp_path: Path) -> None:
     path = tmp_path / "arrays.pkl"
     path.write_bytes(pickle.dumps({"w": np.ones((300, 300))}, protocol=5))
     assert modelport.scan(path).verdict == "safe"
+
+
+def test_torch_0x_tar_layout_every_pickle_is_scanned(tmp_path: Path, marker: Path) -> None:
+    import io
+    import tarfile
+
+    from tests.formats.test_torch_legacy import write_legacy_tar
+
+    path = tmp_path / "old.tar"
+    write_legacy_tar(path, {"m": (1, 0, (3, 4), (4, 1))})
+    assert modelport.scan(path).verdict == "safe", modelport.scan(path).to_json()
+    # The same archive with an attack where torch reads storage records.
+    with tarfile.open(path) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+    members["storages"] = attack_pickles(marker)["exec"] + members["storages"]
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w:", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    report = modelport.scan(evil)
+    assert report.verdict == "unsafe"
+    assert any(f.member.endswith("!storages") for f in report.files[0].findings)
+    assert not marker.exists()
+
+
+def test_zip_tricks(tmp_path: Path) -> None:
+    import zipfile
+
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+        zf.writestr("archive/extra.bin", b"\0" * (64 << 20))
+    assert "zip-bomb" in rules(bomb)
+    renamed = tmp_path / "renamed.pt"
+    torch.save({"w": torch.ones(2)}, renamed)
+    raw = bytearray(renamed.read_bytes())
+    first = raw.index(b"data.pkl")  # the local header's copy of the name comes first
+    raw[first : first + 8] = b"data.pkx"
+    renamed.write_bytes(bytes(raw))
+    assert "zip-name-mismatch" in rules(renamed)
+
+
+def test_deeply_nested_pickle_is_analysed_without_recursion(tmp_path: Path) -> None:
+    path = tmp_path / "deep.pkl"
+    depth = 200_000
+    path.write_bytes(b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b".")
+    assert modelport.scan(path).verdict == "safe"
+
+
+def test_transformers_whole_model_is_suspicious_not_unsafe(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    model = BertModel(config)
+    path = tmp_path / "bert.pt"
+    torch.save(model, path)
+    report = modelport.scan(path)
+    assert report.verdict == "suspicious", report.to_json()
+    state = torch.load(path, weights_only=False).state_dict()
+    with pytest.warns(modelport.errors.SuspiciousModelWarning):
+        loaded = modelport.load(path)
+    assert list(loaded) == list(state)
+    assert all(torch.equal(loaded[k], state[k]) for k in state)

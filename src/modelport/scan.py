@@ -234,6 +234,9 @@ class _FileScanner:
             else:
                 self.error("a zip inside a member is not scanned", member)
             return
+        if in_file and depth == 0 and bytes(data[257:262]) == b"ustar":
+            self.scan_tar()
+            return
         if head.startswith(b"\x93NUMPY"):
             self.format = self.format if depth else "npy"
             self.scan_npy(data, member, depth)
@@ -347,6 +350,33 @@ class _FileScanner:
             )
             self.scan_pickle_stream(data[header.data_offset :], member, depth + 1)
 
+    def scan_tar(self) -> None:
+        """torch 0.1-0.3 saves: a tar whose members hold pickles between raw storages."""
+        from modelport.formats import torch_legacy
+
+        self.format = "torch-legacy (tar)"
+        spans, stopped = torch_legacy.tar_pickle_spans(self.path)
+        with open(self.path, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        data = memoryview(mapped)
+        for span in spans:
+            label = f"{self.path.name}!{span.member}"
+            try:
+                result = scan_pickle(
+                    data[: span.end],
+                    start=span.start,
+                    expect_persistent_ids=True,
+                    limits=self.limits(),
+                )
+            except ModelportError as exc:
+                self.error(f"pickle at byte {span.start} could not be analysed: {exc}", label)
+                continue
+            self.findings.extend(_located(f, label) for f in result.findings)
+        if stopped is not None:
+            self.error(f"the tar layout could not be walked to its end: {stopped}", "")
+        if not spans and stopped is None:
+            self.error("a tar archive that is not a torch save", "")
+
     # -- zips -------------------------------------------------------------------------------
     def scan_zip(
         self, member: str, depth: int, *, start: int = 0, length: int | None = None
@@ -368,6 +398,23 @@ class _FileScanner:
         torch_archive = any(n.endswith("data.pkl") for n in names)
         if depth == 0:
             self.format = "torchscript" if torchscript else "torch-zip" if torch_archive else "zip"
+        if torchscript:
+            code = sum(1 for n in names if "/code/" in n and n.endswith(".py"))
+            self.add(
+                "info",
+                "torchscript-code",
+                member,
+                f"{code} TorchScript source files under code/: torch.jit.load compiles and "
+                "runs them (TorchScript, not Python)",
+            )
+        for mismatched in directory.mismatched_names:
+            self.add(
+                "medium",
+                "zip-name-mismatch",
+                mismatched,
+                "the member's local header names a different file than the directory: "
+                "loaders that read either see different content",
+            )
         for entry in directory.entries:  # duplicates too: other loaders read the last copy
             if time.monotonic() > self.deadline:
                 self.error(f"time limit of {SECONDS_PER_FILE:.0f}s per file reached", member)

@@ -86,8 +86,14 @@ def show_summary(console: Console, report: InspectReport) -> None:
             meta.add_row(str(key), _short(value))
         console.print(meta)
     if report.extras:
+        extras = Table.grid(padding=(0, 2))
+        extras.add_column(style="bold")
+        extras.add_column()
+        items = report.extras.items() if isinstance(report.extras, dict) else [("", report.extras)]
+        for key, value in items:
+            extras.add_row(str(key), _short(value, 100))
         console.print("[bold]checkpoint extras[/bold]")
-        console.print_json(json.dumps(report.extras, default=json_default)[:4000])
+        console.print(extras)
     if report.modules:
         console.print(_module_tree(report.modules))
     if report.code_files:

@@ -48,6 +48,7 @@ class ZipEntry:
     crc32: int
     header_offset: int
     data_offset: int
+    local_name: str = ""  # the name in the member's own header; "" when not read yet
 
     @property
     def is_stored(self) -> bool:
@@ -117,6 +118,11 @@ class ZipDirectory:
             entries, unsafe = _parse_central(directory, count, size, path)
             resolved = tuple(_with_data_offset(handle, e, size, path, start) for e in entries)
         return cls(path, resolved, tuple(unsafe))
+
+    @property
+    def mismatched_names(self) -> list[str]:
+        """Members whose local header names another file than the central directory does."""
+        return [e.name for e in self.entries if e.local_name and e.local_name != e.name]
 
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
@@ -244,6 +250,7 @@ def _with_data_offset(
     if len(header) < LOCAL_HEADER_SIZE or header[:4] != LOCAL_SIGNATURE:
         raise CorruptFileError(f"zip entry {entry.name!r} has no local header", path=path)
     name_len, extra_len = struct.unpack("<HH", header[26:30])
+    local_name = handle.read(name_len).decode("utf-8", "replace")
     data_offset = entry.header_offset + LOCAL_HEADER_SIZE + name_len + extra_len
     if data_offset + entry.compressed_size > file_size:
         raise TruncatedFileError(
@@ -261,6 +268,7 @@ def _with_data_offset(
         entry.crc32,
         start + entry.header_offset,
         start + data_offset,
+        local_name,
     )
 
 

@@ -390,11 +390,14 @@ def _is_tar(head: bytes) -> bool:
 class _Cursor:
     """Reads one tar member: pickles and fixed-size fields, never past the member's end."""
 
-    def __init__(self, data: memoryview, member: TarMember, path: Path) -> None:
+    def __init__(
+        self, data: memoryview, member: TarMember, path: Path, spans: list[PickleSpan] | None
+    ) -> None:
         self.data = data[: member.offset + member.size]
         self.pos = member.offset
         self.name = member.name
         self.path = path
+        self.spans = spans
 
     @property
     def left(self) -> int:
@@ -402,6 +405,8 @@ class _Cursor:
 
     def pickle(self, loader: Callable[[Any], Any] | None = None) -> Any:
         result = read_pickle(self.data, start=self.pos, path=self.path, storage_loader=loader)
+        if self.spans is not None:
+            self.spans.append(PickleSpan(self.name, self.pos, result.end))
         self.pos = result.end
         return result.value
 
@@ -412,7 +417,28 @@ class _Cursor:
         return chunk
 
 
-def _read_tar(path: Path, data: memoryview) -> Contents:
+@dataclass(frozen=True)
+class PickleSpan:
+    """Where one pickle of a tar layout lies: its member and absolute byte range."""
+
+    member: str
+    start: int
+    end: int
+
+
+def tar_pickle_spans(path: Path) -> tuple[list[PickleSpan], str | None]:
+    """Every pickle a 0.x tar layout holds, in the order torch reads them, for the scanner;
+    with the reason the walk stopped early, if it did."""
+    spans: list[PickleSpan] = []
+    with _mapped(path) as data:
+        try:
+            _read_tar(path, data, spans)
+        except ModelportError as exc:
+            return spans, str(exc)
+    return spans, None
+
+
+def _read_tar(path: Path, data: memoryview, spans: list[PickleSpan] | None = None) -> Contents:
     members = {m.name: m for m in _tar_members(data)}
     for name, member in members.items():
         _check_data(member.offset + member.size, len(data), f"tar member {name!r}", path)
@@ -421,10 +447,10 @@ def _read_tar(path: Path, data: memoryview) -> Contents:
         raise CorruptFileError(f"legacy torch tar has no {missing[0]!r} member", path=path)
     sys_info: dict[str, Any] = {}
     if "sys_info" in members:
-        sys_info = _check_sys_info(_Cursor(data, members["sys_info"], path).pickle(), path)
+        sys_info = _check_sys_info(_Cursor(data, members["sys_info"], path, spans).pickle(), path)
     objects: dict[int, Any] = {}
-    storage_count = _tar_storages(_Cursor(data, members["storages"], path), objects)
-    _tar_tensors(_Cursor(data, members["tensors"], path), objects)
+    storage_count = _tar_storages(_Cursor(data, members["storages"], path, spans), objects)
+    _tar_tensors(_Cursor(data, members["tensors"], path, spans), objects)
     sources = _Sources({})
 
     def load(pid: Any) -> Any:
@@ -437,7 +463,7 @@ def _read_tar(path: Path, data: memoryview) -> Contents:
                 f"unknown tensor or storage key {pid!r:.40}", path=path
             ) from None
 
-    tree = _Cursor(data, members["pickle"], path).pickle(load)
+    tree = _Cursor(data, members["pickle"], path, spans).pickle(load)
     details = {"layout": "tar", "sys_info": sys_info, "storages": storage_count}
     return Contents(Format.TORCH_LEGACY, tree, details=details, code=sources.code)
 

@@ -254,6 +254,25 @@ CONSTANTS: Final[MappingProxyType[tuple[str, str], tuple[Any, str]]] = MappingPr
         },
         ("torch.storage", "UntypedStorage"): (torch_types.StorageType("uint8"), "storage type"),
         **{
+            (module, f"{kind}Tensor"): (
+                torch_types.TorchConstant(f"{kind}Tensor"),
+                "legacy tensor type (torch 0.x saves)",
+            )
+            for module in ("torch", "torch.cuda")
+            for kind in (
+                "Float",
+                "Double",
+                "Half",
+                "BFloat16",
+                "Long",
+                "Int",
+                "Short",
+                "Char",
+                "Byte",
+                "Bool",
+            )
+        },
+        **{
             ("torch", name): (torch_types.TorchConstant(name), "layout, memory format or qscheme")
             for name in (
                 "strided",
