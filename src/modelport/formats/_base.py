@@ -4,6 +4,11 @@ A format module exposes ``READER = FormatReader(...)``: a ``sniff`` that decides
 ``Probe`` (the first bytes, the size, a zip directory if the file is a zip) and a ``read``
 that returns ``Contents``: the file's object tree with ``TensorRef`` leaves, plus metadata.
 ``read`` parses headers only; tensor bytes stay on disk until someone asks for them.
+
+Formats modelport can write also give ``write``: it receives an unbuffered, seekable file
+and a ``WritePlan`` (the tensors in order, with dtypes already decided, and string
+metadata) and streams each tensor with ``streaming.write_tensor``. ``holds`` says which
+dtypes the format can store, so impossible conversions are refused before writing.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from modelport.errors import ModelportError
+from modelport.streaming import OutputTensor
 
 HEAD_BYTES = 64 * 1024
 
@@ -93,11 +99,23 @@ class Contents:
 
 
 @dataclass(frozen=True)
+class WritePlan:
+    """What to write: tensors in file order (aliases already removed) and string metadata."""
+
+    tensors: tuple[OutputTensor, ...]
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
 class FormatReader:
-    """One format: how to recognise it and how to read it. ``extensions`` only feed the
-    warning when a file's name contradicts its content; they never decide the format."""
+    """One format: how to recognise it, read it and (optionally) write it. ``extensions``
+    only feed the warning when a file's name contradicts its content, and choose a
+    conversion's target from its output name; they never decide what a file is."""
 
     format: Format
     sniff: Callable[[Probe], bool]
     read: Callable[[Path, Probe], Contents]
     extensions: tuple[str, ...] = ()
+    write: Callable[[BinaryIO, WritePlan], None] | None = None
+    holds: Callable[[str], bool] | None = None
+    shares_storage: bool = False  # can two names point at one stored tensor (torch zip)?

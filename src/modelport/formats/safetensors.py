@@ -18,11 +18,12 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from modelport import dtypes
 from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
-from modelport.formats._base import Contents, Format, FormatReader, Probe
+from modelport.formats._base import Contents, Format, FormatReader, Probe, WritePlan
+from modelport.streaming import write_tensor
 from modelport.tensors import Storage, TensorRef
 
 MAX_HEADER = 100 * 1024 * 1024  # the reference library's own cap
@@ -155,4 +156,38 @@ def _check_coverage(spans: list[tuple[int, int, str]], path: Path) -> None:
         position = end
 
 
-READER = FormatReader(Format.SAFETENSORS, sniff, read, (".safetensors", ".sft"))
+_CODES = {name: code for code, name in dtypes.SAFETENSORS_CODES.items()}
+
+
+def holds(dtype: str) -> bool:
+    return dtype in _CODES
+
+
+def header_bytes(plan: WritePlan) -> bytes:
+    """The header for ``plan``: tensors back to back in plan order, padded with spaces to a
+    multiple of 8 bytes as the reference writer does (so the data section stays aligned)."""
+    header: dict[str, Any] = {}
+    if plan.metadata:
+        header[METADATA_KEY] = plan.metadata
+    offset = 0
+    for tensor in plan.tensors:
+        header[tensor.name] = {
+            "dtype": _CODES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
+        offset += tensor.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def write(handle: BinaryIO, plan: WritePlan) -> None:
+    handle.write(header_bytes(plan))
+    for tensor in plan.tensors:
+        write_tensor(handle, tensor)
+
+
+READER = FormatReader(
+    Format.SAFETENSORS, sniff, read, (".safetensors", ".sft"), write=write, holds=holds
+)

@@ -1,0 +1,154 @@
+"""Moving tensor bytes in bounded memory: from a source file to an output file, or to a hash.
+
+Peak memory must not grow with the file, and mapped file pages count, so nothing here maps
+a whole file: contiguous ranges go through ``os.copy_file_range`` (in the kernel, no user
+buffer) or ``os.pread`` into one reused buffer; casts and strided views are done a chunk at
+a time. A zip writer needs the CRC-32 of what it writes, so bytes pass through user space
+whenever a checksum is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from modelport import dtypes
+from modelport.errors import CorruptFileError, TruncatedFileError
+from modelport.tensors import NDArray, TensorRef
+
+CHUNK = 16 << 20  # bytes per read/cast step; memory use is a small multiple of this
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor as a writer will store it: its name, the dtype written, and its source."""
+
+    name: str
+    dtype: str
+    source: TensorRef
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    @property
+    def nbytes(self) -> int:
+        return dtypes.dtype(self.dtype).nbytes(self.source.numel)
+
+    @property
+    def is_cast(self) -> bool:
+        return self.dtype != self.source.dtype
+
+
+def source_chunks(tensor: TensorRef, chunk: int = CHUNK) -> Iterator[NDArray]:
+    """The tensor's elements in C order, as 1-d arrays of its own dtype, ``chunk`` bytes at a
+    time. Flat file storages are read with ``pread``; other storages through their reader."""
+    info = dtypes.dtype(tensor.dtype)
+    per_chunk = max(1, chunk // info.itemsize)
+    span = tensor.byte_range()
+    if span is not None and tensor.storage is not None and tensor.storage.path is not None:
+        offset, length = span
+        with open(tensor.storage.path, "rb") as handle:
+            for start in range(0, length, per_chunk * info.itemsize):
+                size = min(per_chunk * info.itemsize, length - start)
+                raw = os.pread(handle.fileno(), size, offset + start)
+                if len(raw) != size:
+                    raise TruncatedFileError(
+                        f"tensor data ends early at byte {offset + start + len(raw)}",
+                        expected=offset + start + size,
+                        actual=offset + start + len(raw),
+                        path=tensor.storage.path,
+                    )
+                yield np.frombuffer(raw, dtype=_carrier(info))
+        return
+    if info.numpy is None:  # quantized blocks: raw bytes only
+        yield tensor.raw_bytes()
+        return
+    # Strided views, storages inside compressed members, in-memory pickles: a view, walked
+    # in row blocks so only one chunk is ever copied at a time.
+    view = tensor.numpy()
+    flat_rows = view.reshape(view.shape[0], -1) if view.ndim > 1 else view.reshape(1, -1)
+    row_bytes = max(1, flat_rows.shape[1] * info.itemsize)
+    rows_per_chunk = max(1, chunk // row_bytes)
+    for start in range(0, flat_rows.shape[0], rows_per_chunk):
+        block = np.ascontiguousarray(flat_rows[start : start + rows_per_chunk]).reshape(-1)
+        yield block
+
+
+def _carrier(info: dtypes.DType) -> np.dtype[Any]:
+    return info.numpy if info.numpy is not None else np.dtype(np.uint8)
+
+
+def cast_chunk(chunk: NDArray, source_dtype: str, target_dtype: str) -> NDArray:
+    """One chunk converted to ``target_dtype`` (floating types only: the planner refuses the
+    rest before anything is written)."""
+    if source_dtype == target_dtype:
+        return chunk
+    return chunk.astype(dtypes.to_numpy(target_dtype))
+
+
+def write_tensor(handle: BinaryIO, tensor: OutputTensor, *, checksum: bool = False) -> int:
+    """Append ``tensor``'s bytes (cast if needed) to ``handle``, an unbuffered file; return
+    their CRC-32 if ``checksum``.
+
+    Bytes that pass unchanged from a flat file range go through ``os.copy_file_range``
+    when no checksum is needed (no user-space copy at all)."""
+    source = tensor.source
+    span = source.byte_range()
+    if (
+        not checksum
+        and not tensor.is_cast
+        and span is not None
+        and source.storage is not None
+        and source.storage.path is not None
+    ):
+        handle.flush()
+        _copy_range(source.storage.path, span[0], span[1], handle)
+        return 0
+    crc = 0
+    written = 0
+    for chunk in source_chunks(source):
+        out = cast_chunk(chunk, source.dtype, tensor.dtype) if tensor.is_cast else chunk
+        data = np.ascontiguousarray(out).reshape(-1).view(np.uint8).data
+        handle.write(data)
+        written += len(data)
+        if checksum:
+            crc = zlib.crc32(data, crc)
+    if written != tensor.nbytes:
+        raise CorruptFileError(
+            f"tensor {tensor.name!r}: wrote {written} bytes, expected {tensor.nbytes}"
+        )
+    return crc
+
+
+def _copy_range(path: os.PathLike[str] | str, offset: int, length: int, handle: BinaryIO) -> None:
+    out_fd = handle.fileno()
+    position = os.lseek(out_fd, 0, os.SEEK_CUR)
+    with open(path, "rb") as source:
+        in_fd = source.fileno()
+        done = 0
+        while done < length:
+            try:
+                moved = os.copy_file_range(
+                    in_fd, out_fd, min(length - done, 1 << 30), offset + done, position + done
+                )
+            except OSError:
+                moved = 0
+            if moved <= 0:  # other filesystems, old kernels: a bounded buffer instead
+                size = min(length - done, CHUNK)
+                data = os.pread(in_fd, size, offset + done)
+                if len(data) != size:
+                    raise TruncatedFileError(
+                        "tensor data ends early",
+                        expected=offset + length,
+                        actual=offset + done + len(data),
+                        path=str(path),
+                    )
+                moved = os.pwrite(out_fd, data, position + done)
+            done += moved
+    os.lseek(out_fd, position + length, os.SEEK_SET)
