@@ -144,6 +144,13 @@ def main() -> int:
     cli("inspect", str(files["renamed.bin.safetensors"]), "--tensors")
     evil = attack_file()
     cli("scan", str(OUT))
+    converted = OUT / "from_checkpoint.safetensors"
+    cli("convert", str(files["checkpoint.ckpt"]), str(converted))
+    cli(
+        "convert", str(files["whole_model.pt"]), str(OUT / "half.safetensors"), "--dtype", "float16"
+    )
+    cli("diff", str(files["legacy.pt"]), str(converted))
+    cli("hash", str(files["state_dict.pt"]), str(files["model.safetensors"]), str(converted))
 
     import warnings
 

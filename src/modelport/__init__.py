@@ -3,26 +3,39 @@
 from __future__ import annotations
 
 from modelport import errors as errors
+from modelport._version import __version__ as __version__
 from modelport.api import ModelFile as ModelFile
 from modelport.api import inspect as inspect
 from modelport.api import load as load
 from modelport.api import open as open
+from modelport.convert import ConvertOptions as ConvertOptions
+from modelport.convert import ConvertReport as ConvertReport
+from modelport.convert import convert as convert
+from modelport.diff import DiffReport as DiffReport
+from modelport.diff import diff as diff
+from modelport.fingerprint import HashReport as HashReport
+from modelport.fingerprint import fingerprint as hash
 from modelport.formats import Format as Format
 from modelport.report import InspectReport as InspectReport
 from modelport.scan import ScanReport as ScanReport
 from modelport.scan import scan as scan
 from modelport.tensors import TensorRef as TensorRef
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "ConvertOptions",
+    "ConvertReport",
+    "DiffReport",
     "Format",
+    "HashReport",
     "InspectReport",
     "ModelFile",
     "ScanReport",
     "TensorRef",
     "__version__",
+    "convert",
+    "diff",
     "errors",
+    "hash",
     "inspect",
     "load",
     "open",

@@ -12,6 +12,8 @@ builtin a caller would otherwise expect, so ``except ValueError`` keeps working.
     │   ├── CorruptFileError                   inconsistent structure (offsets, sizes, opcodes)
     │   └── UnsupportedVersionError            a known format at a version we do not read
     ├── UnsafeModelError                       the scanner found code execution; loading refused
+    ├── ConversionError                        a conversion refused before writing (or failed)
+    ├── VerificationError                      the written file does not match its source
     ├── LimitExceededError (ValueError)        a declared size or count past a hard limit
     ├── TensorNotFoundError (KeyError)         no tensor by that name
     ├── UnsupportedDtypeError (TypeError)      a dtype numpy or torch cannot represent
@@ -80,6 +82,15 @@ class UnsafeModelError(ModelportError):
             f"{path}: refused, the file is unsafe to load: {summary}. modelport never runs it; "
             "pass allow_unsafe=True (--allow-unsafe) to extract its tensors anyway"
         )
+
+
+class ConversionError(ModelportError):
+    """A conversion that cannot or must not happen: an output that exists, a dtype the
+    target cannot hold, names that collide. Nothing was written."""
+
+
+class VerificationError(ModelportError):
+    """The output, read back, differs from what was meant to be written; it was removed."""
 
 
 class SuspiciousModelWarning(UserWarning):

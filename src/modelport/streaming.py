@@ -48,6 +48,8 @@ class OutputTensor:
 def source_chunks(tensor: TensorRef, chunk: int = CHUNK) -> Iterator[NDArray]:
     """The tensor's elements in C order, as 1-d arrays of its own dtype, ``chunk`` bytes at a
     time. Flat file storages are read with ``pread``; other storages through their reader."""
+    if tensor.numel == 0:  # no elements: nothing to read (an empty strided view included)
+        return
     info = dtypes.dtype(tensor.dtype)
     per_chunk = max(1, chunk // info.itemsize)
     span = tensor.byte_range()
@@ -89,7 +91,18 @@ def cast_chunk(chunk: NDArray, source_dtype: str, target_dtype: str) -> NDArray:
     rest before anything is written)."""
     if source_dtype == target_dtype:
         return chunk
-    return chunk.astype(dtypes.to_numpy(target_dtype))
+    with np.errstate(over="ignore"):  # overflow to inf is what the cast means; it is counted
+        return chunk.astype(dtypes.to_numpy(target_dtype))
+
+
+def write_all(handle: BinaryIO, data: bytes | memoryview) -> None:
+    """``write`` on an unbuffered file MAY write less than asked: loop until done."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = handle.write(view)
+        if not written:
+            raise OSError(28, "the output file accepted no more bytes (disk full?)")
+        view = view[written:]
 
 
 def write_tensor(handle: BinaryIO, tensor: OutputTensor, *, checksum: bool = False) -> int:
@@ -115,7 +128,7 @@ def write_tensor(handle: BinaryIO, tensor: OutputTensor, *, checksum: bool = Fal
     for chunk in source_chunks(source):
         out = cast_chunk(chunk, source.dtype, tensor.dtype) if tensor.is_cast else chunk
         data = np.ascontiguousarray(out).reshape(-1).view(np.uint8).data
-        handle.write(data)
+        write_all(handle, data)
         written += len(data)
         if checksum:
             crc = zlib.crc32(data, crc)
@@ -152,3 +165,31 @@ def _copy_range(path: os.PathLike[str] | str, offset: int, length: int, handle: 
                 moved = os.pwrite(out_fd, data, position + done)
             done += moved
     os.lseek(out_fd, position + length, os.SEEK_SET)
+
+
+def paired_chunks(
+    a: TensorRef, b: TensorRef, chunk: int = CHUNK
+) -> Iterator[tuple[NDArray, NDArray]]:
+    """Two tensors with the same element count, walked side by side in equal-length pieces
+    (their own chunk boundaries may differ: a strided view against a flat range)."""
+    left, right = source_chunks(a, chunk), source_chunks(b, chunk)
+    piece_a: NDArray = np.empty(0)
+    piece_b: NDArray = np.empty(0)
+    while True:
+        while piece_a.size == 0:
+            following = next(left, None)
+            if following is None:
+                break
+            piece_a = following.reshape(-1)
+        while piece_b.size == 0:
+            following = next(right, None)
+            if following is None:
+                break
+            piece_b = following.reshape(-1)
+        if piece_a.size == 0 or piece_b.size == 0:
+            if piece_a.size or piece_b.size:
+                raise CorruptFileError("two tensors of one shape gave different element counts")
+            return
+        step = min(piece_a.size, piece_b.size)
+        yield piece_a[:step], piece_b[:step]
+        piece_a, piece_b = piece_a[step:], piece_b[step:]

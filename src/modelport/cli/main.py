@@ -12,10 +12,12 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
-from modelport import __version__
-from modelport.cli import _errors, cmd_inspect, cmd_scan
+from modelport._version import __version__
+from modelport.cli import _errors, cmd_convert, cmd_diff, cmd_hash, cmd_inspect, cmd_scan
+from modelport.errors import VerificationError
 
 EXIT_OK = 0
 EXIT_NO = 1
@@ -31,10 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cmd_inspect.register(commands)
     cmd_scan.register(commands)
+    cmd_convert.register(commands)
+    cmd_diff.register(commands)
+    cmd_hash.register(commands)
     return parser
 
 
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    line: str | None = None,
+) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning  # library warnings, said plainly on stderr
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -56,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"error: {message}", file=sys.stderr)
             print("(set MODELPORT_DEBUG=1 for the full traceback)", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_NO if isinstance(exc, VerificationError) else EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

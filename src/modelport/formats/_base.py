@@ -119,3 +119,4 @@ class FormatReader:
     write: Callable[[BinaryIO, WritePlan], None] | None = None
     holds: Callable[[str], bool] | None = None
     shares_storage: bool = False  # can two names point at one stored tensor (torch zip)?
+    records_aliases: bool = False  # does its reader restore ``alias -> kept`` metadata?

@@ -30,6 +30,9 @@ Edge cases and choices:
 - every count is checked against the bytes left before looping, every string and tensor
   range against the file size; duplicate keys or tensor names, unknown types, misaligned or
   overlapping tensor data are errors.
+
+Writing (``write``) lives in ``_gguf_writer.py``: version 3, laid out as gguf-py's
+``GGUFWriter`` does.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from modelport import dtypes
 from modelport.errors import (
@@ -50,7 +53,7 @@ from modelport.errors import (
     UnsupportedDtypeError,
     UnsupportedVersionError,
 )
-from modelport.formats._base import Contents, Format, FormatReader, Probe
+from modelport.formats._base import Contents, Format, FormatReader, Probe, WritePlan
 from modelport.tensors import Storage, TensorRef
 
 MAGIC = b"GGUF"
@@ -460,4 +463,22 @@ def read(path: Path, probe: Probe) -> Contents:
     return Contents(Format.GGUF, tree, metadata=header.metadata, details=details)
 
 
-READER = FormatReader(Format.GGUF, sniff, read, (".gguf",))
+# plain types, and GGML's block types: Q8_0 quantized by the writer, the others copied as
+# they are from a GGUF source (``_gguf_writer`` refuses casting into them)
+WRITTEN_TYPES = {
+    **{dtype: code for code, dtype in PLAIN_TYPES.items()},
+    **{code.name: code for code in GGMLType if code.name in dtypes.GGML_BLOCKS},
+}
+
+
+def holds(dtype: str) -> bool:
+    return dtype in WRITTEN_TYPES
+
+
+def write(handle: BinaryIO, plan: WritePlan) -> None:
+    from modelport.formats._gguf_writer import write_gguf  # it builds on this module
+
+    write_gguf(handle, plan)
+
+
+READER = FormatReader(Format.GGUF, sniff, read, (".gguf",), write=write, holds=holds)

@@ -87,7 +87,8 @@ def read(path: Path, probe: Probe) -> Contents:
             formats.add(fmt)
             shards[name] = tensors
             for removed, kept in shard_meta.items():
-                if kept in tensors and removed not in tensors and removed != "format":
+                restored = tensors.get(removed) is tensors.get(kept)  # the reader re-tied it
+                if kept in tensors and removed != "format" and (restored or removed not in tensors):
                     aliases[removed] = kept
             if index_path is None and len(files) == 1:
                 metadata = {k: v for k, v in shard_meta.items() if k not in aliases}

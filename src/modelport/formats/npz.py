@@ -20,23 +20,75 @@ Choices and edge cases:
 - object arrays are read as in ``.npy`` files (a pickle, never executed), with a warning.
 
 Sniffing claims a zip whose members are all ``*.npy``, which no torch archive is.
+
+Writing (``write``) produces what ``numpy.savez`` produces, so ``numpy.load`` returns equal
+arrays: one stored member ``<name>.npy`` per tensor, its ``.npy`` header byte-identical to
+numpy's (version 1.0, or 2.0 past 65535 bytes; data 64-byte aligned within the member) and
+the member's data 64-byte aligned in the file (``_zip_writer``: CRC-32, zip64 past 4 GiB).
+numpy has no bfloat16 or float8 types: those tensors are stored as their same-width
+unsigned integers (``<u2``, ``|u1``) and the real dtypes are named in one more member,
+``__modelport_dtypes__.npy``: a 1-d uint8 array holding the UTF-8 JSON object
+``{name: dtype}`` (only written when needed; a numeric array, so ``numpy.load`` and every
+scanner read it like any other: ``json.loads(arrays["__modelport_dtypes__"].tobytes())``).
+This reader takes it out of the tree and gives the named tensors their dtypes back, so
+bfloat16 and float8 round-trip bit for bit. The plan's metadata has no place in an
+``.npz`` and is not written.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import struct
 import zlib
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from modelport.errors import CorruptFileError, TruncatedFileError
+from modelport import dtypes
+from modelport.errors import ConversionError, CorruptFileError, TruncatedFileError
 from modelport.formats import npy
-from modelport.formats._base import Contents, Format, FormatReader, Probe
+from modelport.formats._base import Contents, Format, FormatReader, Probe, WritePlan
 from modelport.formats._zip import DEFLATED, STORED, ZipDirectory, ZipEntry
+from modelport.formats._zip_writer import ZipWriter, crc32_combine
+from modelport.streaming import OutputTensor, write_all, write_tensor
 from modelport.tensors import NDArray, TensorRef
 
 SUFFIX = ".npy"
+DTYPE_MAP = "__modelport_dtypes__"  # member (without .npy) naming the dtypes numpy lacks
+MAX_DTYPE_MAP = 64 << 20
+ALIGNMENT = 64  # numpy's ARRAY_ALIGN; also where member data starts in the file
+GROWTH_AXIS_MAX_DIGITS = 21  # numpy pads headers so a growing axis can be rewritten in place
+# dtypes numpy has no type for, and the same-width unsigned integers that carry them
+VIEWED = {
+    "bfloat16": "<u2",
+    "float8_e4m3fn": "|u1",
+    "float8_e5m2": "|u1",
+    "float8_e4m3fnuz": "|u1",
+    "float8_e5m2fnuz": "|u1",
+    "float8_e8m0fnu": "|u1",
+}
+NATIVE = {
+    name: np.dtype(dtypes.to_numpy(name)).str
+    for name in (
+        "float64",
+        "float32",
+        "float16",
+        "complex128",
+        "complex64",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint64",
+        "uint32",
+        "uint16",
+        "uint8",
+        "bool",
+    )
+}
 CHUNK = 1 << 20
 MAX_RATIO = 1032  # deflate's largest possible expansion (258-byte matches in 2-bit codes)
 RATIO_SLACK = 1024
@@ -164,13 +216,113 @@ def read(path: Path, probe: Probe) -> Contents:
         if name in chosen:
             warnings.append(f"npz member {entry.name!r} appears more than once: the last wins")
         chosen[name] = entry
+    restore = _take_dtype_map(directory, chosen, warnings)
     tree: dict[str, TensorRef | Any] = {}
     with open(path, "rb") as handle:
         for name, entry in chosen.items():
             tree[name] = _member(directory, handle, entry, warnings)
+    _restore_dtypes(tree, restore, warnings)
     stored = sum(1 for e in chosen.values() if e.is_stored)
-    details = {"members": len(chosen), "stored": stored, "deflated": len(chosen) - stored}
+    details: dict[str, Any] = {
+        "members": len(chosen),
+        "stored": stored,
+        "deflated": len(chosen) - stored,
+    }
+    if restore:
+        details["restored_dtypes"] = len(restore)
     return Contents(Format.NPZ, tree, details=details, warnings=warnings)
 
 
-READER = FormatReader(Format.NPZ, sniff, read, (".npz",))
+def _take_dtype_map(
+    directory: ZipDirectory, chosen: dict[str, ZipEntry], warnings: list[str]
+) -> dict[str, str]:
+    """The ``name -> dtype`` map modelport's writer leaves in ``__modelport_dtypes__.npy``,
+    removed from ``chosen``; empty when there is none. A member of that name that is not a
+    1-d uint8 array holding a JSON object of strings stays an ordinary tensor."""
+    entry = chosen.get(DTYPE_MAP)
+    if entry is None or entry.size > MAX_DTYPE_MAP:
+        return {}
+    path = directory.path
+    data = directory.read_member(entry, MAX_DTYPE_MAP)
+    header = npy.parse_header(data[: npy.MAX_PREFIX], path=path, available=len(data))
+    if (
+        header.dtype != "uint8"
+        or len(header.shape) != 1
+        or len(data) != header.data_offset + header.shape[0]
+    ):
+        return {}
+    try:
+        mapping = json.loads(data[header.data_offset :].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return {}
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        return {}
+    del chosen[DTYPE_MAP]
+    restore: dict[str, str] = {}
+    for name, dtype in mapping.items():
+        if dtype in VIEWED:
+            restore[name] = dtype
+        else:
+            warnings.append(f"the dtype map names {dtype!r:.40} for {name!r:.80}: ignored")
+    return restore
+
+
+def _restore_dtypes(tree: dict[str, Any], restore: dict[str, str], warnings: list[str]) -> None:
+    for name, dtype in restore.items():
+        ref = tree.get(name)
+        carrier = VIEWED[dtype]
+        if (
+            not isinstance(ref, TensorRef)
+            or np.dtype(carrier).itemsize != dtypes.dtype(ref.dtype).itemsize
+            or not ref.dtype.startswith("uint")
+        ):
+            warnings.append(f"the dtype map names {name!r} as {dtype}, which it cannot be: ignored")
+            continue
+        tree[name] = dataclasses.replace(ref, dtype=dtype)
+
+
+def holds(dtype: str) -> bool:
+    return dtype in NATIVE or dtype in VIEWED
+
+
+def npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` header numpy writes for a C-ordered array (``_write_array_header``)."""
+    text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
+    if shape:
+        text += " " * (GROWTH_AXIS_MAX_DIGITS - len(repr(shape[0])))
+    raw = text.encode("latin-1")
+    for version, fmt in (((1, 0), "<H"), ((2, 0), "<I")):
+        length = len(raw) + 1
+        pad = ALIGNMENT - (len(npy.MAGIC) + 2 + struct.calcsize(fmt) + length) % ALIGNMENT
+        if length + pad < 1 << (8 * struct.calcsize(fmt)):
+            prefix = npy.MAGIC + bytes(version) + struct.pack(fmt, length + pad)
+            return prefix + raw + b" " * pad + b"\n"
+    raise ConversionError(f"an .npy header of {len(raw):,} bytes is too long")
+
+
+def _fill(handle: BinaryIO, header: bytes, tensor: OutputTensor) -> int:
+    write_all(handle, header)
+    crc = write_tensor(handle, tensor, checksum=True)
+    return crc32_combine(zlib.crc32(header), crc, tensor.nbytes)
+
+
+def write(handle: BinaryIO, plan: WritePlan) -> None:
+    viewed = {t.name: t.dtype for t in plan.tensors if t.dtype in VIEWED}
+    for tensor in plan.tensors:
+        if not holds(tensor.dtype):
+            raise ConversionError(f"tensor {tensor.name!r}: .npz cannot hold {tensor.dtype}")
+        if viewed and tensor.name == DTYPE_MAP:
+            raise ConversionError(f"tensor name {DTYPE_MAP!r} is reserved for the dtype map")
+    archive = ZipWriter(handle, align=ALIGNMENT)
+    for tensor in plan.tensors:
+        descr = VIEWED.get(tensor.dtype) or NATIVE[tensor.dtype]
+        header = npy_header(descr, tensor.shape)
+        fill = partial(_fill, handle, header, tensor)
+        archive.add_stream(tensor.name + SUFFIX, len(header) + tensor.nbytes, fill)
+    if viewed:
+        payload = json.dumps(viewed).encode()
+        archive.add(DTYPE_MAP + SUFFIX, npy_header("|u1", (len(payload),)) + payload)
+    archive.finish()
+
+
+READER = FormatReader(Format.NPZ, sniff, read, (".npz",), write=write, holds=holds)

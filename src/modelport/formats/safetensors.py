@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 from modelport import dtypes
 from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
 from modelport.formats._base import Contents, Format, FormatReader, Probe, WritePlan
-from modelport.streaming import write_tensor
+from modelport.streaming import write_all, write_tensor
 from modelport.tensors import Storage, TensorRef
 
 MAX_HEADER = 100 * 1024 * 1024  # the reference library's own cap
@@ -112,6 +112,11 @@ def read(path: Path, probe: Probe) -> Contents:
         tensors[name] = TensorRef(dtype, tuple(shape), storage)
     _check_coverage(spans, path)
     ordered = {name: tensors[name] for _, _, name in sorted(spans)}
+    # ``save_model`` (and modelport) store a tied tensor once and record ``alias -> kept`` in
+    # the metadata: restore the alias as the same tensor, so both names share storage again.
+    for alias, kept in metadata.items():
+        if alias not in ordered and kept in ordered and "." in alias and " " not in alias:
+            ordered[alias] = ordered[kept]
     return Contents(
         Format.SAFETENSORS,
         ordered,
@@ -183,11 +188,17 @@ def header_bytes(plan: WritePlan) -> bytes:
 
 
 def write(handle: BinaryIO, plan: WritePlan) -> None:
-    handle.write(header_bytes(plan))
+    write_all(handle, header_bytes(plan))
     for tensor in plan.tensors:
         write_tensor(handle, tensor)
 
 
 READER = FormatReader(
-    Format.SAFETENSORS, sniff, read, (".safetensors", ".sft"), write=write, holds=holds
+    Format.SAFETENSORS,
+    sniff,
+    read,
+    (".safetensors", ".sft"),
+    write=write,
+    holds=holds,
+    records_aliases=True,
 )

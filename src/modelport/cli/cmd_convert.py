@@ -1,0 +1,140 @@
+"""``modelport convert``: any weights format into another, streamed and verified bit for bit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from rich.console import Console
+
+import modelport
+from modelport.cli._output import human_bytes
+from modelport.convert import CASTS, TARGETS, ConvertOptions
+
+EXAMPLES = """examples:
+  modelport convert pytorch_model.bin model.safetensors
+  modelport convert checkpoint.ckpt weights.safetensors --dtype bfloat16 --strip-prefix auto
+  modelport convert whole_model.pt weights.pt --exclude 'head.*'
+  modelport convert model.safetensors model.npz --dry-run --json
+
+exit codes: 0 converted and verified, 1 verification failed, 2 error or refused
+"""
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "convert",
+        help="convert weights between formats (streamed, bounded memory, verified)",
+        description="Read SRC by content, take its model weights (or what you select), and "
+        "write DST. The output is written beside DST, read back and compared with the source "
+        "before it replaces anything. Nothing stored in SRC is ever executed.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", help="model file or directory")
+    parser.add_argument("target", help="output file")
+    parser.add_argument("--to", choices=sorted(TARGETS), help="output format (default: from DST)")
+    parser.add_argument("--dtype", choices=CASTS, help="cast floating tensors (ints untouched)")
+    select = parser.add_argument_group("what to take")
+    select.add_argument("--extract", metavar="KEY", help="take the tensors under KEY (a.b.c)")
+    select.add_argument(
+        "--all",
+        dest="take_all",
+        action="store_true",
+        help="every tensor in the file, not just the model weights",
+    )
+    select.add_argument("--ema", action="store_true", help="take the EMA weights")
+    select.add_argument("--include", action="append", default=[], metavar="GLOB")
+    select.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    names = parser.add_argument_group("names")
+    names.add_argument("--strip-prefix", metavar="P", help="remove P, or 'auto' for a wrapper")
+    names.add_argument("--add-prefix", metavar="P")
+    names.add_argument("--rename", action="append", default=[], metavar="REGEX=REPL")
+    names.add_argument(
+        "--materialize-ties",
+        action="store_true",
+        help="write every name, even tensors tied to another",
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    output.add_argument("--fsync", action="store_true", help="flush to disk before returning")
+    output.add_argument("--no-verify", dest="verify", action="store_false")
+    output.add_argument("--dry-run", action="store_true", help="show the plan, write nothing")
+    output.add_argument(
+        "--allow-unsafe",
+        action="store_true",
+        help="extract tensors from a file the scanner judged unsafe",
+    )
+    output.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    renames = []
+    for rule in args.rename:
+        pattern, sep, replacement = rule.partition("=")
+        if not sep:
+            raise modelport.errors.ConversionError(f"--rename {rule!r}: expected REGEX=REPL")
+        renames.append((pattern, replacement))
+    options = ConvertOptions(
+        to=args.to,
+        dtype=args.dtype,
+        extract=args.extract,
+        take_all=args.take_all,
+        include=tuple(args.include),
+        exclude=tuple(args.exclude),
+        strip_prefix=args.strip_prefix,
+        add_prefix=args.add_prefix,
+        renames=tuple(renames),
+        materialize_ties=args.materialize_ties,
+        ema=args.ema,
+        overwrite=args.overwrite,
+        fsync=args.fsync,
+        verify=args.verify,
+        dry_run=args.dry_run,
+        allow_unsafe=args.allow_unsafe,
+    )
+    console = Console(stderr=True)
+    if args.json:
+        report = modelport.convert(args.source, args.target, options)
+        print(json.dumps(report.to_json(), indent=2))
+        return 0
+    with console.status(f"converting {args.source}"):
+        report = modelport.convert(args.source, args.target, options)
+    out = Console()
+    action = "would write" if report.dry_run else "wrote"
+    out.print(
+        f"{action} {report.target} ({report.target_format}): {len(report.tensors)} tensors, "
+        f"{human_bytes(report.bytes_written)}, from {report.source_format}",
+        highlight=False,
+    )
+    out.print(f"  took: {report.selection}", highlight=False)
+    if report.left_out:
+        out.print(f"  left out: {', '.join(report.left_out)}", highlight=False)
+    if report.aliases:
+        out.print(
+            f"  tied tensors stored once: {len(report.aliases)} aliases recorded", highlight=False
+        )
+    for note in report.notes:
+        out.print(f"  note: {note}", highlight=False)
+    if report.casts:
+        worst = max(report.casts, key=lambda c: c.max_abs_error)
+        overflowed = [c for c in report.casts if c.overflow]
+        out.print(
+            f"  cast {len(report.casts)} tensors to {args.dtype}: largest error "
+            f"{worst.max_abs_error:.3g} ({worst.name}), "
+            f"{sum(c.overflow for c in overflowed)} values overflowed to inf",
+            highlight=False,
+        )
+        for cast in overflowed[:10]:
+            out.print(f"    {cast.name}: {cast.overflow} overflowed", highlight=False)
+    if report.dry_run:
+        for name, dtype, shape, nbytes in report.tensors[:50]:
+            out.print(f"  {name}  {dtype}{list(shape)}  {human_bytes(nbytes)}", highlight=False)
+    elif report.verified:
+        how = "equal to the same cast of the source" if report.casts else "bit for bit"
+        out.print(
+            f"  verified: every tensor read back {how} ({report.seconds:.2f} s)", highlight=False
+        )
+    return 0

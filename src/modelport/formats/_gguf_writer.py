@@ -1,0 +1,176 @@
+"""GGUF writing, for ``formats/gguf.py`` (which holds the format's codes and its reader).
+
+Layout written (ggml/docs/gguf.md, version 3, little-endian, as gguf-py's ``GGUFWriter``):
+
+- ``b"GGUF"``, version 3 (u32), tensor count (u64), key/value count (u64);
+- the key/value pairs: ``general.architecture`` first when the plan's metadata has it
+  (readers do not require it; llama.cpp needs it to run a model, so it is never invented),
+  then ``general.alignment`` (u32 32), then every other metadata entry as a string;
+- one tensor info per tensor in plan order: name, n_dims, dims in GGML order (torch's
+  reversed), GGML type, offset in the data section (a multiple of 32);
+- zero bytes up to the next multiple of 32, then each tensor's data, padded with zero bytes
+  to a multiple of 32 (the file ends padded too, as gguf-py writes it).
+
+Types: F32/F16/BF16/F64/I8/I16/I32/I64 are streamed as they are (cast first if the plan
+says so). A floating tensor planned as ``Q8_0`` is quantized here, a source chunk at a time,
+exactly as gguf-py's ``quants.quantize`` does: blocks of 32 float32 values, ``d = max|x| /
+127`` stored as float16, then ``x / d`` rounded half away from zero as int8 (34 bytes a
+block); ``q8_0_blocks`` is the same stream, for verifying what was written. Tensors already
+in a GGML block type (``Q4_K`` ... from a GGUF source) are copied byte for byte.
+
+Refused before a byte is written (``ConversionError``), since llama.cpp refuses or crashes
+on them: more than 4 dims; names of 64 bytes or more (``GGML_MAX_NAME``); a zero dim other
+than the last torch dim (ggml divides by ``ne[1..3]``); a cast into any block type but
+``Q8_0``; ``Q8_0`` of a non-floating tensor; a block type for a 0-d tensor or one whose
+last dim is not a whole number of blocks.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import BinaryIO
+
+import numpy as np
+
+from modelport import dtypes
+from modelport.errors import ConversionError
+from modelport.formats._base import WritePlan
+from modelport.formats.gguf import (
+    ALIGNMENT_KEY,
+    DEFAULT_ALIGNMENT,
+    MAGIC,
+    MAX_DIMS,
+    WRITTEN_TYPES,
+    ValueType,
+)
+from modelport.streaming import OutputTensor, source_chunks, write_all, write_tensor
+from modelport.tensors import NDArray
+
+WRITE_VERSION = 3
+ARCHITECTURE_KEY = "general.architecture"
+MAX_NAME_BYTES = 63  # GGML_MAX_NAME is 64 with the terminating NUL
+Q8_0_BLOCK = 32
+Q8_0_SOURCES = ("float64", "float32", "float16", "bfloat16")
+Q8_0_STEP = 1 << 18  # values quantized at once (its temporaries are a few MiB)
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+def _string(value: str) -> bytes:
+    raw = value.encode("utf-8")
+    return _U64.pack(len(raw)) + raw
+
+
+def check(plan: WritePlan) -> None:
+    """Refuse what GGUF (or llama.cpp reading it) cannot take, before anything is written."""
+    seen: set[str] = set()
+    for tensor in plan.tensors:
+        where = f"tensor {tensor.name!r}"
+        if tensor.name in seen:
+            raise ConversionError(f"{where} appears twice")
+        seen.add(tensor.name)
+        if tensor.dtype not in WRITTEN_TYPES:
+            raise ConversionError(f"{where}: GGUF cannot hold {tensor.dtype}")
+        if len(tensor.shape) > MAX_DIMS:
+            raise ConversionError(f"{where} has {len(tensor.shape)} dims; GGUF holds at most 4")
+        if len(tensor.name.encode("utf-8")) > MAX_NAME_BYTES:
+            raise ConversionError(
+                f"{where}: GGUF names are at most {MAX_NAME_BYTES} bytes (llama.cpp refuses more)"
+            )
+        if 0 in tensor.shape[:-1]:
+            raise ConversionError(
+                f"{where} of shape {list(tensor.shape)}: a zero dim other than the last crashes "
+                "llama.cpp's GGUF reader"
+            )
+        block = dtypes.dtype(tensor.dtype).block
+        if block is None:
+            continue
+        if tensor.is_cast and tensor.dtype != "Q8_0":
+            raise ConversionError(
+                f"{where}: modelport quantizes to Q8_0 only; {tensor.dtype} blocks can only "
+                "be copied from a GGUF file that has them"
+            )
+        if (tensor.is_cast and tensor.source.dtype not in Q8_0_SOURCES) or (
+            not tensor.shape or tensor.shape[-1] % block[0]
+        ):
+            raise ConversionError(
+                f"{where} ({tensor.source.dtype}, shape {list(tensor.shape)}): {tensor.dtype} "
+                f"needs a floating tensor whose last dim is a multiple of {block[0]}"
+            )
+
+
+def header_bytes(plan: WritePlan) -> bytes:
+    """Everything before the data section, padded to the alignment."""
+    pairs = []
+    if ARCHITECTURE_KEY in plan.metadata:
+        pairs.append(_string(ARCHITECTURE_KEY) + _kv_string(plan.metadata[ARCHITECTURE_KEY]))
+    pairs.append(
+        _string(ALIGNMENT_KEY) + _U32.pack(ValueType.UINT32) + _U32.pack(DEFAULT_ALIGNMENT)
+    )
+    for key, value in plan.metadata.items():
+        if key not in (ARCHITECTURE_KEY, ALIGNMENT_KEY):
+            pairs.append(_string(key) + _kv_string(value))
+    out = bytearray(MAGIC + _U32.pack(WRITE_VERSION))
+    out += _U64.pack(len(plan.tensors)) + _U64.pack(len(pairs))
+    out += b"".join(pairs)
+    offset = 0
+    for tensor in plan.tensors:
+        dims = tuple(reversed(tensor.shape))
+        out += _string(tensor.name) + _U32.pack(len(dims))
+        out += b"".join(_U64.pack(d) for d in dims)
+        out += _U32.pack(WRITTEN_TYPES[tensor.dtype]) + _U64.pack(offset)
+        offset += tensor.nbytes + -tensor.nbytes % DEFAULT_ALIGNMENT
+    out += bytes(-len(out) % DEFAULT_ALIGNMENT)
+    return bytes(out)
+
+
+def _kv_string(value: str) -> bytes:
+    return _U32.pack(ValueType.STRING) + _string(str(value))
+
+
+def quantize_q8_0(blocks: NDArray) -> NDArray:
+    """Rows of 32 float32 values as Q8_0 blocks of 34 bytes, exactly as gguf-py quantizes."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        scale = np.abs(blocks).max(axis=1, keepdims=True) / 127
+        inverse = np.where(scale == 0, 0, 1 / scale)
+        scaled = blocks * inverse
+        magnitude = np.abs(scaled)
+        floored = np.floor(magnitude)
+        rounded = np.sign(scaled) * (floored + np.floor(2 * (magnitude - floored)))
+        quants = rounded.astype(np.int8).view(np.uint8)
+        return np.concatenate([scale.astype(np.float16).view(np.uint8), quants], axis=1)
+
+
+def q8_0_blocks(tensor: OutputTensor) -> Iterator[NDArray]:
+    """The tensor's Q8_0 blocks, quantized a slice of a source chunk at a time (the
+    quantizer's temporaries are several times the slice, so slices stay small)."""
+    pending: NDArray = np.zeros(0, dtype=np.float32)
+    for chunk in source_chunks(tensor.source):
+        with np.errstate(over="ignore"):
+            values = chunk.astype(np.float32, copy=False)
+        if pending.size:
+            values = np.concatenate([pending, values])
+        whole = values.size - values.size % Q8_0_BLOCK
+        for start in range(0, whole, Q8_0_STEP):
+            piece = values[start : min(whole, start + Q8_0_STEP)]
+            yield quantize_q8_0(piece.reshape(-1, Q8_0_BLOCK))
+        pending = values[whole:]
+
+
+def write_gguf(handle: BinaryIO, plan: WritePlan) -> None:
+    check(plan)
+    write_all(handle, header_bytes(plan))
+    for tensor in plan.tensors:
+        if tensor.dtype == "Q8_0" and tensor.is_cast:
+            written = 0
+            for blocks in q8_0_blocks(tensor):
+                write_all(handle, blocks.tobytes())
+                written += blocks.nbytes
+            if written != tensor.nbytes:
+                raise ConversionError(
+                    f"tensor {tensor.name!r}: quantized {written} bytes, expected {tensor.nbytes}"
+                )
+        else:
+            write_tensor(handle, tensor)
+        write_all(handle, bytes(-tensor.nbytes % DEFAULT_ALIGNMENT))

@@ -1,0 +1,320 @@
+"""modelport convert: every source format x every target modelport writes.
+
+The oracle is the original tensors: written by a source library, converted by modelport,
+read back by the target's reference library, and compared bit for bit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import modelport
+from modelport.errors import ConversionError, UnsafeModelError
+from modelport.formats import READERS
+from tests.conftest import torch_digest
+from tests.models import TiedLM, TinyResNet, trained_checkpoint
+
+WRITABLE = {r.format.value: r for r in READERS if r.write is not None}
+SUFFIX = {"safetensors": ".safetensors", "torch-zip": ".pt", "npz": ".npz", "gguf": ".gguf"}
+
+
+def original() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {k: v.clone() for k, v in TinyResNet(width=4).state_dict().items()}
+
+
+def write_source(kind: str, path: Path, state: dict[str, torch.Tensor]) -> Path:
+    """The state_dict written by the source format's own library."""
+    if kind == "torch-zip":
+        torch.save(state, path)
+    elif kind == "torch-legacy":
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+    elif kind == "checkpoint":
+        torch.save({"epoch": 1, "model_state_dict": state, "optimizer_state_dict": {}}, path)
+    elif kind == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, path)
+    elif kind == "npz":
+        with open(path, "wb") as handle:  # a file object: savez would append .npz to a name
+            np.savez(handle, **{k: v.numpy() for k, v in state.items()})
+    elif kind == "gguf":
+        import gguf
+
+        writer = gguf.GGUFWriter(path, "test")
+        for name, tensor in state.items():
+            writer.add_tensor(name, tensor.numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    elif kind == "hdf5":
+        import h5py
+
+        with h5py.File(path, "w") as handle:
+            for name, tensor in state.items():
+                handle.create_dataset(name, data=tensor.numpy())
+    else:
+        raise AssertionError(kind)
+    return path
+
+
+def read_target(kind: str, path: Path) -> dict[str, torch.Tensor]:
+    """The output, read by the target format's reference library."""
+    if kind == "safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    if kind == "torch-zip":
+        return dict(torch.load(path, weights_only=True))
+    if kind == "npz":
+        with np.load(path) as archive:
+            return {
+                k: torch.from_numpy(archive[k].copy())
+                for k in archive.files
+                if not k.startswith("__")
+            }
+    if kind == "gguf":
+        import gguf
+
+        reader = gguf.GGUFReader(path)
+        return {
+            t.name: torch.from_numpy(
+                np.array(t.data).reshape(list(reversed(t.shape.tolist()))).copy()
+            )
+            for t in reader.tensors
+        }
+    raise AssertionError(kind)
+
+
+SOURCES = ["torch-zip", "torch-legacy", "checkpoint", "safetensors", "npz", "gguf", "hdf5"]
+
+
+@pytest.mark.parametrize("target", sorted(WRITABLE))
+@pytest.mark.parametrize("source", SOURCES)
+def test_matrix_bit_exact(tmp_path: Path, source: str, target: str) -> None:
+    state = original()
+    if target == "gguf" or source == "gguf":  # GGUF has no 0-d tensors: keep shapes >= 1-d
+        state = {k: v for k, v in state.items() if v.dim() > 0}
+    src = write_source(source, tmp_path / f"source{'.h5' if source == 'hdf5' else '.bin'}", state)
+    dst = tmp_path / f"out{SUFFIX[target]}"
+    report = modelport.convert(src, dst)
+    assert report.verified
+    got = read_target(target, dst)
+    assert sorted(got) == sorted(state)
+    for name, tensor in state.items():
+        assert torch_digest(got[name].reshape(tensor.shape)) == torch_digest(tensor), name
+
+
+def test_whole_module_without_class_to_safetensors(tmp_path: Path) -> None:
+    model = TinyResNet()
+    src = tmp_path / "whole.pt"
+    torch.save(model, src)
+    with pytest.warns(modelport.errors.SuspiciousModelWarning):
+        report = modelport.convert(src, tmp_path / "w.safetensors")
+    assert "pickled" in report.selection
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "w.safetensors")
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+
+
+def test_checkpoint_selection_and_left_out(tmp_path: Path) -> None:
+    src = tmp_path / "ckpt.pt"
+    torch.save(trained_checkpoint(TinyResNet(), torch.randn(2, 3, 8, 8)), src)
+    report = modelport.convert(src, tmp_path / "w.safetensors")
+    assert report.selection == "took the weights under 'model_state_dict'"
+    assert set(report.left_out) == {"epoch", "optimizer_state_dict", "loss"}
+    report = modelport.convert(
+        src,
+        tmp_path / "adam.safetensors",
+        modelport.ConvertOptions(extract="optimizer_state_dict.state"),
+    )
+    assert any(name.endswith("exp_avg") for name, *_ in report.tensors)
+
+
+def test_tied_weights_stored_once_and_restored(tmp_path: Path) -> None:
+    model = TiedLM()
+    src = tmp_path / "tied.bin"
+    torch.save(model.state_dict(), src)
+    out = tmp_path / "tied.safetensors"
+    report = modelport.convert(src, out)
+    assert report.aliases == {"head.weight": "embed.weight"}
+    from safetensors import safe_open
+
+    with safe_open(out, "pt") as handle:
+        assert "head.weight" not in handle.keys()  # noqa: SIM118 - not a dict
+        assert handle.metadata()["head.weight"] == "embed.weight"
+    restored = modelport.load(out)
+    assert restored["head.weight"].data_ptr() == restored["embed.weight"].data_ptr()
+    loaded = TiedLM()
+    from safetensors.torch import load_model
+
+    missing, unexpected = load_model(loaded, out)
+    assert not missing and not unexpected
+    assert torch.equal(loaded.head.weight, model.head.weight)
+    for suffix in (".npz", ".gguf", ".pt"):  # no alias record there: every name is written
+        other = tmp_path / f"tied{suffix}"
+        assert modelport.convert(src, other).aliases == {}
+        assert set(modelport.load(other)) == set(model.state_dict())
+    flat = tmp_path / "flat.safetensors"
+    modelport.convert(src, flat, modelport.ConvertOptions(materialize_ties=True))
+    from safetensors.torch import load_file
+
+    assert set(load_file(flat)) == set(model.state_dict())
+
+
+def test_dtype_cast_touches_floats_only_and_reports_error(tmp_path: Path) -> None:
+    state = {
+        "w": torch.randn(64, 64) * 10,
+        "big": torch.tensor([1e6, -1e6, 1.0]),
+        "ids": torch.arange(5),
+    }
+    src = tmp_path / "s.pt"
+    torch.save(state, src)
+    out = tmp_path / "half.safetensors"
+    report = modelport.convert(src, out, modelport.ConvertOptions(dtype="float16"))
+    from safetensors.torch import load_file
+
+    got = load_file(out)
+    assert got["w"].dtype == torch.float16 and got["ids"].dtype == torch.int64
+    assert torch.equal(got["w"], state["w"].half())
+    checks = {c.name: c for c in report.casts}
+    assert checks["big"].overflow == 2
+    assert checks["w"].max_abs_error == pytest.approx(
+        float((state["w"].half().float() - state["w"]).abs().max())
+    )
+    bf16 = tmp_path / "bf16.safetensors"
+    modelport.convert(src, bf16, modelport.ConvertOptions(dtype="bfloat16"))
+    assert torch.equal(load_file(bf16)["w"], state["w"].bfloat16())
+
+
+def test_prefixes_renames_and_globs(tmp_path: Path) -> None:
+    state = {f"module.{k}": v for k, v in original().items()}
+    src = tmp_path / "ddp.pt"
+    torch.save(state, src)
+    report = modelport.convert(src, tmp_path / "a.safetensors")
+    assert any("module." in note for note in report.notes)
+    assert all(name.startswith("module.") for name, *_ in report.tensors)  # reported, not stripped
+    report = modelport.convert(
+        src,
+        tmp_path / "b.safetensors",
+        modelport.ConvertOptions(
+            strip_prefix="auto",
+            add_prefix="net.",
+            renames=((r"\.bn(\d)\.", r".norm\1."),),
+            exclude=("*num_batches_tracked",),
+        ),
+    )
+    names = [name for name, *_ in report.tensors]
+    assert "net.layer1.0.norm1.weight" in names
+    assert not any("num_batches_tracked" in n for n in names)
+    with pytest.raises(ConversionError, match="two tensors"):
+        modelport.convert(
+            src, tmp_path / "c.safetensors", modelport.ConvertOptions(renames=((".*", "x"),))
+        )
+
+
+def test_refusals_leave_nothing(tmp_path: Path, marker: Path) -> None:
+    src = tmp_path / "s.pt"
+    torch.save(original(), src)
+    with pytest.raises(ConversionError, match="overwrite the input"):
+        modelport.convert(src, src, modelport.ConvertOptions(to="torch", overwrite=True))
+    existing = tmp_path / "exists.safetensors"
+    existing.write_text("keep me")
+    with pytest.raises(ConversionError, match="exists"):
+        modelport.convert(src, existing)
+    assert existing.read_text() == "keep me"
+    with pytest.raises(ConversionError, match="format"):
+        modelport.convert(src, tmp_path / "out.unknown")
+    evil = tmp_path / "evil.bin"
+    evil.write_bytes(b"cbuiltins\nexec\n(V" + f"open({str(marker)!r},'w')".encode() + b"\ntR.")
+    with pytest.raises(UnsafeModelError):
+        modelport.convert(evil, tmp_path / "e.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.bin", "exists.safetensors", "s.pt"]
+    assert not marker.exists()
+
+
+def test_interrupted_conversion_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "s.pt"
+    torch.save(original(), src)
+    from modelport import streaming
+
+    calls = {"n": 0}
+    real: Callable[..., int] = streaming.write_tensor
+
+    def interrupted(*args: object, **kwargs: object) -> int:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("modelport.formats.safetensors.write_tensor", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        modelport.convert(src, tmp_path / "out.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt"]
+
+
+def test_disk_full_is_reported_and_cleaned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "s.pt"
+    torch.save(original(), src)
+
+    def full(*args: object, **kwargs: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("modelport.formats.safetensors.write_tensor", full)
+    with pytest.raises(ConversionError, match="disk is full"):
+        modelport.convert(src, tmp_path / "out.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt"]
+
+
+def test_verification_catches_a_corrupted_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "s.pt"
+    torch.save({"w": torch.ones(8)}, src)
+    from modelport import streaming
+
+    real = streaming.write_tensor
+
+    def corrupting(handle: object, tensor: streaming.OutputTensor, **kwargs: object) -> int:
+        result = real(handle, tensor)  # type: ignore[arg-type]
+        handle.seek(-1, 1)  # type: ignore[attr-defined]
+        handle.write(b"\x7f")  # type: ignore[attr-defined]
+        return result
+
+    monkeypatch.setattr("modelport.formats.safetensors.write_tensor", corrupting)
+    with pytest.raises(modelport.errors.VerificationError):
+        modelport.convert(src, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_cli_convert_json_and_exit_codes(tmp_path: Path) -> None:
+    src = tmp_path / "s.pt"
+    torch.save(original(), src)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "modelport", "convert", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    result = cli(str(src), str(tmp_path / "o.safetensors"), "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["verified"] is True and payload["target_format"] == "safetensors"
+    assert cli(str(src), str(tmp_path / "o.safetensors")).returncode == 2  # exists
+    dry = cli(str(src), str(tmp_path / "d.safetensors"), "--dry-run")
+    assert dry.returncode == 0 and "would write" in dry.stdout
+    assert not (tmp_path / "d.safetensors").exists()
