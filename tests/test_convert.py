@@ -107,6 +107,7 @@ def test_matrix_bit_exact(tmp_path: Path, source: str, target: str) -> None:
     dst = tmp_path / f"out{SUFFIX[target]}"
     report = modelport.convert(src, dst)
     assert report.verified
+    assert modelport.scan(dst).verdict == "safe"  # every output modelport writes scans safe
     got = read_target(target, dst)
     assert sorted(got) == sorted(state)
     for name, tensor in state.items():

@@ -16,6 +16,8 @@ import fnmatch
 import json
 import os
 import re
+import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,20 +25,32 @@ from typing import Any
 
 import numpy as np
 
-from modelport import dtypes
+from modelport import dtypes, typed_json
 from modelport import tree as trees
 from modelport._version import __version__
 from modelport.api import check_safety
 from modelport.api import open as open_model
 from modelport.detect import detect
 from modelport.errors import ConversionError, VerificationError
-from modelport.formats import READERS, FormatReader
+from modelport.formats import READERS, FormatReader, Probe, _hf_writer
 from modelport.formats._base import WritePlan
-from modelport.streaming import OutputTensor, cast_chunk, paired_chunks
+from modelport.streaming import (
+    CAST_CHUNK,
+    OutputTensor,
+    RangeComparer,
+    cast_chunk,
+    paired_chunks,
+)
 from modelport.tensors import TensorRef
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
-TARGETS = {"safetensors": "safetensors", "torch": "torch-zip", "npz": "npz", "gguf": "gguf"}
+TARGETS = {
+    "safetensors": "safetensors",
+    "torch": "torch-zip",
+    "npz": "npz",
+    "gguf": "gguf",
+    "hf": "hf-dir",
+}
 CASTS = ("float16", "bfloat16", "float32")
 
 
@@ -44,6 +58,9 @@ CASTS = ("float16", "bfloat16", "float32")
 class ConvertOptions:
     to: str | None = None
     dtype: str | None = None
+    gguf_type: str | None = None  # f32 | f16 | bf16 | q8_0, for GGUF targets
+    dequantize: bool = False  # GGML block-quantized sources become float32 (or --dtype)
+    sha256: bool = False  # record the source's full sha256 in the provenance (a full read)
     extract: str | None = None
     take_all: bool = False
     include: tuple[str, ...] = ()
@@ -58,6 +75,8 @@ class ConvertOptions:
     verify: bool = True
     dry_run: bool = False
     allow_unsafe: bool = False
+    shard_size: int | str | None = None  # --to hf: bytes per shard (default 5GB)
+    drop_unrepresentable: bool = False  # --all: leave out values that are not plain data
 
 
 @dataclass(frozen=True)
@@ -118,15 +137,19 @@ def convert(
     source, target = Path(src), Path(dst)
     _check_paths(source, target, options.overwrite)
     writer = _target_format(target, options.to)
+    _check_directory_target(source, target, writer, options)
     check_safety(source, allow_unsafe=options.allow_unsafe)
     with open_model(source) as model:
-        chosen, selection, left_out = _select(model, options)
-        named, notes = _rename(chosen, options)
-        outputs = _outputs(named, options.dtype)
+        structure = _structure(model, options)
+        chosen, selection, left_out = _select(model, options, structure)
+        named, notes = _rename(chosen, options) if structure.tree is None else (chosen, [])
+        notes.extend(structure.notes)
+        outputs = _outputs(named, options, writer)
         _check_holds(outputs, writer)
         outputs, aliases = _dedupe(outputs, writer, options.materialize_ties)
         metadata = _metadata(model, options, aliases)
-        plan = WritePlan(tuple(outputs), metadata)
+        plan = _plan(structure, outputs, aliases, metadata)
+        notes.extend(_directory_notes(source, writer, plan, options))
         summary = tuple((t.name, t.dtype, t.shape, t.nbytes) for t in outputs)
         report = ConvertReport(
             str(source),
@@ -144,14 +167,14 @@ def convert(
         )
         if options.dry_run:
             return report
-        casts = _write_verified(plan, target, writer, options)
+        casts = _write_verified(plan, target, writer, options, source)
     return ConvertReport(
         report.source,
         report.target,
         report.source_format,
         report.target_format,
         report.tensors,
-        target.stat().st_size,
+        _bytes_on_disk(target),
         selection,
         report.left_out,
         aliases,
@@ -165,6 +188,8 @@ def convert(
 # -- choosing ----------------------------------------------------------------------------------
 def _target_format(target: Path, to: str | None) -> FormatReader:
     wanted = TARGETS.get(to, to) if to else None
+    if wanted == _hf_writer.TARGET.format.value:
+        return _hf_writer.TARGET
     for reader in READERS:
         if reader.write is None:
             continue
@@ -191,7 +216,10 @@ def _check_paths(source: Path, target: Path, overwrite: bool) -> None:
         raise ConversionError(f"{target.parent} is not a directory")
 
 
-def _select(model: Any, options: ConvertOptions) -> tuple[dict[str, TensorRef], str, list[str]]:
+def _select(
+    model: Any, options: ConvertOptions, structure: _Structure
+) -> tuple[dict[str, TensorRef], str, list[str]]:
+    left_out: list[str] = []
     if options.extract:
         subtree = _lookup(model.tree, options.extract)
         chosen, selection, left_out = (
@@ -200,7 +228,12 @@ def _select(model: Any, options: ConvertOptions) -> tuple[dict[str, TensorRef], 
             [],
         )
     elif options.take_all:
-        chosen, selection = dict(model.tensors), "every tensor in the file"
+        chosen = trees.tensors_of(structure.plain)
+        selection = (
+            "every tensor in the file"
+            if structure.tree is None
+            else "the whole file: every tensor, and the values around them as typed JSON"
+        )
     else:
         weights = model.weights(ema=options.ema)
         chosen, selection, left_out = (
@@ -223,6 +256,60 @@ def _select(model: Any, options: ConvertOptions) -> tuple[dict[str, TensorRef], 
     if not chosen:
         raise ConversionError("nothing to convert: the selection holds no tensors")
     return chosen, selection, list(left_out)
+
+
+@dataclass(frozen=True)
+class _Structure:
+    """What ``--all`` keeps: the file's tree as plain data (``plain``), and ``tree``, the
+    same when it holds more than a flat dict of tensors (its non-tensor values and nesting
+    are then written as typed JSON, or pickled by a torch target)."""
+
+    plain: Any = None
+    tree: Any = None
+    notes: tuple[str, ...] = ()
+
+
+def _structure(model: Any, options: ConvertOptions) -> _Structure:
+    if not options.take_all or options.extract:
+        return _Structure()
+    kept = typed_json.plain(model.tree, drop=options.drop_unrepresentable)
+    notes = list(kept.notes)
+    if kept.dropped:
+        notes.append("left out values that are not plain data: " + "; ".join(kept.dropped))
+    if kept.tree is None or typed_json.is_flat(kept.tree):
+        return _Structure(kept.tree, None, tuple(notes))
+    if options.strip_prefix or options.add_prefix or options.renames:
+        raise ConversionError(
+            "--all keeps the file's structure, where each tensor is named by its place; "
+            "--strip-prefix, --add-prefix and --rename apply to a flat state_dict only "
+            "(take the weights, or --extract one part, to rename them)"
+        )
+    return _Structure(kept.tree, kept.tree, tuple(notes))
+
+
+def _plan(
+    structure: _Structure,
+    outputs: list[OutputTensor],
+    aliases: dict[str, str],
+    metadata: dict[str, str],
+) -> WritePlan:
+    """The write plan; with ``--all`` on a nested file, its tree (``OutputTensor`` leaves)
+    rides along, and as typed JSON in the metadata for targets that store no pickle."""
+    if structure.tree is None:
+        return WritePlan(tuple(outputs), metadata)
+    by_name = {t.name: t for t in outputs}
+    placed = trees.tensors_of(structure.tree)
+
+    def output_of(path: str, tensor: TensorRef) -> Any:
+        if placed.get(path) is not tensor:
+            raise ConversionError(
+                f"two entries of the file are both named {path!r}; --all cannot keep both"
+            )
+        return by_name.get(aliases.get(path, path), typed_json.OMIT)
+
+    tree = typed_json.map_tensors(structure.tree, output_of)
+    metadata = {**metadata, typed_json.KEY: typed_json.encode(tree)}
+    return WritePlan(tuple(outputs), metadata, tree)
 
 
 def _lookup(tree: Any, dotted: str) -> Any:
@@ -272,15 +359,37 @@ def _rename(
     return renamed, notes
 
 
-def _outputs(named: dict[str, TensorRef], cast: str | None) -> list[OutputTensor]:
+GGUF_TYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "q8_0": "Q8_0"}
+
+
+def _outputs(
+    named: dict[str, TensorRef], options: ConvertOptions, writer: FormatReader
+) -> list[OutputTensor]:
+    """The dtype each tensor is written as: floats follow --dtype (or --gguf-type, which
+    quantizes only matrices whose rows hold whole Q8_0 blocks, as llama.cpp's converter
+    keeps norms and biases in float); quantized sources stay as they are unless
+    --dequantize; integers and bools never change."""
+    cast = options.dtype
     if cast is not None and cast not in CASTS:
         raise ConversionError(f"--dtype must be one of {', '.join(CASTS)}")
+    gguf = GGUF_TYPES.get(options.gguf_type or "")
+    if options.gguf_type and (gguf is None or writer.format.value != "gguf"):
+        raise ConversionError(f"--gguf-type takes {', '.join(GGUF_TYPES)} and needs a GGUF target")
     outputs = []
     for name, tensor in named.items():
-        floating = (
-            dtypes.dtype(tensor.dtype).is_floating and dtypes.dtype(tensor.dtype).numpy is not None
-        )
-        outputs.append(OutputTensor(name, cast if cast and floating else tensor.dtype, tensor))
+        info = dtypes.dtype(tensor.dtype)
+        target = tensor.dtype
+        if info.block is not None:
+            if options.dequantize:
+                target = cast or "float32"
+        elif info.is_floating and info.numpy is not None:
+            target = cast or target
+            if gguf == "Q8_0":
+                whole_rows = len(tensor.shape) >= 2 and tensor.shape[-1] % 32 == 0
+                target = "Q8_0" if whole_rows else (cast or "float32")
+            elif gguf is not None:
+                target = gguf
+        outputs.append(OutputTensor(name, target, tensor))
     return outputs
 
 
@@ -326,9 +435,12 @@ def _dedupe(
 def _metadata(model: Any, options: ConvertOptions, aliases: dict[str, str]) -> dict[str, str]:
     metadata = {str(k): v for k, v in model.metadata.items() if isinstance(v, str)}
     metadata.setdefault("format", "pt")
+    metadata.pop(typed_json.KEY, None)  # a source's own tree: ours is written afresh
     metadata.update(aliases)
     recipe = {k: v for k, v in vars(options).items() if v not in (None, False, (), "")}
     recipe.pop("overwrite", None)
+    if options.sha256:
+        metadata["modelport.source_sha256"] = _sha256(model.path)
     metadata.update(
         {
             "modelport.version": __version__,
@@ -343,8 +455,14 @@ def _metadata(model: Any, options: ConvertOptions, aliases: dict[str, str]) -> d
 
 # -- writing and verifying -------------------------------------------------------------------
 def _write_verified(
-    plan: WritePlan, target: Path, writer: FormatReader, options: ConvertOptions
+    plan: WritePlan,
+    target: Path,
+    writer: FormatReader,
+    options: ConvertOptions,
+    source: Path | None = None,
 ) -> tuple[CastCheck, ...]:
+    if writer is _hf_writer.TARGET:  # a directory of shards: built beside, then renamed
+        return _write_directory(plan, target, options, source)
     assert writer.write is not None
     temporary = target.with_name(f".{target.name}.modelport-{os.getpid()}.tmp")
     try:
@@ -381,6 +499,7 @@ def verify(path: Path, plan: WritePlan) -> tuple[CastCheck, ...]:
     if missing:
         raise VerificationError(f"{path.name}: tensors missing after writing: {missing[:5]}")
     casts = []
+    comparer = RangeComparer()
     for tensor in plan.tensors:
         out = written[tensor.name]
         if out.dtype != tensor.dtype or out.shape != tensor.shape:
@@ -388,7 +507,7 @@ def verify(path: Path, plan: WritePlan) -> tuple[CastCheck, ...]:
                 f"{tensor.name}: wrote {tensor.dtype}{list(tensor.shape)}, read back "
                 f"{out.dtype}{list(out.shape)}"
             )
-        check = _compare(tensor, out)
+        check = _compare(tensor, out, comparer)
         if check is not None:
             casts.append(check)
     if contents.close is not None:
@@ -396,13 +515,32 @@ def verify(path: Path, plan: WritePlan) -> tuple[CastCheck, ...]:
     return tuple(casts)
 
 
-def _compare(tensor: OutputTensor, out: TensorRef) -> CastCheck | None:
+def _compare(tensor: OutputTensor, out: TensorRef, comparer: RangeComparer) -> CastCheck | None:
     worst, overflow = 0.0, 0
-    if dtypes.dtype(out.dtype).numpy is None:  # quantized blocks: compare raw bytes
-        if not np.array_equal(tensor.source.raw_bytes(), out.raw_bytes()):
+    source_range, out_range = tensor.source.byte_range(), out.byte_range()
+    source_path = tensor.source.storage.path if tensor.source.storage else None
+    out_path = out.storage.path if out.storage else None
+    if not tensor.is_cast and source_range and out_range and source_path and out_path:
+        if not comparer.same(
+            (source_path, source_range[0]), (out_path, out_range[0]), out_range[1]
+        ):
             raise VerificationError(f"{tensor.name}: the bytes read back differ from the source")
         return None
-    for expected_chunk, got_chunk in paired_chunks(tensor.source, out):
+    if dtypes.dtype(out.dtype).numpy is None:  # quantized blocks: compare raw bytes
+        expected = (
+            np.concatenate([b.reshape(-1).view(np.uint8) for b in _quantized(tensor)])
+            if tensor.is_cast
+            else tensor.source.raw_bytes()
+        )
+        if not np.array_equal(expected, out.raw_bytes()):
+            raise VerificationError(f"{tensor.name}: the bytes read back differ from the source")
+        return None
+    if dtypes.dtype(tensor.source.dtype).block is not None:  # dequantized: whole tensor
+        expected_values = cast_chunk(tensor.source.raw_bytes(), tensor.source.dtype, tensor.dtype)
+        if not np.array_equal(_as_bytes(expected_values), _as_bytes(out.numpy())):
+            raise VerificationError(f"{tensor.name}: the dequantized values read back differ")
+        return None
+    for expected_chunk, got_chunk in paired_chunks(tensor.source, out, CAST_CHUNK):
         expected = (
             cast_chunk(expected_chunk, tensor.source.dtype, tensor.dtype)
             if tensor.is_cast
@@ -411,16 +549,186 @@ def _compare(tensor: OutputTensor, out: TensorRef) -> CastCheck | None:
         if not np.array_equal(_as_bytes(expected), _as_bytes(got_chunk)):
             raise VerificationError(f"{tensor.name}: the bytes read back differ from the source")
         if tensor.is_cast:
-            original = expected_chunk.astype(np.float64)
-            converted = got_chunk.astype(np.float64)
-            finite = np.isfinite(original)
-            overflow += int(np.count_nonzero(finite & ~np.isfinite(converted)))
-            both = finite & np.isfinite(converted)
-            if both.any():
-                worst = max(worst, float(np.max(np.abs(original[both] - converted[both]))))
+            chunk_worst, chunk_overflow = _cast_error(expected_chunk, got_chunk)
+            worst, overflow = max(worst, chunk_worst), overflow + chunk_overflow
     return CastCheck(tensor.name, worst, overflow) if tensor.is_cast else None
+
+
+def _cast_error(
+    original: np.ndarray[Any, Any], converted: np.ndarray[Any, Any]
+) -> tuple[float, int]:
+    """Largest absolute error of a cast chunk, and how many finite values became inf. The
+    16-bit floats widen to float32 exactly, so float32 arithmetic suffices below 64 bits."""
+    wide = np.float64 if original.dtype.itemsize > 4 else np.float32
+    before = original.astype(wide, copy=False)
+    after = converted.astype(wide)
+    overflow = int(np.count_nonzero(np.isfinite(before) & ~np.isfinite(after)))
+    with np.errstate(invalid="ignore", over="ignore"):
+        error = np.abs(np.subtract(before, after, out=after), out=after)
+    error[~np.isfinite(error)] = 0
+    return (float(error.max()) if error.size else 0.0), overflow
 
 
 def _as_bytes(chunk: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """The chunk's bytes, compared as bytes (NaN payloads and -0.0 included), without a copy."""
     return np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+
+
+def _quantized(tensor: OutputTensor) -> Any:
+    from modelport.formats._gguf_writer import q8_0_blocks
+
+    return q8_0_blocks(tensor)
+
+
+def _sha256(path: Path) -> str:
+    """The source's full-content sha256 (every file of a directory, in name order)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+# -- Hugging Face directories ------------------------------------------------------------------
+def _check_directory_target(
+    source: Path, target: Path, writer: FormatReader, options: ConvertOptions
+) -> None:
+    if writer is not _hf_writer.TARGET:
+        if options.shard_size is not None:
+            raise ConversionError("--shard-size applies to --to hf only")
+        return
+    _hf_writer.parse_size(options.shard_size)
+    if target.exists() and source.exists() and source.resolve().is_relative_to(target.resolve()):
+        raise ConversionError(
+            f"{target}: replacing it would delete the input {source}; choose another directory"
+        )
+
+
+def _directory_notes(
+    source: Path, writer: FormatReader, plan: WritePlan, options: ConvertOptions
+) -> list[str]:
+    if writer is not _hf_writer.TARGET:
+        return []
+    limit = _hf_writer.parse_size(options.shard_size)
+    planned = _hf_writer.layout(plan, limit)
+    notes = []
+    if len(planned.files) > 1:
+        notes.append(
+            f"{len(planned.files)} shards of at most {limit:,} bytes (a larger tensor gets "
+            f"one of its own), with {_hf_writer.INDEX_NAME}"
+        )
+    carried, sidecar_notes = _hf_writer.sidecars(source, _hf_writer.weight_names(planned))
+    notes.extend(sidecar_notes)
+    if not any(p.name == _hf_writer.CONFIG_NAME for p in carried):
+        notes.append("no config.json beside the source: add one before from_pretrained")
+    return notes
+
+
+def _write_directory(
+    plan: WritePlan, target: Path, options: ConvertOptions, source: Path | None
+) -> tuple[CastCheck, ...]:
+    """Shards, index and sidecars built in a new directory beside ``target``, verified, then
+    renamed into place (an existing ``target`` is moved aside first and removed last)."""
+    limit = _hf_writer.parse_size(options.shard_size)
+    building = _sibling(target, "tmp")
+    building.mkdir()
+    try:
+        planned = _hf_writer.write_directory(
+            building, plan, limit, source, options.dtype, options.fsync
+        )
+        casts = _verify_directory(building, plan, planned) if options.verify else ()
+        _install_directory(building, target, options.fsync)
+        return casts
+    except OSError as exc:
+        if exc.errno == 28:  # ENOSPC
+            raise ConversionError(f"{target}: the disk is full; nothing was written") from None
+        raise
+    finally:
+        if building.is_dir():
+            shutil.rmtree(building, ignore_errors=True)
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    """A free hidden name beside ``target``."""
+    while True:
+        name = f".{target.name}.modelport-{os.getpid()}-{secrets.token_hex(4)}.{kind}"
+        candidate = target.with_name(name)
+        if not candidate.exists() and not candidate.is_symlink():
+            return candidate
+
+
+def _verify_directory(
+    directory: Path, plan: WritePlan, planned: _hf_writer.Layout
+) -> tuple[CastCheck, ...]:
+    """Every shard against its part of the plan (``verify``), the parts against the whole
+    plan, then the directory as one model: the index, the shards it names, the aliases."""
+    casts: list[CastCheck] = []
+    for name, part in planned.shards:
+        casts.extend(verify(directory / name, part))
+    stored = [t.name for t in plan.tensors]
+    covered = [t.name for _, part in planned.shards for t in part.tensors]
+    if sorted(covered) != sorted(stored):
+        raise VerificationError(f"{directory.name}: the shards do not hold the plan's tensors")
+    contents = _hf_writer.TARGET.read(directory, Probe.of(directory))
+    try:
+        tree, details = contents.tree, contents.details
+        if sorted(details.get("files", ())) != sorted(planned.files):
+            raise VerificationError(
+                f"{directory.name}: read back shards {details.get('files')}, "
+                f"wrote {list(planned.files)}"
+            )
+        aliases = _hf_writer.aliases_of(plan)
+        restored = details.get("aliases", {})
+        for alias, kept in aliases.items():
+            if tree.get(alias) is not tree.get(kept) and restored.get(alias) != kept:
+                raise VerificationError(f"{alias}: the alias of {kept} was not read back")
+        extra = sorted(set(tree) - set(stored) - set(aliases))
+        missing = sorted(set(stored) - set(tree))
+        if extra or missing:
+            raise VerificationError(
+                f"{directory.name}: read back {len(extra)} unexpected and {len(missing)} "
+                f"missing tensors ({(extra + missing)[:5]})"
+            )
+        if planned.index is not None:
+            declared = contents.metadata.get("total_size")
+            if declared != planned.index["metadata"]["total_size"]:
+                raise VerificationError(f"{directory.name}: index total_size {declared!r} is off")
+    finally:
+        if contents.close is not None:
+            contents.close()
+    return tuple(casts)
+
+
+def _install_directory(built: Path, target: Path, fsync: bool) -> None:
+    old = None
+    if target.exists() or target.is_symlink():
+        old = _sibling(target, "old")
+        target.rename(old)
+    try:
+        built.rename(target)
+    except BaseException:
+        if old is not None:
+            old.rename(target)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    if fsync:
+        for directory in (target, target.parent):
+            handle = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(handle)
+            finally:
+                os.close(handle)
+
+
+def _bytes_on_disk(target: Path) -> int:
+    if target.is_dir():
+        return sum(p.stat().st_size for p in target.iterdir() if p.is_file())
+    return target.stat().st_size

@@ -10,6 +10,7 @@ whenever a checksum is asked for.
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,10 +19,11 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from modelport import dtypes
-from modelport.errors import CorruptFileError, TruncatedFileError
+from modelport.errors import CorruptFileError, MissingDependencyError, TruncatedFileError
 from modelport.tensors import NDArray, TensorRef
 
-CHUNK = 16 << 20  # bytes per read/cast step; memory use is a small multiple of this
+CHUNK = 16 << 20  # bytes per read step; memory use is a small multiple of this
+CAST_CHUNK = 4 << 20  # casts hold several temporaries per chunk: smaller steps
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,10 @@ def cast_chunk(chunk: NDArray, source_dtype: str, target_dtype: str) -> NDArray:
     rest before anything is written)."""
     if source_dtype == target_dtype:
         return chunk
+    if dtypes.dtype(source_dtype).block is not None:
+        chunk = dequantize(chunk, source_dtype)
+        if target_dtype == "float32":
+            return chunk
     with np.errstate(over="ignore"):  # overflow to inf is what the cast means; it is counted
         return chunk.astype(dtypes.to_numpy(target_dtype))
 
@@ -103,6 +109,19 @@ def write_all(handle: BinaryIO, data: bytes | memoryview) -> None:
         if not written:
             raise OSError(28, "the output file accepted no more bytes (disk full?)")
         view = view[written:]
+
+
+def dequantize(raw: NDArray, ggml_type: str) -> NDArray:
+    """GGML blocks to float32 with gguf-py's reference dequantizer (``modelport[gguf]``)."""
+    try:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize as reference
+    except ImportError:
+        raise MissingDependencyError("gguf", "gguf", "Dequantizing GGUF tensors") from None
+    block_bytes = (dtypes.dtype(ggml_type).block or (1, 1))[1]
+    blocks = raw.reshape(-1).view(np.uint8).reshape(-1, block_bytes)
+    values: NDArray = reference(blocks, GGMLQuantizationType[ggml_type]).reshape(-1)
+    return values.astype(np.float32, copy=False)
 
 
 def write_tensor(handle: BinaryIO, tensor: OutputTensor, *, checksum: bool = False) -> int:
@@ -123,9 +142,16 @@ def write_tensor(handle: BinaryIO, tensor: OutputTensor, *, checksum: bool = Fal
         handle.flush()
         _copy_range(source.storage.path, span[0], span[1], handle)
         return 0
+    if (
+        not tensor.is_cast
+        and span is not None
+        and source.storage is not None
+        and source.storage.path
+    ):
+        return _copy_with_crc(source.storage.path, span[0], span[1], handle)
     crc = 0
     written = 0
-    for chunk in source_chunks(source):
+    for chunk in source_chunks(source, CAST_CHUNK if tensor.is_cast else CHUNK):
         out = cast_chunk(chunk, source.dtype, tensor.dtype) if tensor.is_cast else chunk
         data = np.ascontiguousarray(out).reshape(-1).view(np.uint8).data
         write_all(handle, data)
@@ -136,6 +162,34 @@ def write_tensor(handle: BinaryIO, tensor: OutputTensor, *, checksum: bool = Fal
         raise CorruptFileError(
             f"tensor {tensor.name!r}: wrote {written} bytes, expected {tensor.nbytes}"
         )
+    return crc
+
+
+_BUFFER = threading.local()  # one reusable read buffer per thread (see _copy_with_crc)
+
+
+def _copy_with_crc(path: os.PathLike[str] | str, offset: int, length: int, handle: BinaryIO) -> int:
+    """Copy a flat range through user space, for its CRC-32. The buffer is reused across
+    calls: reading into fresh memory would cost a page fault per 4 KiB of every tensor."""
+    buffer: bytearray | None = getattr(_BUFFER, "data", None)
+    if buffer is None:
+        buffer = _BUFFER.data = bytearray(CHUNK)
+    crc = 0
+    with open(path, "rb") as source:
+        done = 0
+        while done < length:
+            n = min(len(buffer), length - done)
+            view = memoryview(buffer)[:n]
+            if os.preadv(source.fileno(), [view], offset + done) != n:
+                raise TruncatedFileError(
+                    "tensor data ends early",
+                    expected=offset + length,
+                    actual=offset + done,
+                    path=str(path),
+                )
+            crc = zlib.crc32(view, crc)
+            write_all(handle, view)
+            done += n
     return crc
 
 
@@ -165,6 +219,39 @@ def _copy_range(path: os.PathLike[str] | str, offset: int, length: int, handle: 
                 moved = os.pwrite(out_fd, data, position + done)
             done += moved
     os.lseek(out_fd, position + length, os.SEEK_SET)
+
+
+class RangeComparer:
+    """Compares byte ranges of files through two buffers reused for every chunk: reading
+    into fresh memory each time would cost a page fault per 4 KiB, more than the reading."""
+
+    def __init__(self, chunk: int = CHUNK) -> None:
+        self.left = bytearray(chunk)
+        self.right = bytearray(chunk)
+        self.equal = np.empty(chunk, dtype=bool)
+
+    def same(
+        self,
+        a: tuple[str | os.PathLike[str], int],
+        b: tuple[str | os.PathLike[str], int],
+        length: int,
+    ) -> bool:
+        with open(a[0], "rb") as first, open(b[0], "rb") as second:
+            done = 0
+            while done < length:
+                n = min(len(self.left), length - done)
+                got_a = os.preadv(first.fileno(), [memoryview(self.left)[:n]], a[1] + done)
+                got_b = os.preadv(second.fileno(), [memoryview(self.right)[:n]], b[1] + done)
+                if got_a != n or got_b != n:
+                    raise TruncatedFileError(
+                        "a compared range ends early", expected=n, actual=min(got_a, got_b)
+                    )
+                left = np.frombuffer(self.left, np.uint8, n)
+                right = np.frombuffer(self.right, np.uint8, n)
+                if not np.equal(left, right, out=self.equal[:n]).all():
+                    return False
+                done += n
+        return True
 
 
 def paired_chunks(

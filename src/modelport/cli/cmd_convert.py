@@ -10,13 +10,14 @@ from rich.console import Console
 
 import modelport
 from modelport.cli._output import human_bytes
-from modelport.convert import CASTS, TARGETS, ConvertOptions
+from modelport.convert import CASTS, GGUF_TYPES, TARGETS, ConvertOptions
 
 EXAMPLES = """examples:
   modelport convert pytorch_model.bin model.safetensors
   modelport convert checkpoint.ckpt weights.safetensors --dtype bfloat16 --strip-prefix auto
   modelport convert whole_model.pt weights.pt --exclude 'head.*'
   modelport convert model.safetensors model.npz --dry-run --json
+  modelport convert ./my-model ./my-model-sharded --to hf --shard-size 2GB
 
 exit codes: 0 converted and verified, 1 verification failed, 2 error or refused
 """
@@ -33,16 +34,34 @@ def register(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", help="model file or directory")
-    parser.add_argument("target", help="output file")
+    parser.add_argument("target", help="output file (a directory for --to hf)")
     parser.add_argument("--to", choices=sorted(TARGETS), help="output format (default: from DST)")
     parser.add_argument("--dtype", choices=CASTS, help="cast floating tensors (ints untouched)")
+    parser.add_argument(
+        "--gguf-type",
+        choices=sorted(GGUF_TYPES),
+        help="GGUF target: store floating tensors as this type (q8_0 quantizes "
+        "matrices; norms and biases stay float)",
+    )
+    parser.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="GGML block-quantized tensors become float32 (or --dtype)",
+    )
     select = parser.add_argument_group("what to take")
     select.add_argument("--extract", metavar="KEY", help="take the tensors under KEY (a.b.c)")
     select.add_argument(
         "--all",
         dest="take_all",
         action="store_true",
-        help="every tensor in the file, not just the model weights",
+        help="the whole file: every tensor, and a checkpoint's other values (epoch, "
+        "optimizer state, ...) with their structure, stored as typed JSON, never pickle",
+    )
+    select.add_argument(
+        "--drop-unrepresentable",
+        action="store_true",
+        help="with --all: leave out values that are not plain data (objects such as an "
+        "argparse.Namespace) instead of refusing; the report lists them",
     )
     select.add_argument("--ema", action="store_true", help="take the EMA weights")
     select.add_argument("--include", action="append", default=[], metavar="GLOB")
@@ -57,10 +76,20 @@ def register(commands: Any) -> None:
         help="write every name, even tensors tied to another",
     )
     output = parser.add_argument_group("output")
+    output.add_argument(
+        "--shard-size",
+        metavar="SIZE",
+        help="--to hf: largest shard (5GB, 500MB, 50KB, 2GiB or bytes; default 5GB)",
+    )
     output.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     output.add_argument("--fsync", action="store_true", help="flush to disk before returning")
     output.add_argument("--no-verify", dest="verify", action="store_false")
     output.add_argument("--dry-run", action="store_true", help="show the plan, write nothing")
+    output.add_argument(
+        "--sha256",
+        action="store_true",
+        help="record the source's sha256 in the output (reads it all once)",
+    )
     output.add_argument(
         "--allow-unsafe",
         action="store_true",
@@ -80,8 +109,12 @@ def run(args: argparse.Namespace) -> int:
     options = ConvertOptions(
         to=args.to,
         dtype=args.dtype,
+        gguf_type=args.gguf_type,
+        dequantize=args.dequantize,
+        sha256=args.sha256,
         extract=args.extract,
         take_all=args.take_all,
+        drop_unrepresentable=args.drop_unrepresentable,
         include=tuple(args.include),
         exclude=tuple(args.exclude),
         strip_prefix=args.strip_prefix,
@@ -94,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         verify=args.verify,
         dry_run=args.dry_run,
         allow_unsafe=args.allow_unsafe,
+        shard_size=args.shard_size,
     )
     console = Console(stderr=True)
     if args.json:

@@ -100,10 +100,16 @@ class Contents:
 
 @dataclass(frozen=True)
 class WritePlan:
-    """What to write: tensors in file order (aliases already removed) and string metadata."""
+    """What to write: tensors in file order (aliases already removed) and string metadata.
+
+    ``tree`` (``convert --all`` of a nested checkpoint) is the structure to restore: plain
+    data (``typed_json``) with the plan's ``OutputTensor``s at its leaves, one tensor at
+    several leaves where tied. None means a flat dict of ``tensors`` in order. Writers that
+    store a pickle write it; the others find it as typed JSON in ``metadata``."""
 
     tensors: tuple[OutputTensor, ...]
     metadata: dict[str, str]
+    tree: Any = None
 
 
 @dataclass(frozen=True)

@@ -228,8 +228,12 @@ def _merge(
             )
         merged[tensor] = shards[file][tensor]
     unlisted = [t for t in owner if t not in merged]
-    if weight_map and unlisted:
-        warnings.append(f"{len(unlisted)} tensor(s) in the shards are not in the index")
+    listed = {id(x) for x in merged.values()}
+    aliased = {t for t in unlisted if id(shards[owner[t]][t]) in listed}
+    if weight_map and len(unlisted) > len(aliased):  # a restored alias need not be listed
+        warnings.append(
+            f"{len(unlisted) - len(aliased)} tensor(s) in the shards are not in the index"
+        )
     for tensor in unlisted:
         merged[tensor] = shards[owner[tensor]][tensor]
     return merged
@@ -242,7 +246,7 @@ def _check_totals(
     warnings: list[str],
 ) -> None:
     declared = metadata.get("total_size")
-    stored = sum(t.nbytes for t in tree.values())
+    stored = sum(t.nbytes for t in {id(t): t for t in tree.values()}.values())  # ties once
     if isinstance(declared, int) and declared != stored:
         warnings.append(f"index total_size is {declared:,} bytes, the tensors hold {stored:,}")
     wanted = config.get("torch_dtype") or config.get("dtype")

@@ -32,7 +32,10 @@ unsigned integers (``<u2``, ``|u1``) and the real dtypes are named in one more m
 scanner read it like any other: ``json.loads(arrays["__modelport_dtypes__"].tobytes())``).
 This reader takes it out of the tree and gives the named tensors their dtypes back, so
 bfloat16 and float8 round-trip bit for bit. The plan's metadata has no place in an
-``.npz`` and is not written.
+``.npz`` and is not written, except a nested checkpoint's structure (``convert --all``):
+its typed JSON (``typed_json``) goes into ``__modelport_tree__.npy`` the same way, and this
+reader returns the nested tree it describes (or, if it does not place exactly the file's
+arrays, the flat arrays with a warning).
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from modelport import dtypes
-from modelport.errors import ConversionError, CorruptFileError, TruncatedFileError
+from modelport import dtypes, typed_json
+from modelport.errors import ConversionError, CorruptFileError, ModelportError, TruncatedFileError
 from modelport.formats import npy
 from modelport.formats._base import Contents, Format, FormatReader, Probe, WritePlan
 from modelport.formats._zip import DEFLATED, STORED, ZipDirectory, ZipEntry
@@ -59,6 +62,7 @@ from modelport.tensors import NDArray, TensorRef
 SUFFIX = ".npy"
 DTYPE_MAP = "__modelport_dtypes__"  # member (without .npy) naming the dtypes numpy lacks
 MAX_DTYPE_MAP = 64 << 20
+TREE = "__modelport_tree__"  # member (without .npy) holding a nested tree as typed JSON
 ALIGNMENT = 64  # numpy's ARRAY_ALIGN; also where member data starts in the file
 GROWTH_AXIS_MAX_DIGITS = 21  # numpy pads headers so a growing axis can be rewritten in place
 # dtypes numpy has no type for, and the same-width unsigned integers that carry them
@@ -217,11 +221,18 @@ def read(path: Path, probe: Probe) -> Contents:
             warnings.append(f"npz member {entry.name!r} appears more than once: the last wins")
         chosen[name] = entry
     restore = _take_dtype_map(directory, chosen, warnings)
+    structure = _take_text(directory, chosen, TREE, typed_json.MAX_CHARS)
     tree: dict[str, TensorRef | Any] = {}
     with open(path, "rb") as handle:
         for name, entry in chosen.items():
             tree[name] = _member(directory, handle, entry, warnings)
     _restore_dtypes(tree, restore, warnings)
+    nested = None
+    if structure is not None:
+        try:
+            nested = typed_json.decode(structure, tree, complete=True)
+        except ModelportError as exc:
+            warnings.append(f"{TREE}.npy ignored, the arrays are shown flat: {exc}")
     stored = sum(1 for e in chosen.values() if e.is_stored)
     details: dict[str, Any] = {
         "members": len(chosen),
@@ -230,7 +241,35 @@ def read(path: Path, probe: Probe) -> Contents:
     }
     if restore:
         details["restored_dtypes"] = len(restore)
-    return Contents(Format.NPZ, tree, details=details, warnings=warnings)
+    if nested is not None:
+        details["tree"] = f"nested checkpoint restored from {TREE}.npy"
+    return Contents(
+        Format.NPZ, tree if nested is None else nested, details=details, warnings=warnings
+    )
+
+
+def _take_text(
+    directory: ZipDirectory, chosen: dict[str, ZipEntry], name: str, limit: int
+) -> str | None:
+    """The UTF-8 text modelport's writer stores as the 1-d uint8 array ``name``, removed
+    from ``chosen``; None (the member stays an ordinary tensor) when it is not that."""
+    entry = chosen.get(name)
+    if entry is None or entry.size > limit + npy.MAX_PREFIX:
+        return None
+    data = directory.read_member(entry, limit + npy.MAX_PREFIX)
+    header = npy.parse_header(data[: npy.MAX_PREFIX], path=directory.path, available=len(data))
+    if (
+        header.dtype != "uint8"
+        or len(header.shape) != 1
+        or len(data) != header.data_offset + header.shape[0]
+    ):
+        return None
+    try:
+        text = data[header.data_offset :].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    del chosen[name]
+    return text
 
 
 def _take_dtype_map(
@@ -313,6 +352,8 @@ def write(handle: BinaryIO, plan: WritePlan) -> None:
             raise ConversionError(f"tensor {tensor.name!r}: .npz cannot hold {tensor.dtype}")
         if viewed and tensor.name == DTYPE_MAP:
             raise ConversionError(f"tensor name {DTYPE_MAP!r} is reserved for the dtype map")
+        if tensor.name == TREE and typed_json.KEY in plan.metadata:
+            raise ConversionError(f"tensor name {TREE!r} is reserved for the tree")
     archive = ZipWriter(handle, align=ALIGNMENT)
     for tensor in plan.tensors:
         descr = VIEWED.get(tensor.dtype) or NATIVE[tensor.dtype]
@@ -322,6 +363,9 @@ def write(handle: BinaryIO, plan: WritePlan) -> None:
     if viewed:
         payload = json.dumps(viewed).encode()
         archive.add(DTYPE_MAP + SUFFIX, npy_header("|u1", (len(payload),)) + payload)
+    if typed_json.KEY in plan.metadata:
+        payload = plan.metadata[typed_json.KEY].encode()
+        archive.add(TREE + SUFFIX, npy_header("|u1", (len(payload),)) + payload)
     archive.finish()
 
 

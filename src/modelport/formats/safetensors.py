@@ -10,6 +10,12 @@ Layout (huggingface/safetensors README, "Format"):
 - a tensor's span MUST equal ``prod(shape) * itemsize``; empty and 0-d tensors are allowed.
 
 Everything is checked before a byte of tensor data is touched.
+
+modelport's writer MAY add ``"modelport.tree"`` to ``__metadata__`` (``convert --all`` of a
+nested checkpoint): the checkpoint's structure and non-tensor values as typed JSON
+(``typed_json``), its tensors named by their keys here. The reader then returns that nested
+tree; when the entry is malformed or does not place exactly this file's tensors, the flat
+tensors are returned with a warning, as any other reader of the format would see them.
 """
 
 from __future__ import annotations
@@ -20,8 +26,13 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from modelport import dtypes
-from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
+from modelport import dtypes, typed_json
+from modelport.errors import (
+    CorruptFileError,
+    LimitExceededError,
+    ModelportError,
+    TruncatedFileError,
+)
 from modelport.formats._base import Contents, Format, FormatReader, Probe, WritePlan
 from modelport.streaming import write_all, write_tensor
 from modelport.tensors import Storage, TensorRef
@@ -112,17 +123,34 @@ def read(path: Path, probe: Probe) -> Contents:
         tensors[name] = TensorRef(dtype, tuple(shape), storage)
     _check_coverage(spans, path)
     ordered = {name: tensors[name] for _, _, name in sorted(spans)}
+    tree, warnings = _tree(ordered, metadata)
     # ``save_model`` (and modelport) store a tied tensor once and record ``alias -> kept`` in
     # the metadata: restore the alias as the same tensor, so both names share storage again.
     for alias, kept in metadata.items():
         if alias not in ordered and kept in ordered and "." in alias and " " not in alias:
             ordered[alias] = ordered[kept]
+    details: dict[str, Any] = {"header_bytes": data_start - 8}
+    if tree is not None:
+        details["tree"] = f"nested checkpoint restored from the {typed_json.KEY!r} metadata"
     return Contents(
         Format.SAFETENSORS,
-        ordered,
-        metadata=dict(metadata),
-        details={"header_bytes": data_start - 8},
+        ordered if tree is None else tree,
+        metadata={k: v for k, v in metadata.items() if tree is None or k != typed_json.KEY},
+        details=details,
+        warnings=warnings,
     )
+
+
+def _tree(stored: dict[str, TensorRef], metadata: dict[str, str]) -> tuple[Any, list[str]]:
+    """The nested tree modelport's ``--all`` recorded, or None (with a warning if it was
+    there but unusable)."""
+    text = metadata.get(typed_json.KEY)
+    if text is None:
+        return None, []
+    try:
+        return typed_json.decode(text, stored, complete=True), []
+    except ModelportError as exc:
+        return None, [f"metadata {typed_json.KEY!r} ignored, the tensors are shown flat: {exc}"]
 
 
 def _entry(name: str, entry: Any, path: Path) -> tuple[str, list[int], int, int]:

@@ -35,7 +35,11 @@ that ``torch.load(path, weights_only=True)``, with or without ``mmap=True``, ret
   record: it holds the span of the storage their elements reach, each keeps its offset in
   it and its strides, so ``torch.load`` returns tensors sharing memory as the original did.
   A cast tensor, an empty one, or one without a flat source gets a record of its own,
-  contiguous.
+  contiguous;
+- a plan with a ``tree`` (``convert --all`` of a nested checkpoint) pickles that tree
+  instead of the flat ``OrderedDict`` (``_torch_tree``: dicts, lists, tuples, numbers,
+  strings, bytes around the same tensor calls); its typed JSON copy in the metadata
+  (``typed_json.KEY``) is not written again.
 """
 
 from __future__ import annotations
@@ -59,12 +63,14 @@ from modelport.errors import (
     UnsupportedVersionError,
 )
 from modelport.formats._base import Contents, Format, FormatReader, Probe, WritePlan
+from modelport.formats._torch_tree import pickle_tree
 from modelport.formats._zip import ZipDirectory, ZipEntry
 from modelport.formats._zip_writer import ZipWriter
 from modelport.pickles.reading import read_pickle
 from modelport.pickles.torch_types import StorageType, TypedStorage
 from modelport.streaming import OutputTensor, write_tensor
 from modelport.tensors import Storage, TensorRef, contiguous_strides
+from modelport.typed_json import KEY as TREE_KEY
 
 PREFIX = "archive"
 METADATA_MEMBER = "extra/modelport.json"
@@ -400,6 +406,23 @@ def pickle_bytes(placed: list[_Placed]) -> bytes:
     return bytes(out.out)
 
 
+def tree_pickle_bytes(tree: Any, placed: list[_Placed]) -> bytes:
+    """``data.pkl`` for a plan's nested ``tree``: its plain data, each ``OutputTensor``
+    leaf rebuilt from its record as in ``pickle_bytes``."""
+    by_name = {item.name: item for item in placed}
+    out = _Pickle()
+
+    def tensor(leaf: OutputTensor) -> None:
+        item = by_name.get(leaf.name)
+        if item is None:
+            raise ConversionError(f"the tree names a tensor {leaf.name!r} the plan does not hold")
+        out.tensor(item)
+
+    pickle_tree(out, tree, tensor)
+    out.out += b"."
+    return bytes(out.out)
+
+
 def write(handle: BinaryIO, plan: WritePlan) -> None:
     names = [tensor.name for tensor in plan.tensors]
     if len(set(names)) != len(names):
@@ -412,7 +435,7 @@ def write(handle: BinaryIO, plan: WritePlan) -> None:
                 f"tensor {tensor.name!r}: {tensor.dtype} can be copied, not cast into"
             )
     placed = place(plan)
-    pickled = pickle_bytes(placed)
+    pickled = pickle_bytes(placed) if plan.tree is None else tree_pickle_bytes(plan.tree, placed)
     archive = ZipWriter(handle, align=ALIGNMENT)
     archive.add(f"{PREFIX}/data.pkl", pickled)
     archive.add(f"{PREFIX}/.format_version", b"1")
@@ -426,8 +449,9 @@ def write(handle: BinaryIO, plan: WritePlan) -> None:
         written.add(record.key)
         fill = partial(write_tensor, handle, record.content, checksum=True)
         archive.add_stream(f"{PREFIX}/data/{record.key}", record.content.nbytes, fill)
-    if plan.metadata:
-        archive.add(f"{PREFIX}/{METADATA_MEMBER}", json.dumps(plan.metadata).encode())
+    metadata = {k: v for k, v in plan.metadata.items() if plan.tree is None or k != TREE_KEY}
+    if metadata:
+        archive.add(f"{PREFIX}/{METADATA_MEMBER}", json.dumps(metadata).encode())
     archive.add(f"{PREFIX}/version", b"3\n")
     digest = int.from_bytes(hashlib.sha256(pickled).digest()[:17], "little")
     archive.add(f"{PREFIX}/.data/serialization_id", f"{digest % 10**40:040d}".encode())
