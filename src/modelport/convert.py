@@ -23,25 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from modelport import dtypes, typed_json
 from modelport import tree as trees
 from modelport._version import __version__
 from modelport.api import check_safety
 from modelport.api import open as open_model
-from modelport.detect import detect
-from modelport.errors import ConversionError, VerificationError
-from modelport.formats import READERS, FormatReader, Probe, _hf_writer
+from modelport.errors import ConversionError
+from modelport.formats import READERS, FormatReader, _hf_writer
 from modelport.formats._base import WritePlan
 from modelport.streaming import (
-    CAST_CHUNK,
     OutputTensor,
-    RangeComparer,
-    cast_chunk,
-    paired_chunks,
 )
 from modelport.tensors import TensorRef
+from modelport.verify import CastCheck, verify, verify_directory
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 TARGETS = {
@@ -77,15 +71,6 @@ class ConvertOptions:
     allow_unsafe: bool = False
     shard_size: int | str | None = None  # --to hf: bytes per shard (default 5GB)
     drop_unrepresentable: bool = False  # --all: leave out values that are not plain data
-
-
-@dataclass(frozen=True)
-class CastCheck:
-    """How a lossy cast went: the largest error against the source, and overflows to inf."""
-
-    name: str
-    max_abs_error: float
-    overflow: int
 
 
 @dataclass(frozen=True)
@@ -487,99 +472,6 @@ def _write_verified(
         temporary.unlink(missing_ok=True)
 
 
-def verify(path: Path, plan: WritePlan) -> tuple[CastCheck, ...]:
-    """Read ``path`` back with modelport's reader for its format and compare every tensor
-    with its source, chunk by chunk: bit for bit, or, for casts, against the same cast of
-    the source (and report the cast's error)."""
-    reader, probe, _ = detect(path)
-    contents = reader.read(path, probe)
-    written = trees.tensors_of(contents.tree)
-    expected = {t.name for t in plan.tensors}
-    missing = sorted(expected - set(written))
-    if missing:
-        raise VerificationError(f"{path.name}: tensors missing after writing: {missing[:5]}")
-    casts = []
-    comparer = RangeComparer()
-    for tensor in plan.tensors:
-        out = written[tensor.name]
-        if out.dtype != tensor.dtype or out.shape != tensor.shape:
-            raise VerificationError(
-                f"{tensor.name}: wrote {tensor.dtype}{list(tensor.shape)}, read back "
-                f"{out.dtype}{list(out.shape)}"
-            )
-        check = _compare(tensor, out, comparer)
-        if check is not None:
-            casts.append(check)
-    if contents.close is not None:
-        contents.close()
-    return tuple(casts)
-
-
-def _compare(tensor: OutputTensor, out: TensorRef, comparer: RangeComparer) -> CastCheck | None:
-    worst, overflow = 0.0, 0
-    source_range, out_range = tensor.source.byte_range(), out.byte_range()
-    source_path = tensor.source.storage.path if tensor.source.storage else None
-    out_path = out.storage.path if out.storage else None
-    if not tensor.is_cast and source_range and out_range and source_path and out_path:
-        if not comparer.same(
-            (source_path, source_range[0]), (out_path, out_range[0]), out_range[1]
-        ):
-            raise VerificationError(f"{tensor.name}: the bytes read back differ from the source")
-        return None
-    if dtypes.dtype(out.dtype).numpy is None:  # quantized blocks: compare raw bytes
-        expected = (
-            np.concatenate([b.reshape(-1).view(np.uint8) for b in _quantized(tensor)])
-            if tensor.is_cast
-            else tensor.source.raw_bytes()
-        )
-        if not np.array_equal(expected, out.raw_bytes()):
-            raise VerificationError(f"{tensor.name}: the bytes read back differ from the source")
-        return None
-    if dtypes.dtype(tensor.source.dtype).block is not None:  # dequantized: whole tensor
-        expected_values = cast_chunk(tensor.source.raw_bytes(), tensor.source.dtype, tensor.dtype)
-        if not np.array_equal(_as_bytes(expected_values), _as_bytes(out.numpy())):
-            raise VerificationError(f"{tensor.name}: the dequantized values read back differ")
-        return None
-    for expected_chunk, got_chunk in paired_chunks(tensor.source, out, CAST_CHUNK):
-        expected = (
-            cast_chunk(expected_chunk, tensor.source.dtype, tensor.dtype)
-            if tensor.is_cast
-            else expected_chunk
-        )
-        if not np.array_equal(_as_bytes(expected), _as_bytes(got_chunk)):
-            raise VerificationError(f"{tensor.name}: the bytes read back differ from the source")
-        if tensor.is_cast:
-            chunk_worst, chunk_overflow = _cast_error(expected_chunk, got_chunk)
-            worst, overflow = max(worst, chunk_worst), overflow + chunk_overflow
-    return CastCheck(tensor.name, worst, overflow) if tensor.is_cast else None
-
-
-def _cast_error(
-    original: np.ndarray[Any, Any], converted: np.ndarray[Any, Any]
-) -> tuple[float, int]:
-    """Largest absolute error of a cast chunk, and how many finite values became inf. The
-    16-bit floats widen to float32 exactly, so float32 arithmetic suffices below 64 bits."""
-    wide = np.float64 if original.dtype.itemsize > 4 else np.float32
-    before = original.astype(wide, copy=False)
-    after = converted.astype(wide)
-    overflow = int(np.count_nonzero(np.isfinite(before) & ~np.isfinite(after)))
-    with np.errstate(invalid="ignore", over="ignore"):
-        error = np.abs(np.subtract(before, after, out=after), out=after)
-    error[~np.isfinite(error)] = 0
-    return (float(error.max()) if error.size else 0.0), overflow
-
-
-def _as_bytes(chunk: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """The chunk's bytes, compared as bytes (NaN payloads and -0.0 included), without a copy."""
-    return np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
-
-
-def _quantized(tensor: OutputTensor) -> Any:
-    from modelport.formats._gguf_writer import q8_0_blocks
-
-    return q8_0_blocks(tensor)
-
-
 def _sha256(path: Path) -> str:
     """The source's full-content sha256 (every file of a directory, in name order)."""
     import hashlib
@@ -640,7 +532,7 @@ def _write_directory(
         planned = _hf_writer.write_directory(
             building, plan, limit, source, options.dtype, options.fsync
         )
-        casts = _verify_directory(building, plan, planned) if options.verify else ()
+        casts = verify_directory(building, plan, planned) if options.verify else ()
         _install_directory(building, target, options.fsync)
         return casts
     except OSError as exc:
@@ -659,48 +551,6 @@ def _sibling(target: Path, kind: str) -> Path:
         candidate = target.with_name(name)
         if not candidate.exists() and not candidate.is_symlink():
             return candidate
-
-
-def _verify_directory(
-    directory: Path, plan: WritePlan, planned: _hf_writer.Layout
-) -> tuple[CastCheck, ...]:
-    """Every shard against its part of the plan (``verify``), the parts against the whole
-    plan, then the directory as one model: the index, the shards it names, the aliases."""
-    casts: list[CastCheck] = []
-    for name, part in planned.shards:
-        casts.extend(verify(directory / name, part))
-    stored = [t.name for t in plan.tensors]
-    covered = [t.name for _, part in planned.shards for t in part.tensors]
-    if sorted(covered) != sorted(stored):
-        raise VerificationError(f"{directory.name}: the shards do not hold the plan's tensors")
-    contents = _hf_writer.TARGET.read(directory, Probe.of(directory))
-    try:
-        tree, details = contents.tree, contents.details
-        if sorted(details.get("files", ())) != sorted(planned.files):
-            raise VerificationError(
-                f"{directory.name}: read back shards {details.get('files')}, "
-                f"wrote {list(planned.files)}"
-            )
-        aliases = _hf_writer.aliases_of(plan)
-        restored = details.get("aliases", {})
-        for alias, kept in aliases.items():
-            if tree.get(alias) is not tree.get(kept) and restored.get(alias) != kept:
-                raise VerificationError(f"{alias}: the alias of {kept} was not read back")
-        extra = sorted(set(tree) - set(stored) - set(aliases))
-        missing = sorted(set(stored) - set(tree))
-        if extra or missing:
-            raise VerificationError(
-                f"{directory.name}: read back {len(extra)} unexpected and {len(missing)} "
-                f"missing tensors ({(extra + missing)[:5]})"
-            )
-        if planned.index is not None:
-            declared = contents.metadata.get("total_size")
-            if declared != planned.index["metadata"]["total_size"]:
-                raise VerificationError(f"{directory.name}: index total_size {declared!r} is off")
-    finally:
-        if contents.close is not None:
-            contents.close()
-    return tuple(casts)
 
 
 def _install_directory(built: Path, target: Path, fsync: bool) -> None:
