@@ -19,11 +19,12 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelport import dtypes, typed_json
+from modelport import dtypes, streaming, typed_json
 from modelport import tree as trees
 from modelport._version import __version__
 from modelport.api import check_safety
@@ -114,9 +115,14 @@ class ConvertReport:
 
 
 def convert(
-    src: str | Path, dst: str | Path, options: ConvertOptions | None = None
+    src: str | Path,
+    dst: str | Path,
+    options: ConvertOptions | None = None,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> ConvertReport:
-    """Convert ``src`` into ``dst`` (format from ``options.to`` or ``dst``'s name)."""
+    """Convert ``src`` into ``dst`` (format from ``options.to`` or ``dst``'s name);
+    ``on_progress(done, total)`` hears about every byte written and verified."""
     options = options or ConvertOptions()
     started = time.perf_counter()
     source, target = Path(src), Path(dst)
@@ -152,7 +158,16 @@ def convert(
         )
         if options.dry_run:
             return report
-        casts = _write_verified(plan, target, writer, options, source)
+        total = report.bytes_written * (2 if options.verify else 1)
+        moved = [0]
+
+        def tick(nbytes: int) -> None:
+            moved[0] += nbytes
+            if on_progress is not None:
+                on_progress(min(moved[0], total), total)
+
+        with streaming.progress(tick):
+            casts = _write_verified(plan, target, writer, options, source)
     return ConvertReport(
         report.source,
         report.target,

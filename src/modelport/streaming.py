@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -141,6 +142,7 @@ def write_tensor(handle: BinaryIO, tensor: OutputTensor, *, checksum: bool = Fal
     ):
         handle.flush()
         _copy_range(source.storage.path, span[0], span[1], handle)
+        advance(span[1])
         return 0
     if (
         not tensor.is_cast
@@ -155,6 +157,7 @@ def write_tensor(handle: BinaryIO, tensor: OutputTensor, *, checksum: bool = Fal
         out = cast_chunk(chunk, source.dtype, tensor.dtype) if tensor.is_cast else chunk
         data = np.ascontiguousarray(out).reshape(-1).view(np.uint8).data
         write_all(handle, data)
+        advance(len(data))
         written += len(data)
         if checksum:
             crc = zlib.crc32(data, crc)
@@ -166,6 +169,25 @@ def write_tensor(handle: BinaryIO, tensor: OutputTensor, *, checksum: bool = Fal
 
 
 _BUFFER = threading.local()  # one reusable read buffer per thread (see _copy_with_crc)
+_PROGRESS = threading.local()  # the callback ``progress`` installs, per thread
+
+
+@contextmanager
+def progress(callback: Callable[[int], None] | None) -> Iterator[None]:
+    """Within the block, every byte written or verified is reported to ``callback`` (the
+    writers stay unaware of progress bars)."""
+    previous = getattr(_PROGRESS, "callback", None)
+    _PROGRESS.callback = callback
+    try:
+        yield
+    finally:
+        _PROGRESS.callback = previous
+
+
+def advance(nbytes: int) -> None:
+    callback = getattr(_PROGRESS, "callback", None)
+    if callback is not None:
+        callback(nbytes)
 
 
 def _copy_with_crc(path: os.PathLike[str] | str, offset: int, length: int, handle: BinaryIO) -> int:
@@ -189,6 +211,7 @@ def _copy_with_crc(path: os.PathLike[str] | str, offset: int, length: int, handl
                 )
             crc = zlib.crc32(view, crc)
             write_all(handle, view)
+            advance(n)
             done += n
     return crc
 
@@ -225,7 +248,7 @@ class RangeComparer:
     """Compares byte ranges of files through two buffers reused for every chunk: reading
     into fresh memory each time would cost a page fault per 4 KiB, more than the reading."""
 
-    def __init__(self, chunk: int = CHUNK) -> None:
+    def __init__(self, chunk: int = CHUNK // 2) -> None:
         self.left = bytearray(chunk)
         self.right = bytearray(chunk)
         self.equal = np.empty(chunk, dtype=bool)
@@ -250,6 +273,7 @@ class RangeComparer:
                 right = np.frombuffer(self.right, np.uint8, n)
                 if not np.equal(left, right, out=self.equal[:n]).all():
                     return False
+                advance(n)
                 done += n
         return True
 

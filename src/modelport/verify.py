@@ -24,6 +24,7 @@ from modelport.streaming import (
     CAST_CHUNK,
     OutputTensor,
     RangeComparer,
+    advance,
     cast_chunk,
     paired_chunks,
 )
@@ -100,6 +101,7 @@ def _compare(tensor: OutputTensor, out: TensorRef, comparer: RangeComparer) -> C
         )
         if not np.array_equal(_as_bytes(expected), _as_bytes(got_chunk)):
             raise VerificationError(f"{tensor.name}: the bytes read back differ from the source")
+        advance(got_chunk.nbytes)
         if tensor.is_cast:
             chunk_worst, chunk_overflow = _cast_error(expected_chunk, got_chunk)
             worst, overflow = max(worst, chunk_worst), overflow + chunk_overflow

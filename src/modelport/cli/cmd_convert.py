@@ -7,6 +7,14 @@ import json
 from typing import Any
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 import modelport
 from modelport.cli._output import human_bytes
@@ -134,8 +142,21 @@ def run(args: argparse.Namespace) -> int:
         report = modelport.convert(args.source, args.target, options)
         print(json.dumps(report.to_json(), indent=2))
         return 0
-    with console.status(f"converting {args.source}"):
-        report = modelport.convert(args.source, args.target, options)
+    with Progress(
+        TextColumn("converting"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("convert", total=None)
+
+        def show(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        report = modelport.convert(args.source, args.target, options, on_progress=show)
     out = Console()
     action = "would write" if report.dry_run else "wrote"
     out.print(
