@@ -14,6 +14,7 @@ builtin a caller would otherwise expect, so ``except ValueError`` keeps working.
     ├── UnsafeModelError                       the scanner found code execution; loading refused
     ├── ConversionError                        a conversion refused before writing (or failed)
     ├── VerificationError                      the written file does not match its source
+    ├── ModelSpecError                         the model named by --model cannot be built
     ├── LimitExceededError (ValueError)        a declared size or count past a hard limit
     ├── TensorNotFoundError (KeyError)         no tensor by that name
     ├── UnsupportedDtypeError (TypeError)      a dtype numpy or torch cannot represent
@@ -91,6 +92,11 @@ class ConversionError(ModelportError):
 
 class VerificationError(ModelportError):
     """The output, read back, differs from what was meant to be written; it was removed."""
+
+
+class ModelSpecError(ModelportError):
+    """The model named for ``check``/``export`` (``pkg.module:Name``, an HF directory) could
+    not be imported or built."""
 
 
 class SuspiciousModelWarning(UserWarning):

@@ -16,7 +16,16 @@ import warnings
 from collections.abc import Sequence
 
 from modelport._version import __version__
-from modelport.cli import _errors, cmd_convert, cmd_diff, cmd_hash, cmd_inspect, cmd_scan
+from modelport.cli import (
+    _errors,
+    cmd_check,
+    cmd_convert,
+    cmd_diff,
+    cmd_export,
+    cmd_hash,
+    cmd_inspect,
+    cmd_scan,
+)
 from modelport.errors import VerificationError
 
 EXIT_OK = 0
@@ -36,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_convert.register(commands)
     cmd_diff.register(commands)
     cmd_hash.register(commands)
+    cmd_check.register(commands)
+    cmd_export.register(commands)
     return parser
 
 

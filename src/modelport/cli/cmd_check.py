@@ -1,0 +1,61 @@
+"""``modelport check``: will these weights load into this model (strict), and if not, why?"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from modelport.check import check
+
+EXAMPLES = """examples:
+  modelport check --model mypkg.nets:ResNet --init '{"classes": 10}' ckpt.pt
+  modelport check --model ./my-hf-model model.safetensors
+  modelport check --model mypkg.nets:ResNet ddp_ckpt.pt --fix fixed.safetensors
+  modelport check --model mypkg.nets:ResNet ckpt.pt --json
+
+exit codes: 0 the weights fit (or --fix wrote a file that fits), 1 they do not, 2 error
+"""
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "check",
+        help="will these weights load into this model? (names and shapes, no tensor data)",
+        description="Compare the names and shapes in WEIGHTS (read by content, no tensor "
+        "data) with the state_dict of the model you name, as load_state_dict(strict=True) "
+        "would, and name the likely cause of any difference. --model imports and calls "
+        "your own code (pkg.module:Name), or builds a Hugging Face model from a directory's "
+        "config.json without downloading anything. Nothing stored in WEIGHTS is executed.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("weights", help="weights file or directory")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="pkg.module:Name|DIR",
+        help="the model: a class or factory to import and call, or a directory with config.json",
+    )
+    parser.add_argument("--init", metavar="JSON", help="arguments for --model: object or list")
+    parser.add_argument(
+        "--fix", metavar="OUT", help="write the weights renamed so that they fit (prefix shifts)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--allow-unsafe",
+        action="store_true",
+        help="check a file the scanner judged unsafe (still executes nothing in it)",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = check(
+        args.weights, args.model, init=args.init, fix=args.fix, allow_unsafe=args.allow_unsafe
+    )
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print("\n".join(report.lines()))
+    return 0 if report.ok or report.fixed_ok else 1

@@ -1,0 +1,175 @@
+"""``modelport export``: a torch model to ONNX, TorchScript or .pt2, verified against eager."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+
+from modelport.errors import ConversionError
+from modelport.export import FORMATS, ExportReport, export
+from modelport.models import resolve_model
+
+EXAMPLES = """examples:
+  modelport export --model tests.models:TinyResNet --init '{"classes": 10}' \\
+      --input x:2,3,32,32 --dynamic x:0=batch --to onnx model.onnx
+  modelport export --model mypkg.nets:build --weights model.safetensors \\
+      --input x:1,3,224,224:float16 --to pt2 model.pt2
+  modelport export --model ./bert-dir --input input_ids:2,16:int64 --to onnx bert.onnx --json
+
+--model imports and runs YOUR code (pkg.module:Name); a directory with config.json is built
+with transformers from the config (no hub, no remote code), its weights read by modelport.
+
+exit codes: 0 exported and verified, 1 verification failed, 2 error
+"""
+
+INT_HIGH = 100  # random integer inputs lie in [0, INT_HIGH) or [0, config.vocab_size)
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "export",
+        help="export a torch model to ONNX / TorchScript / .pt2 and verify it against eager",
+        description="Build the model, export it, run the exported file in its own runtime on "
+        "several random inputs and compare every output with eager PyTorch.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("output", help="output file (ONNX: OUT and OUT.data)")
+    parser.add_argument(
+        "--model", required=True, help="pkg.module:Name (class or factory) or an HF directory"
+    )
+    parser.add_argument("--init", metavar="JSON", help="keyword arguments for Name, as JSON")
+    parser.add_argument("--weights", metavar="FILE", help="weights in any readable format")
+    parser.add_argument("--to", choices=FORMATS, default="onnx", help="format (default onnx)")
+    parser.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        default=[],
+        required=True,
+        metavar="NAME:SHAPE[:DTYPE]",
+        help="an example input, e.g. x:1,3,32,32 or ids:2,16:int64 (repeat, in forward order)",
+    )
+    parser.add_argument(
+        "--dynamic",
+        action="append",
+        default=[],
+        metavar="NAME:AXIS=DIM[,AXIS=DIM]",
+        help="dynamic axes, e.g. x:0=batch (the same DIM name ties axes together)",
+    )
+    parser.add_argument("--opset", type=int, help="ONNX opset version")
+    parser.add_argument("--rtol", type=float, help="relative tolerance (default by dtype)")
+    parser.add_argument("--atol", type=float, help="absolute tolerance (default by dtype)")
+    parser.add_argument("--no-verify", dest="verify", action="store_false")
+    parser.add_argument(
+        "--allow-unsafe", action="store_true", help="read weights the scanner judged unsafe"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    init = _init(args.init)
+    model = resolve_model(
+        args.model, init=init, weights=args.weights, allow_unsafe=args.allow_unsafe
+    )
+    high = getattr(getattr(model, "config", None), "vocab_size", None) or INT_HIGH
+    inputs = dict(parse_input(spec, int(high)) for spec in args.inputs)
+    dynamic = dict(parse_dynamic(spec) for spec in args.dynamic)
+    # the exporters talk on stdout; keep it for the JSON object
+    with contextlib.redirect_stdout(sys.stderr):
+        report = export(
+            model,
+            args.output,
+            inputs,
+            to=args.to,
+            dynamic=dynamic,
+            opset=args.opset,
+            verify=args.verify,
+            rtol=args.rtol,
+            atol=args.atol,
+        )
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        _show(report)
+    return 1 if report.verified is False else 0
+
+
+def _init(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"--init is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ConversionError("--init must be a JSON object of keyword arguments")
+    return value
+
+
+def parse_input(spec: str, high: int = INT_HIGH) -> tuple[str, Any]:
+    """``NAME:1,3,32,32[:float32]`` -> (name, random example tensor)."""
+    import torch
+
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not parts[0]:
+        raise ConversionError(f"--input {spec!r}: expected NAME:SHAPE[:DTYPE]")
+    try:
+        shape = [int(s) for s in parts[1].split(",") if s.strip()]
+    except ValueError as exc:
+        raise ConversionError(f"--input {spec!r}: shape must be integers like 1,3,32,32") from exc
+    if any(s < 0 for s in shape):
+        raise ConversionError(f"--input {spec!r}: negative size")
+    dtype = getattr(torch, parts[2], None) if len(parts) == 3 else torch.float32
+    if not isinstance(dtype, torch.dtype):
+        raise ConversionError(f"--input {spec!r}: unknown dtype {parts[2]!r}")
+    generator = torch.Generator().manual_seed(0)
+    if dtype == torch.bool:
+        return parts[0], torch.rand(shape, generator=generator) < 0.5
+    if dtype.is_floating_point:
+        return parts[0], torch.randn(shape, generator=generator).to(dtype)
+    return parts[0], torch.randint(0, high, shape, generator=generator, dtype=dtype)
+
+
+def parse_dynamic(spec: str) -> tuple[str, dict[int, str]]:
+    """``NAME:0=batch,1=seq`` -> (name, {0: "batch", 1: "seq"})."""
+    name, sep, rest = spec.partition(":")
+    axes: dict[int, str] = {}
+    for item in rest.split(","):
+        axis, eq, dim = item.partition("=")
+        if not sep or not name or not eq or not dim.isidentifier() or not axis.isdigit():
+            raise ConversionError(f"--dynamic {spec!r}: expected NAME:AXIS=DIM[,AXIS=DIM]")
+        axes[int(axis)] = dim
+    return name, axes
+
+
+def _show(report: ExportReport) -> None:
+    out = Console(soft_wrap=True)
+    files = ", ".join(str(f) for f in report.files)
+    out.print(f"wrote {files} ({report.format}, {report.seconds:.1f} s)", highlight=False)
+    for note in report.warnings:
+        out.print(f"  warning: {note}", highlight=False)
+    if report.verified is None:
+        out.print("  not verified (--no-verify)", highlight=False)
+        return
+    samples = sorted({c.sample for c in report.outputs})
+    if report.verified:
+        out.print(
+            f"  verified against eager on {len(samples)} inputs ({', '.join(samples)}): "
+            f"max abs error {report.max_abs_error:.3g}",
+            highlight=False,
+        )
+        return
+    out.print("  [red]verification FAILED[/red]: the export differs from eager")
+    for check in [c for c in report.outputs if not c.ok][:10]:
+        out.print(
+            f"    {check.name} on {check.sample}: max abs {check.max_abs:.3g}, max rel "
+            f"{check.max_rel:.3g} (atol {check.atol:g}, rtol {check.rtol:g})",
+            highlight=False,
+        )
