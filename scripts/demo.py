@@ -151,6 +151,36 @@ def main() -> int:
     )
     cli("diff", str(files["legacy.pt"]), str(converted))
     cli("hash", str(files["state_dict.pt"]), str(files["model.safetensors"]), str(converted))
+    spec = "scripts.demo:DemoNet"  # the class above, imported by name as users name theirs
+    cli(
+        "export",
+        "--model",
+        spec,
+        "--weights",
+        str(converted),
+        "--to",
+        "onnx",
+        "--input",
+        "x:2,3,16,16",
+        "--dynamic",
+        "x:0=batch",
+        str(OUT / "exported.onnx"),
+    )
+    cli(
+        "export",
+        "--model",
+        spec,
+        "--weights",
+        str(converted),
+        "--to",
+        "pt2",
+        "--input",
+        "x:2,3,16,16",
+        str(OUT / "exported.pt2"),
+    )
+    ddp = OUT / "ddp_checkpoint.pt"
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, ddp)
+    cli("check", "--model", spec, str(ddp), "--fix", str(OUT / "fixed.safetensors"))
 
     import warnings
 
