@@ -12,6 +12,7 @@ nothing behind, and an existing file is never replaced unless asked.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import os
@@ -19,7 +20,8 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -466,25 +468,38 @@ def _write_verified(
     assert writer.write is not None
     temporary = target.with_name(f".{target.name}.modelport-{os.getpid()}.tmp")
     try:
-        with open(temporary, "w+b", buffering=0) as handle:
-            writer.write(handle, plan)
+        with _full_disk_refused(target):
+            with open(temporary, "w+b", buffering=0) as handle:
+                writer.write(handle, plan)
+                if options.fsync:
+                    os.fsync(handle.fileno())
+            casts = verify(temporary, plan) if options.verify else ()
+            temporary.replace(target)
             if options.fsync:
-                os.fsync(handle.fileno())
-        casts = verify(temporary, plan) if options.verify else ()
-        temporary.replace(target)
-        if options.fsync:
-            directory = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+                _fsync_directory(target.parent)
         return casts
-    except OSError as exc:
-        if exc.errno == 28:  # ENOSPC
-            raise ConversionError(f"{target}: the disk is full; nothing was written") from None
-        raise
     finally:
         temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def _full_disk_refused(target: Path) -> Iterator[None]:
+    """A full disk becomes a refusal that says so (the caller removes what was written)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise ConversionError(f"{target}: the disk is full; nothing was written") from None
+        raise
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable."""
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def _sha256(path: Path) -> str:
@@ -544,16 +559,13 @@ def _write_directory(
     building = _sibling(target, "tmp")
     building.mkdir()
     try:
-        planned = _hf_writer.write_directory(
-            building, plan, limit, source, options.dtype, options.fsync
-        )
-        casts = verify_directory(building, plan, planned) if options.verify else ()
-        _install_directory(building, target, options.fsync)
+        with _full_disk_refused(target):
+            planned = _hf_writer.write_directory(
+                building, plan, limit, source, options.dtype, options.fsync
+            )
+            casts = verify_directory(building, plan, planned) if options.verify else ()
+            _install_directory(building, target, options.fsync)
         return casts
-    except OSError as exc:
-        if exc.errno == 28:  # ENOSPC
-            raise ConversionError(f"{target}: the disk is full; nothing was written") from None
-        raise
     finally:
         if building.is_dir():
             shutil.rmtree(building, ignore_errors=True)
@@ -585,12 +597,8 @@ def _install_directory(built: Path, target: Path, fsync: bool) -> None:
         else:
             old.unlink()
     if fsync:
-        for directory in (target, target.parent):
-            handle = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(handle)
-            finally:
-                os.close(handle)
+        _fsync_directory(target)
+        _fsync_directory(target.parent)
 
 
 def _bytes_on_disk(target: Path) -> int:
