@@ -197,3 +197,20 @@ def test_transformers_whole_model_is_suspicious_not_unsafe(tmp_path: Path) -> No
         loaded = modelport.load(path)
     assert list(loaded) == list(state)
     assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_npz_with_string_and_record_arrays(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.npz"
+    np.savez(
+        plain,
+        names=np.array(["a", "bb"]),
+        w=np.ones(3),
+        rec=np.zeros(2, dtype=[("a", "<i4"), ("b", "<f8")]),
+    )
+    assert modelport.scan(plain).verdict == "safe"
+    with modelport.open(plain) as model:  # non-numeric members are skipped, with a warning
+        assert list(model.tensors) == ["w"]
+        assert any("names.npy" in w for w in model.warnings)
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, rec=np.zeros(2, dtype=[("a", "<i4"), ("b", "O")]))
+    assert modelport.scan(objects).verdict == "suspicious"

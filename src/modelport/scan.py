@@ -14,13 +14,14 @@ critical), ``error`` (could not be fully analysed: never reported as safe).
 from __future__ import annotations
 
 import mmap
+import re
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelport.errors import ModelportError
+from modelport.errors import ModelportError, UnsupportedDtypeError
 from modelport.formats import READERS, Probe
 from modelport.formats._zip import ZipDirectory, prepended_bytes
 from modelport.pickles.machine import Limits
@@ -338,9 +339,26 @@ class _FileScanner:
     def scan_npy(self, data: memoryview, member: str, depth: int) -> None:
         from modelport.formats import npy
 
-        header = npy.parse_header(
-            bytes(data[: npy.MAX_PREFIX]), path=self.path, where=member, available=len(data)
-        )
+        prefix = bytes(data[: npy.MAX_PREFIX])
+        try:
+            header = npy.parse_header(prefix, path=self.path, where=member, available=len(data))
+        except UnsupportedDtypeError:
+            # Strings, dates, records: no pickle unless an object field hides in the dtype,
+            # in which case numpy pickles the array after its header, as for object arrays.
+            header_text = prefix[: prefix.find(b"}") + 1]
+            if re.search(rb"""['"][|<>=]?O""", header_text) is None:
+                self.add("info", "plain-array", member, "a numpy array of a non-numeric dtype")
+                return
+            self.add(
+                "medium",
+                "object-array",
+                member,
+                "numpy record array with object fields: its contents are a pickle",
+            )
+            self.scan_pickle_stream(
+                data[len(header_text) + _npy_padding(prefix) :], member, depth + 1
+            )
+            return
         if header.is_object:
             self.add(
                 "medium",
@@ -526,6 +544,13 @@ _TEMPLATE_ESCAPES = (
     "cycler",
     "joiner",
 )
+
+
+def _npy_padding(prefix: bytes) -> int:
+    """Bytes after the header dict up to the data: the newline padding npy headers carry."""
+    end = prefix.find(b"}") + 1
+    newline = prefix.find(b"\n", end)
+    return newline + 1 - end if newline >= 0 else 0
 
 
 def _located(finding: PickleFinding, member: str) -> Finding:

@@ -51,7 +51,13 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from modelport import dtypes, typed_json
-from modelport.errors import ConversionError, CorruptFileError, ModelportError, TruncatedFileError
+from modelport.errors import (
+    ConversionError,
+    CorruptFileError,
+    ModelportError,
+    TruncatedFileError,
+    UnsupportedDtypeError,
+)
 from modelport.formats import npy
 from modelport.formats._base import Contents, Format, FormatReader, Probe, WritePlan
 from modelport.formats._zip import DEFLATED, STORED, ZipDirectory, ZipEntry
@@ -225,7 +231,10 @@ def read(path: Path, probe: Probe) -> Contents:
     tree: dict[str, TensorRef | Any] = {}
     with open(path, "rb") as handle:
         for name, entry in chosen.items():
-            tree[name] = _member(directory, handle, entry, warnings)
+            try:
+                tree[name] = _member(directory, handle, entry, warnings)
+            except UnsupportedDtypeError as exc:  # strings, dates, records: not tensors
+                warnings.append(f"npz member {entry.name!r} skipped: {exc}")
     _restore_dtypes(tree, restore, warnings)
     nested = None
     if structure is not None:
