@@ -20,6 +20,8 @@ from modelport.export import export as export
 from modelport.fingerprint import HashReport as HashReport
 from modelport.fingerprint import fingerprint as hash
 from modelport.formats import Format as Format
+from modelport.rebuild import RebuildReport as RebuildReport
+from modelport.rebuild import rebuild as rebuild
 from modelport.report import InspectReport as InspectReport
 from modelport.scan import ScanReport as ScanReport
 from modelport.scan import scan as scan
@@ -35,6 +37,7 @@ __all__ = [
     "HashReport",
     "InspectReport",
     "ModelFile",
+    "RebuildReport",
     "ScanReport",
     "TensorRef",
     "__version__",
@@ -47,5 +50,6 @@ __all__ = [
     "inspect",
     "load",
     "open",
+    "rebuild",
     "scan",
 ]

@@ -24,6 +24,7 @@ from modelport.cli import (
     cmd_export,
     cmd_hash,
     cmd_inspect,
+    cmd_rebuild,
     cmd_scan,
 )
 from modelport.errors import VerificationError
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_hash.register(commands)
     cmd_check.register(commands)
     cmd_export.register(commands)
+    cmd_rebuild.register(commands)
     return parser
 
 

@@ -1,0 +1,126 @@
+"""modelport ``export(..., to="onnx")`` vs ``torch.onnx.export(dynamo=True, verify=True)``.
+
+Two small models, in one process, same inputs: a ResNet-style CNN (``tests.models.TinyResNet``,
+input 1x3x64x64) and a BERT (transformers ``BertConfig``: hidden 128, 2 layers, vocab 1000,
+sequence 32). Each side writes the ONNX file and verifies it with onnxruntime against eager:
+modelport on the example input and two random ones, torch's ``verify=True`` on the example.
+Wall time is the median of ``--repeat`` runs (default 3) after one warm-up per side.
+
+Usage: python benchmarks/bench_export.py [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests.models
+
+
+def cnn() -> tuple[Any, dict[str, Any]]:
+    import torch
+    from tests.models import TinyResNet
+
+    torch.manual_seed(0)
+    return TinyResNet().eval(), {"x": torch.randn(1, 3, 64, 64)}
+
+
+def bert() -> tuple[Any, dict[str, Any]]:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        vocab_size=1000,
+        max_position_embeddings=64,
+    )
+    model = BertModel(config).eval()
+    model.config.return_dict = False  # tuples out, for both exporters
+    return model, {"input_ids": torch.randint(0, 1000, (1, 32))}
+
+
+def modelport_side(model: Any, inputs: dict[str, Any], path: Path) -> None:
+    from modelport.export import export
+
+    report = export(model, path, inputs, to="onnx")
+    if report.verified is not True:
+        raise SystemExit(f"modelport did not verify {path}")
+
+
+def torch_side(model: Any, inputs: dict[str, Any], path: Path) -> None:
+    import torch
+
+    torch.onnx.export(
+        model,
+        tuple(inputs.values()),
+        str(path),
+        dynamo=True,
+        verify=True,
+        input_names=list(inputs),
+    )
+
+
+def timed(run: Callable[[], None], repeat: int) -> float:
+    run()  # warm-up: imports, first-trace caches
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def quiet() -> Any:
+    """Silence the exporters' progress lines and logs (stdout and fd 2) while timing."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(io.StringIO()):
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, build in (("ResNet-style CNN 1x3x64x64", cnn), ("BERT h128 L2 seq32", bert)):
+            model, inputs = build()
+            ours = Path(tmp) / f"{name[:4]}-modelport.onnx"
+            theirs = Path(tmp) / f"{name[:4]}-torch.onnx"
+            with quiet():
+                mp = timed(lambda m=model, i=inputs, p=ours: modelport_side(m, i, p), args.repeat)
+                tv = timed(lambda m=model, i=inputs, p=theirs: torch_side(m, i, p), args.repeat)
+            rows.append((name, mp, tv))
+    print(f"export to ONNX + verify, median of {args.repeat} (seconds)")
+    print(f"{'model':<28} {'modelport':>10} {'torch verify':>13} {'mp/torch':>9}")
+    for name, mp, tv in rows:
+        print(f"{name:<28} {mp:>10.2f} {tv:>13.2f} {mp / tv:>8.2f}x")
+    print("modelport checks 3 inputs (example + 2 random); torch verify=True checks 1")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Rebuild a whole model from weights plus the class that uses them, and prove it loads back.
+
+``rebuild`` builds the model (``pkg.module:Name`` or an HF directory, see ``modelport.models``),
+loads the weights strictly (any format modelport reads; nothing in them is executed), puts it
+in eval mode and writes one of:
+
+- ``pickle`` (default): ``torch.save(model)``, the whole module. Loading it needs
+  ``torch.load(path, weights_only=False)`` and the model's class importable under the same
+  name; the report says which class.
+- ``torchscript`` / ``pt2``: written and verified by ``modelport.export`` (needs example
+  inputs); they load without the Python class.
+
+Before success is reported the file is loaded back (the pickle with ``torch.load`` on the
+file this call has just written, nothing else) and compared with the eager model: outputs on
+the example inputs and random ones (``export``'s checks), and for the pickle also every
+state-dict tensor bit for bit (the only check when no example inputs are given).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelport.errors import ConversionError
+from modelport.export import OutputCheck, _leaves, _named, _verify, export
+from modelport.models import resolve_model
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+TARGETS = ("pickle", "torchscript", "pt2")
+
+
+@dataclass(frozen=True)
+class RebuildReport:
+    """What ``rebuild`` wrote, how it was checked and what loading it needs."""
+
+    path: Path
+    format: str
+    model: str
+    weights: Path
+    files: tuple[Path, ...]
+    verified: bool
+    method: str  # "outputs", "state_dict" or "outputs+state_dict"
+    max_abs_error: float
+    outputs: tuple[OutputCheck, ...]
+    tensors_compared: int
+    mismatched: tuple[str, ...]
+    load_with: str
+    requires: str
+    seconds: float
+    warnings: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "model": self.model,
+            "weights": str(self.weights),
+            "files": [str(f) for f in self.files],
+            "verified": self.verified,
+            "method": self.method,
+            "max_abs_error": self.max_abs_error if math.isfinite(self.max_abs_error) else None,
+            "outputs": [o.to_json() for o in self.outputs],
+            "tensors_compared": self.tensors_compared,
+            "mismatched": list(self.mismatched),
+            "load_with": self.load_with,
+            "requires": self.requires,
+            "seconds": self.seconds,
+            "warnings": list(self.warnings),
+        }
+
+
+def rebuild(
+    model: str | Path,
+    weights: str | Path,
+    path: str | Path,
+    *,
+    init: str | Mapping[str, Any] | list[Any] | None = None,
+    to: str | None = None,
+    example_inputs: Mapping[str, torch.Tensor] | Sequence[torch.Tensor] | None = None,
+    allow_unsafe: bool = False,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> RebuildReport:
+    """Build ``model`` with ``weights`` and save it whole to ``path`` as ``to`` (by default
+    from the name: ``.pt2`` -> pt2, anything else a whole-model pickle); load the file back
+    and compare it with the eager model before reporting ``verified``."""
+    if to is None:
+        to = "pt2" if Path(path).suffix == ".pt2" else "pickle"
+    if to not in TARGETS:
+        raise ConversionError(f"unknown rebuild format {to!r}: expected one of {TARGETS}")
+    if to != "pickle" and not example_inputs:
+        raise ConversionError(f"--to {to} traces the model: it needs example inputs (--input)")
+    started = time.perf_counter()
+    module = resolve_model(model, init=init, weights=weights, allow_unsafe=allow_unsafe)
+    path = Path(path)
+    if to == "pickle":
+        checks, compared, mismatched = _pickle(module, path, example_inputs, rtol, atol)
+        files: tuple[Path, ...] = (path,)
+        notes: list[str] = []
+        method = "outputs+state_dict" if example_inputs else "state_dict"
+        cls = type(module)
+        load_with = f"torch.load({str(path)!r}, weights_only=False)"
+        requires = (
+            f"the class {cls.__module__}.{cls.__qualname__} must be importable, and the file "
+            "must be trusted: loading a whole-model pickle runs code"
+        )
+        if cls.__module__ == "__main__":
+            notes.append("the class lives in __main__: only that same script can load the file")
+    else:
+        assert example_inputs is not None
+        exported = export(module, path, example_inputs, to=to, rtol=rtol, atol=atol)
+        checks, compared, mismatched = exported.outputs, 0, []
+        files, notes, method = exported.files, list(exported.warnings), "outputs"
+        if to == "torchscript":
+            load_with = f"torch.jit.load({str(path)!r})"
+        else:
+            load_with = f"torch.export.load({str(path)!r}).module()"
+        requires = "torch only; the Python class is not needed"
+    verified = bool(checks or compared) and all(c.ok for c in checks) and not mismatched
+    return RebuildReport(
+        path=path,
+        format=to,
+        model=str(model),
+        weights=Path(weights),
+        files=files,
+        verified=verified,
+        method=method,
+        max_abs_error=max((c.max_abs for c in checks), default=0.0),
+        outputs=tuple(checks),
+        tensors_compared=compared,
+        mismatched=tuple(mismatched),
+        load_with=load_with,
+        requires=requires,
+        seconds=time.perf_counter() - started,
+        warnings=tuple(notes),
+    )
+
+
+def _pickle(
+    module: nn.Module,
+    path: Path,
+    example_inputs: Mapping[str, torch.Tensor] | Sequence[torch.Tensor] | None,
+    rtol: float | None,
+    atol: float | None,
+) -> tuple[tuple[OutputCheck, ...], int, list[str]]:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.save(module, str(path))
+    except Exception as exc:  # local classes, lambdas, open handles: pickle refuses them
+        first = " ".join(str(exc).split())[:300]
+        raise ConversionError(
+            f"torch.save could not pickle the model ({type(exc).__name__}: {first}); "
+            "the class must be defined at module level"
+        ) from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # the file this call has just written from the user's own model; never a given file
+        loaded = torch.load(str(path), weights_only=False, map_location="cpu")
+    if not isinstance(loaded, torch.nn.Module):
+        raise ConversionError(f"{path}: reloaded as a {type(loaded).__name__}, not a module")
+    loaded.eval()
+    mismatched = _state_mismatches(module.state_dict(), loaded.state_dict())
+    checks: tuple[OutputCheck, ...] = ()
+    if example_inputs:
+        names, inputs = _named(example_inputs)
+        runner = _runner_for(loaded)
+        with contextlib.redirect_stdout(io.StringIO()):
+            checks = tuple(_verify(module, runner, names, inputs, {}, rtol, atol))
+    return checks, len(module.state_dict()), mismatched
+
+
+def _runner_for(loaded: nn.Module) -> Any:
+    """Like ``export._runner``, for the module already loaded back from the pickle."""
+    import torch
+
+    def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return _leaves(loaded(*inputs))
+
+    return run
+
+
+def _state_mismatches(
+    expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """Names whose tensors differ in presence, dtype, shape or any byte."""
+    import torch
+
+    bad = sorted(set(expected) ^ set(actual))
+    for name in sorted(set(expected) & set(actual)):
+        a, b = expected[name], actual[name]
+        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(_raw(a), _raw(b)):
+            bad.append(name)
+    return bad
+
+
+def _raw(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes (so NaN payloads and -0.0 count), as uint8."""
+    import torch
+
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
