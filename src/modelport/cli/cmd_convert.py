@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         TimeRemainingColumn(),
         console=console,
         transient=True,
+        disable=not console.is_terminal,  # no bar in logs and pipes
     ) as bar:
         task = bar.add_task("convert", total=None)
 
