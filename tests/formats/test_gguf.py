@@ -24,7 +24,7 @@ from modelport.errors import (
     UnsupportedDtypeError,
     UnsupportedVersionError,
 )
-from tests.conftest import digest
+from tests.conftest import digest, mutated
 
 Q = GGMLQuantizationType
 ROW = 256  # a whole number of blocks for every quantized type used here
@@ -378,13 +378,8 @@ def _valid_bytes(tmp_path: Path) -> bytes:
 )
 @given(data=st.data())
 def test_mutated_files_only_raise_modelport_errors(tmp_path: Path, data: st.DataObject) -> None:
-    raw = bytearray(_valid_bytes(tmp_path))
-    for _ in range(data.draw(st.integers(1, 4))):
-        position = data.draw(st.integers(4, len(raw) - 1))
-        raw[position] = data.draw(st.integers(0, 255))
-    cut = data.draw(st.integers(0, len(raw)))
     path = tmp_path / "m.gguf"
-    path.write_bytes(bytes(raw[:cut]))
+    path.write_bytes(mutated(data, _valid_bytes(tmp_path), keep=4))
     try:
         with modelport.open(path) as model:
             for ref in model.tensors.values():

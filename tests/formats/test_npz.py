@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import modelport
 from modelport.errors import CorruptFileError, ModelportError, UnknownFormatError
 from modelport.pickles.numpy_types import NumpyArray
-from tests.conftest import digest
+from tests.conftest import digest, mutated
 
 
 def zoo() -> dict[str, np.ndarray]:
@@ -223,13 +223,8 @@ def _valid_bytes(compressed: bool) -> bytes:
 )
 @given(data=st.data())
 def test_mutated_files_only_raise_modelport_errors(tmp_path: Path, data: st.DataObject) -> None:
-    raw = bytearray(_valid_bytes(data.draw(st.booleans())))
-    for _ in range(data.draw(st.integers(1, 4))):
-        position = data.draw(st.integers(0, len(raw) - 1))
-        raw[position] = data.draw(st.integers(0, 255))
-    cut = data.draw(st.integers(0, len(raw)))
     path = tmp_path / "m.npz"
-    path.write_bytes(bytes(raw[:cut]))
+    path.write_bytes(mutated(data, _valid_bytes(data.draw(st.booleans()))))
     try:
         with modelport.open(path) as model:
             for ref in model.tensors.values():

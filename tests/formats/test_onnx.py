@@ -28,7 +28,7 @@ from modelport.detect import detect
 from modelport.errors import ModelportError
 from modelport.formats import onnx as onnx_reader
 from modelport.formats._base import Probe
-from tests.conftest import digest
+from tests.conftest import digest, mutated
 
 # -- the oracle ------------------------------------------------------------------------------
 
@@ -596,13 +596,8 @@ def test_deep_subgraph_nesting_is_bounded(tmp_path: Path) -> None:
 )
 @given(data=st.data())
 def test_mutated_files_only_raise_modelport_errors(tmp_path: Path, data: st.DataObject) -> None:
-    raw = bytearray(_valid_bytes(tmp_path))
-    for _ in range(data.draw(st.integers(1, 4))):
-        position = data.draw(st.integers(0, len(raw) - 1))
-        raw[position] = data.draw(st.integers(0, 255))
-    cut = data.draw(st.integers(0, len(raw)))
     path = tmp_path / "m.onnx"
-    path.write_bytes(bytes(raw[:cut]))
+    path.write_bytes(mutated(data, _valid_bytes(tmp_path)))
     try:
         with modelport.open(path) as model:
             for ref in model.tensors.values():

@@ -23,7 +23,7 @@ from modelport.errors import (
     ModelportError,
     TruncatedFileError,
 )
-from tests.conftest import digest, torch_digest
+from tests.conftest import digest, mutated, torch_digest
 from tests.models import TiedLM, TinyResNet, dtype_zoo
 
 
@@ -151,13 +151,8 @@ def _valid_bytes() -> bytes:
 )
 @given(data=st.data())
 def test_mutated_files_only_raise_modelport_errors(tmp_path: Path, data: st.DataObject) -> None:
-    raw = bytearray(_valid_bytes())
-    for _ in range(data.draw(st.integers(1, 4))):
-        position = data.draw(st.integers(0, len(raw) - 1))
-        raw[position] = data.draw(st.integers(0, 255))
-    cut = data.draw(st.integers(0, len(raw)))
     path = tmp_path / "m.safetensors"
-    path.write_bytes(bytes(raw[:cut]))
+    path.write_bytes(mutated(data, _valid_bytes()))
     try:
         with modelport.open(path) as model:
             for ref in model.tensors.values():

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import modelport
 from modelport.errors import ModelportError
 from modelport.formats import tflite as reader
-from tests.conftest import digest
+from tests.conftest import digest, mutated
 
 FLOAT32, FLOAT16, INT32, UINT8, INT64, STRING, BOOL, INT16 = 0, 1, 2, 3, 4, 5, 6, 7
 INT8, FLOAT64, INT4, BFLOAT16 = 9, 10, 17, 18
@@ -468,13 +468,8 @@ def test_bad_buffer_and_tensor_indices(tmp_path: Path) -> None:
 )
 @given(data=st.data())
 def test_mutated_files_only_raise_modelport_errors(tmp_path: Path, data: st.DataObject) -> None:
-    raw = bytearray(_valid())
-    for _ in range(data.draw(st.integers(1, 4))):
-        position = data.draw(st.integers(0, len(raw) - 1))
-        raw[position] = data.draw(st.integers(0, 255))
-    cut = data.draw(st.integers(0, len(raw)))
     path = tmp_path / "m.tflite"
-    path.write_bytes(bytes(raw[:cut]))
+    path.write_bytes(mutated(data, _valid()))
     try:
         with modelport.open(path) as model:
             for ref in model.tensors.values():

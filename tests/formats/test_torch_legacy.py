@@ -21,7 +21,7 @@ from torch import nn
 
 import modelport
 from modelport.errors import CorruptFileError, ModelportError, TruncatedFileError
-from tests.conftest import digest, torch_digest
+from tests.conftest import assert_same_tensors, torch_digest
 from tests.models import TiedLM, TinyResNet, dtype_zoo, trained_checkpoint
 
 MAGIC = 0x1950A86A20F9469CFC6C
@@ -32,19 +32,8 @@ def save_legacy(obj: Any, path: Path, **kwargs: Any) -> Path:
     return path
 
 
-def assert_same_tensors(expected: dict[str, torch.Tensor], path: Path) -> None:
-    """modelport.open must list exactly these names, dtypes, shapes and bytes."""
-    with modelport.open(path) as model:
-        assert model.format.value == "torch-legacy"
-        assert list(model.tensors) == list(expected)
-        for name, tensor in expected.items():
-            ref = model.tensors[name]
-            assert ref.dtype == str(tensor.dtype).removeprefix("torch."), name
-            assert ref.shape == tuple(tensor.shape), name
-            assert ref.nbytes == tensor.numel() * tensor.element_size(), name
-            assert torch_digest(ref.torch()) == torch_digest(tensor), name
-            if tensor.dtype != torch.bfloat16:
-                assert digest(ref.numpy()) == digest(tensor.contiguous().numpy()), name
+def assert_legacy_tensors(expected: dict[str, torch.Tensor], path: Path) -> None:
+    assert_same_tensors(dict(expected), path, "torch-legacy")
 
 
 def legacy_zoo() -> dict[str, torch.Tensor]:
@@ -56,7 +45,7 @@ def test_state_dict_of_a_resnet(tmp_path: Path) -> None:
     model = TinyResNet()
     path = save_legacy(model.state_dict(), tmp_path / "resnet.pth")
     expected = torch.load(path)
-    assert_same_tensors(expected, path)
+    assert_legacy_tensors(expected, path)
     report = modelport.inspect(path)
     assert report.format == "torch-legacy"
     assert report.parameters == sum(t.numel() for t in expected.values())
@@ -79,7 +68,7 @@ def test_state_dict_of_a_resnet(tmp_path: Path) -> None:
 
 def test_dtype_zoo_views_and_aliases(tmp_path: Path) -> None:
     path = save_legacy(legacy_zoo(), tmp_path / "zoo.pt")
-    assert_same_tensors(torch.load(path), path)
+    assert_legacy_tensors(torch.load(path), path)
     groups = {frozenset(g) for g in modelport.inspect(path).aliases}
     assert frozenset({"transposed", "sliced", "view_of_base", "base"}) in groups
 
@@ -89,7 +78,7 @@ def test_every_pickle_protocol(tmp_path: Path, protocol: int) -> None:
     zoo = {k: v for k, v in legacy_zoo().items() if k in ("f32", "bf16", "i64", "scalar", "base")}
     path = save_legacy(zoo, tmp_path / f"p{protocol}.pt", pickle_protocol=protocol)
     # torch's weights-only unpickler has no protocol-1 LONG opcode; this file is ours
-    assert_same_tensors(torch.load(path, weights_only=False), path)
+    assert_legacy_tensors(torch.load(path, weights_only=False), path)
 
 
 def test_tied_weights_share_storage_like_torch(tmp_path: Path) -> None:
@@ -241,7 +230,7 @@ def test_storage_views_in_the_stream_layout(tmp_path: Path) -> None:
     path.write_bytes(_legacy_stream(entries, [("root", root.numpy().tobytes(), 10)]))
     expected = torch.load(path, weights_only=False)
     assert torch.equal(expected["view"], torch.tensor([[5.0, 7.0], [6.0, 8.0]]))
-    assert_same_tensors(expected, path)
+    assert_legacy_tensors(expected, path)
     assert modelport.inspect(path).details["storages"] == 1
 
 
@@ -303,7 +292,7 @@ def test_torch_0x_tar_layout(tmp_path: Path) -> None:
     )
     expected = torch.load(path, weights_only=False)
     assert torch.equal(expected["on_view"], torch.tensor([7.0, 8.0, 9.0]))
-    assert_same_tensors(expected, path)
+    assert_legacy_tensors(expected, path)
     report = modelport.inspect(path)
     assert report.details["layout"] == "tar"
     assert {"matrix", "transposed", "row"} <= set(report.aliases[0])

@@ -16,22 +16,8 @@ from torch import nn
 
 import modelport
 from modelport.errors import ModelportError
-from tests.conftest import digest, torch_digest
+from tests.conftest import assert_same_tensors, torch_digest
 from tests.models import TiedLM, TinyResNet, dtype_zoo, trained_checkpoint
-
-
-def assert_same_tensors(expected: dict[str, torch.Tensor], path: Path) -> None:
-    """modelport.open must list exactly these names, dtypes, shapes and bytes."""
-    with modelport.open(path) as model:
-        assert list(model.tensors) == list(expected)
-        for name, tensor in expected.items():
-            ref = model.tensors[name]
-            assert ref.dtype == str(tensor.dtype).removeprefix("torch."), name
-            assert ref.shape == tuple(tensor.shape), name
-            assert ref.nbytes == tensor.numel() * tensor.element_size(), name
-            assert torch_digest(ref.torch()) == torch_digest(tensor), name
-            if tensor.dtype not in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
-                assert digest(ref.numpy()) == digest(tensor.contiguous().numpy()), name
 
 
 def test_state_dict_of_a_resnet(tmp_path: Path) -> None:
