@@ -9,7 +9,11 @@ come from ``wait4`` (RSS counts mapped file pages, as ``/usr/bin/time`` does). C
 - ``modelport convert`` to every target it writes, verified and ``--no-verify``, and with
   ``--dtype bfloat16``; then the reverse, safetensors -> torch zip.
 
-Usage: python benchmarks/bench_convert.py [--sizes 1,2,4] [--repeat 3]
+Write speed on this kind of VM drifts by 2x from one minute to the next, so every case is
+paired with a ``cp`` of its own source run just before it, and ``x cp`` is the median of
+those ratios. ``usual/x`` is how many times faster than the usual script a case is.
+
+Usage: python benchmarks/bench_convert.py [--sizes 1,2,4] [--repeat 3] [--only TEXT]
 """
 
 from __future__ import annotations
@@ -68,72 +72,82 @@ def run_once(command: list[str], output: Path | None) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
-def measure(command: list[str], output: Path | None, repeat: int) -> tuple[float, float]:
-    run_once(command, output)  # warm: page cache and imports
-    runs = [run_once(command, output) for _ in range(repeat)]
-    return statistics.median(r[0] for r in runs), max(r[1] for r in runs)
+def paired(
+    command: list[str], output: Path, source: Path, repeat: int
+) -> tuple[float, float, float]:
+    """Median wall of ``command``, median of its ratio to ``cp`` of ``source`` run just
+    before it each time (write speed here drifts by 2x between minutes), peak RSS."""
+    copy = OUT / "copy.bin"
+    cp = ["cp", str(source), str(copy)]
+    run_once(command, output)
+    walls, ratios, peaks = [], [], []
+    for _ in range(repeat):
+        cp_wall, _ = run_once(cp, copy)
+        copy.unlink()
+        wall, rss = run_once(command, output)
+        walls.append(wall)
+        ratios.append(wall / cp_wall)
+        peaks.append(rss)
+    output.unlink(missing_ok=True)
+    return statistics.median(walls), statistics.median(ratios), max(peaks)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="1,2,4", help="approximate sizes in GB")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", default="", help="run the cases whose label contains this")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     convert = [sys.executable, "-m", "modelport", "convert"]
-    print(f"{'size':>6} {'case':44} {'wall s':>8} {'x cp':>6} {'peak RSS MB':>12}")
+    print(f"{'size':>6} {'case':44} {'wall s':>8} {'x cp':>6} {'usual/x':>8} {'peak RSS MB':>12}")
     for size in (float(s) for s in args.sizes.split(",")):
         layers = max(1, round((size * 1e9 - EMBED) / PER_LAYER))
         source = OUT / f"llm-{size:g}gb.pt"
         if not source.exists():
             build(source, layers)
         gb = source.stat().st_size / 1e9
-        copy = OUT / "copy.bin"
-        cp_wall, cp_rss = measure(["cp", str(source), str(copy)], copy, args.repeat)
-        copy.unlink(missing_ok=True)
-        rows = [("cp", cp_wall, cp_rss)]
         usual_out = OUT / "usual.safetensors"
-        wall, rss = measure(
-            [sys.executable, "-c", USUAL_SCRIPT, str(source), str(usual_out)],
-            usual_out,
-            args.repeat,
-        )
-        rows.append(("torch.load + save_file + reload/compare", wall, rss))
+        usual = [sys.executable, "-c", USUAL_SCRIPT, str(source), str(usual_out)]
+        usual_wall, usual_ratio, usual_rss = paired(usual, usual_out, source, args.repeat)
+        rows = [("torch.load + save_file + reload/compare", usual_wall, usual_ratio, usual_rss)]
+        safetensors_file = OUT / "reverse-source.safetensors"
+        subprocess.run([*convert, str(source), str(safetensors_file)], check=True)
         cases = [
-            ("modelport -> safetensors", "out.safetensors", []),
-            ("modelport -> safetensors --no-verify", "out.safetensors", ["--no-verify"]),
+            ("modelport -> safetensors", source, "out.safetensors", []),
+            ("modelport -> safetensors --no-verify", source, "out.safetensors", ["--no-verify"]),
             (
                 "modelport -> safetensors --dtype bfloat16",
+                source,
                 "bf16.safetensors",
                 ["--dtype", "bfloat16"],
             ),
-            ("modelport -> torch zip", "out.pt", []),
-            ("modelport -> npz", "out.npz", []),
-            ("modelport -> gguf", "out.gguf", []),
+            ("modelport -> torch zip", source, "out.pt", []),
+            ("modelport -> npz", source, "out.npz", []),
+            ("modelport -> gguf", source, "out.gguf", []),
+            ("modelport safetensors -> torch zip", safetensors_file, "reverse.pt", []),
+            (
+                "modelport safetensors -> torch zip --no-verify",
+                safetensors_file,
+                "reverse.pt",
+                ["--no-verify"],
+            ),
         ]
-        for label, name, extra in cases:
+        for label, src, name, extra in cases:
+            if args.only not in label:
+                continue
             target = OUT / name
             try:
-                wall, rss = measure(
-                    [*convert, str(source), str(target), *extra], target, args.repeat
+                wall, ratio, rss = paired(
+                    [*convert, str(src), str(target), *extra], target, src, args.repeat
                 )
             except SystemExit as exc:
                 print(f"{gb:6.2f} {label:44} skipped: {exc}")
                 continue
-            rows.append((label, wall, rss))
-        safetensors_file = OUT / "out.safetensors"
-        if not safetensors_file.exists():
-            subprocess.run([*convert, str(source), str(safetensors_file)], check=True)
-        reverse = OUT / "reverse.pt"
-        try:
-            wall, rss = measure(
-                [*convert, str(safetensors_file), str(reverse)], reverse, args.repeat
-            )
-            rows.append(("modelport safetensors -> torch zip", wall, rss))
-        except SystemExit as exc:
-            print(f"{gb:6.2f} reverse skipped: {exc}")
-        for label, wall, rss in rows:
-            print(f"{gb:6.2f} {label:44} {wall:8.2f} {wall / cp_wall:6.2f} {rss:12.0f}", flush=True)
+            rows.append((label, wall, ratio, rss))
+        for label, wall, ratio, rss in rows:
+            faster = usual_wall / wall
+            print(f"{gb:6.2f} {label:44} {wall:8.2f} {ratio:6.2f} {faster:8.1f} {rss:12.0f}")
         for path in OUT.iterdir():  # outputs go; the generated sources stay for the next run
             if not path.name.startswith("llm-"):
                 path.unlink()

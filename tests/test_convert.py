@@ -10,14 +10,19 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 import modelport
+from modelport import tree as trees
 from modelport.errors import ConversionError, UnsafeModelError
 from modelport.formats import READERS
+from modelport.formats._base import WritePlan
+from modelport.streaming import OutputTensor
+from modelport.verify import verify
 from tests.conftest import torch_digest
 from tests.models import TiedLM, TinyResNet, trained_checkpoint
 
@@ -278,25 +283,45 @@ def test_disk_full_is_reported_and_cleaned(tmp_path: Path, monkeypatch: pytest.M
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt"]
 
 
-def test_verification_catches_a_corrupted_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("target", ["out.safetensors", "out.pt", "out.npz", "out.gguf"])
+def test_verification_catches_a_corrupted_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str
 ) -> None:
+    """A byte that changes on its way to the output fails the verification (made while
+    the writing goes on), and nothing is installed."""
     src = tmp_path / "s.pt"
     torch.save({"w": torch.ones(8)}, src)
     from modelport import streaming
 
-    real = streaming.write_tensor
+    real = streaming._copy_range
 
-    def corrupting(handle: object, tensor: streaming.OutputTensor, **kwargs: object) -> int:
-        result = real(handle, tensor)  # type: ignore[arg-type]
-        handle.seek(-1, 1)  # type: ignore[attr-defined]
-        handle.write(b"\x7f")  # type: ignore[attr-defined]
+    def corrupting(path: object, offset: int, length: int, handle: Any) -> object:
+        result = real(path, offset, length, handle)
+        handle.seek(-1, 1)
+        handle.write(b"\x7f")
         return result
 
-    monkeypatch.setattr("modelport.formats.safetensors.write_tensor", corrupting)
+    monkeypatch.setattr(streaming, "_copy_range", corrupting)
     with pytest.raises(modelport.errors.VerificationError):
-        modelport.convert(src, tmp_path / "out.safetensors")
-    assert not (tmp_path / "out.safetensors").exists()
+        modelport.convert(src, tmp_path / target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt"]
+
+
+def test_verification_without_background_checks_reads_everything_back(tmp_path: Path) -> None:
+    """``verify`` alone (no ranges compared while writing) still finds a changed byte."""
+    src = tmp_path / "s.pt"
+    torch.save({"w": torch.arange(16, dtype=torch.float32)}, src)
+    out = tmp_path / "out.safetensors"
+    assert modelport.convert(src, out).verified
+    with modelport.open(src) as model:
+        tensors = trees.tensors_of(model.tree)
+        plan = WritePlan(tuple(OutputTensor(n, t.dtype, t) for n, t in tensors.items()), {})
+        assert verify(out, plan) == ()
+        data = bytearray(out.read_bytes())
+        data[-1] ^= 0xFF
+        out.write_bytes(bytes(data))
+        with pytest.raises(modelport.errors.VerificationError):
+            verify(out, plan)
 
 
 def test_cli_convert_json_and_exit_codes(tmp_path: Path) -> None:

@@ -21,12 +21,12 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelport import dtypes, streaming, typed_json
+from modelport import dtypes, progress, readback, typed_json
 from modelport import tree as trees
 from modelport._version import __version__
 from modelport.api import check_safety
@@ -34,9 +34,8 @@ from modelport.api import open as open_model
 from modelport.errors import ConversionError
 from modelport.formats import READERS, FormatReader, _hf_writer
 from modelport.formats._base import WritePlan
-from modelport.streaming import (
-    OutputTensor,
-)
+from modelport.readback import OutputChecks
+from modelport.streaming import OutputTensor
 from modelport.tensors import TensorRef
 from modelport.verify import CastCheck, verify, verify_directory
 
@@ -168,7 +167,7 @@ def convert(
             if on_progress is not None:
                 on_progress(min(moved[0], total), total)
 
-        with streaming.progress(tick):
+        with progress.reporting(tick):
             casts = _write_verified(plan, target, writer, options, source)
     return ConvertReport(
         report.source,
@@ -469,17 +468,23 @@ def _write_verified(
     temporary = target.with_name(f".{target.name}.modelport-{os.getpid()}.tmp")
     try:
         with _full_disk_refused(target):
-            with open(temporary, "w+b", buffering=0) as handle:
+            with open(temporary, "w+b", buffering=0) as handle, _copy_checks(options) as copies:
                 writer.write(handle, plan)
                 if options.fsync:
                     os.fsync(handle.fileno())
-            casts = verify(temporary, plan) if options.verify else ()
+            casts = verify(temporary, plan, copies) if options.verify else ()
             temporary.replace(target)
             if options.fsync:
                 _fsync_directory(target.parent)
         return casts
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _copy_checks(options: ConvertOptions) -> AbstractContextManager[OutputChecks]:
+    """Written bytes are compared with the source (when verifying) and checksummed on a
+    second thread while the writing goes on (see ``readback``)."""
+    return readback.checking_output(compare=options.verify)
 
 
 @contextmanager
@@ -560,10 +565,11 @@ def _write_directory(
     building.mkdir()
     try:
         with _full_disk_refused(target):
-            planned = _hf_writer.write_directory(
-                building, plan, limit, source, options.dtype, options.fsync
-            )
-            casts = verify_directory(building, plan, planned) if options.verify else ()
+            with _copy_checks(options) as copies:
+                planned = _hf_writer.write_directory(
+                    building, plan, limit, source, options.dtype, options.fsync
+                )
+            casts = verify_directory(building, plan, planned, copies) if options.verify else ()
             _install_directory(building, target, options.fsync)
         return casts
     finally:

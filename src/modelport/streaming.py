@@ -3,8 +3,8 @@
 Peak memory must not grow with the file, and mapped file pages count, so nothing here maps
 a whole file: contiguous ranges go through ``os.copy_file_range`` (in the kernel, no user
 buffer) or ``os.pread`` into one reused buffer; casts and strided views are done a chunk at
-a time. A zip writer needs the CRC-32 of what it writes, so bytes pass through user space
-whenever a checksum is asked for.
+a time. Checking what was written (the comparison with the source, a zip member's CRC-32)
+is ``readback``'s job.
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ from __future__ import annotations
 import os
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from modelport import dtypes
+from modelport import dtypes, readback
 from modelport.errors import CorruptFileError, MissingDependencyError, TruncatedFileError
+from modelport.progress import advance
 from modelport.tensors import NDArray, TensorRef
 
 CHUNK = 16 << 20  # bytes per read step; memory use is a small multiple of this
@@ -50,7 +51,9 @@ class OutputTensor:
 
 def source_chunks(tensor: TensorRef, chunk: int = CHUNK) -> Iterator[NDArray]:
     """The tensor's elements in C order, as 1-d arrays of its own dtype, ``chunk`` bytes at a
-    time. Flat file storages are read with ``pread``; other storages through their reader."""
+    time. Flat file storages are read with ``preadv`` into one buffer reused for every chunk
+    (fresh memory would cost a page fault per 4 KiB), so a chunk is valid only until the
+    next is asked for; other storages go through their reader."""
     if tensor.numel == 0:  # no elements: nothing to read (an empty strided view included)
         return
     info = dtypes.dtype(tensor.dtype)
@@ -58,18 +61,21 @@ def source_chunks(tensor: TensorRef, chunk: int = CHUNK) -> Iterator[NDArray]:
     span = tensor.byte_range()
     if span is not None and tensor.storage is not None and tensor.storage.path is not None:
         offset, length = span
-        with open(tensor.storage.path, "rb") as handle:
-            for start in range(0, length, per_chunk * info.itemsize):
-                size = min(per_chunk * info.itemsize, length - start)
-                raw = os.pread(handle.fileno(), size, offset + start)
-                if len(raw) != size:
+        with (
+            _borrowed(per_chunk * info.itemsize) as buffer,
+            open(tensor.storage.path, "rb") as handle,
+        ):
+            for start in range(0, length, len(buffer)):
+                size = min(len(buffer), length - start)
+                got = os.preadv(handle.fileno(), [memoryview(buffer)[:size]], offset + start)
+                if got != size:
                     raise TruncatedFileError(
-                        f"tensor data ends early at byte {offset + start + len(raw)}",
+                        f"tensor data ends early at byte {offset + start + got}",
                         expected=offset + start + size,
-                        actual=offset + start + len(raw),
+                        actual=offset + start + got,
                         path=tensor.storage.path,
                     )
-                yield np.frombuffer(raw, dtype=_carrier(info))
+                yield np.frombuffer(buffer, dtype=_carrier(info), count=size // info.itemsize)
         return
     if info.numpy is None:  # quantized blocks: raw bytes only
         yield tensor.raw_bytes()
@@ -83,6 +89,23 @@ def source_chunks(tensor: TensorRef, chunk: int = CHUNK) -> Iterator[NDArray]:
     for start in range(0, flat_rows.shape[0], rows_per_chunk):
         block = np.ascontiguousarray(flat_rows[start : start + rows_per_chunk]).reshape(-1)
         yield block
+
+
+@contextmanager
+def _borrowed(size: int) -> Iterator[bytearray]:
+    """A read buffer of ``size`` bytes from this thread's pool, returned after use: fresh
+    ones would be page-faulted in for every tensor."""
+    pool: list[bytearray] = _BUFFER.__dict__.setdefault("pool", [])
+    buffer = next((b for b in pool if len(b) == size), None)
+    if buffer is None:
+        buffer = bytearray(size)
+    else:
+        pool.remove(buffer)
+    try:
+        yield buffer
+    finally:
+        pool.append(buffer)
+        del pool[:-4]  # paired reads hold two at a time; a few sizes are in use
 
 
 def _carrier(info: dtypes.DType) -> np.dtype[Any]:
@@ -125,33 +148,45 @@ def dequantize(raw: NDArray, ggml_type: str) -> NDArray:
     return values.astype(np.float32, copy=False)
 
 
-def write_tensor(handle: BinaryIO, tensor: OutputTensor, *, checksum: bool = False) -> int:
-    """Append ``tensor``'s bytes (cast if needed) to ``handle``, an unbuffered file; return
-    their CRC-32 if ``checksum``.
+def write_tensor(
+    handle: BinaryIO, tensor: OutputTensor, *, checksum: bool = False
+) -> readback.Checksum:
+    """Append ``tensor``'s bytes (cast if needed) to ``handle``, an unbuffered file opened
+    by path; return what gives their CRC-32 when called (0 without ``checksum``).
 
-    Bytes that pass unchanged from a flat file range go through ``os.copy_file_range``
-    when no checksum is needed (no user-space copy at all)."""
+    Bytes that pass unchanged from a flat file range go through ``os.copy_file_range`` (no
+    user-space copy at all). Under ``readback.checking_output`` the written range is then
+    compared with its source and checksummed on the checking thread; otherwise the CRC is
+    taken by re-reading the range from the page cache."""
     source = tensor.source
     span = source.byte_range()
-    if (
-        not checksum
-        and not tensor.is_cast
-        and span is not None
-        and source.storage is not None
-        and source.storage.path is not None
-    ):
-        handle.flush()
-        _copy_range(source.storage.path, span[0], span[1], handle)
-        advance(span[1])
-        return 0
+    start = os.lseek(handle.fileno(), 0, os.SEEK_CUR)
+    output = getattr(handle, "name", None)
+    if not isinstance(output, (str, os.PathLike)):
+        output = None
+    copied: readback.CopiedRange | None = None
     if (
         not tensor.is_cast
         and span is not None
         and source.storage is not None
-        and source.storage.path
+        and source.storage.path is not None
     ):
-        return _copy_with_crc(source.storage.path, span[0], span[1], handle)
-    crc = 0
+        _copy_range(source.storage.path, span[0], span[1], handle)
+        advance(span[1])
+        if output is not None:
+            copied = readback.CopiedRange.of(source.storage.path, span[0], output, start, span[1])
+    else:
+        _write_chunks(handle, tensor)
+    checks = readback.current()
+    if checks is not None and output is not None:
+        return checks.submit(output, start, tensor.nbytes, copied, crc=checksum)
+    crc = _crc_of(handle, start, tensor.nbytes) if checksum else 0
+    return lambda: crc
+
+
+def _write_chunks(handle: BinaryIO, tensor: OutputTensor) -> None:
+    """Casts, strided views, storages not stored flat: a bounded buffer at a time."""
+    source = tensor.source
     written = 0
     for chunk in source_chunks(source, CAST_CHUNK if tensor.is_cast else CHUNK):
         out = cast_chunk(chunk, source.dtype, tensor.dtype) if tensor.is_cast else chunk
@@ -159,61 +194,28 @@ def write_tensor(handle: BinaryIO, tensor: OutputTensor, *, checksum: bool = Fal
         write_all(handle, data)
         advance(len(data))
         written += len(data)
-        if checksum:
-            crc = zlib.crc32(data, crc)
     if written != tensor.nbytes:
         raise CorruptFileError(
             f"tensor {tensor.name!r}: wrote {written} bytes, expected {tensor.nbytes}"
         )
-    return crc
 
 
-_BUFFER = threading.local()  # one reusable read buffer per thread (see _copy_with_crc)
-_PROGRESS = threading.local()  # the callback ``progress`` installs, per thread
-
-
-@contextmanager
-def progress(callback: Callable[[int], None] | None) -> Iterator[None]:
-    """Within the block, every byte written or verified is reported to ``callback`` (the
-    writers stay unaware of progress bars)."""
-    previous = getattr(_PROGRESS, "callback", None)
-    _PROGRESS.callback = callback
-    try:
-        yield
-    finally:
-        _PROGRESS.callback = previous
-
-
-def advance(nbytes: int) -> None:
-    callback = getattr(_PROGRESS, "callback", None)
-    if callback is not None:
-        callback(nbytes)
-
-
-def _copy_with_crc(path: os.PathLike[str] | str, offset: int, length: int, handle: BinaryIO) -> int:
-    """Copy a flat range through user space, for its CRC-32. The buffer is reused across
-    calls: reading into fresh memory would cost a page fault per 4 KiB of every tensor."""
+def _crc_of(handle: BinaryIO, offset: int, length: int) -> int:
+    """The CRC-32 of a range just written, read back through a reused buffer (reading into
+    fresh memory would cost a page fault per 4 KiB)."""
     buffer: bytearray | None = getattr(_BUFFER, "data", None)
     if buffer is None:
-        buffer = _BUFFER.data = bytearray(CHUNK)
+        buffer = _BUFFER.data = bytearray(readback.COMPARE_CHUNK)
     crc = 0
-    with open(path, "rb") as source:
-        done = 0
-        while done < length:
-            n = min(len(buffer), length - done)
-            view = memoryview(buffer)[:n]
-            if os.preadv(source.fileno(), [view], offset + done) != n:
-                raise TruncatedFileError(
-                    "tensor data ends early",
-                    expected=offset + length,
-                    actual=offset + done,
-                    path=str(path),
-                )
-            crc = zlib.crc32(view, crc)
-            write_all(handle, view)
-            advance(n)
-            done += n
+    for start in range(0, length, len(buffer)):
+        view = memoryview(buffer)[: min(len(buffer), length - start)]
+        if os.preadv(handle.fileno(), [view], offset + start) != len(view):
+            raise CorruptFileError("a range just written reads back short")
+        crc = zlib.crc32(view, crc)
     return crc
+
+
+_BUFFER = threading.local()  # one reusable read buffer per thread (see _crc_of)
 
 
 def _copy_range(path: os.PathLike[str] | str, offset: int, length: int, handle: BinaryIO) -> None:
@@ -242,40 +244,6 @@ def _copy_range(path: os.PathLike[str] | str, offset: int, length: int, handle: 
                 moved = os.pwrite(out_fd, data, position + done)
             done += moved
     os.lseek(out_fd, position + length, os.SEEK_SET)
-
-
-class RangeComparer:
-    """Compares byte ranges of files through two buffers reused for every chunk: reading
-    into fresh memory each time would cost a page fault per 4 KiB, more than the reading."""
-
-    def __init__(self, chunk: int = CHUNK // 2) -> None:
-        self.left = bytearray(chunk)
-        self.right = bytearray(chunk)
-        self.equal = np.empty(chunk, dtype=bool)
-
-    def same(
-        self,
-        a: tuple[str | os.PathLike[str], int],
-        b: tuple[str | os.PathLike[str], int],
-        length: int,
-    ) -> bool:
-        with open(a[0], "rb") as first, open(b[0], "rb") as second:
-            done = 0
-            while done < length:
-                n = min(len(self.left), length - done)
-                got_a = os.preadv(first.fileno(), [memoryview(self.left)[:n]], a[1] + done)
-                got_b = os.preadv(second.fileno(), [memoryview(self.right)[:n]], b[1] + done)
-                if got_a != n or got_b != n:
-                    raise TruncatedFileError(
-                        "a compared range ends early", expected=n, actual=min(got_a, got_b)
-                    )
-                left = np.frombuffer(self.left, np.uint8, n)
-                right = np.frombuffer(self.right, np.uint8, n)
-                if not np.equal(left, right, out=self.equal[:n]).all():
-                    return False
-                advance(n)
-                done += n
-        return True
 
 
 def paired_chunks(

@@ -8,6 +8,7 @@ ranges are compared through reused buffers, so memory stays bounded whatever the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,9 @@ from modelport.detect import detect
 from modelport.errors import VerificationError
 from modelport.formats import Probe, _hf_writer
 from modelport.formats._base import WritePlan
-from modelport.streaming import (
-    CAST_CHUNK,
-    OutputTensor,
-    RangeComparer,
-    advance,
-    cast_chunk,
-    paired_chunks,
-)
+from modelport.progress import advance
+from modelport.readback import CopiedRange, OutputChecks, RangeComparer
+from modelport.streaming import CAST_CHUNK, OutputTensor, cast_chunk, paired_chunks
 from modelport.tensors import TensorRef
 
 
@@ -40,10 +36,13 @@ class CastCheck:
     overflow: int
 
 
-def verify(path: Path, plan: WritePlan) -> tuple[CastCheck, ...]:
+def verify(
+    path: Path, plan: WritePlan, copies: OutputChecks | None = None
+) -> tuple[CastCheck, ...]:
     """Read ``path`` back with modelport's reader for its format and compare every tensor
     with its source, chunk by chunk: bit for bit, or, for casts, against the same cast of
-    the source (and report the cast's error)."""
+    the source (and report the cast's error). Ranges that ``copies`` already compared while
+    they were written are not read again, once the reader finds the tensor at that range."""
     reader, probe, _ = detect(path)
     contents = reader.read(path, probe)
     written = trees.tensors_of(contents.tree)
@@ -60,7 +59,7 @@ def verify(path: Path, plan: WritePlan) -> tuple[CastCheck, ...]:
                 f"{tensor.name}: wrote {tensor.dtype}{list(tensor.shape)}, read back "
                 f"{out.dtype}{list(out.shape)}"
             )
-        check = _compare(tensor, out, comparer)
+        check = _compare(tensor, out, comparer, copies)
         if check is not None:
             casts.append(check)
     if contents.close is not None:
@@ -68,15 +67,23 @@ def verify(path: Path, plan: WritePlan) -> tuple[CastCheck, ...]:
     return tuple(casts)
 
 
-def _compare(tensor: OutputTensor, out: TensorRef, comparer: RangeComparer) -> CastCheck | None:
+def _compare(
+    tensor: OutputTensor, out: TensorRef, comparer: RangeComparer, copies: OutputChecks | None
+) -> CastCheck | None:
     worst, overflow = 0.0, 0
     source_range, out_range = tensor.source.byte_range(), out.byte_range()
     source_path = tensor.source.storage.path if tensor.source.storage else None
     out_path = out.storage.path if out.storage else None
     if not tensor.is_cast and source_range and out_range and source_path and out_path:
-        if not comparer.same(
-            (source_path, source_range[0]), (out_path, out_range[0]), out_range[1]
-        ):
+        copied = CopiedRange.of(source_path, source_range[0], out_path, *out_range)
+        same = copies.verdict(copied) if copies is not None else None
+        if same is None:
+            same = comparer.same(
+                (source_path, source_range[0]), (out_path, out_range[0]), out_range[1]
+            )
+        else:
+            advance(out_range[1])
+        if not same:
             raise VerificationError(f"{tensor.name}: the bytes read back differ from the source")
         return None
     if dtypes.dtype(out.dtype).numpy is None:  # quantized blocks: compare raw bytes
@@ -112,15 +119,21 @@ def _cast_error(
     original: np.ndarray[Any, Any], converted: np.ndarray[Any, Any]
 ) -> tuple[float, int]:
     """Largest absolute error of a cast chunk, and how many finite values became inf. The
-    16-bit floats widen to float32 exactly, so float32 arithmetic suffices below 64 bits."""
+    16-bit floats widen to float32 exactly, so float32 arithmetic suffices below 64 bits.
+    An infinite error can only come from an overflow, so only then are they counted."""
     wide = np.float64 if original.dtype.itemsize > 4 else np.float32
     before = original.astype(wide, copy=False)
     after = converted.astype(wide)
-    overflow = int(np.count_nonzero(np.isfinite(before) & ~np.isfinite(after)))
     with np.errstate(invalid="ignore", over="ignore"):
         error = np.abs(np.subtract(before, after, out=after), out=after)
+    worst = float(np.fmax.reduce(error)) if error.size else 0.0  # NaN - NaN is left out
+    if math.isnan(worst):
+        return 0.0, 0
+    if math.isfinite(worst):
+        return worst, 0
+    overflow = int(np.count_nonzero(np.isfinite(before) & ~np.isfinite(converted)))
     error[~np.isfinite(error)] = 0
-    return (float(error.max()) if error.size else 0.0), overflow
+    return float(error.max()), overflow
 
 
 def _as_bytes(chunk: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -135,13 +148,16 @@ def _quantized(tensor: OutputTensor) -> Any:
 
 
 def verify_directory(
-    directory: Path, plan: WritePlan, planned: _hf_writer.Layout
+    directory: Path,
+    plan: WritePlan,
+    planned: _hf_writer.Layout,
+    copies: OutputChecks | None = None,
 ) -> tuple[CastCheck, ...]:
     """Every shard against its part of the plan (``verify``), the parts against the whole
     plan, then the directory as one model: the index, the shards it names, the aliases."""
     casts: list[CastCheck] = []
     for name, part in planned.shards:
-        casts.extend(verify(directory / name, part))
+        casts.extend(verify(directory / name, part, copies))
     stored = [t.name for t in plan.tensors]
     covered = [t.name for _, part in planned.shards for t in part.tensors]
     if sorted(covered) != sorted(stored):

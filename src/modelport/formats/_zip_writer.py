@@ -10,8 +10,9 @@ Layout written (APPNOTE 6.3.10), the reading side being ``formats/_zip.py``:
   member reaches ``ZIP64_LIMIT`` bytes; it always ends with torch's padding record (tag
   ``"FB"``, ``0x4246``, filled with ``Z``) sized so the member's data starts at a multiple
   of ``align`` bytes in the file (64 for torch archives: storages are memory-mapped);
-- sizes are known before a member is written; its CRC-32 is not, so the local header is
-  written with CRC 0 and patched (seek back, write 4 bytes) once the data has streamed;
+- sizes are known before a member is written; its CRC-32 is not (it may still be being
+  computed on the checking thread, see ``readback``), so the local header is written with
+  CRC 0 and patched (seek back, write 4 bytes) by ``finish``, before the directory;
 - the central directory repeats each member's facts; its zip64 record holds only the values
   that reach ``ZIP64_LIMIT`` (uncompressed size, compressed size, local header offset, in
   that order), the 32-bit fields are then ``0xFFFFFFFF``;
@@ -35,6 +36,7 @@ from enum import IntEnum
 from typing import BinaryIO
 
 from modelport.errors import ConversionError
+from modelport.readback import Checksum
 from modelport.streaming import write_all
 
 ZIP64_LIMIT = 0xFFFFFFFF  # sizes and offsets from here on need zip64 records
@@ -68,7 +70,7 @@ class Member:
     name: bytes
     header_offset: int
     size: int
-    crc32: int
+    crc32: Checksum
 
 
 class ZipWriter:
@@ -83,15 +85,16 @@ class ZipWriter:
     def add(self, name: str, data: bytes) -> None:
         """A member whose bytes are already in memory (pickles, small text records)."""
 
-        def fill() -> int:
+        def fill() -> Checksum:
             write_all(self.handle, data)
-            return zlib.crc32(data)
+            crc = zlib.crc32(data)
+            return lambda: crc
 
         self.add_stream(name, len(data), fill)
 
-    def add_stream(self, name: str, size: int, fill: Callable[[], int]) -> None:
+    def add_stream(self, name: str, size: int, fill: Callable[[], Checksum]) -> None:
         """A member of ``size`` bytes that ``fill`` appends to the handle; ``fill`` returns
-        their CRC-32. The local header is written first and its CRC patched afterwards."""
+        what gives their CRC-32, asked for by ``finish``."""
         raw = name.encode("utf-8")
         if raw in self._names:
             raise ConversionError(f"zip member {name!r} would be written twice")
@@ -124,17 +127,20 @@ class ZipWriter:
         end = self.handle.tell()
         if end - start != size:
             raise ConversionError(f"zip member {name!r}: wrote {end - start} bytes, not {size}")
-        self.handle.seek(offset + CRC_FIELD)
-        write_all(self.handle, struct.pack("<I", crc))
-        self.handle.seek(end)
         self.members.append(Member(raw, offset, size, crc))
 
     def finish(self) -> None:
-        """The central directory, the zip64 end record and locator, the end record."""
+        """Each local header's CRC-32, then the central directory, the zip64 end record and
+        locator, the end record."""
         cd_offset = self.handle.tell()
+        crcs = [member.crc32() for member in self.members]
+        for member, crc in zip(self.members, crcs, strict=True):
+            self.handle.seek(member.header_offset + CRC_FIELD)
+            write_all(self.handle, struct.pack("<I", crc))
+        self.handle.seek(cd_offset)
         directory = bytearray()
-        for member in self.members:
-            directory += _central_record(member)
+        for member, crc in zip(self.members, crcs, strict=True):
+            directory += _central_record(member, crc)
         write_all(self.handle, bytes(directory))
         cd_size = len(directory)
         count = len(self.members)
@@ -172,7 +178,7 @@ class ZipWriter:
         )
 
 
-def _central_record(member: Member) -> bytes:
+def _central_record(member: Member, crc: int) -> bytes:
     zip64 = b""
     sizes = member.size
     if member.size >= ZIP64_LIMIT:
@@ -193,7 +199,7 @@ def _central_record(member: Member) -> bytes:
             0,
             DOS_TIME,
             DOS_DATE,
-            member.crc32,
+            crc,
             sizes,
             sizes,
             len(member.name),

@@ -62,6 +62,7 @@ from modelport.formats import npy
 from modelport.formats._base import Contents, Format, FormatReader, Probe, WritePlan
 from modelport.formats._zip import DEFLATED, STORED, ZipDirectory, ZipEntry
 from modelport.formats._zip_writer import ZipWriter, crc32_combine
+from modelport.readback import Checksum
 from modelport.streaming import OutputTensor, write_all, write_tensor
 from modelport.tensors import NDArray, TensorRef
 
@@ -348,10 +349,10 @@ def npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
     raise ConversionError(f"an .npy header of {len(raw):,} bytes is too long")
 
 
-def _fill(handle: BinaryIO, header: bytes, tensor: OutputTensor) -> int:
+def _fill(handle: BinaryIO, header: bytes, tensor: OutputTensor) -> Checksum:
     write_all(handle, header)
-    crc = write_tensor(handle, tensor, checksum=True)
-    return crc32_combine(zlib.crc32(header), crc, tensor.nbytes)
+    data_crc = write_tensor(handle, tensor, checksum=True)
+    return lambda: crc32_combine(zlib.crc32(header), data_crc(), tensor.nbytes)
 
 
 def write(handle: BinaryIO, plan: WritePlan) -> None:

@@ -1,0 +1,256 @@
+"""Checking written bytes: comparing file ranges, and doing it while the writing goes on.
+
+A verified conversion must compare every copied byte with its source, and a zip writer
+needs the CRC-32 of every member. Both mean reading what was just written. Done after the
+write, that doubles the time; done on a second thread while the main thread copies the
+next tensor, it reads the page cache the copy has just filled and adds almost nothing on
+two cores. ``checking_output`` starts that thread; ``write_tensor`` hands it each range it
+writes. The read-back verification then still reads the header the way the format's
+reader does, checks every tensor lies where its bytes were compared, and only skips
+re-reading those bytes. Without the thread, the CRC is taken by re-reading the range.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from modelport.errors import TruncatedFileError
+from modelport.progress import advance
+
+COMPARE_CHUNK = 2 << 20  # two of these stay in the CPU cache between read and compare
+PIECE = 64 << 20  # a cancelled check stops within one piece
+
+Checksum = Callable[[], int]  # the CRC-32 of written bytes, waited for when asked
+
+
+class RangeComparer:
+    """Compares byte ranges of files through two buffers reused for every chunk: reading
+    into fresh memory each time would cost a page fault per 4 KiB, more than the reading.
+    The chunks are small enough to stay in the CPU cache between the read and the compare,
+    and are compared eight bytes at a time (three times faster than byte by byte)."""
+
+    def __init__(self, chunk: int = COMPARE_CHUNK) -> None:
+        self.left = bytearray(chunk)
+        self.right = bytearray(chunk)
+        self.equal = np.empty(chunk // 8, dtype=bool)
+
+    def same(
+        self,
+        a: tuple[str | os.PathLike[str], int],
+        b: tuple[str | os.PathLike[str], int],
+        length: int,
+    ) -> bool:
+        return self.check(a, b, length)[0]
+
+    def check(
+        self,
+        a: tuple[str | os.PathLike[str], int],
+        b: tuple[str | os.PathLike[str], int],
+        length: int,
+        crc: int | None = None,
+    ) -> tuple[bool, int]:
+        """Whether the two ranges hold the same bytes; with ``crc``, also the CRC-32 of
+        ``b``'s range, continued from ``crc`` (taken from the buffer already read)."""
+        with open(a[0], "rb") as first, open(b[0], "rb") as second:
+            done = 0
+            while done < length:
+                n = min(len(self.left), length - done)
+                _read_exactly(first, memoryview(self.left)[:n], a[1] + done)
+                _read_exactly(second, memoryview(self.right)[:n], b[1] + done)
+                if crc is not None:
+                    crc = zlib.crc32(memoryview(self.right)[:n], crc)
+                if not self._equal(n):
+                    return False, 0
+                advance(n)
+                done += n
+        return True, crc or 0
+
+    def crc32(self, path: str | os.PathLike[str], offset: int, length: int, crc: int = 0) -> int:
+        """The CRC-32 of a range, read through the same reused buffer."""
+        with open(path, "rb") as handle:
+            for start in range(0, length, len(self.right)):
+                view = memoryview(self.right)[: min(len(self.right), length - start)]
+                _read_exactly(handle, view, offset + start)
+                crc = zlib.crc32(view, crc)
+        return crc
+
+    def _equal(self, n: int) -> bool:
+        words = n // 8
+        left = np.frombuffer(self.left, np.uint64, words)
+        right = np.frombuffer(self.right, np.uint64, words)
+        if not np.equal(left, right, out=self.equal[:words]).all():
+            return False
+        return self.left[words * 8 : n] == self.right[words * 8 : n]
+
+
+def _read_exactly(handle: BinaryIO, view: memoryview, offset: int) -> None:
+    got = os.preadv(handle.fileno(), [view], offset)
+    if got != len(view):
+        raise TruncatedFileError(
+            "a range being checked ends early",
+            expected=offset + len(view),
+            actual=offset + got,
+            path=str(getattr(handle, "name", "")),
+        )
+
+
+@dataclass(frozen=True)
+class CopiedRange:
+    """Bytes copied unchanged from one file range to another (paths resolved)."""
+
+    source: str
+    source_offset: int
+    output: str
+    output_offset: int
+    length: int
+
+    @classmethod
+    def of(
+        cls,
+        source: str | os.PathLike[str],
+        source_offset: int,
+        output: str | os.PathLike[str],
+        output_offset: int,
+        length: int,
+    ) -> CopiedRange:
+        return cls(
+            str(Path(source).resolve()),
+            source_offset,
+            str(Path(output).resolve()),
+            output_offset,
+            length,
+        )
+
+
+@dataclass
+class _Job:
+    """One written range: compare it with ``copied``'s source, take its CRC, or both."""
+
+    output: str
+    offset: int
+    length: int
+    copied: CopiedRange | None
+    wants_crc: bool
+    crc: int = 0
+    same: bool | None = None
+    failure: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def checksum(self) -> int:
+        self.done.wait()
+        if self.failure is not None:
+            raise self.failure
+        return self.crc
+
+
+class OutputChecks:
+    """The second thread: takes each written range in order, compares it with its source
+    when it was copied unchanged (and ``compare`` is on), and takes its CRC-32 when the
+    writer asked for one."""
+
+    def __init__(self, *, compare: bool) -> None:
+        self.compare = compare
+        self._pending: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._verdicts: dict[CopiedRange, bool] = {}
+        self._failure: BaseException | None = None
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._run, name="modelport-checks", daemon=True)
+        self._worker.start()
+
+    def submit(
+        self,
+        output: str | os.PathLike[str],
+        offset: int,
+        length: int,
+        copied: CopiedRange | None,
+        *,
+        crc: bool,
+    ) -> Checksum:
+        job = _Job(os.fspath(output), offset, length, copied if self.compare else None, crc)
+        if job.copied is None and not crc:
+            job.done.set()
+        else:
+            self._pending.put(job)
+        return job.checksum
+
+    def verdict(self, copied: CopiedRange) -> bool | None:
+        """True: compared equal; False: differs; None: never compared here."""
+        return self._verdicts.get(copied)
+
+    def finish(self) -> None:
+        """Wait for every check; an error met on the thread is raised here."""
+        self._pending.put(None)
+        self._worker.join()
+        if self._failure is not None:
+            raise self._failure
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._pending.put(None)
+        self._worker.join()
+
+    def _run(self) -> None:
+        comparer = RangeComparer()
+        while (job := self._pending.get()) is not None:
+            try:
+                if self._stop.is_set() or self._failure is not None:
+                    raise RuntimeError("the checks were abandoned")
+                self._check(comparer, job)
+            except BaseException as exc:  # handed to the writing thread by ``finish``
+                job.failure = exc
+                if not self._stop.is_set():
+                    self._failure = self._failure or exc
+            finally:
+                job.done.set()
+
+    def _check(self, comparer: RangeComparer, job: _Job) -> None:
+        same = True
+        for start in range(0, job.length, PIECE):
+            if self._stop.is_set():
+                raise RuntimeError("the checks were abandoned")
+            length = min(PIECE, job.length - start)
+            output = (job.output, job.offset + start)
+            crc = job.crc if job.wants_crc else None
+            if job.copied is not None and same:
+                source = (job.copied.source, job.copied.source_offset + start)
+                same, job.crc = comparer.check(source, output, length, crc)
+            elif job.wants_crc:
+                job.crc = comparer.crc32(*output, length, job.crc)
+        if job.copied is not None:
+            self._verdicts[job.copied] = same
+
+
+_CURRENT = threading.local()  # the ``OutputChecks`` that ``checking_output`` installs
+
+
+@contextmanager
+def checking_output(*, compare: bool) -> Iterator[OutputChecks]:
+    """Within the block, every range ``write_tensor`` writes on this thread is checked on
+    the second thread; on leaving, every check is done (or, on an error or Ctrl-C,
+    abandoned)."""
+    checks = OutputChecks(compare=compare)
+    previous = getattr(_CURRENT, "checks", None)
+    _CURRENT.checks = checks
+    try:
+        yield checks
+    except BaseException:
+        checks.cancel()
+        raise
+    finally:
+        _CURRENT.checks = previous
+    checks.finish()
+
+
+def current() -> OutputChecks | None:
+    checks: OutputChecks | None = getattr(_CURRENT, "checks", None)
+    return checks

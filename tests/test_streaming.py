@@ -1,0 +1,76 @@
+"""The byte movers under convert and verify: range comparison and checks made while copying."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modelport.readback import CopiedRange, RangeComparer, checking_output
+from modelport.streaming import OutputTensor, write_tensor
+from modelport.tensors import Storage, TensorRef
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.binary(min_size=0, max_size=200),
+    flip=st.integers(min_value=0, max_value=199),
+    chunk=st.sampled_from([8, 16, 24, 64]),
+)
+def test_range_comparer_finds_any_changed_byte(
+    tmp_path_factory: pytest.TempPathFactory, data: bytes, flip: int, chunk: int
+) -> None:
+    """Chunk edges, the 8-byte words and the tail shorter than a word all count."""
+    folder = tmp_path_factory.mktemp("cmp")
+    (folder / "a").write_bytes(b"xyz" + data)
+    changed = bytearray(data)
+    if changed:
+        changed[flip % len(changed)] ^= 0x01
+    (folder / "b").write_bytes(b"12345" + bytes(changed))
+    comparer = RangeComparer(chunk)
+    same = comparer.same((folder / "a", 3), (folder / "b", 5), len(data))
+    assert same == (not data)
+    assert comparer.same((folder / "a", 3), (folder / "a", 3), len(data))
+
+
+def _flat(path: Path, offset: int, count: int) -> TensorRef:
+    storage = Storage(path, offset, count * 4, "0")
+    return TensorRef("float32", (count,), storage)
+
+
+def test_ranges_copied_while_checking_are_compared_in_the_background(tmp_path: Path) -> None:
+    values = np.arange(1000, dtype=np.float32)
+    source = tmp_path / "src.bin"
+    source.write_bytes(b"head" + values.tobytes())
+    out = tmp_path / "out.bin"
+    with open(out, "w+b", buffering=0) as handle, checking_output(compare=True) as checks:
+        handle.write(b"HEADER--")
+        write_tensor(handle, OutputTensor("w", "float32", _flat(source, 4, 1000)))
+        crc = write_tensor(
+            handle, OutputTensor("w", "float32", _flat(source, 4, 1000)), checksum=True
+        )
+    assert crc != 0
+    assert out.read_bytes() == b"HEADER--" + values.tobytes() * 2
+    assert checks.verdict(CopiedRange.of(source, 4, out, 8, 4000)) is True
+    assert checks.verdict(CopiedRange.of(source, 4, out, 4008, 4000)) is True
+    assert checks.verdict(CopiedRange.of(source, 4, out, 0, 4000)) is None
+
+
+def test_an_error_while_writing_stops_the_background_checks(tmp_path: Path) -> None:
+    source = tmp_path / "src.bin"
+    source.write_bytes(np.ones(256, np.float32).tobytes())
+    before = threading.active_count()
+    out = tmp_path / "out.bin"
+    tensor = OutputTensor("w", "float32", _flat(source, 0, 256))
+    with (
+        pytest.raises(KeyboardInterrupt),
+        open(out, "w+b", buffering=0) as handle,
+        checking_output(compare=True),
+    ):
+        write_tensor(handle, tensor)
+        raise KeyboardInterrupt
+    assert threading.active_count() == before
