@@ -339,6 +339,21 @@ def decode(text: str, tensors: Mapping[str, Any], *, complete: bool = False) -> 
     return root
 
 
+def restore(tensors: Mapping[str, Any], metadata: Mapping[str, Any]) -> tuple[Any, list[str]]:
+    """The nested tree a ``KEY`` metadata entry describes over a file's ``tensors``, or None
+    when there is none, or (with a warning) when it is malformed or does not place exactly
+    those tensors: the file is then shown flat rather than half nested."""
+    text = metadata.get(KEY)
+    if text is None:
+        return None, []
+    if not isinstance(text, str):
+        return None, [f"metadata {KEY!r} ignored (not a string), the tensors are shown flat"]
+    try:
+        return decode(text, tensors, complete=True), []
+    except ModelportError as exc:
+        return None, [f"metadata {KEY!r} ignored, the tensors are shown flat: {exc}"]
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 

@@ -45,7 +45,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from modelport import dtypes
+from modelport import dtypes, typed_json
 from modelport.errors import (
     CorruptFileError,
     LimitExceededError,
@@ -460,7 +460,18 @@ def read(path: Path, probe: Probe) -> Contents:
         "architecture": architecture if isinstance(architecture, str) else None,
         "data_offset": header.data_offset,
     }
-    return Contents(Format.GGUF, tree, metadata=header.metadata, details=details)
+    nested, warnings = typed_json.restore(tree, header.metadata)
+    metadata = header.metadata
+    if nested is not None:
+        details["tree"] = f"nested checkpoint restored from the {typed_json.KEY!r} metadata"
+        metadata = {k: v for k, v in metadata.items() if k != typed_json.KEY}
+    return Contents(
+        Format.GGUF,
+        tree if nested is None else nested,
+        metadata=metadata,
+        details=details,
+        warnings=warnings,
+    )
 
 
 # plain types, and GGML's block types: Q8_0 quantized by the writer, the others copied as

@@ -30,7 +30,6 @@ from modelport import dtypes, typed_json
 from modelport.errors import (
     CorruptFileError,
     LimitExceededError,
-    ModelportError,
     TruncatedFileError,
 )
 from modelport.formats._base import Contents, Format, FormatReader, Probe, WritePlan
@@ -123,7 +122,7 @@ def read(path: Path, probe: Probe) -> Contents:
         tensors[name] = TensorRef(dtype, tuple(shape), storage)
     _check_coverage(spans, path)
     ordered = {name: tensors[name] for _, _, name in sorted(spans)}
-    tree, warnings = _tree(ordered, metadata)
+    tree, warnings = typed_json.restore(ordered, metadata)
     # ``save_model`` (and modelport) store a tied tensor once and record ``alias -> kept`` in
     # the metadata: restore the alias as the same tensor, so both names share storage again.
     for alias, kept in metadata.items():
@@ -139,18 +138,6 @@ def read(path: Path, probe: Probe) -> Contents:
         details=details,
         warnings=warnings,
     )
-
-
-def _tree(stored: dict[str, TensorRef], metadata: dict[str, str]) -> tuple[Any, list[str]]:
-    """The nested tree modelport's ``--all`` recorded, or None (with a warning if it was
-    there but unusable)."""
-    text = metadata.get(typed_json.KEY)
-    if text is None:
-        return None, []
-    try:
-        return typed_json.decode(text, stored, complete=True), []
-    except ModelportError as exc:
-        return None, [f"metadata {typed_json.KEY!r} ignored, the tensors are shown flat: {exc}"]
 
 
 def _entry(name: str, entry: Any, path: Path) -> tuple[str, list[int], int, int]:
