@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelport.readback import CopiedRange, RangeComparer, checking_output
-from modelport.streaming import OutputTensor, write_tensor
+from modelport.streaming import OutputTensor, source_chunks, write_tensor
 from modelport.tensors import Storage, TensorRef
 
 
@@ -74,3 +74,35 @@ def test_an_error_while_writing_stops_the_background_checks(tmp_path: Path) -> N
         write_tensor(handle, tensor)
         raise KeyboardInterrupt
     assert threading.active_count() == before
+
+
+@st.composite
+def strided_views(draw: st.DrawFn) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """A shape, element strides (slices, transposes, broadcasts) and an element offset."""
+    ndim = draw(st.integers(0, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)))
+    strides = tuple(draw(st.lists(st.integers(0, 40), min_size=ndim, max_size=ndim)))
+    offset = draw(st.integers(0, 7))
+    return shape, strides, offset
+
+
+@settings(max_examples=80, deadline=None)
+@given(view=strided_views(), chunk=st.sampled_from([4, 12, 64, 1 << 20]))
+def test_strided_views_stream_in_c_order(
+    tmp_path_factory: pytest.TempPathFactory,
+    view: tuple[tuple[int, ...], tuple[int, ...], int],
+    chunk: int,
+) -> None:
+    """Whether a block is read with pread or gathered from the memory map (chunk sizes
+    small enough to take both ways), the elements come out in C order."""
+    shape, strides, offset = view
+    count = offset + 1 + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
+    values = np.arange(count + 3, dtype=np.float32)
+    path = tmp_path_factory.mktemp("strided") / "storage.bin"
+    path.write_bytes(b"pad!" + values.tobytes())
+    storage = Storage(path, 4, values.nbytes)
+    tensor = TensorRef("float32", shape, storage, element_offset=offset, strides=strides)
+    expected = np.ascontiguousarray(tensor.numpy()).reshape(-1)
+    got = [c.copy() for c in source_chunks(tensor, chunk)]
+    assert np.array_equal(np.concatenate(got) if got else np.zeros(0, np.float32), expected)
+    assert all(c.nbytes <= max(chunk, 4) for c in got)

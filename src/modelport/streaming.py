@@ -9,6 +9,7 @@ is ``readback``'s job.
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import zlib
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from modelport import dtypes, readback
 from modelport.errors import CorruptFileError, MissingDependencyError, TruncatedFileError
@@ -25,7 +27,7 @@ from modelport.progress import advance
 from modelport.tensors import NDArray, TensorRef
 
 CHUNK = 16 << 20  # bytes per read step; memory use is a small multiple of this
-CAST_CHUNK = 4 << 20  # casts hold several temporaries per chunk: smaller steps
+CAST_CHUNK = 4 << 20  # casts and gathers hold several buffers per chunk: smaller steps
 
 
 @dataclass(frozen=True)
@@ -80,15 +82,102 @@ def source_chunks(tensor: TensorRef, chunk: int = CHUNK) -> Iterator[NDArray]:
     if info.numpy is None:  # quantized blocks: raw bytes only
         yield tensor.raw_bytes()
         return
-    # Strided views, storages inside compressed members, in-memory pickles: a view, walked
-    # in row blocks so only one chunk is ever copied at a time.
     view = tensor.numpy()
-    flat_rows = view.reshape(view.shape[0], -1) if view.ndim > 1 else view.reshape(1, -1)
-    row_bytes = max(1, flat_rows.shape[1] * info.itemsize)
-    rows_per_chunk = max(1, chunk // row_bytes)
-    for start in range(0, flat_rows.shape[0], rows_per_chunk):
-        block = np.ascontiguousarray(flat_rows[start : start + rows_per_chunk]).reshape(-1)
-        yield block
+    storage = tensor.storage
+    if storage is not None and storage.path is not None and storage.reader is None:
+        yield from _strided_file_chunks(view, storage.path, tensor.byte_start(), chunk)
+        return
+    # Storages inside compressed members, in-memory pickles: already in memory.
+    for _, block in _blocks(view, chunk):
+        yield np.ascontiguousarray(block).reshape(-1)
+
+
+def _blocks(view: NDArray, chunk: int, at: int = 0) -> Iterator[tuple[int, NDArray]]:
+    """Sub-views of ``view`` that together are its elements in C order, each of at most
+    ``chunk`` bytes (or one element), with their byte offsets from ``view``'s first element:
+    whole rows where a row fits, else each row split the same way."""
+    if view.ndim == 0:
+        yield at, view.reshape(1)
+        return
+    if view.ndim > 1 and view[0].nbytes > chunk:
+        for i in range(view.shape[0]):
+            yield from _blocks(view[i], chunk, at + i * view.strides[0])
+        return
+    rows = max(1, chunk // max(1, view[0].nbytes))
+    for start in range(0, view.shape[0], rows):
+        yield at + start * view.strides[0], view[start : start + rows]
+
+
+def _strided_file_chunks(
+    view: NDArray, path: os.PathLike[str] | str, start: int, chunk: int
+) -> Iterator[NDArray]:
+    """A strided view of a file, a block at a time. A block whose elements lie within a few
+    chunks of the file (slices, narrowed rows) is read with ``preadv`` and gathered there;
+    one spread wider (a transposed matrix) is gathered from the memory map, whose pages are
+    then dropped, so neither way keeps more than a block's pages."""
+    span_limit = 4 * chunk
+    with _borrowed(span_limit) as buffer, open(path, "rb") as handle:
+        for at, block in _blocks(view, chunk):
+            extent = view.itemsize + sum(
+                (n - 1) * step for n, step in zip(block.shape, block.strides, strict=True)
+            )
+            if extent > span_limit:
+                gathered = _gather_runs(handle.fileno(), block, start + at)
+                if gathered is None:
+                    gathered = np.ascontiguousarray(block).reshape(-1)
+                    _drop_mapped_pages(view)
+                yield gathered
+                continue
+            got = os.preadv(handle.fileno(), [memoryview(buffer)[:extent]], start + at)
+            if got != extent:
+                raise TruncatedFileError(
+                    "tensor data ends early", expected=start + at + extent, actual=start + at + got
+                )
+            local = np.frombuffer(buffer, dtype=view.dtype, count=extent // view.itemsize)
+            gathered = as_strided(local, shape=block.shape, strides=block.strides)
+            yield np.ascontiguousarray(gathered).reshape(-1)
+
+
+def _gather_runs(fd: int, block: NDArray, start: int) -> NDArray | None:
+    """A block spread across the file whose elements still lie in contiguous runs along one
+    axis (a transposed matrix: along its first), read one run per ``preadv`` and put in C
+    order in memory; None when no axis is contiguous in the file."""
+    axis = next(
+        (
+            k
+            for k, step in enumerate(block.strides)
+            if step == block.itemsize and block.shape[k] > 1
+        ),
+        None,
+    )
+    if axis is None:
+        return None
+    outer_shape = block.shape[:axis] + block.shape[axis + 1 :]
+    outer_strides = np.array(block.strides[:axis] + block.strides[axis + 1 :], dtype=np.int64)
+    runs = np.empty((*outer_shape, block.shape[axis]), dtype=block.dtype)
+    run_bytes = block.shape[axis] * block.itemsize
+    target = runs.reshape(-1).view(np.uint8).data
+    index = np.indices(outer_shape).reshape(len(outer_shape), -1)
+    offsets = (start + outer_strides @ index).tolist() if outer_shape else [start]
+    for i, offset in enumerate(offsets):
+        piece = target[i * run_bytes : (i + 1) * run_bytes]
+        got = os.preadv(fd, [piece], offset)
+        if got != run_bytes:
+            raise TruncatedFileError(
+                "tensor data ends early", expected=offset + run_bytes, actual=offset + got
+            )
+    return np.ascontiguousarray(np.moveaxis(runs, -1, axis)).reshape(-1)
+
+
+def _drop_mapped_pages(view: NDArray) -> None:
+    """Let the kernel take back the pages of the memory map under ``view`` (a private map
+    never written to: they are read from the file again if touched)."""
+    base: Any = view
+    while base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    mapped = getattr(base, "_mmap", None)
+    if mapped is not None and hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_DONTNEED)
 
 
 @contextmanager
@@ -188,7 +277,8 @@ def _write_chunks(handle: BinaryIO, tensor: OutputTensor) -> None:
     """Casts, strided views, storages not stored flat: a bounded buffer at a time."""
     source = tensor.source
     written = 0
-    for chunk in source_chunks(source, CAST_CHUNK if tensor.is_cast else CHUNK):
+    small = tensor.is_cast or not source.is_contiguous  # several buffers per chunk
+    for chunk in source_chunks(source, CAST_CHUNK if small else CHUNK):
         out = cast_chunk(chunk, source.dtype, tensor.dtype) if tensor.is_cast else chunk
         data = np.ascontiguousarray(out).reshape(-1).view(np.uint8).data
         write_all(handle, data)

@@ -97,6 +97,11 @@ class TensorRef:
         itemsize = dtypes.dtype(self.dtype).itemsize
         return st.offset + self.element_offset * itemsize, self.nbytes
 
+    def byte_start(self) -> int:
+        """Where the tensor's first element lies: a file offset for storages stored flat."""
+        offset = self.storage.offset if self.storage is not None else 0
+        return offset + self.element_offset * dtypes.dtype(self.dtype).itemsize
+
     def numpy(self) -> NDArray:
         """A read-only, zero-copy numpy view (bfloat16 and float8 as ``ml_dtypes`` types)."""
         array = self._view()
