@@ -150,6 +150,7 @@ def inspect(path: str | Path) -> InspectReport:
             weights_note=selection.note,
             code_files=tuple(model.code),
             safety=_safety(model.path),
+            bytes_by_dtype=trees.stored_bytes_by_dtype(dict(model.tensors)),
         )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,8 @@ class TensorSummary:
 @dataclass(frozen=True)
 class InspectReport:
     """What is in a model file. ``parameters`` counts the elements of every listed name (a
-    tied tensor counts under each of its names, as ``state_dict`` lists it)."""
+    tied tensor counts under each of its names, as ``state_dict`` lists it);
+    ``bytes_by_dtype`` counts what is stored, so a tied tensor counts once."""
 
     path: str
     format: str
@@ -43,13 +43,7 @@ class InspectReport:
     weights_note: str
     code_files: tuple[str, ...]
     safety: dict[str, Any]  # the scanner's verdict and findings above info
-
-    @property
-    def bytes_by_dtype(self) -> dict[str, int]:
-        totals: Counter[str] = Counter()
-        for tensor in self.tensors:
-            totals[tensor.dtype] += tensor.nbytes
-        return dict(totals.most_common())
+    bytes_by_dtype: dict[str, int]
 
     def to_json(self) -> dict[str, Any]:
         return {

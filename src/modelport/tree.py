@@ -10,6 +10,7 @@ costs bounded time and gives a clear error.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,25 @@ def aliases(tensors: dict[str, TensorRef]) -> list[list[str]]:
         if tensor.storage is not None and tensor.storage.nbytes > 0:
             groups.setdefault(id(tensor.storage), []).append(name)
     return [names for names in groups.values() if len(names) > 1]
+
+
+def stored_bytes_by_dtype(tensors: dict[str, TensorRef]) -> dict[str, int]:
+    """Bytes per dtype, largest first, counting each tensor once however many names it has
+    (tied weights; the same view listed twice)."""
+    totals: Counter[str] = Counter()
+    seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...] | None, str]] = set()
+    for tensor in tensors.values():
+        place = (
+            id(tensor.storage if tensor.storage is not None else tensor),
+            tensor.element_offset,
+            tensor.shape,
+            tensor.strides,
+            tensor.dtype,
+        )
+        if place not in seen:
+            seen.add(place)
+            totals[tensor.dtype] += tensor.nbytes
+    return dict(totals.most_common())
 
 
 def parameter_count(tensors: dict[str, TensorRef]) -> int:

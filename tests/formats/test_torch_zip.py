@@ -55,6 +55,15 @@ def test_load_keeps_storage_sharing_like_torch(tmp_path: Path) -> None:
     assert ["embed.weight", "head.weight"] in [sorted(g) for g in modelport.inspect(path).aliases]
 
 
+def test_tied_weights_are_counted_once_in_bytes_by_dtype(tmp_path: Path) -> None:
+    model = TiedLM(vocab=50, dim=16)
+    torch.save(model.state_dict(), tmp_path / "tied.pt")
+    report = modelport.inspect(tmp_path / "tied.pt")
+    stored = {id(t.untyped_storage()): t.nbytes for t in model.state_dict().values()}
+    assert report.bytes_by_dtype == {"float32": sum(stored.values())}
+    assert report.to_json()["parameters"] == sum(t.numel() for t in model.state_dict().values())
+
+
 def test_training_checkpoint_tree_and_extras(tmp_path: Path) -> None:
     model = TinyResNet()
     checkpoint = trained_checkpoint(model, torch.randn(2, 3, 8, 8))
