@@ -7,26 +7,33 @@ own codes here and nowhere else.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
-import ml_dtypes
 import numpy as np
 
 from modelport.errors import UnsupportedDtypeError
 
+ML_DTYPES = "ml_dtypes."
+
 
 @dataclass(frozen=True)
 class DType:
-    """One element type: its torch name, width in bits, and numpy equivalent (if any)."""
+    """One element type: its torch name, width in bits, and numpy equivalent (if any,
+    resolved on first use so that ml_dtypes loads only when one of its types is met)."""
 
     name: str
     bits: int
-    numpy: np.dtype | None  # type: ignore[type-arg]
+    numpy_spec: str | None  # numpy's spelling ("<f4"), or "ml_dtypes.<type>"
     is_floating: bool = False
     # Block-quantized types (GGML's Q4_0, Q4_K, IQ2_XS ...): (elements, bytes) per block.
     block: tuple[int, int] | None = None
+
+    @property
+    def numpy(self) -> np.dtype | None:  # type: ignore[type-arg]
+        return None if self.numpy_spec is None else _resolve(self.numpy_spec)
 
     @property
     def itemsize(self) -> int:
@@ -40,38 +47,46 @@ class DType:
         return -(-numel // elements) * size
 
 
-def _np(spec: object) -> np.dtype:  # type: ignore[type-arg]
-    return np.dtype(spec)  # type: ignore[call-overload,no-any-return]
+@functools.cache
+def _resolve(spec: str) -> np.dtype:  # type: ignore[type-arg]
+    """numpy's dtype for a spelling; ``ml_dtypes`` (a tenth of a second to import) only
+    when one of its types is asked for."""
+    if spec.startswith(ML_DTYPES):
+        import ml_dtypes
+
+        found: np.dtype = np.dtype(getattr(ml_dtypes, spec.removeprefix(ML_DTYPES)))  # type: ignore[type-arg]
+        return found
+    return np.dtype(spec)
 
 
 _ALL: Final = (
-    DType("float64", 64, _np("<f8"), True),
-    DType("float32", 32, _np("<f4"), True),
-    DType("float16", 16, _np("<f2"), True),
-    DType("bfloat16", 16, _np(ml_dtypes.bfloat16), True),
-    DType("float8_e4m3fn", 8, _np(ml_dtypes.float8_e4m3fn), True),
-    DType("float8_e5m2", 8, _np(ml_dtypes.float8_e5m2), True),
-    DType("float8_e4m3fnuz", 8, _np(ml_dtypes.float8_e4m3fnuz), True),
-    DType("float8_e5m2fnuz", 8, _np(ml_dtypes.float8_e5m2fnuz), True),
-    DType("float8_e8m0fnu", 8, _np(ml_dtypes.float8_e8m0fnu), True),
-    DType("complex128", 128, _np("<c16")),
-    DType("complex64", 64, _np("<c8")),
+    DType("float64", 64, "<f8", True),
+    DType("float32", 32, "<f4", True),
+    DType("float16", 16, "<f2", True),
+    DType("bfloat16", 16, "ml_dtypes.bfloat16", True),
+    DType("float8_e4m3fn", 8, "ml_dtypes.float8_e4m3fn", True),
+    DType("float8_e5m2", 8, "ml_dtypes.float8_e5m2", True),
+    DType("float8_e4m3fnuz", 8, "ml_dtypes.float8_e4m3fnuz", True),
+    DType("float8_e5m2fnuz", 8, "ml_dtypes.float8_e5m2fnuz", True),
+    DType("float8_e8m0fnu", 8, "ml_dtypes.float8_e8m0fnu", True),
+    DType("complex128", 128, "<c16"),
+    DType("complex64", 64, "<c8"),
     DType("complex32", 32, None),
-    DType("int64", 64, _np("<i8")),
-    DType("int32", 32, _np("<i4")),
-    DType("int16", 16, _np("<i2")),
-    DType("int8", 8, _np("i1")),
-    DType("uint64", 64, _np("<u8")),
-    DType("uint32", 32, _np("<u4")),
-    DType("uint16", 16, _np("<u2")),
-    DType("uint8", 8, _np("u1")),
-    DType("bool", 8, _np("?")),
-    DType("qint8", 8, _np("i1")),
-    DType("quint8", 8, _np("u1")),
-    DType("qint32", 32, _np("<i4")),
-    DType("quint4x2", 8, _np("u1")),
-    DType("quint2x4", 8, _np("u1")),
-    DType("float4_e2m1fn_x2", 8, _np("u1")),
+    DType("int64", 64, "<i8"),
+    DType("int32", 32, "<i4"),
+    DType("int16", 16, "<i2"),
+    DType("int8", 8, "i1"),
+    DType("uint64", 64, "<u8"),
+    DType("uint32", 32, "<u4"),
+    DType("uint16", 16, "<u2"),
+    DType("uint8", 8, "u1"),
+    DType("bool", 8, "?"),
+    DType("qint8", 8, "i1"),
+    DType("quint8", 8, "u1"),
+    DType("qint32", 32, "<i4"),
+    DType("quint4x2", 8, "u1"),
+    DType("quint2x4", 8, "u1"),
+    DType("float4_e2m1fn_x2", 8, "u1"),
 )
 
 # GGML block-quantized types, named as GGML names them (gguf-py's GGML_QUANT_SIZES). numpy
@@ -200,8 +215,13 @@ def dtype(name: str) -> DType:
 
 def from_numpy(np_dtype: np.dtype) -> str:  # type: ignore[type-arg]
     """The torch name of a numpy dtype (byte order must already be little-endian or n/a)."""
+    from_ml_dtypes = np_dtype.type.__module__.startswith("ml_dtypes")
     for d in _ALL:
-        if d.numpy is not None and d.numpy == np_dtype and not d.name.startswith("q"):
+        if d.numpy_spec is None or d.name.startswith("q"):
+            continue
+        if d.numpy_spec.startswith(ML_DTYPES) != from_ml_dtypes:
+            continue
+        if d.numpy == np_dtype:
             return d.name
     raise UnsupportedDtypeError(f"numpy dtype {np_dtype} has no torch equivalent")
 
