@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -178,6 +179,21 @@ def main() -> int:
         "x:2,3,16,16",
         str(OUT / "exported.pt2"),
     )
+    np.savez(OUT / "inputs.npz", x=example.repeat(2, 1, 1, 1).numpy())  # named after forward(x)
+    cli(
+        "export",
+        "--model",
+        str(files["scripted.pt"]),  # a TorchScript file as the model: no class needed
+        "--example-inputs",
+        str(OUT / "inputs.npz"),
+        "--to",
+        "pt2",
+        "--report",
+        str(OUT / "export-report.md"),
+        str(OUT / "from_torchscript.pt2"),
+    )
+    whole = str(files["whole_model.pt"])  # refused: loading a whole-model pickle runs its code
+    cli("export", "--model", whole, "--input", "x:2,3,16,16", str(OUT / "whole.pt2"))
     ddp = OUT / "ddp_checkpoint.pt"
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, ddp)
     cli("check", "--model", spec, str(ddp), "--fix", str(OUT / "fixed.safetensors"))

@@ -89,3 +89,29 @@ def dtype_zoo() -> dict[str, torch.Tensor]:
         "view_of_base": base[2],
         "base": base,
     }
+
+
+class Router(nn.Module):
+    """Control flow fixed by the config, not the data (a flag, a loop over layers), three
+    inputs, and a tuple output holding a dict: what export must flatten and name."""
+
+    def __init__(self, dim: int = 8, layers: int = 2, gated: bool = True) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        self.gated = gated
+        self.gate = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hidden = x
+        for block in self.blocks:
+            hidden = torch.relu(block(hidden)) + hidden
+        if self.gated:
+            hidden = hidden * torch.sigmoid(self.gate(x))
+        hidden = hidden * mask.unsqueeze(-1)
+        logits = self.head(hidden).mean(1)
+        if scale is not None:
+            logits = logits * scale
+        return logits, {"hidden": hidden, "pooled": hidden.sum(1)}

@@ -14,10 +14,11 @@ from torch import nn
 
 import modelport
 from modelport.cli.cmd_export import parse_dynamic, parse_input
+from modelport.cli.main import main
 from modelport.errors import ConversionError, ModelSpecError
 from modelport.export import export
 from modelport.models import resolve_model
-from tests.models import TinyResNet
+from tests.models import Router, TinyResNet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -221,3 +222,205 @@ def test_static_export_fails_on_other_batch_sizes(tmp_path: Path) -> None:
     assert report.verified is False  # the trace froze batch 2; batch 3 and 5 fail
     assert report.to_json()["max_abs_error"] is None
     assert any(c.name.startswith("(failed") or not c.ok for c in report.outputs)
+
+
+def router_inputs() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    return {
+        "x": torch.randn(2, 5, 8),
+        "mask": (torch.rand(2, 5) > 0.3).float(),
+        "scale": torch.tensor(2.0),
+    }
+
+
+@pytest.mark.parametrize("to", ["onnx", "pt2"])
+def test_control_flow_several_inputs_and_outputs(tmp_path: Path, to: str) -> None:
+    torch.manual_seed(0)
+    model = Router(layers=3, gated=True)
+    dynamic = {"x": {0: "batch", 1: "seq"}, "mask": {0: "batch", 1: "seq"}}
+    report = export(model, tmp_path / f"router.{to}", router_inputs(), to=to, dynamic=dynamic)
+    assert report.verified is True, [c for c in report.outputs if not c.ok]
+    names = {c.name for c in report.outputs}
+    assert names == {"output[0]", "output[1]['hidden']", "output[1]['pooled']"}
+    assert {"batch=3", "batch=5", "seq=6", "seq=11"} <= {c.sample for c in report.outputs}
+    assert [i.name for i in report.inputs] == ["x", "mask", "scale"]
+    assert report.inputs[0].dynamic == ((0, "batch"), (1, "seq"))
+    assert report.inputs[2].shape == () and report.inputs[2].dynamic == ()
+
+
+def test_gpt2_dynamic_batch_and_sequence(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=100,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    model = resolve_model(tmp_path / "gpt2")  # built from config.json, weights by modelport
+    ids = {"input_ids": torch.randint(0, 100, (2, 8))}
+    dynamic = {"input_ids": {0: "batch", 1: "sequence"}}
+    report = export(model, tmp_path / "gpt2.onnx", ids, to="onnx", dynamic=dynamic)
+    assert report.verified is True
+    samples = {c.sample for c in report.outputs}
+    assert {"batch=3", "batch=5", "sequence=9", "sequence=17"} <= samples
+    logits = next(c for c in report.outputs if c.sample == "sequence=17")
+    assert logits.shape == (2, 17, 100)  # onnxruntime ran a sequence length never exported
+
+
+def test_legacy_exporter_with_opset(tmp_path: Path) -> None:
+    import onnx
+
+    path = tmp_path / "legacy.onnx"
+    dynamic = {"x": {0: "batch"}}
+    inputs = {"x": torch.randn(2, 3, 8, 8)}
+    report = export(tiny(), path, inputs, exporter="legacy", opset=17, dynamic=dynamic)
+    assert report.verified is True and report.exporter == "legacy" and report.opset == 17
+    assert {"example", "random1", "random2", "batch=3", "batch=5"} == {
+        c.sample for c in report.outputs
+    }  # the same checks as the dynamo exporter's
+    proto = onnx.load(str(path))
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert report.files == (path,) and report.sizes == (path.stat().st_size,)
+    with pytest.raises(ConversionError, match="unknown ONNX exporter"):
+        export(tiny(), tmp_path / "x.onnx", inputs, exporter="torchscript")
+
+
+def test_report_markdown(tmp_path: Path) -> None:
+    report = export(tiny(), tmp_path / "m.pt2", {"x": torch.randn(2, 3, 8, 8)}, to="pt2")
+    text = report.to_markdown(source="--model tests.models:TinyResNet")
+    assert text.startswith("# modelport export: m.pt2\n")
+    assert "| Model | `tests.models.TinyResNet` |" in text
+    assert "| Format | pt2 |" in text and "**verified**" in text
+    assert f"| `{tmp_path / 'm.pt2'}` | {(tmp_path / 'm.pt2').stat().st_size:,} bytes |" in text
+    assert "| `x` | [2, 3, 8, 8] | float32 | - |" in text
+    for sample in ("example", "random1", "random2"):
+        assert f"| {sample} | `output` | [2, 5] | float32 |" in text
+    failed = export(CallCounter(), tmp_path / "c.pt2", [torch.randn(2, 4)], to="pt2")
+    text = failed.to_markdown()
+    assert "**FAILED**" in text and "| **FAIL** |" in text and "Built from" not in text
+
+
+def test_refuses_to_overwrite(tmp_path: Path) -> None:
+    inputs = {"x": torch.randn(2, 3, 8, 8)}
+    path = tmp_path / "m.pt2"
+    export(tiny(), path, inputs, to="pt2")
+    before = path.read_bytes()
+    with pytest.raises(ConversionError, match="exists; pass --overwrite"):
+        export(tiny(), path, inputs, to="pt2")
+    assert path.read_bytes() == before
+    assert export(tiny(), path, inputs, to="pt2", overwrite=True).verified is True
+    onnx_path = tmp_path / "m.onnx"
+    stale = tmp_path / "m.onnx.data"  # half of an older bundle: also never replaced silently
+    stale.write_bytes(b"old")
+    with pytest.raises(ConversionError, match=r"m\.onnx\.data exists"):
+        export(tiny(), onnx_path, inputs, exporter="legacy")
+    assert not onnx_path.exists() and stale.read_bytes() == b"old"
+    report = export(tiny(), onnx_path, inputs, exporter="legacy", overwrite=True)
+    assert report.files == (onnx_path,) and not stale.exists()  # the stale half is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pt2"]  # no temp dirs
+
+
+def test_failed_export_leaves_nothing(tmp_path: Path) -> None:
+    class Reshaper(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.sum(1) + torch.ones(int(x.shape[0]))
+
+    with pytest.raises(ConversionError, match="could not export"):
+        export(
+            Reshaper(),
+            tmp_path / "d.pt2",
+            {"x": torch.randn(2, 3)},
+            to="pt2",
+            dynamic={"x": {0: "batch"}},
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["npz", "pt", "safetensors"])
+def test_cli_example_inputs_and_report(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    inputs = router_inputs()
+    path = tmp_path / f"inputs.{kind}"
+    ordered = {"scale": inputs["scale"], "mask": inputs["mask"], "x": inputs["x"]}  # not forward's
+    if kind == "npz":
+        np.savez(path, **{k: v.numpy() for k, v in ordered.items()})
+    elif kind == "pt":
+        torch.save(ordered, path)
+    else:
+        save_file(ordered, str(path))
+    out, report_path = tmp_path / "router.pt2", tmp_path / "report.md"
+    argv = ["export", "--model", "tests.models:Router", "--example-inputs", str(path)]
+    argv += ["--dynamic", "x:0=batch", "--dynamic", "mask:0=batch", "--to", "pt2"]
+    argv += ["--report", str(report_path), "--json", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["verified"] is True
+    assert [(i["name"], i["shape"]) for i in payload["inputs"]] == [
+        ("x", [2, 5, 8]),
+        ("mask", [2, 5]),
+        ("scale", []),
+    ]
+    text = report_path.read_text()
+    assert f"--example-inputs {path}" in text and "| `mask` | [2, 5] | float32 | 0=batch |" in text
+    assert "`output[1]['pooled']`" in text
+    assert main(argv) == 2  # OUT exists now
+    assert "exists; pass --overwrite" in json.loads(capsys.readouterr().out)["error"]["message"]
+    assert main([*argv[:-2], "--overwrite", str(out)]) == 0
+
+
+def test_cli_example_inputs_name_mismatch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "inputs.safetensors"
+    save_file({"x": torch.randn(2, 5, 8), "attention": torch.ones(2, 5)}, str(path))
+    argv = ["export", "--model", "tests.models:Router", "--example-inputs", str(path)]
+    assert main([*argv, "--to", "pt2", str(tmp_path / "r.pt2")]) == 2
+    error = capsys.readouterr().err
+    assert "'attention' is not an argument of forward(x, mask, scale)" in error
+    assert not (tmp_path / "r.pt2").exists()
+
+
+def test_legacy_external_data_gathered_into_one_file(tmp_path: Path) -> None:
+    """Above 2 GB the legacy exporter writes one file per tensor beside OUT; the bundle
+    stays OUT + OUT.data. Reproduced small: the same layout, written by onnx itself."""
+    import numpy as np
+    import onnx
+    import onnxruntime
+    from onnx import helper, numpy_helper
+
+    from modelport.export import _one_data_file
+
+    weight = np.arange(1200, dtype=np.float32).reshape(3, 400)  # above onnx's 1 KiB inline limit
+    bias = np.ones(400, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 400])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save_model(
+        helper.make_model(graph),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=False,
+        size_threshold=0,
+    )
+    assert len(list(tmp_path.iterdir())) == 3  # m.onnx, w, b
+    _one_data_file(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.ones((2, 3), dtype=np.float32)
+    assert np.array_equal(session.run(None, {"x": x})[0], x @ weight + bias)

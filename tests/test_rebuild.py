@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import modelport
+from modelport.cli.main import main
 from modelport.errors import ConversionError
 from modelport.rebuild import rebuild
 from tests.models import TinyResNet
@@ -154,3 +155,71 @@ def test_cli_verification_failure_exit_1(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
     assert result.returncode == 1, result.stderr
     assert "FAILED" in result.stdout and "requires: torch only" in result.stdout
+
+
+def test_refuses_to_overwrite(tmp_path: Path) -> None:
+    source_path, _ = weights(tmp_path)
+    out = tmp_path / "model.pt"
+    rebuild(SPEC, source_path, out, init=INIT)
+    before = out.read_bytes()
+    with pytest.raises(ConversionError, match="exists; pass --overwrite"):
+        rebuild(SPEC, source_path, out, init=INIT)
+    assert out.read_bytes() == before
+    assert rebuild(SPEC, source_path, out, init=INIT, overwrite=True).verified is True
+    with pytest.raises(ConversionError, match="would overwrite the input"):
+        rebuild(SPEC, source_path, source_path, init=INIT, overwrite=True)
+    pt2 = tmp_path / "model.pt2"
+    pt2.write_bytes(b"older")
+    with pytest.raises(ConversionError, match="exists"):
+        rebuild(SPEC, source_path, pt2, init=INIT, example_inputs=[torch.randn(2, 3, 8, 8)])
+    assert pt2.read_bytes() == b"older"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.pt",
+        "model.pt2",
+        "weights.safetensors",
+    ]  # nothing half-written left beside them
+
+
+def test_pickle_report_and_dynamic(tmp_path: Path) -> None:
+    source_path, _ = weights(tmp_path)
+    report = rebuild(
+        SPEC,
+        source_path,
+        tmp_path / "m.pt",
+        init=INIT,
+        example_inputs={"x": torch.randn(2, 3, 8, 8)},
+        dynamic={"x": {0: "batch"}},
+    )
+    assert report.verified is True and {"batch=3", "batch=5"} <= {c.sample for c in report.outputs}
+    text = report.to_markdown()
+    assert text.startswith("# modelport rebuild: m.pt\n") and "**verified**" in text
+    assert f"{report.tensors_compared} tensors compared bit for bit" in text and "all equal" in text
+    assert "| Load with | `torch.load(" in text and "| batch=5 | `output` |" in text
+    with pytest.raises(ConversionError, match="not inputs"):
+        rebuild(
+            SPEC,
+            source_path,
+            tmp_path / "n.pt",
+            init=INIT,
+            example_inputs={"x": torch.randn(2, 3, 8, 8)},
+            dynamic={"y": {0: "batch"}},
+        )
+
+
+def test_cli_example_inputs_dynamic_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    source_path, _ = weights(tmp_path)
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, images=np.random.default_rng(0).standard_normal((2, 3, 8, 8), "float32"))
+    out, report = tmp_path / "cli.pt2", tmp_path / "rebuild.md"
+    argv = ["rebuild", "--model", SPEC, "--init", json.dumps(INIT), str(source_path), str(out)]
+    argv += ["--example-inputs", str(inputs), "--dynamic", "x:0=batch", "--report", str(report)]
+    assert main(argv) == 0, capsys.readouterr().err
+    shown = capsys.readouterr().out
+    assert "loaded back and verified" in shown and f"report: {report}" in shown
+    text = report.read_text()
+    assert "| Format | pt2 |" in text and "| batch=5 | `output` | [5, 5] |" in text
+    assert main(argv) == 2 and "exists; pass --overwrite" in capsys.readouterr().err

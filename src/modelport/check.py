@@ -162,11 +162,15 @@ def check(
     init: str | Mapping[str, Any] | list[Any] | None = None,
     fix: str | Path | None = None,
     allow_unsafe: bool = False,
+    trust_code: bool = False,
 ) -> CheckReport:
     """Compare the weights in ``weights_path`` with what ``model`` expects; with ``fix``,
-    write the weights renamed (a detected prefix shift) to ``fix`` and check those too."""
+    write the weights renamed (a detected prefix shift) to ``fix`` and check those too.
+    ``trust_code`` lets ``model`` name a whole-model pickle (see ``models.build_model``)."""
     if isinstance(model, str):
-        model = build_model(model, init, meta=True)
+        model = build_model(
+            model, init, meta=True, trust_code=trust_code, allow_unsafe=allow_unsafe
+        )
     ties: list[list[str]] = []
     if isinstance(model, dict):
         expected: Keys = dict(model)

@@ -12,21 +12,19 @@ nothing behind, and an existing file is never replaced unless asked.
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import json
 import os
 import re
-import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelport import dtypes, progress, readback, typed_json
+from modelport import dtypes, placing, progress, readback, typed_json
 from modelport import tree as trees
 from modelport._version import __version__
 from modelport.api import check_safety
@@ -127,7 +125,7 @@ def convert(
     options = options or ConvertOptions()
     started = time.perf_counter()
     source, target = Path(src), Path(dst)
-    _check_paths(source, target, options.overwrite)
+    placing.check_target(source, target, options.overwrite)
     writer = _target_format(target, options.to)
     _check_directory_target(source, target, writer, options)
     check_safety(source, allow_unsafe=options.allow_unsafe)
@@ -204,17 +202,6 @@ def _target_format(target: Path, to: str | None) -> FormatReader:
         if wanted is None
         else f"modelport cannot write {to!r} (it writes {writable})"
     )
-
-
-def _check_paths(source: Path, target: Path, overwrite: bool) -> None:
-    if target.exists() and source.exists() and source.samefile(target):
-        raise ConversionError(
-            f"{target}: the output would overwrite the input; choose another name"
-        )
-    if target.exists() and not overwrite:
-        raise ConversionError(f"{target} exists; pass --overwrite (overwrite=True) to replace it")
-    if not target.parent.is_dir():
-        raise ConversionError(f"{target.parent} is not a directory")
 
 
 def _select(
@@ -467,7 +454,7 @@ def _write_verified(
     assert writer.write is not None
     temporary = target.with_name(f".{target.name}.modelport-{os.getpid()}.tmp")
     try:
-        with _full_disk_refused(target):
+        with placing.full_disk_refused(target):
             with open(temporary, "w+b", buffering=0) as handle, _copy_checks(options) as copies:
                 writer.write(handle, plan)
                 if options.fsync:
@@ -475,7 +462,7 @@ def _write_verified(
             casts = verify(temporary, plan, copies) if options.verify else ()
             temporary.replace(target)
             if options.fsync:
-                _fsync_directory(target.parent)
+                placing.fsync_directory(target.parent)
         return casts
     finally:
         temporary.unlink(missing_ok=True)
@@ -485,26 +472,6 @@ def _copy_checks(options: ConvertOptions) -> AbstractContextManager[OutputChecks
     """Written bytes are compared with the source (when verifying) and checksummed on a
     second thread while the writing goes on (see ``readback``)."""
     return readback.checking_output(compare=options.verify)
-
-
-@contextmanager
-def _full_disk_refused(target: Path) -> Iterator[None]:
-    """A full disk becomes a refusal that says so (the caller removes what was written)."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise ConversionError(f"{target}: the disk is full; nothing was written") from None
-        raise
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable."""
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def _sha256(path: Path) -> str:
@@ -561,50 +528,20 @@ def _write_directory(
     """Shards, index and sidecars built in a new directory beside ``target``, verified, then
     renamed into place (an existing ``target`` is moved aside first and removed last)."""
     limit = _hf_writer.parse_size(options.shard_size)
-    building = _sibling(target, "tmp")
+    building = placing.sibling(target, "tmp")
     building.mkdir()
     try:
-        with _full_disk_refused(target):
+        with placing.full_disk_refused(target):
             with _copy_checks(options) as copies:
                 planned = _hf_writer.write_directory(
                     building, plan, limit, source, options.dtype, options.fsync
                 )
             casts = verify_directory(building, plan, planned, copies) if options.verify else ()
-            _install_directory(building, target, options.fsync)
+            placing.install_directory(building, target, options.fsync)
         return casts
     finally:
         if building.is_dir():
             shutil.rmtree(building, ignore_errors=True)
-
-
-def _sibling(target: Path, kind: str) -> Path:
-    """A free hidden name beside ``target``."""
-    while True:
-        name = f".{target.name}.modelport-{os.getpid()}-{secrets.token_hex(4)}.{kind}"
-        candidate = target.with_name(name)
-        if not candidate.exists() and not candidate.is_symlink():
-            return candidate
-
-
-def _install_directory(built: Path, target: Path, fsync: bool) -> None:
-    old = None
-    if target.exists() or target.is_symlink():
-        old = _sibling(target, "old")
-        target.rename(old)
-    try:
-        built.rename(target)
-    except BaseException:
-        if old is not None:
-            old.rename(target)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-    if fsync:
-        _fsync_directory(target)
-        _fsync_directory(target.parent)
 
 
 def _bytes_on_disk(target: Path) -> int:

@@ -75,14 +75,16 @@ class UnsupportedVersionError(FormatError):
 
 class UnsafeModelError(ModelportError):
     """The scanner judged the file ``unsafe``; ``allow_unsafe=True`` extracts tensors anyway
-    (still without executing anything)."""
+    (still without executing anything). ``advice`` replaces that closing hint where the load
+    refused would run the file (a ``--model`` file, see ``modelport.models``)."""
 
-    def __init__(self, path: Path | str, summary: str) -> None:
+    def __init__(self, path: Path | str, summary: str, *, advice: str | None = None) -> None:
         self.path = Path(path)
-        super().__init__(
-            f"{path}: refused, the file is unsafe to load: {summary}. modelport never runs it; "
-            "pass allow_unsafe=True (--allow-unsafe) to extract its tensors anyway"
+        advice = advice or (
+            "modelport never runs it; pass allow_unsafe=True (--allow-unsafe) to extract its "
+            "tensors anyway"
         )
+        super().__init__(f"{path}: refused, the file is unsafe to load: {summary}. {advice}")
 
 
 class ConversionError(ModelportError):
@@ -101,6 +103,11 @@ class ModelSpecError(ModelportError):
 
 class SuspiciousModelWarning(UserWarning):
     """The scanner judged the file ``suspicious`` (a normal loader would run its classes' code)."""
+
+
+class CodeExecutionWarning(UserWarning):
+    """modelport is about to run code stored in a file, because the caller trusted it
+    (``trust_code``): the message carries the scanner's verdict on that file."""
 
 
 class LimitExceededError(ModelportError, ValueError):

@@ -6,18 +6,25 @@ shapes, dtypes and value ranges (for each dynamic axis, also at two other sizes)
 compares every output with eager PyTorch: per-output max absolute and relative error,
 ``|exported - eager| <= atol + rtol * |eager|`` with tolerances by dtype.
 
-- ONNX: ``torch.onnx.export(dynamo=True)``; ``OUT`` and ``OUT.data`` (external weights)
-  are one bundle. bfloat16 models are exported in float32 (onnxruntime's CPU provider has
-  no bfloat16 kernels), with a warning.
-- TorchScript: ``torch.jit.trace``; deprecated in torch 2.13, so a warning recommends .pt2.
-- pt2: ``torch.export.export`` + ``torch.export.save``.
+- ONNX: ``torch.onnx.export(dynamo=True)`` by default, ``exporter="legacy"`` for the
+  TorchScript-based one (``dynamo=False``, dynamic axes as ``dynamic_axes``); ``OUT`` and
+  ``OUT.data`` (external weights) are one bundle. bfloat16 models are exported in float32
+  (onnxruntime's CPU provider has no bfloat16 kernels), with a warning.
+- TorchScript: ``torch.jit.trace`` (a TorchScript model is saved as it is); deprecated in
+  torch 2.13, so a warning recommends .pt2.
+- pt2: ``torch.export.export`` + ``torch.export.save``. A TorchScript model goes through
+  torch's TorchScript-to-``torch.export`` converter first (pt2, and ONNX with dynamo).
+
+The bundle is written into a new directory beside ``OUT``, verified there, then renamed
+into place (data first): an error leaves nothing behind, and an existing ``OUT`` or
+``OUT.data`` is only replaced with ``overwrite`` (convert's rule and message).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
+import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -26,47 +33,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelport.errors import ConversionError, MissingDependencyError, ModelportError
+from modelport.models import eval_mode
+from modelport.outputs import OutputCheck, Runner, finite, leaves, verify_outputs
+from modelport.placing import check_target, sibling
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 FORMATS = ("onnx", "torchscript", "pt2")
-TOLERANCES: dict[str, tuple[float, float]] = {  # dtype -> (atol, rtol)
-    "float64": (1e-7, 1e-6),
-    "float32": (1e-4, 1e-3),
-    "float16": (1e-2, 1e-2),
-    "bfloat16": (5e-2, 5e-2),
-}
-EXTRA_SAMPLES = 2
-SEED = 1234
+EXPORTERS = ("dynamo", "legacy")  # ONNX: torch.export-based, or TorchScript-based
 
 
 @dataclass(frozen=True)
-class OutputCheck:
-    """One output compared on one input set."""
+class ExampleInput:
+    """One example input as exported: name, shape, dtype and its dynamic axes."""
 
     name: str
-    sample: str
     shape: tuple[int, ...]
     dtype: str
-    max_abs: float
-    max_rel: float
-    atol: float
-    rtol: float
-    ok: bool
+    dynamic: tuple[tuple[int, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "sample": self.sample,
             "shape": list(self.shape),
             "dtype": self.dtype,
-            "max_abs": _finite(self.max_abs),
-            "max_rel": _finite(self.max_rel),
-            "atol": self.atol,
-            "rtol": self.rtol,
-            "ok": self.ok,
+            "dynamic": {str(axis): dim for axis, dim in self.dynamic},
         }
 
 
@@ -82,23 +75,35 @@ class ExportReport:
     outputs: tuple[OutputCheck, ...]
     seconds: float
     warnings: tuple[str, ...]
+    model: str = ""  # the exported module's class
+    exporter: str | None = None  # ONNX only: "dynamo" or "legacy"
+    opset: int | None = None
+    inputs: tuple[ExampleInput, ...] = ()
+    sizes: tuple[int, ...] = ()  # bytes of each of ``files``
 
     def to_json(self) -> dict[str, Any]:
         return {
             "path": str(self.path),
             "format": self.format,
             "files": [str(f) for f in self.files],
+            "sizes": list(self.sizes),
+            "model": self.model,
+            "exporter": self.exporter,
+            "opset": self.opset,
+            "inputs": [i.to_json() for i in self.inputs],
             "verified": self.verified,
-            "max_abs_error": _finite(self.max_abs_error),
+            "max_abs_error": finite(self.max_abs_error),
             "outputs": [o.to_json() for o in self.outputs],
             "seconds": self.seconds,
             "warnings": list(self.warnings),
         }
 
+    def to_markdown(self, source: str | None = None) -> str:
+        """A readable report of the export and its verification (``source``: how the model
+        was named, e.g. the command line's ``--model``/``--weights``)."""
+        from modelport.markdown import export_markdown
 
-def _finite(value: float) -> float | None:
-    """JSON has no infinity or NaN: those become null."""
-    return value if math.isfinite(value) else None
+        return export_markdown(self, source)
 
 
 def export(
@@ -109,27 +114,37 @@ def export(
     to: str = "onnx",
     dynamic: Mapping[str, Mapping[int, str]] | None = None,
     opset: int | None = None,
+    exporter: str = "dynamo",
     verify: bool = True,
     rtol: float | None = None,
     atol: float | None = None,
+    overwrite: bool = False,
 ) -> ExportReport:
     """Export ``model`` (put in eval mode) to ``path`` and verify it against eager.
 
     ``example_inputs`` are passed positionally to ``forward``, in order; a mapping also names
     them (ONNX input names; keys of ``dynamic``, e.g. ``{"x": {0: "batch"}}``).
+    ``exporter`` picks the ONNX exporter (``"dynamo"`` or ``"legacy"``). An existing ``path``
+    (or ``path.data`` for ONNX) is replaced only with ``overwrite``.
     """
     import torch
 
     if to not in FORMATS:
         raise ConversionError(f"unknown export format {to!r}: expected one of {FORMATS}")
+    if exporter not in EXPORTERS:
+        raise ConversionError(f"unknown ONNX exporter {exporter!r}: expected one of {EXPORTERS}")
     started = time.perf_counter()
     names, inputs = _named(example_inputs)
     dynamic = dict(dynamic or {})
     for name in dynamic:
         if name not in names:
             raise ConversionError(f"dynamic axes for {name!r}, which is not an input ({names})")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_targets(path, to, overwrite)
     notes: list[str] = []
-    model = model.eval()
+    model = eval_mode(model)
+    described = _describe(model)
     if to == "onnx" and any(p.dtype == torch.bfloat16 for p in model.parameters()):
         notes.append(
             "bfloat16 model exported and verified in float32: onnxruntime's CPU provider has "
@@ -137,31 +152,38 @@ def export(
         )
         model = copy.deepcopy(model).float()
         inputs = [t.float() if t.dtype == torch.bfloat16 else t for t in inputs]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     shapes = _dynamic_shapes(names, inputs, dynamic)
     if to == "torchscript":
         notes.append(
             "TorchScript is deprecated in torch 2.13 and traces one path through the code; "
             "prefer --to pt2"
         )
-    try:
-        files = _write(to, model, path, names, inputs, shapes, opset)
-    except ModelportError:
-        raise
-    except Exception as exc:  # torch's exporters raise many kinds; say which step failed
-        first = " ".join(str(exc).strip().splitlines()[:1])[:300]
-        raise ConversionError(
-            f"torch could not export the model to {to}: {type(exc).__name__}: {first}"
-        ) from exc
     if opset is not None and to != "onnx":
         notes.append(f"--opset applies to ONNX only; ignored for {to}")
-    checks: tuple[OutputCheck, ...] = ()
-    verified: bool | None = None
-    if verify:
-        runner = _runner(to, path, names)
-        checks = tuple(_verify(model, runner, names, inputs, dynamic, rtol, atol))
-        verified = all(c.ok for c in checks)
+    if exporter != "dynamo" and to != "onnx":
+        notes.append(f"--exporter applies to ONNX only; ignored for {to}")
+    building = sibling(path, "tmp")  # the bundle is built and verified here, then moved
+    building.mkdir()
+    try:
+        staged = building / path.name
+        try:
+            files = _write(to, model, staged, names, inputs, shapes, dynamic, opset, exporter)
+        except ModelportError:
+            raise
+        except Exception as exc:  # torch's exporters raise many kinds; say which step failed
+            first = " ".join(str(exc).strip().splitlines()[:1])[:300]
+            raise ConversionError(
+                f"torch could not export the model to {to}: {type(exc).__name__}: {first}"
+            ) from exc
+        checks: tuple[OutputCheck, ...] = ()
+        verified: bool | None = None
+        if verify:
+            runner = _runner(to, staged, names)
+            checks = tuple(verify_outputs(model, runner, names, inputs, dynamic, rtol, atol))
+            verified = all(c.ok for c in checks)
+        files = _install(files, path, to)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
     worst = max((c.max_abs for c in checks), default=0.0)
     return ExportReport(
         path=path,
@@ -172,7 +194,62 @@ def export(
         outputs=checks,
         seconds=time.perf_counter() - started,
         warnings=tuple(notes),
+        model=described,
+        exporter=exporter if to == "onnx" else None,
+        opset=opset if to == "onnx" else None,
+        inputs=tuple(
+            ExampleInput(
+                name,
+                tuple(tensor.shape),
+                str(tensor.dtype).removeprefix("torch."),
+                tuple(sorted(dynamic.get(name, {}).items())),
+            )
+            for name, tensor in zip(names, inputs, strict=True)
+        ),
+        sizes=tuple(f.stat().st_size for f in files),
     )
+
+
+def _describe(model: nn.Module) -> str:
+    """The model's class as a user would name it."""
+    import torch
+
+    if isinstance(model, torch.jit.ScriptModule):
+        return f"{getattr(model, 'original_name', type(model).__name__)} (TorchScript)"
+    if isinstance(model, torch.fx.GraphModule):
+        return "torch.fx.GraphModule"  # e.g. torch.export.load(...).module()
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def bundle(path: Path, to: str) -> tuple[Path, ...]:
+    """The files an export to ``path`` may write: ONNX's external data beside it too."""
+    return (path, path.with_name(path.name + ".data")) if to == "onnx" else (path,)
+
+
+def check_targets(path: Path, to: str, overwrite: bool, sources: Sequence[Path] = ()) -> None:
+    """``convert``'s rule for every file of the bundle: an existing one is replaced only
+    with ``overwrite``, and none of ``sources`` (the inputs) is ever overwritten."""
+    for target in bundle(path, to):
+        # with no input file, the directory stands in (it is never the same file as target)
+        for source in sources or (target.parent,):
+            check_target(Path(source), target, overwrite)
+
+
+def _install(staged: tuple[Path, ...], path: Path, to: str) -> tuple[Path, ...]:
+    """Move a built bundle into place, the file that names the data last; an older
+    ``OUT.data`` the new ONNX export does not have is removed (it would be a stale half)."""
+    main, *rest = staged
+    installed = []
+    for file in rest:
+        target = path.with_name(file.name)
+        file.replace(target)
+        installed.append(target)
+    main.replace(path)
+    for stale in bundle(path, to)[1:]:
+        if stale not in installed and stale.exists():
+            stale.unlink()
+    return (path, *installed)
 
 
 def _named(
@@ -227,23 +304,43 @@ def _write(
     names: list[str],
     inputs: list[torch.Tensor],
     shapes: tuple[dict[int, Any] | None, ...] | None,
+    dynamic: Mapping[str, Mapping[int, str]],
     opset: int | None,
+    exporter: str,
 ) -> tuple[Path, ...]:
     import torch
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if to == "onnx":
-            return _export_onnx(model, path, names, inputs, shapes, opset)
+            return _export_onnx(model, path, names, inputs, shapes, dynamic, opset, exporter)
         if to == "torchscript":
+            if isinstance(model, torch.jit.ScriptModule):
+                torch.jit.save(model, str(path))  # type: ignore[no-untyped-call]
+                return (path,)
             traced = torch.jit.trace(  # type: ignore[no-untyped-call]
                 model, tuple(inputs), strict=False, check_trace=False
             )
-            torch.jit.save(traced, str(path))
+            torch.jit.save(traced, str(path))  # type: ignore[no-untyped-call]
         else:
-            program = torch.export.export(model, tuple(inputs), dynamic_shapes=shapes)
+            program = torch.export.export(
+                _exportable(model, inputs), tuple(inputs), dynamic_shapes=shapes
+            )
             torch.export.save(program, str(path))
     return (path,)
+
+
+def _exportable(model: nn.Module, inputs: list[torch.Tensor]) -> nn.Module:
+    """``model``, or for a TorchScript model its ``torch.export`` translation (torch's own
+    converter), which ``torch.export`` accepts where a ScriptModule is refused."""
+    import torch
+
+    if not isinstance(model, torch.jit.ScriptModule):
+        return model
+    from torch._export.converter import TS2EPConverter
+
+    converted: nn.Module = TS2EPConverter(model, tuple(inputs)).convert().module()
+    return converted
 
 
 def _export_onnx(
@@ -252,36 +349,75 @@ def _export_onnx(
     names: list[str],
     inputs: list[torch.Tensor],
     shapes: tuple[dict[int, Any] | None, ...] | None,
+    dynamic: Mapping[str, Mapping[int, str]],
     opset: int | None,
+    exporter: str,
 ) -> tuple[Path, ...]:
     import torch
 
-    try:
-        import onnxscript  # noqa: F401
-    except ImportError as exc:
-        raise MissingDependencyError("onnxscript", "onnx", "exporting to ONNX") from exc
+    if exporter == "dynamo":
+        try:
+            import onnxscript  # noqa: F401
+        except ImportError as exc:
+            raise MissingDependencyError(
+                "onnxscript", "onnx", "exporting to ONNX with the dynamo exporter"
+            ) from exc
     data = path.with_name(path.name + ".data")
-    data.unlink(missing_ok=True)  # never leave a stale bundle half
     quiet = logging.getLogger("torch.onnx")  # "torchvision is not installed" and friends
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        torch.onnx.export(
-            model,
-            tuple(inputs),
-            str(path),
-            dynamo=True,
-            input_names=names,
-            dynamic_shapes=shapes,
-            opset_version=opset,
-            verbose=False,
-        )
+        if exporter == "dynamo":
+            torch.onnx.export(
+                _exportable(model, inputs),
+                tuple(inputs),
+                str(path),
+                dynamo=True,
+                input_names=names,
+                dynamic_shapes=shapes,
+                opset_version=opset,
+                verbose=False,
+            )
+        else:
+            torch.onnx.export(
+                model,
+                tuple(inputs),
+                str(path),
+                dynamo=False,
+                input_names=names,
+                dynamic_axes={n: dict(axes) for n, axes in dynamic.items()} or None,
+                opset_version=opset,
+                verbose=False,
+            )
+            _one_data_file(path)
     finally:
         quiet.setLevel(level)
     return (path, data) if data.exists() else (path,)
 
 
-def _runner(to: str, path: Path, names: list[str]) -> Any:
+def _one_data_file(path: Path) -> None:
+    """The legacy exporter writes external data (above protobuf's 2 GB) as one file per
+    tensor beside ``path``; gather them into ``path.data``, as the dynamo exporter does."""
+    strays = [p for p in path.parent.iterdir() if p != path]
+    if not strays:
+        return
+    try:
+        import onnx
+    except ImportError as exc:
+        raise MissingDependencyError("onnx", "onnx", "gathering ONNX external data") from exc
+    proto = onnx.load(str(path))  # reads the per-tensor files beside it
+    for stray in strays:
+        stray.unlink()
+    onnx.save_model(
+        proto,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+    )
+
+
+def _runner(to: str, path: Path, names: list[str]) -> Runner:
     """A callable running the exported file: list of input tensors -> list of outputs."""
     import numpy as np
     import torch
@@ -306,117 +442,6 @@ def _runner(to: str, path: Path, names: list[str]) -> Any:
 
     def run_torch(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         with torch.no_grad():
-            return _leaves(loaded(*inputs))
+            return leaves(loaded(*inputs))
 
     return run_torch
-
-
-def _leaves(output: Any) -> list[torch.Tensor]:
-    import torch
-    from torch.utils import _pytree
-
-    return [x for x in _pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
-
-
-def _samples(
-    names: list[str], inputs: list[torch.Tensor], dynamic: Mapping[str, Mapping[int, str]]
-) -> list[tuple[str, list[torch.Tensor]]]:
-    import torch
-
-    generator = torch.Generator().manual_seed(SEED)
-    samples = [("example", inputs)]
-    for i in range(EXTRA_SAMPLES):
-        samples.append((f"random{i + 1}", [_like(t, t.shape, generator) for t in inputs]))
-    for dim_name in sorted({d for axes in dynamic.values() for d in axes.values()}):
-        base = next(
-            inputs[names.index(n)].shape[a]
-            for n, axes in dynamic.items()
-            for a, d in axes.items()
-            if d == dim_name
-        )
-        for size in (base + 1, 2 * base + 1):
-            batch = []
-            for name, tensor in zip(names, inputs, strict=True):
-                shape = list(tensor.shape)
-                for axis, d in dynamic.get(name, {}).items():
-                    if d == dim_name:
-                        shape[axis] = size
-                batch.append(_like(tensor, torch.Size(shape), generator))
-            samples.append((f"{dim_name}={size}", batch))
-    return samples
-
-
-def _like(tensor: torch.Tensor, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-    """A random tensor with ``tensor``'s dtype and value range (token ids stay in range)."""
-    import torch
-
-    if tensor.dtype == torch.bool:
-        return torch.rand(shape, generator=generator) < 0.5
-    if tensor.is_floating_point():
-        return torch.randn(shape, generator=generator).to(tensor.dtype)
-    low = int(tensor.min()) if tensor.numel() else 0
-    high = int(tensor.max()) if tensor.numel() else 1
-    return torch.randint(low, high + 1, shape, generator=generator, dtype=tensor.dtype)
-
-
-def _verify(
-    model: nn.Module,
-    runner: Any,
-    names: list[str],
-    inputs: list[torch.Tensor],
-    dynamic: Mapping[str, Mapping[int, str]],
-    rtol: float | None,
-    atol: float | None,
-) -> list[OutputCheck]:
-    import torch
-
-    checks: list[OutputCheck] = []
-    for label, sample in _samples(names, inputs, dynamic):
-        with torch.no_grad():
-            expected = _leaves(model(*sample))
-        try:
-            got = runner(sample)
-        except Exception as exc:  # the exported program refused an input eager accepts
-            why = " ".join(str(exc).split())[:200]
-            checks.append(
-                OutputCheck(f"(failed: {why})", label, (), "", math.inf, math.inf, 0, 0, False)
-            )
-            continue
-        if len(got) != len(expected):
-            raise ConversionError(
-                f"the exported model gave {len(got)} outputs, eager gave {len(expected)}"
-            )
-        for index, (ref, out) in enumerate(zip(expected, got, strict=True)):
-            checks.append(_compare(f"output{index}", label, ref, out, rtol, atol))
-    return checks
-
-
-def _compare(
-    name: str,
-    sample: str,
-    ref: torch.Tensor,
-    out: torch.Tensor,
-    rtol: float | None,
-    atol: float | None,
-) -> OutputCheck:
-    dtype = str(ref.dtype).removeprefix("torch.")
-    default_atol, default_rtol = TOLERANCES.get(dtype, (0.0, 0.0))
-    a = default_atol if atol is None else atol
-    r = default_rtol if rtol is None else rtol
-    shape = tuple(ref.shape)
-    if tuple(out.shape) != shape:
-        return OutputCheck(name, sample, shape, dtype, math.inf, math.inf, a, r, False)
-    expected = ref.detach().double()
-    actual = out.detach().to(ref.dtype).double()
-    if expected.numel() == 0:
-        return OutputCheck(name, sample, shape, dtype, 0.0, 0.0, a, r, True)
-    error = (actual - expected).abs()
-    both_nan = expected.isnan() & actual.isnan()
-    same_inf = expected.isinf() & (actual == expected)
-    error = error.masked_fill(both_nan | same_inf, 0.0).nan_to_num(nan=math.inf)
-    bound = a + r * expected.abs().nan_to_num(nan=0.0, posinf=0.0)
-    ok = bool((error <= bound).all())
-    relative = error / expected.abs().clamp_min(max(a, 1e-12))
-    return OutputCheck(
-        name, sample, shape, dtype, float(error.max()), float(relative.max()), a, r, ok
-    )

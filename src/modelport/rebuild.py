@@ -12,8 +12,10 @@ in eval mode and writes one of:
 
 Before success is reported the file is loaded back (the pickle with ``torch.load`` on the
 file this call has just written, nothing else) and compared with the eager model: outputs on
-the example inputs and random ones (``export``'s checks), and for the pickle also every
-state-dict tensor bit for bit (the only check when no example inputs are given).
+the example inputs and random ones (``export``'s checks, other sizes along ``dynamic`` axes
+included), and for the pickle also every state-dict tensor bit for bit (the only check when
+no example inputs are given). Like ``export``, the file is built beside ``OUT`` and renamed
+into place; an existing ``OUT`` is replaced only with ``overwrite``, the weights never.
 """
 
 from __future__ import annotations
@@ -21,22 +23,26 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import shutil
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelport.errors import ConversionError
-from modelport.export import OutputCheck, _leaves, _named, _verify, export
+from modelport.export import _named, check_targets, export
 from modelport.models import resolve_model
+from modelport.outputs import OutputCheck, Runner, leaves, verify_outputs
+from modelport.placing import sibling
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 TARGETS = ("pickle", "torchscript", "pt2")
+Inputs = Mapping[str, "torch.Tensor"] | Sequence["torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,12 @@ class RebuildReport:
             "warnings": list(self.warnings),
         }
 
+    def to_markdown(self) -> str:
+        """A readable report of what was written and how it was checked."""
+        from modelport.markdown import rebuild_markdown
+
+        return rebuild_markdown(self)
+
 
 def rebuild(
     model: str | Path,
@@ -86,25 +98,44 @@ def rebuild(
     *,
     init: str | Mapping[str, Any] | list[Any] | None = None,
     to: str | None = None,
-    example_inputs: Mapping[str, torch.Tensor] | Sequence[torch.Tensor] | None = None,
+    example_inputs: Inputs | Callable[[nn.Module], Inputs] | None = None,
+    dynamic: Mapping[str, Mapping[int, str]] | None = None,
     allow_unsafe: bool = False,
+    trust_code: bool = False,
     rtol: float | None = None,
     atol: float | None = None,
+    overwrite: bool = False,
 ) -> RebuildReport:
     """Build ``model`` with ``weights`` and save it whole to ``path`` as ``to`` (by default
     from the name: ``.pt2`` -> pt2, anything else a whole-model pickle); load the file back
-    and compare it with the eager model before reporting ``verified``."""
+    and compare it with the eager model before reporting ``verified``. ``example_inputs``
+    are ``export``'s, or a function of the built model giving them (how the CLI matches an
+    ``--example-inputs`` file to ``forward``'s arguments). ``dynamic`` names
+    dynamic axes of the example inputs (as ``export``'s); ``trust_code`` and
+    ``allow_unsafe`` are ``resolve_model``'s."""
     if to is None:
         to = "pt2" if Path(path).suffix == ".pt2" else "pickle"
     if to not in TARGETS:
         raise ConversionError(f"unknown rebuild format {to!r}: expected one of {TARGETS}")
     if to != "pickle" and not example_inputs:
-        raise ConversionError(f"--to {to} traces the model: it needs example inputs (--input)")
+        raise ConversionError(
+            f"--to {to} traces the model: it needs example inputs (--input or --example-inputs)"
+        )
+    if dynamic and not example_inputs:
+        raise ConversionError("--dynamic names axes of example inputs: give them too")
     started = time.perf_counter()
-    module = resolve_model(model, init=init, weights=weights, allow_unsafe=allow_unsafe)
     path = Path(path)
+    sources = [Path(weights)] + ([Path(model)] if Path(model).is_file() else [])
+    check_targets(path, to, overwrite, sources)
+    module = resolve_model(
+        model, init=init, weights=weights, allow_unsafe=allow_unsafe, trust_code=trust_code
+    )
+    if callable(example_inputs):
+        example_inputs = example_inputs(module)
     if to == "pickle":
-        checks, compared, mismatched = _pickle(module, path, example_inputs, rtol, atol)
+        checks, compared, mismatched = _pickle(
+            module, path, example_inputs, dynamic or {}, rtol, atol
+        )
         files: tuple[Path, ...] = (path,)
         notes: list[str] = []
         method = "outputs+state_dict" if example_inputs else "state_dict"
@@ -118,7 +149,16 @@ def rebuild(
             notes.append("the class lives in __main__: only that same script can load the file")
     else:
         assert example_inputs is not None
-        exported = export(module, path, example_inputs, to=to, rtol=rtol, atol=atol)
+        exported = export(
+            module,
+            path,
+            example_inputs,
+            to=to,
+            dynamic=dynamic,
+            rtol=rtol,
+            atol=atol,
+            overwrite=overwrite,
+        )
         checks, compared, mismatched = exported.outputs, 0, []
         files, notes, method = exported.files, list(exported.warnings), "outputs"
         if to == "torchscript":
@@ -149,45 +189,62 @@ def rebuild(
 def _pickle(
     module: nn.Module,
     path: Path,
-    example_inputs: Mapping[str, torch.Tensor] | Sequence[torch.Tensor] | None,
+    example_inputs: Inputs | None,
+    dynamic: Mapping[str, Mapping[int, str]],
     rtol: float | None,
     atol: float | None,
 ) -> tuple[tuple[OutputCheck, ...], int, list[str]]:
+    """``torch.save(module)`` beside ``path``, reloaded and compared, then renamed into
+    place."""
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.save(module, str(path))
-    except Exception as exc:  # local classes, lambdas, open handles: pickle refuses them
-        first = " ".join(str(exc).split())[:300]
+    if isinstance(module, torch.jit.ScriptModule):
         raise ConversionError(
-            f"torch.save could not pickle the model ({type(exc).__name__}: {first}); "
-            "the class must be defined at module level"
-        ) from exc
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # the file this call has just written from the user's own model; never a given file
-        loaded = torch.load(str(path), weights_only=False, map_location="cpu")
-    if not isinstance(loaded, torch.nn.Module):
-        raise ConversionError(f"{path}: reloaded as a {type(loaded).__name__}, not a module")
-    loaded.eval()
-    mismatched = _state_mismatches(module.state_dict(), loaded.state_dict())
-    checks: tuple[OutputCheck, ...] = ()
-    if example_inputs:
-        names, inputs = _named(example_inputs)
-        runner = _runner_for(loaded)
-        with contextlib.redirect_stdout(io.StringIO()):
-            checks = tuple(_verify(module, runner, names, inputs, {}, rtol, atol))
+            "a TorchScript model cannot be pickled whole: rebuild it --to torchscript or pt2"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    building = sibling(path, "tmp")
+    building.mkdir()
+    try:
+        staged = building / path.name
+        try:
+            torch.save(module, str(staged))
+        except Exception as exc:  # local classes, lambdas, open handles: pickle refuses them
+            first = " ".join(str(exc).split())[:300]
+            raise ConversionError(
+                f"torch.save could not pickle the model ({type(exc).__name__}: {first}); "
+                "the class must be defined at module level"
+            ) from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # the file this call has just written from the user's own model; never a given file
+            loaded = torch.load(str(staged), weights_only=False, map_location="cpu")
+        if not isinstance(loaded, torch.nn.Module):
+            raise ConversionError(f"{path}: reloaded as a {type(loaded).__name__}, not a module")
+        loaded.eval()
+        mismatched = _state_mismatches(module.state_dict(), loaded.state_dict())
+        checks: tuple[OutputCheck, ...] = ()
+        if example_inputs:
+            names, inputs = _named(example_inputs)
+            unknown = sorted(set(dynamic) - set(names))
+            if unknown:
+                raise ConversionError(f"dynamic axes for {unknown}, which are not inputs ({names})")
+            runner = _runner_for(loaded)
+            with contextlib.redirect_stdout(io.StringIO()):
+                checks = tuple(verify_outputs(module, runner, names, inputs, dynamic, rtol, atol))
+        staged.replace(path)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
     return checks, len(module.state_dict()), mismatched
 
 
-def _runner_for(loaded: nn.Module) -> Any:
+def _runner_for(loaded: nn.Module) -> Runner:
     """Like ``export._runner``, for the module already loaded back from the pickle."""
     import torch
 
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         with torch.no_grad():
-            return _leaves(loaded(*inputs))
+            return leaves(loaded(*inputs))
 
     return run
 

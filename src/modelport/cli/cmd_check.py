@@ -34,8 +34,9 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        metavar="pkg.module:Name|DIR",
-        help="the model: a class or factory to import and call, or a directory with config.json",
+        metavar="pkg.module:Name|DIR|FILE",
+        help="the model: a class or factory to import and call, a directory with config.json, "
+        "a TorchScript or .pt2 file, or a whole-model pickle (with --trust-code)",
     )
     parser.add_argument("--init", metavar="JSON", help="arguments for --model: object or list")
     parser.add_argument(
@@ -47,12 +48,22 @@ def register(commands: Any) -> None:
         action="store_true",
         help="check a file the scanner judged unsafe (still executes nothing in it)",
     )
+    parser.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="allow a whole-model pickle as --model: loading it RUNS CODE from that file",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     report = check(
-        args.weights, args.model, init=args.init, fix=args.fix, allow_unsafe=args.allow_unsafe
+        args.weights,
+        args.model,
+        init=args.init,
+        fix=args.fix,
+        allow_unsafe=args.allow_unsafe,
+        trust_code=args.trust_code,
     )
     if args.json:
         print(json.dumps(report.to_json(), indent=2))

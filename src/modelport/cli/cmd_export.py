@@ -6,23 +6,34 @@ import argparse
 import contextlib
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from modelport.errors import ConversionError
-from modelport.export import FORMATS, ExportReport, export
+from modelport.example_inputs import read_example_inputs
+from modelport.export import EXPORTERS, FORMATS, ExportReport, export
 from modelport.models import resolve_model
 
 EXAMPLES = """examples:
   modelport export --model tests.models:TinyResNet --init '{"classes": 10}' \\
       --input x:2,3,32,32 --dynamic x:0=batch --to onnx model.onnx
   modelport export --model mypkg.nets:build --weights model.safetensors \\
-      --input x:1,3,224,224:float16 --to pt2 model.pt2
+      --example-inputs inputs.npz --to pt2 model.pt2 --report export.md
   modelport export --model ./bert-dir --input input_ids:2,16:int64 --to onnx bert.onnx --json
+  modelport export --model scripted.pt --input x:1,3,224,224 --to onnx --exporter legacy m.onnx
 
 --model imports and runs YOUR code (pkg.module:Name); a directory with config.json is built
 with transformers from the config (no hub, no remote code), its weights read by modelport.
+A TorchScript file is loaded with torch.jit.load (it runs the file's TorchScript, which cannot
+import Python), a .pt2 with torch.export.load when modelport's scan finds it safe. A whole-model
+pickle (torch.save(model)) needs --trust-code: torch.load(weights_only=False) runs code from
+the file. That is the one place modelport ever runs Python code from a file: only the --model
+file, after scanning it (an unsafe verdict also needs --allow-unsafe).
+
+--example-inputs reads tensors (npz, torch.save dict, safetensors: by content, nothing runs)
+named after forward's arguments; one tensor for a one-argument forward may have any name.
 
 exit codes: 0 exported and verified, 1 verification failed, 2 error
 """
@@ -41,19 +52,27 @@ def register(commands: Any) -> None:
     )
     parser.add_argument("output", help="output file (ONNX: OUT and OUT.data)")
     parser.add_argument(
-        "--model", required=True, help="pkg.module:Name (class or factory) or an HF directory"
+        "--model",
+        required=True,
+        help="pkg.module:Name (class or factory), an HF directory, a TorchScript or .pt2 "
+        "file, or a whole-model pickle (with --trust-code)",
     )
     parser.add_argument("--init", metavar="JSON", help="keyword arguments for Name, as JSON")
     parser.add_argument("--weights", metavar="FILE", help="weights in any readable format")
     parser.add_argument("--to", choices=FORMATS, default="onnx", help="format (default onnx)")
-    parser.add_argument(
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument(
         "--input",
         dest="inputs",
         action="append",
         default=[],
-        required=True,
         metavar="NAME:SHAPE[:DTYPE]",
         help="an example input, e.g. x:1,3,32,32 or ids:2,16:int64 (repeat, in forward order)",
+    )
+    inputs.add_argument(
+        "--example-inputs",
+        metavar="FILE",
+        help="example inputs from a file (npz, .pt, safetensors), named after forward's arguments",
     )
     parser.add_argument(
         "--dynamic",
@@ -63,11 +82,26 @@ def register(commands: Any) -> None:
         help="dynamic axes, e.g. x:0=batch (the same DIM name ties axes together)",
     )
     parser.add_argument("--opset", type=int, help="ONNX opset version")
+    parser.add_argument(
+        "--exporter",
+        choices=EXPORTERS,
+        default="dynamo",
+        help="ONNX exporter: dynamo (torch.export-based, default) or legacy (TorchScript-based)",
+    )
     parser.add_argument("--rtol", type=float, help="relative tolerance (default by dtype)")
     parser.add_argument("--atol", type=float, help="absolute tolerance (default by dtype)")
     parser.add_argument("--no-verify", dest="verify", action="store_false")
+    parser.add_argument("--report", metavar="FILE", help="write a Markdown verification report")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument(
-        "--allow-unsafe", action="store_true", help="read weights the scanner judged unsafe"
+        "--trust-code",
+        action="store_true",
+        help="allow a whole-model pickle as --model: loading it RUNS CODE from that file",
+    )
+    parser.add_argument(
+        "--allow-unsafe",
+        action="store_true",
+        help="read files the scanner judged unsafe (with --trust-code: run them)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
@@ -76,10 +110,17 @@ def register(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     init = _init(args.init)
     model = resolve_model(
-        args.model, init=init, weights=args.weights, allow_unsafe=args.allow_unsafe
+        args.model,
+        init=init,
+        weights=args.weights,
+        allow_unsafe=args.allow_unsafe,
+        trust_code=args.trust_code,
     )
-    high = getattr(getattr(model, "config", None), "vocab_size", None) or INT_HIGH
-    inputs = dict(parse_input(spec, int(high)) for spec in args.inputs)
+    if args.example_inputs:
+        inputs = read_example_inputs(args.example_inputs, model, allow_unsafe=args.allow_unsafe)
+    else:
+        high = getattr(getattr(model, "config", None), "vocab_size", None) or INT_HIGH
+        inputs = dict(parse_input(spec, int(high)) for spec in args.inputs)
     dynamic = dict(parse_dynamic(spec) for spec in args.dynamic)
     # the exporters talk on stdout; keep it for the JSON object
     with contextlib.redirect_stdout(sys.stderr):
@@ -90,15 +131,33 @@ def run(args: argparse.Namespace) -> int:
             to=args.to,
             dynamic=dynamic,
             opset=args.opset,
+            exporter=args.exporter,
             verify=args.verify,
             rtol=args.rtol,
             atol=args.atol,
+            overwrite=args.overwrite,
         )
+    if args.report:
+        Path(args.report).write_text(report.to_markdown(source=model_source(args)))
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
         _show(report)
+        if args.report:
+            print(f"  report: {args.report}")
     return 1 if report.verified is False else 0
+
+
+def model_source(args: argparse.Namespace) -> str:
+    """How the command line named the model, for the report."""
+    parts = [f"--model {args.model}"]
+    if args.init:
+        parts.append(f"--init {args.init}")
+    if args.weights:
+        parts.append(f"--weights {args.weights}")
+    if getattr(args, "example_inputs", None):
+        parts.append(f"--example-inputs {args.example_inputs}")
+    return " ".join(parts)
 
 
 def _init(text: str | None) -> dict[str, Any]:

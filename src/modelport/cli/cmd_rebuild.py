@@ -5,26 +5,34 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from modelport.cli.cmd_export import INT_HIGH, parse_input
+from modelport.cli.cmd_export import INT_HIGH, parse_dynamic, parse_input
 from modelport.errors import ConversionError
+from modelport.example_inputs import read_example_inputs
 from modelport.rebuild import TARGETS, RebuildReport, rebuild
 
 EXAMPLES = """examples:
   modelport rebuild --model tests.models:TinyResNet --init '{"classes": 10}' \\
       model.safetensors model.pt
   modelport rebuild --model mypkg.nets:Net weights.bin net.pt2 --to pt2 --input x:1,3,224,224
+  modelport rebuild --model mypkg.nets:Net weights.bin net.pt2 --example-inputs inputs.npz \\
+      --dynamic x:0=batch --report rebuild.md
   modelport rebuild --model ./bert-dir weights.safetensors bert.pt --json
 
 --model imports and runs YOUR code (pkg.module:Name); a directory with config.json is built
-with transformers from the config (no hub, no remote code). The weights are read by modelport
-(never unpickled). --to pickle (the default) writes torch.save(model): loading it needs
-torch.load(weights_only=False) and the class importable; torchscript and pt2 need --input.
+with transformers from the config (no hub, no remote code); a TorchScript or .pt2 file or,
+with --trust-code, a whole-model pickle is loaded as `modelport export --help` describes
+(--trust-code runs Python code from that one file: the one place modelport does). The
+weights are read by modelport (never unpickled). --to pickle (the default) writes
+torch.save(model): loading it needs torch.load(weights_only=False) and the class importable;
+torchscript and pt2 need example inputs (--input or --example-inputs).
 
 exit codes: 0 written and verified, 1 verification failed, 2 error
 """
@@ -42,13 +50,17 @@ def register(commands: Any) -> None:
     parser.add_argument("weights", help="weights in any format modelport reads")
     parser.add_argument("output", help="output file")
     parser.add_argument(
-        "--model", required=True, help="pkg.module:Name (class or factory) or an HF directory"
+        "--model",
+        required=True,
+        help="pkg.module:Name (class or factory), an HF directory, a TorchScript or .pt2 "
+        "file, or a whole-model pickle (with --trust-code)",
     )
     parser.add_argument("--init", metavar="JSON", help="arguments for Name, as JSON")
     parser.add_argument(
         "--to", choices=TARGETS, help="format (default: pt2 for a .pt2 name, else torch.save)"
     )
-    parser.add_argument(
+    inputs = parser.add_mutually_exclusive_group()
+    inputs.add_argument(
         "--input",
         dest="inputs",
         action="append",
@@ -57,10 +69,31 @@ def register(commands: Any) -> None:
         help="an example input, e.g. x:1,3,32,32 (repeat, in forward order); needed for "
         "torchscript and pt2, optional for pickle (then outputs are compared too)",
     )
+    inputs.add_argument(
+        "--example-inputs",
+        metavar="FILE",
+        help="example inputs from a file (npz, .pt, safetensors), named after forward's arguments",
+    )
+    parser.add_argument(
+        "--dynamic",
+        action="append",
+        default=[],
+        metavar="NAME:AXIS=DIM[,AXIS=DIM]",
+        help="dynamic axes of the example inputs, e.g. x:0=batch (verified at other sizes)",
+    )
     parser.add_argument("--rtol", type=float, help="relative tolerance (default by dtype)")
     parser.add_argument("--atol", type=float, help="absolute tolerance (default by dtype)")
+    parser.add_argument("--report", metavar="FILE", help="write a Markdown verification report")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument(
-        "--allow-unsafe", action="store_true", help="read weights the scanner judged unsafe"
+        "--trust-code",
+        action="store_true",
+        help="allow a whole-model pickle as --model: loading it RUNS CODE from that file",
+    )
+    parser.add_argument(
+        "--allow-unsafe",
+        action="store_true",
+        help="read files the scanner judged unsafe (with --trust-code: run them)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
@@ -73,7 +106,13 @@ def run(args: argparse.Namespace) -> int:
             init = json.loads(args.init)
         except json.JSONDecodeError as exc:
             raise ConversionError(f"--init is not valid JSON: {exc}") from exc
-    inputs = dict(parse_input(spec, INT_HIGH) for spec in args.inputs) or None
+    inputs: Any = dict(parse_input(spec, INT_HIGH) for spec in args.inputs) or None
+    if args.example_inputs:  # read once the model is built: names match its forward
+        inputs = functools.partial(
+            read_example_inputs, args.example_inputs, allow_unsafe=args.allow_unsafe
+        )
+
+    dynamic = dict(parse_dynamic(spec) for spec in args.dynamic)
     with contextlib.redirect_stdout(sys.stderr):  # exporters talk on stdout
         report = rebuild(
             args.model,
@@ -82,14 +121,21 @@ def run(args: argparse.Namespace) -> int:
             init=init,
             to=args.to,
             example_inputs=inputs,
+            dynamic=dynamic,
             allow_unsafe=args.allow_unsafe,
+            trust_code=args.trust_code,
             rtol=args.rtol,
             atol=args.atol,
+            overwrite=args.overwrite,
         )
+    if args.report:
+        Path(args.report).write_text(report.to_markdown())
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
         _show(report)
+        if args.report:
+            print(f"  report: {args.report}")
     return 0 if report.verified else 1
 
 

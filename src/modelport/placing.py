@@ -1,0 +1,82 @@
+"""Where outputs go: the checks before writing, hidden names beside the target, and
+installing a finished output in one rename, so that an error, Ctrl-C or a full disk never
+leaves a partial output and an input is never overwritten. ``convert``, ``export`` and
+``rebuild`` all place their outputs through here.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from modelport.errors import ConversionError
+
+
+def check_target(source: Path, target: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a target that is the input, that exists without
+    ``overwrite``, or whose directory does not exist."""
+    if target.exists() and source.exists() and source.samefile(target):
+        raise ConversionError(
+            f"{target}: the output would overwrite the input; choose another name"
+        )
+    if target.exists() and not overwrite:
+        raise ConversionError(f"{target} exists; pass --overwrite (overwrite=True) to replace it")
+    if not target.parent.is_dir():
+        raise ConversionError(f"{target.parent} is not a directory")
+
+
+@contextmanager
+def full_disk_refused(target: Path) -> Iterator[None]:
+    """A full disk becomes a refusal that says so (the caller removes what was written)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise ConversionError(f"{target}: the disk is full; nothing was written") from None
+        raise
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable."""
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def sibling(target: Path, kind: str) -> Path:
+    """A free hidden name beside ``target``."""
+    while True:
+        name = f".{target.name}.modelport-{os.getpid()}-{secrets.token_hex(4)}.{kind}"
+        candidate = target.with_name(name)
+        if not candidate.exists() and not candidate.is_symlink():
+            return candidate
+
+
+def install_directory(built: Path, target: Path, fsync: bool) -> None:
+    """Put a finished directory in ``target``'s place; an existing one is moved aside
+    first, restored if the rename fails, and removed last."""
+    old = None
+    if target.exists() or target.is_symlink():
+        old = sibling(target, "old")
+        target.rename(old)
+    try:
+        built.rename(target)
+    except BaseException:
+        if old is not None:
+            old.rename(target)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    if fsync:
+        fsync_directory(target)
+        fsync_directory(target.parent)

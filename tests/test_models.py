@@ -1,0 +1,154 @@
+"""``--model`` naming a saved model: TorchScript, ``.pt2``, and a whole-model pickle (only with
+``--trust-code``); recognised by content, never by extension."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from modelport.check import check
+from modelport.cli.main import main
+from modelport.errors import (
+    CodeExecutionWarning,
+    ConversionError,
+    ModelSpecError,
+    UnsafeModelError,
+)
+from modelport.models import resolve_model
+from modelport.rebuild import rebuild
+from tests.models import TinyResNet
+
+INPUT = ["--input", "x:2,3,8,8"]
+
+
+def tiny() -> TinyResNet:
+    torch.manual_seed(0)
+    return TinyResNet(classes=5, width=4).eval()
+
+
+def attack(tmp_path: Path, marker: Path) -> Path:
+    """A pickle that creates ``marker`` when unpickled: what loading must never do."""
+    path = tmp_path / "model.pt"
+    payload = f"open({str(marker)!r}, 'w').write('ran')".encode()
+    path.write_bytes(b"cbuiltins\nexec\n(V" + payload + b"\ntR.")
+    return path
+
+
+def export_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, object]]:
+    code = main(["export", *INPUT, "--json", *argv])
+    out = capsys.readouterr().out
+    return code, json.loads(out) if out.strip() else {}
+
+
+@pytest.mark.parametrize(
+    ("to", "extra"),
+    [("pt2", ["--dynamic", "x:0=batch"]), ("onnx", []), ("onnx", ["--exporter", "legacy"])],
+)
+def test_torchscript_file_as_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], to: str, extra: list[str]
+) -> None:
+    scripted = tmp_path / "scripted.bin"  # an extension that says nothing: content decides
+    torch.jit.save(torch.jit.script(tiny()), str(scripted))
+    out = tmp_path / f"out.{to}"
+    code, payload = export_cli(capsys, "--model", str(scripted), "--to", to, *extra, str(out))
+    assert code == 0 and payload["verified"] is True
+    assert payload["model"] == "TinyResNet (TorchScript)"
+    if extra[:1] == ["--dynamic"]:
+        assert "batch=5" in {o["sample"] for o in payload["outputs"]}  # type: ignore[union-attr]
+
+
+def test_pt2_file_as_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    program = tmp_path / "program.pt2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.export.save(torch.export.export(tiny(), (torch.randn(2, 3, 8, 8),)), str(program))
+    code, payload = export_cli(
+        capsys, "--model", str(program), "--to", "onnx", str(tmp_path / "p.onnx")
+    )
+    assert code == 0 and payload["verified"] is True
+    assert payload["model"] == "torch.fx.GraphModule"
+    model = resolve_model(program)  # the API: the same single resolver
+    with torch.no_grad():
+        x = torch.randn(2, 3, 8, 8)
+        assert torch.allclose(model(x), tiny()(x), atol=1e-6)
+
+
+def test_whole_model_pickle_needs_trust_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    whole = tmp_path / "whole.pt"
+    torch.save(tiny(), whole)
+    out = tmp_path / "out.pt2"
+    assert main(["export", *INPUT, "--model", str(whole), "--to", "pt2", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "is a pickled nn.Module of class tests.models.TinyResNet" in error
+    assert "runs code from the file" in error and "--trust-code" in error
+    assert "--model pkg.module:TinyResNet --weights" in error and not out.exists()
+    with pytest.raises(ModelSpecError, match=r"pickled nn\.Module"):
+        resolve_model(whole)
+    with pytest.warns(CodeExecutionWarning, match="scan says suspicious: custom-class"):
+        code, payload = export_cli(
+            capsys, "--model", str(whole), "--trust-code", "--to", "pt2", str(out)
+        )
+    assert code == 0 and payload["verified"] is True
+    assert payload["model"] == "tests.models.TinyResNet"
+
+
+def test_attack_pickle_as_model_never_runs(
+    tmp_path: Path, marker: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    evil = attack(tmp_path, marker)
+    out = tmp_path / "out.pt2"
+    assert main(["export", *INPUT, "--model", str(evil), "--to", "pt2", str(out)]) == 2
+    assert "holds no model modelport recognises" in capsys.readouterr().err
+    assert not marker.exists()
+    # trusting the code is not enough when the scanner calls it unsafe
+    argv = ["export", *INPUT, "--model", str(evil), "--trust-code", "--to", "pt2", str(out)]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "unsafe" in error and "builtins.exec" in error and "--allow-unsafe" in error
+    assert not marker.exists() and not out.exists()
+    with pytest.raises(UnsafeModelError):
+        resolve_model(evil, trust_code=True)
+    assert not marker.exists()
+
+
+def test_weights_file_as_model_says_use_weights(tmp_path: Path) -> None:
+    weights = tmp_path / "weights.safetensors"
+    save_file(dict(tiny().state_dict()), str(weights))
+    with pytest.raises(ModelSpecError, match=r"holding weights \(\d+ tensors\).*--weights"):
+        resolve_model(weights)
+    state = tmp_path / "state.pt"
+    torch.save(tiny().state_dict(), state)
+    with pytest.raises(ModelSpecError, match=r"--model pkg\.module:Name --weights"):
+        resolve_model(state, trust_code=True)  # no module in it: nothing worth running
+
+
+def test_check_and_weights_with_torchscript_model(tmp_path: Path) -> None:
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(tiny()), str(scripted))
+    source = tiny()
+    with torch.no_grad():
+        for parameter in source.parameters():
+            parameter.add_(1.0)
+    weights = tmp_path / "weights.safetensors"
+    save_file(dict(source.state_dict()), str(weights))
+    assert check(weights, str(scripted)).missing == ("scratch",)  # TorchScript keeps it
+    save_file(dict(torch.jit.script(source).state_dict()), str(weights))
+    assert check(weights, str(scripted)).ok
+    model = resolve_model(scripted, weights=weights)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(model.state_dict()["fc.weight"], source.state_dict()["fc.weight"])
+    with pytest.raises(ModelSpecError, match="--init applies"):
+        resolve_model(scripted, init={"classes": 5})
+    report = rebuild(scripted, weights, tmp_path / "new.ts", to="torchscript", example_inputs=[x])
+    assert report.verified is True  # new weights into a TorchScript model, saved again
+    reloaded = torch.jit.load(str(tmp_path / "new.ts"))
+    assert torch.equal(reloaded.state_dict()["fc.weight"], source.state_dict()["fc.weight"])
+    with pytest.raises(ConversionError, match="cannot be pickled whole"):
+        rebuild(scripted, weights, tmp_path / "whole.pt")
