@@ -73,20 +73,25 @@ def run_once(command: list[str], output: Path | None) -> tuple[float, float]:
 
 
 def paired(
-    command: list[str], output: Path, source: Path, repeat: int
+    command: list[str],
+    output: Path,
+    source: Path,
+    repeat: int,
+    reference: tuple[list[str], Path] | None = None,
 ) -> tuple[float, float, float]:
-    """Median wall of ``command``, median of its ratio to ``cp`` of ``source`` run just
-    before it each time (write speed here drifts by 2x between minutes), peak RSS."""
+    """Median wall of ``command``, the median of its ratio to ``reference`` (by default
+    ``cp`` of ``source``) run just before it each time (write speed here drifts by 2x
+    between minutes), and peak RSS."""
     copy = OUT / "copy.bin"
-    cp = ["cp", str(source), str(copy)]
+    before, before_output = reference or (["cp", str(source), str(copy)], copy)
     run_once(command, output)
     walls, ratios, peaks = [], [], []
     for _ in range(repeat):
-        cp_wall, _ = run_once(cp, copy)
-        copy.unlink()
+        reference_wall, _ = run_once(before, before_output)
+        before_output.unlink(missing_ok=True)
         wall, rss = run_once(command, output)
         walls.append(wall)
-        ratios.append(wall / cp_wall)
+        ratios.append(wall / reference_wall)
         peaks.append(rss)
     output.unlink(missing_ok=True)
     return statistics.median(walls), statistics.median(ratios), max(peaks)
@@ -148,6 +153,19 @@ def main() -> int:
         for label, wall, ratio, rss in rows:
             faster = usual_wall / wall
             print(f"{gb:6.2f} {label:44} {wall:8.2f} {ratio:6.2f} {faster:8.1f} {rss:12.0f}")
+        if not args.only:  # the headline, paired with the usual script itself
+            target = OUT / "out.safetensors"
+            wall, ratio, _ = paired(
+                [*convert, str(source), str(target)],
+                target,
+                source,
+                args.repeat,
+                reference=(usual, usual_out),
+            )
+            print(
+                f"{gb:6.2f} modelport -> safetensors, each run after the usual script: "
+                f"{wall:.2f} s, {1 / ratio:.1f}x faster (median of pairs)"
+            )
         for path in OUT.iterdir():  # outputs go; the generated sources stay for the next run
             if not path.name.startswith("llm-"):
                 path.unlink()
