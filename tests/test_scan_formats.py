@@ -214,3 +214,33 @@ def test_npz_with_string_and_record_arrays(tmp_path: Path) -> None:
     objects = tmp_path / "objects.npz"
     np.savez(objects, rec=np.zeros(2, dtype=[("a", "<i4"), ("b", "O")]))
     assert modelport.scan(objects).verdict == "suspicious"
+
+
+class _ReadsAFile(torch.nn.Module):
+    """Legal TorchScript that copies a file of the machine into its output when run."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leak = torch.from_file(self.path, shared=False, size=4, dtype=torch.uint8)
+        return x + leak.float().sum()
+
+
+def test_torchscript_reading_files_is_unsafe_and_plain_torchscript_is_safe(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("1234")
+    leaking = torch.jit.script(_ReadsAFile(str(secret)))
+    assert leaking(torch.zeros(1)).item() == sum(b"1234")  # it really reads the file
+    torch.jit.save(leaking, str(tmp_path / "leaks.pt"))
+    report = modelport.scan(tmp_path / "leaks.pt")
+    assert report.verdict == "unsafe"
+    assert [f.rule for f in report.files[0].findings if f.severity == "high"] == [
+        "torchscript-file-access"
+    ]
+    plain = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU()))
+    torch.jit.save(plain, str(tmp_path / "plain.pt"))
+    assert modelport.scan(tmp_path / "plain.pt").verdict == "safe"

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelport import script_code
 from modelport.errors import ModelportError, UnsupportedDtypeError
 from modelport.formats import READERS, Probe
 from modelport.formats._zip import ZipDirectory, prepended_bytes
@@ -473,6 +474,9 @@ class _FileScanner:
                 )
             elif blob.startswith(b"\x93NUMPY"):
                 self.scan_npy(view, label, depth + 1)
+            elif torchscript and entry.name.endswith(".py") and "code/" in entry.name:
+                for risk in script_code.risks(blob):
+                    self.add("high", "torchscript-file-access", entry.name, risk.message)
         if depth == 0 and not torch_archive:
             self.scan_with_reader(zip_only=True)
 
