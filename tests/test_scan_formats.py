@@ -244,3 +244,23 @@ def test_torchscript_reading_files_is_unsafe_and_plain_torchscript_is_safe(
     plain = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU()))
     torch.jit.save(plain, str(tmp_path / "plain.pt"))
     assert modelport.scan(tmp_path / "plain.pt").verdict == "safe"
+
+
+def test_hdf5_naming_other_files(tmp_path: Path) -> None:
+    """External storage, external links and virtual datasets make h5py read other files:
+    outside the model's folder that is a way to carry a key or password file into weights."""
+    import h5py
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"SECRETSECRETSECR")
+    with h5py.File(tmp_path / "storage.h5", "w") as f:
+        f.create_dataset("w", shape=(4,), dtype="f4", external=[(str(secret), 0, 16)])
+    with h5py.File(tmp_path / "storage.h5") as f:  # h5py really reads the other file
+        assert f["w"][:].tobytes() == secret.read_bytes()
+    report = modelport.scan(tmp_path / "storage.h5")
+    assert report.verdict == "unsafe"
+    assert {f.rule for f in report.files[0].findings} == {"hdf5-external-file"}
+    with h5py.File(tmp_path / "linked.h5", "w") as f:
+        f.create_dataset("ok", data=np.ones(3, "f4"))
+        f["near"] = h5py.ExternalLink("part2.h5", "/x")
+    assert modelport.scan(tmp_path / "linked.h5").verdict == "suspicious"

@@ -23,8 +23,8 @@ from modelport.formats import Format as Format
 from modelport.rebuild import RebuildReport as RebuildReport
 from modelport.rebuild import rebuild as rebuild
 from modelport.report import InspectReport as InspectReport
-from modelport.scan import ScanReport as ScanReport
 from modelport.scan import scan as scan
+from modelport.scan_report import ScanReport as ScanReport
 from modelport.tensors import TensorRef as TensorRef
 
 __all__ = [

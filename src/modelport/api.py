@@ -28,7 +28,7 @@ from modelport.tensors import TensorRef
 if TYPE_CHECKING:
     import torch
 
-    from modelport.scan import ScanReport
+    from modelport.scan_report import ScanReport
 
 log = logging.getLogger(__name__)
 

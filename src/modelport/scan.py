@@ -19,14 +19,14 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from modelport import script_code
+from modelport import content_checks, script_code
 from modelport.errors import ModelportError, UnsupportedDtypeError
 from modelport.formats import READERS, Probe
 from modelport.formats._zip import ZipDirectory, prepended_bytes
 from modelport.pickles.machine import Limits
 from modelport.pickles.scanning import PickleFinding, scan_pickle
+from modelport.scan_report import FileReport, Finding, ScanReport, worst
 
 MAX_FILES = 100_000
 MAX_NESTING = 4
@@ -36,90 +36,6 @@ MAX_INFLATED = 4 << 30
 SECONDS_PER_FILE = 120.0
 TORCH_MAGIC = 0x1950A86A20F9469CFC6C
 _PICKLE_STARTS = frozenset(b"(}]cKJNIFSVX\x80")
-_ORDER = ("safe", "suspicious", "error", "unsafe")
-
-FIXES: dict[str, str] = {
-    "known-gadget": "do not load this file; it carries an exploit",
-    "unknown-call": "trust its author before loading; modelport.load(allow_unsafe=True) "
-    "extracts the tensors without running anything",
-    "dynamic-global": "do not load this file; it hides what it calls",
-    "computed-call": "do not load this file; it hides what it calls",
-    "attribute-smuggling": "do not load this file",
-    "extension-code": "do not load this file; it names code through the copyreg registry",
-    "custom-class": "modelport.load reads its weights without the class; load it whole only "
-    "with its author's code",
-    "custom-state": "modelport.load reads its weights without the class; load it whole only "
-    "with its author's code",
-    "unknown-global": "inspect the file; modelport.load reads only its tensors",
-    "unknown-constructor-args": "do not load this file with pickle",
-    "value-called": "do not load this file",
-    "keras-lambda": "load with safe_mode=True, or rebuild the model in code and load weights only",
-    "template-injection": "do not use this chat template",
-    "malformed": "the file is damaged or crafted; re-download it from its source",
-    "zip-path-traversal": "do not extract this archive",
-}
-
-
-@dataclass(frozen=True)
-class Finding:
-    severity: str
-    rule: str
-    member: str
-    offset: int | None
-    opcode: str
-    global_name: str
-    usage: str
-    message: str
-
-    @property
-    def fix(self) -> str:
-        return FIXES.get(self.rule, "")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "severity": self.severity,
-            "rule": self.rule,
-            "member": self.member,
-            "offset": self.offset,
-            "opcode": self.opcode,
-            "global": self.global_name,
-            "usage": self.usage,
-            "message": self.message,
-            "fix": self.fix,
-        }
-
-
-@dataclass(frozen=True)
-class FileReport:
-    path: str
-    format: str
-    verdict: str
-    findings: tuple[Finding, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "format": self.format,
-            "verdict": self.verdict,
-            "findings": [f.to_json() for f in self.findings],
-        }
-
-
-@dataclass(frozen=True)
-class ScanReport:
-    """One verdict for everything scanned (the worst of its files), and each file's report."""
-
-    verdict: str
-    files: tuple[FileReport, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        if len(self.files) == 1:
-            return self.files[0].to_json()
-        return {"verdict": self.verdict, "files": [f.to_json() for f in self.files]}
-
-
-def worst(verdicts: list[str]) -> str:
-    return max(verdicts, key=_ORDER.index, default="safe")
 
 
 def scan(*paths: str | Path) -> ScanReport:
@@ -493,22 +409,8 @@ class _FileScanner:
             except ModelportError as exc:
                 self.add("high", "malformed", "", f"{reader.format} header check failed: {exc}")
                 return
-            for key in ("lambda_layers", "lambda_functions"):
-                for item in contents.details.get(key) or []:
-                    self.add(
-                        "high",
-                        "keras-lambda",
-                        str(item),
-                        "Keras Lambda code: Python bytecode that runs when Keras loads the model",
-                    )
-            for item in contents.details.get("custom_objects") or []:
-                self.add(
-                    "medium",
-                    "keras-custom-object",
-                    "",
-                    f"custom Keras object {item}: loading it runs code the model file names",
-                )
-            self.check_chat_templates(contents.metadata)
+            for found in content_checks.findings(contents):
+                self.add(found.severity, found.rule, found.member, found.message)
             if contents.close is not None:
                 contents.close()
             return
@@ -518,36 +420,6 @@ class _FileScanner:
             self.format = "text"
             return
         self.error("unrecognised binary content: could not be analysed", "")
-
-    def check_chat_templates(self, metadata: dict[str, Any]) -> None:
-        for key, value in metadata.items():
-            if "chat_template" in str(key) and isinstance(value, str):
-                hits = [w for w in _TEMPLATE_ESCAPES if w in value]
-                if hits:
-                    self.add(
-                        "critical",
-                        "template-injection",
-                        str(key),
-                        f"chat template reaches for {', '.join(hits)}: template injection "
-                        "runs code in loaders that render it",
-                    )
-
-
-_TEMPLATE_ESCAPES = (
-    "__class__",
-    "__globals__",
-    "__builtins__",
-    "__subclasses__",
-    "__import__",
-    "__init__",
-    "__mro__",
-    "__base__",
-    "__getattribute__",
-    "os.popen",
-    "lipsum",
-    "cycler",
-    "joiner",
-)
 
 
 def _npy_padding(prefix: bytes) -> int:

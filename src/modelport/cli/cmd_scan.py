@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 
 import modelport
-from modelport.scan import ScanReport
+from modelport.scan_report import ScanReport
 
 EXAMPLES = """examples:
   modelport scan model.pt

@@ -1,0 +1,101 @@
+"""Findings in formats that carry no pickle, from what their readers report.
+
+Keras files name code (Lambda layers hold Python bytecode; custom objects name classes to
+import); GGUF and tokenizer metadata carry Jinja chat templates that loaders render; HDF5
+links, virtual datasets and external storage make h5py open other files of the machine.
+The readers record these without acting on them; this module rates them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+
+from modelport.formats._base import Contents
+
+TEMPLATE_ESCAPES = (  # what a Jinja sandbox escape reaches for
+    "__class__",
+    "__globals__",
+    "__builtins__",
+    "__subclasses__",
+    "__import__",
+    "__init__",
+    "__mro__",
+    "__base__",
+    "__getattribute__",
+    "os.popen",
+    "lipsum",
+    "cycler",
+    "joiner",
+)
+
+
+@dataclass(frozen=True)
+class ContentFinding:
+    severity: str
+    rule: str
+    member: str
+    message: str
+
+
+def findings(contents: Contents) -> list[ContentFinding]:
+    found = []
+    for key in ("lambda_layers", "lambda_functions"):
+        for item in contents.details.get(key) or []:
+            found.append(
+                ContentFinding(
+                    "high",
+                    "keras-lambda",
+                    str(item),
+                    "Keras Lambda code: Python bytecode that runs when Keras loads the model",
+                )
+            )
+    for item in contents.details.get("custom_objects") or []:
+        found.append(
+            ContentFinding(
+                "medium",
+                "keras-custom-object",
+                "",
+                f"custom Keras object {item}: loading it runs code the model file names",
+            )
+        )
+    found.extend(_chat_templates(contents.metadata))
+    for reference in contents.details.get("external_references") or []:
+        found.append(_external_reference(reference))
+    return found
+
+
+def _chat_templates(metadata: dict[str, Any]) -> list[ContentFinding]:
+    found = []
+    for key, value in metadata.items():
+        if "chat_template" in str(key) and isinstance(value, str):
+            hits = [w for w in TEMPLATE_ESCAPES if w in value]
+            if hits:
+                found.append(
+                    ContentFinding(
+                        "critical",
+                        "template-injection",
+                        str(key),
+                        f"chat template reaches for {', '.join(hits)}: template injection "
+                        "runs code in loaders that render it",
+                    )
+                )
+    return found
+
+
+def _external_reference(item: dict[str, str]) -> ContentFinding:
+    """An HDF5 link, virtual dataset or external storage naming another file: h5py (and
+    Keras) open that file while loading this one, so weights can carry any file of the
+    machine (a key, a password file) into a model."""
+    kind, target = item.get("kind", "reference"), item.get("target", "")
+    pieces = target.split(", ") if kind == "virtual dataset" else [target]
+    files = [p if kind == "external storage of" else p.rpartition(":")[0] for p in pieces]
+    outside = any(PurePath(f).is_absolute() or ".." in PurePath(f).parts for f in files)
+    return ContentFinding(
+        "high" if outside else "medium",
+        "hdf5-external-file",
+        item.get("name", ""),
+        f"{kind} {target}: h5py reads that file when this one is loaded"
+        + (", and it lies outside the model's folder" if outside else ""),
+    )

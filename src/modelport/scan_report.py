@@ -1,0 +1,95 @@
+"""What ``scan`` reports: findings, one verdict per file, one for the whole scan.
+
+Verdicts, worst last: ``safe`` (info findings at most), ``suspicious`` (medium), ``error``
+(could not be fully analysed: never reported as safe), ``unsafe`` (high or critical).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+_ORDER = ("safe", "suspicious", "error", "unsafe")
+
+FIXES: dict[str, str] = {
+    "known-gadget": "do not load this file; it carries an exploit",
+    "unknown-call": "trust its author before loading; modelport.load(allow_unsafe=True) "
+    "extracts the tensors without running anything",
+    "dynamic-global": "do not load this file; it hides what it calls",
+    "computed-call": "do not load this file; it hides what it calls",
+    "attribute-smuggling": "do not load this file",
+    "extension-code": "do not load this file; it names code through the copyreg registry",
+    "custom-class": "modelport.load reads its weights without the class; load it whole only "
+    "with its author's code",
+    "custom-state": "modelport.load reads its weights without the class; load it whole only "
+    "with its author's code",
+    "unknown-global": "inspect the file; modelport.load reads only its tensors",
+    "unknown-constructor-args": "do not load this file with pickle",
+    "value-called": "do not load this file",
+    "keras-lambda": "load with safe_mode=True, or rebuild the model in code and load weights only",
+    "template-injection": "do not use this chat template",
+    "malformed": "the file is damaged or crafted; re-download it from its source",
+    "zip-path-traversal": "do not extract this archive",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: str
+    rule: str
+    member: str
+    offset: int | None
+    opcode: str
+    global_name: str
+    usage: str
+    message: str
+
+    @property
+    def fix(self) -> str:
+        return FIXES.get(self.rule, "")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "severity": self.severity,
+            "rule": self.rule,
+            "member": self.member,
+            "offset": self.offset,
+            "opcode": self.opcode,
+            "global": self.global_name,
+            "usage": self.usage,
+            "message": self.message,
+            "fix": self.fix,
+        }
+
+
+@dataclass(frozen=True)
+class FileReport:
+    path: str
+    format: str
+    verdict: str
+    findings: tuple[Finding, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "verdict": self.verdict,
+            "findings": [f.to_json() for f in self.findings],
+        }
+
+
+@dataclass(frozen=True)
+class ScanReport:
+    """One verdict for everything scanned (the worst of its files), and each file's report."""
+
+    verdict: str
+    files: tuple[FileReport, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        if len(self.files) == 1:
+            return self.files[0].to_json()
+        return {"verdict": self.verdict, "files": [f.to_json() for f in self.files]}
+
+
+def worst(verdicts: list[str]) -> str:
+    return max(verdicts, key=_ORDER.index, default="safe")
