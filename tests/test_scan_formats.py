@@ -264,3 +264,29 @@ def test_hdf5_naming_other_files(tmp_path: Path) -> None:
         f.create_dataset("ok", data=np.ones(3, "f4"))
         f["near"] = h5py.ExternalLink("part2.h5", "/x")
     assert modelport.scan(tmp_path / "linked.h5").verdict == "suspicious"
+
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+ESCAPE = "{{ cycler.__init__.__globals__.os.popen('id').read() }}"
+
+
+def test_chat_templates_beside_the_weights(tmp_path: Path) -> None:
+    """transformers renders ``tokenizer_config.json``'s templates (a string or a list of
+    named ones) and ``chat_template.jinja``: each is checked, an ordinary one stays safe."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    (tmp_path / "chat_template.jinja").write_text(CHATML)
+    assert modelport.scan(tmp_path).verdict == "safe"
+    templates = [{"name": "default", "template": CHATML}, {"name": "tool_use", "template": ESCAPE}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": templates}))
+    report = modelport.scan(tmp_path)
+    assert report.verdict == "unsafe"
+    flagged = [(f.rule, f.member) for r in report.files for f in r.findings]
+    assert flagged == [("template-injection", "chat_template.tool_use")]
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "chat_template.jinja").write_text(ESCAPE)
+    assert modelport.scan(tmp_path / "chat_template.jinja").verdict == "unsafe"

@@ -8,12 +8,14 @@ The readers record these without acting on them; this module rates them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 from modelport.formats._base import Contents
 
+MAX_TEXT_BYTES = 64 << 20  # a larger text file beside a model is not read for templates
 TEMPLATE_ESCAPES = (  # what a Jinja sandbox escape reaches for
     "__class__",
     "__globals__",
@@ -66,22 +68,49 @@ def findings(contents: Contents) -> list[ContentFinding]:
     return found
 
 
+def text_findings(path: Path) -> list[ContentFinding]:
+    """Chat templates in the text files beside a model: ``chat_template`` entries of JSON
+    files (``tokenizer_config.json``: a string, or a list of named templates) and
+    ``.jinja`` files (``chat_template.jinja``), which transformers renders."""
+    if path.stat().st_size > MAX_TEXT_BYTES:
+        return []
+    text = path.read_bytes().decode("utf-8", "replace")
+    if path.suffix == ".jinja":
+        return _template(path.name, text)
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError):
+        return []
+    return _chat_templates(document) if isinstance(document, dict) else []
+
+
 def _chat_templates(metadata: dict[str, Any]) -> list[ContentFinding]:
     found = []
     for key, value in metadata.items():
-        if "chat_template" in str(key) and isinstance(value, str):
-            hits = [w for w in TEMPLATE_ESCAPES if w in value]
-            if hits:
-                found.append(
-                    ContentFinding(
-                        "critical",
-                        "template-injection",
-                        str(key),
-                        f"chat template reaches for {', '.join(hits)}: template injection "
-                        "runs code in loaders that render it",
-                    )
-                )
+        if "chat_template" not in str(key):
+            continue
+        if isinstance(value, str):
+            found.extend(_template(str(key), value))
+        elif isinstance(value, list):  # [{"name": ..., "template": ...}, ...]
+            for item in value:
+                if isinstance(item, dict) and isinstance(item.get("template"), str):
+                    found.extend(_template(f"{key}.{item.get('name')}", item["template"]))
     return found
+
+
+def _template(where: str, template: str) -> list[ContentFinding]:
+    hits = [w for w in TEMPLATE_ESCAPES if w in template]
+    if not hits:
+        return []
+    return [
+        ContentFinding(
+            "critical",
+            "template-injection",
+            where,
+            f"chat template reaches for {', '.join(hits)}: template injection runs code in "
+            "loaders that render it",
+        )
+    ]
 
 
 def _external_reference(item: dict[str, str]) -> ContentFinding:

@@ -418,6 +418,8 @@ class _FileScanner:
             return
         if _is_text(self.path):
             self.format = "text"
+            for found in content_checks.text_findings(self.path):
+                self.add(found.severity, found.rule, found.member, found.message)
             return
         self.error("unrecognised binary content: could not be analysed", "")
 
