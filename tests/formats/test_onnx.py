@@ -467,6 +467,26 @@ def test_external_locations_outside_the_folder_are_refused(tmp_path: Path, locat
         modelport.open(path)
 
 
+@pytest.mark.parametrize("link", ["w.bin", "sub"])
+def test_external_data_through_a_symbolic_link_is_refused(tmp_path: Path, link: str) -> None:
+    """A link named like a data file (or a linked folder) would read any file of the
+    machine into the weights; onnx.load refuses such links, and so does modelport."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"SECRETSECRETSECR")
+    if link == "sub":
+        (folder / "sub").symlink_to(tmp_path, target_is_directory=True)
+        location = "sub/secret.bin"
+    else:
+        (folder / "w.bin").symlink_to(secret)
+        location = "w.bin"
+    _external_model(folder / "m.onnx", location)
+    with pytest.raises(modelport.errors.CorruptFileError, match="symbolic link"):
+        modelport.open(folder / "m.onnx")
+    assert modelport.scan(folder / "m.onnx").verdict == "unsafe"
+
+
 def test_external_sizes_are_checked(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     (tmp_path / "w.bin").write_bytes(bytes(24))

@@ -312,6 +312,13 @@ class TensorData:
                 f"its shape needs {nbytes}"
             )
         target = self.path.parent / location
+        if target.is_symlink() or (
+            target.exists() and not target.resolve().is_relative_to(self.path.parent.resolve())
+        ):
+            raise self.corrupt(
+                f"tensor {name!r}: external data {location!r} is a symbolic link or leads "
+                "outside the model's folder; refusing to follow it (onnx refuses it too)"
+            )
         if not target.is_file():
             raise ModelFileNotFoundError(
                 f"{self.path}: tensor {name!r} keeps its data in {location!r}, which is not "
