@@ -16,6 +16,7 @@ import modelport
 from modelport.cli.cmd_export import parse_dynamic, parse_input
 from modelport.cli.main import main
 from modelport.errors import ConversionError, ModelSpecError
+from modelport.example_inputs import read_example_inputs
 from modelport.export import export
 from modelport.models import resolve_model
 from tests.models import Router, TinyResNet
@@ -248,7 +249,14 @@ def test_control_flow_several_inputs_and_outputs(tmp_path: Path, to: str) -> Non
     assert report.inputs[2].shape == () and report.inputs[2].dynamic == ()
 
 
-def test_gpt2_dynamic_batch_and_sequence(tmp_path: Path) -> None:
+GPT2_DYNAMIC = {
+    "input_ids": {0: "batch", 1: "sequence"},
+    "attention_mask": {0: "batch", 1: "sequence"},
+}
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
@@ -262,16 +270,76 @@ def test_gpt2_dynamic_batch_and_sequence(tmp_path: Path) -> None:
         use_cache=False,
     )
     torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
-    model = resolve_model(tmp_path / "gpt2")  # built from config.json, weights by modelport
-    ids = {"input_ids": torch.randint(0, 100, (2, 8))}
-    dynamic = {"input_ids": {0: "batch", 1: "sequence"}}
-    report = export(model, tmp_path / "gpt2.onnx", ids, to="onnx", dynamic=dynamic)
-    assert report.verified is True
+    path = tmp_path_factory.mktemp("hf") / "gpt2"
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def gpt2_npz(path: Path) -> Path:
+    """``input_ids`` and an all-ones ``attention_mask`` (random samples of it stay all ones:
+    a row with every key masked is undefined, and eager and onnxruntime differ there)."""
+    import numpy as np
+
+    ids = np.random.default_rng(0).integers(0, 100, (2, 8))
+    np.savez(path, attention_mask=np.ones((2, 8), dtype=np.int64), input_ids=ids)
+    return path
+
+
+@pytest.mark.parametrize(("source", "to"), [("npz", "onnx"), ("npz", "pt2"), ("flags", "pt2")])
+def test_gpt2_input_ids_and_attention_mask(
+    tmp_path: Path, gpt2_dir: Path, source: str, to: str
+) -> None:
+    """GPT-2's ``forward(input_ids, past_key_values, cache_position, attention_mask, ...)``:
+    ``attention_mask`` goes by keyword, past the arguments left out."""
+    model = resolve_model(gpt2_dir)  # built from config.json, weights by modelport
+    if source == "npz":
+        inputs = read_example_inputs(gpt2_npz(tmp_path / "inputs.npz"), model)
+    else:  # as --input input_ids:2,8:int64 --input attention_mask:2,8:int64 give them
+        specs = ("input_ids:2,8:int64", "attention_mask:2,8:int64")
+        inputs = dict(parse_input(spec, 100) for spec in specs)
+    out = tmp_path / f"gpt2.{to}"
+    report = export(model, out, inputs, to=to, dynamic=GPT2_DYNAMIC)
+    assert report.verified is True, [c for c in report.outputs if not c.ok]
+    assert [(i.name, i.keyword) for i in report.inputs] == [
+        ("input_ids", False),
+        ("attention_mask", True),
+    ]
     samples = {c.sample for c in report.outputs}
     assert {"batch=3", "batch=5", "sequence=9", "sequence=17"} <= samples
     logits = next(c for c in report.outputs if c.sample == "sequence=17")
-    assert logits.shape == (2, 17, 100)  # onnxruntime ran a sequence length never exported
+    assert logits.shape == (2, 17, 100)  # the exported file ran a length never exported
+    if to == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        assert [(i.name, i.shape) for i in session.get_inputs()] == [
+            ("input_ids", ["batch", "sequence"]),
+            ("attention_mask", ["batch", "sequence"]),
+        ]
+    else:  # called as it was exported, the way transformers users call the model
+        program = torch.export.load(str(out)).module()
+        ids, mask = torch.randint(0, 100, (3, 11)), torch.ones(3, 11, dtype=torch.int64)
+        with torch.no_grad():
+            got, expected = program(ids, attention_mask=mask), model(ids, attention_mask=mask)
+        assert torch.allclose(got["logits"], expected.logits, atol=1e-4)
+
+
+def test_cli_gpt2_input_flags(
+    tmp_path: Path, gpt2_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "gpt2.onnx"
+    argv = ["export", "--model", str(gpt2_dir), "--to", "onnx", "--json", str(out)]
+    argv += ["--input", "input_ids:2,8:int64", "--input", "attention_mask:2,8:int64"]
+    argv += ["--dynamic", "input_ids:0=batch,1=sequence"]
+    argv += ["--dynamic", "attention_mask:0=batch,1=sequence"]
+    assert main(argv) == 0, capsys.readouterr().err
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["verified"] is True
+    assert [(i["name"], i["keyword"]) for i in payload["inputs"]] == [
+        ("input_ids", False),
+        ("attention_mask", True),
+    ]
+    assert {"batch=5", "sequence=17"} <= {o["sample"] for o in payload["outputs"]}
 
 
 def test_legacy_exporter_with_opset(tmp_path: Path) -> None:

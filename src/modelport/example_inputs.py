@@ -9,8 +9,9 @@ restricted reader, so nothing stored in it runs. The tensors come back as the ma
   with one argument (or one required argument) may name it anything;
 - names ``0``, ``1``, ... (``torch.save((x, y))``) or ``arr_0``, ``arr_1``, ...
   (``numpy.savez(f, x, y)``) are positions;
-- every required argument must be there, and since export passes inputs by position, so
-  must every argument before the last one given;
+- every required argument must be there; the others may be left out anywhere: export
+  passes the inputs after a gap by keyword (``input_ids`` and ``attention_mask`` for GPT-2,
+  skipping ``past_key_values``; see ``modelport.binding``);
 - anything else is a ``ConversionError`` that names the arguments ``forward`` expects.
 """
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+_P = inspect.Parameter
+
 _POSITION = re.compile(r"(?:arr_)?(\d+)")  # torch.save((x, y)) -> "0", "1"; np.savez -> "arr_0"
 
 
@@ -37,6 +40,7 @@ class Argument:
 
     name: str
     required: bool
+    keyword_only: bool = False  # no position feeds it (after ``*`` in the signature)
 
 
 def read_example_inputs(
@@ -56,23 +60,17 @@ def read_example_inputs(
 
 def forward_arguments(model: nn.Module) -> list[Argument] | None:
     """``forward``'s tensor-passing arguments (no ``*args``/``**kwargs``), or None when the
-    signature cannot be read."""
-    schema = getattr(getattr(model, "forward", None), "schema", None)
-    if schema is not None:  # TorchScript: the compiled schema, self first
-        return [
-            Argument(a.name, not a.has_default_value())
-            for a in schema.arguments[1:]
-            if not a.kwarg_only
-        ]
-    try:
-        signature = inspect.signature(model.forward)
-    except (TypeError, ValueError):
+    signature cannot be read (a TorchScript model's from its compiled schema)."""
+    from modelport.binding import forward_signature
+
+    signature = forward_signature(model)
+    if signature is None:
         return None
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    kinds = (_P.POSITIONAL_ONLY, _P.POSITIONAL_OR_KEYWORD, _P.KEYWORD_ONLY)
     return [
-        Argument(p.name, p.default is inspect.Parameter.empty)
+        Argument(p.name, p.default is _P.empty, p.kind is _P.KEYWORD_ONLY)
         for p in signature.parameters.values()
-        if p.kind in positional
+        if p.kind in kinds
     ]
 
 
@@ -86,12 +84,13 @@ def match_arguments(
     expected = f"forward({', '.join(names)})"
     positions = _positions(list(tensors))
     if positions is not None:
-        if len(tensors) > len(names):
+        slots = [a.name for a in arguments if not a.keyword_only]
+        if len(tensors) > len(slots):
             raise ConversionError(
-                f"{where}: {len(tensors)} positional inputs, but {expected} takes {len(names)}"
+                f"{where}: {len(tensors)} positional inputs, but {expected} takes {len(slots)}"
             )
         ordered = [tensors[key] for key in positions]
-        return dict(zip(names, ordered, strict=False))
+        return dict(zip(slots, ordered, strict=False))
     required = [a.name for a in arguments if a.required]
     only = next(iter(tensors)) if len(tensors) == 1 else None
     if only is not None and only not in names and (len(names) == 1 or len(required) == 1):
@@ -108,14 +107,7 @@ def match_arguments(
         raise ConversionError(
             f"{where}: no tensor for {', '.join(missing)}, required by {expected}"
         )
-    last = max(names.index(n) for n in tensors)
-    gaps = [n for n in names[:last] if n not in tensors]
-    if gaps:
-        raise ConversionError(
-            f"{where}: {names[last]} comes after {', '.join(gaps)} in {expected}, and example "
-            f"inputs are passed by position: add {', '.join(gaps)} to the file"
-        )
-    return {n: tensors[n] for n in names[: last + 1]}
+    return {n: tensors[n] for n in names if n in tensors}
 
 
 def _positions(keys: list[str]) -> list[str] | None:

@@ -1,17 +1,23 @@
 """Export a torch model to ONNX, TorchScript or ``.pt2``, and verify the result against eager.
 
-Verification runs the exported file in its own runtime (onnxruntime, ``torch.jit.load``,
-``torch.export.load``) on the example inputs and two more random inputs of the same
-shapes, dtypes and value ranges (for each dynamic axis, also at two other sizes), and
-compares every output with eager PyTorch: per-output max absolute and relative error,
-``|exported - eager| <= atol + rtol * |eager|`` with tolerances by dtype.
+Inputs reach ``forward`` by position while they fill its arguments in order, by keyword
+after the first one left out (``modelport.binding``); every exporter, the eager reference
+and the runtimes use that one call. Verification runs the exported file in its own runtime
+(onnxruntime, ``torch.jit.load``, ``torch.export.load``) on the example inputs and two more
+random inputs of the same shapes, dtypes and value ranges (for each dynamic axis, also at
+two other sizes), and compares every output with eager PyTorch: per-output max absolute
+and relative error, ``|exported - eager| <= atol + rtol * |eager|`` with tolerances by
+dtype.
 
 - ONNX: ``torch.onnx.export(dynamo=True)`` by default, ``exporter="legacy"`` for the
-  TorchScript-based one (``dynamo=False``, dynamic axes as ``dynamic_axes``); ``OUT`` and
-  ``OUT.data`` (external weights) are one bundle. bfloat16 models are exported in float32
-  (onnxruntime's CPU provider has no bfloat16 kernels), with a warning.
-- TorchScript: ``torch.jit.trace`` (a TorchScript model is saved as it is); deprecated in
-  torch 2.13, so a warning recommends .pt2.
+  TorchScript-based one (``dynamo=False``, dynamic axes as ``dynamic_axes``; a call with
+  keywords goes through a wrapper that takes every input by position, so its weights are
+  named ``model.*``). The ONNX inputs carry the inputs' names. ``OUT`` and ``OUT.data`` (external
+  weights) are one bundle. bfloat16 models are exported in float32 (onnxruntime's CPU
+  provider has no bfloat16 kernels), with a warning.
+- TorchScript: ``torch.jit.trace`` (a call with keywords is traced all by keyword, as
+  ``example_kwarg_inputs``; a TorchScript model is saved as it is); deprecated in torch 2.13,
+  so a warning recommends .pt2.
 - pt2: ``torch.export.export`` + ``torch.export.save``. A TorchScript model goes through
   torch's TorchScript-to-``torch.export`` converter first (pt2, and ONNX with dynamo).
 
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelport.binding import Call, bind
 from modelport.errors import ConversionError, MissingDependencyError, ModelportError
 from modelport.models import eval_mode
 from modelport.outputs import OutputCheck, Runner, finite, leaves, verify_outputs
@@ -47,12 +54,14 @@ EXPORTERS = ("dynamo", "legacy")  # ONNX: torch.export-based, or TorchScript-bas
 
 @dataclass(frozen=True)
 class ExampleInput:
-    """One example input as exported: name, shape, dtype and its dynamic axes."""
+    """One example input as exported: name, shape, dtype, its dynamic axes and whether it
+    is passed to ``forward`` by keyword (else by position)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     dynamic: tuple[tuple[int, str], ...] = ()
+    keyword: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -60,6 +69,7 @@ class ExampleInput:
             "shape": list(self.shape),
             "dtype": self.dtype,
             "dynamic": {str(axis): dim for axis, dim in self.dynamic},
+            "keyword": self.keyword,
         }
 
 
@@ -122,8 +132,11 @@ def export(
 ) -> ExportReport:
     """Export ``model`` (put in eval mode) to ``path`` and verify it against eager.
 
-    ``example_inputs`` are passed positionally to ``forward``, in order; a mapping also names
-    them (ONNX input names; keys of ``dynamic``, e.g. ``{"x": {0: "batch"}}``).
+    A mapping of ``example_inputs`` names them (ONNX input names; keys of ``dynamic``, e.g.
+    ``{"x": {0: "batch"}}``). Inputs named after ``forward``'s arguments go by position while
+    they fill them in order, then by keyword (``{"input_ids": ..., "attention_mask": ...}``
+    for GPT-2, whose ``past_key_values`` is left out); a sequence, and names ``forward``
+    lacks, go by position (see ``modelport.binding``).
     ``exporter`` picks the ONNX exporter (``"dynamo"`` or ``"legacy"``). An existing ``path``
     (or ``path.data`` for ONNX) is replaced only with ``overwrite``.
     """
@@ -134,7 +147,8 @@ def export(
     if exporter not in EXPORTERS:
         raise ConversionError(f"unknown ONNX exporter {exporter!r}: expected one of {EXPORTERS}")
     started = time.perf_counter()
-    names, inputs = _named(example_inputs)
+    call, inputs = bind(model, example_inputs)
+    names = list(call.names)
     dynamic = dict(dynamic or {})
     for name in dynamic:
         if name not in names:
@@ -152,7 +166,7 @@ def export(
         )
         model = copy.deepcopy(model).float()
         inputs = [t.float() if t.dtype == torch.bfloat16 else t for t in inputs]
-    shapes = _dynamic_shapes(names, inputs, dynamic)
+    shapes = _dynamic_shapes(call, inputs, dynamic)
     if to == "torchscript":
         notes.append(
             "TorchScript is deprecated in torch 2.13 and traces one path through the code; "
@@ -167,7 +181,7 @@ def export(
     try:
         staged = building / path.name
         try:
-            files = _write(to, model, staged, names, inputs, shapes, dynamic, opset, exporter)
+            files = _write(to, model, staged, call, inputs, shapes, dynamic, opset, exporter)
         except ModelportError:
             raise
         except Exception as exc:  # torch's exporters raise many kinds; say which step failed
@@ -178,8 +192,8 @@ def export(
         checks: tuple[OutputCheck, ...] = ()
         verified: bool | None = None
         if verify:
-            runner = _runner(to, staged, names)
-            checks = tuple(verify_outputs(model, runner, names, inputs, dynamic, rtol, atol))
+            runner = _runner(to, staged, call)
+            checks = tuple(verify_outputs(model, runner, call, inputs, dynamic, rtol, atol))
             verified = all(c.ok for c in checks)
         files = _install(files, path, to)
     finally:
@@ -203,6 +217,7 @@ def export(
                 tuple(tensor.shape),
                 str(tensor.dtype).removeprefix("torch."),
                 tuple(sorted(dynamic.get(name, {}).items())),
+                name in call.keywords,
             )
             for name, tensor in zip(names, inputs, strict=True)
         ),
@@ -252,33 +267,18 @@ def _install(staged: tuple[Path, ...], path: Path, to: str) -> tuple[Path, ...]:
     return (path, *installed)
 
 
-def _named(
-    example: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
-) -> tuple[list[str], list[torch.Tensor]]:
-    import torch
-
-    if isinstance(example, Mapping):
-        pairs = list(example.items())
-    else:
-        pairs = [(f"input{i}", t) for i, t in enumerate(example)]
-    if not pairs:
-        raise ConversionError("export needs at least one example input")
-    for name, tensor in pairs:
-        if not isinstance(tensor, torch.Tensor):
-            raise ConversionError(f"example input {name!r} is not a torch.Tensor")
-    return [n for n, _ in pairs], [t for _, t in pairs]
-
-
 def _dynamic_shapes(
-    names: list[str], inputs: list[torch.Tensor], dynamic: Mapping[str, Mapping[int, str]]
-) -> tuple[dict[int, Any] | None, ...] | None:
+    call: Call, inputs: list[torch.Tensor], dynamic: Mapping[str, Mapping[int, str]]
+) -> tuple[Any, ...] | dict[str, Any] | None:
+    """``torch.export``'s ``dynamic_shapes`` for the call: one ``{axis: Dim}`` per input
+    (None for a static one), keyed by argument name when some go by keyword."""
     if not dynamic:
         return None
     import torch
 
     dims: dict[str, Any] = {}
     shapes: list[dict[int, Any] | None] = []
-    for name, tensor in zip(names, inputs, strict=True):
+    for name, tensor in zip(call.names, inputs, strict=True):
         axes = dynamic.get(name)
         if not axes:
             shapes.append(None)
@@ -294,37 +294,49 @@ def _dynamic_shapes(
                 )
             spec[axis] = dims.setdefault(dim_name, torch.export.Dim(dim_name))
         shapes.append(spec)
-    return tuple(shapes)
+    return call.arrange(shapes)
 
 
 def _write(
     to: str,
     model: nn.Module,
     path: Path,
-    names: list[str],
+    call: Call,
     inputs: list[torch.Tensor],
-    shapes: tuple[dict[int, Any] | None, ...] | None,
+    shapes: tuple[Any, ...] | dict[str, Any] | None,
     dynamic: Mapping[str, Mapping[int, str]],
     opset: int | None,
     exporter: str,
 ) -> tuple[Path, ...]:
     import torch
 
+    args, kwargs = call.split(inputs)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if to == "onnx":
-            return _export_onnx(model, path, names, inputs, shapes, dynamic, opset, exporter)
+            return _export_onnx(model, path, call, inputs, shapes, dynamic, opset, exporter)
         if to == "torchscript":
             if isinstance(model, torch.jit.ScriptModule):
                 torch.jit.save(model, str(path))  # type: ignore[no-untyped-call]
                 return (path,)
+            named = call.by_name(inputs) if kwargs else None
+            if kwargs and named is None:
+                raise ConversionError(
+                    "torch.jit.trace takes example inputs all by position or all by keyword: "
+                    f"name {', '.join(call.names[: call.positional])} after the forward "
+                    "arguments they feed, or export --to pt2"
+                )
             traced = torch.jit.trace(  # type: ignore[no-untyped-call]
-                model, tuple(inputs), strict=False, check_trace=False
+                model,
+                None if named else args,
+                strict=False,
+                check_trace=False,
+                example_kwarg_inputs=named,
             )
             torch.jit.save(traced, str(path))  # type: ignore[no-untyped-call]
         else:
             program = torch.export.export(
-                _exportable(model, inputs), tuple(inputs), dynamic_shapes=shapes
+                _exportable(model, inputs), args, kwargs, dynamic_shapes=shapes
             )
             torch.export.save(program, str(path))
     return (path,)
@@ -332,7 +344,9 @@ def _write(
 
 def _exportable(model: nn.Module, inputs: list[torch.Tensor]) -> nn.Module:
     """``model``, or for a TorchScript model its ``torch.export`` translation (torch's own
-    converter), which ``torch.export`` accepts where a ScriptModule is refused."""
+    converter), which ``torch.export`` accepts where a ScriptModule is refused. A TorchScript
+    model takes its inputs by position (``binding.forward_signature``): ``inputs`` are the
+    converter's ``args``."""
     import torch
 
     if not isinstance(model, torch.jit.ScriptModule):
@@ -346,15 +360,17 @@ def _exportable(model: nn.Module, inputs: list[torch.Tensor]) -> nn.Module:
 def _export_onnx(
     model: nn.Module,
     path: Path,
-    names: list[str],
+    call: Call,
     inputs: list[torch.Tensor],
-    shapes: tuple[dict[int, Any] | None, ...] | None,
+    shapes: tuple[Any, ...] | dict[str, Any] | None,
     dynamic: Mapping[str, Mapping[int, str]],
     opset: int | None,
     exporter: str,
 ) -> tuple[Path, ...]:
     import torch
 
+    args, kwargs = call.split(inputs)
+    names = list(call.names)
     if exporter == "dynamo":
         try:
             import onnxscript  # noqa: F401
@@ -370,8 +386,9 @@ def _export_onnx(
         if exporter == "dynamo":
             torch.onnx.export(
                 _exportable(model, inputs),
-                tuple(inputs),
+                args,
                 str(path),
+                kwargs=kwargs,
                 dynamo=True,
                 input_names=names,
                 dynamic_shapes=shapes,
@@ -380,7 +397,7 @@ def _export_onnx(
             )
         else:
             torch.onnx.export(
-                model,
+                _by_position(model, call) if kwargs else model,
                 tuple(inputs),
                 str(path),
                 dynamo=False,
@@ -393,6 +410,24 @@ def _export_onnx(
     finally:
         quiet.setLevel(level)
     return (path, data) if data.exists() else (path,)
+
+
+def _by_position(model: nn.Module, call: Call) -> nn.Module:
+    """``model`` taking every input by position, passing them on as ``call`` says: the
+    legacy exporter binds keywords to ``forward``'s signature and adds every default it
+    meets (``logits_to_keep=0``) as another graph input, misnaming those after it."""
+    from torch import nn
+
+    class ByPosition(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.training = model.training  # the exporter sets (and restores) modes from here
+
+        def forward(self, *inputs: torch.Tensor) -> Any:
+            return call(self.model, inputs)
+
+    return ByPosition()
 
 
 def _one_data_file(path: Path) -> None:
@@ -417,8 +452,9 @@ def _one_data_file(path: Path) -> None:
     )
 
 
-def _runner(to: str, path: Path, names: list[str]) -> Runner:
-    """A callable running the exported file: list of input tensors -> list of outputs."""
+def _runner(to: str, path: Path, call: Call) -> Runner:
+    """A callable running the exported file: list of input tensors -> list of outputs
+    (ONNX inputs fed by name, a torch module called as ``call`` says)."""
     import numpy as np
     import torch
 
@@ -431,7 +467,7 @@ def _runner(to: str, path: Path, names: list[str]) -> Runner:
         wanted = {i.name for i in session.get_inputs()}
 
         def run_onnx(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-            feed = {n: t.numpy() for n, t in zip(names, inputs, strict=True) if n in wanted}
+            feed = {n: t.numpy() for n, t in zip(call.names, inputs, strict=True) if n in wanted}
             return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feed)]
 
         return run_onnx
@@ -442,6 +478,6 @@ def _runner(to: str, path: Path, names: list[str]) -> Runner:
 
     def run_torch(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         with torch.no_grad():
-            return leaves(loaded(*inputs))
+            return leaves(call(loaded, inputs))
 
     return run_torch

@@ -1,10 +1,12 @@
 """Does a model agree with eager PyTorch? Samples, tolerances and per-output errors.
 
-``verify_outputs`` runs the eager model and a ``runner`` (the exported or reloaded model:
-list of input tensors -> list of output tensors) on the example inputs, ``EXTRA_SAMPLES``
-random inputs of the same shapes, dtypes and value ranges, and, for each dynamic axis, two
-other sizes; every output is compared as ``|got - eager| <= atol + rtol * |eager|``, with
-tolerances by dtype unless given. ``export`` and ``rebuild`` share it.
+``verify_outputs`` runs the eager model (called as ``binding.bind`` decided: by position,
+then by keyword after an argument left out) and a ``runner`` (the exported or reloaded model, called
+the same way: list of input tensors -> list of output tensors) on the example inputs,
+``EXTRA_SAMPLES`` random inputs of the same shapes, dtypes and value ranges, and, for each
+dynamic axis, two other sizes; every output is compared as
+``|got - eager| <= atol + rtol * |eager|``, with tolerances by dtype unless given.
+``export`` and ``rebuild`` share it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from modelport.errors import ConversionError
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from modelport.binding import Call
 
 Runner = Callable[[list["torch.Tensor"]], list["torch.Tensor"]]
 TOLERANCES: dict[str, tuple[float, float]] = {  # dtype -> (atol, rtol)
@@ -131,19 +135,20 @@ def like(tensor: torch.Tensor, shape: torch.Size, generator: torch.Generator) ->
 def verify_outputs(
     model: nn.Module,
     runner: Runner,
-    names: list[str],
+    call: Call,
     inputs: list[torch.Tensor],
     dynamic: Mapping[str, Mapping[int, str]],
     rtol: float | None,
     atol: float | None,
 ) -> list[OutputCheck]:
-    """Every output of ``runner`` against eager ``model`` on every sample."""
+    """Every output of ``runner`` against eager ``model`` (called as ``call`` says) on every
+    sample."""
     import torch
 
     checks: list[OutputCheck] = []
-    for label, sample in samples(names, inputs, dynamic):
+    for label, sample in samples(list(call.names), inputs, dynamic):
         with torch.no_grad():
-            labelled = named_leaves(model(*sample))
+            labelled = named_leaves(call(model, sample))
         expected = [tensor for _, tensor in labelled]
         try:
             got = runner(sample)

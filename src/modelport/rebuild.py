@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelport.binding import Call, bind
 from modelport.errors import ConversionError
-from modelport.export import _named, check_targets, export
+from modelport.export import check_targets, export
 from modelport.models import resolve_model
 from modelport.outputs import OutputCheck, Runner, leaves, verify_outputs
 from modelport.placing import sibling
@@ -225,26 +226,28 @@ def _pickle(
         mismatched = _state_mismatches(module.state_dict(), loaded.state_dict())
         checks: tuple[OutputCheck, ...] = ()
         if example_inputs:
-            names, inputs = _named(example_inputs)
-            unknown = sorted(set(dynamic) - set(names))
+            call, inputs = bind(module, example_inputs)
+            unknown = sorted(set(dynamic) - set(call.names))
             if unknown:
-                raise ConversionError(f"dynamic axes for {unknown}, which are not inputs ({names})")
-            runner = _runner_for(loaded)
+                raise ConversionError(
+                    f"dynamic axes for {unknown}, which are not inputs ({list(call.names)})"
+                )
+            runner = _runner_for(loaded, call)
             with contextlib.redirect_stdout(io.StringIO()):
-                checks = tuple(verify_outputs(module, runner, names, inputs, dynamic, rtol, atol))
+                checks = tuple(verify_outputs(module, runner, call, inputs, dynamic, rtol, atol))
         staged.replace(path)
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return checks, len(module.state_dict()), mismatched
 
 
-def _runner_for(loaded: nn.Module) -> Runner:
+def _runner_for(loaded: nn.Module, call: Call) -> Runner:
     """Like ``export._runner``, for the module already loaded back from the pickle."""
     import torch
 
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         with torch.no_grad():
-            return leaves(loaded(*inputs))
+            return leaves(call(loaded, inputs))
 
     return run
 

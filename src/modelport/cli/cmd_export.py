@@ -22,6 +22,9 @@ EXAMPLES = """examples:
   modelport export --model mypkg.nets:build --weights model.safetensors \\
       --example-inputs inputs.npz --to pt2 model.pt2 --report export.md
   modelport export --model ./bert-dir --input input_ids:2,16:int64 --to onnx bert.onnx --json
+  modelport export --model ./gpt2-dir --input input_ids:2,16:int64 \\
+      --input attention_mask:2,16:int64 --dynamic input_ids:0=batch,1=seq \\
+      --dynamic attention_mask:0=batch,1=seq --to onnx gpt2.onnx
   modelport export --model scripted.pt --input x:1,3,224,224 --to onnx --exporter legacy m.onnx
 
 --model imports and runs YOUR code (pkg.module:Name); a directory with config.json is built
@@ -34,6 +37,10 @@ file, after scanning it (an unsafe verdict also needs --allow-unsafe).
 
 --example-inputs reads tensors (npz, torch.save dict, safetensors: by content, nothing runs)
 named after forward's arguments; one tensor for a one-argument forward may have any name.
+Inputs (from either) named after forward's arguments are passed by position while they
+fill those arguments in order, and by keyword after the first one left out (GPT-2:
+input_ids and attention_mask, no past_key_values); other names go first, by position.
+ONNX inputs keep the names.
 
 exit codes: 0 exported and verified, 1 verification failed, 2 error
 """
@@ -67,7 +74,8 @@ def register(commands: Any) -> None:
         action="append",
         default=[],
         metavar="NAME:SHAPE[:DTYPE]",
-        help="an example input, e.g. x:1,3,32,32 or ids:2,16:int64 (repeat, in forward order)",
+        help="an example input, e.g. x:1,3,32,32 or ids:2,16:int64 (repeat; named after "
+        "forward's arguments, which may be left out: those after a gap go by keyword)",
     )
     inputs.add_argument(
         "--example-inputs",

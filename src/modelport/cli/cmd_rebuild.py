@@ -66,8 +66,9 @@ def register(commands: Any) -> None:
         action="append",
         default=[],
         metavar="NAME:SHAPE[:DTYPE]",
-        help="an example input, e.g. x:1,3,32,32 (repeat, in forward order); needed for "
-        "torchscript and pt2, optional for pickle (then outputs are compared too)",
+        help="an example input, e.g. x:1,3,32,32 (repeat; named after forward's arguments, "
+        "as for export); needed for torchscript and pt2, optional for pickle (then outputs "
+        "are compared too)",
     )
     inputs.add_argument(
         "--example-inputs",
