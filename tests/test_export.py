@@ -445,6 +445,14 @@ def test_cli_example_inputs_and_report(
     assert main(argv) == 2  # OUT exists now
     assert "exists; pass --overwrite" in json.loads(capsys.readouterr().out)["error"]["message"]
     assert main([*argv[:-2], "--overwrite", str(out)]) == 0
+    capsys.readouterr()
+    fresh = tmp_path / "fresh.pt2"  # the report exists: refused before any export work
+    assert main([*argv[:-1], str(fresh)]) == 2
+    assert "report.md exists" in json.loads(capsys.readouterr().out)["error"]["message"]
+    assert not fresh.exists()
+    same = [*argv[:-4], "--report", str(out), "--overwrite", "--json", str(out)]
+    assert main(same) == 2
+    assert "would replace the output" in json.loads(capsys.readouterr().out)["error"]["message"]
 
 
 def test_cli_example_inputs_name_mismatch(

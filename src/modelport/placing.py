@@ -80,3 +80,21 @@ def install_directory(built: Path, target: Path, fsync: bool) -> None:
     if fsync:
         fsync_directory(target)
         fsync_directory(target.parent)
+
+
+def check_side_output(path: Path, outputs: tuple[Path, ...], overwrite: bool) -> None:
+    """A file written beside the main output (``--report``): never one of ``outputs``, and
+    an existing one replaced only with ``overwrite``; checked before the long work."""
+    if any(path.resolve() == output.resolve() for output in outputs):
+        raise ConversionError(f"{path}: the report would replace the output; choose another name")
+    check_target(path.parent, path, overwrite)
+
+
+def write_text(path: Path, text: str) -> None:
+    """A small text file written beside ``path`` and renamed into place."""
+    temporary = sibling(path, "tmp")
+    try:
+        temporary.write_text(text)
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)

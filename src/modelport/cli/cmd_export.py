@@ -11,9 +11,10 @@ from typing import Any
 
 from rich.console import Console
 
+from modelport import placing
 from modelport.errors import ConversionError
 from modelport.example_inputs import read_example_inputs
-from modelport.export import EXPORTERS, FORMATS, ExportReport, export
+from modelport.export import EXPORTERS, FORMATS, ExportReport, bundle, export
 from modelport.models import resolve_model
 
 EXAMPLES = """examples:
@@ -117,6 +118,9 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     init = _init(args.init)
+    if args.report:
+        outputs = bundle(Path(args.output), args.to)
+        placing.check_side_output(Path(args.report), outputs, args.overwrite)
     model = resolve_model(
         args.model,
         init=init,
@@ -146,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     if args.report:
-        Path(args.report).write_text(report.to_markdown(source=model_source(args)))
+        placing.write_text(Path(args.report), report.to_markdown(source=model_source(args)))
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

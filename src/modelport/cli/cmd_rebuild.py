@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.console import Console
 
+from modelport import placing
 from modelport.cli.cmd_export import INT_HIGH, parse_dynamic, parse_input
 from modelport.errors import ConversionError
 from modelport.example_inputs import read_example_inputs
@@ -102,6 +103,8 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     init: Any = None
+    if args.report:
+        placing.check_side_output(Path(args.report), (Path(args.output),), args.overwrite)
     if args.init:
         try:
             init = json.loads(args.init)
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     if args.report:
-        Path(args.report).write_text(report.to_markdown())
+        placing.write_text(Path(args.report), report.to_markdown())
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
