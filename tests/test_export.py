@@ -267,8 +267,7 @@ def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         n_positions=64,
         bos_token_id=0,
         eos_token_id=0,
-        use_cache=False,
-    )
+    )  # use_cache left on, as saved models have it: modelport turns it off to export
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("hf") / "gpt2"
     GPT2LMHeadModel(config).save_pretrained(path)
@@ -276,12 +275,14 @@ def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def gpt2_npz(path: Path) -> Path:
-    """``input_ids`` and an all-ones ``attention_mask`` (random samples of it stay all ones:
-    a row with every key masked is undefined, and eager and onnxruntime differ there)."""
+    """``input_ids`` and an ``attention_mask`` with left padding: the padded positions have
+    no defined output (eager and onnxruntime differ there), so they are not compared."""
     import numpy as np
 
     ids = np.random.default_rng(0).integers(0, 100, (2, 8))
-    np.savez(path, attention_mask=np.ones((2, 8), dtype=np.int64), input_ids=ids)
+    mask = np.ones((2, 8), dtype=np.int64)
+    mask[0, :3] = 0
+    np.savez(path, attention_mask=mask, input_ids=ids)
     return path
 
 
@@ -306,6 +307,8 @@ def test_gpt2_input_ids_and_attention_mask(
     ]
     samples = {c.sample for c in report.outputs}
     assert {"batch=3", "batch=5", "sequence=9", "sequence=17"} <= samples
+    example = next(c for c in report.outputs if c.sample == "example")
+    assert example.padded == (3 if source == "npz" else 0)
     logits = next(c for c in report.outputs if c.sample == "sequence=17")
     assert logits.shape == (2, 17, 100)  # the exported file ran a length never exported
     if to == "onnx":
@@ -500,3 +503,21 @@ def test_legacy_external_data_gathered_into_one_file(tmp_path: Path) -> None:
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = np.ones((2, 3), dtype=np.float32)
     assert np.array_equal(session.run(None, {"x": x})[0], x @ weight + bias)
+
+
+def test_padding_hides_only_the_positions_it_marks() -> None:
+    """An error under a padded position is not counted; one anywhere else still fails."""
+    from modelport.outputs import compare, padding_of
+
+    eager = torch.zeros(2, 4, 5)
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    padding = padding_of(["input_ids", "attention_mask"], [torch.zeros(2, 4), mask])
+    assert padding is not None and int(padding.sum()) == 2
+    under_padding = eager.clone()
+    under_padding[0, 1] = 5.0
+    assert compare("logits", "example", eager, under_padding, None, None, padding).ok
+    elsewhere = eager.clone()
+    elsewhere[0, 2, 3] = 5.0
+    check = compare("logits", "example", eager, elsewhere, None, None, padding)
+    assert not check.ok and check.max_abs == 5.0 and check.padded == 2
+    assert padding_of(["attention_mask"], [torch.full((2, 4), 7)]) is None  # not a 0/1 mask

@@ -128,6 +128,13 @@ def _checks(checks: Sequence[OutputCheck]) -> list[str]:
             for c in checks
         ],
     )
+    padded = max(c.padded for c in checks)
+    if padded:
+        lines += [
+            "",
+            "Positions the `attention_mask` input marks as padding are not compared (up to "
+            f"{padded} per input set): masked rows have no defined value.",
+        ]
     return lines
 
 

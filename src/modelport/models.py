@@ -278,11 +278,15 @@ def _from_hf_config(path: Path) -> nn.Module:
         import transformers
     except ImportError as exc:
         raise MissingDependencyError(
-            "transformers", "test", "building a model from config.json"
+            "transformers", "hf", "building a model from config.json"
         ) from exc
     config = transformers.AutoConfig.from_pretrained(
         str(path), local_files_only=True, trust_remote_code=False
     )
+    if getattr(config, "use_cache", False):
+        # A decoder returns its KV cache (a DynamicCache, which torch.export cannot hold)
+        # unless told not to: the whole-sequence forward is what gets exported.
+        config.use_cache = False
     architecture = _hf_class(transformers, config)
     model = (
         architecture._from_config(config)

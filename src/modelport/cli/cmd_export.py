@@ -236,6 +236,11 @@ def _show(report: ExportReport) -> None:
             f"max abs error {report.max_abs_error:.3g}",
             highlight=False,
         )
+        if any(c.padded for c in report.outputs):
+            out.print(
+                "  (positions attention_mask marks as padding were not compared)",
+                highlight=False,
+            )
         return
     out.print("  [red]verification FAILED[/red]: the export differs from eager")
     for check in [c for c in report.outputs if not c.ok][:10]:
