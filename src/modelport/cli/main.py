@@ -27,7 +27,7 @@ from modelport.cli import (
     cmd_rebuild,
     cmd_scan,
 )
-from modelport.errors import VerificationError
+from modelport.errors import ModelportError, VerificationError
 
 EXIT_OK = 0
 EXIT_NO = 1
@@ -84,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"error": {"type": type(exc).__name__, "message": message}}))
         else:
             print(f"error: {message}", file=sys.stderr)
-            print("(set MODELPORT_DEBUG=1 for the full traceback)", file=sys.stderr)
+            if not isinstance(exc, ModelportError) or exc.__cause__ is not None:
+                # a refusal says all there is; a failure underneath has more to show
+                print("(set MODELPORT_DEBUG=1 for the full traceback)", file=sys.stderr)
         return EXIT_NO if isinstance(exc, VerificationError) else EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
