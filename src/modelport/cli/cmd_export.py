@@ -78,11 +78,7 @@ def register(commands: Any) -> None:
         help="an example input, e.g. x:1,3,32,32 or ids:2,16:int64 (repeat; named after "
         "forward's arguments, which may be left out: those after a gap go by keyword)",
     )
-    inputs.add_argument(
-        "--example-inputs",
-        metavar="FILE",
-        help="example inputs from a file (npz, .pt, safetensors), named after forward's arguments",
-    )
+    add_inputs_file(inputs)
     parser.add_argument(
         "--dynamic",
         action="append",
@@ -97,9 +93,24 @@ def register(commands: Any) -> None:
         default="dynamo",
         help="ONNX exporter: dynamo (torch.export-based, default) or legacy (TorchScript-based)",
     )
+    parser.add_argument("--no-verify", dest="verify", action="store_false")
+    add_verification_options(parser)
+    parser.set_defaults(run=run)
+
+
+def add_inputs_file(group: Any) -> None:
+    group.add_argument(
+        "--example-inputs",
+        metavar="FILE",
+        help="example inputs from a file (npz, .pt, safetensors), named after forward's arguments",
+    )
+
+
+def add_verification_options(parser: argparse.ArgumentParser) -> None:
+    """The options ``export`` and ``rebuild`` share: tolerances, the report, overwriting,
+    trusting the model file, JSON."""
     parser.add_argument("--rtol", type=float, help="relative tolerance (default by dtype)")
     parser.add_argument("--atol", type=float, help="absolute tolerance (default by dtype)")
-    parser.add_argument("--no-verify", dest="verify", action="store_false")
     parser.add_argument("--report", metavar="FILE", help="write a Markdown verification report")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument(
@@ -113,7 +124,6 @@ def register(commands: Any) -> None:
         help="read files the scanner judged unsafe (with --trust-code: run them)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,13 @@ from typing import Any
 from rich.console import Console
 
 from modelport import placing
-from modelport.cli.cmd_export import INT_HIGH, parse_dynamic, parse_input
+from modelport.cli.cmd_export import (
+    INT_HIGH,
+    add_inputs_file,
+    add_verification_options,
+    parse_dynamic,
+    parse_input,
+)
 from modelport.errors import ConversionError
 from modelport.example_inputs import read_example_inputs
 from modelport.rebuild import TARGETS, RebuildReport, rebuild
@@ -71,11 +77,7 @@ def register(commands: Any) -> None:
         "as for export); needed for torchscript and pt2, optional for pickle (then outputs "
         "are compared too)",
     )
-    inputs.add_argument(
-        "--example-inputs",
-        metavar="FILE",
-        help="example inputs from a file (npz, .pt, safetensors), named after forward's arguments",
-    )
+    add_inputs_file(inputs)
     parser.add_argument(
         "--dynamic",
         action="append",
@@ -83,21 +85,7 @@ def register(commands: Any) -> None:
         metavar="NAME:AXIS=DIM[,AXIS=DIM]",
         help="dynamic axes of the example inputs, e.g. x:0=batch (verified at other sizes)",
     )
-    parser.add_argument("--rtol", type=float, help="relative tolerance (default by dtype)")
-    parser.add_argument("--atol", type=float, help="absolute tolerance (default by dtype)")
-    parser.add_argument("--report", metavar="FILE", help="write a Markdown verification report")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    parser.add_argument(
-        "--trust-code",
-        action="store_true",
-        help="allow a whole-model pickle as --model: loading it RUNS CODE from that file",
-    )
-    parser.add_argument(
-        "--allow-unsafe",
-        action="store_true",
-        help="read files the scanner judged unsafe (with --trust-code: run them)",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_verification_options(parser)
     parser.set_defaults(run=run)
 
 
