@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 from modelport import tree as trees
 from modelport.api import check_safety
 from modelport.api import open as open_model
-from modelport.convert import ConvertOptions, convert, detect_wrapper
+from modelport.convert import ConvertOptions, convert
 from modelport.models import build_model
+from modelport.selecting import detect_wrapper
 
 if TYPE_CHECKING:
     from torch import nn

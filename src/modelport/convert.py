@@ -12,10 +12,8 @@ nothing behind, and an existing file is never replaced unless asked.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -24,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelport import dtypes, placing, progress, readback, typed_json
+from modelport import dtypes, placing, progress, readback, selecting, typed_json
 from modelport import tree as trees
 from modelport._version import __version__
 from modelport.api import check_safety
@@ -37,7 +35,6 @@ from modelport.streaming import OutputTensor
 from modelport.tensors import TensorRef
 from modelport.verify import CastCheck, verify, verify_directory
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 TARGETS = {
     "safetensors": "safetensors",
     "torch": "torch-zip",
@@ -131,8 +128,11 @@ def convert(
     check_safety(source, allow_unsafe=options.allow_unsafe)
     with open_model(source) as model:
         structure = _structure(model, options)
-        chosen, selection, left_out = _select(model, options, structure)
-        named, notes = _rename(chosen, options) if structure.tree is None else (chosen, [])
+        chosen, selection, left_out = selecting.select(
+            model, options, structure.plain, nested=structure.tree is not None
+        )
+        flat = structure.tree is None
+        named, notes = selecting.rename(chosen, options) if flat else (chosen, [])
         notes.extend(structure.notes)
         outputs = _outputs(named, options, writer)
         _check_holds(outputs, writer)
@@ -204,48 +204,6 @@ def _target_format(target: Path, to: str | None) -> FormatReader:
     )
 
 
-def _select(
-    model: Any, options: ConvertOptions, structure: _Structure
-) -> tuple[dict[str, TensorRef], str, list[str]]:
-    left_out: list[str] = []
-    if options.extract:
-        subtree = _lookup(model.tree, options.extract)
-        chosen, selection, left_out = (
-            trees.tensors_of(subtree),
-            f"extracted '{options.extract}'",
-            [],
-        )
-    elif options.take_all:
-        chosen = trees.tensors_of(structure.plain)
-        selection = (
-            "every tensor in the file"
-            if structure.tree is None
-            else "the whole file: every tensor, and the values around them as typed JSON"
-        )
-    else:
-        weights = model.weights(ema=options.ema)
-        chosen, selection, left_out = (
-            weights.tensors,
-            weights.note or "the model weights",
-            weights.left_out,
-        )
-    if options.include:
-        chosen = {
-            n: t
-            for n, t in chosen.items()
-            if any(fnmatch.fnmatchcase(n, p) for p in options.include)
-        }
-    if options.exclude:
-        chosen = {
-            n: t
-            for n, t in chosen.items()
-            if not any(fnmatch.fnmatchcase(n, p) for p in options.exclude)
-        }
-    if not chosen:
-        raise ConversionError("nothing to convert: the selection holds no tensors")
-    return chosen, selection, list(left_out)
-
-
 @dataclass(frozen=True)
 class _Structure:
     """What ``--all`` keeps: the file's tree as plain data (``plain``), and ``tree``, the
@@ -298,53 +256,6 @@ def _plan(
     tree = typed_json.map_tensors(structure.tree, output_of)
     metadata = {**metadata, typed_json.KEY: typed_json.encode(tree)}
     return WritePlan(tuple(outputs), metadata, tree)
-
-
-def _lookup(tree: Any, dotted: str) -> Any:
-    node = tree
-    for part in dotted.split("."):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif part.isdigit() and (
-            (isinstance(node, dict) and int(part) in node)
-            or (isinstance(node, (list, tuple)) and int(part) < len(node))
-        ):
-            node = node[int(part)]
-        else:
-            raise ConversionError(f"--extract {dotted!r}: no entry {part!r} in the file's tree")
-    return node
-
-
-def detect_wrapper(names: list[str]) -> str | None:
-    """The wrapper prefix every key carries (DDP ``module.``, compile ``_orig_mod.``, ...)."""
-    for prefix in WRAPPER_PREFIXES:
-        if names and all(name.startswith(prefix) for name in names):
-            return prefix
-    return None
-
-
-def _rename(
-    chosen: dict[str, TensorRef], options: ConvertOptions
-) -> tuple[dict[str, TensorRef], list[str]]:
-    notes: list[str] = []
-    wrapper = detect_wrapper(list(chosen))
-    strip = wrapper if options.strip_prefix == "auto" else options.strip_prefix
-    if wrapper and strip != wrapper:
-        notes.append(
-            f"every key starts with {wrapper!r} (a wrapper); --strip-prefix auto removes it"
-        )
-    renamed: dict[str, TensorRef] = {}
-    for name, tensor in chosen.items():
-        new = name.removeprefix(strip) if strip else name
-        for pattern, replacement in options.renames:
-            new = re.sub(pattern, replacement, new)
-        new = (options.add_prefix or "") + new
-        if new in renamed:
-            raise ConversionError(f"renaming gives two tensors the name {new!r}")
-        renamed[new] = tensor
-    if strip and strip == wrapper:
-        notes.append(f"stripped the wrapper prefix {strip!r}")
-    return renamed, notes
 
 
 GGUF_TYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "q8_0": "Q8_0"}

@@ -1,0 +1,115 @@
+"""Which tensors a conversion takes and under which names.
+
+By default the model weights (the rule ``modelport.load`` uses), or a subtree
+(``--extract``), or everything (``--all``); then ``--include``/``--exclude`` globs. Names
+may lose a wrapper prefix every key carries (DDP's ``module.``, ``torch.compile``'s
+``_orig_mod.``), which is reported and stripped only when asked, and take regex renames
+and an added prefix.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import TYPE_CHECKING, Any
+
+from modelport import tree as trees
+from modelport.errors import ConversionError
+from modelport.tensors import TensorRef
+
+if TYPE_CHECKING:
+    from modelport.convert import ConvertOptions
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def select(
+    model: Any, options: ConvertOptions, plain: Any, nested: bool
+) -> tuple[dict[str, TensorRef], str, list[str]]:
+    """The chosen tensors by name, what was taken (said to the user), and what was left
+    out. ``plain`` is the file's tree as plain data, ``nested`` whether it is more than a
+    flat dict of tensors."""
+    left_out: list[str] = []
+    if options.extract:
+        subtree = lookup(model.tree, options.extract)
+        chosen, selection, left_out = (
+            trees.tensors_of(subtree),
+            f"extracted '{options.extract}'",
+            [],
+        )
+    elif options.take_all:
+        chosen = trees.tensors_of(plain)
+        selection = (
+            "every tensor in the file"
+            if not nested
+            else "the whole file: every tensor, and the values around them as typed JSON"
+        )
+    else:
+        weights = model.weights(ema=options.ema)
+        chosen, selection, left_out = (
+            weights.tensors,
+            weights.note or "the model weights",
+            weights.left_out,
+        )
+    if options.include:
+        chosen = {
+            n: t
+            for n, t in chosen.items()
+            if any(fnmatch.fnmatchcase(n, p) for p in options.include)
+        }
+    if options.exclude:
+        chosen = {
+            n: t
+            for n, t in chosen.items()
+            if not any(fnmatch.fnmatchcase(n, p) for p in options.exclude)
+        }
+    if not chosen:
+        raise ConversionError("nothing to convert: the selection holds no tensors")
+    return chosen, selection, list(left_out)
+
+
+def lookup(tree: Any, dotted: str) -> Any:
+    node = tree
+    for part in dotted.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif part.isdigit() and (
+            (isinstance(node, dict) and int(part) in node)
+            or (isinstance(node, (list, tuple)) and int(part) < len(node))
+        ):
+            node = node[int(part)]
+        else:
+            raise ConversionError(f"--extract {dotted!r}: no entry {part!r} in the file's tree")
+    return node
+
+
+def detect_wrapper(names: list[str]) -> str | None:
+    """The wrapper prefix every key carries (DDP ``module.``, compile ``_orig_mod.``, ...)."""
+    for prefix in WRAPPER_PREFIXES:
+        if names and all(name.startswith(prefix) for name in names):
+            return prefix
+    return None
+
+
+def rename(
+    chosen: dict[str, TensorRef], options: ConvertOptions
+) -> tuple[dict[str, TensorRef], list[str]]:
+    notes: list[str] = []
+    wrapper = detect_wrapper(list(chosen))
+    strip = wrapper if options.strip_prefix == "auto" else options.strip_prefix
+    if wrapper and strip != wrapper:
+        notes.append(
+            f"every key starts with {wrapper!r} (a wrapper); --strip-prefix auto removes it"
+        )
+    renamed: dict[str, TensorRef] = {}
+    for name, tensor in chosen.items():
+        new = name.removeprefix(strip) if strip else name
+        for pattern, replacement in options.renames:
+            new = re.sub(pattern, replacement, new)
+        new = (options.add_prefix or "") + new
+        if new in renamed:
+            raise ConversionError(f"renaming gives two tensors the name {new!r}")
+        renamed[new] = tensor
+    if strip and strip == wrapper:
+        notes.append(f"stripped the wrapper prefix {strip!r}")
+    return renamed, notes
