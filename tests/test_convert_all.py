@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import modelport
-from modelport import typed_json
+from modelport import typed_json, typed_json_decoding
 from modelport.cli.main import main
 from modelport.convert import ConvertOptions, convert
 from modelport.errors import (
@@ -342,7 +342,7 @@ def test_typed_json_round_trip(tree: Any) -> None:
     text = typed_json.encode(tree)
     json.loads(text)  # standard JSON: no NaN tokens, no lone surrogates escaped
     text.encode("utf-8")
-    same(typed_json.decode(text, {}), tree)
+    same(typed_json_decoding.decode(text, {}), tree)
 
 
 def test_typed_json_places_tensors_and_state() -> None:
@@ -351,7 +351,7 @@ def test_typed_json_places_tensors_and_state() -> None:
     state = OrderedDict([("w", out)])
     state.pickle_state = {"_metadata": OrderedDict([("", {"version": 1})])}  # type: ignore[attr-defined]
     tree = {"model": state, "tied": [out, out]}
-    decoded = typed_json.decode(typed_json.encode(tree), {"w": ref}, complete=True)
+    decoded = typed_json_decoding.decode(typed_json.encode(tree), {"w": ref}, complete=True)
     assert decoded["model"]["w"] is ref and decoded["tied"][0] is decoded["tied"][1] is ref
     assert decoded["model"].pickle_state == {"_metadata": {"": {"version": 1}}}
 
@@ -383,15 +383,15 @@ def test_typed_json_places_tensors_and_state() -> None:
 )
 def test_typed_json_decode_is_strict(text: str) -> None:
     with pytest.raises(ModelportError):
-        typed_json.decode(text, {})
+        typed_json_decoding.decode(text, {})
 
 
 def test_typed_json_errors_are_typed(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(CorruptFileError, match="unknown type tag"):
-        typed_json.decode('{"version": 1, "root": {"$": "pickle"}}', {})
+        typed_json_decoding.decode('{"version": 1, "root": {"$": "pickle"}}', {})
     with pytest.raises(UnsupportedVersionError):
-        typed_json.decode('{"version": 2, "root": null}', {})
-    assert math.isnan(typed_json.decode(typed_json.encode(math.nan), {}))
-    monkeypatch.setattr(typed_json, "MAX_CHARS", 10)
+        typed_json_decoding.decode('{"version": 2, "root": null}', {})
+    assert math.isnan(typed_json_decoding.decode(typed_json.encode(math.nan), {}))
+    monkeypatch.setattr(typed_json_decoding, "MAX_CHARS", 10)
     with pytest.raises(ModelportError, match="above the limit"):
-        typed_json.decode('{"version": 1, "root": null}', {})
+        typed_json_decoding.decode('{"version": 1, "root": null}', {})

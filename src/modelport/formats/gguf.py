@@ -45,7 +45,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from modelport import dtypes, typed_json
+from modelport import dtypes, typed_json, typed_json_decoding
 from modelport.errors import (
     CorruptFileError,
     LimitExceededError,
@@ -460,7 +460,7 @@ def read(path: Path, probe: Probe) -> Contents:
         "architecture": architecture if isinstance(architecture, str) else None,
         "data_offset": header.data_offset,
     }
-    nested, warnings = typed_json.restore(tree, header.metadata)
+    nested, warnings = typed_json_decoding.restore(tree, header.metadata)
     metadata = header.metadata
     if nested is not None:
         details["tree"] = f"nested checkpoint restored from the {typed_json.KEY!r} metadata"

@@ -50,7 +50,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from modelport import dtypes, typed_json
+from modelport import dtypes, typed_json, typed_json_decoding
 from modelport.errors import (
     ConversionError,
     CorruptFileError,
@@ -240,7 +240,7 @@ def read(path: Path, probe: Probe) -> Contents:
     nested = None
     if structure is not None:
         try:
-            nested = typed_json.decode(structure, tree, complete=True)
+            nested = typed_json_decoding.decode(structure, tree, complete=True)
         except ModelportError as exc:
             warnings.append(f"{TREE}.npy ignored, the arrays are shown flat: {exc}")
     stored = sum(1 for e in chosen.values() if e.is_stored)

@@ -26,7 +26,7 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from modelport import dtypes, typed_json
+from modelport import dtypes, typed_json, typed_json_decoding
 from modelport.errors import (
     CorruptFileError,
     LimitExceededError,
@@ -122,7 +122,7 @@ def read(path: Path, probe: Probe) -> Contents:
         tensors[name] = TensorRef(dtype, tuple(shape), storage)
     _check_coverage(spans, path)
     ordered = {name: tensors[name] for _, _, name in sorted(spans)}
-    tree, warnings = typed_json.restore(ordered, metadata)
+    tree, warnings = typed_json_decoding.restore(ordered, metadata)
     # ``save_model`` (and modelport) store a tied tensor once and record ``alias -> kept`` in
     # the metadata: restore the alias as the same tensor, so both names share storage again.
     for alias, kept in metadata.items():
