@@ -344,3 +344,30 @@ def test_cli_convert_json_and_exit_codes(tmp_path: Path) -> None:
     dry = cli(str(src), str(tmp_path / "d.safetensors"), "--dry-run")
     assert dry.returncode == 0 and "would write" in dry.stdout
     assert not (tmp_path / "d.safetensors").exists()
+
+
+@pytest.mark.parametrize("target", ["out.safetensors", "out.npz", "out.pt"])
+def test_verification_catches_a_wrong_cast(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    """A cast written wrong fails the verification (made on the checking thread while the
+    file is written), and nothing is installed."""
+    src = tmp_path / "s.pt"
+    torch.save({"w": torch.linspace(-2, 2, 64), "steps": torch.arange(3)}, src)
+    from modelport import streaming
+
+    real = streaming.cast_chunk
+
+    def off_by_one_ulp(chunk: Any, source_dtype: str, target_dtype: str) -> Any:
+        out = real(chunk, source_dtype, target_dtype).copy()
+        out.view(np.uint16)[5] ^= 1
+        return out
+
+    monkeypatch.setattr(streaming, "cast_chunk", off_by_one_ulp)
+    options = modelport.ConvertOptions(dtype="bfloat16")
+    with pytest.raises(modelport.errors.VerificationError, match=r"^w: "):
+        modelport.convert(src, tmp_path / target, options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt"]
+    monkeypatch.undo()
+    report = modelport.convert(src, tmp_path / target, options)
+    assert report.verified and [c.name for c in report.casts] == ["w"]

@@ -106,3 +106,27 @@ def test_strided_views_stream_in_c_order(
     got = [c.copy() for c in source_chunks(tensor, chunk)]
     assert np.array_equal(np.concatenate(got) if got else np.zeros(0, np.float32), expected)
     assert all(c.nbytes <= max(chunk, 4) for c in got)
+
+
+def test_tensors_written_element_by_element_are_checked_in_the_background(
+    tmp_path: Path,
+) -> None:
+    """A cast is compared with its source on the checking thread; the read-back then only
+    asks for the outcome."""
+    from modelport.verify import CastCheck, compare_elements
+
+    values = np.linspace(-3, 3, 1000, dtype=np.float32)
+    source = tmp_path / "src.bin"
+    source.write_bytes(values.tobytes())
+    out = tmp_path / "out.bin"
+    cast = OutputTensor("w", "bfloat16", _flat(source, 0, 1000))
+    with (
+        open(out, "w+b", buffering=0) as handle,
+        checking_output(compare=True, elements=compare_elements) as checks,
+    ):
+        write_tensor(handle, cast)
+        write_tensor(handle, cast)
+    found, checked = checks.outcome(out, 0)
+    assert checked and isinstance(found, CastCheck) and 0 < found.max_abs_error < 0.02
+    assert checks.outcome(out, 2000)[1]
+    assert checks.outcome(out, 4)[1] is False  # nothing was written at that offset

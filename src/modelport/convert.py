@@ -33,7 +33,7 @@ from modelport.formats._base import WritePlan
 from modelport.readback import OutputChecks
 from modelport.streaming import OutputTensor
 from modelport.tensors import TensorRef
-from modelport.verify import CastCheck, verify, verify_directory
+from modelport.verify import CastCheck, compare_elements, verify, verify_directory
 
 TARGETS = {
     "safetensors": "safetensors",
@@ -382,7 +382,7 @@ def _write_verified(
 def _copy_checks(options: ConvertOptions) -> AbstractContextManager[OutputChecks]:
     """Written bytes are compared with the source (when verifying) and checksummed on a
     second thread while the writing goes on (see ``readback``)."""
-    return readback.checking_output(compare=options.verify)
+    return readback.checking_output(compare=options.verify, elements=compare_elements)
 
 
 def _sha256(path: Path) -> str:

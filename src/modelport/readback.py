@@ -5,9 +5,11 @@ needs the CRC-32 of every member. Both mean reading what was just written. Done 
 write, that doubles the time; done on a second thread while the main thread copies the
 next tensor, it reads the page cache the copy has just filled and adds almost nothing on
 two cores. ``checking_output`` starts that thread; ``write_tensor`` hands it each range it
-writes. The read-back verification then still reads the header the way the format's
-reader does, checks every tensor lies where its bytes were compared, and only skips
-re-reading those bytes. Without the thread, the CRC is taken by re-reading the range.
+writes: bytes copied unchanged are compared with their source range, and a tensor written
+element by element (a cast, a gathered view) goes through ``ElementCheck`` (the read-back's
+own comparison, a cast's error included). The read-back verification then still reads the
+header the way the format's reader does, checks every tensor lies where it was compared,
+and only skips comparing it again. Without the thread, the CRC is taken by re-reading.
 """
 
 from __future__ import annotations
@@ -20,17 +22,24 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
-from modelport.errors import TruncatedFileError
+from modelport.errors import TruncatedFileError, VerificationError
 from modelport.progress import advance
+from modelport.tensors import Storage, TensorRef
+
+if TYPE_CHECKING:
+    from modelport.streaming import OutputTensor
 
 COMPARE_CHUNK = 2 << 20  # two of these stay in the CPU cache between read and compare
 PIECE = 64 << 20  # a cancelled check stops within one piece
 
 Checksum = Callable[[], int]  # the CRC-32 of written bytes, waited for when asked
+# Compares a tensor written element by element (cast, gathered) with its source: returns
+# what the read-back verification would (a cast's error), raises VerificationError.
+ElementCheck = Callable[["OutputTensor", TensorRef], Any]
 
 
 class RangeComparer:
@@ -141,6 +150,7 @@ class _Job:
     length: int
     copied: CopiedRange | None
     wants_crc: bool
+    written: OutputTensor | None = None  # compared element by element (``ElementCheck``)
     crc: int = 0
     same: bool | None = None
     failure: BaseException | None = None
@@ -158,10 +168,12 @@ class OutputChecks:
     when it was copied unchanged (and ``compare`` is on), and takes its CRC-32 when the
     writer asked for one."""
 
-    def __init__(self, *, compare: bool) -> None:
+    def __init__(self, *, compare: bool, elements: ElementCheck | None = None) -> None:
         self.compare = compare
+        self._elements = elements if compare else None
         self._pending: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._verdicts: dict[CopiedRange, bool] = {}
+        self._outcomes: dict[tuple[str, int], tuple[Any, VerificationError | None]] = {}
         self._failure: BaseException | None = None
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="modelport-checks", daemon=True)
@@ -175,9 +187,19 @@ class OutputChecks:
         copied: CopiedRange | None,
         *,
         crc: bool,
+        written: OutputTensor | None = None,
     ) -> Checksum:
-        job = _Job(os.fspath(output), offset, length, copied if self.compare else None, crc)
-        if job.copied is None and not crc:
+        """Check a range just written: ``copied``, bytes copied unchanged from a source;
+        ``written``, a tensor written element by element; ``crc``, its CRC-32 is wanted."""
+        job = _Job(
+            os.fspath(output),
+            offset,
+            length,
+            copied if self.compare else None,
+            crc,
+            written if self._elements is not None else None,
+        )
+        if job.copied is None and job.written is None and not crc:
             job.done.set()
         else:
             self._pending.put(job)
@@ -186,6 +208,17 @@ class OutputChecks:
     def verdict(self, copied: CopiedRange) -> bool | None:
         """True: compared equal; False: differs; None: never compared here."""
         return self._verdicts.get(copied)
+
+    def outcome(self, output: str | os.PathLike[str], offset: int) -> tuple[Any, bool]:
+        """What the element check of the tensor written at ``offset`` returned, and whether
+        there was one; its ``VerificationError`` is raised here."""
+        found = self._outcomes.get((str(Path(output).resolve()), offset))
+        if found is None:
+            return None, False
+        value, error = found
+        if error is not None:
+            raise error
+        return value, True
 
     def finish(self) -> None:
         """Wait for every check; an error met on the thread is raised here."""
@@ -228,17 +261,27 @@ class OutputChecks:
                 job.crc = comparer.crc32(*output, length, job.crc)
         if job.copied is not None:
             self._verdicts[job.copied] = same
+        if job.written is not None and self._elements is not None:
+            storage = Storage(Path(job.output), job.offset, job.length)
+            out = TensorRef(job.written.dtype, job.written.shape, storage)
+            key = (str(Path(job.output).resolve()), job.offset)
+            try:
+                self._outcomes[key] = (self._elements(job.written, out), None)
+            except VerificationError as exc:  # raised when the read-back asks for it
+                self._outcomes[key] = (None, exc)
 
 
 _CURRENT = threading.local()  # the ``OutputChecks`` that ``checking_output`` installs
 
 
 @contextmanager
-def checking_output(*, compare: bool) -> Iterator[OutputChecks]:
+def checking_output(
+    *, compare: bool, elements: ElementCheck | None = None
+) -> Iterator[OutputChecks]:
     """Within the block, every range ``write_tensor`` writes on this thread is checked on
     the second thread; on leaving, every check is done (or, on an error or Ctrl-C,
     abandoned)."""
-    checks = OutputChecks(compare=compare)
+    checks = OutputChecks(compare=compare, elements=elements)
     previous = getattr(_CURRENT, "checks", None)
     _CURRENT.checks = checks
     try:

@@ -268,9 +268,19 @@ def write_tensor(
         _write_chunks(handle, tensor)
     checks = readback.current()
     if checks is not None and output is not None:
-        return checks.submit(output, start, tensor.nbytes, copied, crc=checksum)
+        elementwise = copied is None and _has_elements(tensor)
+        written = tensor if elementwise else None
+        return checks.submit(output, start, tensor.nbytes, copied, crc=checksum, written=written)
     crc = _crc_of(handle, start, tensor.nbytes) if checksum else 0
     return lambda: crc
+
+
+def _has_elements(tensor: OutputTensor) -> bool:
+    """Written element by element from elements (not GGML blocks on either side)."""
+    return (
+        dtypes.dtype(tensor.dtype).numpy is not None
+        and dtypes.dtype(tensor.source.dtype).block is None
+    )
 
 
 def _write_chunks(handle: BinaryIO, tensor: OutputTensor) -> None:
