@@ -109,6 +109,8 @@ def test_parse_specs() -> None:
     assert name == "ids" and tensor.shape == (2, 16) and tensor.dtype == torch.int64
     assert int(tensor.max()) < 50
     assert parse_input("x:1,3,8,8")[1].dtype == torch.float32
+    name, mask = parse_input("attention_mask:2,16:int64", high=50)
+    assert name == "attention_mask" and bool((mask == 1).all())  # a mask hides nothing
     assert parse_dynamic("x:0=batch,2=h") == ("x", {0: "batch", 2: "h"})
     for bad in ("x", "x:1,a", "x:1:float99"):
         with pytest.raises(ConversionError):

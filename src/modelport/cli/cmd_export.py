@@ -195,7 +195,9 @@ def _init(text: str | None) -> dict[str, Any]:
 
 
 def parse_input(spec: str, high: int = INT_HIGH) -> tuple[str, Any]:
-    """``NAME:1,3,32,32[:float32]`` -> (name, random example tensor)."""
+    """``NAME:1,3,32,32[:float32]`` -> (name, random example tensor). Integer inputs are
+    ids below ``high`` (the model's vocabulary), except masks (``attention_mask``,
+    any name ending in ``mask``), which are all ones: nothing hidden."""
     import torch
 
     parts = spec.split(":")
@@ -215,6 +217,8 @@ def parse_input(spec: str, high: int = INT_HIGH) -> tuple[str, Any]:
         return parts[0], torch.rand(shape, generator=generator) < 0.5
     if dtype.is_floating_point:
         return parts[0], torch.randn(shape, generator=generator).to(dtype)
+    if parts[0].endswith("mask"):
+        return parts[0], torch.ones(shape, dtype=dtype)
     return parts[0], torch.randint(0, high, shape, generator=generator, dtype=dtype)
 
 
