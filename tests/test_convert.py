@@ -371,3 +371,23 @@ def test_verification_catches_a_wrong_cast(
     monkeypatch.undo()
     report = modelport.convert(src, tmp_path / target, options)
     assert report.verified and [c.name for c in report.casts] == ["w"]
+
+
+@pytest.mark.parametrize("target", ["out.safetensors", "out.pt", "out.npz"])
+def test_without_linux_only_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    """macOS builds of Python have neither ``os.copy_file_range`` nor ``os.preadv``: the
+    conversion, its checks and a strided view fall back to ``pread``/``pwrite``."""
+    src = tmp_path / "s.pt"
+    base = torch.randn(6, 8)
+    torch.save({"w": torch.randn(16, 4), "view": base[:, :3], "half": torch.randn(5)}, src)
+    monkeypatch.delattr("os.copy_file_range", raising=False)
+    monkeypatch.delattr("os.preadv", raising=False)
+    report = modelport.convert(src, tmp_path / target)
+    assert report.verified
+    options = modelport.ConvertOptions(dtype="bfloat16")
+    cast = modelport.convert(src, tmp_path / f"bf16-{target}", options)
+    assert cast.verified
+    loaded = modelport.load(tmp_path / target)
+    assert torch.equal(loaded["view"], base[:, :3]) and loaded["w"].shape == (16, 4)

@@ -102,8 +102,20 @@ class RangeComparer:
         return self.left[words * 8 : n] == self.right[words * 8 : n]
 
 
+def read_into(fd: int, view: memoryview, offset: int) -> int:
+    """Read into ``view`` at ``offset`` with ``os.preadv`` (no copy); where the platform
+    lacks it (macOS builds of Python), ``os.pread`` and one copy. Returns the bytes read."""
+    preadv = getattr(os, "preadv", None)
+    if preadv is not None:
+        got: int = preadv(fd, [view], offset)
+        return got
+    data = os.pread(fd, len(view), offset)
+    view[: len(data)] = data
+    return len(data)
+
+
 def _read_exactly(handle: BinaryIO, view: memoryview, offset: int) -> None:
-    got = os.preadv(handle.fileno(), [view], offset)
+    got = read_into(handle.fileno(), view, offset)
     if got != len(view):
         raise TruncatedFileError(
             "a range being checked ends early",

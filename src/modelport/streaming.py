@@ -69,7 +69,7 @@ def source_chunks(tensor: TensorRef, chunk: int = CHUNK) -> Iterator[NDArray]:
         ):
             for start in range(0, length, len(buffer)):
                 size = min(len(buffer), length - start)
-                got = os.preadv(handle.fileno(), [memoryview(buffer)[:size]], offset + start)
+                got = readback.read_into(handle.fileno(), memoryview(buffer)[:size], offset + start)
                 if got != size:
                     raise TruncatedFileError(
                         f"tensor data ends early at byte {offset + start + got}",
@@ -128,7 +128,7 @@ def _strided_file_chunks(
                     _drop_mapped_pages(view)
                 yield gathered
                 continue
-            got = os.preadv(handle.fileno(), [memoryview(buffer)[:extent]], start + at)
+            got = readback.read_into(handle.fileno(), memoryview(buffer)[:extent], start + at)
             if got != extent:
                 raise TruncatedFileError(
                     "tensor data ends early", expected=start + at + extent, actual=start + at + got
@@ -161,7 +161,7 @@ def _gather_runs(fd: int, block: NDArray, start: int) -> NDArray | None:
     offsets = (start + outer_strides @ index).tolist() if outer_shape else [start]
     for i, offset in enumerate(offsets):
         piece = target[i * run_bytes : (i + 1) * run_bytes]
-        got = os.preadv(fd, [piece], offset)
+        got = readback.read_into(fd, piece, offset)
         if got != run_bytes:
             raise TruncatedFileError(
                 "tensor data ends early", expected=offset + run_bytes, actual=offset + got
@@ -176,8 +176,9 @@ def _drop_mapped_pages(view: NDArray) -> None:
     while base is not None and not isinstance(base, np.memmap):
         base = base.base
     mapped = getattr(base, "_mmap", None)
-    if mapped is not None and hasattr(mapped, "madvise"):
-        mapped.madvise(mmap.MADV_DONTNEED)
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if mapped is not None and advice is not None and hasattr(mapped, "madvise"):
+        mapped.madvise(advice)
 
 
 @contextmanager
@@ -309,7 +310,7 @@ def _crc_of(handle: BinaryIO, offset: int, length: int) -> int:
     crc = 0
     for start in range(0, length, len(buffer)):
         view = memoryview(buffer)[: min(len(buffer), length - start)]
-        if os.preadv(handle.fileno(), [view], offset + start) != len(view):
+        if readback.read_into(handle.fileno(), view, offset + start) != len(view):
             raise CorruptFileError("a range just written reads back short")
         crc = zlib.crc32(view, crc)
     return crc
@@ -325,9 +326,12 @@ def _copy_range(path: os.PathLike[str] | str, offset: int, length: int, handle: 
         in_fd = source.fileno()
         done = 0
         while done < length:
+            copy = getattr(os, "copy_file_range", None)  # Linux only
             try:
-                moved = os.copy_file_range(
-                    in_fd, out_fd, min(length - done, 1 << 30), offset + done, position + done
+                moved = (
+                    copy(in_fd, out_fd, min(length - done, 1 << 30), offset + done, position + done)
+                    if copy is not None
+                    else 0
                 )
             except OSError:
                 moved = 0
