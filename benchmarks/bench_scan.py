@@ -3,8 +3,12 @@
 The corpus holds benign files written by torch / numpy / joblib / safetensors themselves
 and attack files built opcode by opcode in several containers (plain pickle under innocent
 names, torch zip, legacy torch, compressed joblib, npy object array, polyglot, duplicate
-zip member). Every payload would only create a marker file. Each tool runs as a command on
-each file (its own exit code is its verdict), so start-up costs count as users see them.
+zip member), plus files that carry no pickle but make their loader read other files of the
+machine or run a template (TorchScript ``from_file``, HDF5 external storage, an ONNX data
+file that is a symbolic link, a chat template escaping its sandbox), with benign twins.
+Every payload would only create a marker file (or read ``/etc/hostname``). Each tool runs
+as a command on each file (its own exit code is its verdict), so start-up costs count as
+users see them.
 
 The peers are installed into bench-output/peers-venv on first use (from PyPI).
 
@@ -169,6 +173,64 @@ def build_corpus() -> dict[Path, bool]:
     with zipfile.ZipFile(polyglot, "w") as zf:
         zf.writestr("archive/data.pkl", gadgets()["exec"])
     put("polyglot.pt", pickle.dumps({"a": 1}, protocol=4) + polyglot.getvalue(), True)
+    labels.update(reaching_outside())
+    return labels
+
+
+class ReadsAFile(torch.nn.Module):
+    """TorchScript cannot import Python, but aten::from_file maps any file into a tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leak = torch.from_file("/etc/hostname", shared=False, size=4, dtype=torch.uint8)
+        return x + leak.float().sum()
+
+
+CHATML = (
+    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>\\n'}}{% endfor %}"
+)
+
+
+def reaching_outside() -> dict[Path, bool]:
+    """Files that carry no pickle but make their loader read other files of the machine,
+    or render a template that escapes its sandbox; each beside a benign twin."""
+    import json
+
+    import h5py
+    import onnx
+    from onnx import helper, numpy_helper
+
+    labels: dict[Path, bool] = {}
+    torch.jit.save(torch.jit.script(ReadsAFile()), str(CORPUS / "reads-files.pt"))
+    labels[CORPUS / "reads-files.pt"] = True
+    with h5py.File(CORPUS / "external-storage.h5", "w") as f:
+        f.create_dataset("w", shape=(1,), dtype="u1", external=[("/etc/hostname", 0, 1)])
+    labels[CORPUS / "external-storage.h5"] = True
+    with h5py.File(CORPUS / "plain.h5", "w") as f:
+        f.create_dataset("w", data=np.ones((4, 4), np.float32))
+    labels[CORPUS / "plain.h5"] = False
+    for folder, escape in (("template-attack", True), ("template-benign", False)):
+        (CORPUS / folder).mkdir(exist_ok=True)
+        template = "{{ cycler.__init__.__globals__.os.popen('id').read() }}" if escape else CHATML
+        path = CORPUS / folder / "tokenizer_config.json"
+        path.write_text(json.dumps({"chat_template": template}))
+        labels[path] = escape
+    for folder, linked in (("onnx-linked", True), ("onnx-external", False)):
+        (CORPUS / folder).mkdir(exist_ok=True)
+        tensor = numpy_helper.from_array(np.ones(1, np.uint8), "w")
+        graph = helper.make_graph([], "g", [], [], [tensor])
+        path = CORPUS / folder / "model.onnx"
+        onnx.save_model(
+            helper.make_model(graph),
+            str(path),
+            save_as_external_data=True,
+            location="weights.bin",
+            size_threshold=0,
+        )
+        if linked:
+            (CORPUS / folder / "weights.bin").unlink()
+            (CORPUS / folder / "weights.bin").symlink_to("/etc/hostname")
+        labels[path] = linked
     return labels
 
 
