@@ -30,6 +30,38 @@ def test_keras_lambda_layer_is_unsafe(tmp_path: Path) -> None:
     assert modelport.scan(plain).verdict == "safe"
 
 
+def test_keras_config_naming_a_gadget_is_unsafe(tmp_path: Path) -> None:
+    """Keras imports the module a config names and calls what it names: a layer class
+    ``os.system``, or a serialized function ``builtins.exec`` as an activation."""
+    config = model_config()
+    layers = config["config"]["layers"]
+    layers[1]["config"]["activation"] = {
+        "module": "builtins",
+        "class_name": "function",
+        "config": "exec",
+        "registered_name": "function",
+    }
+    write_keras(tmp_path / "function.keras", config=config)
+    report = modelport.scan(tmp_path / "function.keras")
+    assert report.verdict == "unsafe"
+    assert [f.rule for f in report.files[0].findings] == ["keras-gadget"]
+    config = model_config()
+    config["config"]["layers"].append(
+        {"module": "os", "class_name": "system", "config": {"command": "id"}}
+    )
+    write_keras(tmp_path / "layer.keras", config=config)
+    assert "keras-gadget" in rules(tmp_path / "layer.keras")
+    relu = model_config()
+    relu["config"]["layers"][1]["config"]["activation"] = {
+        "module": "keras.activations",
+        "class_name": "function",
+        "config": "relu",
+        "registered_name": "function",
+    }
+    write_keras(tmp_path / "relu.keras", config=relu)
+    assert modelport.scan(tmp_path / "relu.keras").verdict == "safe"
+
+
 def test_gguf_chat_template_reaching_for_dunders(tmp_path: Path) -> None:
     import gguf
 

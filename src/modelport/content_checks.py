@@ -14,6 +14,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from modelport.formats._base import Contents
+from modelport.pickles.policy import gadget
 
 MAX_TEXT_BYTES = 64 << 20  # a larger text file beside a model is not read for templates
 TEMPLATE_ESCAPES = (  # what a Jinja sandbox escape reaches for
@@ -54,14 +55,7 @@ def findings(contents: Contents) -> list[ContentFinding]:
                 )
             )
     for item in contents.details.get("custom_objects") or []:
-        found.append(
-            ContentFinding(
-                "medium",
-                "keras-custom-object",
-                "",
-                f"custom Keras object {item}: loading it runs code the model file names",
-            )
-        )
+        found.append(_custom_object(item))
     found.extend(_chat_templates(contents.metadata))
     for reference in contents.details.get("external_references") or []:
         found.append(_external_reference(reference))
@@ -82,6 +76,27 @@ def text_findings(path: Path) -> list[ContentFinding]:
     except (ValueError, RecursionError):
         return []
     return _chat_templates(document) if isinstance(document, dict) else []
+
+
+def _custom_object(item: dict[str, Any]) -> ContentFinding:
+    """A Keras object its config names by module and class: Keras imports the module and
+    calls what it names, so a known gadget there (``os.system``) runs on load."""
+    module = str(item.get("module") or "")
+    name = str(item.get("function") or item.get("class_name") or "")
+    does = gadget(module, name)
+    if does is not None:
+        return ContentFinding(
+            "critical",
+            "keras-gadget",
+            str(item.get("at", "")),
+            f"Keras config names {module}.{name}, which {does}: loading the model calls it",
+        )
+    return ContentFinding(
+        "medium",
+        "keras-custom-object",
+        "",
+        f"custom Keras object {item}: loading it runs code the model file names",
+    )
 
 
 def _chat_templates(metadata: dict[str, Any]) -> list[ContentFinding]:

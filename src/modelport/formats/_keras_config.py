@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelport.errors import CorruptFileError, LimitExceededError
+from modelport.pickles.policy import gadget
 
 MAX_CONFIG_BYTES = 64 * 1024 * 1024
 MAX_NODES = 2_000_000
@@ -136,7 +137,11 @@ def _visit(
     registered = value.get("registered_name")
     builtin = isinstance(module, str) and module.split(".", 1)[0] in BUILTIN_MODULES
     named = isinstance(module, str) or isinstance(registered, str)
-    if named and not builtin and len(facts.custom_objects) < MAX_LISTED:
+    # a serialized function names itself in ``config``: {"class_name": "function",
+    # "module": "builtins", "config": "eval"}
+    function = inner if class_name == "function" and isinstance(inner, str) else None
+    known_gadget = isinstance(module, str) and gadget(module, function or class_name) is not None
+    if (known_gadget or (named and not builtin)) and len(facts.custom_objects) < MAX_LISTED:
         facts.custom_objects.append(
             {
                 "class_name": class_name,
@@ -144,6 +149,7 @@ def _visit(
                 "registered_name": registered,
                 "name": name,
                 "at": where or "<root>",
+                "function": function,
             }
         )
     return in_lambda
