@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -322,3 +323,49 @@ def test_chat_templates_beside_the_weights(tmp_path: Path) -> None:
     (tmp_path / "tokenizer_config.json").unlink()
     (tmp_path / "chat_template.jinja").write_text(ESCAPE)
     assert modelport.scan(tmp_path / "chat_template.jinja").verdict == "unsafe"
+
+
+def _tar(path: Path, members: dict[str, bytes], *, mode: str = "w", link: str = "") -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, mode) as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo("linked")
+            info.type = tarfile.SYMTYPE
+            info.linkname = link
+            archive.addfile(info)
+
+
+def test_tar_archives_are_scanned_member_by_member(tmp_path: Path, marker: Path) -> None:
+    """A tar that is not a torch 0.x save (NeMo's ``.nemo``, a packed folder): each member
+    is scanned by content, a torch zip member in place; a compressed tar is not looked
+    into, and says so rather than passing as safe."""
+    state = tmp_path / "weights.pt"
+    torch.save({"w": torch.ones(2)}, state)
+    evil = tmp_path / "evil.pt"
+    payload = attack_pickles(marker)["stack-global"]
+    with zipfile.ZipFile(evil, "w") as archive:  # a torch zip whose data.pkl is the attack
+        archive.writestr("evil/data.pkl", payload)
+    config = b"name: model\n"
+    _tar(
+        tmp_path / "ok.nemo",
+        {"model_config.yaml": config, "model_weights.ckpt": state.read_bytes()},
+    )
+    assert modelport.scan(tmp_path / "ok.nemo").verdict == "safe"
+    members = {"model_config.yaml": config, "model_weights.ckpt": evil.read_bytes()}
+    _tar(tmp_path / "evil.nemo", members)
+    assert modelport.scan(tmp_path / "evil.nemo").verdict == "unsafe"
+    _tar(tmp_path / "pickled.tar", {"inner/model.pkl": payload})
+    assert modelport.scan(tmp_path / "pickled.tar").verdict == "unsafe"
+    _tar(tmp_path / "evil.tar.gz", members, mode="w:gz")
+    assert modelport.scan(tmp_path / "evil.tar.gz").verdict == "error"
+    _tar(tmp_path / "escape.tar", {"../../outside.yaml": config})
+    assert "tar-path-traversal" in rules(tmp_path / "escape.tar")
+    _tar(tmp_path / "link.tar", {"a.yaml": config}, link="/etc/passwd")
+    assert modelport.scan(tmp_path / "link.tar").verdict == "suspicious"
+    assert not marker.exists()

@@ -140,7 +140,9 @@ class _FileScanner:
         # unmapped when the last of them is collected.
         self.scan_bytes(memoryview(mapped), "", 0, in_file=True)
 
-    def scan_bytes(self, data: memoryview, member: str, depth: int, *, in_file: bool) -> None:
+    def scan_bytes(
+        self, data: memoryview, member: str, depth: int, *, in_file: bool, compressed: bool = False
+    ) -> None:
         if depth > MAX_NESTING:
             self.error(f"containers nested deeper than {MAX_NESTING}", member)
             return
@@ -179,6 +181,13 @@ class _FileScanner:
             return
         if depth == 0:
             self.scan_with_reader()
+        elif compressed:  # nothing else explains why it was compressed: not analysed
+            what = "a tar archive" if bytes(data[257:262]) == b"ustar" else "no pickle"
+            self.error(
+                f"the compressed stream holds {what}, which modelport does not analyse "
+                "there; decompress it and scan the result",
+                member,
+            )
         else:
             self.add("info", "opaque-member", member, "member holds no pickle")
 
@@ -251,7 +260,9 @@ class _FileScanner:
         inflated = pickle_file.inflate(
             data, compression, min(MAX_INFLATED, pickle_file.decompression_cap()), partial=False
         )
-        self.scan_bytes(memoryview(inflated), f"{member}<{kind}>", depth + 1, in_file=False)
+        self.scan_bytes(
+            memoryview(inflated), f"{member}<{kind}>", depth + 1, in_file=False, compressed=True
+        )
 
     def scan_npy(self, data: memoryview, member: str, depth: int) -> None:
         from modelport.formats import npy
@@ -307,10 +318,49 @@ class _FileScanner:
                 self.error(f"pickle at byte {span.start} could not be analysed: {exc}", label)
                 continue
             self.findings.extend(_located(f, label) for f in result.findings)
+        if stopped is not None and not spans:
+            self.scan_tar_members()
+            return
         if stopped is not None:
             self.error(f"the tar layout could not be walked to its end: {stopped}", "")
         if not spans and stopped is None:
             self.error("a tar archive that is not a torch save", "")
+
+    def scan_tar_members(self) -> None:
+        """Any other tar (NeMo's ``.nemo``, a packed model folder): every regular member is
+        scanned by its content, zips in place, nothing extracted."""
+        import tarfile
+
+        self.format = "tar"
+        try:
+            with tarfile.open(self.path, "r:") as archive:
+                members = archive.getmembers()
+        except (tarfile.TarError, OSError) as exc:
+            self.error(f"the tar archive could not be read: {exc}", "")
+            return
+        if len(members) > MAX_FILES:
+            self.error(f"more than {MAX_FILES:,} tar members", "")
+            return
+        with open(self.path, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        data = memoryview(mapped)
+        for info in members:
+            if not info.isfile():
+                if info.issym() or info.islnk():
+                    self.add("medium", "tar-link", info.name, f"a link to {info.linkname!r}")
+                continue
+            if ".." in Path(info.name).parts or Path(info.name).is_absolute():
+                self.add("high", "tar-path-traversal", info.name, "member name escapes the archive")
+            end = info.offset_data + info.size
+            if end > len(data):
+                self.error("the tar member runs past the end of the file", info.name)
+                continue
+            body = data[info.offset_data : end]
+            label = f"{self.path.name}!{info.name}"
+            if bytes(body[:4]) in (b"PK\x03\x04", b"PK\x05\x06"):
+                self.scan_zip(label, 1, start=info.offset_data, length=info.size)
+            elif body:
+                self.scan_bytes(body, label, 1, in_file=False)
 
     # -- zips -------------------------------------------------------------------------------
     def scan_zip(
