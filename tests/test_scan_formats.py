@@ -369,3 +369,18 @@ def test_tar_archives_are_scanned_member_by_member(tmp_path: Path, marker: Path)
     _tar(tmp_path / "link.tar", {"a.yaml": config}, link="/etc/passwd")
     assert modelport.scan(tmp_path / "link.tar").verdict == "suspicious"
     assert not marker.exists()
+
+
+def test_remote_code_named_by_auto_map(tmp_path: Path) -> None:
+    """``trust_remote_code=True`` runs the modules ``auto_map`` names: said, not hidden."""
+    auto_map = {
+        "AutoModel": "modeling_x.XModel",
+        "AutoTokenizer": ["tokenization_x.XTokenizer", None],
+    }
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "x", "auto_map": auto_map}))
+    report = modelport.scan(tmp_path / "config.json")
+    assert report.verdict == "suspicious"
+    (finding,) = report.files[0].findings
+    assert finding.rule == "remote-code" and "tokenization_x.XTokenizer" in finding.message
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert modelport.scan(tmp_path / "config.json").verdict == "safe"

@@ -75,7 +75,34 @@ def text_findings(path: Path) -> list[ContentFinding]:
         document = json.loads(text)
     except (ValueError, RecursionError):
         return []
-    return _chat_templates(document) if isinstance(document, dict) else []
+    if not isinstance(document, dict):
+        return []
+    return _chat_templates(document) + _remote_code(path.name, document)
+
+
+def _remote_code(name: str, document: dict[str, Any]) -> list[ContentFinding]:
+    """``auto_map`` in a Hugging Face ``config.json`` (or tokenizer config) names Python
+    modules shipped beside the weights; ``trust_remote_code=True`` imports and runs them."""
+    auto_map = document.get("auto_map")
+    if not isinstance(auto_map, dict) or not auto_map:
+        return []
+    targets = sorted(
+        {
+            item
+            for value in auto_map.values()
+            for item in (value if isinstance(value, list) else [value])
+            if isinstance(item, str)
+        }
+    )
+    return [
+        ContentFinding(
+            "medium",
+            "remote-code",
+            name,
+            f"auto_map names code to run ({', '.join(targets[:4])}): transformers imports "
+            "it with trust_remote_code=True; read those .py files before trusting them",
+        )
+    ]
 
 
 def _custom_object(item: dict[str, Any]) -> ContentFinding:
