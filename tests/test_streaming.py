@@ -130,3 +130,22 @@ def test_tensors_written_element_by_element_are_checked_in_the_background(
     assert checked and isinstance(found, CastCheck) and 0 < found.max_abs_error < 0.02
     assert checks.outcome(out, 2000)[1]
     assert checks.outcome(out, 4)[1] is False  # nothing was written at that offset
+
+
+def test_an_error_on_the_checking_thread_reaches_the_writer(tmp_path: Path) -> None:
+    """A range that cannot be read back (here: past the end of the file) fails its own
+    checksum and every later one with the same typed error, and ``finish`` raises it."""
+    from modelport.errors import TruncatedFileError
+    from modelport.readback import OutputChecks
+
+    out = tmp_path / "out.bin"
+    out.write_bytes(bytes(100))
+    checks = OutputChecks(compare=True)
+    broken = checks.submit(out, 50, 100, None, crc=True)
+    later = checks.submit(out, 0, 10, None, crc=True)
+    with pytest.raises(TruncatedFileError):
+        broken()
+    with pytest.raises(TruncatedFileError):
+        later()
+    with pytest.raises(TruncatedFileError):
+        checks.finish()

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
-from modelport.errors import TruncatedFileError, VerificationError
+from modelport.errors import ConversionError, TruncatedFileError, VerificationError
 from modelport.progress import advance
 from modelport.tensors import Storage, TensorRef
 
@@ -164,7 +164,6 @@ class _Job:
     wants_crc: bool
     written: OutputTensor | None = None  # compared element by element (``ElementCheck``)
     crc: int = 0
-    same: bool | None = None
     failure: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -176,9 +175,9 @@ class _Job:
 
 
 class OutputChecks:
-    """The second thread: takes each written range in order, compares it with its source
-    when it was copied unchanged (and ``compare`` is on), and takes its CRC-32 when the
-    writer asked for one."""
+    """The second thread: takes each written range in order and, when ``compare`` is on,
+    compares it with its source (bytes copied unchanged) or runs ``elements`` on it (a
+    tensor written element by element); takes its CRC-32 when the writer asked for one."""
 
     def __init__(self, *, compare: bool, elements: ElementCheck | None = None) -> None:
         self.compare = compare
@@ -248,8 +247,10 @@ class OutputChecks:
         comparer = RangeComparer()
         while (job := self._pending.get()) is not None:
             try:
-                if self._stop.is_set() or self._failure is not None:
-                    raise RuntimeError("the checks were abandoned")
+                if self._stop.is_set():
+                    raise ConversionError("the conversion stopped before this range was checked")
+                if self._failure is not None:  # every later checksum reports the first error
+                    raise self._failure
                 self._check(comparer, job)
             except BaseException as exc:  # handed to the writing thread by ``finish``
                 job.failure = exc
@@ -262,7 +263,7 @@ class OutputChecks:
         same = True
         for start in range(0, job.length, PIECE):
             if self._stop.is_set():
-                raise RuntimeError("the checks were abandoned")
+                raise ConversionError("the conversion stopped before this range was checked")
             length = min(PIECE, job.length - start)
             output = (job.output, job.offset + start)
             crc = job.crc if job.wants_crc else None
