@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -149,3 +150,30 @@ def test_an_error_on_the_checking_thread_reaches_the_writer(tmp_path: Path) -> N
         later()
     with pytest.raises(TruncatedFileError):
         checks.finish()
+
+
+def test_a_transposed_block_is_gathered_run_by_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block spread over its storage (a transpose) is read as its contiguous runs, the
+    runs' file offsets a few at a time."""
+    from modelport import streaming
+
+    monkeypatch.setattr(streaming, "RUNS_PER_BATCH", 3)
+    values = np.arange(16 * 32, dtype=np.float32)
+    path = tmp_path / "storage.bin"
+    path.write_bytes(values.tobytes())
+    storage = Storage(path, 0, values.nbytes)
+    tensor = TensorRef("float32", (32, 16), storage, strides=(1, 32))  # a (16, 32) matrix, .T
+    calls = []
+    real = streaming._gather_runs
+
+    def counted(fd: int, block: Any, start: int) -> Any:
+        result = real(fd, block, start)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(streaming, "_gather_runs", counted)
+    got = np.concatenate([c.copy() for c in source_chunks(tensor, 128)])
+    assert np.array_equal(got, values.reshape(16, 32).T.reshape(-1))
+    assert calls and all(calls)  # every block went the run-by-run way

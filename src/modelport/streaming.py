@@ -9,6 +9,7 @@ is ``readback``'s job.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import threading
@@ -28,6 +29,7 @@ from modelport.tensors import NDArray, TensorRef
 
 CHUNK = 16 << 20  # bytes per read step; memory use is a small multiple of this
 CAST_CHUNK = 4 << 20  # casts and gathers hold several buffers per chunk: smaller steps
+RUNS_PER_BATCH = 1 << 16  # file offsets of a gathered block, computed this many at a time
 
 
 @dataclass(frozen=True)
@@ -157,15 +159,21 @@ def _gather_runs(fd: int, block: NDArray, start: int) -> NDArray | None:
     runs = np.empty((*outer_shape, block.shape[axis]), dtype=block.dtype)
     run_bytes = block.shape[axis] * block.itemsize
     target = runs.reshape(-1).view(np.uint8).data
-    index = np.indices(outer_shape).reshape(len(outer_shape), -1)
-    offsets = (start + outer_strides @ index).tolist() if outer_shape else [start]
-    for i, offset in enumerate(offsets):
-        piece = target[i * run_bytes : (i + 1) * run_bytes]
-        got = readback.read_into(fd, piece, offset)
-        if got != run_bytes:
-            raise TruncatedFileError(
-                "tensor data ends early", expected=offset + run_bytes, actual=offset + got
-            )
+    count = math.prod(outer_shape)
+    for first in range(0, count, RUNS_PER_BATCH):  # offsets a batch at a time: bounded
+        flat = np.arange(first, min(count, first + RUNS_PER_BATCH))
+        if outer_shape:
+            index = np.stack(np.unravel_index(flat, outer_shape))
+            offsets = (start + outer_strides @ index).tolist()
+        else:
+            offsets = [start]
+        for i, offset in enumerate(offsets, first):
+            piece = target[i * run_bytes : (i + 1) * run_bytes]
+            got = readback.read_into(fd, piece, offset)
+            if got != run_bytes:
+                raise TruncatedFileError(
+                    "tensor data ends early", expected=offset + run_bytes, actual=offset + got
+                )
     return np.ascontiguousarray(np.moveaxis(runs, -1, axis)).reshape(-1)
 
 
