@@ -89,8 +89,9 @@ def build_model(
     try:
         built = target(*args, **kwargs)
     except Exception as exc:
+        called = f" with --init {init}" if init else ""
         raise ModelSpecError(
-            f"--model {spec!r}: building it failed ({type(exc).__name__}: {exc})"
+            f"--model {spec!r}: building it{called} failed ({type(exc).__name__}: {exc})"
         ) from exc
     return _require_module(built, str(spec))
 

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from modelport.check import check
+from modelport.cli.cmd_export import add_model_arguments
 
 EXAMPLES = """examples:
   modelport check --model mypkg.nets:ResNet --init '{"classes": 10}' ckpt.pt
@@ -31,14 +32,7 @@ def register(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("weights", help="weights file or directory")
-    parser.add_argument(
-        "--model",
-        required=True,
-        metavar="pkg.module:Name|DIR|FILE",
-        help="the model: a class or factory to import and call, a directory with config.json, "
-        "a TorchScript or .pt2 file, or a whole-model pickle (with --trust-code)",
-    )
-    parser.add_argument("--init", metavar="JSON", help="arguments for --model: object or list")
+    add_model_arguments(parser)
     parser.add_argument(
         "--fix", metavar="OUT", help="write the weights renamed so that they fit (prefix shifts)"
     )

@@ -59,13 +59,7 @@ def register(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("output", help="output file (ONNX: OUT and OUT.data)")
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="pkg.module:Name (class or factory), an HF directory, a TorchScript or .pt2 "
-        "file, or a whole-model pickle (with --trust-code)",
-    )
-    parser.add_argument("--init", metavar="JSON", help="keyword arguments for Name, as JSON")
+    add_model_arguments(parser)
     parser.add_argument("--weights", metavar="FILE", help="weights in any readable format")
     parser.add_argument("--to", choices=FORMATS, default="onnx", help="format (default onnx)")
     inputs = parser.add_mutually_exclusive_group(required=True)
@@ -98,6 +92,21 @@ def register(commands: Any) -> None:
     parser.set_defaults(run=run)
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--init``, as ``export``, ``rebuild`` and ``check`` take them
+    (``models.build_model`` reads the JSON)."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="pkg.module:Name|DIR|FILE",
+        help="pkg.module:Name (class or factory), an HF directory, a TorchScript or .pt2 "
+        "file, or a whole-model pickle (with --trust-code)",
+    )
+    parser.add_argument(
+        "--init", metavar="JSON", help="arguments for Name, as JSON (an object or a list)"
+    )
+
+
 def add_inputs_file(group: Any) -> None:
     group.add_argument(
         "--example-inputs",
@@ -127,13 +136,12 @@ def add_verification_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    init = _init(args.init)
     if args.report:
         outputs = bundle(Path(args.output), args.to)
         placing.check_side_output(Path(args.report), outputs, args.overwrite)
     model = resolve_model(
         args.model,
-        init=init,
+        init=args.init,
         weights=args.weights,
         allow_unsafe=args.allow_unsafe,
         trust_code=args.trust_code,
@@ -180,18 +188,6 @@ def model_source(args: argparse.Namespace) -> str:
     if getattr(args, "example_inputs", None):
         parts.append(f"--example-inputs {args.example_inputs}")
     return " ".join(parts)
-
-
-def _init(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConversionError(f"--init is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise ConversionError("--init must be a JSON object of keyword arguments")
-    return value
 
 
 def parse_input(spec: str, high: int = INT_HIGH) -> tuple[str, Any]:

@@ -17,11 +17,11 @@ from modelport import placing
 from modelport.cli.cmd_export import (
     INT_HIGH,
     add_inputs_file,
+    add_model_arguments,
     add_verification_options,
     parse_dynamic,
     parse_input,
 )
-from modelport.errors import ConversionError
 from modelport.example_inputs import read_example_inputs
 from modelport.rebuild import TARGETS, RebuildReport, rebuild
 
@@ -56,13 +56,7 @@ def register(commands: Any) -> None:
     )
     parser.add_argument("weights", help="weights in any format modelport reads")
     parser.add_argument("output", help="output file")
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="pkg.module:Name (class or factory), an HF directory, a TorchScript or .pt2 "
-        "file, or a whole-model pickle (with --trust-code)",
-    )
-    parser.add_argument("--init", metavar="JSON", help="arguments for Name, as JSON")
+    add_model_arguments(parser)
     parser.add_argument(
         "--to", choices=TARGETS, help="format (default: pt2 for a .pt2 name, else torch.save)"
     )
@@ -90,14 +84,8 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    init: Any = None
     if args.report:
         placing.check_side_output(Path(args.report), (Path(args.output),), args.overwrite)
-    if args.init:
-        try:
-            init = json.loads(args.init)
-        except json.JSONDecodeError as exc:
-            raise ConversionError(f"--init is not valid JSON: {exc}") from exc
     inputs: Any = dict(parse_input(spec, INT_HIGH) for spec in args.inputs) or None
     if args.example_inputs:  # read once the model is built: names match its forward
         inputs = functools.partial(
@@ -110,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             args.model,
             args.weights,
             args.output,
-            init=init,
+            init=args.init,
             to=args.to,
             example_inputs=inputs,
             dynamic=dynamic,
