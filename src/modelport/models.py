@@ -91,7 +91,7 @@ def build_model(
     except Exception as exc:
         called = f" with --init {init}" if init else ""
         raise ModelSpecError(
-            f"--model {spec!r}: building it{called} failed ({type(exc).__name__}: {exc})"
+            f"--model {spec!r}: building it failed{called} ({type(exc).__name__}: {exc})"
         ) from exc
     return _require_module(built, str(spec))
 
