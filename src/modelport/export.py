@@ -246,8 +246,8 @@ def check_targets(path: Path, to: str, overwrite: bool, sources: Sequence[Path] 
     """``convert``'s rule for every file of the bundle: an existing one is replaced only
     with ``overwrite``, and none of ``sources`` (the inputs) is ever overwritten."""
     for target in bundle(path, to):
-        # with no input file, the directory stands in (it is never the same file as target)
-        for source in sources or (target.parent,):
+        check_target(None, target, overwrite)
+        for source in sources:
             check_target(Path(source), target, overwrite)
 
 

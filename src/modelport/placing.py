@@ -17,10 +17,10 @@ from pathlib import Path
 from modelport.errors import ConversionError
 
 
-def check_target(source: Path, target: Path, overwrite: bool) -> None:
-    """Refuse, before any work, a target that is the input, that exists without
-    ``overwrite``, or whose directory does not exist."""
-    if target.exists() and source.exists() and source.samefile(target):
+def check_target(source: Path | None, target: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a target that is the input (``source``, if any), that exists
+    without ``overwrite``, or whose directory does not exist."""
+    if source is not None and target.exists() and source.exists() and source.samefile(target):
         raise ConversionError(
             f"{target}: the output would overwrite the input; choose another name"
         )
@@ -87,7 +87,7 @@ def check_side_output(path: Path, outputs: tuple[Path, ...], overwrite: bool) ->
     an existing one replaced only with ``overwrite``; checked before the long work."""
     if any(path.resolve() == output.resolve() for output in outputs):
         raise ConversionError(f"{path}: the report would replace the output; choose another name")
-    check_target(path.parent, path, overwrite)
+    check_target(None, path, overwrite)
 
 
 def write_text(path: Path, text: str) -> None:

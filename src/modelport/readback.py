@@ -87,11 +87,7 @@ class RangeComparer:
     def crc32(self, path: str | os.PathLike[str], offset: int, length: int, crc: int = 0) -> int:
         """The CRC-32 of a range, read through the same reused buffer."""
         with open(path, "rb") as handle:
-            for start in range(0, length, len(self.right)):
-                view = memoryview(self.right)[: min(len(self.right), length - start)]
-                _read_exactly(handle, view, offset + start)
-                crc = zlib.crc32(view, crc)
-        return crc
+            return crc32_of_range(handle, offset, length, self.right, crc)
 
     def _equal(self, n: int) -> bool:
         words = n // 8
@@ -112,6 +108,18 @@ def read_into(fd: int, view: memoryview, offset: int) -> int:
     data = os.pread(fd, len(view), offset)
     view[: len(data)] = data
     return len(data)
+
+
+def crc32_of_range(
+    handle: BinaryIO, offset: int, length: int, buffer: bytearray, crc: int = 0
+) -> int:
+    """The CRC-32 of ``length`` bytes at ``offset``, read through ``buffer`` (reused by the
+    caller: reading into fresh memory would cost a page fault per 4 KiB)."""
+    for start in range(0, length, len(buffer)):
+        view = memoryview(buffer)[: min(len(buffer), length - start)]
+        _read_exactly(handle, view, offset + start)
+        crc = zlib.crc32(view, crc)
+    return crc
 
 
 def _read_exactly(handle: BinaryIO, view: memoryview, offset: int) -> None:

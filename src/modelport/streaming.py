@@ -13,7 +13,6 @@ import math
 import mmap
 import os
 import threading
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -189,6 +188,9 @@ def _drop_mapped_pages(view: NDArray) -> None:
         mapped.madvise(advice)
 
 
+_BUFFER = threading.local()  # this thread's pool of read buffers (see _borrowed)
+
+
 @contextmanager
 def _borrowed(size: int) -> Iterator[bytearray]:
     """A read buffer of ``size`` bytes from this thread's pool, returned after use: fresh
@@ -280,7 +282,10 @@ def write_tensor(
         elementwise = copied is None and _has_elements(tensor)
         written = tensor if elementwise else None
         return checks.submit(output, start, tensor.nbytes, copied, crc=checksum, written=written)
-    crc = _crc_of(handle, start, tensor.nbytes) if checksum else 0
+    crc = 0
+    if checksum:  # taken from the page cache the write just filled
+        with _borrowed(readback.COMPARE_CHUNK) as buffer:
+            crc = readback.crc32_of_range(handle, start, tensor.nbytes, buffer)
     return lambda: crc
 
 
@@ -307,24 +312,6 @@ def _write_chunks(handle: BinaryIO, tensor: OutputTensor) -> None:
         raise CorruptFileError(
             f"tensor {tensor.name!r}: wrote {written} bytes, expected {tensor.nbytes}"
         )
-
-
-def _crc_of(handle: BinaryIO, offset: int, length: int) -> int:
-    """The CRC-32 of a range just written, read back through a reused buffer (reading into
-    fresh memory would cost a page fault per 4 KiB)."""
-    buffer: bytearray | None = getattr(_BUFFER, "data", None)
-    if buffer is None:
-        buffer = _BUFFER.data = bytearray(readback.COMPARE_CHUNK)
-    crc = 0
-    for start in range(0, length, len(buffer)):
-        view = memoryview(buffer)[: min(len(buffer), length - start)]
-        if readback.read_into(handle.fileno(), view, offset + start) != len(view):
-            raise CorruptFileError("a range just written reads back short")
-        crc = zlib.crc32(view, crc)
-    return crc
-
-
-_BUFFER = threading.local()  # one reusable read buffer per thread (see _crc_of)
 
 
 def _copy_range(path: os.PathLike[str] | str, offset: int, length: int, handle: BinaryIO) -> None:
