@@ -3,9 +3,11 @@
 Containers are found by content, never by extension: a pickle at offset 0 (plain, joblib,
 legacy torch with every pickle of its stream), zips (torch archives, TorchScript, ``.pt2``,
 ``.keras``, ``.npz``; every member that holds a pickle, wherever it sits; a pickle with a zip
-appended is scanned both ways), compressed wrappers, ``.npy`` object arrays, and the headers
-of the formats that carry no code (safetensors, GGUF, ONNX, HDF5, TFLite), whose readers
-check every size and offset. Directories are walked; one bad file never stops the walk.
+appended is scanned both ways), tars (torch 0.x saves; any other tar member by member),
+compressed wrappers, ``.npy`` object arrays, TorchScript code (``script_code``), and the
+headers of the formats that carry no pickle (safetensors, GGUF, ONNX, HDF5, Keras, TFLite),
+whose readers check every size and offset and whose contents ``content_checks`` rates.
+Directories are walked; one bad file never stops the walk.
 
 Verdicts: ``safe`` (info findings at most), ``suspicious`` (medium), ``unsafe`` (high or
 critical), ``error`` (could not be fully analysed: never reported as safe).
