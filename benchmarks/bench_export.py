@@ -56,7 +56,7 @@ def bert() -> tuple[Any, dict[str, Any]]:
 
 
 def modelport_side(model: Any, inputs: dict[str, Any], path: Path) -> None:
-    from modelport.export import export
+    from modelport.torch_models.exporting import export
 
     report = export(model, path, inputs, to="onnx", overwrite=True)  # timed repeatedly
     if report.verified is not True:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from modelport.binding import bind
 from modelport.errors import ConversionError
-from modelport.export import export
+from modelport.torch_models.binding import bind
+from modelport.torch_models.exporting import export
 from tests.models import Router, TinyResNet
 
 

@@ -17,9 +17,9 @@ import torch
 import transformers
 
 import modelport
-from modelport.check import check, group_by_prefix
 from modelport.cli.main import main
-from modelport.models import build_model
+from modelport.torch_models.building import build_model
+from modelport.torch_models.checking import check, group_by_prefix
 from tests.models import TinyResNet, trained_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,12 +17,11 @@ import pytest
 import torch
 
 import modelport
-from modelport import tree as trees
+from modelport.conversion.verifying import verify
 from modelport.errors import ConversionError, UnsafeModelError
-from modelport.formats import READERS
-from modelport.formats._base import WritePlan
-from modelport.streaming import OutputTensor
-from modelport.verify import verify
+from modelport.formats.registry import READERS
+from modelport.transfer.write_plan import OutputTensor, WritePlan
+from modelport.tree import names as trees
 from tests.conftest import torch_digest
 from tests.models import TiedLM, TinyResNet, trained_checkpoint
 
@@ -253,7 +252,7 @@ def test_interrupted_conversion_leaves_nothing(
 ) -> None:
     src = tmp_path / "s.pt"
     torch.save(original(), src)
-    from modelport import streaming
+    from modelport.transfer import streaming
 
     calls = {"n": 0}
     real: Callable[..., int] = streaming.write_tensor
@@ -291,7 +290,7 @@ def test_verification_catches_a_corrupted_copy(
     the writing goes on), and nothing is installed."""
     src = tmp_path / "s.pt"
     torch.save({"w": torch.ones(8)}, src)
-    from modelport import streaming
+    from modelport.transfer import streaming
 
     real = streaming._copy_range
 
@@ -354,7 +353,7 @@ def test_verification_catches_a_wrong_cast(
     file is written), and nothing is installed."""
     src = tmp_path / "s.pt"
     torch.save({"w": torch.linspace(-2, 2, 64), "steps": torch.arange(3)}, src)
-    from modelport import streaming
+    from modelport.transfer import streaming
 
     real = streaming.cast_chunk
 

@@ -25,9 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import modelport
-from modelport import typed_json, typed_json_decoding
 from modelport.cli.main import main
-from modelport.convert import ConvertOptions, convert
+from modelport.conversion.converting import ConvertOptions, convert
 from modelport.errors import (
     ConversionError,
     CorruptFileError,
@@ -35,8 +34,9 @@ from modelport.errors import (
     UnsupportedVersionError,
 )
 from modelport.pickles.torch_types import TorchDevice, TorchDType
-from modelport.streaming import OutputTensor
 from modelport.tensors import TensorRef
+from modelport.transfer.write_plan import OutputTensor
+from modelport.tree import typed_json, typed_json_decoding
 from tests.conftest import torch_digest
 from tests.models import TiedLM, TinyResNet, trained_checkpoint
 

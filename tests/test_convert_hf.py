@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import modelport
-from modelport import streaming
 from modelport.cli.main import main
 from modelport.errors import ConversionError
 from modelport.formats import _hf_writer
+from modelport.transfer import streaming
 from tests.conftest import torch_digest
 
 INDEX = "model.safetensors.index.json"

@@ -18,12 +18,12 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
 import modelport
-from modelport.diff import DiffReport, TensorDiff
+from modelport.comparing.diffing import DiffReport, TensorDiff
 from modelport.errors import UnsafeModelError
 from tests.models import TinyResNet, dtype_zoo, trained_checkpoint
 
 # ``modelport.diff`` is the function; the module lives in sys.modules under the same name.
-diff_module = importlib.import_module("modelport.diff")
+diff_module = importlib.import_module("modelport.comparing.diffing")
 
 State = dict[str, torch.Tensor]
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from modelport.errors import ConversionError, UnsafeModelError
-from modelport.example_inputs import (
+from modelport.torch_models.example_inputs import (
     Argument,
     forward_arguments,
     match_arguments,

@@ -15,10 +15,11 @@ from torch import nn
 import modelport
 from modelport.cli.cmd_export import parse_dynamic, parse_input
 from modelport.cli.main import main
+from modelport.cli.markdown import export_markdown
 from modelport.errors import ConversionError, ModelSpecError
-from modelport.example_inputs import read_example_inputs
-from modelport.export import export
-from modelport.models import resolve_model
+from modelport.torch_models.building import resolve_model
+from modelport.torch_models.example_inputs import read_example_inputs
+from modelport.torch_models.exporting import export
 from tests.models import Router, TinyResNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -368,7 +369,7 @@ def test_legacy_exporter_with_opset(tmp_path: Path) -> None:
 
 def test_report_markdown(tmp_path: Path) -> None:
     report = export(tiny(), tmp_path / "m.pt2", {"x": torch.randn(2, 3, 8, 8)}, to="pt2")
-    text = report.to_markdown(source="--model tests.models:TinyResNet")
+    text = export_markdown(report, "--model tests.models:TinyResNet")
     assert text.startswith("# modelport export: m.pt2\n")
     assert "| Model | `tests.models.TinyResNet` |" in text
     assert "| Format | pt2 |" in text and "**verified**" in text
@@ -377,7 +378,7 @@ def test_report_markdown(tmp_path: Path) -> None:
     for sample in ("example", "random1", "random2"):
         assert f"| {sample} | `output` | [2, 5] | float32 |" in text
     failed = export(CallCounter(), tmp_path / "c.pt2", [torch.randn(2, 4)], to="pt2")
-    text = failed.to_markdown()
+    text = export_markdown(failed)
     assert "**FAILED**" in text and "| **FAIL** |" in text and "Built from" not in text
 
 
@@ -480,7 +481,7 @@ def test_legacy_external_data_gathered_into_one_file(tmp_path: Path) -> None:
     import onnxruntime
     from onnx import helper, numpy_helper
 
-    from modelport.export import _one_data_file
+    from modelport.torch_models.exporting import _one_data_file
 
     weight = np.arange(1200, dtype=np.float32).reshape(3, 400)  # above onnx's 1 KiB inline limit
     bias = np.ones(400, dtype=np.float32)
@@ -509,7 +510,7 @@ def test_legacy_external_data_gathered_into_one_file(tmp_path: Path) -> None:
 
 def test_padding_hides_only_the_positions_it_marks() -> None:
     """An error under a padded position is not counted; one anywhere else still fails."""
-    from modelport.outputs import compare, padding_of
+    from modelport.torch_models.agreement import compare, padding_of
 
     eager = torch.zeros(2, 4, 5)
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])

@@ -27,8 +27,8 @@ from gguf.quants import quantize
 from onnx import TensorProto, helper, numpy_helper
 
 import modelport
+from modelport.comparing.fingerprint import NO_DATA, SCHEME
 from modelport.errors import ModelFileNotFoundError, UnsafeModelError
-from modelport.fingerprint import NO_DATA, SCHEME
 from tests.conftest import digest, torch_digest
 from tests.models import TiedLM, TinyResNet, dtype_zoo, trained_checkpoint
 

@@ -11,16 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modelport.check import check
 from modelport.cli.main import main
-from modelport.errors import (
-    CodeExecutionWarning,
-    ConversionError,
-    ModelSpecError,
-    UnsafeModelError,
-)
-from modelport.models import resolve_model
-from modelport.rebuild import rebuild
+from modelport.errors import CodeExecutionWarning, ConversionError, ModelSpecError, UnsafeModelError
+from modelport.torch_models.building import resolve_model
+from modelport.torch_models.checking import check
+from modelport.torch_models.rebuilding import rebuild
 from tests.models import TinyResNet
 
 INPUT = ["--input", "x:2,3,8,8"]

@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 
 import modelport
 from modelport.cli.main import main
+from modelport.cli.markdown import rebuild_markdown
 from modelport.errors import ConversionError
-from modelport.rebuild import rebuild
+from modelport.torch_models.rebuilding import rebuild
 from tests.models import TinyResNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +192,7 @@ def test_pickle_report_and_dynamic(tmp_path: Path) -> None:
         dynamic={"x": {0: "batch"}},
     )
     assert report.verified is True and {"batch=3", "batch=5"} <= {c.sample for c in report.outputs}
-    text = report.to_markdown()
+    text = rebuild_markdown(report)
     assert text.startswith("# modelport rebuild: m.pt\n") and "**verified**" in text
     assert f"{report.tensors_compared} tensors compared bit for bit" in text and "all equal" in text
     assert "| Load with | `torch.load(" in text and "| batch=5 | `output` |" in text

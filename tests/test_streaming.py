@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelport.readback import CopiedRange, RangeComparer, checking_output
-from modelport.streaming import OutputTensor, source_chunks, write_tensor
 from modelport.tensors import Storage, TensorRef
+from modelport.transfer.readback import CopiedRange, RangeComparer, checking_output
+from modelport.transfer.streaming import source_chunks, write_tensor
+from modelport.transfer.write_plan import OutputTensor
 
 
 @settings(max_examples=60, deadline=None)
@@ -118,7 +119,7 @@ def test_tensors_written_element_by_element_are_checked_in_the_background(
 ) -> None:
     """A cast is compared with its source on the checking thread; the read-back then only
     asks for the outcome."""
-    from modelport.verify import CastCheck, compare_elements
+    from modelport.conversion.verifying import CastCheck, compare_elements
 
     values = np.linspace(-3, 3, 1000, dtype=np.float32)
     source = tmp_path / "src.bin"
@@ -141,7 +142,7 @@ def test_an_error_on_the_checking_thread_reaches_the_writer(tmp_path: Path) -> N
     """A range that cannot be read back (here: past the end of the file) fails its own
     checksum and every later one with the same typed error, and ``finish`` raises it."""
     from modelport.errors import TruncatedFileError
-    from modelport.readback import OutputChecks
+    from modelport.transfer.readback import OutputChecks
 
     out = tmp_path / "out.bin"
     out.write_bytes(bytes(100))
@@ -161,7 +162,7 @@ def test_a_transposed_block_is_gathered_run_by_run(
 ) -> None:
     """A block spread over its storage (a transpose) is read as its contiguous runs, the
     runs' file offsets a few at a time."""
-    from modelport import streaming
+    from modelport.transfer import streaming
 
     monkeypatch.setattr(streaming, "RUNS_PER_BATCH", 3)
     values = np.arange(16 * 32, dtype=np.float32)

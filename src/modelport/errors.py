@@ -4,7 +4,7 @@ Callers catch one family at the depth they care about; each class also subclasse
 builtin a caller would otherwise expect, so ``except ValueError`` keeps working.
 
     ModelportError
-    ├── ModelFileNotFoundError (FileNotFoundError)
+    ├── ModelFileNotFoundError (FileNotFoundError) no such file; ``filename`` is set
     ├── FormatError (ValueError)               the bytes are not what they must be
     │   ├── UnknownFormatError                 no reader recognises the content
     │   ├── NotAModelError                     something else (LFS pointer, HTML, empty)
@@ -12,6 +12,7 @@ builtin a caller would otherwise expect, so ``except ValueError`` keeps working.
     │   ├── CorruptFileError                   inconsistent structure (offsets, sizes, opcodes)
     │   └── UnsupportedVersionError            a known format at a version we do not read
     ├── UnsafeModelError                       the scanner found code execution; loading refused
+    ├── UsageError (ValueError)                arguments that cannot work together or parse
     ├── ConversionError                        a conversion refused before writing (or failed)
     ├── VerificationError                      the written file does not match its source
     ├── ModelSpecError                         the model named by --model cannot be built
@@ -19,11 +20,19 @@ builtin a caller would otherwise expect, so ``except ValueError`` keeps working.
     ├── TensorNotFoundError (KeyError)         no tensor by that name
     ├── UnsupportedDtypeError (TypeError)      a dtype numpy or torch cannot represent
     └── MissingDependencyError (ImportError)   an optional extra is not installed
+
+    ModelportWarning (UserWarning)
+    ├── SuspiciousModelWarning                 a normal loader would run the file's classes
+    └── CodeExecutionWarning                   modelport runs a file's code the caller trusted
 """
 
 from __future__ import annotations
 
+import errno
+import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 class ModelportError(Exception):
@@ -31,7 +40,15 @@ class ModelportError(Exception):
 
 
 class ModelFileNotFoundError(ModelportError, FileNotFoundError):
-    """The path does not exist."""
+    """The path does not exist. ``filename`` is the missing path, as ``open`` sets it; the
+    message may say more (an ONNX model's external data file that was not copied along)."""
+
+    def __init__(self, path: Path | str, message: str | None = None) -> None:
+        super().__init__(errno.ENOENT, message or os.strerror(errno.ENOENT), str(path))
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
 
 
 class FormatError(ModelportError, ValueError):
@@ -75,16 +92,30 @@ class UnsupportedVersionError(FormatError):
 
 class UnsafeModelError(ModelportError):
     """The scanner judged the file ``unsafe``; ``allow_unsafe=True`` extracts tensors anyway
-    (still without executing anything). ``advice`` replaces that closing hint where the load
-    refused would run the file (a ``--model`` file, see ``modelport.models``)."""
+    (still without executing anything). ``findings`` are the scanner's findings that decided
+    it (``scanning.findings.Finding``). ``advice`` replaces the closing hint where the load
+    refused would run the file (a ``--model`` file, see ``torch_models.building``)."""
 
-    def __init__(self, path: Path | str, summary: str, *, advice: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        summary: str,
+        *,
+        findings: Sequence[Any] = (),
+        advice: str | None = None,
+    ) -> None:
         self.path = Path(path)
+        self.findings = tuple(findings)
         advice = advice or (
             "modelport never runs it; pass allow_unsafe=True (--allow-unsafe) to extract its "
             "tensors anyway"
         )
         super().__init__(f"{path}: refused, the file is unsafe to load: {summary}. {advice}")
+
+
+class UsageError(ModelportError, ValueError):
+    """Arguments that cannot work: a malformed ``--input`` or ``--dynamic`` spec, options that
+    exclude each other, a value out of range. Nothing was read or written yet."""
 
 
 class ConversionError(ModelportError):
@@ -101,11 +132,15 @@ class ModelSpecError(ModelportError):
     not be imported or built."""
 
 
-class SuspiciousModelWarning(UserWarning):
+class ModelportWarning(UserWarning):
+    """Base class of the warnings modelport issues, to filter them in one place."""
+
+
+class SuspiciousModelWarning(ModelportWarning):
     """The scanner judged the file ``suspicious`` (a normal loader would run its classes' code)."""
 
 
-class CodeExecutionWarning(UserWarning):
+class CodeExecutionWarning(ModelportWarning):
     """modelport is about to run code stored in a file, because the caller trusted it
     (``trust_code``): the message carries the scanner's verdict on that file."""
 

@@ -391,7 +391,7 @@ def test_mutated_files_only_raise_modelport_errors(tmp_path: Path, data: st.Data
 
 
 def test_walk_budget_bounds_huge_arrays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from modelport.formats import gguf as reader
+    from modelport.formats.gguf import reader
 
     path = tmp_path / "vocab.gguf"
     write_gguf(path, vocab=3000, quantized=False)

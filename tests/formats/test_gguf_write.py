@@ -17,10 +17,9 @@ from safetensors.numpy import save_file
 
 import modelport
 from modelport.errors import ConversionError, ModelportError
-from modelport.formats import _gguf_writer
-from modelport.formats import gguf as gguf_format
-from modelport.formats._base import WritePlan
-from modelport.streaming import OutputTensor
+from modelport.formats.gguf import reader as gguf_format
+from modelport.formats.gguf import writer as _gguf_writer
+from modelport.transfer.write_plan import OutputTensor, WritePlan
 from tests.conftest import digest
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
@@ -37,7 +36,7 @@ def plan_of(path: Path, extra: dict[str, tuple[str, str]] | None = None, **meta:
 
 def write(plan: WritePlan, path: Path) -> Path:
     with open(path, "w+b", buffering=0) as handle:
-        gguf_format.write(handle, plan)
+        _gguf_writer.write_gguf(handle, plan)
     return path
 
 

@@ -23,8 +23,7 @@ from safetensors.numpy import save_file
 import modelport
 from modelport.errors import ConversionError, CorruptFileError, ModelportError
 from modelport.formats import _zip_writer, npz
-from modelport.formats._base import WritePlan
-from modelport.streaming import OutputTensor
+from modelport.transfer.write_plan import OutputTensor, WritePlan
 from tests.conftest import digest
 from tests.models import dtype_zoo
 

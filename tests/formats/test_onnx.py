@@ -24,10 +24,10 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import save as safetensors_save
 
 import modelport
-from modelport.detect import detect
 from modelport.errors import ModelportError
 from modelport.formats import onnx as onnx_reader
-from modelport.formats._base import Probe
+from modelport.formats.protocol import Probe
+from modelport.formats.registry import detect
 from tests.conftest import digest, mutated
 
 # -- the oracle ------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import modelport
 from modelport.errors import LimitExceededError, ModelportError
 from modelport.formats import pickle_file
-from modelport.formats._base import Probe
+from modelport.formats.protocol import Probe
 from modelport.pickles.numpy_types import NumpyArray
 from modelport.pickles.records import CallRecord, ObjectRecord
 from tests.conftest import digest, torch_digest

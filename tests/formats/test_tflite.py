@@ -403,7 +403,7 @@ def test_renamed_file_is_detected_by_content(tmp_path: Path) -> None:
 
 
 def test_other_bytes_do_not_sniff_as_tflite(tmp_path: Path) -> None:
-    from modelport.formats._base import Probe
+    from modelport.formats.protocol import Probe
 
     for content in (b"\x10\x00\x00\x00TFL2" + bytes(16), b"TFL3" + bytes(16), b"\xff" * 20):
         path = tmp_path / "x.tflite"

@@ -164,7 +164,7 @@ def test_renamed_file_is_detected_by_content(tmp_path: Path) -> None:
 
 def test_plain_pickles_are_not_claimed(tmp_path: Path) -> None:
     from modelport.formats import torch_legacy
-    from modelport.formats._base import Probe
+    from modelport.formats.protocol import Probe
 
     path = tmp_path / "plain.pkl"
     path.write_bytes(pickle.dumps({"a": 1}))

@@ -21,8 +21,7 @@ from safetensors.torch import save_file
 import modelport
 from modelport.errors import ConversionError, ModelportError
 from modelport.formats import _zip_writer, torch_zip
-from modelport.formats._base import WritePlan
-from modelport.streaming import OutputTensor
+from modelport.transfer.write_plan import OutputTensor, WritePlan
 from tests.models import TiedLM, dtype_zoo
 
 EXTRA_DTYPES = (

@@ -144,7 +144,7 @@ def test_lists_dicts_and_submodule_containers(tmp_path: Path) -> None:
     report = modelport.inspect(path)
     assert report.metadata == {"notes.txt": "made in a test"}
     # torch.jit._pickle helpers (restore_type_tag, build_intlist) are allowlisted identities
-    from modelport.formats._base import Probe
+    from modelport.formats.protocol import Probe
     from modelport.formats.torch_zip import load_archive_pickle
 
     root, _ = load_archive_pickle(Probe.of(path).zip, "holder", "data.pkl", path)

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 import modelport
 from modelport.errors import CorruptFileError, LimitExceededError, ModelportError
-from modelport.pickles import CallRecord, GlobalRef, Limits, ObjectRecord, read_pickle
-from modelport.pickles.reading import CALLABLES, CONSTANTS
+from modelport.pickles.machine import Limits
+from modelport.pickles.reading import CALLABLES, CONSTANTS, read_pickle
+from modelport.pickles.records import CallRecord, GlobalRef, ObjectRecord
 
 plain_data = st.recursive(
     st.none()

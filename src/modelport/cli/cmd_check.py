@@ -6,8 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from modelport.check import check
 from modelport.cli.cmd_export import add_model_arguments
+from modelport.torch_models.checking import check
 
 EXAMPLES = """examples:
   modelport check --model mypkg.nets:ResNet --init '{"classes": 10}' ckpt.pt

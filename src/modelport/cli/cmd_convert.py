@@ -18,7 +18,7 @@ from rich.progress import (
 
 import modelport
 from modelport.cli._output import human_bytes
-from modelport.convert import CASTS, GGUF_TYPES, TARGETS, ConvertOptions
+from modelport.conversion.converting import CASTS, GGUF_TYPES, TARGETS, ConvertOptions
 
 EXAMPLES = """examples:
   modelport convert pytorch_model.bin model.safetensors

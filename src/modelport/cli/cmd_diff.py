@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from modelport.diff import DiffReport, diff
+from modelport.comparing.diffing import DiffReport, diff
 
 EXAMPLES = """examples:
   modelport diff model.bin model.safetensors

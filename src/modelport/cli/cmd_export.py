@@ -11,11 +11,12 @@ from typing import Any
 
 from rich.console import Console
 
-from modelport import placing
+from modelport.cli.markdown import export_markdown
 from modelport.errors import ConversionError
-from modelport.example_inputs import read_example_inputs
-from modelport.export import EXPORTERS, FORMATS, ExportReport, bundle, export
-from modelport.models import resolve_model
+from modelport.torch_models.building import resolve_model
+from modelport.torch_models.example_inputs import read_example_inputs
+from modelport.torch_models.exporting import EXPORTERS, FORMATS, ExportReport, bundle, export
+from modelport.transfer import placing
 
 EXAMPLES = """examples:
   modelport export --model tests.models:TinyResNet --init '{"classes": 10}' \\
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     if args.report:
-        placing.write_text(Path(args.report), report.to_markdown(source=model_source(args)))
+        placing.write_text(Path(args.report), export_markdown(report, model_source(args)))
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

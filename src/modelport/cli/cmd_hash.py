@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from modelport.cli import _errors
-from modelport.fingerprint import HashReport, fingerprint
+from modelport.comparing.fingerprint import HashReport, fingerprint
 
 EXAMPLES = """examples:
   modelport hash model.safetensors pytorch_model.bin

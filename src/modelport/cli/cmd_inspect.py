@@ -12,7 +12,7 @@ from rich.tree import Tree
 
 import modelport
 from modelport.cli._output import human_bytes, json_default
-from modelport.report import InspectReport
+from modelport.loading.inspect_report import InspectReport
 
 EXAMPLES = """examples:
   modelport inspect model.safetensors

@@ -13,7 +13,6 @@ from typing import Any
 
 from rich.console import Console
 
-from modelport import placing
 from modelport.cli.cmd_export import (
     INT_HIGH,
     add_inputs_file,
@@ -22,8 +21,10 @@ from modelport.cli.cmd_export import (
     parse_dynamic,
     parse_input,
 )
-from modelport.example_inputs import read_example_inputs
-from modelport.rebuild import TARGETS, RebuildReport, rebuild
+from modelport.cli.markdown import rebuild_markdown
+from modelport.torch_models.example_inputs import read_example_inputs
+from modelport.torch_models.rebuilding import TARGETS, RebuildReport, rebuild
+from modelport.transfer import placing
 
 EXAMPLES = """examples:
   modelport rebuild --model tests.models:TinyResNet --init '{"classes": 10}' \\
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     if args.report:
-        placing.write_text(Path(args.report), report.to_markdown())
+        placing.write_text(Path(args.report), rebuild_markdown(report))
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

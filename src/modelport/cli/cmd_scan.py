@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 
 import modelport
-from modelport.scan_report import ScanReport
+from modelport.scanning.findings import ScanReport
 
 EXAMPLES = """examples:
   modelport scan model.pt

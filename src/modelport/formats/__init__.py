@@ -1,47 +1,7 @@
-"""The format registry: every reader, in the order sniffers are tried.
+"""The formats layer: one module per format behind one reader/writer protocol (``protocol``).
 
-Order matters only where one format is a special case of another's container: TorchScript
-and ``torch.export`` archives are zips that also hold a ``data.pkl``, so they come before the
-plain torch zip reader. Adding a format means one module and one line here.
+``registry`` lists every reader in sniffing order and decides a path's format by its bytes;
+``sniffing`` names the common non-models (empty files, Git LFS pointers, HTML pages) before
+any reader runs. Adding a format means one module and one line in ``file_formats`` (or in
+``registry`` for a directory format). Imports the core types, transfer, pickles and tree.
 """
-
-from __future__ import annotations
-
-from modelport.formats import (
-    dcp,
-    gguf,
-    hdf5,
-    hf_dir,
-    keras,
-    npy,
-    npz,
-    onnx,
-    pickle_file,
-    safetensors,
-    tflite,
-    torch_export,
-    torch_legacy,
-    torch_zip,
-    torchscript,
-)
-from modelport.formats._base import Contents, Format, FormatReader, Probe
-
-READERS: tuple[FormatReader, ...] = (
-    safetensors.READER,
-    torchscript.READER,  # zips with code/ or constants.pkl: before torch_zip
-    torch_export.READER,  # zips with archive_format or models/*.json: before torch_zip
-    torch_zip.READER,
-    torch_legacy.READER,  # pickle stream opening with torch's magic number, or 0.x tar
-    npz.READER,  # zips whose members are all *.npy: after the torch archives
-    npy.READER,
-    gguf.READER,
-    tflite.READER,  # "TFL3" at bytes 4..8
-    keras.READER,  # zips with config.json + model.weights.h5
-    hdf5.READER,  # signature at 0 or 512*2^k: late, a tar of an .h5 also has one at 512
-    onnx.READER,  # strict protobuf sniff (ir_version, known ModelProto fields, then a graph)
-    pickle_file.READER,  # plain pickles and joblib: after every binary format with a magic
-    dcp.READER,  # directories holding a torch.distributed.checkpoint .metadata
-    hf_dir.READER,  # directories with config.json + weights, or a *.index.json
-)
-
-__all__ = ["READERS", "Contents", "Format", "FormatReader", "Probe"]

@@ -43,8 +43,10 @@ from typing import Any, Final
 
 from modelport.errors import ConversionError, ModelportError, NotAModelError, UnknownFormatError
 from modelport.formats import hf_dir, safetensors
-from modelport.formats._base import Format, FormatReader, Probe, WritePlan
-from modelport.streaming import OutputTensor, write_all
+from modelport.formats.protocol import Format, FormatReader, Probe
+from modelport.formats.registry import detect
+from modelport.transfer.streaming import write_all
+from modelport.transfer.write_plan import OutputTensor, WritePlan
 
 DEFAULT_SHARD_SIZE: Final = "5GB"
 SINGLE_NAME: Final = "model.safetensors"
@@ -190,8 +192,6 @@ def sidecars(
 
 
 def _is_sidecar(path: Path) -> bool:
-    from modelport.detect import detect
-
     if UNREADABLE_WEIGHTS.fullmatch(path.name.lower()):
         return False
     if path.name.endswith(hf_dir.INDEX_SUFFIX):

@@ -321,8 +321,9 @@ class TensorData:
             )
         if not target.is_file():
             raise ModelFileNotFoundError(
-                f"{self.path}: tensor {name!r} keeps its data in {location!r}, which is not "
-                "next to the model (copy the .onnx together with its data file)"
+                target,
+                f"{self.path.name} keeps tensor {name!r} in {location!r}, which is not next to "
+                "the model (copy the .onnx together with its data file)",
             )
         size = target.stat().st_size
         if offset + nbytes > size:

@@ -29,6 +29,7 @@ import numpy as np
 from modelport import dtypes
 from modelport.errors import CorruptFileError, UnsupportedVersionError
 from modelport.formats._zip import ZipDirectory
+from modelport.formats.torch_zip import archive_prefix, load_archive_pickle
 from modelport.pickles.reading import read_pickle
 from modelport.pickles.torch_types import StorageType, TypedStorage
 from modelport.tensors import Storage
@@ -51,8 +52,6 @@ def read_torch_blob(
             raise UnsupportedVersionError(
                 "a zip-format torch.save blob can only be read from an uncompressed file"
             )
-        from modelport.formats.torch_zip import archive_prefix, load_archive_pickle
-
         directory = ZipDirectory.read(path, start=file_offset, length=len(data))
         prefix = archive_prefix(directory)
         if prefix is None:

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from modelport.errors import ConversionError
 from modelport.pickles.torch_types import TorchDevice, TorchDType
-from modelport.streaming import OutputTensor
+from modelport.transfer.write_plan import OutputTensor
 
 MAX_DEPTH = 200
 BATCH = 1000  # items per APPENDS / SETITEMS, as pickle batches them

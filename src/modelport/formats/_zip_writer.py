@@ -36,8 +36,8 @@ from enum import IntEnum
 from typing import BinaryIO
 
 from modelport.errors import ConversionError
-from modelport.readback import Checksum
-from modelport.streaming import write_all
+from modelport.transfer.readback import Checksum
+from modelport.transfer.streaming import write_all
 
 ZIP64_LIMIT = 0xFFFFFFFF  # sizes and offsets from here on need zip64 records
 MAX_SHORT_COUNT = 0xFFFF

@@ -36,7 +36,6 @@ from typing import Any, Final, TypeGuard
 import numpy as np
 
 from modelport import dtypes
-from modelport import tree as trees
 from modelport.errors import (
     CorruptFileError,
     LimitExceededError,
@@ -44,12 +43,13 @@ from modelport.errors import (
     TruncatedFileError,
     UnsupportedVersionError,
 )
-from modelport.formats._base import Contents, Format, FormatReader, Probe
 from modelport.formats._torch_blob import read_torch_blob
+from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.pickles.reading import read_pickle
 from modelport.pickles.records import ObjectRecord
 from modelport.pickles.torch_types import TorchDType
 from modelport.tensors import NDArray, Storage, TensorRef
+from modelport.tree import names as trees
 
 METADATA_NAME: Final = ".metadata"
 MAX_METADATA = 1 << 30

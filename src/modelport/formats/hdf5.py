@@ -60,14 +60,9 @@ from modelport.errors import (
     ModelportError,
     TruncatedFileError,
 )
-from modelport.formats._base import Contents, Format, FormatReader, Probe
 from modelport.formats._hdf5_attrs import AttributeReader, layout_details, standard_type
-from modelport.formats._hdf5_raw import (
-    HeapGuard,
-    RawReader,
-    find_superblock,
-    read_superblock,
-)
+from modelport.formats._hdf5_raw import HeapGuard, RawReader, find_superblock, read_superblock
+from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.tensors import NDArray, Storage, TensorRef
 
 MAX_OBJECTS = 1_000_000  # links visited

@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from modelport import dtypes
-from modelport import tree as trees
 from modelport.errors import CorruptFileError, LimitExceededError, ModelportError
-from modelport.formats._base import Contents, Format, FormatReader, Probe
+from modelport.formats.file_formats import FILE_READERS
+from modelport.formats.protocol import Contents, Format, FormatReader, Probe
+from modelport.formats.sniffing import identify
 from modelport.tensors import TensorRef
+from modelport.tree import names as trees
 
 CONFIG_NAME: Final = "config.json"
 INDEX_SUFFIX: Final = ".index.json"
@@ -192,9 +194,7 @@ def _inside(root: Path, name: str) -> Path:
 def _read_shard(
     shard: Path, name: str, warnings: list[str], closers: list[Any]
 ) -> tuple[dict[str, TensorRef], dict[str, Any], str]:
-    from modelport.detect import detect
-
-    reader, probe, notes = detect(shard)
+    reader, probe, notes = identify(shard, FILE_READERS)
     if probe.is_dir or reader.format is Format.HF_DIR:
         raise CorruptFileError(f"weight file {name!r} is not a file of weights", path=shard)
     contents = reader.read(probe.path, probe)

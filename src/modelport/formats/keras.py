@@ -30,7 +30,6 @@ from typing import Any
 
 from modelport.errors import CorruptFileError, ModelportError
 from modelport.formats import _keras_config, hdf5
-from modelport.formats._base import Contents, Format, FormatReader, Probe
 from modelport.formats._hdf5_raw import (
     FIRST_USERBLOCK,
     RawReader,
@@ -39,6 +38,7 @@ from modelport.formats._hdf5_raw import (
     read_superblock,
 )
 from modelport.formats._zip import ZipDirectory, ZipEntry
+from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 
 CONFIG = "config.json"
 METADATA = "metadata.json"

@@ -50,7 +50,7 @@ from modelport.errors import (
     UnsupportedDtypeError,
     UnsupportedVersionError,
 )
-from modelport.formats._base import Contents, Format, FormatReader, Probe
+from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.pickles.reading import read_pickle
 from modelport.tensors import NDArray, Storage, TensorRef
 

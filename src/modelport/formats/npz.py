@@ -50,7 +50,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from modelport import dtypes, typed_json, typed_json_decoding
+from modelport import dtypes
 from modelport.errors import (
     ConversionError,
     CorruptFileError,
@@ -59,12 +59,14 @@ from modelport.errors import (
     UnsupportedDtypeError,
 )
 from modelport.formats import npy
-from modelport.formats._base import Contents, Format, FormatReader, Probe, WritePlan
 from modelport.formats._zip import DEFLATED, STORED, ZipDirectory, ZipEntry
 from modelport.formats._zip_writer import ZipWriter, crc32_combine
-from modelport.readback import Checksum
-from modelport.streaming import OutputTensor, write_all, write_tensor
+from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.tensors import NDArray, TensorRef
+from modelport.transfer.readback import Checksum
+from modelport.transfer.streaming import write_all, write_tensor
+from modelport.transfer.write_plan import OutputTensor, WritePlan
+from modelport.tree import typed_json, typed_json_decoding
 
 SUFFIX = ".npy"
 DTYPE_MAP = "__modelport_dtypes__"  # member (without .npy) naming the dtypes numpy lacks
@@ -215,7 +217,7 @@ def _member(directory: ZipDirectory, handle: BinaryIO, entry: ZipEntry, warnings
 
 
 def read(path: Path, probe: Probe) -> Contents:
-    directory: ZipDirectory = probe.zip
+    directory: ZipDirectory = probe.zip_directory()
     if directory is None:
         raise CorruptFileError("not a zip archive", path=path)
     warnings = [f"zip member name escapes the archive: {name!r}" for name in directory.unsafe_names]

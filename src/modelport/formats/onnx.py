@@ -40,7 +40,6 @@ from modelport.errors import (
     ModelportError,
     TruncatedFileError,
 )
-from modelport.formats._base import Contents, Format, FormatReader, Probe
 from modelport.formats._onnx_tensors import (
     MAX_RANK,
     STRING,
@@ -52,6 +51,7 @@ from modelport.formats._onnx_tensors import (
 )
 from modelport.formats._protobuf import Field, Message, WireType
 from modelport.formats._protobuf import signed64 as s64
+from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.tensors import TensorRef
 
 MAX_FIELDS = 10_000_000  # a 300k-node graph is about 3M; each field costs ~1 us

@@ -45,8 +45,10 @@ from modelport.errors import (
     TruncatedFileError,
     UnsupportedDtypeError,
 )
-from modelport.formats._base import Contents, Format, FormatReader, Probe
+from modelport.formats import npy
 from modelport.formats._torch_blob import TORCH_MAGIC, read_torch_blob
+from modelport.formats.protocol import Contents, Format, FormatReader, Probe
+from modelport.formats.sniffing import identify
 from modelport.pickles.machine import Limits, Step, run
 from modelport.pickles.numpy_types import NumpyArray, NumpyDType, tensor_from_raw
 from modelport.pickles.reading import ReadingResolver
@@ -386,9 +388,7 @@ class PickleFileResolver(ReadingResolver):
             )
             return array
         try:
-            from modelport.detect import detect
-
-            reader, probe, _ = detect(side)
+            reader, probe, _ = identify(side, (npy.READER,))
             tree = reader.read(probe.path, probe).tree
         except ModelportError as exc:
             self.warnings.append(f"joblib < 0.10 side file {name!r} unreadable: {exc}")

@@ -26,15 +26,13 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from modelport import dtypes, typed_json, typed_json_decoding
-from modelport.errors import (
-    CorruptFileError,
-    LimitExceededError,
-    TruncatedFileError,
-)
-from modelport.formats._base import Contents, Format, FormatReader, Probe, WritePlan
-from modelport.streaming import write_all, write_tensor
+from modelport import dtypes
+from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
+from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.tensors import Storage, TensorRef
+from modelport.transfer.streaming import write_all, write_tensor
+from modelport.transfer.write_plan import WritePlan
+from modelport.tree import typed_json, typed_json_decoding
 
 MAX_HEADER = 100 * 1024 * 1024  # the reference library's own cap
 METADATA_KEY = "__metadata__"

@@ -34,8 +34,8 @@ from typing import Any, Final
 
 from modelport import dtypes
 from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
-from modelport.formats._base import Contents, Format, FormatReader, Probe
 from modelport.formats._flatbuffers import FlatBuffer, Table
+from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.tensors import Storage, TensorRef
 
 IDENTIFIER = b"TFL3"

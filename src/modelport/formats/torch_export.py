@@ -37,9 +37,9 @@ import numpy as np
 
 from modelport import dtypes
 from modelport.errors import CorruptFileError, UnsupportedVersionError
-from modelport.formats._base import Contents, Format, FormatReader, Probe
 from modelport.formats._torch_blob import read_torch_blob
 from modelport.formats._zip import ZipDirectory, ZipEntry
+from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.formats.torchscript import extra_files
 from modelport.pickles.torch_types import TypedStorage, tensor_from_storage
 from modelport.tensors import Storage
@@ -351,7 +351,7 @@ def summarize_program(program: Any) -> dict[str, Any]:
 
 # -- entry point --------------------------------------------------------------------------------
 def read(path: Path, probe: Probe) -> Contents:
-    directory: ZipDirectory = probe.zip
+    directory: ZipDirectory = probe.zip_directory()
     prefix = export_prefix(directory)
     if prefix is None:
         raise CorruptFileError("zip archive is not a torch.export archive", path=path)

@@ -47,7 +47,7 @@ from modelport.errors import (
     TruncatedFileError,
     UnsupportedVersionError,
 )
-from modelport.formats._base import Contents, Format, FormatReader, Probe
+from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.pickles.machine import Limits
 from modelport.pickles.reading import read_pickle
 from modelport.pickles.records import GlobalRef

@@ -62,15 +62,16 @@ from modelport.errors import (
     TruncatedFileError,
     UnsupportedVersionError,
 )
-from modelport.formats._base import Contents, Format, FormatReader, Probe, WritePlan
 from modelport.formats._torch_tree import pickle_tree
 from modelport.formats._zip import ZipDirectory, ZipEntry
 from modelport.formats._zip_writer import ZipWriter
+from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.pickles.reading import read_pickle
 from modelport.pickles.torch_types import StorageType, TypedStorage
-from modelport.streaming import OutputTensor, write_tensor
 from modelport.tensors import Storage, TensorRef, contiguous_strides
-from modelport.typed_json import KEY as TREE_KEY
+from modelport.transfer.streaming import write_tensor
+from modelport.transfer.write_plan import OutputTensor, WritePlan
+from modelport.tree.typed_json import KEY as TREE_KEY
 
 PREFIX = "archive"
 METADATA_MEMBER = "extra/modelport.json"
@@ -194,7 +195,7 @@ def _inflating_reader(
 
 
 def read(path: Path, probe: Probe) -> Contents:
-    directory: ZipDirectory = probe.zip
+    directory: ZipDirectory = probe.zip_directory()
     prefix = archive_prefix(directory)
     if prefix is None:
         raise CorruptFileError("zip archive has no data.pkl", path=path)

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from modelport.errors import CorruptFileError, LimitExceededError, UnsupportedVersionError
-from modelport.formats._base import Contents, Format, FormatReader, Probe
 from modelport.formats._zip import ZipDirectory
+from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.formats.torch_zip import load_archive_pickle
 from modelport.pickles.modules import ModuleNode
 from modelport.pickles.records import ObjectRecord
@@ -214,7 +214,7 @@ def _summaries(value: Any) -> list[dict[str, Any]]:
 
 # -- entry point --------------------------------------------------------------------------------
 def read(path: Path, probe: Probe) -> Contents:
-    directory: ZipDirectory = probe.zip
+    directory: ZipDirectory = probe.zip_directory()
     prefix = script_prefix(directory)
     if prefix is None:
         raise CorruptFileError("zip archive is not a TorchScript archive", path=path)

@@ -1,22 +1,8 @@
-"""modelport's pickle handling: a machine that interprets opcodes and never imports or calls
-anything from the file, and the resolvers that give those opcodes meaning."""
+"""The one restricted unpickler: a machine that interprets every opcode and never imports or
+calls anything from the file (``machine``), the resolvers that give those opcodes meaning
+(``reading`` for readers, ``judging`` for the scanner), inert records for everything unknown
+(``records``), modelport's own pure reconstructors (``torch_types``, ``numpy_types``,
+``modules``) and the immutable policy tables (``policy``, ``torch_nn_classes``).
 
-from __future__ import annotations
-
-from modelport.pickles.machine import Limits, PickleResult, Resolver, Step, run
-from modelport.pickles.reading import ReadingResolver, read_pickle
-from modelport.pickles.records import ByteSpan, CallRecord, GlobalRef, ObjectRecord
-
-__all__ = [
-    "ByteSpan",
-    "CallRecord",
-    "GlobalRef",
-    "Limits",
-    "ObjectRecord",
-    "PickleResult",
-    "ReadingResolver",
-    "Resolver",
-    "Step",
-    "read_pickle",
-    "run",
-]
+Imports only the core types (errors, dtypes, tensors, limits).
+"""

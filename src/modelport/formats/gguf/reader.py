@@ -1,18 +1,6 @@
-"""GGUF: llama.cpp's single-file format; a typed key/value header, tensor infos, aligned data.
+"""Reading GGUF: the header walked with every count checked, tensors as views of the file.
 
-Layout (ggml/docs/gguf.md; all integers little-endian, strings are a u64 length + UTF-8):
-
-- bytes 0..4 MUST be ``b"GGUF"``; then ``version`` (u32), ``tensor_count`` (u64) and
-  ``kv_count`` (u64). Version 1 used u32 counts and lengths and is refused; 2 and 3 are read
-  (3 only added big-endian files, which are refused: their version reads byte-swapped);
-- ``kv_count`` pairs: key (string), value type (u32), value. Types are the integers of 8 to
-  64 bits, f32, f64, bool (u8), string, and array (element type u32, count u64, elements);
-  arrays MAY nest;
-- ``tensor_count`` infos: name (string), ``n_dims`` (u32, at most 4), ``n_dims`` u64 dims in
-  GGML order (``ne[0]``, the fastest-varying, first), GGML type (u32), offset (u64) relative
-  to the data section;
-- the data section starts at the end of the infos rounded up to ``general.alignment`` (a u32
-  power of two, default 32); each tensor offset MUST be a multiple of it.
+The layout is in ``spec``.
 
 Edge cases and choices:
 
@@ -31,8 +19,7 @@ Edge cases and choices:
   range against the file size; duplicate keys or tensor names, unknown types, misaligned or
   overlapping tensor data are errors.
 
-Writing (``write``) lives in ``_gguf_writer.py``: version 3, laid out as gguf-py's
-``GGUFWriter`` does.
+Writing lives in ``writer``: version 3, laid out as gguf-py's ``GGUFWriter`` does.
 """
 
 from __future__ import annotations
@@ -41,11 +28,10 @@ import math
 import mmap
 import struct
 from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from modelport import dtypes, typed_json, typed_json_decoding
+from modelport import dtypes
 from modelport.errors import (
     CorruptFileError,
     LimitExceededError,
@@ -53,16 +39,24 @@ from modelport.errors import (
     UnsupportedDtypeError,
     UnsupportedVersionError,
 )
-from modelport.formats._base import Contents, Format, FormatReader, Probe, WritePlan
+from modelport.formats.gguf.spec import (
+    ALIGNMENT_KEY,
+    DEFAULT_ALIGNMENT,
+    MAGIC,
+    MAX_DIM,
+    MAX_DIMS,
+    PLAIN_TYPES,
+    PREFIX,
+    SUPPORTED_VERSIONS,
+    GGMLType,
+    ValueType,
+    holds,
+)
+from modelport.formats.gguf.writer import write_gguf
+from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.tensors import Storage, TensorRef
+from modelport.tree import typed_json, typed_json_decoding
 
-MAGIC = b"GGUF"
-SUPPORTED_VERSIONS = (2, 3)
-PREFIX = 8  # magic and version; tensor_count and kv_count follow (u64 since version 2)
-DEFAULT_ALIGNMENT = 32
-ALIGNMENT_KEY = "general.alignment"
-MAX_DIMS = 4  # GGML_MAX_DIMS
-MAX_DIM = (1 << 63) - 1  # ggml stores dims as int64
 MAX_ARRAY_DEPTH = 8
 MAX_STRING = 64 * 1024 * 1024
 ARRAY_ITEMS = 1024  # arrays longer than this are summarised in the metadata
@@ -70,75 +64,6 @@ ARRAY_HEAD = 16
 MAX_WALKED = 20_000_000  # string and array elements walked in one header (vocabularies ~250k)
 MIN_KV_BYTES = 8 + 4 + 1  # empty key, type, a one-byte value
 MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # empty name, n_dims = 0, type, offset
-
-
-class ValueType(IntEnum):
-    """``gguf_type``: the type code of a metadata value."""
-
-    UINT8 = 0
-    INT8 = 1
-    UINT16 = 2
-    INT16 = 3
-    UINT32 = 4
-    INT32 = 5
-    FLOAT32 = 6
-    BOOL = 7
-    STRING = 8
-    ARRAY = 9
-    UINT64 = 10
-    INT64 = 11
-    FLOAT64 = 12
-
-
-class GGMLType(IntEnum):
-    """``ggml_type``: a tensor's element or block type (gaps are removed types)."""
-
-    F32 = 0
-    F16 = 1
-    Q4_0 = 2
-    Q4_1 = 3
-    Q5_0 = 6
-    Q5_1 = 7
-    Q8_0 = 8
-    Q8_1 = 9
-    Q2_K = 10
-    Q3_K = 11
-    Q4_K = 12
-    Q5_K = 13
-    Q6_K = 14
-    Q8_K = 15
-    IQ2_XXS = 16
-    IQ2_XS = 17
-    IQ3_XXS = 18
-    IQ1_S = 19
-    IQ4_NL = 20
-    IQ3_S = 21
-    IQ2_S = 22
-    IQ4_XS = 23
-    I8 = 24
-    I16 = 25
-    I32 = 26
-    I64 = 27
-    F64 = 28
-    IQ1_M = 29
-    BF16 = 30
-    TQ1_0 = 34
-    TQ2_0 = 35
-    MXFP4 = 39
-    NVFP4 = 40
-    Q1_0 = 41
-
-
-PLAIN_TYPES = {
-    GGMLType.F32: "float32",
-    GGMLType.F16: "float16",
-    GGMLType.BF16: "bfloat16",
-    GGMLType.F64: "float64",
-    GGMLType.I8: "int8",
-    GGMLType.I16: "int16",
-    GGMLType.I32: "int32",
-    GGMLType.I64: "int64",
-}
 
 _SCALARS: dict[ValueType, struct.Struct] = {
     ValueType.UINT8: struct.Struct("<B"),
@@ -474,22 +399,4 @@ def read(path: Path, probe: Probe) -> Contents:
     )
 
 
-# plain types, and GGML's block types: Q8_0 quantized by the writer, the others copied as
-# they are from a GGUF source (``_gguf_writer`` refuses casting into them)
-WRITTEN_TYPES = {
-    **{dtype: code for code, dtype in PLAIN_TYPES.items()},
-    **{code.name: code for code in GGMLType if code.name in dtypes.GGML_BLOCKS},
-}
-
-
-def holds(dtype: str) -> bool:
-    return dtype in WRITTEN_TYPES
-
-
-def write(handle: BinaryIO, plan: WritePlan) -> None:
-    from modelport.formats._gguf_writer import write_gguf  # it builds on this module
-
-    write_gguf(handle, plan)
-
-
-READER = FormatReader(Format.GGUF, sniff, read, (".gguf",), write=write, holds=holds)
+READER = FormatReader(Format.GGUF, sniff, read, (".gguf",), write=write_gguf, holds=holds)

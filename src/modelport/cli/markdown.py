@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from modelport.export import ExportReport
-    from modelport.outputs import OutputCheck
-    from modelport.rebuild import RebuildReport
+    from modelport.torch_models.agreement import OutputCheck
+    from modelport.torch_models.exporting import ExportReport
+    from modelport.torch_models.rebuilding import RebuildReport
 
 
 def export_markdown(report: ExportReport, source: str | None = None) -> str:

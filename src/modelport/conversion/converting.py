@@ -22,18 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelport import dtypes, placing, progress, readback, selecting, typed_json
-from modelport import tree as trees
+from modelport import dtypes
 from modelport._version import __version__
-from modelport.api import check_safety
-from modelport.api import open as open_model
+from modelport.conversion import selecting
+from modelport.conversion.verifying import CastCheck, compare_elements, verify, verify_directory
 from modelport.errors import ConversionError
-from modelport.formats import READERS, FormatReader, _hf_writer
-from modelport.formats._base import WritePlan
-from modelport.readback import OutputChecks
-from modelport.streaming import OutputTensor
+from modelport.formats import _hf_writer
+from modelport.formats.protocol import FormatReader
+from modelport.formats.registry import READERS
+from modelport.loading.model_file import check_safety
+from modelport.loading.model_file import open as open_model
 from modelport.tensors import TensorRef
-from modelport.verify import CastCheck, compare_elements, verify, verify_directory
+from modelport.transfer import placing, progress, readback
+from modelport.transfer.readback import OutputChecks
+from modelport.transfer.write_plan import OutputTensor, WritePlan
+from modelport.tree import names as trees
+from modelport.tree import typed_json
 
 TARGETS = {
     "safetensors": "safetensors",

@@ -13,12 +13,12 @@ import fnmatch
 import re
 from typing import TYPE_CHECKING, Any
 
-from modelport import tree as trees
 from modelport.errors import ConversionError
 from modelport.tensors import TensorRef
+from modelport.tree import names as trees
 
 if TYPE_CHECKING:
-    from modelport.convert import ConvertOptions
+    from modelport.conversion.converting import ConvertOptions
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 

@@ -23,7 +23,7 @@ from modelport.errors import (
 )
 from modelport.pickles.reading import PickledDict
 from modelport.pickles.torch_types import TorchDevice, TorchDType
-from modelport.typed_json import (
+from modelport.tree.typed_json import (
     KEY,
     MAX_CHARS,
     MAX_DEPTH,

@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from modelport import api
-from modelport import tree as trees
-from modelport.streaming import source_chunks
+from modelport.loading import model_file as api
 from modelport.tensors import TensorRef
+from modelport.transfer.streaming import source_chunks
+from modelport.tree import names as trees
 
 SCHEME = "modelport-weights-v1"
 ALGORITHM = "sha256"

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from modelport.errors import ModelportError
-from modelport.streaming import OutputTensor
+from modelport.formats._zip import EOCD_SIGNATURE, LOCAL_SIGNATURE, ZipDirectory
+from modelport.transfer.write_plan import WritePlan
 
 HEAD_BYTES = 64 * 1024
 
@@ -67,16 +68,19 @@ class Probe:
         return cls(path, path.stat().st_size, head, False)
 
     @cached_property
-    def zip(self) -> Any:
-        """The parsed zip directory (``formats._zip.ZipDirectory``), or None if not a zip."""
-        if self.is_dir or not self.head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+    def zip(self) -> ZipDirectory | None:
+        """The parsed zip directory, or None if not a zip."""
+        if self.is_dir or not self.head.startswith((LOCAL_SIGNATURE, EOCD_SIGNATURE)):
             return None
-        from modelport.formats._zip import ZipDirectory
-
         try:
             return ZipDirectory.read(self.path)
         except ModelportError:
             return None
+
+    def zip_directory(self) -> ZipDirectory:
+        """The zip directory, for a reader whose sniffer took the file as a zip: the parsed
+        one, or the precise reason it cannot be read."""
+        return self.zip if self.zip is not None else ZipDirectory.read(self.path)
 
 
 @dataclass
@@ -96,20 +100,6 @@ class Contents:
     code: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     close: Callable[[], None] | None = None  # releases handles a reader keeps open (HDF5)
-
-
-@dataclass(frozen=True)
-class WritePlan:
-    """What to write: tensors in file order (aliases already removed) and string metadata.
-
-    ``tree`` (``convert --all`` of a nested checkpoint) is the structure to restore: plain
-    data (``typed_json``) with the plan's ``OutputTensor``s at its leaves, one tensor at
-    several leaves where tied. None means a flat dict of ``tensors`` in order. Writers that
-    store a pickle write it; the others find it as typed JSON in ``metadata``."""
-
-    tensors: tuple[OutputTensor, ...]
-    metadata: dict[str, str]
-    tree: Any = None
 
 
 @dataclass(frozen=True)

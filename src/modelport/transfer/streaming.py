@@ -15,41 +15,21 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from modelport import dtypes, readback
+from modelport import dtypes
 from modelport.errors import CorruptFileError, MissingDependencyError, TruncatedFileError
-from modelport.progress import advance
 from modelport.tensors import NDArray, TensorRef
+from modelport.transfer import readback
+from modelport.transfer.progress import advance
+from modelport.transfer.write_plan import OutputTensor
 
 CHUNK = 16 << 20  # bytes per read step; memory use is a small multiple of this
 CAST_CHUNK = 4 << 20  # casts and gathers hold several buffers per chunk: smaller steps
 RUNS_PER_BATCH = 1 << 16  # file offsets of a gathered block, computed this many at a time
-
-
-@dataclass(frozen=True)
-class OutputTensor:
-    """One tensor as a writer will store it: its name, the dtype written, and its source."""
-
-    name: str
-    dtype: str
-    source: TensorRef
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.source.shape
-
-    @property
-    def nbytes(self) -> int:
-        return dtypes.dtype(self.dtype).nbytes(self.source.numel)
-
-    @property
-    def is_cast(self) -> bool:
-        return self.dtype != self.source.dtype
 
 
 def source_chunks(tensor: TensorRef, chunk: int = CHUNK) -> Iterator[NDArray]:

@@ -1,4 +1,5 @@
-"""Which format a path holds, decided by its bytes; and what it is when it is not a model.
+"""Which reader of a given list takes a path, decided by its bytes; and what a path is when
+it is not a model.
 
 The extension never decides. It only produces a warning when it names another format than
 the content. Before the format sniffers run, the common non-models are recognised by name:
@@ -9,29 +10,33 @@ error page saved under the model's name).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from modelport.errors import ModelFileNotFoundError, NotAModelError, UnknownFormatError
-from modelport.formats import READERS, FormatReader, Probe
-from modelport.formats._zip import ZipDirectory
+from modelport.formats._zip import LOCAL_SIGNATURE, ZipDirectory
+from modelport.formats.protocol import FormatReader, Probe
 
 LFS_PREFIX = b"version https://git-lfs.github.com/spec/"
 _LFS_OID = re.compile(rb"^oid sha256:([0-9a-f]{64})$", re.M)
 _LFS_SIZE = re.compile(rb"^size (\d+)$", re.M)
 
 
-def detect(path: Path | str) -> tuple[FormatReader, Probe, list[str]]:
-    """The reader for ``path``, the probe it was chosen on, and warnings about the name."""
+def identify(
+    path: Path | str, readers: Sequence[FormatReader]
+) -> tuple[FormatReader, Probe, list[str]]:
+    """The first of ``readers`` that takes ``path``, the probe it was chosen on, and
+    warnings about the name."""
     path = Path(path)
     if not path.exists():
-        raise ModelFileNotFoundError(f"{path}: no such file or directory")
+        raise ModelFileNotFoundError(path)
     probe = Probe.of(path)
     if not probe.is_dir:
-        _reject_non_models(probe)
-    for reader in READERS:
+        reject_non_models(probe)
+    for reader in readers:
         if reader.sniff(probe):
-            return reader, probe, _extension_warnings(path, reader)
-    if probe.head.startswith(b"PK\x03\x04"):
+            return reader, probe, _extension_warnings(path, reader, readers)
+    if probe.head.startswith(LOCAL_SIGNATURE):
         ZipDirectory.read(path)  # raises the precise reason a zip is unreadable
     if probe.is_dir:
         raise UnknownFormatError(
@@ -46,7 +51,8 @@ def detect(path: Path | str) -> tuple[FormatReader, Probe, list[str]]:
     )
 
 
-def _reject_non_models(probe: Probe) -> None:
+def reject_non_models(probe: Probe) -> None:
+    """Raise ``NotAModelError`` for an empty file, a Git LFS pointer or an HTML page."""
     head = probe.head
     if probe.size == 0:
         raise NotAModelError("empty file (0 bytes)", kind="empty", path=probe.path)
@@ -73,11 +79,13 @@ def _reject_non_models(probe: Probe) -> None:
         )
 
 
-def _extension_warnings(path: Path, reader: FormatReader) -> list[str]:
+def _extension_warnings(
+    path: Path, reader: FormatReader, readers: Sequence[FormatReader]
+) -> list[str]:
     suffix = path.suffix.lower()
     if not suffix or path.is_dir() or suffix in reader.extensions:
         return []
-    owners = [r.format.value for r in READERS if suffix in r.extensions]
+    owners = [r.format.value for r in readers if suffix in r.extensions]
     if not owners:
         return []
     return [

@@ -16,15 +16,17 @@ from typing import Any
 import numpy as np
 
 from modelport import dtypes
-from modelport import tree as trees
-from modelport.detect import detect
 from modelport.errors import VerificationError
-from modelport.formats import Probe, _hf_writer
-from modelport.formats._base import WritePlan
-from modelport.progress import advance
-from modelport.readback import CopiedRange, OutputChecks, RangeComparer
-from modelport.streaming import CAST_CHUNK, OutputTensor, cast_chunk, paired_chunks
+from modelport.formats import _hf_writer
+from modelport.formats.gguf.writer import q8_0_blocks
+from modelport.formats.protocol import Probe
+from modelport.formats.registry import detect
 from modelport.tensors import TensorRef
+from modelport.transfer.progress import advance
+from modelport.transfer.readback import CopiedRange, OutputChecks, RangeComparer
+from modelport.transfer.streaming import CAST_CHUNK, cast_chunk, paired_chunks
+from modelport.transfer.write_plan import OutputTensor, WritePlan
+from modelport.tree import names as trees
 
 
 @dataclass(frozen=True)
@@ -154,8 +156,6 @@ def _as_bytes(chunk: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 
 
 def _quantized(tensor: OutputTensor) -> Any:
-    from modelport.formats._gguf_writer import q8_0_blocks
-
     return q8_0_blocks(tensor)
 
 

@@ -30,12 +30,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelport import tree as trees
-from modelport.api import check_safety
-from modelport.api import open as open_model
-from modelport.convert import ConvertOptions, convert
-from modelport.models import build_model
-from modelport.selecting import detect_wrapper
+from modelport.conversion.converting import ConvertOptions, convert
+from modelport.conversion.selecting import detect_wrapper
+from modelport.loading.model_file import check_safety
+from modelport.loading.model_file import open as open_model
+from modelport.torch_models.building import build_model
+from modelport.tree import names as trees
 
 if TYPE_CHECKING:
     from torch import nn

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from modelport.errors import ConversionError, TruncatedFileError, VerificationError
-from modelport.progress import advance
 from modelport.tensors import Storage, TensorRef
+from modelport.transfer.progress import advance
 
 if TYPE_CHECKING:
-    from modelport.streaming import OutputTensor
+    from modelport.transfer.write_plan import OutputTensor
 
 COMPARE_CHUNK = 2 << 20  # two of these stay in the CPU cache between read and compare
 PIECE = 64 << 20  # a cancelled check stops within one piece

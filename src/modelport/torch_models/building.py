@@ -37,6 +37,9 @@ from modelport.errors import (
     ModelSpecError,
     UnsafeModelError,
 )
+from modelport.loading.model_file import load
+from modelport.loading.model_file import open as open_model
+from modelport.scanning.scanner import scan
 
 if TYPE_CHECKING:
     import torch
@@ -131,8 +134,6 @@ def load_model_file(path: Path, *, trust_code: bool, allow_unsafe: bool) -> nn.M
     """A whole model saved in ``path``, recognised by content (see the module docstring)."""
     import torch
 
-    from modelport.api import open as open_model
-
     with open_model(path) as opened:  # the restricted reader: nothing in the file runs
         kind = opened.format.value
         tree = opened.module_tree()
@@ -192,8 +193,6 @@ def _gate(
     """Scan ``path`` before a load that runs ``runs``: ``unsafe`` is refused unless
     ``allow_unsafe``, anything but ``safe`` unless ``trust_code``; the verdict is warned
     (``CodeExecutionWarning``) when it is not ``safe``, and always when ``announce``."""
-    from modelport.scan import scan
-
     report = scan(path)
     serious = [f for file in report.files for f in file.findings if f.severity != "info"]
     summary = "; ".join(f"{f.rule}: {f.message}" for f in serious[:2]) or "no findings"
@@ -228,9 +227,7 @@ def _require_module(model: Any, spec: str) -> nn.Module:
 
 def load_weights(model: nn.Module, weights: str | Path, *, allow_unsafe: bool = False) -> None:
     """Load ``weights`` (any readable format) into ``model`` strictly, executing nothing."""
-    import modelport
-
-    state = modelport.load(weights, allow_unsafe=allow_unsafe)
+    state = load(weights, allow_unsafe=allow_unsafe)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -301,9 +298,7 @@ def _load_directory_weights(model: nn.Module, path: Path, *, allow_unsafe: bool)
     if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir() if p.is_file()):
         warnings.warn(f"{path}: no weights found; exporting random init", stacklevel=3)
         return
-    import modelport
-
-    state = modelport.load(path, allow_unsafe=allow_unsafe)
+    state = load(path, allow_unsafe=allow_unsafe)
     _load_hf_state(model, state, path)
 
 

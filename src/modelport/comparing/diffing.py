@@ -40,9 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from modelport import api, dtypes
-from modelport.streaming import paired_chunks
+from modelport import dtypes
+from modelport.loading import model_file as api
 from modelport.tensors import NDArray, TensorRef
+from modelport.transfer.streaming import paired_chunks
 
 PREFIXES = ("module.", "_orig_mod.", "model.")
 MAX_STRIPS = 4  # auto strips at most this many prefixes from one side

@@ -16,19 +16,20 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from modelport import dtypes
-from modelport import tree as trees
-from modelport.detect import detect
 from modelport.errors import SuspiciousModelWarning, UnsafeModelError
-from modelport.formats import Contents, Format
+from modelport.formats.protocol import Contents, Format
+from modelport.formats.registry import detect
+from modelport.loading.inspect_report import InspectReport, TensorSummary
 from modelport.pickles import modules
 from modelport.pickles.records import ObjectRecord
-from modelport.report import InspectReport, TensorSummary
-from modelport.tensors import TensorRef
+from modelport.scanning.findings import ScanReport
+from modelport.scanning.scanner import scan
+from modelport.tensors import TensorRef, contiguous_strides
+from modelport.tree import names as trees
 
 if TYPE_CHECKING:
     import torch
 
-    from modelport.scan_report import ScanReport
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,6 @@ class ModelFile:
 
     def scan(self) -> ScanReport:
         """The scanner's verdict on this file; opening never refuses, this says what to fear."""
-        from modelport.scan import scan
-
         return scan(self.path)
 
     def close(self) -> None:
@@ -156,8 +155,6 @@ def inspect(path: str | Path) -> InspectReport:
 
 def _safety(path: Path) -> dict[str, Any]:
     """The scanner's verdict, shown beside the contents: inspect never refuses a file."""
-    from modelport.scan import scan
-
     report = scan(path)
     findings = [f.to_json() for file in report.files for f in file.findings if f.severity != "info"]
     return {"verdict": report.verdict, "findings": findings}
@@ -191,8 +188,6 @@ def load(
 
 def check_safety(path: str | Path, *, allow_unsafe: bool) -> None:
     """The gate every command that hands out tensors goes through (load, convert, ...)."""
-    from modelport.scan import scan
-
     report = scan(path)
     serious = [f for file in report.files for f in file.findings if f.severity != "info"]
     summary = "; ".join(f"{f.rule}: {f.message}" for f in serious[:2]) or report.verdict
@@ -223,12 +218,6 @@ def _to_torch(ref: TensorRef, device: str, shared: dict[int, Any]) -> torch.Tens
     itemsize = builtins.max(1, torch.empty(0, dtype=getattr(torch, ref.dtype)).element_size())
     usable = base.numel() - base.numel() % itemsize
     typed = base[:usable].view(getattr(torch, ref.dtype))
-    strides = ref.strides or _contiguous(ref.shape)
+    strides = ref.strides or contiguous_strides(ref.shape)
     view: torch.Tensor = typed.as_strided(ref.shape, strides, ref.element_offset)
     return view
-
-
-def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
-    from modelport.tensors import contiguous_strides
-
-    return contiguous_strides(shape)

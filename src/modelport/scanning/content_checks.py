@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
-from modelport.formats._base import Contents
+from modelport.formats.protocol import Contents
 from modelport.pickles.policy import gadget
 
 MAX_TEXT_BYTES = 64 << 20  # a larger text file beside a model is not read for templates

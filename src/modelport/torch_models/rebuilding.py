@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelport.binding import Call, bind
 from modelport.errors import ConversionError
-from modelport.export import check_targets, export
-from modelport.models import resolve_model
-from modelport.outputs import OutputCheck, Runner, leaves, verify_outputs
-from modelport.placing import sibling
+from modelport.torch_models.agreement import OutputCheck, Runner, leaves, verify_outputs
+from modelport.torch_models.binding import Call, bind
+from modelport.torch_models.building import resolve_model
+from modelport.torch_models.exporting import check_targets, export
+from modelport.transfer.placing import sibling
 
 if TYPE_CHECKING:
     import torch
@@ -84,12 +84,6 @@ class RebuildReport:
             "seconds": self.seconds,
             "warnings": list(self.warnings),
         }
-
-    def to_markdown(self) -> str:
-        """A readable report of what was written and how it was checked."""
-        from modelport.markdown import rebuild_markdown
-
-        return rebuild_markdown(self)
 
 
 def rebuild(

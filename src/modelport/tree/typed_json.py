@@ -44,19 +44,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from modelport.errors import (
-    ConversionError,
-    LimitExceededError,
-    ModelportError,
-)
+from modelport.errors import ConversionError, LimitExceededError, ModelportError
 from modelport.pickles import modules
 from modelport.pickles.numpy_types import NumpyArray, NumpyScalar
 from modelport.pickles.reading import PickledDict
 from modelport.pickles.records import ByteSpan, CallRecord, GlobalRef, ObjectRecord
 from modelport.pickles.torch_types import SparseTensor, TorchDevice, TorchDType
-from modelport.streaming import OutputTensor
 from modelport.tensors import TensorRef
-from modelport.tree import tensors_of
+from modelport.transfer.write_plan import OutputTensor
+from modelport.tree.names import tensors_of
 
 KEY = "modelport.tree"  # the metadata entry holding the document
 VERSION = 1

@@ -1,4 +1,4 @@
-"""GGUF writing, for ``formats/gguf.py`` (which holds the format's codes and its reader).
+"""GGUF writing; the format's codes come from ``spec``, never from the reader.
 
 Layout written (ggml/docs/gguf.md, version 3, little-endian, as gguf-py's ``GGUFWriter``):
 
@@ -35,8 +35,7 @@ import numpy as np
 
 from modelport import dtypes
 from modelport.errors import ConversionError
-from modelport.formats._base import WritePlan
-from modelport.formats.gguf import (
+from modelport.formats.gguf.spec import (
     ALIGNMENT_KEY,
     DEFAULT_ALIGNMENT,
     MAGIC,
@@ -44,8 +43,9 @@ from modelport.formats.gguf import (
     WRITTEN_TYPES,
     ValueType,
 )
-from modelport.streaming import OutputTensor, source_chunks, write_all, write_tensor
 from modelport.tensors import NDArray
+from modelport.transfer.streaming import source_chunks, write_all, write_tensor
+from modelport.transfer.write_plan import OutputTensor, WritePlan
 
 WRITE_VERSION = 3
 ARCHITECTURE_KEY = "general.architecture"

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelport.binding import Call, bind
 from modelport.errors import ConversionError, MissingDependencyError, ModelportError
-from modelport.models import eval_mode
-from modelport.outputs import OutputCheck, Runner, finite, leaves, verify_outputs
-from modelport.placing import check_target, sibling
+from modelport.torch_models.agreement import OutputCheck, Runner, finite, leaves, verify_outputs
+from modelport.torch_models.binding import Call, bind
+from modelport.torch_models.building import eval_mode
+from modelport.transfer.placing import check_target, sibling
 
 if TYPE_CHECKING:
     import torch
@@ -107,13 +107,6 @@ class ExportReport:
             "seconds": self.seconds,
             "warnings": list(self.warnings),
         }
-
-    def to_markdown(self, source: str | None = None) -> str:
-        """A readable report of the export and its verification (``source``: how the model
-        was named, e.g. the command line's ``--model``/``--weights``)."""
-        from modelport.markdown import export_markdown
-
-        return export_markdown(self, source)
 
 
 def export(

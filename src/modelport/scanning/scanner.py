@@ -22,13 +22,14 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelport import content_checks, script_code
 from modelport.errors import ModelportError, UnsupportedDtypeError
-from modelport.formats import READERS, Probe
 from modelport.formats._zip import ZipDirectory, prepended_bytes
+from modelport.formats.protocol import Probe
+from modelport.formats.registry import READERS
+from modelport.pickles.judging import PickleFinding, scan_pickle
 from modelport.pickles.machine import Limits
-from modelport.pickles.scanning import PickleFinding, scan_pickle
-from modelport.scan_report import FileReport, Finding, ScanReport, worst
+from modelport.scanning import content_checks, script_code
+from modelport.scanning.findings import FileReport, Finding, ScanReport, worst
 
 MAX_FILES = 100_000
 MAX_NESTING = 4

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from modelport.binding import Call
+    from modelport.torch_models.binding import Call
 
 Runner = Callable[[list["torch.Tensor"]], list["torch.Tensor"]]
 TOLERANCES: dict[str, tuple[float, float]] = {  # dtype -> (atol, rtol)

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelport.errors import ConversionError
+from modelport.loading.model_file import load
+from modelport.torch_models.binding import forward_signature
 
 if TYPE_CHECKING:
     import torch
@@ -48,9 +50,7 @@ def read_example_inputs(
 ) -> dict[str, torch.Tensor]:
     """The tensors in ``path``, keyed and ordered as ``model.forward``'s arguments (in the
     file's order when ``model`` is None or its signature cannot be read)."""
-    import modelport
-
-    loaded = modelport.load(path, allow_unsafe=allow_unsafe)
+    loaded = load(path, allow_unsafe=allow_unsafe)
     tensors = {name: tensor.clone() for name, tensor in loaded.items()}  # let go of the file
     if not tensors:
         raise ConversionError(f"{path}: holds no tensors to use as example inputs")
@@ -61,8 +61,6 @@ def read_example_inputs(
 def forward_arguments(model: nn.Module) -> list[Argument] | None:
     """``forward``'s tensor-passing arguments (no ``*args``/``**kwargs``), or None when the
     signature cannot be read (a TorchScript model's from its compiled schema)."""
-    from modelport.binding import forward_signature
-
     signature = forward_signature(model)
     if signature is None:
         return None

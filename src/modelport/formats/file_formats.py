@@ -1,0 +1,42 @@
+"""Every single-file format, in the order sniffers are tried.
+
+Order matters only where one format is a special case of another's container: TorchScript
+and ``torch.export`` archives are zips that also hold a ``data.pkl``, so they come before the
+plain torch zip reader. The directory formats (``registry``) read their members through this
+list, so a shard of a Hugging Face folder is recognised exactly as the file alone would be.
+"""
+
+from __future__ import annotations
+
+from modelport.formats import (
+    hdf5,
+    keras,
+    npy,
+    npz,
+    onnx,
+    pickle_file,
+    safetensors,
+    tflite,
+    torch_export,
+    torch_legacy,
+    torch_zip,
+    torchscript,
+)
+from modelport.formats.gguf import reader as gguf
+from modelport.formats.protocol import FormatReader
+
+FILE_READERS: tuple[FormatReader, ...] = (
+    safetensors.READER,
+    torchscript.READER,  # zips with code/ or constants.pkl: before torch_zip
+    torch_export.READER,  # zips with archive_format or models/*.json: before torch_zip
+    torch_zip.READER,
+    torch_legacy.READER,  # pickle stream opening with torch's magic number, or 0.x tar
+    npz.READER,  # zips whose members are all *.npy: after the torch archives
+    npy.READER,
+    gguf.READER,
+    tflite.READER,  # "TFL3" at bytes 4..8
+    keras.READER,  # zips with config.json + model.weights.h5
+    hdf5.READER,  # signature at 0 or 512*2^k: late, a tar of an .h5 also has one at 512
+    onnx.READER,  # strict protobuf sniff (ir_version, known ModelProto fields, then a graph)
+    pickle_file.READER,  # plain pickles and joblib: after every binary format with a magic
+)
