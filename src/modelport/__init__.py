@@ -1,31 +1,82 @@
-"""modelport: inspect, scan and convert model files by content, without executing them."""
+"""modelport: inspect, scan and convert model files by content, without executing them.
+
+The verbs (``inspect``, ``open``, ``load``, ``scan``, ``convert``, ``diff``, ``hash``,
+``check``, ``export``, ``rebuild``) and their report types are defined in the layer that does
+the work and imported from there on first use, so that ``import modelport`` stays cheap and a
+command pays only for its own path. ``open`` and ``hash`` are left out of ``__all__``: a star
+import must not lay them over the builtins.
+
+The layers, bottom to top (each imports only those below it): core types (``errors``,
+``dtypes``, ``tensors``, ``limits``); ``transfer`` (byte movement); ``pickles`` (the one
+restricted unpickler); ``tree`` (names and the one weights rule); ``formats``; ``scanning``;
+``loading``; ``conversion``; ``comparing``; ``torch_models``; ``cli``.
+"""
 
 from __future__ import annotations
 
-from modelport import errors as errors
-from modelport._version import __version__ as __version__
-from modelport.comparing.diffing import DiffReport as DiffReport
-from modelport.comparing.diffing import diff as diff
-from modelport.comparing.fingerprint import HashReport as HashReport
-from modelport.comparing.fingerprint import fingerprint as hash
-from modelport.conversion.converting import ConvertOptions as ConvertOptions
-from modelport.conversion.converting import ConvertReport as ConvertReport
-from modelport.conversion.converting import convert as convert
-from modelport.formats.protocol import Format as Format
-from modelport.loading.inspect_report import InspectReport as InspectReport
-from modelport.loading.model_file import ModelFile as ModelFile
-from modelport.loading.model_file import inspect as inspect
-from modelport.loading.model_file import load as load
-from modelport.loading.model_file import open as open
-from modelport.scanning.findings import ScanReport as ScanReport
-from modelport.scanning.scanner import scan as scan
-from modelport.tensors import TensorRef as TensorRef
-from modelport.torch_models.checking import CheckReport as CheckReport
-from modelport.torch_models.checking import check as check
-from modelport.torch_models.exporting import ExportReport as ExportReport
-from modelport.torch_models.exporting import export as export
-from modelport.torch_models.rebuilding import RebuildReport as RebuildReport
-from modelport.torch_models.rebuilding import rebuild as rebuild
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from modelport._version import __version__
+
+if TYPE_CHECKING:
+    from modelport import errors
+    from modelport.comparing.diffing import DiffReport, diff
+    from modelport.comparing.fingerprint import HashReport
+    from modelport.comparing.fingerprint import fingerprint as hash  # noqa: F401 (not in __all__)
+    from modelport.conversion.converting import ConvertOptions, ConvertReport, convert
+    from modelport.formats.protocol import Format
+    from modelport.loading.inspect_report import InspectReport
+    from modelport.loading.model_file import ModelFile, inspect, load
+    from modelport.loading.model_file import open as open
+    from modelport.scanning.findings import ScanReport
+    from modelport.scanning.scanner import scan
+    from modelport.tensors import TensorRef
+    from modelport.torch_models.checking import CheckReport, check
+    from modelport.torch_models.exporting import ExportReport, export
+    from modelport.torch_models.rebuilding import RebuildReport, rebuild
+
+# public name -> (defining module, name there)
+_PUBLIC: dict[str, tuple[str, str]] = {
+    "CheckReport": ("modelport.torch_models.checking", "CheckReport"),
+    "ConvertOptions": ("modelport.conversion.converting", "ConvertOptions"),
+    "ConvertReport": ("modelport.conversion.converting", "ConvertReport"),
+    "DiffReport": ("modelport.comparing.diffing", "DiffReport"),
+    "ExportReport": ("modelport.torch_models.exporting", "ExportReport"),
+    "Format": ("modelport.formats.protocol", "Format"),
+    "HashReport": ("modelport.comparing.fingerprint", "HashReport"),
+    "InspectReport": ("modelport.loading.inspect_report", "InspectReport"),
+    "ModelFile": ("modelport.loading.model_file", "ModelFile"),
+    "RebuildReport": ("modelport.torch_models.rebuilding", "RebuildReport"),
+    "ScanReport": ("modelport.scanning.findings", "ScanReport"),
+    "TensorRef": ("modelport.tensors", "TensorRef"),
+    "check": ("modelport.torch_models.checking", "check"),
+    "convert": ("modelport.conversion.converting", "convert"),
+    "diff": ("modelport.comparing.diffing", "diff"),
+    "export": ("modelport.torch_models.exporting", "export"),
+    "hash": ("modelport.comparing.fingerprint", "fingerprint"),
+    "inspect": ("modelport.loading.model_file", "inspect"),
+    "load": ("modelport.loading.model_file", "load"),
+    "open": ("modelport.loading.model_file", "open"),
+    "rebuild": ("modelport.torch_models.rebuilding", "rebuild"),
+    "scan": ("modelport.scanning.scanner", "scan"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "errors":
+        return importlib.import_module("modelport.errors")
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'modelport' has no attribute {name!r}")
+    module, attribute = _PUBLIC[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # later lookups find it without this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC, "errors"})
+
 
 __all__ = [
     "CheckReport",
@@ -46,10 +97,8 @@ __all__ = [
     "diff",
     "errors",
     "export",
-    "hash",
     "inspect",
     "load",
-    "open",
     "rebuild",
     "scan",
 ]

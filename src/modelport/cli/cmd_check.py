@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from modelport.cli.cmd_export import add_model_arguments
+from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.torch_models.checking import check
 
 EXAMPLES = """examples:
@@ -22,7 +23,7 @@ exit codes: 0 the weights fit (or --fix wrote a file that fits), 1 they do not, 
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "check",
-        help="will these weights load into this model? (names and shapes, no tensor data)",
+        help=COMMANDS["check"].help,
         description="Compare the names and shapes in WEIGHTS (read by content, no tensor "
         "data) with the state_dict of the model you name, as load_state_dict(strict=True) "
         "would, and name the likely cause of any difference. --model imports and calls "
@@ -63,4 +64,4 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2))
     else:
         print("\n".join(report.lines()))
-    return 0 if report.ok or report.fixed_ok else 1
+    return ExitCode.OK if report.ok or report.fixed_ok else ExitCode.NO

@@ -18,6 +18,7 @@ from rich.progress import (
 
 import modelport
 from modelport.cli._output import human_bytes
+from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.conversion.converting import CASTS, GGUF_TYPES, TARGETS, ConvertOptions
 
 EXAMPLES = """examples:
@@ -34,7 +35,7 @@ exit codes: 0 converted and verified, 1 verification failed, 2 error or refused
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "convert",
-        help="convert weights between formats (streamed, bounded memory, verified)",
+        help=COMMANDS["convert"].help,
         description="Read SRC by content, take its model weights (or what you select), and "
         "write DST. The output is written beside DST, read back and compared with the source "
         "before it replaces anything. Nothing stored in SRC is ever executed.",
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         report = modelport.convert(args.source, args.target, options)
         print(json.dumps(report.to_json(), indent=2))
-        return 0
+        return ExitCode.OK
     with Progress(
         TextColumn("converting"),
         BarColumn(),
@@ -193,4 +194,4 @@ def run(args: argparse.Namespace) -> int:
         out.print(
             f"  verified: every tensor read back {how} ({report.seconds:.2f} s)", highlight=False
         )
-    return 0
+    return ExitCode.OK

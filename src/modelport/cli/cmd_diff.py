@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.comparing.diffing import DiffReport, diff
 
 EXAMPLES = """examples:
@@ -27,7 +28,7 @@ TOP = 20
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "diff",
-        help="compare the weights of two model files (any formats)",
+        help=COMMANDS["diff"].help,
         description="Pair the tensors of A and B by name and compare dtypes, shapes and "
         "values (max abs/rel difference, cosine, bit equality), streaming both in bounded "
         "memory. Checkpoints are compared by their model weights. B is the reference for "
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2))
     else:
         show(Console(), report)
-    return 0 if report.same else 1
+    return ExitCode.OK if report.same else ExitCode.NO
 
 
 def show(console: Console, report: DiffReport) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
+from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.cli.markdown import export_markdown
 from modelport.errors import ConversionError
 from modelport.torch_models.building import resolve_model
@@ -53,7 +54,7 @@ INT_HIGH = 100  # random integer inputs lie in [0, INT_HIGH) or [0, config.vocab
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "export",
-        help="export a torch model to ONNX / TorchScript / .pt2 and verify it against eager",
+        help=COMMANDS["export"].help,
         description="Build the model, export it, run the exported file in its own runtime on "
         "several random inputs and compare every output with eager PyTorch.",
         epilog=EXAMPLES,
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         _show(report)
         if args.report:
             print(f"  report: {args.report}")
-    return 1 if report.verified is False else 0
+    return ExitCode.NO if report.verified is False else ExitCode.OK
 
 
 def model_source(args: argparse.Namespace) -> str:

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from modelport.cli import _errors
+from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.comparing.fingerprint import HashReport, fingerprint
 
 EXAMPLES = """examples:
@@ -25,7 +26,7 @@ exit codes: 0 every file hashed, 2 a file could not be read
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "hash",
-        help="fingerprint the weights of model files, independent of format",
+        help=COMMANDS["hash"].help,
         description="Print a content fingerprint of each file's model weights, one "
         "'<digest>  <path>' line per file like sha256sum. Tensor data is streamed in "
         "bounded memory; nothing in the files is executed.",
@@ -68,4 +69,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"{report.digest}  {path}", flush=True)
     if args.json:
         print(json.dumps(results, indent=2))
-    return 2 if failed else 0
+    return ExitCode.ERROR if failed else ExitCode.OK

@@ -12,6 +12,7 @@ from rich.tree import Tree
 
 import modelport
 from modelport.cli._output import human_bytes, json_default
+from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.loading.inspect_report import InspectReport
 
 EXAMPLES = """examples:
@@ -25,7 +26,7 @@ EXAMPLES = """examples:
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "inspect",
-        help="show what a model file holds (format, tensors, metadata, checkpoint extras)",
+        help=COMMANDS["inspect"].help,
         description="Read a model file or directory by content and summarise it. Never "
         "executes anything stored in the file and reads no tensor data.",
         epilog=EXAMPLES,
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             with modelport.open(args.path) as model:
                 payload["code"] = model.code
         print(json.dumps(payload, indent=2, default=json_default))
-        return 0
+        return ExitCode.OK
     console = Console()
     show_summary(console, report)
     if args.tensors:
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                 console.print(text, markup=False, highlight=False)
             if not model.code:
                 console.print("[dim]no code in this file[/dim]")
-    return 0
+    return ExitCode.OK
 
 
 def show_summary(console: Console, report: InspectReport) -> None:

@@ -21,6 +21,7 @@ from modelport.cli.cmd_export import (
     parse_dynamic,
     parse_input,
 )
+from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.cli.markdown import rebuild_markdown
 from modelport.torch_models.example_inputs import read_example_inputs
 from modelport.torch_models.rebuilding import TARGETS, RebuildReport, rebuild
@@ -49,7 +50,7 @@ exit codes: 0 written and verified, 1 verification failed, 2 error
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "rebuild",
-        help="weights + model class -> a whole saved model (pickle / TorchScript / .pt2)",
+        help=COMMANDS["rebuild"].help,
         description="Build the model, load the weights strictly, save the whole model, load "
         "the file back and compare it with the eager model.",
         epilog=EXAMPLES,
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         _show(report)
         if args.report:
             print(f"  report: {args.report}")
-    return 0 if report.verified else 1
+    return ExitCode.OK if report.verified else ExitCode.NO
 
 
 def _show(report: RebuildReport) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 
 import modelport
+from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.scanning.findings import ScanReport
 
 EXAMPLES = """examples:
@@ -26,7 +27,7 @@ _VERDICT_STYLE = {"safe": "green", "suspicious": "yellow", "unsafe": "bold red",
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "scan",
-        help="check whether model files are safe to load (never executes them)",
+        help=COMMANDS["scan"].help,
         description="Statically analyse model files and directories by content: every pickle "
         "opcode, every archive member, every header. Nothing is imported or executed.",
         epilog=EXAMPLES,
@@ -40,7 +41,9 @@ def register(commands: Any) -> None:
 
 
 def exit_code(verdict: str) -> int:
-    return {"safe": 0, "suspicious": 1, "unsafe": 1}.get(verdict, 2)
+    return {"safe": ExitCode.OK, "suspicious": ExitCode.NO, "unsafe": ExitCode.NO}.get(
+        verdict, ExitCode.ERROR
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,14 +1,10 @@
-"""``modelport``: the entry point. Wires subcommands and turns errors into exit codes.
-
-Exit codes (stable, documented in README):
-    0  success
-    1  the command ran and the answer is "no" (a scan found something, verification failed)
-    2  error: bad input, unreadable file, missing dependency, bad usage
-"""
+"""``modelport``: the entry point. Parses argv, then imports only the command it names, and
+turns errors into the exit codes of ``commands.ExitCode`` (documented in README)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -16,40 +12,35 @@ import warnings
 from collections.abc import Sequence
 
 from modelport._version import __version__
-from modelport.cli import (
-    _errors,
-    cmd_check,
-    cmd_convert,
-    cmd_diff,
-    cmd_export,
-    cmd_hash,
-    cmd_inspect,
-    cmd_rebuild,
-    cmd_scan,
-)
+from modelport.cli import _errors
+from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.errors import ModelportError, VerificationError
 
-EXIT_OK = 0
-EXIT_NO = 1
-EXIT_ERROR = 2
 
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the full arguments of ``chosen`` and a stub carrying the help line
+    for every other command, so that ``--help`` lists them all and imports none."""
     parser = argparse.ArgumentParser(
         prog="modelport",
         description="Inspect, scan and convert model files by content, without executing them.",
     )
     parser.add_argument("--version", action="version", version=f"modelport {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    cmd_inspect.register(commands)
-    cmd_scan.register(commands)
-    cmd_convert.register(commands)
-    cmd_diff.register(commands)
-    cmd_hash.register(commands)
-    cmd_check.register(commands)
-    cmd_export.register(commands)
-    cmd_rebuild.register(commands)
+    for name, command in COMMANDS.items():
+        if name == chosen:
+            importlib.import_module(command.module).register(commands)
+        else:
+            commands.add_parser(name, help=command.help)
     return parser
+
+
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    """The command argv names: the first argument that is not an option (the top-level
+    parser has no option taking a value)."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
 
 
 def _one_line_warning(
@@ -63,16 +54,27 @@ def _one_line_warning(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    caller_format = warnings.formatwarning
     warnings.formatwarning = _one_line_warning  # library warnings, said plainly on stderr
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser(_chosen_command(arguments)).parse_args(arguments)
+        return _run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    finally:
+        warnings.formatwarning = caller_format  # later code in this process formats its own
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         code: int = args.run(args)
         return code
     except BrokenPipeError:  # output piped into `head` and friends: stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK
+        return ExitCode.OK
     except Exception as exc:
         if os.environ.get("MODELPORT_DEBUG"):
             raise
@@ -87,10 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not isinstance(exc, ModelportError) or exc.__cause__ is not None:
                 # a refusal says all there is; a failure underneath has more to show
                 print("(set MODELPORT_DEBUG=1 for the full traceback)", file=sys.stderr)
-        return EXIT_NO if isinstance(exc, VerificationError) else EXIT_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return ExitCode.NO if isinstance(exc, VerificationError) else ExitCode.ERROR
 
 
 if __name__ == "__main__":
