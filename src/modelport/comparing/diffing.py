@@ -25,10 +25,10 @@ Choices and edge cases:
   compared by bytes only (their statistics are None);
 - ``same`` holds when no name is missing, nothing changed, and every common tensor is
   bit-equal (``atol == rtol == 0``) or within tolerance (otherwise);
-- ``strip_prefix="auto"`` removes a ``module.`` (DDP), ``_orig_mod.`` (``torch.compile``)
-  or ``model.`` prefix that every name of one side carries, repeatedly, keeping the
-  choice that pairs the most names; a given string is removed from every name of both
-  sides that starts with it (unless that would make two names collide).
+- ``strip_prefix="auto"`` strips from each side the wrapper prefixes every one of its
+  names carries (``tree.names.wrapper_prefix``, as ``convert`` does), except where keeping
+  a side's names as they are pairs more names; a given string is removed from every name
+  of both sides that starts with it (unless that would make two names collide).
 """
 
 from __future__ import annotations
@@ -44,9 +44,8 @@ from modelport import dtypes
 from modelport.loading import model_file as api
 from modelport.tensors import NDArray, TensorRef
 from modelport.transfer.streaming import paired_chunks
+from modelport.tree import names as trees
 
-PREFIXES = ("module.", "_orig_mod.", "model.")
-MAX_STRIPS = 4  # auto strips at most this many prefixes from one side
 DIFF_CHUNK = 4 << 20  # bytes per chunk and side; float64 copies are a few times this
 
 
@@ -262,10 +261,10 @@ def _normalise(
     if not strip_prefix:
         return a, b
     if strip_prefix == "auto":
-        options_a, options_b = _strip_chain(list(a)), _strip_chain(list(b))
+        options_a, options_b = _strip_options(list(a)), _strip_options(list(b))
         best = max(
             ((i, j) for i in range(len(options_a)) for j in range(len(options_b))),
-            key=lambda ij: (_common(options_a[ij[0]][1], options_b[ij[1]][1]), -ij[0] - ij[1]),
+            key=lambda ij: (_common(options_a[ij[0]][1], options_b[ij[1]][1]), ij[0] + ij[1]),
         )
         result = []
         for side, tensors, options, index in (
@@ -283,25 +282,13 @@ def _normalise(
     )
 
 
-def _strip_chain(names: list[str]) -> list[tuple[str, list[str]]]:
-    """The names as they are, then with each prefix that every one of them carries removed."""
-    chain = [("", names)]
-    removed = ""
-    for _ in range(MAX_STRIPS):
-        current = chain[-1][1]
-        prefix = next(
-            (
-                p
-                for p in PREFIXES
-                if current and all(n.startswith(p) and len(n) > len(p) for n in current)
-            ),
-            None,
-        )
-        if prefix is None:
-            break
-        removed += prefix
-        chain.append((removed, [n[len(prefix) :] for n in current]))
-    return chain
+def _strip_options(names: list[str]) -> list[tuple[str, list[str]]]:
+    """The names as they are, then without the wrapper prefix they all carry, if any."""
+    wrapper = trees.wrapper_prefix(names)
+    options = [("", names)]
+    if wrapper:
+        options.append((wrapper, [n[len(wrapper) :] for n in names]))
+    return options
 
 
 def _common(x: list[str], y: list[str]) -> int:

@@ -20,8 +20,6 @@ from modelport.tree import names as trees
 if TYPE_CHECKING:
     from modelport.conversion.converting import ConvertOptions
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
-
 
 def select(
     model: Any, options: ConvertOptions, plain: Any, nested: bool
@@ -83,19 +81,11 @@ def lookup(tree: Any, dotted: str) -> Any:
     return node
 
 
-def detect_wrapper(names: list[str]) -> str | None:
-    """The wrapper prefix every key carries (DDP ``module.``, compile ``_orig_mod.``, ...)."""
-    for prefix in WRAPPER_PREFIXES:
-        if names and all(name.startswith(prefix) for name in names):
-            return prefix
-    return None
-
-
 def rename(
     chosen: dict[str, TensorRef], options: ConvertOptions
 ) -> tuple[dict[str, TensorRef], list[str]]:
     notes: list[str] = []
-    wrapper = detect_wrapper(list(chosen))
+    wrapper = trees.wrapper_prefix(chosen) or None
     strip = wrapper if options.strip_prefix == "auto" else options.strip_prefix
     if wrapper and strip != wrapper:
         notes.append(

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelport.conversion.converting import ConvertOptions, convert
-from modelport.conversion.selecting import detect_wrapper
 from modelport.loading.model_file import check_safety
 from modelport.loading.model_file import open as open_model
 from modelport.torch_models.building import build_model
@@ -287,16 +286,11 @@ def _prefix_suggestion(
 ) -> Suggestion:
     strip, add = prefix
     if strip is not None:
-        wrapper = detect_wrapper(list(got))
-        flag = "auto" if wrapper == strip else strip
-        known = {
-            "module.": " (DistributedDataParallel / DataParallel)",
-            "_orig_mod.": " (torch.compile)",
-            "model.": " (a Lightning-style wrapper)",
-        }
+        flag = "auto" if trees.wrapper_prefix(got) == strip else strip
+        wrapper = trees.WRAPPER_PREFIXES.get(strip)
         cause = (
-            f"prefix shift: the file's keys carry {strip!r}{known.get(strip, '')}, "
-            "the model's do not"
+            f"prefix shift: the file's keys carry {strip!r}"
+            f"{f' ({wrapper})' if wrapper else ''}, the model's do not"
         )
         command = f"modelport convert {weights} OUT --strip-prefix {flag}"
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +33,38 @@ from modelport.tensors import TensorRef
 MAX_NODES = 5_000_000
 MAX_DEPTH = 512
 
+# Prefixes a training wrapper lays over every state_dict key, and the wrapper.
+WRAPPER_PREFIXES: dict[str, str] = {
+    "module.": "DistributedDataParallel / DataParallel",
+    "_orig_mod.": "torch.compile",
+    "model.": "a Lightning-style wrapper",
+}
+
 # Checkpoint keys that hold the model weights, in the order they are preferred.
 WEIGHT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 EMA_KEYS = ("ema", "model_ema", "ema_state_dict", "state_dict_ema", "ema_model")
+
+
+def wrapper_prefix(names: Iterable[str]) -> str:
+    """The wrapper prefixes every name carries, outermost first (``_orig_mod.module.`` for a
+    compiled DDP model), or "" when there is none. ``--strip-prefix auto`` strips exactly
+    this, in convert, diff and check alike; a name that is nothing but the prefix stops it."""
+    current = list(names)
+    removed = ""
+    while current:
+        prefix = next(
+            (
+                p
+                for p in WRAPPER_PREFIXES
+                if all(n.startswith(p) and len(n) > len(p) for n in current)
+            ),
+            None,
+        )
+        if prefix is None:
+            break
+        removed += prefix
+        current = [n[len(prefix) :] for n in current]
+    return removed
 
 
 def flatten(tree: Any) -> dict[str, TensorRef]:
