@@ -28,15 +28,14 @@ import numpy as np
 
 from modelport import dtypes
 from modelport.errors import CorruptFileError, UnsupportedVersionError
-from modelport.formats._zip import ZipDirectory
+from modelport.formats._zip import LOCAL_SIGNATURE, ZipDirectory
+from modelport.formats.torch_legacy import MAGIC_NUMBER
 from modelport.formats.torch_zip import archive_prefix, load_archive_pickle
 from modelport.pickles.reading import read_pickle
 from modelport.pickles.torch_types import StorageType, TypedStorage
 from modelport.tensors import Storage
 
-TORCH_MAGIC: Final = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION: Final = 1001
-ZIP_MAGIC: Final = b"PK\x03\x04"
 
 
 def read_torch_blob(
@@ -47,7 +46,7 @@ def read_torch_blob(
     ``data`` is the blob's bytes; when ``path`` and ``file_offset`` locate it in a file, its
     storages are ranges of that file, otherwise they read from ``data``.
     """
-    if bytes(data[:4]) == ZIP_MAGIC:
+    if bytes(data[:4]) == LOCAL_SIGNATURE:
         if path is None or file_offset is None:
             raise UnsupportedVersionError(
                 "a zip-format torch.save blob can only be read from an uncompressed file"
@@ -63,7 +62,7 @@ def read_torch_blob(
 
 def _read_legacy(data: memoryview, path: Path | None, file_offset: int | None) -> Any:
     magic = read_pickle(data)
-    if magic.value != TORCH_MAGIC:
+    if magic.value != MAGIC_NUMBER:
         raise CorruptFileError("torch blob is neither a zip archive nor a legacy torch.save")
     version = read_pickle(data, start=magic.end)
     if version.value != LEGACY_PROTOCOL_VERSION:

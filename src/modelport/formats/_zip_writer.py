@@ -36,6 +36,13 @@ from enum import IntEnum
 from typing import BinaryIO
 
 from modelport.errors import ConversionError
+from modelport.formats._zip import (
+    CENTRAL_SIGNATURE,
+    EOCD_SIGNATURE,
+    LOCAL_SIGNATURE,
+    ZIP64_EOCD_SIGNATURE,
+    ZIP64_LOCATOR_SIGNATURE,
+)
 from modelport.transfer.readback import Checksum
 from modelport.transfer.streaming import write_all
 
@@ -109,7 +116,7 @@ class ZipWriter:
         extra += PAD_BYTE * (-before_pad % self.align)
         short = 0xFFFFFFFF if big else size
         header = _LOCAL.pack(
-            b"PK\x03\x04",
+            LOCAL_SIGNATURE,
             VERSION_ZIP64 if big else VERSION,
             FLAG_UTF8,
             0,
@@ -149,7 +156,7 @@ class ZipWriter:
             write_all(
                 self.handle,
                 _ZIP64_END.pack(
-                    b"PK\x06\x06",
+                    ZIP64_EOCD_SIGNATURE,
                     _ZIP64_END.size - 12,
                     VERSION_ZIP64,
                     VERSION_ZIP64,
@@ -160,13 +167,13 @@ class ZipWriter:
                     cd_size,
                     cd_offset,
                 )
-                + _ZIP64_LOCATOR.pack(b"PK\x06\x07", 0, zip64_end, 1),
+                + _ZIP64_LOCATOR.pack(ZIP64_LOCATOR_SIGNATURE, 0, zip64_end, 1),
             )
         short_count = min(count, MAX_SHORT_COUNT)
         write_all(
             self.handle,
             _END.pack(
-                b"PK\x05\x06",
+                EOCD_SIGNATURE,
                 0,
                 0,
                 short_count,
@@ -192,7 +199,7 @@ def _central_record(member: Member, crc: int) -> bytes:
     version = VERSION_ZIP64 if zip64 else VERSION
     return (
         _CENTRAL.pack(
-            b"PK\x01\x02",
+            CENTRAL_SIGNATURE,
             VERSION_ZIP64,
             version,
             FLAG_UTF8,

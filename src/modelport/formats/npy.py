@@ -104,6 +104,13 @@ class NpyHeader:
         return tuple(strides)
 
 
+def header_padding(prefix: bytes) -> int:
+    """Bytes after the header dict up to the data: the newline padding npy headers carry."""
+    end = prefix.find(b"}") + 1
+    newline = prefix.find(b"\n", end)
+    return newline + 1 - end if newline >= 0 else 0
+
+
 def sniff(probe: Probe) -> bool:
     return not probe.is_dir and probe.head.startswith(MAGIC)
 

@@ -46,9 +46,10 @@ from modelport.errors import (
     UnsupportedDtypeError,
 )
 from modelport.formats import npy
-from modelport.formats._torch_blob import TORCH_MAGIC, read_torch_blob
+from modelport.formats._torch_blob import read_torch_blob
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.formats.sniffing import identify
+from modelport.formats.torch_legacy import MAGIC_NUMBER
 from modelport.pickles.machine import Limits, Step, run
 from modelport.pickles.numpy_types import NumpyArray, NumpyDType, tensor_from_raw
 from modelport.pickles.reading import ReadingResolver
@@ -113,7 +114,7 @@ def compression_of(head: bytes) -> Compression | None:
 
 
 def sniff(probe: Probe) -> bool:
-    if probe.is_dir or not probe.head or probe.head.startswith(b"\x93NUMPY"):
+    if probe.is_dir or not probe.head or probe.head.startswith(npy.MAGIC):
         return False
     kind = compression_of(probe.head)
     if kind is None:
@@ -166,7 +167,7 @@ def _first_value(
         return True if limited_ok else _FAILED
     except ModelportError:
         return _FAILED
-    return _TORCH if isinstance(value, int) and value == TORCH_MAGIC else value
+    return _TORCH if isinstance(value, int) and value == MAGIC_NUMBER else value
 
 
 # -- decompression ---------------------------------------------------------------------------
@@ -472,7 +473,7 @@ def _interpret(
         if exc.path is None:
             raise CorruptFileError(str(exc), path=path) from None
         raise
-    if isinstance(result.value, int) and result.value == TORCH_MAGIC:
+    if isinstance(result.value, int) and result.value == MAGIC_NUMBER:
         raise CorruptFileError("a torch legacy checkpoint, not a plain pickle", path=path)
     warnings = list(resolver.warnings)
     if result.end < len(data):

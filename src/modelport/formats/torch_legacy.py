@@ -58,6 +58,8 @@ MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 COUNT_SIZE = 8
 TAR_BLOCK = 512
+TAR_MAGIC = b"ustar"
+TAR_MAGIC_AT = 257
 TAR_MEMBERS = ("sys_info", "pickle", "tensors", "storages")
 MAX_TAR_HEADERS = 64
 MAX_NDIM = 64
@@ -67,6 +69,20 @@ SMALL_LIMITS = Limits(max_opcodes=100_000, max_memo=100_000, max_stack=100_000, 
 
 
 # -- sniffing ---------------------------------------------------------------------------------
+def is_magic_number(pickled: bytes | memoryview) -> bool:
+    """Whether ``pickled`` is one pickle of torch's legacy magic number."""
+    try:
+        value = read_pickle(pickled).value
+    except ModelportError:
+        return False
+    return type(value) is int and value == MAGIC_NUMBER
+
+
+def is_tar(head: bytes | memoryview) -> bool:
+    """A ustar or PAX tar: its first header's magic at byte 257."""
+    return bytes(head[TAR_MAGIC_AT : TAR_MAGIC_AT + len(TAR_MAGIC)]) == TAR_MAGIC
+
+
 def sniff(probe: Probe) -> bool:
     if probe.is_dir or not probe.head:
         return False
@@ -352,7 +368,7 @@ def _tar_members(data: bytes | memoryview) -> list[TarMember]:
         header = bytes(data[pos : pos + TAR_BLOCK])
         if len(header) < TAR_BLOCK or header == bytes(TAR_BLOCK):
             break
-        if header[257:262] != b"ustar":
+        if not is_tar(header):
             break
         size = _tar_size(header[124:136])
         if size is None:

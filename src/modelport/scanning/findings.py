@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from modelport.pickles.judging import PickleFinding
+
 _ORDER = ("safe", "suspicious", "error", "unsafe")
 
 FIXES: dict[str, str] = {
@@ -43,6 +45,20 @@ class Finding:
     global_name: str
     usage: str
     message: str
+
+    @classmethod
+    def from_pickle(cls, finding: PickleFinding, member: str) -> Finding:
+        """A pickle's finding, located in the file by its member."""
+        return cls(
+            finding.severity.value,
+            finding.rule,
+            member,
+            finding.offset,
+            finding.opcode,
+            finding.global_name,
+            finding.usage,
+            finding.message,
+        )
 
     @property
     def fix(self) -> str:

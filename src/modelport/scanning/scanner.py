@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelport.errors import ModelportError, UnsupportedDtypeError
-from modelport.formats._zip import ZipDirectory, prepended_bytes
+from modelport.formats import dcp, npy, pickle_file, torch_legacy
+from modelport.formats._zip import EOCD_SIGNATURE, LOCAL_SIGNATURE, ZipDirectory, prepended_bytes
 from modelport.formats.protocol import Probe
 from modelport.formats.registry import READERS
-from modelport.pickles.judging import PickleFinding, scan_pickle
+from modelport.pickles.judging import scan_pickle
 from modelport.pickles.machine import Limits
 from modelport.scanning import content_checks, script_code
 from modelport.scanning.findings import FileReport, Finding, ScanReport, worst
@@ -37,7 +38,6 @@ MAX_PICKLES_PER_STREAM = 64
 MAX_MEMBER_BYTES = 1 << 30
 MAX_INFLATED = 4 << 30
 SECONDS_PER_FILE = 120.0
-TORCH_MAGIC = 0x1950A86A20F9469CFC6C
 _PICKLE_STARTS = frozenset(b"(}]cKJNIFSVX\x80")
 
 
@@ -81,8 +81,6 @@ def _error_report(path: Path, kind: str, message: str) -> FileReport:
 
 def _dcp_segments(files: list[Path]) -> dict[Path, list[tuple[int, int]]]:
     """For each ``.distcp`` file of a DCP checkpoint, the byte ranges of its items."""
-    from modelport.formats import dcp
-
     segments: dict[Path, list[tuple[int, int]]] = {}
     for meta in (f for f in files if f.name == dcp.METADATA_NAME):
         try:
@@ -150,23 +148,23 @@ class _FileScanner:
             self.error(f"containers nested deeper than {MAX_NESTING}", member)
             return
         head = bytes(data[:16])
-        if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        if head.startswith((LOCAL_SIGNATURE, EOCD_SIGNATURE)):
             self.format = self.format if depth else "zip"
             if in_file:
                 self.scan_zip(member, depth)
             else:
                 self.error("a zip inside a member is not scanned", member)
             return
-        if in_file and depth == 0 and bytes(data[257:262]) == b"ustar":
+        if in_file and depth == 0 and torch_legacy.is_tar(data[:512]):
             self.scan_tar()
             return
-        if head.startswith(b"\x93NUMPY"):
+        if head.startswith(npy.MAGIC):
             self.format = self.format if depth else "npy"
             self.scan_npy(data, member, depth)
             return
-        kind = _compression(head)
+        kind = pickle_file.compression_of(head)
         if kind is not None:
-            self.format = self.format if depth else f"pickle ({kind})"
+            self.format = self.format if depth else f"pickle ({kind.value})"
             self.scan_compressed(data, kind, member, depth)
             return
         if head[:1] and head[0] in _PICKLE_STARTS and self._parses_as_pickle(data):
@@ -185,7 +183,7 @@ class _FileScanner:
         if depth == 0:
             self.scan_with_reader()
         elif compressed:  # nothing else explains why it was compressed: not analysed
-            what = "a tar archive" if bytes(data[257:262]) == b"ustar" else "no pickle"
+            what = "a tar archive" if torch_legacy.is_tar(data[:512]) else "no pickle"
             self.error(
                 f"the compressed stream holds {what}, which modelport does not analyse "
                 "there; decompress it and scan the result",
@@ -228,7 +226,7 @@ class _FileScanner:
             except ModelportError as exc:
                 self.error(f"pickle at byte {start} could not be analysed: {exc}", member)
                 return
-            self.findings.extend(_located(f, member) for f in result.findings)
+            self.findings.extend(Finding.from_pickle(f, member) for f in result.findings)
             for nested in result.nested:
                 payload = nested.payload
                 blob = (
@@ -245,7 +243,7 @@ class _FileScanner:
                 )
                 self.scan_bytes(blob, f"{member}@{nested.offset}", depth + 1, in_file=False)
             start = result.end
-            legacy = index == 0 and _is_torch_magic(data, 0, start)
+            legacy = index == 0 and torch_legacy.is_magic_number(data[:start])
             if legacy:
                 self.format = "torch-legacy" if depth == 0 else self.format
             if torch_archive or (not legacy and index == 0):
@@ -253,23 +251,21 @@ class _FileScanner:
             if index >= 4:
                 return  # legacy: magic, protocol, sys_info, objects, storage keys; then data
 
-    def scan_compressed(self, data: memoryview, kind: str, member: str, depth: int) -> None:
-        from modelport.formats import pickle_file
-
-        compression = pickle_file.compression_of(bytes(data[:16]))
-        if compression is None:
-            self.error("compressed stream of unknown kind", member)
-            return
+    def scan_compressed(
+        self, data: memoryview, kind: pickle_file.Compression, member: str, depth: int
+    ) -> None:
         inflated = pickle_file.inflate(
-            data, compression, min(MAX_INFLATED, pickle_file.decompression_cap()), partial=False
+            data, kind, min(MAX_INFLATED, pickle_file.decompression_cap()), partial=False
         )
         self.scan_bytes(
-            memoryview(inflated), f"{member}<{kind}>", depth + 1, in_file=False, compressed=True
+            memoryview(inflated),
+            f"{member}<{kind.value}>",
+            depth + 1,
+            in_file=False,
+            compressed=True,
         )
 
     def scan_npy(self, data: memoryview, member: str, depth: int) -> None:
-        from modelport.formats import npy
-
         prefix = bytes(data[: npy.MAX_PREFIX])
         try:
             header = npy.parse_header(prefix, path=self.path, where=member, available=len(data))
@@ -287,7 +283,7 @@ class _FileScanner:
                 "numpy record array with object fields: its contents are a pickle",
             )
             self.scan_pickle_stream(
-                data[len(header_text) + _npy_padding(prefix) :], member, depth + 1
+                data[len(header_text) + npy.header_padding(prefix) :], member, depth + 1
             )
             return
         if header.is_object:
@@ -301,8 +297,6 @@ class _FileScanner:
 
     def scan_tar(self) -> None:
         """torch 0.1-0.3 saves: a tar whose members hold pickles between raw storages."""
-        from modelport.formats import torch_legacy
-
         self.format = "torch-legacy (tar)"
         spans, stopped = torch_legacy.tar_pickle_spans(self.path)
         with open(self.path, "rb") as handle:
@@ -320,7 +314,7 @@ class _FileScanner:
             except ModelportError as exc:
                 self.error(f"pickle at byte {span.start} could not be analysed: {exc}", label)
                 continue
-            self.findings.extend(_located(f, label) for f in result.findings)
+            self.findings.extend(Finding.from_pickle(f, label) for f in result.findings)
         if stopped is not None and not spans:
             self.scan_tar_members()
             return
@@ -360,7 +354,7 @@ class _FileScanner:
                 continue
             body = data[info.offset_data : end]
             label = f"{self.path.name}!{info.name}"
-            if bytes(body[:4]) in (b"PK\x03\x04", b"PK\x05\x06"):
+            if bytes(body[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
                 self.scan_zip(label, 1, start=info.offset_data, length=info.size)
             elif body:
                 self.scan_bytes(body, label, 1, in_file=False)
@@ -441,7 +435,7 @@ class _FileScanner:
                 self.scan_pickle_stream(
                     view, label, depth + 1, torch_archive=torch_archive, torchscript=torchscript
                 )
-            elif blob.startswith(b"\x93NUMPY"):
+            elif blob.startswith(npy.MAGIC):
                 self.scan_npy(view, label, depth + 1)
             elif torchscript and entry.name.endswith(".py") and "code/" in entry.name:
                 for risk in script_code.risks(blob):
@@ -477,46 +471,9 @@ class _FileScanner:
         self.error("unrecognised binary content: could not be analysed", "")
 
 
-def _npy_padding(prefix: bytes) -> int:
-    """Bytes after the header dict up to the data: the newline padding npy headers carry."""
-    end = prefix.find(b"}") + 1
-    newline = prefix.find(b"\n", end)
-    return newline + 1 - end if newline >= 0 else 0
-
-
-def _located(finding: PickleFinding, member: str) -> Finding:
-    return Finding(
-        finding.severity.value,
-        finding.rule,
-        member,
-        finding.offset,
-        finding.opcode,
-        finding.global_name,
-        finding.usage,
-        finding.message,
-    )
-
-
-def _is_torch_magic(data: memoryview, start: int, end: int) -> bool:
-    from modelport.pickles.reading import read_pickle
-
-    try:
-        value = read_pickle(data[start:end]).value
-        return isinstance(value, int) and value == TORCH_MAGIC
-    except ModelportError:
-        return False
-
-
-def _compression(head: bytes) -> str | None:
-    from modelport.formats import pickle_file
-
-    kind = pickle_file.compression_of(head)
-    return None if kind is None else kind.value
-
-
 def _has_zip_tail(data: memoryview) -> bool:
     tail = bytes(data[-(1 << 16) - 22 :])
-    return b"PK\x05\x06" in tail and bytes(data[:4]) != b"PK\x03\x04"
+    return EOCD_SIGNATURE in tail and bytes(data[:4]) != LOCAL_SIGNATURE
 
 
 def _is_text(path: Path) -> bool:
