@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelport.errors import ConversionError
+from modelport.errors import UsageError
 from modelport.torch_models.binding import bind
 from modelport.torch_models.exporting import export
 from tests.models import Router, TinyResNet
@@ -54,11 +54,11 @@ def test_the_rule() -> None:
     assert (call.names, call.positional) == (("images",), 1)
     call, _ = bind(Router(), [x, mask])
     assert (call.names, call.positional) == (("input0", "input1"), 2)
-    with pytest.raises(ConversionError, match=r"do not fit forward.*multiple values for .*'x'"):
+    with pytest.raises(UsageError, match=r"do not fit forward.*multiple values for .*'x'"):
         bind(Router(), {"x": x, "scale": scale, "extra": x})  # unknown names go first
-    with pytest.raises(ConversionError, match="missing a required argument: 'mask'"):
+    with pytest.raises(UsageError, match="missing a required argument: 'mask'"):
         bind(Router(), {"scale": scale, "x": x})
-    with pytest.raises(ConversionError, match=r"b comes after a .* by position only"):
+    with pytest.raises(UsageError, match=r"b comes after a .* by position only"):
         bind(PositionalOnly(), {"b": x})
 
 
@@ -99,5 +99,5 @@ def test_compiled_models_keep_their_convention(tmp_path: Path) -> None:
     x, mask, scale = torch.randn(2, 5, 8), torch.ones(2, 5), torch.tensor(2.0)
     scripted = torch.jit.script(Router())
     assert bind(scripted, {"mask": mask, "x": x})[0].positional == 2
-    with pytest.raises(ConversionError, match=r"scale comes after mask in forward\(x, mask"):
+    with pytest.raises(UsageError, match=r"scale comes after mask in forward\(x, mask"):
         bind(scripted, {"x": x, "scale": scale})  # TorchScript's converters take no keywords

@@ -5,9 +5,6 @@ read back by the target's reference library, and compared bit for bit."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,11 +15,11 @@ import torch
 
 import modelport
 from modelport.conversion.verifying import verify
-from modelport.errors import ConversionError, UnsafeModelError
+from modelport.errors import ConversionError, UnsafeModelError, UsageError
 from modelport.formats.registry import READERS
 from modelport.transfer.write_plan import OutputTensor, WritePlan
 from modelport.tree import names as trees
-from tests.conftest import torch_digest
+from tests.conftest import Cli, torch_digest
 from tests.models import TiedLM, TinyResNet, trained_checkpoint
 
 WRITABLE = {r.format.value: r for r in READERS if r.write is not None}
@@ -221,13 +218,13 @@ def test_prefixes_renames_and_globs(tmp_path: Path) -> None:
     names = [name for name, *_ in report.tensors]
     assert "net.layer1.0.norm1.weight" in names
     assert not any("num_batches_tracked" in n for n in names)
-    with pytest.raises(ConversionError, match="two tensors"):
+    with pytest.raises(UsageError, match="two tensors"):
         modelport.convert(
             src, tmp_path / "c.safetensors", modelport.ConvertOptions(renames=((".*", "x"),))
         )
 
 
-def test_refusals_leave_nothing(tmp_path: Path, marker: Path) -> None:
+def test_refusals_leave_nothing(tmp_path: Path, marker: Path, attacks: dict[str, bytes]) -> None:
     src = tmp_path / "s.pt"
     torch.save(original(), src)
     with pytest.raises(ConversionError, match="overwrite the input"):
@@ -237,10 +234,10 @@ def test_refusals_leave_nothing(tmp_path: Path, marker: Path) -> None:
     with pytest.raises(ConversionError, match="exists"):
         modelport.convert(src, existing)
     assert existing.read_text() == "keep me"
-    with pytest.raises(ConversionError, match="format"):
+    with pytest.raises(UsageError, match="format"):
         modelport.convert(src, tmp_path / "out.unknown")
     evil = tmp_path / "evil.bin"
-    evil.write_bytes(b"cbuiltins\nexec\n(V" + f"open({str(marker)!r},'w')".encode() + b"\ntR.")
+    evil.write_bytes(attacks["exec"])
     with pytest.raises(UnsafeModelError):
         modelport.convert(evil, tmp_path / "e.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.bin", "exists.safetensors", "s.pt"]
@@ -323,25 +320,17 @@ def test_verification_without_background_checks_reads_everything_back(tmp_path: 
             verify(out, plan)
 
 
-def test_cli_convert_json_and_exit_codes(tmp_path: Path) -> None:
+def test_cli_convert_json_and_exit_codes(tmp_path: Path, cli: Cli) -> None:
     src = tmp_path / "s.pt"
     torch.save(original(), src)
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "modelport", "convert", *args],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-
-    result = cli(str(src), str(tmp_path / "o.safetensors"), "--json")
-    assert result.returncode == 0, result.stderr
-    payload = json.loads(result.stdout)
+    result = cli("convert", src, tmp_path / "o.safetensors", "--json")
+    assert result.code == 0, result.err
+    payload = result.json
     assert payload["verified"] is True and payload["target_format"] == "safetensors"
-    assert cli(str(src), str(tmp_path / "o.safetensors")).returncode == 2  # exists
-    dry = cli(str(src), str(tmp_path / "d.safetensors"), "--dry-run")
-    assert dry.returncode == 0 and "would write" in dry.stdout
+    assert cli("convert", src, tmp_path / "o.safetensors").code == 2  # exists
+    dry = cli("convert", src, tmp_path / "d.safetensors", "--dry-run")
+    assert dry.code == 0 and "would write" in dry.out
     assert not (tmp_path / "d.safetensors").exists()
 
 

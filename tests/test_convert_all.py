@@ -32,6 +32,7 @@ from modelport.errors import (
     CorruptFileError,
     ModelportError,
     UnsupportedVersionError,
+    UsageError,
 )
 from modelport.pickles.torch_types import TorchDevice, TorchDType
 from modelport.tensors import TensorRef
@@ -256,7 +257,7 @@ def test_exclude_and_cast_keep_the_rest(tmp_path: Path) -> None:
 def test_renames_need_a_flat_file(tmp_path: Path) -> None:
     source = tmp_path / "ckpt.pt"
     torch.save(checkpoint(), source)
-    with pytest.raises(ConversionError, match="--rename"):
+    with pytest.raises(UsageError, match="--rename"):
         convert(source, tmp_path / "o.safetensors", ConvertOptions(take_all=True, add_prefix="x."))
     flat = tmp_path / "flat.pt"
     torch.save({f"module.{k}": v for k, v in TinyResNet(width=4).state_dict().items()}, flat)

@@ -15,11 +15,10 @@ import pytest
 import torch
 
 import modelport
-from modelport.cli.main import main
-from modelport.errors import ConversionError
+from modelport.errors import ConversionError, UsageError
 from modelport.formats import _hf_writer
 from modelport.transfer import streaming
-from tests.conftest import torch_digest
+from tests.conftest import Cli, torch_digest
 
 INDEX = "model.safetensors.index.json"
 SMALL = "40KB"
@@ -333,31 +332,29 @@ def test_shard_sizes_parse_like_huggingface_hub() -> None:
     assert _hf_writer.parse_size("1MiB") == 2**20
     assert _hf_writer.parse_size(4096) == _hf_writer.parse_size("4096") == 4096
     for bad in ("5XB", "GB", "-1GB", "0", "", "1e3KB"):
-        with pytest.raises(ConversionError):
+        with pytest.raises(UsageError):
             _hf_writer.parse_size(bad)
 
 
 def test_shard_size_needs_hf_target(gpt2: tuple[Any, Path, Path], tmp_path: Path) -> None:
     _, saved, _ = gpt2
-    with pytest.raises(ConversionError, match="--to hf"):
+    with pytest.raises(UsageError, match="--to hf"):
         modelport.convert(
             saved, tmp_path / "x.safetensors", modelport.ConvertOptions(shard_size="1GB")
         )
-    with pytest.raises(ConversionError, match="shard size"):
+    with pytest.raises(UsageError, match="shard size"):
         modelport.convert(saved, tmp_path / "x", modelport.ConvertOptions(to="hf", shard_size="x"))
     assert not list(tmp_path.iterdir())
 
 
-def test_cli_to_hf(
-    gpt2: tuple[Any, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_to_hf(gpt2: tuple[Any, Path, Path], tmp_path: Path, cli: Cli) -> None:
     _, saved, _ = gpt2
     out = tmp_path / "out"
-    code = main(["convert", str(saved), str(out), "--to", "hf", "--shard-size", SMALL, "--json"])
-    assert code == 0
-    payload = json.loads(capsys.readouterr().out)
+    result = cli("convert", saved, out, "--to", "hf", "--shard-size", SMALL, "--json")
+    assert result.code == 0, result.err
+    payload = result.json
     assert payload["target_format"] == "hf-dir" and payload["verified"] is True
     assert (out / INDEX).is_file()
     dry = tmp_path / "dry"
-    assert main(["convert", str(saved), str(dry), "--to", "hf", "--dry-run"]) == 0
+    assert cli("convert", saved, dry, "--to", "hf", "--dry-run").code == 0
     assert not dry.exists()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,13 +10,12 @@ import torch
 from safetensors.torch import save_file
 
 import modelport
-from modelport.cli.main import main
 from modelport.cli.markdown import rebuild_markdown
-from modelport.errors import ConversionError
+from modelport.errors import ConversionError, UsageError
 from modelport.torch_models.rebuilding import rebuild
+from tests.conftest import Cli
 from tests.models import TinyResNet
 
-ROOT = Path(__file__).resolve().parents[1]
 SPEC = "tests.models:TinyResNet"
 INIT = {"classes": 5, "width": 4}
 
@@ -96,21 +93,18 @@ def test_traced_formats_verified(tmp_path: Path, to: str) -> None:
 
 def test_errors(tmp_path: Path) -> None:
     source_path, _ = weights(tmp_path)
-    with pytest.raises(ConversionError, match="needs example inputs"):
+    with pytest.raises(UsageError, match="needs example inputs"):
         rebuild(SPEC, source_path, tmp_path / "m.pt2", init=INIT, to="pt2")
-    with pytest.raises(ConversionError, match="unknown rebuild format"):
+    with pytest.raises(UsageError, match="unknown rebuild format"):
         rebuild(SPEC, source_path, tmp_path / "m.x", init=INIT, to="onnx")
-    with pytest.raises(ConversionError, match="do not fit"):
+    with pytest.raises(UsageError, match="do not fit"):
         rebuild(SPEC, source_path, tmp_path / "m.pt", init={"classes": 7, "width": 4})
 
 
-def test_cli_json(tmp_path: Path) -> None:
+def test_cli_json(tmp_path: Path, cli: Cli) -> None:
     source_path, _ = weights(tmp_path)
     out = tmp_path / "cli.pt2"
     command = [
-        sys.executable,
-        "-m",
-        "modelport",
         "rebuild",
         "--model",
         SPEC,
@@ -124,25 +118,20 @@ def test_cli_json(tmp_path: Path) -> None:
         "x:2,3,8,8",
         "--json",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    payload = json.loads(result.stdout)
+    result = cli(*command)
+    assert result.code == 0, result.err
+    payload = result.json
     assert payload["verified"] is True and payload["format"] == "pt2" and out.exists()
     assert payload["load_with"].startswith("torch.export.load")
-    missing = subprocess.run(
-        [*command[:-3], "--json"], capture_output=True, text=True, check=False, cwd=ROOT
-    )
-    assert missing.returncode == 2
-    assert "needs example inputs" in json.loads(missing.stdout)["error"]["message"]
+    missing = cli(*command[:-3], "--json")
+    assert missing.code == 2
+    assert "needs example inputs" in missing.json["error"]["message"]
 
 
-def test_cli_verification_failure_exit_1(tmp_path: Path) -> None:
+def test_cli_verification_failure_exit_1(tmp_path: Path, cli: Cli) -> None:
     source = tmp_path / "counter.safetensors"
     save_file(dict(Counter().state_dict()), str(source))
     command = [
-        sys.executable,
-        "-m",
-        "modelport",
         "rebuild",
         "--model",
         "tests.test_rebuild:Counter",
@@ -153,9 +142,9 @@ def test_cli_verification_failure_exit_1(tmp_path: Path) -> None:
         "--input",
         "x:2,4",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
-    assert result.returncode == 1, result.stderr
-    assert "FAILED" in result.stdout and "requires: torch only" in result.stdout
+    result = cli(*command)
+    assert result.code == 1, result.err
+    assert "FAILED" in result.out and "requires: torch only" in result.out
 
 
 def test_refuses_to_overwrite(tmp_path: Path) -> None:
@@ -196,7 +185,7 @@ def test_pickle_report_and_dynamic(tmp_path: Path) -> None:
     assert text.startswith("# modelport rebuild: m.pt\n") and "**verified**" in text
     assert f"{report.tensors_compared} tensors compared bit for bit" in text and "all equal" in text
     assert "| Load with | `torch.load(" in text and "| batch=5 | `output` |" in text
-    with pytest.raises(ConversionError, match="not inputs"):
+    with pytest.raises(UsageError, match="not inputs"):
         rebuild(
             SPEC,
             source_path,
@@ -207,9 +196,7 @@ def test_pickle_report_and_dynamic(tmp_path: Path) -> None:
         )
 
 
-def test_cli_example_inputs_dynamic_report(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_example_inputs_dynamic_report(tmp_path: Path, cli: Cli) -> None:
     import numpy as np
 
     source_path, _ = weights(tmp_path)
@@ -218,9 +205,11 @@ def test_cli_example_inputs_dynamic_report(
     out, report = tmp_path / "cli.pt2", tmp_path / "rebuild.md"
     argv = ["rebuild", "--model", SPEC, "--init", json.dumps(INIT), str(source_path), str(out)]
     argv += ["--example-inputs", str(inputs), "--dynamic", "x:0=batch", "--report", str(report)]
-    assert main(argv) == 0, capsys.readouterr().err
-    shown = capsys.readouterr().out
+    result = cli(*argv)
+    assert result.code == 0, result.err
+    shown = result.out
     assert "loaded back and verified" in shown and f"report: {report}" in shown
     text = report.read_text()
     assert "| Format | pt2 |" in text and "| batch=5 | `output` | [5, 5] |" in text
-    assert main(argv) == 2 and "exists; pass --overwrite" in capsys.readouterr().err
+    result = cli(*argv)
+    assert result.code == 2 and "exists; pass --overwrite" in result.err

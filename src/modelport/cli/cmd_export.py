@@ -13,7 +13,7 @@ from rich.console import Console
 
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.cli.markdown import export_markdown
-from modelport.errors import ConversionError
+from modelport.errors import UsageError
 from modelport.torch_models.building import resolve_model
 from modelport.torch_models.example_inputs import read_example_inputs
 from modelport.torch_models.exporting import EXPORTERS, FORMATS, ExportReport, bundle, export
@@ -200,16 +200,16 @@ def parse_input(spec: str, high: int = INT_HIGH) -> tuple[str, Any]:
 
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not parts[0]:
-        raise ConversionError(f"--input {spec!r}: expected NAME:SHAPE[:DTYPE]")
+        raise UsageError(f"--input {spec!r}: expected NAME:SHAPE[:DTYPE]")
     try:
         shape = [int(s) for s in parts[1].split(",") if s.strip()]
     except ValueError as exc:
-        raise ConversionError(f"--input {spec!r}: shape must be integers like 1,3,32,32") from exc
+        raise UsageError(f"--input {spec!r}: shape must be integers like 1,3,32,32") from exc
     if any(s < 0 for s in shape):
-        raise ConversionError(f"--input {spec!r}: negative size")
+        raise UsageError(f"--input {spec!r}: negative size")
     dtype = getattr(torch, parts[2], None) if len(parts) == 3 else torch.float32
     if not isinstance(dtype, torch.dtype):
-        raise ConversionError(f"--input {spec!r}: unknown dtype {parts[2]!r}")
+        raise UsageError(f"--input {spec!r}: unknown dtype {parts[2]!r}")
     generator = torch.Generator().manual_seed(0)
     if dtype == torch.bool:
         return parts[0], torch.rand(shape, generator=generator) < 0.5
@@ -227,7 +227,7 @@ def parse_dynamic(spec: str) -> tuple[str, dict[int, str]]:
     for item in rest.split(","):
         axis, eq, dim = item.partition("=")
         if not sep or not name or not eq or not dim.isidentifier() or not axis.isdigit():
-            raise ConversionError(f"--dynamic {spec!r}: expected NAME:AXIS=DIM[,AXIS=DIM]")
+            raise UsageError(f"--dynamic {spec!r}: expected NAME:AXIS=DIM[,AXIS=DIM]")
         axes[int(axis)] = dim
     return name, axes
 

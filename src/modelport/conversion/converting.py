@@ -26,7 +26,7 @@ from modelport import dtypes
 from modelport._version import __version__
 from modelport.conversion import selecting
 from modelport.conversion.verifying import CastCheck, compare_elements, verify, verify_directory
-from modelport.errors import ConversionError
+from modelport.errors import ConversionError, UsageError
 from modelport.formats import _hf_writer
 from modelport.formats.protocol import FormatReader
 from modelport.formats.registry import READERS
@@ -201,7 +201,7 @@ def _target_format(target: Path, to: str | None) -> FormatReader:
         ):
             return reader
     writable = ", ".join(sorted(TARGETS))
-    raise ConversionError(
+    raise UsageError(
         f"cannot tell which format to write {target.name!r} as: pass --to ({writable})"
         if wanted is None
         else f"modelport cannot write {to!r} (it writes {writable})"
@@ -229,7 +229,7 @@ def _structure(model: Any, options: ConvertOptions) -> _Structure:
     if kept.tree is None or typed_json.is_flat(kept.tree):
         return _Structure(kept.tree, None, tuple(notes))
     if options.strip_prefix or options.add_prefix or options.renames:
-        raise ConversionError(
+        raise UsageError(
             "--all keeps the file's structure, where each tensor is named by its place; "
             "--strip-prefix, --add-prefix and --rename apply to a flat state_dict only "
             "(take the weights, or --extract one part, to rename them)"
@@ -274,10 +274,10 @@ def _outputs(
     --dequantize; integers and bools never change."""
     cast = options.dtype
     if cast is not None and cast not in CASTS:
-        raise ConversionError(f"--dtype must be one of {', '.join(CASTS)}")
+        raise UsageError(f"--dtype must be one of {', '.join(CASTS)}")
     gguf = GGUF_TYPES.get(options.gguf_type or "")
     if options.gguf_type and (gguf is None or writer.format.value != "gguf"):
-        raise ConversionError(f"--gguf-type takes {', '.join(GGUF_TYPES)} and needs a GGUF target")
+        raise UsageError(f"--gguf-type takes {', '.join(GGUF_TYPES)} and needs a GGUF target")
     outputs = []
     for name, tensor in named.items():
         info = dtypes.dtype(tensor.dtype)
@@ -408,7 +408,7 @@ def _check_directory_target(
 ) -> None:
     if writer is not _hf_writer.TARGET:
         if options.shard_size is not None:
-            raise ConversionError("--shard-size applies to --to hf only")
+            raise UsageError("--shard-size applies to --to hf only")
         return
     _hf_writer.parse_size(options.shard_size)
     if target.exists() and source.exists() and source.resolve().is_relative_to(target.resolve()):

@@ -13,7 +13,7 @@ import fnmatch
 import re
 from typing import TYPE_CHECKING, Any
 
-from modelport.errors import ConversionError
+from modelport.errors import ConversionError, UsageError
 from modelport.tensors import TensorRef
 from modelport.tree import names as trees
 
@@ -77,7 +77,7 @@ def lookup(tree: Any, dotted: str) -> Any:
         ):
             node = node[int(part)]
         else:
-            raise ConversionError(f"--extract {dotted!r}: no entry {part!r} in the file's tree")
+            raise UsageError(f"--extract {dotted!r}: no entry {part!r} in the file's tree")
     return node
 
 
@@ -98,7 +98,7 @@ def rename(
             new = re.sub(pattern, replacement, new)
         new = (options.add_prefix or "") + new
         if new in renamed:
-            raise ConversionError(f"renaming gives two tensors the name {new!r}")
+            raise UsageError(f"renaming gives two tensors the name {new!r}")
         renamed[new] = tensor
     if strip and strip == wrapper:
         notes.append(f"stripped the wrapper prefix {strip!r}")

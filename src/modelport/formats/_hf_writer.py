@@ -41,7 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from modelport.errors import ConversionError, ModelportError, NotAModelError, UnknownFormatError
+from modelport.errors import (
+    ModelportError,
+    NotAModelError,
+    UnknownFormatError,
+    UsageError,
+)
 from modelport.formats import hf_dir, safetensors
 from modelport.formats.protocol import Format, FormatReader, Probe
 from modelport.formats.registry import detect
@@ -73,21 +78,21 @@ def parse_size(value: int | str | None) -> int:
     if value is None:
         value = DEFAULT_SHARD_SIZE
     if isinstance(value, bool):
-        raise ConversionError(f"shard size {value!r} is not a size")
+        raise UsageError(f"shard size {value!r} is not a size")
     if isinstance(value, int):
         size = value
     else:
         match = _SIZE.match(value)
         unit = match.group(2).upper() if match else ""
         if match is None or (unit and unit not in SIZE_UNITS):
-            raise ConversionError(
+            raise UsageError(
                 f"shard size {value!r}: expected bytes or a number with a unit "
                 "(KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 5GB"
             )
         number = float(match.group(1))
         size = int(number * SIZE_UNITS[unit]) if unit else int(number)
     if size < 1:
-        raise ConversionError(f"shard size {value!r} must be at least one byte")
+        raise UsageError(f"shard size {value!r} must be at least one byte")
     return size
 
 

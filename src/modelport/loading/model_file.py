@@ -8,6 +8,7 @@ anything stored in the file.
 from __future__ import annotations
 
 import builtins
+import difflib
 import logging
 import warnings
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from modelport import dtypes
-from modelport.errors import SuspiciousModelWarning, UnsafeModelError
+from modelport.errors import SuspiciousModelWarning, TensorNotFoundError, UnsafeModelError
 from modelport.formats.protocol import Contents, Format
 from modelport.formats.registry import detect
 from modelport.loading.inspect_report import InspectReport, TensorSummary
@@ -67,6 +68,18 @@ class ModelFile:
     @property
     def code(self) -> dict[str, str]:
         return self._contents.code
+
+    def tensor(self, name: str) -> TensorRef:
+        """The tensor called ``name``; ``TensorNotFoundError`` (a ``KeyError``) names the
+        closest names the file does hold."""
+        found = self.tensors.get(name)
+        if found is None:
+            close = difflib.get_close_matches(name, list(self.tensors), n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise TensorNotFoundError(
+                f"{self.path}: no tensor {name!r} among its {len(self.tensors)}{hint}"
+            )
+        return found
 
     def weights(self, *, ema: bool = False) -> trees.WeightSelection:
         """The model weights, by the rule ``load`` and ``convert`` share."""
@@ -189,12 +202,12 @@ def load(
 def check_safety(path: str | Path, *, allow_unsafe: bool) -> None:
     """The gate every command that hands out tensors goes through (load, convert, ...)."""
     report = scan(path)
-    serious = [f for file in report.files for f in file.findings if f.severity != "info"]
-    summary = "; ".join(f"{f.rule}: {f.message}" for f in serious[:2]) or report.verdict
     if report.verdict == "unsafe" and not allow_unsafe:
-        raise UnsafeModelError(path, summary)
+        raise UnsafeModelError(path, report.summary(), findings=report.serious)
     if report.verdict in ("suspicious", "unsafe"):
-        warnings.warn(f"{path}: {report.verdict}: {summary}", SuspiciousModelWarning, stacklevel=3)
+        warnings.warn(
+            f"{path}: {report.verdict}: {report.summary()}", SuspiciousModelWarning, stacklevel=3
+        )
 
 
 def _to_torch(ref: TensorRef, device: str, shared: dict[int, Any]) -> torch.Tensor:

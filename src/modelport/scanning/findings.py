@@ -101,6 +101,16 @@ class ScanReport:
     verdict: str
     files: tuple[FileReport, ...]
 
+    @property
+    def serious(self) -> tuple[Finding, ...]:
+        """Every finding above ``info``, file by file."""
+        return tuple(f for file in self.files for f in file.findings if f.severity != "info")
+
+    def summary(self, shown: int = 2) -> str:
+        """The first serious findings in one line, for refusals and warnings."""
+        found = "; ".join(f"{f.rule}: {f.message}" for f in self.serious[:shown])
+        return found or "no findings"
+
     def to_json(self) -> dict[str, Any]:
         if len(self.files) == 1:
             return self.files[0].to_json()

@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from modelport.errors import ConversionError
+from modelport.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -101,10 +101,10 @@ def bind(
     else:
         pairs = [(f"input{i}", t) for i, t in enumerate(example)]
     if not pairs:
-        raise ConversionError("export needs at least one example input")
+        raise UsageError("export needs at least one example input")
     for name, tensor in pairs:
         if not isinstance(tensor, torch.Tensor):
-            raise ConversionError(f"example input {name!r} is not a torch.Tensor")
+            raise UsageError(f"example input {name!r} is not a torch.Tensor")
     signature = forward_signature(model)
     if signature is None:  # nothing to bind against: by position, as given
         return Call(tuple(n for n, _ in pairs), len(pairs)), [t for _, t in pairs]
@@ -125,14 +125,14 @@ def bind(
     stuck = [n for n, _ in keyword if n in parameters and parameters[n].kind is _P.POSITIONAL_ONLY]
     gaps = [n for n in slots[: slots.index(stuck[0])] if n not in dict(pairs)] if stuck else []
     if gaps:
-        raise ConversionError(
+        raise UsageError(
             f"{stuck[0]} comes after {', '.join(gaps)} in {described}, and this model takes it "
             f"by position only: give {', '.join(gaps)} as well"
         )
     try:
         signature.bind(*range(len(positional)), **{n: None for n, _ in keyword})
     except TypeError as exc:
-        raise ConversionError(
+        raise UsageError(
             f"example inputs {', '.join(n for n, _ in pairs)} do not fit {described}: {exc}"
         ) from exc
     ordered = positional + keyword

@@ -194,12 +194,12 @@ def _gate(
     ``allow_unsafe``, anything but ``safe`` unless ``trust_code``; the verdict is warned
     (``CodeExecutionWarning``) when it is not ``safe``, and always when ``announce``."""
     report = scan(path)
-    serious = [f for file in report.files for f in file.findings if f.severity != "info"]
-    summary = "; ".join(f"{f.rule}: {f.message}" for f in serious[:2]) or "no findings"
+    summary = report.summary()
     if report.verdict not in ("safe", "suspicious") and not allow_unsafe:
         raise UnsafeModelError(
             path,
             summary,
+            findings=report.serious,
             advice=f"Loading it as the model would run its {runs}; pass --allow-unsafe "
             "(allow_unsafe=True) as well to run it anyway",
         )

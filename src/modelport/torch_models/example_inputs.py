@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelport.errors import ConversionError
+from modelport.errors import ConversionError, UsageError
 from modelport.loading.model_file import load
 from modelport.torch_models.binding import forward_signature
 
@@ -84,7 +84,7 @@ def match_arguments(
     if positions is not None:
         slots = [a.name for a in arguments if not a.keyword_only]
         if len(tensors) > len(slots):
-            raise ConversionError(
+            raise UsageError(
                 f"{where}: {len(tensors)} positional inputs, but {expected} takes {len(slots)}"
             )
         ordered = [tensors[key] for key in positions]
@@ -95,16 +95,14 @@ def match_arguments(
         return {(required or names)[0]: tensors[only]}
     unknown = [n for n in tensors if n not in names]
     if unknown:
-        raise ConversionError(
+        raise UsageError(
             f"{where}: {', '.join(map(repr, unknown))} "
             f"{'is not an argument' if len(unknown) == 1 else 'are not arguments'} of "
             f"{expected}; name each tensor after the argument it feeds"
         )
     missing = [n for n in required if n not in tensors]
     if missing:
-        raise ConversionError(
-            f"{where}: no tensor for {', '.join(missing)}, required by {expected}"
-        )
+        raise UsageError(f"{where}: no tensor for {', '.join(missing)}, required by {expected}")
     return {n: tensors[n] for n in names if n in tensors}
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelport.errors import ConversionError, MissingDependencyError, ModelportError
+from modelport.errors import ConversionError, MissingDependencyError, ModelportError, UsageError
 from modelport.torch_models.agreement import OutputCheck, Runner, finite, leaves, verify_outputs
 from modelport.torch_models.binding import Call, bind
 from modelport.torch_models.building import eval_mode
@@ -136,16 +136,16 @@ def export(
     import torch
 
     if to not in FORMATS:
-        raise ConversionError(f"unknown export format {to!r}: expected one of {FORMATS}")
+        raise UsageError(f"unknown export format {to!r}: expected one of {FORMATS}")
     if exporter not in EXPORTERS:
-        raise ConversionError(f"unknown ONNX exporter {exporter!r}: expected one of {EXPORTERS}")
+        raise UsageError(f"unknown ONNX exporter {exporter!r}: expected one of {EXPORTERS}")
     started = time.perf_counter()
     call, inputs = bind(model, example_inputs)
     names = list(call.names)
     dynamic = dict(dynamic or {})
     for name in dynamic:
         if name not in names:
-            raise ConversionError(f"dynamic axes for {name!r}, which is not an input ({names})")
+            raise UsageError(f"dynamic axes for {name!r}, which is not an input ({names})")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     check_targets(path, to, overwrite)
@@ -279,9 +279,9 @@ def _dynamic_shapes(
         spec: dict[int, Any] = {}
         for axis, dim_name in axes.items():
             if not 0 <= axis < tensor.dim():
-                raise ConversionError(f"{name}: axis {axis} is out of range for {tensor.dim()}-d")
+                raise UsageError(f"{name}: axis {axis} is out of range for {tensor.dim()}-d")
             if tensor.shape[axis] < 2:
-                raise ConversionError(
+                raise UsageError(
                     f"{name}: dynamic axis {axis} needs an example size of at least 2 "
                     f"(torch specializes sizes 0 and 1), got {tensor.shape[axis]}"
                 )
@@ -314,7 +314,7 @@ def _write(
                 return (path,)
             named = call.by_name(inputs) if kwargs else None
             if kwargs and named is None:
-                raise ConversionError(
+                raise UsageError(
                     "torch.jit.trace takes example inputs all by position or all by keyword: "
                     f"name {', '.join(call.names[: call.positional])} after the forward "
                     "arguments they feed, or export --to pt2"

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelport.errors import ConversionError
+from modelport.errors import ConversionError, UsageError
 from modelport.torch_models.agreement import OutputCheck, Runner, leaves, verify_outputs
 from modelport.torch_models.binding import Call, bind
 from modelport.torch_models.building import resolve_model
@@ -111,13 +111,13 @@ def rebuild(
     if to is None:
         to = "pt2" if Path(path).suffix == ".pt2" else "pickle"
     if to not in TARGETS:
-        raise ConversionError(f"unknown rebuild format {to!r}: expected one of {TARGETS}")
+        raise UsageError(f"unknown rebuild format {to!r}: expected one of {TARGETS}")
     if to != "pickle" and not example_inputs:
-        raise ConversionError(
+        raise UsageError(
             f"--to {to} traces the model: it needs example inputs (--input or --example-inputs)"
         )
     if dynamic and not example_inputs:
-        raise ConversionError("--dynamic names axes of example inputs: give them too")
+        raise UsageError("--dynamic names axes of example inputs: give them too")
     started = time.perf_counter()
     path = Path(path)
     sources = [Path(weights)] + ([Path(model)] if Path(model).is_file() else [])
@@ -223,7 +223,7 @@ def _pickle(
             call, inputs = bind(module, example_inputs)
             unknown = sorted(set(dynamic) - set(call.names))
             if unknown:
-                raise ConversionError(
+                raise UsageError(
                     f"dynamic axes for {unknown}, which are not inputs ({list(call.names)})"
                 )
             runner = _runner_for(loaded, call)

@@ -1,0 +1,71 @@
+"""The error tree carries what a caller needs: the path, the findings, the missing name."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import modelport
+from modelport.errors import (
+    CodeExecutionWarning,
+    ModelFileNotFoundError,
+    ModelportError,
+    ModelportWarning,
+    SuspiciousModelWarning,
+    TensorNotFoundError,
+    UnsafeModelError,
+    UsageError,
+)
+
+
+def test_not_found_sets_filename_like_open(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError) as builtin:
+        open(missing, "rb")
+    with pytest.raises(ModelFileNotFoundError) as ours:
+        modelport.open(missing)
+    assert ours.value.filename == builtin.value.filename == str(missing)
+    assert ours.value.errno == builtin.value.errno == errno.ENOENT
+    assert ours.value.path == missing
+
+
+def test_unsafe_model_error_carries_the_findings(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(b"cos\nsystem\n(Vtrue\ntR.")
+    with pytest.raises(UnsafeModelError) as refused:
+        modelport.load(evil)
+    calls = [(f.global_name, f.usage) for f in refused.value.findings]
+    assert refused.value.path == evil
+    assert ("os.system", "called") in calls
+    assert {f.severity for f in refused.value.findings} <= {"critical", "high", "medium"}
+    assert refused.value.findings == modelport.scan(evil).serious
+
+
+def test_tensor_not_found_names_close_matches(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_file({"fc.weight": np.ones((2, 2), np.float32)}, str(path))
+    with modelport.open(path) as model:
+        assert model.tensor("fc.weight").shape == (2, 2)
+        with pytest.raises(KeyError, match=r"no tensor 'fc.weigth'.*did you mean 'fc.weight'"):
+            model.tensor("fc.weigth")
+        with pytest.raises(TensorNotFoundError):
+            model.tensor("head.bias")
+
+
+def test_usage_error_is_a_value_error_and_not_a_conversion_failure(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_file({"w": np.ones(2, np.float32)}, str(path))
+    with pytest.raises(UsageError, match="--dtype must be one of") as bad:
+        modelport.convert(path, tmp_path / "o.safetensors", modelport.ConvertOptions(dtype="fp7"))
+    assert isinstance(bad.value, ValueError) and isinstance(bad.value, ModelportError)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_warnings_share_one_base() -> None:
+    assert issubclass(SuspiciousModelWarning, ModelportWarning)
+    assert issubclass(CodeExecutionWarning, ModelportWarning)
+    assert issubclass(ModelportWarning, UserWarning)
