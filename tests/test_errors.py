@@ -25,7 +25,7 @@ from modelport.errors import (
 def test_not_found_sets_filename_like_open(tmp_path: Path) -> None:
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(FileNotFoundError) as builtin:
-        open(missing, "rb")
+        missing.read_bytes()
     with pytest.raises(ModelFileNotFoundError) as ours:
         modelport.open(missing)
     assert ours.value.filename == builtin.value.filename == str(missing)
