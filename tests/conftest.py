@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import pickle
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,6 +37,134 @@ def torch_digest(tensor: object) -> str:
 def marker(tmp_path: Path) -> Path:
     """Where a malicious payload would write if it ever ran; tests assert it never appears."""
     return tmp_path / "PWNED"
+
+
+# -- the command line, run in this process ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """What one ``modelport ...`` run gave: its exit code and what it printed."""
+
+    argv: tuple[str, ...]
+    code: int
+    out: str
+    err: str
+
+    @property
+    def json(self) -> Any:
+        """stdout parsed, for a run given ``--json``."""
+        assert "--json" in self.argv, f"no --json in {self.argv}"
+        try:
+            return json.loads(self.out)
+        except ValueError:
+            raise AssertionError(f"not JSON (exit {self.code}): {self.out!r}\n{self.err}") from None
+
+
+Cli = Callable[..., CliResult]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Cli:
+    """``cli("scan", path, "--json")`` runs ``modelport.cli.main.main`` here, as the
+    ``modelport`` command would, and returns a ``CliResult``; argparse's exits (bad usage,
+    ``--help``) become the code they exit with."""
+    from modelport.cli.main import main
+
+    monkeypatch.delenv("MODELPORT_DEBUG", raising=False)  # set, errors would raise instead
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after
+
+    def run(*argv: str | os.PathLike[str]) -> CliResult:
+        args = tuple(os.fspath(a) for a in argv)
+        capsys.readouterr()  # only what this run prints
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        printed = capsys.readouterr()
+        return CliResult(args, code, printed.out, printed.err)
+
+    return run
+
+
+# -- attack pickles: each would create ``marker`` if it were ever loaded -----------------------
+
+
+def short(text: bytes) -> bytes:
+    return b"\x8c" + bytes([len(text)]) + text  # SHORT_BINUNICODE
+
+
+class Reduces:
+    """Pickles as the call ``function(*args)``: how real attack files are made."""
+
+    def __init__(self, function: Callable[..., object], *args: object) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self) -> tuple[Callable[..., object], tuple[object, ...]]:
+        return (self.function, self.args)
+
+
+def os_system_stand_in(command: str) -> None:
+    """Stands in for os.system in saved payloads that name a module of their own."""
+    raise AssertionError(f"payload ran: {command}")
+
+
+def attack_pickles(marker: Path) -> dict[str, bytes]:
+    """Each would create ``marker`` when loaded by pickle / torch.load(weights_only=False)."""
+    cmd = f"touch {marker}".encode()
+    code = f"open({str(marker)!r}, 'w').write('x')".encode()
+    return {
+        "global-reduce": b"cposix\nsystem\n(V" + cmd + b"\ntR.",
+        "string-arg": b"cos\nsystem\n(S" + repr(cmd.decode()).encode() + b"\ntR.",
+        "stack-global": b"\x80\x04"
+        + short(b"os")
+        + short(b"system")
+        + b"\x93"
+        + short(cmd)
+        + b"\x85R.",
+        "inst": b"(V" + cmd + b"\nios\nsystem\n.",
+        "obj": b"(cos\nsystem\nV" + cmd + b"\no.",
+        "exec": b"cbuiltins\nexec\n(V" + code + b"\ntR.",
+        "unlisted-callable": b"cshutil_alike\nrun_anything\n(V" + cmd + b"\ntR.",
+        "getattr-chain": b"\x80\x02cbuiltins\ngetattr\ncbuiltins\n__import__\n"
+        + short(b"os")
+        + b"\x85R"
+        + short(b"system")
+        + b"\x86R"
+        + short(cmd)
+        + b"\x85R.",
+        "dynamic-stack-global": b"\x80\x04cbuiltins\nstr\n"
+        + short(b"os")
+        + b"\x85R"
+        + short(b"system")
+        + b"\x93"
+        + short(cmd)
+        + b"\x85R.",
+        "ext-code": b"\x80\x02\x82\x01" + short(cmd) + b"\x85R.",
+        "setstate-smuggling": b"\x80\x02cbuiltins\nobject\n)\x81}"
+        + short(b"__setstate__")
+        + b"cbuiltins\nexec\nsb"
+        + short(code)
+        + b"b.",
+        "nested-loader": b"\x80\x02cpickle\nloads\nC\x05hello\x85R.",
+        "weights-and-call": pickle.dumps(
+            {"w": np.ones(3, np.float32), "x": Reduces(os.system, cmd.decode())}
+        ),
+    }
+
+
+ATTACKS = tuple(attack_pickles(Path("PWNED")))
+
+
+def benign_twins() -> dict[str, bytes]:
+    """For the attacks that have one, the same file without its payload."""
+    return {"weights-and-call": pickle.dumps({"w": np.ones(3, np.float32)})}
+
+
+@pytest.fixture
+def attacks(marker: Path) -> dict[str, bytes]:
+    """``attack_pickles`` aimed at this test's ``marker``."""
+    return attack_pickles(marker)
 
 
 def mutated(data: object, raw: bytes, *, flips: int = 4, keep: int = 0) -> bytes:

@@ -6,9 +6,6 @@ The oracle is torch itself: weights that check says fit load with
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,12 +14,11 @@ import torch
 import transformers
 
 import modelport
-from modelport.cli.main import main
 from modelport.torch_models.building import build_model
 from modelport.torch_models.checking import check, group_by_prefix
+from tests.conftest import Cli
 from tests.models import TinyResNet, trained_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
 SPEC = "tests.models:TinyResNet"
 
 
@@ -192,45 +188,37 @@ def test_bad_model_specs(tmp_path: Path) -> None:
         build_model(SPEC, '{"no_such_argument": 1}')
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "modelport", "check", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=False,
-    )
-
-
-def test_cli_exit_codes_and_json(tmp_path: Path) -> None:
+def test_cli_exit_codes_and_json(tmp_path: Path, cli: Cli) -> None:
     model = TinyResNet()
     plain = _save(tmp_path, model.state_dict())
     wrapped = _save(tmp_path, {f"module.{k}": v for k, v in model.state_dict().items()}, "d.pt")
 
-    done = _cli("--model", SPEC, str(plain), "--json")
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["ok"] is True
+    done = cli("check", "--model", SPEC, plain, "--json")
+    assert done.code == 0, done.err
+    assert done.json["ok"] is True
 
-    done = _cli("--model", SPEC, str(wrapped), "--json")
-    assert done.returncode == 1, done.stderr
-    answer = json.loads(done.stdout)
+    done = cli("check", "--model", SPEC, wrapped, "--json")
+    assert done.code == 1, done.err
+    answer = done.json
     assert {"ok", "missing", "unexpected", "mismatched", "suggestions"} <= set(answer)
     assert answer["suggestions"][0]["command"].endswith("--strip-prefix auto")
 
     fixed = tmp_path / "fixed.safetensors"
-    done = _cli("--model", SPEC, str(wrapped), "--fix", str(fixed))
-    assert done.returncode == 0, done.stderr
-    assert "likely cause: prefix shift" in done.stdout and "and it fits" in done.stdout
+    done = cli("check", "--model", SPEC, wrapped, "--fix", fixed)
+    assert done.code == 0, done.err
+    assert "likely cause: prefix shift" in done.out and "and it fits" in done.out
     fresh = TinyResNet()
     fresh.load_state_dict(safetensors.torch.load_file(str(fixed)), strict=True)
 
 
-def test_cli_error_and_human_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_error_and_human_output(tmp_path: Path, cli: Cli) -> None:
     plain = _save(tmp_path, TinyResNet(classes=3).state_dict())
-    assert main(["check", "--model", "no_such_package_xyz:Net", str(plain), "--json"]) == 2
-    assert "cannot import" in json.loads(capsys.readouterr().out)["error"]["message"]
-    assert main(["check", "--model", SPEC, str(plain)]) == 1
-    text = capsys.readouterr().out
+    done = cli("check", "--model", "no_such_package_xyz:Net", plain, "--json")
+    assert done.code == 2
+    assert "cannot import" in done.json["error"]["message"]
+    done = cli("check", "--model", SPEC, plain)
+    assert done.code == 1
+    text = done.out
     assert text.startswith("does not fit: 0 missing, 0 unexpected, 2 with another shape")
     assert "fc.weight: [10, 8] vs [3, 8]" in text
     assert "likely cause: different class count: the checkpoint has 3 classes, the model 10" in text

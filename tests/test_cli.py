@@ -1,4 +1,4 @@
-"""The command line: output, JSON contract and exit codes, run as a user runs it."""
+"""The command line: output, JSON contract and exit codes, as a user sees them."""
 
 from __future__ import annotations
 
@@ -9,22 +9,17 @@ from pathlib import Path
 
 import torch
 
-from modelport.cli.main import main
+import modelport
+from tests.conftest import Cli
 from tests.models import TinyResNet, trained_checkpoint
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "modelport", *args], capture_output=True, text=True, check=False
-    )
-
-
-def test_inspect_json_contract(tmp_path: Path) -> None:
+def test_inspect_json_contract(tmp_path: Path, cli: Cli) -> None:
     path = tmp_path / "ckpt.pt"
     torch.save(trained_checkpoint(TinyResNet(), torch.randn(2, 3, 8, 8)), path)
-    result = run_cli("inspect", str(path), "--json")
-    assert result.returncode == 0, result.stderr
-    payload = json.loads(result.stdout)
+    result = cli("inspect", path, "--json")
+    assert result.code == 0, result.err
+    payload = result.json
     for key in (
         "format",
         "size_bytes",
@@ -46,25 +41,42 @@ def test_inspect_json_contract(tmp_path: Path) -> None:
     )
 
 
-def test_inspect_human_output(tmp_path: Path, capsys: object) -> None:
+def test_inspect_human_output(tmp_path: Path, cli: Cli) -> None:
     path = tmp_path / "m.pt"
     torch.save(TinyResNet(), path)
-    assert main(["inspect", str(path), "--tensors"]) == 0
-    out = capsys.readouterr().out  # type: ignore[attr-defined]
+    result = cli("inspect", path, "--tensors")
+    assert result.code == 0, result.err
+    out = result.out
     assert "torch-zip" in out and "TinyResNet" in out and "fc.weight" in out
 
 
-def test_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
+def test_errors_are_one_line_with_exit_code_2(tmp_path: Path, cli: Cli) -> None:
     path = tmp_path / "pointer.bin"
     path.write_text(
         "version https://git-lfs.github.com/spec/v1\noid sha256:" + "a" * 64 + "\nsize 10\n"
     )
-    result = run_cli("inspect", str(path))
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert "git lfs pull" in result.stderr
-    result = run_cli("inspect", str(path), "--json")
-    assert result.returncode == 2
-    error = json.loads(result.stdout)["error"]
+    result = cli("inspect", path)
+    assert result.code == 2
+    assert "Traceback" not in result.err
+    assert "git lfs pull" in result.err
+    result = cli("inspect", path, "--json")
+    assert result.code == 2
+    error = result.json["error"]
     assert error["type"] == "NotAModelError" and "LFS" in error["message"]
-    assert run_cli("inspect", str(tmp_path / "missing.pt")).returncode == 2
+    assert cli("inspect", tmp_path / "missing.pt").code == 2
+
+
+def test_python_m_modelport_entry_point(tmp_path: Path) -> None:
+    # a child process: what runs is `python -m modelport` itself, and its exit status
+    run = [sys.executable, "-m", "modelport"]
+    done = subprocess.run([*run, "--version"], capture_output=True, text=True, check=False)
+    assert (done.returncode, done.stdout) == (0, f"modelport {modelport.__version__}\n")
+    missing = str(tmp_path / "missing.pt")
+    done = subprocess.run([*run, "inspect", missing], capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and missing in done.stderr, done.stderr
+    done = subprocess.run(
+        [*run, "inspect", missing, "--json"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2
+    assert json.loads(done.stdout)["error"]["type"] == "ModelFileNotFoundError"

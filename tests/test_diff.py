@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from gguf.quants import quantize
 import modelport
 from modelport.comparing.diffing import DiffReport, TensorDiff
 from modelport.errors import UnsafeModelError
+from tests.conftest import Cli
 from tests.models import TinyResNet, dtype_zoo, trained_checkpoint
 
 # ``modelport.diff`` is the function; the module lives in sys.modules under the same name.
@@ -295,42 +294,42 @@ def test_quantized_blocks_compare_by_bytes(tmp_path: Path) -> None:
     assert by_name(report)["f"].max_abs == pytest.approx(1.0)
 
 
-def test_unsafe_files_are_refused(tmp_path: Path, model: tuple[State, dict[str, Path]]) -> None:
+def test_unsafe_files_are_refused(
+    tmp_path: Path, marker: Path, attacks: dict[str, bytes], model: tuple[State, dict[str, Path]]
+) -> None:
     _, paths = model
     evil = tmp_path / "evil.pkl"
-    evil.write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
+    evil.write_bytes(attacks["string-arg"])
     with pytest.raises(UnsafeModelError):
         modelport.diff(evil, paths["zip"])
+    assert not marker.exists()
     with pytest.raises(ValueError, match="non-negative"):
         modelport.diff(paths["zip"], paths["zip"], atol=-1.0)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "modelport", "diff", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-
-
-def test_cli_exit_codes_and_json(tmp_path: Path, model: tuple[State, dict[str, Path]]) -> None:
+def test_cli_exit_codes_and_json(
+    tmp_path: Path,
+    marker: Path,
+    attacks: dict[str, bytes],
+    model: tuple[State, dict[str, Path]],
+    cli: Cli,
+) -> None:
     state, paths = model
     changed = {k: v.clone() for k, v in state.items()}
     changed["fc.bias"][0] += 1e-3
     other = save(tmp_path / "changed.safetensors", changed)
 
-    result = run_cli(str(paths["checkpoint"]), str(paths["npz"]))
-    assert result.returncode == 0, result.stderr
-    assert "same" in result.stdout
+    result = cli("diff", paths["checkpoint"], paths["npz"])
+    assert result.code == 0, result.err
+    assert "same" in result.out
 
-    result = run_cli(str(other), str(paths["zip"]))
-    assert result.returncode == 1, result.stderr
-    assert "fc.bias" in result.stdout and "different" in result.stdout
+    result = cli("diff", other, paths["zip"])
+    assert result.code == 1, result.err
+    assert "fc.bias" in result.out and "different" in result.out
 
-    result = run_cli(str(other), str(paths["zip"]), "--json")
-    assert result.returncode == 1
-    payload = json.loads(result.stdout)
+    result = cli("diff", other, paths["zip"], "--json")
+    assert result.code == 1
+    payload = result.json
     assert payload["same"] is False
     assert payload["counts"] == {
         "common": len(state),
@@ -355,18 +354,19 @@ def test_cli_exit_codes_and_json(tmp_path: Path, model: tuple[State, dict[str, P
     }
     assert first["max_abs"] == pytest.approx(1e-3, rel=1e-3)
 
-    assert run_cli(str(other), str(paths["zip"]), "--atol", "1e-2").returncode == 0
+    assert cli("diff", other, paths["zip"], "--atol", "1e-2").code == 0
     ddp = tmp_path / "ddp.pt"
     torch.save({f"module.{k}": v for k, v in state.items()}, ddp)
-    assert run_cli(str(ddp), str(paths["zip"])).returncode == 1
-    assert run_cli(str(ddp), str(paths["zip"]), "--strip-prefix", "auto").returncode == 0
+    assert cli("diff", ddp, paths["zip"]).code == 1
+    assert cli("diff", ddp, paths["zip"], "--strip-prefix", "auto").code == 0
 
-    result = run_cli(str(tmp_path / "missing.pt"), str(paths["zip"]), "--json")
-    assert result.returncode == 2
-    assert json.loads(result.stdout)["error"]["type"] == "ModelFileNotFoundError"
-    result = run_cli(str(paths["zip"]), str(paths["zip"]), "--atol", "-1")
-    assert result.returncode == 2 and "atol" in result.stderr
+    result = cli("diff", tmp_path / "missing.pt", paths["zip"], "--json")
+    assert result.code == 2
+    assert result.json["error"]["type"] == "ModelFileNotFoundError"
+    result = cli("diff", paths["zip"], paths["zip"], "--atol", "-1")
+    assert result.code == 2 and "atol" in result.err
     evil = tmp_path / "evil.pkl"
-    evil.write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
-    result = run_cli(str(evil), str(paths["zip"]))
-    assert result.returncode == 2 and "unsafe" in result.stderr
+    evil.write_bytes(attacks["string-arg"])
+    result = cli("diff", evil, paths["zip"])
+    assert result.code == 2 and "unsafe" in result.err
+    assert not marker.exists()

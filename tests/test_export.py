@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,15 +11,13 @@ from torch import nn
 
 import modelport
 from modelport.cli.cmd_export import parse_dynamic, parse_input
-from modelport.cli.main import main
 from modelport.cli.markdown import export_markdown
-from modelport.errors import ConversionError, ModelSpecError
+from modelport.errors import ConversionError, ModelSpecError, UsageError
 from modelport.torch_models.building import resolve_model
 from modelport.torch_models.example_inputs import read_example_inputs
 from modelport.torch_models.exporting import export
+from tests.conftest import Cli
 from tests.models import Router, TinyResNet
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class CallCounter(nn.Module):
@@ -114,11 +109,11 @@ def test_parse_specs() -> None:
     assert name == "attention_mask" and bool((mask == 1).all())  # a mask hides nothing
     assert parse_dynamic("x:0=batch,2=h") == ("x", {0: "batch", 2: "h"})
     for bad in ("x", "x:1,a", "x:1:float99"):
-        with pytest.raises(ConversionError):
+        with pytest.raises(UsageError):
             parse_input(bad)
-    with pytest.raises(ConversionError):
+    with pytest.raises(UsageError):
         parse_dynamic("x:batch")
-    with pytest.raises(ConversionError, match="at least 2"):
+    with pytest.raises(UsageError, match="at least 2"):
         export(
             tiny(),
             Path("unused.pt2"),
@@ -128,21 +123,18 @@ def test_parse_specs() -> None:
         )
 
 
-def test_cli_json(tmp_path: Path) -> None:
+def test_cli_json(tmp_path: Path, cli: Cli) -> None:
     weights = tmp_path / "w.safetensors"
     save_file(dict(tiny().state_dict()), str(weights))
     out = tmp_path / "model.pt2"
-    command = [
-        sys.executable,
-        "-m",
-        "modelport",
+    result = cli(
         "export",
         "--model",
         "tests.models:TinyResNet",
         "--init",
         '{"classes": 5, "width": 4}',
         "--weights",
-        str(weights),
+        weights,
         "--input",
         "x:2,3,8,8",
         "--dynamic",
@@ -150,22 +142,25 @@ def test_cli_json(tmp_path: Path) -> None:
         "--to",
         "pt2",
         "--json",
-        str(out),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    payload = json.loads(result.stdout)
+        out,
+    )
+    assert result.code == 0, result.err
+    payload = result.json
     assert payload["verified"] is True and payload["format"] == "pt2"
     assert payload["path"] == str(out) and out.exists()
     assert {"max_abs_error", "outputs", "seconds", "warnings"} <= set(payload)
-    assert modelport.inspect(out).format is not None  # modelport reads what it wrote
+    report = modelport.inspect(out)  # modelport reads what it wrote; torch.export is the oracle
+    program = torch.export.load(str(out))
+    stored = {f"state_dict.{k}": v for k, v in program.state_dict.items()}
+    stored |= {f"constants.{k}": v for k, v in program.constants.items()}
+    assert report.format == "torch-export"
+    assert {t.name: (t.dtype, t.shape) for t in report.tensors} == {
+        k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in stored.items()
+    }
 
 
-def test_cli_verification_failure_exit_1(tmp_path: Path) -> None:
+def test_cli_verification_failure_exit_1(tmp_path: Path, cli: Cli) -> None:
     command = [
-        sys.executable,
-        "-m",
-        "modelport",
         "export",
         "--model",
         "tests.test_export:CallCounter",
@@ -175,17 +170,11 @@ def test_cli_verification_failure_exit_1(tmp_path: Path) -> None:
         "pt2",
         str(tmp_path / "c.pt2"),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
-    assert result.returncode == 1, result.stderr
-    assert "FAILED" in result.stdout
-    bad = subprocess.run(
-        [*command[:-1], "--init", "[1]", command[-1]],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-    )
-    assert bad.returncode == 2 and "--init" in bad.stderr
+    result = cli(*command)
+    assert result.code == 1, result.err
+    assert "FAILED" in result.out
+    bad = cli(*command[:-1], "--init", "[1]", command[-1])
+    assert bad.code == 2 and "--init" in bad.err
 
 
 def test_hf_directory_model(tmp_path: Path) -> None:
@@ -330,16 +319,15 @@ def test_gpt2_input_ids_and_attention_mask(
         assert torch.allclose(got["logits"], expected.logits, atol=1e-4)
 
 
-def test_cli_gpt2_input_flags(
-    tmp_path: Path, gpt2_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_gpt2_input_flags(tmp_path: Path, gpt2_dir: Path, cli: Cli) -> None:
     out = tmp_path / "gpt2.onnx"
     argv = ["export", "--model", str(gpt2_dir), "--to", "onnx", "--json", str(out)]
     argv += ["--input", "input_ids:2,8:int64", "--input", "attention_mask:2,8:int64"]
     argv += ["--dynamic", "input_ids:0=batch,1=sequence"]
     argv += ["--dynamic", "attention_mask:0=batch,1=sequence"]
-    assert main(argv) == 0, capsys.readouterr().err
-    payload = json.loads(capsys.readouterr().out)
+    result = cli(*argv)
+    assert result.code == 0, result.err
+    payload = result.json
     assert payload["verified"] is True
     assert [(i["name"], i["keyword"]) for i in payload["inputs"]] == [
         ("input_ids", False),
@@ -363,7 +351,7 @@ def test_legacy_exporter_with_opset(tmp_path: Path) -> None:
     assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [17]
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     assert report.files == (path,) and report.sizes == (path.stat().st_size,)
-    with pytest.raises(ConversionError, match="unknown ONNX exporter"):
+    with pytest.raises(UsageError, match="unknown ONNX exporter"):
         export(tiny(), tmp_path / "x.onnx", inputs, exporter="torchscript")
 
 
@@ -419,9 +407,7 @@ def test_failed_export_leaves_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["npz", "pt", "safetensors"])
-def test_cli_example_inputs_and_report(
-    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_example_inputs_and_report(tmp_path: Path, kind: str, cli: Cli) -> None:
     import numpy as np
 
     inputs = router_inputs()
@@ -437,8 +423,9 @@ def test_cli_example_inputs_and_report(
     argv = ["export", "--model", "tests.models:Router", "--example-inputs", str(path)]
     argv += ["--dynamic", "x:0=batch", "--dynamic", "mask:0=batch", "--to", "pt2"]
     argv += ["--report", str(report_path), "--json", str(out)]
-    assert main(argv) == 0, capsys.readouterr().err
-    payload = json.loads(capsys.readouterr().out)
+    result = cli(*argv)
+    assert result.code == 0, result.err
+    payload = result.json
     assert payload["verified"] is True
     assert [(i["name"], i["shape"]) for i in payload["inputs"]] == [
         ("x", [2, 5, 8]),
@@ -448,27 +435,27 @@ def test_cli_example_inputs_and_report(
     text = report_path.read_text()
     assert f"--example-inputs {path}" in text and "| `mask` | [2, 5] | float32 | 0=batch |" in text
     assert "`output[1]['pooled']`" in text
-    assert main(argv) == 2  # OUT exists now
-    assert "exists; pass --overwrite" in json.loads(capsys.readouterr().out)["error"]["message"]
-    assert main([*argv[:-2], "--overwrite", str(out)]) == 0
-    capsys.readouterr()
+    result = cli(*argv)
+    assert result.code == 2  # OUT exists now
+    assert "exists; pass --overwrite" in result.json["error"]["message"]
+    assert cli(*argv[:-2], "--overwrite", out).code == 0
     fresh = tmp_path / "fresh.pt2"  # the report exists: refused before any export work
-    assert main([*argv[:-1], str(fresh)]) == 2
-    assert "report.md exists" in json.loads(capsys.readouterr().out)["error"]["message"]
+    result = cli(*argv[:-1], fresh)
+    assert result.code == 2
+    assert "report.md exists" in result.json["error"]["message"]
     assert not fresh.exists()
-    same = [*argv[:-4], "--report", str(out), "--overwrite", "--json", str(out)]
-    assert main(same) == 2
-    assert "would replace the output" in json.loads(capsys.readouterr().out)["error"]["message"]
+    result = cli(*argv[:-4], "--report", out, "--overwrite", "--json", out)
+    assert result.code == 2
+    assert "would replace the output" in result.json["error"]["message"]
 
 
-def test_cli_example_inputs_name_mismatch(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_example_inputs_name_mismatch(tmp_path: Path, cli: Cli) -> None:
     path = tmp_path / "inputs.safetensors"
     save_file({"x": torch.randn(2, 5, 8), "attention": torch.ones(2, 5)}, str(path))
     argv = ["export", "--model", "tests.models:Router", "--example-inputs", str(path)]
-    assert main([*argv, "--to", "pt2", str(tmp_path / "r.pt2")]) == 2
-    error = capsys.readouterr().err
+    result = cli(*argv, "--to", "pt2", tmp_path / "r.pt2")
+    assert result.code == 2
+    error = result.err
     assert "'attention' is not an argument of forward(x, mask, scale)" in error
     assert not (tmp_path / "r.pt2").exists()
 

@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import pickle
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 import modelport
 from modelport.comparing.fingerprint import NO_DATA, SCHEME
 from modelport.errors import ModelFileNotFoundError, UnsafeModelError
-from tests.conftest import digest, torch_digest
+from tests.conftest import Cli, benign_twins, digest, torch_digest
 from tests.models import TiedLM, TinyResNet, dtype_zoo, trained_checkpoint
 
 
@@ -200,53 +196,42 @@ def test_meta_and_empty_tensors(tmp_path: Path) -> None:
     assert records["empty"].digest == hashlib.sha256(b"").hexdigest()
 
 
-class _Payload:
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (os.system, ("echo pwned > PWNED",))
-
-
-def test_unsafe_files_are_refused(tmp_path: Path, marker: Path) -> None:
+def test_unsafe_files_are_refused(tmp_path: Path, marker: Path, attacks: dict[str, bytes]) -> None:
     path = tmp_path / "evil.pkl"
-    path.write_bytes(pickle.dumps({"w": np.ones(3, np.float32), "x": _Payload()}))
+    path.write_bytes(attacks["weights-and-call"])
     with pytest.raises(UnsafeModelError):
         modelport.hash(path)
     report = modelport.hash(path, allow_unsafe=True)
     assert [t.name for t in report.tensors] == ["w"]
+    assert report.digest == oracle({"w": torch.ones(3)})  # the weights without the payload
+    twin = tmp_path / "twin.pkl"
+    twin.write_bytes(benign_twins()["weights-and-call"])
+    assert modelport.hash(twin).digest == report.digest
     assert not marker.exists()
     with pytest.raises(ModelFileNotFoundError):
         modelport.hash(tmp_path / "missing.pt")
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "modelport", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=cwd,
-    )
-
-
 def test_cli_prints_sha256sum_lines_and_json(
-    tmp_path: Path, resnet: tuple[dict[str, torch.Tensor], list[Path]]
+    tmp_path: Path, resnet: tuple[dict[str, torch.Tensor], list[Path]], cli: Cli
 ) -> None:
     state, paths = resnet
     expected = oracle(state)
-    result = run_cli("hash", *map(str, paths))
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    result = cli("hash", *paths)
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
     assert lines == [f"{expected}  {p}" for p in paths]
-    result = run_cli("hash", str(paths[2]), "--json")
-    assert result.returncode == 0, result.stderr
-    (payload,) = json.loads(result.stdout)
+    result = cli("hash", paths[2], "--json")
+    assert result.code == 0, result.err
+    (payload,) = result.json
     assert payload["digest"] == expected and payload["format"] == "torch-legacy"
     assert payload["tensor_count"] == len(payload["tensors"]) == len(state)
     assert set(payload["tensors"][0]) == {"name", "dtype", "shape", "digest"}
     missing = str(tmp_path / "missing.bin")
-    result = run_cli("hash", str(paths[3]), missing)
-    assert result.returncode == 2
-    assert result.stdout == f"{expected}  {paths[3]}\n"
-    assert "missing.bin" in result.stderr and "Traceback" not in result.stderr
-    result = run_cli("hash", missing, "--json")
-    assert result.returncode == 2
-    assert json.loads(result.stdout)[0]["error"]["type"] == "ModelFileNotFoundError"
+    result = cli("hash", paths[3], missing)
+    assert result.code == 2
+    assert result.out == f"{expected}  {paths[3]}\n"
+    assert "missing.bin" in result.err and "Traceback" not in result.err
+    result = cli("hash", missing, "--json")
+    assert result.code == 2
+    assert result.json[0]["error"]["type"] == "ModelFileNotFoundError"

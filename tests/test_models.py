@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -11,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modelport.cli.main import main
 from modelport.errors import CodeExecutionWarning, ConversionError, ModelSpecError, UnsafeModelError
 from modelport.torch_models.building import resolve_model
 from modelport.torch_models.checking import check
 from modelport.torch_models.rebuilding import rebuild
+from tests.conftest import Cli, CliResult
 from tests.models import TinyResNet
 
 INPUT = ["--input", "x:2,3,8,8"]
@@ -26,46 +25,36 @@ def tiny() -> TinyResNet:
     return TinyResNet(classes=5, width=4).eval()
 
 
-def attack(tmp_path: Path, marker: Path) -> Path:
-    """A pickle that creates ``marker`` when unpickled: what loading must never do."""
-    path = tmp_path / "model.pt"
-    payload = f"open({str(marker)!r}, 'w').write('ran')".encode()
-    path.write_bytes(b"cbuiltins\nexec\n(V" + payload + b"\ntR.")
-    return path
-
-
-def export_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, object]]:
-    code = main(["export", *INPUT, "--json", *argv])
-    out = capsys.readouterr().out
-    return code, json.loads(out) if out.strip() else {}
+def export_json(cli: Cli, *argv: str) -> CliResult:
+    return cli("export", *INPUT, "--json", *argv)
 
 
 @pytest.mark.parametrize(
     ("to", "extra"),
     [("pt2", ["--dynamic", "x:0=batch"]), ("onnx", []), ("onnx", ["--exporter", "legacy"])],
 )
-def test_torchscript_file_as_model(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], to: str, extra: list[str]
-) -> None:
+def test_torchscript_file_as_model(tmp_path: Path, cli: Cli, to: str, extra: list[str]) -> None:
     scripted = tmp_path / "scripted.bin"  # an extension that says nothing: content decides
     torch.jit.save(torch.jit.script(tiny()), str(scripted))
     out = tmp_path / f"out.{to}"
-    code, payload = export_cli(capsys, "--model", str(scripted), "--to", to, *extra, str(out))
-    assert code == 0 and payload["verified"] is True
+    result = export_json(cli, "--model", str(scripted), "--to", to, *extra, str(out))
+    assert result.code == 0, result.err
+    payload = result.json
+    assert payload["verified"] is True
     assert payload["model"] == "TinyResNet (TorchScript)"
     if extra[:1] == ["--dynamic"]:
-        assert "batch=5" in {o["sample"] for o in payload["outputs"]}  # type: ignore[union-attr]
+        assert "batch=5" in {o["sample"] for o in payload["outputs"]}
 
 
-def test_pt2_file_as_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pt2_file_as_model(tmp_path: Path, cli: Cli) -> None:
     program = tmp_path / "program.pt2"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.export.save(torch.export.export(tiny(), (torch.randn(2, 3, 8, 8),)), str(program))
-    code, payload = export_cli(
-        capsys, "--model", str(program), "--to", "onnx", str(tmp_path / "p.onnx")
-    )
-    assert code == 0 and payload["verified"] is True
+    result = export_json(cli, "--model", str(program), "--to", "onnx", str(tmp_path / "p.onnx"))
+    assert result.code == 0, result.err
+    payload = result.json
+    assert payload["verified"] is True
     assert payload["model"] == "torch.fx.GraphModule"
     model = resolve_model(program)  # the API: the same single resolver
     with torch.no_grad():
@@ -73,39 +62,40 @@ def test_pt2_file_as_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         assert torch.allclose(model(x), tiny()(x), atol=1e-6)
 
 
-def test_whole_model_pickle_needs_trust_code(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_whole_model_pickle_needs_trust_code(tmp_path: Path, cli: Cli) -> None:
     whole = tmp_path / "whole.pt"
     torch.save(tiny(), whole)
     out = tmp_path / "out.pt2"
-    assert main(["export", *INPUT, "--model", str(whole), "--to", "pt2", str(out)]) == 2
-    error = capsys.readouterr().err
+    result = cli("export", *INPUT, "--model", whole, "--to", "pt2", out)
+    assert result.code == 2
+    error = result.err
     assert "is a pickled nn.Module of class tests.models.TinyResNet" in error
     assert "runs code from the file" in error and "--trust-code" in error
     assert "--model pkg.module:TinyResNet --weights" in error and not out.exists()
     with pytest.raises(ModelSpecError, match=r"pickled nn\.Module"):
         resolve_model(whole)
     with pytest.warns(CodeExecutionWarning, match="scan says suspicious: custom-class"):
-        code, payload = export_cli(
-            capsys, "--model", str(whole), "--trust-code", "--to", "pt2", str(out)
-        )
-    assert code == 0 and payload["verified"] is True
+        result = export_json(cli, "--model", str(whole), "--trust-code", "--to", "pt2", str(out))
+    assert result.code == 0, result.err
+    payload = result.json
+    assert payload["verified"] is True
     assert payload["model"] == "tests.models.TinyResNet"
 
 
 def test_attack_pickle_as_model_never_runs(
-    tmp_path: Path, marker: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, marker: Path, attacks: dict[str, bytes], cli: Cli
 ) -> None:
-    evil = attack(tmp_path, marker)
+    evil = tmp_path / "model.pt"
+    evil.write_bytes(attacks["exec"])
     out = tmp_path / "out.pt2"
-    assert main(["export", *INPUT, "--model", str(evil), "--to", "pt2", str(out)]) == 2
-    assert "holds no model modelport recognises" in capsys.readouterr().err
+    result = cli("export", *INPUT, "--model", evil, "--to", "pt2", out)
+    assert result.code == 2
+    assert "holds no model modelport recognises" in result.err
     assert not marker.exists()
     # trusting the code is not enough when the scanner calls it unsafe
-    argv = ["export", *INPUT, "--model", str(evil), "--trust-code", "--to", "pt2", str(out)]
-    assert main(argv) == 2
-    error = capsys.readouterr().err
+    result = cli("export", *INPUT, "--model", evil, "--trust-code", "--to", "pt2", out)
+    assert result.code == 2
+    error = result.err
     assert "unsafe" in error and "builtins.exec" in error and "--allow-unsafe" in error
     assert not marker.exists() and not out.exists()
     with pytest.raises(UnsafeModelError):

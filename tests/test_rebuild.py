@@ -97,7 +97,7 @@ def test_errors(tmp_path: Path) -> None:
         rebuild(SPEC, source_path, tmp_path / "m.pt2", init=INIT, to="pt2")
     with pytest.raises(UsageError, match="unknown rebuild format"):
         rebuild(SPEC, source_path, tmp_path / "m.x", init=INIT, to="onnx")
-    with pytest.raises(UsageError, match="do not fit"):
+    with pytest.raises(ConversionError, match="do not fit"):
         rebuild(SPEC, source_path, tmp_path / "m.pt", init={"classes": 7, "width": 4})
 
 

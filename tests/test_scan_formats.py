@@ -14,7 +14,6 @@ import torch
 
 import modelport
 from tests.formats.test_keras import model_config, write_keras
-from tests.test_scan import attack_pickles
 
 
 def rules(path: Path) -> set[str]:
@@ -111,7 +110,9 @@ def test_onnx_external_data_outside_the_folder(tmp_path: Path) -> None:
     )
 
 
-def test_object_arrays_in_npz_and_npy(tmp_path: Path, marker: Path) -> None:
+def test_object_arrays_in_npz_and_npy(
+    tmp_path: Path, marker: Path, attacks: dict[str, bytes]
+) -> None:
     path = tmp_path / "objects.npz"
     np.savez(path, names=np.array(["a", None, 3], dtype=object), w=np.ones(3))
     assert modelport.scan(path).verdict == "suspicious"
@@ -123,18 +124,20 @@ def test_object_arrays_in_npz_and_npy(tmp_path: Path, marker: Path) -> None:
         header, {"descr": "|O", "fortran_order": False, "shape": (1,)}
     )
     evil = tmp_path / "evil.npy"
-    evil.write_bytes(header.getvalue() + attack_pickles(marker)["exec"])
+    evil.write_bytes(header.getvalue() + attacks["exec"])
     assert modelport.scan(evil).verdict == "unsafe"
     assert not marker.exists()
 
 
-def test_model_directory_with_one_bad_shard(tmp_path: Path, marker: Path) -> None:
+def test_model_directory_with_one_bad_shard(
+    tmp_path: Path, marker: Path, attacks: dict[str, bytes]
+) -> None:
     model = torch.nn.Linear(4, 4)
     directory = tmp_path / "hf-model"
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps({"model_type": "demo"}))
     torch.save({"weight": model.weight}, directory / "pytorch_model-00001-of-00002.bin")
-    (directory / "pytorch_model-00002-of-00002.bin").write_bytes(attack_pickles(marker)["exec"])
+    (directory / "pytorch_model-00002-of-00002.bin").write_bytes(attacks["exec"])
     index = {
         "metadata": {"total_size": 80},
         "weight_map": {
@@ -160,7 +163,9 @@ def test_plain_pickle_of_numpy_arrays_is_safe(tmp_path: Path) -> None:
     assert modelport.scan(path).verdict == "safe"
 
 
-def test_torch_0x_tar_layout_every_pickle_is_scanned(tmp_path: Path, marker: Path) -> None:
+def test_torch_0x_tar_layout_every_pickle_is_scanned(
+    tmp_path: Path, marker: Path, attacks: dict[str, bytes]
+) -> None:
     import io
     import tarfile
 
@@ -172,7 +177,7 @@ def test_torch_0x_tar_layout_every_pickle_is_scanned(tmp_path: Path, marker: Pat
     # The same archive with an attack where torch reads storage records.
     with tarfile.open(path) as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
-    members["storages"] = attack_pickles(marker)["exec"] + members["storages"]
+    members["storages"] = attacks["exec"] + members["storages"]
     evil = tmp_path / "evil.tar"
     with tarfile.open(evil, "w:", format=tarfile.PAX_FORMAT) as tar:
         for name, data in members.items():
@@ -341,14 +346,16 @@ def _tar(path: Path, members: dict[str, bytes], *, mode: str = "w", link: str = 
             archive.addfile(info)
 
 
-def test_tar_archives_are_scanned_member_by_member(tmp_path: Path, marker: Path) -> None:
+def test_tar_archives_are_scanned_member_by_member(
+    tmp_path: Path, marker: Path, attacks: dict[str, bytes]
+) -> None:
     """A tar that is not a torch 0.x save (NeMo's ``.nemo``, a packed folder): each member
     is scanned by content, a torch zip member in place; a compressed tar is not looked
     into, and says so rather than passing as safe."""
     state = tmp_path / "weights.pt"
     torch.save({"w": torch.ones(2)}, state)
     evil = tmp_path / "evil.pt"
-    payload = attack_pickles(marker)["stack-global"]
+    payload = attacks["stack-global"]
     with zipfile.ZipFile(evil, "w") as archive:  # a torch zip whose data.pkl is the attack
         archive.writestr("evil/data.pkl", payload)
     config = b"name: model\n"

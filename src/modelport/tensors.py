@@ -73,8 +73,6 @@ class TensorRef:
     storage: Storage | None
     element_offset: int = 0
     strides: tuple[int, ...] | None = None
-    is_parameter: bool = False
-    requires_grad: bool = False
     note: str = ""
     nbytes: int = field(init=False)
 

@@ -111,9 +111,9 @@ def show_summary(console: Console, report: InspectReport) -> None:
 def show_tensors(console: Console, report: InspectReport) -> None:
     table = Table("name", "dtype", "shape", "bytes", title="tensors", title_justify="left")
     for tensor in report.tensors:
-        table.add_row(
-            tensor.name, tensor.dtype, str(list(tensor.shape)), human_bytes(tensor.nbytes)
-        )
+        shape = str(list(tensor.shape))
+        dtype = f"{tensor.dtype} ({tensor.note})" if tensor.note else tensor.dtype
+        table.add_row(tensor.name, dtype, shape, human_bytes(tensor.nbytes))
     console.print(table)
 
 

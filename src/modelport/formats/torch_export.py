@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import replace
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -190,10 +189,7 @@ class _Payloads:
         flat = self._flat(meta.get("path_name"), dtype, sizes, strides, offset, tensor_meta)
         if flat.dtype != dtype:
             self.warnings.append(f"{fqn}: stored as {dtype} but shares a {flat.dtype} file")
-        tensor = tensor_from_storage(
-            flat, offset, sizes, strides, requires_grad=bool(tensor_meta.get("requires_grad"))
-        )
-        return replace(tensor, is_parameter=True) if meta.get("is_param") else tensor
+        return tensor_from_storage(flat, offset, sizes, strides)
 
     def _flat(
         self,

@@ -25,7 +25,7 @@ are refused.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +178,7 @@ def state_dict(
         for name, value in attributes.items():
             if isinstance(value, TensorRef):
                 if decl is None or name in decl.parameters:
-                    parameters.append((name, replace(value, is_parameter=True)))
+                    parameters.append((name, value))
                 elif name in decl.buffers:
                     buffers.append((name, value))
                 else:

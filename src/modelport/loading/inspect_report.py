@@ -12,14 +12,16 @@ class TensorSummary:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    note: str = ""  # what the reader knows beyond dtype and shape (quantized, saved without data)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        found = {
             "name": self.name,
             "dtype": self.dtype,
             "shape": list(self.shape),
             "nbytes": self.nbytes,
         }
+        return {**found, "note": self.note} if self.note else found
 
 
 @dataclass(frozen=True)

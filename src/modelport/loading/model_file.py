@@ -142,7 +142,8 @@ def inspect(path: str | Path) -> InspectReport:
     with open(path) as model:
         selection = model.weights()
         tensors = tuple(
-            TensorSummary(name, t.dtype, t.shape, t.nbytes) for name, t in model.tensors.items()
+            TensorSummary(name, t.dtype, t.shape, t.nbytes, t.note)
+            for name, t in model.tensors.items()
         )
         return InspectReport(
             path=str(model.path),

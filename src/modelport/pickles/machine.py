@@ -21,8 +21,6 @@ from typing import Any, Protocol
 from modelport.errors import CorruptFileError, LimitExceededError
 from modelport.pickles.records import ByteSpan
 
-_MARK = object()  # sentinel pushed on the mark stack's behalf; never escapes the machine
-
 
 @dataclass(frozen=True)
 class Limits:

@@ -85,7 +85,7 @@ def _typed(storage: Any) -> TypedStorage:
 
 
 def tensor_from_storage(
-    storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None = None, **flags: Any
+    storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None = None
 ) -> TensorRef:
     typed = _typed(storage)
     shape = _ints(size, "size")
@@ -112,7 +112,6 @@ def tensor_from_storage(
         typed.storage,
         offset,
         None if strides == contiguous_strides(shape) else strides,
-        requires_grad=bool(flags.get("requires_grad", False)),
     )
 
 
@@ -123,7 +122,7 @@ def rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any) -> TensorR
 def rebuild_tensor_v2(
     storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, *_: Any
 ) -> TensorRef:
-    return tensor_from_storage(storage, offset, size, stride, requires_grad=requires_grad)
+    return tensor_from_storage(storage, offset, size, stride)
 
 
 def rebuild_tensor_v3(
@@ -137,12 +136,11 @@ def rebuild_tensor_v3(
     *_: Any,
 ) -> TensorRef:
     name = dtype.name if isinstance(dtype, TorchDType) else None
-    return tensor_from_storage(storage, offset, size, stride, name, requires_grad=requires_grad)
+    return tensor_from_storage(storage, offset, size, stride, name)
 
 
-def rebuild_parameter(data: Any, requires_grad: Any = True, *_: Any) -> Any:
-    if isinstance(data, TensorRef):
-        return replace(data, is_parameter=True, requires_grad=bool(requires_grad))
+def rebuild_parameter(data: Any, *_: Any) -> Any:
+    """An ``nn.Parameter`` reads as the tensor it wraps (a state_dict holds tensors)."""
     return data
 
 
