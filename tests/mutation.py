@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 from hypothesis import event
+from hypothesis import strategies as st
 
 import modelport
 from modelport.errors import (
@@ -102,19 +103,55 @@ def assert_typed_error_or_whole(
     event(f"open: {opened}" + (f" ({type(error).__name__})" if error is not None else ""))
 
     parses = None if pickles is None else pickles(path)
+    if parses is False and path.is_file() and _reads_as_text(path):
+        event("known bug: a pickle that reads as text")
+        parses = None
     verdict = None
     if pickles is not None:
         report = modelport.scan(path)
         verdict = report.verdict
         event(f"pickles parse: {parses}; scan: {verdict}")
         if parses is False:
-            assert verdict != "safe", f"{path.name}: scanned safe, a pickle does not parse"
+            assert verdict != "safe", f"scanned safe, a pickle does not parse: {_shown(path)}"
             safe = [f.path for f in report.files if f.verdict == "safe"]
             if path.is_file():
                 assert safe == [], f"{path.name}: file report safe: {report.to_json()}"
     if inspect:
         _assert_inspect_outcome(path, parses)
     return Outcome(opened, error, count, parses, verdict)
+
+
+def _reads_as_text(path: Path) -> bool:
+    """The trigger of a known bug, not asserted on here (the strict xfails of
+    ``test_pickle_file.test_pickles_python_cannot_walk_are_never_scanned_safe`` hold it):
+    the scan calls a pickle that does not parse "text", hence safe, when its first 4 KiB
+    decode as UTF-8 and hold no NUL, as a pickle cut to a byte or two of text opcodes does."""
+    head = path.read_bytes()[:4096]
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b"\x00" not in head
+
+
+def _shown(path: Path) -> str:
+    """A damaged file as a failure message shows it: enough to rebuild it from the seed."""
+    if path.is_dir():
+        return f"{path} ({', '.join(sorted(p.name for p in path.iterdir()))})"
+    data = path.read_bytes()
+    return f"{path.name}, {len(data)} bytes: {data[:120]!r}{'...' if len(data) > 120 else ''}"
+
+
+def damage(data: st.DataObject, raw: bytes, *, flips: int = 4, keep: int = 0) -> bytes:
+    """``raw`` with 1..``flips`` bytes set to random values (never the first ``keep``), then,
+    one time in two, cut to a random length of at least one byte: uncut damage reaches the
+    files that still open, where the whole-file checks apply."""
+    changed = bytearray(raw)
+    for _ in range(data.draw(st.integers(1, flips), label="flips")):
+        changed[data.draw(st.integers(keep, len(changed) - 1))] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans(), label="cut"):
+        changed = changed[: data.draw(st.integers(1, len(changed)), label="length")]
+    return bytes(changed)
 
 
 # -- element types, independent of modelport's own table ---------------------------------------
@@ -245,25 +282,75 @@ def _assert_inspect_outcome(path: Path, parses: bool | None) -> None:
 
 
 # -- pickle oracles: Python's own pickletools, zipfile, zlib and numpy.lib.format ---------------
+@dataclass(frozen=True)
+class Walk:
+    """Python's walk of one pickle. ``end``: just past its STOP, None when it has none or a
+    GLOBAL, INST or PERSID names something by text CPython's unpickler refuses
+    (``undecodable_name``: not UTF-8 for GLOBAL, not ASCII for the others); ``end_any_name``:
+    the same, whatever the names' bytes; ``protocol``: the last PROTO's."""
+
+    end: int | None
+    end_any_name: int | None
+    protocol: int = 0
+    undecodable_name: bool = False
+
+
+# Opcodes whose arguments are lines of text: how many, and how CPython's unpickler decodes them.
+_NAMED_BY_LINES = {b"c": (2, "utf-8"), b"i": (2, "ascii"), b"P": (1, "ascii")}
+
+
+def pickle_walk(data: bytes, start: int = 0) -> Walk:
+    """``pickletools.genops`` from ``start`` to the STOP: an unknown opcode, a cut or malformed
+    argument or a missing STOP end the walk without one. genops decodes the names of GLOBAL,
+    INST and PERSID as escaped ASCII; the unpickler reads them raw, GLOBAL's as UTF-8, so
+    those are read as the unpickler reads them and the walk goes on after them."""
+    position, protocol, undecodable = start, 0, False
+    while True:
+        stream = io.BytesIO(data)
+        stream.seek(position)
+        try:
+            for opcode, arg, at in pickletools.genops(stream):
+                if opcode.name == "PROTO":
+                    protocol = arg
+                if opcode.name == "STOP" and at is not None:
+                    end = int(at) + 1
+                    return Walk(None if undecodable else end, end, protocol, undecodable)
+                position = stream.tell()  # where the next opcode starts
+            return Walk(None, None, protocol, undecodable)
+        except ValueError:  # genops' way of saying "not a pickle"
+            opcode_byte = data[position : position + 1]
+            if opcode_byte not in _NAMED_BY_LINES:
+                return Walk(None, None, protocol, undecodable)
+        count, codec = _NAMED_BY_LINES[opcode_byte]
+        lines = data[position + 1 :].split(b"\n", count)
+        if len(lines) <= count:
+            return Walk(None, None, protocol, undecodable)
+        try:
+            [line.decode(codec) for line in lines[:count]]
+        except UnicodeDecodeError:
+            undecodable = True
+        position += 1 + sum(len(line) + 1 for line in lines[:count])
+
+
 def pickle_end(data: bytes, start: int = 0) -> int | None:
-    """The offset just past the STOP of the pickle at ``start`` as ``pickletools.genops``
-    walks it; None when it cannot get there (unknown opcode, bad or cut argument, no STOP)."""
-    stream = io.BytesIO(data)
-    stream.seek(start)
-    try:
-        for opcode, _arg, position in pickletools.genops(stream):
-            if opcode.name == "STOP":
-                return int(position) + 1 if position is not None else None
-    except ValueError:  # genops' only way of saying "not a pickle"
+    """The offset just past the STOP of the pickle at ``start`` by Python's walk; None when
+    the walk cannot get there."""
+    return pickle_walk(data, start).end
+
+
+_OPCODES = frozenset(op.code.encode("latin-1") for op in pickletools.opcodes)
+
+
+def pickle_parses(data: bytes, start: int = 0) -> bool | None:
+    """Whether Python's walk gets from ``start`` to a STOP; None when there is no pickle there
+    at all (no byte, or one that is no opcode: every unpickler stops at once, "invalid load
+    key", so nothing is left to judge)."""
+    if data[start : start + 1] not in _OPCODES:
         return None
-    return None
+    return pickle_end(data, start) is not None
 
 
-def pickle_parses(data: bytes) -> bool:
-    return pickle_end(data) is not None
-
-
-def plain_pickle_parses(path: Path) -> bool:
+def plain_pickle_parses(path: Path) -> bool | None:
     """A pickle file, or a zlib stream of one (``zlib.compress``'s header byte 0x78)."""
     data = path.read_bytes()
     if data[:1] == b"\x78":
@@ -277,13 +364,13 @@ def plain_pickle_parses(path: Path) -> bool:
 TORCH_MAGIC = 0x1950A86A20F9469CFC6C
 
 
-def legacy_torch_pickles_parse(path: Path) -> bool:
+def legacy_torch_pickles_parse(path: Path) -> bool | None:
     """torch's pre-1.6 stream as ``torch.load`` reads it: a magic-number pickle and, only when
     it holds the magic, four more (protocol, sys_info, the objects, the storage keys)."""
     data = path.read_bytes()
     end = pickle_end(data)
     if end is None:
-        return False
+        return pickle_parses(data)  # False, or None when not even its first byte is a pickle's
     ops = [(op.name, arg) for op, arg, _ in pickletools.genops(data[:end])]
     if ops != [("PROTO", 2), ("LONG1", TORCH_MAGIC), ("STOP", None)]:
         return True  # torch.load stops at a wrong magic number: it read one pickle, whole
@@ -298,11 +385,12 @@ def legacy_torch_pickles_parse(path: Path) -> bool:
 _ZIP_ERRORS = (zipfile.BadZipFile, ValueError, EOFError, OSError, NotImplementedError)
 
 
-def zip_pickles(raw: bytes) -> list[bytes | None] | None:
+def zip_pickles(raw: bytes, *, nested: bool = True) -> list[bytes | None] | None:
     """Every pickle in a zip whose directory ``zipfile`` reads: ``*.pkl`` and ``*debug_pkl``
     members, the data of ``.npy`` members holding object arrays, and those of zips stored in
-    members; None for a pickle whose bytes cannot be had (see ``member_bytes``). The whole
-    answer is None when ``zipfile`` cannot read the archive's directory."""
+    members (unless ``nested`` is False); None for a pickle whose bytes cannot be had (see
+    ``member_bytes``). The whole answer is None when ``zipfile`` cannot read the archive's
+    directory."""
     try:
         infos = zipfile.ZipFile(io.BytesIO(raw)).infolist()
     except _ZIP_ERRORS:
@@ -312,7 +400,7 @@ def zip_pickles(raw: bytes) -> list[bytes | None] | None:
         body = member_bytes(raw, info)
         if info.filename.endswith((".pkl", "debug_pkl")):
             found.append(body)
-        elif body is not None and body.startswith(b"PK\x03\x04"):
+        elif nested and body is not None and body.startswith(b"PK\x03\x04"):
             found.extend(zip_pickles(body) or [])
         elif body is not None and body.startswith(b"\x93NUMPY"):
             found.extend(_npy_object_pickle(body))
@@ -349,10 +437,23 @@ def zip_pickles_parse(path: Path) -> bool | None:
     return _all_parse(zip_pickles(path.read_bytes()))
 
 
+def outer_zip_pickles_parse(path: Path) -> bool | None:
+    """``zip_pickles_parse`` without the pickles of zips stored in members."""
+    return _all_parse(zip_pickles(path.read_bytes(), nested=False))
+
+
 def _all_parse(pickles: list[bytes | None] | None) -> bool | None:
+    """False when one of the pickles does not parse (or its bytes cannot be had); None when
+    nothing is known (no list) or one is no pickle at all; else True."""
     if pickles is None:
         return None
-    return all(body is not None and pickle_parses(body) for body in pickles)
+    return _combine([False if body is None else pickle_parses(body) for body in pickles])
+
+
+def _combine(answers: list[bool | None]) -> bool | None:
+    if False in answers:
+        return False
+    return None if None in answers else True
 
 
 def _npy_object_pickle(data: bytes) -> list[bytes | None]:
@@ -380,13 +481,9 @@ def dcp_pickles_parse(segments: list[tuple[int, int]]) -> PickleOracle:
     byte ranges the *unmutated* metadata gives, passed in) is a torch zip."""
 
     def oracle(directory: Path) -> bool | None:
-        if not pickle_parses((directory / ".metadata").read_bytes()):
-            return False
         data = (directory / "__0_0.distcp").read_bytes()
         answers = [_all_parse(zip_pickles(data[at : at + size])) for at, size in segments]
-        if False in answers:
-            return False
-        return None if None in answers else True
+        return _combine([pickle_parses((directory / ".metadata").read_bytes()), *answers])
 
     return oracle
 
@@ -448,6 +545,6 @@ def joblib_pickles_parse(layout: JoblibLayout) -> PickleOracle:
         if end is None:
             return False
         outer = data[:raw_start] + data[raw_end:nested_start] + data[end:]
-        return pickle_parses(outer)
+        return pickle_end(outer) is not None
 
     return oracle

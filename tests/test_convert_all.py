@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
 import struct
 from collections import OrderedDict
 from pathlib import Path
@@ -25,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import modelport
+from modelport import limits
 from modelport.cli.main import main
 from modelport.conversion.converting import ConvertOptions, convert
 from modelport.errors import (
@@ -77,7 +79,7 @@ def checkpoint() -> dict[str, Any]:
     return ckpt
 
 
-def same(a: Any, b: Any, path: str = "root") -> None:
+def assert_same(a: Any, b: Any, path: str = "root") -> None:
     """Equal with exact types: tensors by dtype, shape and bits; floats by their bits.
     (modelport's readers give an ``OrderedDict`` as its subclass ``PickledDict``.)"""
     kind_a, kind_b = (OrderedDict if isinstance(x, OrderedDict) else type(x) for x in (a, b))
@@ -89,19 +91,19 @@ def same(a: Any, b: Any, path: str = "root") -> None:
     elif isinstance(a, dict):
         assert len(a) == len(b), f"{path}: {list(a)} != {list(b)}"
         for (ka, va), (kb, vb) in zip(a.items(), b.items(), strict=True):
-            same(ka, kb, f"{path} key {ka!r}")
-            same(va, vb, f"{path}.{ka}")
+            assert_same(ka, kb, f"{path} key {ka!r}")
+            assert_same(va, vb, f"{path}.{ka}")
         if isinstance(a, OrderedDict):  # a state_dict's _metadata
-            same(vars(a), vars(b), f"{path}.__dict__")
+            assert_same(vars(a), vars(b), f"{path}.__dict__")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            same(x, y, f"{path}.{i}")
+            assert_same(x, y, f"{path}.{i}")
     elif isinstance(a, float):
         assert struct.pack(">d", a) == struct.pack(">d", b), f"{path}: {a!r} != {b!r}"
     elif isinstance(a, complex):
-        same(a.real, b.real, path)
-        same(a.imag, b.imag, path)
+        assert_same(a.real, b.real, path)
+        assert_same(a.imag, b.imag, path)
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
@@ -115,8 +117,8 @@ def test_pt_through_a_tensor_format_and_back_is_exact(tmp_path: Path, suffix: st
     second = convert(middle, back, ALL)
     assert second.verified and len(second.tensors) == len(first.tensors)
     original = torch.load(source, weights_only=True)
-    same(torch.load(back, weights_only=True), original)
-    same(torch.load(back, weights_only=True, mmap=True), original)
+    assert_same(torch.load(back, weights_only=True), original)
+    assert_same(torch.load(back, weights_only=True, mmap=True), original)
     assert isinstance(original["optimizer_state_dict"]["state"][0]["step"], torch.Tensor)
     assert "modelport.tree" not in modelport.open(back).metadata  # pickled, not repeated
 
@@ -137,18 +139,41 @@ def test_npz_middle_is_plain_npz(tmp_path: Path) -> None:
 def test_pt_to_pt_keeps_the_tree(tmp_path: Path) -> None:
     source, out = tmp_path / "ckpt.pt", tmp_path / "copy.pt"
     torch.save(checkpoint(), source)
-    convert(source, out, ALL)
-    same(torch.load(out, weights_only=True), torch.load(source, weights_only=True))
+    report = convert(source, out, ALL)
+    assert report.verified is True
+    original = torch.load(source, weights_only=True)  # the oracle: torch reads both files
+    copied = torch.load(out, weights_only=True)
+    assert list(copied) == list(original)
+
+    def weights(ckpt: dict[str, Any]) -> dict[str, Any]:
+        return {k: (v.dtype, v.shape, torch_digest(v)) for k, v in ckpt["model_state_dict"].items()}
+
+    assert weights(copied) == weights(original)
+    assert type(copied["model_state_dict"]) is OrderedDict
+    assert copied["by_step"] == {0: "warmup", 10: [1.5, 2], -3: None}
+    assert copied["tuple_keys"] == original["tuple_keys"]
+    groups = copied["optimizer_state_dict"]["param_groups"]
+    assert groups == original["optimizer_state_dict"]["param_groups"]
+    assert_same(copied, original)  # and everything else, with exact types and float bits
 
 
 def test_values_torch_itself_cannot_reload_come_back_loadable(tmp_path: Path) -> None:
     """torch.save pickles b"" as builtins.bytes(), which weights_only refuses; modelport
     writes it as torch writes other bytes."""
-    source, out = tmp_path / "ckpt.pt", tmp_path / "out.pt"
+    source, middle, out = tmp_path / "ckpt.pt", tmp_path / "mid.safetensors", tmp_path / "out.pt"
     torch.save({"empty": b"", "w": torch.arange(3)}, source)
-    convert(source, tmp_path / "mid.safetensors", ALL)
-    convert(tmp_path / "mid.safetensors", out, ALL)
-    same(torch.load(out, weights_only=True), torch.load(source, weights_only=False))
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        torch.load(source, weights_only=True)  # the premise: torch refuses its own file
+    convert(source, middle, ALL)
+    with safe_open(str(middle), framework="pt") as handle:  # the middle, read by safetensors
+        assert list(handle.keys()) == ["w"]
+        assert torch.equal(handle.get_tensor("w"), torch.arange(3))
+    convert(middle, out, ALL)
+    loaded = torch.load(out, weights_only=True)
+    assert list(loaded) == ["empty", "w"]
+    assert type(loaded["empty"]) is bytes and loaded["empty"] == b""
+    assert loaded["w"].dtype == torch.int64 and torch.equal(loaded["w"], torch.arange(3))
+    assert_same(loaded, torch.load(source, weights_only=False))
 
 
 def test_safetensors_middle_is_plain_safetensors(tmp_path: Path) -> None:
@@ -163,7 +188,7 @@ def test_safetensors_middle_is_plain_safetensors(tmp_path: Path) -> None:
     with safe_open(str(middle), framework="pt") as handle:
         assert sorted(handle.keys()) == sorted(expected)
         for name, tensor in expected.items():
-            same(handle.get_tensor(name), tensor, name)
+            assert_same(handle.get_tensor(name), tensor, name)
         document = json.loads(handle.metadata()[typed_json.KEY])
     assert document["version"] == typed_json.VERSION
     # no pickle anywhere: the structure is JSON data
@@ -185,7 +210,7 @@ def test_open_gives_the_nested_tree_and_load_the_weights(tmp_path: Path) -> None
     weights = modelport.load(middle)
     assert list(weights) == list(ckpt["model_state_dict"])
     for name, tensor in ckpt["model_state_dict"].items():
-        same(weights[name], tensor, name)
+        assert_same(weights[name], tensor, name)
     report = modelport.inspect(middle).to_json()
     assert report["extras"]["epoch"] == 3
 
@@ -208,7 +233,7 @@ def test_namespace_is_refused_with_its_path_or_dropped(tmp_path: Path, suffix: s
     assert back.pop("hparams") == {}
     del ckpt["hparams"]
     torch.save(ckpt, tmp_path / "plain.pt")
-    same(back, torch.load(tmp_path / "plain.pt", weights_only=True))
+    assert_same(back, torch.load(tmp_path / "plain.pt", weights_only=True))
 
 
 def test_cli_drop_unrepresentable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -235,7 +260,7 @@ def test_tied_tensors_share_storage_again(tmp_path: Path) -> None:
     loaded = torch.load(back, weights_only=True)
     state = loaded["model_state_dict"]
     assert state["head.weight"].data_ptr() == state["embed.weight"].data_ptr()
-    same(loaded, torch.load(source, weights_only=True))
+    assert_same(loaded, torch.load(source, weights_only=True))
 
 
 def test_exclude_and_cast_keep_the_rest(tmp_path: Path) -> None:
@@ -285,7 +310,7 @@ def test_pickled_module_is_kept_as_its_state_dict(tmp_path: Path) -> None:
     loaded = torch.load(out, weights_only=True)
     assert loaded["epoch"] == 2
     for name, tensor in model.state_dict().items():
-        same(loaded["model"][name], tensor.detach(), name)
+        assert_same(loaded["model"][name], tensor.detach(), name)
 
 
 def test_broken_tree_metadata_falls_back_to_flat_tensors(tmp_path: Path) -> None:
@@ -341,9 +366,13 @@ TREES = st.recursive(SCALARS, _containers, max_leaves=30)
 @given(TREES)
 def test_typed_json_round_trip(tree: Any) -> None:
     text = typed_json.encode(tree)
-    json.loads(text)  # standard JSON: no NaN tokens, no lone surrogates escaped
-    text.encode("utf-8")
-    same(typed_json_decoding.decode(text, {}), tree)
+    constants: list[str] = []  # json.loads hands NaN, Infinity and -Infinity tokens here
+    document = json.loads(text, parse_constant=constants.append)
+    assert constants == []  # standard JSON
+    assert [c for c in text if 0xD800 <= ord(c) <= 0xDFFF] == []  # valid UTF-8 once encoded
+    assert sorted(document) == ["root", "version"] and document["version"] == typed_json.VERSION
+    decoded = typed_json_decoding.decode(text, {})
+    assert_same(decoded, tree)
 
 
 def test_typed_json_places_tensors_and_state() -> None:
@@ -378,7 +407,10 @@ def test_typed_json_places_tensors_and_state() -> None:
         '{"version": 1, "version": 1, "root": 1}',
         '{"version": 1}',
         "[1, 2]",
-        '{"version": 1, "root": ' + "[" * 150 + "]" * 150 + "}",
+        '{"version": 1, "root": '
+        + "[" * (limits.MAX_DEPTH + 50)
+        + "]" * (limits.MAX_DEPTH + 50)
+        + "}",
         '{"version": 1, "root": ' + "[" * 100_000 + "]" * 100_000 + "}",
     ],
 )
@@ -393,6 +425,6 @@ def test_typed_json_errors_are_typed(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UnsupportedVersionError):
         typed_json_decoding.decode('{"version": 2, "root": null}', {})
     assert math.isnan(typed_json_decoding.decode(typed_json.encode(math.nan), {}))
-    monkeypatch.setattr(typed_json_decoding, "MAX_CHARS", 10)
+    monkeypatch.setattr(limits, "MAX_TYPED_JSON_CHARS", 10)
     with pytest.raises(ModelportError, match="above the limit"):
         typed_json_decoding.decode('{"version": 1, "root": null}', {})

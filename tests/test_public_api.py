@@ -32,7 +32,7 @@ DOCUMENTED = {
     "DiffReport": "modelport.comparing.diffing",
     "HashReport": "modelport.comparing.fingerprint",
     "CheckReport": "modelport.torch_models.checking",
-    "ExportReport": "modelport.torch_models.exporting",
+    "ExportReport": "modelport.torch_models.export_report",
     "RebuildReport": "modelport.torch_models.rebuilding",
     "Format": "modelport.formats.protocol",
     "TensorRef": "modelport.tensors",

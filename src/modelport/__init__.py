@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from modelport.scanning.scanner import scan
     from modelport.tensors import TensorRef
     from modelport.torch_models.checking import CheckReport, check
-    from modelport.torch_models.exporting import ExportReport, export
+    from modelport.torch_models.export_report import ExportReport
+    from modelport.torch_models.exporting import export
     from modelport.torch_models.rebuilding import RebuildReport, rebuild
 
 # public name -> (defining module, name there)
@@ -42,7 +43,7 @@ _PUBLIC: dict[str, tuple[str, str]] = {
     "ConvertOptions": ("modelport.conversion.converting", "ConvertOptions"),
     "ConvertReport": ("modelport.conversion.converting", "ConvertReport"),
     "DiffReport": ("modelport.comparing.diffing", "DiffReport"),
-    "ExportReport": ("modelport.torch_models.exporting", "ExportReport"),
+    "ExportReport": ("modelport.torch_models.export_report", "ExportReport"),
     "Format": ("modelport.formats.protocol", "Format"),
     "HashReport": ("modelport.comparing.fingerprint", "HashReport"),
     "InspectReport": ("modelport.loading.inspect_report", "InspectReport"),

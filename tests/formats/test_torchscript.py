@@ -20,7 +20,7 @@ from modelport.errors import ModelportError, UnsupportedVersionError
 from modelport.formats.torchscript import parse_classes
 from tests.conftest import digest, torch_digest
 from tests.models import TiedLM, TinyResNet, dtype_zoo
-from tests.mutation import assert_typed_error_or_whole, zip_pickles_parse
+from tests.mutation import assert_typed_error_or_whole, damage, zip_pickles_parse
 
 
 def assert_matches_jit(path: Path) -> dict[str, torch.Tensor]:
@@ -259,11 +259,8 @@ _SMALL = _small_archive()
 )
 @given(data=st.data())
 def test_mutated_archives_only_raise_modelport_errors(tmp_path: Path, data: st.DataObject) -> None:
-    raw = bytearray(_SMALL)
-    for _ in range(data.draw(st.integers(1, 6))):
-        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
     path = tmp_path / "m.pt"
-    path.write_bytes(bytes(raw[: data.draw(st.integers(1, len(raw)))]))
+    path.write_bytes(damage(data, _SMALL, flips=6))
     assert_typed_error_or_whole(path, pickles=zip_pickles_parse, intact=_SMALL)
 
 

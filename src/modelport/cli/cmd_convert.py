@@ -19,7 +19,13 @@ from rich.progress import (
 import modelport
 from modelport.cli._output import human_bytes
 from modelport.cli.commands import COMMANDS, ExitCode
-from modelport.conversion.converting import CASTS, GGUF_TYPES, TARGETS, ConvertOptions
+from modelport.conversion.converting import (
+    CASTS,
+    GGUF_TYPES,
+    TARGETS,
+    ConvertOptions,
+    ConvertReport,
+)
 
 EXAMPLES = """examples:
   modelport convert pytorch_model.bin model.safetensors
@@ -109,13 +115,23 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    options = _options(args)
+    if args.json:
+        report = modelport.convert(args.source, args.target, options)
+        print(json.dumps(report.to_json(), indent=2))
+        return ExitCode.OK
+    show(Console(), _convert_with_progress(args, options), args.dtype)
+    return ExitCode.OK
+
+
+def _options(args: argparse.Namespace) -> ConvertOptions:
     renames = []
     for rule in args.rename:
         pattern, sep, replacement = rule.partition("=")
         if not sep:
-            raise modelport.errors.ConversionError(f"--rename {rule!r}: expected REGEX=REPL")
+            raise modelport.errors.UsageError(f"--rename {rule!r}: expected REGEX=REPL")
         renames.append((pattern, replacement))
-    options = ConvertOptions(
+    return ConvertOptions(
         to=args.to,
         dtype=args.dtype,
         gguf_type=args.gguf_type,
@@ -138,11 +154,11 @@ def run(args: argparse.Namespace) -> int:
         allow_unsafe=args.allow_unsafe,
         shard_size=args.shard_size,
     )
+
+
+def _convert_with_progress(args: argparse.Namespace, options: ConvertOptions) -> ConvertReport:
+    """The conversion with a progress bar on stderr, when stderr is a terminal."""
     console = Console(stderr=True)
-    if args.json:
-        report = modelport.convert(args.source, args.target, options)
-        print(json.dumps(report.to_json(), indent=2))
-        return ExitCode.OK
     with Progress(
         TextColumn("converting"),
         BarColumn(),
@@ -155,11 +171,14 @@ def run(args: argparse.Namespace) -> int:
     ) as bar:
         task = bar.add_task("convert", total=None)
 
-        def show(done: int, total: int) -> None:
+        def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        report = modelport.convert(args.source, args.target, options, on_progress=show)
-    out = Console()
+        return modelport.convert(args.source, args.target, options, on_progress=progress)
+
+
+def show(out: Console, report: ConvertReport, dtype: str | None) -> None:
+    """What was written, what was left out or noted, casts and their errors, verification."""
     action = "would write" if report.dry_run else "wrote"
     out.print(
         f"{action} {report.target} ({report.target_format}): {len(report.tensors)} tensors, "
@@ -179,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         worst = max(report.casts, key=lambda c: c.max_abs_error)
         overflowed = [c for c in report.casts if c.overflow]
         out.print(
-            f"  cast {len(report.casts)} tensors to {args.dtype}: largest error "
+            f"  cast {len(report.casts)} tensors to {dtype}: largest error "
             f"{worst.max_abs_error:.3g} ({worst.name}), "
             f"{sum(c.overflow for c in overflowed)} values overflowed to inf",
             highlight=False,
@@ -194,4 +213,3 @@ def run(args: argparse.Namespace) -> int:
         out.print(
             f"  verified: every tensor read back {how} ({report.seconds:.2f} s)", highlight=False
         )
-    return ExitCode.OK

@@ -16,7 +16,8 @@ from modelport.cli.markdown import export_markdown
 from modelport.errors import UsageError
 from modelport.torch_models.building import resolve_model
 from modelport.torch_models.example_inputs import read_example_inputs
-from modelport.torch_models.exporting import EXPORTERS, FORMATS, ExportReport, bundle, export
+from modelport.torch_models.export_report import ExportReport
+from modelport.torch_models.exporting import EXPORTERS, FORMATS, bundle, export
 from modelport.transfer import placing
 
 EXAMPLES = """examples:

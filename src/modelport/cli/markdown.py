@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from modelport.torch_models.agreement import OutputCheck
-    from modelport.torch_models.exporting import ExportReport
+    from modelport.torch_models.export_report import ExportReport
     from modelport.torch_models.rebuilding import RebuildReport
 
 

@@ -367,7 +367,7 @@ def _write_verified(
     if writer is _hf_writer.TARGET:  # a directory of shards: built beside, then renamed
         return _write_directory(plan, target, options, source)
     assert writer.write is not None
-    temporary = target.with_name(f".{target.name}.modelport-{os.getpid()}.tmp")
+    temporary = placing.sibling(target, "tmp")
     try:
         with placing.full_disk_refused(target):
             with open(temporary, "w+b", buffering=0) as handle, _copy_checks(options) as copies:

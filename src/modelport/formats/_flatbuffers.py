@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelport import limits
 from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
 
-MAX_ITEMS = 4_000_000  # tables and vector elements one file may make us visit
-MAX_TEXT = 64 * 1024 * 1024  # bytes of strings decoded per file
 WIDTHS = {"b": 1, "B": 1, "?": 1, "h": 2, "H": 2, "i": 4, "I": 4, "f": 4, "q": 8, "Q": 8, "d": 8}
 _STRUCTS: dict[str, struct.Struct] = {}
 
@@ -38,8 +37,8 @@ class FlatBuffer:
         self.data = data
         self.size = len(data)
         self.path = path
-        self.items = MAX_ITEMS
-        self.text = MAX_TEXT
+        self.items = limits.MAX_FLATBUFFER_ITEMS
+        self.text = limits.MAX_FLATBUFFER_TEXT
 
     def need(self, pos: int, length: int, what: str) -> None:
         if pos < 0 or length < 0 or pos + length > self.size:
@@ -60,7 +59,11 @@ class FlatBuffer:
     def spend(self, count: int) -> None:
         self.items -= count
         if self.items < 0:
-            raise LimitExceededError("flatbuffer tables and elements", MAX_ITEMS, MAX_ITEMS + 1)
+            raise LimitExceededError(
+                "flatbuffer tables and elements",
+                limits.MAX_FLATBUFFER_ITEMS,
+                limits.MAX_FLATBUFFER_ITEMS + 1,
+            )
 
     def table(self, pos: int, what: str) -> Table:
         self.spend(1)
@@ -125,7 +128,11 @@ class Table:
         start, length = span
         self.buf.text -= length
         if self.buf.text < 0:
-            raise LimitExceededError("bytes of flatbuffer strings", MAX_TEXT, MAX_TEXT + length)
+            raise LimitExceededError(
+                "bytes of flatbuffer strings",
+                limits.MAX_FLATBUFFER_TEXT,
+                limits.MAX_FLATBUFFER_TEXT + length,
+            )
         return bytes(self.buf.data[start : start + length]).decode("utf-8", "replace")
 
     def scalars(self, slot: int, fmt: str, limit: int) -> list[Any]:

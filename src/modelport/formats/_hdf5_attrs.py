@@ -26,12 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from modelport import limits
 from modelport.errors import CorruptFileError, LimitExceededError
 from modelport.formats import _keras_config
 from modelport.formats._hdf5_raw import HeapGuard
 
-MAX_ATTRS = 10_000
-MAX_ATTR_BYTES = 64 * 1024 * 1024
 MAX_ATTR_ELEMENTS = 4096  # larger numeric attributes are summarised
 KERAS3_VAR = re.compile(r"(^|/)vars/\d+$")
 NUMERIC = (
@@ -94,8 +93,10 @@ class AttributeReader:
         if shape is None:
             return None
         size = int(np.prod(shape, dtype=np.uint64)) * file_type.get_size()
-        if size > MAX_ATTR_BYTES:
-            raise LimitExceededError(f"HDF5 attribute {name!r} size", MAX_ATTR_BYTES, size)
+        if size > limits.MAX_HDF5_ATTR_BYTES:
+            raise LimitExceededError(
+                f"HDF5 attribute {name!r} size", limits.MAX_HDF5_ATTR_BYTES, size
+            )
         problem = self._problem(obj, name, file_type)
         if problem:
             return {"hdf5_type": problem, "shape": list(shape)}
@@ -138,7 +139,7 @@ class AttributeReader:
             chunks = [name]
         else:
             chunks = []
-            while f"{name}{len(chunks)}" in attrs and len(chunks) < MAX_ATTRS:
+            while f"{name}{len(chunks)}" in attrs and len(chunks) < limits.MAX_HDF5_ATTRS:
                 chunks.append(f"{name}{len(chunks)}")
             if not chunks:
                 return None
@@ -154,8 +155,8 @@ class AttributeReader:
     def root_metadata(self, handle: Any, warnings: list[str]) -> dict[str, Any]:
         metadata: dict[str, Any] = {}
         names = list(handle.attrs)
-        if len(names) > MAX_ATTRS:
-            raise LimitExceededError("HDF5 root attributes", MAX_ATTRS, len(names))
+        if len(names) > limits.MAX_HDF5_ATTRS:
+            raise LimitExceededError("HDF5 root attributes", limits.MAX_HDF5_ATTRS, len(names))
         for name in names:
             try:
                 metadata[name] = value = self.get(handle, name)

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelport import limits
 from modelport.errors import CorruptFileError, TruncatedFileError
 
 RawReader = Callable[[int, int], bytes]  # (offset in the HDF5 file, length) -> bytes
@@ -50,8 +51,6 @@ FIRST_USERBLOCK = 512
 
 ATTRIBUTE = 0x000C
 CONTINUATION = 0x0010
-MAX_BLOCKS = 64  # header chunks followed per object
-MAX_COLLECTION = 1 << 30
 VLEN_CLASS = 9
 
 
@@ -193,7 +192,7 @@ class HeapGuard:
         blocks = [(address + 16, chunk_size)]
         found: list[tuple[int, bytes]] = []
         while blocks:
-            if len(blocks) > MAX_BLOCKS:
+            if len(blocks) > limits.MAX_HDF5_HEADER_BLOCKS:
                 raise Unverified("too many header continuation blocks")
             start, length = blocks.pop(0)
             data = self._read(start, length)
@@ -222,7 +221,7 @@ class HeapGuard:
         count = 0
         while blocks:
             count += 1
-            if count > MAX_BLOCKS:
+            if count > limits.MAX_HDF5_HEADER_BLOCKS:
                 raise Unverified("too many header continuation blocks")
             start, length, is_continuation = blocks.pop(0)
             data = self._read(start, length)
@@ -323,7 +322,7 @@ class HeapGuard:
         if head[:4] != b"GCOL" or head[4] != 1:
             return None
         (size,) = _unpack(self._l, head, 8)
-        if size < 8 + self._lsize or size > MAX_COLLECTION:
+        if size < 8 + self._lsize or size > limits.MAX_HDF5_COLLECTION:
             return None
         data = self._read(address, size)
         header = 8 + self._lsize  # index, references, reserved, size

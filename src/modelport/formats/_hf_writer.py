@@ -26,7 +26,7 @@ config, tokenizer files, model card) if modelport's detector does not take them 
 (by content: old weights, Git LFS pointers and pickles such as ``training_args.bin`` stay
 behind), they are not a ``*.index.json`` with a ``weight_map``, not a weights format modelport
 cannot read (Flax ``.msgpack``, TensorFlow checkpoints), not hidden, and at most
-``MAX_SIDECAR`` bytes. Subdirectories are not copied (the report names them). When the
+``limits.MAX_SIDECAR_BYTES`` bytes. Subdirectories are not copied (the report names them). When the
 tensors are cast, ``config.json``'s ``dtype`` / ``torch_dtype`` is updated to the new dtype.
 """
 
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from modelport import limits
 from modelport.errors import (
     ModelportError,
     NotAModelError,
@@ -58,7 +59,6 @@ SINGLE_NAME: Final = "model.safetensors"
 SHARD_PATTERN: Final = "model-{index:05d}-of-{count:05d}.safetensors"
 INDEX_NAME: Final = "model.safetensors.index.json"
 CONFIG_NAME: Final = "config.json"
-MAX_SIDECAR: Final = 256 << 20  # the largest tokenizer.json files are tens of MB
 UNREADABLE_WEIGHTS: Final = re.compile(r".*(\.msgpack|\.ckpt\.index|\.ckpt\.data-.*|\.ot)$")
 SIZE_UNITS: Final = {
     "TB": 10**12,
@@ -179,7 +179,7 @@ def sidecars(
         if not entry.is_file() or (source.is_file() and entry.samefile(source)):
             continue
         size = entry.stat().st_size
-        if size > MAX_SIDECAR:
+        if size > limits.MAX_SIDECAR_BYTES:
             left.append(f"{entry.name} ({size:,} bytes: too large for a sidecar)")
         elif _is_sidecar(entry):
             if entry.name in reserved:

@@ -26,12 +26,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelport import limits
 from modelport.errors import CorruptFileError, LimitExceededError
 from modelport.pickles.policy import gadget
 
-MAX_CONFIG_BYTES = 64 * 1024 * 1024
-MAX_NODES = 2_000_000
-MAX_DEPTH = 256
 MAX_LISTED = 10_000  # layers / custom objects listed in details
 BUILTIN_MODULES = ("keras", "tf_keras", "tensorflow", "builtins")
 LAMBDA_LAYER = "Lambda"
@@ -64,8 +62,8 @@ class ConfigFacts:
 
 def parse_json(raw: bytes | str, what: str) -> Any:
     """JSON text from the file, size-checked; bad text is a ``CorruptFileError``."""
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise LimitExceededError(f"{what} size", MAX_CONFIG_BYTES, len(raw))
+    if len(raw) > limits.MAX_KERAS_CONFIG_BYTES:
+        raise LimitExceededError(f"{what} size", limits.MAX_KERAS_CONFIG_BYTES, len(raw))
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         return json.loads(text)
@@ -84,10 +82,14 @@ def analyse(config: Any) -> ConfigFacts:
     while stack:
         where, value, depth, in_layers, in_lambda = stack.pop()
         nodes += 1
-        if nodes > MAX_NODES:
-            raise LimitExceededError("nodes in the Keras model config", MAX_NODES, nodes)
-        if depth > MAX_DEPTH:
-            raise LimitExceededError("nesting depth of the Keras model config", MAX_DEPTH, depth)
+        if nodes > limits.MAX_TREE_NODES:
+            raise LimitExceededError(
+                "nodes in the Keras model config", limits.MAX_TREE_NODES, nodes
+            )
+        if depth > limits.MAX_DEPTH:
+            raise LimitExceededError(
+                "nesting depth of the Keras model config", limits.MAX_DEPTH, depth
+            )
         if isinstance(value, list):
             for index in range(len(value) - 1, -1, -1):
                 stack.append((f"{where}[{index}]", value[index], depth + 1, in_layers, in_lambda))

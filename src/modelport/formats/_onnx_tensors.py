@@ -33,7 +33,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from modelport import dtypes
+from modelport import dtypes, limits
 from modelport.errors import (
     CorruptFileError,
     LimitExceededError,
@@ -44,9 +44,7 @@ from modelport.formats._protobuf import Field, Message, WireType, count_varints,
 from modelport.formats._protobuf import signed64 as s64
 from modelport.tensors import Storage, TensorRef
 
-MAX_RANK = 64
 CHUNK = 1 << 24
-MAX_KEPT = 1_000_000  # typed-field occurrences held for lazy decoding (writers pack: 1 each)
 EXTERNAL = 1
 STRING = "string"
 
@@ -160,8 +158,10 @@ class TensorData:
     def keep(self) -> None:
         """Count one field kept for later (unpacked repeated values cost one each)."""
         self.kept += 1
-        if self.kept > MAX_KEPT:
-            raise LimitExceededError("repeated tensor fields kept", MAX_KEPT, self.kept)
+        if self.kept > limits.MAX_ONNX_KEPT_FIELDS:
+            raise LimitExceededError(
+                "repeated tensor fields kept", limits.MAX_ONNX_KEPT_FIELDS, self.kept
+            )
 
     def corrupt(self, message: str) -> CorruptFileError:
         return CorruptFileError(message, path=self.path)
@@ -177,9 +177,9 @@ class TensorData:
         for part in msg.fields(item.start, item.end):
             number = part.number
             if number == T.DIMS:
-                dims.extend(s64(v) for v in msg.ints(part, MAX_RANK + 1))
-                if len(dims) > MAX_RANK:
-                    raise LimitExceededError("ONNX tensor rank", MAX_RANK, len(dims))
+                dims.extend(s64(v) for v in msg.ints(part, limits.MAX_RANK + 1))
+                if len(dims) > limits.MAX_RANK:
+                    raise LimitExceededError("ONNX tensor rank", limits.MAX_RANK, len(dims))
             elif number == T.DATA_TYPE:
                 msg.expect(part, WireType.VARINT)
                 data_type = s64(part.value)

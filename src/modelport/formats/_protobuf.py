@@ -25,10 +25,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from modelport import limits
 from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
 
 MAX_VARINT_BYTES = 10
-MAX_TEXT = 1 << 20  # longest string field decoded (names, producer, metadata values)
 MASK64 = (1 << 64) - 1
 CONTINUATION_BYTES = bytes(range(0x80, 0x100))
 
@@ -126,7 +126,7 @@ class Message:
             yield Field(number, wire, value, pos, after)
             pos = after
 
-    def text(self, field: Field, limit: int = MAX_TEXT) -> str:
+    def text(self, field: Field, limit: int = limits.MAX_PROTOBUF_TEXT) -> str:
         """A string field, decoded leniently; anything past ``limit`` bytes is dropped."""
         self.expect(field, WireType.LEN)
         end = min(field.end, field.start + limit)

@@ -28,8 +28,8 @@ import numpy as np
 
 from modelport import dtypes
 from modelport.errors import CorruptFileError, UnsupportedVersionError
+from modelport.formats._legacy_stream import MAGIC_NUMBER
 from modelport.formats._zip import LOCAL_SIGNATURE, ZipDirectory
-from modelport.formats.torch_legacy import MAGIC_NUMBER
 from modelport.formats.torch_zip import archive_prefix, load_archive_pickle
 from modelport.pickles.reading import read_pickle
 from modelport.pickles.torch_types import StorageType, TypedStorage

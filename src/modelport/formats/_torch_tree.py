@@ -27,11 +27,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from modelport import limits
 from modelport.errors import ConversionError
 from modelport.pickles.torch_types import TorchDevice, TorchDType
 from modelport.transfer.write_plan import OutputTensor
 
-MAX_DEPTH = 200
 BATCH = 1000  # items per APPENDS / SETITEMS, as pickle batches them
 LONG1_BYTES = 255
 
@@ -58,8 +58,8 @@ class _Tree:
         self.tensor = tensor
 
     def value(self, value: Any, depth: int) -> None:
-        if depth > MAX_DEPTH:
-            raise ConversionError(f"the tree nests deeper than {MAX_DEPTH} containers")
+        if depth > limits.MAX_DEPTH:
+            raise ConversionError(f"the tree nests deeper than {limits.MAX_DEPTH} containers")
         raw = self.out.out
         kind = type(value)
         if value is None:

@@ -20,6 +20,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO
 
+from modelport import limits
 from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
 
 EOCD_SIGNATURE = b"PK\x05\x06"
@@ -30,8 +31,6 @@ LOCAL_SIGNATURE = b"PK\x03\x04"
 EOCD_SIZE = 22
 LOCAL_HEADER_SIZE = 30
 MAX_COMMENT = 0xFFFF
-MAX_ENTRIES = 1_000_000
-MAX_DECOMPRESSED = 1 << 30  # a compressed member we inflate into memory (pickles, configs)
 
 STORED = 0
 DEFLATED = 8
@@ -103,8 +102,10 @@ class ZipDirectory:
                     raise CorruptFileError("zip64 end record missing", path=path)
                 count, cd_size, cd_offset = struct.unpack("<QQQ", record[32:56])
                 eocd_file_offset = zip64_offset
-            if count > MAX_ENTRIES:
-                raise LimitExceededError("zip entry count", MAX_ENTRIES, count, path=path)
+            if count > limits.MAX_ZIP_ENTRIES:
+                raise LimitExceededError(
+                    "zip entry count", limits.MAX_ZIP_ENTRIES, count, path=path
+                )
             if cd_offset + cd_size > eocd_file_offset:
                 raise TruncatedFileError(
                     f"zip central directory claims bytes {cd_offset}..{cd_offset + cd_size} "
@@ -137,7 +138,7 @@ class ZipDirectory:
             index.setdefault(entry.name, entry)
         return index
 
-    def read_member(self, entry: ZipEntry, limit: int = MAX_DECOMPRESSED) -> bytes:
+    def read_member(self, entry: ZipEntry, limit: int = limits.MAX_ZIP_MEMBER_INFLATED) -> bytes:
         """A member's bytes, inflated if needed, never more than ``limit`` of them."""
         if entry.size > limit:
             raise LimitExceededError(

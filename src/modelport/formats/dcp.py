@@ -35,7 +35,7 @@ from typing import Any, Final, TypeGuard
 
 import numpy as np
 
-from modelport import dtypes
+from modelport import dtypes, limits
 from modelport.errors import (
     CorruptFileError,
     LimitExceededError,
@@ -52,8 +52,6 @@ from modelport.tensors import NDArray, Storage, TensorRef
 from modelport.tree import names as trees
 
 METADATA_NAME: Final = ".metadata"
-MAX_METADATA = 1 << 30
-MAX_SAFETENSORS_HEADER = 100 << 20
 _META = "torch.distributed.checkpoint.metadata."
 
 
@@ -110,8 +108,10 @@ class _Reader:
         """The Metadata record's attributes, its entries, and where each item is stored."""
         meta_path = self.root / METADATA_NAME
         size = meta_path.stat().st_size
-        if size > MAX_METADATA:
-            raise LimitExceededError("DCP .metadata size", MAX_METADATA, size, path=meta_path)
+        if size > limits.MAX_DCP_METADATA:
+            raise LimitExceededError(
+                "DCP .metadata size", limits.MAX_DCP_METADATA, size, path=meta_path
+            )
         try:
             record = read_pickle(meta_path.read_bytes()).value
         except ModelportError as exc:
@@ -280,7 +280,7 @@ class _Reader:
         if key not in self.safetensors:
             view = self._map(info.file)
             (length,) = struct.unpack("<Q", view[info.offset : info.offset + 8])
-            if length > MAX_SAFETENSORS_HEADER or info.offset + 8 + length > len(view):
+            if length > limits.MAX_SAFETENSORS_HEADER or info.offset + 8 + length > len(view):
                 raise CorruptFileError(f"DCP safetensors blob in {info.file.name} is malformed")
             try:
                 header = json.loads(bytes(view[info.offset + 8 : info.offset + 8 + length]))

@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from modelport import limits
 from modelport.errors import (
     CorruptFileError,
     LimitExceededError,
@@ -65,9 +66,6 @@ from modelport.formats._hdf5_raw import HeapGuard, RawReader, find_superblock, r
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.tensors import NDArray, Storage, TensorRef
 
-MAX_OBJECTS = 1_000_000  # links visited
-MAX_DEPTH = 256
-MAX_READ_BYTES = 16 << 30  # one dataset read through h5py
 MAX_REPORTED = 200  # entries per list in details
 BFLOAT16_ATTR = "bfloat16"
 GUESSED_BFLOAT16 = "untagged 2-byte opaque type read as bfloat16"
@@ -234,12 +232,12 @@ def walk(handle: Any, source: H5Source, place: Place, attrs: AttributeReader) ->
     while stack:
         full, group, name, depth = stack.pop()
         if name is None:
-            if depth > MAX_DEPTH:
-                raise LimitExceededError("HDF5 group nesting depth", MAX_DEPTH, depth)
+            if depth > limits.MAX_DEPTH:
+                raise LimitExceededError("HDF5 group nesting depth", limits.MAX_DEPTH, depth)
             names = list(group)
             links += len(names)
-            if links > MAX_OBJECTS:
-                raise LimitExceededError("HDF5 objects", MAX_OBJECTS, links)
+            if links > limits.MAX_HDF5_OBJECTS:
+                raise LimitExceededError("HDF5 objects", limits.MAX_HDF5_OBJECTS, links)
             stack.extend((f"{full}{n}", group, n, depth) for n in reversed(names))
             continue
         followed = _follow(h5py, group, name, full, found)
@@ -383,8 +381,10 @@ def _reader(
     """Reads one dataset through h5py, converted to little-endian, as flat bytes."""
 
     def read_bytes() -> NDArray:
-        if nbytes > MAX_READ_BYTES:
-            raise LimitExceededError(f"dataset {name!r} size", MAX_READ_BYTES, nbytes, path=path)
+        if nbytes > limits.MAX_HDF5_READ_BYTES:
+            raise LimitExceededError(
+                f"dataset {name!r} size", limits.MAX_HDF5_READ_BYTES, nbytes, path=path
+            )
         h5py = import_h5py()
         translate = h5_errors(f"reading dataset {name!r}", path)
         try:

@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any, Final
 
-from modelport import dtypes
+from modelport import dtypes, limits
 from modelport.errors import CorruptFileError, LimitExceededError, ModelportError
 from modelport.formats.file_formats import FILE_READERS
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
@@ -42,7 +42,6 @@ SAFETENSORS_NAMES: Final = (
     "adapter_model.safetensors",
 )
 BIN_NAMES: Final = ("pytorch_model.bin", "diffusion_pytorch_model.bin", "adapter_model.bin")
-MAX_JSON = 256 << 20  # an index of a very large model is a few MB
 SNIFF_BYTES = 64 * 1024
 CONFIG_FIELDS: Final = ("model_type", "architectures", "torch_dtype", "dtype")
 
@@ -126,8 +125,8 @@ def _config(path: Path, warnings: list[str]) -> dict[str, Any]:
 
 def _load_json(path: Path) -> dict[str, Any]:
     size = path.stat().st_size
-    if size > MAX_JSON:
-        raise LimitExceededError(f"{path.name} size", MAX_JSON, size, path=path)
+    if size > limits.MAX_HF_INDEX_JSON:
+        raise LimitExceededError(f"{path.name} size", limits.MAX_HF_INDEX_JSON, size, path=path)
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

@@ -28,6 +28,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from modelport import limits
 from modelport.errors import CorruptFileError, ModelportError
 from modelport.formats import _keras_config, hdf5
 from modelport.formats._hdf5_raw import (
@@ -45,9 +46,6 @@ METADATA = "metadata.json"
 WEIGHTS_MEMBERS = ("model.weights.h5", "variables.h5")  # Keras 3 / early Keras 2 saving_lib
 NPZ_WEIGHTS = "model.weights.npz"
 ASSETS = "assets/"
-MAX_METADATA_BYTES = 1024 * 1024
-MAX_SNIFF_METADATA = 64 * 1024
-MAX_INFLATED_WEIGHTS = 2 << 30
 MAX_LISTED_MEMBERS = 1000
 
 
@@ -59,10 +57,10 @@ def sniff(probe: Probe) -> bool:
     if CONFIG in names and (names & {*WEIGHTS_MEMBERS, NPZ_WEIGHTS}):
         return True
     entry = directory.find(METADATA)
-    if entry is None or entry.size > MAX_SNIFF_METADATA:
+    if entry is None or entry.size > limits.MAX_KERAS_SNIFF_METADATA:
         return False
     try:
-        return b'"keras_version"' in directory.read_member(entry, MAX_SNIFF_METADATA)
+        return b'"keras_version"' in directory.read_member(entry, limits.MAX_KERAS_SNIFF_METADATA)
     except ModelportError:
         return False
 
@@ -88,7 +86,7 @@ def read(path: Path, probe: Probe) -> Contents:
     entry = _last(directory, METADATA, warnings)
     if entry is not None:  # Keras never reads it back: a bad one is a warning, not an error
         try:
-            parsed = _json_member(directory, entry, MAX_METADATA_BYTES, path)
+            parsed = _json_member(directory, entry, limits.MAX_KERAS_METADATA, path)
         except ModelportError as exc:
             parsed = exc
         if isinstance(parsed, dict):
@@ -97,7 +95,7 @@ def read(path: Path, probe: Probe) -> Contents:
             warnings.append(f"{METADATA} is not a JSON object ({parsed}); ignored")
     entry = _last(directory, CONFIG, warnings)
     if entry is not None:
-        config = _json_member(directory, entry, _keras_config.MAX_CONFIG_BYTES, path)
+        config = _json_member(directory, entry, limits.MAX_KERAS_CONFIG_BYTES, path)
         facts = _keras_config.analyse(config)
         details["model_config"] = config
         details.update(facts.details())
@@ -164,7 +162,7 @@ def _read_weights(directory: ZipDirectory, entry: ZipEntry, path: Path) -> Conte
         place = hdf5.Place(path, start, size)
     else:
         # Inflated once and held while tensors may still be read through h5py.
-        data = directory.read_member(entry, MAX_INFLATED_WEIGHTS)
+        data = directory.read_member(entry, limits.MAX_KERAS_INFLATED_WEIGHTS)
 
         def raw(offset: int, length: int) -> bytes:
             return data[offset : offset + length]

@@ -15,7 +15,7 @@ Layout (numpy/lib/format.py, NEP 1):
 Choices and edge cases:
 
 - the header is parsed with ``ast.literal_eval`` after its length is checked against
-  ``MAX_HEADER`` and the file size; nothing from numpy's loader runs;
+  ``limits.MAX_NPY_HEADER`` and the file size; nothing from numpy's loader runs;
 - the one array is named after the file's stem (``embeddings.npy`` holds ``embeddings``;
   ``array`` when the stem is empty);
 - big-endian arrays are read through a storage that swaps bytes on access (not zero-copy);
@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from modelport import dtypes
+from modelport import dtypes, limits
 from modelport.errors import (
     CorruptFileError,
     LimitExceededError,
@@ -56,10 +56,7 @@ from modelport.tensors import NDArray, Storage, TensorRef
 
 MAGIC = b"\x93NUMPY"
 VERSIONS = {(1, 0): 2, (2, 0): 4, (3, 0): 4}  # version -> width of the header length field
-MAX_HEADER = 64 * 1024  # numpy's own reader refuses headers over 10,000 bytes by default
-MAX_PREFIX = len(MAGIC) + 2 + 4 + MAX_HEADER  # the most bytes a header can span
-MAX_PICKLE = 1 << 30  # an object array's pickle is read into memory
-MAX_NDIM = 64  # numpy's NPY_MAXDIMS
+MAX_PREFIX = len(MAGIC) + 2 + 4 + limits.MAX_NPY_HEADER  # the most bytes a header can span
 KEYS = {"descr", "fortran_order", "shape"}
 DEFAULT_NAME = "array"
 OBJECT_WARNING = "object array: contents are a pickle (read without executing anything)"
@@ -135,8 +132,8 @@ def parse_header(prefix: bytes, *, path: Path, where: str = "", available: int =
     if len(prefix) < start:
         _truncated(f"{label} header length", start, total, path)
     (length,) = struct.unpack_from("<H" if width == 2 else "<I", prefix, 8)
-    if length > MAX_HEADER:
-        raise LimitExceededError(f"{label} header length", MAX_HEADER, length, path=path)
+    if length > limits.MAX_NPY_HEADER:
+        raise LimitExceededError(f"{label} header length", limits.MAX_NPY_HEADER, length, path=path)
     if len(prefix) < start + length:
         _truncated(f"{label} header", start + length, total, path)
     text = prefix[start : start + length].decode(
@@ -148,11 +145,12 @@ def parse_header(prefix: bytes, *, path: Path, where: str = "", available: int =
         raise CorruptFileError(f"{label}: fortran_order must be True or False", path=path)
     if (
         not isinstance(shape, tuple)
-        or len(shape) > MAX_NDIM
+        or len(shape) > limits.MAX_RANK
         or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
     ):
         raise CorruptFileError(
-            f"{label}: shape must be a tuple of at most {MAX_NDIM} non-negative ints", path=path
+            f"{label}: shape must be a tuple of at most {limits.MAX_RANK} non-negative ints",
+            path=path,
         )
     dtype, itemsize, swapped, warning = _element_type(descr, label, path)
     return NpyHeader(
@@ -261,8 +259,10 @@ def read(path: Path, probe: Probe) -> Contents:
         "header_bytes": header.data_offset,
     }
     if header.is_object:
-        if size > MAX_PICKLE:
-            raise LimitExceededError("npy object array pickle size", MAX_PICKLE, size, path=path)
+        if size > limits.MAX_NPY_PICKLE:
+            raise LimitExceededError(
+                "npy object array pickle size", limits.MAX_NPY_PICKLE, size, path=path
+            )
         data = path.read_bytes()
         value = object_array(data, header, path=path, base_offset=0)
         return Contents(Format.NPY, {name: value}, details=details, warnings=warnings)

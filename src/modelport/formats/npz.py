@@ -50,7 +50,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from modelport import dtypes
+from modelport import dtypes, limits
 from modelport.errors import (
     ConversionError,
     CorruptFileError,
@@ -70,7 +70,6 @@ from modelport.tree import typed_json, typed_json_decoding
 
 SUFFIX = ".npy"
 DTYPE_MAP = "__modelport_dtypes__"  # member (without .npy) naming the dtypes numpy lacks
-MAX_DTYPE_MAP = 64 << 20
 TREE = "__modelport_tree__"  # member (without .npy) holding a nested tree as typed JSON
 ALIGNMENT = 64  # numpy's ARRAY_ALIGN; also where member data starts in the file
 GROWTH_AXIS_MAX_DIGITS = 21  # numpy pads headers so a growing axis can be rewritten in place
@@ -192,7 +191,7 @@ def _member(directory: ZipDirectory, handle: BinaryIO, entry: ZipEntry, warnings
     if header.warning:
         warnings.append(f"{entry.name}: {header.warning}" if header.is_object else header.warning)
     if header.is_object:
-        data = directory.read_member(entry, npy.MAX_PICKLE)
+        data = directory.read_member(entry, limits.MAX_NPY_PICKLE)
         stored = entry.is_stored
         return npy.object_array(
             data,
@@ -230,7 +229,7 @@ def read(path: Path, probe: Probe) -> Contents:
             warnings.append(f"npz member {entry.name!r} appears more than once: the last wins")
         chosen[name] = entry
     restore = _take_dtype_map(directory, chosen, warnings)
-    structure = _take_text(directory, chosen, TREE, typed_json.MAX_CHARS)
+    structure = _take_text(directory, chosen, TREE, limits.MAX_TYPED_JSON_CHARS)
     tree: dict[str, TensorRef | Any] = {}
     with open(path, "rb") as handle:
         for name, entry in chosen.items():
@@ -291,10 +290,10 @@ def _take_dtype_map(
     removed from ``chosen``; empty when there is none. A member of that name that is not a
     1-d uint8 array holding a JSON object of strings stays an ordinary tensor."""
     entry = chosen.get(DTYPE_MAP)
-    if entry is None or entry.size > MAX_DTYPE_MAP:
+    if entry is None or entry.size > limits.MAX_NPZ_DTYPE_MAP:
         return {}
     path = directory.path
-    data = directory.read_member(entry, MAX_DTYPE_MAP)
+    data = directory.read_member(entry, limits.MAX_NPZ_DTYPE_MAP)
     header = npy.parse_header(data[: npy.MAX_PREFIX], path=path, available=len(data))
     if (
         header.dtype != "uint8"

@@ -20,7 +20,7 @@ Layout (onnx/onnx.proto; field numbers in the enums below):
 
 Edge cases: 0-d and empty tensors; STRING tensors are listed in ``details`` (no numeric
 data); 2/4/6-bit types are reported as unsupported; subgraph nesting is walked with an
-explicit stack to depth ``MAX_DEPTH``. ``onnx.load`` accepts any protobuf, so sniffing is
+explicit stack to depth ``limits.MAX_DEPTH``. ``onnx.load`` accepts any protobuf, so sniffing is
 strict: only known ``ModelProto`` fields, ``ir_version`` first, then a graph.
 """
 
@@ -34,6 +34,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from modelport import limits
 from modelport.errors import (
     CorruptFileError,
     LimitExceededError,
@@ -41,7 +42,6 @@ from modelport.errors import (
     TruncatedFileError,
 )
 from modelport.formats._onnx_tensors import (
-    MAX_RANK,
     STRING,
     DataType,
     TensorData,
@@ -54,8 +54,6 @@ from modelport.formats._protobuf import signed64 as s64
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.tensors import TensorRef
 
-MAX_FIELDS = 10_000_000  # a 300k-node graph is about 3M; each field costs ~1 us
-MAX_DEPTH = 64
 MAX_IR_VERSION = 100
 
 
@@ -187,7 +185,7 @@ def read(path: Path, probe: Probe) -> Contents:
     if probe.size == 0:
         raise TruncatedFileError("empty ONNX file", expected=1, actual=0, path=path)
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        return _Reader(Message(m, path, MAX_FIELDS), path).model()
+        return _Reader(Message(m, path, limits.MAX_ONNX_FIELDS), path).model()
 
 
 class _Reader:
@@ -275,8 +273,10 @@ class _Reader:
             stack.extend(_Item(False, f.start, f.end, 1, f"{fname}/", False) for f in nodes)
         while stack:
             item = stack.pop()
-            if item.depth > MAX_DEPTH:
-                raise LimitExceededError("nesting depth of ONNX subgraphs", MAX_DEPTH, item.depth)
+            if item.depth > limits.MAX_DEPTH:
+                raise LimitExceededError(
+                    "nesting depth of ONNX subgraphs", limits.MAX_DEPTH, item.depth
+                )
             if not item.is_graph:  # a function body's node
                 node = Field(GraphField.NODE, WireType.LEN, item.end - item.start, *item.span)
                 stack.extend(reversed(self.node(node, item)))
@@ -422,8 +422,8 @@ class _Reader:
             raise self.corrupt("sparse tensor without values")
         values = self.data.record(parts[1][-1])
         name = prefix + (output or values.name or f"sparse_{len(self.walk.sparse)}")
-        dims = [s64(v) for f in parts.get(3, []) for v in self.msg.ints(f, MAX_RANK + 1)]
-        self.walk.sparse[name] = dims[: MAX_RANK + 1]
+        dims = [s64(v) for f in parts.get(3, []) for v in self.msg.ints(f, limits.MAX_RANK + 1)]
+        self.walk.sparse[name] = dims[: limits.MAX_RANK + 1]
         self.add(values, f"{name}.values", self.walk.initializers, "")
         if 2 in parts:
             self.add(self.data.record(parts[2][-1]), f"{name}.indices", self.walk.initializers, "")
@@ -475,8 +475,8 @@ class _Reader:
                 elif part.number == 2:
                     value = msg.text(part)
             dims.append(value)
-            if len(dims) > MAX_RANK:
-                raise LimitExceededError("ONNX value rank", MAX_RANK, len(dims))
+            if len(dims) > limits.MAX_RANK:
+                raise LimitExceededError("ONNX value rank", limits.MAX_RANK, len(dims))
         return dims
 
 

@@ -21,23 +21,19 @@ Layout (Lib/pickletools.py; joblib/numpy_pickle.py, compressor.py, numpy_pickle_
   with ``b`` a whole ``torch.save`` blob (see ``_torch_blob``).
 
 Edge cases: a torch legacy file (first pickle is torch's magic number) and ``.npy`` files
-are never claimed; decompression stops at ``MAX_DECOMPRESSED`` (or half the RAM) with
+are never claimed; decompression stops at ``limits.MAX_PICKLE_INFLATED`` (or half the RAM) with
 ``LimitExceededError``; nothing named by the pickle is imported or called.
 """
 
 from __future__ import annotations
 
-import bz2
-import lzma
 import math
 import mmap
-import os
 import re
-import zlib
-from enum import Enum
 from pathlib import Path
 from typing import Any, Final
 
+from modelport import limits
 from modelport.errors import (
     CorruptFileError,
     LimitExceededError,
@@ -46,25 +42,22 @@ from modelport.errors import (
     UnsupportedDtypeError,
 )
 from modelport.formats import npy
+from modelport.formats._compressed import Compression, compression_of, decompression_cap, inflate
+from modelport.formats._legacy_stream import MAGIC_NUMBER
 from modelport.formats._torch_blob import read_torch_blob
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.formats.sniffing import identify
-from modelport.formats.torch_legacy import MAGIC_NUMBER
-from modelport.pickles.machine import Limits, Step, run
+from modelport.pickles.interface import Limits, Step
+from modelport.pickles.machine import run
 from modelport.pickles.numpy_types import NumpyArray, NumpyDType, tensor_from_raw
 from modelport.pickles.reading import ReadingResolver
 from modelport.pickles.records import ByteSpan, CallRecord, GlobalRef, ObjectRecord
 from modelport.pickles.torch_types import TypedStorage
 from modelport.tensors import TensorRef
 
-MAX_DECOMPRESSED = 16 << 30  # hard cap on a compressed pickle's inflated size
-DECOMPRESS_CHUNK = 1 << 20  # inflate this much at a time, checking the cap in between
 SNIFF_INFLATE = 4096
 SNIFF_BZ2_INPUT = 1 << 20  # a bz2 block (at most 900 kB of input) must be whole to inflate
-MAX_NESTING = 16  # object arrays pickled inside joblib streams, nested
 MAX_NAMED = 20  # globals listed in warnings
-ZF_PREFIX: Final = b"ZF"
-ZF_LENGTH_CHARS: Final = 19
 
 _JOBLIB = ("joblib", "sklearn.externals.joblib")
 WRAPPERS: Final = frozenset(f"{m}.numpy_pickle.NumpyArrayWrapper" for m in _JOBLIB)
@@ -81,36 +74,6 @@ _VALID_OPCODES: Final = frozenset(b"(.0123FIJKLMNPQRSTUVXabcdeghijlopqrstuBCG}])
     range(0x80, 0x99)
 )
 _DTYPE_SPEC = re.compile(r"^[<>|=]?([biufcSaUVMm?])(\d*)(\[\w+\])?$")
-
-
-class Compression(str, Enum):
-    """How the pickle stream is wrapped on disk; values are what ``details`` reports."""
-
-    ZLIB = "zlib"
-    GZIP = "gzip"
-    BZ2 = "bz2"
-    XZ = "xz"
-    LZMA = "lzma"
-    JOBLIB_ZF = "joblib-zfile"
-
-
-MAGICS: Final = (
-    (b"\xfd7zXZ\x00", Compression.XZ),
-    (b"\x1f\x8b", Compression.GZIP),
-    (b"BZh", Compression.BZ2),
-    (b"\x5d\x00\x00", Compression.LZMA),
-    (ZF_PREFIX + b"0x", Compression.JOBLIB_ZF),
-    (b"\x78", Compression.ZLIB),
-)
-
-
-def compression_of(head: bytes) -> Compression | None:
-    for magic, kind in MAGICS:
-        if head.startswith(magic):
-            if kind is Compression.ZLIB and (len(head) < 2 or (head[0] * 256 + head[1]) % 31):
-                return None
-            return kind
-    return None
 
 
 def sniff(probe: Probe) -> bool:
@@ -168,81 +131,6 @@ def _first_value(
     except ModelportError:
         return _FAILED
     return _TORCH if isinstance(value, int) and value == MAGIC_NUMBER else value
-
-
-# -- decompression ---------------------------------------------------------------------------
-def decompression_cap() -> int:
-    """``MAX_DECOMPRESSED``, lowered to half the machine's memory where that is known."""
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return MAX_DECOMPRESSED
-    return min(MAX_DECOMPRESSED, max(memory // 2, 1 << 20))
-
-
-_ZLIB_TYPE: Final = type(zlib.decompressobj())
-
-
-def _decompressor(kind: Compression) -> Any:
-    if kind in (Compression.ZLIB, Compression.JOBLIB_ZF):
-        return zlib.decompressobj(15)
-    if kind is Compression.GZIP:
-        return zlib.decompressobj(31)
-    if kind is Compression.BZ2:
-        return bz2.BZ2Decompressor()
-    return lzma.LZMADecompressor(lzma.FORMAT_XZ if kind is Compression.XZ else lzma.FORMAT_ALONE)
-
-
-def _zf_payload(data: memoryview) -> tuple[int, memoryview]:
-    header = bytes(data[len(ZF_PREFIX) : len(ZF_PREFIX) + ZF_LENGTH_CHARS])
-    try:
-        declared = int(header.decode("ascii").strip(), 16)
-    except (UnicodeDecodeError, ValueError):
-        raise CorruptFileError("joblib ZF header: length is not hexadecimal") from None
-    start = len(ZF_PREFIX) + ZF_LENGTH_CHARS
-    if bytes(data[start : start + 1]) == b" ":
-        start += 1
-    return declared, data[start:]
-
-
-def inflate(data: memoryview, kind: Compression, cap: int, *, partial: bool) -> bytearray:
-    """Inflate ``data`` chunk by chunk; past ``cap`` bytes: stop (``partial``) or raise."""
-    if kind is Compression.JOBLIB_ZF:
-        declared, data = _zf_payload(data)
-        if declared > cap and not partial:
-            raise LimitExceededError("declared decompressed size", cap, declared)
-    out = bytearray()
-    engine = _decompressor(kind)
-    position, pending, limited = 0, b"", False  # input is fed in bounded pieces
-    while True:
-        is_zlib = isinstance(engine, _ZLIB_TYPE)
-        if not pending and (not limited if is_zlib else engine.needs_input):
-            if position >= len(data):
-                break
-            pending = bytes(data[position : position + DECOMPRESS_CHUNK])
-            position += len(pending)
-        try:
-            chunk = engine.decompress(pending, DECOMPRESS_CHUNK)
-        except (zlib.error, OSError, lzma.LZMAError, EOFError, ValueError) as exc:
-            raise CorruptFileError(f"{kind.value} stream is corrupt ({exc})") from None
-        out += chunk
-        if len(out) > cap:
-            if partial:
-                return out[:cap]
-            raise LimitExceededError("decompressed pickle size (stopped there)", cap, len(out))
-        pending, limited = (engine.unconsumed_tail if is_zlib else b""), len(chunk) > 0
-        if engine.eof:  # another stream may follow (concatenated gzip / xz / bz2)
-            rest = position - len(engine.unused_data) - len(pending)
-            if compression_of(bytes(data[rest : rest + 8])) is not kind:
-                break
-            engine, position, pending, limited = _decompressor(kind), rest, b"", False
-    if not engine.eof and not partial:
-        raise TruncatedFileError(
-            f"{kind.value} stream ends before its end marker (truncated file?)",
-            expected=len(data) + 1,
-            actual=len(data),
-        )
-    return out
 
 
 # -- the resolver ----------------------------------------------------------------------------
@@ -359,8 +247,10 @@ class PickleFileResolver(ReadingResolver):
         return flags is not None and bool(flags[1] & 1)  # NPY_ITEM_HASOBJECT
 
     def _nested(self, array: JoblibArray, start: int, at: Step) -> JoblibArray:
-        if self.depth >= MAX_NESTING:
-            raise LimitExceededError("nested joblib object arrays", MAX_NESTING, self.depth + 1)
+        if self.depth >= limits.MAX_PICKLE_NESTING:
+            raise LimitExceededError(
+                "nested joblib object arrays", limits.MAX_PICKLE_NESTING, self.depth + 1
+            )
         if self.data is None:
             raise CorruptFileError("joblib object array without a source")
         self.depth += 1

@@ -26,7 +26,7 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from modelport import dtypes
+from modelport import dtypes, limits
 from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.tensors import Storage, TensorRef
@@ -34,7 +34,6 @@ from modelport.transfer.streaming import write_all, write_tensor
 from modelport.transfer.write_plan import WritePlan
 from modelport.tree import typed_json, typed_json_decoding
 
-MAX_HEADER = 100 * 1024 * 1024  # the reference library's own cap
 METADATA_KEY = "__metadata__"
 
 
@@ -43,7 +42,11 @@ def sniff(probe: Probe) -> bool:
         return False
     (length,) = struct.unpack("<Q", probe.head[:8])
     start = probe.head[8:10].lstrip(b" ")[:1]
-    return 2 <= length <= MAX_HEADER and start == b"{" and _header_looks_like_json(probe.head[8:])
+    return (
+        2 <= length <= limits.MAX_SAFETENSORS_HEADER
+        and start == b"{"
+        and _header_looks_like_json(probe.head[8:])
+    )
 
 
 def _header_looks_like_json(text: bytes) -> bool:
@@ -68,8 +71,10 @@ def read_header(path: Path) -> tuple[int, dict[str, Any]]:
                 path=path,
             )
         (length,) = struct.unpack("<Q", prefix)
-        if length > MAX_HEADER:
-            raise LimitExceededError("safetensors header length", MAX_HEADER, length, path=path)
+        if length > limits.MAX_SAFETENSORS_HEADER:
+            raise LimitExceededError(
+                "safetensors header length", limits.MAX_SAFETENSORS_HEADER, length, path=path
+            )
         if 8 + length > size:
             raise TruncatedFileError(
                 f"safetensors header claims {length} bytes but the file has {size - 8} after "

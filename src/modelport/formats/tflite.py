@@ -32,16 +32,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from modelport import dtypes
+from modelport import dtypes, limits
 from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
 from modelport.formats._flatbuffers import FlatBuffer, Table
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.tensors import Storage, TensorRef
 
 IDENTIFIER = b"TFL3"
-MAX_RANK = 64
 MAX_METADATA_TEXT = 4096
-MAX_TENSORS = 1_000_000  # across subgraphs; real models hold well under 100k
 
 
 class ModelSlot(IntEnum):
@@ -254,8 +252,8 @@ class _Reader:
         prefix = "" if index == 0 else f"{name or f'subgraph{index}'}/"
         declared = table.vector(SubGraphSlot.TENSORS, 4)
         self.tensor_count += declared[1] if declared else 0
-        if self.tensor_count > MAX_TENSORS:
-            raise LimitExceededError("TFLite tensors", MAX_TENSORS, self.tensor_count)
+        if self.tensor_count > limits.MAX_TFLITE_TENSORS:
+            raise LimitExceededError("TFLite tensors", limits.MAX_TFLITE_TENSORS, self.tensor_count)
         tensors = table.tables(SubGraphSlot.TENSORS, f"subgraph {index} Tensor")
         infos: list[dict[str, Any]] = []
         for position, tensor in enumerate(tensors):
@@ -298,7 +296,7 @@ class _Reader:
     def tensor(self, table: Table, position: int) -> dict[str, Any]:
         """A tensor's facts, and under ``ref`` its TensorRef when it holds constant data."""
         name = table.string(TensorSlot.NAME)
-        shape = table.scalars(TensorSlot.SHAPE, "<i", MAX_RANK)
+        shape = table.scalars(TensorSlot.SHAPE, "<i", limits.MAX_RANK)
         code = table.scalar(TensorSlot.TYPE, "<b", 0)
         info: dict[str, Any] = {"name": name, "dtype": type_label(code), "shape": shape}
         storage = self.storage(table.scalar(TensorSlot.BUFFER, "<I", 0))

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from modelport import dtypes
+from modelport import dtypes, limits
 from modelport.errors import CorruptFileError, UnsupportedVersionError
 from modelport.formats._torch_blob import read_torch_blob
 from modelport.formats._zip import ZipDirectory, ZipEntry
@@ -43,7 +43,6 @@ from modelport.formats.torchscript import extra_files
 from modelport.pickles.torch_types import TypedStorage, tensor_from_storage
 from modelport.tensors import Storage
 
-MAX_JSON = 512 * 1024 * 1024
 STRIDED = 7
 TOP_OPS = 20
 
@@ -121,7 +120,7 @@ def sniff(probe: Probe) -> bool:
 # -- JSON helpers ------------------------------------------------------------------------------
 def _load_json(directory: ZipDirectory, entry: ZipEntry, path: Path) -> Any:
     try:
-        return json.loads(directory.read_member(entry, MAX_JSON).decode("utf-8"))
+        return json.loads(directory.read_member(entry, limits.MAX_PT2_JSON).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CorruptFileError(f"{entry.name} is not valid JSON ({exc})", path=path) from None
 

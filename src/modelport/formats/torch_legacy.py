@@ -31,41 +31,41 @@ of the file; class sources saved with pickled modules are returned as code, neve
 
 from __future__ import annotations
 
-import mmap
-import os
 import struct
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelport import dtypes
+from modelport import dtypes, limits
 from modelport.errors import (
     CorruptFileError,
     ModelportError,
-    TruncatedFileError,
-    UnsupportedVersionError,
+)
+from modelport.formats._legacy_stream import (
+    COUNT_SIZE,
+    MAGIC_NUMBER,
+    Sources,
+    check_data,
+    check_sys_info,
+    count_of,
+    mapped,
+    read_stream,
+    storage_dtype,
+    text_of,
 )
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
-from modelport.pickles.machine import Limits
+from modelport.pickles.interface import Limits
 from modelport.pickles.reading import read_pickle
 from modelport.pickles.records import GlobalRef
-from modelport.pickles.torch_types import StorageType, TypedStorage, tensor_from_storage
+from modelport.pickles.torch_types import TypedStorage, tensor_from_storage
 from modelport.tensors import Storage, TensorRef
 
-MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
-PROTOCOL_VERSION = 1001
-COUNT_SIZE = 8
 TAR_BLOCK = 512
 TAR_MAGIC = b"ustar"
 TAR_MAGIC_AT = 257
 TAR_MEMBERS = ("sys_info", "pickle", "tensors", "storages")
-MAX_TAR_HEADERS = 64
-MAX_NDIM = 64
-MAX_CODE_BYTES = 16 * 1024 * 1024
 SNIFF_LIMITS = Limits(max_opcodes=32, max_memo=32, max_stack=32, max_marks=8, inline_bytes=64)
-SMALL_LIMITS = Limits(max_opcodes=100_000, max_memo=100_000, max_stack=100_000, max_marks=1_000)
 
 
 # -- sniffing ---------------------------------------------------------------------------------
@@ -102,245 +102,6 @@ def _starts_with_magic(head: bytes) -> bool:
     return type(value) is int and value == MAGIC_NUMBER
 
 
-# -- shared helpers ---------------------------------------------------------------------------
-@contextmanager
-def _mapped(path: Path) -> Iterator[memoryview]:
-    """The file as a read-only memory map (pickles are read in place, storages never)."""
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        if size == 0:
-            raise TruncatedFileError("empty file", expected=1, actual=0, path=path)
-        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    view = memoryview(mapping)
-    try:
-        yield view
-    finally:
-        try:
-            view.release()
-            mapping.close()
-        except BufferError:  # a traceback still holds a view; the map closes when it goes
-            pass
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("ascii", "replace")
-    return str(value)
-
-
-def _count(value: Any, what: str, path: Path) -> int:
-    if type(value) is not int or value < 0:
-        raise CorruptFileError(
-            f"{what} must be a non-negative integer, got {value!r:.40}", path=path
-        )
-    return value
-
-
-def _storage_dtype(storage_type: Any, path: Path) -> str:
-    if not isinstance(storage_type, StorageType):
-        raise CorruptFileError(f"unknown storage type {storage_type!r:.80}", path=path)
-    return storage_type.dtype
-
-
-@dataclass
-class _Sources:
-    """Class sources saved alongside pickled modules: kept as text, bounded in total."""
-
-    code: dict[str, str]
-    total: int = 0
-
-    def module(self, cls: Any, source: Any) -> Any:
-        if (
-            isinstance(cls, GlobalRef)
-            and isinstance(source, str)
-            and cls.path not in self.code
-            and self.total + len(source) <= MAX_CODE_BYTES
-        ):
-            self.code[cls.path] = source
-            self.total += len(source)
-        return cls
-
-
-def _check_data(end: int, size: int, what: str, path: Path) -> None:
-    if end > size:
-        raise TruncatedFileError(
-            f"{what} ends at byte {end}, past the end of the {size}-byte file",
-            expected=end,
-            actual=size,
-            path=path,
-        )
-
-
-# -- stream layout ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Root:
-    dtype: str
-    numel: int
-    location: str
-
-
-@dataclass(frozen=True)
-class _View:
-    root: str
-    offset: int
-    numel: int
-
-
-class _StreamStorages:
-    """Persistent ids of the stream layout. Pass one records what the object pickle declares;
-    once the storage offsets are known, pass two hands out the real (shared) storages."""
-
-    def __init__(self, path: Path, size: int, sources: _Sources) -> None:
-        self.path = path
-        self.size = size
-        self.sources = sources
-        self.roots: dict[str, _Root] = {}
-        self.views: dict[str, _View] = {}
-        self.offsets: dict[str, int] | None = None
-        self.made: dict[str, TypedStorage] = {}
-
-    def load(self, pid: Any) -> Any:
-        path = self.path
-        if not isinstance(pid, tuple) or not pid:
-            raise CorruptFileError(f"unexpected persistent id {pid!r:.80}", path=path)
-        kind = _text(pid[0])
-        if kind == "module" and len(pid) == 4:
-            return self.sources.module(pid[1], pid[3])
-        if kind != "storage" or len(pid) != 6:
-            raise CorruptFileError(f"unexpected persistent id {pid!r:.80}", path=path)
-        _, storage_type, root_key, location, numel, view = pid
-        dtype = _storage_dtype(storage_type, path)
-        key = _text(root_key)
-        numel = _count(numel, f"element count of storage {key!r}", path)
-        if numel * dtypes.dtype(dtype).itemsize > self.size:
-            raise CorruptFileError(
-                f"storage {key!r} declares {numel} elements, more than the file holds", path=path
-            )
-        root = self.roots.setdefault(key, _Root(dtype, numel, _text(location)))
-        if view is None:
-            return self._typed(key, key, 0, root.numel, root)
-        if not isinstance(view, tuple) or len(view) != 3:
-            raise CorruptFileError(f"malformed view of storage {key!r}", path=path)
-        view_key = _text(view[0])
-        offset = _count(view[1], "storage view offset", path)
-        count = _count(view[2], "storage view size", path)
-        if offset + count > root.numel:
-            raise CorruptFileError(
-                f"view {view_key!r} covers elements {offset}..{offset + count} of storage "
-                f"{key!r}, which holds {root.numel}",
-                path=path,
-            )
-        first = self.views.setdefault(view_key, _View(key, offset, count))
-        return self._typed(view_key, first.root, first.offset, first.numel, self.roots[first.root])
-
-    def _typed(self, name: str, root_key: str, offset: int, numel: int, root: _Root) -> Any:
-        cached = self.made.get(name)
-        if cached is not None:
-            return cached
-        itemsize = dtypes.dtype(root.dtype).itemsize
-        if self.offsets is None:
-            placeholder = Storage(None, 0, numel * itemsize, key=name)
-            return TypedStorage(placeholder, root.dtype, numel, root.location)
-        start = self.offsets.get(root_key)
-        if start is None:
-            raise CorruptFileError(f"storage {root_key!r} has no data in the file", path=self.path)
-        storage = Storage(self.path, start + offset * itemsize, numel * itemsize, key=name)
-        typed = TypedStorage(storage, root.dtype, numel, root.location)
-        self.made[name] = typed
-        return typed
-
-
-def _read_stream(path: Path, data: memoryview) -> Contents:
-    size = len(data)
-    magic = read_pickle(data, limits=SMALL_LIMITS)
-    if type(magic.value) is not int or magic.value != MAGIC_NUMBER:
-        raise CorruptFileError("not a torch legacy file (wrong magic number)", path=path)
-    version = read_pickle(data, start=magic.end, limits=SMALL_LIMITS)
-    if version.value != PROTOCOL_VERSION:
-        raise UnsupportedVersionError(
-            f"torch legacy protocol version {version.value!r:.40} (only {PROTOCOL_VERSION})",
-            path=path,
-        )
-    info = read_pickle(data, start=version.end, limits=SMALL_LIMITS)
-    sys_info = _check_sys_info(info.value, path)
-    sources = _Sources({})
-    storages = _StreamStorages(path, size, sources)
-    first = read_pickle(data, start=info.end, path=path, storage_loader=storages.load)
-    keys_result = read_pickle(data, start=first.end)
-    keys = _storage_keys(keys_result.value, storages.roots, size - keys_result.end, path)
-    offsets: dict[str, int] = {}
-    pos = keys_result.end
-    for key in keys:
-        root = storages.roots[key]
-        _check_data(pos + COUNT_SIZE, size, f"element count of storage {key!r}", path)
-        (count,) = struct.unpack("<q", data[pos : pos + COUNT_SIZE])
-        if count != root.numel:
-            raise CorruptFileError(
-                f"storage {key!r} is stored with {count} elements, the object pickle "
-                f"declares {root.numel}",
-                path=path,
-            )
-        nbytes = count * dtypes.dtype(root.dtype).itemsize
-        _check_data(pos + COUNT_SIZE + nbytes, size, f"storage {key!r}", path)
-        offsets[key] = pos + COUNT_SIZE
-        pos += COUNT_SIZE + nbytes
-    storages.offsets = offsets
-    storages.made.clear()
-    sources.code.clear()
-    sources.total = 0
-    second = read_pickle(data, start=info.end, path=path, storage_loader=storages.load)
-    warnings = []
-    if pos != size:
-        warnings.append(f"{size - pos} bytes follow the last storage and were ignored")
-    details: dict[str, Any] = {
-        "layout": "stream",
-        "pickle_protocol": second.protocol,
-        "sys_info": sys_info,
-        "storages": len(keys),
-        "devices": sorted({r.location for r in storages.roots.values()}),
-    }
-    return Contents(
-        Format.TORCH_LEGACY, second.value, details=details, code=sources.code, warnings=warnings
-    )
-
-
-def _check_sys_info(value: Any, path: Path) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise CorruptFileError("torch legacy sys_info is not a dict", path=path)
-    if value.get("little_endian", True) is False:
-        raise UnsupportedVersionError("big-endian torch legacy files are not supported", path=path)
-    plain: dict[str, Any] = {}
-    for key, item in value.items():
-        if isinstance(item, dict):
-            item = {str(k): v for k, v in item.items() if isinstance(v, (bool, int, str))}
-        if isinstance(key, str) and isinstance(item, (bool, int, str, dict)):
-            plain[key] = item
-    return plain
-
-
-def _storage_keys(value: Any, roots: dict[str, _Root], room: int, path: Path) -> list[str]:
-    if not isinstance(value, list):
-        raise CorruptFileError("the storage key list is not a list", path=path)
-    keys = [_text(k) for k in value]
-    if len(keys) * COUNT_SIZE > room:
-        raise TruncatedFileError(
-            f"{len(keys)} storages listed but only {room} bytes follow",
-            expected=len(keys) * COUNT_SIZE,
-            actual=room,
-            path=path,
-        )
-    if len(set(keys)) != len(keys):  # torch would read the second copy over the first
-        raise CorruptFileError("a storage key is listed twice", path=path)
-    unknown = [k for k in keys if k not in roots]
-    if unknown:
-        raise CorruptFileError(f"storage {unknown[0]!r} is listed but never used", path=path)
-    listed = set(keys)
-    missing = [k for k in roots if k not in listed]
-    if missing:
-        raise CorruptFileError(f"storage {missing[0]!r} has no data in the file", path=path)
-    return keys
-
-
 # -- tar layout -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TarMember:
@@ -364,7 +125,7 @@ def _tar_members(data: bytes | memoryview) -> list[TarMember]:
     members: list[TarMember] = []
     pos = 0
     rename: str | None = None
-    for _ in range(MAX_TAR_HEADERS):
+    for _ in range(limits.MAX_TAR_HEADERS):
         header = bytes(data[pos : pos + TAR_BLOCK])
         if len(header) < TAR_BLOCK or header == bytes(TAR_BLOCK):
             break
@@ -427,7 +188,7 @@ class _Cursor:
         return result.value
 
     def take(self, n: int) -> memoryview:
-        _check_data(self.pos + n, len(self.data), f"tar member {self.name!r}", self.path)
+        check_data(self.pos + n, len(self.data), f"tar member {self.name!r}", self.path)
         chunk = self.data[self.pos : self.pos + n]
         self.pos += n
         return chunk
@@ -446,7 +207,7 @@ def tar_pickle_spans(path: Path) -> tuple[list[PickleSpan], str | None]:
     """Every pickle a 0.x tar layout holds, in the order torch reads them, for the scanner;
     with the reason the walk stopped early, if it did."""
     spans: list[PickleSpan] = []
-    with _mapped(path) as data:
+    with mapped(path) as data:
         try:
             _read_tar(path, data, spans)
         except ModelportError as exc:
@@ -457,23 +218,23 @@ def tar_pickle_spans(path: Path) -> tuple[list[PickleSpan], str | None]:
 def _read_tar(path: Path, data: memoryview, spans: list[PickleSpan] | None = None) -> Contents:
     members = {m.name: m for m in _tar_members(data)}
     for name, member in members.items():
-        _check_data(member.offset + member.size, len(data), f"tar member {name!r}", path)
+        check_data(member.offset + member.size, len(data), f"tar member {name!r}", path)
     missing = [n for n in TAR_MEMBERS[1:] if n not in members]
     if missing:
         raise CorruptFileError(f"legacy torch tar has no {missing[0]!r} member", path=path)
     sys_info: dict[str, Any] = {}
     if "sys_info" in members:
-        sys_info = _check_sys_info(_Cursor(data, members["sys_info"], path, spans).pickle(), path)
+        sys_info = check_sys_info(_Cursor(data, members["sys_info"], path, spans).pickle(), path)
     objects: dict[int, Any] = {}
     storage_count = _tar_storages(_Cursor(data, members["storages"], path, spans), objects)
     _tar_tensors(_Cursor(data, members["tensors"], path, spans), objects)
-    sources = _Sources({})
+    sources = Sources({})
 
     def load(pid: Any) -> Any:
         if isinstance(pid, tuple):
             return sources.module(pid[0], pid[2] if len(pid) >= 3 else None) if pid else None
         try:
-            return objects[int(_text(pid))]
+            return objects[int(text_of(pid))]
         except (KeyError, ValueError):
             raise CorruptFileError(
                 f"unknown tensor or storage key {pid!r:.40}", path=path
@@ -486,29 +247,29 @@ def _read_tar(path: Path, data: memoryview, spans: list[PickleSpan] | None = Non
 
 def _tar_storages(cursor: _Cursor, objects: dict[int, Any]) -> int:
     path = cursor.path
-    count = _count(cursor.pickle(), "storage count", path)
+    count = count_of(cursor.pickle(), "storage count", path)
     if count * COUNT_SIZE > cursor.left:
         raise CorruptFileError(f"{count} storages do not fit in the storages member", path=path)
     for _ in range(count):
         entry = cursor.pickle()
         if not isinstance(entry, tuple) or len(entry) != 3:
             raise CorruptFileError("malformed storage record in the storages member", path=path)
-        key = _count(entry[0], "storage key", path)
-        dtype = _storage_dtype(entry[2], path)
+        key = count_of(entry[0], "storage key", path)
+        dtype = storage_dtype(entry[2], path)
         (numel,) = struct.unpack("<q", cursor.take(COUNT_SIZE))
-        numel = _count(numel, f"element count of storage {key}", path)
+        numel = count_of(numel, f"element count of storage {key}", path)
         nbytes = numel * dtypes.dtype(dtype).itemsize
         start = cursor.pos
         cursor.take(nbytes)
         storage = Storage(path, start, nbytes, key=str(key))
-        objects[key] = TypedStorage(storage, dtype, numel, _text(entry[1]))
+        objects[key] = TypedStorage(storage, dtype, numel, text_of(entry[1]))
     views = cursor.pickle()
     if not isinstance(views, list):
         raise CorruptFileError("storage views are not a list", path=path)
     for view in views:
         if not isinstance(view, tuple) or len(view) != 4:
             raise CorruptFileError("malformed storage view record", path=path)
-        target, root_key, offset, numel = (_count(v, "storage view field", path) for v in view)
+        target, root_key, offset, numel = (count_of(v, "storage view field", path) for v in view)
         root = objects.get(root_key)
         if not isinstance(root, TypedStorage) or offset + numel > root.numel:
             raise CorruptFileError(f"storage view {target} lies outside its storage", path=path)
@@ -521,17 +282,17 @@ def _tar_storages(cursor: _Cursor, objects: dict[int, Any]) -> int:
 
 def _tar_tensors(cursor: _Cursor, objects: dict[int, Any]) -> None:
     path = cursor.path
-    count = _count(cursor.pickle(), "tensor count", path)
+    count = count_of(cursor.pickle(), "tensor count", path)
     if count * 16 > cursor.left:
         raise CorruptFileError(f"{count} tensors do not fit in the tensors member", path=path)
     for _ in range(count):
         entry = cursor.pickle()
         if not isinstance(entry, tuple) or len(entry) != 3:
             raise CorruptFileError("malformed tensor record in the tensors member", path=path)
-        key = _count(entry[0], "tensor key", path)
+        key = count_of(entry[0], "tensor key", path)
         (ndim,) = struct.unpack("<i", cursor.take(4))
         cursor.take(4)  # legacy encoding treated ndim as 8 bytes
-        if not 0 <= ndim <= MAX_NDIM:
+        if not 0 <= ndim <= limits.MAX_RANK:
             raise CorruptFileError(f"tensor {key} has {ndim} dimensions", path=path)
         sizes = struct.unpack(f"<{ndim}q", cursor.take(8 * ndim))
         strides = struct.unpack(f"<{ndim}q", cursor.take(8 * ndim))
@@ -557,10 +318,10 @@ def _storageless(tensor_type: Any, sizes: tuple[int, ...], path: Path) -> Tensor
 
 # -- entry point ------------------------------------------------------------------------------
 def read(path: Path, probe: Probe) -> Contents:
-    with _mapped(path) as data:
+    with mapped(path) as data:
         if _is_tar(probe.head):
             return _read_tar(path, data)
-        return _read_stream(path, data)
+        return read_stream(path, data)
 
 
 READER = FormatReader(Format.TORCH_LEGACY, sniff, read, (".pt", ".pth", ".bin", ".ckpt", ".tar"))

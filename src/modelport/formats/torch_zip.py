@@ -55,7 +55,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from modelport import dtypes
+from modelport import dtypes, limits
 from modelport.errors import (
     ConversionError,
     CorruptFileError,
@@ -75,7 +75,6 @@ from modelport.tree.typed_json import KEY as TREE_KEY
 
 PREFIX = "archive"
 METADATA_MEMBER = "extra/modelport.json"
-MAX_METADATA = 16 << 20
 ALIGNMENT = 64
 SETITEMS_BATCH = 1000  # what pickle's own batching uses
 # torch's legacy typed storage classes; other dtypes are saved through _rebuild_tensor_v3
@@ -217,7 +216,9 @@ def _metadata(directory: ZipDirectory, prefix: str, warnings: list[str]) -> dict
     if entry is None:
         return {}
     try:
-        value = json.loads(directory.read_member(entry, MAX_METADATA).decode("utf-8"))
+        value = json.loads(
+            directory.read_member(entry, limits.MAX_TORCH_ZIP_METADATA).decode("utf-8")
+        )
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         value = None
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):

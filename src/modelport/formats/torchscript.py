@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelport import limits
 from modelport.errors import CorruptFileError, LimitExceededError, UnsupportedVersionError
 from modelport.formats._zip import ZipDirectory
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
@@ -37,10 +38,7 @@ from modelport.pickles.modules import ModuleNode
 from modelport.pickles.records import ObjectRecord
 from modelport.tensors import TensorRef
 
-MAX_CODE_BYTES = 16 * 1024 * 1024  # code text returned in Contents.code
-MAX_PARSE_BYTES = 256 * 1024 * 1024  # code text read to find parameter and buffer lists
 MAX_EXTRA_BYTES = 64 * 1024  # an extra/ file small enough to show as metadata
-MAX_MODULES = 1_000_000
 
 _CLASS = re.compile(r"class ([A-Za-z_][A-Za-z0-9_]*)(?:\(([^)]*)\))?:")
 _DECLARED = re.compile(r"  (__parameters__|__buffers__) = \[(.*)\]\s*$")
@@ -122,14 +120,16 @@ def _code_files(
     for entry in directory.entries:
         if not (entry.name.startswith(root) and entry.name.endswith(".py")):
             continue
-        if parsed + entry.size > MAX_PARSE_BYTES:
-            warnings.append(f"code past {MAX_PARSE_BYTES} bytes was not read")
+        if parsed + entry.size > limits.MAX_CODE_PARSE_BYTES:
+            warnings.append(f"code past {limits.MAX_CODE_PARSE_BYTES} bytes was not read")
             break
-        text = directory.read_member(entry, MAX_PARSE_BYTES - parsed).decode("utf-8", "replace")
+        text = directory.read_member(entry, limits.MAX_CODE_PARSE_BYTES - parsed).decode(
+            "utf-8", "replace"
+        )
         parsed += entry.size
         module = entry.name[len(root) : -len(".py")].replace("/", ".")
         classes.update(parse_classes(module, text))
-        if shown + len(text) <= MAX_CODE_BYTES:
+        if shown + len(text) <= limits.MAX_CODE_BYTES:
             code[entry.name] = text
             shown += len(text)
     if shown < parsed:
@@ -166,8 +166,8 @@ def state_dict(
     while pending:
         prefix, module, node, ancestors = pending.pop()
         visited += 1
-        if visited > MAX_MODULES:
-            raise LimitExceededError("TorchScript modules", MAX_MODULES, visited)
+        if visited > limits.MAX_TORCHSCRIPT_MODULES:
+            raise LimitExceededError("TorchScript modules", limits.MAX_TORCHSCRIPT_MODULES, visited)
         decl = _declaration(module, classes)
         if decl is None:
             undeclared.add(module.class_path)

@@ -17,7 +17,8 @@ from enum import Enum
 from typing import Any
 
 from modelport.pickles import policy
-from modelport.pickles.machine import Limits, Step, run
+from modelport.pickles.interface import Limits, Step
+from modelport.pickles.machine import run
 from modelport.pickles.records import ByteSpan
 
 _NESTED_TORCH = ("torch.storage", "_load_from_bytes")
@@ -357,25 +358,32 @@ def _judge_symbol(symbol: Symbol, torchscript: bool) -> list[PickleFinding]:
             "unknown-global",
             f"references {name} without using it the way model files do",
         )
+    severity, rule, message = _instantiation(symbol, key, name)
+    return finding(severity, rule, message) if rule else []
+
+
+def _instantiation(symbol: Symbol, key: tuple[str, str], name: str) -> tuple[Severity, str, str]:
+    """A class the pickle instantiates, judged by its arguments and the state handed to it;
+    an empty rule when it is on the allowlist and used as model files use it."""
     plain_args = all(args == () for _, args in symbol.news)
     plain_state = all(_is_plain_state(state) for made in symbol.made for state in made.states)
     if key in policy.SAFE_CLASSES and plain_args:
-        return []
+        return Severity.INFO, "", ""
     if plain_args and plain_state:
-        return finding(
+        return (
             Severity.MEDIUM,
             "custom-class",
             f"instantiates {name} the way pickle stores a custom object: loading it "
             "normally imports that class and runs its code",
         )
     if plain_args:
-        return finding(
+        return (
             Severity.MEDIUM,
             "custom-state",
             f"instantiates {name} and hands its __setstate__ a non-dict state: loading it "
             "normally runs that class's code on data from the file",
         )
-    return finding(
+    return (
         Severity.HIGH,
         "unknown-constructor-args",
         f"instantiates {name} with constructor arguments, which model files never do",

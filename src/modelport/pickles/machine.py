@@ -13,70 +13,22 @@ large byte payloads stay in place as ``ByteSpan``s.
 from __future__ import annotations
 
 import codecs
+import pickletools
 import struct
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from modelport.errors import CorruptFileError, LimitExceededError
+from modelport.pickles.interface import DEFAULT_LIMITS, Limits, PickleResult, Resolver, Step
 from modelport.pickles.records import ByteSpan
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Hard ceilings for one pickle; defaults fit any real checkpoint with room to spare."""
-
-    max_opcodes: int = 50_000_000
-    max_memo: int = 10_000_000
-    max_stack: int = 1_000_000
-    max_marks: int = 100_000
-    inline_bytes: int = 64 * 1024  # payloads above this become ByteSpans, not copies
-    max_seconds: float | None = None  # wall-clock budget, checked every 65,536 opcodes
-
-
-class Cursor(Protocol):
-    """Lets a resolver consume raw bytes that follow an opcode (joblib writes arrays so)."""
-
-    @property
-    def position(self) -> int: ...
-    def read(self, n: int) -> memoryview: ...
-
-
-@dataclass(frozen=True)
-class Step:
-    """Where the machine is: byte offset and name of the opcode being executed."""
-
-    offset: int
-    opcode: str
-    cursor: Cursor
-
-
-class Resolver(Protocol):
-    """What gives opcodes their meaning. Every method may return any inert value."""
-
-    def find_global(self, module: str, name: str, at: Step) -> Any: ...
-    def call(self, func: Any, args: tuple[Any, ...], at: Step) -> Any: ...
-    def new(
-        self, cls: Any, args: tuple[Any, ...], kwargs: dict[Any, Any] | None, at: Step
-    ) -> Any: ...
-    def build(self, obj: Any, state: Any, at: Step) -> Any: ...
-    def append(self, target: Any, items: list[Any], at: Step) -> None: ...
-    def set_items(self, target: Any, pairs: list[tuple[Any, Any]], at: Step) -> None: ...
-    def persistent_load(self, pid: Any, at: Step) -> Any: ...
-    def extension(self, code: int, at: Step) -> Any: ...
-    def next_buffer(self, at: Step) -> Any: ...
-
-
-@dataclass(frozen=True)
-class PickleResult:
-    value: Any
-    end: int  # offset just past STOP
-    protocol: int
-    opcodes: int
-
-
 def run(
-    data: bytes | memoryview, resolver: Resolver, *, start: int = 0, limits: Limits = Limits()
+    data: bytes | memoryview,
+    resolver: Resolver,
+    *,
+    start: int = 0,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> PickleResult:
     """Interpret one pickle beginning at ``start`` of ``data`` up to its STOP opcode."""
     return _Machine(memoryview(data).cast("B"), resolver, start, limits).execute()
@@ -535,74 +487,9 @@ class _Machine:
         self.push(self.resolver.extension(self._u("<i", 4), self.step))
 
 
-_OPCODES = {
-    b"(": "mark",
-    b".": "stop",
-    b"0": "pop",
-    b"1": "pop_mark",
-    b"2": "dup",
-    b"F": "float",
-    b"I": "int",
-    b"J": "binint",
-    b"K": "binint1",
-    b"L": "long",
-    b"M": "binint2",
-    b"N": "none",
-    b"P": "persid",
-    b"Q": "binpersid",
-    b"R": "reduce",
-    b"S": "string",
-    b"T": "binstring",
-    b"U": "short_binstring",
-    b"V": "unicode",
-    b"X": "binunicode",
-    b"a": "append",
-    b"b": "build",
-    b"c": "global",
-    b"d": "dict",
-    b"}": "empty_dict",
-    b"e": "appends",
-    b"g": "get",
-    b"h": "binget",
-    b"i": "inst",
-    b"j": "long_binget",
-    b"l": "list",
-    b"]": "empty_list",
-    b"o": "obj",
-    b"p": "put",
-    b"q": "binput",
-    b"r": "long_binput",
-    b"s": "setitem",
-    b"t": "tuple",
-    b")": "empty_tuple",
-    b"u": "setitems",
-    b"G": "binfloat",
-    b"\x80": "proto",
-    b"\x81": "newobj",
-    b"\x82": "ext1",
-    b"\x83": "ext2",
-    b"\x84": "ext4",
-    b"\x85": "tuple1",
-    b"\x86": "tuple2",
-    b"\x87": "tuple3",
-    b"\x88": "newtrue",
-    b"\x89": "newfalse",
-    b"\x8a": "long1",
-    b"\x8b": "long4",
-    b"B": "binbytes",
-    b"C": "short_binbytes",
-    b"\x8c": "short_binunicode",
-    b"\x8d": "binunicode8",
-    b"\x8e": "binbytes8",
-    b"\x8f": "empty_set",
-    b"\x90": "additems",
-    b"\x91": "frozenset",
-    b"\x92": "newobj_ex",
-    b"\x93": "stack_global",
-    b"\x94": "memoize",
-    b"\x95": "frame",
-    b"\x96": "bytearray8",
-    b"\x97": "next_buffer",
-    b"\x98": "readonly_buffer",
+# Handlers by opcode byte: "op_" + the opcode's name in pickletools, the stdlib's own table of
+# protocols 0-5.
+_DISPATCH = {
+    op.code.encode("latin-1")[0]: getattr(_Machine, "op_" + op.name.lower())
+    for op in pickletools.opcodes
 }
-_DISPATCH = {code[0]: getattr(_Machine, "op_" + name) for code, name in _OPCODES.items()}

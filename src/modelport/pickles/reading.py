@@ -21,7 +21,8 @@ import numpy as np
 from modelport import dtypes
 from modelport.errors import CorruptFileError, ModelportError
 from modelport.pickles import numpy_types, torch_types
-from modelport.pickles.machine import Limits, PickleResult, Step, run
+from modelport.pickles.interface import Limits, PickleResult, Step
+from modelport.pickles.machine import run
 from modelport.pickles.records import ByteSpan, CallRecord, GlobalRef, ObjectRecord
 from modelport.tensors import Storage
 

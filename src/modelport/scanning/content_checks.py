@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
+from modelport import limits
 from modelport.formats.protocol import Contents
 from modelport.pickles.policy import gadget
 
-MAX_TEXT_BYTES = 64 << 20  # a larger text file beside a model is not read for templates
 TEMPLATE_ESCAPES = (  # what a Jinja sandbox escape reaches for
     "__class__",
     "__globals__",
@@ -66,7 +66,7 @@ def text_findings(path: Path) -> list[ContentFinding]:
     """Chat templates in the text files beside a model: ``chat_template`` entries of JSON
     files (``tokenizer_config.json``: a string, or a list of named templates) and
     ``.jinja`` files (``chat_template.jinja``), which transformers renders."""
-    if path.stat().st_size > MAX_TEXT_BYTES:
+    if path.stat().st_size > limits.MAX_TEMPLATE_TEXT_BYTES:
         return []
     text = path.read_bytes().decode("utf-8", "replace")
     if path.suffix == ".jinja":

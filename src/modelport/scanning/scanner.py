@@ -22,22 +22,23 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modelport import limits
 from modelport.errors import ModelportError, UnsupportedDtypeError
-from modelport.formats import dcp, npy, pickle_file, torch_legacy
-from modelport.formats._zip import EOCD_SIGNATURE, LOCAL_SIGNATURE, ZipDirectory, prepended_bytes
+from modelport.formats import _compressed, dcp, npy, torch_legacy
+from modelport.formats._zip import (
+    EOCD_SIGNATURE,
+    LOCAL_SIGNATURE,
+    ZipDirectory,
+    ZipEntry,
+    prepended_bytes,
+)
 from modelport.formats.protocol import Probe
 from modelport.formats.registry import READERS
+from modelport.pickles.interface import Limits
 from modelport.pickles.judging import scan_pickle
-from modelport.pickles.machine import Limits
 from modelport.scanning import content_checks, script_code
 from modelport.scanning.findings import FileReport, Finding, ScanReport, worst
 
-MAX_FILES = 100_000
-MAX_NESTING = 4
-MAX_PICKLES_PER_STREAM = 64
-MAX_MEMBER_BYTES = 1 << 30
-MAX_INFLATED = 4 << 30
-SECONDS_PER_FILE = 120.0
 _PICKLE_STARTS = frozenset(b"(}]cKJNIFSVX\x80")
 
 
@@ -49,11 +50,15 @@ def scan(*paths: str | Path) -> ScanReport:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
             segments = _dcp_segments(files)
-            reports.extend(scan_file(p, segments.get(p.resolve())) for p in files[:MAX_FILES])
-            if len(files) > MAX_FILES:
+            reports.extend(
+                scan_file(p, segments.get(p.resolve())) for p in files[: limits.MAX_SCANNED_FILES]
+            )
+            if len(files) > limits.MAX_SCANNED_FILES:
                 reports.append(
                     _error_report(
-                        path, "dir", f"more than {MAX_FILES} files; the rest were not scanned"
+                        path,
+                        "dir",
+                        f"more than {limits.MAX_SCANNED_FILES} files; the rest were not scanned",
                     )
                 )
         else:
@@ -99,7 +104,7 @@ class _FileScanner:
     format: str = "unknown"
     findings: list[Finding] = field(default_factory=list)
     errors: int = 0
-    deadline: float = field(default_factory=lambda: time.monotonic() + SECONDS_PER_FILE)
+    deadline: float = field(default_factory=lambda: time.monotonic() + limits.SCAN_SECONDS_PER_FILE)
 
     def error(self, message: str, member: str) -> None:
         self.errors += 1
@@ -144,8 +149,8 @@ class _FileScanner:
     def scan_bytes(
         self, data: memoryview, member: str, depth: int, *, in_file: bool, compressed: bool = False
     ) -> None:
-        if depth > MAX_NESTING:
-            self.error(f"containers nested deeper than {MAX_NESTING}", member)
+        if depth > limits.MAX_CONTAINER_NESTING:
+            self.error(f"containers nested deeper than {limits.MAX_CONTAINER_NESTING}", member)
             return
         head = bytes(data[:16])
         if head.startswith((LOCAL_SIGNATURE, EOCD_SIGNATURE)):
@@ -162,7 +167,7 @@ class _FileScanner:
             self.format = self.format if depth else "npy"
             self.scan_npy(data, member, depth)
             return
-        kind = pickle_file.compression_of(head)
+        kind = _compressed.compression_of(head)
         if kind is not None:
             self.format = self.format if depth else f"pickle ({kind.value})"
             self.scan_compressed(data, kind, member, depth)
@@ -213,7 +218,7 @@ class _FileScanner:
     ) -> None:
         """Every pickle of the stream: one for plain pickles, five for legacy torch files."""
         start = 0
-        for index in range(MAX_PICKLES_PER_STREAM):
+        for index in range(limits.MAX_PICKLES_PER_STREAM):
             expect_pids = torch_archive or index == 3  # legacy torch: the object pickle
             try:
                 result = scan_pickle(
@@ -252,10 +257,13 @@ class _FileScanner:
                 return  # legacy: magic, protocol, sys_info, objects, storage keys; then data
 
     def scan_compressed(
-        self, data: memoryview, kind: pickle_file.Compression, member: str, depth: int
+        self, data: memoryview, kind: _compressed.Compression, member: str, depth: int
     ) -> None:
-        inflated = pickle_file.inflate(
-            data, kind, min(MAX_INFLATED, pickle_file.decompression_cap()), partial=False
+        inflated = _compressed.inflate(
+            data,
+            kind,
+            min(limits.MAX_SCAN_INFLATED_BYTES, _compressed.decompression_cap()),
+            partial=False,
         )
         self.scan_bytes(
             memoryview(inflated),
@@ -335,8 +343,8 @@ class _FileScanner:
         except (tarfile.TarError, OSError) as exc:
             self.error(f"the tar archive could not be read: {exc}", "")
             return
-        if len(members) > MAX_FILES:
-            self.error(f"more than {MAX_FILES:,} tar members", "")
+        if len(members) > limits.MAX_SCANNED_FILES:
+            self.error(f"more than {limits.MAX_SCANNED_FILES:,} tar members", "")
             return
         with open(self.path, "rb") as handle:
             mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
@@ -399,36 +407,13 @@ class _FileScanner:
             )
         for entry in directory.entries:  # duplicates too: other loaders read the last copy
             if time.monotonic() > self.deadline:
-                self.error(f"time limit of {SECONDS_PER_FILE:.0f}s per file reached", member)
-                return
-            if entry.size > MAX_MEMBER_BYTES and not entry.name.endswith(".pkl"):
-                continue
-            if (
-                entry.compressed_size
-                and entry.size / entry.compressed_size > 1000
-                and entry.size > 1 << 24
-            ):
-                self.add(
-                    "high",
-                    "zip-bomb",
-                    entry.name,
-                    f"inflates {entry.compressed_size:,} bytes to {entry.size:,}",
+                self.error(
+                    f"time limit of {limits.SCAN_SECONDS_PER_FILE:.0f}s per file reached", member
                 )
-                continue
-            is_data = "/data/" in entry.name or entry.name.startswith("data/")
-            if is_data and entry.is_stored and not entry.name.endswith(".pkl"):
-                continue  # raw tensor storage of a torch archive
-            blob = (
-                directory.read_member(entry, MAX_MEMBER_BYTES)
-                if entry.size <= (1 << 26) or entry.name.endswith(".pkl")
-                else None
-            )
+                return
+            blob = self.zip_member(directory, entry)
             if blob is None:
                 continue
-            if entry.name.endswith(".pkl") and zlib.crc32(blob) != entry.crc32:
-                self.add(
-                    "medium", "bad-crc", entry.name, "the member's CRC-32 does not match its bytes"
-                )
             label = f"{self.path.name}!{entry.name}"
             view = memoryview(blob)
             if entry.name.endswith(".pkl") or (view[:1] and view[0] == 0x80):
@@ -442,6 +427,26 @@ class _FileScanner:
                     self.add("high", "torchscript-file-access", entry.name, risk.message)
         if depth == 0 and not torch_archive:
             self.scan_with_reader(zip_only=True)
+
+    def zip_member(self, directory: ZipDirectory, entry: ZipEntry) -> bytes | None:
+        """A member's bytes to scan, or None for what holds no code: tensor data, members too
+        large to hold (pickles are always read), zip bombs (reported)."""
+        pickled = entry.name.endswith(".pkl")
+        if entry.size > limits.MAX_SCANNED_MEMBER_BYTES and not pickled:
+            return None
+        ratio = entry.size / entry.compressed_size if entry.compressed_size else 0
+        if ratio > 1000 and entry.size > 1 << 24:
+            message = f"inflates {entry.compressed_size:,} bytes to {entry.size:,}"
+            self.add("high", "zip-bomb", entry.name, message)
+            return None
+        is_data = "/data/" in entry.name or entry.name.startswith("data/")
+        if (is_data and entry.is_stored and not pickled) or (entry.size > 1 << 26 and not pickled):
+            return None  # raw tensor storage of a torch archive, or too large to be code
+        blob = directory.read_member(entry, limits.MAX_SCANNED_MEMBER_BYTES)
+        if pickled and zlib.crc32(blob) != entry.crc32:
+            message = "the member's CRC-32 does not match its bytes"
+            self.add("medium", "bad-crc", entry.name, message)
+        return blob
 
     # -- formats without code: their readers check every header field -------------------------
     def scan_with_reader(self, *, zip_only: bool = False) -> None:

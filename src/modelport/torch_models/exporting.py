@@ -28,20 +28,21 @@ into place (data first): an error leaves nothing behind, and an existing ``OUT``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import shutil
 import time
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelport.errors import ConversionError, MissingDependencyError, ModelportError, UsageError
-from modelport.torch_models.agreement import OutputCheck, Runner, finite, leaves, verify_outputs
+from modelport.torch_models.agreement import OutputCheck, Runner, leaves, verify_outputs
 from modelport.torch_models.binding import Call, bind
 from modelport.torch_models.building import eval_mode
+from modelport.torch_models.export_report import ExampleInput, ExportReport
 from modelport.transfer.placing import check_target, sibling
 
 if TYPE_CHECKING:
@@ -50,63 +51,6 @@ if TYPE_CHECKING:
 
 FORMATS = ("onnx", "torchscript", "pt2")
 EXPORTERS = ("dynamo", "legacy")  # ONNX: torch.export-based, or TorchScript-based
-
-
-@dataclass(frozen=True)
-class ExampleInput:
-    """One example input as exported: name, shape, dtype, its dynamic axes and whether it
-    is passed to ``forward`` by keyword (else by position)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    dynamic: tuple[tuple[int, str], ...] = ()
-    keyword: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "shape": list(self.shape),
-            "dtype": self.dtype,
-            "dynamic": {str(axis): dim for axis, dim in self.dynamic},
-            "keyword": self.keyword,
-        }
-
-
-@dataclass(frozen=True)
-class ExportReport:
-    """What ``export`` wrote and how it compared with eager (``verified`` None: not checked)."""
-
-    path: Path
-    format: str
-    files: tuple[Path, ...]
-    verified: bool | None
-    max_abs_error: float
-    outputs: tuple[OutputCheck, ...]
-    seconds: float
-    warnings: tuple[str, ...]
-    model: str = ""  # the exported module's class
-    exporter: str | None = None  # ONNX only: "dynamo" or "legacy"
-    opset: int | None = None
-    inputs: tuple[ExampleInput, ...] = ()
-    sizes: tuple[int, ...] = ()  # bytes of each of ``files``
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path),
-            "format": self.format,
-            "files": [str(f) for f in self.files],
-            "sizes": list(self.sizes),
-            "model": self.model,
-            "exporter": self.exporter,
-            "opset": self.opset,
-            "inputs": [i.to_json() for i in self.inputs],
-            "verified": self.verified,
-            "max_abs_error": finite(self.max_abs_error),
-            "outputs": [o.to_json() for o in self.outputs],
-            "seconds": self.seconds,
-            "warnings": list(self.warnings),
-        }
 
 
 def export(
@@ -135,17 +79,10 @@ def export(
     """
     import torch
 
-    if to not in FORMATS:
-        raise UsageError(f"unknown export format {to!r}: expected one of {FORMATS}")
-    if exporter not in EXPORTERS:
-        raise UsageError(f"unknown ONNX exporter {exporter!r}: expected one of {EXPORTERS}")
     started = time.perf_counter()
     call, inputs = bind(model, example_inputs)
-    names = list(call.names)
     dynamic = dict(dynamic or {})
-    for name in dynamic:
-        if name not in names:
-            raise UsageError(f"dynamic axes for {name!r}, which is not an input ({names})")
+    _check_options(to, exporter, list(call.names), dynamic)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     check_targets(path, to, overwrite)
@@ -160,28 +97,13 @@ def export(
         model = copy.deepcopy(model).float()
         inputs = [t.float() if t.dtype == torch.bfloat16 else t for t in inputs]
     shapes = _dynamic_shapes(call, inputs, dynamic)
-    if to == "torchscript":
-        notes.append(
-            "TorchScript is deprecated in torch 2.13 and traces one path through the code; "
-            "prefer --to pt2"
-        )
-    if opset is not None and to != "onnx":
-        notes.append(f"--opset applies to ONNX only; ignored for {to}")
-    if exporter != "dynamo" and to != "onnx":
-        notes.append(f"--exporter applies to ONNX only; ignored for {to}")
+    notes.extend(_option_notes(to, opset, exporter))
     building = sibling(path, "tmp")  # the bundle is built and verified here, then moved
     building.mkdir()
     try:
         staged = building / path.name
-        try:
+        with _export_failure(to):
             files = _write(to, model, staged, call, inputs, shapes, dynamic, opset, exporter)
-        except ModelportError:
-            raise
-        except Exception as exc:  # torch's exporters raise many kinds; say which step failed
-            first = " ".join(str(exc).strip().splitlines()[:1])[:300]
-            raise ConversionError(
-                f"torch could not export the model to {to}: {type(exc).__name__}: {first}"
-            ) from exc
         checks: tuple[OutputCheck, ...] = ()
         verified: bool | None = None
         if verify:
@@ -204,17 +126,65 @@ def export(
         model=described,
         exporter=exporter if to == "onnx" else None,
         opset=opset if to == "onnx" else None,
-        inputs=tuple(
-            ExampleInput(
-                name,
-                tuple(tensor.shape),
-                str(tensor.dtype).removeprefix("torch."),
-                tuple(sorted(dynamic.get(name, {}).items())),
-                name in call.keywords,
-            )
-            for name, tensor in zip(names, inputs, strict=True)
-        ),
+        inputs=_described_inputs(call, inputs, dynamic),
         sizes=tuple(f.stat().st_size for f in files),
+    )
+
+
+def _check_options(
+    to: str, exporter: str, names: list[str], dynamic: Mapping[str, Mapping[int, str]]
+) -> None:
+    if to not in FORMATS:
+        raise UsageError(f"unknown export format {to!r}: expected one of {FORMATS}")
+    if exporter not in EXPORTERS:
+        raise UsageError(f"unknown ONNX exporter {exporter!r}: expected one of {EXPORTERS}")
+    for name in dynamic:
+        if name not in names:
+            raise UsageError(f"dynamic axes for {name!r}, which is not an input ({names})")
+
+
+def _option_notes(to: str, opset: int | None, exporter: str) -> list[str]:
+    """What the report says about the options chosen for ``to``."""
+    notes = []
+    if to == "torchscript":
+        notes.append(
+            "TorchScript is deprecated in torch 2.13 and traces one path through the code; "
+            "prefer --to pt2"
+        )
+    if opset is not None and to != "onnx":
+        notes.append(f"--opset applies to ONNX only; ignored for {to}")
+    if exporter != "dynamo" and to != "onnx":
+        notes.append(f"--exporter applies to ONNX only; ignored for {to}")
+    return notes
+
+
+@contextlib.contextmanager
+def _export_failure(to: str) -> Iterator[None]:
+    """torch's exporters raise many kinds of exception: each becomes a ConversionError that
+    names the step and the first line of torch's message."""
+    try:
+        yield
+    except ModelportError:
+        raise
+    except Exception as exc:
+        first = " ".join(str(exc).strip().splitlines()[:1])[:300]
+        raise ConversionError(
+            f"torch could not export the model to {to}: {type(exc).__name__}: {first}"
+        ) from exc
+
+
+def _described_inputs(
+    call: Call, inputs: Sequence[torch.Tensor], dynamic: Mapping[str, Mapping[int, str]]
+) -> tuple[ExampleInput, ...]:
+    return tuple(
+        ExampleInput(
+            name,
+            tuple(tensor.shape),
+            str(tensor.dtype).removeprefix("torch."),
+            tuple(sorted(dynamic.get(name, {}).items())),
+            name in call.keywords,
+        )
+        for name, tensor in zip(call.names, inputs, strict=True)
     )
 
 

@@ -110,14 +110,7 @@ def rebuild(
     ``allow_unsafe`` are ``resolve_model``'s."""
     if to is None:
         to = "pt2" if Path(path).suffix == ".pt2" else "pickle"
-    if to not in TARGETS:
-        raise UsageError(f"unknown rebuild format {to!r}: expected one of {TARGETS}")
-    if to != "pickle" and not example_inputs:
-        raise UsageError(
-            f"--to {to} traces the model: it needs example inputs (--input or --example-inputs)"
-        )
-    if dynamic and not example_inputs:
-        raise UsageError("--dynamic names axes of example inputs: give them too")
+    _check_options(to, example_inputs is not None and bool(example_inputs), bool(dynamic))
     started = time.perf_counter()
     path = Path(path)
     sources = [Path(weights)] + ([Path(model)] if Path(model).is_file() else [])
@@ -132,16 +125,8 @@ def rebuild(
             module, path, example_inputs, dynamic or {}, rtol, atol
         )
         files: tuple[Path, ...] = (path,)
-        notes: list[str] = []
         method = "outputs+state_dict" if example_inputs else "state_dict"
-        cls = type(module)
-        load_with = f"torch.load({str(path)!r}, weights_only=False)"
-        requires = (
-            f"the class {cls.__module__}.{cls.__qualname__} must be importable, and the file "
-            "must be trusted: loading a whole-model pickle runs code"
-        )
-        if cls.__module__ == "__main__":
-            notes.append("the class lives in __main__: only that same script can load the file")
+        load_with, requires, notes = _pickle_needs(type(module), path)
     else:
         assert example_inputs is not None
         exported = export(
@@ -179,6 +164,30 @@ def rebuild(
         seconds=time.perf_counter() - started,
         warnings=tuple(notes),
     )
+
+
+def _check_options(to: str, has_inputs: bool, has_dynamic: bool) -> None:
+    if to not in TARGETS:
+        raise UsageError(f"unknown rebuild format {to!r}: expected one of {TARGETS}")
+    if to != "pickle" and not has_inputs:
+        raise UsageError(
+            f"--to {to} traces the model: it needs example inputs (--input or --example-inputs)"
+        )
+    if has_dynamic and not has_inputs:
+        raise UsageError("--dynamic names axes of example inputs: give them too")
+
+
+def _pickle_needs(cls: type, path: Path) -> tuple[str, str, list[str]]:
+    """How a whole-model pickle of ``cls`` is loaded, what that needs, and its caveats."""
+    load_with = f"torch.load({str(path)!r}, weights_only=False)"
+    requires = (
+        f"the class {cls.__module__}.{cls.__qualname__} must be importable, and the file "
+        "must be trusted: loading a whole-model pickle runs code"
+    )
+    notes = []
+    if cls.__module__ == "__main__":
+        notes.append("the class lives in __main__: only that same script can load the file")
+    return load_with, requires, notes
 
 
 def _pickle(

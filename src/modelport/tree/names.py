@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelport import limits
 from modelport.errors import LimitExceededError
 from modelport.pickles import modules
 from modelport.pickles.numpy_types import NumpyArray, NumpyDType, NumpyScalar
@@ -29,9 +30,6 @@ from modelport.pickles.torch_types import (
     TypedStorage,
 )
 from modelport.tensors import TensorRef
-
-MAX_NODES = 5_000_000
-MAX_DEPTH = 512
 
 # Prefixes a training wrapper lays over every state_dict key, and the wrapper.
 WRAPPER_PREFIXES: dict[str, str] = {
@@ -70,15 +68,17 @@ def wrapper_prefix(names: Iterable[str]) -> str:
 def flatten(tree: Any) -> dict[str, TensorRef]:
     """Every tensor in the tree under its dotted name, in the tree's order."""
     found: dict[str, TensorRef] = {}
-    budget = [MAX_NODES]
+    budget = [limits.MAX_TREE_NODES]
     stack: list[tuple[str, Any, int]] = [("", tree, 0)]
     while stack:
         name, value, depth = stack.pop()
         budget[0] -= 1
         if budget[0] < 0:
-            raise LimitExceededError("objects in the file's tree", MAX_NODES, MAX_NODES + 1)
-        if depth > MAX_DEPTH:
-            raise LimitExceededError("nesting depth of the file's tree", MAX_DEPTH, depth)
+            raise LimitExceededError(
+                "objects in the file's tree", limits.MAX_TREE_NODES, limits.MAX_TREE_NODES + 1
+            )
+        if depth > limits.MAX_DEPTH:
+            raise LimitExceededError("nesting depth of the file's tree", limits.MAX_DEPTH, depth)
         if isinstance(value, NumpyArray):
             value = value.tensor
         if isinstance(value, TensorRef):

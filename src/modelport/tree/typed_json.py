@@ -27,9 +27,10 @@ else in a file (an ``argparse.Namespace``, a class of the training code, a froze
 not plain data; ``plain`` names where it is. A pickled ``nn.Module`` is kept as its
 state_dict (an ``OrderedDict``), which is what of it can be kept.
 
-Decoding (``typed_json_decoding``) is strict: a document past ``MAX_CHARS``, nesting past
-``MAX_DEPTH``, more than ``MAX_NODES`` values, an unknown tag, a missing or extra field, a
-key that is not hashable or a reference to a tensor the file does not hold raises a
+Decoding (``typed_json_decoding``) is strict: a document past
+``limits.MAX_TYPED_JSON_CHARS``, nesting past ``limits.MAX_DEPTH``, more than
+``limits.MAX_TREE_NODES`` values, an unknown tag, a missing or extra field, a key that is not
+hashable or a reference to a tensor the file does not hold raises a
 modelport error.
 """
 
@@ -44,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from modelport import limits
 from modelport.errors import ConversionError, LimitExceededError, ModelportError
 from modelport.pickles import modules
 from modelport.pickles.numpy_types import NumpyArray, NumpyScalar
@@ -56,10 +58,6 @@ from modelport.tree.names import tensors_of
 
 KEY = "modelport.tree"  # the metadata entry holding the document
 VERSION = 1
-MAX_CHARS = 100 << 20  # a safetensors header's own cap
-MAX_DEPTH = 100  # containers within containers; checkpoints nest a handful
-MAX_NODES = 5_000_000
-MAX_INT_HEX = 4096  # digits of an int outside int64 (a pickle's LONG1 holds 255 bytes)
 TAG = "$"
 INT64 = 1 << 63
 WHOLE_FILE = "(the whole file)"
@@ -141,7 +139,7 @@ class _Plainer:
     def __init__(self) -> None:
         self.bad: list[str] = []
         self.notes: list[str] = []
-        self.budget = MAX_NODES
+        self.budget = limits.MAX_TREE_NODES
 
     def refuse(self, path: str, value: Any) -> Any:
         try:
@@ -155,9 +153,11 @@ class _Plainer:
     def value(self, value: Any, path: str, depth: int) -> Any:
         self.budget -= 1
         if self.budget < 0:
-            raise LimitExceededError("values in the file's tree", MAX_NODES, MAX_NODES + 1)
-        if depth > MAX_DEPTH:
-            raise ConversionError(f"{path}: nested deeper than {MAX_DEPTH} containers")
+            raise LimitExceededError(
+                "values in the file's tree", limits.MAX_TREE_NODES, limits.MAX_TREE_NODES + 1
+            )
+        if depth > limits.MAX_DEPTH:
+            raise ConversionError(f"{path}: nested deeper than {limits.MAX_DEPTH} containers")
         if value is None or type(value) in (bool, int, float, str, bytes, bytearray, complex):
             return value
         if isinstance(value, (TensorRef, TorchDType, TorchDevice)):
@@ -239,7 +239,7 @@ def map_tensors(tree: Any, replace: Callable[[str, TensorRef], Any]) -> Any:
 # -- encoding ------------------------------------------------------------------------------
 def encode(tree: Any) -> str:
     """The typed JSON document for a plain tree whose tensors are ``OutputTensor`` leaves."""
-    budget = [MAX_NODES]
+    budget = [limits.MAX_TREE_NODES]
     document = {"version": VERSION, "root": _encode(tree, 0, budget)}
     return json.dumps(document, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
@@ -253,9 +253,11 @@ def _float(value: float) -> Any:
 def _encode(value: Any, depth: int, budget: list[int]) -> Any:
     budget[0] -= 1
     if budget[0] < 0:
-        raise LimitExceededError("values in the tree", MAX_NODES, MAX_NODES + 1)
-    if depth > MAX_DEPTH:
-        raise ConversionError(f"the tree nests deeper than {MAX_DEPTH} containers")
+        raise LimitExceededError(
+            "values in the tree", limits.MAX_TREE_NODES, limits.MAX_TREE_NODES + 1
+        )
+    if depth > limits.MAX_DEPTH:
+        raise ConversionError(f"the tree nests deeper than {limits.MAX_DEPTH} containers")
     kind = type(value)
     if value is None or kind is bool:
         return value

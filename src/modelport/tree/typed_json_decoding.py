@@ -14,7 +14,7 @@ import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from modelport import dtypes
+from modelport import dtypes, limits
 from modelport.errors import (
     CorruptFileError,
     LimitExceededError,
@@ -25,10 +25,6 @@ from modelport.pickles.reading import PickledDict
 from modelport.pickles.torch_types import TorchDevice, TorchDType
 from modelport.tree.typed_json import (
     KEY,
-    MAX_CHARS,
-    MAX_DEPTH,
-    MAX_INT_HEX,
-    MAX_NODES,
     TAG,
     VERSION,
 )
@@ -45,8 +41,10 @@ def decode(text: str, tensors: Mapping[str, Any], *, complete: bool = False) -> 
     ``complete`` also requires every entry of ``tensors`` to be referenced, so a file whose
     tensors and tree disagree is noticed rather than half shown.
     """
-    if len(text) > MAX_CHARS:
-        raise LimitExceededError(f"{KEY} metadata characters", MAX_CHARS, len(text))
+    if len(text) > limits.MAX_TYPED_JSON_CHARS:
+        raise LimitExceededError(
+            f"{KEY} metadata characters", limits.MAX_TYPED_JSON_CHARS, len(text)
+        )
     try:
         document = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_object)
     except (ValueError, RecursionError) as exc:
@@ -98,14 +96,18 @@ class _Decoder:
     def __init__(self, tensors: Mapping[str, Any]) -> None:
         self.tensors = tensors
         self.used: set[str] = set()
-        self.budget = MAX_NODES
+        self.budget = limits.MAX_TREE_NODES
 
     def node(self, value: Any, depth: int, *, key: bool) -> Any:
         self.budget -= 1
         if self.budget < 0:
-            raise LimitExceededError(f"values in the {KEY} metadata", MAX_NODES, MAX_NODES + 1)
-        if depth > MAX_DEPTH:
-            raise LimitExceededError(f"nesting depth of the {KEY} metadata", MAX_DEPTH, depth)
+            raise LimitExceededError(
+                f"values in the {KEY} metadata", limits.MAX_TREE_NODES, limits.MAX_TREE_NODES + 1
+            )
+        if depth > limits.MAX_DEPTH:
+            raise LimitExceededError(
+                f"nesting depth of the {KEY} metadata", limits.MAX_DEPTH, depth
+            )
         if value is None or type(value) in (bool, int, float, str):
             return value
         if type(value) is list:
@@ -201,9 +203,9 @@ def _base64(node: dict[str, Any], field: str) -> bytes:
 
 def _decode_int(node: dict[str, Any]) -> int:
     digits = _text(node, "hex", _HEX_INT)
-    if len(digits) > MAX_INT_HEX:
+    if len(digits) > limits.MAX_INT_HEX_DIGITS:
         raise LimitExceededError(
-            f"hex digits of an int in the {KEY} metadata", MAX_INT_HEX, len(digits)
+            f"hex digits of an int in the {KEY} metadata", limits.MAX_INT_HEX_DIGITS, len(digits)
         )
     return int(digits, 16)
 

@@ -13,7 +13,7 @@ Edge cases and choices:
   vocabularies, merges) become ``{"__array__": type, "length": n, "head": [first items]}``
   so that inspect stays fast and its JSON small (GGUF values are never dicts, so a dict in
   the metadata is always such a summary); skipping a numeric array costs nothing, skipping
-  a string array walks its lengths only, and a header may walk at most ``MAX_WALKED``
+  a string array walks its lengths only, and a header may walk at most ``limits.MAX_GGUF_WALKED``
   string or array elements;
 - every count is checked against the bytes left before looping, every string and tensor
   range against the file size; duplicate keys or tensor names, unknown types, misaligned or
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelport import dtypes
+from modelport import dtypes, limits
 from modelport.errors import (
     CorruptFileError,
     LimitExceededError,
@@ -57,11 +57,8 @@ from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.tensors import Storage, TensorRef
 from modelport.tree import typed_json, typed_json_decoding
 
-MAX_ARRAY_DEPTH = 8
-MAX_STRING = 64 * 1024 * 1024
 ARRAY_ITEMS = 1024  # arrays longer than this are summarised in the metadata
 ARRAY_HEAD = 16
-MAX_WALKED = 20_000_000  # string and array elements walked in one header (vocabularies ~250k)
 MIN_KV_BYTES = 8 + 4 + 1  # empty key, type, a one-byte value
 MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # empty name, n_dims = 0, type, offset
 
@@ -148,8 +145,10 @@ class _Cursor:
 
     def string_length(self, what: str) -> int:
         length = self.u64(f"{what} length")
-        if length > MAX_STRING:
-            raise LimitExceededError(f"GGUF {what} length", MAX_STRING, length, path=self.path)
+        if length > limits.MAX_GGUF_STRING:
+            raise LimitExceededError(
+                f"GGUF {what} length", limits.MAX_GGUF_STRING, length, path=self.path
+            )
         self.need(length, what)
         return length
 
@@ -200,9 +199,9 @@ class _Cursor:
         return bool(value) if kind == ValueType.BOOL else value
 
     def array(self, what: str, depth: int) -> Any:
-        if depth > MAX_ARRAY_DEPTH:
+        if depth > limits.MAX_GGUF_ARRAY_DEPTH:
             raise LimitExceededError(
-                f"GGUF {what} array nesting", MAX_ARRAY_DEPTH, depth, path=self.path
+                f"GGUF {what} array nesting", limits.MAX_GGUF_ARRAY_DEPTH, depth, path=self.path
             )
         kind = self.value_type(f"{what} element")
         count = self.u64(f"{what} element count")
@@ -217,10 +216,10 @@ class _Cursor:
         else:
             items = [self.value(kind, f"{what}[{i}]", depth) for i in range(kept)]
             self.walked += count
-            if self.walked > MAX_WALKED:
+            if self.walked > limits.MAX_GGUF_WALKED:
                 raise LimitExceededError(
                     "GGUF string and array elements in the header",
-                    MAX_WALKED,
+                    limits.MAX_GGUF_WALKED,
                     self.walked,
                     path=self.path,
                 )
