@@ -23,6 +23,7 @@ import math
 import pickletools
 import struct
 import tokenize
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -309,13 +310,15 @@ def pickle_walk(data: bytes, start: int = 0) -> Walk:
         stream = io.BytesIO(data)
         stream.seek(position)
         try:
-            for opcode, arg, at in pickletools.genops(stream):
-                if opcode.name == "PROTO":
-                    protocol = arg
-                if opcode.name == "STOP" and at is not None:
-                    end = int(at) + 1
-                    return Walk(None if undecodable else end, end, protocol, undecodable)
-                position = stream.tell()  # where the next opcode starts
+            with warnings.catch_warnings():  # an invalid escape: CPython warns and goes on
+                warnings.simplefilter("ignore", DeprecationWarning)
+                for opcode, arg, at in pickletools.genops(stream):
+                    if opcode.name == "PROTO":
+                        protocol = arg
+                    if opcode.name == "STOP" and at is not None:
+                        end = int(at) + 1
+                        return Walk(None if undecodable else end, end, protocol, undecodable)
+                    position = stream.tell()  # where the next opcode starts
             return Walk(None, None, protocol, undecodable)
         except ValueError:  # genops' way of saying "not a pickle"
             opcode_byte = data[position : position + 1]

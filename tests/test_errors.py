@@ -69,3 +69,19 @@ def test_warnings_share_one_base() -> None:
     assert issubclass(SuspiciousModelWarning, ModelportWarning)
     assert issubclass(CodeExecutionWarning, ModelportWarning)
     assert issubclass(ModelportWarning, UserWarning)
+
+
+def test_a_string_with_an_invalid_escape_reads_as_cpython_reads_it(tmp_path: Path) -> None:
+    import pickle
+    import warnings
+
+    data = b"(dS'w'\nS'a\\o'\ns."  # protocol 0: a dict whose STRING value escapes 'o'
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        expected = pickle.loads(data)
+    path = tmp_path / "old.pkl"
+    path.write_bytes(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # modelport itself must not warn
+        with modelport.open(path) as opened:
+            assert opened.tree == expected == {"w": "a\\o"}

@@ -10,6 +10,7 @@ from rich.console import Console
 
 import modelport
 from modelport.cli.commands import COMMANDS, ExitCode
+from modelport.pickles.judging import Severity
 from modelport.scanning.findings import ScanReport
 
 EXAMPLES = """examples:
@@ -20,7 +21,12 @@ EXAMPLES = """examples:
 exit codes: 0 safe, 1 suspicious or unsafe, 2 error (a file could not be fully analysed)
 """
 
-_STYLE = {"critical": "bold red", "high": "red", "medium": "yellow", "info": "dim"}
+_STYLE = {
+    Severity.CRITICAL: "bold red",
+    Severity.HIGH: "red",
+    Severity.MEDIUM: "yellow",
+    Severity.INFO: "dim",
+}
 _VERDICT_STYLE = {"safe": "green", "suspicious": "yellow", "unsafe": "bold red", "error": "magenta"}
 
 
@@ -66,7 +72,7 @@ def show(console: Console, report: ScanReport) -> None:
             highlight=False,
         )
         for finding in file.findings:
-            if finding.severity == "info":
+            if finding.severity is Severity.INFO:
                 continue
             where = finding.member or file.path.rsplit("/", 1)[-1]
             if finding.offset is not None:
@@ -74,7 +80,7 @@ def show(console: Console, report: ScanReport) -> None:
             used = f" {finding.global_name} ({finding.usage})" if finding.global_name else ""
             sev = _STYLE.get(finding.severity, "")
             console.print(
-                f"  [{sev}]{finding.severity:8}[/{sev}] {finding.rule}  {where}{used}",
+                f"  [{sev}]{finding.severity.value:8}[/{sev}] {finding.rule}  {where}{used}",
                 highlight=False,
             )
             console.print(f"           {finding.message}", highlight=False, markup=False)
@@ -88,7 +94,12 @@ def show(console: Console, report: ScanReport) -> None:
 
 def to_sarif(report: ScanReport) -> dict[str, Any]:
     """SARIF 2.1.0: one result per finding above info, so code-scanning UIs can show them."""
-    level = {"critical": "error", "high": "error", "medium": "warning", "info": "note"}
+    level = {
+        Severity.CRITICAL: "error",
+        Severity.HIGH: "error",
+        Severity.MEDIUM: "warning",
+        Severity.INFO: "note",
+    }
     rules = sorted({f.rule for file in report.files for f in file.findings})
     results = [
         {
@@ -109,7 +120,7 @@ def to_sarif(report: ScanReport) -> dict[str, Any]:
         }
         for file in report.files
         for finding in file.findings
-        if finding.severity != "info"
+        if finding.severity is not Severity.INFO
     ]
     return {
         "$schema": "https://json.schemastore.org/sarif-2.1.0.json",

@@ -170,7 +170,7 @@ def inspect(path: str | Path) -> InspectReport:
 def _safety(path: Path) -> dict[str, Any]:
     """The scanner's verdict, shown beside the contents: inspect never refuses a file."""
     report = scan(path)
-    findings = [f.to_json() for file in report.files for f in file.findings if f.severity != "info"]
+    findings = [f.to_json() for f in report.serious]
     return {"verdict": report.verdict, "findings": findings}
 
 

@@ -16,6 +16,7 @@ import codecs
 import pickletools
 import struct
 import time
+import warnings
 from typing import Any
 
 from modelport.errors import CorruptFileError, LimitExceededError
@@ -259,7 +260,10 @@ class _Machine:
         line = self._line()
         if len(line) < 2 or line[0] != line[-1] or line[:1] not in (b'"', b"'"):
             raise CorruptFileError(f"pickle: STRING argument not quoted at byte {self.step.offset}")
-        self.push(codecs.escape_decode(line[1:-1])[0].decode("latin-1"))
+        with warnings.catch_warnings():  # an invalid escape is kept as CPython keeps it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            text = codecs.escape_decode(line[1:-1])[0]
+        self.push(text.decode("latin-1"))
 
     def op_binstring(self) -> None:
         n = self._u("<i", 4)

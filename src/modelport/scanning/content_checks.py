@@ -9,13 +9,14 @@ The readers record these without acting on them; this module rates them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
 from modelport import limits
 from modelport.formats.protocol import Contents
+from modelport.pickles.judging import Severity
 from modelport.pickles.policy import gadget
+from modelport.scanning.findings import Finding
 
 TEMPLATE_ESCAPES = (  # what a Jinja sandbox escape reaches for
     "__class__",
@@ -34,21 +35,13 @@ TEMPLATE_ESCAPES = (  # what a Jinja sandbox escape reaches for
 )
 
 
-@dataclass(frozen=True)
-class ContentFinding:
-    severity: str
-    rule: str
-    member: str
-    message: str
-
-
-def findings(contents: Contents) -> list[ContentFinding]:
+def findings(contents: Contents) -> list[Finding]:
     found = []
     for key in ("lambda_layers", "lambda_functions"):
         for item in contents.details.get(key) or []:
             found.append(
-                ContentFinding(
-                    "high",
+                Finding(
+                    Severity.HIGH,
                     "keras-lambda",
                     str(item),
                     "Keras Lambda code: Python bytecode that runs when Keras loads the model",
@@ -62,7 +55,7 @@ def findings(contents: Contents) -> list[ContentFinding]:
     return found
 
 
-def text_findings(path: Path) -> list[ContentFinding]:
+def text_findings(path: Path) -> list[Finding]:
     """Chat templates in the text files beside a model: ``chat_template`` entries of JSON
     files (``tokenizer_config.json``: a string, or a list of named templates) and
     ``.jinja`` files (``chat_template.jinja``), which transformers renders."""
@@ -80,7 +73,7 @@ def text_findings(path: Path) -> list[ContentFinding]:
     return _chat_templates(document) + _remote_code(path.name, document)
 
 
-def _remote_code(name: str, document: dict[str, Any]) -> list[ContentFinding]:
+def _remote_code(name: str, document: dict[str, Any]) -> list[Finding]:
     """``auto_map`` in a Hugging Face ``config.json`` (or tokenizer config) names Python
     modules shipped beside the weights; ``trust_remote_code=True`` imports and runs them."""
     auto_map = document.get("auto_map")
@@ -95,8 +88,8 @@ def _remote_code(name: str, document: dict[str, Any]) -> list[ContentFinding]:
         }
     )
     return [
-        ContentFinding(
-            "medium",
+        Finding(
+            Severity.MEDIUM,
             "remote-code",
             name,
             f"auto_map names code to run ({', '.join(targets[:4])}): transformers imports "
@@ -105,28 +98,28 @@ def _remote_code(name: str, document: dict[str, Any]) -> list[ContentFinding]:
     ]
 
 
-def _custom_object(item: dict[str, Any]) -> ContentFinding:
+def _custom_object(item: dict[str, Any]) -> Finding:
     """A Keras object its config names by module and class: Keras imports the module and
     calls what it names, so a known gadget there (``os.system``) runs on load."""
     module = str(item.get("module") or "")
     name = str(item.get("function") or item.get("class_name") or "")
     does = gadget(module, name)
     if does is not None:
-        return ContentFinding(
-            "critical",
+        return Finding(
+            Severity.CRITICAL,
             "keras-gadget",
             str(item.get("at", "")),
             f"Keras config names {module}.{name}, which {does}: loading the model calls it",
         )
-    return ContentFinding(
-        "medium",
+    return Finding(
+        Severity.MEDIUM,
         "keras-custom-object",
         "",
         f"custom Keras object {item}: loading it runs code the model file names",
     )
 
 
-def _chat_templates(metadata: dict[str, Any]) -> list[ContentFinding]:
+def _chat_templates(metadata: dict[str, Any]) -> list[Finding]:
     found = []
     for key, value in metadata.items():
         if "chat_template" not in str(key):
@@ -140,13 +133,13 @@ def _chat_templates(metadata: dict[str, Any]) -> list[ContentFinding]:
     return found
 
 
-def _template(where: str, template: str) -> list[ContentFinding]:
+def _template(where: str, template: str) -> list[Finding]:
     hits = [w for w in TEMPLATE_ESCAPES if w in template]
     if not hits:
         return []
     return [
-        ContentFinding(
-            "critical",
+        Finding(
+            Severity.CRITICAL,
             "template-injection",
             where,
             f"chat template reaches for {', '.join(hits)}: template injection runs code in "
@@ -155,7 +148,7 @@ def _template(where: str, template: str) -> list[ContentFinding]:
     ]
 
 
-def _external_reference(item: dict[str, str]) -> ContentFinding:
+def _external_reference(item: dict[str, str]) -> Finding:
     """An HDF5 link, virtual dataset or external storage naming another file: h5py (and
     Keras) open that file while loading this one, so weights can carry any file of the
     machine (a key, a password file) into a model."""
@@ -163,8 +156,8 @@ def _external_reference(item: dict[str, str]) -> ContentFinding:
     pieces = target.split(", ") if kind == "virtual dataset" else [target]
     files = [p if kind == "external storage of" else p.rpartition(":")[0] for p in pieces]
     outside = any(PurePath(f).is_absolute() or ".." in PurePath(f).parts for f in files)
-    return ContentFinding(
-        "high" if outside else "medium",
+    return Finding(
+        Severity.HIGH if outside else Severity.MEDIUM,
         "hdf5-external-file",
         item.get("name", ""),
         f"{kind} {target}: h5py reads that file when this one is loaded"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from modelport.pickles.judging import PickleFinding
+from modelport.pickles.judging import PickleFinding, Severity
 
 _ORDER = ("safe", "suspicious", "error", "unsafe")
 
@@ -37,27 +37,31 @@ FIXES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Finding:
-    severity: str
+    """One thing a file does that its loader would act on, located in the file: the member
+    (archive entry, nested stream) and, for pickles, the opcode's offset and the global it
+    names with how it is used."""
+
+    severity: Severity
     rule: str
     member: str
-    offset: int | None
-    opcode: str
-    global_name: str
-    usage: str
     message: str
+    offset: int | None = None
+    opcode: str = ""
+    global_name: str = ""
+    usage: str = ""
 
     @classmethod
     def from_pickle(cls, finding: PickleFinding, member: str) -> Finding:
         """A pickle's finding, located in the file by its member."""
         return cls(
-            finding.severity.value,
+            finding.severity,
             finding.rule,
             member,
+            finding.message,
             finding.offset,
             finding.opcode,
             finding.global_name,
             finding.usage,
-            finding.message,
         )
 
     @property
@@ -66,7 +70,7 @@ class Finding:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "severity": self.severity,
+            "severity": self.severity.value,
             "rule": self.rule,
             "member": self.member,
             "offset": self.offset,
@@ -104,7 +108,9 @@ class ScanReport:
     @property
     def serious(self) -> tuple[Finding, ...]:
         """Every finding above ``info``, file by file."""
-        return tuple(f for file in self.files for f in file.findings if f.severity != "info")
+        return tuple(
+            f for file in self.files for f in file.findings if f.severity is not Severity.INFO
+        )
 
     def summary(self, shown: int = 2) -> str:
         """The first serious findings in one line, for refusals and warnings."""

@@ -35,7 +35,7 @@ from modelport.formats._zip import (
 from modelport.formats.protocol import Probe
 from modelport.formats.registry import READERS
 from modelport.pickles.interface import Limits
-from modelport.pickles.judging import scan_pickle
+from modelport.pickles.judging import Severity, scan_pickle
 from modelport.scanning import content_checks, script_code
 from modelport.scanning.findings import FileReport, Finding, ScanReport, worst
 
@@ -80,7 +80,7 @@ def scan_file(path: Path, segments: list[tuple[int, int]] | None = None) -> File
 
 
 def _error_report(path: Path, kind: str, message: str) -> FileReport:
-    finding = Finding("high", "not-analysed", "", None, "", "", "", message)
+    finding = Finding(Severity.HIGH, "not-analysed", "", message)
     return FileReport(str(path), kind, "error", (finding,))
 
 
@@ -108,19 +108,19 @@ class _FileScanner:
 
     def error(self, message: str, member: str) -> None:
         self.errors += 1
-        self.findings.append(Finding("high", "not-analysed", member, None, "", "", "", message))
+        self.findings.append(Finding(Severity.HIGH, "not-analysed", member, message))
 
-    def add(self, severity: str, rule: str, member: str, message: str) -> None:
-        self.findings.append(Finding(severity, rule, member, None, "", "", "", message))
+    def add(self, severity: Severity, rule: str, member: str, message: str) -> None:
+        self.findings.append(Finding(severity, rule, member, message))
 
     def report(self) -> FileReport:
         verdicts = []
         for finding in self.findings:
             if finding.rule == "not-analysed":
                 verdicts.append("error")
-            elif finding.severity in ("critical", "high"):
+            elif finding.severity in (Severity.CRITICAL, Severity.HIGH):
                 verdicts.append("unsafe")
-            elif finding.severity == "medium":
+            elif finding.severity is Severity.MEDIUM:
                 verdicts.append("suspicious")
         return FileReport(str(self.path), self.format, worst(verdicts), tuple(self.findings))
 
@@ -177,7 +177,7 @@ class _FileScanner:
             self.scan_pickle_stream(data, member, depth)
             if in_file and depth == 0 and _has_zip_tail(data):
                 self.add(
-                    "medium",
+                    Severity.MEDIUM,
                     "polyglot",
                     member,
                     "a pickle with a zip appended: loaders that read either view see "
@@ -195,7 +195,7 @@ class _FileScanner:
                 member,
             )
         else:
-            self.add("info", "opaque-member", member, "member holds no pickle")
+            self.add(Severity.INFO, "opaque-member", member, "member holds no pickle")
 
     # -- pickles ----------------------------------------------------------------------------
     def _parses_as_pickle(self, data: memoryview) -> bool:
@@ -240,7 +240,7 @@ class _FileScanner:
                     else data[payload.offset : payload.offset + payload.length]
                 )
                 self.add(
-                    "info",
+                    Severity.INFO,
                     "nested-torch-storage",
                     member,
                     f"a torch storage pickled inside the pickle at byte {nested.offset}; "
@@ -282,10 +282,12 @@ class _FileScanner:
             # in which case numpy pickles the array after its header, as for object arrays.
             header_text = prefix[: prefix.find(b"}") + 1]
             if re.search(rb"""['"][|<>=]?O""", header_text) is None:
-                self.add("info", "plain-array", member, "a numpy array of a non-numeric dtype")
+                self.add(
+                    Severity.INFO, "plain-array", member, "a numpy array of a non-numeric dtype"
+                )
                 return
             self.add(
-                "medium",
+                Severity.MEDIUM,
                 "object-array",
                 member,
                 "numpy record array with object fields: its contents are a pickle",
@@ -296,7 +298,7 @@ class _FileScanner:
             return
         if header.is_object:
             self.add(
-                "medium",
+                Severity.MEDIUM,
                 "object-array",
                 member,
                 "numpy object array: its contents are a pickle (scanned below)",
@@ -352,10 +354,15 @@ class _FileScanner:
         for info in members:
             if not info.isfile():
                 if info.issym() or info.islnk():
-                    self.add("medium", "tar-link", info.name, f"a link to {info.linkname!r}")
+                    self.add(Severity.MEDIUM, "tar-link", info.name, f"a link to {info.linkname!r}")
                 continue
             if ".." in Path(info.name).parts or Path(info.name).is_absolute():
-                self.add("high", "tar-path-traversal", info.name, "member name escapes the archive")
+                self.add(
+                    Severity.HIGH,
+                    "tar-path-traversal",
+                    info.name,
+                    "member name escapes the archive",
+                )
             end = info.offset_data + info.size
             if end > len(data):
                 self.error("the tar member runs past the end of the file", info.name)
@@ -374,10 +381,15 @@ class _FileScanner:
         directory = ZipDirectory.read(self.path, start=start, length=length)
         names = directory.names()
         for name in directory.unsafe_names:
-            self.add("high", "zip-path-traversal", name, "member name escapes the archive's folder")
+            self.add(
+                Severity.HIGH,
+                "zip-path-traversal",
+                name,
+                "member name escapes the archive's folder",
+            )
         if len(set(names)) != len(names):
             self.add(
-                "medium",
+                Severity.MEDIUM,
                 "duplicate-member",
                 member,
                 "the archive lists a member name twice: different loaders read different copies",
@@ -391,7 +403,7 @@ class _FileScanner:
         if torchscript:
             code = sum(1 for n in names if "/code/" in n and n.endswith(".py"))
             self.add(
-                "info",
+                Severity.INFO,
                 "torchscript-code",
                 member,
                 f"{code} TorchScript source files under code/: torch.jit.load compiles and "
@@ -399,7 +411,7 @@ class _FileScanner:
             )
         for mismatched in directory.mismatched_names:
             self.add(
-                "medium",
+                Severity.MEDIUM,
                 "zip-name-mismatch",
                 mismatched,
                 "the member's local header names a different file than the directory: "
@@ -423,8 +435,7 @@ class _FileScanner:
             elif blob.startswith(npy.MAGIC):
                 self.scan_npy(view, label, depth + 1)
             elif torchscript and entry.name.endswith(".py") and "code/" in entry.name:
-                for risk in script_code.risks(blob):
-                    self.add("high", "torchscript-file-access", entry.name, risk.message)
+                self.findings.extend(script_code.findings(blob, entry.name))
         if depth == 0 and not torch_archive:
             self.scan_with_reader(zip_only=True)
 
@@ -437,7 +448,7 @@ class _FileScanner:
         ratio = entry.size / entry.compressed_size if entry.compressed_size else 0
         if ratio > 1000 and entry.size > 1 << 24:
             message = f"inflates {entry.compressed_size:,} bytes to {entry.size:,}"
-            self.add("high", "zip-bomb", entry.name, message)
+            self.add(Severity.HIGH, "zip-bomb", entry.name, message)
             return None
         is_data = "/data/" in entry.name or entry.name.startswith("data/")
         if (is_data and entry.is_stored and not pickled) or (entry.size > 1 << 26 and not pickled):
@@ -445,7 +456,7 @@ class _FileScanner:
         blob = directory.read_member(entry, limits.MAX_SCANNED_MEMBER_BYTES)
         if pickled and zlib.crc32(blob) != entry.crc32:
             message = "the member's CRC-32 does not match its bytes"
-            self.add("medium", "bad-crc", entry.name, message)
+            self.add(Severity.MEDIUM, "bad-crc", entry.name, message)
         return blob
 
     # -- formats without code: their readers check every header field -------------------------
@@ -459,10 +470,11 @@ class _FileScanner:
             try:
                 contents = reader.read(self.path, probe)
             except ModelportError as exc:
-                self.add("high", "malformed", "", f"{reader.format} header check failed: {exc}")
+                self.add(
+                    Severity.HIGH, "malformed", "", f"{reader.format} header check failed: {exc}"
+                )
                 return
-            for found in content_checks.findings(contents):
-                self.add(found.severity, found.rule, found.member, found.message)
+            self.findings.extend(content_checks.findings(contents))
             if contents.close is not None:
                 contents.close()
             return
@@ -470,8 +482,7 @@ class _FileScanner:
             return
         if _is_text(self.path):
             self.format = "text"
-            for found in content_checks.text_findings(self.path):
-                self.add(found.severity, found.rule, found.member, found.message)
+            self.findings.extend(content_checks.text_findings(self.path))
             return
         self.error("unrecognised binary content: could not be analysed", "")
 

@@ -11,29 +11,23 @@ the text finds every call; nothing is compiled or run.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+from modelport.pickles.judging import Severity
+from modelport.scanning.findings import Finding
 
 _FILE_OPS = re.compile(rb"\b(from_file)\s*\(")
 
 
-@dataclass(frozen=True)
-class CodeRisk:
-    """One call in TorchScript code that reaches outside the model's tensors."""
-
-    operator: str
-    line: int
-    message: str
-
-
-def risks(code: bytes) -> list[CodeRisk]:
+def findings(code: bytes, member: str) -> list[Finding]:
     """The calls in one ``code/*.py`` member that read files of the machine."""
     found = []
     for match in _FILE_OPS.finditer(code):
         line = code.count(b"\n", 0, match.start()) + 1
         found.append(
-            CodeRisk(
-                match.group(1).decode(),
-                line,
+            Finding(
+                Severity.HIGH,
+                "torchscript-file-access",
+                member,
                 f"TorchScript code calls {match.group(1).decode()}() at line {line}: running "
                 "the model reads a file of the machine it runs on into a tensor",
             )
