@@ -291,14 +291,6 @@ def _pt2_with(archive: Path, out: Path, payload: bytes, where: str) -> None:
 
 CUT_SHORT = pickle.dumps([torch.Size([1, 3])], protocol=2)[:-1]
 CALLS_SYSTEM = b"\x80\x02cposix\nsystem\nX\x04\x00\x00\x00true\x85R."
-SKIPPED_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: the scan skips every member under a data/ folder not named *.pkl (taken for "
-    "raw torch storage) and never opens zips stored in members, so the sample inputs of a "
-    ".pt2, which torch.export.load unpickles (falling back to weights_only=False), are not "
-    "analysed: cut short or calling os.system, the archive is called safe",
-)
 
 
 @pytest.mark.parametrize(
@@ -312,7 +304,6 @@ SKIPPED_BUG = pytest.mark.xfail(
             True,
             "unsafe",
             id="calls-system-as-sample-inputs",
-            marks=SKIPPED_BUG,
         ),
         pytest.param(
             CALLS_SYSTEM,
@@ -320,7 +311,6 @@ SKIPPED_BUG = pytest.mark.xfail(
             True,
             "unsafe",
             id="calls-system-in-sample-inputs-zip",
-            marks=SKIPPED_BUG,
         ),
         pytest.param(
             CUT_SHORT,
@@ -328,7 +318,6 @@ SKIPPED_BUG = pytest.mark.xfail(
             False,
             "error",
             id="cut-short-in-sample-inputs-zip",
-            marks=SKIPPED_BUG,
         ),
     ],
 )

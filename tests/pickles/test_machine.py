@@ -84,22 +84,10 @@ def test_random_bytes_only_raise_modelport_errors(blob: bytes) -> None:
         pytest.param(
             b"\x80\x04\x8f]a.",
             id="list-appended-to-set",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=TypeError,
-                reason="BUG: APPEND onto a set raises a bare TypeError (unhashable type: "
-                "'list') from read_pickle, open, inspect and scan",
-            ),
         ),
         pytest.param(
             b"\x80\x04\x8f(]e.",
             id="lists-appended-to-set",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=TypeError,
-                reason="BUG: APPENDS onto a set raises a bare TypeError (unhashable type: "
-                "'list') from read_pickle, open, inspect and scan",
-            ),
         ),
     ],
 )
@@ -120,13 +108,6 @@ def test_unhashable_items_are_corrupt_pickles(tmp_path: Path, payload: bytes) ->
         pytest.param(
             b"\x80\x04}\x8c\x01x\x93)\x81}b.",
             id="object-of-a-dict-global-built",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=TypeError,
-                reason="BUG: scan raises a bare TypeError (unhashable type: 'dict') in "
-                "judging's build() when STACK_GLOBAL got a dict as its module (found by a "
-                "two-byte mutation of a joblib file)",
-            ),
         ),
         pytest.param(
             b"\x80\x04}\x8c\x01x\x93)R.",

@@ -188,7 +188,7 @@ class ScanResolver:
         if isinstance(obj, Made):
             obj.states.append(state)
             origin = obj.origin
-            if isinstance(origin, Symbol) and (origin.module, origin.name) in _JOBLIB_WRAPPERS:
+            if isinstance(origin, Symbol) and _names_joblib_wrapper(origin):
                 self._skip_joblib_array(state, at)
         for key in _state_keys(state):
             if key.startswith("__") and key.endswith("__"):
@@ -388,6 +388,13 @@ def _instantiation(symbol: Symbol, key: tuple[str, str], name: str) -> tuple[Sev
         "unknown-constructor-args",
         f"instantiates {name} with constructor arguments, which model files never do",
     )
+
+
+def _names_joblib_wrapper(symbol: Symbol) -> bool:
+    """Whether a global names joblib's array wrapper (its parts may be any value a hostile
+    STACK_GLOBAL took, not text)."""
+    names = (symbol.module, symbol.name)
+    return all(isinstance(n, str) for n in names) and names in _JOBLIB_WRAPPERS
 
 
 def _is_plain_state(state: Any) -> bool:

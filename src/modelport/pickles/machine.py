@@ -360,6 +360,10 @@ class _Machine:
     def _append(self, target: Any, items: list[Any]) -> None:
         if isinstance(target, list):
             target.extend(items)
+        elif isinstance(target, (set, frozenset, dict, tuple, str, bytes, int, float)):
+            raise CorruptFileError(  # CPython's unpickler finds no append method on them
+                f"pickle: APPEND onto a {type(target).__name__} at byte {self.step.offset}"
+            )
         else:
             self.resolver.append(target, items, self.step)
 

@@ -39,6 +39,9 @@ from modelport.pickles.judging import Severity, scan_pickle
 from modelport.scanning import content_checks, script_code
 from modelport.scanning.findings import FileReport, Finding, ScanReport, worst
 
+# Members a loader hands to torch.load: the sample inputs, weights and constants of a .pt2
+# (torch.export.load falls back to weights_only=False for them).
+TORCH_SAVED = ".pt"
 _PICKLE_STARTS = frozenset(b"(}]cKJNIFSVX\x80")
 
 
@@ -378,6 +381,9 @@ class _FileScanner:
     def scan_zip(
         self, member: str, depth: int, *, start: int = 0, length: int | None = None
     ) -> None:
+        if depth > limits.MAX_CONTAINER_NESTING:
+            self.error(f"containers nested deeper than {limits.MAX_CONTAINER_NESTING}", member)
+            return
         directory = ZipDirectory.read(self.path, start=start, length=length)
         names = directory.names()
         for name in directory.unsafe_names:
@@ -423,10 +429,13 @@ class _FileScanner:
                     f"time limit of {limits.SCAN_SECONDS_PER_FILE:.0f}s per file reached", member
                 )
                 return
+            label = f"{self.path.name}!{entry.name}"
+            if entry.name.endswith(TORCH_SAVED) and self.holds_stored_zip(entry):
+                self.scan_zip(label, depth + 1, start=entry.data_offset, length=entry.size)
+                continue
             blob = self.zip_member(directory, entry)
             if blob is None:
                 continue
-            label = f"{self.path.name}!{entry.name}"
             view = memoryview(blob)
             if entry.name.endswith(".pkl") or (view[:1] and view[0] == 0x80):
                 self.scan_pickle_stream(
@@ -438,6 +447,14 @@ class _FileScanner:
                 self.findings.extend(script_code.findings(blob, entry.name))
         if depth == 0 and not torch_archive:
             self.scan_with_reader(zip_only=True)
+
+    def holds_stored_zip(self, entry: ZipEntry) -> bool:
+        """Whether a member is a zip stored as it is (a ``torch.save`` file inside a .pt2)."""
+        if not entry.is_stored or entry.size < len(LOCAL_SIGNATURE):
+            return False
+        with open(self.path, "rb") as handle:
+            handle.seek(entry.data_offset)
+            return handle.read(len(LOCAL_SIGNATURE)) == LOCAL_SIGNATURE
 
     def zip_member(self, directory: ZipDirectory, entry: ZipEntry) -> bytes | None:
         """A member's bytes to scan, or None for what holds no code: tensor data, members too
@@ -451,7 +468,8 @@ class _FileScanner:
             self.add(Severity.HIGH, "zip-bomb", entry.name, message)
             return None
         is_data = "/data/" in entry.name or entry.name.startswith("data/")
-        if (is_data and entry.is_stored and not pickled) or (entry.size > 1 << 26 and not pickled):
+        loaded = pickled or entry.name.endswith(TORCH_SAVED)  # torch.load reads .pt members
+        if (is_data and entry.is_stored and not loaded) or (entry.size > 1 << 26 and not loaded):
             return None  # raw tensor storage of a torch archive, or too large to be code
         blob = directory.read_member(entry, limits.MAX_SCANNED_MEMBER_BYTES)
         if pickled and zlib.crc32(blob) != entry.crc32:
