@@ -10,6 +10,7 @@ builtin a caller would otherwise expect, so ``except ValueError`` keeps working.
     │   ├── NotAModelError                     something else (LFS pointer, HTML, empty)
     │   ├── TruncatedFileError                 shorter than its own header says
     │   ├── CorruptFileError                   inconsistent structure (offsets, sizes, opcodes)
+    │   │   └── UnparsedPickleError            a pickle that stops before its STOP (scanner)
     │   └── UnsupportedVersionError            a known format at a version we do not read
     ├── UnsafeModelError                       the scanner found code execution; loading refused
     ├── UsageError (ValueError)                arguments that cannot work together or parse
@@ -84,6 +85,17 @@ class TruncatedFileError(FormatError):
 
 class CorruptFileError(FormatError):
     """The structure contradicts itself: overlapping ranges, bad offsets, malformed opcodes."""
+
+
+class UnparsedPickleError(CorruptFileError):
+    """A pickle the scanner could not walk to its STOP. ``findings`` are what it judged in
+    the opcodes before that (``pickles.judging.PickleFinding``); ``truncated``: the bytes
+    ran out first (a cut file, or a pickle longer than the part read)."""
+
+    def __init__(self, message: str, *, findings: Sequence[Any], truncated: bool) -> None:
+        self.findings = tuple(findings)
+        self.truncated = truncated
+        super().__init__(message)
 
 
 class UnsupportedVersionError(FormatError):

@@ -434,22 +434,10 @@ SEED_LAYOUT = joblib_layout(SEED, raw_nbytes=6 * 4)
         pytest.param(
             pickle.dumps({"lr": 0.1, "layers": [1, 2]}, protocol=0)[:-1],
             id="p0",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="BUG: a protocol-0 pickle that does not parse (here: cut before its "
-                "STOP) is scanned as 'text' and called safe",
-            ),
         ),
         pytest.param(
             b"P\xff\n.",
             id="p0-non-ascii-persistent-id",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="BUG: CPython refuses a protocol-0 persistent id that is not ASCII; "
-                "the scan reads it and calls the file safe",
-            ),
         ),
     ],
 )
@@ -461,12 +449,6 @@ def test_pickles_python_cannot_walk_are_never_scanned_safe(tmp_path: Path, blob:
     assert "safe" not in (report.verdict, report.files[0].verdict), report.to_json()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: pickle.loads runs os.system here, then fails on the MARK left before its "
-    "STOP; modelport's machine refuses the pickle, so the scan falls back to 'text': safe",
-)
 def test_text_pickle_that_calls_then_fails_is_unsafe(tmp_path: Path, marker: Path) -> None:
     path = tmp_path / "calls-then-fails.pkl"
     path.write_bytes(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR(.")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from modelport.errors import CorruptFileError, TruncatedFileError, UnparsedPickleError
 from modelport.pickles import policy
 from modelport.pickles.interface import Limits, Step
 from modelport.pickles.machine import run
@@ -434,5 +435,9 @@ def scan_pickle(
         data=view,
         limits=limits,
     )
-    result = run(view, resolver, start=start, limits=limits)
+    try:
+        result = run(view, resolver, start=start, limits=limits)
+    except (CorruptFileError, TruncatedFileError) as exc:
+        truncated = isinstance(exc, TruncatedFileError)
+        raise UnparsedPickleError(str(exc), findings=judge(resolver), truncated=truncated) from exc
     return PickleScan(judge(resolver), resolver.nested, result.end, result.opcodes)

@@ -19,7 +19,7 @@ import time
 import warnings
 from typing import Any
 
-from modelport.errors import CorruptFileError, LimitExceededError
+from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
 from modelport.pickles.interface import DEFAULT_LIMITS, Limits, PickleResult, Resolver, Step
 from modelport.pickles.records import ByteSpan
 
@@ -57,10 +57,14 @@ class _Machine:
 
     def _take(self, n: int) -> memoryview:
         end = self.pos + n
-        if n < 0 or end > len(self.data):
-            raise CorruptFileError(
+        if n < 0:
+            raise CorruptFileError(f"pickle: negative length at byte {self.step.offset}")
+        if end > len(self.data):
+            raise TruncatedFileError(
                 f"pickle truncated: opcode {self.step.opcode} at byte {self.step.offset} "
-                f"needs {n} bytes, {len(self.data) - self.pos} remain"
+                f"needs {n} bytes, {len(self.data) - self.pos} remain",
+                expected=end,
+                actual=len(self.data),
             )
         chunk = self.data[self.pos : end]
         self.pos = end
@@ -76,8 +80,14 @@ class _Machine:
                 line = bytes(self.data[self.pos : self.pos + end])
                 self.pos += end + 1
                 return line
+            if stop >= limit and limit == len(self.data):
+                raise TruncatedFileError(
+                    f"pickle truncated: unterminated text argument at byte {self.pos}",
+                    expected=limit + 1,
+                    actual=limit,
+                )
             if stop >= limit:
-                raise CorruptFileError(f"pickle: unterminated text argument at byte {self.pos}")
+                raise CorruptFileError(f"pickle: text argument too long at byte {self.pos}")
             window *= 16
 
     def _u(self, fmt: str, n: int) -> int:
@@ -144,7 +154,11 @@ class _Machine:
         deadline = None if seconds is None else time.monotonic() + seconds
         while True:
             if self.pos >= len(data):
-                raise CorruptFileError(f"pickle truncated: no STOP opcode before byte {self.pos}")
+                raise TruncatedFileError(
+                    f"pickle truncated: no STOP opcode before byte {self.pos}",
+                    expected=self.pos + 1,
+                    actual=len(data),
+                )
             code = data[self.pos]
             handler = _DISPATCH.get(code)
             if handler is None:
@@ -480,7 +494,14 @@ class _Machine:
         self.push(self.resolver.build(obj, state, self.step))
 
     def op_persid(self) -> None:
-        self.push(self.resolver.persistent_load(self._line().decode("ascii", "replace"), self.step))
+        line = self._line()
+        try:
+            pid = line.decode("ascii")  # CPython refuses anything else
+        except UnicodeDecodeError:
+            raise CorruptFileError(
+                f"pickle: PERSID is not ASCII at byte {self.step.offset}"
+            ) from None
+        self.push(self.resolver.persistent_load(pid, self.step))
 
     def op_binpersid(self) -> None:
         self.push(self.resolver.persistent_load(self.pop(), self.step))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelport import limits
-from modelport.errors import ModelportError, UnsupportedDtypeError
+from modelport.errors import ModelportError, UnparsedPickleError, UnsupportedDtypeError
 from modelport.formats import _compressed, dcp, npy, torch_legacy
 from modelport.formats._zip import (
     EOCD_SIGNATURE,
@@ -202,10 +202,16 @@ class _FileScanner:
 
     # -- pickles ----------------------------------------------------------------------------
     def _parses_as_pickle(self, data: memoryview) -> bool:
+        """Whether bytes that start like a text pickle are one: they parse to a STOP, or run
+        out of bytes while every opcode so far was valid (a cut or long pickle), or name code
+        to run before they fail (pickle.loads would have run it by then)."""
         if data[0] == 0x80:
             return len(data) > 2 and 2 <= data[1] <= 5
         try:
             scan_pickle(data[: 1 << 16], limits=Limits(max_opcodes=100_000))
+        except UnparsedPickleError as exc:
+            serious = (Severity.CRITICAL, Severity.HIGH)
+            return exc.truncated or any(f.severity in serious for f in exc.findings)
         except ModelportError:
             return False
         return True
@@ -232,6 +238,8 @@ class _FileScanner:
                     limits=self.limits(),
                 )
             except ModelportError as exc:
+                if isinstance(exc, UnparsedPickleError):  # what it did before it failed
+                    self.findings.extend(Finding.from_pickle(f, member) for f in exc.findings)
                 self.error(f"pickle at byte {start} could not be analysed: {exc}", member)
                 return
             self.findings.extend(Finding.from_pickle(f, member) for f in result.findings)
