@@ -104,9 +104,6 @@ def assert_typed_error_or_whole(
     event(f"open: {opened}" + (f" ({type(error).__name__})" if error is not None else ""))
 
     parses = None if pickles is None else pickles(path)
-    if parses is False and path.is_file() and _reads_as_text(path):
-        event("known bug: a pickle that reads as text")
-        parses = None
     verdict = None
     if pickles is not None:
         report = modelport.scan(path)
@@ -120,19 +117,6 @@ def assert_typed_error_or_whole(
     if inspect:
         _assert_inspect_outcome(path, parses)
     return Outcome(opened, error, count, parses, verdict)
-
-
-def _reads_as_text(path: Path) -> bool:
-    """The trigger of a known bug, not asserted on here (the strict xfails of
-    ``test_pickle_file.test_pickles_python_cannot_walk_are_never_scanned_safe`` hold it):
-    the scan calls a pickle that does not parse "text", hence safe, when its first 4 KiB
-    decode as UTF-8 and hold no NUL, as a pickle cut to a byte or two of text opcodes does."""
-    head = path.read_bytes()[:4096]
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return b"\x00" not in head
 
 
 def _shown(path: Path) -> str:
@@ -388,12 +372,11 @@ def legacy_torch_pickles_parse(path: Path) -> bool | None:
 _ZIP_ERRORS = (zipfile.BadZipFile, ValueError, EOFError, OSError, NotImplementedError)
 
 
-def zip_pickles(raw: bytes, *, nested: bool = True) -> list[bytes | None] | None:
+def zip_pickles(raw: bytes) -> list[bytes | None] | None:
     """Every pickle in a zip whose directory ``zipfile`` reads: ``*.pkl`` and ``*debug_pkl``
     members, the data of ``.npy`` members holding object arrays, and those of zips stored in
-    members (unless ``nested`` is False); None for a pickle whose bytes cannot be had (see
-    ``member_bytes``). The whole answer is None when ``zipfile`` cannot read the archive's
-    directory."""
+    members; None for a pickle whose bytes cannot be had (see ``member_bytes``). The whole
+    answer is None when ``zipfile`` cannot read the archive's directory."""
     try:
         infos = zipfile.ZipFile(io.BytesIO(raw)).infolist()
     except _ZIP_ERRORS:
@@ -403,7 +386,7 @@ def zip_pickles(raw: bytes, *, nested: bool = True) -> list[bytes | None] | None
         body = member_bytes(raw, info)
         if info.filename.endswith((".pkl", "debug_pkl")):
             found.append(body)
-        elif nested and body is not None and body.startswith(b"PK\x03\x04"):
+        elif body is not None and body.startswith(b"PK\x03\x04"):
             found.extend(zip_pickles(body) or [])
         elif body is not None and body.startswith(b"\x93NUMPY"):
             found.extend(_npy_object_pickle(body))
@@ -438,11 +421,6 @@ def zip_pickles_parse(path: Path) -> bool | None:
     """Every pickle of a zip archive (torch, TorchScript, ``.pt2``, ``.npz``) parses; None
     when ``zipfile`` cannot read the archive, so that nothing is known of its pickles."""
     return _all_parse(zip_pickles(path.read_bytes()))
-
-
-def outer_zip_pickles_parse(path: Path) -> bool | None:
-    """``zip_pickles_parse`` without the pickles of zips stored in members."""
-    return _all_parse(zip_pickles(path.read_bytes(), nested=False))
 
 
 def _all_parse(pickles: list[bytes | None] | None) -> bool | None:

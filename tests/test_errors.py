@@ -85,3 +85,13 @@ def test_a_string_with_an_invalid_escape_reads_as_cpython_reads_it(tmp_path: Pat
         warnings.simplefilter("error")  # modelport itself must not warn
         with modelport.open(path) as opened:
             assert opened.tree == expected == {"w": "a\\o"}
+
+
+def test_errors_from_deep_in_a_format_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "cut.pkl"
+    path.write_bytes(b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94(\x8c\x01a")  # no STOP
+    with pytest.raises(modelport.errors.FormatError) as raised:
+        modelport.open(path)
+    assert raised.value.path == path
+    assert str(raised.value).startswith(f"{path}: ")
+    assert str(raised.value).count(str(path)) == 1  # named once, however deep it was raised

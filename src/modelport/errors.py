@@ -5,19 +5,20 @@ builtin a caller would otherwise expect, so ``except ValueError`` keeps working.
 
     ModelportError
     ├── ModelFileNotFoundError (FileNotFoundError) no such file; ``filename`` is set
-    ├── FormatError (ValueError)               the bytes are not what they must be
-    │   ├── UnknownFormatError                 no reader recognises the content
-    │   ├── NotAModelError                     something else (LFS pointer, HTML, empty)
-    │   ├── TruncatedFileError                 shorter than its own header says
-    │   ├── CorruptFileError                   inconsistent structure (offsets, sizes, opcodes)
-    │   │   └── UnparsedPickleError            a pickle that stops before its STOP (scanner)
-    │   └── UnsupportedVersionError            a known format at a version we do not read
+    ├── FileError (ValueError)                 something in an input file; ``path`` names it
+    │   ├── FormatError                        the bytes are not what they must be
+    │   │   ├── UnknownFormatError             no reader recognises the content
+    │   │   ├── NotAModelError                 something else (LFS pointer, HTML, empty)
+    │   │   ├── TruncatedFileError             shorter than its own header says
+    │   │   ├── CorruptFileError               inconsistent structure (offsets, sizes, opcodes)
+    │   │   │   └── UnparsedPickleError        a pickle that stops before its STOP (scanner)
+    │   │   └── UnsupportedVersionError        a known format at a version we do not read
+    │   └── LimitExceededError                 a declared size or count past a hard limit
     ├── UnsafeModelError                       the scanner found code execution; loading refused
     ├── UsageError (ValueError)                arguments that cannot work together or parse
     ├── ConversionError                        a conversion refused before writing (or failed)
     ├── VerificationError                      the written file does not match its source
     ├── ModelSpecError                         the model named by --model cannot be built
-    ├── LimitExceededError (ValueError)        a declared size or count past a hard limit
     ├── TensorNotFoundError (KeyError)         no tensor by that name
     ├── UnsupportedDtypeError (TypeError)      a dtype numpy or torch cannot represent
     └── MissingDependencyError (ImportError)   an optional extra is not installed
@@ -52,12 +53,24 @@ class ModelFileNotFoundError(ModelportError, FileNotFoundError):
         return f"{self.filename}: {self.strerror}"
 
 
-class FormatError(ModelportError, ValueError):
-    """The file's bytes do not form the format they claim or appear to be."""
+class FileError(ModelportError, ValueError):
+    """Something in an input file; ``path`` names the file. A parser deep inside a format may
+    not know the path: ``locate`` adds it where the file was opened, so every such error that
+    leaves modelport says which file it is about."""
 
     def __init__(self, message: str, *, path: Path | str | None = None) -> None:
         self.path = None if path is None else Path(path)
         super().__init__(f"{path}: {message}" if path is not None else message)
+
+    def locate(self, path: Path | str) -> None:
+        """Name the file, unless the error already names one."""
+        if self.path is None:
+            self.path = Path(path)
+            self.args = (f"{path}: {self.args[0]}", *self.args[1:])
+
+
+class FormatError(FileError):
+    """The file's bytes do not form the format they claim or appear to be."""
 
 
 class UnknownFormatError(FormatError):
@@ -157,15 +170,15 @@ class CodeExecutionWarning(ModelportWarning):
     (``trust_code``): the message carries the scanner's verdict on that file."""
 
 
-class LimitExceededError(ModelportError, ValueError):
-    """A declared size or count is past a hard safety limit; nothing was allocated for it."""
+class LimitExceededError(FileError):
+    """A declared size or count is past a hard safety limit (``limits``); nothing was
+    allocated for it."""
 
     def __init__(self, resource: str, limit: int, actual: int, *, path: Path | str | None = None):
         self.resource = resource
         self.limit = limit
         self.actual = actual
-        where = f"{path}: " if path is not None else ""
-        super().__init__(f"{where}{resource} is {actual:,}, above the limit of {limit:,}")
+        super().__init__(f"{resource} is {actual:,}, above the limit of {limit:,}", path=path)
 
 
 class TensorNotFoundError(ModelportError, KeyError):

@@ -46,7 +46,7 @@ def verify(
     the source (and report the cast's error). Ranges that ``copies`` already compared while
     they were written are not read again, once the reader finds the tensor at that range."""
     reader, probe, _ = detect(path)
-    contents = reader.read(path, probe)
+    contents = reader.contents(probe)
     written = trees.tensors_of(contents.tree)
     expected = {t.name for t in plan.tensors}
     missing = sorted(expected - set(written))

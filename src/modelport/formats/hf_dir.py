@@ -196,7 +196,7 @@ def _read_shard(
     reader, probe, notes = identify(shard, FILE_READERS)
     if probe.is_dir or reader.format is Format.HF_DIR:
         raise CorruptFileError(f"weight file {name!r} is not a file of weights", path=shard)
-    contents = reader.read(probe.path, probe)
+    contents = reader.contents(probe)
     if contents.close is not None:
         closers.append(contents.close)
     warnings.extend(f"{name}: {note}" for note in notes + contents.warnings)

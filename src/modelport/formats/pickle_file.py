@@ -280,7 +280,7 @@ class PickleFileResolver(ReadingResolver):
             return array
         try:
             reader, probe, _ = identify(side, (npy.READER,))
-            tree = reader.read(probe.path, probe).tree
+            tree = reader.contents(probe).tree
         except ModelportError as exc:
             self.warnings.append(f"joblib < 0.10 side file {name!r} unreadable: {exc}")
             return array

@@ -20,7 +20,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from modelport.errors import ModelportError
+from modelport.errors import FileError, ModelportError
 from modelport.formats._zip import EOCD_SIGNATURE, LOCAL_SIGNATURE, ZipDirectory
 from modelport.transfer.write_plan import WritePlan
 
@@ -116,3 +116,11 @@ class FormatReader:
     holds: Callable[[str], bool] | None = None
     shares_storage: bool = False  # can two names point at one stored tensor (torch zip)?
     records_aliases: bool = False  # does its reader restore ``alias -> kept`` metadata?
+
+    def contents(self, probe: Probe) -> Contents:
+        """``read`` on the probed path; an error from deep inside the format names the file."""
+        try:
+            return self.read(probe.path, probe)
+        except FileError as exc:
+            exc.locate(probe.path)
+            raise

@@ -128,7 +128,7 @@ class ModelFile:
 def open(path: str | Path) -> ModelFile:
     """Open a model file or directory by content; reads headers and pickles, no tensor data."""
     reader, probe, warnings = detect(path)
-    contents = reader.read(probe.path, probe)
+    contents = reader.contents(probe)
     size = probe.size if not probe.is_dir else _directory_size(probe.path)
     return ModelFile(probe.path, contents, size, warnings)
 

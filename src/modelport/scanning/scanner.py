@@ -494,7 +494,7 @@ class _FileScanner:
             if self.format in ("unknown", "zip"):
                 self.format = reader.format.value
             try:
-                contents = reader.read(self.path, probe)
+                contents = reader.contents(probe)
             except ModelportError as exc:
                 self.add(
                     Severity.HIGH, "malformed", "", f"{reader.format} header check failed: {exc}"
