@@ -19,6 +19,8 @@ from modelport.torch_models.exporting import export
 from tests.conftest import Cli
 from tests.models import Router, TinyResNet
 
+pytestmark = pytest.mark.heavy  # exports run in every target runtime
+
 
 class CallCounter(nn.Module):
     """Wrong on purpose: forward reads Python-side state that export freezes as a constant."""

@@ -17,6 +17,8 @@ from modelport.torch_models.rebuilding import rebuild
 from tests.conftest import Cli, CliResult
 from tests.models import TinyResNet
 
+pytestmark = pytest.mark.heavy  # exports run in every target runtime
+
 INPUT = ["--input", "x:2,3,8,8"]
 
 

@@ -16,6 +16,8 @@ from modelport.torch_models.rebuilding import rebuild
 from tests.conftest import Cli
 from tests.models import TinyResNet
 
+pytestmark = pytest.mark.heavy  # exports run in every target runtime
+
 SPEC = "tests.models:TinyResNet"
 INIT = {"classes": 5, "width": 4}
 

@@ -71,6 +71,7 @@ def test_benign_twins_of_attacks_are_safe(tmp_path: Path, name: str) -> None:
     assert all(np.array_equal(loaded[k].numpy(), expected[k]) for k in expected)
 
 
+@pytest.mark.heavy  # loader reachability: each attack runs under the reference loader
 def test_reference_loader_would_run_the_payload(
     tmp_path: Path, marker: Path, attacks: dict[str, bytes]
 ) -> None:
