@@ -23,6 +23,8 @@ from modelport.errors import (
     ModelportError,
     TruncatedFileError,
 )
+from modelport.formats import safetensors as safetensors_format
+from modelport.transfer.write_plan import OutputTensor, WritePlan
 from tests.conftest import digest, torch_digest
 from tests.models import TiedLM, TinyResNet, dtype_zoo
 from tests.mutation import assert_typed_error_or_whole, damage
@@ -155,3 +157,26 @@ def test_mutated_files_only_raise_modelport_errors(tmp_path: Path, data: st.Data
     path = tmp_path / "m.safetensors"
     path.write_bytes(damage(data, _valid_bytes()))
     assert_typed_error_or_whole(path, intact=_valid_bytes())
+
+
+def test_writer_bytes_equal_the_reference_writer(tmp_path: Path) -> None:
+    """Given the tensors in the order the reference writer lays them out (by alignment, then
+    name), and the same metadata, modelport's writer produces the very same bytes."""
+    arrays = {
+        "b.weight": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "a.bias": np.arange(3, dtype=np.float16),
+        "step": np.array(5, dtype=np.int64),
+        "empty": np.zeros((0, 4), np.float32),
+        "mask": np.array([True, False, True]),
+    }
+    reference = tmp_path / "reference.safetensors"
+    save_numpy(arrays, str(reference), metadata={"format": "pt"})
+    ours = tmp_path / "ours.safetensors"
+    with modelport.open(reference) as model:  # its tensors, in the file's order
+        plan = WritePlan(
+            tuple(OutputTensor(name, ref.dtype, ref) for name, ref in model.tensors.items()),
+            {"format": "pt"},
+        )
+        with open(ours, "wb", buffering=0) as handle:
+            safetensors_format.write(handle, plan)
+    assert ours.read_bytes() == reference.read_bytes()
