@@ -147,6 +147,13 @@ def attack_pickles(marker: Path) -> dict[str, bytes]:
         + short(code)
         + b"b.",
         "nested-loader": b"\x80\x02cpickle\nloads\nC\x05hello\x85R.",
+        "newobj-ex": b"\x80\x04cbuiltins\nexec\n" + short(code) + b"\x85}\x92.",
+        "dotted-name": b"\x80\x04"
+        + short(b"numpy")
+        + short(b"__builtins__.exec")
+        + b"\x93"
+        + short(code)
+        + b"\x85R.",
         "weights-and-call": pickle.dumps(
             {"w": np.ones(3, np.float32), "x": Reduces(os.system, cmd.decode())}
         ),

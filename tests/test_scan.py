@@ -40,6 +40,8 @@ CAUGHT_BY = {
     "setstate-smuggling": "attribute-smuggling",
     "nested-loader": "known-gadget",
     "weights-and-call": "known-gadget",
+    "newobj-ex": "known-gadget",
+    "dotted-name": "unknown-call",
 }
 
 

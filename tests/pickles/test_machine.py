@@ -25,6 +25,7 @@ from modelport.errors import (
 from modelport.pickles.interface import Limits
 from modelport.pickles.reading import CALLABLES, CONSTANTS, read_pickle
 from modelport.pickles.records import CallRecord, GlobalRef, ObjectRecord
+from tests.conftest import ATTACKS
 from tests.mutation import pickle_walk
 
 plain_data = st.recursive(
@@ -124,51 +125,15 @@ def test_globals_named_by_non_text_never_crash_the_scan(tmp_path: Path, payload:
     assert modelport.scan(path).verdict in ("suspicious", "unsafe", "error")
 
 
-def _shell(marker: Path) -> str:
-    return f"touch {marker}"
+# The catalogue's attacks whose pickle is one call or object at the top (not data holding one).
+TOP_LEVEL_ATTACKS = tuple(name for name in ATTACKS if name != "weights-and-call")
 
 
-def _gadgets(marker: Path) -> dict[str, bytes]:
-    """Hand-built attack pickles: each would create ``marker`` if the stdlib loaded it."""
-    cmd = _shell(marker).encode()
-    code = f"open({str(marker)!r}, 'w').write('x')".encode()
-    short = lambda b: b"\x8c" + bytes([len(b)]) + b  # noqa: E731 - SHORT_BINUNICODE
-    return {
-        "global-reduce": b"cposix\nsystem\n(" + b"V" + cmd + b"\ntR.",
-        "stack-global": b"\x80\x04"
-        + short(b"os")
-        + short(b"system")
-        + b"\x93"
-        + short(cmd)
-        + b"\x85R.",
-        "inst": b"(V" + cmd + b"\nios\nsystem\n.",
-        "obj": b"(cos\nsystem\nV" + cmd + b"\no.",
-        "exec": b"cbuiltins\nexec\n(V" + code + b"\ntR.",
-        "newobj-ex": b"\x80\x04cbuiltins\nexec\n" + short(code) + b"\x85}\x92.",
-        "build-setstate": b"\x80\x02cbuiltins\nobject\n)\x81}"
-        + short(b"__setstate__")
-        + b"cbuiltins\nexec\nsb"
-        + short(code)
-        + b"b.",
-        "getattr-chain": b"\x80\x02cbuiltins\ngetattr\ncbuiltins\n__import__\n"
-        + short(b"os")
-        + b"\x85R"
-        + short(b"system")
-        + b"\x86R"
-        + short(cmd)
-        + b"\x85R.",
-        "dotted-name": b"\x80\x04"
-        + short(b"numpy")
-        + short(b"__builtins__.exec")
-        + b"\x93"
-        + short(code)
-        + b"\x85R.",
-    }
-
-
-@pytest.mark.parametrize("name", list(_gadgets(Path("/x"))))
-def test_attack_pickles_never_run(tmp_path: Path, marker: Path, name: str) -> None:
-    payload = _gadgets(marker)[name]
+@pytest.mark.parametrize("name", TOP_LEVEL_ATTACKS)
+def test_attack_pickles_never_run(
+    tmp_path: Path, marker: Path, attacks: dict[str, bytes], name: str
+) -> None:
+    payload = attacks[name]
     value = read_pickle(payload).value
     assert not marker.exists()
     assert isinstance(value, (CallRecord, ObjectRecord, GlobalRef))
