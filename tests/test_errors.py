@@ -95,3 +95,33 @@ def test_errors_from_deep_in_a_format_name_the_file(tmp_path: Path) -> None:
     assert raised.value.path == path
     assert str(raised.value).startswith(f"{path}: ")
     assert str(raised.value).count(str(path)) == 1  # named once, however deep it was raised
+
+
+def test_special_files_get_a_typed_error_at_once(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "model.bin"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer came
+    with pytest.raises(modelport.errors.NotAModelError, match="named pipe") as raised:
+        modelport.open(fifo)
+    assert raised.value.kind == "special-file" and raised.value.path == fifo
+    report = modelport.scan(fifo)
+    assert report.verdict == "error"
+    assert "named pipe" in report.files[0].findings[0].message
+    device = Path("/dev/urandom")  # endless: read whole, it would never finish
+    with pytest.raises(modelport.errors.NotAModelError, match="character device"):
+        modelport.hash(device)
+
+
+def test_a_deeply_nested_safetensors_header_is_a_corrupt_file(tmp_path: Path) -> None:
+    import json
+    import struct
+
+    header = b'{"__metadata__":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(RecursionError):
+        json.loads(header)  # the stdlib's own parser gives up on it
+    with pytest.raises(modelport.errors.CorruptFileError, match="not valid JSON"):
+        modelport.open(path)
+    assert [f.rule for f in modelport.scan(path).serious] == ["malformed"]

@@ -284,7 +284,7 @@ class _Reader:
                 raise CorruptFileError(f"DCP safetensors blob in {info.file.name} is malformed")
             try:
                 header = json.loads(bytes(view[info.offset + 8 : info.offset + 8 + length]))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 raise CorruptFileError("DCP safetensors header is not JSON") from None
             self.safetensors[key] = (info.offset + 8 + length, header)
         start, header = self.safetensors[key]

@@ -13,6 +13,7 @@ dtypes the format can store, so impossible conversions are refused before writin
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -20,7 +21,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from modelport.errors import FileError, ModelportError
+from modelport.errors import FileError, ModelportError, NotAModelError
 from modelport.formats._zip import EOCD_SIGNATURE, LOCAL_SIGNATURE, ZipDirectory
 from modelport.transfer.write_plan import WritePlan
 
@@ -50,6 +51,27 @@ class Format(str, Enum):
         return self.value
 
 
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "named pipe (FIFO)"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+)
+
+
+def refuse_special_file(path: Path) -> None:
+    """Only regular files are read: a FIFO or a device never ends (or blocks forever), so it
+    gets a typed error at once instead of a hang."""
+    mode = path.stat().st_mode
+    for test, kind in _SPECIAL_FILES:
+        if test(mode):
+            raise NotAModelError(
+                f"a {kind}, not a file: modelport reads regular files and directories",
+                kind="special-file",
+                path=path,
+            )
+
+
 @dataclass(frozen=True)
 class Probe:
     """What sniffers look at: path, size and first bytes, plus the zip directory on demand."""
@@ -63,6 +85,7 @@ class Probe:
     def of(cls, path: Path) -> Probe:
         if path.is_dir():
             return cls(path, 0, b"", True)
+        refuse_special_file(path)
         with open(path, "rb") as handle:
             head = handle.read(HEAD_BYTES)
         return cls(path, path.stat().st_size, head, False)

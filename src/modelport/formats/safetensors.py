@@ -86,7 +86,7 @@ def read_header(path: Path) -> tuple[int, dict[str, Any]]:
         raw = handle.read(length)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CorruptFileError(f"safetensors header is not valid JSON ({exc})", path=path) from None
     if not isinstance(header, dict):
         raise CorruptFileError("safetensors header is not a JSON object", path=path)

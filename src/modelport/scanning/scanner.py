@@ -32,7 +32,7 @@ from modelport.formats._zip import (
     ZipEntry,
     prepended_bytes,
 )
-from modelport.formats.protocol import Probe
+from modelport.formats.protocol import Probe, refuse_special_file
 from modelport.formats.registry import READERS
 from modelport.pickles.interface import Limits
 from modelport.pickles.judging import Severity, scan_pickle
@@ -134,6 +134,7 @@ class _FileScanner:
 
     # -- dispatch ---------------------------------------------------------------------------
     def run(self) -> None:
+        refuse_special_file(self.path)  # a FIFO or device: an error verdict, never "empty"
         size = self.path.stat().st_size
         if size == 0:
             self.format = "empty"
