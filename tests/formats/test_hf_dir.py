@@ -263,6 +263,15 @@ def test_weight_map_outside_the_directory(gpt2_dirs: dict[str, Path], tmp_path: 
     with pytest.raises(CorruptFileError, match="outside the directory"):
         modelport.open(index_path.parent)
 
+    def nul_byte(weight_map: dict[str, str]) -> None:
+        weight_map["transformer.wte.weight"] = "model-00001\x00.safetensors"
+
+    edit_index(index_path, nul_byte)
+    with pytest.raises(ValueError, match="null byte"):
+        Path("model-00001\x00.safetensors").stat()  # what os calls make of such a name
+    with pytest.raises(CorruptFileError, match="NUL byte"):
+        modelport.open(index_path.parent)
+
 
 def test_index_lies(gpt2_dirs: dict[str, Path], tmp_path: Path) -> None:
     index_path = sharded_copy(gpt2_dirs["sharded"], tmp_path / "model")

@@ -173,6 +173,8 @@ def _weight_map(index: dict[str, Any], index_path: Path) -> dict[str, str]:
 
 def _inside(root: Path, name: str) -> Path:
     """A shard named by the index, refused when it would leave the directory."""
+    if "\x00" in name:  # no file system accepts it; os calls would raise ValueError
+        raise CorruptFileError(f"weight file name {name!r} holds a NUL byte", path=root)
     candidate = Path(name)
     if (
         not name
