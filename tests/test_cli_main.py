@@ -48,3 +48,33 @@ def test_every_command_module_registers_the_name_it_is_listed_under() -> None:
         with pytest.raises(SystemExit) as exit_info:
             main([name, "--help"])
         assert exit_info.value.code == 0
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import signal
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from modelport.transfer import streaming
+
+    source = tmp_path / "s.safetensors"
+    save_file({f"w{i}": np.full((64, 64), i, np.float32) for i in range(6)}, str(source))
+    real = streaming.write_tensor
+    calls = {"n": 0}
+
+    def terminated_midway(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 3:  # the process is sent SIGTERM while the third tensor is written
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("modelport.formats.safetensors.write_tensor", terminated_midway)
+    before = signal.getsignal(signal.SIGTERM)
+    code = main(["convert", str(source), str(tmp_path / "out.safetensors")])
+    assert code == ExitCode.TERMINATED == 143
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handling is back

@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     NO = 1  # the command ran and the answer is "no": a scan found something, a check failed
     ERROR = 2  # bad input, an unreadable file, a missing dependency, bad usage
     INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+    TERMINATED = 143  # SIGTERM, as shells report it
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -53,18 +55,34 @@ def _one_line_warning(
     return f"warning: {message}\n"
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that it unwinds as Ctrl-C does: every
+    ``finally`` removes what it was writing, and nothing half-written stays behind."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     caller_format = warnings.formatwarning
     warnings.formatwarning = _one_line_warning  # library warnings, said plainly on stderr
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    caller_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         args = build_parser(_chosen_command(arguments)).parse_args(arguments)
         return _run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
-    finally:
-        warnings.formatwarning = caller_format  # later code in this process formats its own
+    except _Terminated:
+        print("terminated", file=sys.stderr)
+        return ExitCode.TERMINATED
+    finally:  # later code in this process keeps its own warning format and SIGTERM handling
+        warnings.formatwarning = caller_format
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, caller_sigterm)
 
 
 def _run(args: argparse.Namespace) -> int:
