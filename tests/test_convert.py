@@ -17,6 +17,7 @@ import modelport
 from modelport.conversion.verifying import verify
 from modelport.errors import ConversionError, UnsafeModelError, UsageError
 from modelport.formats.registry import READERS
+from modelport.transfer import streaming
 from modelport.transfer.write_plan import OutputTensor, WritePlan
 from modelport.tree import names as trees
 from tests.conftest import Cli, torch_digest
@@ -249,8 +250,6 @@ def test_interrupted_conversion_leaves_nothing(
 ) -> None:
     src = tmp_path / "s.pt"
     torch.save(original(), src)
-    from modelport.transfer import streaming
-
     calls = {"n": 0}
     real: Callable[..., int] = streaming.write_tensor
 
@@ -287,8 +286,6 @@ def test_verification_catches_a_corrupted_copy(
     the writing goes on), and nothing is installed."""
     src = tmp_path / "s.pt"
     torch.save({"w": torch.ones(8)}, src)
-    from modelport.transfer import streaming
-
     real = streaming._copy_range
 
     def corrupting(path: object, offset: int, length: int, handle: Any) -> object:
@@ -342,8 +339,6 @@ def test_verification_catches_a_wrong_cast(
     file is written), and nothing is installed."""
     src = tmp_path / "s.pt"
     torch.save({"w": torch.linspace(-2, 2, 64), "steps": torch.arange(3)}, src)
-    from modelport.transfer import streaming
-
     real = streaming.cast_chunk
 
     def off_by_one_ulp(chunk: Any, source_dtype: str, target_dtype: str) -> Any:
@@ -379,3 +374,24 @@ def test_without_linux_only_calls(
     assert cast.verified
     loaded = modelport.load(tmp_path / target)
     assert torch.equal(loaded["view"], base[:, :3]) and loaded["w"].shape == (16, 4)
+
+
+def test_an_output_that_appears_meanwhile_is_never_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs to one target: the one that finishes second is refused at install time."""
+    src = tmp_path / "s.pt"
+    torch.save(original(), src)
+    target = tmp_path / "out.safetensors"
+    real: Callable[..., int] = streaming.write_tensor
+
+    def other_run_finishes_first(*args: object, **kwargs: object) -> int:
+        if not target.exists():
+            target.write_bytes(b"the other run's output")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("modelport.formats.safetensors.write_tensor", other_run_finishes_first)
+    with pytest.raises(ConversionError, match="appeared while the output was being written"):
+        modelport.convert(src, target)
+    assert target.read_bytes() == b"the other run's output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "s.pt"]

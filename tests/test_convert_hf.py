@@ -262,18 +262,32 @@ def test_oversized_tensor_gets_its_own_shard(tmp_path: Path) -> None:
 def test_existing_directory_refused_then_overwritten(
     gpt2: tuple[Any, Path, Path], tmp_path: Path
 ) -> None:
+    """--overwrite into a model repository replaces what modelport writes and the older files
+    of the same weights scheme, and keeps everything else: .git, the README, notes, other
+    formats' weights."""
     from transformers import AutoModelForCausalLM
 
     model, saved, _ = gpt2
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    (out / ".git").mkdir(parents=True)
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (out / "README.md").write_text("# my model card\n")
+    (out / "notes.txt").write_text("mine")
+    (out / "pytorch_model.bin").write_bytes(b"older weights in another format")
+    for stale in ("model-00001-of-00009.safetensors", "model-00009-of-00009.safetensors"):
+        (out / stale).write_bytes(b"an older shard set")
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and "-of-" not in p.name}
     with pytest.raises(ConversionError, match="exists"):
         modelport.convert(saved, out, modelport.ConvertOptions(to="hf"))
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
     options = modelport.ConvertOptions(to="hf", shard_size=SMALL, overwrite=True)
     modelport.convert(saved, out, options)
-    assert not (out / "keep.txt").exists()
+    for name, data in kept.items():
+        assert (out / name).read_bytes() == data, name
+    assert (out / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    assert not (out / "model-00009-of-00009.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = {p.name for p in out.glob("model-*-of-*.safetensors")}
+    assert shards == set(index["weight_map"].values())
     assert_same_weights(AutoModelForCausalLM.from_pretrained(out), model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing aside left over
 

@@ -375,7 +375,7 @@ def _write_verified(
                 if options.fsync:
                     os.fsync(handle.fileno())
             casts = verify(temporary, plan, copies) if options.verify else ()
-            temporary.replace(target)
+            placing.install_file(temporary, target, overwrite=options.overwrite)
             if options.fsync:
                 placing.fsync_directory(target.parent)
         return casts
@@ -441,7 +441,8 @@ def _write_directory(
     plan: WritePlan, target: Path, options: ConvertOptions, source: Path | None
 ) -> tuple[CastCheck, ...]:
     """Shards, index and sidecars built in a new directory beside ``target``, verified, then
-    renamed into place (an existing ``target`` is moved aside first and removed last)."""
+    renamed into place; into an existing ``target`` (``--overwrite``) they are moved file by
+    file, and only the older files of the same weights scheme are removed."""
     limit = _hf_writer.parse_size(options.shard_size)
     building = placing.sibling(target, "tmp")
     building.mkdir()
@@ -452,7 +453,10 @@ def _write_directory(
                     building, plan, limit, source, options.dtype, options.fsync
                 )
             casts = verify_directory(building, plan, planned, copies) if options.verify else ()
-            placing.install_directory(building, target, options.fsync)
+            if target.is_dir():  # --overwrite: replace what modelport writes, keep the rest
+                placing.merge_directory(building, target, _hf_writer.superseded, options.fsync)
+            else:
+                placing.install_directory(building, target, options.fsync)
         return casts
     finally:
         if building.is_dir():

@@ -242,6 +242,16 @@ def write_directory(
     return planned
 
 
+def superseded(name: str) -> bool:
+    """Whether a file in a target folder belongs to the weights scheme this writer writes
+    (``model.safetensors``, its shards and index), which new weights replace. Other weights
+    (``pytorch_model.bin``, ``tf_model.h5``) and everything else are never removed."""
+    return name in (SINGLE_NAME, INDEX_NAME) or _SHARD_NAME.fullmatch(name) is not None
+
+
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
 def weight_names(planned: Layout) -> frozenset[str]:
     """The names the new weights take in the directory."""
     return frozenset((*planned.files, INDEX_NAME))

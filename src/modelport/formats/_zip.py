@@ -138,6 +138,14 @@ class ZipDirectory:
             index.setdefault(entry.name, entry)
         return index
 
+    def holds_stored_zip(self, entry: ZipEntry) -> bool:
+        """Whether a member is a zip stored as it is (a ``torch.save`` file inside a .pt2)."""
+        if not entry.is_stored or entry.size < len(LOCAL_SIGNATURE):
+            return False
+        with open(self.path, "rb") as handle:
+            handle.seek(entry.data_offset)
+            return handle.read(len(LOCAL_SIGNATURE)) == LOCAL_SIGNATURE
+
     def read_member(self, entry: ZipEntry, limit: int = limits.MAX_ZIP_MEMBER_INFLATED) -> bytes:
         """A member's bytes, inflated if needed, never more than ``limit`` of them."""
         if entry.size > limit:
@@ -288,3 +296,10 @@ def prepended_bytes(path: Path) -> int:
     cd_size, cd_offset = struct.unpack("<II", tail[eocd_at + 12 : eocd_at + 20])
     prepended: int = size - tail_len + eocd_at - cd_size - cd_offset
     return max(0, prepended)
+
+
+def has_zip_tail(data: memoryview) -> bool:
+    """Whether bytes that do not start as a zip end with one (a polyglot: loaders that
+    read from either end see different files)."""
+    tail = bytes(data[-(1 << 16) - 22 :])
+    return EOCD_SIGNATURE in tail and bytes(data[:4]) != LOCAL_SIGNATURE

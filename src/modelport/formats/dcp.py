@@ -348,3 +348,17 @@ def _assembler(
 
 
 READER = FormatReader(Format.DCP, sniff, read, ())
+
+
+def segments_of(files: list[Path]) -> dict[Path, list[tuple[int, int]]]:
+    """For each ``.distcp`` file among ``files`` (a directory walk), the byte ranges of its
+    items: several zips stored back to back, which the scanner reads one by one."""
+    segments: dict[Path, list[tuple[int, int]]] = {}
+    for meta in (f for f in files if f.name == METADATA_NAME):
+        try:
+            items = data_items(meta.parent)
+        except ModelportError:
+            continue  # the data files are then scanned on their own, and report what fails
+        for item in items:
+            segments.setdefault(item.file.resolve(), []).append((item.offset, item.length))
+    return {path: sorted(ranges) for path, ranges in segments.items()}

@@ -12,14 +12,13 @@ large byte payloads stay in place as ``ByteSpan``s.
 
 from __future__ import annotations
 
-import codecs
 import pickletools
 import struct
 import time
-import warnings
 from typing import Any
 
 from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
+from modelport.pickles import text_args
 from modelport.pickles.interface import DEFAULT_LIMITS, Limits, PickleResult, Resolver, Step
 from modelport.pickles.records import ByteSpan
 
@@ -217,27 +216,10 @@ class _Machine:
         self.push(False)
 
     def op_int(self) -> None:
-        line = self._line()
-        if line == b"01":
-            self.push(True)
-        elif line == b"00":
-            self.push(False)
-        else:
-            self.push(self._parse_int(line))
+        self.push(text_args.int_or_bool(self._line(), self.step.offset))
 
     def op_long(self) -> None:
-        line = self._line()
-        self.push(self._parse_int(line[:-1] if line.endswith(b"L") else line))
-
-    def _parse_int(self, text: bytes) -> int:
-        if len(text) > 4300:
-            raise LimitExceededError("pickle integer digits", 4300, len(text))
-        try:
-            return int(text)
-        except ValueError:
-            raise CorruptFileError(
-                f"pickle: bad integer literal at byte {self.step.offset}"
-            ) from None
+        self.push(text_args.long(self._line(), self.step.offset))
 
     def op_binint(self) -> None:
         self.push(self._u("<i", 4))
@@ -259,25 +241,14 @@ class _Machine:
         self.push(int.from_bytes(self._take(n), "little", signed=True))
 
     def op_float(self) -> None:
-        try:
-            self.push(float(self._line()))
-        except ValueError:
-            raise CorruptFileError(
-                f"pickle: bad float literal at byte {self.step.offset}"
-            ) from None
+        self.push(text_args.float_(self._line(), self.step.offset))
 
     def op_binfloat(self) -> None:
         self.push(struct.unpack(">d", self._take(8))[0])
 
     # strings and bytes
     def op_string(self) -> None:
-        line = self._line()
-        if len(line) < 2 or line[0] != line[-1] or line[:1] not in (b'"', b"'"):
-            raise CorruptFileError(f"pickle: STRING argument not quoted at byte {self.step.offset}")
-        with warnings.catch_warnings():  # an invalid escape is kept as CPython keeps it
-            warnings.simplefilter("ignore", DeprecationWarning)
-            text = codecs.escape_decode(line[1:-1])[0]
-        self.push(text.decode("latin-1"))
+        self.push(text_args.quoted_string(self._line(), self.step.offset))
 
     def op_binstring(self) -> None:
         n = self._u("<i", 4)
@@ -418,7 +389,7 @@ class _Machine:
 
     # memo
     def op_put(self) -> None:
-        self.memo_put(self._parse_int(self._line()), self.top())
+        self.memo_put(text_args.integer(self._line(), self.step.offset), self.top())
 
     def op_binput(self) -> None:
         self.memo_put(self._u("<B", 1), self.top())
@@ -430,7 +401,7 @@ class _Machine:
         self.memo_put(len(self.memo), self.top())
 
     def op_get(self) -> None:
-        self.push(self.memo_get(self._parse_int(self._line())))
+        self.push(self.memo_get(text_args.integer(self._line(), self.step.offset)))
 
     def op_binget(self) -> None:
         self.push(self.memo_get(self._u("<B", 1)))
@@ -494,13 +465,7 @@ class _Machine:
         self.push(self.resolver.build(obj, state, self.step))
 
     def op_persid(self) -> None:
-        line = self._line()
-        try:
-            pid = line.decode("ascii")  # CPython refuses anything else
-        except UnicodeDecodeError:
-            raise CorruptFileError(
-                f"pickle: PERSID is not ASCII at byte {self.step.offset}"
-            ) from None
+        pid = text_args.ascii_line(self._line(), "PERSID", self.step.offset)
         self.push(self.resolver.persistent_load(pid, self.step))
 
     def op_binpersid(self) -> None:

@@ -163,3 +163,16 @@ def _external_reference(item: dict[str, str]) -> Finding:
         f"{kind} {target}: h5py reads that file when this one is loaded"
         + (", and it lies outside the model's folder" if outside else ""),
     )
+
+
+def is_text(path: Path) -> bool:
+    """Whether a file reads as UTF-8 text (no NUL in its first 4 KiB)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -30,6 +30,7 @@ from modelport.formats._zip import (
     LOCAL_SIGNATURE,
     ZipDirectory,
     ZipEntry,
+    has_zip_tail,
     prepended_bytes,
 )
 from modelport.formats.protocol import Probe, refuse_special_file
@@ -52,7 +53,7 @@ def scan(*paths: str | Path) -> ScanReport:
         path = Path(raw)
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-            segments = _dcp_segments(files)
+            segments = dcp.segments_of(files)
             reports.extend(
                 scan_file(p, segments.get(p.resolve())) for p in files[: limits.MAX_SCANNED_FILES]
             )
@@ -85,19 +86,6 @@ def scan_file(path: Path, segments: list[tuple[int, int]] | None = None) -> File
 def _error_report(path: Path, kind: str, message: str) -> FileReport:
     finding = Finding(Severity.HIGH, "not-analysed", "", message)
     return FileReport(str(path), kind, "error", (finding,))
-
-
-def _dcp_segments(files: list[Path]) -> dict[Path, list[tuple[int, int]]]:
-    """For each ``.distcp`` file of a DCP checkpoint, the byte ranges of its items."""
-    segments: dict[Path, list[tuple[int, int]]] = {}
-    for meta in (f for f in files if f.name == dcp.METADATA_NAME):
-        try:
-            items = dcp.data_items(meta.parent)
-        except ModelportError:
-            continue  # the data files are then scanned on their own, and report what fails
-        for item in items:
-            segments.setdefault(item.file.resolve(), []).append((item.offset, item.length))
-    return {path: sorted(ranges) for path, ranges in segments.items()}
 
 
 @dataclass
@@ -179,7 +167,7 @@ class _FileScanner:
         if head[:1] and head[0] in _PICKLE_STARTS and self._parses_as_pickle(data):
             self.format = self.format if depth else "pickle"
             self.scan_pickle_stream(data, member, depth)
-            if in_file and depth == 0 and _has_zip_tail(data):
+            if in_file and depth == 0 and has_zip_tail(data):
                 self.add(
                     Severity.MEDIUM,
                     "polyglot",
@@ -439,7 +427,7 @@ class _FileScanner:
                 )
                 return
             label = f"{self.path.name}!{entry.name}"
-            if entry.name.endswith(TORCH_SAVED) and self.holds_stored_zip(entry):
+            if entry.name.endswith(TORCH_SAVED) and directory.holds_stored_zip(entry):
                 self.scan_zip(label, depth + 1, start=entry.data_offset, length=entry.size)
                 continue
             blob = self.zip_member(directory, entry)
@@ -456,14 +444,6 @@ class _FileScanner:
                 self.findings.extend(script_code.findings(blob, entry.name))
         if depth == 0 and not torch_archive:
             self.scan_with_reader(zip_only=True)
-
-    def holds_stored_zip(self, entry: ZipEntry) -> bool:
-        """Whether a member is a zip stored as it is (a ``torch.save`` file inside a .pt2)."""
-        if not entry.is_stored or entry.size < len(LOCAL_SIGNATURE):
-            return False
-        with open(self.path, "rb") as handle:
-            handle.seek(entry.data_offset)
-            return handle.read(len(LOCAL_SIGNATURE)) == LOCAL_SIGNATURE
 
     def zip_member(self, directory: ZipDirectory, entry: ZipEntry) -> bytes | None:
         """A member's bytes to scan, or None for what holds no code: tensor data, members too
@@ -507,25 +487,8 @@ class _FileScanner:
             return
         if zip_only:
             return
-        if _is_text(self.path):
+        if content_checks.is_text(self.path):
             self.format = "text"
             self.findings.extend(content_checks.text_findings(self.path))
             return
         self.error("unrecognised binary content: could not be analysed", "")
-
-
-def _has_zip_tail(data: memoryview) -> bool:
-    tail = bytes(data[-(1 << 16) - 22 :])
-    return EOCD_SIGNATURE in tail and bytes(data[:4]) != LOCAL_SIGNATURE
-
-
-def _is_text(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        head = handle.read(4096)
-    if b"\x00" in head:
-        return False
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True

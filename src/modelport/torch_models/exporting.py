@@ -43,7 +43,7 @@ from modelport.torch_models.agreement import OutputCheck, Runner, leaves, verify
 from modelport.torch_models.binding import Call, bind
 from modelport.torch_models.building import eval_mode
 from modelport.torch_models.export_report import ExampleInput, ExportReport
-from modelport.transfer.placing import check_target, sibling
+from modelport.transfer.placing import check_target, install_file, sibling
 
 if TYPE_CHECKING:
     import torch
@@ -110,7 +110,7 @@ def export(
             runner = _runner(to, staged, call)
             checks = tuple(verify_outputs(model, runner, call, inputs, dynamic, rtol, atol))
             verified = all(c.ok for c in checks)
-        files = _install(files, path, to)
+        files = _install(files, path, to, overwrite)
     finally:
         shutil.rmtree(building, ignore_errors=True)
     worst = max((c.max_abs for c in checks), default=0.0)
@@ -214,16 +214,16 @@ def check_targets(path: Path, to: str, overwrite: bool, sources: Sequence[Path] 
             check_target(Path(source), target, overwrite)
 
 
-def _install(staged: tuple[Path, ...], path: Path, to: str) -> tuple[Path, ...]:
+def _install(staged: tuple[Path, ...], path: Path, to: str, overwrite: bool) -> tuple[Path, ...]:
     """Move a built bundle into place, the file that names the data last; an older
     ``OUT.data`` the new ONNX export does not have is removed (it would be a stale half)."""
     main, *rest = staged
     installed = []
     for file in rest:
         target = path.with_name(file.name)
-        file.replace(target)
+        install_file(file, target, overwrite=overwrite)
         installed.append(target)
-    main.replace(path)
+    install_file(main, path, overwrite=overwrite)
     for stale in bundle(path, to)[1:]:
         if stale not in installed and stale.exists():
             stale.unlink()

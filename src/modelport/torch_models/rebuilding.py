@@ -36,7 +36,7 @@ from modelport.torch_models.agreement import OutputCheck, Runner, leaves, verify
 from modelport.torch_models.binding import Call, bind
 from modelport.torch_models.building import resolve_model
 from modelport.torch_models.exporting import check_targets, export
-from modelport.transfer.placing import sibling
+from modelport.transfer.placing import install_file, sibling
 
 if TYPE_CHECKING:
     import torch
@@ -122,7 +122,7 @@ def rebuild(
         example_inputs = example_inputs(module)
     if to == "pickle":
         checks, compared, mismatched = _pickle(
-            module, path, example_inputs, dynamic or {}, rtol, atol
+            module, path, example_inputs, dynamic or {}, rtol, atol, overwrite
         )
         files: tuple[Path, ...] = (path,)
         method = "outputs+state_dict" if example_inputs else "state_dict"
@@ -197,6 +197,7 @@ def _pickle(
     dynamic: Mapping[str, Mapping[int, str]],
     rtol: float | None,
     atol: float | None,
+    overwrite: bool,
 ) -> tuple[tuple[OutputCheck, ...], int, list[str]]:
     """``torch.save(module)`` beside ``path``, reloaded and compared, then renamed into
     place."""
@@ -238,7 +239,7 @@ def _pickle(
             runner = _runner_for(loaded, call)
             with contextlib.redirect_stdout(io.StringIO()):
                 checks = tuple(verify_outputs(module, runner, call, inputs, dynamic, rtol, atol))
-        staged.replace(path)
+        install_file(staged, path, overwrite=overwrite)
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return checks, len(module.state_dict()), mismatched

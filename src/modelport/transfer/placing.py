@@ -10,7 +10,7 @@ import errno
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,6 +57,53 @@ def sibling(target: Path, kind: str) -> Path:
         candidate = target.with_name(name)
         if not candidate.exists() and not candidate.is_symlink():
             return candidate
+
+
+def install_file(built: Path, target: Path, *, overwrite: bool) -> None:
+    """Put a finished file in ``target``'s place in one step. Without ``overwrite`` a file that
+    appeared there since the checks (another run, another program) is never replaced: the
+    file is linked into place, which fails when the name exists."""
+    if overwrite:
+        built.replace(target)
+        return
+    try:
+        os.link(built, target)
+    except FileExistsError:
+        raise ConversionError(
+            f"{target} appeared while the output was being written; nothing was replaced "
+            "(pass --overwrite to replace it)"
+        ) from None
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if target.exists() or target.is_symlink():  # no links here: check, then rename
+            raise ConversionError(f"{target} exists; pass --overwrite to replace it") from None
+        built.replace(target)
+        return
+    built.unlink()
+
+
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP})
+
+
+def merge_directory(
+    built: Path, target: Path, stale: Callable[[str], bool], fsync: bool
+) -> list[str]:
+    """Move every file of ``built`` into the existing directory ``target``, replacing those
+    of the same name, then remove the files of ``target`` that ``stale`` names and that were
+    not just written (an older shard set the new index supersedes). Nothing else in
+    ``target`` is touched. Returns the names removed."""
+    written = {path.name for path in built.iterdir()}
+    for name in sorted(written):
+        (built / name).replace(target / name)
+    removed = []
+    for path in sorted(target.iterdir()):
+        if path.name not in written and path.is_file() and stale(path.name):
+            path.unlink()
+            removed.append(path.name)
+    if fsync:
+        fsync_directory(target)
+    return removed
 
 
 def install_directory(built: Path, target: Path, fsync: bool) -> None:
