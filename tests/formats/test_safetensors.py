@@ -180,3 +180,19 @@ def test_writer_bytes_equal_the_reference_writer(tmp_path: Path) -> None:
         with open(ours, "wb", buffering=0) as handle:
             safetensors_format.write(handle, plan)
     assert ours.read_bytes() == reference.read_bytes()
+
+
+def test_bytes_after_the_last_tensor_are_refused_as_safetensors_refuses_them(
+    tmp_path: Path,
+) -> None:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = tmp_path / "trailing.safetensors"
+    save_numpy({"w": np.ones(4, np.float32)}, str(path))
+    with open(path, "ab") as handle:
+        handle.write(b"appended")
+    with pytest.raises(SafetensorError, match="not fully covered"):
+        load_file(str(path))  # the reference loader's answer
+    with pytest.raises(CorruptFileError, match="8 bytes after the last tensor"):
+        modelport.open(path)

@@ -240,3 +240,13 @@ def test_allowlist_tables_are_immutable_and_explained() -> None:
         and name in ("system", "exec", "eval", "getattr", "__import__")
         for module, name in CALLABLES
     )
+
+
+def test_a_frame_longer_than_the_pickle_is_truncated_as_cpython_says() -> None:
+    good = pickle.dumps({"a": 1}, protocol=4)
+    bad = good[:3] + struct.pack("<Q", 1000) + good[11:]
+    with pytest.raises(pickle.UnpicklingError, match="truncated"):
+        pickle.loads(bad)  # the reference unpickler's answer
+    with pytest.raises(TruncatedFileError, match="FRAME at byte 2 claims 1000 bytes"):
+        read_pickle(bad)
+    assert read_pickle(good).value == {"a": 1}

@@ -123,7 +123,7 @@ def read(path: Path, probe: Probe) -> Contents:
         spans.append((begin, end, name))
         storage = Storage(path, data_start + begin, end - begin, key=name)
         tensors[name] = TensorRef(dtype, tuple(shape), storage)
-    _check_coverage(spans, path)
+    _check_coverage(spans, data_size, path)
     ordered = {name: tensors[name] for _, _, name in sorted(spans)}
     tree, warnings = typed_json_decoding.restore(ordered, metadata)
     # ``save_model`` (and modelport) store a tied tensor once and record ``alias -> kept`` in
@@ -167,7 +167,9 @@ def _entry(name: str, entry: Any, path: Path) -> tuple[str, list[int], int, int]
     return dtypes.SAFETENSORS_CODES[str(code)], shape, offsets[0], offsets[1]
 
 
-def _check_coverage(spans: list[tuple[int, int, str]], path: Path) -> None:
+def _check_coverage(spans: list[tuple[int, int, str]], data_size: int, path: Path) -> None:
+    """The tensors cover the byte buffer exactly, to the end of the file, as the reference
+    loader requires (it refuses a file with bytes after the last tensor)."""
     position = 0
     for begin, end, name in sorted(spans):
         if begin < position:
@@ -177,6 +179,12 @@ def _check_coverage(spans: list[tuple[int, int, str]], path: Path) -> None:
                 f"hole of {begin - position} bytes before tensor {name!r}", path=path
             )
         position = end
+    if position != data_size:
+        raise CorruptFileError(
+            f"{data_size - position} bytes after the last tensor: the file is not covered by "
+            "its header (safetensors refuses it too)",
+            path=path,
+        )
 
 
 _CODES = {name: code for code, name in dtypes.SAFETENSORS_CODES.items()}

@@ -182,7 +182,16 @@ class _Machine:
             raise CorruptFileError(f"pickle protocol {self.protocol} is not supported (max 5)")
 
     def op_frame(self) -> None:
-        self._u("<Q", 8)  # frames only group opcodes for buffered reading
+        """Frames only group opcodes for buffered reading, but CPython reads each whole: one
+        that claims more bytes than follow is a truncated pickle there, and here."""
+        length = self._u("<Q", 8)
+        if length > len(self.data) - self.pos:
+            raise TruncatedFileError(
+                f"pickle truncated: FRAME at byte {self.step.offset} claims {length} bytes, "
+                f"{len(self.data) - self.pos} follow",
+                expected=self.pos + length,
+                actual=len(self.data),
+            )
 
     def op_stop(self) -> None:  # handled in execute()
         pass
