@@ -202,7 +202,7 @@ def _read_shard(
     if contents.close is not None:
         closers.append(contents.close)
     warnings.extend(f"{name}: {note}" for note in notes + contents.warnings)
-    tensors = trees.flatten(contents.tree)
+    tensors = trees.tensors_of(contents.tree)
     meta = contents.metadata if reader.format is Format.SAFETENSORS else {}
     return tensors, dict(meta), reader.format.value
 

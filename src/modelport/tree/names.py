@@ -18,16 +18,13 @@ from typing import Any
 from modelport import limits
 from modelport.errors import LimitExceededError
 from modelport.pickles import modules
-from modelport.pickles.numpy_types import NumpyArray, NumpyDType, NumpyScalar
-from modelport.pickles.reading import PersistentRef
-from modelport.pickles.records import ByteSpan, CallRecord, GlobalRef, ObjectRecord
+from modelport.pickles.numpy_types import NumpyArray
+from modelport.pickles.records import ByteSpan, ObjectRecord
 from modelport.pickles.torch_types import (
     SparseTensor,
-    StorageType,
     TorchConstant,
     TorchDevice,
     TorchDType,
-    TypedStorage,
 )
 from modelport.tensors import TensorRef
 
@@ -65,7 +62,7 @@ def wrapper_prefix(names: Iterable[str]) -> str:
     return removed
 
 
-def flatten(tree: Any) -> dict[str, TensorRef]:
+def tensors_of(tree: Any) -> dict[str, TensorRef]:
     """Every tensor in the tree under its dotted name, in the tree's order."""
     found: dict[str, TensorRef] = {}
     budget = [limits.MAX_TREE_NODES]
@@ -112,10 +109,6 @@ def _children(value: Any) -> list[tuple[str, Any]]:
     return []
 
 
-def tensors_of(tree: Any) -> dict[str, TensorRef]:
-    return flatten(tree)
-
-
 def aliases(tensors: dict[str, TensorRef]) -> list[list[str]]:
     """Groups of names whose tensors share one storage (tied weights, views)."""
     groups: dict[int, list[str]] = {}
@@ -158,7 +151,7 @@ _DROP = object()
 
 
 def _to_json(value: Any, depth: int) -> Any:
-    if depth > 64:
+    if depth > limits.MAX_DEPTH:
         return "<nested too deep>"
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -195,21 +188,7 @@ def _to_json(value: Any, depth: int) -> Any:
         return str(value)
     if isinstance(value, complex):
         return {"real": value.real, "imag": value.imag}
-    if isinstance(
-        value,
-        (
-            GlobalRef,
-            CallRecord,
-            NumpyDType,
-            NumpyScalar,
-            StorageType,
-            TypedStorage,
-            PersistentRef,
-            slice,
-        ),
-    ):
-        return repr(value)
-    return repr(value)
+    return repr(value)  # records of globals and calls, dtypes, storages: their text
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ def is_flat(tree: Any) -> bool:
 
 
 def _join(prefix: str, key: Any) -> str:
-    """A child's dotted name, as ``tree.flatten`` names tensors."""
+    """A child's dotted name, as ``names.tensors_of`` names tensors."""
     return f"{prefix}.{key}" if prefix else str(key)
 
 
