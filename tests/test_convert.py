@@ -395,3 +395,34 @@ def test_an_output_that_appears_meanwhile_is_never_replaced(
         modelport.convert(src, target)
     assert target.read_bytes() == b"the other run's output"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "s.pt"]
+
+
+def test_temporary_files_of_a_killed_run_are_removed_by_the_next(tmp_path: Path) -> None:
+    """kill -9 leaves a run's temporary file behind; the next run to that target removes it,
+    and never one whose process is still alive."""
+    import os
+    import subprocess
+    import sys
+
+    from modelport.transfer import placing
+
+    src = tmp_path / "s.pt"
+    torch.save(original(), src)
+    target = tmp_path / "out.safetensors"
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(gone.stdout)  # a process that has exited
+    live = placing.sibling(target, "tmp")  # this process's own name scheme
+    stale = live.with_name(live.name.replace(f"-{os.getpid()}-", f"-{dead_pid}-"))
+    stale.write_bytes(b"half of a killed conversion")
+    live.write_bytes(b"another conversion still running")
+    modelport.convert(src, target)
+    assert not stale.exists()
+    assert live.read_bytes() == b"another conversion still running"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, "out.safetensors", "s.pt"]
+    )

@@ -7,9 +7,12 @@ leaves a partial output and an input is never overwritten. ``convert``, ``export
 from __future__ import annotations
 
 import errno
+import glob
 import os
+import re
 import secrets
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,12 +54,47 @@ def fsync_directory(directory: Path) -> None:
 
 
 def sibling(target: Path, kind: str) -> Path:
-    """A free hidden name beside ``target``."""
+    """A free hidden name beside ``target``, naming this host and process, so that a later
+    run can tell its own stale files (``remove_stale_siblings``) from another's live ones."""
+    remove_stale_siblings(target)
     while True:
-        name = f".{target.name}.modelport-{os.getpid()}-{secrets.token_hex(4)}.{kind}"
+        name = f".{target.name}.modelport-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.{kind}"
         candidate = target.with_name(name)
         if not candidate.exists() and not candidate.is_symlink():
             return candidate
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def remove_stale_siblings(target: Path) -> list[Path]:
+    """Remove the temporary files and folders an earlier run on this host left beside
+    ``target`` when it was killed (SIGKILL, a power cut): those whose process is gone. A
+    folder moved aside (``.old``) is never removed here: it may be the only copy."""
+    pattern = re.compile(
+        rf"\.{re.escape(target.name)}\.modelport-{re.escape(_HOST)}-(\d+)-[0-9a-f]{{8}}\.tmp"
+    )
+    removed = []
+    for path in target.parent.glob(f".{glob.escape(target.name)}.modelport-*.tmp"):
+        found = pattern.fullmatch(path.name)
+        if found is None or _alive(int(found.group(1))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def install_file(built: Path, target: Path, *, overwrite: bool) -> None:
