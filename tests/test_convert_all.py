@@ -428,3 +428,27 @@ def test_typed_json_errors_are_typed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(limits, "MAX_TYPED_JSON_CHARS", 10)
     with pytest.raises(ModelportError, match="above the limit"):
         typed_json_decoding.decode('{"version": 1, "root": null}', {})
+
+
+def test_a_checkpoint_whose_config_points_back_at_its_parent_reads(tmp_path: Path) -> None:
+    """Lightning's hyper_parameters hold config nodes that refer to their parents: a cycle in
+    the pickle, which torch.load follows by reference, not nesting without end."""
+    node: dict[str, Any] = {"lr": 0.1, "children": []}
+    node["children"].append({"parent": node, "width": 4})
+    state = {"w": torch.randn(3, 2), "b": torch.randn(3)}
+    path = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": node, "epoch": 3}, path)
+    reference = torch.load(path, weights_only=True)  # the oracle reads it
+    assert reference["hyper_parameters"]["children"][0]["parent"] is reference["hyper_parameters"]
+    loaded = modelport.load(path)
+    assert sorted(loaded) == sorted(reference["state_dict"])
+    for name, tensor in reference["state_dict"].items():
+        assert torch.equal(loaded[name], tensor)
+    report = modelport.inspect(path)
+    assert report.safety["verdict"] == "safe"
+    extras = report.to_json()["extras"]
+    assert extras["hyper_parameters"] == {
+        "lr": 0.1,
+        "children": [{"parent": "<cycle>", "width": 4}],
+    }
+    assert extras["epoch"] == 3

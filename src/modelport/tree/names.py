@@ -63,14 +63,22 @@ def wrapper_prefix(names: Iterable[str]) -> str:
 
 
 def tensors_of(tree: Any) -> dict[str, TensorRef]:
-    """Every tensor in the tree under its dotted name, in the tree's order."""
+    """Every tensor in the tree under its dotted name, in the tree's order.
+
+    A pickle can make a container hold one of its own ancestors (a config node pointing back
+    at its parent, as omegaconf objects in Lightning's ``hyper_parameters`` do): such a
+    reference is a cycle, not nesting, and is not followed, as it holds nothing new."""
     found: dict[str, TensorRef] = {}
-    budget = [limits.MAX_TREE_NODES]
-    stack: list[tuple[str, Any, int]] = [("", tree, 0)]
+    budget = limits.MAX_TREE_NODES
+    on_path: set[int] = set()  # the containers being walked, from the root down
+    stack: list[tuple[str, Any, int, bool]] = [("", tree, 0, False)]
     while stack:
-        name, value, depth = stack.pop()
-        budget[0] -= 1
-        if budget[0] < 0:
+        name, value, depth, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(value))
+            continue
+        budget -= 1
+        if budget < 0:
             raise LimitExceededError(
                 "objects in the file's tree", limits.MAX_TREE_NODES, limits.MAX_TREE_NODES + 1
             )
@@ -82,7 +90,13 @@ def tensors_of(tree: Any) -> dict[str, TensorRef]:
             found.setdefault(name, value)
             continue
         children = _children(value)
-        stack.extend((_join(name, key), child, depth + 1) for key, child in reversed(children))
+        if not children or id(value) in on_path:
+            continue
+        on_path.add(id(value))
+        stack.append((name, value, depth, True))
+        stack.extend(
+            (_join(name, key), child, depth + 1, False) for key, child in reversed(children)
+        )
     return found
 
 
@@ -142,48 +156,61 @@ def parameter_count(tensors: dict[str, TensorRef]) -> int:
 
 
 def extras(tree: Any) -> Any:
-    """The tree's non-tensor values as JSON-ready data; tensor-only branches are dropped."""
-    converted = _to_json(tree, 0)
+    """The tree's non-tensor values as JSON-ready data; tensor-only branches are dropped, and
+    a reference back to a container being converted (a cycle) is shown as such."""
+    converted = _to_json(tree, 0, set())
     return {} if converted is _DROP else converted
 
 
 _DROP = object()
+_CONTAINERS = (dict, list, tuple, set, frozenset, ObjectRecord)
 
 
-def _to_json(value: Any, depth: int) -> Any:
+def _to_json(value: Any, depth: int, on_path: set[int]) -> Any:
     if depth > limits.MAX_DEPTH:
         return "<nested too deep>"
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (TensorRef, NumpyArray, SparseTensor)):
-        if isinstance(value, NumpyArray) and value.tensor is None:
-            return {
-                "__class__": "numpy.ndarray",
-                "dtype": value.dtype_text,
-                "shape": list(value.shape),
-            }
-        return _DROP
-    if isinstance(value, ObjectRecord) and modules.is_module(value):
-        return _DROP
+    if isinstance(value, _CONTAINERS):
+        if id(value) in on_path:
+            return "<cycle>"
+        on_path.add(id(value))
+        try:
+            return _container_to_json(value, depth, on_path)
+        finally:
+            on_path.discard(id(value))
+    return _leaf_to_json(value)
+
+
+def _container_to_json(value: Any, depth: int, on_path: set[int]) -> Any:
+    if isinstance(value, ObjectRecord):
+        if modules.is_module(value):
+            return _DROP
+        attributes = value.attributes().items()
+        state = {k: _to_json(v, depth + 1, on_path) for k, v in attributes}
+        return {"__class__": value.class_path, **{k: v for k, v in state.items() if v is not _DROP}}
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
-            converted = _to_json(item, depth + 1)
+            converted = _to_json(item, depth + 1, on_path)
             if converted is not _DROP:
                 out[str(key)] = converted
         return out if out or not value else _DROP
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = [_to_json(v, depth + 1) for v in value]
-        if items and all(v is _DROP for v in items):
-            return _DROP
-        return [None if v is _DROP else v for v in items]
+    items = [_to_json(v, depth + 1, on_path) for v in value]
+    if items and all(v is _DROP for v in items):
+        return _DROP
+    return [None if v is _DROP else v for v in items]
+
+
+def _leaf_to_json(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, NumpyArray) and value.tensor is None:
+        return {"__class__": "numpy.ndarray", "dtype": value.dtype_text, "shape": list(value.shape)}
+    if isinstance(value, (TensorRef, NumpyArray, SparseTensor)):
+        return _DROP
     if isinstance(value, (bytes, bytearray)):
         return {"__bytes__": len(value)}
     if isinstance(value, ByteSpan):
         return {"__bytes__": value.length}
-    if isinstance(value, ObjectRecord):
-        state = {k: _to_json(v, depth + 1) for k, v in value.attributes().items()}
-        return {"__class__": value.class_path, **{k: v for k, v in state.items() if v is not _DROP}}
     if isinstance(value, (TorchDType, TorchDevice, TorchConstant)):
         return str(value)
     if isinstance(value, complex):
