@@ -452,3 +452,16 @@ def test_a_checkpoint_whose_config_points_back_at_its_parent_reads(tmp_path: Pat
         "children": [{"parent": "<cycle>", "width": 4}],
     }
     assert extras["epoch"] == 3
+
+
+def test_torch_version_in_a_checkpoint_is_plain_text(tmp_path: Path) -> None:
+    """torch.__version__ is pickled as torch's own str subclass (Lightning saves it): the
+    scan calls it safe and the reader keeps its text."""
+    path = tmp_path / "versioned.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "pytorch_version": torch.__version__}, path)
+    reference = torch.load(path, weights_only=False)  # a file this test wrote itself
+    assert type(reference["pytorch_version"]).__name__ == "TorchVersion"
+    assert modelport.scan(path).verdict == "safe"
+    assert modelport.inspect(path).to_json()["extras"] == {
+        "pytorch_version": str(reference["pytorch_version"])
+    }

@@ -149,6 +149,15 @@ _LAYOUTS = frozenset(
     f"torch.{name}"
     for name in ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc")
 )
+
+
+def _version_text(resolver: ReadingResolver, args: tuple[Any, ...]) -> Any:
+    """``torch.torch_version.TorchVersion('2.1.0')``: the text of a version, kept as text."""
+    if len(args) == 1 and isinstance(args[0], str):
+        return args[0]
+    return CallRecord(GlobalRef("torch.torch_version", "TorchVersion"), args)
+
+
 _JIT_PICKLE = "torch.jit._pickle"
 _TORCH_UTILS = "torch._utils"
 _NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")
@@ -156,6 +165,10 @@ _NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")
 CALLABLES: Final[MappingProxyType[tuple[str, str], tuple[Reconstructor, str]]] = MappingProxyType(
     {
         ("collections", "OrderedDict"): (_ordered_dict, "every torch state_dict is an OrderedDict"),
+        ("torch.torch_version", "TorchVersion"): (
+            _version_text,
+            "torch.__version__ saved in checkpoints (Lightning's hyper_parameters): a str subclass",
+        ),
         ("builtins", "set"): (_builtin(set, _SEQUENCE), "plain data"),
         ("builtins", "frozenset"): (_builtin(frozenset, _SEQUENCE), "plain data"),
         ("builtins", "bytearray"): (_builtin(bytearray, _plain(bytes, list)), "plain data"),
