@@ -262,3 +262,25 @@ def test_mutated_files_only_raise_modelport_errors(tmp_path: Path, data: st.Data
     path = tmp_path / "m.npy"
     path.write_bytes(bytes(raw[:cut]))
     assert_typed_error_or_whole(path, pickles=npy_pickle_parses, intact=_valid_bytes(tmp_path))
+
+
+def test_python2_headers_spell_longs_with_an_l(tmp_path: Path) -> None:
+    """Python 2 wrote ``'shape': (2L, 3L)``; numpy still reads such files, and so must this."""
+    values = np.arange(6, dtype="<f4")
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (2L, 3L), }"
+    header += b" " * (64 - (10 + len(header) + 1) % 64) + b"\n"
+    path = tmp_path / "py2.npy"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header)
+    with open(path, "ab") as handle:
+        handle.write(values.tobytes())
+    with pytest.warns(UserWarning, match="created on Python 2"):
+        expected = np.load(path)  # the reference reader, which warns about the old header
+    with modelport.open(path) as model:
+        (tensor,) = model.tensors.values()
+        assert tensor.shape == expected.shape == (2, 3)
+        assert np.array_equal(tensor.numpy(), expected)
+    assert modelport.scan(path).verdict == "safe"
+    broken = tmp_path / "broken.npy"
+    broken.write_bytes(path.read_bytes().replace(b"(2L, 3L)", b"(2L, 3X)"))
+    with pytest.raises(modelport.errors.CorruptFileError, match="not a Python literal"):
+        modelport.open(broken)

@@ -32,9 +32,11 @@ Choices and edge cases:
 from __future__ import annotations
 
 import ast
+import io
 import math
 import re
 import struct
+import tokenize
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,10 +169,32 @@ def _truncated(what: str, expected: int, actual: int, path: Path) -> None:
     )
 
 
+def _python2_literal(text: str, label: str, path: Path) -> Any:
+    """The header with the ``L`` after each integer dropped, as numpy reads headers of version
+    1.0 and 2.0 that Python 2 wrote; anything else that does not parse is corrupt."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(text.strip()).readline))
+        kept = [
+            token
+            for before, token in zip([None, *tokens], tokens, strict=False)
+            if not (
+                token.type == tokenize.NAME
+                and token.string == "L"
+                and before is not None
+                and before.type == tokenize.NUMBER
+            )
+        ]
+        return ast.literal_eval(tokenize.untokenize(kept))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError, tokenize.TokenError):
+        raise CorruptFileError(f"{label}: header is not a Python literal", path=path) from None
+
+
 def _literal(text: str, label: str, path: Path) -> dict[str, Any]:
     try:
         fields = ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    except SyntaxError:  # Python 2 wrote longs with an L (``'shape': (2L, 3L)``): numpy reads it
+        fields = _python2_literal(text, label, path)
+    except (ValueError, TypeError, MemoryError, RecursionError):
         raise CorruptFileError(f"{label}: header is not a Python literal", path=path) from None
     if not isinstance(fields, dict) or set(fields) != KEYS:
         raise CorruptFileError(
