@@ -515,3 +515,35 @@ def test_joblib_zfile(tmp_path: Path) -> None:
         oracle = joblib.load(path)
     with check_against(path, expected_tensors(oracle)) as model:
         assert model.details["compression"] == "joblib-zfile"
+
+
+class _Python2Pickler(pickle._Pickler):  # type: ignore[name-defined,misc]
+    """Writes bytes as Python 2 wrote its str (BINSTRING), not as ``_codecs.encode`` calls."""
+
+    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
+
+    def save_python2_str(self, obj: bytes) -> None:
+        size = len(obj)
+        if size < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([size]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", size) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_python2_str
+
+
+def test_python2_numpy_pickles_read_as_numpy_reads_them_with_latin1(tmp_path: Path) -> None:
+    arrays = {"w": np.arange(6, dtype="<f4").reshape(2, 3), "b": np.arange(300, dtype="<i8")}
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(arrays)
+    path = tmp_path / "py2.pkl"
+    path.write_bytes(buffer.getvalue())
+    with pytest.raises(UnicodeDecodeError):
+        pickle.loads(path.read_bytes())  # as numpy documents: Python 2 data needs latin1
+    expected = pickle.loads(path.read_bytes(), encoding="latin1")
+    with modelport.open(path) as model:
+        assert sorted(model.tensors) == sorted(expected)
+        for name, tensor in model.tensors.items():
+            assert np.array_equal(tensor.numpy(), expected[name])
+    assert modelport.scan(path).verdict == "safe"

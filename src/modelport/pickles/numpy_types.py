@@ -80,6 +80,11 @@ def tensor_from_raw(
     if np_dtype.byteorder == ">":
         raise UnsupportedDtypeError("big-endian numpy arrays are not supported yet")
     name = dtypes.from_numpy(np_dtype.newbyteorder("<") if np_dtype.byteorder == "=" else np_dtype)
+    if isinstance(raw, str):  # Python 2's str: numpy reads it with encoding="latin1"
+        try:
+            raw = raw.encode("latin-1")
+        except UnicodeEncodeError:
+            raise CorruptFileError("numpy pickle: array data is text beyond latin-1") from None
     if not isinstance(raw, (bytes, bytearray, ByteSpan)):
         raise CorruptFileError("numpy pickle: array data must be bytes")
     storage = storage_of(raw)
