@@ -284,3 +284,24 @@ def test_python2_headers_spell_longs_with_an_l(tmp_path: Path) -> None:
     broken.write_bytes(path.read_bytes().replace(b"(2L, 3L)", b"(2L, 3X)"))
     with pytest.raises(modelport.errors.CorruptFileError, match="not a Python literal"):
         modelport.open(broken)
+
+
+def test_a_dict_of_arrays_saved_with_np_save_lists_its_arrays(tmp_path: Path) -> None:
+    """``np.save(path, state_dict)`` stores a 0-d object array; ``np.load(...).item()`` is the
+    dict, and its arrays are the file's tensors, under their own names."""
+    state = {"conv.weight": np.ones((2, 3), np.float32), "fc.bias": np.arange(4.0)}
+    path = tmp_path / "weights.npy"
+    np.save(path, state, allow_pickle=True)  # type: ignore[arg-type]
+    expected = np.load(path, allow_pickle=True).item()  # the reference reader
+    with modelport.open(path) as model:
+        assert list(model.tensors) == list(expected)
+        for name, tensor in model.tensors.items():
+            assert np.array_equal(tensor.numpy(), expected[name])
+    archive = tmp_path / "weights.npz"
+    np.savez(archive, weights=np.array(state, dtype=object))
+    with np.load(archive, allow_pickle=True) as npz:
+        in_archive = npz["weights"].item()
+    with modelport.open(archive) as model:
+        assert sorted(model.tensors) == sorted(f"weights.{name}" for name in in_archive)
+        for name, array in in_archive.items():
+            assert np.array_equal(model.tensors[f"weights.{name}"].numpy(), array)

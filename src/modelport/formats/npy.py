@@ -53,6 +53,7 @@ from modelport.errors import (
     UnsupportedVersionError,
 )
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
+from modelport.pickles.numpy_types import NumpyArray
 from modelport.pickles.reading import read_pickle
 from modelport.tensors import NDArray, Storage, TensorRef
 
@@ -269,6 +270,14 @@ def object_array(data: bytes, header: NpyHeader, *, path: Path | None, base_offs
     return read_pickle(data, start=header.data_offset, path=path, base_offset=base_offset).value
 
 
+def _saved_dict(value: Any) -> dict[Any, Any] | None:
+    """The dict a 0-d object array holds: how ``np.save`` stores a dict of arrays."""
+    if not isinstance(value, NumpyArray) or value.shape != () or value.objects is None:
+        return None
+    objects = value.objects
+    return objects[0] if len(objects) == 1 and isinstance(objects[0], dict) else None
+
+
 def read(path: Path, probe: Probe) -> Contents:
     size = probe.size
     with open(path, "rb") as handle:
@@ -289,6 +298,9 @@ def read(path: Path, probe: Probe) -> Contents:
             )
         data = path.read_bytes()
         value = object_array(data, header, path=path, base_offset=0)
+        saved = _saved_dict(value)  # ``np.save(path, state_dict)``: read back by ``.item()``
+        if saved is not None:
+            return Contents(Format.NPY, saved, details=details, warnings=warnings)
         return Contents(Format.NPY, {name: value}, details=details, warnings=warnings)
     end = header.data_offset + header.nbytes
     if end > size:

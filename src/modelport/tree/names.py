@@ -84,7 +84,7 @@ def tensors_of(tree: Any) -> dict[str, TensorRef]:
             )
         if depth > limits.MAX_DEPTH:
             raise LimitExceededError("nesting depth of the file's tree", limits.MAX_DEPTH, depth)
-        if isinstance(value, NumpyArray):
+        if isinstance(value, NumpyArray) and value.objects is None:
             value = value.tensor
         if isinstance(value, TensorRef):
             found.setdefault(name, value)
@@ -112,6 +112,10 @@ def _children(value: Any) -> list[tuple[str, Any]]:
         return [(str(i), v) for i, v in enumerate(value)]
     if isinstance(value, SparseTensor):
         return [(k, v) for k, v in value.parts.items() if isinstance(v, TensorRef)]
+    if isinstance(value, NumpyArray) and value.objects is not None:
+        if value.shape == () and len(value.objects) == 1:  # what ``.item()`` gives
+            return _children(value.objects[0])
+        return [(str(i), v) for i, v in enumerate(value.objects)]
     if isinstance(value, ObjectRecord):
         if modules.is_module(value):
             return list(modules.state_dict(value).items())
