@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import shutil
 import subprocess
 import sys
 import time
@@ -115,8 +116,9 @@ def torch_zip_with(payload: bytes, *, duplicate: bool = False) -> bytes:
 
 
 def build_corpus() -> dict[Path, bool]:
-    """Files and whether each is malicious."""
-    CORPUS.mkdir(parents=True, exist_ok=True)
+    """Files and whether each is malicious, in a corpus folder made anew each run."""
+    shutil.rmtree(CORPUS, ignore_errors=True)
+    CORPUS.mkdir(parents=True)
     labels: dict[Path, bool] = {}
 
     def put(name: str, data: bytes, malicious: bool) -> None:
