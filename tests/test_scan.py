@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import modelport
 from modelport.errors import SuspiciousModelWarning, UnsafeModelError
-from tests.conftest import ATTACKS, Cli, Reduces, benign_twins, os_system_stand_in
+from tests.conftest import ATTACKS, Cli, Reduces, benign_twins, os_system_stand_in, short
 from tests.models import TiedLM, TinyResNet, trained_checkpoint
 
 # The rule each attack must be caught by (among its critical or high findings).
@@ -348,3 +348,44 @@ def test_joblib_files_are_scanned_through_their_arrays(
     assert report.verdict == "unsafe"
     assert any(f.global_name.endswith("os_system_stand_in") for f in report.files[0].findings)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: np.random.RandomState(0), id="random-state"),
+        pytest.param(lambda: np.random.default_rng(0), id="generator"),
+        pytest.param(
+            lambda: np.matrix([[1.0, 2.0], [3.0, 4.0]]),
+            id="matrix",
+            marks=pytest.mark.filterwarnings("ignore::PendingDeprecationWarning"),
+        ),
+        pytest.param(lambda: np.ma.masked_array([1.0, 2.0], mask=[False, True]), id="masked"),
+    ],
+)
+def test_numpys_own_objects_are_safe(tmp_path: Path, make: Any) -> None:
+    """scikit-learn estimators keep RandomState objects; old code saves matrices and masked
+    arrays: numpy's own constructors, which run nothing from the file."""
+    value = make()
+    path = tmp_path / "estimator.pkl"
+    path.write_bytes(pickle.dumps({"state": value}, protocol=4))
+    report = modelport.scan(path)
+    assert report.verdict == "safe", report.to_json()
+    assert "library-object" in {f.rule for f in report.files[0].findings}
+    assert type(pickle.loads(path.read_bytes())["state"]) is type(value)  # what it rebuilds
+
+
+def test_a_numpy_constructor_handed_a_gadget_is_still_unsafe(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(
+        b"\x80\x04"
+        + short(b"numpy.random._pickle")
+        + short(b"__randomstate_ctor")
+        + b"\x93"
+        + short(b"MT19937")
+        + short(b"os")
+        + short(b"system")
+        + b"\x93\x86R."
+    )
+    serious = modelport.scan(path).serious
+    assert [(f.rule, f.global_name) for f in serious] == [("known-gadget", "os.system")]

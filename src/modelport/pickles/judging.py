@@ -341,6 +341,9 @@ def _judge_symbol(symbol: Symbol, torchscript: bool) -> list[PickleFinding]:
         )
     if key in policy.SAFE_STDLIB_CALLS:
         return finding(Severity.INFO, "stdlib-value", f"{name}: {policy.SAFE_STDLIB_CALLS[key]}")
+    if key in policy.SAFE_LIBRARY_OBJECTS:
+        reason = policy.SAFE_LIBRARY_OBJECTS[key]
+        return finding(Severity.INFO, "library-object", f"{name}: {reason}")
     if torchscript and (symbol.module == "__torch__" or symbol.module.startswith("__torch__.")):
         return finding(
             Severity.INFO,

@@ -69,6 +69,31 @@ SAFE_STDLIB_CALLS: Final[MappingProxyType[tuple[str, str], str]] = MappingProxyT
     }
 )
 
+# numpy's own constructors and classes for objects models and pipelines keep (scikit-learn
+# estimators hold RandomState and Generator objects; old code saves matrices and masked
+# arrays). Each only builds numpy's object from plain data; any other global handed to one of
+# them (a class to instantiate, a function to call) is judged by its own use.
+_RANDOM_STATE = "numpy's random state, rebuilt from its name and plain state"
+SAFE_LIBRARY_OBJECTS: Final[MappingProxyType[tuple[str, str], str]] = MappingProxyType(
+    {
+        ("numpy.random._pickle", "__randomstate_ctor"): _RANDOM_STATE,
+        ("numpy.random._pickle", "__generator_ctor"): _RANDOM_STATE,
+        ("numpy.random._pickle", "__bit_generator_ctor"): _RANDOM_STATE,
+        ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"): _RANDOM_STATE,
+        ("numpy.random.bit_generator", "SeedSequence"): _RANDOM_STATE,
+        ("numpy.random._mt19937", "MT19937"): _RANDOM_STATE,
+        ("numpy.random._pcg64", "PCG64"): _RANDOM_STATE,
+        ("numpy.random._pcg64", "PCG64DXSM"): _RANDOM_STATE,
+        ("numpy.random._philox", "Philox"): _RANDOM_STATE,
+        ("numpy.random._sfc64", "SFC64"): _RANDOM_STATE,
+        ("numpy", "matrix"): "numpy's matrix, an ndarray subclass rebuilt by _reconstruct",
+        ("numpy.matrixlib.defmatrix", "matrix"): "numpy's matrix, under its defining module",
+        ("numpy.ma.core", "_mareconstruct"): "numpy's masked array, rebuilt from plain data",
+        ("numpy.ma", "MaskedArray"): "numpy's masked array class",
+        ("numpy.ma.core", "MaskedArray"): "numpy's masked array class",
+    }
+)
+
 # Known gadgets: (module, name) or (module, "*") -> what calling it does.
 _SHELL = "runs a shell command"
 _CODE = "executes arbitrary Python code"
