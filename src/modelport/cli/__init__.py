@@ -1,1 +1,3 @@
-"""The command line: thin wiring over the Python API."""
+"""The command line: argument wiring and rendering (rich tables, JSON, SARIF, Markdown) over
+the layers below, one module per command, imported only when argv names it (``commands``).
+The top layer: it may import any other."""
