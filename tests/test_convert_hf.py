@@ -277,7 +277,7 @@ def test_existing_directory_refused_then_overwritten(
     for stale in ("model-00001-of-00009.safetensors", "model-00009-of-00009.safetensors"):
         (out / stale).write_bytes(b"an older shard set")
     kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and "-of-" not in p.name}
-    with pytest.raises(ConversionError, match="exists"):
+    with pytest.raises(ConversionError, match="already holds model-00001-of-00009"):
         modelport.convert(saved, out, modelport.ConvertOptions(to="hf"))
     options = modelport.ConvertOptions(to="hf", shard_size=SMALL, overwrite=True)
     modelport.convert(saved, out, options)
@@ -290,6 +290,29 @@ def test_existing_directory_refused_then_overwritten(
     assert shards == set(index["weight_map"].values())
     assert_same_weights(AutoModelForCausalLM.from_pretrained(out), model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing aside left over
+
+
+def test_a_folder_without_modelports_files_needs_no_overwrite(
+    gpt2: tuple[Any, Path, Path], tmp_path: Path
+) -> None:
+    """A model repository that holds other files only: the weights are added beside them; a
+    second run without --overwrite is refused before anything moves."""
+    from transformers import AutoModelForCausalLM
+
+    model, saved, _ = gpt2
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "README.md").write_text("# card\n")
+    (out / "pytorch_model.bin").write_bytes(b"weights in another format")
+    modelport.convert(saved, out, modelport.ConvertOptions(to="hf"))
+    assert (out / "README.md").read_text() == "# card\n"
+    assert (out / "pytorch_model.bin").read_bytes() == b"weights in another format"
+    assert_same_weights(AutoModelForCausalLM.from_pretrained(out, use_safetensors=True), model)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(ConversionError, match=r"already holds model\.safetensors"):
+        modelport.convert(saved, out, modelport.ConvertOptions(to="hf"))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
 
 
 def test_output_around_the_input_refused(gpt2: tuple[Any, Path, Path], tmp_path: Path) -> None:

@@ -126,8 +126,11 @@ def convert(
     options = options or ConvertOptions()
     started = time.perf_counter()
     source, target = Path(src), Path(dst)
-    placing.check_target(source, target, options.overwrite)
     writer = _target_format(target, options.to)
+    if writer is _hf_writer.TARGET and target.is_dir():  # a folder: only what is written
+        placing.check_target(source, target, overwrite=True)
+    else:
+        placing.check_target(source, target, options.overwrite)
     _check_directory_target(source, target, writer, options)
     check_safety(source, allow_unsafe=options.allow_unsafe)
     with open_model(source) as model:
@@ -415,6 +418,12 @@ def _check_directory_target(
         raise ConversionError(
             f"{target}: replacing it would delete the input {source}; choose another directory"
         )
+    if target.is_dir() and not options.overwrite:
+        present = sorted(p.name for p in target.iterdir() if _hf_writer.superseded(p.name))
+        if present:
+            raise ConversionError(
+                f"{target} already holds {', '.join(present)}; pass --overwrite to replace them"
+            )
 
 
 def _directory_notes(
@@ -453,8 +462,14 @@ def _write_directory(
                     building, plan, limit, source, options.dtype, options.fsync
                 )
             casts = verify_directory(building, plan, planned, copies) if options.verify else ()
-            if target.is_dir():  # --overwrite: replace what modelport writes, keep the rest
-                placing.merge_directory(building, target, _hf_writer.superseded, options.fsync)
+            if target.is_dir():  # only what modelport writes is replaced; the rest stays
+                placing.merge_directory(
+                    building,
+                    target,
+                    _hf_writer.superseded,
+                    overwrite=options.overwrite,
+                    fsync=options.fsync,
+                )
             else:
                 placing.install_directory(building, target, options.fsync)
         return casts

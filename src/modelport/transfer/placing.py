@@ -125,17 +125,24 @@ _NO_HARD_LINKS = frozenset({errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSU
 
 
 def merge_directory(
-    built: Path, target: Path, stale: Callable[[str], bool], fsync: bool
+    built: Path, target: Path, stale: Callable[[str], bool], *, overwrite: bool, fsync: bool
 ) -> list[str]:
-    """Move every file of ``built`` into the existing directory ``target``, replacing those
-    of the same name, then remove the files of ``target`` that ``stale`` names and that were
-    not just written (an older shard set the new index supersedes). Nothing else in
-    ``target`` is touched. Returns the names removed."""
+    """Move every file of ``built`` into the existing directory ``target``. With
+    ``overwrite`` they replace files of the same name, and the files of ``target`` that
+    ``stale`` names and that were not just written (an older shard set the new index
+    supersedes) are removed; without it, a name that exists there refuses the whole move
+    before anything is moved. Nothing else in ``target`` is touched. Returns the names
+    removed."""
     written = {path.name for path in built.iterdir()}
+    taken = sorted(name for name in written if (target / name).exists())
+    if taken and not overwrite:
+        raise ConversionError(
+            f"{target} already holds {', '.join(taken)}; pass --overwrite to replace them"
+        )
     for name in sorted(written):
-        (built / name).replace(target / name)
+        install_file(built / name, target / name, overwrite=overwrite)
     removed = []
-    for path in sorted(target.iterdir()):
+    for path in sorted(target.iterdir()) if overwrite else []:
         if path.name not in written and path.is_file() and stale(path.name):
             path.unlink()
             removed.append(path.name)
