@@ -13,6 +13,7 @@ pass 4 GiB). We parse the central directory ourselves so that:
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from dataclasses import dataclass
@@ -56,9 +57,16 @@ class ZipEntry:
 
 @dataclass(frozen=True)
 class ZipDirectory:
+    """``entries`` are every record of the central directory, walked by its byte size as
+    Python's ``zipfile`` walks it; ``declared_count`` is what the end record says, which is
+    all torch's reader walks. ``blob`` holds the bytes of a zip read from memory (a member
+    of another archive); otherwise members are read from ``path``."""
+
     path: Path
     entries: tuple[ZipEntry, ...]
     unsafe_names: tuple[str, ...]
+    declared_count: int = -1
+    blob: bytes | None = None
 
     @classmethod
     def read(cls, path: Path, *, start: int = 0, length: int | None = None) -> ZipDirectory:
@@ -66,6 +74,27 @@ class ZipDirectory:
         ``length`` bytes (a ``torch.save`` blob inside another file); offsets in the zip are
         relative to ``start``, the entries' offsets returned are absolute in ``path``."""
         file_size = path.stat().st_size
+        with open(path, "rb") as handle:
+            return cls._read(handle, path, file_size, start, length, None)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, path: Path) -> ZipDirectory:
+        """The directory of a zip held in memory (``path`` names where it came from)."""
+        return cls._read(io.BytesIO(blob), path, len(blob), 0, None, blob)
+
+    def _open(self) -> BinaryIO:
+        return io.BytesIO(self.blob) if self.blob is not None else open(self.path, "rb")
+
+    @classmethod
+    def _read(
+        cls,
+        handle: BinaryIO,
+        path: Path,
+        file_size: int,
+        start: int,
+        length: int | None,
+        blob: bytes | None,
+    ) -> ZipDirectory:
         size = file_size - start if length is None else length
         if start < 0 or size < 0 or start + size > file_size:
             raise TruncatedFileError(
@@ -75,50 +104,48 @@ class ZipDirectory:
                 actual=file_size,
                 path=path,
             )
-        with open(path, "rb") as handle:
-            tail_len = min(size, EOCD_SIZE + MAX_COMMENT + 20 + 56)
-            handle.seek(start + size - tail_len)
-            tail = handle.read(tail_len)
-            eocd_at = tail.rfind(EOCD_SIGNATURE)
-            if eocd_at < 0 or eocd_at + EOCD_SIZE > len(tail):
-                raise TruncatedFileError(
-                    "zip archive has no end-of-central-directory record (truncated download?)",
-                    expected=size + 1,
-                    actual=size,
-                    path=path,
-                )
-            (_, _, _, _, count, cd_size, cd_offset, _) = struct.unpack(
-                "<4sHHHHIIH", tail[eocd_at : eocd_at + EOCD_SIZE]
+        tail_len = min(size, EOCD_SIZE + MAX_COMMENT + 20 + 56)
+        handle.seek(start + size - tail_len)
+        tail = handle.read(tail_len)
+        eocd_at = tail.rfind(EOCD_SIGNATURE)
+        if eocd_at < 0 or eocd_at + EOCD_SIZE > len(tail):
+            raise TruncatedFileError(
+                "zip archive has no end-of-central-directory record (truncated download?)",
+                expected=size + 1,
+                actual=size,
+                path=path,
             )
-            eocd_file_offset = size - tail_len + eocd_at
-            locator_at = eocd_at - 20
-            if locator_at >= 0 and tail[locator_at : locator_at + 4] == ZIP64_LOCATOR_SIGNATURE:
-                (zip64_offset,) = struct.unpack("<Q", tail[locator_at + 8 : locator_at + 16])
-                if zip64_offset + 56 > size:
-                    raise CorruptFileError("zip64 end record points past the file", path=path)
-                handle.seek(start + zip64_offset)
-                record = handle.read(56)
-                if len(record) < 56 or record[:4] != ZIP64_EOCD_SIGNATURE:
-                    raise CorruptFileError("zip64 end record missing", path=path)
-                count, cd_size, cd_offset = struct.unpack("<QQQ", record[32:56])
-                eocd_file_offset = zip64_offset
-            if count > limits.MAX_ZIP_ENTRIES:
-                raise LimitExceededError(
-                    "zip entry count", limits.MAX_ZIP_ENTRIES, count, path=path
-                )
-            if cd_offset + cd_size > eocd_file_offset:
-                raise TruncatedFileError(
-                    f"zip central directory claims bytes {cd_offset}..{cd_offset + cd_size} "
-                    f"but the file's directory ends at {eocd_file_offset}",
-                    expected=cd_offset + cd_size,
-                    actual=eocd_file_offset,
-                    path=path,
-                )
-            handle.seek(start + cd_offset)
-            directory = handle.read(cd_size)
-            entries, unsafe = _parse_central(directory, count, size, path)
-            resolved = tuple(_with_data_offset(handle, e, size, path, start) for e in entries)
-        return cls(path, resolved, tuple(unsafe))
+        (_, _, _, _, count, cd_size, cd_offset, _) = struct.unpack(
+            "<4sHHHHIIH", tail[eocd_at : eocd_at + EOCD_SIZE]
+        )
+        eocd_file_offset = size - tail_len + eocd_at
+        locator_at = eocd_at - 20
+        if locator_at >= 0 and tail[locator_at : locator_at + 4] == ZIP64_LOCATOR_SIGNATURE:
+            (zip64_offset,) = struct.unpack("<Q", tail[locator_at + 8 : locator_at + 16])
+            if zip64_offset + 56 > size:
+                raise CorruptFileError("zip64 end record points past the file", path=path)
+            handle.seek(start + zip64_offset)
+            record = handle.read(56)
+            if len(record) < 56 or record[:4] != ZIP64_EOCD_SIGNATURE:
+                raise CorruptFileError("zip64 end record missing", path=path)
+            count, cd_size, cd_offset = struct.unpack("<QQQ", record[32:56])
+            eocd_file_offset = zip64_offset
+        if count > limits.MAX_ZIP_ENTRIES:
+            raise LimitExceededError("zip entry count", limits.MAX_ZIP_ENTRIES, count, path=path)
+        if cd_offset + cd_size > eocd_file_offset:
+            raise TruncatedFileError(
+                f"zip central directory claims bytes {cd_offset}..{cd_offset + cd_size} "
+                f"but the file's directory ends at {eocd_file_offset}",
+                expected=cd_offset + cd_size,
+                actual=eocd_file_offset,
+                path=path,
+            )
+        handle.seek(start + cd_offset)
+        directory = handle.read(cd_size)
+        declared = count
+        entries, unsafe = _parse_central(directory, size, path)
+        resolved = tuple(_with_data_offset(handle, e, size, path, start) for e in entries)
+        return cls(path, resolved, tuple(unsafe), declared, blob)
 
     @property
     def mismatched_names(self) -> list[str]:
@@ -142,7 +169,7 @@ class ZipDirectory:
         """Whether a member is a zip stored as it is (a ``torch.save`` file inside a .pt2)."""
         if not entry.is_stored or entry.size < len(LOCAL_SIGNATURE):
             return False
-        with open(self.path, "rb") as handle:
+        with self._open() as handle:
             handle.seek(entry.data_offset)
             return handle.read(len(LOCAL_SIGNATURE)) == LOCAL_SIGNATURE
 
@@ -152,7 +179,7 @@ class ZipDirectory:
             raise LimitExceededError(
                 f"zip member {entry.name!r} size", limit, entry.size, path=self.path
             )
-        with open(self.path, "rb") as handle:
+        with self._open() as handle:
             handle.seek(entry.data_offset)
             raw = handle.read(entry.compressed_size)
         if len(raw) != entry.compressed_size:
@@ -183,12 +210,18 @@ class ZipDirectory:
 
 
 def _parse_central(
-    directory: bytes, count: int, file_size: int, path: Path
+    directory: bytes, file_size: int, path: Path
 ) -> tuple[list[ZipEntry], list[str]]:
+    """Every record in the directory's bytes, whatever the end record's count says (Python's
+    zipfile reads them all; a count that hides members is reported by the scanner)."""
     entries: list[ZipEntry] = []
     unsafe: list[str] = []
     pos = 0
-    for _ in range(count):
+    while pos < len(directory):
+        if len(entries) >= limits.MAX_ZIP_ENTRIES:
+            raise LimitExceededError(
+                "zip entry count", limits.MAX_ZIP_ENTRIES, len(entries) + 1, path=path
+            )
         if directory[pos : pos + 4] != CENTRAL_SIGNATURE or pos + 46 > len(directory):
             raise CorruptFileError("zip central directory is malformed", path=path)
         flags, method, crc, csize, usize, name_len, extra_len, comment_len, offset = (
@@ -284,17 +317,27 @@ def _with_data_offset(
 def prepended_bytes(path: Path) -> int:
     """How many bytes precede the zip in ``path`` (a pickle with a zip appended, a
     self-extracting archive): where the central directory really is minus where the end
-    record says it is. Python's ``zipfile`` reads such files; torch does not."""
+    record says it is (the zip64 record's, when there is one), as Python's ``zipfile``
+    computes it. torch does not read such files."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
-        tail_len = min(size, EOCD_SIZE + MAX_COMMENT)
+        tail_len = min(size, EOCD_SIZE + MAX_COMMENT + 20 + 56)
         handle.seek(size - tail_len)
         tail = handle.read(tail_len)
     eocd_at = tail.rfind(EOCD_SIGNATURE)
     if eocd_at < 0 or eocd_at + EOCD_SIZE > len(tail):
         return 0
     cd_size, cd_offset = struct.unpack("<II", tail[eocd_at + 12 : eocd_at + 20])
-    prepended: int = size - tail_len + eocd_at - cd_size - cd_offset
+    record_at = size - tail_len + eocd_at
+    zip64_at = eocd_at - 20 - 56
+    if (
+        zip64_at >= 0
+        and tail[eocd_at - 20 : eocd_at - 16] == ZIP64_LOCATOR_SIGNATURE
+        and tail[zip64_at : zip64_at + 4] == ZIP64_EOCD_SIGNATURE
+    ):
+        cd_size, cd_offset = struct.unpack("<QQ", tail[zip64_at + 40 : zip64_at + 56])
+        record_at = size - tail_len + zip64_at
+    prepended: int = record_at - cd_size - cd_offset
     return max(0, prepended)
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as numpy_format
 
 from modelport import dtypes, limits
 from modelport.errors import (
@@ -119,6 +120,27 @@ def parse_header(prefix: bytes, *, path: Path, where: str = "", available: int =
     """Parse the header at the start of ``prefix`` (the first ``MAX_PREFIX`` bytes or all of
     a shorter file); ``available`` is the size of the whole ``.npy`` for error messages."""
     label = f"npy{where}"
+    version, fields, data_offset = _header_fields(prefix, label, path, available)
+    descr, fortran, shape = fields["descr"], fields["fortran_order"], fields["shape"]
+    if not isinstance(fortran, bool):
+        raise CorruptFileError(f"{label}: fortran_order must be True or False", path=path)
+    if (
+        not isinstance(shape, tuple)
+        or len(shape) > limits.MAX_RANK
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise CorruptFileError(
+            f"{label}: shape must be a tuple of at most {limits.MAX_RANK} non-negative ints",
+            path=path,
+        )
+    dtype, itemsize, swapped, warning = _element_type(descr, label, path)
+    return NpyHeader(version, descr, fortran, shape, data_offset, dtype, itemsize, swapped, warning)
+
+
+def _header_fields(
+    prefix: bytes, label: str, path: Path, available: int
+) -> tuple[tuple[int, int], dict[str, Any], int]:
+    """(version, the header dict, where the data begins), every length checked."""
     total = len(prefix) if available < 0 else available
     if len(prefix) < len(MAGIC) + 2 or not prefix.startswith(MAGIC):
         if prefix.startswith(MAGIC) or MAGIC.startswith(prefix):
@@ -142,23 +164,22 @@ def parse_header(prefix: bytes, *, path: Path, where: str = "", available: int =
     text = prefix[start : start + length].decode(
         "utf-8" if version == (3, 0) else "latin-1", "replace"
     )
-    fields = _literal(text, label, path)
-    descr, fortran, shape = fields["descr"], fields["fortran_order"], fields["shape"]
-    if not isinstance(fortran, bool):
-        raise CorruptFileError(f"{label}: fortran_order must be True or False", path=path)
-    if (
-        not isinstance(shape, tuple)
-        or len(shape) > limits.MAX_RANK
-        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
-    ):
-        raise CorruptFileError(
-            f"{label}: shape must be a tuple of at most {limits.MAX_RANK} non-negative ints",
-            path=path,
-        )
-    dtype, itemsize, swapped, warning = _element_type(descr, label, path)
-    return NpyHeader(
-        version, descr, fortran, shape, start + length, dtype, itemsize, swapped, warning
-    )
+    return version, _literal(text, label, path), start + length
+
+
+def object_data_offset(
+    prefix: bytes, *, path: Path, where: str = "", available: int = -1
+) -> int | None:
+    """Where the pickle of an array whose dtype holds objects begins, or None when it holds
+    none. ``descr`` is evaluated as ``numpy.load`` evaluates it (``descr_to_dtype``), so every
+    spelling numpy accepts counts: ``'O'``, ``'object'``, a record with an object field."""
+    label = f"npy{where}"
+    _, fields, data_offset = _header_fields(prefix, label, path, available)
+    try:
+        holds = bool(numpy_format.descr_to_dtype(fields["descr"]).hasobject)
+    except (TypeError, ValueError, KeyError, IndexError, RecursionError) as exc:
+        raise CorruptFileError(f"{label}: numpy rejects its dtype ({exc})", path=path) from None
+    return data_offset if holds else None
 
 
 def _truncated(what: str, expected: int, actual: int, path: Path) -> None:

@@ -79,8 +79,21 @@ def is_magic_number(pickled: bytes | memoryview) -> bool:
 
 
 def is_tar(head: bytes | memoryview) -> bool:
-    """A ustar or PAX tar: its first header's magic at byte 257."""
-    return bytes(head[TAR_MAGIC_AT : TAR_MAGIC_AT + len(TAR_MAGIC)]) == TAR_MAGIC
+    """A tar header as Python's ``tarfile`` (torch's legacy loader) accepts it: ustar/PAX
+    magic at byte 257, or the old V7 layout, which has no magic and is known only by the
+    checksum of its 512-byte header."""
+    header = bytes(head[:TAR_BLOCK])
+    if header[TAR_MAGIC_AT : TAR_MAGIC_AT + len(TAR_MAGIC)] == TAR_MAGIC:
+        return True
+    if len(header) < TAR_BLOCK or header == bytes(TAR_BLOCK):
+        return False
+    field = header[148:156].split(b"\0", 1)[0].strip()
+    if not field or any(c not in b"01234567" for c in field):
+        return False
+    blanked = header[:148] + b" " * 8 + header[156:]
+    unsigned = sum(blanked)
+    signed = sum(b - 256 if b > 127 else b for b in blanked)
+    return int(field, 8) in (unsigned, signed)
 
 
 def sniff(probe: Probe) -> bool:

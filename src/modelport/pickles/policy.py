@@ -9,10 +9,13 @@ with ``torch.``.
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
 from modelport.pickles.reading import CALLABLES, CONSTANTS
+from modelport.pickles.symbols import Usage
 from modelport.pickles.torch_nn_classes import TORCH_NN_CLASSES
 
 # Globals whose call only rebuilds data; modelport's reader implements each one itself.
@@ -59,6 +62,10 @@ SAFE_STDLIB_CALLS: Final[MappingProxyType[tuple[str, str], str]] = MappingProxyT
         ("pathlib", "PosixPath"): "paths in saved configs",
         ("pathlib", "WindowsPath"): "paths in saved configs",
         ("pathlib", "PurePosixPath"): "paths in saved configs",
+        ("pathlib", "Path"): "paths in saved configs",
+        ("pathlib._local", "PosixPath"): "paths in saved configs (Python 3.13+)",
+        ("pathlib._local", "WindowsPath"): "paths in saved configs (Python 3.13+)",
+        ("pathlib._local", "PurePosixPath"): "paths in saved configs (Python 3.13+)",
         ("collections", "defaultdict"): "counters in training state",
         ("collections", "Counter"): "counters in training state",
         ("collections", "deque"): "history buffers",
@@ -93,6 +100,70 @@ SAFE_LIBRARY_OBJECTS: Final[MappingProxyType[tuple[str, str], str]] = MappingPro
         ("numpy.ma.core", "MaskedArray"): "numpy's masked array class",
     }
 )
+
+
+@dataclass(frozen=True)
+class PassedOn:
+    """An argument an allowlisted reconstructor calls or instantiates, and where its own
+    source does so."""
+
+    index: int
+    usage: Usage
+    source: str
+
+
+_NUMPY_RECONSTRUCT = (PassedOn(0, Usage.INSTANTIATED, "ndarray.__new__(subtype, ...)"),)
+_NUMPY_RANDOM_CTOR = (
+    PassedOn(1, Usage.CALLED, "numpy/random/_pickle.py: bit_generator_ctor(name)"),
+)
+
+# What each allowlisted reconstructor does with its arguments, from its own source. An
+# argument the reconstructor calls is judged as called (indirectly), one it instantiates as
+# instantiated; every other argument is data.
+PASSED_ON: Final[MappingProxyType[tuple[str, str], tuple[PassedOn, ...]]] = MappingProxyType(
+    {
+        ("copyreg", "_reconstructor"): (
+            PassedOn(0, Usage.INSTANTIATED, "Lib/copyreg.py: base.__new__(cls, state)"),
+            PassedOn(1, Usage.CALLED, "Lib/copyreg.py: base.__new__ and base.__init__(obj, state)"),
+        ),
+        ("copyreg", "__newobj__"): (
+            PassedOn(0, Usage.INSTANTIATED, "Lib/copyreg.py: cls.__new__(cls, *args)"),
+        ),
+        ("torch._tensor", "_rebuild_from_type_v2"): (
+            PassedOn(0, Usage.CALLED, "torch/_tensor.py: ret = func(*args)"),
+            PassedOn(1, Usage.INSTANTIATED, "torch/_tensor.py: ret.as_subclass(new_type)"),
+        ),
+        ("numpy.core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+        ("numpy._core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+        ("numpy.random._pickle", "__randomstate_ctor"): _NUMPY_RANDOM_CTOR,
+        ("numpy.random._pickle", "__generator_ctor"): _NUMPY_RANDOM_CTOR,
+        ("numpy.random._pickle", "__bit_generator_ctor"): (
+            PassedOn(0, Usage.INSTANTIATED, "numpy/random/_pickle.py: bit_gen_class()"),
+        ),
+        ("numpy.ma.core", "_mareconstruct"): (
+            PassedOn(0, Usage.INSTANTIATED, "numpy/ma/core.py: subtype.__new__(subtype, ...)"),
+            PassedOn(1, Usage.INSTANTIATED, "numpy/ma/core.py: ndarray.__new__(baseclass, ...)"),
+        ),
+    }
+)
+
+# The argument of copyreg._reconstructor that means "no base class to call".
+NO_BASE: Final = ("builtins", "object")
+
+
+def is_standard_library(module: str) -> bool:
+    return module.partition(".")[0] in sys.stdlib_module_names
+
+
+def names_a_class(name: str) -> bool:
+    """CapWords, Python's spelling of classes; a dotted path through a dunder attribute
+    (``numpy.__builtins__.exec``) is attribute traversal, never a class."""
+    parts = name.split(".")
+    if any(p.startswith("__") and p.endswith("__") for p in parts):
+        return False
+    last = parts[-1].lstrip("_")
+    return last[:1].isupper()
+
 
 # Known gadgets: (module, name) or (module, "*") -> what calling it does.
 _SHELL = "runs a shell command"
@@ -182,6 +253,64 @@ DENYLIST: Final[MappingProxyType[tuple[str, str], str]] = MappingProxyType(
         ("_thread", "*"): "starts threads",
         ("builtins", "exit"): "stops the process",
         ("builtins", "quit"): "stops the process",
+        ("builtins", "__build_class__"): _CODE,
+        ("builtins", "help"): _IMPORT,
+        ("pydoc", "*"): _IMPORT,
+        ("zipimport", "*"): _IMPORT,
+        ("imp", "*"): _IMPORT,
+        ("site", "*"): _IMPORT,
+        ("ensurepip", "*"): _SHELL,
+        ("venv", "*"): _SHELL,
+        ("idlelib", "*"): _CODE,
+        ("lib2to3", "*"): _FILES,
+        ("distutils", "*"): _SHELL,
+        ("setuptools", "*"): _SHELL,
+        ("pip", "*"): _SHELL,
+        ("logging.config", "*"): "evaluates configuration as code and opens sockets",
+        ("logging", "FileHandler"): _FILES,
+        ("logging.handlers", "*"): "writes files or opens sockets",
+        ("codecs", "open"): _FILES,
+        ("_io", "*"): _FILES,
+        ("io", "FileIO"): _FILES,
+        ("fileinput", "*"): _FILES,
+        ("linecache", "*"): _FILES,
+        ("zipfile", "*"): _FILES,
+        ("tarfile", "*"): _FILES,
+        ("gzip", "open"): _FILES,
+        ("bz2", "open"): _FILES,
+        ("lzma", "open"): _FILES,
+        ("sqlite3", "*"): _FILES,
+        ("dbm", "*"): _FILES,
+        ("mmap", "*"): _FILES,
+        ("xmlrpc", "*"): _NET,
+        ("socketserver", "*"): _NET,
+        ("http.server", "*"): _NET,
+        ("asyncio", "*"): _SHELL,
+        ("concurrent.futures", "*"): "starts threads or processes",
+        ("_posixsubprocess", "*"): _SHELL,
+        ("_ctypes", "*"): "calls native code",
+        ("uuid", "_popen"): _SHELL,
+        ("operator", "call"): _ATTR,
+        ("builtins", "type"): "creates classes at load time (gadget chains)",
+        ("copyreg", "__newobj_ex__"): "instantiates any class with arguments",
+        ("numpy.testing._private.utils", "runstring"): _CODE,
+        ("numpy.f2py", "*"): _SHELL,
+        ("numpy.distutils", "*"): _SHELL,
+        ("torch.utils.cpp_extension", "*"): "compiles and loads native code",
+        ("torch.package", "*"): _IMPORT,
+        ("torch._inductor.codecache", "*"): "compiles and loads native code",
+        ("torch.ops", "load_library"): "loads a native library",
+        ("torch.classes", "load_library"): "loads a native library",
+        ("torch.utils.data.datapipes.utils.decoder", "*"): _LOADER,
+        ("pandas", "read_pickle"): _LOADER,
+        ("pandas.io.pickle", "*"): _LOADER,
+        ("yaml", "load"): _CODE,
+        ("yaml", "unsafe_load"): _CODE,
+        ("jinja2", "*"): "renders templates that can run code",
+        ("IPython", "*"): _CODE,
+        ("huggingface_hub", "*"): _NET,
+        ("keras.models", "load_model"): _LOADER,
+        ("dill", "loads"): _LOADER,
     }
 )
 

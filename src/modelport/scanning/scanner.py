@@ -1,24 +1,23 @@
 """``modelport.scan``: is a model file safe to load? Static analysis that never executes it.
 
-Containers are found by content, never by extension: a pickle at offset 0 (plain, joblib,
-legacy torch with every pickle of its stream), zips (torch archives, TorchScript, ``.pt2``,
-``.keras``, ``.npz``; every member that holds a pickle, wherever it sits; a pickle with a zip
-appended is scanned both ways), tars (torch 0.x saves; any other tar member by member),
-compressed wrappers, ``.npy`` object arrays, TorchScript code (``script_code``), and the
-headers of the formats that carry no pickle (safetensors, GGUF, ONNX, HDF5, Keras, TFLite),
-whose readers check every size and offset and whose contents ``content_checks`` rates.
-Directories are walked; one bad file never stops the walk.
+A file is scanned under every reading a loader could take of it, never only the first that
+parses: a pickle at byte 0 (``pickle.load``, ``joblib.load``, legacy ``torch.load``: every
+pickle of the stream), a tar (``torch.load`` tries one before the pickle), a zip at byte 0
+or at the end behind other bytes (torch archives, TorchScript, ``.pt2``, ``.keras``,
+``.npz``; see ``archives``), a compressed stream (joblib), an ``.npy`` header, and the
+formats that carry no pickle (safetensors, GGUF, ONNX, HDF5 anywhere its signature may
+be, TFLite), whose readers check every size and offset and whose contents
+``content_checks`` rates. Two readings at once is a polyglot, reported as such. Directories
+are walked with their symbolic links (a Hugging Face cache is a folder of links); one bad
+file never stops the walk.
 
-Verdicts: ``safe`` (info findings at most), ``suspicious`` (medium), ``unsafe`` (high or
-critical), ``error`` (could not be fully analysed: never reported as safe).
+Verdicts: ``safe`` (info findings at most, and something was analysed), ``suspicious``
+(medium), ``unsafe`` (high or critical), ``error`` (could not be fully analysed).
 """
 
 from __future__ import annotations
 
-import mmap
-import re
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,21 +28,23 @@ from modelport.formats._zip import (
     EOCD_SIGNATURE,
     LOCAL_SIGNATURE,
     ZipDirectory,
-    ZipEntry,
     has_zip_tail,
     prepended_bytes,
 )
-from modelport.formats.protocol import Probe, refuse_special_file
+from modelport.formats.protocol import Format, Probe, refuse_special_file
 from modelport.formats.registry import READERS
 from modelport.pickles.interface import Limits
 from modelport.pickles.judging import Severity, scan_pickle
-from modelport.scanning import content_checks, script_code
+from modelport.scanning import content_checks, content_kinds, walking
+from modelport.scanning.archives import ArchiveScanning, mapped_view
+from modelport.scanning.content_kinds import PickleReading
 from modelport.scanning.findings import FileReport, Finding, ScanReport, worst
 
-# Members a loader hands to torch.load: the sample inputs, weights and constants of a .pt2
-# (torch.export.load falls back to weights_only=False for them).
-TORCH_SAVED = ".pt"
-_PICKLE_STARTS = frozenset(b"(}]cKJNIFSVX\x80")
+# Formats whose readers check a file that holds no pickle; the scanner reads the others.
+_CODE_FREE = frozenset(
+    (Format.SAFETENSORS, Format.GGUF, Format.ONNX, Format.HDF5, Format.TFLITE, Format.KERAS)
+)
+_LEGACY_PICKLES = 5  # magic number, protocol, sys_info, objects, storage keys
 
 
 def scan(*paths: str | Path) -> ScanReport:
@@ -51,22 +52,28 @@ def scan(*paths: str | Path) -> ScanReport:
     reports: list[FileReport] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-            segments = dcp.segments_of(files)
-            reports.extend(
-                scan_file(p, segments.get(p.resolve())) for p in files[: limits.MAX_SCANNED_FILES]
-            )
-            if len(files) > limits.MAX_SCANNED_FILES:
-                reports.append(
-                    _error_report(
-                        path,
-                        "dir",
-                        f"more than {limits.MAX_SCANNED_FILES} files; the rest were not scanned",
-                    )
-                )
-        else:
+        if not path.is_dir():
             reports.append(scan_file(path))
+            continue
+        walk = walking.walk(path)
+        segments = dcp.segments_of(list(walk.files))
+        reports.extend(scan_file(p, segments.get(p.resolve())) for p in walk.files)
+        reports.extend(
+            _error_report(link, "link", f"a symbolic link to {target}, outside {path}")
+            if target is not None
+            else _error_report(link, "link", "a symbolic link that resolves to nothing")
+            for link, target in walk.escaping_links
+        )
+        if walk.truncated:
+            reports.append(
+                _error_report(
+                    path,
+                    "dir",
+                    f"more than {limits.MAX_SCANNED_FILES} files; the rest were not scanned",
+                )
+            )
+        if not walk.files and not walk.escaping_links:
+            reports.append(_error_report(path, "dir", "the folder holds no file: nothing to judge"))
     return ScanReport(worst([r.verdict for r in reports]), tuple(reports))
 
 
@@ -89,16 +96,16 @@ def _error_report(path: Path, kind: str, message: str) -> FileReport:
 
 
 @dataclass
-class _FileScanner:
+class _FileScanner(ArchiveScanning):
     path: Path
     segments: list[tuple[int, int]] | None = None
     format: str = "unknown"
     findings: list[Finding] = field(default_factory=list)
-    errors: int = 0
+    data: memoryview = field(default_factory=lambda: memoryview(b""))
+    zip_starts: set[int] = field(default_factory=set)
     deadline: float = field(default_factory=lambda: time.monotonic() + limits.SCAN_SECONDS_PER_FILE)
 
     def error(self, message: str, member: str) -> None:
-        self.errors += 1
         self.findings.append(Finding(Severity.HIGH, "not-analysed", member, message))
 
     def add(self, severity: Severity, rule: str, member: str, message: str) -> None:
@@ -120,91 +127,135 @@ class _FileScanner:
             max_opcodes=20_000_000, max_seconds=max(1.0, self.deadline - time.monotonic())
         )
 
-    # -- dispatch ---------------------------------------------------------------------------
+    # -- the readings of one file -----------------------------------------------------------
     def run(self) -> None:
         refuse_special_file(self.path)  # a FIFO or device: an error verdict, never "empty"
-        size = self.path.stat().st_size
-        if size == 0:
+        if self.path.stat().st_size == 0:
             self.format = "empty"
+            self.error("the file is empty: nothing a loader reads, nothing to judge", "")
             return
+        # Views into the map may outlive this call inside findings' arguments; the map is
+        # unmapped when the last of them is collected.
+        self.data = mapped_view(self.path)
         if self.segments is not None:
             self.format = "dcp-data"
             for offset, length in self.segments:
                 self.scan_zip(f"@{offset}", 1, start=offset, length=length)
             return
-        with open(self.path, "rb") as handle:
-            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        # Views into the map may outlive this call inside findings' arguments; the map is
-        # unmapped when the last of them is collected.
-        self.scan_bytes(memoryview(mapped), "", 0, in_file=True)
-
-    def scan_bytes(
-        self, data: memoryview, member: str, depth: int, *, in_file: bool, compressed: bool = False
-    ) -> None:
-        if depth > limits.MAX_CONTAINER_NESTING:
-            self.error(f"containers nested deeper than {limits.MAX_CONTAINER_NESTING}", member)
-            return
-        head = bytes(data[:16])
-        if head.startswith((LOCAL_SIGNATURE, EOCD_SIGNATURE)):
-            self.format = self.format if depth else "zip"
-            if in_file:
-                self.scan_zip(member, depth)
-            else:
-                self.error("a zip inside a member is not scanned", member)
-            return
-        if in_file and depth == 0 and torch_legacy.is_tar(data[:512]):
-            self.scan_tar()
-            return
-        if head.startswith(npy.MAGIC):
-            self.format = self.format if depth else "npy"
-            self.scan_npy(data, member, depth)
-            return
-        kind = _compressed.compression_of(head)
-        if kind is not None:
-            self.format = self.format if depth else f"pickle ({kind.value})"
-            self.scan_compressed(data, kind, member, depth)
-            return
-        if head[:1] and head[0] in _PICKLE_STARTS and self._parses_as_pickle(data):
-            self.format = self.format if depth else "pickle"
-            self.scan_pickle_stream(data, member, depth)
-            if in_file and depth == 0 and has_zip_tail(data):
-                self.add(
-                    Severity.MEDIUM,
-                    "polyglot",
-                    member,
-                    "a pickle with a zip appended: loaders that read either view see "
-                    "different content",
-                )
-                self.scan_zip(member, depth, start=prepended_bytes(self.path))
-            return
-        if depth == 0:
-            self.scan_with_reader()
-        elif compressed:  # nothing else explains why it was compressed: not analysed
-            what = "a tar archive" if torch_legacy.is_tar(data[:512]) else "no pickle"
-            self.error(
-                f"the compressed stream holds {what}, which modelport does not analyse "
-                "there; decompress it and scan the result",
-                member,
+        readings = self.scan_readings()
+        if len(readings) > 1:
+            self.add(
+                self._polyglot_severity(),
+                "polyglot",
+                "",
+                f"the file reads as {' and as '.join(readings)}: loaders that take different "
+                "readings see different content (each reading is scanned)",
             )
-        else:
-            self.add(Severity.INFO, "opaque-member", member, "member holds no pickle")
+        if not readings:
+            self.scan_unrecognised()
 
-    # -- pickles ----------------------------------------------------------------------------
-    def _parses_as_pickle(self, data: memoryview) -> bool:
-        """Whether bytes that start like a text pickle are one: they parse to a STOP, or run
-        out of bytes while every opcode so far was valid (a cut or long pickle), or name code
-        to run before they fail (pickle.loads would have run it by then)."""
-        if data[0] == 0x80:
-            return len(data) > 2 and 2 <= data[1] <= 5
-        try:
-            scan_pickle(data[: 1 << 16], limits=Limits(max_opcodes=100_000))
-        except UnparsedPickleError as exc:
-            serious = (Severity.CRITICAL, Severity.HIGH)
-            return exc.truncated or any(f.severity in serious for f in exc.findings)
-        except ModelportError:
+    def scan_readings(self) -> list[str]:
+        data = self.data
+        head = bytes(data[:_SNIFF])
+        readings: list[str] = []
+        zip_behind = False
+        if head.startswith((LOCAL_SIGNATURE, EOCD_SIGNATURE)):
+            readings.append("zip")
+            self.scan_zip("", 0)
+        else:
+            zip_behind = has_zip_tail(data)
+        if torch_legacy.is_tar(head[:512]):
+            readings.append("tar")
+        reading = content_kinds.pickle_reading(data)
+        if reading is PickleReading.WHOLE:
+            readings.append("pickle")
+        if head.startswith(npy.MAGIC):
+            readings.append("npy")
+            self.format = "npy"
+            self.scan_npy(data, "", 0)
+        kind = _compressed.compression_of(head[:16])
+        if kind is not None:
+            readings.append(f"{kind.value} stream")
+            self.format = f"pickle ({kind.value})"
+            self.scan_compressed(data, kind, "", 0)
+        if "zip" not in readings:
+            reader_format = self.scan_with_reader()
+            if reader_format is not None:
+                readings.append(reader_format)
+        if reading is PickleReading.CUT and not readings:
+            readings.append("pickle")
+        if "pickle" in readings:
+            self.format = self.format if self.format != "unknown" else "pickle"
+            explained = len(readings) > 1 or zip_behind
+            self.scan_pickle_stream(data, "", 0, explained=explained)
+        if "tar" in readings:
+            self.scan_tar()
+        if zip_behind and self._scan_zip_behind():
+            readings.append("zip (behind other bytes)")
+        return readings
+
+    def _scan_zip_behind(self) -> bool:
+        """A zip at the end of other bytes, as Python's zipfile finds it (torch does not);
+        one already scanned in place (a tar's last member) is not a second reading."""
+        start = prepended_bytes(self.path)
+        if start in self.zip_starts:
             return False
+        try:
+            ZipDirectory.read(self.path, start=start)
+        except ModelportError:
+            return False  # an end record by chance in data: no zip reader opens it
+        self.scan_zip("", 0, start=start)
         return True
 
+    def _polyglot_severity(self) -> Severity:
+        """Two readings of plain data harm no loader; a reading that names code is the point
+        of a polyglot (a pickle behind an HDF5 file, a tar in front of a pickle)."""
+        named_code = any(f.global_name for f in self.findings) or any(
+            f.rule not in ("opaque-member",) and f.severity is not Severity.INFO
+            for f in self.findings
+        )
+        return Severity.MEDIUM if named_code or self.format.startswith("torch") else Severity.INFO
+
+    def scan_unrecognised(self) -> None:
+        if content_checks.is_text(self.path):
+            self.format = "text"
+            self.findings.extend(content_checks.text_findings(self.path))
+            return
+        self.error("unrecognised binary content: could not be analysed", "")
+
+    # -- bytes inside a container -------------------------------------------------------------
+    def scan_member(
+        self, data: memoryview, member: str, depth: int, *, torch_archive: bool, torchscript: bool
+    ) -> bool:
+        """One member's bytes, judged by content; whether it held something analysed."""
+        if depth > limits.MAX_CONTAINER_NESTING:
+            self.error(f"containers nested deeper than {limits.MAX_CONTAINER_NESTING}", member)
+            return True
+        head = bytes(data[:_SNIFF])
+        if head.startswith(npy.MAGIC):
+            self.scan_npy(data, member, depth)
+            return True
+        kind = _compressed.compression_of(head[:16])
+        if kind is not None:
+            self.scan_compressed(data, kind, member, depth)
+            return True
+        if content_kinds.pickle_reading(data) is not PickleReading.NONE:
+            self.scan_pickle_stream(
+                data, member, depth, torch_archive=torch_archive, torchscript=torchscript
+            )
+            return True
+        if torch_legacy.is_tar(head[:512]):
+            self.error("a tar inside a member is not analysed", member)
+            return True
+        if member.endswith(".pkl"):
+            self.error("a .pkl member that does not parse as a pickle", member)
+            return True
+        return False
+
+    def scan_plain_member(self, data: memoryview, member: str, depth: int) -> bool:
+        return self.scan_member(data, member, depth, torch_archive=False, torchscript=False)
+
+    # -- pickles ----------------------------------------------------------------------------
     def scan_pickle_stream(
         self,
         data: memoryview,
@@ -213,263 +264,137 @@ class _FileScanner:
         *,
         torch_archive: bool = False,
         torchscript: bool = False,
+        explained: bool = False,
     ) -> None:
-        """Every pickle of the stream: one for plain pickles, five for legacy torch files."""
-        start = 0
+        """Every pickle of the stream, not only the first a loader reads (legacy torch reads
+        five; a loader may read on); bytes after the last STOP are reported unless another
+        reading of the file explains them."""
+        start, legacy = 0, False
         for index in range(limits.MAX_PICKLES_PER_STREAM):
-            expect_pids = torch_archive or index == 3  # legacy torch: the object pickle
-            try:
-                result = scan_pickle(
-                    data,
-                    start=start,
-                    torchscript=torchscript,
-                    expect_persistent_ids=expect_pids,
-                    limits=self.limits(),
-                )
-            except ModelportError as exc:
-                if isinstance(exc, UnparsedPickleError):  # what it did before it failed
-                    self.findings.extend(Finding.from_pickle(f, member) for f in exc.findings)
-                self.error(f"pickle at byte {start} could not be analysed: {exc}", member)
+            end = self._scan_one_pickle(
+                data, start, member, depth, torch_archive or (legacy and index == 3), torchscript
+            )
+            if end is None:
                 return
-            self.findings.extend(Finding.from_pickle(f, member) for f in result.findings)
-            for nested in result.nested:
-                payload = nested.payload
-                blob = (
-                    memoryview(payload)
-                    if isinstance(payload, bytes)
-                    else data[payload.offset : payload.offset + payload.length]
-                )
-                self.add(
-                    Severity.INFO,
-                    "nested-torch-storage",
-                    member,
-                    f"a torch storage pickled inside the pickle at byte {nested.offset}; "
-                    "scanned as well",
-                )
-                self.scan_bytes(blob, f"{member}@{nested.offset}", depth + 1, in_file=False)
-            start = result.end
-            legacy = index == 0 and torch_legacy.is_magic_number(data[:start])
-            if legacy:
+            if index == 0 and torch_legacy.is_magic_number(data[:end]):
+                legacy = True
                 self.format = "torch-legacy" if depth == 0 else self.format
-            if torch_archive or (not legacy and index == 0):
+            start = end
+            if legacy and index + 1 == _LEGACY_PICKLES:
+                return  # then raw storage bytes, which torch copies and never parses
+            if start >= len(data):
                 return
-            if index >= 4:
-                return  # legacy: magic, protocol, sys_info, objects, storage keys; then data
+            if content_kinds.pickle_reading(data[start:]) is not PickleReading.WHOLE and not legacy:
+                if not explained:
+                    self.add(
+                        Severity.MEDIUM,
+                        "trailing-data",
+                        member,
+                        f"{len(data) - start:,} bytes after the pickle's STOP at byte {start}: "
+                        "pickle.load ignores them, a loader that reads on does not",
+                    )
+                return
+        self.error(f"more than {limits.MAX_PICKLES_PER_STREAM} pickles in one stream", member)
+
+    def _scan_one_pickle(
+        self,
+        data: memoryview,
+        start: int,
+        member: str,
+        depth: int,
+        expect_pids: bool,
+        torchscript: bool,
+    ) -> int | None:
+        try:
+            result = scan_pickle(
+                data,
+                start=start,
+                torchscript=torchscript,
+                expect_persistent_ids=expect_pids,
+                limits=self.limits(),
+            )
+        except ModelportError as exc:
+            if isinstance(exc, UnparsedPickleError):  # what it did before it failed
+                self.findings.extend(Finding.from_pickle(f, member) for f in exc.findings)
+            self.error(f"pickle at byte {start} could not be analysed: {exc}", member)
+            return None
+        self.findings.extend(Finding.from_pickle(f, member) for f in result.findings)
+        for nested in result.nested:
+            payload = nested.payload
+            blob = (
+                memoryview(payload)
+                if isinstance(payload, bytes)
+                else data[payload.offset : payload.offset + payload.length]
+            )
+            self.add(
+                Severity.INFO,
+                "nested-torch-storage",
+                member,
+                f"a torch storage pickled inside the pickle at byte {nested.offset}; "
+                "scanned as well",
+            )
+            label = f"{member}@{nested.offset}"
+            if bytes(blob[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
+                self.scan_zip(label, depth + 1, blob=bytes(blob))
+            elif not self.scan_member(
+                blob, label, depth + 1, torch_archive=False, torchscript=False
+            ):
+                self.add(Severity.INFO, "opaque-member", label, "holds no pickle")
+        return result.end
 
     def scan_compressed(
         self, data: memoryview, kind: _compressed.Compression, member: str, depth: int
     ) -> None:
-        inflated = _compressed.inflate(
-            data,
-            kind,
-            min(limits.MAX_SCAN_INFLATED_BYTES, _compressed.decompression_cap()),
-            partial=False,
+        inflated = memoryview(
+            _compressed.inflate(
+                data,
+                kind,
+                min(limits.MAX_SCAN_INFLATED_BYTES, _compressed.decompression_cap()),
+                partial=False,
+            )
         )
-        self.scan_bytes(
-            memoryview(inflated),
-            f"{member}<{kind.value}>",
-            depth + 1,
-            in_file=False,
-            compressed=True,
-        )
+        label = f"{member}<{kind.value}>"
+        if bytes(inflated[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
+            self.scan_zip(label, depth + 1, blob=bytes(inflated))
+        elif not self.scan_member(
+            inflated, label, depth + 1, torch_archive=False, torchscript=False
+        ):
+            what = "a tar archive" if torch_legacy.is_tar(inflated[:512]) else "no pickle"
+            self.error(
+                f"the compressed stream holds {what}, which modelport does not analyse "
+                "there; decompress it and scan the result",
+                label,
+            )
 
     def scan_npy(self, data: memoryview, member: str, depth: int) -> None:
+        """numpy evaluates ``descr`` with ``ast.literal_eval`` and builds the dtype from it;
+        the same evaluation decides whether the data after the header is a pickle."""
         prefix = bytes(data[: npy.MAX_PREFIX])
-        try:
-            header = npy.parse_header(prefix, path=self.path, where=member, available=len(data))
-        except UnsupportedDtypeError:
-            # Strings, dates, records: no pickle unless an object field hides in the dtype,
-            # in which case numpy pickles the array after its header, as for object arrays.
-            header_text = prefix[: prefix.find(b"}") + 1]
-            if re.search(rb"""['"][|<>=]?O""", header_text) is None:
-                self.add(
-                    Severity.INFO, "plain-array", member, "a numpy array of a non-numeric dtype"
-                )
-                return
-            self.add(
-                Severity.MEDIUM,
-                "object-array",
-                member,
-                "numpy record array with object fields: its contents are a pickle",
-            )
-            self.scan_pickle_stream(
-                data[len(header_text) + npy.header_padding(prefix) :], member, depth + 1
-            )
-            return
-        if header.is_object:
-            self.add(
-                Severity.MEDIUM,
-                "object-array",
-                member,
-                "numpy object array: its contents are a pickle (scanned below)",
-            )
-            self.scan_pickle_stream(data[header.data_offset :], member, depth + 1)
-
-    def scan_tar(self) -> None:
-        """torch 0.1-0.3 saves: a tar whose members hold pickles between raw storages."""
-        self.format = "torch-legacy (tar)"
-        spans, stopped = torch_legacy.tar_pickle_spans(self.path)
-        with open(self.path, "rb") as handle:
-            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        data = memoryview(mapped)
-        for span in spans:
-            label = f"{self.path.name}!{span.member}"
+        size = len(data)
+        offset = npy.object_data_offset(prefix, path=self.path, where=member, available=size)
+        if offset is None:
             try:
-                result = scan_pickle(
-                    data[: span.end],
-                    start=span.start,
-                    expect_persistent_ids=True,
-                    limits=self.limits(),
-                )
-            except ModelportError as exc:
-                self.error(f"pickle at byte {span.start} could not be analysed: {exc}", label)
-                continue
-            self.findings.extend(Finding.from_pickle(f, label) for f in result.findings)
-        if stopped is not None and not spans:
-            self.scan_tar_members()
+                npy.parse_header(prefix, path=self.path, where=member, available=size)
+            except UnsupportedDtypeError:
+                self.add(Severity.INFO, "plain-array", member, "a numpy array of a rarer dtype")
             return
-        if stopped is not None:
-            self.error(f"the tar layout could not be walked to its end: {stopped}", "")
-        if not spans and stopped is None:
-            self.error("a tar archive that is not a torch save", "")
-
-    def scan_tar_members(self) -> None:
-        """Any other tar (NeMo's ``.nemo``, a packed model folder): every regular member is
-        scanned by its content, zips in place, nothing extracted."""
-        import tarfile
-
-        self.format = "tar"
-        try:
-            with tarfile.open(self.path, "r:") as archive:
-                members = archive.getmembers()
-        except (tarfile.TarError, OSError) as exc:
-            self.error(f"the tar archive could not be read: {exc}", "")
-            return
-        if len(members) > limits.MAX_SCANNED_FILES:
-            self.error(f"more than {limits.MAX_SCANNED_FILES:,} tar members", "")
-            return
-        with open(self.path, "rb") as handle:
-            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        data = memoryview(mapped)
-        for info in members:
-            if not info.isfile():
-                if info.issym() or info.islnk():
-                    self.add(Severity.MEDIUM, "tar-link", info.name, f"a link to {info.linkname!r}")
-                continue
-            if ".." in Path(info.name).parts or Path(info.name).is_absolute():
-                self.add(
-                    Severity.HIGH,
-                    "tar-path-traversal",
-                    info.name,
-                    "member name escapes the archive",
-                )
-            end = info.offset_data + info.size
-            if end > len(data):
-                self.error("the tar member runs past the end of the file", info.name)
-                continue
-            body = data[info.offset_data : end]
-            label = f"{self.path.name}!{info.name}"
-            if bytes(body[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
-                self.scan_zip(label, 1, start=info.offset_data, length=info.size)
-            elif body:
-                self.scan_bytes(body, label, 1, in_file=False)
-
-    # -- zips -------------------------------------------------------------------------------
-    def scan_zip(
-        self, member: str, depth: int, *, start: int = 0, length: int | None = None
-    ) -> None:
-        if depth > limits.MAX_CONTAINER_NESTING:
-            self.error(f"containers nested deeper than {limits.MAX_CONTAINER_NESTING}", member)
-            return
-        directory = ZipDirectory.read(self.path, start=start, length=length)
-        names = directory.names()
-        for name in directory.unsafe_names:
-            self.add(
-                Severity.HIGH,
-                "zip-path-traversal",
-                name,
-                "member name escapes the archive's folder",
-            )
-        if len(set(names)) != len(names):
-            self.add(
-                Severity.MEDIUM,
-                "duplicate-member",
-                member,
-                "the archive lists a member name twice: different loaders read different copies",
-            )
-        torchscript = any("/code/" in n or n.startswith("code/") for n in names) and any(
-            n.endswith("constants.pkl") for n in names
+        self.add(
+            Severity.MEDIUM,
+            "object-array",
+            member,
+            "numpy array whose dtype holds objects: np.load(allow_pickle=True) unpickles its "
+            "contents (scanned below)",
         )
-        torch_archive = any(n.endswith("data.pkl") for n in names)
-        if depth == 0:
-            self.format = "torchscript" if torchscript else "torch-zip" if torch_archive else "zip"
-        if torchscript:
-            code = sum(1 for n in names if "/code/" in n and n.endswith(".py"))
-            self.add(
-                Severity.INFO,
-                "torchscript-code",
-                member,
-                f"{code} TorchScript source files under code/: torch.jit.load compiles and "
-                "runs them (TorchScript, not Python)",
-            )
-        for mismatched in directory.mismatched_names:
-            self.add(
-                Severity.MEDIUM,
-                "zip-name-mismatch",
-                mismatched,
-                "the member's local header names a different file than the directory: "
-                "loaders that read either see different content",
-            )
-        for entry in directory.entries:  # duplicates too: other loaders read the last copy
-            if time.monotonic() > self.deadline:
-                self.error(
-                    f"time limit of {limits.SCAN_SECONDS_PER_FILE:.0f}s per file reached", member
-                )
-                return
-            label = f"{self.path.name}!{entry.name}"
-            if entry.name.endswith(TORCH_SAVED) and directory.holds_stored_zip(entry):
-                self.scan_zip(label, depth + 1, start=entry.data_offset, length=entry.size)
-                continue
-            blob = self.zip_member(directory, entry)
-            if blob is None:
-                continue
-            view = memoryview(blob)
-            if entry.name.endswith(".pkl") or (view[:1] and view[0] == 0x80):
-                self.scan_pickle_stream(
-                    view, label, depth + 1, torch_archive=torch_archive, torchscript=torchscript
-                )
-            elif blob.startswith(npy.MAGIC):
-                self.scan_npy(view, label, depth + 1)
-            elif torchscript and entry.name.endswith(".py") and "code/" in entry.name:
-                self.findings.extend(script_code.findings(blob, entry.name))
-        if depth == 0 and not torch_archive:
-            self.scan_with_reader(zip_only=True)
-
-    def zip_member(self, directory: ZipDirectory, entry: ZipEntry) -> bytes | None:
-        """A member's bytes to scan, or None for what holds no code: tensor data, members too
-        large to hold (pickles are always read), zip bombs (reported)."""
-        pickled = entry.name.endswith(".pkl")
-        if entry.size > limits.MAX_SCANNED_MEMBER_BYTES and not pickled:
-            return None
-        ratio = entry.size / entry.compressed_size if entry.compressed_size else 0
-        if ratio > 1000 and entry.size > 1 << 24:
-            message = f"inflates {entry.compressed_size:,} bytes to {entry.size:,}"
-            self.add(Severity.HIGH, "zip-bomb", entry.name, message)
-            return None
-        is_data = "/data/" in entry.name or entry.name.startswith("data/")
-        loaded = pickled or entry.name.endswith(TORCH_SAVED)  # torch.load reads .pt members
-        if (is_data and entry.is_stored and not loaded) or (entry.size > 1 << 26 and not loaded):
-            return None  # raw tensor storage of a torch archive, or too large to be code
-        blob = directory.read_member(entry, limits.MAX_SCANNED_MEMBER_BYTES)
-        if pickled and zlib.crc32(blob) != entry.crc32:
-            message = "the member's CRC-32 does not match its bytes"
-            self.add(Severity.MEDIUM, "bad-crc", entry.name, message)
-        return blob
+        self.scan_pickle_stream(data[offset:], member, depth + 1)
 
     # -- formats without code: their readers check every header field -------------------------
-    def scan_with_reader(self, *, zip_only: bool = False) -> None:
+    def scan_with_reader(self, *, zip_only: bool = False) -> str | None:
+        """The first reader of a code-free format (or, inside a zip, any reader) that takes
+        the file; its format's name, or None when none does."""
         probe = Probe.of(self.path)
         for reader in READERS:
+            if not zip_only and reader.format not in _CODE_FREE:
+                continue
             if not reader.sniff(probe):
                 continue
             if self.format in ("unknown", "zip"):
@@ -480,15 +405,12 @@ class _FileScanner:
                 self.add(
                     Severity.HIGH, "malformed", "", f"{reader.format} header check failed: {exc}"
                 )
-                return
+                return reader.format.value
             self.findings.extend(content_checks.findings(contents))
             if contents.close is not None:
                 contents.close()
-            return
-        if zip_only:
-            return
-        if content_checks.is_text(self.path):
-            self.format = "text"
-            self.findings.extend(content_checks.text_findings(self.path))
-            return
-        self.error("unrecognised binary content: could not be analysed", "")
+            return reader.format.value
+        return None
+
+
+_SNIFF = 1 << 16

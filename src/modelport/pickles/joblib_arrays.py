@@ -1,0 +1,109 @@
+"""How far ``joblib.load`` skips after each array header, computed the way joblib does.
+
+joblib writes an array's bytes right after the BUILD of its ``NumpyArrayWrapper``; its
+unpickler reads them straight from the file (``NumpyArrayWrapper.read_array`` and
+``read_mmap`` in joblib/numpy_pickle.py) and goes on with the opcodes after them:
+- ``count`` is the product of ``shape`` (a tuple or list of ints; an empty shape is one
+  element), whatever ``order`` says;
+- ``dtype.hasobject``: the elements are a nested pickle, read by a fresh unpickler;
+- otherwise, when the wrapper's state has ``numpy_array_alignment_bytes``, one byte gives a
+  padding length and that many bytes follow; then ``count * dtype.itemsize`` bytes.
+The dtype is numpy's own, rebuilt from ``numpy.dtype(spec, align, copy)`` and the BUILD
+state numpy pickles with it. A spelling whose size cannot be known for certain stops the
+scan (an ``error``): guessing would resynchronise inside data, where a crafted array can
+hide the opcodes after it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from modelport.errors import CorruptFileError
+from modelport.pickles.symbols import Made, Symbol
+
+WRAPPER_NAMES = frozenset(("NumpyArrayWrapper",))
+_MAX_RECORD_NESTING = 32
+_NUMPY_DTYPE = frozenset((("numpy", "dtype"), ("numpy.core.multiarray", "dtype")))
+
+
+def is_wrapper(origin: Any) -> bool:
+    """Whether BUILD fills joblib's array wrapper. joblib tests the built object with
+    isinstance, so any module path that resolves to the class counts: the name decides."""
+    return isinstance(origin, Symbol) and origin.name in WRAPPER_NAMES
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    """What follows the wrapper's BUILD: a nested pickle, or padding and raw bytes."""
+
+    holds_objects: bool
+    aligned: bool
+    nbytes: int
+
+
+def layout_of(state: Any) -> ArrayLayout:
+    if not isinstance(state, dict):
+        raise _unknown("its state is not a dict")
+    shape = state.get("shape")
+    if not isinstance(shape, (tuple, list)) or not all(type(n) is int and n >= 0 for n in shape):
+        raise _unknown(f"its shape is {type(shape).__name__}, not a list of sizes")
+    itemsize, holds_objects = _dtype_size(state.get("dtype"))
+    aligned = state.get("numpy_array_alignment_bytes") is not None
+    return ArrayLayout(holds_objects, aligned, math.prod(shape) * itemsize)
+
+
+def _dtype_size(dtype: Any, depth: int = 0) -> tuple[int, bool]:
+    """(itemsize, holds objects) of a pickled ``numpy.dtype``."""
+    if depth > _MAX_RECORD_NESTING:
+        raise _unknown("its record dtype nests too deep")
+    if not isinstance(dtype, Made) or not isinstance(dtype.origin, Symbol):
+        raise _unknown("its dtype is not a numpy dtype")
+    if dtype.origin.key not in _NUMPY_DTYPE or not dtype.args:
+        raise _unknown(f"its dtype is made by {dtype.origin.path}")
+    spec = dtype.args[0]
+    if not isinstance(spec, str):
+        raise _unknown("its dtype is not spelled as text")
+    import numpy as np  # numpy's own parser: the spelling means what it means to joblib
+
+    try:
+        parsed = np.dtype(spec)
+    except (TypeError, ValueError) as exc:
+        raise _unknown(f"numpy rejects its dtype {spec!r}") from exc
+    itemsize, holds_objects = parsed.itemsize, parsed.hasobject
+    for state in dtype.states:
+        itemsize, holds_objects = _apply_state(parsed, state, itemsize, holds_objects, depth)
+    return itemsize, holds_objects
+
+
+def _apply_state(
+    parsed: Any, state: Any, itemsize: int, holds_objects: bool, depth: int
+) -> tuple[int, bool]:
+    """numpy's dtype ``__setstate__``: (version, byteorder, subarray, names, fields, elsize,
+    alignment, flags[, metadata]); flexible dtypes take their size from ``elsize``."""
+    if not isinstance(state, tuple) or len(state) not in (8, 9):
+        raise _unknown("its dtype state is not numpy's")
+    subarray, names, fields, elsize = state[2], state[3], state[4], state[5]
+    if subarray is not None:
+        raise _unknown("its dtype is a subarray")
+    if type(elsize) is not int:
+        raise _unknown("its dtype state gives no element size")
+    if names is None and fields is None:
+        if parsed.kind in "SUV" and elsize >= 0:
+            return elsize, holds_objects
+        return itemsize, holds_objects
+    if parsed.kind != "V" or not isinstance(fields, dict) or elsize <= 0:
+        raise _unknown("its record dtype is not numpy's")
+    for value in fields.values():
+        field_dtype = value[0] if isinstance(value, tuple) and value else None
+        _, field_objects = _dtype_size(field_dtype, depth + 1)
+        holds_objects = holds_objects or field_objects
+    return elsize, holds_objects
+
+
+def _unknown(why: str) -> CorruptFileError:
+    return CorruptFileError(
+        f"joblib array header whose byte count cannot be known: {why}; joblib would skip "
+        "bytes modelport cannot place, so the rest of the stream is not analysed"
+    )

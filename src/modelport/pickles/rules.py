@@ -1,0 +1,204 @@
+"""The one rule that turns what a pickle does with each global into findings.
+
+- A known gadget (the denylist names it) is critical whatever the pickle does with it.
+- An allowlisted reconstructor is fine; what it calls or instantiates with its arguments
+  (``policy.PASSED_ON``) is judged as called or instantiated, and such an indirect call
+  is unsafe unless its target is allowlisted too.
+- Calling a standard-library callable that is not allowlisted is unsafe: the stdlib is
+  where gadgets come from (files, processes, sockets, code, imports).
+- Constructing a third-party class (NEWOBJ, or a call of a class) is suspicious: loading
+  imports that package and runs its constructor, which is what every whole-model pickle
+  does. Calling a third-party function is unsafe.
+- BUILD on a global itself (a module or class, not an instance) patches its attributes:
+  unsafe.
+Python names classes in CapWords and functions in lower case; the name is the only
+evidence a static scan has, and a gadget that breaks the convention belongs on the
+denylist.
+"""
+
+from __future__ import annotations
+
+from modelport.pickles import policy
+from modelport.pickles.interface import Step
+from modelport.pickles.records import ByteSpan
+from modelport.pickles.symbols import PickleFinding, Severity, Symbol, Usage
+
+_NESTED_TORCH = ("torch.storage", "_load_from_bytes")
+
+
+def judge_symbol(symbol: Symbol, torchscript: bool) -> list[PickleFinding]:
+    key = symbol.key
+    if key is None:
+        return []  # already reported as dynamic-global
+    found = [
+        PickleFinding(
+            Severity.HIGH,
+            "attribute-patching",
+            step.offset,
+            step.opcode,
+            symbol.path,
+            "build-target",
+            f"BUILD sets attributes on {symbol.path} itself (a module or class, not an "
+            "object): loading it patches code that runs later",
+        )
+        for step in symbol.patched
+    ]
+    return found + _judge_use(symbol, key, torchscript)
+
+
+def _judge_use(symbol: Symbol, key: tuple[str, str], torchscript: bool) -> list[PickleFinding]:
+    name = symbol.path
+    indirect = [(step, via) for step, usage, via in symbol.passed_on if usage is Usage.CALLED]
+    instantiated = symbol.news or any(u is Usage.INSTANTIATED for _, u, _ in symbol.passed_on)
+    usage = (
+        Usage.CALLED
+        if symbol.calls or indirect
+        else Usage.INSTANTIATED
+        if instantiated
+        else Usage.REFERENCED
+    )
+    at = _first_use(symbol)
+
+    def finding(severity: Severity, rule: str, message: str) -> list[PickleFinding]:
+        return [PickleFinding(severity, rule, at.offset, at.opcode, name, usage.value, message)]
+
+    if key == _NESTED_TORCH and _loads_bytes_only(symbol):
+        return finding(
+            Severity.INFO,
+            "nested-loader",
+            f"{name} loads a torch file embedded as bytes: those bytes are scanned as well",
+        )
+    exploit = policy.gadget(*key)
+    if exploit is not None:
+        verb = {Usage.CALLED: "calls", Usage.INSTANTIATED: "instantiates"}.get(usage, "references")
+        return finding(Severity.CRITICAL, "known-gadget", f"{verb} {name}, which {exploit}")
+    if key in policy.SAFE_CALLS:
+        return []
+    if key in policy.SAFE_VALUES:
+        if not (symbol.calls or symbol.news or indirect):
+            return []  # a dtype, or the ndarray type numpy's reconstructor instantiates
+        return finding(
+            Severity.HIGH, "value-called", f"calls {name}, which is a value, not a constructor"
+        )
+    if key in policy.SAFE_STDLIB_CALLS:
+        return finding(Severity.INFO, "stdlib-value", f"{name}: {policy.SAFE_STDLIB_CALLS[key]}")
+    if key in policy.SAFE_LIBRARY_OBJECTS:
+        reason = policy.SAFE_LIBRARY_OBJECTS[key]
+        return finding(Severity.INFO, "library-object", f"{name}: {reason}")
+    if torchscript and (key[0] == "__torch__" or key[0].startswith("__torch__.")):
+        return finding(
+            Severity.INFO,
+            "torchscript-class",
+            f"TorchScript class {name} (defined in the archive's code/)",
+        )
+    if indirect:
+        step, via = indirect[0]
+        return [
+            PickleFinding(
+                Severity.HIGH,
+                "indirect-call",
+                step.offset,
+                step.opcode,
+                name,
+                Usage.CALLED.value,
+                f"{via} calls {name} with data from the file: a call hidden behind an "
+                "allowlisted reconstructor",
+            )
+        ]
+    if symbol.calls:
+        return finding(*_direct_call(key, name))
+    if usage is Usage.REFERENCED:
+        return finding(
+            Severity.MEDIUM,
+            "unknown-global",
+            f"references {name} without using it the way model files do",
+        )
+    judged = _instantiation(symbol, key, name)
+    return finding(*judged) if judged is not None else []
+
+
+def _direct_call(key: tuple[str, str], name: str) -> tuple[Severity, str, str]:
+    if policy.is_standard_library(key[0]):
+        return (
+            Severity.HIGH,
+            "stdlib-call",
+            f"calls {name}, a standard-library callable that is not on the allowlist: the "
+            "standard library is where code execution, files, processes and sockets are",
+        )
+    if policy.names_a_class(key[1]):
+        return (
+            Severity.MEDIUM,
+            "custom-class-call",
+            f"constructs {name} with arguments from the file: loading it normally imports "
+            "that package and runs the class's constructor",
+        )
+    return (
+        Severity.HIGH,
+        "unknown-call",
+        f"calls {name}, which is not on the allowlist: a normal loader would import and run it",
+    )
+
+
+def _instantiation(
+    symbol: Symbol, key: tuple[str, str], name: str
+) -> tuple[Severity, str, str] | None:
+    """A class the pickle instantiates, judged by its arguments and the state handed to it;
+    None when it is on the allowlist and used as model files use it."""
+    plain_args = all(args == () for _, args in symbol.news)
+    plain_state = all(_is_plain_state(state) for made in symbol.made for state in made.states)
+    if key in policy.SAFE_CLASSES and plain_args:
+        return None
+    if not plain_args:
+        if policy.is_standard_library(key[0]):
+            return (
+                Severity.HIGH,
+                "unknown-constructor-args",
+                f"instantiates the standard-library class {name} with constructor arguments, "
+                "which model files never do",
+            )
+        return (
+            Severity.MEDIUM,
+            "custom-class-call",
+            f"instantiates {name} with constructor arguments from the file: loading it "
+            "normally imports that package and runs the class's constructor",
+        )
+    if plain_state:
+        return (
+            Severity.MEDIUM,
+            "custom-class",
+            f"instantiates {name} the way pickle stores a custom object: loading it "
+            "normally imports that class and runs its code",
+        )
+    return (
+        Severity.MEDIUM,
+        "custom-state",
+        f"instantiates {name} and hands its __setstate__ a non-dict state: loading it "
+        "normally runs that class's code on data from the file",
+    )
+
+
+def _first_use(symbol: Symbol) -> Step:
+    if symbol.calls:
+        return symbol.calls[0][0]
+    if symbol.news:
+        return symbol.news[0][0]
+    if symbol.passed_on:
+        return symbol.passed_on[0][0]
+    return symbol.step
+
+
+def _loads_bytes_only(symbol: Symbol) -> bool:
+    return bool(symbol.calls) and all(
+        args[:1] and isinstance(args[0], (bytes, ByteSpan)) for _, args in symbol.calls
+    )
+
+
+def _is_plain_state(state: object) -> bool:
+    """A dict, or the (dict | None, dict | None) pair that classes with __slots__ pickle."""
+    if isinstance(state, dict):
+        return True
+    return (
+        isinstance(state, tuple)
+        and len(state) == 2
+        and all(part is None or isinstance(part, dict) for part in state)
+    )

@@ -1,0 +1,327 @@
+"""Zips and tars, scanned member by member as their loaders read them.
+
+What each loader reads of an archive, from its own source:
+- ``torch.load`` (torch/serialization.py ``_load``): ``<prefix>/data.pkl`` unpickled,
+  ``data/<key>`` copied as raw storage bytes.
+- ``torch.jit.load`` (torch/csrc/jit/serialization/import.cpp): ``constants.pkl`` and
+  ``data.pkl`` unpickled, ``code/**.py`` compiled, ``data/`` raw.
+- ``torch.export.load`` (torch/export/pt2_archive, torch/_export/serde): the JSON program;
+  ``*.pt`` members through ``torch.load``, falling back to ``weights_only=False`` and to
+  plain pickle; raw weight bytes.
+- ``numpy.load`` of an ``.npz`` (numpy/lib/_npyio_impl.py): every ``*.npy`` member, object
+  arrays unpickled under ``allow_pickle``.
+- Keras ``.keras`` (keras/src/saving/saving_lib.py): ``config.json`` deserialized,
+  ``model.weights.h5`` read.
+- Python's ``zipfile`` (all of these but torch): every central-directory record whatever
+  the end record's count says; bytes in front of the zip are allowed.
+
+torch's reader walks only the end record's count and finds members by exact name; Python's
+walks the whole directory. The scanner reads the union: every record, every member judged
+by its content whatever its name, case or declared size; nested zips recursively, bounded
+in depth and inflated bytes. Raw tensor bytes (``data/`` of a torch archive, stored) are the
+one thing skipped: every loader copies them and none interprets them.
+"""
+
+from __future__ import annotations
+
+import mmap
+import tarfile
+import time
+import zlib
+from pathlib import Path
+
+from modelport import limits
+from modelport.errors import ModelportError
+from modelport.formats import torch_legacy
+from modelport.formats._zip import (
+    DEFLATED,
+    EOCD_SIGNATURE,
+    LOCAL_SIGNATURE,
+    STORED,
+    ZipDirectory,
+    ZipEntry,
+)
+from modelport.pickles.interface import Limits
+from modelport.pickles.judging import Severity, scan_pickle
+from modelport.scanning import content_kinds, script_code
+from modelport.scanning.findings import Finding
+
+# Members a loader hands to torch.load: the sample inputs, weights and constants of a .pt2.
+TORCH_SAVED = ".pt"
+_SNIFF_BYTES = 1 << 16
+_BOMB_RATIO, _BOMB_SIZE = 1000, 1 << 24  # deflate tops out near 1032:1 on runs of one byte
+
+
+class ArchiveScanning:
+    """The zip and tar half of a file's scan; ``scanner._FileScanner`` supplies the rest."""
+
+    path: Path
+    data: memoryview
+    format: str
+    deadline: float
+    findings: list[Finding]
+    zip_starts: set[int]
+
+    def error(self, message: str, member: str) -> None:
+        raise NotImplementedError
+
+    def add(self, severity: Severity, rule: str, member: str, message: str) -> None:
+        raise NotImplementedError
+
+    def scan_member(
+        self, data: memoryview, member: str, depth: int, *, torch_archive: bool, torchscript: bool
+    ) -> bool:
+        raise NotImplementedError
+
+    def limits(self) -> Limits:
+        raise NotImplementedError
+
+    def scan_with_reader(self, *, zip_only: bool = False) -> str | None:
+        raise NotImplementedError
+
+    # -- zips -------------------------------------------------------------------------------
+    def scan_zip(
+        self,
+        member: str,
+        depth: int,
+        *,
+        start: int = 0,
+        length: int | None = None,
+        blob: bytes | None = None,
+    ) -> None:
+        if depth > limits.MAX_CONTAINER_NESTING:
+            self.error(f"containers nested deeper than {limits.MAX_CONTAINER_NESTING}", member)
+            return
+        if blob is not None:
+            directory = ZipDirectory.from_bytes(blob, self.path)
+        else:
+            self.zip_starts.add(start)
+            directory = ZipDirectory.read(self.path, start=start, length=length)
+        names = directory.names()
+        self._report_directory(directory, member)
+        torchscript = any("/code/" in n or n.startswith("code/") for n in names) and any(
+            n.endswith("constants.pkl") for n in names
+        )
+        torch_archive = any(n.endswith("data.pkl") for n in names)
+        if depth == 0:
+            self.format = "torchscript" if torchscript else "torch-zip" if torch_archive else "zip"
+        if torchscript:
+            code = sum(1 for n in names if "/code/" in n and n.endswith(".py"))
+            self.add(
+                Severity.INFO,
+                "torchscript-code",
+                member,
+                f"{code} TorchScript source files under code/: torch.jit.load compiles and "
+                "runs them (TorchScript, not Python)",
+            )
+        for entry in directory.entries:  # duplicates too: other loaders read the last copy
+            if time.monotonic() > self.deadline:
+                self.error(
+                    f"time limit of {limits.SCAN_SECONDS_PER_FILE:.0f}s per file reached", member
+                )
+                return
+            self._scan_entry(directory, entry, depth, torch_archive, torchscript)
+        if depth == 0 and not torch_archive and blob is None:
+            self.scan_with_reader(zip_only=True)
+
+    def _report_directory(self, directory: ZipDirectory, member: str) -> None:
+        names = directory.names()
+        for name in directory.unsafe_names:
+            self.add(
+                Severity.HIGH,
+                "zip-path-traversal",
+                name,
+                "member name escapes the archive's folder",
+            )
+        if len(set(names)) != len(names):
+            self.add(
+                Severity.MEDIUM,
+                "duplicate-member",
+                member,
+                "the archive lists a member name twice: different loaders read different copies",
+            )
+        if 0 <= directory.declared_count != len(names):
+            self.add(
+                Severity.MEDIUM,
+                "zip-count-mismatch",
+                member,
+                f"the end record counts {directory.declared_count} members but the directory "
+                f"holds {len(names)}: torch reads the counted ones, Python's zipfile all of them",
+            )
+        for mismatched in directory.mismatched_names:
+            self.add(
+                Severity.MEDIUM,
+                "zip-name-mismatch",
+                mismatched,
+                "the member's local header names a different file than the directory: "
+                "loaders that read either see different content",
+            )
+
+    def _scan_entry(
+        self,
+        directory: ZipDirectory,
+        entry: ZipEntry,
+        depth: int,
+        torch_archive: bool,
+        torchscript: bool,
+    ) -> None:
+        label = f"{self.path.name}!{entry.name}"
+        ratio = entry.size / entry.compressed_size if entry.compressed_size else 0
+        if ratio > _BOMB_RATIO and entry.size > _BOMB_SIZE:
+            message = f"inflates {entry.compressed_size:,} bytes to {entry.size:,}"
+            self.add(Severity.HIGH, "zip-bomb", label, message)
+            return
+        raw = self._raw_member(directory, entry, label)
+        if raw is None or _is_raw_storage(entry, torch_archive or torchscript):
+            return
+        if entry.method == STORED and raw[:4] == LOCAL_SIGNATURE and directory.blob is None:
+            self.scan_zip(label, depth + 1, start=entry.data_offset, length=entry.size)
+            return
+        head = raw if entry.method == STORED else _inflate(raw, _SNIFF_BYTES, strict=False)
+        if head is None:
+            self.error("the member does not inflate", label)
+            return
+        if not _may_hold_code(bytes(head[:_SNIFF_BYTES]), entry.name, torchscript):
+            return
+        body = raw if entry.method == STORED else _inflate(raw, limits.MAX_SCANNED_MEMBER_BYTES)
+        if body is None:
+            self.error(
+                f"the member inflates past {limits.MAX_SCANNED_MEMBER_BYTES:,} bytes or does "
+                "not inflate: not analysed",
+                label,
+            )
+            return
+        self._check_member(entry, body, label)
+        if torchscript and entry.name.endswith(".py") and "code/" in entry.name:
+            self.findings.extend(script_code.findings(bytes(body), entry.name))
+            return
+        if bytes(body[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
+            self.scan_zip(label, depth + 1, blob=bytes(body))
+            return
+        self.scan_member(
+            body, label, depth + 1, torch_archive=torch_archive, torchscript=torchscript
+        )
+
+    def _raw_member(
+        self, directory: ZipDirectory, entry: ZipEntry, label: str
+    ) -> memoryview | None:
+        if entry.method not in (STORED, DEFLATED):
+            self.error(f"compression method {entry.method} is not analysed", label)
+            return None
+        base = memoryview(directory.blob) if directory.blob is not None else self.data
+        end = entry.data_offset + entry.compressed_size
+        if end > len(base):
+            self.error("the member runs past the end of the archive", label)
+            return None
+        return base[entry.data_offset : end]
+
+    def _check_member(self, entry: ZipEntry, body: memoryview, label: str) -> None:
+        if len(body) != entry.size:
+            self.add(
+                Severity.MEDIUM,
+                "zip-size-mismatch",
+                label,
+                f"the directory declares {entry.size:,} bytes but the member holds "
+                f"{len(body):,}: loaders that trust either see different content",
+            )
+        if zlib.crc32(body) != entry.crc32:
+            self.add(
+                Severity.MEDIUM, "bad-crc", label, "the member's CRC-32 does not match its bytes"
+            )
+
+    # -- tars -------------------------------------------------------------------------------
+    def scan_tar(self) -> None:
+        """torch 0.1-0.3 saves: a tar whose members hold pickles between raw storages; any
+        other tar is scanned member by member."""
+        spans, stopped = torch_legacy.tar_pickle_spans(self.path)
+        if stopped is not None and not spans:
+            self.scan_tar_members()
+            return
+        self.format = self.format if self.format != "unknown" else "torch-legacy (tar)"
+        for span in spans:
+            label = f"{self.path.name}!{span.member}"
+            try:
+                result = scan_pickle(
+                    self.data[: span.end],
+                    start=span.start,
+                    expect_persistent_ids=True,
+                    limits=self.limits(),
+                )
+            except ModelportError as exc:
+                self.error(f"pickle at byte {span.start} could not be analysed: {exc}", label)
+                continue
+            self.findings.extend(Finding.from_pickle(f, label) for f in result.findings)
+        if stopped is not None:
+            self.error(f"the tar layout could not be walked to its end: {stopped}", "")
+
+    def scan_tar_members(self) -> None:
+        """Any other tar (NeMo's ``.nemo``, a packed model folder): every regular member is
+        scanned by its content, zips in place, nothing extracted."""
+        self.format = self.format if self.format != "unknown" else "tar"
+        try:
+            with tarfile.open(self.path, "r:") as archive:
+                members = archive.getmembers()
+        except (tarfile.TarError, OSError) as exc:
+            self.error(f"the tar archive could not be read: {exc}", "")
+            return
+        if len(members) > limits.MAX_SCANNED_FILES:
+            self.error(f"more than {limits.MAX_SCANNED_FILES:,} tar members", "")
+            return
+        for info in members:
+            if not info.isfile():
+                if info.issym() or info.islnk():
+                    self.add(Severity.MEDIUM, "tar-link", info.name, f"a link to {info.linkname!r}")
+                continue
+            if ".." in Path(info.name).parts or Path(info.name).is_absolute():
+                self.add(
+                    Severity.HIGH,
+                    "tar-path-traversal",
+                    info.name,
+                    "member name escapes the archive",
+                )
+            end = info.offset_data + info.size
+            if end > len(self.data):
+                self.error("the tar member runs past the end of the file", info.name)
+                continue
+            body = self.data[info.offset_data : end]
+            label = f"{self.path.name}!{info.name}"
+            if bytes(body[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
+                self.scan_zip(label, 1, start=info.offset_data, length=info.size)
+            elif body:
+                self.scan_member(body, label, 1, torch_archive=False, torchscript=False)
+
+
+def _is_raw_storage(entry: ZipEntry, torch_archive: bool) -> bool:
+    """A tensor's bytes in a torch archive: ``<prefix>/data/<key>``, copied, never parsed."""
+    parts = entry.name.split("/")
+    return (
+        torch_archive
+        and entry.method == STORED
+        and len(parts) >= 2
+        and parts[-2] == "data"
+        and parts[-1].isdigit()
+    )
+
+
+def _may_hold_code(head: bytes, name: str, torchscript: bool) -> bool:
+    """Whether a member's first bytes (or its name, for TorchScript code) call for a full
+    read: anything but plain data does."""
+    return content_kinds.may_hold_code(head) or (torchscript and name.endswith(".py"))
+
+
+def _inflate(raw: memoryview, cap: int, *, strict: bool = True) -> memoryview | None:
+    """Raw deflate, never more than ``cap`` bytes; None when it does not inflate or (when
+    ``strict``) inflates past the cap. Declared sizes are not consulted."""
+    inflater = zlib.decompressobj(-15)
+    try:
+        data = inflater.decompress(raw, cap + 1)
+    except zlib.error:
+        return None
+    if strict and (len(data) > cap or inflater.unconsumed_tail):
+        return None
+    return memoryview(data[:cap])
+
+
+def mapped_view(path: Path) -> memoryview:
+    with open(path, "rb") as handle:
+        return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
