@@ -1,0 +1,81 @@
+"""TorchScript code is read with Python's tokenizer: a file-reading operator is found however
+the call is spaced or split, wherever it sits, and code that cannot be read is an error."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import modelport
+
+
+class Plain(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+def _with_code(tmp_path: Path, rewrite: str) -> Path:
+    """A real scripted module whose forward is rewritten to ``rewrite`` (indented body)."""
+    source = tmp_path / "plain.pt"
+    torch.jit.save(torch.jit.script(Plain()), source)
+    target = tmp_path / "model.pt"
+    rewritten = False
+    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(target, "w") as out:
+        for info in archive.infolist():
+            data = archive.read(info.filename)
+            if info.filename.endswith(".py") and b"def forward" in data:
+                head, _, _ = data.decode().partition("    return")
+                data = (head + rewrite).encode()
+                rewritten = True
+            out.writestr(info, data)
+    assert rewritten, "no forward() in the archive's code"
+    return target
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '    y = torch.from_file("/etc/hostname", None, 4, dtype=0)\n    return x\n',
+        '    y = torch . from_file ("/etc/hostname", None, 4)\n    return x\n',
+        '    y = torch.\\\n      from_file("/etc/hostname", None, 4)\n    return x\n',
+        '    y = ops.aten.from_file(  # a comment\n      "/etc/hostname", None, 4)\n    return x\n',
+    ],
+    ids=["plain", "spaced", "continued", "ops-namespace"],
+)
+def test_file_operators_are_found_however_spelled(tmp_path: Path, body: str) -> None:
+    report = modelport.scan(_with_code(tmp_path, body))
+    assert report.verdict == "unsafe", report.to_json()
+    assert [f.rule for f in report.serious] == ["torchscript-file-access"]
+
+
+def test_a_custom_operator_namespace_is_suspicious(tmp_path: Path) -> None:
+    body = "    return torch.ops.mylib.run_native(x)\n"
+    report = modelport.scan(_with_code(tmp_path, body))
+    assert report.verdict == "suspicious", report.to_json()
+    rules = {f.rule for f in report.files[0].findings}
+    assert "torchscript-custom-op" in rules
+
+
+def test_the_same_text_in_a_string_or_comment_is_not_a_call(tmp_path: Path) -> None:
+    body = '    s = "torch.from_file(x)"  # from_file( in a comment\n    return x\n'
+    assert modelport.scan(_with_code(tmp_path, body)).verdict == "safe"
+
+
+def test_code_the_tokenizer_rejects_is_an_error(tmp_path: Path) -> None:
+    body = '    return """never closed\n'
+    report = modelport.scan(_with_code(tmp_path, body))
+    assert report.verdict == "error", report.to_json()
+
+
+def test_setstate_runs_while_loading(tmp_path: Path) -> None:
+    body = (
+        "    return x\n"
+        "  def __setstate__(self, state: Tuple[bool]) -> None:\n"
+        '    _0 = torch.from_file("/etc/hostname", None, 4)\n'
+        "    return None\n"
+    )
+    (finding,) = modelport.scan(_with_code(tmp_path, body)).serious
+    assert "while the model loads" in finding.message
