@@ -124,4 +124,6 @@ def test_a_deeply_nested_safetensors_header_is_a_corrupt_file(tmp_path: Path) ->
         json.loads(header)  # the stdlib's own parser gives up on it
     with pytest.raises(modelport.errors.CorruptFileError, match="not valid JSON"):
         modelport.open(path)
-    assert [f.rule for f in modelport.scan(path).serious] == ["malformed"]
+    report = modelport.scan(path)
+    assert report.verdict == "error"
+    assert "not valid JSON" in report.files[0].findings[0].message

@@ -310,13 +310,31 @@ def test_mutated_files_never_crash_the_scanner(tmp_path: Path, data: st.DataObje
         assert report.verdict != "safe", report.to_json()  # a pickle the stdlib rejects
 
 
-def test_lying_sizes_are_reported(tmp_path: Path) -> None:
-    path = tmp_path / "lying.safetensors"
+def test_damage_is_an_error_with_its_diagnosis_never_safe_or_unsafe(
+    tmp_path: Path, cli: Cli
+) -> None:
+    """Damage alone is ``error`` in every format: a size that lies, a cut file, an empty
+    file, random bytes, a Git LFS pointer, a web page saved as the model."""
     header = json.dumps({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
-    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
-    report = modelport.scan(path)
-    assert report.verdict == "unsafe"
-    assert report.files[0].findings[0].rule == "malformed"
+    model = tmp_path / "model"
+    torch.save({"w": torch.ones(3)}, model)
+    cases = {
+        "lying.safetensors": struct.pack("<Q", len(header)) + header + b"\0" * 8,
+        "cut.pt": model.read_bytes()[:-300],
+        "empty.bin": b"",
+        "random.pt": bytes(range(7, 250)) * 40,
+        "lfs.safetensors": b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n",
+        "page.bin": b"<!DOCTYPE html><html><body>Not found</body></html>\n",
+        "README.md": b"# my model\n",
+    }
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        report = modelport.scan(path)
+        assert report.verdict == "error", (name, report.to_json())
+        (finding,) = report.files[0].findings
+        assert finding.rule == "not-analysed" and finding.message, name
+        assert "allow-unsafe" not in cli("scan", path).out + cli("scan", path).err
 
 
 class Estimator:

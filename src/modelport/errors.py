@@ -100,6 +100,12 @@ class CorruptFileError(FormatError):
     """The structure contradicts itself: overlapping ranges, bad offsets, malformed opcodes."""
 
 
+class EscapingReferenceError(CorruptFileError):
+    """The file points its loader at bytes outside what it may read: a path that climbs out
+    of the model's folder, a symbolic link leading elsewhere. A loader that follows it reads
+    files of the machine, so the scanner calls it unsafe, not merely damaged."""
+
+
 class UnparsedPickleError(CorruptFileError):
     """A pickle the scanner could not walk to its STOP. ``findings`` are what it judged in
     the opcodes before that (``pickles.judging.PickleFinding``); ``truncated``: the bytes

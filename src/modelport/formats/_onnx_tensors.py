@@ -36,6 +36,7 @@ import numpy as np
 from modelport import dtypes, limits
 from modelport.errors import (
     CorruptFileError,
+    EscapingReferenceError,
     LimitExceededError,
     ModelFileNotFoundError,
     TruncatedFileError,
@@ -295,9 +296,10 @@ class TensorData:
         if not location:
             raise self.corrupt(f"tensor {name!r} is EXTERNAL but names no location")
         if location[0] in "/\\" or ".." in parts or ":" in parts[0] or "\x00" in location:
-            raise self.corrupt(
+            raise EscapingReferenceError(
                 f"tensor {name!r}: external data location {location!r} points outside the "
-                "model's folder; refusing to follow it"
+                "model's folder; refusing to follow it",
+                path=self.path,
             )
         try:
             offset = int(entries.get("offset", "0"))
@@ -315,9 +317,10 @@ class TensorData:
         if target.is_symlink() or (
             target.exists() and not target.resolve().is_relative_to(self.path.parent.resolve())
         ):
-            raise self.corrupt(
+            raise EscapingReferenceError(
                 f"tensor {name!r}: external data {location!r} is a symbolic link or leads "
-                "outside the model's folder; refusing to follow it (onnx refuses it too)"
+                "outside the model's folder; refusing to follow it (onnx refuses it too)",
+                path=self.path,
             )
         if not target.is_file():
             raise ModelFileNotFoundError(

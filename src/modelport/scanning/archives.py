@@ -304,9 +304,10 @@ def _is_raw_storage(entry: ZipEntry, torch_archive: bool) -> bool:
 
 
 def _may_hold_code(head: bytes, name: str, torchscript: bool) -> bool:
-    """Whether a member's first bytes (or its name, for TorchScript code) call for a full
-    read: anything but plain data does."""
-    return content_kinds.may_hold_code(head) or (torchscript and name.endswith(".py"))
+    """Whether a member calls for a full read: anything but plain data does, and so does
+    a member its loader unpickles by name (``*.pkl``; ``*.pt`` through ``torch.load``)."""
+    by_name = name.endswith((".pkl", TORCH_SAVED)) or (torchscript and name.endswith(".py"))
+    return by_name or content_kinds.may_hold_code(head)
 
 
 def _inflate(raw: memoryview, cap: int, *, strict: bool = True) -> memoryview | None:

@@ -22,7 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelport import limits
-from modelport.errors import ModelportError, UnparsedPickleError, UnsupportedDtypeError
+from modelport.errors import (
+    EscapingReferenceError,
+    ModelportError,
+    UnparsedPickleError,
+    UnsupportedDtypeError,
+)
 from modelport.formats import _compressed, dcp, npy, torch_legacy
 from modelport.formats._zip import (
     EOCD_SIGNATURE,
@@ -36,7 +41,7 @@ from modelport.formats.registry import READERS
 from modelport.pickles.interface import Limits
 from modelport.pickles.judging import Severity, scan_pickle
 from modelport.scanning import content_checks, content_kinds, walking
-from modelport.scanning.archives import ArchiveScanning, mapped_view
+from modelport.scanning.archives import TORCH_SAVED, ArchiveScanning, mapped_view
 from modelport.scanning.content_kinds import PickleReading
 from modelport.scanning.findings import FileReport, Finding, ScanReport, worst
 
@@ -57,7 +62,7 @@ def scan(*paths: str | Path) -> ScanReport:
             continue
         walk = walking.walk(path)
         segments = dcp.segments_of(list(walk.files))
-        reports.extend(scan_file(p, segments.get(p.resolve())) for p in walk.files)
+        reports.extend(scan_file(p, segments.get(p.resolve()), in_folder=True) for p in walk.files)
         reports.extend(
             _error_report(link, "link", f"a symbolic link to {target}, outside {path}")
             if target is not None
@@ -77,10 +82,14 @@ def scan(*paths: str | Path) -> ScanReport:
     return ScanReport(worst([r.verdict for r in reports]), tuple(reports))
 
 
-def scan_file(path: Path, segments: list[tuple[int, int]] | None = None) -> FileReport:
+def scan_file(
+    path: Path, segments: list[tuple[int, int]] | None = None, *, in_folder: bool = False
+) -> FileReport:
     """One file's verdict; errors while reading become an ``error`` verdict, not a crash.
-    ``segments`` lists (offset, length) of zips stored back to back (DCP ``.distcp`` files)."""
-    scanner = _FileScanner(path, segments)
+    ``segments`` lists (offset, length) of zips stored back to back (DCP ``.distcp`` files);
+    ``in_folder``: met in a folder scan, where a model's companion files (README, tokenizer
+    data) leave the verdict alone instead of being an error as files that are no model."""
+    scanner = _FileScanner(path, segments, in_folder=in_folder)
     try:
         scanner.run()
     except ModelportError as exc:
@@ -99,6 +108,7 @@ def _error_report(path: Path, kind: str, message: str) -> FileReport:
 class _FileScanner(ArchiveScanning):
     path: Path
     segments: list[tuple[int, int]] | None = None
+    in_folder: bool = False
     format: str = "unknown"
     findings: list[Finding] = field(default_factory=list)
     data: memoryview = field(default_factory=lambda: memoryview(b""))
@@ -217,9 +227,30 @@ class _FileScanner(ArchiveScanning):
         return Severity.MEDIUM if named_code or self.format.startswith("torch") else Severity.INFO
 
     def scan_unrecognised(self) -> None:
+        """No model reading: a file a loader reads for what it makes it do (a config, a chat
+        template), a model's companion in a folder, or else not a model at all (an error
+        that says what it is, never ``safe``)."""
+        head = bytes(self.data[:_SNIFF])
+        if head.startswith(_LFS_POINTER):
+            self.format = "git-lfs-pointer"
+            self.error("a Git LFS pointer, not the file it names: run `git lfs pull`", "")
+            return
+        if head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
+            self.format = "html"
+            self.error("an HTML page, not a model (a download that returned a web page?)", "")
+            return
+        suffix = self.path.suffix.lower()
         if content_checks.is_text(self.path):
             self.format = "text"
-            self.findings.extend(content_checks.text_findings(self.path))
+            found = content_checks.text_findings(self.path)
+            self.findings.extend(found)
+            if found or self.in_folder or suffix in _LOADER_TEXT:
+                return
+            self.error("a text file that is not a model and that no model loader reads", "")
+            return
+        if self.in_folder and (suffix in _TOKENIZER_DATA or self.path.name in _TOKENIZER_NAMES):
+            self.format = "tokenizer-data"
+            self.add(Severity.INFO, "tokenizer-data", "", "tokenizer data: read as data, no code")
             return
         self.error("unrecognised binary content: could not be analysed", "")
 
@@ -247,8 +278,8 @@ class _FileScanner(ArchiveScanning):
         if torch_legacy.is_tar(head[:512]):
             self.error("a tar inside a member is not analysed", member)
             return True
-        if member.endswith(".pkl"):
-            self.error("a .pkl member that does not parse as a pickle", member)
+        if member.endswith((".pkl", TORCH_SAVED)):
+            self.error("a member its loader unpickles does not parse as a pickle", member)
             return True
         return False
 
@@ -401,10 +432,11 @@ class _FileScanner(ArchiveScanning):
                 self.format = reader.format.value
             try:
                 contents = reader.contents(probe)
+            except EscapingReferenceError as exc:
+                self.add(Severity.HIGH, "reaches-outside", "", str(exc))
+                return reader.format.value
             except ModelportError as exc:
-                self.add(
-                    Severity.HIGH, "malformed", "", f"{reader.format} header check failed: {exc}"
-                )
+                self.error(f"damaged or not a {reader.format} file: {exc}", "")
                 return reader.format.value
             self.findings.extend(content_checks.findings(contents))
             if contents.close is not None:
@@ -414,3 +446,10 @@ class _FileScanner(ArchiveScanning):
 
 
 _SNIFF = 1 << 16
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+# Text a model loader reads for what it makes it do: configs name code, templates render.
+_LOADER_TEXT = frozenset((".json", ".jinja", ".jinja2", ".yaml", ".yml"))
+# Binary files a model folder carries beside its weights, which tokenizer libraries parse
+# as data (sentencepiece protobufs, tiktoken ranks).
+_TOKENIZER_DATA = frozenset((".model", ".spm", ".tiktoken", ".bpe"))
+_TOKENIZER_NAMES = frozenset(("tokenizer.model", "spiece.model", "sentencepiece.bpe.model"))
