@@ -407,3 +407,26 @@ def test_a_numpy_constructor_handed_a_gadget_is_still_unsafe(tmp_path: Path) -> 
     )
     serious = modelport.scan(path).serious
     assert [(f.rule, f.global_name) for f in serious] == [("known-gadget", "os.system")]
+
+
+class _Buffers(torch.nn.Module):
+    """Raw tensor bytes that open like pickle opcodes: ``N.`` parses whole, ``B`` + a length
+    runs past the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("whole", torch.tensor(list(b"N.\0\0"), dtype=torch.uint8))
+        self.register_buffer("cut", torch.tensor(list(b"B\xff\xff\x7f\0\0"), dtype=torch.uint8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.whole.float().sum() + self.cut.float().sum()
+
+
+def test_raw_tensor_bytes_that_look_like_pickles_are_data(tmp_path: Path) -> None:
+    module = _Buffers()
+    saves = {"model.pt": tmp_path / "model.pt", "model.pt2": tmp_path / "model.pt2"}
+    torch.save(module.state_dict(), saves["model.pt"])
+    torch.export.save(torch.export.export(module, (torch.ones(2),)), saves["model.pt2"])
+    for name, path in saves.items():
+        report = modelport.scan(path)
+        assert report.verdict == "safe", (name, report.to_json())

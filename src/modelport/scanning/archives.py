@@ -103,6 +103,11 @@ class ArchiveScanning:
             n.endswith("constants.pkl") for n in names
         )
         torch_archive = any(n.endswith("data.pkl") for n in names)
+        torch_family = (
+            torch_archive
+            or torchscript
+            or any(n.endswith("/archive_format") or n == "archive_format" for n in names)
+        )
         if depth == 0:
             self.format = "torchscript" if torchscript else "torch-zip" if torch_archive else "zip"
         if torchscript:
@@ -120,7 +125,7 @@ class ArchiveScanning:
                     f"time limit of {limits.SCAN_SECONDS_PER_FILE:.0f}s per file reached", member
                 )
                 return
-            self._scan_entry(directory, entry, depth, torch_archive, torchscript)
+            self._scan_entry(directory, entry, depth, torch_archive, torch_family, torchscript)
         if depth == 0 and not torch_archive and blob is None:
             self.scan_with_reader(zip_only=True)
 
@@ -163,6 +168,7 @@ class ArchiveScanning:
         entry: ZipEntry,
         depth: int,
         torch_archive: bool,
+        torch_family: bool,
         torchscript: bool,
     ) -> None:
         label = f"{self.path.name}!{entry.name}"
@@ -172,7 +178,7 @@ class ArchiveScanning:
             self.add(Severity.HIGH, "zip-bomb", label, message)
             return
         raw = self._raw_member(directory, entry, label)
-        if raw is None or _is_raw_storage(entry, torch_archive or torchscript):
+        if raw is None or _is_raw_storage(entry, torch_family):
             return
         if entry.method == STORED and raw[:4] == LOCAL_SIGNATURE and directory.blob is None:
             self.scan_zip(label, depth + 1, start=entry.data_offset, length=entry.size)
@@ -291,15 +297,16 @@ class ArchiveScanning:
                 self.scan_member(body, label, 1, torch_archive=False, torchscript=False)
 
 
-def _is_raw_storage(entry: ZipEntry, torch_archive: bool) -> bool:
-    """A tensor's bytes in a torch archive: ``<prefix>/data/<key>``, copied, never parsed."""
+def _is_raw_storage(entry: ZipEntry, torch_family: bool) -> bool:
+    """Tensor bytes in a torch archive (``data/<key>`` of torch.save and TorchScript,
+    ``data/weights/*`` and ``data/constants/*`` of a ``.pt2``): stored, copied, never parsed.
+    Members those loaders parse carry their suffix (``.pkl``, ``.pt``, ``.json``, ``.py``)."""
     parts = entry.name.split("/")
     return (
-        torch_archive
+        torch_family
         and entry.method == STORED
-        and len(parts) >= 2
-        and parts[-2] == "data"
-        and parts[-1].isdigit()
+        and "data" in parts[:-1]
+        and not parts[-1].endswith((".pkl", TORCH_SAVED, ".json", ".py"))
     )
 
 

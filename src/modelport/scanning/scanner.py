@@ -270,7 +270,11 @@ class _FileScanner(ArchiveScanning):
         if kind is not None:
             self.scan_compressed(data, kind, member, depth)
             return True
-        if content_kinds.pickle_reading(data) is not PickleReading.NONE:
+        # A cut pickle that named no code runs nothing: as a member it is data (tensor bytes
+        # can open like a length opcode); one its loader unpickles by name is read below.
+        if content_kinds.pickle_reading(data) is PickleReading.WHOLE or member.endswith(
+            (".pkl", TORCH_SAVED)
+        ):
             self.scan_pickle_stream(
                 data, member, depth, torch_archive=torch_archive, torchscript=torchscript
             )
