@@ -69,6 +69,11 @@ class FileError(ModelportError, ValueError):
             self.args = (f"{path}: {self.args[0]}", *self.args[1:])
 
 
+class SourceChangedError(FileError):
+    """The input changed while modelport was reading it (rewritten in place, or another
+    file renamed over it): what was scanned is not what was read, so nothing is written."""
+
+
 class FormatError(FileError):
     """The file's bytes do not form the format they claim or appear to be."""
 

@@ -16,8 +16,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from modelport import dtypes
 from modelport._version import __version__
 from modelport.conversion import selecting
 from modelport.conversion.verifying import CastCheck, compare_elements, verify, verify_directory
-from modelport.errors import ConversionError, UsageError
+from modelport.errors import ConversionError, UsageError, VerificationError
 from modelport.formats import _hf_writer
 from modelport.formats.protocol import FormatReader
 from modelport.formats.registry import READERS
@@ -34,6 +34,7 @@ from modelport.loading.model_file import check_safety
 from modelport.loading.model_file import open as open_model
 from modelport.tensors import TensorRef
 from modelport.transfer import placing, progress, readback
+from modelport.transfer.pinning import SourcePin
 from modelport.transfer.readback import OutputChecks
 from modelport.transfer.write_plan import OutputTensor, WritePlan
 from modelport.tree import names as trees
@@ -132,7 +133,9 @@ def convert(
     else:
         placing.check_target(source, target, options.overwrite)
     _check_directory_target(source, target, writer, options)
+    pin = SourcePin.of(source)
     check_safety(source, allow_unsafe=options.allow_unsafe)
+    pin.check("scanned")
     with open_model(source) as model:
         structure = _structure(model, options)
         chosen, selection, left_out = selecting.select(
@@ -173,7 +176,7 @@ def convert(
                 on_progress(min(moved[0], total), total)
 
         with progress.reporting(tick):
-            casts = _write_verified(plan, target, writer, options, source)
+            casts = _write_verified(plan, target, writer, options, source, pin)
     return ConvertReport(
         report.source,
         report.target,
@@ -366,9 +369,12 @@ def _write_verified(
     writer: FormatReader,
     options: ConvertOptions,
     source: Path | None = None,
+    pin: SourcePin | None = None,
 ) -> tuple[CastCheck, ...]:
+    """Written beside the target, verified, then installed; a pinned source is checked
+    once the copy is verified, so a source that changed installs nothing."""
     if writer is _hf_writer.TARGET:  # a directory of shards: built beside, then renamed
-        return _write_directory(plan, target, options, source)
+        return _write_directory(plan, target, options, source, pin)
     assert writer.write is not None
     temporary = placing.sibling(target, "tmp")
     try:
@@ -377,13 +383,28 @@ def _write_verified(
                 writer.write(handle, plan)
                 if options.fsync:
                     os.fsync(handle.fileno())
-            casts = verify(temporary, plan, copies) if options.verify else ()
+            with _pinned(pin):
+                casts = verify(temporary, plan, copies) if options.verify else ()
             placing.install_file(temporary, target, overwrite=options.overwrite)
             if options.fsync:
                 placing.fsync_directory(target.parent)
         return casts
     finally:
         temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def _pinned(pin: SourcePin | None) -> Iterator[None]:
+    """Verification, then the source's identity: a source that changed explains a copy
+    that differs from it, and installs nothing even when the copy happens to agree."""
+    try:
+        yield
+    except VerificationError:
+        if pin is not None:
+            pin.check("converted")
+        raise
+    if pin is not None:
+        pin.check("converted")
 
 
 def _copy_checks(options: ConvertOptions) -> AbstractContextManager[OutputChecks]:
@@ -447,7 +468,11 @@ def _directory_notes(
 
 
 def _write_directory(
-    plan: WritePlan, target: Path, options: ConvertOptions, source: Path | None
+    plan: WritePlan,
+    target: Path,
+    options: ConvertOptions,
+    source: Path | None,
+    pin: SourcePin | None,
 ) -> tuple[CastCheck, ...]:
     """Shards, index and sidecars built in a new directory beside ``target``, verified, then
     renamed into place; into an existing ``target`` (``--overwrite``) they are moved file by
@@ -461,7 +486,8 @@ def _write_directory(
                 planned = _hf_writer.write_directory(
                     building, plan, limit, source, options.dtype, options.fsync
                 )
-            casts = verify_directory(building, plan, planned, copies) if options.verify else ()
+            with _pinned(pin):
+                casts = verify_directory(building, plan, planned, copies) if options.verify else ()
             if target.is_dir():  # only what modelport writes is replaced; the rest stays
                 placing.merge_directory(
                     building,
