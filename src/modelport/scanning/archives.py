@@ -24,6 +24,7 @@ one thing skipped: every loader copies them and none interprets them.
 
 from __future__ import annotations
 
+import json
 import mmap
 import tarfile
 import time
@@ -49,6 +50,7 @@ from modelport.scanning.findings import Finding
 # Members a loader hands to torch.load: the sample inputs, weights and constants of a .pt2.
 TORCH_SAVED = ".pt"
 _SNIFF_BYTES = 1 << 16
+_MAX_CONFIG_BYTES = 64 << 20
 _BOMB_RATIO, _BOMB_SIZE = 1000, 1 << 24  # deflate tops out near 1032:1 on runs of one byte
 
 
@@ -103,11 +105,8 @@ class ArchiveScanning:
             n.endswith("constants.pkl") for n in names
         )
         torch_archive = any(n.endswith("data.pkl") for n in names)
-        torch_family = (
-            torch_archive
-            or torchscript
-            or any(n.endswith("/archive_format") or n == "archive_format" for n in names)
-        )
+        exported = any(n.endswith("/archive_format") or n == "archive_format" for n in names)
+        raw_payloads = self._exported_raw_payloads(directory) if exported else frozenset()
         if depth == 0:
             self.format = "torchscript" if torchscript else "torch-zip" if torch_archive else "zip"
         if torchscript:
@@ -125,7 +124,13 @@ class ArchiveScanning:
                     f"time limit of {limits.SCAN_SECONDS_PER_FILE:.0f}s per file reached", member
                 )
                 return
-            self._scan_entry(directory, entry, depth, torch_archive, torch_family, torchscript)
+            raw = (
+                entry.name in raw_payloads
+                if exported
+                else (torch_archive or torchscript) and _is_raw_storage(entry)
+            )
+            if not raw:
+                self._scan_entry(directory, entry, depth, torch_archive, torchscript)
         if depth == 0 and not torch_archive and blob is None:
             self.scan_with_reader(zip_only=True)
 
@@ -168,7 +173,6 @@ class ArchiveScanning:
         entry: ZipEntry,
         depth: int,
         torch_archive: bool,
-        torch_family: bool,
         torchscript: bool,
     ) -> None:
         label = f"{self.path.name}!{entry.name}"
@@ -178,7 +182,7 @@ class ArchiveScanning:
             self.add(Severity.HIGH, "zip-bomb", label, message)
             return
         raw = self._raw_member(directory, entry, label)
-        if raw is None or _is_raw_storage(entry, torch_family):
+        if raw is None:
             return
         if entry.method == STORED and raw[:4] == LOCAL_SIGNATURE and directory.blob is None:
             self.scan_zip(label, depth + 1, start=entry.data_offset, length=entry.size)
@@ -222,18 +226,48 @@ class ArchiveScanning:
         return base[entry.data_offset : end]
 
     def _check_member(self, entry: ZipEntry, body: memoryview, label: str) -> None:
+        """Damage that loaders refuse (Python's zipfile checks both) makes the member an
+        error; its bytes were judged all the same, for loaders that do not check."""
         if len(body) != entry.size:
-            self.add(
-                Severity.MEDIUM,
-                "zip-size-mismatch",
-                label,
+            self.error(
                 f"the directory declares {entry.size:,} bytes but the member holds "
-                f"{len(body):,}: loaders that trust either see different content",
+                f"{len(body):,}: damaged, or made so loaders disagree",
+                label,
             )
-        if zlib.crc32(body) != entry.crc32:
-            self.add(
-                Severity.MEDIUM, "bad-crc", label, "the member's CRC-32 does not match its bytes"
-            )
+        elif zlib.crc32(body) != entry.crc32:
+            self.error("the member's CRC-32 does not match its bytes: damaged", label)
+
+    def _exported_raw_payloads(self, directory: ZipDirectory) -> frozenset[str]:
+        """The members a ``.pt2``'s payload configs declare as raw tensor bytes. The rest of
+        ``data/weights`` and ``data/constants`` is unpickled by torch.export.load whatever its
+        name (torch/export/pt2_archive/_package.py): ``use_pickle`` payloads through
+        ``torch.load(weights_only=False)``, ``custom_obj_*`` through torch's own unpickler,
+        ``opaque_obj_*`` through ``pickle.loads``; those are judged by content."""
+        raw: set[str] = set()
+        loaded: set[str] = set()
+        for entry in directory.entries:
+            folder, _, name = entry.name.rpartition("/")
+            if not name.endswith(("_weights_config.json", "_constants_config.json")):
+                continue
+            try:
+                document = json.loads(directory.read_member(entry, _MAX_CONFIG_BYTES))
+            except (ModelportError, ValueError, RecursionError) as exc:
+                self.error(
+                    f"a payload config torch.export.load reads is unreadable: {exc}", entry.name
+                )
+                continue
+            config = document.get("config") if isinstance(document, dict) else None
+            for payload in (config or {}).values() if isinstance(config, dict) else ():
+                path_name = payload.get("path_name") if isinstance(payload, dict) else None
+                if not isinstance(path_name, str):
+                    continue
+                member = f"{folder}/{path_name}"
+                tensor = path_name.startswith(("weight_", "tensor_"))
+                if payload.get("use_pickle") is False and tensor:
+                    raw.add(member)
+                else:
+                    loaded.add(member)
+        return frozenset(raw - loaded)
 
     # -- tars -------------------------------------------------------------------------------
     def scan_tar(self) -> None:
@@ -297,17 +331,11 @@ class ArchiveScanning:
                 self.scan_member(body, label, 1, torch_archive=False, torchscript=False)
 
 
-def _is_raw_storage(entry: ZipEntry, torch_family: bool) -> bool:
-    """Tensor bytes in a torch archive (``data/<key>`` of torch.save and TorchScript,
-    ``data/weights/*`` and ``data/constants/*`` of a ``.pt2``): stored, copied, never parsed.
-    Members those loaders parse carry their suffix (``.pkl``, ``.pt``, ``.json``, ``.py``)."""
+def _is_raw_storage(entry: ZipEntry) -> bool:
+    """Tensor bytes of a torch.save or TorchScript archive (``<prefix>/data/<key>``, reached
+    through data.pkl's persistent ids): stored, copied, never parsed."""
     parts = entry.name.split("/")
-    return (
-        torch_family
-        and entry.method == STORED
-        and "data" in parts[:-1]
-        and not parts[-1].endswith((".pkl", TORCH_SAVED, ".json", ".py"))
-    )
+    return entry.method == STORED and len(parts) >= 2 and parts[-2] == "data"
 
 
 def _may_hold_code(head: bytes, name: str, torchscript: bool) -> bool:

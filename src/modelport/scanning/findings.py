@@ -89,6 +89,10 @@ class FileReport:
     verdict: str
     findings: tuple[Finding, ...]
 
+    def noted(self, finding: Finding) -> FileReport:
+        """The same report with one more (informational) finding."""
+        return FileReport(self.path, self.format, self.verdict, (*self.findings, finding))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "path": self.path,

@@ -62,12 +62,22 @@ def scan(*paths: str | Path) -> ScanReport:
             continue
         walk = walking.walk(path)
         segments = dcp.segments_of(list(walk.files))
-        reports.extend(scan_file(p, segments.get(p.resolve()), in_folder=True) for p in walk.files)
+        for file in walk.files:
+            report = scan_file(file, segments.get(file.resolve()), in_folder=True)
+            if file in walk.outside:
+                report = report.noted(
+                    Finding(
+                        Severity.INFO,
+                        "link-outside",
+                        "",
+                        f"a symbolic link to {walk.outside[file]}, outside {path}: a loader "
+                        "reads that file, so it was judged there",
+                    )
+                )
+            reports.append(report)
         reports.extend(
-            _error_report(link, "link", f"a symbolic link to {target}, outside {path}")
-            if target is not None
-            else _error_report(link, "link", "a symbolic link that resolves to nothing")
-            for link, target in walk.escaping_links
+            _error_report(link, "link", "a symbolic link that leads nowhere")
+            for link in walk.dangling
         )
         if walk.truncated:
             reports.append(
@@ -77,7 +87,7 @@ def scan(*paths: str | Path) -> ScanReport:
                     f"more than {limits.MAX_SCANNED_FILES} files; the rest were not scanned",
                 )
             )
-        if not walk.files and not walk.escaping_links:
+        if not walk.files and not walk.dangling:
             reports.append(_error_report(path, "dir", "the folder holds no file: nothing to judge"))
     return ScanReport(worst([r.verdict for r in reports]), tuple(reports))
 
@@ -218,13 +228,10 @@ class _FileScanner(ArchiveScanning):
         return True
 
     def _polyglot_severity(self) -> Severity:
-        """Two readings of plain data harm no loader; a reading that names code is the point
-        of a polyglot (a pickle behind an HDF5 file, a tar in front of a pickle)."""
-        named_code = any(f.global_name for f in self.findings) or any(
-            f.rule not in ("opaque-member",) and f.severity is not Severity.INFO
-            for f in self.findings
-        )
-        return Severity.MEDIUM if named_code or self.format.startswith("torch") else Severity.INFO
+        """Readings that are each plain data harm no loader: then the polyglot is noted; when
+        any reading does more, the file's shape is part of the trick and counts too."""
+        serious = any(f.severity is not Severity.INFO for f in self.findings)
+        return Severity.MEDIUM if serious else Severity.INFO
 
     def scan_unrecognised(self) -> None:
         """No model reading: a file a loader reads for what it makes it do (a config, a chat
@@ -318,6 +325,12 @@ class _FileScanner(ArchiveScanning):
             if legacy and index + 1 == _LEGACY_PICKLES:
                 return  # then raw storage bytes, which torch copies and never parses
             if start >= len(data):
+                if legacy:
+                    self.error(
+                        f"the legacy torch stream ends after {index + 1} of its "
+                        f"{_LEGACY_PICKLES} pickles (truncated?)",
+                        member,
+                    )
                 return
             if content_kinds.pickle_reading(data[start:]) is not PickleReading.WHOLE and not legacy:
                 if not explained:
@@ -409,16 +422,23 @@ class _FileScanner(ArchiveScanning):
         offset = npy.object_data_offset(prefix, path=self.path, where=member, available=size)
         if offset is None:
             try:
-                npy.parse_header(prefix, path=self.path, where=member, available=size)
+                header = npy.parse_header(prefix, path=self.path, where=member, available=size)
             except UnsupportedDtypeError:
                 self.add(Severity.INFO, "plain-array", member, "a numpy array of a rarer dtype")
+                return
+            if header.data_offset + header.nbytes > size:
+                self.error(
+                    f"the header promises {header.nbytes:,} bytes of data, "
+                    f"{max(0, size - header.data_offset):,} follow it (truncated?)",
+                    member,
+                )
             return
         self.add(
-            Severity.MEDIUM,
+            Severity.INFO,
             "object-array",
             member,
             "numpy array whose dtype holds objects: np.load(allow_pickle=True) unpickles its "
-            "contents (scanned below)",
+            "contents, judged below",
         )
         self.scan_pickle_stream(data[offset:], member, depth + 1)
 

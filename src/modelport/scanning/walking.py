@@ -1,7 +1,7 @@
 """Which files a folder scan judges. A Hugging Face cache snapshot is a folder of symbolic
-links into ``blobs/``: links that stay inside the scanned tree are followed to the files
-they name (each judged once, under the link's path); links that leave it, or lead
-nowhere, are reported, never followed."""
+links into ``../../blobs/``: every link to a file is followed, since the loader reads its
+target, and each file is judged once, under the first path that reaches it. Links that
+leave the scanned folder are reported as such; links that lead nowhere are errors."""
 
 from __future__ import annotations
 
@@ -15,42 +15,35 @@ from modelport import limits
 @dataclass(frozen=True)
 class Walk:
     files: tuple[Path, ...]
-    escaping_links: tuple[tuple[Path, Path | None], ...]  # (link, its target or None)
+    outside: dict[Path, Path]  # link among ``files`` -> its target outside the folder
+    dangling: tuple[Path, ...]
     truncated: bool
 
 
 def walk(root: Path) -> Walk:
     base = root.resolve()
     files: list[Path] = []
-    escaping: list[tuple[Path, Path | None]] = []
+    outside: dict[Path, Path] = {}
+    dangling: list[Path] = []
     seen: set[Path] = set()
     for folder, dirs, names in os.walk(root, followlinks=False):
         dirs.sort()
         here = Path(folder)
         for name in [*sorted(names), *(d for d in dirs if (here / d).is_symlink())]:
             path = here / name
-            target = _inside(path, base)
-            if path.is_symlink() and target is None:
-                escaping.append((path, _resolved(path)))
+            real = _resolved(path)
+            if real is None:
+                dangling.append(path)
                 continue
-            real = target if target is not None else path.resolve()
             if real in seen or not real.is_file():
-                continue  # a second link to one file, or a link to a folder (walked as such)
+                continue  # a second path to one file, or a link to a folder
             seen.add(real)
             files.append(path)
+            if path.is_symlink() and not real.is_relative_to(base):
+                outside[path] = real
     files.sort()
     truncated = len(files) > limits.MAX_SCANNED_FILES
-    return Walk(tuple(files[: limits.MAX_SCANNED_FILES]), tuple(escaping), truncated)
-
-
-def _inside(path: Path, base: Path) -> Path | None:
-    """A link's final target when it stays under ``base``; None for a link leaving it."""
-    if not path.is_symlink():
-        return path.resolve()
-    resolved = _resolved(path)
-    if resolved is None or not resolved.is_relative_to(base):
-        return None
-    return resolved
+    return Walk(tuple(files[: limits.MAX_SCANNED_FILES]), outside, tuple(dangling), truncated)
 
 
 def _resolved(path: Path) -> Path | None:
