@@ -28,7 +28,8 @@ from safetensors.torch import save_file
 import modelport
 from modelport import limits
 from modelport.cli.main import main
-from modelport.conversion.converting import ConvertOptions, convert
+from modelport.conversion.converting import convert
+from modelport.conversion.options import ConvertOptions
 from modelport.errors import (
     ConversionError,
     CorruptFileError,

@@ -27,7 +27,7 @@ DOCUMENTED = {
     "ModelFile": "modelport.loading.model_file",
     "InspectReport": "modelport.loading.inspect_report",
     "ScanReport": "modelport.scanning.findings",
-    "ConvertOptions": "modelport.conversion.converting",
+    "ConvertOptions": "modelport.conversion.options",
     "ConvertReport": "modelport.conversion.converting",
     "DiffReport": "modelport.comparing.diffing",
     "HashReport": "modelport.comparing.fingerprint",

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from modelport.comparing.diffing import DiffReport, diff
     from modelport.comparing.fingerprint import HashReport
     from modelport.comparing.fingerprint import fingerprint as hash  # noqa: F401 (not in __all__)
-    from modelport.conversion.converting import ConvertOptions, ConvertReport, convert
+    from modelport.conversion.converting import ConvertReport, convert
+    from modelport.conversion.options import ConvertOptions
     from modelport.formats.protocol import Format
     from modelport.loading.inspect_report import InspectReport
     from modelport.loading.model_file import ModelFile, inspect, load
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 # public name -> (defining module, name there)
 _PUBLIC: dict[str, tuple[str, str]] = {
     "CheckReport": ("modelport.torch_models.checking", "CheckReport"),
-    "ConvertOptions": ("modelport.conversion.converting", "ConvertOptions"),
+    "ConvertOptions": ("modelport.conversion.options", "ConvertOptions"),
     "ConvertReport": ("modelport.conversion.converting", "ConvertReport"),
     "DiffReport": ("modelport.comparing.diffing", "DiffReport"),
     "ExportReport": ("modelport.torch_models.export_report", "ExportReport"),

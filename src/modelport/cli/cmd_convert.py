@@ -19,13 +19,8 @@ from rich.progress import (
 import modelport
 from modelport.cli._output import human_bytes
 from modelport.cli.commands import COMMANDS, ExitCode
-from modelport.conversion.converting import (
-    CASTS,
-    GGUF_TYPES,
-    TARGETS,
-    ConvertOptions,
-    ConvertReport,
-)
+from modelport.conversion.converting import CASTS, GGUF_TYPES, TARGETS, ConvertReport
+from modelport.conversion.options import ConvertOptions
 
 EXAMPLES = """examples:
   modelport convert pytorch_model.bin model.safetensors

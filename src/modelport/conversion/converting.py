@@ -13,29 +13,26 @@ nothing behind, and an existing file is never replaced unless asked.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from modelport import dtypes
 from modelport._version import __version__
-from modelport.conversion import selecting
-from modelport.conversion.verifying import CastCheck, compare_elements, verify, verify_directory
-from modelport.errors import ConversionError, UsageError, VerificationError
+from modelport.conversion import selecting, writing
+from modelport.conversion.options import ConvertOptions
+from modelport.conversion.verifying import CastCheck
+from modelport.errors import ConversionError, UsageError
 from modelport.formats import _hf_writer
 from modelport.formats.protocol import FormatReader
 from modelport.formats.registry import READERS
 from modelport.loading.model_file import check_safety
 from modelport.loading.model_file import open as open_model
 from modelport.tensors import TensorRef
-from modelport.transfer import placing, progress, readback
+from modelport.transfer import placing, progress
 from modelport.transfer.pinning import SourcePin
-from modelport.transfer.readback import OutputChecks
 from modelport.transfer.write_plan import OutputTensor, WritePlan
 from modelport.tree import names as trees
 from modelport.tree import typed_json
@@ -48,31 +45,6 @@ TARGETS = {
     "hf": "hf-dir",
 }
 CASTS = ("float16", "bfloat16", "float32")
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    to: str | None = None
-    dtype: str | None = None
-    gguf_type: str | None = None  # f32 | f16 | bf16 | q8_0, for GGUF targets
-    dequantize: bool = False  # GGML block-quantized sources become float32 (or --dtype)
-    sha256: bool = False  # record the source's full sha256 in the provenance (a full read)
-    extract: str | None = None
-    take_all: bool = False
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    strip_prefix: str | None = None  # a literal prefix, or "auto"
-    add_prefix: str | None = None
-    renames: tuple[tuple[str, str], ...] = ()
-    materialize_ties: bool = False
-    ema: bool = False
-    overwrite: bool = False
-    fsync: bool = False
-    verify: bool = True
-    dry_run: bool = False
-    allow_unsafe: bool = False
-    shard_size: int | str | None = None  # --to hf: bytes per shard (default 5GB)
-    drop_unrepresentable: bool = False  # --all: leave out values that are not plain data
 
 
 @dataclass(frozen=True)
@@ -132,7 +104,7 @@ def convert(
         placing.check_target(source, target, overwrite=True)
     else:
         placing.check_target(source, target, options.overwrite)
-    _check_directory_target(source, target, writer, options)
+    writing.check_directory_target(source, target, writer, options)
     pin = SourcePin.of(source)
     check_safety(source, allow_unsafe=options.allow_unsafe)
     pin.check("scanned")
@@ -149,7 +121,7 @@ def convert(
         outputs, aliases = _dedupe(outputs, writer, options.materialize_ties)
         metadata = _metadata(model, options, aliases)
         plan = _plan(structure, outputs, aliases, metadata)
-        notes.extend(_directory_notes(source, writer, plan, options))
+        notes.extend(writing.directory_notes(source, writer, plan, options))
         summary = tuple((t.name, t.dtype, t.shape, t.nbytes) for t in outputs)
         report = ConvertReport(
             str(source),
@@ -176,14 +148,14 @@ def convert(
                 on_progress(min(moved[0], total), total)
 
         with progress.reporting(tick):
-            casts = _write_verified(plan, target, writer, options, source, pin)
+            casts = writing.write_verified(plan, target, writer, options, source, pin)
     return ConvertReport(
         report.source,
         report.target,
         report.source_format,
         report.target_format,
         report.tensors,
-        _bytes_on_disk(target),
+        writing.bytes_on_disk(target),
         selection,
         report.left_out,
         aliases,
@@ -349,7 +321,7 @@ def _metadata(model: Any, options: ConvertOptions, aliases: dict[str, str]) -> d
     recipe = {k: v for k, v in vars(options).items() if v not in (None, False, (), "")}
     recipe.pop("overwrite", None)
     if options.sha256:
-        metadata["modelport.source_sha256"] = _sha256(model.path)
+        metadata["modelport.source_sha256"] = writing.sha256_of(model.path)
     metadata.update(
         {
             "modelport.version": __version__,
@@ -360,151 +332,3 @@ def _metadata(model: Any, options: ConvertOptions, aliases: dict[str, str]) -> d
         }
     )
     return metadata
-
-
-# -- writing and verifying -------------------------------------------------------------------
-def _write_verified(
-    plan: WritePlan,
-    target: Path,
-    writer: FormatReader,
-    options: ConvertOptions,
-    source: Path | None = None,
-    pin: SourcePin | None = None,
-) -> tuple[CastCheck, ...]:
-    """Written beside the target, verified, then installed; a pinned source is checked
-    once the copy is verified, so a source that changed installs nothing."""
-    if writer is _hf_writer.TARGET:  # a directory of shards: built beside, then renamed
-        return _write_directory(plan, target, options, source, pin)
-    assert writer.write is not None
-    temporary = placing.sibling(target, "tmp")
-    try:
-        with placing.full_disk_refused(target):
-            with open(temporary, "w+b", buffering=0) as handle, _copy_checks(options) as copies:
-                writer.write(handle, plan)
-                if options.fsync:
-                    os.fsync(handle.fileno())
-            with _pinned(pin):
-                casts = verify(temporary, plan, copies) if options.verify else ()
-            placing.install_file(temporary, target, overwrite=options.overwrite)
-            if options.fsync:
-                placing.fsync_directory(target.parent)
-        return casts
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-@contextmanager
-def _pinned(pin: SourcePin | None) -> Iterator[None]:
-    """Verification, then the source's identity: a source that changed explains a copy
-    that differs from it, and installs nothing even when the copy happens to agree."""
-    try:
-        yield
-    except VerificationError:
-        if pin is not None:
-            pin.check("converted")
-        raise
-    if pin is not None:
-        pin.check("converted")
-
-
-def _copy_checks(options: ConvertOptions) -> AbstractContextManager[OutputChecks]:
-    """Written bytes are compared with the source (when verifying) and checksummed on a
-    second thread while the writing goes on (see ``readback``)."""
-    return readback.checking_output(compare=options.verify, elements=compare_elements)
-
-
-def _sha256(path: Path) -> str:
-    """The source's full-content sha256 (every file of a directory, in name order)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        with open(file, "rb") as handle:
-            while block := handle.read(1 << 24):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-# -- Hugging Face directories ------------------------------------------------------------------
-def _check_directory_target(
-    source: Path, target: Path, writer: FormatReader, options: ConvertOptions
-) -> None:
-    if writer is not _hf_writer.TARGET:
-        if options.shard_size is not None:
-            raise UsageError("--shard-size applies to --to hf only")
-        return
-    _hf_writer.parse_size(options.shard_size)
-    if target.exists() and source.exists() and source.resolve().is_relative_to(target.resolve()):
-        raise ConversionError(
-            f"{target}: replacing it would delete the input {source}; choose another directory"
-        )
-    if target.is_dir() and not options.overwrite:
-        present = sorted(p.name for p in target.iterdir() if _hf_writer.superseded(p.name))
-        if present:
-            raise ConversionError(
-                f"{target} already holds {', '.join(present)}; pass --overwrite to replace them"
-            )
-
-
-def _directory_notes(
-    source: Path, writer: FormatReader, plan: WritePlan, options: ConvertOptions
-) -> list[str]:
-    if writer is not _hf_writer.TARGET:
-        return []
-    limit = _hf_writer.parse_size(options.shard_size)
-    planned = _hf_writer.layout(plan, limit)
-    notes = []
-    if len(planned.files) > 1:
-        notes.append(
-            f"{len(planned.files)} shards of at most {limit:,} bytes (a larger tensor gets "
-            f"one of its own), with {_hf_writer.INDEX_NAME}"
-        )
-    carried, sidecar_notes = _hf_writer.sidecars(source, _hf_writer.weight_names(planned))
-    notes.extend(sidecar_notes)
-    if not any(p.name == _hf_writer.CONFIG_NAME for p in carried):
-        notes.append("no config.json beside the source: add one before from_pretrained")
-    return notes
-
-
-def _write_directory(
-    plan: WritePlan,
-    target: Path,
-    options: ConvertOptions,
-    source: Path | None,
-    pin: SourcePin | None,
-) -> tuple[CastCheck, ...]:
-    """Shards, index and sidecars built in a new directory beside ``target``, verified, then
-    renamed into place; into an existing ``target`` (``--overwrite``) they are moved file by
-    file, and only the older files of the same weights scheme are removed."""
-    limit = _hf_writer.parse_size(options.shard_size)
-    building = placing.sibling(target, "tmp")
-    building.mkdir()
-    try:
-        with placing.full_disk_refused(target):
-            with _copy_checks(options) as copies:
-                planned = _hf_writer.write_directory(
-                    building, plan, limit, source, options.dtype, options.fsync
-                )
-            with _pinned(pin):
-                casts = verify_directory(building, plan, planned, copies) if options.verify else ()
-            if target.is_dir():  # only what modelport writes is replaced; the rest stays
-                placing.merge_directory(
-                    building,
-                    target,
-                    _hf_writer.superseded,
-                    overwrite=options.overwrite,
-                    fsync=options.fsync,
-                )
-            else:
-                placing.install_directory(building, target, options.fsync)
-        return casts
-    finally:
-        if building.is_dir():
-            shutil.rmtree(building, ignore_errors=True)
-
-
-def _bytes_on_disk(target: Path) -> int:
-    if target.is_dir():
-        return sum(p.stat().st_size for p in target.iterdir() if p.is_file())
-    return target.stat().st_size

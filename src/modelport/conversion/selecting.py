@@ -18,7 +18,7 @@ from modelport.tensors import TensorRef
 from modelport.tree import names as trees
 
 if TYPE_CHECKING:
-    from modelport.conversion.converting import ConvertOptions
+    from modelport.conversion.options import ConvertOptions
 
 
 def select(

@@ -30,7 +30,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelport.conversion.converting import ConvertOptions, convert
+from modelport.conversion.converting import convert
+from modelport.conversion.options import ConvertOptions
 from modelport.loading.model_file import check_safety
 from modelport.loading.model_file import open as open_model
 from modelport.torch_models.building import build_model

@@ -1,0 +1,30 @@
+"""What a conversion is asked to do: every choice ``convert`` and its command line take."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    to: str | None = None
+    dtype: str | None = None
+    gguf_type: str | None = None  # f32 | f16 | bf16 | q8_0, for GGUF targets
+    dequantize: bool = False  # GGML block-quantized sources become float32 (or --dtype)
+    sha256: bool = False  # record the source's full sha256 in the provenance (a full read)
+    extract: str | None = None
+    take_all: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    strip_prefix: str | None = None  # a literal prefix, or "auto"
+    add_prefix: str | None = None
+    renames: tuple[tuple[str, str], ...] = ()
+    materialize_ties: bool = False
+    ema: bool = False
+    overwrite: bool = False
+    fsync: bool = False
+    verify: bool = True
+    dry_run: bool = False
+    allow_unsafe: bool = False
+    shard_size: int | str | None = None  # --to hf: bytes per shard (default 5GB)
+    drop_unrepresentable: bool = False  # --all: leave out values that are not plain data
