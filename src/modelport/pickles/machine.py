@@ -44,7 +44,13 @@ class _Machine:
         self.marks: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
         self.protocol = 0
-        self.step = Step(start, "", self)
+        self.op_offset = start
+        self.op_code = -1
+
+    @property
+    def step(self) -> Step:
+        """Where the machine is, built only when a resolver or an error needs it."""
+        return Step(self.op_offset, _NAMES.get(self.op_code, ""), self)
 
     # -- reading primitives -------------------------------------------------------------
     @property
@@ -146,34 +152,73 @@ class _Machine:
 
     # -- the loop -------------------------------------------------------------------------
     def execute(self) -> PickleResult:
+        """The loop. The opcodes that make up most of every real pickle (memo traffic, marks,
+        short strings and ints, small tuples) run inline with exactly their handlers'
+        semantics; the rest go through the handler table."""
         data = self.data
+        size = len(data)
+        memo = self.memo
+        max_stack = self.limits.max_stack
         count = 0
         max_ops = self.limits.max_opcodes
         seconds = self.limits.max_seconds
         deadline = None if seconds is None else time.monotonic() + seconds
+        handlers = _HANDLERS
         while True:
-            if self.pos >= len(data):
+            pos = self.pos
+            if pos >= size:
                 raise TruncatedFileError(
-                    f"pickle truncated: no STOP opcode before byte {self.pos}",
-                    expected=self.pos + 1,
-                    actual=len(data),
+                    f"pickle truncated: no STOP opcode before byte {pos}",
+                    expected=pos + 1,
+                    actual=size,
                 )
-            code = data[self.pos]
-            handler = _DISPATCH.get(code)
-            if handler is None:
-                raise CorruptFileError(f"pickle: unknown opcode 0x{code:02x} at byte {self.pos}")
-            self.step = Step(self.pos, handler.__name__[3:].upper(), self)
-            self.pos += 1
+            code = data[pos]
+            self.op_offset = pos
+            self.op_code = code
+            pos += 1
+            self.pos = pos
             count += 1
             if count > max_ops:
                 raise LimitExceededError("pickle opcode count", max_ops, count)
             if deadline is not None and not count & 0xFFFF and time.monotonic() > deadline:
                 spent = int(time.monotonic() - deadline + (seconds or 0))
                 raise LimitExceededError("seconds spent on one pickle", int(seconds or 0), spent)
-            if code == 0x2E:  # STOP
+            stack = self.stack
+            if code == _BINPUT and pos < size and stack:
+                self.pos = pos + 1
+                index = data[pos]
+                if index not in memo and len(memo) >= self.limits.max_memo:
+                    raise LimitExceededError(
+                        "pickle memo size", self.limits.max_memo, len(memo) + 1
+                    )
+                memo[index] = stack[-1]
+            elif code == _BINGET and pos < size and data[pos] in memo:
+                self.pos = pos + 1
+                stack.append(memo[data[pos]])
+                if len(stack) > max_stack:
+                    raise LimitExceededError("pickle stack depth", max_stack, len(stack))
+            elif code == _SHORT_BINUNICODE and pos < size and pos + 1 + data[pos] <= size:
+                end = pos + 1 + data[pos]
+                self.pos = end
+                try:
+                    stack.append(str(data[pos + 1 : end], "utf-8", "surrogatepass"))
+                except UnicodeDecodeError:
+                    raise CorruptFileError(f"pickle: invalid UTF-8 at byte {pos - 1}") from None
+                if len(stack) > max_stack:
+                    raise LimitExceededError("pickle stack depth", max_stack, len(stack))
+            elif code == _BININT1 and pos < size:
+                self.pos = pos + 1
+                stack.append(data[pos])
+                if len(stack) > max_stack:
+                    raise LimitExceededError("pickle stack depth", max_stack, len(stack))
+            elif code == _STOP:
                 value = self.pop()
                 return PickleResult(value, self.pos, self.protocol, count)
-            handler(self)
+            else:
+                handler = handlers[code]
+                if handler is None:
+                    raise CorruptFileError(f"pickle: unknown opcode 0x{code:02x} at byte {pos - 1}")
+                handler(self)
 
     # -- opcodes (method name = "op_" + pickletools name, lower case) --------------------
     def op_proto(self) -> None:
@@ -267,7 +312,10 @@ class _Machine:
         self.push(bytes(self._take(self._u("<B", 1))).decode("latin-1"))
 
     def op_unicode(self) -> None:
-        self.push(self._line().decode("raw-unicode-escape"))
+        try:
+            self.push(self._line().decode("raw-unicode-escape"))
+        except UnicodeDecodeError:
+            raise CorruptFileError(f"pickle: bad \\u escape at byte {self.op_offset}") from None
 
     def _text(self, n: int) -> str:
         try:
@@ -491,8 +539,13 @@ class _Machine:
 
 
 # Handlers by opcode byte: "op_" + the opcode's name in pickletools, the stdlib's own table of
-# protocols 0-5.
+# protocols 0-5; None for bytes that are no opcode.
 _DISPATCH = {
     op.code.encode("latin-1")[0]: getattr(_Machine, "op_" + op.name.lower())
     for op in pickletools.opcodes
 }
+_HANDLERS = [_DISPATCH.get(code) for code in range(256)]
+_NAMES = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
+_CODES = {name: code for code, name in _NAMES.items()}
+_BINPUT, _BINGET, _BININT1 = _CODES["BINPUT"], _CODES["BINGET"], _CODES["BININT1"]
+_SHORT_BINUNICODE, _STOP = _CODES["SHORT_BINUNICODE"], _CODES["STOP"]
