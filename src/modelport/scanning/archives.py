@@ -42,10 +42,10 @@ from modelport.formats._zip import (
     ZipDirectory,
     ZipEntry,
 )
-from modelport.pickles.interface import Limits
 from modelport.pickles.judging import Severity, scan_pickle
 from modelport.scanning import content_kinds, script_code
 from modelport.scanning.findings import Finding
+from modelport.scanning.scan_state import ScanState
 
 # Members a loader hands to torch.load: the sample inputs, weights and constants of a .pt2.
 TORCH_SAVED = ".pt"
@@ -54,32 +54,8 @@ _MAX_CONFIG_BYTES = 64 << 20
 _BOMB_RATIO, _BOMB_SIZE = 1000, 1 << 24  # deflate tops out near 1032:1 on runs of one byte
 
 
-class ArchiveScanning:
-    """The zip and tar half of a file's scan; ``scanner._FileScanner`` supplies the rest."""
-
-    path: Path
-    data: memoryview
-    format: str
-    deadline: float
-    findings: list[Finding]
-    zip_starts: set[int]
-
-    def error(self, message: str, member: str) -> None:
-        raise NotImplementedError
-
-    def add(self, severity: Severity, rule: str, member: str, message: str) -> None:
-        raise NotImplementedError
-
-    def scan_member(
-        self, data: memoryview, member: str, depth: int, *, torch_archive: bool, torchscript: bool
-    ) -> bool:
-        raise NotImplementedError
-
-    def limits(self) -> Limits:
-        raise NotImplementedError
-
-    def scan_with_reader(self, *, zip_only: bool = False) -> str | None:
-        raise NotImplementedError
+class ArchiveScanning(ScanState):
+    """The zip and tar part of a file's scan."""
 
     # -- zips -------------------------------------------------------------------------------
     def scan_zip(
@@ -130,7 +106,8 @@ class ArchiveScanning:
                 else (torch_archive or torchscript) and _is_raw_storage(entry)
             )
             if not raw:
-                self._scan_entry(directory, entry, depth, torch_archive, torchscript)
+                parent = member or self.path.name
+                self._scan_entry(directory, entry, parent, depth, torch_archive, torchscript)
         if depth == 0 and not torch_archive and blob is None:
             self.scan_with_reader(zip_only=True)
 
@@ -171,11 +148,12 @@ class ArchiveScanning:
         self,
         directory: ZipDirectory,
         entry: ZipEntry,
+        parent: str,
         depth: int,
         torch_archive: bool,
         torchscript: bool,
     ) -> None:
-        label = f"{self.path.name}!{entry.name}"
+        label = f"{parent}!{entry.name}"
         ratio = entry.size / entry.compressed_size if entry.compressed_size else 0
         if ratio > _BOMB_RATIO and entry.size > _BOMB_SIZE:
             message = f"inflates {entry.compressed_size:,} bytes to {entry.size:,}"
@@ -190,6 +168,8 @@ class ArchiveScanning:
         head = raw if entry.method == STORED else _inflate(raw, _SNIFF_BYTES, strict=False)
         if head is None:
             self.error("the member does not inflate", label)
+            return
+        if entry.name.endswith(".json") and self._scan_json_member(directory, entry, label):
             return
         if not _may_hold_code(bytes(head[:_SNIFF_BYTES]), entry.name, torchscript):
             return
@@ -236,6 +216,16 @@ class ArchiveScanning:
             )
         elif zlib.crc32(body) != entry.crc32:
             self.error("the member's CRC-32 does not match its bytes: damaged", label)
+
+    def _scan_json_member(self, directory: ZipDirectory, entry: ZipEntry, label: str) -> bool:
+        """A JSON member (a ``.keras`` config, a ``.pt2`` program) for objects it embeds;
+        False when it is not JSON after all, and is judged by its content instead."""
+        try:
+            document = json.loads(directory.read_member(entry, _MAX_CONFIG_BYTES))
+        except (ModelportError, ValueError, RecursionError):
+            return False
+        self.scan_embedded(document, label)
+        return True
 
     def _exported_raw_payloads(self, directory: ZipDirectory) -> frozenset[str]:
         """The members a ``.pt2``'s payload configs declare as raw tensor bytes. The rest of

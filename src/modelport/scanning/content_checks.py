@@ -1,9 +1,10 @@
 """Findings in formats that carry no pickle, from what their readers report.
 
 Keras files name code (Lambda layers hold Python bytecode; custom objects name classes to
-import); GGUF and tokenizer metadata carry Jinja chat templates that loaders render; HDF5
-links, virtual datasets and external storage make h5py open other files of the machine.
-The readers record these without acting on them; this module rates them.
+import); GGUF and tokenizer metadata carry Jinja chat templates that loaders render
+(``templates`` judges them); Hugging Face configurations name code that ``from_pretrained``
+imports (``hf_code``); HDF5 links, virtual datasets and external storage make h5py open other
+files of the machine. The readers record these without acting on them; this module rates them.
 """
 
 from __future__ import annotations
@@ -13,26 +14,12 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from modelport import limits
+from modelport.errors import MissingDependencyError
 from modelport.formats.protocol import Contents
 from modelport.pickles.judging import Severity
 from modelport.pickles.policy import gadget
+from modelport.scanning import hf_code, templates
 from modelport.scanning.findings import Finding
-
-TEMPLATE_ESCAPES = (  # what a Jinja sandbox escape reaches for
-    "__class__",
-    "__globals__",
-    "__builtins__",
-    "__subclasses__",
-    "__import__",
-    "__init__",
-    "__mro__",
-    "__base__",
-    "__getattribute__",
-    "os.popen",
-    "lipsum",
-    "cycler",
-    "joiner",
-)
 
 
 def findings(contents: Contents) -> list[Finding]:
@@ -56,9 +43,13 @@ def findings(contents: Contents) -> list[Finding]:
 
 
 def text_findings(path: Path) -> list[Finding]:
-    """Chat templates in the text files beside a model: ``chat_template`` entries of JSON
-    files (``tokenizer_config.json``: a string, or a list of named templates) and
-    ``.jinja`` files (``chat_template.jinja``), which transformers renders."""
+    """What the text files beside a model make its loaders run: chat templates (``.jinja``
+    files such as ``chat_template.jinja`` and ``additional_chat_templates/*.jinja``, and the
+    ``chat_template`` entries of JSON files: ``tokenizer_config.json``, ``chat_template.json``,
+    ``processor_config.json``), the code Hugging Face configurations name (``auto_map``,
+    ``modules.json``, ``model_index.json``: see ``hf_code``), and ``.py`` files."""
+    if path.suffix == ".py":
+        return [hf_code.python_file(path)]
     if path.stat().st_size > limits.MAX_TEMPLATE_TEXT_BYTES:
         return []
     text = path.read_bytes().decode("utf-8", "replace")
@@ -68,34 +59,8 @@ def text_findings(path: Path) -> list[Finding]:
         document = json.loads(text)
     except (ValueError, RecursionError):
         return []
-    if not isinstance(document, dict):
-        return []
-    return _chat_templates(document) + _remote_code(path.name, document)
-
-
-def _remote_code(name: str, document: dict[str, Any]) -> list[Finding]:
-    """``auto_map`` in a Hugging Face ``config.json`` (or tokenizer config) names Python
-    modules shipped beside the weights; ``trust_remote_code=True`` imports and runs them."""
-    auto_map = document.get("auto_map")
-    if not isinstance(auto_map, dict) or not auto_map:
-        return []
-    targets = sorted(
-        {
-            item
-            for value in auto_map.values()
-            for item in (value if isinstance(value, list) else [value])
-            if isinstance(item, str)
-        }
-    )
-    return [
-        Finding(
-            Severity.MEDIUM,
-            "remote-code",
-            name,
-            f"auto_map names code to run ({', '.join(targets[:4])}): transformers imports "
-            "it with trust_remote_code=True; read those .py files before trusting them",
-        )
-    ]
+    found = _chat_templates(document) if isinstance(document, dict) else []
+    return found + hf_code.findings(path.name, document)
 
 
 def _custom_object(item: dict[str, Any]) -> Finding:
@@ -120,32 +85,34 @@ def _custom_object(item: dict[str, Any]) -> Finding:
 
 
 def _chat_templates(metadata: dict[str, Any]) -> list[Finding]:
+    """Every template under a ``chat_template`` key: GGUF's ``tokenizer.chat_template`` and
+    ``tokenizer.chat_template.<name>``, or a JSON file's ``chat_template``, which is a string,
+    a list of ``{"name", "template"}`` (what transformers saves) or a ``{name: template}``
+    dict (what it builds from that list)."""
     found = []
     for key, value in metadata.items():
         if "chat_template" not in str(key):
             continue
         if isinstance(value, str):
             found.extend(_template(str(key), value))
-        elif isinstance(value, list):  # [{"name": ..., "template": ...}, ...]
+        elif isinstance(value, list):
             for item in value:
                 if isinstance(item, dict) and isinstance(item.get("template"), str):
                     found.extend(_template(f"{key}.{item.get('name')}", item["template"]))
+        elif isinstance(value, dict):
+            for name, template in value.items():
+                if isinstance(template, str):
+                    found.extend(_template(f"{key}.{name}", template))
     return found
 
 
-def _template(where: str, template: str) -> list[Finding]:
-    hits = [w for w in TEMPLATE_ESCAPES if w in template]
-    if not hits:
-        return []
-    return [
-        Finding(
-            Severity.CRITICAL,
-            "template-injection",
-            where,
-            f"chat template reaches for {', '.join(hits)}: template injection runs code in "
-            "loaders that render it",
-        )
-    ]
+def _template(where: str, text: str) -> list[Finding]:
+    """A template judged by Jinja's parser; without jinja2 it is reported as not analysed,
+    and the rest of the file is still scanned."""
+    try:
+        return templates.judge(where, text)
+    except MissingDependencyError as exc:
+        return [Finding(Severity.HIGH, "not-analysed", where, str(exc))]
 
 
 def _external_reference(item: dict[str, str]) -> Finding:

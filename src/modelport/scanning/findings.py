@@ -17,21 +17,37 @@ FIXES: dict[str, str] = {
     "known-gadget": "do not load this file; it carries an exploit",
     "unknown-call": "trust its author before loading; modelport.load(allow_unsafe=True) "
     "extracts the tensors without running anything",
+    "stdlib-call": "do not load this file with pickle; modelport.load(allow_unsafe=True) "
+    "extracts the tensors without running anything",
+    "indirect-call": "do not load this file; it hides a call behind an allowed reconstructor",
+    "attribute-patching": "do not load this file; it changes code other loads will run",
     "dynamic-global": "do not load this file; it hides what it calls",
     "computed-call": "do not load this file; it hides what it calls",
     "attribute-smuggling": "do not load this file",
     "extension-code": "do not load this file; it names code through the copyreg registry",
     "custom-class": "modelport.load reads its weights without the class; load it whole only "
     "with its author's code",
+    "custom-class-call": "modelport.load reads its weights without the class; load it whole "
+    "only with its author's code",
     "custom-state": "modelport.load reads its weights without the class; load it whole only "
     "with its author's code",
     "unknown-global": "inspect the file; modelport.load reads only its tensors",
     "unknown-constructor-args": "do not load this file with pickle",
     "value-called": "do not load this file",
+    "trailing-data": "inspect the bytes after the pickle; loaders that read on see them",
+    "polyglot": "find out why the file reads as two formats before loading it",
+    "reaches-outside": "do not load it: it makes its loader read files outside the model",
     "keras-lambda": "load with safe_mode=True, or rebuild the model in code and load weights only",
+    "torchscript-file-access": "do not run this model; it reads files of the machine",
+    "torchscript-custom-op": "run it only where you trust the library that defines the operator",
     "template-injection": "do not use this chat template",
-    "malformed": "the file is damaged or crafted; re-download it from its source",
+    "template-suspicious-access": "render it only in Jinja's sandbox, and read it first",
+    "template-include": "render it without a template loader",
+    "template-resource": "do not render this chat template",
+    "remote-code": "read the named code before loading with trust_remote_code=True",
     "zip-path-traversal": "do not extract this archive",
+    "zip-bomb": "do not extract this archive",
+    "not-analysed": "",
 }
 
 

@@ -17,15 +17,16 @@ Verdicts: ``safe`` (info findings at most, and something was analysed), ``suspic
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from modelport import limits
 from modelport.errors import (
     EscapingReferenceError,
     ModelportError,
-    UnparsedPickleError,
     UnsupportedDtypeError,
 )
 from modelport.formats import _compressed, dcp, npy, torch_legacy
@@ -36,20 +37,19 @@ from modelport.formats._zip import (
     has_zip_tail,
     prepended_bytes,
 )
-from modelport.formats.protocol import Format, Probe, refuse_special_file
+from modelport.formats.protocol import Contents, Format, Probe, refuse_special_file
 from modelport.formats.registry import READERS
-from modelport.pickles.interface import Limits
-from modelport.pickles.judging import Severity, scan_pickle
-from modelport.scanning import content_checks, content_kinds, walking
+from modelport.pickles.judging import Severity
+from modelport.scanning import content_checks, content_kinds, embedded, walking
 from modelport.scanning.archives import TORCH_SAVED, ArchiveScanning, mapped_view
 from modelport.scanning.content_kinds import PickleReading
 from modelport.scanning.findings import FileReport, Finding, ScanReport, worst
+from modelport.scanning.streams import StreamScanning
 
 # Formats whose readers check a file that holds no pickle; the scanner reads the others.
 _CODE_FREE = frozenset(
     (Format.SAFETENSORS, Format.GGUF, Format.ONNX, Format.HDF5, Format.TFLITE, Format.KERAS)
 )
-_LEGACY_PICKLES = 5  # magic number, protocol, sys_info, objects, storage keys
 
 
 def scan(*paths: str | Path) -> ScanReport:
@@ -115,7 +115,7 @@ def _error_report(path: Path, kind: str, message: str) -> FileReport:
 
 
 @dataclass
-class _FileScanner(ArchiveScanning):
+class _FileScanner(ArchiveScanning, StreamScanning):
     path: Path
     segments: list[tuple[int, int]] | None = None
     in_folder: bool = False
@@ -123,13 +123,8 @@ class _FileScanner(ArchiveScanning):
     findings: list[Finding] = field(default_factory=list)
     data: memoryview = field(default_factory=lambda: memoryview(b""))
     zip_starts: set[int] = field(default_factory=set)
+    embedded_seen: set[int] = field(default_factory=set)
     deadline: float = field(default_factory=lambda: time.monotonic() + limits.SCAN_SECONDS_PER_FILE)
-
-    def error(self, message: str, member: str) -> None:
-        self.findings.append(Finding(Severity.HIGH, "not-analysed", member, message))
-
-    def add(self, severity: Severity, rule: str, member: str, message: str) -> None:
-        self.findings.append(Finding(severity, rule, member, message))
 
     def report(self) -> FileReport:
         verdicts = []
@@ -141,11 +136,6 @@ class _FileScanner(ArchiveScanning):
             elif finding.severity is Severity.MEDIUM:
                 verdicts.append("suspicious")
         return FileReport(str(self.path), self.format, worst(verdicts), tuple(self.findings))
-
-    def limits(self) -> Limits:
-        return Limits(
-            max_opcodes=20_000_000, max_seconds=max(1.0, self.deadline - time.monotonic())
-        )
 
     # -- the readings of one file -----------------------------------------------------------
     def run(self) -> None:
@@ -297,99 +287,6 @@ class _FileScanner(ArchiveScanning):
     def scan_plain_member(self, data: memoryview, member: str, depth: int) -> bool:
         return self.scan_member(data, member, depth, torch_archive=False, torchscript=False)
 
-    # -- pickles ----------------------------------------------------------------------------
-    def scan_pickle_stream(
-        self,
-        data: memoryview,
-        member: str,
-        depth: int,
-        *,
-        torch_archive: bool = False,
-        torchscript: bool = False,
-        explained: bool = False,
-    ) -> None:
-        """Every pickle of the stream, not only the first a loader reads (legacy torch reads
-        five; a loader may read on); bytes after the last STOP are reported unless another
-        reading of the file explains them."""
-        start, legacy = 0, False
-        for index in range(limits.MAX_PICKLES_PER_STREAM):
-            end = self._scan_one_pickle(
-                data, start, member, depth, torch_archive or (legacy and index == 3), torchscript
-            )
-            if end is None:
-                return
-            if index == 0 and torch_legacy.is_magic_number(data[:end]):
-                legacy = True
-                self.format = "torch-legacy" if depth == 0 else self.format
-            start = end
-            if legacy and index + 1 == _LEGACY_PICKLES:
-                return  # then raw storage bytes, which torch copies and never parses
-            if start >= len(data):
-                if legacy:
-                    self.error(
-                        f"the legacy torch stream ends after {index + 1} of its "
-                        f"{_LEGACY_PICKLES} pickles (truncated?)",
-                        member,
-                    )
-                return
-            if content_kinds.pickle_reading(data[start:]) is not PickleReading.WHOLE and not legacy:
-                if not explained:
-                    self.add(
-                        Severity.MEDIUM,
-                        "trailing-data",
-                        member,
-                        f"{len(data) - start:,} bytes after the pickle's STOP at byte {start}: "
-                        "pickle.load ignores them, a loader that reads on does not",
-                    )
-                return
-        self.error(f"more than {limits.MAX_PICKLES_PER_STREAM} pickles in one stream", member)
-
-    def _scan_one_pickle(
-        self,
-        data: memoryview,
-        start: int,
-        member: str,
-        depth: int,
-        expect_pids: bool,
-        torchscript: bool,
-    ) -> int | None:
-        try:
-            result = scan_pickle(
-                data,
-                start=start,
-                torchscript=torchscript,
-                expect_persistent_ids=expect_pids,
-                limits=self.limits(),
-            )
-        except ModelportError as exc:
-            if isinstance(exc, UnparsedPickleError):  # what it did before it failed
-                self.findings.extend(Finding.from_pickle(f, member) for f in exc.findings)
-            self.error(f"pickle at byte {start} could not be analysed: {exc}", member)
-            return None
-        self.findings.extend(Finding.from_pickle(f, member) for f in result.findings)
-        for nested in result.nested:
-            payload = nested.payload
-            blob = (
-                memoryview(payload)
-                if isinstance(payload, bytes)
-                else data[payload.offset : payload.offset + payload.length]
-            )
-            self.add(
-                Severity.INFO,
-                "nested-torch-storage",
-                member,
-                f"a torch storage pickled inside the pickle at byte {nested.offset}; "
-                "scanned as well",
-            )
-            label = f"{member}@{nested.offset}"
-            if bytes(blob[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
-                self.scan_zip(label, depth + 1, blob=bytes(blob))
-            elif not self.scan_member(
-                blob, label, depth + 1, torch_archive=False, torchscript=False
-            ):
-                self.add(Severity.INFO, "opaque-member", label, "holds no pickle")
-        return result.end
-
     def scan_compressed(
         self, data: memoryview, kind: _compressed.Compression, member: str, depth: int
     ) -> None:
@@ -442,6 +339,25 @@ class _FileScanner(ArchiveScanning):
         )
         self.scan_pickle_stream(data[offset:], member, depth + 1)
 
+    def scan_embedded(self, document: Any, member: str) -> None:
+        """Objects a config carries as base64 (``embedded``), scanned as members."""
+        for where, raw in embedded.blobs_in(document):
+            if hash(raw) in self.embedded_seen:
+                continue  # the same config, met in its zip and again in its reader's view
+            self.embedded_seen.add(hash(raw))
+            label = f"{member}#{where}"
+            self.add(
+                Severity.INFO,
+                "embedded-object",
+                label,
+                f"{len(raw):,} bytes of base64 in the config decode to data a loader "
+                "deserializes; scanned as well",
+            )
+            if raw[:4] in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
+                self.scan_zip(label, 1, blob=raw)
+            elif not self.scan_plain_member(memoryview(raw), label, 1):
+                self.add(Severity.INFO, "opaque-member", label, "holds no pickle")
+
     # -- formats without code: their readers check every header field -------------------------
     def scan_with_reader(self, *, zip_only: bool = False) -> str | None:
         """The first reader of a code-free format (or, inside a zip, any reader) that takes
@@ -463,6 +379,8 @@ class _FileScanner(ArchiveScanning):
                 self.error(f"damaged or not a {reader.format} file: {exc}", "")
                 return reader.format.value
             self.findings.extend(content_checks.findings(contents))
+            for document in _configs_of(contents):
+                self.scan_embedded(document, "")
             if contents.close is not None:
                 contents.close()
             return reader.format.value
@@ -470,6 +388,23 @@ class _FileScanner(ArchiveScanning):
 
 
 _SNIFF = 1 << 16
+
+
+def _configs_of(contents: Contents) -> list[Any]:
+    """The model configurations a reader found (a Keras ``model_config``, parsed or as the
+    JSON text an HDF5 attribute holds)."""
+    found: list[Any] = []
+    for source in (contents.details.get("model_config"), contents.metadata.get("model_config")):
+        if isinstance(source, str):
+            try:
+                source = json.loads(source)
+            except (ValueError, RecursionError):
+                continue
+        if isinstance(source, (dict, list)):
+            found.append(source)
+    return found
+
+
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 # Text a model loader reads for what it makes it do: configs name code, templates render.
 _LOADER_TEXT = frozenset((".json", ".jinja", ".jinja2", ".yaml", ".yml"))

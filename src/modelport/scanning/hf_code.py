@@ -1,0 +1,291 @@
+"""The keys and files of a model folder that make Hugging Face loaders import Python code.
+
+``from_pretrained`` reads only weights and configuration until a configuration names code:
+a module beside the weights (``modeling_x.XModel`` -> ``modeling_x.py``), a module in another
+repository (``org/repo--modeling_x.XModel``), or an installed module. ``LOADERS`` lists, loader
+by loader, what each reads and what it then imports, with the function in the loader's own
+source that does it, so a reader can check each row against the library. Every hit is
+``remote-code`` (medium, ``suspicious``): the code may be honest, but loading the model runs it.
+
+Not listed, because no file in the folder sets them: ``custom_pipeline=`` and
+``trust_remote_code=`` are arguments of the caller. ``generation_config.json`` has no
+``auto_map`` reader (transformers/generation/configuration_utils.py); an ``auto_map`` there
+is reported all the same, like one in any JSON file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelport.pickles.judging import Severity
+from modelport.scanning.findings import Finding
+
+RULE = "remote-code"
+
+
+@dataclass(frozen=True)
+class CodeLoader:
+    """One way a loader turns a model folder's files into imported code."""
+
+    key: str  # the key or file, as messages name it
+    reads: str  # the file and key it reads
+    runs: str  # what it imports, and under which setting
+    source: str  # where: package, file, function
+
+
+LOADERS: dict[str, CodeLoader] = {
+    "auto_map": CodeLoader(
+        "auto_map",
+        "auto_map in config.json, tokenizer_config.json, processor_config.json, "
+        "preprocessor_config.json, video_preprocessor_config.json (transformers); "
+        "config.json, modular_config.json (diffusers)",
+        "transformers' Auto classes and pipeline() import the named module from the folder "
+        "(or the repository before '--') when trust_remote_code=True; diffusers' AutoModel "
+        "and ModularPipelineBlocks do the same",
+        "transformers: models/auto/auto_factory.py _BaseAutoModelClass.from_pretrained, "
+        "configuration_auto.py AutoConfig.from_pretrained, tokenization_auto.py "
+        "AutoTokenizer.from_pretrained, processing_auto.py AutoProcessor.from_pretrained, "
+        "image_processing_auto.py, feature_extraction_auto.py, video_processing_auto.py "
+        "from_pretrained, dynamic_module_utils.py get_class_from_dynamic_module; diffusers: "
+        "models/auto_model.py AutoModel.from_pretrained, modular_pipelines/modular_pipeline.py "
+        "ModularPipelineBlocks.from_pretrained",
+    ),
+    "custom_pipelines": CodeLoader(
+        "custom_pipelines",
+        "custom_pipelines in config.json ({task: {impl: 'module.Class'}})",
+        "transformers' pipeline() imports impl when trust_remote_code=True, and picks the task "
+        "from it when none is given",
+        "transformers: pipelines/__init__.py pipeline",
+    ),
+    "attn_implementation": CodeLoader(
+        "attn_implementation",
+        "attn_implementation in config.json naming a Hub repository ('org/repo[:name]')",
+        "transformers downloads and loads that repository's compiled kernel through the "
+        "'kernels' package when the model is built; repositories outside kernels-community "
+        "need trust_remote_code=True",
+        "transformers: configuration_utils.py PreTrainedConfig.__init__, modeling_utils.py "
+        "_check_and_adjust_attn_implementation, integrations/hub_kernels.py "
+        "load_and_register_attn_kernel",
+    ),
+    "custom_pipeline_class": CodeLoader(
+        "_class_name",
+        "_class_name in model_index.json given as ['module', 'Class']",
+        "DiffusionPipeline.from_pretrained imports module.py from the folder when it is there "
+        "(trust_remote_code=True), else fetches a community pipeline of that name",
+        "diffusers: pipelines/pipeline_loading_utils.py _resolve_custom_pipeline_and_cls, "
+        "_get_custom_pipeline_class; pipelines/pipeline_utils.py DiffusionPipeline.download",
+    ),
+    "custom_component": CodeLoader(
+        "a component's library",
+        "a component of model_index.json (or modular_model_index.json, with its type_hint) "
+        "naming a library other than diffusers, transformers, onnxruntime.training or a "
+        "diffusers pipeline module",
+        "DiffusionPipeline.from_pretrained imports <component>/<library>.py when present "
+        "(trust_remote_code=True), and otherwise imports the installed module of that name "
+        "whatever trust_remote_code says",
+        "diffusers: pipelines/pipeline_loading_utils.py get_class_obj_and_candidates, "
+        "load_sub_model, simple_get_class_obj",
+    ),
+    "sentence_transformers_module": CodeLoader(
+        "a module type",
+        "a module of modules.json whose type is not sentence_transformers.*",
+        "SentenceTransformer imports the module file from the folder: from a local folder "
+        "even without trust_remote_code; else it imports the installed module of that name",
+        "sentence-transformers: SentenceTransformer.py "
+        "SentenceTransformer._load_module_class_from_ref",
+    ),
+    "cross_encoder_activation": CodeLoader(
+        "activation_fn",
+        "sentence_transformers.activation_fn (or sbert_ce_default_activation_function) in "
+        "config.json, outside torch.*",
+        "CrossEncoder imports and calls it when trust_remote_code=True",
+        "sentence-transformers: cross_encoder/CrossEncoder.py "
+        "CrossEncoder.get_default_activation_fn",
+    ),
+    "peft_auto_mapping": CodeLoader(
+        "auto_mapping.parent_library",
+        "auto_mapping.parent_library in adapter_config.json, outside PEFT's allowlist",
+        "AutoPeftModel imports that library (recent PEFT only when import_allowlist names "
+        "it; older releases always)",
+        "peft: auto.py _BaseAutoPeftModel.from_pretrained, check_import_allowlist",
+    ),
+    "peft_megatron_core": CodeLoader(
+        "megatron_core",
+        "megatron_core in adapter_config.json with megatron_config set, outside megatron.*",
+        "LoRA imports that module to build parallel layers (recent PEFT refuses it)",
+        "peft: tuners/lora/tp_layer.py dispatch_megatron",
+    ),
+    "python_file": CodeLoader(
+        "a .py file",
+        "a .py file in the model folder",
+        "transformers, diffusers and sentence-transformers import such files once a "
+        "configuration names them, with trust_remote_code=True (sentence-transformers from a "
+        "local folder without it); custom_generate/generate.py replaces model.generate when "
+        "the model is loaded with trust_remote_code=True",
+        "transformers: dynamic_module_utils.py get_cached_module_file, generation/utils.py "
+        "GenerationMixin.load_custom_generate; diffusers: utils/dynamic_modules_utils.py "
+        "get_cached_module_file",
+    ),
+}
+
+# Libraries model_index.json components may name without custom code: LOADABLE_CLASSES in
+# diffusers/pipelines/pipeline_loading_utils.py, and the modules of diffusers/pipelines (and
+# pipelines/deprecated), which hold pipeline-specific models (diffusers 58eb52c, 2026-08).
+_PIPELINE_MODULES = """
+    ace_step allegro alt_diffusion amused animatediff anyflow audio_diffusion audioldm
+    audioldm2 aura_flow blip_diffusion bria bria_fibo chroma chronoedit cogvideo cogview3
+    cogview4 consisid consistency_models controlnet controlnet_hunyuandit controlnet_sd3
+    controlnet_xs cosmos dance_diffusion ddim ddpm deepfloyd_if diffusion_gemma dit dreamlite
+    easyanimate ernie_image flux flux2 glm_image helios hidream_image hunyuan_image
+    hunyuan_video hunyuan_video1_5 hunyuandit i2vgen_xl ideogram4 joyimage kandinsky
+    kandinsky2_2 kandinsky3 kandinsky5 kolors krea2 latent_consistency_models latent_diffusion
+    latent_diffusion_uncond latte ledits_pp llada2 longcat_audio_dit longcat_image ltx ltx2
+    lucy lumina lumina2 marigold mochi motif_video musicldm nucleusmoe_image omnigen ovis_image
+    pag paint_by_example pia pixart_alpha pndm prx qwenimage repaint sana sana_video
+    score_sde_ve semantic_stable_diffusion shap_e skyreels_v2 spectrogram_diffusion
+    stable_audio stable_audio_3 stable_cascade stable_diffusion stable_diffusion_3
+    stable_diffusion_attend_and_excite stable_diffusion_diffedit stable_diffusion_gligen
+    stable_diffusion_ldm3d stable_diffusion_panorama stable_diffusion_safe
+    stable_diffusion_sag stable_diffusion_variants stable_diffusion_xl stable_video_diffusion
+    stochastic_karras_ve t2i_adapter text_to_video_synthesis unclip unidiffuser
+    versatile_diffusion visualcloze vq_diffusion wan wuerstchen z_image"""
+DIFFUSERS_LIBRARIES = frozenset(
+    ["diffusers", "transformers", "onnxruntime.training", *_PIPELINE_MODULES.split()]
+)
+# What DiffusionPipeline and ModularPipeline read their components from, by these names
+# (pipelines/pipeline_utils.py config_name; a model's own config.json lists block types, not
+# components, so the rule is kept to these files).
+PIPELINE_INDEXES = frozenset({"model_index.json", "modular_model_index.json"})
+# peft/auto.py get_default_import_allowlist
+PEFT_IMPORT_ALLOWLIST = ("diffusers", "lerobot", "megatron-core", "transformers")
+# transformers/integrations/hub_kernels.py is_kernel: 'org/repo[@rev][:name]', maybe 'paged|'
+_HUB_KERNEL = re.compile(r"^(?:[^|]*\|)?[^/:|]+/[^/:|]+(?:@[^/:]+)?(?::[^/:]+)?$")
+
+
+def findings(name: str, document: Any) -> list[Finding]:
+    """What a JSON file of a model folder makes its loaders import; ``name`` is the file."""
+    if isinstance(document, list):
+        return _report(name, "sentence_transformers_module", _modules(document))
+    if not isinstance(document, dict):
+        return []
+    found = _report(name, "auto_map", _auto_map(document.get("auto_map")))
+    pipelines = document.get("custom_pipelines")
+    impls = [task.get("impl") for task in _dict(pipelines).values() if isinstance(task, dict)]
+    found += _report(name, "custom_pipelines", _strings(impls))
+    found += _report(name, "attn_implementation", _kernels(document))
+    if name in PIPELINE_INDEXES:
+        class_name = document.get("_class_name")
+        pipeline = [class_name[0]] if isinstance(class_name, list) and class_name else []
+        found += _report(name, "custom_pipeline_class", [f"{p}.py" for p in _strings(pipeline)])
+        found += _report(name, "custom_component", _components(document))
+    activation = _dict(document.get("sentence_transformers")).get("activation_fn")
+    legacy = document.get("sbert_ce_default_activation_function")
+    functions = [f for f in _strings([activation, legacy]) if not f.startswith("torch.")]
+    found += _report(name, "cross_encoder_activation", functions)
+    found += _report(name, "peft_auto_mapping", _peft_library(document))
+    megatron = document.get("megatron_core") if document.get("megatron_config") else None
+    if isinstance(megatron, str) and not megatron.startswith("megatron."):
+        found += _report(name, "peft_megatron_core", [megatron])
+    return found
+
+
+def python_file(path: Path) -> Finding:
+    """A ``.py`` file in a model folder: code a loader imports once a configuration names
+    it, so it is named here whether or not a configuration does."""
+    where = "/".join(path.parts[-2:]) if path.parent.name == "custom_generate" else path.name
+    loader = LOADERS["python_file"]
+    return Finding(
+        Severity.MEDIUM,
+        RULE,
+        where,
+        f"Python source {where} in the model folder: {loader.runs}; read it before trusting "
+        "the model",
+    )
+
+
+def _report(name: str, loader_key: str, targets: list[str]) -> list[Finding]:
+    if not targets:
+        return []
+    loader = LOADERS[loader_key]
+    shown = ", ".join(_target(t) for t in targets[:4])
+    more = f" and {len(targets) - 4} more" if len(targets) > 4 else ""
+    return [
+        Finding(
+            Severity.MEDIUM,
+            RULE,
+            name,
+            f"{loader.key} names code to run ({shown}{more}): {loader.runs}; read that code before "
+            "trusting the model",
+        )
+    ]
+
+
+def _target(reference: str) -> str:
+    """``repo--module.Class`` as the code and the repository it comes from."""
+    repo, dashes, code = reference.partition("--")
+    return f"{code} from the repository {repo}" if dashes else reference
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _strings(values: Any) -> list[str]:
+    return sorted({v for v in values if isinstance(v, str) and v})
+
+
+def _auto_map(auto_map: Any) -> list[str]:
+    """Every class reference of an ``auto_map``: a string, a [slow, fast] pair, a dict by
+    backend (image processors), or the legacy list of a tokenizer."""
+    values = list(auto_map.values()) if isinstance(auto_map, dict) else [auto_map]
+    flat: list[Any] = []
+    for value in values:
+        if isinstance(value, dict):
+            flat.extend(value.values())
+        else:
+            flat.extend(value if isinstance(value, (list, tuple)) else [value])
+    return _strings(flat)
+
+
+def _kernels(document: dict[str, Any]) -> list[str]:
+    configs = [document, *(v for v in document.values() if isinstance(v, dict))]
+    values: list[Any] = []
+    for config in configs:
+        setting = config.get("attn_implementation")
+        values.extend(setting.values() if isinstance(setting, dict) else [setting])
+    return [v for v in _strings(values) if _HUB_KERNEL.match(v)]
+
+
+def _components(document: dict[str, Any]) -> list[str]:
+    """Components whose library is neither diffusers, transformers nor a pipeline module;
+    ``modular_model_index.json`` keeps the class to load in each spec's ``type_hint``."""
+    named = []
+    for component, value in document.items():
+        if component.startswith("_") or not isinstance(value, list) or len(value) < 2:
+            continue
+        libraries = [value[0]]
+        if len(value) > 2 and isinstance(value[2], dict):
+            hint = value[2].get("type_hint")
+            libraries += hint[:1] if isinstance(hint, list) else []
+        for library in _strings(libraries):
+            if library not in DIFFUSERS_LIBRARIES:
+                named.append(f"{component}: {library}")
+    return named
+
+
+def _modules(document: list[Any]) -> list[str]:
+    types = [m.get("type") for m in document if isinstance(m, dict) and "path" in m]
+    return [t for t in _strings(types) if not t.startswith("sentence_transformers.")]
+
+
+def _peft_library(document: dict[str, Any]) -> list[str]:
+    library = _dict(document.get("auto_mapping")).get("parent_library")
+    if not isinstance(library, str) or "peft_type" not in document:
+        return []
+    allowed = library in PEFT_IMPORT_ALLOWLIST or library.startswith(
+        tuple(f"{name}." for name in PEFT_IMPORT_ALLOWLIST)
+    )
+    return [] if allowed else [library]

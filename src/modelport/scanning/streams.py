@@ -1,0 +1,113 @@
+"""Pickle streams, read as their loaders read them: ``pickle.load`` stops at the first STOP
+but a loader may read on (legacy torch reads five pickles; a stream of records is read to
+its end), so every pickle of a stream is scanned, and bytes after the last one are
+reported unless another reading of the file explains them."""
+
+from __future__ import annotations
+
+from modelport import limits
+from modelport.errors import ModelportError, UnparsedPickleError
+from modelport.formats import torch_legacy
+from modelport.formats._zip import EOCD_SIGNATURE, LOCAL_SIGNATURE
+from modelport.pickles.judging import scan_pickle
+from modelport.pickles.symbols import Severity
+from modelport.scanning import content_kinds
+from modelport.scanning.content_kinds import PickleReading
+from modelport.scanning.findings import Finding
+from modelport.scanning.scan_state import ScanState
+
+_LEGACY_PICKLES = 5  # magic number, protocol, sys_info, objects, storage keys
+
+
+class StreamScanning(ScanState):
+    def scan_pickle_stream(
+        self,
+        data: memoryview,
+        member: str,
+        depth: int,
+        *,
+        torch_archive: bool = False,
+        torchscript: bool = False,
+        explained: bool = False,
+    ) -> None:
+        """Every pickle of the stream, not only the first a loader reads (legacy torch reads
+        five; a loader may read on); bytes after the last STOP are reported unless another
+        reading of the file explains them."""
+        start, legacy = 0, False
+        for index in range(limits.MAX_PICKLES_PER_STREAM):
+            end = self._scan_one_pickle(
+                data, start, member, depth, torch_archive or (legacy and index == 3), torchscript
+            )
+            if end is None:
+                return
+            if index == 0 and torch_legacy.is_magic_number(data[:end]):
+                legacy = True
+                self.format = "torch-legacy" if depth == 0 else self.format
+            start = end
+            if legacy and index + 1 == _LEGACY_PICKLES:
+                return  # then raw storage bytes, which torch copies and never parses
+            if start >= len(data):
+                if legacy:
+                    self.error(
+                        f"the legacy torch stream ends after {index + 1} of its "
+                        f"{_LEGACY_PICKLES} pickles (truncated?)",
+                        member,
+                    )
+                return
+            if content_kinds.pickle_reading(data[start:]) is not PickleReading.WHOLE and not legacy:
+                if not explained:
+                    self.add(
+                        Severity.MEDIUM,
+                        "trailing-data",
+                        member,
+                        f"{len(data) - start:,} bytes after the pickle's STOP at byte {start}: "
+                        "pickle.load ignores them, a loader that reads on does not",
+                    )
+                return
+        self.error(f"more than {limits.MAX_PICKLES_PER_STREAM} pickles in one stream", member)
+
+    def _scan_one_pickle(
+        self,
+        data: memoryview,
+        start: int,
+        member: str,
+        depth: int,
+        expect_pids: bool,
+        torchscript: bool,
+    ) -> int | None:
+        try:
+            result = scan_pickle(
+                data,
+                start=start,
+                torchscript=torchscript,
+                expect_persistent_ids=expect_pids,
+                limits=self.limits(),
+            )
+        except ModelportError as exc:
+            if isinstance(exc, UnparsedPickleError):  # what it did before it failed
+                self.findings.extend(Finding.from_pickle(f, member) for f in exc.findings)
+            self.error(f"pickle at byte {start} could not be analysed: {exc}", member)
+            return None
+        self.findings.extend(Finding.from_pickle(f, member) for f in result.findings)
+        for nested in result.nested:
+            payload = nested.payload
+            blob = (
+                memoryview(payload)
+                if isinstance(payload, bytes)
+                else data[payload.offset : payload.offset + payload.length]
+            )
+            self.add(
+                Severity.INFO,
+                "nested-torch-storage",
+                member,
+                f"a torch storage pickled inside the pickle at byte {nested.offset}; "
+                "scanned as well",
+            )
+            label = f"{member}@{nested.offset}"
+            if bytes(blob[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
+                self.scan_zip(label, depth + 1, blob=bytes(blob))
+            elif not self.scan_member(
+                blob, label, depth + 1, torch_archive=False, torchscript=False
+            ):
+                self.add(Severity.INFO, "opaque-member", label, "holds no pickle")
+        return result.end
