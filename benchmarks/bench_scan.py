@@ -1,4 +1,5 @@
-"""modelport scan vs picklescan, modelscan and fickling on one generated corpus, one run.
+"""modelport scan vs picklescan, modelscan, fickling and modelaudit on generated corpora,
+in one run.
 
 The corpus holds benign files written by torch / numpy / joblib / safetensors themselves
 and attack files built opcode by opcode in several containers (plain pickle under innocent
@@ -6,7 +7,10 @@ names, torch zip, legacy torch, compressed joblib, npy object array, polyglot, d
 zip member), plus files that carry no pickle but make their loader read other files of the
 machine or run a template (TorchScript ``from_file``, HDF5 external storage, an ONNX data
 file that is a symbolic link, a chat template escaping its sandbox), with benign twins.
-Every payload would only create a marker file (or read ``/etc/hostname``). Each tool runs
+A second table takes every technique of the test suite's attack corpus (``tests/attacks``:
+containers, streams, several readings of one file, calls made by allowed code, code-bearing
+formats, folders), each with its benign twin, and its malformed files. Every payload would
+only create a marker file (or read ``/etc/hostname``). Each tool runs
 as a command on each file (its own exit code is its verdict), so start-up costs count as
 users see them.
 
@@ -236,18 +240,82 @@ def reaching_outside() -> dict[Path, bool]:
     return labels
 
 
+PEER_PACKAGES = ("picklescan", "fickling", "modelscan", "modelaudit")  # tool = package name
+
+
 def peers_ready() -> dict[str, list[str]]:
     if not (PEERS / "bin" / "python").exists():
         subprocess.run([sys.executable, "-m", "venv", str(PEERS)], check=True)
-        pip = [str(PEERS / "bin" / "python"), "-m", "pip", "install", "-q"]
-        subprocess.run([*pip, "picklescan", "fickling", "modelscan"], check=True)
     bin_dir = PEERS / "bin"
+    missing = [tool for tool in PEER_PACKAGES if not (bin_dir / tool).exists()]
+    if missing:
+        pip = [str(bin_dir / "python"), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, *missing], check=True)
     return {
         "modelport": [sys.executable, "-m", "modelport", "scan"],
         "picklescan": [str(bin_dir / "picklescan"), "-p"],
         "modelscan": [str(bin_dir / "modelscan"), "-p"],
         "fickling": [str(bin_dir / "fickling"), "--check-safety", "-p"],
+        "modelaudit": [str(bin_dir / "modelaudit"), "scan", "--no-cache"],
     }
+
+
+def second_corpus() -> tuple[dict[Path, str], dict[Path, str]]:
+    """The techniques of tests/attacks (built with the test suite's own writers): attack and
+    twin files with their technique, and the malformed files. Every payload would only
+    create ``MARKER``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.attacks.corpus import MALFORMED, TECHNIQUES
+
+    root = CORPUS / "techniques"
+    files: dict[Path, str] = {}
+    for technique in TECHNIQUES:
+        for side in ("attack", "twin"):
+            folder = root / side / technique.name
+            folder.mkdir(parents=True)
+            if side == "attack":
+                files[technique.build(folder, MARKER)] = f"{side}:{technique.name}"
+            else:
+                files[technique.benign(folder)] = f"{side}:{technique.name}"
+    malformed: dict[Path, str] = {}
+    for case in MALFORMED:
+        folder = root / "malformed" / case.name
+        folder.mkdir(parents=True)
+        malformed[case.build(folder)] = case.name
+    return files, malformed
+
+
+def flagged_by(command: list[str], path: Path) -> tuple[bool, bool]:
+    """(flagged, errored): a non-zero exit flags the file; exit 2 is each tool's error."""
+    result = subprocess.run([*command, str(path)], capture_output=True, check=False)
+    return result.returncode != 0, result.returncode not in (0, 1)
+
+
+def second_table(tools: dict[str, list[str]]) -> None:
+    files, malformed = second_corpus()
+    attacks = [p for p, label in files.items() if label.startswith("attack:")]
+    twins = [p for p in files if p not in attacks]
+    print(
+        f"\ntechniques of tests/attacks: {len(attacks)} attacks, {len(twins)} benign twins, "
+        f"{len(malformed)} malformed files"
+    )
+    print(
+        f"{'tool':12} {'caught':>9} {'false alarms':>13} {'malformed safe':>15} {'files/s':>8}"
+        "  missed (first 4)"
+    )
+    for tool, command in tools.items():
+        start = time.perf_counter()
+        missed = [p for p in attacks if not flagged_by(command, p)[0]]
+        alarms = sum(flagged_by(command, p)[0] for p in twins)
+        called_safe = sum(not flagged_by(command, p)[0] for p in malformed)
+        rate = (len(files) + len(malformed)) / (time.perf_counter() - start)
+        caught = len(attacks) - len(missed)
+        names = ", ".join(files[p].split(":", 1)[1] for p in missed[:4])
+        print(
+            f"{tool:12} {caught:>4}/{len(attacks):<4} {alarms:>6}/{len(twins):<6} "
+            f"{called_safe:>8}/{len(malformed):<6} {rate:8.2f}  {names}",
+            flush=True,
+        )
 
 
 def main() -> int:
@@ -276,6 +344,7 @@ def main() -> int:
             f"{', '.join(missed[:4])}",
             flush=True,
         )
+    second_table(tools)
     assert not MARKER.exists(), "a payload ran"
     print("\nmarker file absent: no payload ran")
     return 0

@@ -393,3 +393,31 @@ def test_remote_code_named_by_auto_map(tmp_path: Path) -> None:
     assert finding.rule == "remote-code" and "tokenization_x.XTokenizer" in finding.message
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     assert modelport.scan(tmp_path / "config.json").verdict == "safe"
+
+
+def test_an_onnx_model_with_its_external_data_is_safe_as_a_folder(tmp_path: Path) -> None:
+    """The data file is raw tensor bytes its model names; alone it is no model at all."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.ones((16, 16), np.float32), "w")
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 16])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [weights]
+    )
+    model = tmp_path / "model.onnx"
+    onnx.save_model(
+        helper.make_model(graph),
+        str(model),
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    report = modelport.scan(tmp_path)
+    assert report.verdict == "safe", report.to_json()
+    assert {Path(f.path).name: f.format for f in report.files} == {
+        "model.onnx": "onnx",
+        "model.onnx.data": "tensor-data",
+    }
+    assert modelport.scan(tmp_path / "model.onnx.data").verdict == "error"

@@ -100,14 +100,19 @@ class Finding:
 
 @dataclass(frozen=True)
 class FileReport:
+    """One file's verdict. ``data_files``: files beside it that its loader reads as raw
+    tensor bytes (an ONNX model's external data), which a folder scan judges as such."""
+
     path: str
     format: str
     verdict: str
     findings: tuple[Finding, ...]
+    data_files: tuple[str, ...] = ()
 
     def noted(self, finding: Finding) -> FileReport:
         """The same report with one more (informational) finding."""
-        return FileReport(self.path, self.format, self.verdict, (*self.findings, finding))
+        findings = (*self.findings, finding)
+        return FileReport(self.path, self.format, self.verdict, findings, self.data_files)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -87,6 +87,7 @@ def scan(*paths: str | Path) -> ScanReport:
                     f"more than {limits.MAX_SCANNED_FILES} files; the rest were not scanned",
                 )
             )
+        reports = _data_files_as_data(reports)
         if not walk.files and not walk.dangling:
             reports.append(_error_report(path, "dir", "the folder holds no file: nothing to judge"))
     return ScanReport(worst([r.verdict for r in reports]), tuple(reports))
@@ -109,6 +110,26 @@ def scan_file(
     return scanner.report()
 
 
+def _data_files_as_data(reports: list[FileReport]) -> list[FileReport]:
+    """A file no reader recognises is an error, unless a model beside it names it as its raw
+    tensor data: its loader copies those bytes into tensors and interprets nothing."""
+    owners = {
+        (Path(report.path).parent / name).resolve(): Path(report.path).name
+        for report in reports
+        for name in report.data_files
+    }
+    judged = []
+    for report in reports:
+        owner = owners.get(Path(report.path).resolve())
+        if owner is not None and report.format == "unknown":
+            finding = Finding(
+                Severity.INFO, "tensor-data", "", f"raw tensor data that {owner} reads"
+            )
+            report = FileReport(report.path, "tensor-data", "safe", (finding,))
+        judged.append(report)
+    return judged
+
+
 def _error_report(path: Path, kind: str, message: str) -> FileReport:
     finding = Finding(Severity.HIGH, "not-analysed", "", message)
     return FileReport(str(path), kind, "error", (finding,))
@@ -126,6 +147,8 @@ class _FileScanner(ArchiveScanning, StreamScanning):
     embedded_seen: set[int] = field(default_factory=set)
     deadline: float = field(default_factory=lambda: time.monotonic() + limits.SCAN_SECONDS_PER_FILE)
 
+    data_files: tuple[str, ...] = ()
+
     def report(self) -> FileReport:
         verdicts = []
         for finding in self.findings:
@@ -135,7 +158,8 @@ class _FileScanner(ArchiveScanning, StreamScanning):
                 verdicts.append("unsafe")
             elif finding.severity is Severity.MEDIUM:
                 verdicts.append("suspicious")
-        return FileReport(str(self.path), self.format, worst(verdicts), tuple(self.findings))
+        findings = tuple(self.findings)
+        return FileReport(str(self.path), self.format, worst(verdicts), findings, self.data_files)
 
     # -- the readings of one file -----------------------------------------------------------
     def run(self) -> None:
@@ -379,6 +403,7 @@ class _FileScanner(ArchiveScanning, StreamScanning):
                 self.error(f"damaged or not a {reader.format} file: {exc}", "")
                 return reader.format.value
             self.findings.extend(content_checks.findings(contents))
+            self.data_files = tuple(str(n) for n in contents.details.get("external_data") or ())
             for document in _configs_of(contents):
                 self.scan_embedded(document, "")
             if contents.close is not None:
