@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -36,9 +37,9 @@ def test_inspect_json_contract(tmp_path: Path, cli: Cli) -> None:
     first = payload["tensors"][0]
     assert set(first) == {"name", "dtype", "shape", "nbytes"}
     assert payload["extras"]["epoch"] == 3
-    assert payload["parameters"] == sum(
-        t["nbytes"] // {"float32": 4, "int64": 8}[t["dtype"]] for t in payload["tensors"]
-    )
+    weights = torch.load(path, weights_only=True)["model_state_dict"]  # what "parameters" counts
+    assert payload["parameters"] == sum(t.numel() for t in weights.values())
+    assert payload["parameters"] < sum(math.prod(t["shape"]) for t in payload["tensors"])
 
 
 def test_inspect_human_output(tmp_path: Path, cli: Cli) -> None:

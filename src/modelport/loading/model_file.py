@@ -27,6 +27,7 @@ from modelport.scanning.findings import ScanReport
 from modelport.scanning.scanner import scan
 from modelport.tensors import TensorRef, contiguous_strides
 from modelport.tree import names as trees
+from modelport.tree import weights as weight_rule
 
 if TYPE_CHECKING:
     import torch
@@ -81,9 +82,9 @@ class ModelFile:
             )
         return found
 
-    def weights(self, *, ema: bool = False) -> trees.WeightSelection:
+    def weights(self, *, ema: bool = False) -> weight_rule.WeightSelection:
         """The model weights, by the rule ``load`` and ``convert`` share."""
-        return trees.select_weights(self.tree, ema=ema)
+        return weight_rule.select_weights(self.tree, ema=ema)
 
     def module_tree(self) -> dict[str, Any] | None:
         """Class paths of a pickled module and its submodules, if the file holds one."""
@@ -149,7 +150,7 @@ def inspect(path: str | Path) -> InspectReport:
             path=str(model.path),
             format=model.format.value,
             size_bytes=model.size_bytes,
-            parameters=trees.parameter_count(dict(model.tensors)),
+            parameters=trees.parameter_count(selection.tensors),
             tensors=tensors,
             metadata=dict(model.metadata),
             extras=trees.extras(model.tree)
@@ -184,7 +185,7 @@ def load(
     """The model weights as torch tensors, from any readable format, executing nothing.
 
     Checkpoints are unwrapped and pickled modules give their state_dict (see
-    ``tree.select_weights``). Tensors that shared storage in the file share it here too.
+    ``tree.weights.select_weights``). Tensors that shared storage in the file share it here too.
     The file is scanned first: an ``unsafe`` verdict raises ``UnsafeModelError`` unless
     ``allow_unsafe``; a ``suspicious`` one warns (``SuspiciousModelWarning``).
     """

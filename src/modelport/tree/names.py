@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from modelport import limits
@@ -36,8 +35,6 @@ WRAPPER_PREFIXES: dict[str, str] = {
 }
 
 # Checkpoint keys that hold the model weights, in the order they are preferred.
-WEIGHT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
-EMA_KEYS = ("ema", "model_ema", "ema_state_dict", "state_dict_ema", "ema_model")
 
 
 def wrapper_prefix(names: Iterable[str]) -> str:
@@ -220,46 +217,3 @@ def _leaf_to_json(value: Any) -> Any:
     if isinstance(value, complex):
         return {"real": value.real, "imag": value.imag}
     return repr(value)  # records of globals and calls, dtypes, storages: their text
-
-
-@dataclass(frozen=True)
-class WeightSelection:
-    """Which part of a file counts as the model weights, and what was left out."""
-
-    tensors: dict[str, TensorRef]
-    source: str  # "" for the whole file, else the key taken (or "module")
-    note: str = ""
-    left_out: list[str] = field(default_factory=list)
-
-
-def select_weights(tree: Any, *, ema: bool = False) -> WeightSelection:
-    """The model weights of a file: one rule for ``load`` and ``convert``.
-
-    A pickled module gives its state_dict. A checkpoint dict gives the first of
-    ``WEIGHT_KEYS`` (``EMA_KEYS`` when ``ema``) that holds tensors. Anything else gives every
-    tensor in the file.
-    """
-    if isinstance(tree, ObjectRecord) and modules.is_module(tree):
-        return WeightSelection(
-            tensors_of(tree), "module", f"state_dict of a pickled {tree.class_path}"
-        )
-    if isinstance(tree, dict):
-        for key in EMA_KEYS if ema else WEIGHT_KEYS:
-            if key in tree and not isinstance(tree[key], TensorRef):  # a tensor named "model"
-                chosen = tensors_of(tree[key])
-                if chosen:
-                    others = [str(k) for k in tree if k != key]
-                    return WeightSelection(chosen, key, f"took the weights under '{key}'", others)
-        everything = tensors_of(tree)
-        if everything and all(isinstance(v, TensorRef) for v in tree.values()):
-            return WeightSelection(everything, "")
-        if ema:
-            return WeightSelection(
-                {}, "", "no EMA weights found (looked for " + ", ".join(EMA_KEYS) + ")"
-            )
-        return WeightSelection(
-            everything,
-            "",
-            "no state_dict key found: took every tensor in the file" if everything else "",
-        )
-    return WeightSelection(tensors_of(tree), "")
