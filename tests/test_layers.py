@@ -26,6 +26,8 @@ LAYERS = (
     ("modelport.conversion",),
     ("modelport.comparing",),
     ("modelport.torch_models",),
+    ("modelport.reporting",),
+    ("modelport.fleet",),
     ("modelport.cli", "modelport.__main__"),
 )
 FACADE = {"modelport"}  # the package itself: the verbs, each imported on first use

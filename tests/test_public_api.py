@@ -36,6 +36,8 @@ DOCUMENTED = {
     "RebuildReport": "modelport.torch_models.rebuilding",
     "Format": "modelport.formats.protocol",
     "TensorRef": "modelport.tensors",
+    "stats": "modelport.reporting.stats",
+    "StatsReport": "modelport.reporting.stats_records",
 }
 
 

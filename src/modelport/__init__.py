@@ -1,15 +1,16 @@
 """modelport: inspect, scan and convert model files by content, without executing them.
 
 The verbs (``inspect``, ``open``, ``load``, ``scan``, ``convert``, ``diff``, ``hash``,
-``check``, ``export``, ``rebuild``) and their report types are defined in the layer that does
-the work and imported from there on first use, so that ``import modelport`` stays cheap and a
-command pays only for its own path. ``open`` and ``hash`` are left out of ``__all__``: a star
-import must not lay them over the builtins.
+``check``, ``export``, ``rebuild``, ``stats``) and their report types are defined in the layer
+that does the work and imported from there on first use, so that ``import modelport`` stays
+cheap and a command pays only for its own path. ``open`` and ``hash`` are left out of
+``__all__``: a star import must not lay them over the builtins.
 
 The layers, bottom to top (each imports only those below it): core types (``errors``,
 ``dtypes``, ``tensors``, ``limits``); ``transfer`` (byte movement); ``pickles`` (the one
 restricted unpickler); ``tree`` (names and the one weights rule); ``formats``; ``scanning``;
-``loading``; ``conversion``; ``comparing``; ``torch_models``; ``cli``.
+``loading``; ``conversion``; ``comparing``; ``torch_models``; ``reporting`` (statistics and
+the HTML report); ``fleet``; ``cli``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from modelport.loading.inspect_report import InspectReport
     from modelport.loading.model_file import ModelFile, inspect, load
     from modelport.loading.model_file import open as open
+    from modelport.reporting.stats import stats
+    from modelport.reporting.stats_records import StatsReport
     from modelport.scanning.findings import ScanReport
     from modelport.scanning.scanner import scan
     from modelport.tensors import TensorRef
@@ -51,6 +54,7 @@ _PUBLIC: dict[str, tuple[str, str]] = {
     "ModelFile": ("modelport.loading.model_file", "ModelFile"),
     "RebuildReport": ("modelport.torch_models.rebuilding", "RebuildReport"),
     "ScanReport": ("modelport.scanning.findings", "ScanReport"),
+    "StatsReport": ("modelport.reporting.stats_records", "StatsReport"),
     "TensorRef": ("modelport.tensors", "TensorRef"),
     "check": ("modelport.torch_models.checking", "check"),
     "convert": ("modelport.conversion.converting", "convert"),
@@ -62,6 +66,7 @@ _PUBLIC: dict[str, tuple[str, str]] = {
     "open": ("modelport.loading.model_file", "open"),
     "rebuild": ("modelport.torch_models.rebuilding", "rebuild"),
     "scan": ("modelport.scanning.scanner", "scan"),
+    "stats": ("modelport.reporting.stats", "stats"),
 }
 
 
@@ -92,6 +97,7 @@ __all__ = [
     "ModelFile",
     "RebuildReport",
     "ScanReport",
+    "StatsReport",
     "TensorRef",
     "__version__",
     "check",
@@ -103,4 +109,5 @@ __all__ = [
     "load",
     "rebuild",
     "scan",
+    "stats",
 ]

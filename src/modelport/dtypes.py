@@ -10,11 +10,12 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Final
-
-import numpy as np
+from typing import TYPE_CHECKING, Final
 
 from modelport.errors import UnsupportedDtypeError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ML_DTYPES = "ml_dtypes."
 
@@ -51,6 +52,8 @@ class DType:
 def _resolve(spec: str) -> np.dtype:  # type: ignore[type-arg]
     """numpy's dtype for a spelling; ``ml_dtypes`` (a tenth of a second to import) only
     when one of its types is asked for."""
+    import numpy as np
+
     if spec.startswith(ML_DTYPES):
         import ml_dtypes
 

@@ -13,18 +13,20 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
-from numpy.lib.stride_tricks import as_strided
+from typing import TYPE_CHECKING, TypeAlias
 
 from modelport import dtypes
 from modelport.errors import CorruptFileError, MissingDependencyError, UnsupportedDtypeError
 
 if TYPE_CHECKING:
+    from typing import Any
+
+    import numpy as np
     import torch
 
-NDArray = np.ndarray[Any, np.dtype[Any]]
+# A string at run time, so that importing this module (every format does) imports no numpy:
+# numpy loads when a tensor's bytes are first read.
+NDArray: TypeAlias = "np.ndarray[Any, np.dtype[Any]]"
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,6 +45,8 @@ class Storage:
 
     def bytes_view(self) -> NDArray:
         """The storage as a 1-d uint8 array: a memory map when the bytes lie flat in a file."""
+        import numpy as np
+
         if self.reader is not None:
             data = self.reader()
             if data.nbytes != self.nbytes:
@@ -112,6 +116,8 @@ class TensorRef:
             import torch
         except ImportError:
             raise MissingDependencyError("torch", "torch", "Making torch tensors") from None
+        import numpy as np
+
         if self.storage is None:
             return torch.empty(self.shape, dtype=getattr(torch, self.dtype), device="meta")
         array = self._view()
@@ -127,6 +133,9 @@ class TensorRef:
         return tensor.to(device) if device != "cpu" else tensor
 
     def _view(self) -> NDArray:
+        import numpy as np
+        from numpy.lib.stride_tricks import as_strided
+
         info = dtypes.dtype(self.dtype)
         if info.numpy is None or self.dtype.startswith(("q", "float4")):
             raise UnsupportedDtypeError(
@@ -154,6 +163,8 @@ class TensorRef:
 
     def raw_bytes(self) -> NDArray:
         """The tensor's stored bytes as uint8 (for contiguous tensors and quantized blocks)."""
+        import numpy as np
+
         if self.storage is None:
             return np.zeros(0, dtype=np.uint8)
         itemsize = dtypes.dtype(self.dtype).itemsize
@@ -164,6 +175,14 @@ class TensorRef:
         if start + self.nbytes > raw.nbytes:
             raise CorruptFileError(f"tensor of {self.nbytes} bytes runs past its storage")
         return raw[start : start + self.nbytes]
+
+
+def byte_array(data: bytes | bytearray | memoryview) -> NDArray:
+    """``data`` as a 1-d uint8 array without copying: what a ``Storage.reader`` returns for
+    bytes already in memory (numpy is imported here, when the bytes are read)."""
+    import numpy as np
+
+    return np.frombuffer(data, np.uint8)
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

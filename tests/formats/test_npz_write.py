@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 import modelport
+from modelport import dtypes
 from modelport.errors import ConversionError, CorruptFileError
 from modelport.formats import _zip_writer, npz
 from modelport.transfer.write_plan import OutputTensor, WritePlan
@@ -135,6 +136,15 @@ def test_plain_dtypes_need_no_dtype_map(tmp_path: Path) -> None:
         out = write(plan, tmp_path / "out.npz")
     with np.load(out) as arrays:
         assert sorted(arrays.files) == ["a", "b"]
+
+
+def test_the_descr_table_is_what_numpy_writes() -> None:
+    """``NATIVE`` is spelled out (so that writing an .npz header needs no numpy import):
+    each entry is numpy's own ``descr`` for the dtype, and the carriers are as wide."""
+    for name, descr in npz.NATIVE.items():
+        assert descr == np.dtype(dtypes.to_numpy(name)).str, name
+    for name, carrier in npz.VIEWED.items():
+        assert np.dtype(carrier).itemsize == dtypes.dtype(name).itemsize == int(carrier[2:])
 
 
 def dtype_map(mapping: dict[str, str]) -> np.ndarray:

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -218,6 +219,27 @@ def _legacy_stream(
     for _, data, numel in storages:
         out.write(struct.pack("<q", numel) + data)
     return out.getvalue()
+
+
+def test_the_scan_reads_a_first_pickle_only_as_far_as_the_magic_number_goes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``is_magic_number`` (the scan's test of a stream's first pickle) reads under sniff's
+    limits: torch's magic pickle in every protocol passes, and a whole model's pickle is
+    given up after a few opcodes, its arrays never built (nor numpy imported for them)."""
+    from modelport.formats import torch_legacy
+    from modelport.pickles import numpy_types
+
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        assert torch_legacy.is_magic_number(pickle.dumps(MAGIC, protocol=protocol))
+    assert not torch_legacy.is_magic_number(pickle.dumps(MAGIC + 1))
+
+    def no_arrays(*args: object) -> None:
+        raise AssertionError("an array was built")
+
+    monkeypatch.setattr(numpy_types, "build_array", no_arrays)
+    model = {"config": list(range(40)), "weight": np.ones(3, np.float32)}
+    assert not torch_legacy.is_magic_number(pickle.dumps(model, protocol=2))
 
 
 def test_storage_views_in_the_stream_layout(tmp_path: Path) -> None:

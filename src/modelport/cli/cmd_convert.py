@@ -28,6 +28,8 @@ EXAMPLES = """examples:
   modelport convert whole_model.pt weights.pt --exclude 'head.*'
   modelport convert model.safetensors model.npz --dry-run --json
   modelport convert ./my-model ./my-model-sharded --to hf --shard-size 2GB
+  modelport convert ./sd-pipeline ./sd-pipeline-fp16 --to hf --dtype float16
+  modelport convert ./my-model ./my-model-bin --to hf-bin
 
 exit codes: 0 converted and verified, 1 verification failed, 2 error or refused
 """
@@ -44,8 +46,14 @@ def register(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", help="model file or directory")
-    parser.add_argument("target", help="output file (a directory for --to hf)")
-    parser.add_argument("--to", choices=sorted(TARGETS), help="output format (default: from DST)")
+    parser.add_argument("target", help="output file (a directory for --to hf and hf-bin)")
+    parser.add_argument(
+        "--to",
+        choices=sorted(TARGETS),
+        help="output format (default: from DST); hf: a Hugging Face folder of safetensors "
+        "in the source library's layout (transformers, diffusers model or pipeline, PEFT "
+        "adapter); hf-bin: the same with pytorch_model.bin-style torch files",
+    )
     parser.add_argument("--dtype", choices=CASTS, help="cast floating tensors (ints untouched)")
     parser.add_argument(
         "--gguf-type",
@@ -89,7 +97,7 @@ def register(commands: Any) -> None:
     output.add_argument(
         "--shard-size",
         metavar="SIZE",
-        help="--to hf: largest shard (5GB, 500MB, 50KB, 2GiB or bytes; default 5GB)",
+        help="--to hf / hf-bin: largest shard (5GB, 500MB, 50KB, 2GiB or bytes; default 5GB)",
     )
     output.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     output.add_argument("--fsync", action="store_true", help="flush to disk before returning")

@@ -7,11 +7,13 @@ import json
 import sys
 from typing import Any
 
-from modelport.cli import _errors
+from modelport.cli import _errors, _fleet
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.comparing.fingerprint import HashReport, fingerprint
+from modelport.fleet.running import Plan
 
-EXAMPLES = """examples:
+EXAMPLES = (
+    """examples:
   modelport hash model.safetensors pytorch_model.bin
   modelport hash checkpoint.pt --json
 
@@ -19,8 +21,12 @@ The digest covers tensor names, dtypes, shapes and bytes, in no particular order
 weights saved as .bin, .safetensors or .npz, or inside a training checkpoint, hash alike.
 It is not the sha256 of the file.
 
+"""
+    + _fleet.MANY_FILES.format(command="hash")
+    + """
 exit codes: 0 every file hashed, 2 a file could not be read
 """
+)
 
 
 def register(commands: Any) -> None:
@@ -33,7 +39,9 @@ def register(commands: Any) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("paths", nargs="+", metavar="FILE", help="model files or directories")
+    _fleet.add_arguments(
+        parser, "model files or directories (a folder that is no model: its models)"
+    )
     parser.add_argument(
         "--json", action="store_true", help="print a JSON list, with per-tensor digests"
     )
@@ -46,6 +54,9 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    plan = _fleet.plan(args, "hash", {"allow_unsafe": args.allow_unsafe})
+    if plan is not None:
+        return _run_fleet(args, plan)
     results: list[dict[str, Any]] = []
     failed = False
     for path in args.paths:
@@ -67,6 +78,27 @@ def run(args: argparse.Namespace) -> int:
             results.append(report.to_json())
         else:
             print(f"{report.digest}  {path}", flush=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return ExitCode.ERROR if failed else ExitCode.OK
+
+
+def _run_fleet(args: argparse.Namespace, plan: Plan) -> int:
+    """Hash in workers: the same lines and JSON as one by one, in the order named."""
+    results: list[dict[str, Any]] = []
+    failed = False
+    for record in _fleet.records(plan):
+        if record.status != "ok":
+            failed = True
+            failure = _fleet.error_json(record)
+            if args.json:
+                results.append(failure)
+            else:
+                print(f"error: {failure['error']['message']}", file=sys.stderr)
+        elif args.json:
+            results.append(record.result)
+        else:
+            print(f"{record.result['digest']}  {record.path}", flush=True)
     if args.json:
         print(json.dumps(results, indent=2))
     return ExitCode.ERROR if failed else ExitCode.OK

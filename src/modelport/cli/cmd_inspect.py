@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -11,16 +12,27 @@ from rich.table import Table
 from rich.tree import Tree
 
 import modelport
+from modelport.cli import _fleet
 from modelport.cli._output import human_bytes, json_default
 from modelport.cli.commands import COMMANDS, ExitCode
+from modelport.errors import UsageError
+from modelport.fleet.running import Plan
 from modelport.loading.inspect_report import InspectReport
 
-EXAMPLES = """examples:
+EXAMPLES = (
+    """examples:
   modelport inspect model.safetensors
   modelport inspect checkpoint.pt --tensors
   modelport inspect scripted.pt --code
   modelport inspect ./my-hf-model --json
+
 """
+    + _fleet.MANY_FILES.format(command="inspect")
+    + """
+Several files print one line each (format, tensors, parameters, size, safety); --json gives
+a list of the objects one file gives.
+"""
+)
 
 
 def register(commands: Any) -> None:
@@ -32,7 +44,9 @@ def register(commands: Any) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("path", help="model file or directory")
+    _fleet.add_arguments(
+        parser, "model files or directories (a folder that is no model: its models)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--tensors", action="store_true", help="list every tensor")
     parser.add_argument("--code", action="store_true", help="print TorchScript code")
@@ -40,11 +54,15 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = modelport.inspect(args.path)
+    plan = _fleet.plan(args, "inspect", {"code": args.code})
+    if plan is not None:
+        return _run_fleet(args, plan)
+    path = args.paths[0]
+    report = modelport.inspect(path)
     if args.json:
         payload = report.to_json()
         if args.code:
-            with modelport.open(args.path) as model:
+            with modelport.open(path) as model:
                 payload["code"] = model.code
         print(json.dumps(payload, indent=2, default=json_default))
         return ExitCode.OK
@@ -53,13 +71,45 @@ def run(args: argparse.Namespace) -> int:
     if args.tensors:
         show_tensors(console, report)
     if args.code:
-        with modelport.open(args.path) as model:
+        with modelport.open(path) as model:
             for name, text in model.code.items():
                 console.rule(name)
                 console.print(text, markup=False, highlight=False)
             if not model.code:
                 console.print("[dim]no code in this file[/dim]")
     return ExitCode.OK
+
+
+def _run_fleet(args: argparse.Namespace, plan: Plan) -> int:
+    """Inspect in workers: one line per file (or the list of --json objects), in the order
+    named; errors on stderr as one file's are."""
+    if (args.tensors or args.code) and not args.json:
+        raise UsageError(
+            "--tensors and --code show one file; for several, add --json (each object lists "
+            "its tensors, and its code with --code)"
+        )
+    results: list[Any] = []
+    failed = False
+    for record in _fleet.records(plan):
+        failed = failed or record.status != "ok"
+        if args.json:
+            results.append(record.result if record.status == "ok" else _fleet.error_json(record))
+        elif record.status == "ok":
+            print(_one_line(record.result), flush=True)
+        else:
+            print(f"error: {_fleet.error_json(record)['error']['message']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return ExitCode.ERROR if failed else ExitCode.OK
+
+
+def _one_line(payload: dict[str, Any]) -> str:
+    verdict = payload["safety"].get("verdict", "")
+    return (
+        f"{payload['format']:14} {payload['tensor_count']:>7,} tensors "
+        f"{payload['parameters']:>15,} parameters {human_bytes(payload['size_bytes']):>9}  "
+        f"{verdict:10} {payload['path']}"
+    )
 
 
 def show_summary(console: Console, report: InspectReport) -> None:

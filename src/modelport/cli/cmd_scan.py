@@ -9,17 +9,27 @@ from typing import Any
 from rich.console import Console
 
 import modelport
+from modelport.cli import _fleet
 from modelport.cli.commands import COMMANDS, ExitCode
+from modelport.errors import UsageError
+from modelport.fleet.running import Plan
+from modelport.fleet.summary import file_report, summarize
 from modelport.pickles.judging import Severity
-from modelport.scanning.findings import ScanReport
+from modelport.scanning.findings import FileReport, ScanReport, worst
 
-EXAMPLES = """examples:
+EXAMPLES = (
+    """examples:
   modelport scan model.pt
   modelport scan ./downloaded-model/ --json
   modelport scan *.bin --sarif > scan.sarif
+  modelport scan --from-jsonl scan.jsonl --sarif    (the summary of an earlier --jsonl run)
 
+"""
+    + _fleet.MANY_FILES.format(command="scan")
+    + """
 exit codes: 0 safe, 1 suspicious or unsafe, 2 error (a file could not be fully analysed)
 """
+)
 
 _STYLE = {
     Severity.CRITICAL: "bold red",
@@ -39,10 +49,15 @@ def register(commands: Any) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("paths", nargs="+", help="files or directories")
+    _fleet.add_arguments(parser, "files or directories")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON object")
     output.add_argument("--sarif", action="store_true", help="print SARIF 2.1.0 for code scanning")
+    parser.add_argument(
+        "--from-jsonl",
+        metavar="OUT",
+        help="scan nothing: print the summary of the records an earlier --jsonl run wrote",
+    )
     parser.set_defaults(run=run)
 
 
@@ -53,39 +68,78 @@ def exit_code(verdict: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = modelport.scan(*args.paths)
+    if args.from_jsonl:
+        if args.paths or args.from_file:
+            raise UsageError("--from-jsonl prints an earlier run's summary; it takes no paths")
+        return _print(args, summarize(args.from_jsonl, "scan").scan_report())
+    plan = _fleet.plan(args, "scan", {})
+    if plan is None:
+        return _print(args, modelport.scan(*args.paths))
+    return _print(args, _run_fleet(plan, Console() if _human(args) else None), streamed=True)
+
+
+def _human(args: argparse.Namespace) -> bool:
+    return not (args.json or args.sarif)
+
+
+def _print(args: argparse.Namespace, report: ScanReport, *, streamed: bool = False) -> int:
+    """The report as asked (the table, --json or --sarif), and the exit code of its verdict;
+    ``streamed``: the table's file lines are out already."""
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     elif args.sarif:
         print(json.dumps(to_sarif(report), indent=2))
+    elif streamed:
+        show_verdict(Console(), report)
     else:
         show(Console(), report)
     return exit_code(report.verdict)
 
 
+def _run_fleet(plan: Plan, console: Console | None) -> ScanReport:
+    """Scan in workers; with a console, each file's lines print as it is judged, in the
+    order the files were named."""
+    files = []
+    for record in _fleet.records(plan):
+        file = file_report(record)
+        files.append(file)
+        if console is not None:
+            show_file(console, file)
+    return ScanReport(worst([f.verdict for f in files]), tuple(files))
+
+
 def show(console: Console, report: ScanReport) -> None:
     """One line per file, then each finding above info: where, what, how it is used, the fix."""
     for file in report.files:
-        style = _VERDICT_STYLE.get(file.verdict, "")
+        show_file(console, file)
+    show_verdict(console, report)
+
+
+def show_file(console: Console, file: FileReport) -> None:
+    style = _VERDICT_STYLE.get(file.verdict, "")
+    console.print(
+        f"[{style}]{file.verdict.upper():10}[/{style}] {file.path} [dim]({file.format})[/dim]",
+        highlight=False,
+    )
+    for finding in file.findings:
+        if finding.severity is Severity.INFO:
+            continue
+        where = finding.member or file.path.rsplit("/", 1)[-1]
+        if finding.offset is not None:
+            where += f" @{finding.offset} {finding.opcode}"
+        used = f" {finding.global_name} ({finding.usage})" if finding.global_name else ""
+        sev = _STYLE.get(finding.severity, "")
         console.print(
-            f"[{style}]{file.verdict.upper():10}[/{style}] {file.path} [dim]({file.format})[/dim]",
+            f"  [{sev}]{finding.severity.value:8}[/{sev}] {finding.rule}  {where}{used}",
             highlight=False,
         )
-        for finding in file.findings:
-            if finding.severity is Severity.INFO:
-                continue
-            where = finding.member or file.path.rsplit("/", 1)[-1]
-            if finding.offset is not None:
-                where += f" @{finding.offset} {finding.opcode}"
-            used = f" {finding.global_name} ({finding.usage})" if finding.global_name else ""
-            sev = _STYLE.get(finding.severity, "")
-            console.print(
-                f"  [{sev}]{finding.severity.value:8}[/{sev}] {finding.rule}  {where}{used}",
-                highlight=False,
-            )
-            console.print(f"           {finding.message}", highlight=False, markup=False)
-            if finding.fix:
-                console.print(f"           [dim]fix: {finding.fix}[/dim]", highlight=False)
+        console.print(f"           {finding.message}", highlight=False, markup=False)
+        if finding.fix:
+            console.print(f"           [dim]fix: {finding.fix}[/dim]", highlight=False)
+
+
+def show_verdict(console: Console, report: ScanReport) -> None:
+    """The closing line of a scan of several files: the worst verdict and the counts."""
     if len(report.files) > 1:
         counts = {v: sum(f.verdict == v for f in report.files) for v in _VERDICT_STYLE}
         summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)

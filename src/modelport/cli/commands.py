@@ -59,4 +59,8 @@ COMMANDS: dict[str, Command] = {
         "modelport.cli.cmd_rebuild",
         "weights + model class -> a whole saved model (pickle / TorchScript / .pt2)",
     ),
+    "report": Command(
+        "modelport.cli.cmd_report",
+        "one self-contained HTML page: identity, scan, structure, value statistics, diff",
+    ),
 }

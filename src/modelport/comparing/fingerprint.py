@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from modelport.loading import model_file as api
 from modelport.tensors import TensorRef
 from modelport.transfer.streaming import source_chunks
@@ -129,6 +127,8 @@ def fingerprint(
 
 def tensor_digest(tensor: TensorRef) -> str:
     """sha256 of the tensor's elements in C order, read a bounded chunk at a time."""
+    import numpy as np
+
     if tensor.storage is None:
         return NO_DATA
     hasher = hashlib.sha256()

@@ -21,7 +21,7 @@ from typing import Any
 
 from modelport import dtypes
 from modelport._version import __version__
-from modelport.conversion import selecting, writing
+from modelport.conversion import folders, selecting, writing
 from modelport.conversion.options import ConvertOptions
 from modelport.conversion.verifying import CastCheck
 from modelport.errors import ConversionError, UsageError
@@ -43,6 +43,7 @@ TARGETS = {
     "npz": "npz",
     "gguf": "gguf",
     "hf": "hf-dir",
+    "hf-bin": "hf-bin",
 }
 CASTS = ("float16", "bfloat16", "float32")
 
@@ -100,11 +101,11 @@ def convert(
     started = time.perf_counter()
     source, target = Path(src), Path(dst)
     writer = _target_format(target, options.to)
-    if writer is _hf_writer.TARGET and target.is_dir():  # a folder: only what is written
+    if _hf_writer.is_target(writer) and target.is_dir():  # a folder: only what is written
         placing.check_target(source, target, overwrite=True)
     else:
         placing.check_target(source, target, options.overwrite)
-    writing.check_directory_target(source, target, writer, options)
+    folders.check_target(source, target, writer, options)
     pin = SourcePin.of(source)
     check_safety(source, allow_unsafe=options.allow_unsafe)
     pin.check("scanned")
@@ -121,7 +122,7 @@ def convert(
         outputs, aliases = _dedupe(outputs, writer, options.materialize_ties)
         metadata = _metadata(model, options, aliases)
         plan = _plan(structure, outputs, aliases, metadata)
-        notes.extend(writing.directory_notes(source, writer, plan, options))
+        notes.extend(folders.notes(source, target, writer, plan, options))
         summary = tuple((t.name, t.dtype, t.shape, t.nbytes) for t in outputs)
         report = ConvertReport(
             str(source),
@@ -148,14 +149,14 @@ def convert(
                 on_progress(min(moved[0], total), total)
 
         with progress.reporting(tick):
-            casts = writing.write_verified(plan, target, writer, options, source, pin)
+            casts, written = writing.write_verified(plan, target, writer, options, source, pin)
     return ConvertReport(
         report.source,
         report.target,
         report.source_format,
         report.target_format,
         report.tensors,
-        writing.bytes_on_disk(target),
+        written,
         selection,
         report.left_out,
         aliases,
@@ -171,6 +172,8 @@ def _target_format(target: Path, to: str | None) -> FormatReader:
     wanted = TARGETS.get(to, to) if to else None
     if wanted == _hf_writer.TARGET.format.value:
         return _hf_writer.TARGET
+    if wanted == "hf-bin":
+        return _hf_writer.BIN_TARGET
     for reader in READERS:
         if reader.write is None:
             continue

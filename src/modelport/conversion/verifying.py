@@ -9,6 +9,8 @@ ranges are compared through reused buffers, so memory stays bounded whatever the
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,16 +19,38 @@ import numpy as np
 
 from modelport import dtypes
 from modelport.errors import VerificationError
-from modelport.formats import _hf_writer
+from modelport.formats import _hf_writer, _pipeline_writer, hf_dir
 from modelport.formats.gguf.writer import q8_0_blocks
 from modelport.formats.protocol import Probe
 from modelport.formats.registry import detect
 from modelport.tensors import TensorRef
+from modelport.transfer import readback
+from modelport.transfer.pinning import SourcePin
 from modelport.transfer.progress import advance
 from modelport.transfer.readback import CopiedRange, OutputChecks, RangeComparer
 from modelport.transfer.streaming import CAST_CHUNK, cast_chunk, paired_chunks
 from modelport.transfer.write_plan import OutputTensor, WritePlan
 from modelport.tree import names as trees
+
+
+@contextmanager
+def pinned(pin: SourcePin | None) -> Iterator[None]:
+    """Verification, then the source's identity: a source that changed explains a copy
+    that differs from it, and installs nothing even when the copy happens to agree."""
+    try:
+        yield
+    except VerificationError:
+        if pin is not None:
+            pin.check("converted")
+        raise
+    if pin is not None:
+        pin.check("converted")
+
+
+def copy_checks(compare: bool) -> AbstractContextManager[OutputChecks]:
+    """Written bytes are compared with the source (when ``compare``) and checksummed on a
+    second thread while the writing goes on (see ``readback``)."""
+    return readback.checking_output(compare=compare, elements=compare_elements)
 
 
 @dataclass(frozen=True)
@@ -198,6 +222,32 @@ def verify_directory(
             declared = contents.metadata.get("total_size")
             if declared != planned.index["metadata"]["total_size"]:
                 raise VerificationError(f"{directory.name}: index total_size {declared!r} is off")
+    finally:
+        if contents.close is not None:
+            contents.close()
+    return tuple(casts)
+
+
+def verify_pipeline(
+    directory: Path,
+    plan: WritePlan,
+    planned: _pipeline_writer.Planned,
+    copies: OutputChecks | None = None,
+) -> tuple[CastCheck, ...]:
+    """Every component folder (``verify_directory``), then the pipeline read back as one
+    model: every name of the plan, and its aliases, under ``<component>.``."""
+    casts: list[CastCheck] = []
+    for part in planned.parts:
+        casts.extend(verify_directory(directory / part.name, part.plan, part.layout, copies))
+    contents = hf_dir.READER.read(directory, Probe.of(directory))
+    try:
+        expected = {t.name for t in plan.tensors} | set(_hf_writer.aliases_of(plan))
+        found = set(contents.tree)
+        if found != expected:
+            odd = sorted(found ^ expected)
+            raise VerificationError(
+                f"{directory.name}: the pipeline read back differs in {len(odd)} names {odd[:5]}"
+            )
     finally:
         if contents.close is not None:
             contents.close()

@@ -21,27 +21,30 @@ Keras splits list attributes larger than 64 KiB into ``name0``, ``name1``, ...
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from modelport import limits
 from modelport.errors import CorruptFileError, LimitExceededError
 from modelport.formats import _keras_config
 from modelport.formats._hdf5_raw import HeapGuard
 
+if TYPE_CHECKING:
+    import numpy as np
+
 MAX_ATTR_ELEMENTS = 4096  # larger numeric attributes are summarised
 KERAS3_VAR = re.compile(r"(^|/)vars/\d+$")
-NUMERIC = (
-    *(
-        np.dtype(order + code)
-        for code in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "c8", "c16")
-        for order in "<>"
-    ),
-    np.dtype(bool),
-)
 _MISSING = object()
+
+
+@functools.cache
+def numeric_types() -> tuple[np.dtype[Any], ...]:
+    """The standard numeric types, each byte order, and bool (numpy loads with the file's h5py)."""
+    import numpy as np
+
+    codes = ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "c8", "c16")
+    return (*(np.dtype(order + code) for code in codes for order in "<>"), np.dtype(bool))
 
 
 def standard_type(h5py: Any, file_type: Any) -> tuple[np.dtype[Any], bool] | str:
@@ -60,13 +63,15 @@ def standard_type(h5py: Any, file_type: Any) -> tuple[np.dtype[Any], bool] | str
     if type_class in names:
         return str(names[type_class])
     size = file_type.get_size()
-    for candidate in NUMERIC:
+    for candidate in numeric_types():
         if candidate.itemsize == size and file_type.equal(h5py.h5t.py_create(candidate)):
             return candidate, candidate.byteorder in ("<", "|", "=")
     return "compound" if type_class == h5py.h5t.COMPOUND else "non-standard numeric type"
 
 
 def _text(value: Any) -> Any:
+    import numpy as np
+
     if isinstance(value, (bytes, np.bytes_)):
         return bytes(value).decode("utf-8", "replace")
     if isinstance(value, np.generic):
@@ -83,6 +88,8 @@ class AttributeReader:
 
     def get(self, obj: Any, name: str, missing: Any = _MISSING) -> Any:
         """One attribute as JSON-ready data (``missing`` for an absent one, when given)."""
+        import numpy as np  # h5py has loaded it already
+
         h5py = self.h5py
         encoded = name.encode("utf-8")
         if missing is not _MISSING and not h5py.h5a.exists(obj.id, encoded):

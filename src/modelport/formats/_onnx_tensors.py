@@ -29,9 +29,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final
-
-import numpy as np
+from typing import Final
 
 from modelport import dtypes, limits
 from modelport.errors import (
@@ -43,7 +41,7 @@ from modelport.errors import (
 )
 from modelport.formats._protobuf import Field, Message, WireType, count_varints, decode_varints
 from modelport.formats._protobuf import signed64 as s64
-from modelport.tensors import Storage, TensorRef
+from modelport.tensors import NDArray, Storage, TensorRef
 
 CHUNK = 1 << 24
 EXTERNAL = 1
@@ -343,10 +341,12 @@ class TensorData:
 
 def _span_reader(
     path: Path, spans: tuple[tuple[int, int], ...], width: int | None
-) -> Callable[[], np.ndarray[Any, Any]]:
+) -> Callable[[], NDArray]:
     """Typed fields decoded on first read: fixed-width runs joined, or varints narrowed."""
 
-    def read_spans() -> np.ndarray[Any, Any]:
+    def read_spans() -> NDArray:
+        import numpy as np
+
         with open(path, "rb") as handle:
             chunks = []
             for start, end in spans:

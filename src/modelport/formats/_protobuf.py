@@ -21,12 +21,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, NamedTuple
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from modelport import limits
 from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAX_VARINT_BYTES = 10
 MASK64 = (1 << 64) - 1
@@ -170,6 +171,8 @@ def count_varints(data: bytes) -> int:
 
 def decode_varints(data: np.ndarray[Any, np.dtype[np.uint8]]) -> np.ndarray[Any, Any]:
     """A packed run of varints as uint64 values, vectorised; raises on a malformed run."""
+    import numpy as np
+
     if data.size == 0:
         return np.zeros(0, dtype=np.uint64)
     ends = np.flatnonzero(data < 0x80)

@@ -24,8 +24,6 @@ import struct
 from pathlib import Path
 from typing import Any, Final
 
-import numpy as np
-
 from modelport import dtypes
 from modelport.errors import CorruptFileError, UnsupportedVersionError
 from modelport.formats._legacy_stream import MAGIC_NUMBER
@@ -33,7 +31,7 @@ from modelport.formats._zip import LOCAL_SIGNATURE, ZipDirectory
 from modelport.formats.torch_zip import archive_prefix, load_archive_pickle
 from modelport.pickles.reading import read_pickle
 from modelport.pickles.torch_types import StorageType, TypedStorage
-from modelport.tensors import Storage
+from modelport.tensors import NDArray, Storage, byte_array
 
 LEGACY_PROTOCOL_VERSION: Final = 1001
 
@@ -123,7 +121,7 @@ def _storage(
     if path is not None and file_offset is not None:
         return Storage(path, file_offset + start, nbytes, key=key)
     chunk = data[start : start + nbytes]
-    return Storage(None, 0, nbytes, key=key, reader=lambda: np.frombuffer(chunk, np.uint8))
+    return Storage(None, 0, nbytes, key=key, reader=lambda: byte_array(chunk))
 
 
 def _view(base: TypedStorage, view: Any) -> TypedStorage:
@@ -143,7 +141,7 @@ def _view(base: TypedStorage, view: Any) -> TypedStorage:
     else:
         outer = st
 
-        def read_view() -> np.ndarray[Any, np.dtype[np.uint8]]:
+        def read_view() -> NDArray:
             return outer.bytes_view()[offset * itemsize : (offset + numel) * itemsize]
 
         storage = Storage(None, 0, numel * itemsize, key=st.key, reader=read_view)

@@ -33,8 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeGuard
 
-import numpy as np
-
 from modelport import dtypes, limits
 from modelport.errors import (
     CorruptFileError,
@@ -337,6 +335,8 @@ def _assembler(
     """Copies each chunk into its place: a tensor saved by several ranks."""
 
     def assemble() -> NDArray:
+        import numpy as np
+
         whole = np.zeros(shape, dtype=dtypes.to_numpy(dtype))
         for chunk, ref in parts:
             where = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=True))

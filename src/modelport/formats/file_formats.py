@@ -9,6 +9,7 @@ list, so a shard of a Hugging Face folder is recognised exactly as the file alon
 from __future__ import annotations
 
 from modelport.formats import (
+    adapters,
     hdf5,
     keras,
     npy,
@@ -26,6 +27,7 @@ from modelport.formats.gguf import reader as gguf
 from modelport.formats.protocol import FormatReader
 
 FILE_READERS: tuple[FormatReader, ...] = (
+    adapters.READER,  # safetensors naming a LoRA (kohya, PEFT): details added
     safetensors.READER,
     torchscript.READER,  # zips with code/ or constants.pkl: before torch_zip
     torch_export.READER,  # zips with archive_format or models/*.json: before torch_zip

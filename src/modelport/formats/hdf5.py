@@ -49,9 +49,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from modelport import limits
 from modelport.errors import (
@@ -65,6 +63,9 @@ from modelport.formats._hdf5_attrs import AttributeReader, layout_details, stand
 from modelport.formats._hdf5_raw import HeapGuard, RawReader, find_superblock, read_superblock
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.tensors import NDArray, Storage, TensorRef
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAX_REPORTED = 200  # entries per list in details
 BFLOAT16_ATTR = "bfloat16"
@@ -288,6 +289,8 @@ def _follow(h5py: Any, group: Any, name: str, full: str, found: Walk) -> tuple[A
 def _dataset(
     attrs: AttributeReader, dset: Any, name: str, source: H5Source, place: Place, found: Walk
 ) -> TensorRef | None:
+    import numpy as np  # h5py has loaded it already
+
     h5py = attrs.h5py
     plist = dset.id.get_create_plist()
     if dset.is_virtual:
@@ -338,7 +341,7 @@ def _dataset(
     return TensorRef(dtype_name, tuple(shape), storage, note=note)
 
 
-ElementType = tuple[str, np.dtype[Any], bool, str]  # name, little-endian dtype, exact, note
+ElementType: TypeAlias = "tuple[str, np.dtype[Any], bool, str]"  # name, LE dtype, exact, note
 
 
 def _element_type(attrs: AttributeReader, dset: Any) -> ElementType | str:
@@ -350,6 +353,8 @@ def _element_type(attrs: AttributeReader, dset: Any) -> ElementType | str:
     an empty tag; Keras 3 adds ``dtype="bfloat16"`` (``.weights.h5``), its legacy ``.h5``
     writer does not, so an untagged 2-byte opaque type is read as bfloat16 with a note.
     """
+    import numpy as np  # h5py has loaded it already
+
     h5py = attrs.h5py
     file_type = dset.id.get_type()
     if file_type.get_class() == h5py.h5t.OPAQUE and file_type.get_size() == 2:
@@ -381,6 +386,8 @@ def _reader(
     """Reads one dataset through h5py, converted to little-endian, as flat bytes."""
 
     def read_bytes() -> NDArray:
+        import numpy as np
+
         if nbytes > limits.MAX_HDF5_READ_BYTES:
             raise LimitExceededError(
                 f"dataset {name!r} size", limits.MAX_HDF5_READ_BYTES, nbytes, path=path

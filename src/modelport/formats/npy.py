@@ -40,10 +40,7 @@ import tokenize
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-from numpy.lib import format as numpy_format
+from typing import Any, TypeAlias
 
 from modelport import dtypes, limits
 from modelport.errors import (
@@ -68,7 +65,7 @@ OBJECT_WARNING = "object array: contents are a pickle (read without executing an
 _DESCR = re.compile(r"^[<>|=]?[biufcVO?][0-9]{0,3}$")
 _VOID_CARRIERS = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 
-RawReader = Callable[[], NDArray]
+RawReader: TypeAlias = Callable[[], NDArray]
 
 
 @dataclass(frozen=True)
@@ -173,6 +170,8 @@ def object_data_offset(
     """Where the pickle of an array whose dtype holds objects begins, or None when it holds
     none. ``descr`` is evaluated as ``numpy.load`` evaluates it (``descr_to_dtype``), so every
     spelling numpy accepts counts: ``'O'``, ``'object'``, a record with an object field."""
+    from numpy.lib import format as numpy_format
+
     label = f"npy{where}"
     _, fields, data_offset = _header_fields(prefix, label, path, available)
     try:
@@ -237,6 +236,8 @@ def _element_type(descr: Any, label: str, path: Path) -> tuple[str | None, int, 
             f"{path}: {label} dtype {descr!r:.80} is not supported (strings, datetimes and "
             "other non-numeric types are not tensors)"
         )
+    import numpy as np
+
     try:
         parsed = np.dtype(descr)
     except (TypeError, ValueError):
@@ -274,6 +275,8 @@ def tensor_ref(
         raise UnsupportedDtypeError(f"{path}: an object array is a pickle, not a tensor")
     base = reader
     if header.byteswapped:
+        import numpy as np
+
         stored = Storage(path, offset, header.nbytes, key=key, reader=reader)
         big = np.dtype(header.descr)
 

@@ -48,8 +48,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
-
 from modelport import dtypes, limits
 from modelport.errors import (
     ConversionError,
@@ -82,24 +80,22 @@ VIEWED = {
     "float8_e5m2fnuz": "|u1",
     "float8_e8m0fnu": "|u1",
 }
+# dtypes numpy holds, and the ``descr`` numpy writes for each (``np.dtype(name).str``)
 NATIVE = {
-    name: np.dtype(dtypes.to_numpy(name)).str
-    for name in (
-        "float64",
-        "float32",
-        "float16",
-        "complex128",
-        "complex64",
-        "int64",
-        "int32",
-        "int16",
-        "int8",
-        "uint64",
-        "uint32",
-        "uint16",
-        "uint8",
-        "bool",
-    )
+    "float64": "<f8",
+    "float32": "<f4",
+    "float16": "<f2",
+    "complex128": "<c16",
+    "complex64": "<c8",
+    "int64": "<i8",
+    "int32": "<i4",
+    "int16": "<i2",
+    "int8": "|i1",
+    "uint64": "<u8",
+    "uint32": "<u4",
+    "uint16": "<u2",
+    "uint8": "|u1",
+    "bool": "|b1",
 }
 CHUNK = 1 << 20
 MAX_RATIO = 1032  # deflate's largest possible expansion (258-byte matches in 2-bit codes)
@@ -116,6 +112,8 @@ def sniff(probe: Probe) -> bool:
 def inflate(path: Path, entry: ZipEntry, skip: int, count: int) -> NDArray:
     """Bytes ``skip .. skip + count`` of a deflated member, inflating no further than that
     (the CRC-32 is checked when the range reaches the member's end)."""
+    import numpy as np
+
     end = skip + count
     out = np.empty(count, dtype=np.uint8)
     inflater = zlib.decompressobj(-15)
@@ -323,7 +321,7 @@ def _restore_dtypes(tree: dict[str, Any], restore: dict[str, str], warnings: lis
         carrier = VIEWED[dtype]
         if (
             not isinstance(ref, TensorRef)
-            or np.dtype(carrier).itemsize != dtypes.dtype(ref.dtype).itemsize
+            or int(carrier[2:]) != dtypes.dtype(ref.dtype).itemsize  # "<u2": 2 bytes
             or not ref.dtype.startswith("uint")
         ):
             warnings.append(f"the dtype map names {name!r} as {dtype}, which it cannot be: ignored")

@@ -32,8 +32,6 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from modelport import dtypes, limits
 from modelport.errors import CorruptFileError, UnsupportedVersionError
 from modelport.formats._torch_blob import read_torch_blob
@@ -41,7 +39,7 @@ from modelport.formats._zip import ZipDirectory, ZipEntry
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.formats.torchscript import extra_files
 from modelport.pickles.torch_types import TypedStorage, tensor_from_storage
-from modelport.tensors import Storage
+from modelport.tensors import NDArray, Storage, byte_array
 
 STRIDED = 7
 TOP_OPS = 20
@@ -213,7 +211,7 @@ class _Payloads:
                 self.warnings.append(f"{entry.name} is empty: its tensor reads as zeros")
             zeros = numel * itemsize
             storage = Storage(
-                None, 0, zeros, key=entry.name, reader=lambda: np.zeros(zeros, np.uint8)
+                None, 0, zeros, key=entry.name, reader=lambda: byte_array(bytes(zeros))
             )
         else:
             if entry.size % itemsize:
@@ -232,8 +230,8 @@ class _Payloads:
         return typed
 
     def _inflate(self, entry: ZipEntry) -> Any:
-        def read_bytes() -> np.ndarray[Any, np.dtype[np.uint8]]:
-            return np.frombuffer(self.directory.read_member(entry), np.uint8)
+        def read_bytes() -> NDArray:
+            return byte_array(self.directory.read_member(entry))
 
         return read_bytes
 

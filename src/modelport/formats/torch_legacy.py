@@ -70,9 +70,11 @@ SNIFF_LIMITS = Limits(max_opcodes=32, max_memo=32, max_stack=32, max_marks=8, in
 
 # -- sniffing ---------------------------------------------------------------------------------
 def is_magic_number(pickled: bytes | memoryview) -> bool:
-    """Whether ``pickled`` is one pickle of torch's legacy magic number."""
+    """Whether ``pickled`` is one pickle of torch's legacy magic number, read under the
+    limits ``sniff`` reads it with: a few opcodes, so that a large pickle (a whole model)
+    is not read a second time, nor its arrays built, to learn that it is something else."""
     try:
-        value = read_pickle(pickled).value
+        value = read_pickle(pickled, limits=SNIFF_LIMITS).value
     except ModelportError:
         return False
     return type(value) is int and value == MAGIC_NUMBER

@@ -53,8 +53,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
-
 from modelport import dtypes, limits
 from modelport.errors import (
     ConversionError,
@@ -68,7 +66,7 @@ from modelport.formats._zip_writer import ZipWriter
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.pickles.reading import read_pickle
 from modelport.pickles.torch_types import StorageType, TypedStorage
-from modelport.tensors import Storage, TensorRef, contiguous_strides
+from modelport.tensors import NDArray, Storage, TensorRef, byte_array, contiguous_strides
 from modelport.transfer.streaming import write_tensor
 from modelport.transfer.write_plan import OutputTensor, WritePlan
 from modelport.tree.typed_json import KEY as TREE_KEY
@@ -184,11 +182,11 @@ def load_archive_pickle(
 
 def _inflating_reader(
     directory: ZipDirectory, record: ZipEntry, nbytes: int
-) -> Callable[[], np.ndarray[Any, np.dtype[np.uint8]]]:
+) -> Callable[[], NDArray]:
     """Storages written compressed (by zip tools, not torch) are inflated on first read."""
 
-    def read_bytes() -> np.ndarray[Any, np.dtype[np.uint8]]:
-        return np.frombuffer(directory.read_member(record)[:nbytes], np.uint8)
+    def read_bytes() -> NDArray:
+        return byte_array(directory.read_member(record)[:nbytes])
 
     return read_bytes
 

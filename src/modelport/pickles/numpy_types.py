@@ -11,14 +11,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from modelport import dtypes
 from modelport.errors import CorruptFileError, UnsupportedDtypeError
 from modelport.pickles.records import ByteSpan
 from modelport.tensors import Storage, TensorRef
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _SIMPLE_DTYPE = re.compile(r"^[<>|=]?[biufcV?][0-9]{0,2}$")
 _BYTE_ORDERS = {"<", ">", "|", "="}
@@ -43,9 +44,12 @@ class NumpyDType:
                 self.structured = True  # named fields: left as a record
 
     def resolve(self) -> np.dtype[Any] | None:
-        """The numpy dtype, or None when it is not a plain element type (objects, records)."""
+        """The numpy dtype, or None when it is not a plain element type (objects, records).
+        numpy is imported here: only a pickle that holds numpy arrays or scalars needs it."""
         if self.structured or not _SIMPLE_DTYPE.match(self.spec):
             return None
+        import numpy as np
+
         try:
             plain = np.dtype(self.spec)
         except TypeError:
@@ -137,6 +141,8 @@ def scalar(dtype: Any, raw: Any = None) -> Any:
             and isinstance(raw, (bytes, bytearray))
             and len(raw) == resolved.itemsize
         ):
+            import numpy as np
+
             return np.frombuffer(bytes(raw), dtype=resolved)[0].item()
     return NumpyScalar(dtype, raw)
 

@@ -16,15 +16,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-import numpy as np
-
 from modelport import dtypes
 from modelport.errors import CorruptFileError, ModelportError
 from modelport.pickles import numpy_types, torch_types
 from modelport.pickles.interface import Limits, PickleResult, Step
 from modelport.pickles.machine import run
 from modelport.pickles.records import ByteSpan, CallRecord, GlobalRef, ObjectRecord
-from modelport.tensors import Storage
+from modelport.tensors import Storage, byte_array
 
 Reconstructor = Callable[["ReadingResolver", tuple[Any, ...]], Any]
 
@@ -419,9 +417,9 @@ class ReadingResolver:
             if self.data is None:
                 raise CorruptFileError("pickle: byte span without a source")
             chunk = memoryview(self.data)[raw.offset : raw.offset + raw.length]
-            return Storage(None, 0, raw.length, reader=lambda: np.frombuffer(chunk, np.uint8))
+            return Storage(None, 0, raw.length, reader=lambda: byte_array(chunk))
         frozen = bytes(raw)
-        return Storage(None, 0, len(frozen), reader=lambda: np.frombuffer(frozen, np.uint8))
+        return Storage(None, 0, len(frozen), reader=lambda: byte_array(frozen))
 
 
 def read_pickle(

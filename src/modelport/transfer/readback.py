@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-import numpy as np
-
 from modelport.errors import ConversionError, TruncatedFileError, VerificationError
 from modelport.tensors import Storage, TensorRef
 from modelport.transfer.progress import advance
@@ -49,6 +47,8 @@ class RangeComparer:
     and are compared eight bytes at a time (three times faster than byte by byte)."""
 
     def __init__(self, chunk: int = COMPARE_CHUNK) -> None:
+        import numpy as np
+
         self.left = bytearray(chunk)
         self.right = bytearray(chunk)
         self.equal = np.empty(chunk // 8, dtype=bool)
@@ -90,6 +90,8 @@ class RangeComparer:
             return crc32_of_range(handle, offset, length, self.right, crc)
 
     def _equal(self, n: int) -> bool:
+        import numpy as np
+
         words = n // 8
         left = np.frombuffer(self.left, np.uint64, words)
         right = np.frombuffer(self.right, np.uint64, words)

@@ -15,10 +15,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO
-
-import numpy as np
-from numpy.lib.stride_tricks import as_strided
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from modelport import dtypes
 from modelport.errors import CorruptFileError, MissingDependencyError, TruncatedFileError
@@ -26,6 +23,9 @@ from modelport.tensors import NDArray, TensorRef
 from modelport.transfer import readback
 from modelport.transfer.progress import advance
 from modelport.transfer.write_plan import OutputTensor
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CHUNK = 16 << 20  # bytes per read step; memory use is a small multiple of this
 CAST_CHUNK = 4 << 20  # casts and gathers hold several buffers per chunk: smaller steps
@@ -37,6 +37,8 @@ def source_chunks(tensor: TensorRef, chunk: int = CHUNK) -> Iterator[NDArray]:
     time. Flat file storages are read with ``preadv`` into one buffer reused for every chunk
     (fresh memory would cost a page fault per 4 KiB), so a chunk is valid only until the
     next is asked for; other storages go through their reader."""
+    import numpy as np
+
     if tensor.numel == 0:  # no elements: nothing to read (an empty strided view included)
         return
     info = dtypes.dtype(tensor.dtype)
@@ -96,6 +98,9 @@ def _strided_file_chunks(
     chunks of the file (slices, narrowed rows) is read with ``preadv`` and gathered there;
     one spread wider (a transposed matrix) is gathered from the memory map, whose pages are
     then dropped, so neither way keeps more than a block's pages."""
+    import numpy as np
+    from numpy.lib.stride_tricks import as_strided
+
     span_limit = 4 * chunk
     with _borrowed(span_limit) as buffer, open(path, "rb") as handle:
         for at, block in _blocks(view, chunk):
@@ -123,6 +128,8 @@ def _gather_runs(fd: int, block: NDArray, start: int) -> NDArray | None:
     """A block spread across the file whose elements still lie in contiguous runs along one
     axis (a transposed matrix: along its first), read one run per ``preadv`` and put in C
     order in memory; None when no axis is contiguous in the file."""
+    import numpy as np
+
     axis = next(
         (
             k
@@ -159,6 +166,8 @@ def _gather_runs(fd: int, block: NDArray, start: int) -> NDArray | None:
 def _drop_mapped_pages(view: NDArray) -> None:
     """Let the kernel take back the pages of the memory map under ``view`` (a private map
     never written to: they are read from the file again if touched)."""
+    import numpy as np
+
     base: Any = view
     while base is not None and not isinstance(base, np.memmap):
         base = base.base
@@ -189,12 +198,16 @@ def _borrowed(size: int) -> Iterator[bytearray]:
 
 
 def _carrier(info: dtypes.DType) -> np.dtype[Any]:
+    import numpy as np
+
     return info.numpy if info.numpy is not None else np.dtype(np.uint8)
 
 
 def cast_chunk(chunk: NDArray, source_dtype: str, target_dtype: str) -> NDArray:
     """One chunk converted to ``target_dtype`` (floating types only: the planner refuses the
     rest before anything is written)."""
+    import numpy as np
+
     if source_dtype == target_dtype:
         return chunk
     if dtypes.dtype(source_dtype).block is not None:
@@ -217,6 +230,8 @@ def write_all(handle: BinaryIO, data: bytes | memoryview) -> None:
 
 def dequantize(raw: NDArray, ggml_type: str) -> NDArray:
     """GGML blocks to float32 with gguf-py's reference dequantizer (``modelport[gguf]``)."""
+    import numpy as np
+
     try:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize as reference
@@ -279,6 +294,8 @@ def _has_elements(tensor: OutputTensor) -> bool:
 
 def _write_chunks(handle: BinaryIO, tensor: OutputTensor) -> None:
     """Casts, strided views, storages not stored flat: a bounded buffer at a time."""
+    import numpy as np
+
     source = tensor.source
     written = 0
     small = tensor.is_cast or not source.is_contiguous  # several buffers per chunk
@@ -330,6 +347,8 @@ def paired_chunks(
 ) -> Iterator[tuple[NDArray, NDArray]]:
     """Two tensors with the same element count, walked side by side in equal-length pieces
     (their own chunk boundaries may differ: a strided view against a flat range)."""
+    import numpy as np
+
     left, right = source_chunks(a, chunk), source_chunks(b, chunk)
     piece_a: NDArray = np.empty(0)
     piece_b: NDArray = np.empty(0)

@@ -31,8 +31,6 @@ import struct
 from collections.abc import Iterator
 from typing import BinaryIO
 
-import numpy as np
-
 from modelport import dtypes
 from modelport.errors import ConversionError
 from modelport.formats.gguf.spec import (
@@ -131,6 +129,8 @@ def _kv_string(value: str) -> bytes:
 
 def quantize_q8_0(blocks: NDArray) -> NDArray:
     """Rows of 32 float32 values as Q8_0 blocks of 34 bytes, exactly as gguf-py quantizes."""
+    import numpy as np
+
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         scale = np.abs(blocks).max(axis=1, keepdims=True) / 127
         inverse = np.where(scale == 0, 0, 1 / scale)
@@ -145,6 +145,8 @@ def quantize_q8_0(blocks: NDArray) -> NDArray:
 def q8_0_blocks(tensor: OutputTensor) -> Iterator[NDArray]:
     """The tensor's Q8_0 blocks, quantized a slice of a source chunk at a time (the
     quantizer's temporaries are several times the slice, so slices stay small)."""
+    import numpy as np
+
     pending: NDArray = np.zeros(0, dtype=np.float32)
     for chunk in source_chunks(tensor.source):
         with np.errstate(over="ignore"):

@@ -1,0 +1,228 @@
+"""Many files at once: ``modelport scan DIR`` with --jobs 1 and --jobs 2 against picklescan's
+directory mode on one folder of small mixed model files, and the time a run takes to resume
+after it was killed halfway.
+
+The corpus (bench-output/fleet-corpus, rebuilt when --files changes) mixes what a model hub
+holds, written by the libraries themselves: torch state_dicts, training checkpoints with
+Adam state, whole pickled modules, safetensors, npz and joblib files. Each tool runs as a
+whole process, as users run it; files/s divides the corpus by the wall time, and peak RSS
+is the largest sum of the resident sets of the process and its children (modelport's
+workers), sampled every 10 ms. picklescan comes from bench-output/peers-venv (installed
+from PyPI on first use, as bench_scan.py does).
+
+The tools take turns, round after round, and each reports its median: on a shared machine a
+busy minute then slows every tool alike.
+
+Usage: python benchmarks/bench_fleet.py [--files 10000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import joblib
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+OUT = Path(__file__).resolve().parent.parent / "bench-output"
+CORPUS = OUT / "fleet-corpus"
+PEERS = OUT / "peers-venv"
+RUNS = OUT / "fleet-runs"
+MODELPORT = [sys.executable, "-m", "modelport", "scan"]
+
+
+def build_corpus(count: int) -> None:
+    """``count`` small files, six kinds in turn, 200 to a subfolder."""
+    stamp = OUT / "fleet-corpus.count"  # beside the corpus: not a file to scan
+    if stamp.exists() and stamp.read_text() == f"{count} v2":
+        return
+    shutil.rmtree(CORPUS, ignore_errors=True)
+    CORPUS.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(  # a small vision net: 22 tensors, BatchNorm buffers included
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 2 * 2, 10),
+    )
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    state = model.state_dict()
+    arrays = {k: v.numpy() for k, v in state.items()}
+    writers = [
+        lambda p: torch.save(state, p.with_suffix(".pt")),
+        lambda p: torch.save(
+            {"epoch": 3, "model": state, "optimizer": optimizer.state_dict()},
+            p.with_suffix(".ckpt"),
+        ),
+        lambda p: torch.save(model, p.with_suffix(".bin")),
+        lambda p: save_file(arrays, str(p.with_suffix(".safetensors"))),
+        lambda p: np.savez(p.with_suffix(".npz"), **arrays),
+        lambda p: joblib.dump({"coef": arrays["9.weight"], "n": 3}, p.with_suffix(".joblib")),
+    ]
+    for i in range(count):
+        folder = CORPUS / f"part{i // 200:03d}"
+        folder.mkdir(exist_ok=True)
+        writers[i % len(writers)](folder / f"file{i:06d}")
+    stamp.write_text(f"{count} v2")
+
+
+def picklescan() -> list[str] | None:
+    if not (PEERS / "bin" / "picklescan").exists():
+        try:
+            if not (PEERS / "bin" / "python").exists():
+                subprocess.run([sys.executable, "-m", "venv", str(PEERS)], check=True)
+            pip = [str(PEERS / "bin" / "python"), "-m", "pip", "install", "-q", "picklescan"]
+            subprocess.run(pip, check=True)
+        except subprocess.CalledProcessError:
+            return None
+    return [str(PEERS / "bin" / "picklescan"), "-p"]
+
+
+class TreeMemory:
+    """The peak of the summed RSS of a process and its descendants, sampled."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak = pid, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, sum(_rss(p) for p in _tree(self.pid)))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def _tree(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        todo.extend(int(c) for c in children)
+    return found
+
+
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def timed(command: list[str]) -> tuple[float, int, int]:
+    """Wall seconds, peak tree RSS and exit status of one run."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    memory = TreeMemory(process.pid)
+    status = process.wait()
+    return time.perf_counter() - start, memory.stop(), status
+
+
+def resume_after_kill(count: int) -> tuple[float, float, int]:
+    """Kill a --jobs 2 run once half the files are recorded; the rerun's wall time, the
+    time of a second rerun with everything recorded, and the records the kill left."""
+    out = RUNS / "resume.jsonl"
+    out.unlink(missing_ok=True)
+    command = [*MODELPORT, str(CORPUS), "--jobs", "2", "--jsonl", str(out), "--json"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None and (
+        not out.exists() or out.read_bytes().count(b"\n") < count // 2
+    ):
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    left = out.read_bytes().count(b"\n")
+    rerun, _, _ = timed(command)
+    noop, _, _ = timed(command)
+    return rerun, noop, left
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    build_corpus(args.files)
+    print(
+        f"corpus: {args.files} files in {CORPUS} (built in {time.perf_counter() - started:.1f} s)"
+    )
+    RUNS.mkdir(parents=True, exist_ok=True)
+    tools: dict[str, list[str]] = {}
+    for jobs in (1, 2):
+        out = RUNS / f"jobs{jobs}.jsonl"
+        tools[f"modelport --jobs {jobs}"] = [
+            *MODELPORT,
+            str(CORPUS),
+            "--jobs",
+            str(jobs),
+            "--jsonl",
+            str(out),
+            "--json",
+        ]
+    tools["modelport, one process"] = [  # the Python API in one process: no workers
+        sys.executable,
+        "-c",
+        f"import modelport; modelport.scan({str(CORPUS)!r})",
+    ]
+    peer = picklescan()
+    if peer is not None:
+        tools["picklescan -p"] = [*peer, str(CORPUS)]
+    timed(tools["modelport --jobs 1"])  # page cache warm for everyone
+    walls: dict[str, list[float]] = {name: [] for name in tools}
+    peaks: dict[str, list[int]] = {name: [] for name in tools}
+    for _ in range(args.repeat):  # round by round, so that a busy minute costs every tool
+        for name, command in tools.items():
+            for stale in RUNS.glob("jobs*.jsonl"):
+                stale.unlink()  # a fresh run each time, never a resume
+            wall, peak, _ = timed(command)
+            walls[name].append(wall)
+            peaks[name].append(peak)
+    print(
+        f"\n{'tool':22} {'wall s':>8} {'files/s':>9} {'peak RSS':>10}   (median of {args.repeat})"
+    )
+    for name in tools:
+        wall = statistics.median(walls[name])
+        print(f"{name:22} {wall:8.2f} {args.files / wall:9.0f} {max(peaks[name]) / 1e6:8.0f} MB")
+    one, two = (statistics.median(walls[f"modelport --jobs {j}"]) for j in (1, 2))
+    print(f"--jobs 2 / --jobs 1: {one / two:.2f}x")
+    resumes = [resume_after_kill(args.files) for _ in range(args.repeat)]
+    rerun, noop, left = (statistics.median(r[i] for r in resumes) for i in range(3))
+    print(
+        f"\nkilled (SIGKILL) at {left:.0f} of {args.files} records (medians of {args.repeat}): "
+        f"the rerun finished the other {args.files - left:.0f} in {rerun:.2f} s; a rerun with "
+        f"every file recorded: {noop:.2f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,286 @@
+"""The parent's side of the workers: ``--jobs`` processes kept busy, one file each at a time.
+
+A ``concurrent.futures`` pool loses track of which file a dead worker held and breaks the
+whole pool when one dies; here each worker is a plain child process (``worker``) spoken to
+over pipes, so the parent always knows which file each holds. When a worker dies (a crash,
+a signal, the kernel's OOM killer) that file gets an ``error`` record of type
+``WorkerDied`` naming how it died and the last lines the worker wrote to stderr; when a file
+overruns ``Budget.timeout_s`` the parent kills its worker and the file gets a ``timeout``
+record. Either way a fresh worker takes the next file, and every other file is unaffected:
+each file is answered for exactly once.
+
+Workers are started with one thread for the numeric libraries (``OMP_NUM_THREADS=1`` and
+friends, unless set): the parallelism is the processes'.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from modelport.errors import ModelportError, UsageError
+from modelport.fleet.records import TIMED_OUT, WORKER_DIED, Budget, Failure, Outcome
+
+TASKS_PER_WORKER: Final = 1000  # then a fresh process, so a long run's heap never fragments
+# Tasks sent to a worker ahead of its answers: the next file waits in its pipe, so it never
+# idles while the parent, sharing the cores, gets round to reading the last answer.
+QUEUE_DEPTH: Final = 2
+FAILED_STARTS: Final = 3  # workers in a row that die before they are ready: give up
+_TAIL_BYTES: Final = 2000
+_THREAD_VARIABLES: Final = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One file to send to a worker; ``key`` is the caller's name for it."""
+
+    key: int
+    command: str
+    path: str
+    options: dict[str, Any]
+
+
+@dataclass(eq=False)  # each worker is itself: compared and removed by identity
+class _Worker:
+    process: subprocess.Popen[bytes]
+    buffer: bytearray = field(default_factory=bytearray)
+    tail: bytearray = field(default_factory=bytearray)
+    ready: bool = False  # said it is ready: it started
+    gone: bool = False  # its input pipe broke: it is dead, its end of output on the way
+    retiring: bool = False  # said its last answer: the rest of its queue was never read
+    queue: deque[Task] = field(default_factory=deque)  # sent, not answered; the first runs
+    started: float = 0.0  # when the first of the queue began
+    sent: int = 0
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def task(self) -> Task | None:
+        """The file it is reading now."""
+        return self.queue[0] if self.queue else None
+
+
+class Pool:
+    """Runs tasks on up to ``jobs`` workers; ``results`` yields each task's outcome once,
+    in the order they finish, with the pid of the worker that answered."""
+
+    def __init__(self, jobs: int, budget: Budget) -> None:
+        self.jobs = max(1, jobs)
+        self.budget = budget
+        self._selector = selectors.DefaultSelector()
+        self._workers: list[_Worker] = []
+        self._pending: deque[Task] = deque()
+        self._failed_starts = 0
+        self._last_failure = ""
+
+    def results(self, tasks: Iterable[Task]) -> Iterator[tuple[Task, Outcome, int]]:
+        self._pending.extend(tasks)
+        try:
+            while self._pending or any(w.task for w in self._workers):
+                self._start_workers()
+                self._dispatch()
+                for key, _ in self._selector.select(self._wait()):
+                    yield from self._read(key.data[0], key.data[1])
+                yield from self._expire()
+        finally:
+            for worker in self._workers:  # idle ones leave together, busy ones are killed
+                if not worker.queue and worker.process.stdin is not None:
+                    with contextlib.suppress(OSError):
+                        worker.process.stdin.close()
+            for worker in list(self._workers):
+                self._stop(worker)
+            self._selector.close()
+
+    # -- workers ------------------------------------------------------------------------------
+
+    def _start_workers(self) -> None:
+        busy = sum(w.task is not None for w in self._workers)
+        wanted = min(self.jobs, busy + len(self._pending))
+        while len(self._workers) < wanted:
+            if self._failed_starts >= FAILED_STARTS:
+                raise self._cannot_start()
+            self._workers.append(self._spawn())
+
+    def _spawn(self) -> _Worker:
+        command = [sys.executable, "-m", "modelport.fleet.worker", "--parent", str(os.getpid())]
+        command += ["--max-tasks", str(TASKS_PER_WORKER)]
+        if self.budget.max_memory:
+            command += ["--max-memory", str(self.budget.max_memory)]
+        environment = dict(os.environ)
+        for name in _THREAD_VARIABLES:
+            environment.setdefault(name, "1")
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=environment,
+        )
+        worker = _Worker(process)
+        assert process.stdout is not None and process.stderr is not None
+        self._selector.register(process.stdout, selectors.EVENT_READ, (worker, "out"))
+        self._selector.register(process.stderr, selectors.EVENT_READ, (worker, "err"))
+        return worker
+
+    def _cannot_start(self) -> ModelportError:
+        said = f": {self._last_failure}" if self._last_failure else ""
+        if self.budget.max_memory:
+            return UsageError(
+                f"no worker could start within --max-memory {self.budget.max_memory:,} bytes; "
+                f"give it more than the interpreter and modelport map{said}"
+            )
+        return ModelportError(f"no worker process could start{said}")
+
+    def _dispatch(self) -> None:
+        """Give every worker a file before any gets a second one queued."""
+        for depth in range(1, QUEUE_DEPTH + 1):
+            for worker in self._workers:
+                if self._pending and self._takes(worker, depth):
+                    self._send(worker, self._pending.popleft())
+
+    @staticmethod
+    def _takes(worker: _Worker, depth: int) -> bool:
+        return (
+            worker.ready
+            and not (worker.gone or worker.retiring)
+            and len(worker.queue) < depth
+            and worker.sent < TASKS_PER_WORKER  # it leaves after that many: send no more
+        )
+
+    def _send(self, worker: _Worker, task: Task) -> None:
+        message = {"command": task.command, "path": task.path, "options": task.options}
+        try:
+            assert worker.process.stdin is not None
+            worker.process.stdin.write(json.dumps(message).encode() + b"\n")
+            worker.process.stdin.flush()
+        except BrokenPipeError:  # it died; its end of output is on the way
+            self._pending.appendleft(task)
+            worker.gone = True
+            return
+        if not worker.queue:
+            worker.started = time.monotonic()
+        worker.queue.append(task)
+        worker.sent += 1
+
+    def _wait(self) -> float | None:
+        """Seconds until the first busy worker's file overruns its budget."""
+        deadlines = [w.started + self.budget.timeout_s for w in self._workers if w.task]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    # -- what workers say ---------------------------------------------------------------------
+
+    def _read(self, worker: _Worker, stream: str) -> Iterator[tuple[Task, Outcome, int]]:
+        if worker not in self._workers:
+            return  # stopped earlier in this round of events
+        pipe = worker.process.stdout if stream == "out" else worker.process.stderr
+        assert pipe is not None
+        data = os.read(pipe.fileno(), 1 << 16)
+        if stream == "err":
+            worker.tail = (worker.tail + data)[-_TAIL_BYTES:]
+            if not data:
+                self._selector.unregister(pipe)
+            return
+        if not data:
+            yield from self._ended(worker)
+            return
+        worker.buffer += data
+        while (end := worker.buffer.find(b"\n")) >= 0:
+            message = json.loads(bytes(worker.buffer[:end]))
+            del worker.buffer[: end + 1]
+            if "ready" in message:
+                worker.ready = True
+                self._failed_starts = 0
+            elif worker.queue:
+                task = worker.queue.popleft()
+                worker.started = time.monotonic()  # the next one in its queue begins
+                worker.retiring = worker.retiring or bool(message.get("last"))
+                yield task, Outcome.from_json(message["outcome"]), worker.pid
+
+    def _ended(self, worker: _Worker) -> Iterator[tuple[Task, Outcome, int]]:
+        """A worker closed its output: it finished its tasks, left after saying its answer
+        was its last (its queue was never read), or died reading the first of its queue."""
+        elapsed = time.monotonic() - worker.started
+        task = None if worker.retiring else worker.task
+        self._stop(worker)
+        status = worker.process.returncode
+        if not worker.ready:
+            self._failed_starts += 1
+            self._last_failure = _how(status, worker.tail)
+        if task is not None:
+            message = (
+                f"{task.path}: the worker reading this file died ({_how(status, worker.tail)})"
+            )
+            yield task, Outcome(None, error=Failure(WORKER_DIED, message), duration_s=elapsed), 0
+
+    def _expire(self) -> Iterator[tuple[Task, Outcome, int]]:
+        now = time.monotonic()
+        for worker in list(self._workers):
+            task = worker.task
+            if task is None or now - worker.started < self.budget.timeout_s:
+                continue
+            self._stop(worker)
+            message = (
+                f"{task.path}: not finished within {self.budget.timeout_s:g} s (--timeout); "
+                "its worker was stopped"
+            )
+            failure = Failure(TIMED_OUT, message)
+            yield task, Outcome(None, error=failure, duration_s=now - worker.started), 0
+
+    def _stop(self, worker: _Worker) -> None:
+        """Kill (if need be) and reap one worker, and forget it; the files queued for it and
+        not begun go back to the front of the line, in order."""
+        process = worker.process
+        if process.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+                if not worker.queue and process.stdin is not None:
+                    process.stdin.close()  # idle: let it leave on its own
+                    process.wait(timeout=0.5)
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for pipe in (process.stdout, process.stderr):
+            if pipe is None:
+                continue
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(pipe)
+            if pipe is process.stderr:
+                with contextlib.suppress(OSError, ValueError):
+                    worker.tail = (worker.tail + pipe.read())[-_TAIL_BYTES:]
+            pipe.close()
+        with contextlib.suppress(OSError):
+            if process.stdin is not None:
+                process.stdin.close()
+        self._workers.remove(worker)
+        unread = list(worker.queue)[0 if worker.retiring else 1 :]
+        self._pending.extendleft(reversed(unread))
+        worker.queue.clear()
+
+
+def _how(status: int | None, tail: bytes | bytearray) -> str:
+    """How a worker ended, in words, with the last line it wrote to stderr."""
+    if status is not None and status < 0:
+        try:
+            how = f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            how = f"killed by signal {-status}"
+    else:
+        how = f"exit status {status}"
+    lines = bytes(tail).decode("utf-8", "replace").strip().splitlines()
+    return f"{how}; it last said: {lines[-1]}" if lines else how

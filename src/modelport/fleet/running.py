@@ -1,0 +1,129 @@
+"""One fleet run: the inputs' records, from an earlier run's output where it still stands for
+the file, else from a worker, written to the JSONL output as each finishes and handed to the
+caller in the inputs' order (the order a summary prints).
+
+Resuming is matching: an input whose latest record in the output has the same path, command,
+options and identity (size, mtime, device, inode), from this modelport and these rules, is
+not read again (``Record.answers``; a timeout or an out-of-memory death is retried under a
+larger budget). Everything else runs, and its new record supersedes the old one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from modelport.fleet.inputs import Input
+from modelport.fleet.journal import Journal, latest
+from modelport.fleet.pool import Pool, Task
+from modelport.fleet.records import TIMED_OUT, Budget, Identity, Outcome, Record, Status, plain
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run does: ``command`` with ``options`` on ``inputs`` (this shard's), on
+    ``jobs`` workers within ``budget``, recording to ``jsonl`` when given."""
+
+    command: str
+    inputs: tuple[Input, ...]
+    budget: Budget
+    options: dict[str, Any] = field(default_factory=dict)
+    jobs: int = 1
+    jsonl: Path | None = None
+
+
+@dataclass
+class Tally:
+    """What a run did, for its closing line: records taken over from the output, files
+    processed now, and what opening the output repaired."""
+
+    reused: int = 0
+    processed: int = 0
+    cut_bytes: int = 0
+    skipped_lines: int = 0
+
+
+def run(plan: Plan, tally: Tally | None = None) -> Iterator[Record]:
+    """Every input's record, in the order of ``plan.inputs``."""
+    tally = tally if tally is not None else Tally()
+    with contextlib.ExitStack() as stack:
+        journal = stack.enter_context(Journal(plan.jsonl)) if plan.jsonl else None
+        earlier: dict[str, Record] = {}
+        if journal is not None:
+            earlier = {r.path: r for r in latest(journal.existing.records)}
+            tally.cut_bytes = journal.existing.cut_bytes
+            tally.skipped_lines = journal.existing.skipped
+        order = _InOrder()
+        tasks: list[Task] = []
+        identities: dict[int, Identity | None] = {}
+        for position, item in enumerate(plan.inputs):
+            options = plain({**plan.options, **item.context})
+            identity = Identity.of(item.path)
+            record = earlier.get(item.path)
+            if record is not None and record.answers(plan.command, identity, options, plan.budget):
+                tally.reused += 1
+                yield from order.put(position, record)
+            elif item.decided is not None:
+                outcome = Outcome(identity, item.decided["format"], item.decided)
+                decided = _record(plan, item, options, outcome, os.getpid())
+                yield from order.put(position, _written(journal, decided, tally))
+            else:
+                tasks.append(Task(position, plan.command, item.path, options))
+                identities[position] = identity
+        pool = Pool(min(plan.jobs, len(tasks)), plan.budget)
+        for task, outcome, pid in pool.results(tasks):
+            if outcome.identity is None:  # the worker never answered: what the run saw
+                outcome = replace(outcome, identity=identities[task.key])
+            record = _record(plan, plan.inputs[task.key], task.options, outcome, pid)
+            yield from order.put(task.key, _written(journal, record, tally))
+
+
+def _written(journal: Journal | None, record: Record, tally: Tally) -> Record:
+    if journal is not None:
+        journal.write(record)
+    tally.processed += 1
+    return record
+
+
+def _record(
+    plan: Plan, item: Input, options: dict[str, Any], outcome: Outcome, worker: int
+) -> Record:
+    return Record(
+        command=plan.command,
+        path=item.path,
+        index=item.index,
+        identity=outcome.identity,
+        status="ok" if outcome.error is None else _failed_status(outcome),
+        format=outcome.format,
+        error=outcome.error,
+        result=outcome.result,
+        warnings=outcome.warnings,
+        options=options,
+        budget=plan.budget,
+        duration_s=outcome.duration_s,
+        worker=worker,
+        finished=round(time.time(), 3),
+    )
+
+
+def _failed_status(outcome: Outcome) -> Status:
+    return "timeout" if outcome.error is not None and outcome.error.type == TIMED_OUT else "error"
+
+
+class _InOrder:
+    """Holds records that finish early until those listed before them are out."""
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._waiting: dict[int, Record] = {}
+
+    def put(self, position: int, record: Record) -> Iterator[Record]:
+        self._waiting[position] = record
+        while self._next in self._waiting:
+            yield self._waiting.pop(self._next)
+            self._next += 1

@@ -1,0 +1,133 @@
+"""What a worker does with one input: the command's own call on one path, its result as
+JSON, or the error it raised as a type and a one-line message (an ``Outcome``).
+
+The calls are the ones each command makes for one file (``scanning.scanner.scan_file`` as
+``scan`` makes it for a file of a folder; ``comparing.fingerprint.fingerprint``;
+``loading.model_file.inspect``), so a record's result is what the command alone would print
+for that file. Nothing here imports torch; a file whose reading needs it imports it then.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from modelport.comparing.fingerprint import fingerprint
+from modelport.errors import ModelportError, ModelportWarning
+from modelport.fleet.records import Failure, Identity, Outcome
+from modelport.loading import model_file
+from modelport.pickles.symbols import Severity
+from modelport.scanning.findings import Finding
+from modelport.scanning.scanner import scan_file
+
+
+def perform(command: str, path: str, options: dict[str, Any]) -> Outcome:
+    """Run ``command`` on ``path``. The file's identity is taken before it is read and
+    checked after, so a record never pairs one version's identity with another's result."""
+    started = time.perf_counter()
+    identity = Identity.of(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ModelportWarning)  # every file says its own
+        try:
+            fmt, result = _COMMANDS[command](path, options)
+            error = None
+            if Identity.of(path) != identity:
+                error = Failure(
+                    "SourceChangedError",
+                    f"{path}: the file changed while it was read; it will be read again "
+                    "by the next run",
+                )
+        except MemoryError:
+            raise  # the worker's heap may be spent: it answers, then gives way to a new one
+        except Exception as exc:
+            if isinstance(exc, ImportError) and _MAP_FAILED in str(exc):
+                raise MemoryError(str(exc)) from exc  # a library past the memory budget
+            fmt, result, error = "", None, Failure(type(exc).__name__, describe(exc))
+    said = tuple(dict.fromkeys(str(w.message) for w in caught))
+    return Outcome(identity, fmt, result, error, said, time.perf_counter() - started)
+
+
+# What the dynamic loader says when ``RLIMIT_AS`` leaves no room for a library it loads.
+_MAP_FAILED = "failed to map segment from shared object"
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line message for a failed file, as the CLI words it (``cli._errors``); an
+    unexpected exception is named as an internal error, and the run goes on."""
+    if isinstance(exc, ModelportError):
+        return str(exc)
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {exc.filename}"
+    if isinstance(exc, IsADirectoryError):
+        return f"expected a file, got a directory: {exc.filename}"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+    if isinstance(exc, (RecursionError, MemoryError)):
+        return f"the file is too complex to read safely ({type(exc).__name__})"
+    return (
+        f"internal error ({type(exc).__name__}: {exc}); please report it with the file's "
+        "first bytes"
+    )
+
+
+def _scan(path: str, options: dict[str, Any]) -> tuple[str, Any]:
+    segments = options.get("segments")
+    report = scan_file(
+        Path(path),
+        [(offset, length) for offset, length in segments] if segments is not None else None,
+        in_folder=bool(options.get("in_folder")),
+    )
+    if "outside" in options:  # the note ``scan DIR`` adds to a link leaving the folder
+        target, root = options["outside"]
+        report = report.noted(
+            Finding(
+                Severity.INFO,
+                "link-outside",
+                "",
+                f"a symbolic link to {target}, outside {root}: a loader reads that file, so it "
+                "was judged there",
+            )
+        )
+    return report.format, report.to_json()
+
+
+def _hash(path: str, options: dict[str, Any]) -> tuple[str, Any]:
+    report = fingerprint(path, allow_unsafe=bool(options.get("allow_unsafe")))
+    return report.format, report.to_json()
+
+
+def _inspect(path: str, options: dict[str, Any]) -> tuple[str, Any]:
+    report = model_file.inspect(path)
+    payload = report.to_json()
+    if options.get("code"):
+        with model_file.open(path) as model:
+            payload["code"] = model.code
+    return report.format, jsonable(payload)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with the odd values a report may carry made JSON (as ``cli._output.
+    json_default`` renders them: sets as lists, bytes as their length, records by repr)."""
+    if isinstance(value, dict):
+        return {_key(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return {"__bytes__": len(value)}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)
+
+
+def _key(key: Any) -> Any:
+    return key if isinstance(key, (str, int, float, bool)) or key is None else repr(key)
+
+
+_COMMANDS: dict[str, Callable[[str, dict[str, Any]], tuple[str, Any]]] = {
+    "scan": _scan,
+    "hash": _hash,
+    "inspect": _inspect,
+}

@@ -1,0 +1,12 @@
+"""Statistics and reports: what the values of a file's tensors look like, and one self-contained
+HTML page that shows a file (or two side by side) to a person.
+
+``accumulating`` is the arithmetic on one chunk of values; ``stats`` streams every tensor
+through it in worker threads and in bounded memory; ``flags`` names what looks wrong (NaN,
+constant tensors, duplicates, layer norms far from their neighbours, mixed dtypes);
+``model_report`` gathers a file's identity, scan, structure and statistics (and the diff of
+two files); ``html`` with ``html_parts`` and ``page_assets`` renders them.
+
+Imports torch_models, comparing, loading, scanning, transfer and below; ``fleet`` and ``cli``
+import it.
+"""

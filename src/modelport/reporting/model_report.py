@@ -1,0 +1,156 @@
+"""Everything the HTML report shows, gathered once: for each file its identity (checksums,
+weights digest), the scanner's findings, what ``inspect`` reads and the statistics of every
+tensor; for two files, their diff. ``to_json`` is the data the page carries for tools.
+
+Checksums and the weights digest read every byte once more, so they are taken on two side
+threads while the statistics run (``hashlib`` releases the GIL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Final
+
+from modelport._version import __version__
+from modelport.comparing.diffing import DiffReport, diff
+from modelport.comparing.fingerprint import HashReport, fingerprint
+from modelport.errors import SuspiciousModelWarning
+from modelport.loading.inspect_report import InspectReport
+from modelport.loading.model_file import inspect
+from modelport.reporting.stats import stats
+from modelport.reporting.stats_records import StatsReport
+from modelport.scanning.findings import ScanReport
+from modelport.scanning.scanner import scan
+
+READ_STEP: Final = 1 << 20  # bytes per read while hashing a file
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """A file's sha256: the file itself, or each file of a model directory (shards)."""
+
+    name: str
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "size": self.size, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class FileSection:
+    """One file's part of a report. ``weights`` and ``files`` are None when digests were not
+    asked for (they read the whole file once more)."""
+
+    path: str
+    inspect: InspectReport
+    scan: ScanReport
+    stats: StatsReport
+    files: tuple[FileDigest, ...] | None
+    weights: HashReport | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "files": None if self.files is None else [f.to_json() for f in self.files],
+            "weights": None if self.weights is None else self.weights.to_json(tensors=False),
+            "scan": self.scan.to_json(),
+            "inspect": self.inspect.to_json(),
+            "stats": self.stats.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class Report:
+    """A report on one file, or on two and how their weights differ (``diff``)."""
+
+    sections: tuple[FileSection, ...]
+    diff: DiffReport | None
+    version: str
+    created: str  # ISO 8601, UTC
+
+    def to_json(self) -> dict[str, Any]:
+        """Strict JSON: NaN and Inf anywhere (a checkpoint's ``best_loss``) become strings."""
+        found = {
+            "modelport": self.version,
+            "created": self.created,
+            "files": [s.to_json() for s in self.sections],
+            "diff": None if self.diff is None else self.diff.to_json(),
+        }
+        safe: dict[str, Any] = _finite(found)
+        return safe
+
+
+def build(
+    paths: Sequence[str | Path], *, threads: int | None = None, digests: bool = True
+) -> Report:
+    """The report on one or two model files. Like ``inspect`` it refuses nothing: an unsafe
+    file is read with modelport's own readers, executing nothing, and its verdict shown."""
+    if not 1 <= len(paths) <= 2:
+        raise ValueError(f"a report covers one or two files, got {len(paths)}")
+    with warnings.catch_warnings():  # the verdict is on the page; no warning on the side
+        warnings.simplefilter("ignore", SuspiciousModelWarning)
+        sections = tuple(_section(Path(p), threads, digests) for p in paths)
+        compared = diff(paths[0], paths[1], allow_unsafe=True) if len(paths) == 2 else None
+    return Report(
+        sections=sections,
+        diff=compared,
+        version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def _section(path: Path, threads: int | None, digests: bool) -> FileSection:
+    with ThreadPoolExecutor(2, thread_name_prefix="modelport-digest") as side:
+        checksums = side.submit(file_digests, path) if digests else None
+        weights = side.submit(fingerprint, path, allow_unsafe=True) if digests else None
+        summary = inspect(path)
+        verdict = scan(path)
+        measured = stats(path, threads=threads)
+        return FileSection(
+            path=summary.path,
+            inspect=summary,
+            scan=verdict,
+            stats=measured,
+            files=None if checksums is None else checksums.result(),
+            weights=None if weights is None else weights.result(),
+        )
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def file_digests(path: Path) -> tuple[FileDigest, ...]:
+    """sha256 of the file, or of every file under a directory, by relative name."""
+    if not path.is_dir():
+        return (FileDigest(path.name, path.stat().st_size, sha256_of(path)),)
+    found = sorted(p for p in path.rglob("*") if p.is_file())
+    return tuple(
+        FileDigest(p.relative_to(path).as_posix(), p.stat().st_size, sha256_of(p)) for p in found
+    )
+
+
+def sha256_of(path: Path) -> str:
+    hasher = hashlib.sha256()
+    buffer = bytearray(READ_STEP)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while True:
+            got = handle.readinto(buffer)
+            if not got:
+                return hasher.hexdigest()
+            hasher.update(view[:got])
