@@ -212,3 +212,19 @@ class MissingDependencyError(ModelportError, ImportError):
         super().__init__(
             f"{purpose} needs the '{package}' package: pip install 'modelport[{extra}]'"
         )
+
+
+def describe(exc: BaseException) -> str | None:
+    """A one-line message for errors users can act on (the CLI prints it, a fleet record
+    keeps it); None for bugs."""
+    if isinstance(exc, ModelportError):
+        return str(exc)
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {exc.filename}"
+    if isinstance(exc, IsADirectoryError):
+        return f"expected a file, got a directory: {exc.filename}"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+    if isinstance(exc, (RecursionError, MemoryError)):
+        return f"the file is too complex to read safely ({type(exc).__name__})"
+    return None

@@ -15,8 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from modelport import errors
 from modelport.comparing.fingerprint import fingerprint
-from modelport.errors import ModelportError, ModelportWarning
+from modelport.errors import ModelportWarning
 from modelport.fleet.records import Failure, Identity, Outcome
 from modelport.loading import model_file
 from modelport.pickles.symbols import Severity
@@ -55,18 +56,11 @@ _MAP_FAILED = "failed to map segment from shared object"
 
 
 def describe(exc: BaseException) -> str:
-    """A one-line message for a failed file, as the CLI words it (``cli._errors``); an
-    unexpected exception is named as an internal error, and the run goes on."""
-    if isinstance(exc, ModelportError):
-        return str(exc)
-    if isinstance(exc, PermissionError):
-        return f"permission denied: {exc.filename}"
-    if isinstance(exc, IsADirectoryError):
-        return f"expected a file, got a directory: {exc.filename}"
-    if isinstance(exc, OSError):
-        return f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
-    if isinstance(exc, (RecursionError, MemoryError)):
-        return f"the file is too complex to read safely ({type(exc).__name__})"
+    """A one-line message for a failed file, as the CLI words it; an unexpected exception
+    is named as an internal error, and the run goes on."""
+    said = errors.describe(exc)
+    if said is not None:
+        return said
     return (
         f"internal error ({type(exc).__name__}: {exc}); please report it with the file's "
         "first bytes"
