@@ -5,7 +5,9 @@ read back by the target's reference library, and compared bit for bit."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 import modelport
+from modelport.conversion.options import ConvertOptions
 from modelport.conversion.verifying import verify
 from modelport.errors import ConversionError, UnsafeModelError, UsageError
 from modelport.formats.registry import READERS
@@ -426,3 +429,34 @@ def test_temporary_files_of_a_killed_run_are_removed_by_the_next(tmp_path: Path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [live.name, "out.safetensors", "s.pt"]
     )
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder nobody may write into: a read-only tmpfs where this runs as root (root
+    ignores permission bits), a folder without write permission otherwise."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(folder)]
+    if subprocess.run(mount, capture_output=True, check=False).returncode != 0:
+        pytest.skip("root without the right to mount a tmpfs")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("target", ["out.safetensors", "hf-folder"])
+def test_a_read_only_target_is_refused_and_nothing_is_left(
+    tmp_path: Path, read_only_folder: Path, target: str
+) -> None:
+    src = tmp_path / "s.pt"
+    torch.save(original(), src)
+    options = ConvertOptions(to="hf" if target == "hf-folder" else None)
+    reason = "read-only" if os.geteuid() == 0 else "permission denied"
+    with pytest.raises(ConversionError, match=reason):
+        modelport.convert(src, read_only_folder / target, options)
+    assert list(read_only_folder.iterdir()) == []

@@ -142,10 +142,9 @@ def write_verified(
     place or merged into an existing ``target``; the casts and the bytes written."""
     limit = _hf_writer.parse_size(options.shard_size)
     binary = writer is _hf_writer.BIN_TARGET
-    building = placing.sibling(target, "tmp")
-    building.mkdir()
+    building = placing.staging_folder(target)
     try:
-        with placing.full_disk_refused(target):
+        with placing.refused_writes(target):
             casts, stale = _build(plan, building, limit, source, binary, options, pin)
             written = sum(p.stat().st_size for p in building.rglob("*") if p.is_file())
             if target.is_dir():  # only what modelport writes is replaced; the rest stays

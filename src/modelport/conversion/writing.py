@@ -36,7 +36,7 @@ def write_verified(
     assert writer.write is not None
     temporary = placing.sibling(target, "tmp")
     try:
-        with placing.full_disk_refused(target):
+        with placing.refused_writes(target):
             checks = copy_checks(options.verify)
             with open(temporary, "w+b", buffering=0) as handle, checks as copies:
                 writer.write(handle, plan)
@@ -50,7 +50,7 @@ def write_verified(
                 placing.fsync_directory(target.parent)
         return casts, written
     finally:
-        temporary.unlink(missing_ok=True)
+        placing.discard(temporary)
 
 
 def sha256_of(path: Path) -> str:

@@ -43,7 +43,7 @@ from modelport.torch_models.agreement import OutputCheck, Runner, leaves, verify
 from modelport.torch_models.binding import Call, bind
 from modelport.torch_models.building import eval_mode
 from modelport.torch_models.export_report import ExampleInput, ExportReport
-from modelport.transfer.placing import check_target, install_file, sibling
+from modelport.transfer.placing import check_target, install_file, staging_folder
 
 if TYPE_CHECKING:
     import torch
@@ -98,8 +98,7 @@ def export(
         inputs = [t.float() if t.dtype == torch.bfloat16 else t for t in inputs]
     shapes = _dynamic_shapes(call, inputs, dynamic)
     notes.extend(_option_notes(to, opset, exporter))
-    building = sibling(path, "tmp")  # the bundle is built and verified here, then moved
-    building.mkdir()
+    building = staging_folder(path)  # the bundle is built and verified here, then moved
     try:
         staged = building / path.name
         with _export_failure(to):

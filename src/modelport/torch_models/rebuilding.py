@@ -36,7 +36,7 @@ from modelport.torch_models.agreement import OutputCheck, Runner, leaves, verify
 from modelport.torch_models.binding import Call, bind
 from modelport.torch_models.building import resolve_model
 from modelport.torch_models.exporting import check_targets, export
-from modelport.transfer.placing import install_file, sibling
+from modelport.transfer.placing import install_file, staging_folder
 
 if TYPE_CHECKING:
     import torch
@@ -208,8 +208,7 @@ def _pickle(
             "a TorchScript model cannot be pickled whole: rebuild it --to torchscript or pt2"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    building = sibling(path, "tmp")
-    building.mkdir()
+    building = staging_folder(path)
     try:
         staged = building / path.name
         try:

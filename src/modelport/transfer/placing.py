@@ -16,6 +16,7 @@ import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Final
 
 from modelport.errors import ConversionError
 
@@ -33,15 +34,35 @@ def check_target(source: Path | None, target: Path, overwrite: bool) -> None:
         raise ConversionError(f"{target.parent} is not a directory")
 
 
+_REFUSED_WRITES: Final = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
 @contextmanager
-def full_disk_refused(target: Path) -> Iterator[None]:
-    """A full disk becomes a refusal that says so (the caller removes what was written)."""
+def refused_writes(target: Path) -> Iterator[None]:
+    """A full disk, a read-only file system or a missing permission becomes a refusal that
+    says so (the caller removes what was written)."""
     try:
         yield
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise ConversionError(f"{target}: the disk is full; nothing was written") from None
+        reason = _REFUSED_WRITES.get(exc.errno or 0)
+        if reason is not None:
+            raise ConversionError(f"{target}: {reason}; nothing was written") from None
         raise
+
+
+def discard(path: Path) -> None:
+    """Remove a temporary file if it is there; on a file system that refused to create it
+    (read-only, gone) there is nothing to remove and nothing to report."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def fsync_directory(directory: Path) -> None:
@@ -62,6 +83,15 @@ def sibling(target: Path, kind: str) -> Path:
         candidate = target.with_name(name)
         if not candidate.exists() and not candidate.is_symlink():
             return candidate
+
+
+def staging_folder(target: Path) -> Path:
+    """A new hidden folder beside ``target`` to build an output in; a file system that
+    refuses it is a ``ConversionError`` that says why."""
+    building = sibling(target, "tmp")
+    with refused_writes(target):
+        building.mkdir()
+    return building
 
 
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
@@ -186,7 +216,8 @@ def write_text(path: Path, text: str) -> None:
     """A small text file written beside ``path`` and renamed into place."""
     temporary = sibling(path, "tmp")
     try:
-        temporary.write_text(text)
-        temporary.replace(path)
+        with refused_writes(path):
+            temporary.write_text(text)
+            temporary.replace(path)
     finally:
-        temporary.unlink(missing_ok=True)
+        discard(temporary)
