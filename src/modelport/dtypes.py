@@ -43,7 +43,7 @@ class DType:
     def nbytes(self, numel: int) -> int:
         """Bytes that ``numel`` elements occupy (whole blocks for block-quantized types)."""
         if self.block is None:
-            return numel * self.itemsize
+            return numel * max(1, self.bits // 8)
         elements, size = self.block
         return -(-numel // elements) * size
 

@@ -65,6 +65,8 @@ def tensors_of(tree: Any) -> dict[str, TensorRef]:
     A pickle can make a container hold one of its own ancestors (a config node pointing back
     at its parent, as omegaconf objects in Lightning's ``hyper_parameters`` do): such a
     reference is a cycle, not nesting, and is not followed, as it holds nothing new."""
+    if isinstance(tree, dict) and len(tree) < limits.MAX_TREE_NODES and _flat(tree):
+        return dict(tree)
     found: dict[str, TensorRef] = {}
     budget = limits.MAX_TREE_NODES
     on_path: set[int] = set()  # the containers being walked, from the root down
@@ -95,6 +97,14 @@ def tensors_of(tree: Any) -> dict[str, TensorRef]:
             (_join(name, key), child, depth + 1, False) for key, child in reversed(children)
         )
     return found
+
+
+def _flat(tree: dict[Any, Any]) -> bool:
+    """Every key a string, every value a TensorRef: a plain state_dict, the common case, is
+    its own tensor listing, with no walk."""
+    return all(type(v) is TensorRef for v in tree.values()) and all(
+        type(k) is str for k in tree
+    )
 
 
 def _join(prefix: str, key: str) -> str:
