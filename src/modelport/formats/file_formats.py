@@ -17,6 +17,8 @@ from modelport.formats import (
     onnx,
     pickle_file,
     safetensors,
+    tf_bundle,
+    tf_savedmodel,
     tflite,
     torch_export,
     torch_legacy,
@@ -37,8 +39,10 @@ FILE_READERS: tuple[FormatReader, ...] = (
     npy.READER,
     gguf.READER,
     tflite.READER,  # "TFL3" at bytes 4..8
+    tf_bundle.READER,  # a TensorFlow checkpoint .index: 00 00 first, a LevelDB table magic last
     keras.READER,  # zips with config.json + model.weights.h5
     hdf5.READER,  # signature at 0 or 512*2^k: late, a tar of an .h5 also has one at 512
     onnx.READER,  # strict protobuf sniff (ir_version, known ModelProto fields, then a graph)
+    tf_savedmodel.FILE_READER,  # saved_model.pb, keras_metadata.pb, fingerprint.pb: after ONNX
     pickle_file.READER,  # plain pickles and joblib: after every binary format with a magic
 )

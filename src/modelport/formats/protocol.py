@@ -44,6 +44,8 @@ class Format(str, Enum):
     HDF5 = "hdf5"
     KERAS = "keras"
     TFLITE = "tflite"
+    TF_CHECKPOINT = "tf-checkpoint"
+    TF_SAVEDMODEL = "tf-savedmodel"
     HF_DIR = "hf-dir"
     DCP = "dcp"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from modelport.formats import dcp, hf_dir
+from modelport.formats import dcp, hf_dir, tf_bundle, tf_savedmodel
 from modelport.formats.file_formats import FILE_READERS
 from modelport.formats.protocol import FormatReader, Probe
 from modelport.formats.sniffing import identify
@@ -13,6 +13,8 @@ READERS: tuple[FormatReader, ...] = (
     *FILE_READERS,
     dcp.READER,  # directories holding a torch.distributed.checkpoint .metadata
     hf_dir.READER,  # directories with config.json + weights, or a *.index.json
+    tf_savedmodel.READER,  # directories with a saved_model.pb
+    tf_bundle.FOLDER_READER,  # directories holding TensorFlow checkpoints (<prefix>.index)
 )
 
 

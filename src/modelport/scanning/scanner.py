@@ -29,7 +29,7 @@ from modelport.errors import (
     ModelportError,
     UnsupportedDtypeError,
 )
-from modelport.formats import _compressed, dcp, npy, torch_legacy
+from modelport.formats import _compressed, dcp, npy, tf_bundle, torch_legacy
 from modelport.formats._zip import (
     EOCD_SIGNATURE,
     LOCAL_SIGNATURE,
@@ -48,7 +48,16 @@ from modelport.scanning.streams import StreamScanning
 
 # Formats whose readers check a file that holds no pickle; the scanner reads the others.
 _CODE_FREE = frozenset(
-    (Format.SAFETENSORS, Format.GGUF, Format.ONNX, Format.HDF5, Format.TFLITE, Format.KERAS)
+    (
+        Format.SAFETENSORS,
+        Format.GGUF,
+        Format.ONNX,
+        Format.HDF5,
+        Format.TFLITE,
+        Format.KERAS,
+        Format.TF_CHECKPOINT,
+        Format.TF_SAVEDMODEL,
+    )
 )
 
 
@@ -216,7 +225,7 @@ class _FileScanner(ArchiveScanning, StreamScanning):
             reader_format = self.scan_with_reader()
             if reader_format is not None:
                 readings.append(reader_format)
-        if reading is PickleReading.CUT and not readings:
+        if reading is PickleReading.CUT and not readings and not self.is_tensor_shard():
             readings.append("pickle")
         if "pickle" in readings:
             self.format = self.format if self.format != "unknown" else "pickle"
@@ -247,6 +256,15 @@ class _FileScanner(ArchiveScanning, StreamScanning):
         serious = any(f.severity is not Severity.INFO for f in self.findings)
         return Severity.MEDIUM if serious else Severity.INFO
 
+    def is_tensor_shard(self) -> bool:
+        """A TensorFlow data shard its ``.index`` names: raw tensor bytes, noted as such (its
+        first bytes may open like a cut pickle, which no loader of it reads)."""
+        owner = tf_bundle.shard_owner(self.path)
+        if owner is not None and self.format != "tensor-data":
+            self.format = "tensor-data"
+            self.add(Severity.INFO, "tensor-data", "", f"raw tensor data that {owner.name} reads")
+        return owner is not None
+
     def scan_unrecognised(self) -> None:
         """No model reading: a file a loader reads for what it makes it do (a config, a chat
         template), a model's companion in a folder, or else not a model at all (an error
@@ -259,6 +277,8 @@ class _FileScanner(ArchiveScanning, StreamScanning):
         if head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
             self.format = "html"
             self.error("an HTML page, not a model (a download that returned a web page?)", "")
+            return
+        if self.is_tensor_shard():
             return
         suffix = self.path.suffix.lower()
         if content_checks.is_text(self.path):

@@ -1,0 +1,347 @@
+"""TensorFlow SavedModel folders, as ``tf.saved_model.save`` and Keras 2's ``model.save`` write.
+
+Layout (tensorflow/core/protobuf/saved_model.proto, meta_graph.proto; Keras 2's
+``saving/saved_model``):
+
+- ``saved_model.pb`` MUST hold a ``SavedModel``: ``saved_model_schema_version`` (1, varint,
+  1 when set) and ``meta_graphs`` (2). A ``MetaGraphDef`` holds ``meta_info_def`` (1:
+  ``tags`` 4, ``tensorflow_version`` 5), ``graph_def`` (2: ``node`` 1 of ``NodeDef`` with
+  ``op`` 2, ``library`` 2 of ``FunctionDef`` whose ``node_def`` is 3), ``signature_def``
+  (5: map entries, key 1) and ``object_graph_def`` (7: ``nodes`` 1 of ``SavedObject``, whose
+  ``user_object`` 4 is ``{identifier 1, version 2, metadata 3}``: TF 2.0-2.4 kept Keras
+  metadata there);
+- ``variables/variables.index`` and its data shards form a tensor bundle (``tf_bundle``);
+  a SavedModel without variables has none;
+- ``keras_metadata.pb`` (Keras 2) holds ``SavedMetadata``: ``nodes`` (1) of ``{node_id 2,
+  node_path 3, identifier 4, metadata 5 (JSON), version 6}``. A Lambda layer's JSON carries
+  base64 marshal bytecode that ``load_model`` runs;
+- ``fingerprint.pb`` holds a ``FingerprintDef``: hashes (1..5, varints), ``version`` (6)
+  and ``uuid`` (7);
+- a TF1 ``Saver`` writes ``<prefix>.meta`` beside its checkpoint: one ``MetaGraphDef``,
+  whose ``meta_info_def`` opens with the op list, where the saver's ``SaveV2`` and
+  ``RestoreV2`` ops are always named.
+
+The folder, or ``saved_model.pb`` alone, reads as the variables' tensors (keys as the bundle
+names them) plus ``details``: tags, signatures, op counts per meta graph and what the Keras
+metadata declares (``lambda_layers``, ``custom_objects``, as for ``.keras`` and ``.h5``).
+``keras_metadata.pb`` and ``fingerprint.pb`` alone read as details only; a ``.meta`` file as
+its checkpoint's tensors (when the ``.index`` is beside it) plus its graph. Graph constants
+are not listed, and nothing from the graph is executed.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections import Counter
+from pathlib import Path
+from typing import Any, Final
+
+from modelport import limits
+from modelport.errors import CorruptFileError, LimitExceededError, ModelportError
+from modelport.formats import _keras_config, tf_bundle
+from modelport.formats._protobuf import Field, Message, WireType
+from modelport.formats.protocol import Contents, Format, FormatReader, Probe
+
+SAVED_MODEL_NAME: Final = "saved_model.pb"
+KERAS_METADATA_NAME: Final = "keras_metadata.pb"
+VARIABLES_INDEX: Final = Path("variables") / "variables.index"
+# Fields walked in one saved_model.pb: each node and function body costs a handful; a large
+# graph has a few million.
+MAX_SAVEDMODEL_FIELDS: Final = 20_000_000
+MAX_FINGERPRINT_BYTES: Final = 4096
+# Keras 2 metadata: one JSON document per layer, each capped like a Keras config.
+MAX_KERAS_METADATA_BYTES: Final = 1 << 30
+_WHOLE_JSON: Final = limits.MAX_KERAS_CONFIG_BYTES + 1  # past the cap: parse_json refuses it
+MAX_LISTED_OPS: Final = 200
+# Ops that touch the file system when a graph function runs (tf.io.read_file, write_file):
+# listed in details; the saver's own Save/Restore ops, in every SavedModel, are not.
+FILE_OPS: Final = frozenset(("ReadFile", "WriteFile", "MatchingFiles"))
+_META_GRAPH_TAGS: Final = frozenset((0x0A, 0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A))  # fields 1..7
+_FINGERPRINT_WIRES: Final = {1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 6: 2, 7: 2}
+_KERAS_NODE_WIRES: Final = {2: 0, 3: 2, 4: 2, 5: 2, 6: 2}
+_META_INFO_WIRES: Final = {1: 2, 2: 2, 3: 2, 4: 2, 5: 2, 6: 2, 7: 0, 8: 2}
+
+
+# -- sniffing ------------------------------------------------------------------------------------
+def _tag_and_length(head: bytes, pos: int) -> tuple[int, int, int] | None:
+    """(tag, value, position after) of a field at ``pos`` within the head, or None."""
+    walker = Message(head, None, 1)
+    try:
+        tag, pos = walker.varint(pos, len(head))
+        value, pos = walker.varint(pos, len(head))
+    except ModelportError:
+        return None
+    return tag, value, pos
+
+
+def is_saved_model(probe: Probe) -> bool:
+    """Schema version 1 (optional), then a meta graph whose first field is a MetaGraphDef
+    field holding a message that starts with a field tag."""
+    head, pos = probe.head, 0
+    if head.startswith(b"\x08\x01"):
+        pos = 2
+    found = _tag_and_length(head, pos)
+    if found is None or found[0] != 0x12 or found[2] + found[1] > probe.size:
+        return False
+    inner = _tag_and_length(head, found[2])
+    if inner is None or inner[0] not in _META_GRAPH_TAGS or inner[1] > found[1]:
+        return False
+    return inner[2] < len(head) and head[inner[2]] in (0x08, 0x0A, 0x12, 0x1A, 0x22)
+
+
+def is_keras_metadata(probe: Probe) -> bool:
+    """``SavedMetadata``: its first node's fields are node_id/path/identifier/metadata, and
+    its identifiers are Keras' own (``_tf_keras_layer``, ``_tf_keras_network`` ...)."""
+    head = probe.head
+    found = _tag_and_length(head, 0)
+    if found is None or found[0] != 0x0A or b"_tf_keras" not in head:
+        return False
+    end = min(found[2] + found[1], len(head))
+    return _fields_match(head[found[2] : end], _KERAS_NODE_WIRES, partial=True)
+
+
+def is_fingerprint(probe: Probe) -> bool:
+    if probe.size > MAX_FINGERPRINT_BYTES or probe.size != len(probe.head):
+        return False
+    return _fields_match(probe.head, _FINGERPRINT_WIRES, partial=False, required=(1, 6))
+
+
+def _fields_match(
+    data: bytes, wires: dict[int, int], *, partial: bool, required: tuple[int, ...] = ()
+) -> bool:
+    """Whether ``data`` parses as fields of the given numbers and wire types only (a cut last
+    field is allowed when ``partial``)."""
+    seen = set()
+    message = Message(data, None, 1000)
+    try:
+        for field in message.fields(0, len(data)):
+            if wires.get(field.number) != field.wire:
+                return False
+            seen.add(field.number)
+    except LimitExceededError:
+        return False
+    except ModelportError:
+        if not partial or not seen:
+            return False
+    return bool(seen) and seen.issuperset(required)
+
+
+def is_meta_graph(probe: Probe) -> bool:
+    """A lone ``MetaGraphDef``: ``meta_info_def`` first, its fields all MetaInfoDef's, and
+    the saver's ops named in the op list it opens with."""
+    head = probe.head
+    found = _tag_and_length(head, 0)
+    if found is None or found[0] != 0x0A or found[2] + found[1] > probe.size:
+        return False
+    if b"RestoreV2" not in head and b"SaveV2" not in head:
+        return False
+    end = min(found[2] + found[1], len(head))
+    return _fields_match(head[found[2] : end], _META_INFO_WIRES, partial=True)
+
+
+def sniff_file(probe: Probe) -> bool:
+    if probe.is_dir:
+        return False
+    return (
+        is_saved_model(probe)
+        or is_keras_metadata(probe)
+        or is_fingerprint(probe)
+        or is_meta_graph(probe)
+    )
+
+
+def sniff_folder(probe: Probe) -> bool:
+    if not probe.is_dir:
+        return False
+    saved_model = probe.path / SAVED_MODEL_NAME
+    return saved_model.is_file() and is_saved_model(Probe.of(saved_model))
+
+
+# -- reading -------------------------------------------------------------------------------------
+def read_file(path: Path, probe: Probe) -> Contents:
+    if is_saved_model(probe):
+        return read_saved_model(path.parent, path)
+    if is_meta_graph(probe):
+        return read_meta_graph(path)
+    if is_keras_metadata(probe):
+        contents = Contents(Format.TF_SAVEDMODEL, {}, details={"part": "keras metadata"})
+        _add_keras_metadata(contents, path)
+        return contents
+    details = {"part": "fingerprint", **_fingerprint(path)}
+    return Contents(Format.TF_SAVEDMODEL, {}, details=details)
+
+
+def read_folder(path: Path, probe: Probe) -> Contents:
+    return read_saved_model(path, path / SAVED_MODEL_NAME)
+
+
+def read_saved_model(folder: Path, graph: Path) -> Contents:
+    """The variables beside ``graph`` as tensors; the graph and Keras metadata as details."""
+    index = folder / VARIABLES_INDEX
+    if index.is_file():
+        contents = tf_bundle.read_bundle(index, Format.TF_SAVEDMODEL)
+        shards = contents.details.pop("external_data")
+        contents.details["external_data"] = [f"variables/{name}" for name in shards]
+    else:
+        contents = Contents(Format.TF_SAVEDMODEL, {})
+        contents.warnings.append("no variables/variables.index: the SavedModel holds no variables")
+    summary, legacy_metadata = _summary(graph)
+    contents.details.update(summary)
+    keras_file = folder / KERAS_METADATA_NAME
+    if keras_file.is_file():
+        _add_keras_metadata(contents, keras_file)
+    elif legacy_metadata:
+        _add_keras_facts(contents, legacy_metadata)
+    return contents
+
+
+def read_meta_graph(path: Path) -> Contents:
+    """A Saver's ``.meta``: the checkpoint beside it (if there) and the graph's summary."""
+    index = path.with_suffix(tf_bundle.INDEX_SUFFIX)
+    if path.suffix == ".meta" and index.is_file():
+        contents = tf_bundle.read_bundle(index)
+    else:
+        contents = Contents(Format.TF_CHECKPOINT, {})
+        contents.warnings.append(f"no {index.name} beside the meta graph: no tensors listed")
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        message = Message(m, path, MAX_SAVEDMODEL_FIELDS)
+        whole = Field(0, WireType.LEN, message.size, 0, message.size)
+        keras_json: list[str] = []
+        contents.details["meta_graphs"] = [_meta_graph(message, whole, keras_json)]
+    contents.details["part"] = "meta graph"
+    return contents
+
+
+def _summary(graph: Path) -> tuple[dict[str, Any], list[str]]:
+    """What ``saved_model.pb`` declares, and the Keras JSON its user objects carry."""
+    with open(graph, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        message = Message(m, graph, MAX_SAVEDMODEL_FIELDS)
+        schema = None
+        meta_graphs: list[dict[str, Any]] = []
+        keras_json: list[str] = []
+        for field in message.fields(0, message.size):
+            if field.number == 1 and field.wire == WireType.VARINT:
+                schema = field.value
+            elif field.number == 2:
+                message.expect(field, WireType.LEN)
+                meta_graphs.append(_meta_graph(message, field, keras_json))
+    if not meta_graphs:
+        raise CorruptFileError("the SavedModel holds no meta graph", path=graph)
+    return {"saved_model_schema_version": schema, "meta_graphs": meta_graphs}, keras_json
+
+
+def _meta_graph(message: Message, meta: Field, keras_json: list[str]) -> dict[str, Any]:
+    tags: list[str] = []
+    version = ""
+    signatures: list[str] = []
+    ops: Counter[str] = Counter()
+    for field in message.fields(meta.start, meta.end):
+        if field.wire != WireType.LEN:
+            continue
+        if field.number == 1:
+            for info in _sub(message, field):
+                if info.number == 4:
+                    tags.append(message.text(info))
+                elif info.number == 5:
+                    version = message.text(info)
+        elif field.number == 2:
+            _count_ops(message, field, ops)
+        elif field.number == 5:
+            signatures.extend(message.text(k) for k in _sub(message, field) if k.number == 1)
+        elif field.number == 7:
+            keras_json.extend(_user_object_metadata(message, field))
+    found: dict[str, Any] = {"tags": tags, "tensorflow_version": version}
+    found["signatures"] = signatures
+    found["op_counts"] = dict(ops.most_common(MAX_LISTED_OPS))
+    file_ops = sorted(FILE_OPS.intersection(ops))
+    if file_ops:
+        found["file_ops"] = file_ops
+    return found
+
+
+def _sub(message: Message, field: Field) -> list[Field]:
+    """A LEN field's own fields (only the LEN ones: every sub-message walked here is one)."""
+    return [f for f in message.fields(field.start, field.end) if f.wire == WireType.LEN]
+
+
+def _count_ops(message: Message, graph_def: Field, ops: Counter[str]) -> None:
+    """Ops of the graph's nodes and of every function in its library."""
+    nodes: list[Field] = []
+    for field in _sub(message, graph_def):
+        if field.number == 1:
+            nodes.append(field)
+        elif field.number == 2:
+            for function in _sub(message, field):
+                if function.number == 1:
+                    nodes.extend(f for f in _sub(message, function) if f.number == 3)
+    for node in nodes:
+        for part in _sub(message, node):
+            if part.number == 2:
+                ops[message.text(part, 256)] += 1
+
+
+def _user_object_metadata(message: Message, object_graph: Field) -> list[str]:
+    found: list[str] = []
+    for node in _sub(message, object_graph):
+        if node.number != 1:
+            continue
+        for kind in _sub(message, node):
+            if kind.number == 4:
+                texts = (message.text(f, _WHOLE_JSON) for f in _sub(message, kind) if f.number == 3)
+                found.extend(texts)
+    return [text for text in found if text]
+
+
+def _add_keras_metadata(contents: Contents, path: Path) -> None:
+    size = path.stat().st_size
+    if size > MAX_KERAS_METADATA_BYTES:
+        raise LimitExceededError(
+            "keras_metadata.pb size", MAX_KERAS_METADATA_BYTES, size, path=path
+        )
+    raw = path.read_bytes()
+    message = Message(raw, path, MAX_SAVEDMODEL_FIELDS)
+    documents: list[str] = []
+    objects: list[dict[str, str]] = []
+    for node in message.fields(0, message.size):
+        if node.number != 1 or node.wire != WireType.LEN:
+            continue
+        parts = {f.number: f for f in message.fields(node.start, node.end)}
+        texts = {n: message.text(f) for n, f in parts.items() if f.wire == WireType.LEN}
+        objects.append({"path": texts.get(3, ""), "identifier": texts.get(4, "")})
+        if 5 in parts:
+            documents.append(bytes(raw[parts[5].start : parts[5].end]).decode("utf-8", "replace"))
+    contents.details["keras_objects"] = objects[: _keras_config.MAX_LISTED]
+    _add_keras_facts(contents, documents)
+
+
+def _add_keras_facts(contents: Contents, documents: list[str]) -> None:
+    """Each object's JSON, read as a layer of one config: Lambda layers and custom objects
+    are found whether they appear on their own node or in a model's ``layers``. JSON that
+    does not parse raises: code Keras would run must not pass unanalysed."""
+    configs = [_keras_config.parse_json(text, "Keras object metadata") for text in documents]
+    facts = _keras_config.analyse({"layers": configs})
+    for key in ("lambda_layers", "lambda_functions", "custom_objects"):
+        items = getattr(facts, key)
+        unique = list({repr(item): item for item in items}.values())
+        if unique:
+            contents.details[key] = unique
+    contents.details["model_config"] = configs
+    contents.warnings.extend(dict.fromkeys(facts.warnings))
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    raw = path.read_bytes()
+    message = Message(raw, path, 1000)
+    names = {1: "saved_model_checksum", 2: "graph_def_program_hash", 3: "signature_def_hash"}
+    names |= {4: "saved_object_graph_hash", 5: "checkpoint_hash"}
+    found: dict[str, Any] = {}
+    for field in message.fields(0, len(raw)):
+        if field.number in names:
+            found[names[field.number]] = field.value
+        elif field.number == 7:
+            found["uuid"] = message.text(field, 256)
+    return {"fingerprint": found}
+
+
+FILE_READER = FormatReader(Format.TF_SAVEDMODEL, sniff_file, read_file, ())
+READER = FormatReader(Format.TF_SAVEDMODEL, sniff_folder, read_folder, ())
