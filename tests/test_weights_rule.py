@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import modelport
+from modelport.conversion.options import ConvertOptions
 from tests.models import TinyResNet
 
 
@@ -82,3 +83,46 @@ def test_an_ordinary_checkpoint_still_takes_its_state_dict(tmp_path: Path) -> No
     report = modelport.inspect(path)
     assert report.weights_source == "state_dict"
     assert report.parameters == sum(t.numel() for t in model.state_dict().values())
+
+
+class DetectionModel(torch.nn.Module):
+    """ultralytics' layout: the layers live in ``self.model``, so ``model.`` begins every
+    name of the module's own state_dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+
+
+def _wrapper_notes(source: Path, tmp_path: Path, **options: object) -> list[str]:
+    target = tmp_path / f"{source.stem}-out.safetensors"
+    report = modelport.convert(source, target, ConvertOptions(**options))  # type: ignore[arg-type]
+    return [note for note in report.notes if "--strip-prefix auto" in note]
+
+
+def test_the_strip_prefix_hint_is_given_only_where_stripping_fits(tmp_path: Path) -> None:
+    """Lightning's ``self.model`` and DDP's ``module.`` are wrappers; ``model.`` of a pickled
+    module (ultralytics) or of a narrowed Stable Diffusion selection is the model's own name."""
+    inner = torch.nn.Linear(2, 2)
+    lightning = tmp_path / "lightning.ckpt"
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in inner.state_dict().items()},
+            "pytorch-lightning_version": "2.4.0",
+            "epoch": 1,
+        },
+        lightning,
+    )
+    assert _wrapper_notes(lightning, tmp_path) == [
+        "every key starts with 'model.' (a wrapper); --strip-prefix auto removes it"
+    ]
+    ddp = tmp_path / "ddp.pt"
+    torch.save({f"module.{k}": v for k, v in inner.state_dict().items()}, ddp)
+    assert len(_wrapper_notes(ddp, tmp_path)) == 1
+
+    yolo = tmp_path / "best.pt"
+    torch.save({"model": None, "ema": DetectionModel(), "epoch": -1}, yolo)
+    assert _wrapper_notes(yolo, tmp_path, allow_unsafe=True) == []
+    sd = tmp_path / "sd.ckpt"
+    _ldm_checkpoint(sd)
+    assert _wrapper_notes(sd, tmp_path, include=("model.diffusion_model.*",)) == []

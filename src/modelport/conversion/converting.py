@@ -115,7 +115,7 @@ def convert(
             model, options, structure.plain, nested=structure.tree is not None
         )
         flat = structure.tree is None
-        named, notes = selecting.rename(chosen, options) if flat else (chosen, [])
+        named, notes = selecting.rename(chosen, options, model) if flat else (chosen, [])
         notes.extend(structure.notes)
         outputs = _outputs(named, options, writer)
         _check_holds(outputs, writer)

@@ -82,12 +82,12 @@ def lookup(tree: Any, dotted: str) -> Any:
 
 
 def rename(
-    chosen: dict[str, TensorRef], options: ConvertOptions
+    chosen: dict[str, TensorRef], options: ConvertOptions, model: Any
 ) -> tuple[dict[str, TensorRef], list[str]]:
     notes: list[str] = []
     wrapper = trees.wrapper_prefix(chosen) or None
     strip = wrapper if options.strip_prefix == "auto" else options.strip_prefix
-    if wrapper and strip != wrapper:
+    if wrapper and strip != wrapper and _stripping_fits(wrapper, model, options):
         notes.append(
             f"every key starts with {wrapper!r} (a wrapper); --strip-prefix auto removes it"
         )
@@ -103,3 +103,25 @@ def rename(
     if strip and strip == wrapper:
         notes.append(f"stripped the wrapper prefix {strip!r}")
     return renamed, notes
+
+
+LIGHTNING_KEYS = ("pytorch-lightning_version", "lightning_version", "hyper_parameters")
+
+
+def _stripping_fits(wrapper: str, model: Any, options: ConvertOptions) -> bool:
+    """Whether removing ``wrapper`` gives the names the model itself uses, which is when the
+    hint to strip it helps. DDP's ``module.`` and torch.compile's ``_orig_mod.`` always do.
+    ``model.`` is a wrapper only where Lightning lays it over a checkpoint's state_dict
+    (``self.model`` of a LightningModule), taken whole; elsewhere it is the model's own name:
+    a pickled module's state_dict (ultralytics), a transformers folder (``model.layers``), a
+    selection narrowed to one part (Stable Diffusion's ``model.diffusion_model.*``)."""
+    if trees.LIGHTNING_WRAPPER not in wrapper.split(".")[:-1]:
+        return True
+    if options.extract or options.include or options.take_all:
+        return False
+    tree = model.tree
+    return (
+        isinstance(tree, dict)
+        and any(key in tree for key in LIGHTNING_KEYS)
+        and model.weights(ema=options.ema).source == "state_dict"
+    )

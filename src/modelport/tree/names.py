@@ -33,6 +33,7 @@ WRAPPER_PREFIXES: dict[str, str] = {
     "_orig_mod.": "torch.compile",
     "model.": "a Lightning-style wrapper",
 }
+LIGHTNING_WRAPPER = "model"  # a wrapper only in some files: see conversion.selecting
 
 # Checkpoint keys that hold the model weights, in the order they are preferred.
 
