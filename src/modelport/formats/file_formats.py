@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from modelport.formats import (
     adapters,
+    ggml,
     hdf5,
     keras,
     npy,
@@ -38,6 +39,7 @@ FILE_READERS: tuple[FormatReader, ...] = (
     npz.READER,  # zips whose members are all *.npy: after the torch archives
     npy.READER,
     gguf.READER,
+    ggml.READER,  # GGUF's predecessors: ggml, ggmf, ggjt, ggla magics
     tflite.READER,  # "TFL3" at bytes 4..8
     tf_bundle.READER,  # a TensorFlow checkpoint .index: 00 00 first, a LevelDB table magic last
     keras.READER,  # zips with config.json + model.weights.h5

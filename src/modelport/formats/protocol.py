@@ -41,6 +41,7 @@ class Format(str, Enum):
     NPZ = "npz"
     ONNX = "onnx"
     GGUF = "gguf"
+    GGML = "ggml"
     HDF5 = "hdf5"
     KERAS = "keras"
     TFLITE = "tflite"

@@ -51,6 +51,7 @@ _CODE_FREE = frozenset(
     (
         Format.SAFETENSORS,
         Format.GGUF,
+        Format.GGML,
         Format.ONNX,
         Format.HDF5,
         Format.TFLITE,
