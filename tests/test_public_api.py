@@ -37,6 +37,7 @@ DOCUMENTED = {
     "Format": "modelport.formats.protocol",
     "TensorRef": "modelport.tensors",
     "stats": "modelport.reporting.stats",
+    "card": "modelport.reporting.card",
     "StatsReport": "modelport.reporting.stats_records",
 }
 

@@ -1,10 +1,10 @@
 """modelport: inspect, scan and convert model files by content, without executing them.
 
 The verbs (``inspect``, ``open``, ``load``, ``scan``, ``convert``, ``diff``, ``hash``,
-``check``, ``export``, ``rebuild``, ``stats``) and their report types are defined in the layer
-that does the work and imported from there on first use, so that ``import modelport`` stays
-cheap and a command pays only for its own path. ``open`` and ``hash`` are left out of
-``__all__``: a star import must not lay them over the builtins.
+``check``, ``export``, ``rebuild``, ``stats``, ``card``) and their report types are defined
+in the layer that does the work and imported from there on first use, so that ``import
+modelport`` stays cheap and a command pays only for its own path. ``open`` and ``hash`` are
+left out of ``__all__``: a star import must not lay them over the builtins.
 
 The layers, bottom to top (each imports only those below it): core types (``errors``,
 ``dtypes``, ``tensors``, ``limits``); ``transfer`` (byte movement); ``pickles`` (the one
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from modelport.loading.inspect_report import InspectReport
     from modelport.loading.model_file import ModelFile, inspect, load
     from modelport.loading.model_file import open as open
+    from modelport.reporting.card import card
     from modelport.reporting.stats import stats
     from modelport.reporting.stats_records import StatsReport
     from modelport.scanning.findings import ScanReport
@@ -56,6 +57,7 @@ _PUBLIC: dict[str, tuple[str, str]] = {
     "ScanReport": ("modelport.scanning.findings", "ScanReport"),
     "StatsReport": ("modelport.reporting.stats_records", "StatsReport"),
     "TensorRef": ("modelport.tensors", "TensorRef"),
+    "card": ("modelport.reporting.card", "card"),
     "check": ("modelport.torch_models.checking", "check"),
     "convert": ("modelport.conversion.converting", "convert"),
     "diff": ("modelport.comparing.diffing", "diff"),
@@ -100,6 +102,7 @@ __all__ = [
     "StatsReport",
     "TensorRef",
     "__version__",
+    "card",
     "check",
     "convert",
     "diff",

@@ -63,4 +63,8 @@ COMMANDS: dict[str, Command] = {
         "modelport.cli.cmd_report",
         "one self-contained HTML page: identity, scan, structure, value statistics, diff",
     ),
+    "card": Command(
+        "modelport.cli.cmd_card",
+        "a Hugging Face model card (README.md): contents, loading code, scan, provenance",
+    ),
 }

@@ -1,0 +1,312 @@
+"""Model cards: front matter the hub's own parser reads, and loading code that runs as written
+on the file it describes (executed in a subprocess, in the file's folder). The oracles are
+huggingface_hub's ``ModelCard``, torch's weights-only unpickler, safetensors, onnxruntime and
+transformers, never modelport's reading of its own card."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from markdown_it import MarkdownIt
+from safetensors.torch import load_file, save_file
+
+import modelport
+from modelport.cli.main import main
+from modelport.reporting.card import Provenance, build_card, conversion_provenance
+
+# Runs each card's code in its folder, then saves the variable the code binds last.
+_DRIVER = """
+import json, os, sys
+import torch
+for job in json.loads(sys.argv[1]):
+    os.chdir(job["cwd"])
+    scope = {"__name__": "__card__"}
+    exec(compile(job["code"], "card", "exec"), scope)
+    torch.save(dict(scope[job["result"]]), job["out"])
+"""
+
+
+def python_block(text: str) -> str:
+    found = re.search(r"^(`{3,})python\n(.*?)^\1$", text, re.S | re.M)
+    assert found is not None, "the card shows no Python block"
+    return found.group(2)
+
+
+def state_dict() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "encoder.0.weight": torch.randn(4, 3, generator=generator),
+        "encoder.0.bias": torch.randn(4, generator=generator),
+        "head.weight": torch.randn(2, 4, generator=generator).half(),
+    }
+
+
+@pytest.fixture(scope="module")
+def torch_cards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A plain state_dict, a checkpoint with an argparse.Namespace and a safetensors file,
+    each with its card, and what each card's code bound when run (one subprocess)."""
+    folder = tmp_path_factory.mktemp("cards")
+    weights = state_dict()
+    torch.save(weights, folder / "plain.pt")
+    checkpoint = {"model": weights, "epoch": 7, "args": argparse.Namespace(lr=0.1, arch="mlp")}
+    torch.save(checkpoint, folder / "namespace.pt")
+    save_file(weights, folder / "model.safetensors")
+    names = ("plain.pt", "namespace.pt", "model.safetensors")
+    cards = {name: build_card(folder / name) for name in names}
+    jobs = [
+        {
+            "cwd": str(folder),
+            "code": python_block(cards[name].text),
+            "result": _bound_last(python_block(cards[name].text)),
+            "out": str(folder / f"{name}.result"),
+        }
+        for name in names
+    ]
+    subprocess.run(
+        [sys.executable, "-c", _DRIVER, json.dumps(jobs)], check=True, timeout=120, cwd=folder
+    )
+    results = {name: torch.load(folder / f"{name}.result", weights_only=True) for name in names}
+    return {"folder": folder, "weights": weights, "cards": cards, "results": results}
+
+
+def _bound_last(code: str) -> str:
+    """The variable the card's code binds last (its result)."""
+    bound = re.findall(r"^(\w+) = ", code, re.M)
+    assert bound, code
+    return str(bound[-1])
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype
+        assert torch.equal(got[name], tensor), name
+
+
+def test_plain_state_dict_card_loads_with_torch_weights_only(torch_cards: dict[str, Any]) -> None:
+    made = torch_cards["cards"]["plain.pt"]
+    code = python_block(made.text)
+    assert 'torch.load("plain.pt", weights_only=True' in code
+    torch.load(torch_cards["folder"] / "plain.pt", weights_only=True)  # the oracle agrees
+    assert_same_tensors(torch_cards["results"]["plain.pt"], torch_cards["weights"])
+    data = ModelCard(made.text).data
+    assert data.tags == ["modelport", "torch-zip"]
+    assert data.library_name is None and data.base_model is None
+    path = torch_cards["folder"] / "plain.pt"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() in made.text
+    assert modelport.hash(path).digest in made.text
+    assert "| `float16` | 1 | 8 |" in made.text  # parameters by dtype
+    assert "- `encoder`: 16 parameters in 2 tensors" in made.text
+
+
+def test_namespace_checkpoint_card_shows_modelport_load(torch_cards: dict[str, Any]) -> None:
+    path = torch_cards["folder"] / "namespace.pt"
+    with pytest.raises(Exception, match=r"argparse\.Namespace"):  # the oracle refuses
+        torch.load(path, weights_only=True)
+    text = torch_cards["cards"]["namespace.pt"].text
+    assert "would refuse this file" in text and "`argparse.Namespace` (at `args`)" in text
+    code = python_block(text)
+    assert 'modelport.load("namespace.pt")' in code and "torch.load" not in code
+    assert_same_tensors(torch_cards["results"]["namespace.pt"], torch_cards["weights"])
+    assert "- `epoch`: `7`" in text  # checkpoint extras
+    ModelCard(text)
+
+
+def test_safetensors_card_loads_with_load_file(torch_cards: dict[str, Any]) -> None:
+    text = torch_cards["cards"]["model.safetensors"].text
+    assert 'load_file("model.safetensors")' in python_block(text)
+    assert "safe_open" in text
+    assert_same_tensors(torch_cards["results"]["model.safetensors"], torch_cards["weights"])
+    assert ModelCard(text).data.tags == ["modelport", "safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        (np.float64(0.5), "numpy"),  # a numpy scalar reads as a float; torch still refuses
+        (torch.__version__, "TorchVersion"),
+        (frozenset({1, 2}), "frozenset"),
+    ],
+)
+def test_values_the_tree_flattens_still_refuse_weights_only(
+    tmp_path: Path, value: Any, why: str
+) -> None:
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"weights": torch.ones(2), "value": value}, path)
+    with pytest.raises(Exception, match=why):
+        torch.load(path, weights_only=True)
+    text = build_card(path, digests=False).text
+    assert "would refuse this file" in text and why in text
+    assert "modelport.load" in python_block(text)
+
+
+def test_onnx_card_runs_an_inference_session(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.arange(12, dtype=np.float32).reshape(3, 4)
+    bias = np.array([1, 2, 3], dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "B"], ["y"], transB=1)],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "tiny.onnx")
+    text = build_card(tmp_path / "tiny.onnx").text
+    code = python_block(text)
+    assert 'onnxruntime.InferenceSession("tiny.onnx"' in code
+    script = code + "\nnumpy.save('outputs.npy', outputs[0])\n"
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60, cwd=tmp_path)
+    outputs = np.load(tmp_path / "outputs.npy")
+    np.testing.assert_array_equal(outputs, np.zeros((1, 4), np.float32) @ weight.T + bias)
+    assert ModelCard(text).data.tags == ["modelport", "onnx"]
+
+
+def _config_folder(tmp_path: Path, config: dict[str, Any]) -> Path:
+    save_file(state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path / "model.safetensors"
+
+
+def test_front_matter_from_the_config_beside_the_file(tmp_path: Path) -> None:
+    path = _config_folder(
+        tmp_path,
+        {
+            "_name_or_path": "google-bert/bert-base-uncased",
+            "architectures": ["BertForSequenceClassification"],
+            "model_type": "bert",
+        },
+    )
+    made = build_card(path, digests=False)
+    data = ModelCard(made.text).data
+    assert data.library_name == "transformers"
+    assert data.base_model == "google-bert/bert-base-uncased"
+    assert data.pipeline_tag == "text-classification"
+    assert data.tags == ["modelport", "safetensors", "bert"]
+    assert made.front_matter == data.to_dict()
+    assert 'BertForSequenceClassification.from_pretrained(".")' in made.text
+
+
+@pytest.mark.parametrize(
+    "name_or_path", ["/home/me/runs/bert", "./outputs/bert", "runs/../bert", "bert", "a/b/c"]
+)
+def test_a_local_path_is_no_base_model(tmp_path: Path, name_or_path: str) -> None:
+    config = {"_name_or_path": name_or_path, "model_type": "bert"}
+    made = build_card(_config_folder(tmp_path, config), digests=False)
+    assert "base_model" not in made.front_matter
+    assert ModelCard(made.text).data.base_model is None
+
+
+def test_code_from_a_config_is_never_written_into_the_card(tmp_path: Path) -> None:
+    evil = "BertModel\nimport os; os.system('echo pwned')"
+    made = build_card(_config_folder(tmp_path, {"architectures": [evil], "model_type": "bert"}))
+    assert "pwned" not in made.text
+    assert "AutoModel.from_pretrained" in made.text
+
+
+def test_names_from_the_file_cannot_break_the_markdown(tmp_path: Path) -> None:
+    hostile = "a|b`c<script>x</script>\n# heading"
+    save_file({hostile: torch.ones(2), "x.y": torch.ones(1)}, tmp_path / "m.safetensors")
+    (tmp_path / "m.safetensors").rename(tmp_path / "m```.safetensors")
+    text = build_card(tmp_path / "m```.safetensors", digests=False).text
+    page = MarkdownIt("commonmark").enable("table").render(text.split("---\n", 2)[2])
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "heading</h1>" not in page and "<h1>m```.safetensors</h1>" in page
+    code = python_block(text)
+    assert 'load_file("m```.safetensors")' in code  # in the literal; a longer fence around it
+    assert "<code>a|b`c&lt;script&gt;" in page
+    assert ModelCard(text).data.tags == ["modelport", "safetensors"]
+
+
+def test_provenance_of_a_conversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.save({"model": state_dict(), "step": 3}, tmp_path / "source.pt")
+    options = modelport.ConvertOptions(strip_prefix="auto")
+    report = modelport.convert(tmp_path / "source.pt", tmp_path / "out.safetensors", options)
+    made = build_card(
+        tmp_path / "out.safetensors", provenance=conversion_provenance(report, options)
+    )
+    source_sha = hashlib.sha256((tmp_path / "source.pt").read_bytes()).hexdigest()
+    assert source_sha in made.text
+    assert "the weights are the source's, bit for bit" in made.text
+    recipe = made.text.split("Made with:", 1)[1]
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "source.pt").write_bytes((tmp_path / "source.pt").read_bytes())
+    monkeypatch.chdir(again)
+    exec(python_block(recipe), {})
+    assert_same_tensors(load_file(again / "out.safetensors"), state_dict())
+
+
+def test_provenance_from_a_dict_and_from_the_files_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_file(state_dict(), path, metadata={"modelport.source": "ckpt.pt"})
+    assert "`modelport.source`: `ckpt.pt`" in build_card(path, digests=False).text
+    given = {"source": "ckpt.pt", "recipe": "modelport convert ckpt.pt m.safetensors"}
+    text = build_card(path, provenance=given, digests=False).text
+    assert "modelport convert ckpt.pt m.safetensors" in text
+    with pytest.raises(modelport.errors.UsageError, match="origin"):
+        Provenance.of({"source": "x", "origin": "y"})
+
+
+def test_cli_writes_and_refuses_to_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    save_file(state_dict(), tmp_path / "model.safetensors")
+    card_path = tmp_path / "README.md"
+    assert main(["card", str(tmp_path / "model.safetensors"), "-o", str(card_path)]) == 0
+    first = card_path.read_text()
+    assert ModelCard.load(card_path).data.tags == ["modelport", "safetensors"]
+    assert main(["card", str(tmp_path / "model.safetensors"), "-o", str(card_path)]) == 2
+    assert card_path.read_text() == first
+    capsys.readouterr()
+    assert main(["card", str(tmp_path / "model.safetensors"), "--json", "--no-digests"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["front_matter"] == {"tags": ["modelport", "safetensors"]}
+    assert ModelCard(printed["card"]).data.to_dict() == printed["front_matter"]
+
+
+@pytest.mark.heavy
+def test_transformers_folder_card_loads_with_from_pretrained(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    folder = tmp_path / "bert"
+    BertForMaskedLM(config).save_pretrained(folder)
+    made = build_card(folder, relative_to=folder)  # the card as the folder's README.md
+    data = ModelCard(made.text).data
+    assert (data.library_name, data.pipeline_tag) == ("transformers", "fill-mask")
+    assert data.tags == ["modelport", "hf-dir", "bert"]
+    code = python_block(made.text)
+    assert 'BertForMaskedLM.from_pretrained(".")' in code
+    job = {"cwd": str(folder), "code": code, "result": "state", "out": str(tmp_path / "r.pt")}
+    job["code"] += "state = model.state_dict()\n"
+    subprocess.run([sys.executable, "-c", _DRIVER, json.dumps([job])], check=True, timeout=300)
+    loaded = torch.load(tmp_path / "r.pt", weights_only=True)
+    saved = load_file(folder / "model.safetensors")
+    assert_same_tensors({k: loaded[k] for k in saved}, saved)
+    inner = build_card(folder / "model.safetensors").text
+    assert 'load_file("model.safetensors")' in python_block(inner)
+    assert 'BertForMaskedLM.from_pretrained(".")' in inner
