@@ -51,7 +51,12 @@ SAFETENSORS_NAMES: Final = (
     f"{DIFFUSERS_STEM}.safetensors",
     "adapter_model.safetensors",
 )
-BIN_NAMES: Final = ("pytorch_model.bin", f"{DIFFUSERS_STEM}.bin", "adapter_model.bin")
+BIN_NAMES: Final = (
+    "pytorch_model.bin",
+    f"{DIFFUSERS_STEM}.bin",
+    "adapter_model.bin",
+    "flax_model.msgpack",
+)
 VARIANT: Final = re.compile(
     rf"(model|pytorch_model|{DIFFUSERS_STEM}|adapter_model)\.[A-Za-z0-9_-]+\.(safetensors|bin)"
 )

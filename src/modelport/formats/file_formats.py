@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from modelport.formats import (
     adapters,
+    executorch_pte,
+    flax_msgpack,
     ggml,
     hdf5,
     keras,
@@ -41,10 +43,12 @@ FILE_READERS: tuple[FormatReader, ...] = (
     gguf.READER,
     ggml.READER,  # GGUF's predecessors: ggml, ggmf, ggjt, ggla magics
     tflite.READER,  # "TFL3" at bytes 4..8
+    executorch_pte.READER,  # "ET12" at bytes 4..8
     tf_bundle.READER,  # a TensorFlow checkpoint .index: 00 00 first, a LevelDB table magic last
     keras.READER,  # zips with config.json + model.weights.h5
     hdf5.READER,  # signature at 0 or 512*2^k: late, a tar of an .h5 also has one at 512
     onnx.READER,  # strict protobuf sniff (ir_version, known ModelProto fields, then a graph)
     tf_savedmodel.FILE_READER,  # saved_model.pb, keras_metadata.pb, fingerprint.pb: after ONNX
+    flax_msgpack.READER,  # a msgpack map holding an ext-1 array: no magic, before pickles
     pickle_file.READER,  # plain pickles and joblib: after every binary format with a magic
 )

@@ -47,6 +47,8 @@ class Format(str, Enum):
     TFLITE = "tflite"
     TF_CHECKPOINT = "tf-checkpoint"
     TF_SAVEDMODEL = "tf-savedmodel"
+    FLAX_MSGPACK = "flax-msgpack"
+    EXECUTORCH_PTE = "executorch-pte"
     HF_DIR = "hf-dir"
     DCP = "dcp"
 

@@ -55,7 +55,7 @@ def pickle_reading(data: memoryview) -> PickleReading:
     try:
         scan_pickle(data, limits=Limits(max_opcodes=_SNIFF_OPCODES))
     except UnparsedPickleError as exc:
-        if any(f.severity in (Severity.CRITICAL, Severity.HIGH) for f in exc.findings):
+        if any(_runs_code(f.rule, f.severity) for f in exc.findings):
             return PickleReading.WHOLE
         return PickleReading.CUT if exc.truncated else PickleReading.NONE
     except LimitExceededError:
@@ -63,3 +63,14 @@ def pickle_reading(data: memoryview) -> PickleReading:
     except ModelportError:
         return PickleReading.NONE
     return PickleReading.WHOLE
+
+
+# An EXT opcode names a global through copyreg's extension registry, which Python and the
+# common libraries leave empty: pickle.loads raises at once ("unregistered extension code").
+# Bytes that open with one (a msgpack map of 2 to 4 keys does: 0x82-0x84) and then fail to
+# parse ran nothing, so that alone does not make them a pickle.
+_NAMES_NOTHING_RUN = frozenset(("extension-code",))
+
+
+def _runs_code(rule: str, severity: Severity) -> bool:
+    return severity in (Severity.CRITICAL, Severity.HIGH) and rule not in _NAMES_NOTHING_RUN

@@ -58,6 +58,8 @@ _CODE_FREE = frozenset(
         Format.KERAS,
         Format.TF_CHECKPOINT,
         Format.TF_SAVEDMODEL,
+        Format.FLAX_MSGPACK,
+        Format.EXECUTORCH_PTE,
     )
 )
 
