@@ -8,7 +8,9 @@ Adam state, whole pickled modules, safetensors, npz and joblib files. Each tool 
 whole process, as users run it; files/s divides the corpus by the wall time, and peak RSS
 is the largest sum of the resident sets of the process and its children (modelport's
 workers), sampled every 10 ms. picklescan comes from bench-output/peers-venv (installed
-from PyPI on first use, as bench_scan.py does).
+from PyPI on first use, as bench_scan.py does). With ``modelport[dask]`` installed, a run on a
+Dask LocalCluster of 2 worker processes (``--scheduler local:2``) is measured too, its
+cluster's start included.
 
 The tools take turns, round after round, and each reports its median: on a shared machine a
 busy minute then slows every tool alike.
@@ -19,6 +21,7 @@ Usage: python benchmarks/bench_fleet.py [--files 10000] [--repeat 3]
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import signal
 import statistics
@@ -119,11 +122,11 @@ def _tree(pid: int) -> list[int]:
     while todo:
         current = todo.pop()
         found.append(current)
-        try:
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except OSError:
-            continue
-        todo.extend(int(c) for c in children)
+        for thread in Path(f"/proc/{current}/task").glob("*"):  # children of every thread
+            try:
+                todo.extend(int(c) for c in (thread / "children").read_text().split())
+            except OSError:
+                continue
     return found
 
 
@@ -186,6 +189,16 @@ def main() -> int:
             str(jobs),
             "--jsonl",
             str(out),
+            "--json",
+        ]
+    if importlib.util.find_spec("distributed") is not None:  # pip install 'modelport[dask]'
+        tools["modelport dask local:2"] = [
+            *MODELPORT,
+            str(CORPUS),
+            "--scheduler",
+            "local:2",  # a LocalCluster of 2 worker processes, started by the run
+            "--jsonl",
+            str(RUNS / "jobs-dask.jsonl"),
             "--json",
         ]
     tools["modelport, one process"] = [  # the Python API in one process: no workers

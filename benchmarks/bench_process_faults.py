@@ -158,7 +158,9 @@ def disk_cases(src: Path, work: Path, size_mb: int) -> list[Case]:
                 case.files_left = len(left)
                 case.tracebacks = int("Traceback" in err)
                 case.expected = int(code == 2 and not left)
-                case.note = err.strip().splitlines()[-1].split(": ", 2)[-1][:90] if err.strip() else ""
+                case.note = (
+                    err.strip().splitlines()[-1].split(": ", 2)[-1][:90] if err.strip() else ""
+                )
         cases.append(case)
     return cases
 
@@ -208,7 +210,11 @@ def changed_source_cases(src: Path, folder: Path, seconds: float, size_mb: int) 
             left = leftovers(folder)
             case.files_left += bool(left)
             case.expected += code == 2 and not target.exists()
-            case.note = err.strip().splitlines()[-1].split(": ", 2)[-1][:90] if err.strip() else f"exit {code}"
+            case.note = (
+                err.strip().splitlines()[-1].split(": ", 2)[-1][:90]
+                if err.strip()
+                else f"exit {code}"
+            )
             target.unlink(missing_ok=True)
             shutil.copyfile(backup, folder / "restore")
             (folder / "restore").replace(src)

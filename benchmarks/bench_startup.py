@@ -63,7 +63,7 @@ def main() -> int:
         ("modelport scan small.pt", [*modelport_cli, "scan", str(small_pt)]),
         ("picklescan -p small.pt", [picklescan, "-p", str(small_pt)]),
     ]
-    print(f"median of {args.repeat} whole processes each\n")
+    print(f"median of {args.repeat} whole processes each; {_load()}\n")
     print(f"{'command':36} {'seconds':>8}")
     results = {}
     for name, command in cases:
@@ -76,7 +76,14 @@ def main() -> int:
         ("modelport scan small.pt", "picklescan -p small.pt"),
     ]:
         print(f"{ours} / {theirs}: {results[ours] / results[theirs]:.2f}x")
+    print(f"\nafter: {_load()}")
     return 0
+
+
+def _load() -> str:
+    """The machine's load, so that a table taken on a busy machine says so."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
 
 
 if __name__ == "__main__":

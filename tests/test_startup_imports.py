@@ -3,6 +3,11 @@ torch or pickle file, numpy arrays in the pickle included) and ``inspect`` of a 
 header read bytes, never arrays, so they import no numpy (75-100 ms of every run) and no
 ml_dtypes; reading an ``.npy``'s arrays still imports numpy, which shows the probe sees it.
 
+A command on one file whose output is not a terminal imports neither rich (the people's
+rendering) nor the fleet (worker pools, journals, records): ``scan`` of two files, and the
+same scan on a terminal, are the witnesses that the probe sees each. ``--version`` imports
+no format and no pickle machine either.
+
 Each case runs ``modelport.cli.main.main(argv)`` in a fresh interpreter (this one has numpy
 loaded already) and reads that interpreter's ``sys.modules`` once the command has finished.
 """
@@ -10,7 +15,9 @@ loaded already) and reads that interpreter's ``sys.modules`` once the command ha
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -20,6 +27,10 @@ import numpy as np
 import pytest
 
 HEAVY = ("numpy", "ml_dtypes", "torch")
+# what a one-file command printing to a pipe leaves alone: the people's rendering, the fleet
+LEAN = ("rich", "modelport.fleet", "modelport.cli._fleet")
+# what --version leaves alone besides: every reader, the pickle machine
+COMMAND = ("modelport.formats", "modelport.pickles", "modelport.scanning")
 
 # argv[1] is where to write the result; the rest is the command line.
 PROBE = """
@@ -34,20 +45,35 @@ with open(sys.argv[1], "w") as out:
 """
 
 
-def run_cli(tmp_path: Path, *argv: str | Path) -> tuple[int, set[str]]:
-    """The exit code and the modules imported by one command, run in a fresh interpreter."""
+def run_cli(
+    tmp_path: Path, *argv: str | Path, env: dict[str, str] | None = None
+) -> tuple[int, set[str]]:
+    """The exit code and the modules imported by one command, run in a fresh interpreter
+    whose standard output is a pipe (``env``: variables set for it)."""
     result = tmp_path / "imported.json"
     subprocess.run(
         [sys.executable, "-c", PROBE, str(result), *map(str, argv)],
         check=True,
         capture_output=True,
+        env=_environment(env or {}),
     )
     found = json.loads(result.read_text())
     return found["code"], set(found["modules"])
 
 
+def _environment(extra: dict[str, str]) -> dict[str, str]:
+    """This environment less what makes rich treat a pipe as a terminal, plus ``extra``."""
+    base = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
+    return {**base, **extra}
+
+
 def heavy(modules: set[str]) -> list[str]:
     return sorted(m for m in modules if m.split(".")[0] in HEAVY)
+
+
+def under(modules: set[str], roots: tuple[str, ...]) -> list[str]:
+    """The modules that are one of ``roots`` or inside one."""
+    return sorted(m for m in modules if any(m == r or m.startswith(r + ".") for r in roots))
 
 
 def write_safetensors(path: Path) -> Path:
@@ -113,6 +139,7 @@ def test_version_imports_no_numpy(tmp_path: Path) -> None:
     code, modules = run_cli(tmp_path, "--version")
     assert code == 0
     assert heavy(modules) == []
+    assert under(modules, LEAN + COMMAND) == []
 
 
 @pytest.mark.parametrize("name", sorted(WRITERS))
@@ -122,6 +149,7 @@ def test_a_scan_imports_no_numpy(tmp_path: Path, name: str) -> None:
     assert code == 0  # safe: the scan read the whole file
     assert "modelport.scanning.scanner" in modules
     assert heavy(modules) == []
+    assert under(modules, LEAN) == []
 
 
 def test_inspect_of_a_safetensors_header_imports_no_numpy(tmp_path: Path) -> None:
@@ -130,6 +158,7 @@ def test_inspect_of_a_safetensors_header_imports_no_numpy(tmp_path: Path) -> Non
     assert code == 0
     assert "modelport.formats.safetensors" in modules
     assert heavy(modules) == []
+    assert under(modules, LEAN) == []
 
 
 def test_inspect_of_an_npy_file_does_import_numpy(tmp_path: Path) -> None:
@@ -139,3 +168,42 @@ def test_inspect_of_an_npy_file_does_import_numpy(tmp_path: Path) -> None:
     code, modules = run_cli(tmp_path, "inspect", "--json", path)
     assert code == 0
     assert "numpy" in heavy(modules)
+
+
+def test_a_scan_of_two_files_does_import_the_fleet(tmp_path: Path) -> None:
+    """The witness: the probe sees the fleet where a run has one."""
+    first = write_safetensors(tmp_path / "a.safetensors")
+    second = write_pickle(tmp_path / "b.pkl")
+    code, modules = run_cli(tmp_path, "scan", "--jobs", "1", first, second)
+    assert code == 0
+    assert "modelport.fleet.running" in modules
+    assert "modelport.cli._fleet" in modules
+
+
+def test_a_scan_for_a_terminal_does_import_rich(tmp_path: Path) -> None:
+    """The witness: the probe sees rich where the output is (treated as) a terminal."""
+    path = write_safetensors(tmp_path / "small.safetensors")
+    code, modules = run_cli(tmp_path, "scan", path, env={"FORCE_COLOR": "1"})
+    assert code == 0
+    assert "rich.console" in modules
+
+
+def test_a_scan_prints_the_same_text_to_a_pipe_as_to_a_terminal(tmp_path: Path) -> None:
+    """Plain lines where rich is not imported, the same words as rich shows a person (its
+    styles stripped; a wide terminal, so that rich wraps nothing)."""
+    path = tmp_path / "evil [b].pkl"  # brackets rich would read as markup, were it markup
+    path.write_bytes(b"\x80\x04" + b"\x8c\x02os\x8c\x06system\x93\x8c\x04true\x85R.")
+    command = [sys.executable, "-m", "modelport", "scan", str(path)]
+    piped = subprocess.run(command, capture_output=True, text=True, env=_environment({}))
+    terminal = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env=_environment({"TTY_COMPATIBLE": "1", "COLUMNS": "1000"}),
+    )
+    assert piped.returncode == terminal.returncode == 1  # unsafe
+    assert "\x1b[" in terminal.stdout  # rich styled it
+    assert re.sub(r"\x1b\[[0-9;]*m", "", terminal.stdout) == piped.stdout
+    lines = piped.stdout.splitlines()
+    assert lines[0].split() == ["UNSAFE", str(tmp_path / "evil"), "[b].pkl", "(pickle)"]
+    assert any("os.system" in line for line in lines[1:])

@@ -235,3 +235,29 @@ def to_numpy(name: str) -> np.dtype:  # type: ignore[type-arg]
     if found is None:
         raise UnsupportedDtypeError(f"dtype {name} has no numpy equivalent")
     return found
+
+
+# The spellings people type for a dtype (``--dtype fp16``, ``dtype="half"``), each to its torch
+# name: numpy's and torch's long names, their short forms, GGUF's and safetensors' codes.
+DTYPE_ALIASES: Final = MappingProxyType(
+    {
+        **{alias: "float16" for alias in ("fp16", "f16", "half", "float16")},
+        **{alias: "bfloat16" for alias in ("bf16", "bfloat16")},
+        **{alias: "float32" for alias in ("fp32", "f32", "float", "float32")},
+        **{alias: "float64" for alias in ("fp64", "f64", "double", "float64")},
+        **{alias: "float8_e4m3fn" for alias in ("fp8", "fp8_e4m3", "f8_e4m3", "e4m3")},
+        **{alias: "float8_e5m2" for alias in ("fp8_e5m2", "f8_e5m2", "e5m2")},
+    }
+)
+
+
+def canonical_name(text: str) -> str:
+    """The torch name of a dtype as a person may spell it (``fp16``, ``torch.half``, ``BF16``);
+    text that names no known dtype comes back unchanged, for the caller to refuse in its
+    own words (it knows which dtypes it takes)."""
+    key = text.strip().lower().removeprefix("torch.")
+    if key in DTYPE_ALIASES:
+        return DTYPE_ALIASES[key]
+    if key in DTYPES:
+        return key
+    return text

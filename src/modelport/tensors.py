@@ -42,6 +42,7 @@ class Storage:
     nbytes: int
     key: str = ""
     reader: Callable[[], NDArray] | None = None  # returns a 1-d uint8 array of nbytes
+    location: str = ""  # the device torch saved it from ("cuda:0"); "" if not recorded
 
     def bytes_view(self) -> NDArray:
         """The storage as a 1-d uint8 array: a memory map when the bytes lie flat in a file."""

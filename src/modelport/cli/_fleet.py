@@ -1,85 +1,23 @@
-"""The options ``scan``, ``hash`` and ``inspect`` share for many files, and the fleet run they
-describe (``modelport.fleet``).
-
-One path named with none of these options runs as it always has, in this process; several
-paths, a folder of files, or any of the options run each file in a worker process, on every
-core by default. Output stays in the order the inputs were named either way.
+"""The fleet run the many-files options describe (``_many_files``), over
+``modelport.fleet``: imported only by a run that has one, through ``_many_files``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
+from modelport.cli._many_files import DEFAULT_TIMEOUT, options_given
 from modelport.errors import UsageError
 from modelport.fleet.inputs import Input, Shard, expand, read_list
 from modelport.fleet.records import Budget, Record
 from modelport.fleet.running import Plan, Tally, run
-
-DEFAULT_TIMEOUT: Final = 300.0
-_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-
-MANY_FILES = """many files:
-  modelport {command} ./models/ --jsonl {command}.jsonl         (every core; rerun to resume)
-  find /data -name '*.bin' | modelport {command} --from-file - --jsonl out.jsonl --jobs 8
-  modelport {command} --from-file all.txt --shard 2/4 --jsonl part2.jsonl  (machine 2 of 4)
-"""
-
-
-def add_arguments(parser: argparse.ArgumentParser, what: str) -> None:
-    """The positional paths (``what`` says what they may be) and the many-files options."""
-    parser.add_argument("paths", nargs="*", metavar="PATH", help=what)
-    group = parser.add_argument_group(
-        "many files",
-        "Several paths, a folder of files, or any of these options run each file in a worker "
-        "process of its own, with a time and memory budget per file.",
-    )
-    group.add_argument(
-        "--from-file",
-        action="append",
-        default=[],
-        metavar="LIST",
-        help="also take the paths listed in LIST, one per line ('-': standard input)",
-    )
-    group.add_argument(
-        "--jsonl",
-        metavar="OUT",
-        help="append one JSON record per file to OUT as each finishes; a rerun with the same "
-        "OUT skips the files whose record still matches them",
-    )
-    group.add_argument(
-        "--jobs",
-        type=_count,
-        metavar="N",
-        help="worker processes (default: one per core when there are several files)",
-    )
-    group.add_argument(
-        "--timeout",
-        type=_seconds,
-        metavar="SECONDS",
-        help=f"time budget per file (default {DEFAULT_TIMEOUT:g}); a file over it is "
-        "recorded as 'timeout' and its worker replaced",
-    )
-    group.add_argument(
-        "--max-memory",
-        type=_size,
-        metavar="SIZE",
-        help="address space per worker (RLIMIT_AS, e.g. 2G), the interpreter and the memory "
-        "maps of the file included; a file over it is recorded as an error",
-    )
-    group.add_argument(
-        "--shard",
-        type=_shard,
-        metavar="I/N",
-        help="process only part I of N (1 <= I <= N), chosen by a hash of each path, so that "
-        "N machines split one list with no coordinator",
-    )
+from modelport.fleet.summary import file_report as file_report
+from modelport.fleet.summary import summarize as summarize
 
 
 def plan(args: argparse.Namespace, command: str, options: dict[str, Any]) -> Plan | None:
@@ -90,20 +28,14 @@ def plan(args: argparse.Namespace, command: str, options: dict[str, Any]) -> Pla
         named.extend(read_list(source))
     if not named and not args.from_file:
         raise UsageError(f"name at least one path to {command}, or a list with --from-file")
-    options_given = (
-        args.from_file,
-        args.jsonl,
-        args.shard,
-        args.jobs,
-        args.timeout,
-        args.max_memory,
-    )
     inputs = _without(expand(command, named, args.shard), args.jsonl)
-    if not any(options_given) and len(named) == 1 and inputs == [Input(named[0], 0)]:
+    if not options_given(args) and len(named) == 1 and inputs == [Input(named[0], 0)]:
         return None
     jobs = args.jobs or (_cores() if len(inputs) > 1 else 1)
     budget = Budget(args.timeout or DEFAULT_TIMEOUT, args.max_memory)
-    return Plan(command, tuple(inputs), budget, options, jobs, args.jsonl)
+    return Plan(
+        command, tuple(inputs), budget, options, jobs, args.jsonl, args.scheduler, args.dedupe
+    )
 
 
 def records(plan: Plan) -> Iterator[Record]:
@@ -115,10 +47,12 @@ def records(plan: Plan) -> Iterator[Record]:
             print(f"warning: {warning}", file=sys.stderr)
         yield record
     if plan.jsonl:
-        repaired = f"; cut a partial last line ({tally.cut_bytes} bytes)" if tally.cut_bytes else ""
+        notes = f"; cut a partial last line ({tally.cut_bytes} bytes)" if tally.cut_bytes else ""
+        if tally.deduplicated:
+            notes += f"; {tally.deduplicated} copied from files with the same bytes"
         print(
             f"{len(plan.inputs)} inputs: {tally.processed} processed now, {tally.reused} "
-            f"already recorded in {plan.jsonl}{repaired}",
+            f"already recorded in {plan.jsonl}{notes}",
             file=sys.stderr,
         )
 
@@ -152,30 +86,8 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
-    return int(text)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected seconds above 0, not {text!r}")
-    return value
-
-
-def _size(text: str) -> int:
-    found = _SIZE.match(text)
-    if found is None:
-        raise argparse.ArgumentTypeError(f"expected a size such as 512M or 2G, not {text!r}")
-    return int(float(found.group(1)) * _UNITS[found.group(2).upper()])
-
-
-def _shard(text: str) -> Shard:
+def parse_shard(text: str) -> Shard:
+    """``--shard``, read as argparse reads the other options (``_many_files``)."""
     try:
         return Shard.parse(text)
     except UsageError as exc:

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
+
+# Piped or redirected, rich would fit tables to 80 columns and cut or fold long tensor names;
+# this wide, every line is as long as its content and each name stays whole for grep.
+PIPED_WIDTH = 100_000
+
+
+def console_width() -> int | None:
+    """The width to give rich: None on a terminal (rich fits its width), else ``PIPED_WIDTH``."""
+    isatty = getattr(sys.stdout, "isatty", None)
+    try:
+        return None if isatty is not None and isatty() else PIPED_WIDTH
+    except ValueError:  # a closed stream
+        return PIPED_WIDTH
 
 
 def human_bytes(count: int) -> str:

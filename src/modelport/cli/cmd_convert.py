@@ -17,9 +17,16 @@ from rich.progress import (
 )
 
 import modelport
-from modelport.cli._output import human_bytes
+from modelport import dtypes
+from modelport.cli._output import console_width, human_bytes
 from modelport.cli.commands import COMMANDS, ExitCode
-from modelport.conversion.converting import CASTS, GGUF_TYPES, TARGETS, ConvertReport
+from modelport.conversion.converting import (
+    CASTS,
+    GGUF_TYPES,
+    TARGETS,
+    ConvertReport,
+    gguf_type_name,
+)
 from modelport.conversion.options import ConvertOptions
 
 EXAMPLES = """examples:
@@ -33,6 +40,12 @@ EXAMPLES = """examples:
 
 exit codes: 0 converted and verified, 1 verification failed, 2 error or refused
 """
+
+DTYPE_HELP = "cast floating tensors (ints untouched); also fp16/f16/half, bf16, fp32/f32/float"
+GGUF_TYPE_HELP = (
+    "GGUF target: store floating tensors as this type (q8_0 quantizes matrices; norms and "
+    "biases stay float); the --dtype spellings work too"
+)
 
 
 def register(commands: Any) -> None:
@@ -54,17 +67,15 @@ def register(commands: Any) -> None:
         "in the source library's layout (transformers, diffusers model or pipeline, PEFT "
         "adapter); hf-bin: the same with pytorch_model.bin-style torch files",
     )
-    parser.add_argument("--dtype", choices=CASTS, help="cast floating tensors (ints untouched)")
+    parser.add_argument("--dtype", type=dtypes.canonical_name, choices=CASTS, help=DTYPE_HELP)
     parser.add_argument(
-        "--gguf-type",
-        choices=sorted(GGUF_TYPES),
-        help="GGUF target: store floating tensors as this type (q8_0 quantizes "
-        "matrices; norms and biases stay float)",
+        "--gguf-type", type=gguf_type_name, choices=sorted(GGUF_TYPES), help=GGUF_TYPE_HELP
     )
     parser.add_argument(
         "--dequantize",
         action="store_true",
-        help="GGML block-quantized tensors become float32 (or --dtype)",
+        help="GGML block-quantized tensors and MLX-quantized layers become float32 (or "
+        "--dtype), under their own names",
     )
     select = parser.add_argument_group("what to take")
     select.add_argument("--extract", metavar="KEY", help="take the tensors under KEY (a.b.c)")
@@ -123,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         report = modelport.convert(args.source, args.target, options)
         print(json.dumps(report.to_json(), indent=2))
         return ExitCode.OK
-    show(Console(), _convert_with_progress(args, options), args.dtype)
+    show(Console(width=console_width()), _convert_with_progress(args, options), args.dtype)
     return ExitCode.OK
 
 

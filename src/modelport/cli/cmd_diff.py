@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from modelport.cli._output import console_width
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.comparing.diffing import DiffReport, diff
 
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        show(Console(), report)
+        show(Console(width=console_width()), report)
     return ExitCode.OK if report.same else ExitCode.NO
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from modelport.cli import _errors, _fleet
+from modelport.cli import _errors, _many_files
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.comparing.fingerprint import HashReport, fingerprint
-from modelport.fleet.running import Plan
+
+if TYPE_CHECKING:
+    from modelport.fleet.running import Plan
 
 EXAMPLES = (
     """examples:
@@ -22,7 +24,7 @@ weights saved as .bin, .safetensors or .npz, or inside a training checkpoint, ha
 It is not the sha256 of the file.
 
 """
-    + _fleet.MANY_FILES.format(command="hash")
+    + _many_files.MANY_FILES.format(command="hash")
     + """
 exit codes: 0 every file hashed, 2 a file could not be read
 """
@@ -39,7 +41,7 @@ def register(commands: Any) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _fleet.add_arguments(
+    _many_files.add_arguments(
         parser, "model files or directories (a folder that is no model: its models)"
     )
     parser.add_argument(
@@ -54,7 +56,7 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    plan = _fleet.plan(args, "hash", {"allow_unsafe": args.allow_unsafe})
+    plan = _many_files.plan(args, "hash", {"allow_unsafe": args.allow_unsafe})
     if plan is not None:
         return _run_fleet(args, plan)
     results: list[dict[str, Any]] = []
@@ -87,10 +89,10 @@ def _run_fleet(args: argparse.Namespace, plan: Plan) -> int:
     """Hash in workers: the same lines and JSON as one by one, in the order named."""
     results: list[dict[str, Any]] = []
     failed = False
-    for record in _fleet.records(plan):
+    for record in _many_files.records(plan):
         if record.status != "ok":
             failed = True
-            failure = _fleet.error_json(record)
+            failure = _many_files.error_json(record)
             if args.json:
                 results.append(failure)
             else:

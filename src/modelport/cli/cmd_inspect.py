@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
-from rich.tree import Tree
+from typing import TYPE_CHECKING, Any
 
 import modelport
-from modelport.cli import _fleet
-from modelport.cli._output import human_bytes, json_default
+from modelport.cli import _many_files
+from modelport.cli._output import console_width, human_bytes, json_default
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.errors import UsageError
-from modelport.fleet.running import Plan
 from modelport.loading.inspect_report import InspectReport
+from modelport.tree import quantization
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.tree import Tree
+
+    from modelport.fleet.running import Plan
 
 EXAMPLES = (
     """examples:
@@ -27,7 +29,7 @@ EXAMPLES = (
   modelport inspect ./my-hf-model --json
 
 """
-    + _fleet.MANY_FILES.format(command="inspect")
+    + _many_files.MANY_FILES.format(command="inspect")
     + """
 Several files print one line each (format, tensors, parameters, size, safety); --json gives
 a list of the objects one file gives.
@@ -44,7 +46,7 @@ def register(commands: Any) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _fleet.add_arguments(
+    _many_files.add_arguments(
         parser, "model files or directories (a folder that is no model: its models)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -54,7 +56,7 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    plan = _fleet.plan(args, "inspect", {"code": args.code})
+    plan = _many_files.plan(args, "inspect", {"code": args.code})
     if plan is not None:
         return _run_fleet(args, plan)
     path = args.paths[0]
@@ -66,14 +68,16 @@ def run(args: argparse.Namespace) -> int:
                 payload["code"] = model.code
         print(json.dumps(payload, indent=2, default=json_default))
         return ExitCode.OK
-    console = Console()
+    from rich.console import Console  # the people path only: --json goes without rich
+
+    console = Console(width=console_width())
     show_summary(console, report)
     if args.tensors:
         show_tensors(console, report)
     if args.code:
         with modelport.open(path) as model:
             for name, text in model.code.items():
-                console.rule(name)
+                console.print(f"── {name} ──", style="bold", markup=False, highlight=False)
                 console.print(text, markup=False, highlight=False)
             if not model.code:
                 console.print("[dim]no code in this file[/dim]")
@@ -90,14 +94,16 @@ def _run_fleet(args: argparse.Namespace, plan: Plan) -> int:
         )
     results: list[Any] = []
     failed = False
-    for record in _fleet.records(plan):
+    for record in _many_files.records(plan):
         failed = failed or record.status != "ok"
         if args.json:
-            results.append(record.result if record.status == "ok" else _fleet.error_json(record))
+            results.append(
+                record.result if record.status == "ok" else _many_files.error_json(record)
+            )
         elif record.status == "ok":
             print(_one_line(record.result), flush=True)
         else:
-            print(f"error: {_fleet.error_json(record)['error']['message']}", file=sys.stderr)
+            print(f"error: {_many_files.error_json(record)['error']['message']}", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
     return ExitCode.ERROR if failed else ExitCode.OK
@@ -113,6 +119,8 @@ def _one_line(payload: dict[str, Any]) -> str:
 
 
 def show_summary(console: Console, report: InspectReport) -> None:
+    from rich.table import Table
+
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
@@ -121,6 +129,8 @@ def show_summary(console: Console, report: InspectReport) -> None:
     table.add_row("size", human_bytes(report.size_bytes))
     table.add_row("tensors", f"{len(report.tensors):,}")
     table.add_row("parameters", f"{report.parameters:,}")
+    if report.quantization:
+        table.add_row("quantization", quantization.describe(report.quantization))
     dtype_text = ", ".join(f"{d} {human_bytes(n)}" for d, n in report.bytes_by_dtype.items())
     table.add_row("bytes by dtype", dtype_text or "-")
     if report.weights_note:
@@ -129,7 +139,7 @@ def show_summary(console: Console, report: InspectReport) -> None:
         table.add_row("shared storage", "; ".join(" = ".join(g) for g in report.aliases[:5]))
     for key, value in report.details.items():
         if key != "modules":
-            table.add_row(key.replace("_", " "), _short(value))
+            table.add_row(key.replace("_", " "), _detail(value))
     console.print(table)
     if report.metadata:
         meta = Table("key", "value", title="metadata", title_justify="left")
@@ -159,6 +169,8 @@ def show_summary(console: Console, report: InspectReport) -> None:
 
 
 def show_tensors(console: Console, report: InspectReport) -> None:
+    from rich.table import Table
+
     table = Table("name", "dtype", "shape", "bytes", title="tensors", title_justify="left")
     for tensor in report.tensors:
         shape = str(list(tensor.shape))
@@ -168,6 +180,8 @@ def show_tensors(console: Console, report: InspectReport) -> None:
 
 
 def _module_tree(modules: dict[str, Any]) -> Tree:
+    from rich.tree import Tree
+
     if "class" in modules:
         root = Tree(f"[bold]modules[/bold]: {modules['class']}")
         _add_children(root, modules.get("children", {}))
@@ -183,6 +197,21 @@ def _add_children(branch: Tree, children: dict[str, Any]) -> None:
     for name, child in children.items():
         sub = branch.add(f"{name}: {child['class']}")
         _add_children(sub, child.get("children", {}))
+
+
+def _detail(value: Any) -> str:
+    """A format detail; a list of named entries (ONNX inputs and outputs) one entry a line,
+    whole, as people look for these names."""
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, dict) and "name" in v for v in value)
+    ):
+        return "\n".join(
+            "  ".join([str(entry["name"]), *(_short(v) for k, v in entry.items() if k != "name")])
+            for entry in value
+        )
+    return _short(value)
 
 
 def _short(value: Any, limit: int = 120) -> str:

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
-
-from rich.console import Console
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import modelport
-from modelport.cli import _fleet
+from modelport.cli import _console, _many_files
+from modelport.cli._console import Segment
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.errors import UsageError
-from modelport.fleet.running import Plan
-from modelport.fleet.summary import file_report, summarize
 from modelport.pickles.judging import Severity
 from modelport.scanning.findings import FileReport, ScanReport, worst
+
+if TYPE_CHECKING:
+    from modelport.fleet.running import Plan
 
 EXAMPLES = (
     """examples:
@@ -25,7 +26,7 @@ EXAMPLES = (
   modelport scan --from-jsonl scan.jsonl --sarif    (the summary of an earlier --jsonl run)
 
 """
-    + _fleet.MANY_FILES.format(command="scan")
+    + _many_files.MANY_FILES.format(command="scan")
     + """
 exit codes: 0 safe, 1 suspicious or unsafe, 2 error (a file could not be fully analysed)
 """
@@ -49,7 +50,7 @@ def register(commands: Any) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _fleet.add_arguments(parser, "files or directories")
+    _many_files.add_arguments(parser, "files or directories")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON object")
     output.add_argument("--sarif", action="store_true", help="print SARIF 2.1.0 for code scanning")
@@ -71,11 +72,11 @@ def run(args: argparse.Namespace) -> int:
     if args.from_jsonl:
         if args.paths or args.from_file:
             raise UsageError("--from-jsonl prints an earlier run's summary; it takes no paths")
-        return _print(args, summarize(args.from_jsonl, "scan").scan_report())
-    plan = _fleet.plan(args, "scan", {})
+        return _print(args, _many_files.summarize(args.from_jsonl, "scan").scan_report())
+    plan = _many_files.plan(args, "scan", {})
     if plan is None:
         return _print(args, modelport.scan(*args.paths))
-    return _print(args, _run_fleet(plan, Console() if _human(args) else None), streamed=True)
+    return _print(args, _run_fleet(plan, show_lines=_human(args)), streamed=True)
 
 
 def _human(args: argparse.Namespace) -> bool:
@@ -90,37 +91,38 @@ def _print(args: argparse.Namespace, report: ScanReport, *, streamed: bool = Fal
     elif args.sarif:
         print(json.dumps(to_sarif(report), indent=2))
     elif streamed:
-        show_verdict(Console(), report)
+        _console.write(verdict_lines(report))
     else:
-        show(Console(), report)
+        _console.write(report_lines(report))
     return exit_code(report.verdict)
 
 
-def _run_fleet(plan: Plan, console: Console | None) -> ScanReport:
-    """Scan in workers; with a console, each file's lines print as it is judged, in the
+def _run_fleet(plan: Plan, *, show_lines: bool) -> ScanReport:
+    """Scan in workers; with ``show_lines``, each file's lines print as it is judged, in the
     order the files were named."""
     files = []
-    for record in _fleet.records(plan):
-        file = file_report(record)
+    for record in _many_files.records(plan):
+        file = _many_files.file_report(record)
         files.append(file)
-        if console is not None:
-            show_file(console, file)
+        if show_lines:
+            _console.write(file_lines(file))
     return ScanReport(worst([f.verdict for f in files]), tuple(files))
 
 
-def show(console: Console, report: ScanReport) -> None:
+def report_lines(report: ScanReport) -> Iterator[list[Segment]]:
     """One line per file, then each finding above info: where, what, how it is used, the fix."""
     for file in report.files:
-        show_file(console, file)
-    show_verdict(console, report)
+        yield from file_lines(file)
+    yield from verdict_lines(report)
 
 
-def show_file(console: Console, file: FileReport) -> None:
+def file_lines(file: FileReport) -> Iterator[list[Segment]]:
     style = _VERDICT_STYLE.get(file.verdict, "")
-    console.print(
-        f"[{style}]{file.verdict.upper():10}[/{style}] {file.path} [dim]({file.format})[/dim]",
-        highlight=False,
-    )
+    yield [
+        (f"{file.verdict.upper():10}", style),
+        (f" {file.path} ", ""),
+        (f"({file.format})", "dim"),
+    ]
     for finding in file.findings:
         if finding.severity is Severity.INFO:
             continue
@@ -128,22 +130,22 @@ def show_file(console: Console, file: FileReport) -> None:
         if finding.offset is not None:
             where += f" @{finding.offset} {finding.opcode}"
         used = f" {finding.global_name} ({finding.usage})" if finding.global_name else ""
-        sev = _STYLE.get(finding.severity, "")
-        console.print(
-            f"  [{sev}]{finding.severity.value:8}[/{sev}] {finding.rule}  {where}{used}",
-            highlight=False,
-        )
-        console.print(f"           {finding.message}", highlight=False, markup=False)
+        yield [
+            ("  ", ""),
+            (f"{finding.severity.value:8}", _STYLE.get(finding.severity, "")),
+            (f" {finding.rule}  {where}{used}", ""),
+        ]
+        yield [(f"           {finding.message}", "")]
         if finding.fix:
-            console.print(f"           [dim]fix: {finding.fix}[/dim]", highlight=False)
+            yield [("           ", ""), (f"fix: {finding.fix}", "dim")]
 
 
-def show_verdict(console: Console, report: ScanReport) -> None:
+def verdict_lines(report: ScanReport) -> Iterator[list[Segment]]:
     """The closing line of a scan of several files: the worst verdict and the counts."""
     if len(report.files) > 1:
         counts = {v: sum(f.verdict == v for f in report.files) for v in _VERDICT_STYLE}
         summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
-        console.print(f"verdict: {report.verdict} ({summary})")
+        yield [(f"verdict: {report.verdict} ({summary})", "")]
 
 
 def to_sarif(report: ScanReport) -> dict[str, Any]:

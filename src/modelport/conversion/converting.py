@@ -115,8 +115,9 @@ def convert(
             model, options, structure.plain, nested=structure.tree is not None
         )
         flat = structure.tree is None
+        chosen, unpacked = selecting.dequantized(model, chosen, options) if flat else (chosen, [])
         named, notes = selecting.rename(chosen, options, model) if flat else (chosen, [])
-        notes.extend(structure.notes)
+        notes.extend([*unpacked, *structure.notes])
         outputs = _outputs(named, options, writer)
         _check_holds(outputs, writer)
         outputs, aliases = _dedupe(outputs, writer, options.materialize_ties)
@@ -246,6 +247,12 @@ def _plan(
 GGUF_TYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "q8_0": "Q8_0"}
 
 
+def gguf_type_name(text: str) -> str:
+    """--gguf-type's own spelling of a type written as any dtype alias (fp16, half -> f16)."""
+    by_dtype = {dtype: name for name, dtype in GGUF_TYPES.items()}
+    return by_dtype.get(dtypes.canonical_name(text), text.strip().lower())
+
+
 def _outputs(
     named: dict[str, TensorRef], options: ConvertOptions, writer: FormatReader
 ) -> list[OutputTensor]:
@@ -256,7 +263,7 @@ def _outputs(
     cast = options.dtype
     if cast is not None and cast not in CASTS:
         raise UsageError(f"--dtype must be one of {', '.join(CASTS)}")
-    gguf = GGUF_TYPES.get(options.gguf_type or "")
+    gguf = GGUF_TYPES.get(gguf_type_name(options.gguf_type or ""))
     if options.gguf_type and (gguf is None or writer.format.value != "gguf"):
         raise UsageError(f"--gguf-type takes {', '.join(GGUF_TYPES)} and needs a GGUF target")
     outputs = []

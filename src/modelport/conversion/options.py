@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from modelport import dtypes
+
 
 @dataclass(frozen=True)
 class ConvertOptions:
     to: str | None = None
     dtype: str | None = None
     gguf_type: str | None = None  # f32 | f16 | bf16 | q8_0, for GGUF targets
-    dequantize: bool = False  # GGML block-quantized sources become float32 (or --dtype)
+    dequantize: bool = False  # GGML blocks and MLX-quantized layers become float32 (or --dtype)
     sha256: bool = False  # record the source's full sha256 in the provenance (a full read)
     extract: str | None = None
     take_all: bool = False
@@ -28,3 +30,7 @@ class ConvertOptions:
     allow_unsafe: bool = False
     shard_size: int | str | None = None  # --to hf: bytes per shard (default 5GB)
     drop_unrepresentable: bool = False  # --all: leave out values that are not plain data
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None:  # fp16, half, bf16 ...: one spelling from here on
+            object.__setattr__(self, "dtype", dtypes.canonical_name(self.dtype))

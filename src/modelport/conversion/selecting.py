@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelport.errors import ConversionError, UsageError
 from modelport.tensors import TensorRef
+from modelport.tree import dequantizing, quantization
 from modelport.tree import names as trees
 
 if TYPE_CHECKING:
@@ -64,6 +65,34 @@ def select(
     if not chosen:
         raise ConversionError("nothing to convert: the selection holds no tensors")
     return chosen, selection, list(left_out)
+
+
+def dequantized(
+    model: Any, chosen: dict[str, TensorRef], options: ConvertOptions
+) -> tuple[dict[str, TensorRef], list[str]]:
+    """With ``--dequantize``, each MLX-quantized layer's weight as float values under its
+    own name, its scales and biases left out; other quantized layers are copied packed, and
+    the notes say so."""
+    found = model.quantized(chosen)
+    if not found.layers:
+        return chosen, []
+    if not options.dequantize:
+        hint = (
+            "; --dequantize unpacks MLX's" if any(la.scheme == "mlx" for la in found.layers) else ""
+        )
+        return chosen, [f"copied {quantization.describe(found.summary() or {})} packed{hint}"]
+    result, unpacked = dequantizing.dequantized(chosen, found)
+    notes = []
+    if unpacked:
+        notes.append(
+            f"dequantized {len(unpacked)} MLX layers into float weights (scales and biases "
+            "folded in): a config.json 'quantization' entry no longer applies to them"
+        )
+    packed = [layer for layer in found.layers if layer not in unpacked]
+    if packed:
+        kinds = ", ".join(sorted({quantization.NAMES.get(la.scheme, la.scheme) for la in packed}))
+        notes.append(f"copied {len(packed)} {kinds} layers packed: --dequantize unpacks MLX's")
+    return result, notes
 
 
 def lookup(tree: Any, dotted: str) -> Any:

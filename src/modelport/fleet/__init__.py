@@ -6,8 +6,10 @@ The work unit is one path. ``inputs`` expands the paths, folders and lists a use
 into inputs (and picks this machine's shard); ``journal`` is the JSONL output (locked,
 appended to, synced in batches, a cut last line repaired); ``pool`` keeps ``--jobs``
 worker processes (``worker``, running ``tasks``) busy and turns a worker that dies or
-overruns into that file's record; ``running`` ties them together and resumes; ``summary``
-rebuilds a command's summary from a JSONL file. ``records`` is the record and its schema.
+overruns into that file's record; ``dask_runner`` sends the same tasks to a Dask cluster
+instead (``--scheduler``); ``dedupe`` judges the same bytes under the same name once
+(``--dedupe``); ``running`` ties them together and resumes; ``summary`` rebuilds a
+command's summary from a JSONL file. ``records`` is the record and its schema.
 
 Imports comparing, loading, scanning, formats and below; only ``cli`` imports it.
 """

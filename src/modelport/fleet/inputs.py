@@ -28,8 +28,9 @@ from typing import Any
 
 from modelport import limits
 from modelport.errors import UsageError
-from modelport.formats import dcp, hf_dir
+from modelport.formats import dcp
 from modelport.formats.protocol import Probe
+from modelport.formats.registry import FOLDER_READERS
 from modelport.pickles.symbols import Severity
 from modelport.scanning import walking
 from modelport.scanning.findings import FileReport, Finding
@@ -159,6 +160,6 @@ def _model_folders(root: Path) -> Iterator[Expanded]:
 def _is_model_folder(path: Path) -> bool:
     try:
         probe = Probe.of(path)
-        return dcp.READER.sniff(probe) or hf_dir.READER.sniff(probe)
+        return any(reader.sniff(probe) for reader in FOLDER_READERS)
     except (OSError, ValueError):
         return False

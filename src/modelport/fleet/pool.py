@@ -79,11 +79,14 @@ class _Worker:
 
 class Pool:
     """Runs tasks on up to ``jobs`` workers; ``results`` yields each task's outcome once,
-    in the order they finish, with the pid of the worker that answered."""
+    in the order they finish, with the pid of the worker that answered. The workers leave
+    when ``results`` ends, unless the pool is ``resident``: then idle workers wait for the
+    next call (a Dask worker's batches share one) until ``close``."""
 
-    def __init__(self, jobs: int, budget: Budget) -> None:
+    def __init__(self, jobs: int, budget: Budget, *, resident: bool = False) -> None:
         self.jobs = max(1, jobs)
         self.budget = budget
+        self.resident = resident
         self._selector = selectors.DefaultSelector()
         self._workers: list[_Worker] = []
         self._pending: deque[Task] = deque()
@@ -100,13 +103,22 @@ class Pool:
                     yield from self._read(key.data[0], key.data[1])
                 yield from self._expire()
         finally:
-            for worker in self._workers:  # idle ones leave together, busy ones are killed
-                if not worker.queue and worker.process.stdin is not None:
-                    with contextlib.suppress(OSError):
-                        worker.process.stdin.close()
-            for worker in list(self._workers):
-                self._stop(worker)
-            self._selector.close()
+            if self.resident:  # cut short: busy workers are killed, the rest stay
+                for worker in [w for w in self._workers if w.queue]:
+                    self._stop(worker)
+                self._pending.clear()
+            else:
+                self.close()
+
+    def close(self) -> None:
+        """Stop every worker: idle ones leave together, busy ones are killed."""
+        for worker in self._workers:
+            if not worker.queue and worker.process.stdin is not None:
+                with contextlib.suppress(OSError):
+                    worker.process.stdin.close()
+        for worker in list(self._workers):
+            self._stop(worker)
+        self._selector.close()
 
     # -- workers ------------------------------------------------------------------------------
 

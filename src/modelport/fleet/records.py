@@ -134,7 +134,10 @@ class Record:
     is the command's own JSON for the file: ``FileReport.to_json()`` for scan,
     ``HashReport.to_json()`` for hash, ``InspectReport.to_json()`` for inspect. ``options``
     holds what changes the result besides the file (``--allow-unsafe``, a folder scan's
-    context); ``index`` is the input's place in the run's list, which orders the summary."""
+    context); ``index`` is the input's place in the run's list, which orders the summary.
+    ``sha256`` is the file's content digest where the run computed one (``--dedupe``), and
+    ``deduplicated_from`` the path whose result this record copies (the same bytes under the
+    same name, judged once)."""
 
     command: str
     path: str
@@ -153,9 +156,12 @@ class Record:
     modelport_version: str = __version__
     rules_version: str = RULES_VERSION
     schema: int = SCHEMA_VERSION
+    sha256: str | None = None
+    deduplicated_from: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         identity = self.identity
+        optional = {"sha256": self.sha256, "deduplicated_from": self.deduplicated_from}
         return {
             "schema": self.schema,
             "command": self.command,
@@ -179,6 +185,7 @@ class Record:
             "budget": {"timeout_s": self.budget.timeout_s, "max_memory": self.budget.max_memory},
             "warnings": list(self.warnings),
             "result": self.result,
+            **{key: value for key, value in optional.items() if value is not None},
         }
 
     def line(self) -> bytes:
@@ -210,6 +217,8 @@ class Record:
             modelport_version=str(data["modelport_version"]),
             rules_version=str(data["rules_version"]),
             schema=int(data["schema"]),
+            sha256=_optional_text(data.get("sha256")),
+            deduplicated_from=_optional_text(data.get("deduplicated_from")),
         )
 
     def answers(
@@ -238,6 +247,10 @@ def plain(value: Any) -> Any:
     """``value`` as JSON would give it back (tuples as lists, keys as strings), so that options
     compare equal to the ones read from an earlier run's records."""
     return json.loads(json.dumps(value))
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _status(value: Any) -> Status:

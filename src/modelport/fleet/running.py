@@ -6,6 +6,10 @@ Resuming is matching: an input whose latest record in the output has the same pa
 options and identity (size, mtime, device, inode), from this modelport and these rules, is
 not read again (``Record.answers``; a timeout or an out-of-memory death is retried under a
 larger budget). Everything else runs, and its new record supersedes the old one.
+
+The files run on this machine's worker processes (``pool``) or, with a scheduler, on a Dask
+cluster (``dask_runner``); with ``dedupe``, a file with the bytes and name of one before it
+in the run is not run, and its record copies that one's (``dedupe``).
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from modelport.fleet.dask_runner import DaskRunner
+from modelport.fleet.dedupe import Groups, copied
 from modelport.fleet.inputs import Input
 from modelport.fleet.journal import Journal, latest
 from modelport.fleet.pool import Pool, Task
@@ -27,7 +33,8 @@ from modelport.fleet.records import TIMED_OUT, Budget, Identity, Outcome, Record
 @dataclass(frozen=True)
 class Plan:
     """What a run does: ``command`` with ``options`` on ``inputs`` (this shard's), on
-    ``jobs`` workers within ``budget``, recording to ``jsonl`` when given."""
+    ``jobs`` workers (or the Dask cluster at ``scheduler``) within ``budget``, recording to
+    ``jsonl`` when given; ``dedupe`` judges the same bytes under the same name once."""
 
     command: str
     inputs: tuple[Input, ...]
@@ -35,15 +42,25 @@ class Plan:
     options: dict[str, Any] = field(default_factory=dict)
     jobs: int = 1
     jsonl: Path | None = None
+    scheduler: str | None = None
+    dedupe: bool = False
+
+
+class Executor(Protocol):
+    """Where files run: ``Pool`` (this machine) or ``DaskRunner`` (a cluster)."""
+
+    def results(self, tasks: Iterable[Task]) -> Iterator[tuple[Task, Outcome, int]]: ...
 
 
 @dataclass
 class Tally:
     """What a run did, for its closing line: records taken over from the output, files
-    processed now, and what opening the output repaired."""
+    processed now (of them, copied from a file with the same bytes), and what opening the
+    output repaired."""
 
     reused: int = 0
     processed: int = 0
+    deduplicated: int = 0
     cut_bytes: int = 0
     skipped_lines: int = 0
 
@@ -51,6 +68,9 @@ class Tally:
 def run(plan: Plan, tally: Tally | None = None) -> Iterator[Record]:
     """Every input's record, in the order of ``plan.inputs``."""
     tally = tally if tally is not None else Tally()
+    executor: Executor | None = None
+    if plan.scheduler is not None:  # a missing extra or a bad address: before any output
+        executor = DaskRunner(plan.scheduler, plan.budget)
     with contextlib.ExitStack() as stack:
         journal = stack.enter_context(Journal(plan.jsonl)) if plan.jsonl else None
         earlier: dict[str, Record] = {}
@@ -75,12 +95,20 @@ def run(plan: Plan, tally: Tally | None = None) -> Iterator[Record]:
             else:
                 tasks.append(Task(position, plan.command, item.path, options))
                 identities[position] = identity
-        pool = Pool(min(plan.jobs, len(tasks)), plan.budget)
-        for task, outcome, pid in pool.results(tasks):
+        groups = Groups.of(tasks, plan.jobs) if plan.dedupe else Groups.none(tasks)
+        if executor is None:
+            executor = Pool(min(plan.jobs, len(groups.leaders)), plan.budget)
+        for task, outcome, pid in executor.results(groups.leaders):
             if outcome.identity is None:  # the worker never answered: what the run saw
                 outcome = replace(outcome, identity=identities[task.key])
             record = _record(plan, plan.inputs[task.key], task.options, outcome, pid)
+            record = replace(record, sha256=groups.sha256(task.key))
             yield from order.put(task.key, _written(journal, record, tally))
+            for follower in groups.followers.get(task.key, ()):
+                content = groups.contents[follower.key]
+                twin = copied(record, plan.inputs[follower.key], content, groups.contents[task.key])
+                tally.deduplicated += 1
+                yield from order.put(follower.key, _written(journal, twin, tally))
 
 
 def _written(journal: Journal | None, record: Record, tally: Tally) -> Record:

@@ -9,13 +9,14 @@ from modelport.formats.file_formats import FILE_READERS
 from modelport.formats.protocol import FormatReader, Probe
 from modelport.formats.sniffing import identify
 
-READERS: tuple[FormatReader, ...] = (
-    *FILE_READERS,
+# Folders that are one model: read, hashed and inspected as a whole.
+FOLDER_READERS: tuple[FormatReader, ...] = (
     dcp.READER,  # directories holding a torch.distributed.checkpoint .metadata
     hf_dir.READER,  # directories with config.json + weights, or a *.index.json
     tf_savedmodel.READER,  # directories with a saved_model.pb
     tf_bundle.FOLDER_READER,  # directories holding TensorFlow checkpoints (<prefix>.index)
 )
+READERS: tuple[FormatReader, ...] = (*FILE_READERS, *FOLDER_READERS)
 
 
 def detect(path: Path | str) -> tuple[FormatReader, Probe, list[str]]:

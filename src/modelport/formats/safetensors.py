@@ -40,15 +40,23 @@ METADATA_KEY = "__metadata__"
 
 
 def sniff(probe: Probe) -> bool:
-    if probe.is_dir or len(probe.head) < 10:
+    if probe.is_dir or len(probe.head) < 9:
         return False
     (length,) = struct.unpack("<Q", probe.head[:8])
+    if 2 <= length <= limits.MAX_SAFETENSORS_HEADER and probe.size < 8 + length:
+        return _opens_json_object(probe.head[8:])  # cut inside its header: read says so
     start = probe.head[8:10].lstrip(b" ")[:1]
     return (
         2 <= length <= limits.MAX_SAFETENSORS_HEADER
         and start == b"{"
         and _header_looks_like_json(probe.head[8:])
     )
+
+
+def _opens_json_object(text: bytes) -> bool:
+    """``{`` then a key's quote or the closing brace, or nothing more: the start of a header."""
+    stripped = text.lstrip(b" ")
+    return stripped[:1] == b"{" and stripped[1:].lstrip(b" \t\r\n")[:1] in (b'"', b"}", b"")
 
 
 def _header_looks_like_json(text: bytes) -> bool:

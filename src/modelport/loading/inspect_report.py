@@ -27,8 +27,10 @@ class TensorSummary:
 @dataclass(frozen=True)
 class InspectReport:
     """What is in a model file. ``parameters`` counts the elements of every listed name (a
-    tied tensor counts under each of its names, as ``state_dict`` lists it);
-    ``bytes_by_dtype`` counts what is stored, so a tied tensor counts once."""
+    tied tensor counts under each of its names, as ``state_dict`` lists it), a quantized
+    layer's logical weight for its packed parts (``quantization``: scheme, bits, group size,
+    its layers; None when nothing is quantized); ``bytes_by_dtype`` counts what is stored, so
+    a tied tensor counts once."""
 
     path: str
     format: str
@@ -46,6 +48,7 @@ class InspectReport:
     code_files: tuple[str, ...]
     safety: dict[str, Any]  # the scanner's verdict and findings above info
     bytes_by_dtype: dict[str, int]
+    quantization: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -53,6 +56,7 @@ class InspectReport:
             "format": self.format,
             "size_bytes": self.size_bytes,
             "parameters": self.parameters,
+            "quantization": self.quantization,
             "tensor_count": len(self.tensors),
             "bytes_by_dtype": self.bytes_by_dtype,
             "metadata": self.metadata,

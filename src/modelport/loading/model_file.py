@@ -1,13 +1,14 @@
 """The Python API: ``open``, ``inspect`` and ``load``, the same verbs the CLI offers.
 
-``open`` detects the format by content and reads headers only; ``inspect`` freezes that into
-a report; ``load`` hands back the model weights as torch tensors. None of them executes
+``open`` detects the format by content and reads headers only, and offers ``safe_open``'s
+interface (``keys``, ``get_tensor``, ``get_slice``, ``metadata()``) for every format;
+``inspect`` freezes that into a report; ``load`` hands back the model weights as torch
+tensors, placed as ``torch.load``'s ``map_location`` places them. None of them executes
 anything stored in the file.
 """
 
 from __future__ import annotations
 
-import builtins
 import difflib
 import logging
 import warnings
@@ -16,17 +17,25 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from modelport import dtypes
-from modelport.errors import SuspiciousModelWarning, TensorNotFoundError, UnsafeModelError
+from modelport.errors import (
+    SuspiciousModelWarning,
+    TensorNotFoundError,
+    UnsafeModelError,
+    UsageError,
+)
 from modelport.formats.protocol import Contents, Format
 from modelport.formats.registry import detect
+from modelport.loading import file_access
+from modelport.loading.file_access import FileMetadata, TensorSlice
 from modelport.loading.inspect_report import InspectReport, TensorSummary
+from modelport.loading.placement import CPU, MapLocation, Placement
 from modelport.pickles import modules
 from modelport.pickles.records import ObjectRecord
 from modelport.scanning.findings import ScanReport
 from modelport.scanning.scanner import scan
-from modelport.tensors import TensorRef, contiguous_strides
+from modelport.tensors import TensorRef
 from modelport.tree import names as trees
+from modelport.tree import quantization
 from modelport.tree import weights as weight_rule
 
 if TYPE_CHECKING:
@@ -40,23 +49,66 @@ class ModelFile:
     """An opened model file: format, metadata, tree and lazily readable tensors.
 
     Use it as a context manager; ``tensors`` maps each name to a ``TensorRef`` whose
-    ``numpy()`` is a zero-copy view of the file.
+    ``numpy()`` is a zero-copy view of the file. ``keys``, ``get_tensor``, ``get_slice`` and
+    ``metadata()`` behave as ``safetensors.safe_open``'s do, in the ``framework`` it was
+    opened with, whatever the format.
     """
 
-    def __init__(self, path: Path, contents: Contents, size: int, warnings: list[str]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        contents: Contents,
+        size: int,
+        warnings: list[str],
+        *,
+        framework: str = "np",
+        device: str = CPU,
+    ) -> None:
         self.path = path
         self._contents = contents
         self.size_bytes = size
         self.warnings = warnings + contents.warnings
         self.tensors: Mapping[str, TensorRef] = trees.tensors_of(contents.tree)
+        self._framework = file_access.framework_of(framework)
+        self._device = device
+        self._metadata = FileMetadata(contents.metadata)
+        self._weights: dict[str, TensorRef] | None = None
 
     @property
     def format(self) -> Format:
         return self._contents.format
 
     @property
-    def metadata(self) -> dict[str, Any]:
-        return self._contents.metadata
+    def metadata(self) -> FileMetadata:
+        """The file's metadata; a dict that ``metadata()`` also reads, as ``safe_open``'s."""
+        return self._metadata
+
+    def keys(self) -> list[str]:
+        """Every tensor in the file, named as ``inspect --tensors`` names them."""
+        return list(self.tensors)
+
+    def get_tensor(self, name: str, *, dequantize: bool = False) -> Any:
+        """The tensor ``name`` (a numpy array, or a torch tensor for ``framework="pt"``).
+
+        Names are those of ``keys()``, or those ``load`` gives the same tensors (a
+        checkpoint's weights without their ``state_dict.`` key). GGML block-quantized tensors
+        need ``dequantize=True`` (float32, by gguf-py's reference dequantizer)."""
+        ref = self._find(name)
+        return file_access.tensor_value(
+            ref, self._framework, self._device, dequantize_blocks=dequantize
+        )
+
+    def get_slice(self, name: str) -> TensorSlice:
+        """The tensor ``name``, read only where indexed: ``get_slice(name)[0:2, :]``."""
+        return TensorSlice(name, self._find(name), self._framework, self._device)
+
+    def _find(self, name: str) -> TensorRef:
+        found = self.tensors.get(name)
+        if found is not None:
+            return found
+        if self._weights is None:
+            self._weights = self.weights().tensors
+        return self._weights.get(name) or self.tensor(name)
 
     @property
     def tree(self) -> Any:
@@ -85,6 +137,11 @@ class ModelFile:
     def weights(self, *, ema: bool = False) -> weight_rule.WeightSelection:
         """The model weights, by the rule ``load`` and ``convert`` share."""
         return weight_rule.select_weights(self.tree, ema=ema)
+
+    def quantized(self, tensors: Mapping[str, TensorRef]) -> quantization.Quantization:
+        """The quantized layers among ``tensors`` (the weights, or a selection of them), as
+        their names, dtypes and shapes and the ``config.json`` beside the file tell."""
+        return quantization.recognise(tensors, quantization.config_beside(self.path))
 
     def module_tree(self) -> dict[str, Any] | None:
         """Class paths of a pickled module and its submodules, if the file holds one."""
@@ -126,12 +183,16 @@ class ModelFile:
         return f"<ModelFile {self.path.name} {self.format} {len(self.tensors)} tensors>"
 
 
-def open(path: str | Path) -> ModelFile:
-    """Open a model file or directory by content; reads headers and pickles, no tensor data."""
+def open(path: str | Path, framework: str = "np", device: str = CPU) -> ModelFile:
+    """Open a model file or directory by content; reads headers and pickles, no tensor data.
+
+    ``framework`` (``"np"`` or ``"pt"``) and ``device`` say what ``get_tensor`` and
+    ``get_slice`` give, as for ``safetensors.safe_open``."""
+    file_access.framework_of(framework)  # refused before anything is read
     reader, probe, warnings = detect(path)
     contents = reader.contents(probe)
     size = probe.size if not probe.is_dir else _directory_size(probe.path)
-    return ModelFile(probe.path, contents, size, warnings)
+    return ModelFile(probe.path, contents, size, warnings, framework=framework, device=device)
 
 
 def _directory_size(path: Path) -> int:
@@ -142,15 +203,16 @@ def inspect(path: str | Path) -> InspectReport:
     """A frozen summary of a model file: format, tensors, parameters, metadata, extras."""
     with open(path) as model:
         selection = model.weights()
+        quantized = model.quantized(selection.tensors)
         tensors = tuple(
-            TensorSummary(name, t.dtype, t.shape, t.nbytes, t.note)
+            TensorSummary(name, t.dtype, t.shape, t.nbytes, t.note or quantized.note_for(name))
             for name, t in model.tensors.items()
         )
         return InspectReport(
             path=str(model.path),
             format=model.format.value,
             size_bytes=model.size_bytes,
-            parameters=trees.parameter_count(selection.tensors),
+            parameters=quantized.parameter_count(selection.tensors),
             tensors=tensors,
             metadata=dict(model.metadata),
             extras=trees.extras(model.tree)
@@ -165,6 +227,7 @@ def inspect(path: str | Path) -> InspectReport:
             code_files=tuple(model.code),
             safety=_safety(model.path),
             bytes_by_dtype=trees.stored_bytes_by_dtype(dict(model.tensors)),
+            quantization=quantized.summary(),
         )
 
 
@@ -180,25 +243,57 @@ def _all_tensors(tree: dict[Any, Any]) -> bool:
 
 
 def load(
-    path: str | Path, device: str = "cpu", *, ema: bool = False, allow_unsafe: bool = False
+    path: str | Path,
+    map_location: MapLocation = None,
+    *,
+    strip_prefix: str | None = None,
+    dequantize: bool = False,
+    ema: bool = False,
+    allow_unsafe: bool = False,
+    device: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """The model weights as torch tensors, from any readable format, executing nothing.
 
     Checkpoints are unwrapped and pickled modules give their state_dict (see
     ``tree.weights.select_weights``). Tensors that shared storage in the file share it here too.
-    The file is scanned first: an ``unsafe`` verdict raises ``UnsafeModelError`` unless
-    ``allow_unsafe``; a ``suspicious`` one warns (``SuspiciousModelWarning``).
+    ``map_location`` places them as ``torch.load``'s does (a device, a dict, a callable; the
+    CPU by default); ``device`` is the older spelling of a device there. ``strip_prefix``
+    removes a prefix from every name that carries it, or with ``"auto"`` the wrapper prefix
+    every name carries (DDP's ``module.``, ``torch.compile``'s ``_orig_mod.``), as
+    ``convert --strip-prefix`` does. ``dequantize`` turns GGML block-quantized tensors into
+    float32. The file is scanned first: an ``unsafe`` verdict raises ``UnsafeModelError``
+    unless ``allow_unsafe``; a ``suspicious`` one warns (``SuspiciousModelWarning``).
     """
+    if device is not None and map_location is not None:
+        raise UsageError(
+            "pass map_location or device, not both (device is map_location's old name)"
+        )
+    where = device if device is not None else map_location
     check_safety(path, allow_unsafe=allow_unsafe)
     with open(path) as model:
         selection = model.weights(ema=ema)
         if selection.note:
             log.info("%s: %s", model.path.name, selection.note)
-        shared: dict[int, Any] = {}
-        result: dict[str, torch.Tensor] = {}
-        for name, ref in selection.tensors.items():
-            result[name] = _to_torch(ref, device, shared)
-        return result
+        devices = model.details.get("devices")
+        saved = devices[0] if isinstance(devices, list) and len(devices) == 1 else CPU
+        placement = Placement(where, default_location=str(saved), dequantize=dequantize)
+        named = _stripped(selection.tensors, strip_prefix)
+        return {name: placement.tensor(ref) for name, ref in named.items()}
+
+
+def _stripped(tensors: dict[str, TensorRef], prefix: str | None) -> dict[str, TensorRef]:
+    """Names without ``prefix`` (``"auto"``: the wrapper prefix all of them carry, found by
+    the rule ``convert`` and ``diff`` use)."""
+    strip = trees.wrapper_prefix(tensors) if prefix == "auto" else prefix
+    if not strip:
+        return tensors
+    renamed: dict[str, TensorRef] = {}
+    for name, ref in tensors.items():
+        new = name.removeprefix(strip)
+        if new in renamed:
+            raise UsageError(f"stripping {strip!r} gives two tensors the name {new!r}")
+        renamed[new] = ref
+    return renamed
 
 
 def check_safety(path: str | Path, *, allow_unsafe: bool) -> None:
@@ -210,29 +305,3 @@ def check_safety(path: str | Path, *, allow_unsafe: bool) -> None:
         warnings.warn(
             f"{path}: {report.verdict}: {report.summary()}", SuspiciousModelWarning, stacklevel=3
         )
-
-
-def _to_torch(ref: TensorRef, device: str, shared: dict[int, Any]) -> torch.Tensor:
-    """One torch tensor; tensors over the same storage become views of one torch storage."""
-    import torch
-
-    storage = ref.storage
-    if (
-        storage is None
-        or ref.dtype.startswith(("q", "float4", "complex32"))
-        or dtypes.dtype(ref.dtype).block is not None  # GGML blocks: ref.torch() says why not
-        or ref.nbytes == 0
-    ):
-        return ref.torch(device)
-    key = id(storage)
-    if key not in shared:
-        raw = storage.bytes_view()
-        base = torch.from_numpy(raw) if raw.flags.writeable else torch.from_numpy(raw.copy())
-        shared[key] = base.to(device) if device != "cpu" else base
-    base = shared[key]
-    itemsize = builtins.max(1, torch.empty(0, dtype=getattr(torch, ref.dtype)).element_size())
-    usable = base.numel() - base.numel() % itemsize
-    typed = base[:usable].view(getattr(torch, ref.dtype))
-    strides = ref.strides or contiguous_strides(ref.shape)
-    view: torch.Tensor = typed.as_strided(ref.shape, strides, ref.element_offset)
-    return view

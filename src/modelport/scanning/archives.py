@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import tarfile
 import time
 import zlib
 from pathlib import Path
@@ -287,6 +286,8 @@ class ArchiveScanning(ScanState):
     def scan_tar_members(self) -> None:
         """Any other tar (NeMo's ``.nemo``, a packed model folder): every regular member is
         scanned by its content, zips in place, nothing extracted."""
+        import tarfile  # only for a tar: a scan of anything else leaves it unimported
+
         self.format = self.format if self.format != "unknown" else "tar"
         try:
             with tarfile.open(self.path, "r:") as archive:

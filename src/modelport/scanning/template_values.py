@@ -15,7 +15,6 @@ import functools
 import itertools
 import operator
 import re
-import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -385,6 +384,8 @@ def _str_format(text: Any, *args: Any) -> str:
     """``str.format`` with plain positional fields only: no attribute, index or spec."""
     if not isinstance(text, str):
         raise TypeError(text)
+    import string  # only for a template that formats a string
+
     for _, field, spec, conversion in string.Formatter().parse(text):
         if spec or conversion or (field and not field.isdigit()):
             raise ValueError(text)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import re
-import string
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, ClassVar
 
@@ -379,6 +378,8 @@ def _escapes(name: str) -> bool:
 
 def _format_attributes(text: str) -> Iterator[str]:
     """Attribute names ``str.format`` follows in the fields of a format string."""
+    import string  # only for a template that formats a string
+
     try:
         parsed = list(string.Formatter().parse(text))
     except ValueError:

@@ -103,9 +103,7 @@ def tensors_of(tree: Any) -> dict[str, TensorRef]:
 def _flat(tree: dict[Any, Any]) -> bool:
     """Every key a string, every value a TensorRef: a plain state_dict, the common case, is
     its own tensor listing, with no walk."""
-    return all(type(v) is TensorRef for v in tree.values()) and all(
-        type(k) is str for k in tree
-    )
+    return all(type(v) is TensorRef for v in tree.values()) and all(type(k) is str for k in tree)
 
 
 def _join(prefix: str, key: str) -> str:
