@@ -41,12 +41,14 @@ def identify(
     if probe.is_dir:
         raise UnknownFormatError(
             "directory holds no model modelport recognises (expected config.json with weights, "
-            "a *.index.json, or a torch.distributed.checkpoint .metadata)",
+            "a *.index.json, a torch.distributed.checkpoint .metadata, a saved_model.pb or a "
+            "TensorFlow checkpoint's .index)",
             path=path,
         )
     raise UnknownFormatError(
         f"unrecognised content (first bytes {probe.head[:16].hex(' ')}); "
-        "modelport reads safetensors, torch, pickle, numpy, ONNX, GGUF, HDF5, Keras and TFLite",
+        "modelport reads safetensors, torch, pickle, numpy, ONNX, GGUF and GGML, HDF5, Keras, "
+        "TFLite, ExecuTorch, TensorFlow checkpoints and SavedModels, and Flax msgpack",
         path=path,
     )
 
