@@ -71,10 +71,4 @@ def run(args: argparse.Namespace) -> int:
 def write(target: Path, text: str, *, overwrite: bool) -> None:
     """Written beside the target and moved into place; an existing card is replaced only
     with ``overwrite``, even one that appeared while this one was being written."""
-    temporary = placing.sibling(target, "tmp")
-    try:
-        with placing.refused_writes(target):
-            temporary.write_text(text, encoding="utf-8")
-        placing.install_file(temporary, target, overwrite=overwrite)
-    finally:
-        placing.discard(temporary)
+    placing.install_bytes(target, text.encode("utf-8"), overwrite=overwrite)

@@ -58,12 +58,7 @@ def register(commands: Any) -> None:
 def _write(target: Path, page: str, *, overwrite: bool) -> None:
     """Written beside the target and moved into place, so a reader never sees half a page;
     UTF-8 whatever the locale (a name that is no valid Unicode shows a replacement mark)."""
-    temporary = placing.sibling(target, "tmp")
-    try:
-        temporary.write_bytes(page.encode("utf-8", "replace"))
-        placing.install_file(temporary, target, overwrite=overwrite)
-    finally:
-        temporary.unlink(missing_ok=True)
+    placing.install_bytes(target, page.encode("utf-8", "replace"), overwrite=overwrite)
 
 
 def _positive(text: str) -> int:

@@ -213,11 +213,18 @@ def check_side_output(path: Path, outputs: tuple[Path, ...], overwrite: bool) ->
 
 
 def write_text(path: Path, text: str) -> None:
-    """A small text file written beside ``path`` and renamed into place."""
-    temporary = sibling(path, "tmp")
+    """A small text file (a report) written beside ``path`` and renamed over it."""
+    install_bytes(path, text.encode("utf-8", "replace"), overwrite=True)
+
+
+def install_bytes(target: Path, data: bytes, *, overwrite: bool) -> None:
+    """A small output written whole beside ``target``, then put in its place as
+    ``install_file`` does: a reader never sees half of it, and without ``overwrite`` a file
+    that appeared meanwhile is kept."""
+    temporary = sibling(target, "tmp")
     try:
-        with refused_writes(path):
-            temporary.write_text(text)
-            temporary.replace(path)
+        with refused_writes(target):
+            temporary.write_bytes(data)
+            install_file(temporary, target, overwrite=overwrite)
     finally:
         discard(temporary)
