@@ -32,7 +32,7 @@ from modelport.loading.placement import CPU, MapLocation, Placement
 from modelport.pickles import modules
 from modelport.pickles.records import ObjectRecord
 from modelport.scanning.findings import ScanReport
-from modelport.scanning.scanner import scan
+from modelport.scanning.scanner import scan, scan_file
 from modelport.tensors import TensorRef
 from modelport.tree import names as trees
 from modelport.tree import quantization
@@ -225,15 +225,20 @@ def inspect(path: str | Path) -> InspectReport:
             weights_source=selection.source,
             weights_note=selection.note,
             code_files=tuple(model.code),
-            safety=_safety(model.path),
+            safety=_safety(model),
             bytes_by_dtype=trees.stored_bytes_by_dtype(dict(model.tensors)),
             quantization=quantized.summary(),
         )
 
 
-def _safety(path: Path) -> dict[str, Any]:
-    """The scanner's verdict, shown beside the contents: inspect never refuses a file."""
-    report = scan(path)
+def _safety(model: ModelFile) -> dict[str, Any]:
+    """The scanner's verdict, shown beside the contents: inspect never refuses a file. The
+    scan of a single file reuses what the reader gave, instead of reading it again."""
+    if model.path.is_dir():
+        report = scan(model.path)
+    else:
+        judged = scan_file(model.path, read=model._contents)
+        report = ScanReport(judged.verdict, (judged,))
     findings = [f.to_json() for f in report.serious]
     return {"verdict": report.verdict, "findings": findings}
 

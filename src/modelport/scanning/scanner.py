@@ -106,13 +106,19 @@ def scan(*paths: str | Path) -> ScanReport:
 
 
 def scan_file(
-    path: Path, segments: list[tuple[int, int]] | None = None, *, in_folder: bool = False
+    path: Path,
+    segments: list[tuple[int, int]] | None = None,
+    *,
+    in_folder: bool = False,
+    read: Contents | None = None,
 ) -> FileReport:
     """One file's verdict; errors while reading become an ``error`` verdict, not a crash.
     ``segments`` lists (offset, length) of zips stored back to back (DCP ``.distcp`` files);
     ``in_folder``: met in a folder scan, where a model's companion files (README, tokenizer
-    data) leave the verdict alone instead of being an error as files that are no model."""
-    scanner = _FileScanner(path, segments, in_folder=in_folder)
+    data) leave the verdict alone instead of being an error as files that are no model.
+    ``read``: what the file's reader already gave (``inspect`` has it), so a code-free
+    format's header, a million tensors perhaps, is not read twice."""
+    scanner = _FileScanner(path, segments, in_folder=in_folder, read=read)
     try:
         scanner.run()
     except ModelportError as exc:
@@ -152,6 +158,7 @@ class _FileScanner(ArchiveScanning, StreamScanning):
     path: Path
     segments: list[tuple[int, int]] | None = None
     in_folder: bool = False
+    read: Contents | None = None
     format: str = "unknown"
     findings: list[Finding] = field(default_factory=list)
     data: memoryview = field(default_factory=lambda: memoryview(b""))
@@ -417,6 +424,9 @@ class _FileScanner(ArchiveScanning, StreamScanning):
                 continue
             if self.format in ("unknown", "zip"):
                 self.format = reader.format.value
+            if self.read is not None and self.read.format is reader.format:
+                self._judge_contents(self.read)
+                return reader.format.value
             try:
                 contents = reader.contents(probe)
             except EscapingReferenceError as exc:
@@ -425,14 +435,17 @@ class _FileScanner(ArchiveScanning, StreamScanning):
             except ModelportError as exc:
                 self.error(f"damaged or not a {reader.format} file: {exc}", "")
                 return reader.format.value
-            self.findings.extend(content_checks.findings(contents))
-            self.data_files = tuple(str(n) for n in contents.details.get("external_data") or ())
-            for document in _configs_of(contents):
-                self.scan_embedded(document, "")
+            self._judge_contents(contents)
             if contents.close is not None:
                 contents.close()
             return reader.format.value
         return None
+
+    def _judge_contents(self, contents: Contents) -> None:
+        self.findings.extend(content_checks.findings(contents))
+        self.data_files = tuple(str(n) for n in contents.details.get("external_data") or ())
+        for document in _configs_of(contents):
+            self.scan_embedded(document, "")
 
 
 _SNIFF = 1 << 16
