@@ -131,6 +131,8 @@ def show_summary(console: Console, report: InspectReport) -> None:
     table.add_row("parameters", f"{report.parameters:,}")
     if report.quantization:
         table.add_row("quantization", quantization.describe(report.quantization))
+    if report.weights_only is not None:
+        table.add_row("weights_only=True", _weights_only_text(report.weights_only))
     dtype_text = ", ".join(f"{d} {human_bytes(n)}" for d, n in report.bytes_by_dtype.items())
     table.add_row("bytes by dtype", dtype_text or "-")
     if report.weights_note:
@@ -217,3 +219,13 @@ def _detail(value: Any) -> str:
 def _short(value: Any, limit: int = 120) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=json_default)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _weights_only_text(answer: dict[str, Any]) -> str:
+    """What ``torch.load(weights_only=True)`` would do with the file, in one line."""
+    if answer["accepted"]:
+        return "torch.load loads it"
+    refused = ", ".join(r["global"] for r in answer["refused"])
+    if answer["add_safe_globals"] is None:
+        return f"torch.load refuses {refused}, and no add_safe_globals can admit it"
+    return f"torch.load refuses {refused}; torch.serialization.add_safe_globals admits them"

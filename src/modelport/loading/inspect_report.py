@@ -30,7 +30,9 @@ class InspectReport:
     tied tensor counts under each of its names, as ``state_dict`` lists it), a quantized
     layer's logical weight for its packed parts (``quantization``: scheme, bits, group size,
     its layers; None when nothing is quantized); ``bytes_by_dtype`` counts what is stored, so
-    a tied tensor counts once."""
+    a tied tensor counts once. ``weights_only`` (torch files only): whether
+    ``torch.load(weights_only=True)`` would load it, what it refuses, and the globals
+    ``torch.serialization.add_safe_globals`` would need (None when it cannot be admitted)."""
 
     path: str
     format: str
@@ -49,6 +51,7 @@ class InspectReport:
     safety: dict[str, Any]  # the scanner's verdict and findings above info
     bytes_by_dtype: dict[str, int]
     quantization: dict[str, Any] | None = None
+    weights_only: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,5 +71,6 @@ class InspectReport:
             "weights": {"source": self.weights_source, "note": self.weights_note},
             "code_files": list(self.code_files),
             "safety": self.safety,
+            "weights_only": self.weights_only,
             "tensors": [t.to_json() for t in self.tensors],
         }

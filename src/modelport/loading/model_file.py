@@ -25,7 +25,7 @@ from modelport.errors import (
 )
 from modelport.formats.protocol import Contents, Format
 from modelport.formats.registry import detect
-from modelport.loading import file_access
+from modelport.loading import file_access, weights_only
 from modelport.loading.file_access import FileMetadata, TensorSlice
 from modelport.loading.inspect_report import InspectReport, TensorSummary
 from modelport.loading.placement import CPU, MapLocation, Placement
@@ -228,7 +228,15 @@ def inspect(path: str | Path) -> InspectReport:
             safety=_safety(model),
             bytes_by_dtype=trees.stored_bytes_by_dtype(dict(model.tensors)),
             quantization=quantized.summary(),
+            weights_only=_weights_only(model),
         )
+
+
+def _weights_only(model: ModelFile) -> dict[str, Any] | None:
+    if model.format not in (Format.TORCH_ZIP, Format.TORCH_LEGACY):
+        return None
+    zipped = model.format is Format.TORCH_ZIP
+    return weights_only.answer(model.tree, model.path, torch_zip_file=zipped)
 
 
 def _safety(model: ModelFile) -> dict[str, Any]:

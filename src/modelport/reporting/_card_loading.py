@@ -2,7 +2,7 @@
 format, run from the folder the card names the file from, ending by binding one variable.
 
 Only what the file's content supports is offered: ``torch.load(..., weights_only=True)``
-when torch's weights-only unpickler would accept the file (``_card_torch_load``), numpy's
+when torch's weights-only unpickler would accept the file (``loading.weights_only``), numpy's
 loaders when no array is pickled, ``from_pretrained`` when a config names the class.
 Otherwise the card says what the reference loader would refuse and shows ``modelport.load``,
 which reads the tensors without running anything. Names from the file reach the code only
@@ -19,9 +19,9 @@ from typing import Any, Final
 
 from modelport.formats import _hf_folder
 from modelport.formats.protocol import Format
+from modelport.loading import weights_only
 from modelport.loading.model_file import ModelFile
 from modelport.pickles.numpy_types import NumpyArray
-from modelport.reporting import _card_torch_load
 from modelport.reporting._card_hub import MODEL_INDEX, HubConfig
 from modelport.tensors import TensorRef
 
@@ -83,14 +83,14 @@ def _modelport(subject: _Subject, notes: tuple[str, ...] = ()) -> LoadingCode:
 
 def _torch(subject: _Subject) -> LoadingCode:
     model = subject.model
-    refusals = _card_torch_load.weights_only_refusals(
+    refusals = weights_only.refusals(
         model.tree, model.path, torch_zip_file=model.format is Format.TORCH_ZIP
     )
     if refusals:
         return _modelport(subject, (_refusal_sentence(subject.name, refusals),))
     call = f'torch.load({subject.literal}, weights_only=True, map_location="cpu")'
     tree = model.tree
-    if _card_torch_load.all_tensors(tree):
+    if weights_only.all_tensors(tree):
         return LoadingCode(f"import torch\n\nstate_dict = {call}\n", "state_dict")
     source = model.weights().source
     if isinstance(tree, dict) and source and source in tree:
@@ -101,7 +101,7 @@ def _torch(subject: _Subject) -> LoadingCode:
     return LoadingCode(f"import torch\n\ncheckpoint = {call}\n", "checkpoint")
 
 
-def _refusal_sentence(name: str, refusals: list[_card_torch_load.Refusal]) -> str:
+def _refusal_sentence(name: str, refusals: list[weights_only.Refusal]) -> str:
     named = ", ".join(f"`{r.name}`" + (f" (at `{r.where}`)" if r.where else "") for r in refusals)
     return (
         f"`torch.load({json.dumps(name)}, weights_only=True)` would refuse this file: it "

@@ -28,9 +28,8 @@ from modelport.conversion.converting import ConvertReport
 from modelport.conversion.options import ConvertOptions
 from modelport.conversion.writing import sha256_of
 from modelport.errors import ModelportError, SuspiciousModelWarning, UsageError
-from modelport.loading import model_file
+from modelport.loading import model_file, weights_only
 from modelport.reporting import _card_markdown as md
-from modelport.reporting import _card_torch_load
 from modelport.reporting._card_hub import HubConfig, front_matter, hub_config, yaml_text
 from modelport.reporting._card_loading import LoadingCode, loading_code
 from modelport.reporting._card_modules import dtype_rows, module_lines
@@ -213,7 +212,7 @@ def _tensor_count(total: int, weights: int, note: str) -> str:
 
 def _extras(tree: Any) -> dict[str, Any]:
     """A checkpoint's values beside its tensors (a pickled module's tree is shown above)."""
-    if _card_torch_load.module_weights(tree) or _card_torch_load.all_tensors(tree):
+    if weights_only.module_weights(tree) or weights_only.all_tensors(tree):
         return {}
     found = trees.extras(tree)
     if isinstance(found, dict):

@@ -1,5 +1,6 @@
 """Would ``torch.load(path, weights_only=True)`` accept this file? Decided without torch and
-without running the file, from what modelport read of it.
+without running the file, from what modelport read of it (``inspect`` says it; the model
+card shows ``torch.load`` only where it would).
 
 torch's weights-only unpickler admits a fixed set of globals (containers, tensors and their
 rebuild functions, dtypes, devices, shapes; ``TORCH_WEIGHTS_ONLY`` below mirrors torch 2.x's
@@ -142,7 +143,7 @@ def accepted_by_torch(name: str) -> bool:
     return name in TORCH_WEIGHTS_ONLY or bool(_LEGACY_CLASSES.fullmatch(name))
 
 
-def weights_only_refusals(tree: Any, path: Path, *, torch_zip_file: bool) -> list[Refusal]:
+def refusals(tree: Any, path: Path, *, torch_zip_file: bool) -> list[Refusal]:
     """What ``torch.load(weights_only=True)`` would refuse in this file; empty when it would
     load it."""
     found = tree_refusals(tree)
@@ -150,6 +151,22 @@ def weights_only_refusals(tree: Any, path: Path, *, torch_zip_file: bool) -> lis
         named = {r.name for r in found}
         found += [Refusal(n) for n in pickle_refusals(path) if n not in named]
     return found[:_MAX_REFUSALS]
+
+
+COMPUTED_CALL: Final = "a call the pickle computes"
+
+
+def answer(tree: Any, path: Path, *, torch_zip_file: bool) -> dict[str, Any]:
+    """``inspect``'s answer for a torch file: whether ``torch.load(weights_only=True)``
+    loads it and, if not, what it refuses and whether ``add_safe_globals`` can admit that
+    (a call whose function the pickle computes cannot be admitted by name)."""
+    found = refusals(tree, path, torch_zip_file=torch_zip_file)
+    names = [r.name for r in found]
+    return {
+        "accepted": not found,
+        "refused": [{"global": r.name, "where": r.where} for r in found],
+        "add_safe_globals": None if not found or COMPUTED_CALL in names else names,
+    }
 
 
 def tree_refusals(tree: Any) -> list[Refusal]:
@@ -180,7 +197,7 @@ def _refused_leaf(value: Any) -> str:
         return value.path
     if isinstance(value, CallRecord):
         func = value.func
-        return func.path if isinstance(func, GlobalRef) else "a call the pickle computes"
+        return func.path if isinstance(func, GlobalRef) else COMPUTED_CALL
     if isinstance(value, NumpyArray):
         return "numpy.ndarray"
     if isinstance(value, (NumpyScalar, NumpyDType)):
