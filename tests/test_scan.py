@@ -430,3 +430,28 @@ def test_raw_tensor_bytes_that_look_like_pickles_are_data(tmp_path: Path) -> Non
     for name, path in saves.items():
         report = modelport.scan(path)
         assert report.verdict == "safe", (name, report.to_json())
+
+
+class Tagger:
+    """A plain third-party object, as sklearn-crfsuite pickles its CRF (a model file kept in
+    an upper-case dunder field)."""
+
+
+@pytest.mark.parametrize(
+    ("field", "rules"),
+    [
+        ("__FILE_RESOURCE_DATA__", {"custom-class"}),  # an application's field
+        ("__reduce_ex__", {"custom-class", "attribute-smuggling"}),  # copy and pickle call it
+    ],
+)
+def test_only_pythons_own_special_names_are_smuggling(
+    tmp_path: Path, field: str, rules: set[str]
+) -> None:
+    tagger = Tagger()
+    tagger.__dict__[field.upper()] = b"model bytes"  # pickling an instance whose dict
+    written = pickle.dumps(tagger, protocol=4)  # holds __reduce_ex__ would call it
+    path = tmp_path / "tagger.pkl"
+    path.write_bytes(written.replace(field.upper().encode(), field.encode()))
+    report = modelport.scan(path)
+    assert {f.rule for f in report.files[0].findings} == rules
+    assert report.verdict == ("suspicious" if len(rules) == 1 else "unsafe")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import lzma
 import pickle
@@ -547,3 +548,15 @@ def test_python2_numpy_pickles_read_as_numpy_reads_them_with_latin1(tmp_path: Pa
         for name, tensor in model.tensors.items():
             assert np.array_equal(tensor.numpy(), expected[name])
     assert modelport.scan(path).verdict == "safe"
+
+
+def test_a_called_container_filled_by_setitems_keeps_its_items(tmp_path: Path) -> None:
+    """gensim's phrases pickle a ``defaultdict`` (a call modelport records, never makes) and
+    fill it with SETITEMS; its arrays are listed under their keys."""
+    table: collections.defaultdict[str, Any] = collections.defaultdict(list)
+    table["embedding"] = np.arange(6, dtype=np.float32).reshape(2, 3)
+    path = tmp_path / "phrases.pkl"
+    path.write_bytes(pickle.dumps({"vocab": table, "min_count": 5}, protocol=2))
+    with modelport.open(path) as model:
+        assert list(model.tensors) == ["vocab.embedding"]
+        assert np.array_equal(model.tensors["vocab.embedding"].numpy(), table["embedding"])

@@ -17,6 +17,7 @@ from safetensors.torch import save_file, save_model
 
 import modelport
 from modelport.errors import (
+    ConversionError,
     CorruptFileError,
     FormatError,
     LimitExceededError,
@@ -196,3 +197,18 @@ def test_bytes_after_the_last_tensor_are_refused_as_safetensors_refuses_them(
         load_file(str(path))  # the reference loader's answer
     with pytest.raises(CorruptFileError, match="8 bytes after the last tensor"):
         modelport.open(path)
+
+
+def test_complex128_is_refused_both_ways(tmp_path: Path) -> None:
+    """safetensors has no complex128 (its Dtype ends at C64): such a header is refused, and a
+    complex128 tensor is never written where the reference loader could not read it."""
+    header = json.dumps({"z": {"dtype": "C128", "shape": [1], "data_offsets": [0, 16]}}).encode()
+    crafted = tmp_path / "c128.safetensors"
+    crafted.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    with pytest.raises(CorruptFileError, match="unknown dtype 'C128'"):
+        modelport.open(crafted)
+    source = tmp_path / "z.npy"
+    np.save(source, np.ones(2, np.complex128))
+    with pytest.raises(ConversionError, match="complex128"):
+        modelport.convert(source, tmp_path / "z.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c128.safetensors", "z.npy"]

@@ -696,3 +696,18 @@ def test_keras_export_and_sharded_checkpoint(tmp_path: Path) -> None:
         assert sharded.details["num_shards"] > 1
         _assert_like_tensorflow(sharded, Path(prefix))
     assert modelport.scan(tmp_path / "sharded").verdict == "safe"
+
+
+def test_a_checkpoint_with_an_empty_prefix(tmp_path: Path) -> None:
+    """``tf.compat.v1.train.Saver().save(sess, "model_dir/")`` writes ``model_dir/.index`` and
+    ``model_dir/.data-00000-of-00001`` (musicnn ships such files)."""
+    expected = sample_tensors()
+    folder = tmp_path / "MSD_musicnn"
+    folder.mkdir()
+    write_bundle(folder / "x", dict(expected))
+    for written in folder.iterdir():  # the same bytes under the names TensorFlow gives them
+        written.rename(folder / written.name.removeprefix("x"))
+    assert sorted(p.name for p in folder.iterdir()) == [".data-00000-of-00001", ".index"]
+    with modelport.open(folder / ".index") as model:
+        assert_tensors(model, expected)
+    assert modelport.scan(folder).verdict == "safe"

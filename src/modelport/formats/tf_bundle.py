@@ -60,7 +60,7 @@ MAX_SHARDS: Final = 100_000
 MAX_SNIFFED_TABLE: Final = 64 << 20
 # The object graph string read from a shard (one node per trackable object).
 MAX_OBJECT_GRAPH_BYTES: Final = 256 << 20
-_SHARD_NAME: Final = re.compile(r"^(?P<prefix>.+)\.data-(?P<shard>\d{5})-of-(?P<count>\d{5})$")
+_SHARD_NAME: Final = re.compile(r"^(?P<prefix>.*)\.data-(?P<shard>\d{5})-of-(?P<count>\d{5})$")
 
 
 class DataType(IntEnum):
@@ -148,14 +148,15 @@ class BundleEntry:
 class Bundle:
     """An index read: where its shards lie and every entry by name."""
 
-    prefix: Path
+    folder: Path
+    stem: str  # the prefix's last part; "" when TensorFlow wrote ``<folder>/.index``
     header: BundleHeader
     entries: dict[str, BundleEntry]
     slice_parts: int
 
     def shard(self, shard_id: int) -> Path:
         count = self.header.num_shards
-        return self.prefix.with_name(f"{self.prefix.name}.data-{shard_id:05d}-of-{count:05d}")
+        return self.folder / f"{self.stem}.data-{shard_id:05d}-of-{count:05d}"
 
     def shard_names(self) -> list[str]:
         return [self.shard(i).name for i in range(self.header.num_shards)]
@@ -183,8 +184,7 @@ def read_index(path: Path) -> Bundle:
             entries[name] = _entry(name, Message(value, path, MAX_ENTRY_FIELDS))
     if header is None:
         raise CorruptFileError("the tensor bundle index is empty", path=path)
-    prefix = path.with_name(path.name.removesuffix(INDEX_SUFFIX))
-    return Bundle(prefix, header, entries, slice_parts)
+    return Bundle(path.parent, path.name.removesuffix(INDEX_SUFFIX), header, entries, slice_parts)
 
 
 def _header(message: Message) -> BundleHeader:
@@ -473,7 +473,7 @@ def shard_owner(path: Path) -> Path | None:
     match = _SHARD_NAME.match(path.name)
     if match is None:
         return None
-    index = path.with_name(match.group("prefix") + INDEX_SUFFIX)
+    index = path.parent / (match.group("prefix") + INDEX_SUFFIX)
     try:
         named = sniff(Probe.of(index)) and path.name in read_index(index).shard_names()
     except (ModelportError, OSError):

@@ -10,8 +10,9 @@ reconstructed, so the scan does not depend on the file being well-formed torch d
 from __future__ import annotations
 
 import _compat_pickle
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from modelport.errors import CorruptFileError, TruncatedFileError, UnparsedPickleError
 from modelport.pickles import joblib_arrays, policy
@@ -33,6 +34,11 @@ __all__ = ["PickleFinding", "PickleScan", "Severity", "scan_pickle"]
 
 _NESTED_TORCH = ("torch.storage", "_load_from_bytes")
 _MAX_NESTED_ARRAY_PICKLES = 8
+
+# Python's own special names (``__reduce_ex__``, ``__class__``, ``__setstate__``) are all
+# lower case; copy, pickle and the interpreter look them up on an object. An upper-case
+# dunder (sklearn-crfsuite's ``__FILE_RESOURCE_DATA__``) is an application's field.
+_PYTHON_SPECIAL: Final = re.compile(r"__[a-z][a-z0-9_]*__")
 
 
 class ScanResolver:
@@ -145,7 +151,7 @@ class ScanResolver:
             if joblib_arrays.is_wrapper(obj.origin):
                 self._skip_joblib_array(state, at)
         for key in _state_keys(state):
-            if key.startswith("__") and key.endswith("__"):
+            if _PYTHON_SPECIAL.fullmatch(key):
                 self._note(
                     Severity.HIGH,
                     "attribute-smuggling",

@@ -135,6 +135,7 @@ PASSED_ON: Final[MappingProxyType[tuple[str, str], tuple[PassedOn, ...]]] = Mapp
         ),
         ("numpy.core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
         ("numpy._core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+        ("numpy.core._internal", "_reconstruct"): _NUMPY_RECONSTRUCT,
         ("numpy.random._pickle", "__randomstate_ctor"): _NUMPY_RANDOM_CTOR,
         ("numpy.random._pickle", "__generator_ctor"): _NUMPY_RANDOM_CTOR,
         ("numpy.random._pickle", "__bit_generator_ctor"): (

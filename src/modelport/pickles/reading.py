@@ -243,6 +243,12 @@ CALLABLES: Final[MappingProxyType[tuple[str, str], tuple[Reconstructor, str]]] =
             (m, "_reconstruct"): (_args(numpy_types.reconstruct), "numpy arrays")
             for m in _NUMPY_CORE
         },
+        # numpy 1.0's home of the same function, which numpy still resolves for old pickles
+        # (``numpy/core/_internal.py``: ``ndarray.__new__(subtype, shape, dtype)``)
+        ("numpy.core._internal", "_reconstruct"): (
+            _args(numpy_types.reconstruct),
+            "numpy arrays pickled by numpy 1.0",
+        ),
         **{(m, "scalar"): (_args(numpy_types.scalar), "numpy scalars") for m in _NUMPY_CORE},
         ("numpy", "dtype"): (_args(numpy_types.NumpyDType), "numpy dtypes"),
         ("numpy.core.numeric", "_frombuffer"): (_frombuffer, "numpy arrays, protocol 5"),
@@ -377,7 +383,7 @@ class ReadingResolver:
         return obj
 
     def append(self, target: Any, items: list[Any], at: Step | None) -> None:
-        if isinstance(target, ObjectRecord):
+        if isinstance(target, (ObjectRecord, CallRecord)):
             target.list_items.extend(items)
         elif isinstance(target, set):
             target.update(items)
@@ -385,7 +391,7 @@ class ReadingResolver:
             raise CorruptFileError(f"pickle: APPEND to a {type(target).__name__}")
 
     def set_items(self, target: Any, pairs: list[tuple[Any, Any]], at: Step | None) -> None:
-        if isinstance(target, ObjectRecord):
+        if isinstance(target, (ObjectRecord, CallRecord)):
             target.dict_items.update(pairs)
         elif isinstance(target, dict):
             for key, value in pairs:

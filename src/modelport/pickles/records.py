@@ -29,10 +29,14 @@ class GlobalRef:
 
 @dataclass(eq=False)
 class CallRecord:
-    """The result of calling something modelport did not call: ``func(*args)`` never ran."""
+    """The result of calling something modelport did not call: ``func(*args)`` never ran.
+    Items the pickle then appends or sets on the result (``defaultdict(list)`` filled with
+    SETITEMS) are kept as they came."""
 
     func: Any
     args: tuple[Any, ...]
+    list_items: list[Any] = field(default_factory=list)
+    dict_items: dict[Any, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return f"<call {self.func!r}(…{len(self.args)} args)>"

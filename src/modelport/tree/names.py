@@ -18,7 +18,7 @@ from modelport import limits
 from modelport.errors import LimitExceededError
 from modelport.pickles import modules
 from modelport.pickles.numpy_types import NumpyArray
-from modelport.pickles.records import ByteSpan, ObjectRecord
+from modelport.pickles.records import ByteSpan, CallRecord, ObjectRecord
 from modelport.pickles.torch_types import (
     SparseTensor,
     TorchConstant,
@@ -122,6 +122,10 @@ def _children(value: Any) -> list[tuple[str, Any]]:
         if value.shape == () and len(value.objects) == 1:  # what ``.item()`` gives
             return _children(value.objects[0])
         return [(str(i), v) for i, v in enumerate(value.objects)]
+    if isinstance(value, CallRecord):  # what the pickle filled in after the call
+        return [(str(k), v) for k, v in value.dict_items.items()] + [
+            (str(i), v) for i, v in enumerate(value.list_items)
+        ]
     if isinstance(value, ObjectRecord):
         if modules.is_module(value):
             return list(modules.state_dict(value).items())
@@ -191,6 +195,10 @@ def _to_json(value: Any, depth: int, on_path: set[int]) -> Any:
 
 
 def _container_to_json(value: Any, depth: int, on_path: set[int]) -> Any:
+    if isinstance(value, CallRecord):  # what the pickle filled in after the call
+        return [(str(k), v) for k, v in value.dict_items.items()] + [
+            (str(i), v) for i, v in enumerate(value.list_items)
+        ]
     if isinstance(value, ObjectRecord):
         if modules.is_module(value):
             return _DROP
