@@ -17,6 +17,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import joblib
 import numpy as np
 import pytest
 import torch
@@ -24,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
+from sklearn import linear_model
 
 import modelport
 from modelport import limits
@@ -466,3 +468,25 @@ def test_torch_version_in_a_checkpoint_is_plain_text(tmp_path: Path) -> None:
     assert modelport.inspect(path).to_json()["extras"] == {
         "pytorch_version": str(reference["pytorch_version"])
     }
+
+
+def test_an_estimators_arrays_are_kept_under_inspects_names(tmp_path: Path) -> None:
+    """A joblib file of a fitted scikit-learn estimator: with --drop-unrepresentable the
+    object's state is kept as plain data, so its arrays reach the output instead of being
+    dropped with it, named as inspect lists them."""
+    rng = np.random.default_rng(0)
+    estimator = linear_model.LogisticRegression().fit(
+        rng.standard_normal((20, 3)), np.arange(20) % 2
+    )
+    source = tmp_path / "clf.joblib"
+    joblib.dump(estimator, source)
+    listed = [t.name for t in modelport.inspect(source).tensors]
+    assert {"coef_", "intercept_"} <= set(listed)
+    target = tmp_path / "clf.safetensors"
+    options = ConvertOptions(take_all=True, drop_unrepresentable=True, allow_unsafe=True)
+    report = convert(source, target, options)
+    assert any("kept the state of the sklearn" in note for note in report.notes)
+    with safe_open(str(target), "np") as written:
+        assert sorted(written.keys()) == sorted(listed)
+        assert np.array_equal(written.get_tensor("coef_"), estimator.coef_)
+        assert np.array_equal(written.get_tensor("intercept_"), estimator.intercept_)

@@ -85,9 +85,11 @@ def plain(tree: Any, *, drop: bool = False) -> Plain:
     """``tree`` (as a reader returned it) as plain data, tensors kept as ``TensorRef``.
 
     Values that are not plain data raise ``ConversionError`` naming their paths, or with
-    ``drop`` are left out (removed from dicts, ``None`` in lists and tuples) and listed.
+    ``drop`` are left out (removed from dicts, ``None`` in lists and tuples) and listed; an
+    object that holds tensors (a scikit-learn estimator, a gensim model) then keeps its
+    state as a plain mapping, under the names ``inspect`` gives its tensors.
     """
-    walker = _Plainer()
+    walker = _Plainer(drop)
     result = walker.value(tree, "", 0)
     if walker.bad and not drop:
         listed = "; ".join(walker.bad[:10])
@@ -136,7 +138,8 @@ def _describe(value: Any) -> str:
 
 
 class _Plainer:
-    def __init__(self) -> None:
+    def __init__(self, drop: bool) -> None:
+        self.drop = drop
         self.bad: list[str] = []
         self.notes: list[str] = []
         self.budget = limits.MAX_TREE_NODES
@@ -179,6 +182,12 @@ class _Plainer:
                 f"{path or WHOLE_FILE}: a pickled {value.class_path} is kept as its state_dict"
             )
             return self.mapping(PickledDict(modules.state_dict(value)), path, depth)
+        if self.drop and isinstance(value, (ObjectRecord, CallRecord)) and tensors_of(value):
+            self.notes.append(
+                f"{path or WHOLE_FILE}: kept the state of the {_describe(value)} as plain "
+                "data, its tensors included; the object itself is not recreated"
+            )
+            return self.mapping(_state_of(value), path, depth)
         return self.refuse(path, value)
 
     def mapping(self, value: dict[Any, Any], path: str, depth: int) -> Any:
@@ -209,6 +218,14 @@ class _Plainer:
         if isinstance(key, TorchDType):
             return True
         return type(key) is tuple and all(self.key(item) for item in key)
+
+
+def _state_of(value: ObjectRecord | CallRecord) -> dict[str, Any]:
+    """An object's parts under the names ``names.tensors_of`` gives them."""
+    state: dict[str, Any] = value.attributes() if isinstance(value, ObjectRecord) else {}
+    state.update((str(k), v) for k, v in value.dict_items.items())
+    state.update((str(i), v) for i, v in enumerate(value.list_items))
+    return state
 
 
 def map_tensors(tree: Any, replace: Callable[[str, TensorRef], Any]) -> Any:
