@@ -4,7 +4,10 @@ Two small models, in one process, same inputs: a ResNet-style CNN (``tests.model
 input 1x3x64x64) and a BERT (transformers ``BertConfig``: hidden 128, 2 layers, vocab 1000,
 sequence 32). Each side writes the ONNX file and verifies it with onnxruntime against eager:
 modelport on the example input and two random ones, torch's ``verify=True`` on the example.
-Wall time is the median of ``--repeat`` runs (default 3) after one warm-up per side.
+Wall time is the median of ``--repeat`` runs (default 3) after one warm-up per side. For
+modelport's file it also prints the files written (one while the weights fit in a
+protobuf) and the graph's output names (BERT: its ``ModelOutput`` keys), and whether
+anything reached stdout or stderr.
 
 Usage: python benchmarks/bench_export.py [--repeat 3]
 """
@@ -50,8 +53,7 @@ def bert() -> tuple[Any, dict[str, Any]]:
         vocab_size=1000,
         max_position_embeddings=64,
     )
-    model = BertModel(config).eval()
-    model.config.return_dict = False  # tuples out, for both exporters
+    model = BertModel(config).eval()  # a ModelOutput: last_hidden_state, pooler_output
     return model, {"input_ids": torch.randint(0, 1000, (1, 32))}
 
 
@@ -61,6 +63,21 @@ def modelport_side(model: Any, inputs: dict[str, Any], path: Path) -> None:
     report = export(model, path, inputs, to="onnx", overwrite=True)  # timed repeatedly
     if report.verified is not True:
         raise SystemExit(f"modelport did not verify {path}")
+
+
+def described(model: Any, inputs: dict[str, Any], path: Path) -> tuple[int, list[str], str]:
+    """One untimed export: the files it wrote, the graph's output names, and what it
+    printed on stdout and stderr (nothing, when torch is kept quiet)."""
+    import onnx
+
+    from modelport.torch_models.exporting import export
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        report = export(model, path, inputs, to="onnx", overwrite=True)
+    outputs = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+    printed = stdout.getvalue() + stderr.getvalue()
+    return len(report.files), outputs, f"{len(printed.splitlines())} lines"
 
 
 def torch_side(model: Any, inputs: dict[str, Any], path: Path) -> None:
@@ -106,11 +123,13 @@ def main() -> None:
     warnings.simplefilter("ignore")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     rows = []
+    details = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, build in (("ResNet-style CNN 1x3x64x64", cnn), ("BERT h128 L2 seq32", bert)):
             model, inputs = build()
             ours = Path(tmp) / f"{name[:4]}-modelport.onnx"
             theirs = Path(tmp) / f"{name[:4]}-torch.onnx"
+            details.append((name, *described(model, inputs, Path(tmp) / "described.onnx")))
             with quiet():
                 mp = timed(lambda m=model, i=inputs, p=ours: modelport_side(m, i, p), args.repeat)
                 tv = timed(lambda m=model, i=inputs, p=theirs: torch_side(m, i, p), args.repeat)
@@ -120,6 +139,9 @@ def main() -> None:
     for name, mp, tv in rows:
         print(f"{name:<28} {mp:>10.2f} {tv:>13.2f} {mp / tv:>8.2f}x")
     print("modelport checks 3 inputs (example + 2 random); torch verify=True checks 1")
+    print(f"\n{'model':<28} {'files':>5}  {'printed':<9} ONNX outputs")
+    for name, files, outputs, printed in details:
+        print(f"{name:<28} {files:>5}  {printed:<9} {', '.join(outputs)}")
 
 
 if __name__ == "__main__":

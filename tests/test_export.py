@@ -236,7 +236,7 @@ def test_control_flow_several_inputs_and_outputs(tmp_path: Path, to: str) -> Non
     report = export(model, tmp_path / f"router.{to}", router_inputs(), to=to, dynamic=dynamic)
     assert report.verified is True, [c for c in report.outputs if not c.ok]
     names = {c.name for c in report.outputs}
-    assert names == {"output[0]", "output[1]['hidden']", "output[1]['pooled']"}
+    assert names == {"output_0", "output_1.hidden", "output_1.pooled"}
     assert {"batch=3", "batch=5", "seq=6", "seq=11"} <= {c.sample for c in report.outputs}
     assert [i.name for i in report.inputs] == ["x", "mask", "scale"]
     assert report.inputs[0].dynamic == ((0, "batch"), (1, "seq"))
@@ -313,6 +313,7 @@ def test_gpt2_input_ids_and_attention_mask(
             ("input_ids", ["batch", "sequence"]),
             ("attention_mask", ["batch", "sequence"]),
         ]
+        assert [o.name for o in session.get_outputs()] == ["logits"] == [logits.name]
     else:  # called as it was exported, the way transformers users call the model
         program = torch.export.load(str(out)).module()
         ids, mask = torch.randint(0, 100, (3, 11)), torch.ones(3, 11, dtype=torch.int64)
@@ -436,7 +437,7 @@ def test_cli_example_inputs_and_report(tmp_path: Path, kind: str, cli: Cli) -> N
     ]
     text = report_path.read_text()
     assert f"--example-inputs {path}" in text and "| `mask` | [2, 5] | float32 | 0=batch |" in text
-    assert "`output[1]['pooled']`" in text
+    assert "`output_1.pooled`" in text
     result = cli(*argv)
     assert result.code == 2  # OUT exists now
     assert "exists; pass --overwrite" in result.json["error"]["message"]
@@ -470,7 +471,7 @@ def test_legacy_external_data_gathered_into_one_file(tmp_path: Path) -> None:
     import onnxruntime
     from onnx import helper, numpy_helper
 
-    from modelport.torch_models.exporting import _one_data_file
+    from modelport.torch_models.onnx_export import one_data_file
 
     weight = np.arange(1200, dtype=np.float32).reshape(3, 400)  # above onnx's 1 KiB inline limit
     bias = np.ones(400, dtype=np.float32)
@@ -490,7 +491,7 @@ def test_legacy_external_data_gathered_into_one_file(tmp_path: Path) -> None:
         size_threshold=0,
     )
     assert len(list(tmp_path.iterdir())) == 3  # m.onnx, w, b
-    _one_data_file(path)
+    one_data_file(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = np.ones((2, 3), dtype=np.float32)
@@ -513,3 +514,175 @@ def test_padding_hides_only_the_positions_it_marks() -> None:
     check = compare("logits", "example", eager, elsewhere, None, None, padding)
     assert not check.ok and check.max_abs == 5.0 and check.padded == 2
     assert padding_of(["attention_mask"], [torch.full((2, 4), 7)]) is None  # not a 0/1 mask
+
+
+def tiny_bert_dir(path: Path) -> Path:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    BertModel(config).eval().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_onnx_outputs_named_after_model_output(tmp_path: Path, exporter: str) -> None:
+    """BERT returns a ``ModelOutput``: the graph's outputs take its keys, as the report does."""
+    import onnx
+    import onnxruntime
+
+    model = resolve_model(tiny_bert_dir(tmp_path / "bert"))
+    out = tmp_path / "bert.onnx"
+    ids = {"input_ids": torch.randint(0, 64, (2, 8))}
+    report = export(model, out, ids, exporter=exporter, dynamic={"input_ids": {0: "batch"}})
+    assert report.verified is True
+    graph = onnx.load(str(out)).graph
+    assert [o.name for o in graph.output] == ["last_hidden_state", "pooler_output"]
+    assert [i.name for i in graph.input] == ["input_ids"]
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    reported = list(dict.fromkeys(c.name for c in report.outputs))
+    assert [o.name for o in session.get_outputs()] == reported
+    assert [i.name for i in report.inputs] == ["input_ids"]
+    assert report.files == (out,) and sorted(p.name for p in tmp_path.iterdir()) == [
+        "bert",
+        "bert.onnx",
+    ]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_onnx_names_chosen(tmp_path: Path, exporter: str) -> None:
+    """Tuple positions become ``output_0``...; ``input_names`` / ``output_names`` choose
+    others, and ``dynamic`` may name an input by its new name."""
+    import onnxruntime
+
+    torch.manual_seed(0)
+    out = tmp_path / "router.onnx"
+    report = export(Router(), out, router_inputs(), exporter=exporter)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == [
+        "output_0",
+        "output_1.hidden",
+        "output_1.pooled",
+    ]
+    renamed = tmp_path / "renamed.onnx"
+    report = export(
+        Router(),
+        renamed,
+        router_inputs(),
+        exporter=exporter,
+        input_names=["tokens", "padding", "factor"],
+        output_names=["scores", "hidden", "pooled"],
+        dynamic={"tokens": {0: "batch"}, "mask": {0: "batch"}},
+    )
+    assert report.verified is True
+    assert {"batch=3", "batch=5"} <= {c.sample for c in report.outputs}
+    session = onnxruntime.InferenceSession(str(renamed), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["scores", "hidden", "pooled"]
+    assert [i.name for i in session.get_inputs()][:2] == ["tokens", "padding"]
+    assert [c.name for c in report.outputs[:3]] == ["scores", "hidden", "pooled"]
+    assert [i.name for i in report.inputs] == ["tokens", "padding", "factor"]
+    with pytest.raises(UsageError, match="gives 2 names; the model has 3 outputs"):
+        export(Router(), tmp_path / "x.onnx", router_inputs(), output_names=["a", "b"])
+    with pytest.raises(UsageError, match="both an input and an output"):
+        export(Router(), tmp_path / "x.onnx", router_inputs(), output_names=["x", "b", "c"])
+
+
+def test_sequence_inputs_named_after_forward(tmp_path: Path) -> None:
+    import onnx
+
+    out = tmp_path / "m.onnx"
+    report = export(tiny(), out, [torch.randn(2, 3, 8, 8)], dynamic={"x": {0: "batch"}})
+    assert report.verified is True and [i.name for i in report.inputs] == ["x"]
+    graph = onnx.load(str(out)).graph
+    assert [i.name for i in graph.input] == ["x"] and [o.name for o in graph.output] == ["output"]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_small_model_is_one_file(tmp_path: Path, exporter: str) -> None:
+    """Weights that fit in one protobuf stay in it; ``external_data`` moves them out."""
+    import onnx
+
+    out = tmp_path / "cnn.onnx"
+    report = export(tiny(), out, {"x": torch.randn(2, 3, 8, 8)}, exporter=exporter)
+    assert report.verified is True
+    assert report.files == (out,) and [p.name for p in tmp_path.iterdir()] == ["cnn.onnx"]
+    assert not any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(str(out)).graph.initializer
+    )
+    apart = tmp_path / "apart.onnx"
+    big = nn.Linear(64, 64)  # 16 KiB of weights: above onnx's 1 KiB inline threshold
+    report = export(big, apart, {"x": torch.randn(2, 64)}, exporter=exporter, external_data=True)
+    data = tmp_path / "apart.onnx.data"
+    assert report.verified is True and report.files == (apart, data)
+    assert data.stat().st_size >= 64 * 64 * 4
+    proto = onnx.load(str(apart), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+
+
+def test_cli_stdout_holds_only_modelport_lines(tmp_path: Path, cli: Cli) -> None:
+    """torch's loggers, warnings and progress lines reach neither stream."""
+    out = tmp_path / "bert.onnx"
+    result = cli(
+        "export", "--model", tiny_bert_dir(tmp_path / "bert"), "--input", "input_ids:2,8:int64", out
+    )
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert len(lines) == 2, result.out
+    assert lines[0].startswith(f"wrote {out} (onnx, ")
+    assert lines[1].startswith("  verified against eager on 3 inputs")
+    assert result.err == ""
+
+
+def test_cli_names_and_external_data(tmp_path: Path, cli: Cli) -> None:
+    import onnxruntime
+
+    out = tmp_path / "router.onnx"
+    argv = ["export", "--model", "tests.models:Router", "--json", "--external-data"]
+    argv += ["--input", "x:2,5,8", "--input", "mask:2,5", "--input", "scale:"]
+    argv += ["--input-names", "tokens,padding,factor", "--output-names", "scores,hidden,pooled"]
+    result = cli(*argv, out)
+    assert result.code == 0, result.err
+    payload = result.json
+    assert [o["name"] for o in payload["outputs"][:3]] == ["scores", "hidden", "pooled"]
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["scores", "hidden", "pooled"]
+    bad = cli(*argv[:-2], "--output-names", "a,b", tmp_path / "bad.onnx")
+    assert bad.code == 2 and "gives 2 names" in bad.json["error"]["message"]
+
+
+PROBE = """
+import json, sys, time
+from modelport.cli.main import main
+started = time.perf_counter()
+code = main(sys.argv[2:])
+print(json.dumps({"code": code, "torch": "torch" in sys.modules,
+                  "seconds": time.perf_counter() - started}), file=open(sys.argv[1], "w"))
+"""
+
+
+@pytest.mark.parametrize("spec", ["tests.modles:TinyResNet", "tset.models:X", "./missing.pt"])
+def test_typo_in_model_rejected_before_torch(tmp_path: Path, spec: str) -> None:
+    import json
+    import subprocess
+    import sys
+
+    result = tmp_path / "result.json"
+    argv = ["export", "--model", spec, "--input", "x:1,3,8,8", str(tmp_path / "m.onnx")]
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(result), *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    found = json.loads(result.read_text())
+    assert found["code"] == 2 and found["torch"] is False
+    assert found["seconds"] < 2.0  # torch's import alone takes seconds
+    assert spec in done.stderr and done.stdout == ""

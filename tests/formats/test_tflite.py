@@ -393,6 +393,12 @@ def test_strings_int4_and_sparse_tensors_are_reported_not_listed(tmp_path: Path)
             "sparse": "sparse",
         }
         assert any("int4" in w for w in model.warnings)
+    report = modelport.convert(path, tmp_path / "m.safetensors")
+    assert [t[0] for t in report.tensors] == ["dense"]
+    assert (
+        "not in the output: 3 tensors of the file that modelport does not read "
+        "(1 string, 1 int4, 1 sparse); inspect lists them under details"
+    ) in report.notes
 
 
 def test_renamed_file_is_detected_by_content(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from modelport.cli.cmd_export import add_model_arguments
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.torch_models.checking import check
+from modelport.torch_models.model_spec import check_model_spec
 
 EXAMPLES = """examples:
   modelport check --model mypkg.nets:ResNet --init '{"classes": 10}' ckpt.pt
@@ -52,6 +53,7 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_model_spec(args.model)  # a typo costs milliseconds, not torch's import
     report = check(
         args.weights,
         args.model,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -28,6 +30,7 @@ from modelport.conversion.converting import (
     gguf_type_name,
 )
 from modelport.conversion.options import ConvertOptions
+from modelport.torch_models import tf_names
 
 EXAMPLES = """examples:
   modelport convert pytorch_model.bin model.safetensors
@@ -95,15 +98,7 @@ def register(commands: Any) -> None:
     select.add_argument("--ema", action="store_true", help="take the EMA weights")
     select.add_argument("--include", action="append", default=[], metavar="GLOB")
     select.add_argument("--exclude", action="append", default=[], metavar="GLOB")
-    names = parser.add_argument_group("names")
-    names.add_argument("--strip-prefix", metavar="P", help="remove P, or 'auto' for a wrapper")
-    names.add_argument("--add-prefix", metavar="P")
-    names.add_argument("--rename", action="append", default=[], metavar="REGEX=REPL")
-    names.add_argument(
-        "--materialize-ties",
-        action="store_true",
-        help="write every name, even tensors tied to another",
-    )
+    _add_name_options(parser.add_argument_group("names"))
     output = parser.add_argument_group("output")
     output.add_argument(
         "--shard-size",
@@ -128,8 +123,29 @@ def register(commands: Any) -> None:
     parser.set_defaults(run=run)
 
 
+def _add_name_options(names: Any) -> None:
+    names.add_argument("--strip-prefix", metavar="P", help="remove P, or 'auto' for a wrapper")
+    names.add_argument("--add-prefix", metavar="P")
+    names.add_argument("--rename", action="append", default=[], metavar="REGEX=REPL")
+    names.add_argument(
+        "--materialize-ties",
+        action="store_true",
+        help="write every name, even tensors tied to another",
+    )
+    names.add_argument(
+        "--from-tf",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto (default): a transformers tf_model.h5 with its config.json (or a folder "
+        "holding only those) takes the PyTorch model's names and layouts (needs torch and "
+        "transformers); off: keep the TensorFlow names",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     options = _options(args)
+    if args.from_tf == "auto" and not (options.extract or options.take_all):
+        args.source, options = _pytorch_names(Path(args.source), options)
     if args.json:
         report = modelport.convert(args.source, args.target, options)
         print(json.dumps(report.to_json(), indent=2))
@@ -168,6 +184,16 @@ def _options(args: argparse.Namespace) -> ConvertOptions:
         allow_unsafe=args.allow_unsafe,
         shard_size=args.shard_size,
     )
+
+
+def _pytorch_names(source: Path, options: ConvertOptions) -> tuple[str, ConvertOptions]:
+    """A transformers ``tf_model.h5`` converted under the PyTorch names and layouts of the
+    model its ``config.json`` describes (kernels transposed, renamed); other sources as named."""
+    h5_path = tf_names.tf_weights_file(source)
+    if h5_path is None:
+        return str(source), options
+    name_map = tf_names.pytorch_layout(h5_path, options.include, options.exclude)
+    return str(h5_path), dataclasses.replace(options, name_map=name_map)
 
 
 def _convert_with_progress(args: argparse.Namespace, options: ConvertOptions) -> ConvertReport:

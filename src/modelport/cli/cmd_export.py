@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from modelport.torch_models.building import resolve_model
 from modelport.torch_models.example_inputs import read_example_inputs
 from modelport.torch_models.export_report import ExportReport
 from modelport.torch_models.exporting import EXPORTERS, FORMATS, bundle, export
+from modelport.torch_models.model_spec import check_model_spec
+from modelport.torch_models.quiet import quiet_libraries
 from modelport.transfer import placing
 
 EXAMPLES = """examples:
@@ -30,6 +32,8 @@ EXAMPLES = """examples:
       --input attention_mask:2,16:int64 --dynamic input_ids:0=batch,1=seq \\
       --dynamic attention_mask:0=batch,1=seq --to onnx gpt2.onnx
   modelport export --model scripted.pt --input x:1,3,224,224 --to onnx --exporter legacy m.onnx
+  modelport export --model tests.models:Router --input x:2,5,8 --input mask:2,5 \\
+      --input scale: --output-names scores,hidden,pooled --to onnx router.onnx
 
 --model imports and runs YOUR code (pkg.module:Name); a directory with config.json is built
 with transformers from the config (no hub, no remote code), its weights read by modelport.
@@ -44,7 +48,12 @@ named after forward's arguments; one tensor for a one-argument forward may have 
 Inputs (from either) named after forward's arguments are passed by position while they
 fill those arguments in order, and by keyword after the first one left out (GPT-2:
 input_ids and attention_mask, no past_key_values); other names go first, by position.
-ONNX inputs keep the names.
+ONNX inputs keep the names (--input-names renames them); ONNX outputs are named after what
+forward returns: the keys of a dict or ModelOutput (last_hidden_state, logits), tuple
+positions as output_0, output_1 (--output-names renames them). OUT holds the weights while
+they fit in one protobuf (2 GB); above that, or with --external-data, they go to OUT.data.
+A --model that is neither a file, a directory nor a findable pkg.module:Name is refused
+before torch is imported.
 
 exit codes: 0 exported and verified, 1 verification failed, 2 error
 """
@@ -61,7 +70,7 @@ def register(commands: Any) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("output", help="output file (ONNX: OUT and OUT.data)")
+    parser.add_argument("output", help="output file (ONNX: OUT, and OUT.data above 2 GB)")
     add_model_arguments(parser)
     parser.add_argument("--weights", metavar="FILE", help="weights in any readable format")
     parser.add_argument("--to", choices=FORMATS, default="onnx", help="format (default onnx)")
@@ -90,9 +99,35 @@ def register(commands: Any) -> None:
         default="dynamo",
         help="ONNX exporter: dynamo (torch.export-based, default) or legacy (TorchScript-based)",
     )
+    parser.add_argument(
+        "--input-names",
+        type=_names,
+        metavar="A,B",
+        help="ONNX input names, one per input in forward's order (default: the inputs' names)",
+    )
+    parser.add_argument(
+        "--output-names",
+        type=_names,
+        metavar="A,B",
+        help="ONNX output names, one per output tensor (default: the keys of a dict or "
+        "ModelOutput, output_0, output_1... for a tuple)",
+    )
+    parser.add_argument(
+        "--external-data",
+        action="store_true",
+        help="ONNX: weights in OUT.data even when they fit in OUT (default: only above 2 GB)",
+    )
     parser.add_argument("--no-verify", dest="verify", action="store_false")
     add_verification_options(parser)
     parser.set_defaults(run=run)
+
+
+def _names(text: str) -> list[str]:
+    """``a,b`` -> ["a", "b"] (argparse type of --input-names / --output-names)."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -139,9 +174,26 @@ def add_verification_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_model_spec(args.model)  # a typo costs milliseconds, not torch's import
     if args.report:
         outputs = bundle(Path(args.output), args.to)
         placing.check_side_output(Path(args.report), outputs, args.overwrite)
+    # the libraries' loggers stay off; modelport's own warnings (CodeExecutionWarning) show
+    with quiet_libraries(whole_process=True):
+        report = _export(args)
+    if args.report:
+        placing.write_text(Path(args.report), export_markdown(report, model_source(args)))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        _show(report)
+        if args.report:
+            print(f"  report: {args.report}")
+    return ExitCode.NO if report.verified is False else ExitCode.OK
+
+
+def _export(args: argparse.Namespace) -> ExportReport:
+    """Build the model and its example inputs as ``args`` say, then export and verify."""
     model = resolve_model(
         args.model,
         init=args.init,
@@ -155,9 +207,11 @@ def run(args: argparse.Namespace) -> int:
         high = getattr(getattr(model, "config", None), "vocab_size", None) or INT_HIGH
         inputs = dict(parse_input(spec, int(high)) for spec in args.inputs)
     dynamic = dict(parse_dynamic(spec) for spec in args.dynamic)
-    # the exporters talk on stdout; keep it for the JSON object
-    with contextlib.redirect_stdout(sys.stderr):
-        report = export(
+    # the exporters print progress on both streams: stdout is modelport's (the JSON
+    # object), stderr its messages; what the exporters print is dropped
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        return export(
             model,
             args.output,
             inputs,
@@ -169,16 +223,10 @@ def run(args: argparse.Namespace) -> int:
             rtol=args.rtol,
             atol=args.atol,
             overwrite=args.overwrite,
+            input_names=args.input_names,
+            output_names=args.output_names,
+            external_data=args.external_data,
         )
-    if args.report:
-        placing.write_text(Path(args.report), export_markdown(report, model_source(args)))
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        _show(report)
-        if args.report:
-            print(f"  report: {args.report}")
-    return ExitCode.NO if report.verified is False else ExitCode.OK
 
 
 def model_source(args: argparse.Namespace) -> str:

@@ -24,6 +24,7 @@ from modelport.cli.cmd_export import (
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.cli.markdown import rebuild_markdown
 from modelport.torch_models.example_inputs import read_example_inputs
+from modelport.torch_models.model_spec import check_model_spec
 from modelport.torch_models.rebuilding import TARGETS, RebuildReport, rebuild
 from modelport.transfer import placing
 
@@ -86,6 +87,7 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_model_spec(args.model)  # a typo costs milliseconds, not torch's import
     if args.report:
         placing.check_side_output(Path(args.report), (Path(args.output),), args.overwrite)
     inputs: Any = dict(parse_input(spec, INT_HIGH) for spec in args.inputs) or None

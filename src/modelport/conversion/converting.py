@@ -21,7 +21,7 @@ from typing import Any
 
 from modelport import dtypes
 from modelport._version import __version__
-from modelport.conversion import folders, selecting, writing
+from modelport.conversion import folders, gguf_arch, selecting, writing
 from modelport.conversion.options import ConvertOptions
 from modelport.conversion.verifying import CastCheck
 from modelport.errors import ConversionError, UsageError
@@ -33,7 +33,7 @@ from modelport.loading.model_file import open as open_model
 from modelport.tensors import TensorRef
 from modelport.transfer import placing, progress
 from modelport.transfer.pinning import SourcePin
-from modelport.transfer.write_plan import OutputTensor, WritePlan
+from modelport.transfer.write_plan import OutputTensor, TypedMetadata, WritePlan
 from modelport.tree import names as trees
 from modelport.tree import typed_json
 
@@ -117,12 +117,14 @@ def convert(
         flat = structure.tree is None
         chosen, unpacked = selecting.dequantized(model, chosen, options) if flat else (chosen, [])
         named, notes = selecting.rename(chosen, options, model) if flat else (chosen, [])
-        notes.extend([*unpacked, *structure.notes])
+        notes.extend([*unpacked, *structure.notes, *selecting.unread(model)])
         outputs = _outputs(named, options, writer)
         _check_holds(outputs, writer)
         outputs, aliases = _dedupe(outputs, writer, options.materialize_ties)
+        adapted = gguf_arch.for_llama_cpp(source, model.format.value, writer.format.value, outputs)
+        outputs, notes = list(adapted.tensors), [*notes, *adapted.notes]
         metadata = _metadata(model, options, aliases)
-        plan = _plan(structure, outputs, aliases, metadata)
+        plan = _plan(structure, outputs, aliases, metadata, adapted.metadata)
         notes.extend(folders.notes(source, target, writer, plan, options))
         summary = tuple((t.name, t.dtype, t.shape, t.nbytes) for t in outputs)
         report = ConvertReport(
@@ -224,11 +226,12 @@ def _plan(
     outputs: list[OutputTensor],
     aliases: dict[str, str],
     metadata: dict[str, str],
+    typed: tuple[TypedMetadata, ...] = (),
 ) -> WritePlan:
     """The write plan; with ``--all`` on a nested file, its tree (``OutputTensor`` leaves)
     rides along, and as typed JSON in the metadata for targets that store no pickle."""
     if structure.tree is None:
-        return WritePlan(tuple(outputs), metadata)
+        return WritePlan(tuple(outputs), metadata, typed_metadata=typed)
     by_name = {t.name: t for t in outputs}
     placed = trees.tensors_of(structure.tree)
 
@@ -241,7 +244,7 @@ def _plan(
 
     tree = typed_json.map_tensors(structure.tree, output_of)
     metadata = {**metadata, typed_json.KEY: typed_json.encode(tree)}
-    return WritePlan(tuple(outputs), metadata, tree)
+    return WritePlan(tuple(outputs), metadata, tree, typed)
 
 
 GGUF_TYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "q8_0": "Q8_0"}
@@ -330,6 +333,8 @@ def _metadata(model: Any, options: ConvertOptions, aliases: dict[str, str]) -> d
     metadata.update(aliases)
     recipe = {k: v for k, v in vars(options).items() if v not in (None, False, (), "")}
     recipe.pop("overwrite", None)
+    if options.name_map:  # a line per tensor: its size says what it did
+        recipe["name_map"] = f"{len(options.name_map)} tensors renamed"
     if options.sha256:
         metadata["modelport.source_sha256"] = writing.sha256_of(model.path)
     metadata.update(

@@ -8,6 +8,18 @@ from modelport import dtypes
 
 
 @dataclass(frozen=True)
+class Relayout:
+    """One source tensor written as ``target``: its dimensions taken in the order ``axes``
+    (``numpy.transpose``'s; empty keeps them), then given ``shape`` when set, which may only
+    add or drop size-1 dimensions. The result is a strided view of the source's bytes."""
+
+    source: str
+    target: str
+    axes: tuple[int, ...] = ()
+    shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
 class ConvertOptions:
     to: str | None = None
     dtype: str | None = None
@@ -21,6 +33,7 @@ class ConvertOptions:
     strip_prefix: str | None = None  # a literal prefix, or "auto"
     add_prefix: str | None = None
     renames: tuple[tuple[str, str], ...] = ()
+    name_map: tuple[Relayout, ...] = ()  # applied before the renames; others left out
     materialize_ties: bool = False
     ema: bool = False
     overwrite: bool = False

@@ -4,22 +4,25 @@ By default the model weights (the rule ``modelport.load`` uses), or a subtree
 (``--extract``), or everything (``--all``); then ``--include``/``--exclude`` globs. Names
 may lose a wrapper prefix every key carries (DDP's ``module.``, ``torch.compile``'s
 ``_orig_mod.``), which is reported and stripped only when asked, and take regex renames
-and an added prefix.
+and an added prefix. A name map (``ConvertOptions.name_map``, e.g. a TensorFlow model's
+weights under its PyTorch twin's names) comes first; it may also transpose a tensor, as a
+strided view of the same bytes.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from modelport.errors import ConversionError, UsageError
-from modelport.tensors import TensorRef
+from modelport.tensors import TensorRef, contiguous_strides
 from modelport.tree import dequantizing, quantization
 from modelport.tree import names as trees
 
 if TYPE_CHECKING:
-    from modelport.conversion.options import ConvertOptions
+    from modelport.conversion.options import ConvertOptions, Relayout
 
 
 def select(
@@ -113,7 +116,7 @@ def lookup(tree: Any, dotted: str) -> Any:
 def rename(
     chosen: dict[str, TensorRef], options: ConvertOptions, model: Any
 ) -> tuple[dict[str, TensorRef], list[str]]:
-    notes: list[str] = []
+    chosen, notes = relaid(chosen, options.name_map)
     wrapper = trees.wrapper_prefix(chosen) or None
     strip = wrapper if options.strip_prefix == "auto" else options.strip_prefix
     if wrapper and strip != wrapper and _stripping_fits(wrapper, model, options):
@@ -132,6 +135,65 @@ def rename(
     if strip and strip == wrapper:
         notes.append(f"stripped the wrapper prefix {strip!r}")
     return renamed, notes
+
+
+def relaid(
+    chosen: dict[str, TensorRef], name_map: tuple[Relayout, ...]
+) -> tuple[dict[str, TensorRef], list[str]]:
+    """The tensors ``name_map`` places, under their new names and layouts (views of the same
+    bytes); a chosen tensor it does not place is left out, and the notes say how many."""
+    if not name_map:
+        return chosen, []
+    placed: dict[str, TensorRef] = {}
+    used: set[str] = set()
+    for move in name_map:
+        tensor = chosen.get(move.source)
+        if tensor is None:  # not selected (--include / --exclude)
+            continue
+        if move.target in placed:
+            raise UsageError(f"the name map gives two tensors the name {move.target!r}")
+        placed[move.target] = _relaid_tensor(tensor, move)
+        used.add(move.source)
+    changed = sum(1 for m in name_map if m.source in used and (m.axes or m.shape is not None))
+    notes = [f"renamed {len(placed)} tensors by the name map ({changed} in a new layout)"]
+    unplaced = [name for name in chosen if name not in used]
+    if unplaced:
+        notes.append(
+            f"left out {len(unplaced)} tensors the name map does not place "
+            f"({', '.join(unplaced[:3])}{', ...' if len(unplaced) > 3 else ''})"
+        )
+    return placed, notes
+
+
+def _relaid_tensor(tensor: TensorRef, move: Relayout) -> TensorRef:
+    """``tensor`` with its dimensions permuted and size-1 dimensions added or dropped: a
+    strided view, no bytes copied (the writers gather strided views)."""
+    shape = tensor.shape
+    strides = tensor.strides or contiguous_strides(shape)
+    if move.axes:
+        if sorted(move.axes) != list(range(len(shape))):
+            raise UsageError(f"{move.source}: axes {list(move.axes)} do not permute {list(shape)}")
+        shape = tuple(shape[a] for a in move.axes)
+        strides = tuple(strides[a] for a in move.axes)
+    if move.shape is not None and move.shape != shape:
+        kept = [(n, s) for n, s in zip(shape, strides, strict=True) if n != 1]
+        if [n for n in move.shape if n != 1] != [n for n, _ in kept]:
+            raise UsageError(
+                f"{move.source}: shape {list(shape)} cannot become {list(move.shape)} by adding "
+                "or dropping size-1 dimensions"
+            )
+        steps = iter(s for _, s in kept)
+        shape, strides = move.shape, tuple(1 if n == 1 else next(steps) for n in move.shape)
+    natural = contiguous_strides(shape)
+    flat = strides == natural or (not move.axes and tensor.is_contiguous)
+    return TensorRef(
+        tensor.dtype,
+        shape,
+        tensor.storage,
+        tensor.element_offset,
+        None if flat else strides,
+        tensor.note,
+    )
 
 
 LIGHTNING_KEYS = ("pytorch-lightning_version", "lightning_version", "hyper_parameters")
@@ -154,3 +216,17 @@ def _stripping_fits(wrapper: str, model: Any, options: ConvertOptions) -> bool:
         and any(key in tree for key in LIGHTNING_KEYS)
         and model.weights(ema=options.ema).source == "state_dict"
     )
+
+
+def unread(model: Any) -> list[str]:
+    """What the reader listed in ``details["skipped_tensors"]`` (TFLite sparse tensors, a
+    TensorFlow checkpoint's strings): said, since it cannot reach the output."""
+    skipped = model.details.get("skipped_tensors")
+    if not isinstance(skipped, dict) or not skipped:
+        return []
+    kinds = Counter(str(kind).split(" ")[0] for kind in skipped.values())
+    listed = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+    return [
+        f"not in the output: {len(skipped)} tensors of the file that modelport does not read "
+        f"({listed}); inspect lists them under details"
+    ]

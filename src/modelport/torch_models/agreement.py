@@ -16,7 +16,7 @@ row has no defined value, and eager and onnxruntime legitimately differ there.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -83,17 +83,27 @@ def leaves(output: Any) -> list[torch.Tensor]:
 
 
 def named_leaves(output: Any) -> list[tuple[str, torch.Tensor]]:
-    """Eager outputs named by where they sit: ``output``, ``output[0]``,
-    ``output[1]['scores']``, ``output['last_hidden_state']``."""
+    """Eager outputs named by where they sit, as the ONNX export names its outputs: a key
+    of a dict or ``ModelOutput`` (``last_hidden_state``), a tuple position
+    (``output_0``), deeper levels joined by dots (``output_1.scores``), ``output`` for
+    a lone tensor."""
     import torch
     from torch.utils import _pytree
 
     flat, _ = _pytree.tree_flatten_with_path(output)
-    return [
-        ("output" + _pytree.keystr(key), value)
-        for key, value in flat
-        if isinstance(value, torch.Tensor)
+    return [(leaf_name(key), value) for key, value in flat if isinstance(value, torch.Tensor)]
+
+
+def leaf_name(path: Sequence[Any]) -> str:
+    """The name of the output at pytree key ``path`` (see ``named_leaves``)."""
+    parts = [
+        str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))) for key in path
     ]
+    if not parts:
+        return "output"
+    if not hasattr(path[0], "key") and not hasattr(path[0], "name"):  # a tuple position
+        parts[0] = f"output_{parts[0]}"
+    return ".".join(parts)
 
 
 def samples(

@@ -2,47 +2,68 @@
 
 Inputs reach ``forward`` by position while they fill its arguments in order, by keyword
 after the first one left out (``modelport.binding``); every exporter, the eager reference
-and the runtimes use that one call. Verification runs the exported file in its own runtime
+and the runtimes use that one call. Inputs given as a sequence are named after the
+``forward`` arguments they fill. Verification runs the exported file in its own runtime
 (onnxruntime, ``torch.jit.load``, ``torch.export.load``) on the example inputs and two more
 random inputs of the same shapes, dtypes and value ranges (for each dynamic axis, also at
 two other sizes), and compares every output with eager PyTorch: per-output max absolute
 and relative error, ``|exported - eager| <= atol + rtol * |eager|`` with tolerances by
-dtype.
+dtype. Outputs are named by where they sit in what ``forward`` returns
+(``last_hidden_state``, ``output_0``; ``agreement.named_leaves``).
 
-- ONNX: ``torch.onnx.export(dynamo=True)`` by default, ``exporter="legacy"`` for the
-  TorchScript-based one (``dynamo=False``, dynamic axes as ``dynamic_axes``; a call with
-  keywords goes through a wrapper that takes every input by position, so its weights are
-  named ``model.*``). The ONNX inputs carry the inputs' names. ``OUT`` and ``OUT.data`` (external
-  weights) are one bundle. bfloat16 models are exported in float32 (onnxruntime's CPU
-  provider has no bfloat16 kernels), with a warning.
+- ONNX (``onnx_export``): ``torch.onnx.export(dynamo=True)`` by default,
+  ``exporter="legacy"`` for the TorchScript-based one (``dynamo=False``, dynamic axes as
+  ``dynamic_axes``; a call with keywords goes through a wrapper that takes every input by
+  position, so its weights are named ``model.*``). The graph's inputs and outputs carry
+  the names above, or ``input_names`` / ``output_names``; the model runs once on the
+  example inputs before the export to name its outputs. ``OUT`` alone while the weights
+  fit in one protobuf, ``OUT`` and ``OUT.data`` above that or with ``external_data``: one
+  bundle. bfloat16 models are exported in float32 (onnxruntime's CPU provider has no
+  bfloat16 kernels), with a warning.
 - TorchScript: ``torch.jit.trace`` (a call with keywords is traced all by keyword, as
   ``example_kwarg_inputs``; a TorchScript model is saved as it is); deprecated in torch 2.13,
   so a warning recommends .pt2.
 - pt2: ``torch.export.export`` + ``torch.export.save``. A TorchScript model goes through
   torch's TorchScript-to-``torch.export`` converter first (pt2, and ONNX with dynamo).
 
-The bundle is written into a new directory beside ``OUT``, verified there, then renamed
-into place (data first): an error leaves nothing behind, and an existing ``OUT`` or
-``OUT.data`` is only replaced with ``overwrite`` (convert's rule and message).
+torch's loggers and every warning raised inside are silenced for the span of the export
+(``quiet.quiet_libraries``): what matters reaches the report. The bundle is written into
+a new directory beside ``OUT``, verified there, then renamed into place (data first): an
+error leaves nothing behind, and an existing ``OUT`` or ``OUT.data`` is only replaced with
+``overwrite`` (convert's rule and message).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import logging
+import inspect
 import shutil
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelport.errors import ConversionError, MissingDependencyError, ModelportError, UsageError
-from modelport.torch_models.agreement import OutputCheck, Runner, leaves, verify_outputs
-from modelport.torch_models.binding import Call, bind
+from modelport.errors import ConversionError, ModelportError, UsageError
+from modelport.torch_models.agreement import (
+    OutputCheck,
+    Runner,
+    leaves,
+    verify_outputs,
+)
+from modelport.torch_models.binding import Call, bind, forward_signature
 from modelport.torch_models.building import eval_mode
 from modelport.torch_models.export_report import ExampleInput, ExportReport
+from modelport.torch_models.onnx_export import (
+    OnnxNames,
+    eager_output_names,
+    export_onnx,
+    named_as_exported,
+    onnx_names,
+    onnx_runner,
+)
+from modelport.torch_models.quiet import quiet_libraries
 from modelport.transfer.placing import check_target, install_file, staging_folder
 
 if TYPE_CHECKING:
@@ -66,68 +87,121 @@ def export(
     rtol: float | None = None,
     atol: float | None = None,
     overwrite: bool = False,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    external_data: bool = False,
 ) -> ExportReport:
     """Export ``model`` (put in eval mode) to ``path`` and verify it against eager.
 
     A mapping of ``example_inputs`` names them (ONNX input names; keys of ``dynamic``, e.g.
-    ``{"x": {0: "batch"}}``). Inputs named after ``forward``'s arguments go by position while
-    they fill them in order, then by keyword (``{"input_ids": ..., "attention_mask": ...}``
-    for GPT-2, whose ``past_key_values`` is left out); a sequence, and names ``forward``
-    lacks, go by position (see ``modelport.binding``).
-    ``exporter`` picks the ONNX exporter (``"dynamo"`` or ``"legacy"``). An existing ``path``
-    (or ``path.data`` for ONNX) is replaced only with ``overwrite``.
+    ``{"x": {0: "batch"}}``); a sequence's are named after the ``forward`` arguments they
+    fill. Inputs named after ``forward``'s arguments go by position while they fill them
+    in order, then by keyword (``{"input_ids": ..., "attention_mask": ...}`` for GPT-2,
+    whose ``past_key_values`` is left out); names ``forward`` lacks go by position (see
+    ``modelport.binding``). ``exporter`` picks the ONNX exporter (``"dynamo"`` or
+    ``"legacy"``); ``input_names`` and ``output_names`` rename the ONNX graph's inputs and
+    outputs (``dynamic`` may use either name); ``external_data`` puts the weights in
+    ``path.data`` even when they fit in ``path``. An existing ``path`` (or ``path.data``
+    for ONNX) is replaced only with ``overwrite``.
     """
-    import torch
-
     started = time.perf_counter()
-    call, inputs = bind(model, example_inputs)
-    dynamic = dict(dynamic or {})
-    _check_options(to, exporter, list(call.names), dynamic)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    check_targets(path, to, overwrite)
-    notes: list[str] = []
-    model = eval_mode(model)
-    described = _describe(model)
-    if to == "onnx" and any(p.dtype == torch.bfloat16 for p in model.parameters()):
-        notes.append(
-            "bfloat16 model exported and verified in float32: onnxruntime's CPU provider has "
-            "no bfloat16 kernels"
-        )
-        model = copy.deepcopy(model).float()
-        inputs = [t.float() if t.dtype == torch.bfloat16 else t for t in inputs]
-    shapes = _dynamic_shapes(call, inputs, dynamic)
-    notes.extend(_option_notes(to, opset, exporter))
-    building = staging_folder(path)  # the bundle is built and verified here, then moved
-    try:
-        staged = building / path.name
-        with _export_failure(to):
-            files = _write(to, model, staged, call, inputs, shapes, dynamic, opset, exporter)
-        checks: tuple[OutputCheck, ...] = ()
-        verified: bool | None = None
-        if verify:
-            runner = _runner(to, staged, call)
-            checks = tuple(verify_outputs(model, runner, call, inputs, dynamic, rtol, atol))
-            verified = all(c.ok for c in checks)
-        files = _install(files, path, to, overwrite)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-    worst = max((c.max_abs for c in checks), default=0.0)
+    with quiet_libraries(every_warning=True):
+        call, inputs = bind(model, _named_after_forward(model, example_inputs))
+        dynamic = _by_call_name(dynamic or {}, call, input_names if to == "onnx" else None)
+        _check_options(to, exporter, list(call.names), dynamic)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        check_targets(path, to, overwrite)
+        onnx_only = {
+            "--input-names": input_names,
+            "--output-names": output_names,
+            "--external-data": external_data,
+        }
+        notes = _option_notes(to, opset, exporter, [k for k, v in onnx_only.items() if v])
+        model = eval_mode(model)
+        described = _describe(model)
+        names = None
+        if to == "onnx":
+            model, inputs = _float32_for_onnxruntime(model, inputs, notes)
+            eager = eager_output_names(model, call, inputs)
+            names = onnx_names(call, eager, input_names, output_names)
+        shapes = _dynamic_shapes(call, inputs, dynamic)
+        plan = _Plan(to, model, call, inputs, dynamic, shapes, names, opset, exporter)
+        files, checks = _build(plan, path, external_data, overwrite, verify, (rtol, atol))
     return ExportReport(
         path=path,
         format=to,
         files=files,
-        verified=verified,
-        max_abs_error=worst,
-        outputs=checks,
+        verified=all(c.ok for c in checks) if verify else None,
+        max_abs_error=max((c.max_abs for c in checks), default=0.0),
+        outputs=named_as_exported(checks, names),
         seconds=time.perf_counter() - started,
         warnings=tuple(notes),
         model=described,
         exporter=exporter if to == "onnx" else None,
         opset=opset if to == "onnx" else None,
-        inputs=_described_inputs(call, inputs, dynamic),
+        inputs=_described_inputs(call, inputs, dynamic, names),
         sizes=tuple(f.stat().st_size for f in files),
     )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One export, decided: the model and the call to export, and how (``names``: the
+    ONNX graph's, None for the other formats)."""
+
+    to: str
+    model: nn.Module
+    call: Call
+    inputs: list[torch.Tensor]
+    dynamic: Mapping[str, Mapping[int, str]]
+    shapes: tuple[Any, ...] | dict[str, Any] | None
+    names: OnnxNames | None
+    opset: int | None
+    exporter: str
+
+
+def _build(
+    plan: _Plan,
+    path: Path,
+    external_data: bool,
+    overwrite: bool,
+    verify: bool,
+    tolerances: tuple[float | None, float | None],
+) -> tuple[tuple[Path, ...], tuple[OutputCheck, ...]]:
+    """Write the bundle in a staging folder beside ``path``, verify it there (``verify``:
+    with ``(rtol, atol)``), then move it into place: the files and the checks."""
+    building = staging_folder(path)  # the bundle is built and verified here, then moved
+    try:
+        staged = building / path.name
+        with _export_failure(plan.to):
+            if plan.names is not None:
+                files = export_onnx(
+                    _exportable(plan.model, plan.inputs)
+                    if plan.exporter == "dynamo"
+                    else plan.model,
+                    staged,
+                    plan.call,
+                    plan.inputs,
+                    names=plan.names,
+                    shapes=plan.shapes,
+                    dynamic=plan.dynamic,
+                    opset=plan.opset,
+                    exporter=plan.exporter,
+                    external_data=external_data,
+                )
+            else:
+                files = _write(plan.to, plan.model, staged, plan.call, plan.inputs, plan.shapes)
+        checks: tuple[OutputCheck, ...] = ()
+        if verify:
+            runner = _runner(plan.to, staged, plan.call, plan.names)
+            rtol, atol = tolerances
+            checks = tuple(
+                verify_outputs(plan.model, runner, plan.call, plan.inputs, plan.dynamic, rtol, atol)
+            )
+        return _install(files, path, plan.to, overwrite), checks
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
 
 
 def _check_options(
@@ -142,8 +216,9 @@ def _check_options(
             raise UsageError(f"dynamic axes for {name!r}, which is not an input ({names})")
 
 
-def _option_notes(to: str, opset: int | None, exporter: str) -> list[str]:
-    """What the report says about the options chosen for ``to``."""
+def _option_notes(to: str, opset: int | None, exporter: str, onnx_only: list[str]) -> list[str]:
+    """What the report says about the options chosen for ``to`` (``onnx_only``: the
+    ONNX-only options given)."""
     notes = []
     if to == "torchscript":
         notes.append(
@@ -154,7 +229,56 @@ def _option_notes(to: str, opset: int | None, exporter: str) -> list[str]:
         notes.append(f"--opset applies to ONNX only; ignored for {to}")
     if exporter != "dynamo" and to != "onnx":
         notes.append(f"--exporter applies to ONNX only; ignored for {to}")
+    if onnx_only and to != "onnx":
+        notes.append(f"{', '.join(onnx_only)} apply to ONNX only; ignored for {to}")
     return notes
+
+
+def _named_after_forward(
+    model: nn.Module, example: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
+) -> Mapping[str, torch.Tensor] | Sequence[torch.Tensor]:
+    """Inputs given in order, named after the ``forward`` arguments they fill (``x``,
+    ``mask``): the names the ONNX graph and the report give them. More inputs than
+    arguments keep ``bind``'s ``input0``, ``input1``... names."""
+    if isinstance(example, Mapping):
+        return example
+    signature = forward_signature(model)
+    if signature is None:
+        return example
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    slots = [p.name for p in signature.parameters.values() if p.kind in kinds]
+    if len(example) > len(slots):
+        return example
+    return dict(zip(slots, example, strict=False))
+
+
+def _by_call_name(
+    dynamic: Mapping[str, Mapping[int, str]], call: Call, input_names: Sequence[str] | None
+) -> dict[str, Mapping[int, str]]:
+    """``dynamic`` keyed by the call's input names, where it names an input by the ONNX
+    name ``input_names`` gives it."""
+    renamed = dict(zip(input_names or (), call.names, strict=False))
+    return {
+        name if name in call.names else renamed.get(name, name): axes
+        for name, axes in dynamic.items()
+    }
+
+
+def _float32_for_onnxruntime(
+    model: nn.Module, inputs: list[torch.Tensor], notes: list[str]
+) -> tuple[nn.Module, list[torch.Tensor]]:
+    """A bfloat16 model and its inputs in float32 (onnxruntime's CPU provider has no
+    bfloat16 kernels), said in ``notes``; any other model as it is."""
+    import torch
+
+    if not any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        return model, inputs
+    notes.append(
+        "bfloat16 model exported and verified in float32: onnxruntime's CPU provider has "
+        "no bfloat16 kernels"
+    )
+    converted = [t.float() if t.dtype == torch.bfloat16 else t for t in inputs]
+    return copy.deepcopy(model).float(), converted
 
 
 @contextlib.contextmanager
@@ -173,17 +297,22 @@ def _export_failure(to: str) -> Iterator[None]:
 
 
 def _described_inputs(
-    call: Call, inputs: Sequence[torch.Tensor], dynamic: Mapping[str, Mapping[int, str]]
+    call: Call,
+    inputs: Sequence[torch.Tensor],
+    dynamic: Mapping[str, Mapping[int, str]],
+    names: OnnxNames | None,
 ) -> tuple[ExampleInput, ...]:
+    """The inputs as the report lists them, under their ONNX graph names for ONNX."""
+    shown = names.inputs if names is not None else call.names
     return tuple(
         ExampleInput(
-            name,
+            label,
             tuple(tensor.shape),
             str(tensor.dtype).removeprefix("torch."),
             tuple(sorted(dynamic.get(name, {}).items())),
             name in call.keywords,
         )
-        for name, tensor in zip(call.names, inputs, strict=True)
+        for name, label, tensor in zip(call.names, shown, inputs, strict=True)
     )
 
 
@@ -266,17 +395,12 @@ def _write(
     call: Call,
     inputs: list[torch.Tensor],
     shapes: tuple[Any, ...] | dict[str, Any] | None,
-    dynamic: Mapping[str, Mapping[int, str]],
-    opset: int | None,
-    exporter: str,
 ) -> tuple[Path, ...]:
+    """Write ``path`` as TorchScript or ``.pt2`` (ONNX: ``onnx_export``)."""
     import torch
 
     args, kwargs = call.split(inputs)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if to == "onnx":
-            return _export_onnx(model, path, call, inputs, shapes, dynamic, opset, exporter)
+    with torch.no_grad():
         if to == "torchscript":
             if isinstance(model, torch.jit.ScriptModule):
                 torch.jit.save(model, str(path))  # type: ignore[no-untyped-call]
@@ -319,120 +443,13 @@ def _exportable(model: nn.Module, inputs: list[torch.Tensor]) -> nn.Module:
     return converted
 
 
-def _export_onnx(
-    model: nn.Module,
-    path: Path,
-    call: Call,
-    inputs: list[torch.Tensor],
-    shapes: tuple[Any, ...] | dict[str, Any] | None,
-    dynamic: Mapping[str, Mapping[int, str]],
-    opset: int | None,
-    exporter: str,
-) -> tuple[Path, ...]:
-    import torch
-
-    args, kwargs = call.split(inputs)
-    names = list(call.names)
-    if exporter == "dynamo":
-        try:
-            import onnxscript  # noqa: F401
-        except ImportError as exc:
-            raise MissingDependencyError(
-                "onnxscript", "onnx", "exporting to ONNX with the dynamo exporter"
-            ) from exc
-    data = path.with_name(path.name + ".data")
-    quiet = logging.getLogger("torch.onnx")  # "torchvision is not installed" and friends
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        if exporter == "dynamo":
-            torch.onnx.export(
-                _exportable(model, inputs),
-                args,
-                str(path),
-                kwargs=kwargs,
-                dynamo=True,
-                input_names=names,
-                dynamic_shapes=shapes,
-                opset_version=opset,
-                verbose=False,
-            )
-        else:
-            torch.onnx.export(
-                _by_position(model, call) if kwargs else model,
-                tuple(inputs),
-                str(path),
-                dynamo=False,
-                input_names=names,
-                dynamic_axes={n: dict(axes) for n, axes in dynamic.items()} or None,
-                opset_version=opset,
-                verbose=False,
-            )
-            _one_data_file(path)
-    finally:
-        quiet.setLevel(level)
-    return (path, data) if data.exists() else (path,)
-
-
-def _by_position(model: nn.Module, call: Call) -> nn.Module:
-    """``model`` taking every input by position, passing them on as ``call`` says: the
-    legacy exporter binds keywords to ``forward``'s signature and adds every default it
-    meets (``logits_to_keep=0``) as another graph input, misnaming those after it."""
-    from torch import nn
-
-    class ByPosition(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-            self.training = model.training  # the exporter sets (and restores) modes from here
-
-        def forward(self, *inputs: torch.Tensor) -> Any:
-            return call(self.model, inputs)
-
-    return ByPosition()
-
-
-def _one_data_file(path: Path) -> None:
-    """The legacy exporter writes external data (above protobuf's 2 GB) as one file per
-    tensor beside ``path``; gather them into ``path.data``, as the dynamo exporter does."""
-    strays = [p for p in path.parent.iterdir() if p != path]
-    if not strays:
-        return
-    try:
-        import onnx
-    except ImportError as exc:
-        raise MissingDependencyError("onnx", "onnx", "gathering ONNX external data") from exc
-    proto = onnx.load(str(path))  # reads the per-tensor files beside it
-    for stray in strays:
-        stray.unlink()
-    onnx.save_model(
-        proto,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=path.name + ".data",
-    )
-
-
-def _runner(to: str, path: Path, call: Call) -> Runner:
+def _runner(to: str, path: Path, call: Call, names: OnnxNames | None) -> Runner:
     """A callable running the exported file: list of input tensors -> list of outputs
-    (ONNX inputs fed by name, a torch module called as ``call`` says)."""
-    import numpy as np
+    (ONNX inputs fed by their graph names, a torch module called as ``call`` says)."""
     import torch
 
-    if to == "onnx":
-        try:
-            import onnxruntime
-        except ImportError as exc:
-            raise MissingDependencyError("onnxruntime", "onnx", "verifying an ONNX export") from exc
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        wanted = {i.name for i in session.get_inputs()}
-
-        def run_onnx(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-            feed = {n: t.numpy() for n, t in zip(call.names, inputs, strict=True) if n in wanted}
-            return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feed)]
-
-        return run_onnx
+    if names is not None:
+        return onnx_runner(path, names)
     if to == "torchscript":
         loaded = torch.jit.load(str(path))  # type: ignore[no-untyped-call]
     else:

@@ -3,9 +3,12 @@
 Layout written (ggml/docs/gguf.md, version 3, little-endian, as gguf-py's ``GGUFWriter``):
 
 - ``b"GGUF"``, version 3 (u32), tensor count (u64), key/value count (u64);
-- the key/value pairs: ``general.architecture`` first when the plan's metadata has it
-  (readers do not require it; llama.cpp needs it to run a model, so it is never invented),
-  then ``general.alignment`` (u32 32), then every other metadata entry as a string;
+- the key/value pairs: ``general.architecture`` first when the plan has it (readers do not
+  require it; llama.cpp needs it to run a model, so it is never invented), then
+  ``general.alignment`` (u32 32), then the plan's typed entries (``TypedMetadata``: u32,
+  f32, bool, string ... or arrays of one of them, as llama.cpp's hyperparameters and
+  vocabulary), then every other string metadata entry (a key typed too is written once,
+  typed);
 - one tensor info per tensor in plan order: name, n_dims, dims in GGML order (torch's
   reversed), GGML type, offset in the data section (a multiple of 32);
 - zero bytes up to the next multiple of 32, then each tensor's data, padded with zero bytes
@@ -43,7 +46,7 @@ from modelport.formats.gguf.spec import (
 )
 from modelport.tensors import NDArray
 from modelport.transfer.streaming import source_chunks, write_all, write_tensor
-from modelport.transfer.write_plan import OutputTensor, WritePlan
+from modelport.transfer.write_plan import OutputTensor, TypedMetadata, TypedScalar, WritePlan
 
 WRITE_VERSION = 3
 ARCHITECTURE_KEY = "general.architecture"
@@ -53,6 +56,19 @@ Q8_0_SOURCES = ("float64", "float32", "float16", "bfloat16")
 Q8_0_STEP = 1 << 18  # values quantized at once (its temporaries are a few MiB)
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_PACKED = {
+    ValueType.UINT8: "<B",
+    ValueType.INT8: "<b",
+    ValueType.UINT16: "<H",
+    ValueType.INT16: "<h",
+    ValueType.UINT32: "<I",
+    ValueType.INT32: "<i",
+    ValueType.UINT64: "<Q",
+    ValueType.INT64: "<q",
+    ValueType.FLOAT32: "<f",
+    ValueType.FLOAT64: "<d",
+    ValueType.BOOL: "<?",
+}
 
 
 def _string(value: str) -> bytes:
@@ -100,14 +116,24 @@ def check(plan: WritePlan) -> None:
 
 def header_bytes(plan: WritePlan) -> bytes:
     """Everything before the data section, padded to the alignment."""
+    typed = {entry.key: entry for entry in plan.typed_metadata}
+    if len(typed) != len(plan.typed_metadata):
+        raise ConversionError("a GGUF metadata key appears twice in the typed metadata")
+    if ALIGNMENT_KEY in typed:
+        raise ConversionError(f"{ALIGNMENT_KEY} is the writer's own (it aligns to 32 bytes)")
     pairs = []
-    if ARCHITECTURE_KEY in plan.metadata:
+    if ARCHITECTURE_KEY in typed:
+        pairs.append(_string(ARCHITECTURE_KEY) + _typed_value(typed[ARCHITECTURE_KEY]))
+    elif ARCHITECTURE_KEY in plan.metadata:
         pairs.append(_string(ARCHITECTURE_KEY) + _kv_string(plan.metadata[ARCHITECTURE_KEY]))
     pairs.append(
         _string(ALIGNMENT_KEY) + _U32.pack(ValueType.UINT32) + _U32.pack(DEFAULT_ALIGNMENT)
     )
+    for entry in plan.typed_metadata:
+        if entry.key != ARCHITECTURE_KEY:
+            pairs.append(_string(entry.key) + _typed_value(entry))
     for key, value in plan.metadata.items():
-        if key not in (ARCHITECTURE_KEY, ALIGNMENT_KEY):
+        if key not in (ARCHITECTURE_KEY, ALIGNMENT_KEY) and key not in typed:
             pairs.append(_string(key) + _kv_string(value))
     out = bytearray(MAGIC + _U32.pack(WRITE_VERSION))
     out += _U64.pack(len(plan.tensors)) + _U64.pack(len(pairs))
@@ -125,6 +151,32 @@ def header_bytes(plan: WritePlan) -> bytes:
 
 def _kv_string(value: str) -> bytes:
     return _U32.pack(ValueType.STRING) + _string(str(value))
+
+
+def _typed_value(entry: TypedMetadata) -> bytes:
+    """A typed value's type code and bytes; an array is its element type, count, elements."""
+    kind = ValueType[entry.kind.upper()]
+    if isinstance(entry.value, tuple):
+        items = b"".join(_scalar(kind, item, entry.key) for item in entry.value)
+        head = _U32.pack(ValueType.ARRAY) + _U32.pack(kind) + _U64.pack(len(entry.value))
+        return head + items
+    return _U32.pack(kind) + _scalar(kind, entry.value, entry.key)
+
+
+def _scalar(kind: ValueType, value: TypedScalar, key: str) -> bytes:
+    wrong = ConversionError(f"GGUF key {key!r}: {value!r} is not a {kind.name.lower()}")
+    if kind == ValueType.STRING:
+        if not isinstance(value, str):
+            raise wrong
+        return _string(value)
+    if isinstance(value, str) or (kind == ValueType.BOOL) != isinstance(value, bool):
+        raise wrong
+    if isinstance(value, float) and kind not in (ValueType.FLOAT32, ValueType.FLOAT64):
+        raise wrong
+    try:
+        return struct.pack(_PACKED[kind], value)
+    except (struct.error, OverflowError):
+        raise wrong from None
 
 
 def quantize_q8_0(blocks: NDArray) -> NDArray:
