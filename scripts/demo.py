@@ -150,6 +150,7 @@ def main() -> int:
     cli(
         "convert", str(files["whole_model.pt"]), str(OUT / "half.safetensors"), "--dtype", "float16"
     )
+    cli("card", str(converted), "-o", str(OUT / "README.md"))  # a Hugging Face model card
     cli("diff", str(files["legacy.pt"]), str(converted))
     cli("hash", str(files["state_dict.pt"]), str(files["model.safetensors"]), str(converted))
     spec = "scripts.demo:DemoNet"  # the class above, imported by name as users name theirs
