@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 import modelport
 from modelport.cli.main import main
 from modelport.reporting.card import Provenance, build_card, conversion_provenance
+from tests.conftest import Cli
 
 # Runs each card's code in its folder, then saves the variable the code binds last.
 _DRIVER = """
@@ -310,3 +311,29 @@ def test_transformers_folder_card_loads_with_from_pretrained(tmp_path: Path) -> 
     inner = build_card(folder / "model.safetensors").text
     assert 'load_file("model.safetensors")' in python_block(inner)
     assert 'BertForMaskedLM.from_pretrained(".")' in inner
+
+
+def test_convert_card_writes_beside_the_output_and_refuses_to_replace(
+    tmp_path: Path, cli: Cli
+) -> None:
+    source = tmp_path / "source" / "state.pt"
+    source.parent.mkdir()
+    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    torch.save(state, source)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = cli("convert", source, out / "model.safetensors", "--card", "--json")
+    assert result.code == 0
+    assert result.json["card"] == str(out / "README.md")
+    text = (out / "README.md").read_text()
+    assert ModelCard(text).data.tags == ["modelport", "safetensors"]
+    assert "`state.pt` (`torch-zip`)" in text  # the conversion is the card's provenance
+    assert torch.equal(load_file(out / "model.safetensors")["w"], state["w"])
+
+    again = cli("convert", source, out / "second.safetensors", "--card")
+    assert again.code == 2 and "README.md exists" in again.err
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.safetensors"]
+
+    folder = tmp_path / "hf"
+    assert cli("convert", source, folder, "--to", "hf", "--card").code == 0
+    assert "model.safetensors" in (folder / "README.md").read_text()

@@ -30,7 +30,11 @@ from modelport.conversion.converting import (
     gguf_type_name,
 )
 from modelport.conversion.options import ConvertOptions
+from modelport.formats.protocol import Probe
+from modelport.formats.registry import FOLDER_READERS
+from modelport.reporting.card import build_card, conversion_provenance
 from modelport.torch_models import tf_names
+from modelport.transfer import placing
 
 EXAMPLES = """examples:
   modelport convert pytorch_model.bin model.safetensors
@@ -119,6 +123,12 @@ def register(commands: Any) -> None:
         action="store_true",
         help="extract tensors from a file the scanner judged unsafe",
     )
+    output.add_argument(
+        "--card",
+        action="store_true",
+        help="also write a model card (README.md) beside DST, or inside it for --to hf: what "
+        "it holds, the code that loads it, and this conversion as its provenance",
+    )
     output.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
 
@@ -146,12 +156,50 @@ def run(args: argparse.Namespace) -> int:
     options = _options(args)
     if args.from_tf == "auto" and not (options.extract or options.take_all):
         args.source, options = _pytorch_names(Path(args.source), options)
+    card = _card_path(args) if args.card and not args.dry_run else None
     if args.json:
         report = modelport.convert(args.source, args.target, options)
-        print(json.dumps(report.to_json(), indent=2))
+        written = {} if card is None else {"card": str(_write_card(card, report, options, args))}
+        print(json.dumps({**report.to_json(), **written}, indent=2))
         return ExitCode.OK
-    show(Console(width=console_width()), _convert_with_progress(args, options), args.dtype)
+    report = _convert_with_progress(args, options)
+    show(Console(width=console_width()), report, args.dtype)
+    if card is not None:
+        print(f"  card: {_write_card(card, report, options, args)}")
     return ExitCode.OK
+
+
+@dataclasses.dataclass(frozen=True)
+class _CardTarget:
+    """Where ``--card`` writes, and whether a README was there before the conversion."""
+
+    path: Path
+    existed: bool
+
+
+def _card_path(args: argparse.Namespace) -> _CardTarget:
+    """README.md inside a folder output, beside a file output; checked before the work."""
+    target = Path(args.target)
+    folder = args.to in ("hf", "hf-bin") or target.is_dir()
+    path = target / "README.md" if folder else target.with_name("README.md")
+    if path.parent.is_dir():
+        placing.check_side_output(path, (target,), args.overwrite)
+    return _CardTarget(path, path.exists())
+
+
+def _write_card(
+    card: _CardTarget, report: ConvertReport, options: ConvertOptions, args: argparse.Namespace
+) -> Path:
+    """The output's card, its provenance this conversion. A README the conversion itself
+    carried over from a Hugging Face source is replaced: the card describes the new files."""
+    made = build_card(
+        _card_subject(Path(report.target)),
+        provenance=conversion_provenance(report, options),
+        relative_to=card.path.parent,
+    )
+    overwrite = args.overwrite or not card.existed
+    placing.install_bytes(card.path, made.text.encode("utf-8"), overwrite=overwrite)
+    return card.path
 
 
 def _options(args: argparse.Namespace) -> ConvertOptions:
@@ -194,6 +242,15 @@ def _pytorch_names(source: Path, options: ConvertOptions) -> tuple[str, ConvertO
         return str(source), options
     name_map = tf_names.pytorch_layout(h5_path, options.include, options.exclude)
     return str(h5_path), dataclasses.replace(options, name_map=name_map)
+
+
+def _card_subject(target: Path) -> Path:
+    """What the card describes: the output, or, for a folder that is no model folder by
+    itself (weights written --to hf from a file with no config.json), its one weights file."""
+    if not target.is_dir() or any(reader.sniff(Probe.of(target)) for reader in FOLDER_READERS):
+        return target
+    weights = [p for p in sorted(target.iterdir()) if p.suffix in (".safetensors", ".bin")]
+    return weights[0] if len(weights) == 1 else target
 
 
 def _convert_with_progress(args: argparse.Namespace, options: ConvertOptions) -> ConvertReport:
