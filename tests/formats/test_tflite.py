@@ -20,6 +20,7 @@ import pytest
 import tflite
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 
 import modelport
 from modelport.errors import ModelportError
@@ -37,13 +38,23 @@ NUMPY = {
 
 
 @dataclass
+class Sparse:
+    """``SparsityParameters``: levels in traversal order, each (dense_size,) for DENSE or
+    (dense_size, segments, indices) for SPARSE_CSR."""
+
+    traversal_order: list[int]
+    block_map: list[int]
+    levels: list[tuple[int] | tuple[int, list[int], list[int]]]
+
+
+@dataclass
 class Spec:
     name: str
     type: int
     shape: list[int]
     buffer: int = 0
     quant: tuple[list[float], list[int], int] | None = None
-    sparse: bool = False
+    sparse: bool | Sparse = False
 
 
 @dataclass
@@ -67,6 +78,40 @@ def _ints(b: flatbuffers.Builder, start: Any, values: list[int], prepend: str = 
     for value in reversed(values):
         getattr(b, f"Prepend{prepend}")(value)
     return int(b.EndVector())
+
+
+def _index_vector(b: flatbuffers.Builder, values: list[int]) -> int:
+    vector = _ints(b, tflite.Int32VectorStartValuesVector, values)
+    tflite.Int32VectorStart(b)
+    tflite.Int32VectorAddValues(b, vector)
+    return int(tflite.Int32VectorEnd(b))
+
+
+def _sparsity(b: flatbuffers.Builder, layout: bool | Sparse) -> int:
+    """The schema's SparsityParameters; ``True`` gives an empty (unreadable) table."""
+    if not isinstance(layout, Sparse):
+        tflite.SparsityParametersStart(b)
+        return int(tflite.SparsityParametersEnd(b))
+    dims = []
+    for level in layout.levels:
+        vectors = [_index_vector(b, list(part)) for part in level[1:]]  # type: ignore[arg-type]
+        tflite.DimensionMetadataStart(b)
+        tflite.DimensionMetadataAddFormat(b, 1 if vectors else 0)
+        tflite.DimensionMetadataAddDenseSize(b, level[0])
+        if vectors:
+            tflite.DimensionMetadataAddArraySegmentsType(b, 1)  # Int32Vector
+            tflite.DimensionMetadataAddArraySegments(b, vectors[0])
+            tflite.DimensionMetadataAddArrayIndicesType(b, 1)
+            tflite.DimensionMetadataAddArrayIndices(b, vectors[1])
+        dims.append(tflite.DimensionMetadataEnd(b))
+    dim_vector = _offsets(b, tflite.SparsityParametersStartDimMetadataVector, dims)
+    order = _ints(b, tflite.SparsityParametersStartTraversalOrderVector, layout.traversal_order)
+    blocks = _ints(b, tflite.SparsityParametersStartBlockMapVector, layout.block_map)
+    tflite.SparsityParametersStart(b)
+    tflite.SparsityParametersAddTraversalOrder(b, order)
+    tflite.SparsityParametersAddBlockMap(b, blocks)
+    tflite.SparsityParametersAddDimMetadata(b, dim_vector)
+    return int(tflite.SparsityParametersEnd(b))
 
 
 def _bytes(b: flatbuffers.Builder, raw: bytes) -> int:
@@ -119,8 +164,7 @@ def build(
                 quant = tflite.QuantizationParametersEnd(b)
             sparsity = None
             if spec.sparse:
-                tflite.SparsityParametersStart(b)
-                sparsity = tflite.SparsityParametersEnd(b)
+                sparsity = _sparsity(b, spec.sparse)
             tflite.TensorStart(b)
             tflite.TensorAddShape(b, shape)
             tflite.TensorAddType(b, spec.type)
@@ -390,7 +434,7 @@ def test_strings_int4_and_sparse_tensors_are_reported_not_listed(tmp_path: Path)
         assert model.details["skipped_tensors"] == {
             "vocab": "string",
             "packed": "int4",
-            "sparse": "sparse",
+            "sparse": "sparse (unreadable parameters)",
         }
         assert any("int4" in w for w in model.warnings)
     report = modelport.convert(path, tmp_path / "m.safetensors")
@@ -478,3 +522,30 @@ def test_mutated_files_only_raise_modelport_errors(tmp_path: Path, data: st.Data
     path = tmp_path / "m.tflite"
     path.write_bytes(damage(data, _valid()))
     assert_typed_error_or_whole(path, inspect=True, intact=_valid())
+
+
+CSR = Sparse([0, 1], [], [(4,), (4, [0, 2, 3, 3, 5], [0, 3, 2, 0, 1])])
+CSR_DENSE = [[1, 0, 0, 2], [0, 0, 3, 0], [0, 0, 0, 0], [4, 5, 0, 0]]
+BLOCKS = Sparse([0, 1, 2, 3], [0, 1], [(2,), (2, [0, 1, 2], [0, 1]), (2,), (2,)])
+BLOCKS_DENSE = [[1, 2, 0, 0], [3, 4, 0, 0], [0, 0, 5, 6], [0, 0, 7, 8]]
+
+
+@pytest.mark.parametrize(
+    ("layout", "values", "dense"),
+    [(CSR, [1, 2, 3, 4, 5], CSR_DENSE), (BLOCKS, [1, 2, 3, 4, 5, 6, 7, 8], BLOCKS_DENSE)],
+    ids=["csr", "2x2-blocks"],
+)
+def test_sparse_constants_read_dense(
+    tmp_path: Path, layout: Sparse, values: list[int], dense: list[list[int]]
+) -> None:
+    """The schema's own encodings (a CSR matrix; 2x2 blocks, CSR over block columns), the
+    dense matrix they stand for the oracle; converted whole, bit for bit."""
+    graph = Graph([Spec("w", FLOAT32, [4, 4], 1, sparse=layout)])
+    path = tmp_path / "sparse.tflite"
+    path.write_bytes(build([graph], [np.array(values, np.float32).tobytes()]))
+    expected = np.array(dense, np.float32)
+    with modelport.open(path) as model:
+        assert np.array_equal(model.tensors["w"].numpy(), expected)
+    modelport.convert(path, tmp_path / "dense.safetensors")
+    with safe_open(str(tmp_path / "dense.safetensors"), "np") as written:
+        assert np.array_equal(written.get_tensor("w"), expected)

@@ -18,7 +18,8 @@ Layout (schema.fbs; slot ids as in the ``tflite`` package's generated code):
 
 Every tensor with a non-empty buffer is listed, its bytes a zero-copy range of the file;
 tensors without one (activations) are not. A buffer's size MUST equal shape x itemsize.
-STRING, INT4, sparse and resource/variant tensors are reported in ``details``, not listed.
+Sparse constants are listed dense (``_tflite_sparse``: densified when their values are read);
+STRING, INT4 and resource/variant tensors are reported in ``details``, not listed.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from typing import Any, Final
 from modelport import dtypes, limits
 from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
 from modelport.formats._flatbuffers import FlatBuffer, Table
+from modelport.formats._tflite_sparse import Sparsity, densify, read_sparsity
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
-from modelport.tensors import Storage, TensorRef
+from modelport.tensors import NDArray, Storage, TensorRef
 
 IDENTIFIER = b"TFL3"
 MAX_METADATA_TEXT = 4096
@@ -304,9 +306,18 @@ class _Reader:
             return info
         label = name or f"tensor_{position}"
         dtype = DTYPE_BY_CODE.get(code)
-        sparse = table.ref(TensorSlot.SPARSITY) != 0
-        if dtype is None or sparse:
-            reason = "sparse" if sparse else type_label(code)
+        sparsity = table.ref(TensorSlot.SPARSITY)
+        if dtype is not None and sparsity != 0:
+            try:
+                parameters = read_sparsity(self.buf.table(sparsity, "sparsity"), len(shape))
+            except CorruptFileError as exc:  # that tensor alone cannot be read
+                self.skipped[label] = "sparse (unreadable parameters)"
+                self.warnings.append(f"tensor {label!r}: {exc}")
+                return info
+            info["ref"] = _densified(dtype, tuple(shape), storage, parameters, label)
+            return info
+        if dtype is None:
+            reason = type_label(code)
             self.skipped[label] = reason
             if code != TensorType.STRING:
                 self.warnings.append(f"tensor {label!r}: {reason} tensors are not supported")
@@ -387,3 +398,19 @@ class _Reader:
 
 
 READER = FormatReader(Format.TFLITE, sniff, read, (".tflite",))
+
+
+def _densified(
+    dtype: str, shape: tuple[int, ...], stored: Storage, sparsity: Sparsity, label: str
+) -> TensorRef:
+    """A sparse constant as the dense tensor it stands for, made when its values are read."""
+    if any(d < 0 for d in shape):
+        raise CorruptFileError(f"sparse tensor {label!r} has a negative dimension in {shape}")
+
+    def dense_bytes() -> NDArray:
+        values = stored.bytes_view().view(dtypes.to_numpy(dtype))
+        return densify(sparsity, shape, values).reshape(-1).view("uint8")
+
+    nbytes = math.prod(shape) * dtypes.dtype(dtype).itemsize
+    storage = Storage(stored.path, stored.offset, nbytes, key=label, reader=dense_bytes)
+    return TensorRef(dtype, shape, storage, note="stored sparse; densified when read")
