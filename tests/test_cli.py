@@ -81,3 +81,19 @@ def test_python_m_modelport_entry_point(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert json.loads(done.stdout)["error"]["type"] == "ModelFileNotFoundError"
+
+
+def test_inspect_folds_the_module_tree_below_depth(tmp_path: Path, cli: Cli) -> None:
+    model = torch.nn.Sequential(
+        torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.ReLU())),
+        torch.nn.Linear(2, 1),
+    )
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+    shallow = cli("inspect", path, "--depth", "1")
+    assert shallow.code == 0
+    assert "… 3 modules below (--depth for more)" in shallow.out
+    relu = "── 0: torch.nn.modules.activation.ReLU"  # the innermost module's tree line
+    assert relu not in shallow.out
+    deep = cli("inspect", path, "--depth", "3")
+    assert relu in deep.out and "modules below" not in deep.out

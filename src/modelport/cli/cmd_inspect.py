@@ -52,7 +52,17 @@ def register(commands: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--tensors", action="store_true", help="list every tensor")
     parser.add_argument("--code", action="store_true", help="print TorchScript code")
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=DEFAULT_DEPTH,
+        metavar="N",
+        help=f"module tree levels shown (default {DEFAULT_DEPTH}); deeper ones are counted",
+    )
     parser.set_defaults(run=run)
+
+
+DEFAULT_DEPTH = 3
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console  # the people path only: --json goes without rich
 
     console = Console(width=console_width())
-    show_summary(console, report)
+    show_summary(console, report, depth=args.depth)
     if args.tensors:
         show_tensors(console, report)
     if args.code:
@@ -118,7 +128,7 @@ def _one_line(payload: dict[str, Any]) -> str:
     )
 
 
-def show_summary(console: Console, report: InspectReport) -> None:
+def show_summary(console: Console, report: InspectReport, *, depth: int = 0) -> None:
     from rich.table import Table
 
     table = Table.grid(padding=(0, 2))
@@ -158,7 +168,7 @@ def show_summary(console: Console, report: InspectReport) -> None:
         console.print("[bold]checkpoint extras[/bold]")
         console.print(extras)
     if report.modules:
-        console.print(_module_tree(report.modules))
+        console.print(_module_tree(report.modules, depth or DEFAULT_DEPTH))
     if report.code_files:
         console.print(f"[bold]code[/bold]: {len(report.code_files)} files (show with --code)")
     verdict = report.safety.get("verdict", "")
@@ -181,24 +191,35 @@ def show_tensors(console: Console, report: InspectReport) -> None:
     console.print(table)
 
 
-def _module_tree(modules: dict[str, Any]) -> Tree:
+def _module_tree(modules: dict[str, Any], depth: int) -> Tree:
+    """The pickled modules ``depth`` levels down; what lies deeper is counted, so a detection
+    model's hundreds of layers take a line (``--depth`` shows more)."""
     from rich.tree import Tree
 
     if "class" in modules:
         root = Tree(f"[bold]modules[/bold]: {modules['class']}")
-        _add_children(root, modules.get("children", {}))
+        _add_children(root, modules.get("children", {}), depth)
         return root
     root = Tree("[bold]modules[/bold]")
     for key, node in modules.items():
         branch = root.add(f"{key}: {node['class']}")
-        _add_children(branch, node.get("children", {}))
+        _add_children(branch, node.get("children", {}), depth - 1)
     return root
 
 
-def _add_children(branch: Tree, children: dict[str, Any]) -> None:
+def _add_children(branch: Tree, children: dict[str, Any], depth: int) -> None:
+    if depth <= 0:
+        hidden = _count(children)
+        if hidden:
+            branch.add(f"[dim]… {hidden:,} modules below (--depth for more)[/dim]")
+        return
     for name, child in children.items():
         sub = branch.add(f"{name}: {child['class']}")
-        _add_children(sub, child.get("children", {}))
+        _add_children(sub, child.get("children", {}), depth - 1)
+
+
+def _count(children: dict[str, Any]) -> int:
+    return sum(1 + _count(child.get("children", {})) for child in children.values())
 
 
 def _detail(value: Any) -> str:
