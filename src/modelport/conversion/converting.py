@@ -32,6 +32,7 @@ from modelport.loading.model_file import check_safety
 from modelport.loading.model_file import open as open_model
 from modelport.tensors import TensorRef
 from modelport.transfer import placing, progress
+from modelport.transfer.hashing import sha256_of
 from modelport.transfer.pinning import SourcePin
 from modelport.transfer.write_plan import OutputTensor, TypedMetadata, WritePlan
 from modelport.tree import names as trees
@@ -336,7 +337,7 @@ def _metadata(model: Any, options: ConvertOptions, aliases: dict[str, str]) -> d
     if options.name_map:  # a line per tensor: its size says what it did
         recipe["name_map"] = f"{len(options.name_map)} tensors renamed"
     if options.sha256:
-        metadata["modelport.source_sha256"] = writing.sha256_of(model.path)
+        metadata["modelport.source_sha256"] = sha256_of(model.path)
     metadata.update(
         {
             "modelport.version": __version__,

@@ -6,7 +6,6 @@ nothing."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -51,15 +50,3 @@ def write_verified(
         return casts, written
     finally:
         placing.discard(temporary)
-
-
-def sha256_of(path: Path) -> str:
-    """The source's full-content sha256 (every file of a directory, in name order)."""
-
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        with open(file, "rb") as handle:
-            while block := handle.read(1 << 24):
-                digest.update(block)
-    return digest.hexdigest()

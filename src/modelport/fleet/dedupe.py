@@ -20,7 +20,6 @@ changes while it is hashed runs as itself.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import stat
 import time
@@ -28,13 +27,12 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from modelport.fleet.inputs import Input
 from modelport.fleet.pool import Task
 from modelport.fleet.records import Failure, Identity, Record
-
-HASH_BLOCK: Final = 1 << 20  # bytes read at a time (hashlib releases the GIL above 2 KiB)
+from modelport.transfer.hashing import sha256_of
 
 
 @dataclass(frozen=True)
@@ -97,18 +95,6 @@ def content_of(path: str) -> Content | None:
     except OSError:
         return None
     return Content(digest, before) if Identity.of(path) == before else None
-
-
-def sha256_of(path: str) -> str:
-    """The file's sha256, streamed through one reused buffer. (``conversion.writing`` has
-    one too, but importing it would load the converters into every fleet run.)"""
-    digest = hashlib.sha256()
-    block = bytearray(HASH_BLOCK)
-    view = memoryview(block)
-    with open(path, "rb", buffering=0) as handle:
-        while count := handle.readinto(block):
-            digest.update(view[:count])
-    return digest.hexdigest()
 
 
 def copied(first: Record, item: Input, content: Content, expected: Content | None) -> Record:

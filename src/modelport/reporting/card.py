@@ -26,7 +26,6 @@ from modelport._version import __version__
 from modelport.comparing.fingerprint import SCHEME, fingerprint
 from modelport.conversion.converting import ConvertReport
 from modelport.conversion.options import ConvertOptions
-from modelport.conversion.writing import sha256_of
 from modelport.errors import ModelportError, SuspiciousModelWarning, UsageError
 from modelport.loading import model_file, weights_only
 from modelport.reporting import _card_markdown as md
@@ -37,6 +36,7 @@ from modelport.reporting.html_parts import human_bytes
 from modelport.reporting.model_report import FileDigest, file_digests
 from modelport.scanning.findings import ScanReport
 from modelport.scanning.scanner import scan
+from modelport.transfer.hashing import sha256_of
 from modelport.tree import names as trees
 
 MAX_LISTED: Final = 20  # extras, metadata and details entries shown

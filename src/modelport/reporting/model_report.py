@@ -8,7 +8,6 @@ threads while the statistics run (``hashlib`` releases the GIL).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from modelport._version import __version__
 from modelport.comparing.diffing import DiffReport, diff
@@ -28,8 +27,7 @@ from modelport.reporting.stats import stats
 from modelport.reporting.stats_records import StatsReport
 from modelport.scanning.findings import ScanReport
 from modelport.scanning.scanner import scan
-
-READ_STEP: Final = 1 << 20  # bytes per read while hashing a file
+from modelport.transfer.hashing import sha256_of
 
 
 @dataclass(frozen=True)
@@ -142,15 +140,3 @@ def file_digests(path: Path) -> tuple[FileDigest, ...]:
     return tuple(
         FileDigest(p.relative_to(path).as_posix(), p.stat().st_size, sha256_of(p)) for p in found
     )
-
-
-def sha256_of(path: Path) -> str:
-    hasher = hashlib.sha256()
-    buffer = bytearray(READ_STEP)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        while True:
-            got = handle.readinto(buffer)
-            if not got:
-                return hasher.hexdigest()
-            hasher.update(view[:got])

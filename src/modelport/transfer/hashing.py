@@ -1,0 +1,24 @@
+"""A file's (or a folder's) sha256, streamed through one reused buffer: the one digest of
+raw bytes that conversion provenance, fleet dedupe, reports and model cards all record."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Final
+
+READ_STEP: Final = 1 << 20  # bytes read at a time (hashlib releases the GIL above 2 KiB)
+
+
+def sha256_of(path: str | Path) -> str:
+    """The full-content sha256 of a file, or of every file of a folder in name order."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    buffer = bytearray(READ_STEP)
+    view = memoryview(buffer)
+    for file in files:
+        with open(file, "rb", buffering=0) as handle:
+            while count := handle.readinto(buffer):
+                digest.update(view[:count])
+    return digest.hexdigest()
