@@ -19,14 +19,14 @@ import modelport
 from modelport.conversion.options import ConvertOptions
 from modelport.conversion.verifying import verify
 from modelport.errors import ConversionError, UnsafeModelError, UsageError
-from modelport.formats.registry import READERS
+from modelport.formats.registry import every_reader
 from modelport.transfer import streaming
 from modelport.transfer.write_plan import OutputTensor, WritePlan
 from modelport.tree import names as trees
 from tests.conftest import Cli, torch_digest
 from tests.models import TiedLM, TinyResNet, trained_checkpoint
 
-WRITABLE = {r.format.value: r for r in READERS if r.write is not None}
+WRITABLE = {r.format.value: r for r in every_reader() if r.write is not None}
 SUFFIX = {"safetensors": ".safetensors", "torch-zip": ".pt", "npz": ".npz", "gguf": ".gguf"}
 
 

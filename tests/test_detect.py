@@ -14,6 +14,8 @@ from modelport.errors import (
     TruncatedFileError,
     UnknownFormatError,
 )
+from modelport.formats.protocol import Format
+from modelport.formats.registry import FILE_SLOTS, FOLDER_SLOTS, Needs, every_reader
 
 LFS_POINTER = (
     "version https://git-lfs.github.com/spec/v1\n"
@@ -70,3 +72,15 @@ def test_extension_never_decides(tmp_path: Path) -> None:
     report = modelport.inspect(path)
     assert report.format == "torch-zip"
     assert report.warnings and "extension .safetensors" in report.warnings[0]
+
+
+def test_every_format_has_one_reader_slot() -> None:
+    """The registry names each reader's module; every format modelport reads is reachable
+    through it (diffusers folders are read by the Hugging Face folder reader)."""
+    formats = {reader.format for reader in every_reader()}
+    assert formats == set(Format)
+    assert all(slot.needs is not Needs.FOLDER for slot in FILE_SLOTS)
+    assert {slot.needs for slot in FOLDER_SLOTS} == {Needs.FOLDER}
+    assert all(
+        slot.module.startswith("modelport.formats.") for slot in (*FILE_SLOTS, *FOLDER_SLOTS)
+    )

@@ -161,6 +161,33 @@ def test_inspect_of_a_safetensors_header_imports_no_numpy(tmp_path: Path) -> Non
     assert under(modules, LEAN) == []
 
 
+# the witness that the probe sees readers: each file's own
+OWN_READER = {
+    "small.safetensors": "safetensors",
+    "small.gguf": "gguf",
+    "state_dict.pt": "torch_zip",
+}
+READERS = ("modelport.formats",)
+
+
+@pytest.mark.parametrize("command", ["scan", "inspect"])
+@pytest.mark.parametrize("name", sorted(OWN_READER))
+def test_one_file_imports_only_the_readers_it_reaches(
+    tmp_path: Path, command: str, name: str
+) -> None:
+    """Readers are imported as a probe reaches them: an ONNX, HDF5 or TFLite reader is no
+    part of reading a safetensors file (the pickle-bearing formats' readers may be, since a
+    scan judges every reading)."""
+    path = WRITERS[name](tmp_path / name)
+    code, modules = run_cli(tmp_path, command, path)
+    assert code == 0
+    readers = {m.split(".")[2] for m in under(modules, READERS) if m.count(".") >= 2}
+    public_readers = {r for r in readers if not r.startswith("_")}
+    for absent in ("onnx", "hdf5", "tflite", "keras", "flax_msgpack", "tf_savedmodel", "hf_dir"):
+        assert absent not in public_readers
+    assert OWN_READER[name] in public_readers
+
+
 def test_inspect_of_an_npy_file_does_import_numpy(tmp_path: Path) -> None:
     """The witness: the same probe sees numpy where the file's content needs it."""
     path = tmp_path / "arange.npy"

@@ -30,8 +30,7 @@ from modelport.conversion.converting import (
     gguf_type_name,
 )
 from modelport.conversion.options import ConvertOptions
-from modelport.formats.protocol import Probe
-from modelport.formats.registry import FOLDER_READERS
+from modelport.formats.registry import is_model_folder
 from modelport.reporting.card import build_card, conversion_provenance
 from modelport.torch_models import tf_names
 from modelport.transfer import placing
@@ -247,7 +246,7 @@ def _pytorch_names(source: Path, options: ConvertOptions) -> tuple[str, ConvertO
 def _card_subject(target: Path) -> Path:
     """What the card describes: the output, or, for a folder that is no model folder by
     itself (weights written --to hf from a file with no config.json), its one weights file."""
-    if not target.is_dir() or any(reader.sniff(Probe.of(target)) for reader in FOLDER_READERS):
+    if not target.is_dir() or is_model_folder(target):
         return target
     weights = [p for p in sorted(target.iterdir()) if p.suffix in (".safetensors", ".bin")]
     return weights[0] if len(weights) == 1 else target

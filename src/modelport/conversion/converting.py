@@ -27,7 +27,7 @@ from modelport.conversion.verifying import CastCheck
 from modelport.errors import ConversionError, UsageError
 from modelport.formats import _hf_writer
 from modelport.formats.protocol import FormatReader
-from modelport.formats.registry import READERS
+from modelport.formats.registry import every_reader
 from modelport.loading.model_file import check_safety
 from modelport.loading.model_file import open as open_model
 from modelport.tensors import TensorRef
@@ -178,7 +178,7 @@ def _target_format(target: Path, to: str | None) -> FormatReader:
         return _hf_writer.TARGET
     if wanted == "hf-bin":
         return _hf_writer.BIN_TARGET
-    for reader in READERS:
+    for reader in every_reader():
         if reader.write is None:
             continue
         if wanted == reader.format.value or (

@@ -29,8 +29,7 @@ from typing import Any
 from modelport import limits
 from modelport.errors import UsageError
 from modelport.formats import dcp
-from modelport.formats.protocol import Probe
-from modelport.formats.registry import FOLDER_READERS
+from modelport.formats.registry import is_model_folder
 from modelport.pickles.symbols import Severity
 from modelport.scanning import walking
 from modelport.scanning.findings import FileReport, Finding
@@ -159,7 +158,6 @@ def _model_folders(root: Path) -> Iterator[Expanded]:
 
 def _is_model_folder(path: Path) -> bool:
     try:
-        probe = Probe.of(path)
-        return any(reader.sniff(probe) for reader in FOLDER_READERS)
+        return is_model_folder(path)
     except (OSError, ValueError):
         return False

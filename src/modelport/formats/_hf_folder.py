@@ -37,9 +37,8 @@ from typing import Any, Final
 from modelport import dtypes, limits
 from modelport.errors import CorruptFileError, LimitExceededError, ModelportError
 from modelport.formats import adapters
-from modelport.formats.file_formats import FILE_READERS
 from modelport.formats.protocol import Contents, Format
-from modelport.formats.sniffing import identify
+from modelport.formats.registry import FILE_SLOTS, detect
 from modelport.tensors import TensorRef
 from modelport.tree import names as trees
 
@@ -282,7 +281,7 @@ def _inside(root: Path, name: str) -> Path:
 def _read_shard(
     shard: Path, name: str, warnings: list[str], closers: list[Any]
 ) -> tuple[dict[str, TensorRef], dict[str, Any], str]:
-    reader, probe, notes = identify(shard, FILE_READERS)
+    reader, probe, notes = detect(shard, FILE_SLOTS)
     if probe.is_dir or reader.format is Format.HF_DIR:
         raise CorruptFileError(f"weight file {name!r} is not a file of weights", path=shard)
     contents = reader.contents(probe)

@@ -10,10 +10,15 @@ error page saved under the model's name).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from modelport.errors import ModelFileNotFoundError, NotAModelError, UnknownFormatError
+from modelport.errors import (
+    ModelFileNotFoundError,
+    ModelportError,
+    NotAModelError,
+    UnknownFormatError,
+)
 from modelport.formats._zip import LOCAL_SIGNATURE, ZipDirectory
 from modelport.formats.protocol import FormatReader, Probe
 
@@ -27,29 +32,40 @@ def identify(
 ) -> tuple[FormatReader, Probe, list[str]]:
     """The first of ``readers`` that takes ``path``, the probe it was chosen on, and
     warnings about the name."""
+    probe = probe_model(path)
+    for reader in readers:
+        if reader.sniff(probe):
+            return reader, probe, extension_warnings(probe.path, reader, lambda: readers)
+    raise unrecognised(probe)
+
+
+def probe_model(path: Path | str) -> Probe:
+    """The probe of an existing path that is not one of the common non-models."""
     path = Path(path)
     if not path.exists():
         raise ModelFileNotFoundError(path)
     probe = Probe.of(path)
     if not probe.is_dir:
         reject_non_models(probe)
-    for reader in readers:
-        if reader.sniff(probe):
-            return reader, probe, _extension_warnings(path, reader, readers)
+    return probe
+
+
+def unrecognised(probe: Probe) -> ModelportError:
+    """The error for a probe no reader took: a zip's precise damage when it is one."""
     if probe.head.startswith(LOCAL_SIGNATURE):
-        ZipDirectory.read(path)  # raises the precise reason a zip is unreadable
+        ZipDirectory.read(probe.path)  # raises the precise reason a zip is unreadable
     if probe.is_dir:
-        raise UnknownFormatError(
+        return UnknownFormatError(
             "directory holds no model modelport recognises (expected config.json with weights, "
             "a *.index.json, a torch.distributed.checkpoint .metadata, a saved_model.pb or a "
             "TensorFlow checkpoint's .index)",
-            path=path,
+            path=probe.path,
         )
-    raise UnknownFormatError(
+    return UnknownFormatError(
         f"unrecognised content (first bytes {probe.head[:16].hex(' ')}); "
         "modelport reads safetensors, torch, pickle, numpy, ONNX, GGUF and GGML, HDF5, Keras, "
         "TFLite, ExecuTorch, TensorFlow checkpoints and SavedModels, and Flax msgpack",
-        path=path,
+        path=probe.path,
     )
 
 
@@ -81,13 +97,15 @@ def reject_non_models(probe: Probe) -> None:
         )
 
 
-def _extension_warnings(
-    path: Path, reader: FormatReader, readers: Sequence[FormatReader]
+def extension_warnings(
+    path: Path, reader: FormatReader, every_reader: Callable[[], Sequence[FormatReader]]
 ) -> list[str]:
+    """A warning when the name's extension belongs to another format than the content's.
+    ``every_reader`` is asked only then, so a well-named file imports no other reader."""
     suffix = path.suffix.lower()
     if not suffix or path.is_dir() or suffix in reader.extensions:
         return []
-    owners = [r.format.value for r in readers if suffix in r.extensions]
+    owners = [r.format.value for r in every_reader() if suffix in r.extensions]
     if not owners:
         return []
     return [

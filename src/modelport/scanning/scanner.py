@@ -38,7 +38,7 @@ from modelport.formats._zip import (
     prepended_bytes,
 )
 from modelport.formats.protocol import Contents, Format, Probe, refuse_special_file
-from modelport.formats.registry import READERS
+from modelport.formats.registry import candidates
 from modelport.pickles.judging import Severity
 from modelport.scanning import content_checks, content_kinds, embedded, walking
 from modelport.scanning.archives import TORCH_SAVED, ArchiveScanning, mapped_view
@@ -417,7 +417,7 @@ class _FileScanner(ArchiveScanning, StreamScanning):
         """The first reader of a code-free format (or, inside a zip, any reader) that takes
         the file; its format's name, or None when none does."""
         probe = Probe.of(self.path)
-        for reader in READERS:
+        for reader in candidates(probe):
             if not zip_only and reader.format not in _CODE_FREE:
                 continue
             if not reader.sniff(probe):
