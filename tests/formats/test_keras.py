@@ -131,6 +131,15 @@ def write_keras(
     return weights
 
 
+# the names Keras gives these variables (``Variable.path``), which modelport reads them under
+KERAS_NAMES = {
+    "layers/dense/vars/0": "dense/kernel",
+    "layers/dense/vars/1": "dense/bias",
+    "layers/dense_1/vars/0": "dense_1/kernel",
+    "layers/dense_1/vars/1": "dense_1/bias",
+}
+
+
 def oracle(weights: bytes) -> dict[str, np.ndarray]:
     found: dict[str, np.ndarray] = {}
     with h5py.File(io.BytesIO(weights), "r") as f:
@@ -140,7 +149,7 @@ def oracle(weights: bytes) -> dict[str, np.ndarray]:
                 value = np.asarray(obj[()])
                 if obj.attrs.get("dtype") == "bfloat16":
                     value = value.view(ml_dtypes.bfloat16)
-                found[name] = value
+                found[KERAS_NAMES.get(name, name)] = value
 
         f.visititems(visit)
     return found
@@ -154,8 +163,8 @@ def assert_matches(path: Path, expected: dict[str, np.ndarray]) -> None:
             assert ref.shape == array.shape, name
             assert ref.nbytes == array.nbytes, name
             assert digest(ref.numpy()) == digest(array), name
-        assert model.tensors["layers/dense_1/vars/0"].dtype == "bfloat16"
-        assert model.tensors["layers/dense_1/vars/1"].dtype == "float16"
+        assert model.tensors["dense_1/kernel"].dtype == "bfloat16"
+        assert model.tensors["dense_1/bias"].dtype == "float16"
         assert model.tensors["optimizer/vars/0"].dtype == "int64"
 
 
@@ -190,8 +199,8 @@ def test_stored_archive_is_zero_copy(tmp_path: Path) -> None:
     assert report["parameters"] == sum(a.size for a in layers.values())
     assert "optimizer variables" in report["weights"]["note"]
     listed = {t["name"]: t for t in report["tensors"]}
-    assert listed["layers/dense_1/vars/0"] == {
-        "name": "layers/dense_1/vars/0",
+    assert listed["dense_1/kernel"] == {
+        "name": "dense_1/kernel",
         "dtype": "bfloat16",
         "shape": [8, 3],
         "nbytes": 48,
@@ -205,10 +214,10 @@ def test_deflated_archive_reads_through_h5py(tmp_path: Path) -> None:
     assert_matches(path, expected)
     with modelport.open(path) as model:
         assert model.details["weights_stored"] is False
-        kernel = model.tensors["layers/dense/vars/0"]
+        kernel = model.tensors["dense/kernel"]
         assert kernel.byte_range() is None
     # The archive is closed; the tensor is still readable (the file is reopened).
-    assert digest(kernel.numpy()) == digest(expected["layers/dense/vars/0"])
+    assert digest(kernel.numpy()) == digest(expected["dense/kernel"])
     loaded = modelport.load(path)
     assert sorted(loaded) == sorted(n for n in expected if not n.startswith("optimizer/"))
 

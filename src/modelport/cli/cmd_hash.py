@@ -79,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             results.append(report.to_json())
         else:
-            print(f"{report.digest}  {path}", flush=True)
+            print(f"{report.digest}  {report.path}", flush=True)
+            if report.bytes_fetched is not None:  # stderr: stdout stays sha256sum's layout
+                print(f"{report.path}: fetched {report.bytes_fetched:,} bytes", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
     return ExitCode.ERROR if failed else ExitCode.OK

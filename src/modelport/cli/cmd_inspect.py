@@ -13,6 +13,7 @@ from modelport.cli._output import console_width, human_bytes, json_default
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.errors import UsageError
 from modelport.loading.inspect_report import InspectReport
+from modelport.transfer.remote import is_url
 from modelport.tree import quantization
 
 if TYPE_CHECKING:
@@ -70,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     if plan is not None:
         return _run_fleet(args, plan)
     path = args.paths[0]
+    if args.code and is_url(path):
+        raise UsageError("--code reads a local file; inspect a URL without it")
     report = modelport.inspect(path)
     if args.json:
         payload = report.to_json()
@@ -125,6 +128,7 @@ def _one_line(payload: dict[str, Any]) -> str:
         f"{payload['format']:14} {payload['tensor_count']:>7,} tensors "
         f"{payload['parameters']:>15,} parameters {human_bytes(payload['size_bytes']):>9}  "
         f"{verdict:10} {payload['path']}"
+        + (f"  (fetched {payload['bytes_fetched']:,} bytes)" if "bytes_fetched" in payload else "")
     )
 
 
@@ -137,6 +141,10 @@ def show_summary(console: Console, report: InspectReport, *, depth: int = 0) -> 
     table.add_row("file", report.path)
     table.add_row("format", report.format)
     table.add_row("size", human_bytes(report.size_bytes))
+    if report.bytes_fetched is not None:
+        table.add_row(
+            "fetched", f"{report.bytes_fetched:,} bytes ({human_bytes(report.bytes_fetched)})"
+        )
     table.add_row("tensors", f"{len(report.tensors):,}")
     table.add_row("parameters", f"{report.parameters:,}")
     if report.quantization:

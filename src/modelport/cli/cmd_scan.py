@@ -122,6 +122,11 @@ def file_lines(file: FileReport) -> Iterator[list[Segment]]:
         (f"{file.verdict.upper():10}", style),
         (f" {file.path} ", ""),
         (f"({file.format})", "dim"),
+        *(
+            [(f" fetched {file.bytes_fetched:,} bytes", "dim")]
+            if file.bytes_fetched is not None
+            else []
+        ),
     ]
     for finding in file.findings:
         if finding.severity is Severity.INFO:

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from modelport.loading import model_file as api
 from modelport.tensors import TensorRef
+from modelport.transfer import remote
 from modelport.transfer.streaming import source_chunks
 from modelport.tree import names as trees
 
@@ -76,6 +77,7 @@ class HashReport:
     parameters: int
     weights_source: str  # "" for the whole file, else the checkpoint key taken
     tensors: tuple[TensorDigest, ...]
+    bytes_fetched: int | None = None  # an object behind a URL: the bytes copied to hash it
 
     def to_json(self, *, tensors: bool = True) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -88,6 +90,8 @@ class HashReport:
             "parameters": self.parameters,
             "weights_source": self.weights_source,
         }
+        if self.bytes_fetched is not None:
+            payload["bytes_fetched"] = self.bytes_fetched
         if tensors:
             payload["tensors"] = [t.to_json() for t in self.tensors]
         return payload
@@ -99,8 +103,13 @@ def fingerprint(
     """The content fingerprint of a model file's weights (exported as ``modelport.hash``).
 
     The file is scanned first: ``unsafe`` raises ``UnsafeModelError`` unless
-    ``allow_unsafe``. Nothing stored in the file is executed.
+    ``allow_unsafe``. Nothing stored in the file is executed. A URL (``s3://``,
+    ``https://``, any fsspec protocol) is copied whole first: every tensor byte counts.
     """
+    if remote.is_url(path):
+        with remote.whole_copy(str(path)) as copy:
+            found = fingerprint(copy.path, allow_unsafe=allow_unsafe, weights_only=weights_only)
+            return replace(found, path=copy.url, bytes_fetched=copy.bytes_fetched)
     api.check_safety(path, allow_unsafe=allow_unsafe)
     with api.open(path) as model:
         if weights_only:

@@ -33,6 +33,7 @@ from modelport.formats.registry import is_model_folder
 from modelport.pickles.symbols import Severity
 from modelport.scanning import walking
 from modelport.scanning.findings import FileReport, Finding
+from modelport.transfer import remote
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ Expanded = tuple[str, dict[str, Any], "dict[str, Any] | None"]
 
 def _expanded(command: str, named: Iterable[str]) -> Iterator[Expanded]:
     for path in named:
-        if not Path(path).is_dir():
+        if remote.is_url(path) or not Path(path).is_dir():  # a URL names one object
             yield path, {}, None
         elif command == "scan":
             yield from _scan_folder(Path(path))

@@ -67,7 +67,10 @@ def file_report(record: Record) -> FileReport:
     result = record.result
     if record.status == "ok" and isinstance(result, dict):
         findings = tuple(_finding(f) for f in result["findings"])
-        return FileReport(result["path"], result["format"], result["verdict"], findings)
+        fetched = result.get("bytes_fetched")  # an object behind a URL
+        return FileReport(
+            result["path"], result["format"], result["verdict"], findings, bytes_fetched=fetched
+        )
     message = record.error.message if record.error else "no result recorded"
     finding = Finding(Severity.HIGH, "not-analysed", "", message)
     return FileReport(record.path, record.format or record.status, "error", (finding,))

@@ -21,8 +21,10 @@ from modelport.errors import ModelportWarning
 from modelport.fleet.records import Failure, Identity, Outcome
 from modelport.loading import model_file
 from modelport.pickles.symbols import Severity
+from modelport.scanning import remote_inputs
 from modelport.scanning.findings import Finding
 from modelport.scanning.scanner import scan_file
+from modelport.transfer import remote
 
 
 def perform(command: str, path: str, options: dict[str, Any]) -> Outcome:
@@ -69,6 +71,9 @@ def describe(exc: BaseException) -> str:
 
 def _scan(path: str, options: dict[str, Any]) -> tuple[str, Any]:
     segments = options.get("segments")
+    if remote.is_url(path):
+        report = remote_inputs.scan_url(path, scan_file)
+        return report.format, report.to_json()
     report = scan_file(
         Path(path),
         [(offset, length) for offset, length in segments] if segments is not None else None,

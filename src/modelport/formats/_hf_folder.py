@@ -16,6 +16,8 @@ Layout (transformers and diffusers ``save_pretrained``, PEFT adapters; huggingfa
 - an index MUST be ``{"metadata": {...}, "weight_map": {tensor: shard file}}``; every
   entry MUST be present in its shard, no tensor may appear in two shards, and shard names
   MUST stay inside the directory (``../x`` and absolute names are refused, never opened);
+  transformers 4.x's TF index (``tf_model.h5.index.json``) names each variable with its
+  model scope (``tf_bert_model/bert/...:0``), which its HDF5 shards leave out;
 - ``metadata.total_size`` SHOULD equal the bytes of the stored tensors (tied weights are
   stored once);
 - safetensors ``__metadata__`` MAY record aliases ``{removed: kept}``
@@ -60,6 +62,7 @@ VARIANT: Final = re.compile(
     rf"(model|pytorch_model|{DIFFUSERS_STEM}|adapter_model)\.[A-Za-z0-9_-]+\.(safetensors|bin)"
 )
 SNIFF_BYTES = 64 * 1024
+TF_INDEX: Final = "tf_model.h5.index.json"  # transformers 4.x TF shards: tf_model-00001-of-N.h5
 CONFIG_FIELDS: Final = ("model_type", "architectures", "torch_dtype", "dtype")
 DIFFUSERS_FIELDS: Final = {"_class_name": "class", "_diffusers_version": "diffusers_version"}
 
@@ -130,6 +133,8 @@ def read_folder(path: Path) -> Contents:
     if index_path is not None:
         index = load_json(index_path)
         weight_map = _weight_map(index, index_path)
+        if index_path.name == TF_INDEX:
+            weight_map = {tf_dataset_name(name): file for name, file in weight_map.items()}
         raw_meta = index.get("metadata") or {}
         metadata = dict(raw_meta) if isinstance(raw_meta, dict) else {}
         details["index"] = index_path.name
@@ -240,6 +245,13 @@ def _choose(path: Path) -> tuple[Path | None, list[str], list[str]]:
     chosen_index, chosen_files = ranked[0]
     skipped = [p.name if p is not None else files[0] for p, files in ranked[1:]]
     return chosen_index, chosen_files, skipped
+
+
+def tf_dataset_name(name: str) -> str:
+    """Where transformers 4.x's TF shards store the variable its index names: the name less
+    its model scope (``tf_bert_model/``), unless it holds ``model.`` or has one part."""
+    parts = name.split("/")
+    return name if "model." in name or len(parts) == 1 else "/".join(parts[1:])
 
 
 def _weight_map(index: dict[str, Any], index_path: Path) -> dict[str, str]:

@@ -9,6 +9,8 @@ Layout (keras/src/saving/saving_lib.py, ``_save_model_to_fileobj``):
 - ``model.weights.h5`` holds the variables in Keras 3's layout (``layers/<name>/vars/<i>``,
   ``optimizer/vars/<i>``, ``vars``); Keras 2.13-2.15 wrote ``_layer_checkpoint_dependencies``
   instead of ``layers``; ``weights_format="npz"`` writes ``model.weights.npz`` instead;
+  the layers' variables are named as Keras names them (``dense/kernel``), from the layer
+  classes and configs of ``config.json`` (``_keras_names``);
 - ``assets/...`` MAY hold files a layer saved (vocabularies, lookup tables).
 
 Keras writes every member STORED (``zipfile.ZipFile`` defaults), so the weights file is a
@@ -30,7 +32,8 @@ from typing import Any
 
 from modelport import limits
 from modelport.errors import CorruptFileError, ModelportError
-from modelport.formats import _keras_config, hdf5
+from modelport.formats import _keras_config, _keras_names, hdf5
+from modelport.formats._hdf5_attrs import AttributeReader
 from modelport.formats._hdf5_raw import (
     FIRST_USERBLOCK,
     RawReader,
@@ -117,7 +120,7 @@ def read(path: Path, probe: Probe) -> Contents:
             else "archive holds no model.weights.h5: no tensors"
         )
         return Contents(Format.KERAS, {}, metadata=metadata, details=details, warnings=warnings)
-    contents = _read_weights(directory, weights, path)
+    contents = _read_weights(directory, weights, path, details.get("model_config"))
     weights_details = dict(contents.details)
     details["weights_member"] = weights.name
     details["weights_stored"] = weights.is_stored
@@ -138,7 +141,10 @@ def _json_member(directory: ZipDirectory, entry: ZipEntry, limit: int, path: Pat
         raise CorruptFileError(str(exc), path=path) from None
 
 
-def _read_weights(directory: ZipDirectory, entry: ZipEntry, path: Path) -> Contents:
+def _read_weights(
+    directory: ZipDirectory, entry: ZipEntry, path: Path, model_config: Any
+) -> Contents:
+    """The weights member's tensors, under the names Keras gives its variables."""
     h5py = hdf5.import_h5py()
     if entry.is_stored:
         if entry.size != entry.compressed_size:
@@ -175,7 +181,12 @@ def _read_weights(directory: ZipDirectory, entry: ZipEntry, path: Path) -> Conte
         place = hdf5.Place(path, 0, entry.size, flat=False)
     superblock = _superblock(raw, entry, path)
     guard = superblock.heap_guard(raw, entry.size)
-    return hdf5.read_contents(source, place, guard, Format.KERAS, f"reading {entry.name}")
+    what = f"reading {entry.name}"
+    contents = hdf5.read_contents(source, place, guard, Format.KERAS, what)
+    attrs = AttributeReader(h5py, guard)
+    translate = hdf5.h5_errors(what, path)
+    _keras_names.name_variables(contents, source.file, attrs, translate, model_config)
+    return contents
 
 
 def _superblock(raw: RawReader, entry: ZipEntry, path: Path) -> Superblock:

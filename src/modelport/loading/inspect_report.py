@@ -52,9 +52,10 @@ class InspectReport:
     bytes_by_dtype: dict[str, int]
     quantization: dict[str, Any] | None = None
     weights_only: dict[str, Any] | None = None
+    bytes_fetched: int | None = None  # an object behind a URL: the bytes read to inspect it
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        found = {
             "path": self.path,
             "format": self.format,
             "size_bytes": self.size_bytes,
@@ -74,3 +75,6 @@ class InspectReport:
             "weights_only": self.weights_only,
             "tensors": [t.to_json() for t in self.tensors],
         }
+        return (
+            found if self.bytes_fetched is None else {**found, "bytes_fetched": self.bytes_fetched}
+        )

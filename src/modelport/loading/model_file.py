@@ -2,9 +2,9 @@
 
 ``open`` detects the format by content and reads headers only, and offers ``safe_open``'s
 interface (``keys``, ``get_tensor``, ``get_slice``, ``metadata()``) for every format;
-``inspect`` freezes that into a report; ``load`` hands back the model weights as torch
-tensors, placed as ``torch.load``'s ``map_location`` places them. None of them executes
-anything stored in the file.
+``inspect`` freezes that into a report; ``load`` hands back the model weights (or, with
+``weights=False``, the whole checkpoint) as torch tensors, placed as ``torch.load``'s
+``map_location`` places them. None of them executes anything stored in the file.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import difflib
 import logging
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from modelport.errors import (
     SuspiciousModelWarning,
@@ -28,12 +29,14 @@ from modelport.formats.registry import detect
 from modelport.loading import file_access, weights_only
 from modelport.loading.file_access import FileMetadata, TensorSlice
 from modelport.loading.inspect_report import InspectReport, TensorSummary
-from modelport.loading.placement import CPU, MapLocation, Placement
+from modelport.loading.placement import CPU, MapLocation, Placement, place_tree
 from modelport.pickles import modules
 from modelport.pickles.records import ObjectRecord
+from modelport.scanning import remote_inputs
 from modelport.scanning.findings import ScanReport
 from modelport.scanning.scanner import scan, scan_file
 from modelport.tensors import TensorRef
+from modelport.transfer import remote
 from modelport.tree import names as trees
 from modelport.tree import quantization
 from modelport.tree import weights as weight_rule
@@ -200,7 +203,12 @@ def _directory_size(path: Path) -> int:
 
 
 def inspect(path: str | Path) -> InspectReport:
-    """A frozen summary of a model file: format, tensors, parameters, metadata, extras."""
+    """A frozen summary of a model file: format, tensors, parameters, metadata, extras. A
+    URL (``s3://``, ``https://``, any fsspec protocol) is read by byte range: its headers."""
+    if remote.is_url(path):
+        with remote_inputs.local_copy(str(path)) as copy:
+            found = inspect(copy.path)
+            return replace(found, path=copy.url, bytes_fetched=copy.bytes_fetched)
     with open(path) as model:
         selection = model.weights()
         quantized = model.quantized(selection.tensors)
@@ -255,6 +263,7 @@ def _all_tensors(tree: dict[Any, Any]) -> bool:
     return all(isinstance(v, TensorRef) for v in tree.values())
 
 
+@overload
 def load(
     path: str | Path,
     map_location: MapLocation = None,
@@ -264,7 +273,35 @@ def load(
     ema: bool = False,
     allow_unsafe: bool = False,
     device: str | None = None,
-) -> dict[str, torch.Tensor]:
+    weights: Literal[True] = True,
+) -> dict[str, torch.Tensor]: ...
+
+
+@overload
+def load(
+    path: str | Path,
+    map_location: MapLocation = None,
+    *,
+    strip_prefix: str | None = None,
+    dequantize: bool = False,
+    ema: bool = False,
+    allow_unsafe: bool = False,
+    device: str | None = None,
+    weights: bool,
+) -> Any: ...
+
+
+def load(
+    path: str | Path,
+    map_location: MapLocation = None,
+    *,
+    strip_prefix: str | None = None,
+    dequantize: bool = False,
+    ema: bool = False,
+    allow_unsafe: bool = False,
+    device: str | None = None,
+    weights: bool = True,
+) -> Any:
     """The model weights as torch tensors, from any readable format, executing nothing.
 
     Checkpoints are unwrapped and pickled modules give their state_dict (see
@@ -276,20 +313,33 @@ def load(
     ``convert --strip-prefix`` does. ``dequantize`` turns GGML block-quantized tensors into
     float32. The file is scanned first: an ``unsafe`` verdict raises ``UnsafeModelError``
     unless ``allow_unsafe``; a ``suspicious`` one warns (``SuspiciousModelWarning``).
+
+    ``weights=False`` gives the whole checkpoint instead, as ``torch.load(weights_only=True)``
+    gives it: tensors, dicts, lists, tuples and plain values as themselves, anything else as
+    the inert record the reader made of it (``modelport.pickles.records``), never called.
+    ``strip_prefix`` and ``ema`` choose among weights, so they are refused there.
     """
     if device is not None and map_location is not None:
         raise UsageError(
             "pass map_location or device, not both (device is map_location's old name)"
         )
+    if not weights and (strip_prefix is not None or ema):
+        chosen = "strip_prefix" if strip_prefix is not None else "ema"
+        raise UsageError(
+            f"{chosen} selects and names the model weights; with weights=False the whole "
+            "checkpoint comes back as stored, so leave it out"
+        )
     where = device if device is not None else map_location
     check_safety(path, allow_unsafe=allow_unsafe)
     with open(path) as model:
-        selection = model.weights(ema=ema)
-        if selection.note:
-            log.info("%s: %s", model.path.name, selection.note)
         devices = model.details.get("devices")
         saved = devices[0] if isinstance(devices, list) and len(devices) == 1 else CPU
         placement = Placement(where, default_location=str(saved), dequantize=dequantize)
+        if not weights:
+            return place_tree(model.tree, placement)
+        selection = model.weights(ema=ema)
+        if selection.note:
+            log.info("%s: %s", model.path.name, selection.note)
         named = _stripped(selection.tensors, strip_prefix)
         return {name: placement.tensor(ref) for name, ref in named.items()}
 

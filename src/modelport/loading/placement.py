@@ -12,16 +12,29 @@
 
 Formats other than torch's record no location: their storages are ``"cpu"``. Storages are
 placed once, so tensors that shared storage in the file share it after placement too.
+
+``place_tree`` does the same for a whole checkpoint (``load(weights=False)``): the tree the
+restricted unpickler built comes back as ``torch.load(weights_only=True)`` would give it:
+tensors, dicts (``OrderedDict`` with its ``_metadata``), lists, tuples, sets, plain values,
+``torch.dtype`` and ``torch.device``; what no allowlist admits stays an inert record
+(``ObjectRecord``, ``CallRecord``, ``GlobalRef``) whose contents are placed in turn.
 """
 
 from __future__ import annotations
 
 import builtins
+import copy
+import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from modelport import dtypes
-from modelport.errors import UsageError
+from modelport import dtypes, limits
+from modelport.errors import LimitExceededError, UsageError
+from modelport.pickles.numpy_types import NumpyArray
+from modelport.pickles.reading import PickledDict
+from modelport.pickles.records import CallRecord, ObjectRecord
+from modelport.pickles.torch_types import SparseTensor, TorchConstant, TorchDevice, TorchDType
 from modelport.tensors import Storage, TensorRef, contiguous_strides
 from modelport.transfer.streaming import dequantize
 
@@ -133,3 +146,108 @@ def _check_map_location(where: MapLocation) -> None:
         f"map_location must be a device string, a torch.device, a dict or a callable, "
         f"as torch.load takes; got {type(where).__name__}"
     )
+
+
+def place_tree(tree: Any, placement: Placement) -> Any:
+    """``tree`` with torch objects for what the file held as tensors, dtypes and devices.
+
+    Containers are copied, never changed: the tree stays what the reader made. An object the
+    tree reaches twice (a tensor in two places, a config node pointing back at its parent)
+    is converted once and reached twice in the result, as ``torch.load``'s memo gives it."""
+    return _TreeCopy(placement).value(tree, 0)
+
+
+_LEAVES = (type(None), bool, int, float, complex, str, bytes, bytearray)
+
+
+class _TreeCopy:
+    def __init__(self, placement: Placement) -> None:
+        self.placement = placement
+        self.done: dict[int, Any] = {}  # id(value in the tree) -> its copy
+        self.nodes = 0
+
+    def value(self, value: Any, depth: int) -> Any:
+        if isinstance(value, _LEAVES):
+            return value
+        found = self.done.get(id(value), _MISSING)
+        if found is not _MISSING:
+            return found
+        self.nodes += 1
+        if self.nodes > limits.MAX_TREE_NODES:
+            raise LimitExceededError(
+                "objects in the file's tree", limits.MAX_TREE_NODES, self.nodes
+            )
+        if depth > limits.MAX_DEPTH:
+            raise LimitExceededError("nesting depth of the file's tree", limits.MAX_DEPTH, depth)
+        if isinstance(value, (dict, list, ObjectRecord, CallRecord, SparseTensor)):
+            return self._mutable(value, depth + 1)
+        copied = self._immutable(value, depth + 1)
+        self.done[id(value)] = copied
+        return copied
+
+    def _mutable(self, value: Any, depth: int) -> Any:
+        """A container that may hold itself: made empty and remembered before it is filled."""
+        if isinstance(value, dict):
+            made: Any = OrderedDict() if isinstance(value, OrderedDict) else {}
+            self.done[id(value)] = made
+            for key, item in value.items():
+                made[self.value(key, depth)] = self.value(item, depth)
+            state = value.pickle_state if isinstance(value, PickledDict) else None
+            if isinstance(state, dict):  # torch's state_dict ``_metadata``, set as BUILD sets it
+                attributes = {k: v for k, v in state.items() if isinstance(k, str)}
+                vars(made).update(self.value(attributes, depth))
+            return made
+        if isinstance(value, list):
+            listed: list[Any] = []
+            self.done[id(value)] = listed
+            listed.extend(self.value(item, depth) for item in value)
+            return listed
+        record = copy.copy(value)  # an inert record: its parts placed, itself left inert
+        self.done[id(value)] = record
+        if isinstance(value, SparseTensor):
+            record.parts = self.value(value.parts, depth)
+            return record
+        record.args = self.value(value.args, depth)
+        record.list_items = self.value(value.list_items, depth)
+        record.dict_items = self.value(value.dict_items, depth)
+        if isinstance(value, ObjectRecord):
+            record.kwargs = self.value(value.kwargs, depth)
+            record.state = self.value(value.state, depth)
+        return record
+
+    def _immutable(self, value: Any, depth: int) -> Any:
+        import torch
+
+        if isinstance(value, TensorRef):
+            return self.placement.tensor(value)
+        if isinstance(value, (tuple, set, frozenset)):
+            items = [self.value(item, depth) for item in value]
+            return tuple(items) if isinstance(value, tuple) else type(value)(items)
+        if isinstance(value, NumpyArray):
+            return self._numpy(value, depth)
+        if isinstance(value, (TorchDType, TorchConstant)):
+            named = getattr(torch, value.name, None)
+            known = (torch.dtype, torch.layout, torch.memory_format, torch.qscheme)
+            return named if isinstance(named, known) else value
+        if isinstance(value, TorchDevice):
+            try:
+                return torch.device(value.spec)
+            except (RuntimeError, ValueError, TypeError):
+                return value
+        return value  # GlobalRef and other records: inert as they are
+
+    def _numpy(self, value: NumpyArray, depth: int) -> Any:
+        """A numpy array of its own (a copy), or an object array of the converted items."""
+        import numpy as np
+
+        if value.tensor is not None:
+            return np.array(value.tensor.numpy())
+        if value.objects is None or len(value.objects) != math.prod(value.shape):
+            return value
+        array = np.empty(len(value.objects), dtype=object)
+        for index, item in enumerate(value.objects):
+            array[index] = self.value(item, depth)
+        return array.reshape(value.shape)
+
+
+_MISSING = object()

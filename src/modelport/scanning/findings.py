@@ -6,7 +6,7 @@ Verdicts, worst last: ``safe`` (info findings at most), ``suspicious`` (medium),
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from modelport.pickles.judging import PickleFinding, Severity
@@ -108,19 +108,22 @@ class FileReport:
     verdict: str
     findings: tuple[Finding, ...]
     data_files: tuple[str, ...] = ()
+    bytes_fetched: int | None = None  # an object behind a URL: the bytes its scan fetched
 
     def noted(self, finding: Finding) -> FileReport:
         """The same report with one more (informational) finding."""
-        findings = (*self.findings, finding)
-        return FileReport(self.path, self.format, self.verdict, findings, self.data_files)
+        return replace(self, findings=(*self.findings, finding))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        found = {
             "path": self.path,
             "format": self.format,
             "verdict": self.verdict,
             "findings": [f.to_json() for f in self.findings],
         }
+        return (
+            found if self.bytes_fetched is None else {**found, "bytes_fetched": self.bytes_fetched}
+        )
 
 
 @dataclass(frozen=True)

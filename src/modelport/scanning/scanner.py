@@ -40,11 +40,12 @@ from modelport.formats._zip import (
 from modelport.formats.protocol import Contents, Format, Probe, refuse_special_file
 from modelport.formats.registry import candidates
 from modelport.pickles.judging import Severity
-from modelport.scanning import content_checks, content_kinds, embedded, walking
+from modelport.scanning import content_checks, content_kinds, embedded, remote_inputs, walking
 from modelport.scanning.archives import TORCH_SAVED, ArchiveScanning, mapped_view
 from modelport.scanning.content_kinds import PickleReading
 from modelport.scanning.findings import FileReport, Finding, ScanReport, worst
 from modelport.scanning.streams import StreamScanning
+from modelport.transfer import remote
 
 # Formats whose readers check a file that holds no pickle; the scanner reads the others.
 _CODE_FREE = frozenset(
@@ -68,6 +69,9 @@ def scan(*paths: str | Path) -> ScanReport:
     """Scan files and directories (recursively); never executes anything from them."""
     reports: list[FileReport] = []
     for raw in paths:
+        if remote.is_url(raw):
+            reports.append(remote_inputs.scan_url(str(raw), scan_file))
+            continue
         path = Path(raw)
         if not path.is_dir():
             reports.append(scan_file(path))

@@ -3,11 +3,12 @@
 transformers 4.x saved a TF model with Keras 2 ``save_weights``: one HDF5 group per top
 layer (``bert``) listing ``weight_names``, and each variable at ``<layer>/<variable name>``,
 the name scoped by the Keras model (``bert/tf_bert_model/bert/encoder/layer_._0/attention/
-self/query/kernel:0``). Its sharded files (``tf_model-00001-of-00002.h5``) hold the names
-without layer group and model scope. transformers 5 reads neither (``from_tf`` is gone), so
-modelport maps the names itself, by the rule transformers 4.x loaded them into PyTorch with,
-checked against the PyTorch model of ``config.json``'s architecture built on the meta device
-(shapes only, nothing allocated; no table per model):
+self/query/kernel:0``). Its sharded files (``tf_model-00001-of-00002.h5`` with
+``tf_model.h5.index.json``) hold the names without layer group and model scope; their folder
+is read as one model (``formats._hf_folder``) and mapped the same way. transformers 5 reads
+neither (``from_tf`` is gone), so modelport maps the names itself, by the rule transformers
+4.x loaded them into PyTorch with, checked against the PyTorch model of ``config.json``'s
+architecture built on the meta device (shapes only, nothing allocated; no table per model):
 
 - ``:0`` is dropped, ``_._`` separates a level (``layer_._0`` is ``layer.0``), and a scope
   ``a___b`` is ``b`` (TF's ``mlm___cls`` holds PyTorch's ``cls``);
@@ -43,6 +44,8 @@ from modelport.loading.model_file import open as open_model
 from modelport.torch_models.building import build_model
 
 TF_WEIGHTS = "tf_model.h5"
+TF_INDEX = "tf_model.h5.index.json"
+TF_SHARDS = "tf_model-*-of-*.h5"
 CONFIG = "config.json"
 OTHER_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.h5")
 RENAMED_LAST = {"kernel": "weight", "embeddings": "weight", "gamma": "weight", "beta": "bias"}
@@ -64,12 +67,18 @@ class TorchTarget:
 
 
 def tf_weights_file(source: Path) -> Path | None:
-    """The ``tf_model.h5`` to map: ``source`` itself, or the only weights in the folder
-    ``source``, with a ``config.json`` beside it; None for anything else."""
+    """The TF weights to map: ``source`` itself (a ``tf_model.h5``), or the only weights in
+    the folder ``source`` (a ``tf_model.h5``, or its shards with their index, which return
+    the folder), with a ``config.json`` beside them; None for anything else."""
     if source.is_dir():
+        if not (source / CONFIG).is_file():
+            return None
         weights = {p for pattern in OTHER_WEIGHTS for p in source.glob(pattern)}
-        candidate = source / TF_WEIGHTS
-        return candidate if weights == {candidate} and (source / CONFIG).is_file() else None
+        if weights == {source / TF_WEIGHTS}:
+            return source / TF_WEIGHTS
+        shards = set(source.glob(TF_SHARDS))
+        sharded = (source / TF_INDEX).is_file() and shards and weights == shards
+        return source if sharded else None
     if source.name == TF_WEIGHTS and (source.parent / CONFIG).is_file():
         return source
     return None
@@ -78,17 +87,19 @@ def tf_weights_file(source: Path) -> Path | None:
 def pytorch_layout(
     h5_path: Path, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
 ) -> tuple[Relayout, ...]:
-    """Each tensor of ``h5_path`` (those ``include`` / ``exclude`` select, as ``convert``
-    selects them) with its PyTorch name and layout, for ``ConvertOptions.name_map``."""
+    """Each tensor of ``h5_path`` (a ``tf_model.h5``, or a folder of its shards; those
+    ``include`` / ``exclude`` select, as ``convert`` selects them) with its PyTorch name and
+    layout, for ``ConvertOptions.name_map``."""
     with open_model(h5_path) as model:
         tf_shapes = {name: t.shape for name, t in model.weights().tensors.items()}
+    folder = h5_path if h5_path.is_dir() else h5_path.parent
     chosen = {
         n: s
         for n, s in tf_shapes.items()
         if (not include or _matches(n, include)) and not _matches(n, exclude)
     }
     left_out = [n for n in tf_shapes if n not in chosen]
-    return relayouts(chosen, torch_target(h5_path.parent), left_out)
+    return relayouts(chosen, torch_target(folder), left_out)
 
 
 def torch_target(folder: Path) -> TorchTarget:

@@ -1,0 +1,361 @@
+"""Objects behind URLs: ``inspect``, ``scan`` and ``hash`` over a local HTTP server that
+honours ``Range`` and over moto's S3 server, both on loopback. Oracles: the same commands
+on the local file (the readers' own tests tie those to the reference libraries), and
+``safetensors.safe_open`` for the large file."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+
+import modelport
+from modelport.scanning import remote_inputs
+from modelport.scanning.scanner import scan_file
+from tests.conftest import attack_pickles
+
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+class _RangeHandler(BaseHTTPRequestHandler):
+    """Serves ``root``'s files with ``Range: bytes=a-b`` (python's http.server has none),
+    counting the body bytes it sends."""
+
+    root: ClassVar[Path]
+    sent: ClassVar[list[int]]
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def _answer(self, *, body: bool) -> None:
+        path = self.root / self.path.lstrip("/").split("?", 1)[0]
+        if not path.is_file():
+            self.send_error(404)
+            return
+        size = path.stat().st_size
+        start, end = 0, size
+        wanted = _RANGE.match(self.headers.get("Range", ""))
+        if wanted:
+            start = int(wanted.group(1))
+            end = min(size, int(wanted.group(2)) + 1) if wanted.group(2) else size
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        else:
+            self.send_response(200)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end - start))
+        self.end_headers()
+        if body:
+            with open(path, "rb") as handle:
+                handle.seek(start)
+                self.wfile.write(handle.read(end - start))
+            self.sent.append(end - start)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: pytest treats stray output as noise."""
+
+
+@dataclass
+class Served:
+    root: Path
+    url: str
+    sent: list[int]
+
+
+@pytest.fixture
+def http_files(tmp_path: Path) -> Iterator[Served]:
+    root = tmp_path / "served"
+    root.mkdir()
+    sent: list[int] = []
+    handler = type("Handler", (_RangeHandler,), {"root": root, "sent": sent})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield Served(root, f"http://127.0.0.1:{server.server_address[1]}", sent)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _small_safetensors(path: Path) -> Path:
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    save_file(
+        {
+            "embed.weight": rng.standard_normal((2000, 128)).astype(np.float32),
+            "head.bias": np.arange(64, dtype=np.int64),
+        },
+        str(path),
+        metadata={"format": "np"},
+    )
+    return path
+
+
+def _torch_zip(path: Path) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 8)
+    )
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _same_inspect(remote: dict[str, Any], local: dict[str, Any]) -> None:
+    assert remote.pop("bytes_fetched") > 0
+    remote.pop("path")
+    local.pop("path")
+    assert remote == local
+
+
+def _fill_holes(copy: Any, byte: int) -> None:
+    with open(copy.path, "r+b") as handle:
+        for start, end in copy.holes():
+            os.pwrite(handle.fileno(), bytes([byte]) * (end - start), start)
+
+
+# -- HTTP ---------------------------------------------------------------------------------------
+
+
+def test_large_safetensors_inspected_by_its_header(http_files: Served, cli: Any) -> None:
+    """64 MiB of tensor data behind a small header: inspect fetches the header and the ends
+    the sniffers and the scanner look at, far under a megabyte."""
+    from safetensors import safe_open
+
+    count = 16 << 20
+    header = json.dumps(
+        {
+            "__metadata__": {"format": "pt"},
+            "big": {"dtype": "F32", "shape": [4096, 4096], "data_offsets": [0, count * 4]},
+        }
+    ).encode()
+    header += b" " * (-len(header) % 8)
+    path = http_files.root / "big.safetensors"
+    with open(path, "wb") as handle:
+        handle.write(len(header).to_bytes(8, "little") + header)
+        handle.truncate(8 + len(header) + count * 4)  # sparse: costs no disk
+    with safe_open(str(path), framework="np") as reference:
+        assert list(reference.keys()) == ["big"]
+        assert reference.get_slice("big").get_shape() == [4096, 4096]
+
+    result = cli("inspect", f"{http_files.url}/big.safetensors", "--json")
+    assert result.code == 0, result.err
+    found = result.json
+    assert found["format"] == "safetensors"
+    assert found["size_bytes"] == path.stat().st_size
+    assert [t["name"] for t in found["tensors"]] == ["big"]
+    assert found["safety"]["verdict"] == "safe"
+    assert 0 < found["bytes_fetched"] < 1 << 20
+    assert found["bytes_fetched"] == sum(http_files.sent)  # every byte that arrived counts
+    human = cli("inspect", f"{http_files.url}/big.safetensors")
+    assert re.search(r"fetched[^\n]*bytes", human.out)
+
+
+def test_http_inspect_and_scan_match_local(http_files: Served) -> None:
+    path = _small_safetensors(http_files.root / "small.safetensors")
+    url = f"{http_files.url}/small.safetensors"
+    _same_inspect(modelport.inspect(url).to_json(), modelport.inspect(path).to_json())
+    remote_scan, local_scan = modelport.scan(url).to_json(), modelport.scan(path).to_json()
+    assert remote_scan.pop("bytes_fetched") > 0
+    assert remote_scan.pop("path") == url
+    local_scan.pop("path")
+    assert remote_scan == local_scan
+
+
+def test_credentials_never_reported(http_files: Served) -> None:
+    _small_safetensors(http_files.root / "model.safetensors")
+    host = http_files.url.removeprefix("http://")
+    url = f"http://someone:s3cret@{host}/model.safetensors?X-Amz-Signature=abc"
+    text = json.dumps(modelport.inspect(url).to_json())
+    assert "s3cret" not in text and "X-Amz-Signature" not in text
+    assert f"http://{host}/model.safetensors" in text
+
+
+def test_missing_object_is_an_error(http_files: Served, cli: Any) -> None:
+    result = cli("inspect", f"{http_files.url}/absent.safetensors")
+    assert result.code != 0
+    assert "absent.safetensors" in result.err
+    scanned = cli("scan", f"{http_files.url}/absent.safetensors", "--json")
+    assert scanned.json["verdict"] == "error"
+
+
+def _gguf(path: Path) -> Path:
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    rng = np.random.default_rng(1)
+    writer.add_tensor("tok_embd.weight", rng.standard_normal((1000, 96)).astype(np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(96, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _npy(path: Path) -> Path:
+    np.save(path, np.random.default_rng(2).standard_normal((600, 256)).astype(np.float32))
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, build",
+    [
+        ("small.safetensors", _small_safetensors),
+        ("model.gguf", _gguf),
+        ("array.npy", _npy),
+        pytest.param("model.pt", _torch_zip, marks=pytest.mark.heavy),
+    ],
+)
+def test_holes_never_read(http_files: Served, name: str, build: Any) -> None:
+    """The copy of a format read by range reads the same with its holes full of other
+    bytes: no reader and no scanner reading depends on what was not fetched."""
+    path = build(http_files.root / name)
+    local = modelport.inspect(path).to_json()
+    local_scan = scan_file(path).to_json()
+    with remote_inputs.local_copy(f"{http_files.url}/{name}") as copy:
+        assert not copy.whole and copy.holes(), name
+        assert copy.bytes_fetched < path.stat().st_size
+        _fill_holes(copy, 0xA5)
+        poisoned = modelport.inspect(copy.path).to_json()
+        poisoned_scan = scan_file(copy.path).to_json()
+    for report in (poisoned, local, poisoned_scan, local_scan):
+        report.pop("path")
+    assert poisoned == local, name
+    assert poisoned_scan == local_scan, name
+
+
+def test_temporary_copy_removed(http_files: Served) -> None:
+    _small_safetensors(http_files.root / "small.safetensors")
+    with remote_inputs.local_copy(f"{http_files.url}/small.safetensors") as copy:
+        folder = copy.path.parent
+        assert copy.path.is_file()
+    assert not folder.exists()
+    with (
+        pytest.raises(RuntimeError),
+        remote_inputs.local_copy(f"{http_files.url}/small.safetensors") as copy,
+    ):
+        folder = copy.path.parent
+        raise RuntimeError("stop")
+    assert not folder.exists()
+
+
+# -- S3 (moto's server) -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_bucket() -> Iterator[str]:
+    """A bucket on moto's S3 server on loopback; s3fs finds it through AWS_ENDPOINT_URL."""
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._server.server_port}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", endpoint)
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.setenv("NO_PROXY", "127.0.0.1,localhost")
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="models")
+        try:
+            yield "models"
+        finally:
+            server.stop()
+
+
+@pytest.mark.heavy
+def test_s3_inspect_scan_hash_match_local(
+    s3_bucket: str, tmp_path: Path, cli: Any, marker: Path
+) -> None:
+    import boto3
+
+    files = {
+        "small.safetensors": _small_safetensors(tmp_path / "small.safetensors"),
+        "model.pt": _torch_zip(tmp_path / "model.pt"),
+        "attack.pkl": tmp_path / "attack.pkl",
+    }
+    files["attack.pkl"].write_bytes(attack_pickles(marker)["global-reduce"])
+    client = boto3.client("s3")
+    for name, path in files.items():
+        client.upload_file(str(path), s3_bucket, f"dir/{name}")
+    for name, path in files.items():
+        url = f"s3://{s3_bucket}/dir/{name}"
+        scanned = cli("scan", url, "--json")
+        local_scan = cli("scan", path, "--json")
+        assert scanned.code == local_scan.code
+        assert scanned.json["verdict"] == local_scan.json["verdict"], name
+        assert scanned.json["findings"] == local_scan.json["findings"], name
+        assert scanned.json["bytes_fetched"] > 0
+        if name == "attack.pkl":
+            assert scanned.json["verdict"] == "unsafe"
+            continue
+        found = cli("inspect", url, "--json")
+        assert found.code == 0, found.err
+        _same_inspect(found.json, cli("inspect", path, "--json").json)
+        hashed = cli("hash", url, "--json").json[0]
+        local_hash = modelport.hash(path)
+        assert hashed["digest"] == local_hash.digest
+        assert hashed["bytes_fetched"] == path.stat().st_size
+        assert replace(modelport.hash(url), path="", bytes_fetched=None) == replace(
+            local_hash, path=""
+        )
+    assert not marker.exists()
+
+
+@pytest.mark.heavy  # worker processes: seconds of start-up
+def test_many_urls_run_in_workers(http_files: Served, cli: Any, tmp_path: Path) -> None:
+    """Several URLs make a fleet run: each is one input, its record names the URL."""
+    for name in ("a.safetensors", "b.safetensors"):
+        _small_safetensors(http_files.root / name)
+    urls = [f"{http_files.url}/a.safetensors", f"{http_files.url}/b.safetensors"]
+    out = tmp_path / "scan.jsonl"
+    scanned = cli("scan", *urls, "--json", "--jobs", "1", "--jsonl", out)
+    assert scanned.code == 0, scanned.err
+    assert [f["path"] for f in scanned.json["files"]] == urls
+    assert all(f["bytes_fetched"] > 0 for f in scanned.json["files"])
+    found = cli("inspect", *urls, "--json", "--jobs", "1")
+    assert [f["path"] for f in found.json] == urls
+    assert all(f["bytes_fetched"] > 0 for f in found.json)
+
+
+def test_server_without_ranges_sends_it_whole(tmp_path: Path) -> None:
+    """python's own http.server ignores Range: the whole object arrives, and counts."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            """Quiet."""
+
+    path = _small_safetensors(tmp_path / "small.safetensors")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=tmp_path))
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/small.safetensors"
+        found = modelport.inspect(url).to_json()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert found["bytes_fetched"] >= path.stat().st_size
+    _same_inspect(found, modelport.inspect(path).to_json())
