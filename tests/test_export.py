@@ -153,8 +153,11 @@ def test_cli_json(tmp_path: Path, cli: Cli) -> None:
     assert {"max_abs_error", "outputs", "seconds", "warnings"} <= set(payload)
     report = modelport.inspect(out)  # modelport reads what it wrote; torch.export is the oracle
     program = torch.export.load(str(out))
-    stored = {f"state_dict.{k}": v for k, v in program.state_dict.items()}
+    stored = dict(program.state_dict)
     stored |= {f"constants.{k}": v for k, v in program.constants.items()}
+    args, kwargs = program.example_inputs
+    stored |= {f"example_inputs.args.{i}": v for i, v in enumerate(args)}
+    stored |= {f"example_inputs.kwargs.{k}": v for k, v in kwargs.items()}
     assert report.format == "torch-export"
     assert {t.name: (t.dtype, t.shape) for t in report.tensors} == {
         k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in stored.items()

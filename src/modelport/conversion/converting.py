@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from modelport import dtypes
 from modelport._version import __version__
-from modelport.conversion import folders, gguf_arch, selecting, writing
+from modelport.conversion import folders, gguf_arch, gguf_to_hf, selecting, writing
 from modelport.conversion.options import ConvertOptions
 from modelport.conversion.verifying import CastCheck
 from modelport.errors import ConversionError, UsageError
@@ -110,7 +111,7 @@ def convert(
     pin = SourcePin.of(source)
     check_safety(source, allow_unsafe=options.allow_unsafe)
     pin.check("scanned")
-    with open_model(source) as model:
+    with open_model(source) as model, ExitStack() as stack:
         structure = _structure(model, options)
         chosen, selection, left_out = selecting.select(
             model, options, structure.plain, nested=structure.tree is not None
@@ -120,13 +121,13 @@ def convert(
         named, notes = selecting.rename(chosen, options, model) if flat else (chosen, [])
         notes.extend([*unpacked, *structure.notes, *selecting.unread(model)])
         outputs = _outputs(named, options, writer)
-        _check_holds(outputs, writer)
+        outputs, notes, carried = _for_target(model, writer, outputs, notes, options, stack)
         outputs, aliases = _dedupe(outputs, writer, options.materialize_ties)
         adapted = gguf_arch.for_llama_cpp(source, model.format.value, writer.format.value, outputs)
         outputs, notes = list(adapted.tensors), [*notes, *adapted.notes]
         metadata = _metadata(model, options, aliases)
         plan = _plan(structure, outputs, aliases, metadata, adapted.metadata)
-        notes.extend(folders.notes(source, target, writer, plan, options))
+        notes.extend(folders.notes(carried, target, writer, plan, options))
         summary = tuple((t.name, t.dtype, t.shape, t.nbytes) for t in outputs)
         report = ConvertReport(
             str(source),
@@ -153,7 +154,7 @@ def convert(
                 on_progress(min(moved[0], total), total)
 
         with progress.reporting(tick):
-            casts, written = writing.write_verified(plan, target, writer, options, source, pin)
+            casts, written = writing.write_verified(plan, target, writer, options, carried, pin)
     return ConvertReport(
         report.source,
         report.target,
@@ -286,6 +287,27 @@ def _outputs(
                 target = gguf
         outputs.append(OutputTensor(name, target, tensor))
     return outputs
+
+
+def _for_target(
+    model: Any,
+    writer: FormatReader,
+    outputs: list[OutputTensor],
+    notes: list[str],
+    options: ConvertOptions,
+    stack: ExitStack,
+) -> tuple[list[OutputTensor], list[str], Path]:
+    """The tensors as the writer will take them, checked that it holds them: a GGUF source
+    going to a Hugging Face folder renamed and laid out for transformers (``gguf_to_hf``);
+    the notes; and the folder whose sidecars the target gets (the source's, or one holding
+    the config.json and tokenizer rebuilt from the GGUF, removed when ``stack`` closes)."""
+    source, target_format = model.path, writer.format.value
+    back = gguf_to_hf.for_transformers(
+        source, model.format.value, target_format, model.metadata, outputs, options
+    )
+    _check_holds(list(back.tensors), writer)
+    carried = stack.enter_context(back.sidecars(source))
+    return list(back.tensors), [*notes, *back.notes], carried
 
 
 def _check_holds(outputs: list[OutputTensor], writer: FormatReader) -> None:

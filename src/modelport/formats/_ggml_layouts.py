@@ -12,7 +12,12 @@ little-endian int32):
 - ``gpt-2``, ``gpt-j`` (``ggml``): 6 or 7 hparams and a counted vocabulary; ``gpt-neox``
   (``ggml``): 8 hparams and ``n_vocab`` tokens without scores;
 - ``llama-lora`` (``ggla`` v1): LoRA adapters, ``r`` and ``lora_alpha`` (or, from the
-  first converter, no hparams at all) and no vocabulary.
+  first converter, no hparams at all) and no vocabulary;
+- ``silero-vad`` (``ggml``, whisper.cpp's ``convert-silero-vad-to-ggml.py``, read by
+  ``whisper_vad_init_with_params``): a model type (length + bytes, ``silero-16k``), the
+  version (major, minor, patch), ``n_window``, ``n_context``, ``n_encoder_layers``, then
+  in, out channels and kernel size per encoder layer, then the LSTM and final conv sizes;
+  no vocabulary; F32 and F16 tensors only.
 
 Order matters where two layouts read the same bytes: a counted vocabulary whose count equals
 ``n_vocab`` also reads as one more hparam and an uncounted vocabulary (gpt-2 as llama, gpt-j
@@ -80,6 +85,9 @@ class Layout:
     mel_filters: bool = False
     aligned: bool = False  # tensor data starts at a multiple of ALIGNMENT bytes
     plain_only: bool = False  # only F32/F16 tensors (LoRA adapters)
+    model_type: bool = False  # a length-prefixed model type precedes the hparams
+    layer_hparams: tuple[str, ...] = ()  # repeated as many times as the last hparam says
+    tail_hparams: tuple[str, ...] = ()  # after the repeated ones
 
     @property
     def qnt_in_ftype(self) -> bool:
@@ -93,6 +101,9 @@ _WHISPER = (
     *("n_text_ctx", "n_text_state", "n_text_head", "n_text_layer", "n_mels", "ftype"),
 )
 _GPT = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+_SILERO = ("major", "minor", "patch", "n_window", "n_context", "n_encoder_layers")
+_SILERO_LAYER = ("encoder_in_channels", "encoder_out_channels", "kernel_size")
+_SILERO_TAIL = ("lstm_input_size", "lstm_hidden_size", "final_conv_in", "final_conv_out")
 
 LAYOUTS: Final = (
     Layout("whisper", MAGIC_GGML, _WHISPER, Vocab.COUNTED, mel_filters=True),
@@ -106,6 +117,16 @@ LAYOUTS: Final = (
         "llama-lora", MAGIC_GGLA, ("r", "lora_alpha"), Vocab.NONE, aligned=True, plain_only=True
     ),
     Layout("llama-lora", MAGIC_GGLA, (), Vocab.NONE, aligned=True, plain_only=True),
+    Layout(
+        "silero-vad",
+        MAGIC_GGML,
+        _SILERO,
+        Vocab.NONE,
+        plain_only=True,
+        model_type=True,
+        layer_hparams=_SILERO_LAYER,
+        tail_hparams=_SILERO_TAIL,
+    ),
 )
 
 

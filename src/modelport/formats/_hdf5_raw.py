@@ -32,6 +32,10 @@ Layout (HDF5 File Format Specification 3.0):
 
 Any structure this module does not understand (dense attribute storage, shared messages)
 means "not verified": the attribute is then described, not read.
+
+Filter pipelines name each filter by its registered identifier (1-255 the library's own,
+32000 and up registered with The HDF Group) and MAY store a name; ``filter_label`` gives
+both, so an error about a filter the library lacks says which one it is.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
+from typing import Final
 
 from modelport import limits
 from modelport.errors import CorruptFileError, TruncatedFileError
@@ -52,6 +58,30 @@ FIRST_USERBLOCK = 512
 ATTRIBUTE = 0x000C
 CONTINUATION = 0x0010
 VLEN_CLASS = 9
+
+FILTER_NAMES: Final = MappingProxyType(
+    {
+        1: "deflate",
+        2: "shuffle",
+        3: "fletcher32",
+        4: "szip",
+        5: "nbit",
+        6: "scaleoffset",
+        32000: "lzf",
+        32001: "blosc",
+        32004: "lz4",
+        32008: "bitshuffle",
+        32013: "zfp",
+        32015: "zstd",
+        32026: "blosc2",
+    }
+)
+
+
+def filter_label(code: int, stored_name: bytes = b"") -> str:
+    """``blosc (HDF5 filter 32001)``: the registered name, else the one the file stores."""
+    name = FILTER_NAMES.get(code) or stored_name.decode("ascii", "replace").strip("\0 ")
+    return f"{name or 'an unregistered filter'} (HDF5 filter {code})"
 
 
 def find_superblock(head: bytes, size: int, path: Path | None = None) -> int | None:

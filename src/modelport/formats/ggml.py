@@ -63,6 +63,8 @@ from modelport.tensors import NDArray, Storage, TensorRef
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME_BYTES = 4096  # llama.cpp's converters refuse longer names
 MAX_TOKEN_BYTES = 1 << 16
+MAX_MODEL_TYPE_BYTES = 256
+MAX_LAYERS = 4096
 MAX_TENSORS = 1_000_000
 _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
@@ -102,6 +104,7 @@ class Header:
     container: str
     version: int | None
     layout: Layout
+    model_type: str | None  # the name a layout with ``model_type`` stores ("silero-16k")
     hparams: dict[str, int]
     era: Quantization | None
     vocab_size: int | None
@@ -177,15 +180,38 @@ def read_header(path: Path) -> Header:
 
 
 def _parse(cur: _Cursor, layout: Layout, container: str, version: int | None) -> Header:
-    hparams = {name: cur.i32(f"hparam {name}") for name in layout.hparams}
-    for name, value in hparams.items():
-        if value < 0:
-            cur.fail(f"hparam {name} is {value}")
+    model_type = _name(cur, _model_type_length(cur), "model type") if layout.model_type else None
+    hparams = _hparams(cur, layout)
     era = _era(cur, layout, version, hparams)
     mel = _mel_filters(cur) if layout.mel_filters else None
     vocab_size = _vocabulary(cur, layout, hparams)
     tensors = _tensors(cur, layout, era)
-    return Header(container, version, layout, hparams, era, vocab_size, mel, tensors)
+    return Header(container, version, layout, model_type, hparams, era, vocab_size, mel, tensors)
+
+
+def _model_type_length(cur: _Cursor) -> int:
+    length = cur.i32("model type length")
+    if not 0 < length <= MAX_MODEL_TYPE_BYTES:
+        cur.fail(f"model type of {length} bytes")
+    return length
+
+
+def _hparams(cur: _Cursor, layout: Layout) -> dict[str, int]:
+    """The fixed hparams, then ``layer_hparams`` once per layer (``name.<layer>``, as many
+    layers as the last fixed hparam says), then ``tail_hparams``; none may be negative."""
+    hparams = {name: cur.i32(f"hparam {name}") for name in layout.hparams}
+    if layout.layer_hparams:
+        layers = hparams[layout.hparams[-1]]
+        if not 0 <= layers <= MAX_LAYERS:
+            cur.fail(f"hparam {layout.hparams[-1]} is {layers}")
+        for layer in range(layers):
+            for name in layout.layer_hparams:
+                hparams[f"{name}.{layer}"] = cur.i32(f"hparam {name} of layer {layer}")
+    hparams.update((name, cur.i32(f"hparam {name}")) for name in layout.tail_hparams)
+    for name, value in hparams.items():
+        if value < 0:
+            cur.fail(f"hparam {name} is {value}")
+    return hparams
 
 
 def _era(
@@ -342,6 +368,8 @@ def read(path: Path, probe: Probe) -> Contents:
     header = read_header(path)
     tree = {entry.name: _tensor_ref(path, entry) for entry in header.tensors}
     metadata: dict[str, Any] = dict(header.hparams)
+    if header.model_type is not None:
+        metadata["model_type"] = header.model_type
     if header.vocab_size is not None:
         metadata["vocab_size"] = header.vocab_size
     quantized = [e for e in header.tensors if e.kind.block[0] > 1]

@@ -17,13 +17,16 @@ What modelport makes of it:
 - a contiguous, unfiltered dataset whose type is exactly the little-endian numpy type is a
   zero-copy ``Storage`` at ``dset.id.get_offset()`` (checked against the file size); chunked,
   compressed, compact, big-endian or not-yet-allocated datasets get a ``reader`` that reads
-  through h5py;
+  through h5py, which decodes the filter pipeline (``_hdf5_source``); a dataset whose
+  pipeline holds a filter the library lacks (blosc without its plugin) is listed with a note
+  and a warning, and reading it raises ``UnsupportedVersionError`` naming the filter;
 - soft links are reported, never followed (their target is reached by its hard link);
   external links, virtual datasets and datasets with external raw storage name other files:
   they are reported and never opened or read;
 - float16/32/64, (u)int8-64, bool (h5py's enum), complex64/128 and bfloat16 (a 2-byte
   opaque type: Keras 3 tags it with a ``dtype="bfloat16"`` attribute; an untagged one is
   read as bfloat16 with a warning) are tensors, when their type equals the standard one;
+  so are 8-64-bit bitfields (PyTables' bool), as the unsigned ints h5py reads them as;
   strings, variable-length, compound, reference, malformed and null-dataspace datasets are
   listed in ``details["skipped"]``;
 - root attributes become metadata (bytes decoded); a Keras ``model_config`` is parsed into
@@ -43,26 +46,26 @@ after it was closed, so tensors stay readable after the model file is closed.
 
 from __future__ import annotations
 
-import re
-import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from modelport import limits
-from modelport.errors import (
-    CorruptFileError,
-    LimitExceededError,
-    MissingDependencyError,
-    ModelportError,
-    TruncatedFileError,
-)
-from modelport.formats._hdf5_attrs import AttributeReader, layout_details, standard_type
+from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
+from modelport.formats import _keras_names
+from modelport.formats._hdf5_attrs import AttributeReader, layout_details
 from modelport.formats._hdf5_raw import HeapGuard, RawReader, find_superblock, read_superblock
+from modelport.formats._hdf5_source import H5Source as H5Source  # the .keras reader's too
+from modelport.formats._hdf5_source import (
+    dataset_reader,
+    numeric_type,
+    refusing_reader,
+    undecodable_filters,
+)
+from modelport.formats._hdf5_source import h5_errors as h5_errors
+from modelport.formats._hdf5_source import import_h5py as import_h5py
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
-from modelport.tensors import NDArray, Storage, TensorRef
+from modelport.tensors import Storage, TensorRef
 
 if TYPE_CHECKING:
     import numpy as np
@@ -77,84 +80,6 @@ GUESSED_BFLOAT16 = "untagged 2-byte opaque type read as bfloat16"
 
 def sniff(probe: Probe) -> bool:
     return not probe.is_dir and find_superblock(probe.head, probe.size, probe.path) is not None
-
-
-# --------------------------------------------------------------------------- the open file
-
-
-def import_h5py() -> Any:
-    try:
-        import h5py
-    except ImportError:
-        raise MissingDependencyError("h5py", "h5py", "Reading HDF5 files") from None
-    return h5py
-
-
-class H5Source:
-    """An h5py file opened on demand and kept open until ``close`` (or interpreter exit).
-
-    ``opener`` returns the h5py file and the objects to close after it (a file object the
-    h5py file reads through). A finalizer closes both in the right order at exit, which
-    h5py's file-object driver needs to shut down cleanly.
-    """
-
-    def __init__(self, opener: Callable[[], tuple[Any, list[Any]]]) -> None:
-        self._opener = opener
-        self._handle: Any = None
-        self._finalizer: weakref.finalize[Any, Any] | None = None
-
-    def get(self) -> Any:
-        if self._handle is None:
-            handle, extras = self._opener()
-            self._handle = handle
-            self._finalizer = weakref.finalize(self, _close_all, handle, extras)
-        return self._handle
-
-    def close(self) -> None:
-        if self._finalizer is not None:
-            self._finalizer()
-        self._handle = None
-        self._finalizer = None
-
-    @contextmanager
-    def file(self) -> Iterator[Any]:
-        """The open handle, or the file opened just for this block after ``close``."""
-        if self._handle is not None:
-            yield self._handle
-            return
-        try:
-            yield self.get()
-        finally:
-            self.close()
-
-
-def _close_all(handle: Any, extras: list[Any]) -> None:
-    for item in [handle, *extras]:
-        try:
-            item.close()
-        except Exception:  # closing must never raise at exit
-            pass
-
-
-def h5_errors(what: str, path: Path | None) -> Callable[[BaseException], ModelportError]:
-    """A translator from h5py's exceptions to modelport's (truncation recognised)."""
-
-    def translate(exc: BaseException) -> ModelportError:
-        if isinstance(exc, ModelportError):
-            return exc
-        text = str(exc)
-        match = re.search(r"eof = (\d+).*stored_eof = (\d+)", text)
-        if "truncated file" in text and match:
-            actual, expected = int(match.group(1)), int(match.group(2))
-            return TruncatedFileError(
-                f"HDF5 file is truncated ({what}): {text}",
-                expected=expected,
-                actual=actual,
-                path=path,
-            )
-        return CorruptFileError(f"HDF5 {what} failed: {type(exc).__name__}: {text}", path=path)
-
-    return translate
 
 
 # --------------------------------------------------------------------------- the walk
@@ -172,6 +97,7 @@ class Walk:
     through_h5py: int = 0
     guessed_bfloat16: int = 0
     compression: dict[str, int] = field(default_factory=dict)
+    undecodable: list[dict[str, str]] = field(default_factory=list)  # filters h5py lacks
 
     def details(self) -> dict[str, Any]:
         found: dict[str, Any] = {
@@ -183,6 +109,7 @@ class Walk:
             ("skipped", self.skipped),
             ("soft_links", self.soft_links),
             ("external_references", self.external),
+            ("undecodable", self.undecodable),
         ):
             if items:
                 found[key] = items[:MAX_REPORTED]
@@ -200,6 +127,14 @@ class Walk:
         ]
         if len(self.external) > MAX_REPORTED:
             notes.append(f"{len(self.external)} references to other files in all")
+        if self.undecodable:
+            filters = sorted({item["filters"] for item in self.undecodable})
+            names = ", ".join(repr(item["name"]) for item in self.undecodable[:5])
+            more = f" and {len(self.undecodable) - 5} more" if len(self.undecodable) > 5 else ""
+            notes.append(
+                f"{len(self.undecodable)} dataset(s) compressed with {'; '.join(filters)}, "
+                f"a filter this HDF5 library lacks, are listed but not readable: {names}{more}"
+            )
         if self.guessed_bfloat16:
             notes.append(
                 f"{self.guessed_bfloat16} dataset(s) of an untagged 2-byte opaque type read as "
@@ -316,6 +251,9 @@ def _dataset(
     for index in range(plist.get_nfilters()):
         filter_name = plist.get_filter(index)[3].decode("ascii", "replace") or "unknown"
         found.compression[filter_name] = found.compression.get(filter_name, 0) + 1
+    missing = undecodable_filters(h5py, plist)
+    if missing and nbytes:
+        return _undecodable(name, tuple(shape), dtype_name, nbytes, missing, place, found)
     contiguous = plist.get_layout() == h5py.h5d.CONTIGUOUS and plist.get_nfilters() == 0 and exact
     if nbytes == 0:
         found.zero_copy += 1
@@ -335,10 +273,28 @@ def _dataset(
             storage = Storage(place.path, place.base + offset, nbytes, key=name)
             return TensorRef(dtype_name, tuple(shape), storage, note=note)
     found.through_h5py += 1
-    reader = _reader(source, name, tuple(shape), numpy_dtype, dtype_name, nbytes, place.path)
+    reader = dataset_reader(source, name, tuple(shape), numpy_dtype, dtype_name, nbytes, place.path)
     storage = Storage(place.path, 0, nbytes, key=name, reader=reader)
     note = "; ".join(filter(None, [note, "read through h5py"]))
     return TensorRef(dtype_name, tuple(shape), storage, note=note)
+
+
+def _undecodable(
+    name: str,
+    shape: tuple[int, ...],
+    dtype_name: str,
+    nbytes: int,
+    filters: list[str],
+    place: Place,
+    found: Walk,
+) -> TensorRef:
+    """A dataset listed as it is, whose reading raises an error naming its filters."""
+    found.undecodable.append({"name": name, "filters": ", ".join(filters)})
+    storage = Storage(
+        place.path, 0, nbytes, key=name, reader=refusing_reader(name, filters, place.path)
+    )
+    note = f"compressed with {', '.join(filters)}, which this HDF5 library lacks: not readable"
+    return TensorRef(dtype_name, shape, storage, note=note)
 
 
 ElementType: TypeAlias = "tuple[str, np.dtype[Any], bool, str]"  # name, LE dtype, exact, note
@@ -364,7 +320,7 @@ def _element_type(attrs: AttributeReader, dset: Any) -> ElementType | str:
         if declared is None and file_type.get_tag() == b"":
             return "bfloat16", np.dtype(np.uint16), True, GUESSED_BFLOAT16
         return "opaque data"
-    kind = standard_type(h5py, file_type)
+    kind = numeric_type(h5py, file_type)
     if isinstance(kind, str):
         return kind
     stored, exact = kind
@@ -372,68 +328,6 @@ def _element_type(attrs: AttributeReader, dset: Any) -> ElementType | str:
         return "bool", stored, exact, ""
     names = {"f": "float", "i": "int", "u": "uint", "c": "complex"}
     return f"{names[stored.kind]}{stored.itemsize * 8}", stored.newbyteorder("<"), exact, ""
-
-
-def _reader(
-    source: H5Source,
-    name: str,
-    shape: tuple[int, ...],
-    numpy_dtype: np.dtype[Any],
-    dtype_name: str,
-    nbytes: int,
-    path: Path,
-) -> Callable[[], NDArray]:
-    """Reads one dataset through h5py, converted to little-endian, as flat bytes."""
-
-    def read_bytes() -> NDArray:
-        import numpy as np
-
-        if nbytes > limits.MAX_HDF5_READ_BYTES:
-            raise LimitExceededError(
-                f"dataset {name!r} size", limits.MAX_HDF5_READ_BYTES, nbytes, path=path
-            )
-        h5py = import_h5py()
-        translate = h5_errors(f"reading dataset {name!r}", path)
-        try:
-            with source.file() as handle:
-                dset = _open_by_hard_links(h5py, handle, name)
-                if dset is None or not _same_dataset(h5py, dset, shape, numpy_dtype, dtype_name):
-                    raise CorruptFileError(f"dataset {name!r} changed since it was opened")
-                data = np.asarray(dset[()])
-        except Exception as exc:
-            raise translate(exc) from None
-        if dtype_name == "bfloat16":
-            return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-        converted = np.ascontiguousarray(data.astype(numpy_dtype, copy=False))
-        return converted.reshape(-1).view(np.uint8)
-
-    return read_bytes
-
-
-def _same_dataset(
-    h5py: Any, dset: Any, shape: tuple[int, ...], numpy_dtype: np.dtype[Any], dtype_name: str
-) -> bool:
-    """Still the shape and (standard) type seen when the file was opened (it may have been
-    reopened since)."""
-    if tuple(dset.shape or ()) != shape:
-        return False
-    file_type = dset.id.get_type()
-    if dtype_name == "bfloat16":
-        return bool(file_type.get_class() == h5py.h5t.OPAQUE and file_type.get_size() == 2)
-    kind = standard_type(h5py, file_type)
-    return not isinstance(kind, str) and kind[0].newbyteorder("<") == numpy_dtype
-
-
-def _open_by_hard_links(h5py: Any, handle: Any, name: str) -> Any:
-    group = handle
-    parts = name.split("/")
-    for index, part in enumerate(parts):
-        if not isinstance(group.get(part, getlink=True), h5py.HardLink):
-            return None
-        group = group[part]
-        if index < len(parts) - 1 and not isinstance(group, h5py.Group):
-            return None
-    return group if isinstance(group, h5py.Dataset) else None
 
 
 # --------------------------------------------------------------------------- read
@@ -451,7 +345,10 @@ def read(path: Path, probe: Probe) -> Contents:
     source = H5Source(lambda: (h5py.File(path, "r"), []))
     place = Place(path, 0, probe.size)
     guard = superblock.heap_guard(file_reader(path), probe.size)
-    contents = read_contents(source, place, guard, Format.HDF5, "reading the HDF5 file")
+    what = "reading the HDF5 file"
+    contents = read_contents(source, place, guard, Format.HDF5, what)
+    attrs = AttributeReader(h5py, guard)
+    _keras_names.name_variables(contents, source.file, attrs, h5_errors(what, path))
     contents.details["superblock_version"] = superblock.version
     if offset:
         contents.details["userblock_bytes"] = offset

@@ -15,8 +15,10 @@ Layout (Lib/pickletools.py; joblib/numpy_pickle.py, compressor.py, numpy_pickle_
 - compressed joblib: that whole stream in one zlib (``78``), gzip (``1f 8b``), bz2
   (``BZh``), xz (``fd 37 7a 58 5a 00``) or lzma-alone (``5d 00 00``) stream; joblib < 0.10
   wrote ``ZF`` + a 19-character hex length + zlib data;
-- joblib < 0.10 kept arrays in side files (``NDArrayWrapper``: ``<name>_NN.npy`` next to
-  the pickle); they are read with modelport's own readers when present, else reported;
+- joblib < 0.10 kept arrays in side files next to the pickle (``<name>_NN.npy``, or
+  zlib-compressed ``<name>_NN.npy.z`` with ``compress``; see ``_joblib_side_files``); they
+  are read with modelport's own readers when present, else reported; a ``.npy.z`` file on
+  its own holds bytes without dtype or shape and is refused as no model;
 - ``pickle.dumps(tensor)`` stores each storage as ``torch.storage._load_from_bytes(b)``
   with ``b`` a whole ``torch.save`` blob (see ``_torch_blob``).
 
@@ -38,22 +40,22 @@ from modelport.errors import (
     CorruptFileError,
     LimitExceededError,
     ModelportError,
+    NotAModelError,
     TruncatedFileError,
     UnsupportedDtypeError,
 )
 from modelport.formats import npy
 from modelport.formats._compressed import Compression, compression_of, decompression_cap, inflate
+from modelport.formats._joblib_side_files import side_file_array, side_file_owner
 from modelport.formats._legacy_stream import MAGIC_NUMBER
 from modelport.formats._torch_blob import read_torch_blob
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
-from modelport.formats.sniffing import identify
 from modelport.pickles.interface import Limits, Step
 from modelport.pickles.machine import run
 from modelport.pickles.numpy_types import NumpyArray, NumpyDType, tensor_from_raw
 from modelport.pickles.reading import ReadingResolver
 from modelport.pickles.records import ByteSpan, CallRecord, GlobalRef, ObjectRecord
 from modelport.pickles.torch_types import TypedStorage
-from modelport.tensors import TensorRef
 
 SNIFF_INFLATE = 4096
 SNIFF_BZ2_INPUT = 1 << 20  # a bz2 block (at most 900 kB of input) must be whole to inflate
@@ -84,6 +86,12 @@ def sniff(probe: Probe) -> bool:
         return _looks_like_pickle(
             probe.head, complete=probe.size <= len(probe.head), path=probe.path
         )
+    return kind is Compression.JOBLIB_ZF or _holds_pickle(probe, kind)
+
+
+def _holds_pickle(probe: Probe, kind: Compression) -> bool:
+    """Whether the compressed stream starts with a pickle (a ``ZF`` file is joblib's either
+    way: a pickle, or an array side file that ``read`` refuses with its diagnosis)."""
     head = probe.head
     if kind is Compression.BZ2 and probe.size > len(head):
         with open(probe.path, "rb") as handle:  # bz2 emits nothing before a whole block
@@ -267,30 +275,10 @@ class PickleFileResolver(ReadingResolver):
 
     def _side_file(self, array: JoblibArray, state: Any) -> JoblibArray:
         self._count("joblib_side_files")
-        name = state.get("filename") if isinstance(state, dict) else None
         array.dtype_text = "side file"
-        if not isinstance(name, str) or not name or "/" in name or "\\" in name or ".." in name:
-            self.warnings.append(f"joblib < 0.10 array with unsafe side-file name {name!r:.80}")
-            return array
-        side = self.directory / name if self.directory is not None else None
-        if side is None or not side.is_file():
-            self.warnings.append(
-                f"joblib < 0.10 file: array stored in side file {name!r}, which is missing"
-            )
-            return array
-        try:
-            reader, probe, _ = identify(side, (npy.READER,))
-            tree = reader.contents(probe).tree
-        except ModelportError as exc:
-            self.warnings.append(f"joblib < 0.10 side file {name!r} unreadable: {exc}")
-            return array
-        if isinstance(tree, dict) and len(tree) == 1:  # the npy reader names its one array
-            (tree,) = tree.values()
-        tree = tree.tensor if isinstance(tree, NumpyArray) else tree
-        if isinstance(tree, TensorRef):
-            array.tensor, array.shape, array.dtype_text = tree, tree.shape, tree.dtype
-        else:
-            self.warnings.append(f"joblib < 0.10 side file {name!r} holds no single array")
+        tensor = side_file_array(self.directory, state, self.warnings)
+        if tensor is not None:
+            array.tensor, array.shape, array.dtype_text = tensor, tensor.shape, tensor.dtype
         return array
 
     # torch -------------------------------------------------------------------------------
@@ -331,6 +319,16 @@ def _itemsize(dtype: NumpyDType) -> int | None:
 def read(path: Path, probe: Probe) -> Contents:
     kind = compression_of(probe.head)
     details: dict[str, Any] = {}
+    if kind is Compression.JOBLIB_ZF and not _holds_pickle(probe, kind):
+        owner = side_file_owner(path)
+        raise NotAModelError(
+            "a joblib < 0.10 compressed array side file: zlib-compressed array bytes whose "
+            "dtype and shape only the pickle naming it holds; open "
+            + (f"{owner.name!r}, which does," if owner else "that pickle")
+            + " instead",
+            kind="joblib-side-file",
+            path=path,
+        )
     if kind is not None:
         with open(path, "rb") as handle:
             raw = handle.read()

@@ -51,6 +51,7 @@ class Format(str, Enum):
     EXECUTORCH_PTE = "executorch-pte"
     HF_DIR = "hf-dir"
     DCP = "dcp"
+    DEEPSPEED_ZERO = "deepspeed-zero"
 
     def __str__(self) -> str:
         return self.value

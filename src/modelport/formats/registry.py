@@ -88,6 +88,7 @@ FILE_SLOTS: tuple[ReaderSlot, ...] = (
 FOLDER_SLOTS: tuple[ReaderSlot, ...] = (
     _slot("dcp", Needs.FOLDER),  # a torch.distributed.checkpoint .metadata
     _slot("hf_dir", Needs.FOLDER),  # config.json + weights, or a *.index.json
+    _slot("deepspeed_zero", Needs.FOLDER),  # ZeRO *_optim_states.pt: after hf_dir
     _slot("tf_savedmodel", Needs.FOLDER),  # a saved_model.pb
     _slot("tf_bundle", Needs.FOLDER, "FOLDER_READER"),  # TensorFlow checkpoints (<prefix>.index)
 )

@@ -18,6 +18,12 @@ Layout (torch/export/pt2_archive; the prefix is the file's stem, ``package`` for
   (a ``torch.save`` of the whole dict); ``data/sample_inputs/<name>.pt``, ``extra/``,
   ``data/aotinductor/`` MAY be present.
 
+The tree names tensors as ``ExportedProgram`` does: the state_dict's names at the top
+(``conv.weight``), ``constants.<name>`` for ``program.constants`` and
+``example_inputs.args.<i>`` / ``example_inputs.kwargs.<name>`` for ``program.example_inputs``;
+those two groups are marked ``Apart``: listed, never taken for the model weights. An archive
+with several programs has one such tree per program name.
+
 A tensor is ``as_strided(flat storage, sizes, strides, storage_offset)`` where the flat
 storage has the dtype of the first entry naming that file, as torch's loader does; an
 empty file with a non-empty shape loads as zeros. Stored payloads are zero-copy ranges of
@@ -33,16 +39,19 @@ from pathlib import Path
 from typing import Any
 
 from modelport import dtypes, limits
-from modelport.errors import CorruptFileError, UnsupportedVersionError
+from modelport.errors import CorruptFileError, ModelportError, UnsupportedVersionError
 from modelport.formats._torch_blob import read_torch_blob
 from modelport.formats._zip import ZipDirectory, ZipEntry
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.formats.torchscript import extra_files
 from modelport.pickles.torch_types import TypedStorage, tensor_from_storage
 from modelport.tensors import NDArray, Storage, byte_array
+from modelport.tree.weights import Apart
 
 STRIDED = 7
 TOP_OPS = 20
+CONSTANTS = "constants"  # the groups listed beside the state_dict's names
+EXAMPLE_INPUTS = "example_inputs"
 
 
 class ScalarType(IntEnum):
@@ -277,6 +286,39 @@ def _payload_tree(
     )
 
 
+def _example_inputs(
+    directory: ZipDirectory, prefix: str, model: str, path: Path, warnings: list[str]
+) -> Any:
+    """``ExportedProgram.example_inputs``: ``(args, kwargs)`` from a nested ``torch.save``,
+    read by modelport's restricted reader; None when absent or unreadable (with a warning:
+    they are no weights, so they never stop the weights from being read)."""
+    entry = directory.find(f"{prefix}/data/sample_inputs/{model}.pt")
+    if entry is None:
+        return None
+    try:
+        return _Payloads(directory, f"{prefix}/data/sample_inputs/", path)._pickled(entry)
+    except ModelportError as exc:
+        warnings.append(f"{model}: example inputs not read: {exc}")
+        return None
+
+
+def _program_tree(
+    weights: dict[str, Any], constants: dict[str, Any], inputs: Any, model: str, warnings: list[str]
+) -> dict[str, Any]:
+    """The state_dict under its own names, then the constants and example inputs, each
+    grouped under its name and marked ``Apart`` from the weights."""
+    tree: dict[str, Any] = dict(weights)
+    for group in (CONSTANTS, EXAMPLE_INPUTS):
+        if group in tree or any(name.startswith(f"{group}.") for name in weights):
+            warnings.append(f"{model}: a weight is named {group!r}: that group is not listed")
+    if constants and CONSTANTS not in tree:
+        tree[CONSTANTS] = Apart(constants)
+    if inputs is not None and EXAMPLE_INPUTS not in tree:
+        args, kwargs = inputs if isinstance(inputs, tuple) and len(inputs) == 2 else (inputs, {})
+        tree[EXAMPLE_INPUTS] = Apart(args=args, kwargs=kwargs)
+    return tree
+
+
 # -- program summary ----------------------------------------------------------------------------
 def _tensor_value(name: Any, values: dict[str, Any]) -> dict[str, Any]:
     meta = _obj(values.get(name)) if isinstance(name, str) else {}
@@ -379,8 +421,9 @@ def read(path: Path, probe: Probe) -> Contents:
         programs[model] = summarize_program(_load_json(directory, entry, path))
         weights, notes = _payload_tree(directory, prefix, model, "weights", path, details)
         constants, more = _payload_tree(directory, prefix, model, "constants", path, details)
+        inputs = _example_inputs(directory, prefix, model, path, warnings)
         warnings += notes + more
-        trees[model] = {"state_dict": weights, **({"constants": constants} if constants else {})}
+        trees[model] = _program_tree(weights, constants, inputs, model, warnings)
     if not programs:
         warnings.append("the archive holds no exported program (models/*.json)")
     tree = next(iter(trees.values())) if len(trees) == 1 else trees

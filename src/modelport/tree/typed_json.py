@@ -55,6 +55,7 @@ from modelport.pickles.torch_types import SparseTensor, TorchDevice, TorchDType
 from modelport.tensors import TensorRef
 from modelport.transfer.write_plan import OutputTensor
 from modelport.tree.names import tensors_of
+from modelport.tree.weights import Apart
 
 KEY = "modelport.tree"  # the metadata entry holding the document
 VERSION = 1
@@ -175,7 +176,7 @@ class _Plainer:
             if all(self.key(item) for item in value):
                 return set(value)
             return self.refuse(path, value)
-        if isinstance(value, dict) and type(value) in (dict, OrderedDict, PickledDict):
+        if isinstance(value, dict) and type(value) in (dict, OrderedDict, PickledDict, Apart):
             return self.mapping(value, path, depth)
         if modules.is_module(value):
             self.notes.append(

@@ -12,6 +12,8 @@ always says what it took and what it left out.
   with ``ema`` they replace the weights they copy, under the model's names.
 - Keras keeps optimizer variables beside the layers' (``optimizer/vars/<i>``): left out.
 - With ``ema``, a checkpoint's EMA key (``ema``, ``model_ema``, ...) is taken instead.
+- A reader marks groups it lists beside the weights as ``Apart`` (a torch.export program's
+  constants and example inputs): they are left out, and the rest is the weights.
 Anything else gives every tensor in the file, and says so.
 """
 
@@ -32,6 +34,10 @@ LDM_MODEL_PREFIX = "model."
 KERAS_OPTIMIZER_PREFIX = "optimizer/"
 
 
+class Apart(dict[str, Any]):
+    """Tensors a reader lists beside the model weights, never among them; a dict otherwise."""
+
+
 @dataclass(frozen=True)
 class WeightSelection:
     """Which part of a file counts as the model weights, and what was left out."""
@@ -49,6 +55,11 @@ def select_weights(tree: Any, *, ema: bool = False) -> WeightSelection:
         )
     if not isinstance(tree, dict):
         return _refined(WeightSelection(tensors_of(tree), ""), ema)
+    apart = [str(k) for k, v in tree.items() if isinstance(v, Apart)]
+    if apart:
+        kept = {k: v for k, v in tree.items() if not isinstance(v, Apart)}
+        note = f"left out {', '.join(apart)}: listed beside the model weights, not among them"
+        return _refined(WeightSelection(tensors_of(kept), "", note, apart), ema)
     if ema:
         taken = _first_key(tree, EMA_KEYS, "took the EMA weights under '{key}'")
         if taken is not None:
