@@ -9,6 +9,11 @@ modelport's file it also prints the files written (one while the weights fit in 
 protobuf) and the graph's output names (BERT: its ``ModelOutput`` keys), and whether
 anything reached stdout or stderr.
 
+Then the edge targets: ``export(..., to="executorch")`` (verified in ExecuTorch's runtime)
+and ``to="tflite"`` (LiteRT's interpreter), one run each per model (lowering dominates):
+export + verify seconds, verified, max abs error. A target whose package is missing is
+listed as such (litert-torch installs apart from the test extra, see pyproject).
+
 Usage: python benchmarks/bench_export.py [--repeat 3]
 """
 
@@ -142,6 +147,31 @@ def main() -> None:
     print(f"\n{'model':<28} {'files':>5}  {'printed':<9} ONNX outputs")
     for name, files, outputs, printed in details:
         print(f"{name:<28} {files:>5}  {printed:<9} {', '.join(outputs)}")
+    edge_targets()
+
+
+def edge_targets() -> None:
+    """Export + verify time per model and edge target, one run each."""
+    import importlib.util
+
+    from modelport.torch_models.exporting import export
+
+    print(f"\n{'model':<28} {'target':<11} {'export+verify s':>15}  verified  max abs error")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, build in (("ResNet-style CNN 1x3x64x64", cnn), ("BERT h128 L2 seq32", bert)):
+            model, inputs = build()
+            for target, package in (("executorch", "executorch"), ("tflite", "litert_torch")):
+                if importlib.util.find_spec(package) is None:
+                    print(f"{name:<28} {target:<11} {package} is not installed")
+                    continue
+                with quiet():
+                    report = export(
+                        model, Path(tmp) / f"m.{target}", inputs, to=target, overwrite=True
+                    )
+                print(
+                    f"{name:<28} {target:<11} {report.seconds:>15.2f}  {report.verified!s:<8}  "
+                    f"{report.max_abs_error:.3g}"
+                )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
-"""``modelport export``: a torch model to ONNX, TorchScript or .pt2, verified against eager."""
+"""``modelport export``: a torch model to ONNX, TorchScript, .pt2, ExecuTorch or LiteRT,
+verified against eager in the target's own runtime."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from rich.console import Console
 
@@ -32,16 +34,24 @@ EXAMPLES = """examples:
       --input attention_mask:2,16:int64 --dynamic input_ids:0=batch,1=seq \\
       --dynamic attention_mask:0=batch,1=seq --to onnx gpt2.onnx
   modelport export --model scripted.pt --input x:1,3,224,224 --to onnx --exporter legacy m.onnx
+  modelport export --model tests.models:TinyResNet --input x:1,3,32,32 --to executorch m.pte
+  modelport export --model tests.models:TinyResNet --input x:1,3,32,32 --to tflite m.tflite
   modelport export --model tests.models:Router --input x:2,5,8 --input mask:2,5 \\
       --input scale: --output-names scores,hidden,pooled --to onnx router.onnx
 
 --model imports and runs YOUR code (pkg.module:Name); a directory with config.json is built
-with transformers from the config (no hub, no remote code), its weights read by modelport.
+with transformers from the config (no hub, no remote code), a diffusers component folder
+(unet/, vae/) with the diffusers class its config names, its weights read by modelport.
 A TorchScript file is loaded with torch.jit.load (it runs the file's TorchScript, which cannot
 import Python), a .pt2 with torch.export.load when modelport's scan finds it safe. A whole-model
-pickle (torch.save(model)) needs --trust-code: torch.load(weights_only=False) runs code from
-the file. That is the one place modelport ever runs Python code from a file: only the --model
-file, after scanning it (an unsafe verdict also needs --allow-unsafe).
+pickle (torch.save(model)), or a checkpoint dict holding one (ultralytics' best.pt: its model,
+else its ema), needs --trust-code: torch.load(weights_only=False) runs code from the file.
+That is the one place modelport ever runs Python code from a file: only the --model file,
+after scanning it (an unsafe verdict also needs --allow-unsafe).
+
+--card writes README.md beside OUT: a model card with this command (source, recipe,
+verification) as its provenance. --report FILE writes Markdown, or for FILE.html the page
+`modelport report` writes about OUT.
 
 --example-inputs reads tensors (npz, torch.save dict, safetensors: by content, nothing runs)
 named after forward's arguments; one tensor for a one-argument forward may have any name.
@@ -59,6 +69,8 @@ exit codes: 0 exported and verified, 1 verification failed, 2 error
 """
 
 INT_HIGH = 100  # random integer inputs lie in [0, INT_HIGH) or [0, config.vocab_size)
+CARD_NAME: Final = "README.md"  # --card, beside OUT
+HTML_SUFFIXES: Final = (".html", ".htm")  # --report FILE: the HTML page, else Markdown
 
 
 def register(commands: Any) -> None:
@@ -137,8 +149,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         required=True,
         metavar="pkg.module:Name|DIR|FILE",
-        help="pkg.module:Name (class or factory), an HF directory, a TorchScript or .pt2 "
-        "file, or a whole-model pickle (with --trust-code)",
+        help="pkg.module:Name (class or factory), an HF directory (transformers, or a "
+        "diffusers component such as unet/), a TorchScript or .pt2 file, or a whole-model "
+        "pickle or checkpoint dict holding one (with --trust-code)",
     )
     parser.add_argument(
         "--init", metavar="JSON", help="arguments for Name, as JSON (an object or a list)"
@@ -158,12 +171,24 @@ def add_verification_options(parser: argparse.ArgumentParser) -> None:
     trusting the model file, JSON."""
     parser.add_argument("--rtol", type=float, help="relative tolerance (default by dtype)")
     parser.add_argument("--atol", type=float, help="absolute tolerance (default by dtype)")
-    parser.add_argument("--report", metavar="FILE", help="write a Markdown verification report")
+    parser.add_argument(
+        "--report",
+        metavar="FILE",
+        help="write a report: Markdown (what was written, the inputs, every comparison), or "
+        "for FILE.html the page `modelport report` writes about OUT",
+    )
+    parser.add_argument(
+        "--card",
+        action="store_true",
+        help="also write a model card (README.md) beside OUT: what it holds, the code that "
+        "loads it, and this command (source, recipe, verification) as its provenance",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument(
         "--trust-code",
         action="store_true",
-        help="allow a whole-model pickle as --model: loading it RUNS CODE from that file",
+        help="allow a whole-model pickle (or a checkpoint dict holding one) as --model: "
+        "loading it RUNS CODE from that file",
     )
     parser.add_argument(
         "--allow-unsafe",
@@ -175,21 +200,59 @@ def add_verification_options(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_model_spec(args.model)  # a typo costs milliseconds, not torch's import
-    if args.report:
-        outputs = bundle(Path(args.output), args.to)
-        placing.check_side_output(Path(args.report), outputs, args.overwrite)
+    report_path, card = side_targets(args, bundle(Path(args.output), args.to))
     # the libraries' loggers stay off; modelport's own warnings (CodeExecutionWarning) show
     with quiet_libraries(whole_process=True):
         report = _export(args)
-    if args.report:
-        placing.write_text(Path(args.report), export_markdown(report, model_source(args)))
+    if report_path is not None:
+        write_report(report_path, report.path, export_markdown(report, model_source(args)))
+    if card is not None:
+        sides = side_outputs()
+        provenance = sides.export_provenance(args, report)
+        sides.write_card(card, report.path, provenance, overwrite=args.overwrite)
     if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+        written = {} if card is None else {"card": str(card)}
+        print(json.dumps({**report.to_json(), **written}, indent=2))
     else:
         _show(report)
-        if args.report:
-            print(f"  report: {args.report}")
+        show_side_outputs(report_path, card)
     return ExitCode.NO if report.verified is False else ExitCode.OK
+
+
+def side_targets(
+    args: argparse.Namespace, outputs: tuple[Path, ...]
+) -> tuple[Path | None, Path | None]:
+    """Where ``--report`` and ``--card`` write, checked before the work: never over an
+    output, an existing file only with ``--overwrite``, never both in one file."""
+    report = Path(args.report) if args.report else None
+    card = Path(args.output).with_name(CARD_NAME) if args.card else None
+    if report is not None and card is not None and report.resolve() == card.resolve():
+        raise UsageError(f"{report}: --report and --card would write the same file")
+    for side in (report, card):
+        if side is not None:
+            placing.check_side_output(side, outputs, args.overwrite)
+    return report, card
+
+
+def side_outputs() -> Any:
+    """``cli._side_outputs`` (the card and the HTML page), imported when a run asks for
+    one of them: its reporting modules are start-up a plain export does not pay."""
+    return importlib.import_module("modelport.cli._side_outputs")
+
+
+def write_report(target: Path, written: Path, markdown: str) -> None:
+    """``--report``: the HTML page about ``written`` for a ``.html`` name, else ``markdown``."""
+    if target.suffix.lower() in HTML_SUFFIXES:
+        side_outputs().write_html_report(target, written)
+    else:
+        placing.write_text(target, markdown)
+
+
+def show_side_outputs(report: Path | None, card: Path | None) -> None:
+    if report is not None:
+        print(f"  report: {report}")
+    if card is not None:
+        print(f"  card: {card}")
 
 
 def _export(args: argparse.Namespace) -> ExportReport:
@@ -293,7 +356,8 @@ def _show(report: ExportReport) -> None:
     samples = sorted({c.sample for c in report.outputs})
     if report.verified:
         out.print(
-            f"  verified against eager on {len(samples)} inputs ({', '.join(samples)}): "
+            f"  verified against eager on {len(samples)} inputs ({', '.join(samples)}) "
+            f"in {report.runtime}: "
             f"max abs error {report.max_abs_error:.3g}",
             highlight=False,
         )

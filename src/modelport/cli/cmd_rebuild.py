@@ -20,13 +20,16 @@ from modelport.cli.cmd_export import (
     add_verification_options,
     parse_dynamic,
     parse_input,
+    show_side_outputs,
+    side_outputs,
+    side_targets,
+    write_report,
 )
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.cli.markdown import rebuild_markdown
 from modelport.torch_models.example_inputs import read_example_inputs
 from modelport.torch_models.model_spec import check_model_spec
 from modelport.torch_models.rebuilding import TARGETS, RebuildReport, rebuild
-from modelport.transfer import placing
 
 EXAMPLES = """examples:
   modelport rebuild --model tests.models:TinyResNet --init '{"classes": 10}' \\
@@ -35,6 +38,7 @@ EXAMPLES = """examples:
   modelport rebuild --model mypkg.nets:Net weights.bin net.pt2 --example-inputs inputs.npz \\
       --dynamic x:0=batch --report rebuild.md
   modelport rebuild --model ./bert-dir weights.safetensors bert.pt --json
+  modelport rebuild --model mypkg.nets:Net weights.bin net.pt --card --report rebuild.html
 
 --model imports and runs YOUR code (pkg.module:Name); a directory with config.json is built
 with transformers from the config (no hub, no remote code); a TorchScript or .pt2 file or,
@@ -42,7 +46,9 @@ with --trust-code, a whole-model pickle is loaded as `modelport export --help` d
 (--trust-code runs Python code from that one file: the one place modelport does). The
 weights are read by modelport (never unpickled). --to pickle (the default) writes
 torch.save(model): loading it needs torch.load(weights_only=False) and the class importable;
-torchscript and pt2 need example inputs (--input or --example-inputs).
+torchscript, pt2, executorch and tflite need example inputs (--input or --example-inputs).
+--card writes README.md beside OUT (a model card, this rebuild as its provenance); --report
+FILE writes Markdown, or for FILE.html the page `modelport report` writes about OUT.
 
 exit codes: 0 written and verified, 1 verification failed, 2 error
 """
@@ -61,7 +67,9 @@ def register(commands: Any) -> None:
     parser.add_argument("output", help="output file")
     add_model_arguments(parser)
     parser.add_argument(
-        "--to", choices=TARGETS, help="format (default: pt2 for a .pt2 name, else torch.save)"
+        "--to",
+        choices=TARGETS,
+        help="format (default by name: .pt2, .pte, .tflite; else torch.save)",
     )
     inputs = parser.add_mutually_exclusive_group()
     inputs.add_argument(
@@ -88,8 +96,7 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_model_spec(args.model)  # a typo costs milliseconds, not torch's import
-    if args.report:
-        placing.check_side_output(Path(args.report), (Path(args.output),), args.overwrite)
+    report_path, card = side_targets(args, (Path(args.output), Path(args.weights)))
     inputs: Any = dict(parse_input(spec, INT_HIGH) for spec in args.inputs) or None
     if args.example_inputs:  # read once the model is built: names match its forward
         inputs = functools.partial(
@@ -112,14 +119,18 @@ def run(args: argparse.Namespace) -> int:
             atol=args.atol,
             overwrite=args.overwrite,
         )
-    if args.report:
-        placing.write_text(Path(args.report), rebuild_markdown(report))
+    if report_path is not None:
+        write_report(report_path, report.path, rebuild_markdown(report))
+    if card is not None:
+        sides = side_outputs()
+        provenance = sides.rebuild_provenance(args, report)
+        sides.write_card(card, report.path, provenance, overwrite=args.overwrite)
     if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+        written = {} if card is None else {"card": str(card)}
+        print(json.dumps({**report.to_json(), **written}, indent=2))
     else:
         _show(report)
-        if args.report:
-            print(f"  report: {args.report}")
+        show_side_outputs(report_path, card)
     return ExitCode.OK if report.verified else ExitCode.NO
 
 

@@ -90,8 +90,21 @@ def named_leaves(output: Any) -> list[tuple[str, torch.Tensor]]:
     import torch
     from torch.utils import _pytree
 
-    flat, _ = _pytree.tree_flatten_with_path(output)
+    try:
+        flat, _ = _pytree.tree_flatten_with_path(output)
+    except ValueError:  # a type registered without key paths: diffusers' outputs
+        flat, _ = _pytree.tree_flatten_with_path(_plain(output))
     return [(leaf_name(key), value) for key, value in flat if isinstance(value, torch.Tensor)]
+
+
+def _plain(output: Any) -> Any:
+    """``output`` with every mapping a dict and every sequence a tuple, which pytree names
+    by key and position (diffusers' ``BaseOutput`` is a mapping registered without them)."""
+    if isinstance(output, Mapping):
+        return {key: _plain(value) for key, value in output.items()}
+    if isinstance(output, (list, tuple)):
+        return tuple(_plain(value) for value in output)
+    return output
 
 
 def leaf_name(path: Sequence[Any]) -> str:

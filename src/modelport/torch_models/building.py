@@ -4,9 +4,11 @@ Hugging Face model directory built from its ``config.json``, or a saved whole mo
 - ``pkg.module:Name`` (``Name`` may be dotted: ``pkg.mod:Outer.build``) is imported and
   called with the ``init`` keyword arguments. This runs the user's own code, by the user's
   explicit choice.
-- A directory holding ``config.json`` is built with transformers from the config alone
-  (``local_files_only``, ``trust_remote_code=False``: the hub is never contacted, no remote
-  code runs), then its weights are read through ``modelport.load``.
+- A directory holding ``config.json`` is built from the config alone, then its weights are
+  read through ``modelport.load``: with transformers (``local_files_only``,
+  ``trust_remote_code=False``: the hub is never contacted, no remote code runs), or, for a
+  diffusers component folder (``unet/``: ``_diffusers_version`` in its config), with the
+  diffusers model class its ``_class_name`` names (looked up in diffusers only).
 - A file is recognised by content (``modelport.open``, which executes nothing), scanned, then:
   TorchScript is loaded with ``torch.jit.load`` (it runs the file's TorchScript, a language
   without Python imports; an ``unsafe`` verdict is refused unless ``allow_unsafe``); a
@@ -16,7 +18,9 @@ Hugging Face model directory built from its ``config.json``, or a saved whole mo
   ``torch.load(weights_only=False)``, which runs code from the file. That is the one place
   modelport runs a file's Python code: only the file named as the model, after the scan
   (whose verdict is reported as a ``CodeExecutionWarning``; ``unsafe`` also needs
-  ``allow_unsafe``).
+  ``allow_unsafe``). A checkpoint dict that holds a pickled module (ultralytics:
+  ``{"model": None, "ema": module, "optimizer": ..., "train_args": ...}``) gives its
+  ``model``, else its ``ema``, else its one module, under the same rule.
 - ``weights`` (any format modelport reads) is loaded with ``load_state_dict(strict=True)``.
 """
 
@@ -40,13 +44,14 @@ from modelport.errors import (
 from modelport.loading.model_file import load
 from modelport.loading.model_file import open as open_model
 from modelport.scanning.scanner import scan
+from modelport.torch_models.config_folders import build_from_folder, load_folder_weights
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".npz", ".gguf")
 PICKLED = ("torch-zip", "torch-legacy", "pickle")  # formats whose whole-model form is a pickle
+# a checkpoint dict's module, in this order (ultralytics sets "model" to None after training)
+CHECKPOINT_MODULE_KEYS = ("model", "ema")
 
 
 def build_model(
@@ -78,8 +83,8 @@ def build_model(
             raise ModelSpecError("--init applies to --model pkg.module:Name, not a directory")
         if meta:
             with torch.device("meta"):
-                return _require_module(_from_hf_config(path), str(spec))
-        return _require_module(_from_hf_config(path), str(spec))
+                return _require_module(build_from_folder(path), str(spec))
+        return _require_module(build_from_folder(path), str(spec))
     target, args, kwargs = _callable(str(spec), init)
     if meta:
         try:
@@ -114,7 +119,7 @@ def resolve_model(
     model = build_model(spec, init, trust_code=trust_code, allow_unsafe=allow_unsafe)
     path = Path(spec)
     if path.is_dir() and weights is None:
-        _load_directory_weights(model, path, allow_unsafe=allow_unsafe)
+        load_folder_weights(model, path, allow_unsafe=allow_unsafe)
     if weights is not None:
         load_weights(model, weights, allow_unsafe=allow_unsafe)
     return eval_mode(model)
@@ -153,6 +158,9 @@ def load_model_file(path: Path, *, trust_code: bool, allow_unsafe: bool) -> nn.M
             warnings.simplefilter("ignore")
             return _require_module(torch.export.load(str(path)).module(), str(path))
     cls = str(tree["class"]) if tree and isinstance(tree.get("class"), str) else None
+    key = _checkpoint_module_key(tree) if kind in PICKLED and cls is None else None
+    if tree is not None and key is not None:
+        cls = str(tree[key].get("class", "?"))
     if kind not in PICKLED or (cls is None and (tensors or not trust_code)):
         if tensors:
             raise ModelSpecError(
@@ -167,15 +175,41 @@ def load_model_file(path: Path, *, trust_code: bool, allow_unsafe: bool) -> nn.M
         )
     if not trust_code:
         name = (cls or "").rpartition(".")[2] or "Name"
+        held = "" if key is None else f"a checkpoint dict whose {key!r} is "
         raise ModelSpecError(
-            f"{path} is a pickled nn.Module of class {cls}: loading it runs code from the file "
-            "(torch.load(weights_only=False)). Pass --trust-code if you trust its source, or "
-            f"keep code out of it: modelport convert {path} weights.safetensors, then "
-            f"--model pkg.module:{name} --weights weights.safetensors"
+            f"{path} is {held}a pickled nn.Module of class {cls}: loading it runs code from "
+            "the file (torch.load(weights_only=False)). Pass --trust-code if you trust its "
+            f"source, or keep code out of it: modelport convert {path} weights.safetensors, "
+            f"then --model pkg.module:{name} --weights weights.safetensors"
+        )
+    return _unpickled_module(path, key, allow_unsafe=allow_unsafe)
+
+
+def _checkpoint_module_key(tree: Mapping[str, Any] | None) -> str | None:
+    """Which module of a checkpoint dict is the model, from its module tree (key ->
+    module): ``model``, else ``ema``, else the only one; None when it holds none, or
+    several under other names."""
+    if not tree:
+        return None
+    for key in CHECKPOINT_MODULE_KEYS:
+        if isinstance(tree.get(key), Mapping):
+            return key
+    return next(iter(tree)) if len(tree) == 1 else None
+
+
+def _unpickled_module(path: Path, key: str | None, *, allow_unsafe: bool) -> nn.Module:
+    """``torch.load(weights_only=False)`` of the file the caller trusted, after the scan:
+    the module it holds, or a checkpoint dict's module under ``key`` (said in the warning)."""
+    import torch
+
+    taken = ""
+    if key is not None:
+        taken = f" to take the module under {key!r}" + (
+            "" if key == CHECKPOINT_MODULE_KEYS[0] else " (no module under 'model')"
         )
     _gate(
         path,
-        runs="pickle (--trust-code)",
+        runs=f"pickle (--trust-code){taken}",
         allow_unsafe=allow_unsafe,
         trust_code=True,
         announce=True,
@@ -184,7 +218,10 @@ def load_model_file(path: Path, *, trust_code: bool, allow_unsafe: bool) -> nn.M
         warnings.simplefilter("ignore")
         # the one place modelport runs a file's code: the caller trusted this file
         loaded = torch.load(str(path), weights_only=False, map_location="cpu")
-    return _require_module(loaded, str(path))
+    if key is None:
+        return _require_module(loaded, str(path))
+    held = loaded.get(key) if isinstance(loaded, dict) else None
+    return _require_module(held, f"{path} [{key!r}]")
 
 
 def _gate(
@@ -267,67 +304,3 @@ def _callable(
     if isinstance(arguments, list):
         return target, tuple(arguments), {}
     return target, (), dict(arguments or {})
-
-
-def _from_hf_config(path: Path) -> nn.Module:
-    if not (path / "config.json").is_file():
-        raise ModelSpecError(f"{path}: a model directory needs a config.json")
-    try:
-        import transformers
-    except ImportError as exc:
-        raise MissingDependencyError(
-            "transformers", "hf", "building a model from config.json"
-        ) from exc
-    config = transformers.AutoConfig.from_pretrained(
-        str(path), local_files_only=True, trust_remote_code=False
-    )
-    if getattr(config, "use_cache", False):
-        # A decoder returns its KV cache (a DynamicCache, which torch.export cannot hold)
-        # unless told not to: the whole-sequence forward is what gets exported.
-        config.use_cache = False
-    architecture = _hf_class(transformers, config)
-    model = (
-        architecture._from_config(config)
-        if architecture is not None
-        else transformers.AutoModel.from_config(config, trust_remote_code=False)  # type: ignore[no-untyped-call]
-    )
-    return model  # type: ignore[no-any-return]
-
-
-def _load_directory_weights(model: nn.Module, path: Path, *, allow_unsafe: bool) -> None:
-    if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir() if p.is_file()):
-        warnings.warn(f"{path}: no weights found; exporting random init", stacklevel=3)
-        return
-    state = load(path, allow_unsafe=allow_unsafe)
-    _load_hf_state(model, state, path)
-
-
-def _hf_class(transformers: Any, config: Any) -> Any:
-    """The config's own architecture if transformers has it (a name looked up in
-    transformers only, never imported from elsewhere), else None (AutoModel)."""
-    for name in getattr(config, "architectures", None) or ():
-        found = getattr(transformers, str(name), None)
-        if isinstance(found, type) and issubclass(found, transformers.PreTrainedModel):
-            return found
-    return None
-
-
-def _load_hf_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    expected = set(model.state_dict())
-    prefix = str(getattr(model, "base_model_prefix", "") or "")
-    if prefix and not expected & set(state):
-        state = {k.removeprefix(prefix + "."): v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())
-    missing = [k for k in result.missing_keys if k not in tied and not k.endswith("lm_head.weight")]
-    if missing:
-        raise ConversionError(f"{path}: weights missing for {', '.join(missing[:5])}")
-    if result.unexpected_keys:
-        warnings.warn(
-            f"{path}: ignored {len(result.unexpected_keys)} tensors the model does not use "
-            f"({', '.join(result.unexpected_keys[:3])})",
-            stacklevel=4,
-        )
-    tie = getattr(model, "tie_weights", None)
-    if callable(tie):
-        tie()

@@ -9,6 +9,14 @@ from typing import Any
 
 from modelport.torch_models.agreement import OutputCheck, finite
 
+RUNTIMES = {  # format -> what verification runs the exported file in
+    "onnx": "onnxruntime",
+    "torchscript": "torch.jit.load",
+    "pt2": "torch.export.load",
+    "executorch": "ExecuTorch's runtime",
+    "tflite": "LiteRT's interpreter",
+}
+
 
 @dataclass(frozen=True)
 class ExampleInput:
@@ -48,6 +56,7 @@ class ExportReport:
     opset: int | None = None
     inputs: tuple[ExampleInput, ...] = ()
     sizes: tuple[int, ...] = ()  # bytes of each of ``files``
+    runtime: str = ""  # what verified it (``RUNTIMES``); empty when not verified
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -60,6 +69,7 @@ class ExportReport:
             "opset": self.opset,
             "inputs": [i.to_json() for i in self.inputs],
             "verified": self.verified,
+            "runtime": self.runtime,
             "max_abs_error": finite(self.max_abs_error),
             "outputs": [o.to_json() for o in self.outputs],
             "seconds": self.seconds,

@@ -9,7 +9,10 @@ random inputs of the same shapes, dtypes and value ranges (for each dynamic axis
 two other sizes), and compares every output with eager PyTorch: per-output max absolute
 and relative error, ``|exported - eager| <= atol + rtol * |eager|`` with tolerances by
 dtype. Outputs are named by where they sit in what ``forward`` returns
-(``last_hidden_state``, ``output_0``; ``agreement.named_leaves``).
+(``last_hidden_state``, ``output_0``; ``agreement.named_leaves``). The exporters trace a
+copy made before the model first runs (``tracing_copy``), so a ``forward`` that caches
+values (ultralytics' anchors) is traced from its first call and verified against a module
+no tracer has touched.
 
 - ONNX (``onnx_export``): ``torch.onnx.export(dynamo=True)`` by default,
   ``exporter="legacy"`` for the TorchScript-based one (``dynamo=False``, dynamic axes as
@@ -23,6 +26,9 @@ dtype. Outputs are named by where they sit in what ``forward`` returns
 - TorchScript: ``torch.jit.trace`` (a call with keywords is traced all by keyword, as
   ``example_kwarg_inputs``; a TorchScript model is saved as it is); deprecated in torch 2.13,
   so a warning recommends .pt2.
+- ExecuTorch (``executorch_export``): ``.pte`` lowered to XNNPACK where it applies, run in
+  ExecuTorch's runtime; LiteRT (``tflite_export``): ``.tflite`` from LiteRT's PyTorch
+  converter, run in LiteRT's interpreter. Dynamic axes get an upper bound there.
 - pt2: ``torch.export.export`` + ``torch.export.save``. A TorchScript model goes through
   torch's TorchScript-to-``torch.export`` converter first (pt2, and ONNX with dynamo).
 
@@ -54,7 +60,8 @@ from modelport.torch_models.agreement import (
 )
 from modelport.torch_models.binding import Call, bind, forward_signature
 from modelport.torch_models.building import eval_mode
-from modelport.torch_models.export_report import ExampleInput, ExportReport
+from modelport.torch_models.executorch_export import pte_notes, pte_runner, write_pte
+from modelport.torch_models.export_report import RUNTIMES, ExampleInput, ExportReport
 from modelport.torch_models.onnx_export import (
     OnnxNames,
     eager_output_names,
@@ -64,13 +71,15 @@ from modelport.torch_models.onnx_export import (
     onnx_runner,
 )
 from modelport.torch_models.quiet import quiet_libraries
+from modelport.torch_models.tflite_export import tflite_notes, tflite_runner, write_tflite
+from modelport.torch_models.tracing_copy import tracing_copy
 from modelport.transfer.placing import check_target, install_file, staging_folder
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-FORMATS = ("onnx", "torchscript", "pt2")
+FORMATS = ("onnx", "torchscript", "pt2", "executorch", "tflite")
 EXPORTERS = ("dynamo", "legacy")  # ONNX: torch.export-based, or TorchScript-based
 
 
@@ -123,11 +132,17 @@ def export(
         names = None
         if to == "onnx":
             model, inputs = _float32_for_onnxruntime(model, inputs, notes)
+        traced = tracing_copy(model, notes)  # before anything runs or traces the model
+        if to == "onnx":
             eager = eager_output_names(model, call, inputs)
             names = onnx_names(call, eager, input_names, output_names)
         shapes = _dynamic_shapes(call, inputs, dynamic)
-        plan = _Plan(to, model, call, inputs, dynamic, shapes, names, opset, exporter)
+        plan = _Plan(to, traced, call, inputs, dynamic, shapes, names, opset, exporter, model)
         files, checks = _build(plan, path, external_data, overwrite, verify, (rtol, atol))
+        if to == "executorch":
+            notes += pte_notes(path, dynamic)
+        if to == "tflite":
+            notes += tflite_notes(inputs, dynamic)
     return ExportReport(
         path=path,
         format=to,
@@ -142,13 +157,15 @@ def export(
         opset=opset if to == "onnx" else None,
         inputs=_described_inputs(call, inputs, dynamic, names),
         sizes=tuple(f.stat().st_size for f in files),
+        runtime=RUNTIMES[to] if verify else "",
     )
 
 
 @dataclass(frozen=True)
 class _Plan:
     """One export, decided: the model and the call to export, and how (``names``: the
-    ONNX graph's, None for the other formats)."""
+    ONNX graph's, None for the other formats). ``model`` is what the exporter traces,
+    ``reference`` what the eager reference runs on (``tracing_copy``)."""
 
     to: str
     model: nn.Module
@@ -159,6 +176,7 @@ class _Plan:
     names: OnnxNames | None
     opset: int | None
     exporter: str
+    reference: nn.Module
 
 
 def _build(
@@ -197,7 +215,9 @@ def _build(
             runner = _runner(plan.to, staged, plan.call, plan.names)
             rtol, atol = tolerances
             checks = tuple(
-                verify_outputs(plan.model, runner, plan.call, plan.inputs, plan.dynamic, rtol, atol)
+                verify_outputs(
+                    plan.reference, runner, plan.call, plan.inputs, plan.dynamic, rtol, atol
+                )
             )
         return _install(files, path, plan.to, overwrite), checks
     finally:
@@ -396,7 +416,10 @@ def _write(
     inputs: list[torch.Tensor],
     shapes: tuple[Any, ...] | dict[str, Any] | None,
 ) -> tuple[Path, ...]:
-    """Write ``path`` as TorchScript or ``.pt2`` (ONNX: ``onnx_export``)."""
+    """Write ``path`` as TorchScript, ``.pt2``, ExecuTorch or LiteRT (ONNX: ``onnx_export``)."""
+    if to in ("executorch", "tflite"):
+        write = write_pte if to == "executorch" else write_tflite
+        return write(_exportable(model, inputs), path, call, inputs, shapes)
     import torch
 
     args, kwargs = call.split(inputs)
@@ -450,6 +473,10 @@ def _runner(to: str, path: Path, call: Call, names: OnnxNames | None) -> Runner:
 
     if names is not None:
         return onnx_runner(path, names)
+    if to == "executorch":
+        return pte_runner(path)
+    if to == "tflite":
+        return tflite_runner(path, call)
     if to == "torchscript":
         loaded = torch.jit.load(str(path))  # type: ignore[no-untyped-call]
     else:

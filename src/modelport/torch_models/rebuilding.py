@@ -7,8 +7,8 @@ in eval mode and writes one of:
 - ``pickle`` (default): ``torch.save(model)``, the whole module. Loading it needs
   ``torch.load(path, weights_only=False)`` and the model's class importable under the same
   name; the report says which class.
-- ``torchscript`` / ``pt2``: written and verified by ``modelport.export`` (needs example
-  inputs); they load without the Python class.
+- ``torchscript`` / ``pt2`` / ``executorch`` / ``tflite``: written and verified by
+  ``modelport.export`` (needs example inputs); they load without the Python class.
 
 Before success is reported the file is loaded back (the pickle with ``torch.load`` on the
 file this call has just written, nothing else) and compared with the eager model: outputs on
@@ -42,7 +42,13 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-TARGETS = ("pickle", "torchscript", "pt2")
+TARGETS = ("pickle", "torchscript", "pt2", "executorch", "tflite")
+LOADING = {  # target -> (how to load the file, what that needs)
+    "torchscript": ("torch.jit.load({!r})", "torch only"),
+    "pt2": ("torch.export.load({!r}).module()", "torch only"),
+    "executorch": ("executorch.runtime.Runtime.get().load_program({!r})", "ExecuTorch's runtime"),
+    "tflite": ("ai_edge_litert.interpreter.Interpreter(model_path={!r})", "LiteRT's runtime"),
+}
 Inputs = Mapping[str, "torch.Tensor"] | Sequence["torch.Tensor"]
 
 
@@ -102,14 +108,17 @@ def rebuild(
     overwrite: bool = False,
 ) -> RebuildReport:
     """Build ``model`` with ``weights`` and save it whole to ``path`` as ``to`` (by default
-    from the name: ``.pt2`` -> pt2, anything else a whole-model pickle); load the file back
+    from the name: ``.pt2``, ``.pte``, ``.tflite`` -> pt2, executorch, tflite, anything else
+    a whole-model pickle); load the file back
     and compare it with the eager model before reporting ``verified``. ``example_inputs``
     are ``export``'s, or a function of the built model giving them (how the CLI matches an
     ``--example-inputs`` file to ``forward``'s arguments). ``dynamic`` names
     dynamic axes of the example inputs (as ``export``'s); ``trust_code`` and
     ``allow_unsafe`` are ``resolve_model``'s."""
     if to is None:
-        to = "pt2" if Path(path).suffix == ".pt2" else "pickle"
+        to = {".pt2": "pt2", ".pte": "executorch", ".tflite": "tflite"}.get(
+            Path(path).suffix, "pickle"
+        )
     _check_options(to, example_inputs is not None and bool(example_inputs), bool(dynamic))
     started = time.perf_counter()
     path = Path(path)
@@ -141,11 +150,8 @@ def rebuild(
         )
         checks, compared, mismatched = exported.outputs, 0, []
         files, notes, method = exported.files, list(exported.warnings), "outputs"
-        if to == "torchscript":
-            load_with = f"torch.jit.load({str(path)!r})"
-        else:
-            load_with = f"torch.export.load({str(path)!r}).module()"
-        requires = "torch only; the Python class is not needed"
+        load_with, needs = LOADING[to][0].format(str(path)), LOADING[to][1]
+        requires = f"{needs}; the Python class is not needed"
     verified = bool(checks or compared) and all(c.ok for c in checks) and not mismatched
     return RebuildReport(
         path=path,
