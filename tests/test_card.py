@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import modelport
 from modelport.cli.main import main
+from modelport.reporting._card_markdown import code, escaped, table
 from modelport.reporting.card import Provenance, build_card, conversion_provenance
 from tests.conftest import Cli
 
@@ -337,3 +338,11 @@ def test_convert_card_writes_beside_the_output_and_refuses_to_replace(
     folder = tmp_path / "hf"
     assert cli("convert", source, folder, "--to", "hf", "--card").code == 0
     assert "model.safetensors" in (folder / "README.md").read_text()
+
+
+def test_a_pipe_in_escaped_text_is_escaped_once_in_a_table() -> None:
+    """Text escaped for Markdown and then put in a cell keeps the cell count: ``\\|`` is an
+    escaped pipe, ``\\\\|`` an escaped backslash followed by a cell delimiter."""
+    row = table(["what", "says"], [[escaped("a|b"), code("x|y")]]).splitlines()[2]
+    cells = re.split(r"(?<!\\)\|", row.strip())[1:-1]
+    assert [c.strip() for c in cells] == ["a\\|b", "`x\\|y`"]

@@ -15,6 +15,8 @@ from typing import Any, Final
 _SPECIAL: Final = re.compile(r"([\\`*_{}\[\]<>|~&#!])")
 _BACKTICKS: Final = re.compile(r"`+")
 _LINE_BREAKS: Final = re.compile(r"[\r\n\u2028\u2029\x00-\x1f]+")
+# a pipe not yet escaped: after an even run of backslashes (none, or escaped backslashes)
+_BARE_PIPE: Final = re.compile(r"(?<!\\)((?:\\\\)*)\|")
 
 
 def clipped(text: str, limit: int) -> str:
@@ -39,8 +41,9 @@ def code(text: str, limit: int = 200) -> str:
 
 
 def cell(markdown: str) -> str:
-    """Markdown made fit for a table cell: a pipe, even in a code span, must be escaped."""
-    return markdown.replace("|", "\\|")
+    """Markdown made fit for a table cell: a pipe, even in a code span, must be escaped
+    (once: ``escaped`` text has its pipes escaped already)."""
+    return _BARE_PIPE.sub(r"\1\\|", markdown)
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
