@@ -1,13 +1,15 @@
 """Many files at once: ``modelport scan DIR`` with --jobs 1 and --jobs 2 against picklescan's
-directory mode on one folder of small mixed model files, and the time a run takes to resume
-after it was killed halfway.
+and modelscan's directory modes on one folder of small mixed model files (modelaudit on a
+sample of 100: it scans about a file a second), the time a run takes to resume after it was
+killed halfway, and the bytes a remote ``inspect`` fetches (``remote_reads``: a 1 GB
+safetensors over HTTP and moto's S3 server on loopback).
 
 The corpus (bench-output/fleet-corpus, rebuilt when --files changes) mixes what a model hub
 holds, written by the libraries themselves: torch state_dicts, training checkpoints with
 Adam state, whole pickled modules, safetensors, npz and joblib files. Each tool runs as a
 whole process, as users run it; files/s divides the corpus by the wall time, and peak RSS
 is the largest sum of the resident sets of the process and its children (modelport's
-workers), sampled every 10 ms. picklescan comes from bench-output/peers-venv (installed
+workers), sampled every 10 ms. The peers come from bench-output/peers-venv (installed
 from PyPI on first use, as bench_scan.py does). With ``modelport[dask]`` installed, a run on a
 Dask LocalCluster of 2 worker processes (``--scheduler local:2``) is measured too, its
 cluster's start included.
@@ -34,6 +36,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 import torch
+from remote_reads import remote_header_reads  # this folder's: run as a script
 from safetensors.numpy import save_file
 
 OUT = Path(__file__).resolve().parent.parent / "bench-output"
@@ -86,16 +89,37 @@ def build_corpus(count: int) -> None:
     stamp.write_text(f"{count} v2")
 
 
-def picklescan() -> list[str] | None:
-    if not (PEERS / "bin" / "picklescan").exists():
+def peer(tool: str, *arguments: str) -> list[str] | None:
+    """A peer scanner from PyPI, installed into its own venv on first use."""
+    if not (PEERS / "bin" / tool).exists():
         try:
             if not (PEERS / "bin" / "python").exists():
                 subprocess.run([sys.executable, "-m", "venv", str(PEERS)], check=True)
-            pip = [str(PEERS / "bin" / "python"), "-m", "pip", "install", "-q", "picklescan"]
+            pip = [str(PEERS / "bin" / "python"), "-m", "pip", "install", "-q", tool]
             subprocess.run(pip, check=True)
         except subprocess.CalledProcessError:
             return None
-    return [str(PEERS / "bin" / "picklescan"), "-p"]
+    return [str(PEERS / "bin" / tool), *arguments]
+
+
+def modelaudit_sample(count: int) -> None:
+    """modelaudit scans about one small file a second, so it gets a sample of the corpus
+    (its first ``count`` files, copied to a folder of their own) and modelport the same."""
+    audit = peer("modelaudit", "scan", "--no-cache", "--format", "json")
+    if audit is None:
+        return
+    sample = RUNS / "sample"
+    shutil.rmtree(sample, ignore_errors=True)
+    sample.mkdir(parents=True)
+    for path in sorted(p for p in CORPUS.iterdir() if p.is_file())[:count]:
+        shutil.copy(path, sample / path.name)
+    print(f"\na sample of {count} files, one run each:")
+    for name, command in (
+        ("modelport --jobs 1", [*MODELPORT, "--jobs", "1", "--json"]),
+        ("modelaudit", audit),
+    ):
+        wall, peak, _ = timed([*command, str(sample)])
+        print(f"{name:22} {wall:8.2f} {count / wall:9.1f} files/s {peak / 1e6:8.0f} MB")
 
 
 class TreeMemory:
@@ -206,9 +230,12 @@ def main() -> int:
         "-c",
         f"import modelport; modelport.scan({str(CORPUS)!r})",
     ]
-    peer = picklescan()
-    if peer is not None:
-        tools["picklescan -p"] = [*peer, str(CORPUS)]
+    for name, command in (
+        ("picklescan -p", peer("picklescan", "-p")),
+        ("modelscan -p", peer("modelscan", "-p")),
+    ):
+        if command is not None:
+            tools[name] = [*command, str(CORPUS)]
     timed(tools["modelport --jobs 1"])  # page cache warm for everyone
     walls: dict[str, list[float]] = {name: [] for name in tools}
     peaks: dict[str, list[int]] = {name: [] for name in tools}
@@ -234,6 +261,9 @@ def main() -> int:
         f"the rerun finished the other {args.files - left:.0f} in {rerun:.2f} s; a rerun with "
         f"every file recorded: {noop:.2f} s"
     )
+    modelaudit_sample(100)
+    if importlib.util.find_spec("moto") is not None:  # pip install 'modelport[remote]' moto[server]
+        remote_header_reads()
     return 0
 
 
