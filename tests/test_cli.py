@@ -37,8 +37,8 @@ def test_inspect_json_contract(tmp_path: Path, cli: Cli) -> None:
     first = payload["tensors"][0]
     assert set(first) == {"name", "dtype", "shape", "nbytes"}
     assert payload["extras"]["epoch"] == 3
-    weights = torch.load(path, weights_only=True)["model_state_dict"]  # what "parameters" counts
-    assert payload["parameters"] == sum(t.numel() for t in weights.values())
+    # the model's parameters(): not the optimizer's moments, nor the BatchNorm buffers
+    assert payload["parameters"] == sum(p.numel() for p in TinyResNet().parameters())
     assert payload["parameters"] < sum(math.prod(t["shape"]) for t in payload["tensors"])
 
 

@@ -194,6 +194,9 @@ def test_messages_say_which_loader_imports_it_and_when(tmp_path: Path) -> None:
 
 
 def test_python_files_in_a_model_folder_are_named(tmp_path: Path) -> None:
+    """Suspicious where a loader imports them (``custom_generate/generate.py``; a module a
+    configuration names); any other script is named as information (tests/
+    test_training_folders.py has the auto_map case and DeepSpeed's zero_to_fp32.py)."""
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (tmp_path / "modeling_x.py").write_text("import os\n")
     (tmp_path / "custom_generate").mkdir()
@@ -202,8 +205,8 @@ def test_python_files_in_a_model_folder_are_named(tmp_path: Path) -> None:
     assert report.verdict == "suspicious"
     flagged = sorted((f.rule, f.member) for file in report.files for f in file.findings)
     assert flagged == [
+        ("python-source", "modeling_x.py"),  # no configuration names it
         ("remote-code", "custom_generate/generate.py"),
-        ("remote-code", "modeling_x.py"),
     ]
     generate = next(f for file in report.files for f in file.findings if "generate" in f.member)
     assert "custom_generate/generate.py replaces model.generate" in generate.message

@@ -122,15 +122,17 @@ def test_inspect_and_load(checkpoint: Path) -> None:
     }
     assert tensors["extra.scalar"]["shape"] == []
     assert "optim.state.0.exp_avg_sq" in tensors
-    assert report["parameters"] == sum(
-        int(torch.tensor(t["shape"]).prod()) for t in report["tensors"]
-    )
-    assert report["details"]["dcp_version"] == FileSystemReader(checkpoint).read_metadata().version
+    assert report["weights"]["source"] == "model"  # saved under "model": the model's weights
     state = training_state()
+    assert report["parameters"] == sum(t.numel() for t in state["model"].values())
+    assert report["details"]["dcp_version"] == FileSystemReader(checkpoint).read_metadata().version
     with modelport.open(checkpoint) as model:
         weights = {name: ref.torch() for name, ref in model.weights().tensors.items()}
-    assert torch.equal(weights["model.0.weight"], state["model"]["0.weight"])
-    assert torch_digest(weights["extra.bf16"]) == torch_digest(state["extra"]["bf16"])
+        assert torch_digest(model.tensors["extra.bf16"].torch()) == torch_digest(
+            state["extra"]["bf16"]
+        )
+    assert list(weights) == list(state["model"])  # the model's own names, as in torch.save
+    assert torch.equal(weights["0.weight"], state["model"]["0.weight"])
 
 
 def test_matches_dcp_load(checkpoint: Path) -> None:

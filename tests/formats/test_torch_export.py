@@ -95,8 +95,8 @@ def test_exported_resnet(archives: dict[str, Path]) -> None:
     report = modelport.inspect(path)
     assert report.format == "torch-export"
     assert report.weights_source == ""  # the state_dict's names, as the program gives them
-    # the program's state_dict: its weights, not its lifted constants
-    assert report.parameters == sum(t.numel() for t in program.state_dict.values())
+    # the program's parameters: not its lifted constants, nor its buffers
+    assert report.parameters == sum(p.numel() for p in program.parameters())
     names = [t.name for t in report.tensors]
     assert "layer1.0.bn1.num_batches_tracked" in names
     assert "constants.scratch" in names

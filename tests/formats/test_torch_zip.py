@@ -28,7 +28,8 @@ def test_state_dict_of_a_resnet(tmp_path: Path) -> None:
     assert_same_tensors(torch.load(path), path)
     report = modelport.inspect(path)
     assert report.format == "torch-zip"
-    assert report.parameters == sum(t.numel() for t in model.state_dict().values())
+    # parameters(), as torch counts them: the BatchNorm running statistics are buffers
+    assert report.parameters == sum(p.numel() for p in model.parameters())
     assert "layer1.0.bn1.num_batches_tracked" in [t.name for t in report.tensors]
     assert report.weights_note == ""
 
@@ -62,7 +63,8 @@ def test_tied_weights_are_counted_once_in_bytes_by_dtype(tmp_path: Path) -> None
     report = modelport.inspect(tmp_path / "tied.pt")
     stored = {id(t.untyped_storage()): t.nbytes for t in model.state_dict().values()}
     assert report.bytes_by_dtype == {"float32": sum(stored.values())}
-    assert report.to_json()["parameters"] == sum(t.numel() for t in model.state_dict().values())
+    # the tied weight counts once, as model.parameters() yields it once
+    assert report.to_json()["parameters"] == sum(p.numel() for p in model.parameters())
 
 
 def test_training_checkpoint_tree_and_extras(tmp_path: Path) -> None:
@@ -192,7 +194,8 @@ def test_inspect_does_not_import_torch(tmp_path: Path) -> None:
     import subprocess
 
     path = tmp_path / "m.pt"
-    state = TinyResNet().state_dict()
+    model = TinyResNet()
+    state = model.state_dict()
     torch.save(state, path)
     code = (
         "import json, sys\n"
@@ -202,7 +205,7 @@ def test_inspect_does_not_import_torch(tmp_path: Path) -> None:
         "print(json.dumps({{'parameters': r.parameters, 'tensors': len(r.tensors), "
         "'torch': 'torch' in sys.modules}}))\n"
     )
-    expected = {"parameters": sum(t.numel() for t in state.values()), "tensors": len(state)}
+    expected = {"parameters": sum(p.numel() for p in model.parameters()), "tensors": len(state)}
     for first, torch_loaded in (("", False), ("import torch\n", True)):  # and the control
         done = subprocess.run(
             [sys.executable, "-c", code.format(first=first), str(path)],

@@ -11,8 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from modelport.cli._many_files import DEFAULT_TIMEOUT, options_given
+from modelport.cli._many_files import DEFAULT_CONVERT_TIMEOUT, DEFAULT_TIMEOUT, options_given
+from modelport.conversion.options import ConvertOptions
 from modelport.errors import UsageError
+from modelport.fleet import convert_manifest
 from modelport.fleet.inputs import Input, Shard, expand, read_list
 from modelport.fleet.records import Budget, Record
 from modelport.fleet.running import Plan, Tally, run
@@ -36,6 +38,24 @@ def plan(args: argparse.Namespace, command: str, options: dict[str, Any]) -> Pla
     return Plan(
         command, tuple(inputs), budget, options, jobs, args.jsonl, args.scheduler, args.dedupe
     )
+
+
+def convert_plan(args: argparse.Namespace, options: ConvertOptions) -> Plan:
+    """The run of ``convert --from-file``: every manifest's entries, checked whole before
+    any runs (so every machine of a ``--shard`` run refuses the same manifest alike), then
+    this shard's, split by target. An entry is an input whose path is its source and whose
+    context is its target and its own options, which override the command line's."""
+    entries = [item for manifest in args.from_file for item in convert_manifest.read(manifest)]
+    convert_manifest.check_outputs(entries)
+    inputs = [
+        Input(item.source, index, {**item.options, "target": item.target})
+        for index, item in enumerate(entries)
+        if args.shard is None or args.shard.holds(item.target)
+    ]
+    jobs = args.jobs or (_cores() if len(inputs) > 1 else 1)
+    budget = Budget(args.timeout or DEFAULT_CONVERT_TIMEOUT, args.max_memory)
+    given = convert_manifest.command_line(options, args.from_tf)
+    return Plan("convert", tuple(inputs), budget, given, jobs, args.jsonl, args.scheduler)
 
 
 def records(plan: Plan) -> Iterator[Record]:

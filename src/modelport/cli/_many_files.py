@@ -1,5 +1,6 @@
-"""The options ``scan``, ``hash`` and ``inspect`` share for many files, and the way to the
-fleet run they describe (``_fleet``, over ``modelport.fleet``).
+"""The options ``scan``, ``hash`` and ``inspect`` share for many files (``convert`` takes them
+with a manifest of conversions), and the way to the fleet run they describe (``_fleet``, over
+``modelport.fleet``).
 
 One path named with none of these options runs as it always has, in this process; several
 paths, a folder of files, or any of the options run each file in a worker process, on every
@@ -22,6 +23,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
+    from modelport.conversion.options import ConvertOptions
     from modelport.fleet.inputs import Shard
     from modelport.fleet.records import Record
     from modelport.fleet.running import Plan
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from modelport.scanning.findings import FileReport
 
 DEFAULT_TIMEOUT: Final = 300.0
+DEFAULT_CONVERT_TIMEOUT: Final = 3600.0  # a conversion writes and reads back the whole model
 _UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 
@@ -42,23 +45,42 @@ MANY_FILES = """many files:
 def add_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     """The positional paths (``what`` says what they may be) and the many-files options."""
     parser.add_argument("paths", nargs="*", metavar="PATH", help=what)
-    group = parser.add_argument_group(
+    group = add_options(
+        parser,
         "many files",
         "Several paths, a folder of files, or any of these options run each file in a worker "
         "process of its own, with a time and memory budget per file.",
+        "also take the paths listed in LIST, one per line ('-': standard input)",
+        DEFAULT_TIMEOUT,
     )
     group.add_argument(
-        "--from-file",
-        action="append",
-        default=[],
-        metavar="LIST",
-        help="also take the paths listed in LIST, one per line ('-': standard input)",
+        "--dedupe",
+        action="store_true",
+        help="read each file's sha256 first and judge the same bytes under the same file name "
+        "once; the other copies' records say which file they copy (deduplicated_from)",
+    )
+
+
+def add_options(
+    parser: argparse.ArgumentParser,
+    title: str,
+    about: str,
+    list_help: str,
+    timeout: float,
+    list_name: str = "LIST",
+) -> argparse._ArgumentGroup:
+    """The many-files options every fleet command takes, in a group ``title`` that ``about``
+    describes; ``--from-file list_name`` reads what ``list_help`` says; ``timeout`` is the
+    default budget."""
+    group = parser.add_argument_group(title, about)
+    group.add_argument(
+        "--from-file", action="append", default=[], metavar=list_name, help=list_help
     )
     group.add_argument(
         "--jsonl",
         metavar="OUT",
-        help="append one JSON record per file to OUT as each finishes; a rerun with the same "
-        "OUT skips the files whose record still matches them",
+        help="append one JSON record per input to OUT as each finishes; a rerun with the same "
+        "OUT skips the inputs whose record still matches them",
     )
     group.add_argument(
         "--jobs",
@@ -70,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser, what: str) -> None:
         "--timeout",
         type=_seconds,
         metavar="SECONDS",
-        help=f"time budget per file (default {DEFAULT_TIMEOUT:g}); a file over it is "
+        help=f"time budget per input (default {timeout:g}); an input over it is "
         "recorded as 'timeout' and its worker replaced",
     )
     group.add_argument(
@@ -90,16 +112,11 @@ def add_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     group.add_argument(
         "--scheduler",
         metavar="ADDRESS",
-        help="run the files on the Dask cluster whose scheduler is at ADDRESS "
+        help="run the inputs on the Dask cluster whose scheduler is at ADDRESS "
         "(tcp://HOST:8786), or on local:N, N Dask worker processes here; needs "
         "pip install 'modelport[dask]'",
     )
-    group.add_argument(
-        "--dedupe",
-        action="store_true",
-        help="read each file's sha256 first and judge the same bytes under the same file name "
-        "once; the other copies' records say which file they copy (deduplicated_from)",
-    )
+    return group
 
 
 def options_given(args: argparse.Namespace) -> bool:
@@ -113,7 +130,7 @@ def options_given(args: argparse.Namespace) -> bool:
             args.timeout,
             args.max_memory,
             args.scheduler,
-            args.dedupe,
+            getattr(args, "dedupe", False),  # convert has none
         )
     )
 
@@ -126,6 +143,13 @@ def plan(args: argparse.Namespace, command: str, options: dict[str, Any]) -> Pla
     if len(paths) == 1 and not options_given(args) and not Path(paths[0]).is_dir():
         return None
     found: Plan | None = _fleet().plan(args, command, options)
+    return found
+
+
+def convert_plan(args: argparse.Namespace, options: ConvertOptions) -> Plan:
+    """The fleet run of ``convert --from-file`` (``_fleet.convert_plan``); ``options`` are
+    the command line's, which every entry takes unless it sets its own."""
+    found: Plan = _fleet().convert_plan(args, options)
     return found
 
 

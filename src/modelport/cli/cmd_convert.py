@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -20,6 +21,7 @@ from rich.progress import (
 
 import modelport
 from modelport import dtypes
+from modelport.cli import _many_files
 from modelport.cli._output import console_width, human_bytes
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.conversion.converting import (
@@ -30,10 +32,15 @@ from modelport.conversion.converting import (
     gguf_type_name,
 )
 from modelport.conversion.options import ConvertOptions
+from modelport.errors import UsageError
 from modelport.formats.registry import is_model_folder
 from modelport.reporting.card import build_card, conversion_provenance
 from modelport.torch_models import tf_names
 from modelport.transfer import placing
+
+if TYPE_CHECKING:
+    from modelport.fleet.records import Record
+    from modelport.fleet.running import Plan
 
 EXAMPLES = """examples:
   modelport convert pytorch_model.bin model.safetensors
@@ -44,13 +51,23 @@ EXAMPLES = """examples:
   modelport convert ./sd-pipeline ./sd-pipeline-fp16 --to hf --dtype float16
   modelport convert ./my-model ./my-model-bin --to hf-bin
 
-exit codes: 0 converted and verified, 1 verification failed, 2 error or refused
+many conversions: a manifest, one JSON object a line, each a source, a target and the
+options as the flags name them ({"source": "a.bin", "target": "a.safetensors", "dtype":
+"bf16", "strip_prefix": "auto", "include": ["layers.*"], "no_verify": true}); flags given
+here apply to every entry that does not set its own
+  modelport convert --from-file manifest.jsonl --jsonl done.jsonl    (every core; rerun to resume)
+  modelport convert --from-file - --dtype bfloat16 --jobs 4 < manifest.jsonl
+  modelport convert --from-file manifest.jsonl --shard 2/4 --jsonl part2.jsonl  (machine 2 of 4)
+
+exit codes: 0 converted and verified (with --from-file: every entry), 1 verification failed
+(and no other error), 2 error or refused (with --from-file: an entry failed; its record says why)
 """
 
 DTYPE_HELP = "cast floating tensors (ints untouched); also fp16/f16/half, bf16, fp32/f32/float"
 GGUF_TYPE_HELP = (
-    "GGUF target: store floating tensors as this type (q8_0 quantizes matrices; norms and "
-    "biases stay float); the --dtype spellings work too"
+    "GGUF target: store floating tensors as this type; the q* types, tq1_0/tq2_0 (ternary) "
+    "and mxfp4 quantize matrices exactly as gguf-py does, while norms, biases and rows of "
+    "partial blocks stay float, as in llama.cpp's converter; the --dtype spellings work too"
 )
 
 
@@ -64,8 +81,10 @@ def register(commands: Any) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("source", help="model file or directory")
-    parser.add_argument("target", help="output file (a directory for --to hf and hf-bin)")
+    parser.add_argument("source", nargs="?", help="model file or directory")
+    parser.add_argument(
+        "target", nargs="?", help="output file (a directory for --to hf and hf-bin)"
+    )
     parser.add_argument(
         "--to",
         choices=sorted(TARGETS),
@@ -102,7 +121,20 @@ def register(commands: Any) -> None:
     select.add_argument("--include", action="append", default=[], metavar="GLOB")
     select.add_argument("--exclude", action="append", default=[], metavar="GLOB")
     _add_name_options(parser.add_argument_group("names"))
-    output = parser.add_argument_group("output")
+    _add_output_options(parser.add_argument_group("output"))
+    _many_files.add_options(
+        parser,
+        "many conversions",
+        "Convert every entry of a manifest instead of SRC into DST, each in a worker process "
+        "of its own, with a time and memory budget per entry.",
+        "convert the entries of MANIFEST, one JSON object a line ('-': standard input)",
+        _many_files.DEFAULT_CONVERT_TIMEOUT,
+        "MANIFEST",
+    )
+    parser.set_defaults(run=run)
+
+
+def _add_output_options(output: Any) -> None:
     output.add_argument(
         "--shard-size",
         metavar="SIZE",
@@ -128,8 +160,9 @@ def register(commands: Any) -> None:
         help="also write a model card (README.md) beside DST, or inside it for --to hf: what "
         "it holds, the code that loads it, and this conversion as its provenance",
     )
-    output.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.set_defaults(run=run)
+    output.add_argument(
+        "--json", action="store_true", help="print one JSON object (with --from-file: a list)"
+    )
 
 
 def _add_name_options(names: Any) -> None:
@@ -153,6 +186,10 @@ def _add_name_options(names: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = _options(args)
+    if args.from_file or _many_files.options_given(args):
+        return _run_manifest(args, _many_files_plan(args, options))
+    if args.source is None or args.target is None:
+        raise UsageError("name SRC and DST, or a manifest of conversions with --from-file")
     if args.from_tf == "auto" and not (options.extract or options.take_all):
         args.source, options = _pytorch_names(Path(args.source), options)
     card = _card_path(args) if args.card and not args.dry_run else None
@@ -166,6 +203,55 @@ def run(args: argparse.Namespace) -> int:
     if card is not None:
         print(f"  card: {_write_card(card, report, options, args)}")
     return ExitCode.OK
+
+
+def _many_files_plan(args: argparse.Namespace, options: ConvertOptions) -> Plan:
+    if not args.from_file:
+        raise UsageError(
+            "--jsonl, --jobs, --timeout, --max-memory, --shard and --scheduler go with "
+            "--from-file MANIFEST"
+        )
+    if args.source is not None:
+        raise UsageError("name SRC and DST, or --from-file MANIFEST, not both")
+    if args.card:
+        raise UsageError("--card is for one conversion; run `modelport card` on each output")
+    return _many_files.convert_plan(args, options)
+
+
+def _run_manifest(args: argparse.Namespace, plan: Plan) -> int:
+    """Every entry in a worker, said in the manifest's order as they finish: a line for
+    each output (or one JSON list), an error line on stderr for each entry that failed."""
+    results: list[dict[str, Any]] = []
+    failed: list[str] = []
+    for record in _many_files.records(plan):
+        if record.status == "ok":
+            results.append(record.result)
+            if not args.json:
+                print(_converted(record), flush=True)
+            continue
+        failure = {**_many_files.error_json(record), "target": record.target}
+        failed.append(failure["error"]["type"])
+        results.append(failure)
+        if not args.json:
+            message = failure["error"]["message"]
+            print(f"error: {record.path} -> {record.target}: {message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    if not failed:
+        return ExitCode.OK
+    only_unverified = all(kind == "VerificationError" for kind in failed)
+    return ExitCode.NO if only_unverified else ExitCode.ERROR
+
+
+def _converted(record: Record) -> str:
+    """One line for an entry converted, as the first line ``show`` prints for one."""
+    result = record.result
+    action = "would write" if result["dry_run"] else "wrote"
+    checked = ", verified" if result["verified"] else ""
+    return (
+        f"{action} {result['target']} ({result['target_format']}): {result['tensor_count']} "
+        f"tensors, {human_bytes(result['bytes_written'])}, from {record.path}{checked}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,14 @@ from typing import Any
 
 from modelport import dtypes
 from modelport._version import __version__
-from modelport.conversion import folders, gguf_arch, gguf_to_hf, selecting, writing
+from modelport.conversion import (
+    folders,
+    gguf_arch,
+    gguf_quantizing,
+    gguf_to_hf,
+    selecting,
+    writing,
+)
 from modelport.conversion.options import ConvertOptions
 from modelport.conversion.verifying import CastCheck
 from modelport.errors import ConversionError, UsageError
@@ -123,7 +130,7 @@ def convert(
         outputs = _outputs(named, options, writer)
         outputs, notes, carried = _for_target(model, writer, outputs, notes, options, stack)
         outputs, aliases = _dedupe(outputs, writer, options.materialize_ties)
-        adapted = gguf_arch.for_llama_cpp(source, model.format.value, writer.format.value, outputs)
+        adapted = gguf_arch.for_llama_cpp(model, writer, outputs, options.dtype)
         outputs, notes = list(adapted.tensors), [*notes, *adapted.notes]
         metadata = _metadata(model, options, aliases)
         plan = _plan(structure, outputs, aliases, metadata, adapted.metadata)
@@ -249,7 +256,7 @@ def _plan(
     return WritePlan(tuple(outputs), metadata, tree, typed)
 
 
-GGUF_TYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "q8_0": "Q8_0"}
+GGUF_TYPES = gguf_quantizing.GGUF_TYPES
 
 
 def gguf_type_name(text: str) -> str:
@@ -262,8 +269,8 @@ def _outputs(
     named: dict[str, TensorRef], options: ConvertOptions, writer: FormatReader
 ) -> list[OutputTensor]:
     """The dtype each tensor is written as: floats follow --dtype (or --gguf-type, which
-    quantizes only matrices whose rows hold whole Q8_0 blocks, as llama.cpp's converter
-    keeps norms and biases in float); quantized sources stay as they are unless
+    ``gguf_arch.for_llama_cpp`` then settles as llama.cpp's converter would: norms, biases
+    and rows of partial blocks stay float); quantized sources stay as they are unless
     --dequantize; integers and bools never change."""
     cast = options.dtype
     if cast is not None and cast not in CASTS:
@@ -279,12 +286,7 @@ def _outputs(
             if options.dequantize:
                 target = cast or "float32"
         elif info.is_floating and info.numpy is not None:
-            target = cast or target
-            if gguf == "Q8_0":
-                whole_rows = len(tensor.shape) >= 2 and tensor.shape[-1] % 32 == 0
-                target = "Q8_0" if whole_rows else (cast or "float32")
-            elif gguf is not None:
-                target = gguf
+            target = gguf or cast or target
         outputs.append(OutputTensor(name, target, tensor))
     return outputs
 

@@ -21,8 +21,8 @@ writer still streams every tensor in bounded memory:
   ``output.weight`` from the embedding, as llama.cpp's converter does.
 - Llama 3.1's RoPE scaling (``rope_type: llama3``) becomes llama.cpp's ``rope_freqs.weight``,
   computed from config.json (a few hundred bytes, held in memory).
-- Tensors of one dimension (norms, biases) are written as float32, as llama.cpp's converter
-  does; a matrix planned as Q8_0 whose rows no longer hold whole blocks falls back to float32.
+- Which tensors take the type asked (norms, biases and position embeddings stay float32, as
+  in llama.cpp's converter) is ``gguf_quantizing``'s.
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from modelport import dtypes
-from modelport.conversion import gguf_vocab
+from modelport.conversion import gguf_quantizing, gguf_vocab
 from modelport.errors import ModelportError
 from modelport.formats import _hf_folder
+from modelport.formats.protocol import FormatReader
+from modelport.loading.model_file import ModelFile
 from modelport.tensors import Storage, TensorRef, byte_array, contiguous_strides
 from modelport.transfer.write_plan import OutputTensor, TypedKind, TypedMetadata, TypedScalar
 
@@ -48,7 +50,19 @@ ARCHITECTURES = {
 SUFFIXES = (".weight", ".bias")
 QUANT_VERSION = 2  # GGML_QUANT_VERSION, which llama.cpp's converter always writes
 # llama.cpp's general.file_type (gguf-py's LlamaFileType) for the dtype most matrices have
-FILE_TYPES = {"float32": 0, "float16": 1, "Q8_0": 7, "bfloat16": 32}
+FILE_TYPES = {
+    "float32": 0,
+    "float16": 1,
+    "Q4_0": 2,
+    "Q4_1": 3,
+    "Q8_0": 7,
+    "Q5_0": 8,
+    "Q5_1": 9,
+    "bfloat16": 32,
+    "TQ1_0": 36,
+    "TQ2_0": 37,
+    "MXFP4": 38,  # MOSTLY_MXFP4_MOE, the only MXFP4 file type llama.cpp names
+}
 _GPT2_CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 _GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
@@ -56,21 +70,39 @@ _GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")
 @dataclass(frozen=True)
 class GGUFModel:
     """What a GGUF target is written with: its tensors (renamed and reshaped for llama.cpp,
-    or as they came), the typed metadata, and notes for the report."""
+    or as they came), the typed metadata, notes for the report, and whether the tensors
+    carry llama.cpp's names."""
 
     tensors: tuple[OutputTensor, ...]
     metadata: tuple[TypedMetadata, ...] = ()
     notes: tuple[str, ...] = ()
+    runnable: bool = False
 
 
 def for_llama_cpp(
-    source: Path, source_format: str, target_format: str, outputs: Sequence[OutputTensor]
+    model: ModelFile, writer: FormatReader, outputs: Sequence[OutputTensor], cast: str | None
 ) -> GGUFModel:
     """``outputs`` as llama.cpp reads them when the target is GGUF and the source a Hugging
     Face folder of a known architecture; as they are (with a note) for any other GGUF target
-    but a GGUF source (whose tensors already carry llama.cpp's names)."""
-    if target_format != "gguf" or source_format == "gguf":
+    but a GGUF source (whose tensors already carry llama.cpp's names). Either way each tensor
+    is stored in the type llama.cpp's converter would give it (``gguf_quantizing``), floats
+    that are not quantized after all as ``cast`` (else float32)."""
+    if writer.format.value != "gguf":
         return GGUFModel(tuple(outputs))
+    mapped = GGUFModel(tuple(outputs), runnable=True)
+    if model.format.value != "gguf":
+        mapped = _mapped(model.path, model.format.value, outputs)
+    kept = gguf_quantizing.settled(mapped.tensors, cast or "float32", mapped.runnable)
+    metadata = mapped.metadata
+    if mapped.runnable and metadata:
+        file_type = TypedMetadata("general.file_type", "uint32", _file_type(kept.tensors))
+        metadata = (*metadata, file_type)
+    return GGUFModel(kept.tensors, metadata, (*mapped.notes, *kept.notes), mapped.runnable)
+
+
+def _mapped(source: Path, source_format: str, outputs: Sequence[OutputTensor]) -> GGUFModel:
+    """The tensors renamed and laid out for llama.cpp with the architecture's metadata, or
+    as they are with a note saying why not."""
     if source_format != "hf-dir":
         return _tensors_only(outputs, "the source is not a Hugging Face folder with config.json")
     try:
@@ -97,12 +129,11 @@ def for_llama_cpp(
         TypedMetadata("general.architecture", "string", arch),
         TypedMetadata("general.name", "string", _model_name(source, config)),
         TypedMetadata("general.quantization_version", "uint32", QUANT_VERSION),
-        TypedMetadata("general.file_type", "uint32", _file_type(tensors)),
     ]
     arch_keys = [TypedMetadata(key.format(arch=arch), kind, v) for key, kind, v in hparams]
     notes = [f"written for llama.cpp as a {arch} model ({named[0]}), tensors renamed"]
     return GGUFModel(
-        tuple(tensors), (*general, *arch_keys, *vocab.metadata), (*notes, *vocab.notes)
+        tuple(tensors), (*general, *arch_keys, *vocab.metadata), (*notes, *vocab.notes), True
     )
 
 
@@ -305,16 +336,6 @@ def _layout(arch: str, config: dict[str, Any], tensor: OutputTensor) -> OutputTe
     return tensor
 
 
-def _stored_as(tensor: OutputTensor) -> OutputTensor:
-    """Vectors as float32, and Q8_0 only for rows of whole blocks (llama.cpp's converter)."""
-    floating = dtypes.dtype(tensor.source.dtype)
-    if not floating.is_floating or floating.block is not None:
-        return tensor
-    if len(tensor.shape) <= 1 or (tensor.dtype == "Q8_0" and tensor.shape[-1] % 32):
-        return replace(tensor, dtype="float32")
-    return tensor
-
-
 def _llama_cpp_tensors(
     gguf: Any, arch: str, config: dict[str, Any], outputs: Sequence[OutputTensor]
 ) -> list[OutputTensor]:
@@ -335,7 +356,7 @@ def _llama_cpp_tensors(
         if kind in skipped:
             continue
         laid_out = _layout(arch, config, tensor)
-        result.append(_stored_as(replace(laid_out, name=new_name)))
+        result.append(replace(laid_out, name=new_name))
     if arch == "llama" and _rope_settings(config).get("rope_type") == "llama3":
         result.append(OutputTensor("rope_freqs.weight", "float32", llama3_rope_factors(config)))
     names_written = {t.name for t in result}

@@ -6,9 +6,15 @@ writes it: ``tokenizer.ggml.model`` ``"gpt2"``, ``tokens`` in id order (ids the 
 leaves free up to the model's vocabulary size are ``[PAD{id}]``, of type unused), one
 ``token_type`` per token (normal; added special tokens control, other added tokens user
 defined), ``merges`` as ``"left right"`` strings, and the bos/eos ids of ``config.json``.
-``tokenizer.ggml.pre`` is ``"gpt-2"`` when the pre-tokenizer is GPT-2's plain byte-level
-split, else ``"default"``: llama.cpp's converter names it by hashing what the tokenizer
-makes of a probe text, which needs the tokenizer to run.
+
+``tokenizer.ggml.pre`` names the pre-tokenizer (how text is split before the merges) as
+llama.cpp's converter names it (``get_vocab_base_pre``): the tokenizer encodes a fixed check
+text (special tokens added as its post-processor adds them, as ``AutoTokenizer.encode``
+does), the sha256 of the ids' Python list names it in a table. The tokenizer is run by the
+``tokenizers`` library from ``tokenizer.json``, data only. The table here holds the
+tokenizers of the architectures modelport maps (GPT-2's, Llama 3's, SmolLM's and Mistral
+Nemo's); any other gets ``"default"`` and a note that llama.cpp may split text otherwise
+(its converter refuses the model until the hash is added to its table).
 
 A SentencePiece ``tokenizer.model`` (Llama 2, Mistral) comes first, as in llama.cpp's
 converter, when the ``sentencepiece`` package is installed: ``tokenizer.ggml.model``
@@ -23,6 +29,7 @@ are not converted: the file gets no vocabulary and a note says so.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +45,26 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 UNSCORED = -10000.0  # the score llama.cpp's converter gives padding ids
 MAX_SENTENCEPIECE_BYTES = 64 << 20  # a 256k-piece model is a few MB
 NOT_RUNNABLE = "llama.cpp needs a vocabulary to run the file"
+# the text llama.cpp's converter tokenizes to tell pre-tokenizers apart
+CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n"
+    "\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f (multiple emojis concatenated) "
+    "\u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
+    "\u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785"
+    "\U0001f601 ?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= "
+    "\u043d\u0435\u0449\u043e \u043d\u0430 "
+    "\u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 "
+    "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? "
+    "'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+# sha256 of str(ids of CHECK_TEXT) -> llama.cpp's pre-tokenizer name (from its converter)
+PRE_TOKENIZERS = {
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # GPT-2
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Nemo
+}
+UNKNOWN_PRE = "default"
 
 
 @dataclass(frozen=True)
@@ -71,14 +98,44 @@ def read(folder: Path, config: dict[str, Any], vocab_size: int) -> Vocabulary:
         merges = _merges(model.get("merges") or [])
     except _BadVocabulary as exc:
         return _none(f"tokenizer.json: {exc}")
+    pre, notes = pre_tokenizer(path)
     metadata = [
         TypedMetadata("tokenizer.ggml.model", "string", "gpt2"),
-        TypedMetadata("tokenizer.ggml.pre", "string", _pre_tokenizer(tokenizer)),
+        TypedMetadata("tokenizer.ggml.pre", "string", pre),
         TypedMetadata("tokenizer.ggml.tokens", "string", tuple(tokens)),
         TypedMetadata("tokenizer.ggml.token_type", "int32", tuple(types)),
         TypedMetadata("tokenizer.ggml.merges", "string", tuple(merges)),
     ]
-    return Vocabulary((*metadata, *_special_ids(config, len(tokens))))
+    return Vocabulary((*metadata, *_special_ids(config, len(tokens))), notes)
+
+
+def check_hash(ids: list[int]) -> str:
+    """llama.cpp's converter's hash of the check text's token ids."""
+    return hashlib.sha256(str(ids).encode()).hexdigest()
+
+
+def pre_tokenizer(path: Path) -> tuple[str, tuple[str, ...]]:
+    """``tokenizer.ggml.pre`` for the tokenizer.json at ``path``, and a note when it is
+    ``"default"`` for want of a name."""
+    try:
+        import tokenizers
+    except ImportError:
+        return UNKNOWN_PRE, (_unnamed("naming it needs the tokenizers package (pip install it)"),)
+    try:
+        ids = tokenizers.Tokenizer.from_file(str(path)).encode(CHECK_TEXT).ids
+    except Exception as exc:  # the tokenizers library raises plain Exception
+        return UNKNOWN_PRE, (_unnamed(f"the tokenizers library could not run it ({exc})"),)
+    digest = check_hash(ids)
+    if digest in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[digest], ()
+    return UNKNOWN_PRE, (_unnamed(f"llama.cpp's converter does not know its hash {digest}"),)
+
+
+def _unnamed(reason: str) -> str:
+    return (
+        f"tokenizer.ggml.pre is {UNKNOWN_PRE!r}: {reason}; llama.cpp may split text into "
+        "tokens differently than the tokenizer does"
+    )
 
 
 def _special_ids(config: dict[str, Any], count: int) -> list[TypedMetadata]:
@@ -187,10 +244,3 @@ def _merges(merges: list[Any]) -> list[str]:
         else:
             raise _BadVocabulary(f"merge {merge!r} is not a pair")
     return result
-
-
-def _pre_tokenizer(tokenizer: dict[str, Any]) -> str:
-    pre = tokenizer.get("pre_tokenizer")
-    if isinstance(pre, dict) and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt-2"
-    return "default"

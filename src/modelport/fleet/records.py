@@ -25,11 +25,14 @@ SCHEMA_VERSION: Final = 1
 # The scanner's rules change only with modelport's code for now, so its version stands for
 # them; records carry both so that rules versioned apart later need no new schema.
 RULES_VERSION: Final = __version__
-COMMANDS: Final = ("scan", "hash", "inspect")
+COMMANDS: Final = ("scan", "hash", "inspect", "convert")
 Status = Literal["ok", "error", "timeout"]
 # Error types the parent gives a file whose worker did not answer for it.
 WORKER_DIED: Final = "WorkerDied"
 TIMED_OUT: Final = "Timeout"
+# Options of ``convert`` that change how an output is written, never what it holds: a rerun
+# that adds ``--overwrite`` leaves alone the outputs that stand.
+NO_EFFECT_ON_OUTPUT: Final = ("overwrite", "fsync")
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,8 @@ class Record:
     context); ``index`` is the input's place in the run's list, which orders the summary.
     ``sha256`` is the file's content digest where the run computed one (``--dedupe``), and
     ``deduplicated_from`` the path whose result this record copies (the same bytes under the
-    same name, judged once)."""
+    same name, judged once). ``target`` is the output a command that writes one (convert)
+    wrote for this input: its ``result`` holds the output's identity as written."""
 
     command: str
     path: str
@@ -158,10 +162,21 @@ class Record:
     schema: int = SCHEMA_VERSION
     sha256: str | None = None
     deduplicated_from: str | None = None
+    target: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        """What an output holds one standing record for: the input, and the output it was
+        written to (one source may be converted to several targets)."""
+        return self.path, self.target
 
     def to_json(self) -> dict[str, Any]:
         identity = self.identity
-        optional = {"sha256": self.sha256, "deduplicated_from": self.deduplicated_from}
+        optional = {
+            "sha256": self.sha256,
+            "deduplicated_from": self.deduplicated_from,
+            "target": self.target,
+        }
         return {
             "schema": self.schema,
             "command": self.command,
@@ -219,6 +234,7 @@ class Record:
             schema=int(data["schema"]),
             sha256=_optional_text(data.get("sha256")),
             deduplicated_from=_optional_text(data.get("deduplicated_from")),
+            target=_optional_text(data.get("target")),
         )
 
     def answers(
@@ -226,21 +242,41 @@ class Record:
     ) -> bool:
         """Whether this record still stands for the file a run is about to process: the same
         command, options and bytes, judged by this modelport and these rules; a file that ran
-        out of time or memory is retried under a larger budget."""
+        out of time or memory is retried under a larger budget. A conversion stands only
+        while it succeeded and its output is still the one it wrote; a failed one is retried."""
         if (
             identity is None
             or self.identity != identity
             or self.schema != SCHEMA_VERSION
             or self.command != command
-            or self.options != options
+            or _compared(self.options) != _compared(options)
             or self.modelport_version != __version__
             or self.rules_version != RULES_VERSION
         ):
             return False
+        if self.target is not None:
+            return self.status == "ok" and self._output_stands(self.target)
         ran_out = self.status == "timeout" or (
             self.error is not None and self.error.type in (WORKER_DIED, "MemoryError")
         )
         return not ran_out or self.budget.covers(budget)
+
+    def _output_stands(self, target: str) -> bool:
+        """Whether ``target`` is what this record's conversion wrote (a dry run wrote
+        nothing: it stands while nothing is there)."""
+        result = self.result if isinstance(self.result, dict) else {}
+        written = result.get("target_identity")
+        now = Identity.of(target)
+        if not isinstance(written, dict) or now is None:
+            return written is None and now is None
+        try:
+            return Identity(**written) == now
+        except TypeError:  # not a record this code wrote: redo rather than trust it
+            return False
+
+
+def _compared(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k not in NO_EFFECT_ON_OUTPUT}
 
 
 def plain(value: Any) -> Any:

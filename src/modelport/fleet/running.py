@@ -5,7 +5,8 @@ caller in the inputs' order (the order a summary prints).
 Resuming is matching: an input whose latest record in the output has the same path, command,
 options and identity (size, mtime, device, inode), from this modelport and these rules, is
 not read again (``Record.answers``; a timeout or an out-of-memory death is retried under a
-larger budget). Everything else runs, and its new record supersedes the old one.
+larger budget). Everything else runs, and its new record supersedes the old one. An input
+of ``convert`` is a source with its target (``Record.key``): one source may have several.
 
 The files run on this machine's worker processes (``pool``) or, with a scheduler, on a Dask
 cluster (``dask_runner``); with ``dedupe``, a file with the bytes and name of one before it
@@ -25,7 +26,7 @@ from typing import Any, Protocol
 from modelport.fleet.dask_runner import DaskRunner
 from modelport.fleet.dedupe import Groups, copied
 from modelport.fleet.inputs import Input
-from modelport.fleet.journal import Journal, latest
+from modelport.fleet.journal import Journal
 from modelport.fleet.pool import Pool, Task
 from modelport.fleet.records import TIMED_OUT, Budget, Identity, Outcome, Record, Status, plain
 
@@ -73,9 +74,9 @@ def run(plan: Plan, tally: Tally | None = None) -> Iterator[Record]:
         executor = DaskRunner(plan.scheduler, plan.budget)
     with contextlib.ExitStack() as stack:
         journal = stack.enter_context(Journal(plan.jsonl)) if plan.jsonl else None
-        earlier: dict[str, Record] = {}
+        earlier: dict[tuple[str, str | None], Record] = {}
         if journal is not None:
-            earlier = {r.path: r for r in latest(journal.existing.records)}
+            earlier = {r.key: r for r in journal.existing.records}  # the last one stands
             tally.cut_bytes = journal.existing.cut_bytes
             tally.skipped_lines = journal.existing.skipped
         order = _InOrder()
@@ -84,7 +85,7 @@ def run(plan: Plan, tally: Tally | None = None) -> Iterator[Record]:
         for position, item in enumerate(plan.inputs):
             options = plain({**plan.options, **item.context})
             identity = Identity.of(item.path)
-            record = earlier.get(item.path)
+            record = earlier.get((item.path, _target(options)))
             if record is not None and record.answers(plan.command, identity, options, plan.budget):
                 tally.reused += 1
                 yield from order.put(position, record)
@@ -136,7 +137,14 @@ def _record(
         duration_s=outcome.duration_s,
         worker=worker,
         finished=round(time.time(), 3),
+        target=_target(options),
     )
+
+
+def _target(options: dict[str, Any]) -> str | None:
+    """The output an input is written to (convert's entries name one)."""
+    target = options.get("target")
+    return target if isinstance(target, str) else None
 
 
 def _failed_status(outcome: Outcome) -> Status:

@@ -3,12 +3,16 @@ JSON, or the error it raised as a type and a one-line message (an ``Outcome``).
 
 The calls are the ones each command makes for one file (``scanning.scanner.scan_file`` as
 ``scan`` makes it for a file of a folder; ``comparing.fingerprint.fingerprint``;
-``loading.model_file.inspect``), so a record's result is what the command alone would print
-for that file. Nothing here imports torch; a file whose reading needs it imports it then.
+``loading.model_file.inspect``; ``convert_manifest.convert_entry``, one manifest entry), so a
+record's result is what the command alone would print for that file. Nothing here imports
+torch; a file whose reading needs it imports it then. The conversion path is imported by the
+first conversion a worker makes, through ``importlib``: the workers of scan, hash and inspect
+never pay for it.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 import warnings
 from collections.abc import Callable
@@ -107,6 +111,12 @@ def _inspect(path: str, options: dict[str, Any]) -> tuple[str, Any]:
     return report.format, jsonable(payload)
 
 
+def _convert(path: str, options: dict[str, Any]) -> tuple[str, Any]:
+    manifests = importlib.import_module("modelport.fleet.convert_manifest")
+    converted: tuple[str, Any] = manifests.convert_entry(path, options)
+    return converted
+
+
 def jsonable(value: Any) -> Any:
     """``value`` with the odd values a report may carry made JSON (as ``cli._output.
     json_default`` renders them: sets as lists, bytes as their length, records by repr)."""
@@ -129,4 +139,5 @@ _COMMANDS: dict[str, Callable[[str, dict[str, Any]], tuple[str, Any]]] = {
     "scan": _scan,
     "hash": _hash,
     "inspect": _inspect,
+    "convert": _convert,
 }

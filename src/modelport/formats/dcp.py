@@ -18,8 +18,9 @@ Layout (torch/distributed/checkpoint/metadata.py, filesystem.py):
   when read. Items with ``transform_descriptors`` (stream extensions such as compression)
   are listed but raise when read.
 
-The tree is a flat dict ``fqn -> TensorRef``; bytes items are decoded with modelport's
-restricted unpickler and listed in ``details["bytes_entries"]``.
+The tree maps each fqn to its TensorRef, nested under the keys of the state dict that was
+saved where ``planner_data`` records them (see ``_nested``); bytes items are decoded with
+modelport's restricted unpickler and listed in ``details["bytes_entries"]``.
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ class _Reader:
             "data_files": sorted({str(c[1].file.name) for c in index.values()}),
             "bytes_entries": byte_entries,
         }
-        return Contents(Format.DCP, tree, details=details, warnings=self.warnings)
+        nested = _nested(tree, attributes.get("planner_data"))
+        return Contents(Format.DCP, nested, details=details, warnings=self.warnings)
 
     # metadata ------------------------------------------------------------------------------
     def _index(
@@ -299,6 +301,34 @@ class _Reader:
         if end - begin != math.prod(shape) * dtypes.dtype(dtype).itemsize:
             raise CorruptFileError(f"DCP tensor {name!r}: safetensors span does not fit its shape")
         return TensorRef(dtype, tuple(shape), Storage(info.file, start + begin, end - begin, name))
+
+
+def _nested(tree: dict[str, TensorRef], planner_data: Any) -> dict[str, Any]:
+    """The tensors under the keys they were saved with. ``DefaultSavePlanner`` flattens a
+    nested state dict into dotted names and keeps each name's path in ``planner_data``
+    (``{"model.0.weight": ("model", "0.weight")}``: accelerate's FSDP ``SHARDED_STATE_DICT``
+    saves ``{"model": state_dict}``), so the weights rule sees the ``model`` key, as in a
+    ``torch.save`` checkpoint, and the model's own names under it. Names list the same either
+    way; without such paths, or with paths that do not spell their names, the tree stays flat."""
+    if not isinstance(planner_data, dict) or not any(
+        isinstance(path, tuple) and len(path) > 1 for path in planner_data.values()
+    ):
+        return tree
+    nested: dict[str, Any] = {}
+    for name, tensor in tree.items():
+        path = planner_data.get(name)
+        if not isinstance(path, tuple) or not path or ".".join(map(str, path)) != name:
+            return tree
+        node = nested
+        for key in map(str, path[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                return tree
+            node = child
+        if str(path[-1]) in node:
+            return tree
+        node[str(path[-1])] = tensor
+    return nested
 
 
 def _nonneg(value: Any) -> TypeGuard[int]:

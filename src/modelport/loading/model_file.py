@@ -220,7 +220,7 @@ def inspect(path: str | Path) -> InspectReport:
             path=str(model.path),
             format=model.format.value,
             size_bytes=model.size_bytes,
-            parameters=quantized.parameter_count(selection.tensors),
+            parameters=quantized.parameter_count(weight_rule.parameter_tensors(selection.tensors)),
             tensors=tensors,
             metadata=dict(model.metadata),
             extras=trees.extras(model.tree)

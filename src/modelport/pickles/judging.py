@@ -33,6 +33,7 @@ from modelport.pickles.symbols import (
 __all__ = ["PickleFinding", "PickleScan", "Severity", "scan_pickle"]
 
 _NESTED_TORCH = ("torch.storage", "_load_from_bytes")
+_PASSED_ON = policy.PASSED_ON
 _MAX_NESTED_ARRAY_PICKLES = 8
 
 # Python's own special names (``__reduce_ex__``, ``__class__``, ``__setstate__``) are all
@@ -90,10 +91,12 @@ class ScanResolver:
         if isinstance(func, Symbol):
             func.made.append(made)
             func.calls.append((at, args))
-            nested_loader = (func.module, func.name) == _NESTED_TORCH
-            if nested_loader and args and isinstance(args[0], (bytes, ByteSpan)):
+            key = func.key
+            if key == _NESTED_TORCH and args and isinstance(args[0], (bytes, ByteSpan)):
                 self.nested.append(NestedPayload(at.offset, args[0]))
-            self._pass_on(func, args, at)
+            uses = _PASSED_ON.get(key) if key is not None else None
+            if uses is not None:
+                self._pass_on(func, uses, args, at)
         else:
             self._note(
                 Severity.HIGH,
@@ -105,10 +108,11 @@ class ScanResolver:
             )
         return made
 
-    def _pass_on(self, func: Symbol, args: tuple[Any, ...], at: Step) -> None:
+    def _pass_on(
+        self, func: Symbol, uses: tuple[policy.PassedOn, ...], args: tuple[Any, ...], at: Step
+    ) -> None:
         """What an allowlisted reconstructor calls or instantiates with its arguments."""
-        key = func.key
-        for use in policy.PASSED_ON.get(key, ()) if key is not None else ():
+        for use in uses:
             if use.index >= len(args):
                 continue
             target = args[use.index]
@@ -151,7 +155,7 @@ class ScanResolver:
             if joblib_arrays.is_wrapper(obj.origin):
                 self._skip_joblib_array(state, at)
         for key in _state_keys(state):
-            if _PYTHON_SPECIAL.fullmatch(key):
+            if key[:2] == "__" and _PYTHON_SPECIAL.fullmatch(key):
                 self._note(
                     Severity.HIGH,
                     "attribute-smuggling",

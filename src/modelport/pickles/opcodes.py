@@ -225,7 +225,11 @@ class Opcodes(MachineState):
     def _set_pairs(self, target: Any, pairs: list[tuple[Any, Any]]) -> None:
         if type(target) is dict:
             for key, value in pairs:
-                target[self._hashable(key)] = value
+                try:
+                    target[key] = value
+                except TypeError:  # an unhashable key is a corrupt pickle; anything else is not
+                    self._hashable(key)
+                    raise
         else:
             self.resolver.set_items(target, pairs, self.step)
 

@@ -31,6 +31,8 @@ SAFE_CLASSES: Final[MappingProxyType[tuple[str, str], str]] = MappingProxyType(
         **{key: "torch.nn module, as torch.save(model) writes it" for key in TORCH_NN_CLASSES},
         ("torch.nn.parameter", "Parameter"): "torch parameter",
         ("torch.nn.parameter", "Buffer"): "torch buffer",
+        ("torch", "Tensor"): "torch's own tensor type: _rebuild_from_type_v2 names it for a "
+        "plain tensor carrying Python attributes (DeepSpeed's ds_id)",
         ("argparse", "Namespace"): "training scripts save their arguments",
         ("types", "SimpleNamespace"): "plain attribute bag",
         ("joblib.numpy_pickle", "NumpyArrayWrapper"): "joblib's array header",

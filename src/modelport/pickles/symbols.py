@@ -42,11 +42,12 @@ class PickleFinding:
     message: str
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Symbol:
     """A global as the pickle named it, and every way the pickle then used it. ``passed_on``
     holds the calls an allowlisted reconstructor makes with it (the global was an argument
-    that the reconstructor calls or instantiates), which the pickle's own opcodes hide."""
+    that the reconstructor calls or instantiates), which the pickle's own opcodes hide.
+    ``key`` is (module, name) when both are text; a hostile STACK_GLOBAL may give any value."""
 
     module: Any
     name: Any
@@ -56,20 +57,18 @@ class Symbol:
     passed_on: list[tuple[Step, Usage, str]] = field(default_factory=list)
     made: list[Made] = field(default_factory=list)
     patched: list[Step] = field(default_factory=list)
+    key: tuple[str, str] | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        text = isinstance(self.module, str) and isinstance(self.name, str)
+        self.key = (self.module, self.name) if text else None
 
     @property
     def path(self) -> str:
         return f"{self.module}.{self.name}"
 
-    @property
-    def key(self) -> tuple[str, str] | None:
-        """(module, name) when both are text; a hostile STACK_GLOBAL may give any value."""
-        if isinstance(self.module, str) and isinstance(self.name, str):
-            return self.module, self.name
-        return None
 
-
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Made:
     """What calling or instantiating a symbol would have produced; BUILD states land here."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickletools
 from enum import Enum
 
 from modelport.errors import LimitExceededError, ModelportError, UnparsedPickleError
@@ -16,6 +17,13 @@ PICKLE_STARTS = frozenset(
     b"(})]cPKJMNILFGSTUVXBC\x82\x83\x84\x88\x89\x8a\x8b\x8c\x8d\x8e\x8f\x95\x96"
 )
 _SNIFF_OPCODES = 100_000
+# A tag or pointer file (DeepSpeed's and Lightning's ``latest``) is a line or two; longer text
+# that reads as a cut pickle is left to the pickle reading, whose error names the damage.
+SHORT_TEXT_BYTES = 4096
+# Opcodes that name something the loader resolves: a global to import, a persistent id.
+_NAMING_OPCODES = frozenset(
+    ("GLOBAL", "INST", "STACK_GLOBAL", "PERSID", "BINPERSID", "EXT1", "EXT2", "EXT4")
+)
 
 
 def may_hold_code(head: bytes) -> bool:
@@ -63,6 +71,30 @@ def pickle_reading(data: memoryview) -> PickleReading:
     except ModelportError:
         return PickleReading.NONE
     return PickleReading.WHOLE
+
+
+def is_text_not_pickle(data: memoryview) -> bool:
+    """Short UTF-8 text whose reading as a pickle is only cut and names nothing: a line such
+    as ``checkpoint`` opens with GLOBAL (``c``) by chance and runs out inside its argument.
+    ``pickle.loads`` raises before anything is imported or called, so the bytes are text. A
+    real protocol-0 pickle is text too, but it reaches STOP (or names a global before it
+    fails) and keeps its pickle reading; so does a cut one that names a global."""
+    if len(data) > SHORT_TEXT_BYTES or pickle_reading(data) is not PickleReading.CUT:
+        return False
+    raw = bytes(data)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    if b"\x00" in raw:
+        return False
+    try:
+        for opcode, _, _ in pickletools.genops(raw):
+            if opcode.name in _NAMING_OPCODES:
+                return False
+    except ValueError:  # how pickletools says the bytes ran out (or stopped parsing)
+        return True
+    return False  # reached STOP: a pickle after all
 
 
 # An EXT opcode names a global through copyreg's extension registry, which Python and the

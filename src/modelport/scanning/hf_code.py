@@ -6,6 +6,9 @@ repository (``org/repo--modeling_x.XModel``), or an installed module. ``LOADERS`
 by loader, what each reads and what it then imports, with the function in the loader's own
 source that does it, so a reader can check each row against the library. Every hit is
 ``remote-code`` (medium, ``suspicious``): the code may be honest, but loading the model runs it.
+A ``.py`` file is such a hit only where these rows lead a loader to it; any other (a training
+tool's script, such as the ``zero_to_fp32.py`` DeepSpeed copies into its checkpoints) is
+``python-source``, information that names it.
 
 Not listed, because no file in the folder sets them: ``custom_pipeline=`` and
 ``trust_remote_code=`` are arguments of the caller. ``generation_config.json`` has no
@@ -15,11 +18,13 @@ is reported all the same, like one in any JSON file.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelport import limits
 from modelport.pickles.judging import Severity
 from modelport.scanning.findings import Finding
 
@@ -162,40 +167,69 @@ PIPELINE_INDEXES = frozenset({"model_index.json", "modular_model_index.json"})
 # peft/auto.py get_default_import_allowlist
 PEFT_IMPORT_ALLOWLIST = ("diffusers", "lerobot", "megatron-core", "transformers")
 # transformers/integrations/hub_kernels.py is_kernel: 'org/repo[@rev][:name]', maybe 'paged|'
+# transformers/dynamic_module_utils.py get_relative_imports: ``import .x`` and
+# ``from .x import``; ``from . import x`` as well, to err on the side of an import.
+_RELATIVE_IMPORT = re.compile(
+    r"^\s*(?:import\s+\.(\S+)\s*$|from\s+\.(\S+)\s+import|from\s+\.\s+import\s+(\w+))",
+    re.MULTILINE,
+)
+_MAX_CONFIGS = 256
+_MAX_MODULES = 4096
 _HUB_KERNEL = re.compile(r"^(?:[^|]*\|)?[^/:|]+/[^/:|]+(?:@[^/:]+)?(?::[^/:]+)?$")
 
 
 def findings(name: str, document: Any) -> list[Finding]:
     """What a JSON file of a model folder makes its loaders import; ``name`` is the file."""
-    if isinstance(document, list):
-        return _report(name, "sentence_transformers_module", _modules(document))
-    if not isinstance(document, dict):
-        return []
-    found = _report(name, "auto_map", _auto_map(document.get("auto_map")))
-    pipelines = document.get("custom_pipelines")
-    impls = [task.get("impl") for task in _dict(pipelines).values() if isinstance(task, dict)]
-    found += _report(name, "custom_pipelines", _strings(impls))
-    found += _report(name, "attn_implementation", _kernels(document))
-    if name in PIPELINE_INDEXES:
-        class_name = document.get("_class_name")
-        pipeline = [class_name[0]] if isinstance(class_name, list) and class_name else []
-        found += _report(name, "custom_pipeline_class", [f"{p}.py" for p in _strings(pipeline)])
-        found += _report(name, "custom_component", _components(document))
-    activation = _dict(document.get("sentence_transformers")).get("activation_fn")
-    legacy = document.get("sbert_ce_default_activation_function")
-    functions = [f for f in _strings([activation, legacy]) if not f.startswith("torch.")]
-    found += _report(name, "cross_encoder_activation", functions)
-    found += _report(name, "peft_auto_mapping", _peft_library(document))
-    megatron = document.get("megatron_core") if document.get("megatron_config") else None
-    if isinstance(megatron, str) and not megatron.startswith("megatron."):
-        found += _report(name, "peft_megatron_core", [megatron])
+    found = []
+    for loader_key, targets in _named_code(name, document):
+        found += _report(name, loader_key, targets)
     return found
 
 
+def _named_code(name: str, document: Any) -> list[tuple[str, list[str]]]:
+    """Each loader row with the code references a JSON document gives it."""
+    if isinstance(document, list):
+        return [("sentence_transformers_module", _modules(document))]
+    if not isinstance(document, dict):
+        return []
+    pipelines = document.get("custom_pipelines")
+    impls = [task.get("impl") for task in _dict(pipelines).values() if isinstance(task, dict)]
+    named = [
+        ("auto_map", _auto_map(document.get("auto_map"))),
+        ("custom_pipelines", _strings(impls)),
+        ("attn_implementation", _kernels(document)),
+    ]
+    if name in PIPELINE_INDEXES:
+        class_name = document.get("_class_name")
+        pipeline = [class_name[0]] if isinstance(class_name, list) and class_name else []
+        named.append(("custom_pipeline_class", [f"{p}.py" for p in _strings(pipeline)]))
+        named.append(("custom_component", _components(document)))
+    activation = _dict(document.get("sentence_transformers")).get("activation_fn")
+    legacy = document.get("sbert_ce_default_activation_function")
+    functions = [f for f in _strings([activation, legacy]) if not f.startswith("torch.")]
+    named.append(("cross_encoder_activation", functions))
+    named.append(("peft_auto_mapping", _peft_library(document)))
+    megatron = document.get("megatron_core") if document.get("megatron_config") else None
+    if isinstance(megatron, str) and not megatron.startswith("megatron."):
+        named.append(("peft_megatron_core", [megatron]))
+    return named
+
+
 def python_file(path: Path) -> Finding:
-    """A ``.py`` file in a model folder: code a loader imports once a configuration names
-    it, so it is named here whether or not a configuration does."""
+    """A ``.py`` file in a model folder is ``suspicious`` where a loader imports it: a
+    configuration beside it (or one folder up) names its module, a module so named imports
+    it relatively, or it is ``custom_generate/generate.py``. Otherwise it is a script that
+    travels with the weights (DeepSpeed copies ``zero_to_fp32.py`` into every checkpoint),
+    named as information: no loader runs it."""
     where = "/".join(path.parts[-2:]) if path.parent.name == "custom_generate" else path.name
+    if not imported(path):
+        return Finding(
+            Severity.INFO,
+            "python-source",
+            where,
+            f"Python source {where} beside the model: no configuration of the folder names "
+            "it and no model loader imports it unasked; read as text, never run",
+        )
     loader = LOADERS["python_file"]
     return Finding(
         Severity.MEDIUM,
@@ -204,6 +238,65 @@ def python_file(path: Path) -> Finding:
         f"Python source {where} in the model folder: {loader.runs}; read it before trusting "
         "the model",
     )
+
+
+def imported(path: Path) -> bool:
+    """Whether a loader of the folder (or of the one above it: a diffusers component's
+    module, ``custom_generate/``) imports this ``.py`` file. A folder whose configurations
+    cannot all be read counts every module as imported."""
+    for folder in (path.parent, path.parent.parent):
+        modules = _imported_modules(folder)
+        relative = path.relative_to(folder).with_suffix("").as_posix()
+        if modules is None or relative in modules or relative.removesuffix("/__init__") in modules:
+            return True
+    return False
+
+
+def _imported_modules(folder: Path) -> set[str] | None:
+    """Module paths (``a/b`` for ``a/b.py``) that the folder's configurations name, with
+    every dotted prefix (a package and its modules), and what those import relatively, as
+    transformers' ``get_relative_import_files`` follows them; None when the folder holds
+    more configurations than are read."""
+    configs = sorted(folder.glob("*.json"))
+    if len(configs) > _MAX_CONFIGS:
+        return None
+    modules = {"custom_generate/generate"}
+    for config in configs:
+        try:
+            if config.stat().st_size > limits.MAX_TEMPLATE_TEXT_BYTES:
+                return None
+            document = json.loads(config.read_bytes().decode("utf-8", "replace"))
+        except (OSError, ValueError, RecursionError):
+            continue  # not JSON: no loader reads code names from it
+        for _, targets in _named_code(config.name, document):
+            modules.update(_module_paths(targets))
+    pending = list(modules)
+    while pending:
+        if len(modules) > _MAX_MODULES:
+            return None
+        source = folder / f"{pending.pop()}.py"
+        if not source.is_file() or source.stat().st_size > limits.MAX_TEMPLATE_TEXT_BYTES:
+            continue
+        base = source.parent.relative_to(folder).as_posix()
+        for match in _RELATIVE_IMPORT.finditer(source.read_text("utf-8", "replace")):
+            name = next(group for group in match.groups() if group)
+            module = "/".join(p for p in (base, *name.split(".")) if p and p != ".")
+            if module not in modules:
+                modules.add(module)
+                pending.append(module)
+    return modules
+
+
+def _module_paths(targets: list[str]) -> set[str]:
+    paths: set[str] = set()
+    for target in targets:
+        code = target.partition("--")[2] or target
+        component, colon, library = code.partition(": ")
+        if colon:  # a diffusers component: <component>/<library>.py
+            code = f"{component}.{library}"
+        parts = code.removesuffix(".py").split(".")
+        paths.update("/".join(parts[:n]) for n in range(1, len(parts) + 1))
+    return paths
 
 
 def _report(name: str, loader_key: str, targets: list[str]) -> list[Finding]:

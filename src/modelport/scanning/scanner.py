@@ -239,7 +239,12 @@ class _FileScanner(ArchiveScanning, StreamScanning):
             reader_format = self.scan_with_reader()
             if reader_format is not None:
                 readings.append(reader_format)
-        if reading is PickleReading.CUT and not readings and not self.is_tensor_shard():
+        if (
+            reading is PickleReading.CUT
+            and not readings
+            and not self.is_tensor_shard()
+            and not content_kinds.is_text_not_pickle(data)
+        ):
             readings.append("pickle")
         if "pickle" in readings:
             self.format = self.format if self.format != "unknown" else "pickle"
@@ -299,7 +304,8 @@ class _FileScanner(ArchiveScanning, StreamScanning):
             self.format = "text"
             found = content_checks.text_findings(self.path)
             self.findings.extend(found)
-            if found or self.in_folder or suffix in _LOADER_TEXT:
+            serious = any(f.severity is not Severity.INFO for f in found)
+            if serious or self.in_folder or suffix in _LOADER_TEXT:
                 return
             self.error("a text file that is not a model and that no model loader reads", "")
             return

@@ -32,6 +32,9 @@ EMA_KEYS = ("ema", "model_ema", "ema_state_dict", "state_dict_ema", "ema_model")
 LDM_EMA_PREFIX = "model_ema."
 LDM_MODEL_PREFIX = "model."
 KERAS_OPTIMIZER_PREFIX = "optimizer/"
+# torch's normalisation layers keep their running statistics as buffers under these names
+# (torch/nn/modules/batchnorm.py _NormBase): in a state_dict, never in ``model.parameters()``.
+BUFFER_NAMES = frozenset(("running_mean", "running_var", "num_batches_tracked"))
 
 
 class Apart(dict[str, Any]):
@@ -81,6 +84,28 @@ def select_weights(tree: Any, *, ema: bool = False) -> WeightSelection:
         return _refined(WeightSelection(everything, ""), ema)
     note = "no state_dict key found: took every tensor in the file" if everything else ""
     return _refined(WeightSelection(everything, "", note), ema)
+
+
+def parameter_tensors(tensors: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    """The weights ``sum(p.numel() for p in model.parameters())`` counts: buffers left out by
+    their names, and a tensor with several names (tied weights: one storage, offset, shape
+    and dtype) counted under its first, as ``parameters()`` yields a shared one once."""
+    kept: dict[str, TensorRef] = {}
+    seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...] | None, str]] = set()
+    for name, tensor in tensors.items():
+        if name.rpartition(".")[2] in BUFFER_NAMES:
+            continue
+        place = (
+            id(tensor.storage if tensor.storage is not None else tensor),
+            tensor.element_offset,
+            tensor.shape,
+            tensor.strides,
+            tensor.dtype,
+        )
+        if place not in seen:
+            seen.add(place)
+            kept[name] = tensor
+    return kept
 
 
 def _first_key(tree: dict[Any, Any], keys: tuple[str, ...], note: str) -> WeightSelection | None:

@@ -100,8 +100,8 @@ PLAIN_TYPES = {
     GGMLType.I64: "int64",
 }
 
-# plain types, and GGML's block types: Q8_0 quantized by the writer, the others copied as
-# they are from a GGUF source (``writer`` refuses casting into them)
+# plain types, and GGML's block types: those gguf-py quantizes (Q4_0 ... Q8_0, TQ1_0, TQ2_0,
+# MXFP4) quantized by the writer, the others copied as they are from a GGUF source
 WRITTEN_TYPES = {
     **{dtype: code for code, dtype in PLAIN_TYPES.items()},
     **{code.name: code for code in GGMLType if code.name in dtypes.GGML_BLOCKS},

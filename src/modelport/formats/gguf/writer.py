@@ -15,17 +15,18 @@ Layout written (ggml/docs/gguf.md, version 3, little-endian, as gguf-py's ``GGUF
   to a multiple of 32 (the file ends padded too, as gguf-py writes it).
 
 Types: F32/F16/BF16/F64/I8/I16/I32/I64 are streamed as they are (cast first if the plan
-says so). A floating tensor planned as ``Q8_0`` is quantized here, a source chunk at a time,
-exactly as gguf-py's ``quants.quantize`` does: blocks of 32 float32 values, ``d = max|x| /
-127`` stored as float16, then ``x / d`` rounded half away from zero as int8 (34 bytes a
-block); ``q8_0_blocks`` is the same stream, for verifying what was written. Tensors already
-in a GGML block type (``Q4_K`` ... from a GGUF source) are copied byte for byte.
+says so). A floating tensor planned as a block type gguf-py can quantize (``Q4_0``,
+``Q4_1``, ``Q5_0``, ``Q5_1``, ``Q8_0``, ``TQ1_0``, ``TQ2_0``, ``MXFP4``) is quantized here, a
+source chunk at a time, exactly as gguf-py's ``quants.quantize`` does (``quantizing``);
+``quantized_blocks`` is the same stream, for verifying what was written. Tensors already in
+a GGML block type (``Q4_K`` ... from a GGUF source) are copied byte for byte.
 
 Refused before a byte is written (``ConversionError``), since llama.cpp refuses or crashes
 on them: more than 4 dims; names of 64 bytes or more (``GGML_MAX_NAME``); a zero dim other
-than the last torch dim (ggml divides by ``ne[1..3]``); a cast into any block type but
-``Q8_0``; ``Q8_0`` of a non-floating tensor; a block type for a 0-d tensor or one whose
-last dim is not a whole number of blocks.
+than the last torch dim (ggml divides by ``ne[1..3]``); a cast into a block type modelport
+does not quantize (the K-quants, IQ types, NVFP4: gguf-py has no quantizer for them either);
+quantizing a non-floating tensor; a block type for a 0-d tensor or one whose last dim is not
+a whole number of blocks.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import BinaryIO
 
 from modelport import dtypes
 from modelport.errors import ConversionError
+from modelport.formats.gguf import quantizing
 from modelport.formats.gguf.spec import (
     ALIGNMENT_KEY,
     DEFAULT_ALIGNMENT,
@@ -45,15 +47,12 @@ from modelport.formats.gguf.spec import (
     ValueType,
 )
 from modelport.tensors import NDArray
-from modelport.transfer.streaming import source_chunks, write_all, write_tensor
+from modelport.transfer.streaming import write_all, write_tensor
 from modelport.transfer.write_plan import OutputTensor, TypedMetadata, TypedScalar, WritePlan
 
 WRITE_VERSION = 3
 ARCHITECTURE_KEY = "general.architecture"
 MAX_NAME_BYTES = 63  # GGML_MAX_NAME is 64 with the terminating NUL
-Q8_0_BLOCK = 32
-Q8_0_SOURCES = ("float64", "float32", "float16", "bfloat16")
-Q8_0_STEP = 1 << 18  # values quantized at once (its temporaries are a few MiB)
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _PACKED = {
@@ -100,12 +99,12 @@ def check(plan: WritePlan) -> None:
         block = dtypes.dtype(tensor.dtype).block
         if block is None:
             continue
-        if tensor.is_cast and tensor.dtype != "Q8_0":
+        if tensor.is_cast and tensor.dtype not in quantizing.QUANTIZERS:
             raise ConversionError(
-                f"{where}: modelport quantizes to Q8_0 only; {tensor.dtype} blocks can only "
-                "be copied from a GGUF file that has them"
+                f"{where}: modelport quantizes to {', '.join(quantizing.QUANTIZERS)}; "
+                f"{tensor.dtype} blocks can only be copied from a GGUF file that has them"
             )
-        if (tensor.is_cast and tensor.source.dtype not in Q8_0_SOURCES) or (
+        if (tensor.is_cast and tensor.source.dtype not in quantizing.SOURCES) or (
             not tensor.shape or tensor.shape[-1] % block[0]
         ):
             raise ConversionError(
@@ -179,46 +178,24 @@ def _scalar(kind: ValueType, value: TypedScalar, key: str) -> bytes:
         raise wrong from None
 
 
-def quantize_q8_0(blocks: NDArray) -> NDArray:
-    """Rows of 32 float32 values as Q8_0 blocks of 34 bytes, exactly as gguf-py quantizes."""
-    import numpy as np
-
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        scale = np.abs(blocks).max(axis=1, keepdims=True) / 127
-        inverse = np.where(scale == 0, 0, 1 / scale)
-        scaled = blocks * inverse
-        magnitude = np.abs(scaled)
-        floored = np.floor(magnitude)
-        rounded = np.sign(scaled) * (floored + np.floor(2 * (magnitude - floored)))
-        quants = rounded.astype(np.int8).view(np.uint8)
-        return np.concatenate([scale.astype(np.float16).view(np.uint8), quants], axis=1)
+quantize_q8_0 = quantizing.q8_0
 
 
-def q8_0_blocks(tensor: OutputTensor) -> Iterator[NDArray]:
-    """The tensor's Q8_0 blocks, quantized a slice of a source chunk at a time (the
-    quantizer's temporaries are several times the slice, so slices stay small)."""
-    import numpy as np
+def quantized_blocks(tensor: OutputTensor) -> Iterator[NDArray]:
+    """The blocks ``write_gguf`` writes for a tensor it quantizes, in the same slices."""
+    return quantizing.quantized_blocks(tensor.source, tensor.dtype)
 
-    pending: NDArray = np.zeros(0, dtype=np.float32)
-    for chunk in source_chunks(tensor.source):
-        with np.errstate(over="ignore"):
-            values = chunk.astype(np.float32, copy=False)
-        if pending.size:
-            values = np.concatenate([pending, values])
-        whole = values.size - values.size % Q8_0_BLOCK
-        for start in range(0, whole, Q8_0_STEP):
-            piece = values[start : min(whole, start + Q8_0_STEP)]
-            yield quantize_q8_0(piece.reshape(-1, Q8_0_BLOCK))
-        pending = values[whole:]
+
+q8_0_blocks = quantized_blocks  # the name conversion.verifying imports
 
 
 def write_gguf(handle: BinaryIO, plan: WritePlan) -> None:
     check(plan)
     write_all(handle, header_bytes(plan))
     for tensor in plan.tensors:
-        if tensor.dtype == "Q8_0" and tensor.is_cast:
+        if tensor.is_cast and tensor.dtype in quantizing.QUANTIZERS:
             written = 0
-            for blocks in q8_0_blocks(tensor):
+            for blocks in quantized_blocks(tensor):
                 write_all(handle, blocks.tobytes())
                 written += blocks.nbytes
             if written != tensor.nbytes:
