@@ -348,6 +348,7 @@ def test_cli_dtype_and_gguf_type_take_the_same_spellings(
     assert result.code == 0, result.err
     kinds = {t.name: t.tensor_type for t in gguf.GGUFReader(as_gguf).tensors}
     assert kinds["a"] == gguf.GGMLQuantizationType.F16
+    assert "tensors to f16:" in result.out  # the cast names the type it was to
 
 
 def test_cli_refuses_an_unknown_dtype(tmp_path: Path, cli: Cli) -> None:

@@ -20,7 +20,7 @@ from modelport.cli import _many_files
 from modelport.cli.main import build_parser
 from modelport.conversion.options import ConvertOptions
 from modelport.errors import ModelportError
-from modelport.fleet import SCHEMA_VERSION
+from modelport.fleet import SCHEMA_VERSION, summarize
 from tests.conftest import Cli
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs/fleet-record.schema.json").read_text())
@@ -121,7 +121,8 @@ def test_a_manifest_converts_every_entry_records_each_and_resumes(tmp_path: Path
     assert bad["result"] is None and bad["path"] == str(tmp_path / "bad.pt")
     assert kept["status"] == "error" and "exists; pass --overwrite" in kept["error"]["message"]
     for record in written:
-        assert set(SCHEMA["required"]) <= set(record)
+        assert set(SCHEMA["required"]) <= set(record) <= set(SCHEMA["properties"])
+        assert record["command"] in SCHEMA["properties"]["command"]["enum"]
         assert (record["schema"], record["command"]) == (SCHEMA_VERSION, "convert")
         assert record["worker"] > 0 and record["duration_s"] >= 0
         source = Path(record["path"]).stat()
@@ -151,6 +152,8 @@ def test_a_manifest_converts_every_entry_records_each_and_resumes(tmp_path: Path
     assert_outputs_match_the_oracle(tmp_path, made)
     in_order = [json.loads(line)["target"] for line in listed.read_text().splitlines() if line]
     assert [item["target"] for item in again.json] == in_order  # reused ones included
+    standing = summarize(out).records  # one per entry: a.pt went to three targets
+    assert sorted(r.target or "" for r in standing) == sorted(in_order)
 
 
 @pytest.mark.heavy

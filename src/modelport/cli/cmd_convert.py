@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**report.to_json(), **written}, indent=2))
         return ExitCode.OK
     report = _convert_with_progress(args, options)
-    show(Console(width=console_width()), report, args.dtype)
+    show(Console(width=console_width()), report, args.dtype or args.gguf_type)
     if card is not None:
         print(f"  card: {_write_card(card, report, options, args)}")
     return ExitCode.OK

@@ -127,10 +127,10 @@ class Journal:
 
 
 def latest(records: tuple[Record, ...] | list[Record]) -> Iterator[Record]:
-    """The last record of each path (a rerun supersedes what it redid), in file order of
-    those last records."""
-    last: dict[str, Record] = {}
+    """The last record of each input (a rerun supersedes what it redid), in file order of
+    those last records; an input is its path, and for convert its path and target."""
+    last: dict[tuple[str, str | None], Record] = {}
     for record in records:
-        last.pop(record.path, None)
-        last[record.path] = record
+        last.pop(record.key, None)
+        last[record.key] = record
     return iter(last.values())
