@@ -1,8 +1,9 @@
-# Shared by scripts/demo and scripts/test: create .venv when missing and install modelport
-# with the given extras. Idempotent: a second run finds everything installed and returns fast.
+# Shared by scripts/demo and scripts/test: create a virtual environment when missing (.venv,
+# or the folder named second) and install modelport with the given extras. Idempotent: a
+# second run finds everything installed and returns fast.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="$root/.venv"
+venv="$root/${2:-.venv}"
 extras="$1"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
