@@ -6,8 +6,9 @@ modelport uses (one per format):
   command as its provenance: the source and its digests, the command line that makes OUT
   again, and how OUT was verified;
 - ``--report FILE`` ending in ``.html`` (or ``.htm``): the page ``modelport report`` writes
-  (``reporting.html``), about OUT. A Markdown report (``cli.markdown``) is written by the
-  command itself and needs nothing from here.
+  (``reporting.html``) about OUT, opened by the command's verification: the same facts
+  (``reporting.verification``) a Markdown report (``cli.markdown``) shows, which the
+  command writes itself with nothing from here.
 
 Imported through ``importlib`` by a run that asks for one of them, as ``main`` imports a
 command: the reporting modules cost start-up that a ``--model`` typo should not pay.
@@ -16,50 +17,29 @@ command: the reporting modules cost start-up that a ``--model`` typo should not 
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
 
+from modelport.cli._recipe import export_recipe, rebuild_recipe
 from modelport.comparing.fingerprint import fingerprint
 from modelport.errors import ModelportError, SuspiciousModelWarning
 from modelport.loading import model_file
 from modelport.reporting import html, model_report
 from modelport.reporting.card import Provenance, build_card
+from modelport.reporting.verification import Verification
 from modelport.torch_models.agreement import OutputCheck
 from modelport.torch_models.export_report import ExportReport
 from modelport.torch_models.rebuilding import RebuildReport
 from modelport.transfer import placing
 from modelport.transfer.hashing import sha256_of
 
-# the options that decide what OUT holds, as the command line spells them (attribute, flag)
-RECIPE_OPTIONS: Final = (
-    ("model", "--model"),
-    ("init", "--init"),
-    ("weights", "--weights"),
-    ("example_inputs", "--example-inputs"),
-    ("inputs", "--input"),
-    ("dynamic", "--dynamic"),
-    ("to", "--to"),
-    ("opset", "--opset"),
-    ("exporter", "--exporter"),
-    ("input_names", "--input-names"),
-    ("output_names", "--output-names"),
-    ("external_data", "--external-data"),
-    ("rtol", "--rtol"),
-    ("atol", "--atol"),
-    ("trust_code", "--trust-code"),
-    ("allow_unsafe", "--allow-unsafe"),
-)
-DEFAULTS: Final = {"exporter": "dynamo"}  # left out of the recipe
 
-
-def write_html_report(target: Path, written: Path) -> None:
-    """The page ``modelport report`` writes about ``written``, in ``target`` (checked before
-    the work, so it replaces what is there)."""
-    page = html.render(model_report.build([written]))
+def write_html_report(target: Path, written: Path, facts: Verification) -> None:
+    """The page ``modelport report`` writes about ``written``, with the command's ``facts``
+    as its first section, in ``target`` (checked before the work, so it replaces what is
+    there)."""
+    page = html.render(model_report.build([written], verification=facts))
     placing.install_bytes(target, page.encode("utf-8", "replace"), overwrite=True)
 
 
@@ -78,7 +58,7 @@ def export_provenance(args: argparse.Namespace, report: ExportReport) -> Provena
             f"run in {report.runtime or report.format} and compared with eager PyTorch: "
             + _outputs_verdict(report.outputs)
         )
-    return _provenance(args, "export", [str(args.output)], verification, report.warnings)
+    return _provenance(args, export_recipe(args), verification, report.warnings)
 
 
 def rebuild_provenance(args: argparse.Namespace, report: RebuildReport) -> Provenance:
@@ -96,9 +76,7 @@ def rebuild_provenance(args: argparse.Namespace, report: RebuildReport) -> Prove
         checked or ["nothing compared"]
     )
     notes = (f"requires: {report.requires}", *report.warnings)
-    return _provenance(
-        args, "rebuild", [str(args.weights), str(args.output)], verification, notes, weights=False
-    )
+    return _provenance(args, rebuild_recipe(args), verification, notes)
 
 
 def _outputs_verdict(checks: Sequence[OutputCheck]) -> str:
@@ -112,17 +90,10 @@ def _outputs_verdict(checks: Sequence[OutputCheck]) -> str:
 
 
 def _provenance(
-    args: argparse.Namespace,
-    command: str,
-    positionals: list[str],
-    verification: str,
-    notes: Sequence[str],
-    *,
-    weights: bool = True,
+    args: argparse.Namespace, recipe: str, verification: str, notes: Sequence[str]
 ) -> Provenance:
     """The source (the weights, else the model file or folder, else the model's code) with
-    its digests, and the command line that makes the output again."""
-    recipe = _command_line(command, args, positionals, weights=weights)
+    its digests, and ``recipe``, the command line that makes the output again."""
     built = f"model built from --model {args.model}" + (f" --init {args.init}" if args.init else "")
     named = Path(args.weights) if args.weights else Path(args.model)
     if not named.exists():
@@ -142,33 +113,6 @@ def _provenance(
         verification=verification,
         notes=(built, *notes),
     )
-
-
-def _command_line(
-    command: str, args: argparse.Namespace, positionals: list[str], *, weights: bool
-) -> str:
-    """Python that makes the output again: the command line, run by modelport's ``main``
-    (the example inputs ``--input`` makes are seeded: the same command gives the same
-    tensors), with the shell spelling above it."""
-    words = [command]
-    for attribute, flag in RECIPE_OPTIONS:
-        value = getattr(args, attribute, None)
-        if value in (None, False, []) or DEFAULTS.get(attribute) == value:
-            continue
-        if attribute == "weights" and not weights:
-            continue  # rebuild takes its weights as a positional argument
-        if attribute.endswith("_names"):
-            words += [flag, ",".join(value)]
-        elif isinstance(value, list):
-            for item in value:
-                words += [flag, str(item)]
-        else:
-            words += [flag] if value is True else [flag, str(value)]
-    if getattr(args, "verify", True) is False:
-        words.append("--no-verify")
-    argv = [*words, *positionals]
-    shell = " ".join(shlex.join(["modelport", *argv]).splitlines())  # one comment line
-    return f"# {shell}\nfrom modelport.cli.main import main\n\nmain({json.dumps(argv)})\n"
 
 
 def _format_of(path: Path) -> str:

@@ -13,9 +13,11 @@ from typing import Any, Final
 
 from rich.console import Console
 
+from modelport.cli._recipe import export_recipe
 from modelport.cli.commands import COMMANDS, ExitCode
-from modelport.cli.markdown import export_markdown
+from modelport.cli.markdown import markdown
 from modelport.errors import UsageError
+from modelport.reporting.verification import Verification, export_facts
 from modelport.torch_models.building import resolve_model
 from modelport.torch_models.example_inputs import read_example_inputs
 from modelport.torch_models.export_report import ExportReport
@@ -50,8 +52,9 @@ That is the one place modelport ever runs Python code from a file: only the --mo
 after scanning it (an unsafe verdict also needs --allow-unsafe).
 
 --card writes README.md beside OUT: a model card with this command (source, recipe,
-verification) as its provenance. --report FILE writes Markdown, or for FILE.html the page
-`modelport report` writes about OUT.
+verification) as its provenance. --report FILE writes Markdown (the inputs, every output's
+error against its tolerance, the runtime, the recipe), or for FILE.html the page `modelport
+report` writes about OUT, opened by that same verification.
 
 --example-inputs reads tensors (npz, torch.save dict, safetensors: by content, nothing runs)
 named after forward's arguments; one tensor for a one-argument forward may have any name.
@@ -174,8 +177,9 @@ def add_verification_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--report",
         metavar="FILE",
-        help="write a report: Markdown (what was written, the inputs, every comparison), or "
-        "for FILE.html the page `modelport report` writes about OUT",
+        help="write a report: Markdown (what was written, the inputs, every comparison, the "
+        "recipe), or for FILE.html the page `modelport report` writes about OUT, that same "
+        "report its first section",
     )
     parser.add_argument(
         "--card",
@@ -205,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
     with quiet_libraries(whole_process=True):
         report = _export(args)
     if report_path is not None:
-        write_report(report_path, report.path, export_markdown(report, model_source(args)))
+        facts = export_facts(report, model_source(args), export_recipe(args))
+        write_report(report_path, report.path, facts)
     if card is not None:
         sides = side_outputs()
         provenance = sides.export_provenance(args, report)
@@ -240,12 +245,13 @@ def side_outputs() -> Any:
     return importlib.import_module("modelport.cli._side_outputs")
 
 
-def write_report(target: Path, written: Path, markdown: str) -> None:
-    """``--report``: the HTML page about ``written`` for a ``.html`` name, else ``markdown``."""
+def write_report(target: Path, written: Path, facts: Verification) -> None:
+    """``--report``: ``facts`` as Markdown, or for a ``.html`` name as the first section of
+    the page about ``written``."""
     if target.suffix.lower() in HTML_SUFFIXES:
-        side_outputs().write_html_report(target, written)
+        side_outputs().write_html_report(target, written, facts)
     else:
-        placing.write_text(target, markdown)
+        placing.write_text(target, markdown(facts))
 
 
 def show_side_outputs(report: Path | None, card: Path | None) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.console import Console
 
+from modelport.cli._recipe import rebuild_recipe
 from modelport.cli.cmd_export import (
     INT_HIGH,
     add_inputs_file,
@@ -26,7 +27,7 @@ from modelport.cli.cmd_export import (
     write_report,
 )
 from modelport.cli.commands import COMMANDS, ExitCode
-from modelport.cli.markdown import rebuild_markdown
+from modelport.reporting.verification import rebuild_facts
 from modelport.torch_models.example_inputs import read_example_inputs
 from modelport.torch_models.model_spec import check_model_spec
 from modelport.torch_models.rebuilding import TARGETS, RebuildReport, rebuild
@@ -48,7 +49,8 @@ weights are read by modelport (never unpickled). --to pickle (the default) write
 torch.save(model): loading it needs torch.load(weights_only=False) and the class importable;
 torchscript, pt2, executorch and tflite need example inputs (--input or --example-inputs).
 --card writes README.md beside OUT (a model card, this rebuild as its provenance); --report
-FILE writes Markdown, or for FILE.html the page `modelport report` writes about OUT.
+FILE writes Markdown, or for FILE.html the page `modelport report` writes about OUT, opened
+by the same verification.
 
 exit codes: 0 written and verified, 1 verification failed, 2 error
 """
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     if report_path is not None:
-        write_report(report_path, report.path, rebuild_markdown(report))
+        write_report(report_path, report.path, rebuild_facts(report, rebuild_recipe(args)))
     if card is not None:
         sides = side_outputs()
         provenance = sides.rebuild_provenance(args, report)

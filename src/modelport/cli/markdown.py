@@ -3,177 +3,88 @@
 A report says what was exported (model, format, exporter), what was written (files with
 sizes), on what (the example inputs and their dynamic axes), how every output compared with
 eager PyTorch on every input set (max abs / max rel error against the tolerance), the
-verdict, and the warnings. It is built from the same report objects ``--json`` prints.
+verdict, the runtime that checked it, the recipe that makes it again and the warnings. The
+facts are ``reporting.verification``'s, the same the HTML page (``--report FILE.html``)
+shows; this module only writes them as Markdown.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+import re
 from typing import TYPE_CHECKING
 
+from modelport.reporting.verification import (
+    Block,
+    Bullets,
+    Code,
+    Inline,
+    Paragraph,
+    Span,
+    Table,
+    Verification,
+    export_facts,
+    rebuild_facts,
+)
+
 if TYPE_CHECKING:
-    from modelport.torch_models.agreement import OutputCheck
     from modelport.torch_models.export_report import ExportReport
     from modelport.torch_models.rebuilding import RebuildReport
 
 
-def export_markdown(report: ExportReport, source: str | None = None) -> str:
+def export_markdown(
+    report: ExportReport, source: str | None = None, recipe: str | None = None
+) -> str:
     """The export report as Markdown; ``source`` says how the model was named."""
-    fmt = report.format
-    if report.exporter is not None:
-        opset = "the exporter's default" if report.opset is None else str(report.opset)
-        fmt += f" ({report.exporter} exporter, opset {opset})"
-    rows = [("Model", f"`{report.model}`" if report.model else "?")]
-    if source:
-        rows.append(("Built from", f"`{_cell(source)}`"))
-    rows += [
-        ("Format", fmt),
-        ("Verdict", _verdict(report.verified, report.outputs)),
-        ("Largest error", _number(report.max_abs_error) if report.outputs else "-"),
-        ("Time", f"{report.seconds:.2f} s"),
-    ]
-    lines = [f"# modelport export: {report.path.name}", "", *_table(("", ""), rows)]
-    sizes: Sequence[int | None] = report.sizes or [_size(f) for f in report.files]
-    lines += ["", "## Files", "", *_files(report.files, sizes)]
-    if report.inputs:
-        lines += ["", "## Inputs", ""]
-        lines += _table(
-            ("Name", "Shape", "Dtype", "Dynamic axes"),
-            [
-                (
-                    f"`{i.name}`",
-                    _shape(i.shape),
-                    i.dtype,
-                    ", ".join(f"{axis}={dim}" for axis, dim in i.dynamic) or "-",
-                )
-                for i in report.inputs
-            ],
-        )
-    lines += _checks(report.outputs)
-    lines += _warnings(report.warnings)
-    return "\n".join(lines) + "\n"
+    return markdown(export_facts(report, source, recipe))
 
 
-def rebuild_markdown(report: RebuildReport) -> str:
+def rebuild_markdown(report: RebuildReport, recipe: str | None = None) -> str:
     """The rebuild report as Markdown."""
-    if report.mismatched:
-        verdict = f"**FAILED**: {len(report.mismatched)} state-dict tensors differ"
-    elif report.outputs:
-        verdict = _verdict(report.verified, report.outputs)
-    else:
-        verdict = "**verified**" if report.verified else "**FAILED**"
-    rows = [
-        ("Model", f"`{_cell(report.model)}`"),
-        ("Weights", f"`{report.weights}`"),
-        ("Format", report.format),
-        ("Verdict", verdict),
-        ("Checked", report.method.replace("+", " and ").replace("_", "-")),
-        ("Load with", f"`{_cell(report.load_with)}`"),
-        ("Requires", _cell(report.requires)),
-        ("Time", f"{report.seconds:.2f} s"),
-    ]
-    lines = [f"# modelport rebuild: {report.path.name}", "", *_table(("", ""), rows)]
-    lines += ["", "## Files", "", *_files(report.files, [_size(f) for f in report.files])]
-    if report.tensors_compared:
-        lines += ["", "## State dict", ""]
-        lines.append(
-            f"{report.tensors_compared} tensors compared bit for bit with the eager model's; "
-            + (
-                "all equal."
-                if not report.mismatched
-                else "these differ: " + ", ".join(f"`{n}`" for n in report.mismatched)
-            )
-        )
-    lines += _checks(report.outputs)
-    lines += _warnings(report.warnings)
+    return markdown(rebuild_facts(report, recipe))
+
+
+def markdown(facts: Verification) -> str:
+    """The facts as Markdown: a title, the summary table, then each part under its heading."""
+    summary = Table(("", ""), tuple(((Span(label),), value) for label, value in facts.summary))
+    lines = [f"# {facts.title}", "", *_table(summary)]
+    for part in facts.parts:
+        lines += ["", f"## {part.title}"]
+        for block in part.blocks:
+            lines += ["", *_block(block)]
     return "\n".join(lines) + "\n"
 
 
-def _verdict(verified: bool | None, checks: Sequence[OutputCheck]) -> str:
-    samples = len({c.sample for c in checks})
-    if verified is None:
-        return "not verified (`--no-verify`)"
-    if verified:
-        return f"**verified**: every output within tolerance on {samples} input sets"
-    failed = sum(not c.ok for c in checks)
-    return f"**FAILED**: {failed} of {len(checks)} comparisons outside tolerance"
+def _block(block: Block) -> list[str]:
+    if isinstance(block, Table):
+        return _table(block)
+    if isinstance(block, Paragraph):
+        return [_inline(block.spans)]
+    if isinstance(block, Bullets):
+        return [f"- {_inline(item)}" for item in block.items]
+    if isinstance(block, Code):
+        ticks = max((len(run) for run in re.findall("`+", block.text)), default=0)
+        fence = "`" * max(3, ticks + 1)  # longer than any run of backticks in the code
+        return [f"{fence}{block.language}", *block.text.rstrip("\n").split("\n"), fence]
+    raise TypeError(f"no Markdown for {block!r}")
 
 
-def _checks(checks: Sequence[OutputCheck]) -> list[str]:
-    if not checks:
-        return []
-    lines = [
-        "",
-        "## Verification",
-        "",
-        "Each output of the written model against eager PyTorch on the same inputs; a "
-        "comparison passes when |written - eager| <= atol + rtol * |eager| everywhere.",
-        "",
-    ]
-    lines += _table(
-        ("Inputs", "Output", "Shape", "Dtype", "Max abs", "Max rel", "atol", "rtol", "Result"),
-        [
-            (
-                c.sample,
-                f"`{_cell(c.name)}`",
-                _shape(c.shape),
-                c.dtype or "-",
-                _number(c.max_abs),
-                _number(c.max_rel),
-                f"{c.atol:g}",
-                f"{c.rtol:g}",
-                "ok" if c.ok else "**FAIL**",
-            )
-            for c in checks
-        ],
-    )
-    padded = max(c.padded for c in checks)
-    if padded:
-        lines += [
-            "",
-            "Positions the `attention_mask` input marks as padding are not compared (up to "
-            f"{padded} per input set): masked rows have no defined value.",
-        ]
-    return lines
-
-
-def _warnings(notes: Sequence[str]) -> list[str]:
-    if not notes:
-        return []
-    return ["", "## Warnings", "", *(f"- {note}" for note in notes)]
-
-
-def _files(files: Sequence[Path], sizes: Sequence[int | None]) -> list[str]:
-    return _table(
-        ("File", "Size"),
-        [
-            (f"`{f}`", "missing" if size is None else f"{size:,} bytes")
-            for f, size in zip(files, sizes, strict=True)
-        ],
-    )
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+def _table(table: Table) -> list[str]:
     return [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-        *("| " + " | ".join(row) + " |" for row in rows),
+        "| " + " | ".join(table.header) + " |",
+        "|" + "|".join("---" for _ in table.header) + "|",
+        *("| " + " | ".join(_inline(cell, True) for cell in row) + " |" for row in table.rows),
     ]
 
 
-def _size(path: Path) -> int | None:
-    return path.stat().st_size if path.exists() else None
-
-
-def _shape(shape: Sequence[int]) -> str:
-    return "[" + ", ".join(str(s) for s in shape) + "]"
-
-
-def _number(value: float) -> str:
-    return f"{value:.3g}"
+def _inline(spans: Inline, cell: bool = False) -> str:
+    """Spans as Markdown; in a table ``cell`` on one line, pipes escaped."""
+    words = []
+    for span in spans:
+        said = _cell(span.text) if cell else span.text
+        words.append(f"`{said}`" if span.style == "code" else f"**{said}**" if span.style else said)
+    return "".join(words).strip() if cell else "".join(words)
 
 
 def _cell(text: str) -> str:
     """Text safe inside a table cell: no pipes, no line breaks."""
-    return " ".join(text.replace("|", "\\|").split())
+    return re.sub(r"\s+", " ", text.replace("|", "\\|"))

@@ -8,9 +8,9 @@ appended to, synced in batches, a cut last line repaired); ``pool`` keeps ``--jo
 worker processes (``worker``, running ``tasks``) busy and turns a worker that dies or
 overruns into that file's record; ``dask_runner`` sends the same tasks to a Dask cluster
 instead (``--scheduler``); ``dedupe`` judges the same bytes under the same name once
-(``--dedupe``); ``convert_manifest`` reads ``convert --from-file`` manifests (an input is then a source and
-its target); ``running`` ties them together and resumes; ``summary`` rebuilds a command's
-summary from a JSONL file. ``records`` is the record and its schema.
+(``--dedupe``); ``convert_manifest`` reads ``convert --from-file`` manifests (an input is
+then a source and its target); ``running`` ties them together and resumes; ``summary``
+rebuilds a command's summary from a JSONL file. ``records`` is the record and its schema.
 
 Imports comparing, loading, scanning, formats and below; only ``cli`` imports it.
 """

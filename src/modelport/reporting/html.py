@@ -5,6 +5,8 @@ script fetched from anywhere, so it opens from ``file://``, can be mailed or att
 CI run, and shows the same thing offline in ten years. A Content-Security-Policy that admits
 only the page's own style and script (by hash) makes that a promise the browser keeps.
 
+A page that ``export`` or ``rebuild`` writes (``--report FILE.html``) opens with how the
+file was made and verified (``html_verification``), the facts their Markdown report shows.
 Sections per file: identity (format, sizes, sha256 of each file, weights digest, modelport
 version), safety (the verdict and every finding with member, offset, opcode and fix), flags,
 structure (module tree, pickled class tree, aliases, checkpoint extras, metadata such as
@@ -20,7 +22,7 @@ import base64
 import hashlib
 from typing import Final
 
-from modelport.reporting import html_diff
+from modelport.reporting import html_diff, html_verification
 from modelport.reporting.html_parts import (
     Column,
     SparkAxis,
@@ -67,6 +69,8 @@ def render(report: Report) -> str:
     pair = len(report.sections) == 2
     labels = ("A", "B") if pair else ("",)
     body = [_header(report, labels)]
+    if report.verification is not None:
+        body.append(html_verification.section(report.verification))
     body.append(_side_by_side([_identity(s, report) for s in report.sections], labels, "identity"))
     body.append(_side_by_side([_safety(s, pair) for s in report.sections], labels, "safety"))
     if report.diff is not None:
@@ -105,6 +109,8 @@ def _name(section: FileSection) -> str:
 def _header(report: Report, labels: tuple[str, ...]) -> str:
     names = " <span class=dim>vs</span> ".join(text(_name(s)) for s in report.sections)
     links = ["identity", "safety", *(["diff"] if report.diff is not None else [])]
+    if report.verification is not None:
+        links.insert(0, html_verification.SECTION_ID)
     for index, label in enumerate(labels):
         suffix = f" {label}" if label else ""
         links += [f"flags-{index}|flags{suffix}", f"structure-{index}|structure{suffix}"]

@@ -1,6 +1,7 @@
 """Everything the HTML report shows, gathered once: for each file its identity (checksums,
 weights digest), the scanner's findings, what ``inspect`` reads and the statistics of every
-tensor; for two files, their diff. ``to_json`` is the data the page carries for tools.
+tensor; for two files, their diff; for the output of ``export`` or ``rebuild``, how it was
+made and verified. ``to_json`` is the data the page carries for tools.
 
 Checksums and the weights digest read every byte once more, so they are taken on two side
 threads while the statistics run (``hashlib`` releases the GIL).
@@ -25,6 +26,7 @@ from modelport.loading.inspect_report import InspectReport
 from modelport.loading.model_file import inspect
 from modelport.reporting.stats import stats
 from modelport.reporting.stats_records import StatsReport
+from modelport.reporting.verification import Verification
 from modelport.scanning.findings import ScanReport
 from modelport.scanning.scanner import scan
 from modelport.transfer.hashing import sha256_of
@@ -67,12 +69,15 @@ class FileSection:
 
 @dataclass(frozen=True)
 class Report:
-    """A report on one file, or on two and how their weights differ (``diff``)."""
+    """A report on one file, or on two and how their weights differ (``diff``);
+    ``verification`` is what made the file and how it was checked, when a command that
+    wrote it (``export``, ``rebuild``) asks for the page."""
 
     sections: tuple[FileSection, ...]
     diff: DiffReport | None
     version: str
     created: str  # ISO 8601, UTC
+    verification: Verification | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Strict JSON: NaN and Inf anywhere (a checkpoint's ``best_loss``) become strings."""
@@ -82,15 +87,22 @@ class Report:
             "files": [s.to_json() for s in self.sections],
             "diff": None if self.diff is None else self.diff.to_json(),
         }
+        if self.verification is not None:
+            found["verification"] = self.verification.to_json()
         safe: dict[str, Any] = _finite(found)
         return safe
 
 
 def build(
-    paths: Sequence[str | Path], *, threads: int | None = None, digests: bool = True
+    paths: Sequence[str | Path],
+    *,
+    threads: int | None = None,
+    digests: bool = True,
+    verification: Verification | None = None,
 ) -> Report:
     """The report on one or two model files. Like ``inspect`` it refuses nothing: an unsafe
-    file is read with modelport's own readers, executing nothing, and its verdict shown."""
+    file is read with modelport's own readers, executing nothing, and its verdict shown.
+    ``verification``: the facts of the command that wrote the file, shown first."""
     if not 1 <= len(paths) <= 2:
         raise ValueError(f"a report covers one or two files, got {len(paths)}")
     with warnings.catch_warnings():  # the verdict is on the page; no warning on the side
@@ -102,6 +114,7 @@ def build(
         diff=compared,
         version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        verification=verification,
     )
 
 
