@@ -164,9 +164,7 @@ def test_the_diff_heat_map_renders(browser: Any, tmp_path: Path, shots: Path) ->
     assert opened.dialogs == [] and opened.errors == [] and opened.blocked == []
 
 
-def test_ten_thousand_tensors_open_and_sort(
-    browser: Any, tmp_path: Path
-) -> None:
+def test_ten_thousand_tensors_open_and_sort(browser: Any, tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     values = rng.standard_normal((10_000, 16)).astype(np.float32)
     state = {f"model.layers.{i // 100}.block{i % 100}.weight": values[i] for i in range(10_000)}

@@ -1,10 +1,14 @@
 """transformers 4.x ``tf_model.h5`` files converted to the PyTorch names and layouts.
 
 The files are written with h5py exactly as transformers 4.x TF models saved them (Keras 2
-``save_weights``: root ``layer_names`` / ``backend`` / ``keras_version``, one group per top
-layer with ``weight_names``, datasets at ``<layer>/<model scope>/<variable>:0``), from a tiny
-torch model's state_dict put into TF's names and layouts. The oracle is torch: the output
-loads with ``load_state_dict(strict=True)`` and every value equals the model's own.
+``save_weights``): root ``layer_names`` / ``backend`` / ``keras_version`` and every
+``weight_names`` as h5py stores a list of ``bytes`` (variable-length ASCII strings), one group
+per top layer listing its variables in creation order, datasets at ``<layer>/<model scope>/
+<variable>:0``, and the empty ``top_level_model_weights`` group newer Keras 2 releases add.
+The weights are a tiny torch model's state_dict put into TF's names and layouts.
+benchmarks/check_tf_h5_real.py compares these files with ones transformers 4.51 and tf-keras
+write, structure and attribute types included. The oracle is torch: the output loads with
+``load_state_dict(strict=True)`` and every value equals the model's own.
 """
 
 from __future__ import annotations
@@ -55,38 +59,55 @@ def tf_name_of(model: nn.Module, name: str, weight_leaves: dict[str, str]) -> tu
     return f"{path}/{leaf}", transpose
 
 
-def write_tf_h5(
-    path: Path,
+def tf_variables(
     model: nn.Module,
     *,
     scope: str,
     layer: str,
     weight_leaves: dict[str, str],
-    extra: dict[str, dict[str, np.ndarray[Any, Any]]] | None = None,
-) -> None:
-    """``model``'s weights as a transformers 4.x TF model's ``save_weights`` wrote them:
-    Conv1D (GPT-2) weights as stored, its biases (1, n), Dense kernels transposed; ``extra``
-    adds layer groups (group name -> variable name -> value)."""
-    weights: dict[str, np.ndarray[Any, Any]] = {}
-    for name, tensor in model.state_dict().items():
+    created_first: tuple[str, ...] = (),
+) -> dict[str, np.ndarray[Any, Any]]:
+    """``model``'s weights under their TF variable names (``tf_bert_model/bert/...:0``), in
+    the order the TF twin creates them (``created_first``, then the state_dict's), laid out
+    as it holds them: Dense kernels transposed, Conv1D (GPT-2) weights as they are and its
+    biases (1, n)."""
+    state = model.state_dict()
+    order = [*created_first, *(name for name in state if name not in created_first)]
+    variables: dict[str, np.ndarray[Any, Any]] = {}
+    for name in order:
         tf_name, transpose = tf_name_of(model, name, weight_leaves)
-        value = tensor.numpy()
+        value = state[name].numpy()
         if transpose:
             value = value.T
         elif isinstance(model.get_submodule(name.rpartition(".")[0]), transformers.Conv1D):
             value = value.reshape(1, -1) if value.ndim == 1 else value
-        weights[f"{scope}/{layer}/{tf_name}:0"] = np.ascontiguousarray(value)
-    groups = {layer: weights, **(extra or {})}
+        variables[f"{scope}/{layer}/{tf_name}:0"] = np.ascontiguousarray(value)
+    return variables
+
+
+def write_tf_h5(
+    path: Path,
+    model: nn.Module,
+    *,
+    extra: dict[str, dict[str, np.ndarray[Any, Any]]] | None = None,
+    **layout: Any,
+) -> None:
+    """``model``'s weights as a transformers 4.x TF model's ``save_weights`` wrote them;
+    ``extra`` adds layer groups (group name -> variable name -> value). Keras passes lists
+    of ``bytes`` to ``attrs``, which h5py stores as variable-length ASCII strings (an empty
+    list as an empty float64 array)."""
+    groups = {layout["layer"]: tf_variables(model, **layout), **(extra or {})}
     with h5py.File(path, "w") as f:
-        f.attrs["backend"] = "tensorflow"
-        f.attrs["keras_version"] = "2.15.0"
-        f.attrs["layer_names"] = np.array(list(groups), dtype=object)
-        for group_name, variables in groups.items():
+        f.attrs["layer_names"] = [name.encode("utf8") for name in groups]
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["keras_version"] = b"2.15.0"
+        for group_name, variables in sorted(groups.items()):
             group = f.create_group(group_name)
-            group.attrs["weight_names"] = np.array(list(variables), dtype=object)
+            group.attrs["weight_names"] = [name.encode("utf8") for name in variables]
             for name, value in variables.items():
                 dataset = group.create_dataset(name, value.shape, dtype=value.dtype)
                 dataset[...] = value
+        f.create_group("top_level_model_weights").attrs["weight_names"] = []
 
 
 def tf_folder(tmp_path: Path, model: Any, **layout: Any) -> Path:
@@ -111,6 +132,10 @@ BERT_LAYOUT = {
     "scope": "tf_bert_model",
     "layer": "bert",
     "weight_leaves": {"word_embeddings": "weight"},
+    "created_first": (
+        "embeddings.word_embeddings.weight",
+        "embeddings.token_type_embeddings.weight",
+    ),
 }
 GPT2_LAYOUT = {"scope": "tfgpt2_model", "layer": "transformer", "weight_leaves": {}}
 

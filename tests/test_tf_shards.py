@@ -3,9 +3,11 @@
 The folder is written with h5py exactly as transformers 4.x's ``TFPreTrainedModel.
 save_pretrained`` wrote a sharded TF checkpoint (``tf_shard_checkpoint`` and the h5py loop
 after it): variables split in ``model.weights`` order; each shard holds its variables sorted
-by name at their name less the model scope, with a root ``layer_names`` attribute listing
-those paths; the index is ``json.dumps({"metadata": {"total_size"}, "weight_map": {full
-variable name: shard}}, indent=2, sort_keys=True)``. The oracle is torch: the converted
+by name at their name less the model scope (``bert/embeddings/...:0``), with a root
+``layer_names`` attribute listing those paths (a list of ``bytes``: variable-length ASCII
+strings); the index is ``json.dumps({"metadata": {"total_size"}, "weight_map": {full
+variable name: shard}}, indent=2, sort_keys=True) + "\n"``. benchmarks/check_tf_h5_real.py
+compares these folders with ones transformers 4.51 writes. The oracle is torch: the converted
 output loads into the PyTorch model with ``load_state_dict(strict=True)``, values equal.
 """
 
@@ -30,23 +32,8 @@ from tests.test_tf_h5_names import (
     assert_loads_strictly,
     bert,
     gpt2,
-    tf_name_of,
+    tf_variables,
 )
-
-
-def tf_variables(model: Any, scope: str, weight_leaves: dict[str, str]) -> dict[str, np.ndarray]:
-    """``model``'s weights under the TF variable names (``tf_bert_model/bert/...:0``) and in
-    the TF layouts transformers 4.x's TF twin holds them."""
-    found: dict[str, np.ndarray] = {}
-    for name, tensor in model.state_dict().items():
-        tf_name, transpose = tf_name_of(model, name, weight_leaves)
-        value = tensor.numpy()
-        if transpose:
-            value = value.T
-        elif isinstance(model.get_submodule(name.rpartition(".")[0]), transformers.Conv1D):
-            value = value.reshape(1, -1) if value.ndim == 1 else value
-        found[f"{scope}/{tf_name}:0"] = np.ascontiguousarray(value)
-    return found
 
 
 def write_tf_shards(folder: Path, variables: dict[str, np.ndarray], max_bytes: int) -> list[str]:
@@ -66,11 +53,12 @@ def write_tf_shards(folder: Path, variables: dict[str, np.ndarray], max_bytes: i
         with h5py.File(folder / shard, "w") as f:
             layers = []
             for name in sorted(block):
-                stored = name if "model." in name else "/".join(name.split("/")[1:])
+                whole = "model." in name or "/" not in name
+                stored = name if whole else name.split("/", 1)[1]
                 dataset = f.create_dataset(stored, variables[name].shape, variables[name].dtype)
                 dataset[:] = variables[name]
                 layers.append(stored.encode("utf8"))
-            f.attrs["layer_names"] = np.array(layers)
+            f.attrs["layer_names"] = layers
             weight_map.update({name: shard for name in block})
     total = sum(v.nbytes for v in variables.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -83,15 +71,14 @@ def sharded_folder(tmp_path: Path, model: Any, layout: dict[str, Any]) -> tuple[
     folder = tmp_path / "tf"
     folder.mkdir()
     model.config.save_pretrained(folder)
-    variables = tf_variables(model, layout["scope"], layout["weight_leaves"])
-    return folder, write_tf_shards(folder, variables, max_bytes=8_000)
+    return folder, write_tf_shards(folder, tf_variables(model, **layout), max_bytes=8_000)
 
 
 def test_the_shards_read_as_one_model(tmp_path: Path) -> None:
     model = bert()
     folder, files = sharded_folder(tmp_path, model, BERT_LAYOUT)
     assert len(files) >= 3
-    variables = tf_variables(model, BERT_LAYOUT["scope"], BERT_LAYOUT["weight_leaves"])
+    variables = tf_variables(model, **BERT_LAYOUT)
     with modelport.open(folder) as opened:
         assert opened.format.value == "hf-dir"
         assert opened.details["files"] == files

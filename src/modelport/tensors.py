@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 NDArray: TypeAlias = "np.ndarray[Any, np.dtype[Any]]"
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Storage:
     """``nbytes`` bytes at ``offset`` in ``path``, or produced by ``reader`` when not stored flat.
 
@@ -64,7 +64,7 @@ class Storage:
         return mapped
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class TensorRef:
     """A tensor as the file describes it: dtype, shape and where its elements lie.
 
@@ -82,7 +82,10 @@ class TensorRef:
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "nbytes", dtypes.dtype(self.dtype).nbytes(self.numel))
+        size = _SIZERS.get(self.dtype)
+        if size is None:  # the lookup that names an unknown dtype in its error
+            size = dtypes.dtype(self.dtype).nbytes
+        object.__setattr__(self, "nbytes", size(math.prod(self.shape)))
 
     @property
     def numel(self) -> int:
@@ -176,6 +179,11 @@ class TensorRef:
         if start + self.nbytes > raw.nbytes:
             raise CorruptFileError(f"tensor of {self.nbytes} bytes runs past its storage")
         return raw[start : start + self.nbytes]
+
+
+# Each dtype's bytes-for-elements, looked up once: a file of a million tensors builds a
+# million references, so their construction is kept to a dict lookup and one product.
+_SIZERS: dict[str, Callable[[int], int]] = {name: d.nbytes for name, d in dtypes.DTYPES.items()}
 
 
 def byte_array(data: bytes | bytearray | memoryview) -> NDArray:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from json.encoder import encode_basestring_ascii as _quoted
+from typing import TYPE_CHECKING, Any, TextIO
 
 import modelport
 from modelport.cli import _many_files
 from modelport.cli._output import console_width, human_bytes, json_default
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.errors import UsageError
-from modelport.loading.inspect_report import InspectReport
+from modelport.loading.inspect_report import InspectReport, TensorSummary
 from modelport.transfer.remote import is_url
 from modelport.tree import quantization
 
@@ -73,13 +77,31 @@ def run(args: argparse.Namespace) -> int:
     path = args.paths[0]
     if args.code and is_url(path):
         raise UsageError("--code reads a local file; inspect a URL without it")
+    with collector_paused():
+        return _run_one(args, path)
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """A file of a million tensors gives millions of small objects that form no cycles;
+    Python's cycle collector would walk them again and again, for nothing it could free."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _run_one(args: argparse.Namespace, path: str) -> int:
     report = modelport.inspect(path)
     if args.json:
-        payload = report.to_json()
+        payload = report.to_json(with_tensors=False)
         if args.code:
             with modelport.open(path) as model:
                 payload["code"] = model.code
-        print(json.dumps(payload, indent=2, default=json_default))
+        write_json(sys.stdout, payload, report.tensors)
         return ExitCode.OK
     from rich.console import Console  # the people path only: --json goes without rich
 
@@ -189,14 +211,63 @@ def show_summary(console: Console, report: InspectReport, *, depth: int = 0) -> 
 
 
 def show_tensors(console: Console, report: InspectReport) -> None:
+    """Every tensor, up to ``MAX_TABLE_ROWS`` (a table of a million rows is for no one to
+    read, and takes minutes to lay out): the rest are counted, and ``--json`` lists them."""
     from rich.table import Table
 
     table = Table("name", "dtype", "shape", "bytes", title="tensors", title_justify="left")
-    for tensor in report.tensors:
+    for tensor in report.tensors[:MAX_TABLE_ROWS]:
         shape = str(list(tensor.shape))
         dtype = f"{tensor.dtype} ({tensor.note})" if tensor.note else tensor.dtype
         table.add_row(tensor.name, dtype, shape, human_bytes(tensor.nbytes))
     console.print(table)
+    hidden = len(report.tensors) - MAX_TABLE_ROWS
+    if hidden > 0:
+        console.print(f"[dim]… {hidden:,} more tensors (--json lists every one)[/dim]")
+
+
+MAX_TABLE_ROWS = 10_000
+
+
+def write_json(out: TextIO, payload: dict[str, Any], tensors: Sequence[TensorSummary]) -> None:
+    """``payload`` as ``json.dumps(payload, indent=2)`` prints it, with ``tensors`` in its
+    empty ``"tensors"`` list: written a tensor at a time, as the json module would lay each
+    out, so a million of them cost neither a million dicts nor one huge string."""
+    text = json.dumps(payload, indent=2, default=json_default)
+    head, found, tail = text.partition(_EMPTY_TENSORS)
+    if not found or not tensors:
+        print(text, file=out)
+        return
+    out.write(head + '\n  "tensors": [\n')
+    for start in range(0, len(tensors), _JSON_BATCH):
+        batch = tensors[start : start + _JSON_BATCH]
+        out.write(",\n".join(map(_tensor_json, batch)))
+        out.write(",\n" if start + _JSON_BATCH < len(tensors) else "\n  ]")
+    print(tail, file=out)
+
+
+# At the top level (two spaces in), where no string's text can appear: json escapes newlines.
+_EMPTY_TENSORS = '\n  "tensors": []'
+_JSON_BATCH = 4096
+
+
+def _tensor_json(tensor: TensorSummary) -> str:
+    """One tensor as ``json.dumps(..., indent=2)`` lays it out inside the tensors list."""
+    shape = tensor.shape
+    if (
+        type(tensor.name) is not str
+        or type(tensor.dtype) is not str
+        or type(tensor.nbytes) is not int
+        or not all(type(n) is int for n in shape)
+    ):
+        nested = json.dumps(tensor.to_json(), indent=2, default=json_default)
+        return "    " + nested.replace("\n", "\n    ")
+    dims = "[\n        " + ",\n        ".join(map(str, shape)) + "\n      ]" if shape else "[]"
+    note = f',\n      "note": {_quoted(tensor.note)}' if tensor.note else ""
+    return (
+        f'    {{\n      "name": {_quoted(tensor.name)},\n      "dtype": {_quoted(tensor.dtype)},'
+        f'\n      "shape": {dims},\n      "nbytes": {tensor.nbytes}{note}\n    }}'
+    )
 
 
 def _module_tree(modules: dict[str, Any], depth: int) -> Tree:

@@ -22,14 +22,20 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from modelport import dtypes, limits
-from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
+from modelport.errors import (
+    CorruptFileError,
+    LimitExceededError,
+    ModelportError,
+    TruncatedFileError,
+)
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.tensors import Storage, TensorRef
 from modelport.transfer.streaming import write_all, write_tensor
@@ -70,6 +76,12 @@ def _header_looks_like_json(text: bytes) -> bool:
 
 def read_header(path: Path) -> tuple[int, dict[str, Any]]:
     """(offset of the byte buffer, parsed header), with every size checked against the file."""
+    data_start, text = _header_text(path)
+    return data_start, _parsed(text, path)
+
+
+def _header_text(path: Path) -> tuple[int, str]:
+    """(offset of the byte buffer, the header as text), its length checked against the file."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         prefix = handle.read(8)
@@ -95,12 +107,86 @@ def read_header(path: Path) -> tuple[int, dict[str, Any]]:
             )
         raw = handle.read(length)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        return 8 + length, raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptFileError(f"safetensors header is not valid JSON ({exc})", path=path) from None
+
+
+def _parsed(text: str, path: Path) -> dict[str, Any]:
+    try:
+        header = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise CorruptFileError(f"safetensors header is not valid JSON ({exc})", path=path) from None
     if not isinstance(header, dict):
         raise CorruptFileError("safetensors header is not a JSON object", path=path)
-    return 8 + length, header
+    return header
+
+
+class _Irregular(Exception):
+    """The header is not one JSON object of distinct keys, well formed: read it whole."""
+
+
+_WS = "[ \t\n\r]*"  # JSON's whitespace, as the json module skips it
+_SPACE = re.compile(_WS)
+_INT = "(0|[1-9][0-9]*)"  # a non-negative JSON integer
+# One entry as writers lay it out (fields in the reference's order), with what follows it;
+# any other spelling of an entry is parsed by the json module instead.
+_PLAIN_ENTRY = re.compile(
+    rf'"([^"\\\x00-\x1f]*)"{_WS}:{_WS}\{{{_WS}"dtype"{_WS}:{_WS}"([A-Za-z0-9_]*)"{_WS},{_WS}'
+    rf'"shape"{_WS}:{_WS}\[{_WS}((?:{_INT}(?:{_WS},{_WS}{_INT})*)?){_WS}\]{_WS},{_WS}'
+    rf'"data_offsets"{_WS}:{_WS}\[{_WS}{_INT}{_WS},{_WS}{_INT}{_WS}\]{_WS}\}}{_WS}([,}}]){_WS}'
+)
+# The json module's own scanners (C), which its stubs leave out: one string, one value.
+_SCAN_STRING: Callable[[str, int], tuple[str, int]] = vars(json.decoder)["scanstring"]
+_SCAN: Callable[[str, int], tuple[Any, int]] = vars(json.JSONDecoder())["scan_once"]
+
+
+def _skipped(text: str, at: int) -> int:
+    """Where the whitespace from ``at`` ends."""
+    found = _SPACE.match(text, at)
+    return found.end() if found is not None else at
+
+
+def _streamed(text: str) -> Iterator[tuple[str, Any]]:
+    """The header's entries one at a time, as ``json.loads`` would give them: parsed whole,
+    a million-tensor header is a gigabyte of small dicts and lists; one at a time, each is
+    dropped once its tensor is made. An entry laid out as writers lay it out comes as the
+    tuple ``(dtype code, shape, begin, end)``, which no JSON value is. Anything irregular
+    (bad JSON, not an object) raises ``_Irregular``, and the caller reads the header whole,
+    for its exact error."""
+    space, plain = _skipped, _PLAIN_ENTRY.match
+    end = space(text, 0)
+    if text[end : end + 1] != "{":
+        raise _Irregular
+    end = space(text, end + 1)
+    closing = text[end : end + 1] == "}"
+    while not closing:
+        found = plain(text, end)
+        if found is not None:
+            name, code, dims, _, _, begin, stop, separator = found.groups()
+            shape = [int(n) for n in dims.split(",")] if dims else []
+            yield name, (code, shape, int(begin), int(stop))
+            end, closing = found.end(), separator == "}"
+            continue
+        try:
+            if text[end : end + 1] != '"':
+                raise _Irregular
+            name, end = _SCAN_STRING(text, end + 1)
+            end = space(text, end)
+            if text[end : end + 1] != ":":
+                raise _Irregular
+            value, end = _SCAN(text, space(text, end + 1))
+        except (StopIteration, ValueError, RecursionError):
+            raise _Irregular from None
+        yield name, value
+        end = space(text, end)
+        separator = text[end : end + 1]
+        if separator not in (",", "}"):
+            raise _Irregular
+        closing = separator == "}"
+        end = space(text, end + 1)
+    if end != len(text):
+        raise _Irregular
 
 
 @contextmanager
@@ -122,37 +208,26 @@ def read(path: Path, probe: Probe) -> Contents:
 
 
 def _read(path: Path, probe: Probe) -> Contents:
-    data_start, header = read_header(path)
+    data_start, text = _header_text(path)
+    try:
+        found = _tensors(_streamed(text), path, data_start, probe.size)
+    except (_Irregular, ModelportError):  # read whole, the errors come in the usual order
+        found = None
+    if found is None:
+        header = _parsed(text, path)
+        metadata = header.pop(METADATA_KEY, None) or {}
+        _check_metadata(metadata, path)
+        found = _tensors(iter(header.items()), path, data_start, probe.size, metadata)
+    del text
+    tensors, metadata, ordered_by_offset = found
     data_size = probe.size - data_start
-    metadata = header.pop(METADATA_KEY, None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise CorruptFileError("safetensors __metadata__ must map strings to strings", path=path)
-    spans: list[tuple[int, int, str]] = []
-    tensors: dict[str, TensorRef] = {}
-    for name, entry in header.items():
-        dtype, shape, begin, end = _entry(name, entry, path)
-        storage = Storage(path, data_start + begin, end - begin, key=name)
-        tensor = TensorRef(dtype, tuple(shape), storage)
-        if end - begin != tensor.nbytes:
-            raise CorruptFileError(
-                f"tensor {name!r}: shape {shape} of {dtype} needs {tensor.nbytes} bytes, "
-                f"data_offsets span {end - begin}",
-                path=path,
-            )
-        if end > data_size:
-            raise TruncatedFileError(
-                f"tensor {name!r} ends at byte {data_start + end} of a {probe.size}-byte file "
-                "(truncated download?)",
-                expected=data_start + end,
-                actual=probe.size,
-                path=path,
-            )
-        spans.append((begin, end, name))
-        tensors[name] = tensor
-    _check_coverage(spans, data_size, path)
-    ordered = {name: tensors[name] for _, _, name in sorted(spans)}
+    if ordered_by_offset:
+        _check_coverage(_spans(tensors, data_start), data_size, path)
+        ordered = tensors
+    else:
+        spans = sorted(_spans(tensors, data_start))
+        _check_coverage(spans, data_size, path)
+        ordered = {name: tensors[name] for _, _, name in spans}
     tree, warnings = typed_json_decoding.restore(ordered, metadata)
     # ``save_model`` (and modelport) store a tied tensor once and record ``alias -> kept`` in
     # the metadata: restore the alias as the same tensor, so both names share storage again.
@@ -171,9 +246,80 @@ def _read(path: Path, probe: Probe) -> Contents:
     )
 
 
+def _check_metadata(metadata: Any, path: Path) -> None:
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CorruptFileError("safetensors __metadata__ must map strings to strings", path=path)
+
+
+def _tensors(
+    entries: Iterator[tuple[str, Any]],
+    path: Path,
+    data_start: int,
+    size: int,
+    metadata: dict[str, str] | None = None,
+) -> tuple[dict[str, TensorRef], dict[str, str], bool]:
+    """(the tensors in header order, the metadata, whether that order is also the order of
+    their bytes), each entry checked against the file. Given no ``metadata``, it is taken
+    from among the entries, and a repeated key raises ``_Irregular``."""
+    streamed = metadata is None
+    tensors: dict[str, TensorRef] = {}
+    data_size = size - data_start
+    last = (-1, -1, "")
+    in_order = True
+    for name, entry in entries:
+        if streamed and (name in tensors or (name == METADATA_KEY and metadata is not None)):
+            raise _Irregular
+        if streamed and name == METADATA_KEY:
+            metadata = entry or {}
+            _check_metadata(metadata, path)
+            continue
+        dtype, shape, begin, end = _entry(name, entry, path)
+        tensor = TensorRef(
+            dtype, tuple(shape), Storage(path, data_start + begin, end - begin, name)
+        )
+        if end - begin != tensor.nbytes:
+            raise CorruptFileError(
+                f"tensor {name!r}: shape {shape} of {dtype} needs {tensor.nbytes} bytes, "
+                f"data_offsets span {end - begin}",
+                path=path,
+            )
+        if end > data_size:
+            raise TruncatedFileError(
+                f"tensor {name!r} ends at byte {data_start + end} of a {size}-byte file "
+                "(truncated download?)",
+                expected=data_start + end,
+                actual=size,
+                path=path,
+            )
+        if in_order:
+            span = (begin, end, name)
+            in_order = span > last
+            last = span
+        tensors[name] = tensor
+    return tensors, metadata or {}, in_order
+
+
+def _spans(tensors: dict[str, TensorRef], data_start: int) -> Iterator[tuple[int, int, str]]:
+    """(begin, end, name) of each tensor in the byte buffer, in the order of ``tensors``."""
+    for name, tensor in tensors.items():
+        storage = tensor.storage
+        assert storage is not None  # every safetensors tensor has its bytes
+        begin = storage.offset - data_start
+        yield begin, begin + storage.nbytes, name
+
+
 def _entry(name: str, entry: Any, path: Path) -> tuple[str, list[int], int, int]:
     """One header entry, checked field by field (exact types: a bool is no int here, as in
-    the reference library); run once per tensor, so kept to plain comparisons."""
+    the reference library); run once per tensor, so kept to plain comparisons. A tuple is an
+    entry ``_streamed`` matched as writers lay it out, its numbers already checked."""
+    if type(entry) is tuple:
+        code, shape, begin, end = entry
+        dtype = dtypes.SAFETENSORS_CODES.get(code)
+        if dtype is not None and begin <= end:
+            return dtype, shape, begin, end
+        entry = {"dtype": code, "shape": shape, "data_offsets": [begin, end]}
     if type(entry) is not dict:
         raise CorruptFileError(f"tensor {name!r}: header entry is not an object", path=path)
     code = entry.get("dtype")
@@ -194,11 +340,12 @@ def _entry(name: str, entry: Any, path: Path) -> tuple[str, list[int], int, int]
     return dtype, shape, begin, end
 
 
-def _check_coverage(spans: list[tuple[int, int, str]], data_size: int, path: Path) -> None:
-    """The tensors cover the byte buffer exactly, to the end of the file, as the reference
-    loader requires (it refuses a file with bytes after the last tensor)."""
+def _check_coverage(spans: Iterable[tuple[int, int, str]], data_size: int, path: Path) -> None:
+    """The tensors, given in the order of their bytes, cover the byte buffer exactly, to the
+    end of the file, as the reference loader requires (it refuses a file with bytes after the
+    last tensor)."""
     position = 0
-    for begin, end, name in sorted(spans):
+    for begin, end, name in spans:
         if begin < position:
             raise CorruptFileError(f"tensor {name!r} overlaps the tensor before it", path=path)
         if begin > position:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorSummary:
     name: str
     dtype: str
@@ -54,7 +54,9 @@ class InspectReport:
     weights_only: dict[str, Any] | None = None
     bytes_fetched: int | None = None  # an object behind a URL: the bytes read to inspect it
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, *, with_tensors: bool = True) -> dict[str, Any]:
+        """The ``--json`` object; ``with_tensors=False`` leaves ``tensors`` an empty list, in
+        its place, for a caller that writes a million of them itself, one at a time."""
         found = {
             "path": self.path,
             "format": self.format,
@@ -73,7 +75,7 @@ class InspectReport:
             "code_files": list(self.code_files),
             "safety": self.safety,
             "weights_only": self.weights_only,
-            "tensors": [t.to_json() for t in self.tensors],
+            "tensors": [t.to_json() for t in self.tensors] if with_tensors else [],
         }
         return (
             found if self.bytes_fetched is None else {**found, "bytes_fetched": self.bytes_fetched}
