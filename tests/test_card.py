@@ -45,6 +45,11 @@ def python_block(text: str) -> str:
     return found.group(2)
 
 
+def python_blocks(text: str) -> list[str]:
+    """Every Python block of the card, in order: the main code, then the other ways."""
+    return [m.group(2) for m in re.finditer(r"^(`{3,})python\n(.*?)^\1$", text, re.S | re.M)]
+
+
 def state_dict() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return {
@@ -346,3 +351,163 @@ def test_a_pipe_in_escaped_text_is_escaped_once_in_a_table() -> None:
     row = table(["what", "says"], [[escaped("a|b"), code("x|y")]]).splitlines()[2]
     cells = re.split(r"(?<!\\)\|", row.strip())[1:-1]
     assert [c.strip() for c in cells] == ["a\\|b", "`x\\|y`"]
+
+
+# Runs each card's code in its folder, then saves what it bound as numpy arrays: a module's
+# state_dict, a dict of arrays, or one array (under the name "array").
+_ARRAYS_DRIVER = """
+import json, os, sys
+import numpy
+for job in json.loads(sys.argv[1]):
+    os.chdir(job["cwd"])
+    scope = {"__name__": "__card__"}
+    exec(compile(job["code"], "card", "exec"), scope)
+    found = scope[job["result"]]
+    if hasattr(found, "state_dict"):
+        found = {k: v.detach().numpy() for k, v in found.state_dict().items()}
+    elif not isinstance(found, dict):
+        found = {"array": found}
+    numpy.savez(job["out"], **{k: numpy.asarray(v) for k, v in found.items()})
+"""
+
+
+def run_card_code(folder: Path, jobs: list[tuple[str, str, str]]) -> dict[str, dict[str, Any]]:
+    """``(key, code, variable)`` each run as written, in one subprocess; what each bound."""
+    payload = [
+        {"cwd": str(folder), "code": code, "result": result, "out": str(folder / f"{key}.out.npz")}
+        for key, code, result in jobs
+    ]
+    subprocess.run(
+        [sys.executable, "-c", _ARRAYS_DRIVER, json.dumps(payload)], check=True, timeout=180
+    )
+    found = {}
+    for key, _, _ in jobs:
+        with np.load(folder / f"{key}.out.npz") as archive:
+            found[key] = {name: archive[name] for name in archive.files}
+    return found
+
+
+def assert_same_arrays(got: dict[str, Any], expected: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(expected)
+    for name, values in expected.items():
+        assert got[name].dtype == values.dtype, name
+        np.testing.assert_array_equal(got[name], values, err_msg=name)
+
+
+class ScriptedNet(torch.nn.Module):
+    """A module with a parameter and a buffer, to script (TorchScript) and export (.pt2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+        self.register_buffer("scale", torch.arange(3, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * self.scale
+
+
+def gguf_arrays() -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Plain GGUF tensors, and float32 values that go into the file as Q8_0 blocks."""
+    plain = {
+        "blk.0.attn_q.weight": np.arange(64, dtype=np.float32).reshape(2, 32),
+        "blk.0.ffn_up.weight": np.linspace(-2, 2, 96).astype(np.float16).reshape(3, 32),
+    }
+    return plain, np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32)
+
+
+@pytest.fixture(scope="module")
+def format_cards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A GGUF file, an .npy and an .npz, each written by its own library, each card's code
+    (and the GGUF card's second block) run in one subprocess that imports no torch."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    folder = tmp_path_factory.mktemp("formats")
+    plain, quantized = gguf_arrays()
+    writer = GGUFWriter(str(folder / "tiny.gguf"), "llama")
+    for name, values in plain.items():
+        writer.add_tensor(name, values)
+    q8 = GGMLQuantizationType.Q8_0
+    writer.add_tensor("blk.0.q8.weight", quantize(quantized, q8), raw_dtype=q8)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    np.save(folder / "array.npy", np.arange(-3, 3, dtype=np.int16).reshape(2, 3))
+    np.savez(folder / "arrays.npz", ones=np.ones(3), codes=np.arange(4, dtype=np.uint8))
+    cards = {
+        name: build_card(folder / name, digests=False).text
+        for name in ("tiny.gguf", "array.npy", "arrays.npz")
+    }
+    gguf_main, gguf_values = python_blocks(cards["tiny.gguf"])
+    jobs = [
+        ("tiny.gguf", gguf_main, "tensors"),
+        ("tiny.gguf values", gguf_values, "values"),
+        ("array.npy", python_block(cards["array.npy"]), "array"),
+        ("arrays.npz", python_block(cards["arrays.npz"]), "arrays"),
+    ]
+    return {"folder": folder, "cards": cards, "results": run_card_code(folder, jobs)}
+
+
+def test_gguf_card_loads_with_gguf_reader(format_cards: dict[str, Any]) -> None:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    text = format_cards["cards"]["tiny.gguf"]
+    assert 'GGUFReader("tiny.gguf")' in python_block(text)
+    assert "block-quantized tensors (`Q8_0`)" in text
+    plain, values = gguf_arrays()
+    q8 = quantize(values, GGMLQuantizationType.Q8_0)
+    assert_same_arrays(format_cards["results"]["tiny.gguf"], {**plain, "blk.0.q8.weight": q8})
+    as_float = {name: array.astype(np.float32) for name, array in plain.items()}
+    as_float["blk.0.q8.weight"] = dequantize(q8, GGMLQuantizationType.Q8_0)
+    assert_same_arrays(format_cards["results"]["tiny.gguf values"], as_float)
+    np.testing.assert_allclose(as_float["blk.0.q8.weight"], values, atol=1e-2)
+    assert ModelCard(text).data.tags == ["modelport", "gguf"]
+
+
+def test_numpy_cards_load_with_numpy_load(format_cards: dict[str, Any]) -> None:
+    folder = format_cards["folder"]
+    npy, npz = format_cards["cards"]["array.npy"], format_cards["cards"]["arrays.npz"]
+    assert 'numpy.load("array.npy")' in python_block(npy)
+    assert_same_arrays(
+        format_cards["results"]["array.npy"], {"array": np.load(folder / "array.npy")}
+    )
+    assert np.load(folder / "array.npy").dtype == np.int16
+    assert 'numpy.load("arrays.npz")' in python_block(npz)
+    assert_same_arrays(
+        format_cards["results"]["arrays.npz"],
+        {"ones": np.ones(3), "codes": np.arange(4, dtype=np.uint8)},
+    )
+    assert ModelCard(npz).data.tags == ["modelport", "npz"]
+
+
+def test_an_npz_of_objects_card_says_numpy_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "objects.npz"
+    np.savez(path, table=np.array([{"lr": 0.1}], dtype=object))
+    with np.load(path) as archive, pytest.raises(ValueError, match="allow_pickle"):
+        archive["table"]  # the oracle refuses
+    text = build_card(path, digests=False).text
+    assert "would refuse this file" in text and "allow_pickle=True" in text
+    assert "numpy.load" not in python_block(text)
+
+
+@pytest.mark.heavy
+def test_torchscript_and_exported_program_cards_load_their_modules(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = ScriptedNet()
+    torch.jit.script(net).save(str(tmp_path / "scripted.pt"))
+    torch.export.save(torch.export.export(net, (torch.ones(2, 4),)), tmp_path / "net.pt2")
+    scripted = build_card(tmp_path / "scripted.pt", digests=False).text
+    exported = build_card(tmp_path / "net.pt2", digests=False).text
+    assert 'torch.jit.load("scripted.pt", map_location="cpu")' in python_block(scripted)
+    assert "runs the TorchScript code" in scripted
+    assert 'torch.export.load("net.pt2")' in python_block(exported)
+    assert "program.module()" in python_block(exported)
+    jobs = [("ts", python_block(scripted), "model"), ("pt2", python_block(exported), "model")]
+    found = run_card_code(tmp_path, jobs)
+    expected = {name: value.detach().numpy() for name, value in net.state_dict().items()}
+    assert_same_arrays(found["ts"], expected)
+    assert_same_arrays(found["pt2"], expected)
+    assert ModelCard(scripted).data.tags == ["modelport", "torchscript"]
+    assert ModelCard(exported).data.tags == ["modelport", "torch-export"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,48 @@ def rows(page: Page, table: str) -> int:
     every = page.data(f"rows-{table}")
     assert all(row.startswith("<tr>") and row.endswith("</tr>") for row in every)
     return len(every)
+
+
+class Sections(HTMLParser):
+    """The text of each ``<section id=...>`` and of each ``<details>`` in it, as a browser's
+    tokenizer reads them (character references decoded)."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.texts: dict[str, list[str]] = {}
+        self.details: dict[str, list[str]] = {}
+        self.current = ""
+        self.depth = 0  # open <details> in the current section
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "section":
+            self.current = dict(attrs).get("id") or ""
+            self.texts[self.current] = []
+        elif tag == "details" and self.current:
+            self.depth += 1
+            self.details.setdefault(self.current, []).append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "section":
+            self.current = ""
+        elif tag == "details" and self.depth:
+            self.depth -= 1
+
+    def handle_data(self, data: str) -> None:
+        if self.current:
+            self.texts[self.current].append(data)
+            if self.depth:
+                self.details[self.current][-1] += data
+
+    def text(self, section: str) -> str:
+        return "".join(self.texts[section])
+
+
+def sections(source: str) -> Sections:
+    found = Sections()
+    found.feed(source)
+    found.close()
+    return found
 
 
 def test_a_checkpoint_gives_one_self_contained_page(tmp_path: Path, cli: Cli) -> None:
@@ -186,3 +229,106 @@ def test_the_page_renders_a_report_built_in_process(tmp_path: Path) -> None:
     assert json.dumps(page.data(), allow_nan=False)
     with pytest.raises(ValueError, match="one or two files"):
         model_report.build([path, path, path])
+
+
+def test_model_says_whether_the_weights_fit(tmp_path: Path, cli: Cli) -> None:
+    torch.manual_seed(0)
+    weights = TinyResNet().state_dict()
+    fits, short = tmp_path / "fits.pt", tmp_path / "short.pt"
+    torch.save(weights, fits)
+    torch.save({k: v for k, v in weights.items() if k != "fc.bias"}, short)
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\).*"fc\.bias"'):  # the oracle
+        TinyResNet().load_state_dict(torch.load(short, weights_only=True), strict=True)
+    TinyResNet().load_state_dict(torch.load(fits, weights_only=True), strict=True)
+
+    out = tmp_path / "fit.html"
+    result = cli("report", fits, short, "--model", "tests.models:TinyResNet", "-o", out)
+    assert result.code == 0, result.err
+    assert "model: fits, does not fit" in result.out
+    source = out.read_text(encoding="utf-8")
+    page = read_page(source)
+    assert_self_contained(page)
+    data = page.data()
+    assert data["model"] == "tests.models:TinyResNet"
+    first, second = (f["check"] for f in data["files"])
+    assert first["ok"] and first["missing"] == [] and first["unexpected"] == []
+    assert not second["ok"] and second["missing"] == ["fc.bias"]
+    found = sections(source)
+    assert "fits" in found.text("fit-0") and "does not fit" not in found.text("fit-0")
+    assert "does not fit" in found.text("fit-1") and "fc.bias" in found.text("fit-1")
+    assert "Missing (in the model, not in the file): 1" in found.text("fit-1")
+    assert 'href="#fit-1"' in source
+
+    alone = cli("report", fits, "-o", tmp_path / "alone.html")
+    assert "fit-0" not in (tmp_path / "alone.html").read_text() and alone.code == 0
+    assert read_page((tmp_path / "alone.html").read_text()).data()["files"][0]["check"] is None
+    no_model = cli("report", fits, "--init", "{}", "-o", tmp_path / "x.html")
+    assert no_model.code == 2 and "--model" in no_model.err
+    typo = cli("report", fits, "--model", "no_such_package_xyz:Net", "-o", tmp_path / "y.html")
+    assert typo.code == 2 and "no_such_package_xyz" in typo.err
+    assert not (tmp_path / "x.html").exists() and not (tmp_path / "y.html").exists()
+
+
+def hf_folder(folder: Path, config: str) -> None:
+    folder.mkdir()
+    save_numpy(
+        {"embeddings.weight": np.ones((4, 2), dtype=np.float32)}, folder / "model.safetensors"
+    )
+    (folder / "config.json").write_text(config, encoding="utf-8")
+
+
+def test_a_long_config_json_is_cut_with_a_note(tmp_path: Path, cli: Cli) -> None:
+    labels = {str(i): f"label {i} {HOSTILE_VALUE}" for i in range(3000)}
+    config = json.dumps({"model_type": "bert", "id2label": labels, "last_key": 1}, indent=2)
+    assert len(config.encode()) > model_report.MAX_CONFIG_TEXT
+    hf_folder(tmp_path / "folder", config)
+    source = (tmp_path / "folder.html").as_posix()
+    assert cli("report", tmp_path / "folder", "-o", source).code == 0
+    found = sections(Path(source).read_text(encoding="utf-8"))
+    (shown,) = found.details["structure-0"][-1:]
+    assert shown.endswith(config[: model_report.MAX_CONFIG_TEXT])  # as written, cut
+    assert '"last_key"' not in shown and "</script><script>alert(3)</script>&amp;" in shown
+    assert f"of {len(config.encode()):,} shown" in found.text("structure-0")
+    carried = read_page(Path(source).read_text()).data()["files"][0]["config"]
+    assert carried["truncated"] and carried["size"] == len(config.encode())
+
+    inside = cli("report", tmp_path / "folder" / "model.safetensors", "--json")
+    assert inside.json["files"][0]["config"]["text"] == carried["text"]  # the folder's file
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    save_numpy({"w": np.ones(2, dtype=np.float32)}, stray / "weights.safetensors")
+    (stray / "config.json").write_text("{}")
+    assert cli("report", stray / "weights.safetensors", "--json").json["files"][0]["config"] is None
+
+
+@pytest.mark.heavy
+def test_a_transformers_folder_shows_its_config_json(tmp_path: Path, cli: Cli) -> None:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=32,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        modelport_marker=HOSTILE_VALUE,
+    )
+    folder = tmp_path / "bert"
+    BertModel(config).save_pretrained(folder)
+    written = (folder / "config.json").read_text(encoding="utf-8")
+    assert HOSTILE_VALUE in json.loads(written)["modelport_marker"]
+    out = tmp_path / "bert.html"
+    assert cli("report", folder, "-o", out).code == 0
+    source = out.read_text(encoding="utf-8")
+    page = read_page(source)
+    assert_self_contained(page)  # the marker's markup stayed text
+    found = sections(source)
+    assert found.details["structure-0"][-1].endswith(written)  # collapsed, whole, as written
+    assert "config.json" in found.text("structure-0")
+    assert page.data()["files"][0]["config"] == {
+        "path": str(folder / "config.json"),
+        "size": len(written.encode()),
+        "text": written,
+        "truncated": False,
+    }

@@ -7,7 +7,9 @@ report opens and sorts within two seconds. Screenshots go to the
 test's temporary folder (``MODELPORT_SCREENSHOTS=DIR`` keeps them).
 
 Setup, once: ``apt-get install -y chromium`` and ``pip install playwright`` (the ``test``
-extra); ``playwright install`` is not needed.
+extra); ``playwright install`` is not needed. ``scripts/test`` installs chromium when it is
+missing and sets ``MODELPORT_REQUIRE_BROWSER=1``, which turns a missing browser or
+Playwright from a skip into a failure: the suite it runs never passes without these tests.
 """
 
 from __future__ import annotations
@@ -17,21 +19,31 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pytest
+import tomllib
 from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import save_file
 
 from modelport.reporting import html, model_report
 from modelport.reporting.verification import export_facts
 from modelport.torch_models.agreement import OutputCheck
 from modelport.torch_models.export_report import ExportReport
+from tests.models import TinyResNet
 
 pytestmark = pytest.mark.heavy
-sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 HOSTILE = "<script>alert(1)</script>"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def browser_missing(reason: str) -> NoReturn:
+    """Skip, or fail where the browser tests must run (``MODELPORT_REQUIRE_BROWSER=1``)."""
+    if os.environ.get("MODELPORT_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason} (MODELPORT_REQUIRE_BROWSER=1: these tests must run)")
+    pytest.skip(reason)
 
 
 @dataclass
@@ -53,8 +65,12 @@ class Opened:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    try:
+        from playwright import sync_api
+    except ImportError:
+        browser_missing("no playwright: pip install -e '.[test]'")
     if not Path(CHROMIUM).exists():
-        pytest.skip("no chromium: apt-get install -y chromium")
+        browser_missing("no chromium: apt-get install -y chromium")
     with sync_api.sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield launched
@@ -216,3 +232,45 @@ def test_the_export_verification_renders(browser: Any, tmp_path: Path, shots: Pa
     assert page.locator("#verification pre code").is_visible()  # the recipe
     page.locator("#verification").screenshot(path=str(shots / "verification.png"))
     assert opened.dialogs == [] and opened.errors == [] and opened.blocked == []
+
+
+def test_the_fit_and_the_config_json_render(browser: Any, tmp_path: Path, shots: Path) -> None:
+    folder = tmp_path / "resnet"
+    folder.mkdir()
+    weights = TinyResNet().state_dict()
+    save_file({k: v for k, v in weights.items() if k != "fc.bias"}, folder / "model.safetensors")
+    (folder / "config.json").write_text('{"model_type": "resnet", "note": "' + HOSTILE + '"}')
+    out = tmp_path / "fit.html"
+    built = model_report.build([folder], model="tests.models:TinyResNet")
+    out.write_text(html.render(built), encoding="utf-8")
+    opened = open_report(browser, out)
+    page = opened.page
+    page.click('nav a[href="#fit-0"]')
+    assert page.locator("#fit-0 .verdict.misfit").is_visible()
+    assert page.locator("#fit-0 li code").all_text_contents() == ["fc.bias"]
+    config = page.locator("#structure-0 details.config")
+    assert config.evaluate("n => n.open") is False and not config.locator("pre").is_visible()
+    config.locator(":scope > summary").click()
+    assert config.locator("pre").is_visible() and HOSTILE in config.locator("pre").inner_text()
+    page.locator("#fit-0").screenshot(path=str(shots / "fit.png"))
+    assert opened.dialogs == [] and opened.errors == [] and opened.blocked == []
+
+
+def test_a_missing_browser_fails_where_it_is_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELPORT_REQUIRE_BROWSER", "1")
+    with pytest.raises(pytest.fail.Exception, match="no chromium"):
+        browser_missing("no chromium")
+    monkeypatch.delenv("MODELPORT_REQUIRE_BROWSER")
+    with pytest.raises(pytest.skip.Exception, match="no chromium"):
+        browser_missing("no chromium")
+
+
+def test_the_test_script_provides_the_browser() -> None:
+    """scripts/test installs Debian's chromium when missing and requires the browser tests;
+    Playwright comes with the test extra."""
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    test_extra = extra["optional-dependencies"]["test"]
+    assert any(dependency.startswith("playwright") for dependency in test_extra)
+    script = (ROOT / "scripts" / "test").read_text()
+    assert "apt-get install -y chromium" in script and "command -v chromium" in script
+    assert "export MODELPORT_REQUIRE_BROWSER=1" in script

@@ -12,7 +12,7 @@ from json.encoder import encode_basestring_ascii as _quoted
 from typing import TYPE_CHECKING, Any, TextIO
 
 import modelport
-from modelport.cli import _many_files
+from modelport.cli import _inspect_stats, _many_files
 from modelport.cli._output import console_width, human_bytes, json_default
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.errors import UsageError
@@ -58,6 +58,9 @@ def register(commands: Any) -> None:
     parser.add_argument("--tensors", action="store_true", help="list every tensor")
     parser.add_argument("--code", action="store_true", help="print TorchScript code")
     parser.add_argument(
+        "--stats", action="store_true", help="per-tensor statistics (reads every value)"
+    )
+    parser.add_argument(
         "--depth",
         type=int,
         default=DEFAULT_DEPTH,
@@ -72,6 +75,8 @@ DEFAULT_DEPTH = 3
 
 def run(args: argparse.Namespace) -> int:
     plan = _many_files.plan(args, "inspect", {"code": args.code})
+    if args.stats:
+        _inspect_stats.refuse(args.paths, several=plan is not None)
     if plan is not None:
         return _run_fleet(args, plan)
     path = args.paths[0]
@@ -96,8 +101,11 @@ def collector_paused() -> Iterator[None]:
 
 def _run_one(args: argparse.Namespace, path: str) -> int:
     report = modelport.inspect(path)
+    measured = _inspect_stats.measure(path) if args.stats else None
     if args.json:
         payload = report.to_json(with_tensors=False)
+        if measured is not None:
+            payload["stats"] = _inspect_stats.to_json(measured)
         if args.code:
             with modelport.open(path) as model:
                 payload["code"] = model.code
@@ -109,6 +117,8 @@ def _run_one(args: argparse.Namespace, path: str) -> int:
     show_summary(console, report, depth=args.depth)
     if args.tensors:
         show_tensors(console, report)
+    if measured is not None:
+        _inspect_stats.show(console, measured)
     if args.code:
         with modelport.open(path) as model:
             for name, text in model.code.items():

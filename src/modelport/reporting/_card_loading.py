@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from modelport import dtypes
 from modelport.formats import _hf_folder
 from modelport.formats.protocol import Format
 from modelport.loading import weights_only
@@ -197,7 +198,23 @@ def _gguf(subject: _Subject) -> LoadingCode:
         f"from gguf import GGUFReader\n\nreader = GGUFReader({subject.literal})\n"
         "tensors = {tensor.name: tensor.data for tensor in reader.tensors}\n"
     )
-    return LoadingCode(code, "tensors")
+    blocks = sorted(
+        {r.dtype for r in subject.model.tensors.values() if dtypes.dtype(r.dtype).block}
+    )
+    if not blocks:
+        return LoadingCode(code, "tensors")
+    note = (
+        f"The file holds block-quantized tensors ({', '.join(f'`{b}`' for b in blocks)}): "
+        "`tensor.data` gives their raw blocks as bytes, and gguf-py's `dequantize` their "
+        "values."
+    )
+    values = (
+        "from gguf import GGUFReader\nfrom gguf.quants import dequantize\n\n"
+        f"reader = GGUFReader({subject.literal})\n"
+        "values = {\n    tensor.name: dequantize(tensor.data, tensor.tensor_type)  # float32\n"
+        "    for tensor in reader.tensors\n}\n"
+    )
+    return LoadingCode(code, "tensors", (note,), (("Every tensor as float32 values:", values),))
 
 
 def _hdf5(subject: _Subject) -> LoadingCode:

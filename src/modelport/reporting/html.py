@@ -9,8 +9,10 @@ A page that ``export`` or ``rebuild`` writes (``--report FILE.html``) opens with
 file was made and verified (``html_verification``), the facts their Markdown report shows.
 Sections per file: identity (format, sizes, sha256 of each file, weights digest, modelport
 version), safety (the verdict and every finding with member, offset, opcode and fix), flags,
-structure (module tree, pickled class tree, aliases, checkpoint extras, metadata such as
-GGUF key/values, format details such as ONNX inputs and outputs) and values (the sortable,
+with ``--model`` whether the weights fit that model (``html_model``), structure (module
+tree, pickled class tree, aliases, checkpoint extras, a Hugging Face folder's
+``config.json``, metadata such as GGUF key/values, format details such as ONNX inputs and
+outputs) and values (the sortable,
 filterable tensor table with a sparkline per row). With two files the identities and
 verdicts stand side by side, then the diff (``html_diff``). The data it shows is also in a
 ``<script type="application/json" id="modelport-data">`` block, for tools.
@@ -22,7 +24,7 @@ import base64
 import hashlib
 from typing import Final
 
-from modelport.reporting import html_diff, html_verification
+from modelport.reporting import html_diff, html_model, html_verification
 from modelport.reporting.html_parts import (
     Column,
     SparkAxis,
@@ -76,7 +78,7 @@ def render(report: Report) -> str:
     if report.diff is not None:
         body.append(html_diff.section(report.diff))
     for index, (label, section) in enumerate(zip(labels, report.sections, strict=True)):
-        body.append(_file_body(section, label, index))
+        body.append(_file_body(section, label, index, report.model))
     data = script_json(report.to_json())
     title = " vs ".join(_name(s) for s in report.sections)
     return (
@@ -114,6 +116,8 @@ def _header(report: Report, labels: tuple[str, ...]) -> str:
     for index, label in enumerate(labels):
         suffix = f" {label}" if label else ""
         links += [f"flags-{index}|flags{suffix}", f"structure-{index}|structure{suffix}"]
+        if report.model is not None:
+            links.append(f"fit-{index}|fit{suffix}")
         links.append(f"values-{index}|values{suffix}")
     nav = "".join(
         f'<a href="#{link.partition("|")[0]}">{text(link.partition("|")[2] or link)}</a>'
@@ -189,10 +193,13 @@ def _safety(section: FileSection, pair: bool) -> str:
     return ("" if pair else "<h2>Safety</h2>") + "".join(parts)
 
 
-def _file_body(section: FileSection, label: str, index: int) -> str:
+def _file_body(section: FileSection, label: str, index: int, model: str | None) -> str:
     suffix = f" ({label}: {text(_name(section))})" if label else ""
+    fit = ""
+    if section.fit is not None and model is not None:
+        fit = html_model.fit_section(section.fit, model, index, suffix)
     return (
-        f"<section id=flags-{index}><h2>Flags{suffix}</h2>{_flags(section)}</section>"
+        f"<section id=flags-{index}><h2>Flags{suffix}</h2>{_flags(section)}</section>{fit}"
         f"<section id=structure-{index}><h2>Structure{suffix}</h2>"
         f"{_structure(section, index)}</section>"
         f"<section id=values-{index}><h2>Values{suffix}</h2>{_values(section, index)}</section>"
@@ -239,6 +246,8 @@ def _structure(section: FileSection, index: int) -> str:
         )
     if summary.extras not in (None, {}, []):
         parts.append("<h3>Checkpoint extras</h3>" + json_text(summary.extras))
+    if section.config is not None:
+        parts.append(html_model.config_part(section.config))
     for title, value in (("Metadata", summary.metadata), ("Format details", summary.details)):
         if value:
             parts.append(f"<h3>{title}</h3>" + value_html(value))

@@ -5,6 +5,10 @@ made and verified. ``to_json`` is the data the page carries for tools.
 
 Checksums and the weights digest read every byte once more, so they are taken on two side
 threads while the statistics run (``hashlib`` releases the GIL).
+
+With ``model`` (``report --model``, a spec as ``check`` takes it), each file's weights are
+checked against that model as ``check`` checks them (``load_state_dict(strict=True)``'s
+answer, names and shapes only); the model is built once, on the meta device when it can be.
 """
 
 from __future__ import annotations
@@ -13,15 +17,16 @@ import math
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from modelport._version import __version__
 from modelport.comparing.diffing import DiffReport, diff
 from modelport.comparing.fingerprint import HashReport, fingerprint
 from modelport.errors import SuspiciousModelWarning
+from modelport.formats import _hf_folder
 from modelport.loading.inspect_report import InspectReport
 from modelport.loading.model_file import inspect
 from modelport.reporting.stats import stats
@@ -29,7 +34,32 @@ from modelport.reporting.stats_records import StatsReport
 from modelport.reporting.verification import Verification
 from modelport.scanning.findings import ScanReport
 from modelport.scanning.scanner import scan
+from modelport.torch_models.building import build_model
+from modelport.torch_models.checking import CheckReport, check
 from modelport.transfer.hashing import sha256_of
+
+MAX_CONFIG_TEXT: Final = 128 << 10  # bytes of a config.json carried by the page
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """The ``config.json`` of a Hugging Face folder, as text: the folder the report is on,
+    or the one a weights file sits in. ``text`` is its first ``MAX_CONFIG_TEXT`` bytes
+    (``truncated`` says whether that is all), decoded as UTF-8 with a replacement mark for
+    what is not, and shown as it is written: no parse stands between the file and the page."""
+
+    path: str
+    size: int
+    text: str
+    truncated: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "size": self.size,
+            "text": self.text,
+            "truncated": self.truncated,
+        }
 
 
 @dataclass(frozen=True)
@@ -55,6 +85,8 @@ class FileSection:
     stats: StatsReport
     files: tuple[FileDigest, ...] | None
     weights: HashReport | None
+    config: ConfigFile | None = None
+    fit: CheckReport | None = None  # with a model to check the weights against
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,6 +96,8 @@ class FileSection:
             "scan": self.scan.to_json(),
             "inspect": self.inspect.to_json(),
             "stats": self.stats.to_json(),
+            "config": None if self.config is None else self.config.to_json(),
+            "check": None if self.fit is None else self.fit.to_json(),
         }
 
 
@@ -78,6 +112,7 @@ class Report:
     version: str
     created: str  # ISO 8601, UTC
     verification: Verification | None = None
+    model: str | None = None  # the spec the weights were checked against
 
     def to_json(self) -> dict[str, Any]:
         """Strict JSON: NaN and Inf anywhere (a checkpoint's ``best_loss``) become strings."""
@@ -86,6 +121,7 @@ class Report:
             "created": self.created,
             "files": [s.to_json() for s in self.sections],
             "diff": None if self.diff is None else self.diff.to_json(),
+            "model": self.model,
         }
         if self.verification is not None:
             found["verification"] = self.verification.to_json()
@@ -99,15 +135,23 @@ def build(
     threads: int | None = None,
     digests: bool = True,
     verification: Verification | None = None,
+    model: str | None = None,
+    init: str | None = None,
 ) -> Report:
     """The report on one or two model files. Like ``inspect`` it refuses nothing: an unsafe
     file is read with modelport's own readers, executing nothing, and its verdict shown.
-    ``verification``: the facts of the command that wrote the file, shown first."""
+    ``verification``: the facts of the command that wrote the file, shown first. ``model``
+    and ``init``: the model to check each file's weights against (``check``'s spec; it
+    runs the code the spec names, never code from the files)."""
     if not 1 <= len(paths) <= 2:
         raise ValueError(f"a report covers one or two files, got {len(paths)}")
+    built = None if model is None else build_model(model, init, meta=True)
     with warnings.catch_warnings():  # the verdict is on the page; no warning on the side
         warnings.simplefilter("ignore", SuspiciousModelWarning)
         sections = tuple(_section(Path(p), threads, digests) for p in paths)
+        if built is not None:
+            fits = [check(p, built, allow_unsafe=True) for p in paths]
+            sections = tuple(replace(s, fit=f) for s, f in zip(sections, fits, strict=True))
         compared = diff(paths[0], paths[1], allow_unsafe=True) if len(paths) == 2 else None
     return Report(
         sections=sections,
@@ -115,6 +159,7 @@ def build(
         version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         verification=verification,
+        model=model,
     )
 
 
@@ -132,7 +177,27 @@ def _section(path: Path, threads: int | None, digests: bool) -> FileSection:
             stats=measured,
             files=None if checksums is None else checksums.result(),
             weights=None if weights is None else weights.result(),
+            config=config_file(path),
         )
+
+
+def config_file(path: Path) -> ConfigFile | None:
+    """The ``config.json`` of the folder ``path`` is, or of the model folder a weights file
+    lies in (a folder ``open`` would read as one model); None without one."""
+    folder = path if path.is_dir() else path.parent
+    found = folder / _hf_folder.CONFIG_NAME
+    if not found.is_file() or (not path.is_dir() and not _hf_folder.sniff_folder(folder)):
+        return None
+    with found.open("rb") as handle:
+        head = handle.read(MAX_CONFIG_TEXT + 1)
+    size = found.stat().st_size
+    shown = head[:MAX_CONFIG_TEXT]
+    return ConfigFile(
+        path=str(found),
+        size=size,
+        text=shown.decode("utf-8", "replace"),
+        truncated=len(head) > MAX_CONFIG_TEXT or size > len(shown),
+    )
 
 
 def _finite(value: Any) -> Any:

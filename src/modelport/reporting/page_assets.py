@@ -49,6 +49,8 @@ td.name { overflow-wrap: anywhere; min-width: 18rem; }
 .verdict.safe { background: var(--ok); }
 .verdict.suspicious { background: var(--warn); }
 .verdict.unsafe, .verdict.error { background: var(--bad); }
+.verdict.fits { background: var(--ok); }
+.verdict.misfit { background: var(--bad); }
 .flag { display: inline-block; padding: 0 5px; margin: 1px 2px 1px 0; border-radius: 3px;
   border: 1px solid var(--bad); color: var(--bad); font-size: 12px; white-space: nowrap; }
 ul.tree, ul.tree ul { list-style: none; padding-left: 1.1rem; margin: 0; }

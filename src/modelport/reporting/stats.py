@@ -64,28 +64,35 @@ class _Piece:
     ggml: str = ""
 
 
-def stats(path: str | Path, *, threads: int | None = None) -> StatsReport:
+def stats(path: str | Path | model_file.ModelFile, *, threads: int | None = None) -> StatsReport:
     """Statistics of every tensor in a model file (``modelport.stats``): see ``TensorStats``.
 
     Reads the tensors' bytes with modelport's own readers and executes nothing, so like
     ``open`` it does not refuse a file the scanner calls unsafe; ``inspect`` and ``report``
     show the verdict beside it. ``threads`` defaults to the CPUs this process may use.
+    ``path`` may be a file already opened (``ModelFile.stats``): it is read, not closed.
     """
+    if isinstance(path, model_file.ModelFile):
+        return _stats_of(path, threads)
+    with model_file.open(path) as model:
+        return _stats_of(model, threads)
+
+
+def _stats_of(model: model_file.ModelFile, threads: int | None) -> StatsReport:
     started = time.perf_counter()
     count = _thread_count(threads)
-    with model_file.open(path) as model:
-        measured = measure(model.tensors, threads=count)
-        weights = {id(ref) for ref in model.weights().tensors.values()}
-        model_names = {name for name, ref in model.tensors.items() if id(ref) in weights}
-        raised = flagging.find(measured, model.tensors, model_names)
-        return StatsReport(
-            path=str(model.path),
-            format=model.format.value,
-            tensors=flagging.attach(measured, raised),
-            flags=raised,
-            threads=count,
-            seconds=time.perf_counter() - started,
-        )
+    measured = measure(model.tensors, threads=count)
+    weights = {id(ref) for ref in model.weights().tensors.values()}
+    model_names = {name for name, ref in model.tensors.items() if id(ref) in weights}
+    raised = flagging.find(measured, model.tensors, model_names)
+    return StatsReport(
+        path=str(model.path),
+        format=model.format.value,
+        tensors=flagging.attach(measured, raised),
+        flags=raised,
+        threads=count,
+        seconds=time.perf_counter() - started,
+    )
 
 
 def measure(
