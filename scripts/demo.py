@@ -6,6 +6,7 @@ Run through ``scripts/demo`` (it prepares .venv). Output goes to ./demo-output/.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -153,6 +154,30 @@ def main() -> int:
     cli("card", str(converted), "-o", str(OUT / "README.md"))  # a Hugging Face model card
     cli("diff", str(files["legacy.pt"]), str(converted))
     cli("hash", str(files["state_dict.pt"]), str(files["model.safetensors"]), str(converted))
+    cli("inspect", str(converted), "--stats")  # per-tensor statistics, streamed
+    cli("report", str(files["checkpoint.ckpt"]), "-o", str(OUT / "report.html"))  # one page
+    manifest = OUT / "manifest.jsonl"  # many conversions, each in a worker, one record each
+    manifest.write_text(
+        json.dumps(
+            {
+                "source": str(files["state_dict.pt"]),
+                "target": str(OUT / "sd.bf16.safetensors"),
+                "dtype": "bf16",
+            }
+        )
+        + "\n"
+        + json.dumps({"source": str(files["legacy.pt"]), "target": str(OUT / "legacy.npz")})
+        + "\n"
+    )
+    cli(
+        "convert",
+        "--from-file",
+        str(manifest),
+        "--jsonl",
+        str(OUT / "converted.jsonl"),
+        "--jobs",
+        "1",
+    )
     spec = "scripts.demo:DemoNet"  # the class above, imported by name as users name theirs
     cli(
         "export",
