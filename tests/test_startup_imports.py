@@ -161,23 +161,25 @@ def test_inspect_of_a_safetensors_header_imports_no_numpy(tmp_path: Path) -> Non
     assert under(modules, LEAN) == []
 
 
-# the witness that the probe sees readers: each file's own
+# the witness that the probe sees readers: each file's own. A scan of a torch zip reaches
+# none: the scanner reads the zip itself, member by member.
 OWN_READER = {
-    "small.safetensors": "safetensors",
-    "small.gguf": "gguf",
-    "state_dict.pt": "torch_zip",
+    ("inspect", "small.safetensors"): "safetensors",
+    ("inspect", "small.gguf"): "gguf",
+    ("inspect", "state_dict.pt"): "torch_zip",
+    ("scan", "small.safetensors"): "safetensors",
+    ("scan", "small.gguf"): "gguf",
 }
 READERS = ("modelport.formats",)
 
 
 @pytest.mark.parametrize("command", ["scan", "inspect"])
-@pytest.mark.parametrize("name", sorted(OWN_READER))
+@pytest.mark.parametrize("name", ["small.safetensors", "small.gguf", "state_dict.pt"])
 def test_one_file_imports_only_the_readers_it_reaches(
     tmp_path: Path, command: str, name: str
 ) -> None:
     """Readers are imported as a probe reaches them: an ONNX, HDF5 or TFLite reader is no
-    part of reading a safetensors file (the pickle-bearing formats' readers may be, since a
-    scan judges every reading)."""
+    part of reading a safetensors file, nor any reader of scanning a torch zip."""
     path = WRITERS[name](tmp_path / name)
     code, modules = run_cli(tmp_path, command, path)
     assert code == 0
@@ -185,7 +187,61 @@ def test_one_file_imports_only_the_readers_it_reaches(
     public_readers = {r for r in readers if not r.startswith("_")}
     for absent in ("onnx", "hdf5", "tflite", "keras", "flax_msgpack", "tf_savedmodel", "hf_dir"):
         assert absent not in public_readers
-    assert OWN_READER[name] in public_readers
+    own = OWN_READER.get((command, name))
+    if own is None:
+        assert public_readers <= {"protocol", "registry", "sniffing"}  # no reader at all
+    else:
+        assert own in public_readers
+
+
+# The scanner's parts (``scanner._PARTS``) and what only they import: the pickle stream and
+# archive readings, tars, folders, URLs, and the readers whose helpers they use.
+SCANNER_PARTS = (
+    "modelport.scanning.archives",
+    "modelport.scanning.tars",
+    "modelport.scanning.streams",
+    "modelport.scanning.content_kinds",
+    "modelport.scanning.folders",
+    "modelport.scanning.other_files",
+    "modelport.scanning.remote_inputs",
+    "modelport.transfer.remote",
+    "modelport.formats.remote_ranges",
+    "modelport.formats._torch_magic",
+    "modelport.formats.torch_legacy",
+    "modelport.formats.npy",
+    "modelport.formats.dcp",
+    "modelport.formats.tf_bundle",
+)
+
+
+def test_a_safetensors_scan_reaches_no_part_of_the_scanner(tmp_path: Path) -> None:
+    """A file that holds no pickle, zip or tar, and does not open like one, is judged by its
+    reader and the content checks: none of the scanner's pickle, archive, folder or URL
+    parts is imported (nor, its reader coming first, any pickle-bearing format's reader)."""
+    path = write_safetensors(tmp_path / "small.safetensors")
+    code, modules = run_cli(tmp_path, "scan", path)
+    assert code == 0
+    assert under(modules, SCANNER_PARTS) == []
+
+
+def test_a_scan_of_a_torch_zip_reaches_the_parts_its_bytes_need(tmp_path: Path) -> None:
+    """The witness: the same probe sees the archive, pickle-stream and pickle-judging parts
+    where the file is a zip holding a pickle, and still no tar, folder or URL part."""
+    path = write_torch(tmp_path / "state_dict.pt")
+    code, modules = run_cli(tmp_path, "scan", path)
+    assert code == 0
+    reached = set(under(modules, SCANNER_PARTS))
+    assert {"modelport.scanning.archives", "modelport.scanning.streams"} <= reached
+    assert "modelport.pickles.judging" in modules
+    assert reached.isdisjoint(
+        {
+            "modelport.scanning.tars",
+            "modelport.scanning.folders",
+            "modelport.scanning.remote_inputs",
+            "modelport.formats.torch_legacy",
+            "modelport.formats.dcp",
+        }
+    )
 
 
 def test_inspect_of_an_npy_file_does_import_numpy(tmp_path: Path) -> None:

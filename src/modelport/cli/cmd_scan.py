@@ -12,7 +12,7 @@ from modelport.cli import _console, _many_files
 from modelport.cli._console import Segment
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.errors import UsageError
-from modelport.pickles.judging import Severity
+from modelport.pickles.symbols import Severity
 from modelport.scanning.findings import FileReport, ScanReport, worst
 
 if TYPE_CHECKING:

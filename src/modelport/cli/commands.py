@@ -8,8 +8,8 @@ scanning path alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 
 class ExitCode(IntEnum):
@@ -22,8 +22,10 @@ class ExitCode(IntEnum):
     TERMINATED = 143  # SIGTERM, as shells report it
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
+    """A row of the table: a named tuple, since a dataclass would import ``dataclasses``
+    (and ``inspect`` with it) before argv is parsed."""
+
     module: str  # implements ``register(commands)`` and the ``run`` it sets as default
     help: str
 

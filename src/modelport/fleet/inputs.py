@@ -138,7 +138,7 @@ def _scan_folder(root: Path) -> Iterator[Expanded]:
 
 
 def _not_analysed(path: Path, kind: str, message: str) -> dict[str, Any]:
-    """The report ``scan`` gives a path it cannot judge (``scanner._error_report``)."""
+    """The report ``scan`` gives a path it cannot judge (``scanning.folders.error_report``)."""
     finding = Finding(Severity.HIGH, "not-analysed", "", message)
     return FileReport(str(path), kind, "error", (finding,)).to_json()
 

@@ -19,6 +19,7 @@ from modelport.errors import (
     TruncatedFileError,
     UnsupportedVersionError,
 )
+from modelport.formats._torch_magic import MAGIC_NUMBER as MAGIC_NUMBER
 from modelport.formats.protocol import Contents, Format
 from modelport.pickles.interface import Limits
 from modelport.pickles.reading import read_pickle
@@ -26,7 +27,6 @@ from modelport.pickles.records import GlobalRef
 from modelport.pickles.torch_types import StorageType, TypedStorage
 from modelport.tensors import Storage
 
-MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 COUNT_SIZE = 8
 SMALL_LIMITS = Limits(max_opcodes=100_000, max_memo=100_000, max_stack=100_000, max_marks=1_000)

@@ -44,7 +44,6 @@ from modelport.errors import (
 )
 from modelport.formats._legacy_stream import (
     COUNT_SIZE,
-    MAGIC_NUMBER,
     Sources,
     check_data,
     check_sys_info,
@@ -54,128 +53,29 @@ from modelport.formats._legacy_stream import (
     storage_dtype,
     text_of,
 )
+from modelport.formats._tar import TAR_BLOCK, TarMember, tar_members
+from modelport.formats._torch_magic import is_magic_number as is_magic_number
+from modelport.formats._torch_magic import opens_with_magic
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
-from modelport.pickles.interface import Limits
 from modelport.pickles.reading import read_pickle
 from modelport.pickles.records import GlobalRef
 from modelport.pickles.torch_types import TypedStorage, tensor_from_storage
 from modelport.tensors import Storage, TensorRef
 
-TAR_BLOCK = 512
-TAR_MAGIC = b"ustar"
-TAR_MAGIC_AT = 257
 TAR_MEMBERS = ("sys_info", "pickle", "tensors", "storages")
-SNIFF_LIMITS = Limits(max_opcodes=32, max_memo=32, max_stack=32, max_marks=8, inline_bytes=64)
 
 
 # -- sniffing ---------------------------------------------------------------------------------
-def is_magic_number(pickled: bytes | memoryview) -> bool:
-    """Whether ``pickled`` is one pickle of torch's legacy magic number, read under the
-    limits ``sniff`` reads it with: a few opcodes, so that a large pickle (a whole model)
-    is not read a second time, nor its arrays built, to learn that it is something else."""
-    try:
-        value = read_pickle(pickled, limits=SNIFF_LIMITS).value
-    except ModelportError:
-        return False
-    return type(value) is int and value == MAGIC_NUMBER
-
-
-def is_tar(head: bytes | memoryview) -> bool:
-    """A tar header as Python's ``tarfile`` (torch's legacy loader) accepts it: ustar/PAX
-    magic at byte 257, or the old V7 layout, which has no magic and is known only by the
-    checksum of its 512-byte header."""
-    header = bytes(head[:TAR_BLOCK])
-    if header[TAR_MAGIC_AT : TAR_MAGIC_AT + len(TAR_MAGIC)] == TAR_MAGIC:
-        return True
-    if len(header) < TAR_BLOCK or header == bytes(TAR_BLOCK):
-        return False
-    field = header[148:156].split(b"\0", 1)[0].strip()
-    if not field or any(c not in b"01234567" for c in field):
-        return False
-    blanked = header[:148] + b" " * 8 + header[156:]
-    unsigned = sum(blanked)
-    signed = sum(b - 256 if b > 127 else b for b in blanked)
-    return int(field, 8) in (unsigned, signed)
-
-
 def sniff(probe: Probe) -> bool:
     if probe.is_dir or not probe.head:
         return False
-    return _is_tar(probe.head) or _starts_with_magic(probe.head)
-
-
-def _starts_with_magic(head: bytes) -> bool:
-    if head[0] == 0x80:
-        if len(head) < 2 or not 2 <= head[1] <= 5:
-            return False
-    elif head[:1] != b"L":  # protocols 0 and 1 spell the magic number as a LONG line
-        return False
-    try:
-        value = read_pickle(head, limits=SNIFF_LIMITS).value
-    except ModelportError:
-        return False
-    return type(value) is int and value == MAGIC_NUMBER
+    return _is_tar(probe.head) or opens_with_magic(probe.head)
 
 
 # -- tar layout -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TarMember:
-    name: str
-    offset: int
-    size: int
-
-
-def _tar_size(field: bytes) -> int | None:
-    if field[:1] and field[0] & 0x80:  # base-256 for sizes past 8 GiB
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        return None
-
-
-def _tar_members(data: bytes | memoryview) -> list[TarMember]:
-    """The regular members of a tar held in ``data`` (a pax ``path`` renames the next one)."""
-    members: list[TarMember] = []
-    pos = 0
-    rename: str | None = None
-    for _ in range(limits.MAX_TAR_HEADERS):
-        header = bytes(data[pos : pos + TAR_BLOCK])
-        if len(header) < TAR_BLOCK or header == bytes(TAR_BLOCK):
-            break
-        if not is_tar(header):
-            break
-        size = _tar_size(header[124:136])
-        if size is None:
-            break
-        name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
-        kind = header[156:157]
-        start = pos + TAR_BLOCK
-        if kind == b"x":
-            rename = _pax_path(bytes(data[start : start + min(size, 1 << 16)])) or rename
-        elif kind in (b"0", b"\0"):
-            members.append(
-                TarMember(rename or (f"{prefix}/{name}" if prefix else name), start, size)
-            )
-            rename = None
-        pos = start + -(-size // TAR_BLOCK) * TAR_BLOCK
-    return members
-
-
-def _pax_path(records: bytes) -> str | None:
-    for line in records.split(b"\n"):
-        _, _, field = line.partition(b" ")
-        key, _, value = field.partition(b"=")
-        if key == b"path":
-            return value.decode("utf-8", "replace")
-    return None
-
-
 def _is_tar(head: bytes) -> bool:
     """A tar whose first member is one of the legacy layout's (torch writes sys_info first)."""
-    members = _tar_members(head[: 4 * TAR_BLOCK])
+    members = tar_members(head[: 4 * TAR_BLOCK])
     return bool(members) and members[0].name in TAR_MEMBERS
 
 
@@ -231,7 +131,7 @@ def tar_pickle_spans(path: Path) -> tuple[list[PickleSpan], str | None]:
 
 
 def _read_tar(path: Path, data: memoryview, spans: list[PickleSpan] | None = None) -> Contents:
-    members = {m.name: m for m in _tar_members(data)}
+    members = {m.name: m for m in tar_members(data)}
     for name, member in members.items():
         check_data(member.offset + member.size, len(data), f"tar member {name!r}", path)
     missing = [n for n in TAR_MEMBERS[1:] if n not in members]

@@ -1,4 +1,4 @@
-"""Zips and tars, scanned member by member as their loaders read them.
+"""Zips, scanned member by member as their loaders read them (tars: ``tars``).
 
 What each loader reads of an archive, from its own source:
 - ``torch.load`` (torch/serialization.py ``_load``): ``<prefix>/data.pkl`` unpickled,
@@ -25,14 +25,11 @@ one thing skipped: every loader copies them and none interprets them.
 from __future__ import annotations
 
 import json
-import mmap
 import time
 import zlib
-from pathlib import Path
 
 from modelport import limits
 from modelport.errors import ModelportError
-from modelport.formats import torch_legacy
 from modelport.formats._zip import (
     DEFLATED,
     EOCD_SIGNATURE,
@@ -41,285 +38,220 @@ from modelport.formats._zip import (
     ZipDirectory,
     ZipEntry,
 )
-from modelport.pickles.judging import Severity, scan_pickle
-from modelport.scanning import content_kinds, script_code
-from modelport.scanning.findings import Finding
-from modelport.scanning.scan_state import ScanState
+from modelport.pickles.symbols import Severity
+from modelport.scanning import script_code
+from modelport.scanning.first_bytes import may_hold_code
+from modelport.scanning.scan_state import TORCH_SAVED, ScanState
 
-# Members a loader hands to torch.load: the sample inputs, weights and constants of a .pt2.
-TORCH_SAVED = ".pt"
 _SNIFF_BYTES = 1 << 16
 _MAX_CONFIG_BYTES = 64 << 20
 _BOMB_RATIO, _BOMB_SIZE = 1000, 1 << 24  # deflate tops out near 1032:1 on runs of one byte
 
 
-class ArchiveScanning(ScanState):
-    """The zip and tar part of a file's scan."""
-
-    # -- zips -------------------------------------------------------------------------------
-    def scan_zip(
-        self,
-        member: str,
-        depth: int,
-        *,
-        start: int = 0,
-        length: int | None = None,
-        blob: bytes | None = None,
-    ) -> None:
-        if depth > limits.MAX_CONTAINER_NESTING:
-            self.error(f"containers nested deeper than {limits.MAX_CONTAINER_NESTING}", member)
-            return
-        if blob is not None:
-            directory = ZipDirectory.from_bytes(blob, self.path)
-        else:
-            self.zip_starts.add(start)
-            directory = ZipDirectory.read(self.path, start=start, length=length)
-        names = directory.names()
-        self._report_directory(directory, member)
-        torchscript = any("/code/" in n or n.startswith("code/") for n in names) and any(
-            n.endswith("constants.pkl") for n in names
+def scan_zip(
+    scan: ScanState,
+    member: str,
+    depth: int,
+    *,
+    start: int = 0,
+    length: int | None = None,
+    blob: bytes | None = None,
+) -> None:
+    if depth > limits.MAX_CONTAINER_NESTING:
+        scan.error(f"containers nested deeper than {limits.MAX_CONTAINER_NESTING}", member)
+        return
+    if blob is not None:
+        directory = ZipDirectory.from_bytes(blob, scan.path)
+    else:
+        scan.zip_starts.add(start)
+        directory = ZipDirectory.read(scan.path, start=start, length=length)
+    names = directory.names()
+    _report_directory(scan, directory, member)
+    torchscript = any("/code/" in n or n.startswith("code/") for n in names) and any(
+        n.endswith("constants.pkl") for n in names
+    )
+    torch_archive = any(n.endswith("data.pkl") for n in names)
+    exported = any(n.endswith("/archive_format") or n == "archive_format" for n in names)
+    raw_payloads = _exported_raw_payloads(scan, directory) if exported else frozenset()
+    if depth == 0:
+        scan.format = "torchscript" if torchscript else "torch-zip" if torch_archive else "zip"
+    if torchscript:
+        code = sum(1 for n in names if "/code/" in n and n.endswith(".py"))
+        scan.add(
+            Severity.INFO,
+            "torchscript-code",
+            member,
+            f"{code} TorchScript source files under code/: torch.jit.load compiles and "
+            "runs them (TorchScript, not Python)",
         )
-        torch_archive = any(n.endswith("data.pkl") for n in names)
-        exported = any(n.endswith("/archive_format") or n == "archive_format" for n in names)
-        raw_payloads = self._exported_raw_payloads(directory) if exported else frozenset()
-        if depth == 0:
-            self.format = "torchscript" if torchscript else "torch-zip" if torch_archive else "zip"
-        if torchscript:
-            code = sum(1 for n in names if "/code/" in n and n.endswith(".py"))
-            self.add(
-                Severity.INFO,
-                "torchscript-code",
-                member,
-                f"{code} TorchScript source files under code/: torch.jit.load compiles and "
-                "runs them (TorchScript, not Python)",
+    for entry in directory.entries:  # duplicates too: other loaders read the last copy
+        if time.monotonic() > scan.deadline:
+            scan.error(
+                f"time limit of {limits.SCAN_SECONDS_PER_FILE:.0f}s per file reached", member
             )
-        for entry in directory.entries:  # duplicates too: other loaders read the last copy
-            if time.monotonic() > self.deadline:
-                self.error(
-                    f"time limit of {limits.SCAN_SECONDS_PER_FILE:.0f}s per file reached", member
-                )
-                return
-            raw = (
-                entry.name in raw_payloads
-                if exported
-                else (torch_archive or torchscript) and _is_raw_storage(entry)
-            )
-            if not raw:
-                parent = member or self.path.name
-                self._scan_entry(directory, entry, parent, depth, torch_archive, torchscript)
-        if depth == 0 and not torch_archive and blob is None:
-            self.scan_with_reader(zip_only=True)
+            return
+        raw = (
+            entry.name in raw_payloads
+            if exported
+            else (torch_archive or torchscript) and _is_raw_storage(entry)
+        )
+        if not raw:
+            parent = member or scan.path.name
+            _scan_entry(scan, directory, entry, parent, depth, torch_archive, torchscript)
+    if depth == 0 and not torch_archive and blob is None:
+        scan.scan_with_reader(zip_only=True)
 
-    def _report_directory(self, directory: ZipDirectory, member: str) -> None:
-        names = directory.names()
-        for name in directory.unsafe_names:
-            self.add(
-                Severity.HIGH,
-                "zip-path-traversal",
-                name,
-                "member name escapes the archive's folder",
-            )
-        if len(set(names)) != len(names):
-            self.add(
-                Severity.MEDIUM,
-                "duplicate-member",
-                member,
-                "the archive lists a member name twice: different loaders read different copies",
-            )
-        if 0 <= directory.declared_count != len(names):
-            self.add(
-                Severity.MEDIUM,
-                "zip-count-mismatch",
-                member,
-                f"the end record counts {directory.declared_count} members but the directory "
-                f"holds {len(names)}: torch reads the counted ones, Python's zipfile all of them",
-            )
-        for mismatched in directory.mismatched_names:
-            self.add(
-                Severity.MEDIUM,
-                "zip-name-mismatch",
-                mismatched,
-                "the member's local header names a different file than the directory: "
-                "loaders that read either see different content",
-            )
 
-    def _scan_entry(
-        self,
-        directory: ZipDirectory,
-        entry: ZipEntry,
-        parent: str,
-        depth: int,
-        torch_archive: bool,
-        torchscript: bool,
-    ) -> None:
-        label = f"{parent}!{entry.name}"
-        ratio = entry.size / entry.compressed_size if entry.compressed_size else 0
-        if ratio > _BOMB_RATIO and entry.size > _BOMB_SIZE:
-            message = f"inflates {entry.compressed_size:,} bytes to {entry.size:,}"
-            self.add(Severity.HIGH, "zip-bomb", label, message)
-            return
-        raw = self._raw_member(directory, entry, label)
-        if raw is None:
-            return
-        if entry.method == STORED and raw[:4] == LOCAL_SIGNATURE and directory.blob is None:
-            self.scan_zip(label, depth + 1, start=entry.data_offset, length=entry.size)
-            return
-        head = raw if entry.method == STORED else _inflate(raw, _SNIFF_BYTES, strict=False)
-        if head is None:
-            self.error("the member does not inflate", label)
-            return
-        if entry.name.endswith(".json") and self._scan_json_member(directory, entry, label):
-            return
-        if not _may_hold_code(bytes(head[:_SNIFF_BYTES]), entry.name, torchscript):
-            return
-        body = raw if entry.method == STORED else _inflate(raw, limits.MAX_SCANNED_MEMBER_BYTES)
-        if body is None:
-            self.error(
-                f"the member inflates past {limits.MAX_SCANNED_MEMBER_BYTES:,} bytes or does "
-                "not inflate: not analysed",
-                label,
-            )
-            return
-        self._check_member(entry, body, label)
-        if torchscript and entry.name.endswith(".py") and "code/" in entry.name:
-            self.findings.extend(script_code.findings(bytes(body), entry.name))
-            return
-        if bytes(body[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
-            self.scan_zip(label, depth + 1, blob=bytes(body))
-            return
-        self.scan_member(
-            body, label, depth + 1, torch_archive=torch_archive, torchscript=torchscript
+def _report_directory(scan: ScanState, directory: ZipDirectory, member: str) -> None:
+    names = directory.names()
+    for name in directory.unsafe_names:
+        scan.add(
+            Severity.HIGH,
+            "zip-path-traversal",
+            name,
+            "member name escapes the archive's folder",
+        )
+    if len(set(names)) != len(names):
+        scan.add(
+            Severity.MEDIUM,
+            "duplicate-member",
+            member,
+            "the archive lists a member name twice: different loaders read different copies",
+        )
+    if 0 <= directory.declared_count != len(names):
+        scan.add(
+            Severity.MEDIUM,
+            "zip-count-mismatch",
+            member,
+            f"the end record counts {directory.declared_count} members but the directory "
+            f"holds {len(names)}: torch reads the counted ones, Python's zipfile all of them",
+        )
+    for mismatched in directory.mismatched_names:
+        scan.add(
+            Severity.MEDIUM,
+            "zip-name-mismatch",
+            mismatched,
+            "the member's local header names a different file than the directory: "
+            "loaders that read either see different content",
         )
 
-    def _raw_member(
-        self, directory: ZipDirectory, entry: ZipEntry, label: str
-    ) -> memoryview | None:
-        if entry.method not in (STORED, DEFLATED):
-            self.error(f"compression method {entry.method} is not analysed", label)
-            return None
-        base = memoryview(directory.blob) if directory.blob is not None else self.data
-        end = entry.data_offset + entry.compressed_size
-        if end > len(base):
-            self.error("the member runs past the end of the archive", label)
-            return None
-        return base[entry.data_offset : end]
 
-    def _check_member(self, entry: ZipEntry, body: memoryview, label: str) -> None:
-        """Damage that loaders refuse (Python's zipfile checks both) makes the member an
-        error; its bytes were judged all the same, for loaders that do not check."""
-        if len(body) != entry.size:
-            self.error(
-                f"the directory declares {entry.size:,} bytes but the member holds "
-                f"{len(body):,}: damaged, or made so loaders disagree",
-                label,
-            )
-        elif zlib.crc32(body) != entry.crc32:
-            self.error("the member's CRC-32 does not match its bytes: damaged", label)
+def _scan_entry(
+    scan: ScanState,
+    directory: ZipDirectory,
+    entry: ZipEntry,
+    parent: str,
+    depth: int,
+    torch_archive: bool,
+    torchscript: bool,
+) -> None:
+    label = f"{parent}!{entry.name}"
+    ratio = entry.size / entry.compressed_size if entry.compressed_size else 0
+    if ratio > _BOMB_RATIO and entry.size > _BOMB_SIZE:
+        message = f"inflates {entry.compressed_size:,} bytes to {entry.size:,}"
+        scan.add(Severity.HIGH, "zip-bomb", label, message)
+        return
+    raw = _raw_member(scan, directory, entry, label)
+    if raw is None:
+        return
+    if entry.method == STORED and raw[:4] == LOCAL_SIGNATURE and directory.blob is None:
+        scan_zip(scan, label, depth + 1, start=entry.data_offset, length=entry.size)
+        return
+    head = raw if entry.method == STORED else _inflate(raw, _SNIFF_BYTES, strict=False)
+    if head is None:
+        scan.error("the member does not inflate", label)
+        return
+    if entry.name.endswith(".json") and _scan_json_member(scan, directory, entry, label):
+        return
+    if not _may_hold_code(bytes(head[:_SNIFF_BYTES]), entry.name, torchscript):
+        return
+    body = raw if entry.method == STORED else _inflate(raw, limits.MAX_SCANNED_MEMBER_BYTES)
+    if body is None:
+        scan.error(
+            f"the member inflates past {limits.MAX_SCANNED_MEMBER_BYTES:,} bytes or does "
+            "not inflate: not analysed",
+            label,
+        )
+        return
+    _check_member(scan, entry, body, label)
+    if torchscript and entry.name.endswith(".py") and "code/" in entry.name:
+        scan.findings.extend(script_code.findings(bytes(body), entry.name))
+        return
+    if bytes(body[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
+        scan_zip(scan, label, depth + 1, blob=bytes(body))
+        return
+    scan.scan_member(body, label, depth + 1, torch_archive=torch_archive, torchscript=torchscript)
 
-    def _scan_json_member(self, directory: ZipDirectory, entry: ZipEntry, label: str) -> bool:
-        """A JSON member (a ``.keras`` config, a ``.pt2`` program) for objects it embeds;
-        False when it is not JSON after all, and is judged by its content instead."""
+
+def _raw_member(
+    scan: ScanState, directory: ZipDirectory, entry: ZipEntry, label: str
+) -> memoryview | None:
+    if entry.method not in (STORED, DEFLATED):
+        scan.error(f"compression method {entry.method} is not analysed", label)
+        return None
+    base = memoryview(directory.blob) if directory.blob is not None else scan.data
+    end = entry.data_offset + entry.compressed_size
+    if end > len(base):
+        scan.error("the member runs past the end of the archive", label)
+        return None
+    return base[entry.data_offset : end]
+
+
+def _check_member(scan: ScanState, entry: ZipEntry, body: memoryview, label: str) -> None:
+    """Damage that loaders refuse (Python's zipfile checks both) makes the member an
+    error; its bytes were judged all the same, for loaders that do not check."""
+    if len(body) != entry.size:
+        scan.error(
+            f"the directory declares {entry.size:,} bytes but the member holds "
+            f"{len(body):,}: damaged, or made so loaders disagree",
+            label,
+        )
+    elif zlib.crc32(body) != entry.crc32:
+        scan.error("the member's CRC-32 does not match its bytes: damaged", label)
+
+
+def _scan_json_member(
+    scan: ScanState, directory: ZipDirectory, entry: ZipEntry, label: str
+) -> bool:
+    """A JSON member (a ``.keras`` config, a ``.pt2`` program) for objects it embeds;
+    False when it is not JSON after all, and is judged by its content instead."""
+    try:
+        document = json.loads(directory.read_member(entry, _MAX_CONFIG_BYTES))
+    except (ModelportError, ValueError, RecursionError):
+        return False
+    scan.scan_embedded(document, label)
+    return True
+
+
+def _exported_raw_payloads(scan: ScanState, directory: ZipDirectory) -> frozenset[str]:
+    """The members a ``.pt2``'s payload configs declare as raw tensor bytes. The rest of
+    ``data/weights`` and ``data/constants`` is unpickled by torch.export.load whatever its
+    name (torch/export/pt2_archive/_package.py): ``use_pickle`` payloads through
+    ``torch.load(weights_only=False)``, ``custom_obj_*`` through torch's own unpickler,
+    ``opaque_obj_*`` through ``pickle.loads``; those are judged by content."""
+    raw: set[str] = set()
+    loaded: set[str] = set()
+    for entry in directory.entries:
+        folder, _, name = entry.name.rpartition("/")
+        if not name.endswith(("_weights_config.json", "_constants_config.json")):
+            continue
         try:
             document = json.loads(directory.read_member(entry, _MAX_CONFIG_BYTES))
-        except (ModelportError, ValueError, RecursionError):
-            return False
-        self.scan_embedded(document, label)
-        return True
-
-    def _exported_raw_payloads(self, directory: ZipDirectory) -> frozenset[str]:
-        """The members a ``.pt2``'s payload configs declare as raw tensor bytes. The rest of
-        ``data/weights`` and ``data/constants`` is unpickled by torch.export.load whatever its
-        name (torch/export/pt2_archive/_package.py): ``use_pickle`` payloads through
-        ``torch.load(weights_only=False)``, ``custom_obj_*`` through torch's own unpickler,
-        ``opaque_obj_*`` through ``pickle.loads``; those are judged by content."""
-        raw: set[str] = set()
-        loaded: set[str] = set()
-        for entry in directory.entries:
-            folder, _, name = entry.name.rpartition("/")
-            if not name.endswith(("_weights_config.json", "_constants_config.json")):
+        except (ModelportError, ValueError, RecursionError) as exc:
+            scan.error(f"a payload config torch.export.load reads is unreadable: {exc}", entry.name)
+            continue
+        config = document.get("config") if isinstance(document, dict) else None
+        for payload in (config or {}).values() if isinstance(config, dict) else ():
+            path_name = payload.get("path_name") if isinstance(payload, dict) else None
+            if not isinstance(path_name, str):
                 continue
-            try:
-                document = json.loads(directory.read_member(entry, _MAX_CONFIG_BYTES))
-            except (ModelportError, ValueError, RecursionError) as exc:
-                self.error(
-                    f"a payload config torch.export.load reads is unreadable: {exc}", entry.name
-                )
-                continue
-            config = document.get("config") if isinstance(document, dict) else None
-            for payload in (config or {}).values() if isinstance(config, dict) else ():
-                path_name = payload.get("path_name") if isinstance(payload, dict) else None
-                if not isinstance(path_name, str):
-                    continue
-                member = f"{folder}/{path_name}"
-                tensor = path_name.startswith(("weight_", "tensor_"))
-                if payload.get("use_pickle") is False and tensor:
-                    raw.add(member)
-                else:
-                    loaded.add(member)
-        return frozenset(raw - loaded)
-
-    # -- tars -------------------------------------------------------------------------------
-    def scan_tar(self) -> None:
-        """torch 0.1-0.3 saves: a tar whose members hold pickles between raw storages; any
-        other tar is scanned member by member."""
-        spans, stopped = torch_legacy.tar_pickle_spans(self.path)
-        if stopped is not None and not spans:
-            self.scan_tar_members()
-            return
-        self.format = self.format if self.format != "unknown" else "torch-legacy (tar)"
-        for span in spans:
-            label = f"{self.path.name}!{span.member}"
-            try:
-                result = scan_pickle(
-                    self.data[: span.end],
-                    start=span.start,
-                    expect_persistent_ids=True,
-                    limits=self.limits(),
-                )
-            except ModelportError as exc:
-                self.error(f"pickle at byte {span.start} could not be analysed: {exc}", label)
-                continue
-            self.findings.extend(Finding.from_pickle(f, label) for f in result.findings)
-        if stopped is not None:
-            self.error(f"the tar layout could not be walked to its end: {stopped}", "")
-
-    def scan_tar_members(self) -> None:
-        """Any other tar (NeMo's ``.nemo``, a packed model folder): every regular member is
-        scanned by its content, zips in place, nothing extracted."""
-        import tarfile  # only for a tar: a scan of anything else leaves it unimported
-
-        self.format = self.format if self.format != "unknown" else "tar"
-        try:
-            with tarfile.open(self.path, "r:") as archive:
-                members = archive.getmembers()
-        except (tarfile.TarError, OSError) as exc:
-            self.error(f"the tar archive could not be read: {exc}", "")
-            return
-        if len(members) > limits.MAX_SCANNED_FILES:
-            self.error(f"more than {limits.MAX_SCANNED_FILES:,} tar members", "")
-            return
-        for info in members:
-            if not info.isfile():
-                if info.issym() or info.islnk():
-                    self.add(Severity.MEDIUM, "tar-link", info.name, f"a link to {info.linkname!r}")
-                continue
-            if ".." in Path(info.name).parts or Path(info.name).is_absolute():
-                self.add(
-                    Severity.HIGH,
-                    "tar-path-traversal",
-                    info.name,
-                    "member name escapes the archive",
-                )
-            end = info.offset_data + info.size
-            if end > len(self.data):
-                self.error("the tar member runs past the end of the file", info.name)
-                continue
-            body = self.data[info.offset_data : end]
-            label = f"{self.path.name}!{info.name}"
-            if bytes(body[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
-                self.scan_zip(label, 1, start=info.offset_data, length=info.size)
-            elif body:
-                self.scan_member(body, label, 1, torch_archive=False, torchscript=False)
+            member = f"{folder}/{path_name}"
+            tensor = path_name.startswith(("weight_", "tensor_"))
+            if payload.get("use_pickle") is False and tensor:
+                raw.add(member)
+            else:
+                loaded.add(member)
+    return frozenset(raw - loaded)
 
 
 def _is_raw_storage(entry: ZipEntry) -> bool:
@@ -333,7 +265,7 @@ def _may_hold_code(head: bytes, name: str, torchscript: bool) -> bool:
     """Whether a member calls for a full read: anything but plain data does, and so does
     a member its loader unpickles by name (``*.pkl``; ``*.pt`` through ``torch.load``)."""
     by_name = name.endswith((".pkl", TORCH_SAVED)) or (torchscript and name.endswith(".py"))
-    return by_name or content_kinds.may_hold_code(head)
+    return by_name or may_hold_code(head)
 
 
 def _inflate(raw: memoryview, cap: int, *, strict: bool = True) -> memoryview | None:
@@ -347,8 +279,3 @@ def _inflate(raw: memoryview, cap: int, *, strict: bool = True) -> memoryview | 
     if strict and (len(data) > cap or inflater.unconsumed_tail):
         return None
     return memoryview(data[:cap])
-
-
-def mapped_view(path: Path) -> memoryview:
-    with open(path, "rb") as handle:
-        return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))

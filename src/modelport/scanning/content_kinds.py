@@ -1,21 +1,15 @@
-"""What a run of bytes may be, decided by its content alone, for the scanner's readings."""
+"""Whether bytes that open like a pickle are one, decided by parsing them with the scanner's
+pickle judge (which runs nothing): the readings ``first_bytes`` cannot decide alone."""
 
 from __future__ import annotations
 
 import pickletools
-from enum import Enum
 
 from modelport.errors import LimitExceededError, ModelportError, UnparsedPickleError
-from modelport.formats import _compressed, npy, torch_legacy
-from modelport.formats._zip import EOCD_SIGNATURE, LOCAL_SIGNATURE
 from modelport.pickles.interface import Limits
 from modelport.pickles.judging import Severity, scan_pickle
+from modelport.scanning.first_bytes import PickleReading, decided_reading
 
-# Every opcode a pickle can open with that then reaches STOP: protocol 2+ (PROTO), and the
-# text and protocol-1 opcodes that begin Python 2 era and protocol 0/1 pickles.
-PICKLE_STARTS = frozenset(
-    b"(})]cPKJMNILFGSTUVXBC\x82\x83\x84\x88\x89\x8a\x8b\x8c\x8d\x8e\x8f\x95\x96"
-)
 _SNIFF_OPCODES = 100_000
 # A tag or pointer file (DeepSpeed's and Lightning's ``latest``) is a line or two; longer text
 # that reads as a cut pickle is left to the pickle reading, whose error names the damage.
@@ -26,40 +20,14 @@ _NAMING_OPCODES = frozenset(
 )
 
 
-def may_hold_code(head: bytes) -> bool:
-    """Whether bytes may hold something a loader interprets: a pickle (binary or text), a
-    zip, a tar, an ``.npy`` header (its data may be a pickle) or a compressed stream."""
-    return (
-        head.startswith((LOCAL_SIGNATURE, EOCD_SIGNATURE, npy.MAGIC))
-        or _compressed.compression_of(head[:16]) is not None
-        or torch_legacy.is_tar(head[:512])
-        or starts_like_pickle(head)
-    )
-
-
-def starts_like_pickle(head: bytes | memoryview) -> bool:
-    if not head:
-        return False
-    if head[0] == 0x80:
-        return len(head) > 1 and 0 <= head[1] <= 5
-    return head[0] in PICKLE_STARTS
-
-
-class PickleReading(Enum):
-    NONE = "none"
-    CUT = "cut"  # valid opcodes up to the end of the bytes: a cut pickle, or chance
-    WHOLE = "whole"  # parses to STOP, or names code to run before it fails
-
-
 def pickle_reading(data: memoryview) -> PickleReading:
     """Whether bytes that start like a pickle are one. A pickle that names code to run before
     it fails counts as whole: pickle.loads would have run that code by then. A cut one is
     weaker evidence (a compressed stream can open with a length opcode that runs past the
     end), so callers take it only when nothing else reads the bytes."""
-    if not starts_like_pickle(data[:2]):
-        return PickleReading.NONE
-    if data[0] == 0x80:
-        return PickleReading.WHOLE
+    decided = decided_reading(data)
+    if decided is not None:
+        return decided
     try:
         scan_pickle(data, limits=Limits(max_opcodes=_SNIFF_OPCODES))
     except UnparsedPickleError as exc:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from modelport import limits
-from modelport.scanning import content_kinds
+from modelport.scanning.first_bytes import may_hold_code
 
 _MIN_CHARS = 64  # shorter base64 holds nothing that could carry code
 _BASE64 = re.compile(r"[A-Za-z0-9+/\r\n]+={0,2}")
@@ -36,5 +36,5 @@ def blobs_in(document: Any) -> Iterator[tuple[str, bytes]]:
                 raw = base64.b64decode(value, validate=False)
             except (binascii.Error, ValueError):
                 continue
-            if content_kinds.may_hold_code(raw[: 1 << 12]):
+            if may_hold_code(raw[: 1 << 12]):
                 yield where, raw

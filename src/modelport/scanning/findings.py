@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from modelport.pickles.judging import PickleFinding, Severity
+from modelport.pickles.symbols import PickleFinding, Severity
 
 _ORDER = ("safe", "suspicious", "error", "unsafe")
 

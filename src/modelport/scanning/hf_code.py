@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from modelport import limits
-from modelport.pickles.judging import Severity
+from modelport.pickles.symbols import Severity
 from modelport.scanning.findings import Finding
 
 RULE = "remote-code"
 
 
-@dataclass(frozen=True)
-class CodeLoader:
-    """One way a loader turns a model folder's files into imported code."""
+class CodeLoader(NamedTuple):
+    """One way a loader turns a model folder's files into imported code (a named tuple: a
+    constant row, which as a dataclass would cost every scan's start-up its generated
+    methods)."""
 
     key: str  # the key or file, as messages name it
     reads: str  # the file and key it reads

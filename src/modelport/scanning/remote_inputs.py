@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import Final
 
 from modelport.errors import MissingDependencyError, ModelportError
-from modelport.formats import _compressed, remote_ranges, torch_legacy
+from modelport.formats import _compressed, remote_ranges
+from modelport.formats._tar import is_tar
 from modelport.formats._zip import EOCD_SIGNATURE, LOCAL_SIGNATURE
 from modelport.formats.protocol import FormatReader, Probe
 from modelport.pickles.symbols import Severity
 from modelport.scanning import content_kinds
-from modelport.scanning.content_kinds import PickleReading
 from modelport.scanning.findings import FileReport, Finding
+from modelport.scanning.first_bytes import PickleReading
 from modelport.transfer import remote
 from modelport.transfer.remote import SparseCopy
 from modelport.tree.names import tensors_of
@@ -73,7 +74,7 @@ def _scanner_stays_inside(copy: SparseCopy) -> bool:
     (``scanner.scan_readings``), and so read as they would on the object."""
     size = copy.remote.size
     prefix = copy.read(0, copy.prefix())
-    if torch_legacy.is_tar(prefix[:512]) or _compressed.compression_of(prefix[:16]) is not None:
+    if is_tar(prefix[:512]) or _compressed.compression_of(prefix[:16]) is not None:
         return False
     tail = copy.read(max(0, size - _ZIP_TAIL), size)
     if not prefix.startswith(LOCAL_SIGNATURE) and EOCD_SIGNATURE in tail:

@@ -1,25 +1,26 @@
 """What one file's scan holds while it runs, and the moves every part of it makes: record
-a finding, record what could not be analysed, bound a pickle's time. The parts (archives,
-pickle streams, the readings in ``scanner``) are mixins over this state; each calls the
-others only through the stubs below, which ``scanner._FileScanner`` implements."""
+a finding, record what could not be analysed. The parts (``archives``, ``tars``, pickle
+``streams``, the readings in ``scanner``) are functions over this state, imported only when
+a file's bytes call for them; each reaches the others only through the stubs below, which
+``scanner._FileScanner`` implements by importing the part that does the work."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-from modelport.pickles.interface import Limits
 from modelport.pickles.symbols import Severity
 from modelport.scanning.findings import Finding
 
-MAX_OPCODES_PER_PICKLE = 20_000_000
+# Members a loader hands to torch.load: the sample inputs, weights and constants of a .pt2.
+TORCH_SAVED = ".pt"
 
 
 class ScanState:
     path: Path
     data: memoryview
     format: str
+    in_folder: bool  # met in a folder scan, beside the model it may belong to
     deadline: float
     findings: list[Finding]
     zip_starts: set[int]
@@ -30,12 +31,6 @@ class ScanState:
 
     def add(self, severity: Severity, rule: str, member: str, message: str) -> None:
         self.findings.append(Finding(severity, rule, member, message))
-
-    def limits(self) -> Limits:
-        return Limits(
-            max_opcodes=MAX_OPCODES_PER_PICKLE,
-            max_seconds=max(1.0, self.deadline - time.monotonic()),
-        )
 
     # -- implemented by the scanner: one part reaching another ------------------------------
     def scan_zip(
@@ -55,6 +50,18 @@ class ScanState:
         raise NotImplementedError
 
     def scan_plain_member(self, data: memoryview, member: str, depth: int) -> bool:
+        raise NotImplementedError
+
+    def scan_pickle_stream(
+        self,
+        data: memoryview,
+        member: str,
+        depth: int,
+        *,
+        torch_archive: bool = False,
+        torchscript: bool = False,
+        explained: bool = False,
+    ) -> None:
         raise NotImplementedError
 
     def scan_with_reader(self, *, zip_only: bool = False) -> str | None:

@@ -17,11 +17,13 @@ Verdicts: ``safe`` (info findings at most, and something was analysed), ``suspic
 
 from __future__ import annotations
 
+import importlib
 import json
+import mmap
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Final
 
 from modelport import limits
 from modelport.errors import (
@@ -29,7 +31,8 @@ from modelport.errors import (
     ModelportError,
     UnsupportedDtypeError,
 )
-from modelport.formats import _compressed, dcp, npy, tf_bundle, torch_legacy
+from modelport.formats import _compressed, _npy_header
+from modelport.formats._tar import is_tar
 from modelport.formats._zip import (
     EOCD_SIGNATURE,
     LOCAL_SIGNATURE,
@@ -39,13 +42,14 @@ from modelport.formats._zip import (
 )
 from modelport.formats.protocol import Contents, Format, Probe, refuse_special_file
 from modelport.formats.registry import candidates
-from modelport.pickles.judging import Severity
-from modelport.scanning import content_checks, content_kinds, embedded, remote_inputs, walking
-from modelport.scanning.archives import TORCH_SAVED, ArchiveScanning, mapped_view
-from modelport.scanning.content_kinds import PickleReading
-from modelport.scanning.findings import FileReport, Finding, ScanReport, worst
-from modelport.scanning.streams import StreamScanning
-from modelport.transfer import remote
+from modelport.pickles.symbols import Severity
+from modelport.scanning import content_checks, embedded
+from modelport.scanning.findings import FileReport, ScanReport, worst
+from modelport.scanning.first_bytes import PickleReading, decided_reading
+from modelport.scanning.scan_state import TORCH_SAVED, ScanState
+
+if TYPE_CHECKING:
+    from modelport.formats._compressed import Compression
 
 # Formats whose readers check a file that holds no pickle; the scanner reads the others.
 _CODE_FREE = frozenset(
@@ -64,49 +68,50 @@ _CODE_FREE = frozenset(
     )
 )
 
+# The parts of a scan that only some files call for, each imported the first time a file's
+# bytes (or a path) need it, as ``formats.registry`` imports readers: a safetensors file
+# needs none of them, a torch zip the archive, stream and pickle parts.
+_PARTS: Final = {
+    "archives": "modelport.scanning.archives",  # zips: a file, a member, a nested blob
+    "tars": "modelport.scanning.tars",  # tars: torch 0.1-0.3 layouts, any other tar
+    "streams": "modelport.scanning.streams",  # pickle streams, every pickle of one
+    "pickle_kinds": "modelport.scanning.content_kinds",  # whether bytes opening so are one
+    "urls": "modelport.transfer.remote",  # whether a path names an object behind a URL
+    "remote": "modelport.scanning.remote_inputs",  # the scan of an object behind a URL
+    "folders": "modelport.scanning.folders",  # a folder's files, links and data files
+    "other_files": "modelport.scanning.other_files",  # files with no model reading
+}
+# Every URL ``transfer.remote.is_url`` takes has this; a local path rarely does.
+_URL_MARK: Final = "://"
+
+
+def _part(name: str) -> ModuleType:
+    return importlib.import_module(_PARTS[name])
+
 
 def scan(*paths: str | Path) -> ScanReport:
     """Scan files and directories (recursively); never executes anything from them."""
     reports: list[FileReport] = []
     for raw in paths:
-        if remote.is_url(raw):
-            reports.append(remote_inputs.scan_url(str(raw), scan_file))
+        if _is_url(raw):
+            fetched: FileReport = _part("remote").scan_url(str(raw), scan_file)
+            reports.append(fetched)
             continue
         path = Path(raw)
         if not path.is_dir():
             reports.append(scan_file(path))
             continue
-        walk = walking.walk(path)
-        segments = dcp.segments_of(list(walk.files))
-        for file in walk.files:
-            report = scan_file(file, segments.get(file.resolve()), in_folder=True)
-            if file in walk.outside:
-                report = report.noted(
-                    Finding(
-                        Severity.INFO,
-                        "link-outside",
-                        "",
-                        f"a symbolic link to {walk.outside[file]}, outside {path}: a loader "
-                        "reads that file, so it was judged there",
-                    )
-                )
-            reports.append(report)
-        reports.extend(
-            _error_report(link, "link", "a symbolic link that leads nowhere")
-            for link in walk.dangling
-        )
-        if walk.truncated:
-            reports.append(
-                _error_report(
-                    path,
-                    "dir",
-                    f"more than {limits.MAX_SCANNED_FILES} files; the rest were not scanned",
-                )
-            )
-        reports = _data_files_as_data(reports)
-        if not walk.files and not walk.dangling:
-            reports.append(_error_report(path, "dir", "the folder holds no file: nothing to judge"))
+        reports = _part("folders").scan_folder(path, scan_file, reports)
     return ScanReport(worst([r.verdict for r in reports]), tuple(reports))
+
+
+def _is_url(raw: str | Path) -> bool:
+    """Whether ``raw`` names an object behind a URL; only a string that could be one imports
+    the module that decides."""
+    if not isinstance(raw, str) or _URL_MARK not in raw:
+        return False
+    decided: bool = _part("urls").is_url(raw)
+    return decided
 
 
 def scan_file(
@@ -132,45 +137,29 @@ def scan_file(
     return scanner.report()
 
 
-def _data_files_as_data(reports: list[FileReport]) -> list[FileReport]:
-    """A file no reader recognises is an error, unless a model beside it names it as its raw
-    tensor data: its loader copies those bytes into tensors and interprets nothing."""
-    owners = {
-        (Path(report.path).parent / name).resolve(): Path(report.path).name
-        for report in reports
-        for name in report.data_files
-    }
-    judged = []
-    for report in reports:
-        owner = owners.get(Path(report.path).resolve())
-        if owner is not None and report.format == "unknown":
-            finding = Finding(
-                Severity.INFO, "tensor-data", "", f"raw tensor data that {owner} reads"
-            )
-            report = FileReport(report.path, "tensor-data", "safe", (finding,))
-        judged.append(report)
-    return judged
+class _FileScanner(ScanState):
+    """One file's scan: its state, its readings, and the parts it reaches as its bytes call
+    for them."""
 
-
-def _error_report(path: Path, kind: str, message: str) -> FileReport:
-    finding = Finding(Severity.HIGH, "not-analysed", "", message)
-    return FileReport(str(path), kind, "error", (finding,))
-
-
-@dataclass
-class _FileScanner(ArchiveScanning, StreamScanning):
-    path: Path
-    segments: list[tuple[int, int]] | None = None
-    in_folder: bool = False
-    read: Contents | None = None
-    format: str = "unknown"
-    findings: list[Finding] = field(default_factory=list)
-    data: memoryview = field(default_factory=lambda: memoryview(b""))
-    zip_starts: set[int] = field(default_factory=set)
-    embedded_seen: set[int] = field(default_factory=set)
-    deadline: float = field(default_factory=lambda: time.monotonic() + limits.SCAN_SECONDS_PER_FILE)
-
-    data_files: tuple[str, ...] = ()
+    def __init__(
+        self,
+        path: Path,
+        segments: list[tuple[int, int]] | None = None,
+        *,
+        in_folder: bool = False,
+        read: Contents | None = None,
+    ) -> None:
+        self.path = path
+        self.segments = segments
+        self.in_folder = in_folder
+        self.read = read
+        self.format = "unknown"
+        self.findings = []
+        self.data = memoryview(b"")
+        self.zip_starts = set()
+        self.embedded_seen = set()
+        self.deadline = time.monotonic() + limits.SCAN_SECONDS_PER_FILE
+        self.data_files: tuple[str, ...] = ()
 
     def report(self) -> FileReport:
         verdicts = []
@@ -193,7 +182,7 @@ class _FileScanner(ArchiveScanning, StreamScanning):
             return
         # Views into the map may outlive this call inside findings' arguments; the map is
         # unmapped when the last of them is collected.
-        self.data = mapped_view(self.path)
+        self.data = _mapped_view(self.path)
         if self.segments is not None:
             self.format = "dcp-data"
             for offset, length in self.segments:
@@ -209,7 +198,7 @@ class _FileScanner(ArchiveScanning, StreamScanning):
                 "readings see different content (each reading is scanned)",
             )
         if not readings:
-            self.scan_unrecognised()
+            _part("other_files").scan_unrecognised(self)
 
     def scan_readings(self) -> list[str]:
         data = self.data
@@ -221,12 +210,12 @@ class _FileScanner(ArchiveScanning, StreamScanning):
             self.scan_zip("", 0)
         else:
             zip_behind = has_zip_tail(data)
-        if torch_legacy.is_tar(head[:512]):
+        if is_tar(head[:512]):
             readings.append("tar")
-        reading = content_kinds.pickle_reading(data)
+        reading = self.pickle_reading(data)
         if reading is PickleReading.WHOLE:
             readings.append("pickle")
-        if head.startswith(npy.MAGIC):
+        if head.startswith(_npy_header.MAGIC):
             readings.append("npy")
             self.format = "npy"
             self.scan_npy(data, "", 0)
@@ -242,8 +231,8 @@ class _FileScanner(ArchiveScanning, StreamScanning):
         if (
             reading is PickleReading.CUT
             and not readings
-            and not self.is_tensor_shard()
-            and not content_kinds.is_text_not_pickle(data)
+            and not _part("other_files").is_tensor_shard(self)
+            and not self.is_text_not_pickle(data)
         ):
             readings.append("pickle")
         if "pickle" in readings:
@@ -251,7 +240,7 @@ class _FileScanner(ArchiveScanning, StreamScanning):
             explained = len(readings) > 1 or zip_behind
             self.scan_pickle_stream(data, "", 0, explained=explained)
         if "tar" in readings:
-            self.scan_tar()
+            _part("tars").scan_tar(self)
         if zip_behind and self._scan_zip_behind():
             readings.append("zip (behind other bytes)")
         return readings
@@ -275,46 +264,6 @@ class _FileScanner(ArchiveScanning, StreamScanning):
         serious = any(f.severity is not Severity.INFO for f in self.findings)
         return Severity.MEDIUM if serious else Severity.INFO
 
-    def is_tensor_shard(self) -> bool:
-        """A TensorFlow data shard its ``.index`` names: raw tensor bytes, noted as such (its
-        first bytes may open like a cut pickle, which no loader of it reads)."""
-        owner = tf_bundle.shard_owner(self.path)
-        if owner is not None and self.format != "tensor-data":
-            self.format = "tensor-data"
-            self.add(Severity.INFO, "tensor-data", "", f"raw tensor data that {owner.name} reads")
-        return owner is not None
-
-    def scan_unrecognised(self) -> None:
-        """No model reading: a file a loader reads for what it makes it do (a config, a chat
-        template), a model's companion in a folder, or else not a model at all (an error
-        that says what it is, never ``safe``)."""
-        head = bytes(self.data[:_SNIFF])
-        if head.startswith(_LFS_POINTER):
-            self.format = "git-lfs-pointer"
-            self.error("a Git LFS pointer, not the file it names: run `git lfs pull`", "")
-            return
-        if head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
-            self.format = "html"
-            self.error("an HTML page, not a model (a download that returned a web page?)", "")
-            return
-        if self.is_tensor_shard():
-            return
-        suffix = self.path.suffix.lower()
-        if content_checks.is_text(self.path):
-            self.format = "text"
-            found = content_checks.text_findings(self.path)
-            self.findings.extend(found)
-            serious = any(f.severity is not Severity.INFO for f in found)
-            if serious or self.in_folder or suffix in _LOADER_TEXT:
-                return
-            self.error("a text file that is not a model and that no model loader reads", "")
-            return
-        if self.in_folder and (suffix in _TOKENIZER_DATA or self.path.name in _TOKENIZER_NAMES):
-            self.format = "tokenizer-data"
-            self.add(Severity.INFO, "tokenizer-data", "", "tokenizer data: read as data, no code")
-            return
-        self.error("unrecognised binary content: could not be analysed", "")
-
     # -- bytes inside a container -------------------------------------------------------------
     def scan_member(
         self, data: memoryview, member: str, depth: int, *, torch_archive: bool, torchscript: bool
@@ -324,7 +273,7 @@ class _FileScanner(ArchiveScanning, StreamScanning):
             self.error(f"containers nested deeper than {limits.MAX_CONTAINER_NESTING}", member)
             return True
         head = bytes(data[:_SNIFF])
-        if head.startswith(npy.MAGIC):
+        if head.startswith(_npy_header.MAGIC):
             self.scan_npy(data, member, depth)
             return True
         kind = _compressed.compression_of(head[:16])
@@ -333,14 +282,14 @@ class _FileScanner(ArchiveScanning, StreamScanning):
             return True
         # A cut pickle that named no code runs nothing: as a member it is data (tensor bytes
         # can open like a length opcode); one its loader unpickles by name is read below.
-        if content_kinds.pickle_reading(data) is PickleReading.WHOLE or member.endswith(
+        if self.pickle_reading(data) is PickleReading.WHOLE or member.endswith(
             (".pkl", TORCH_SAVED)
         ):
             self.scan_pickle_stream(
                 data, member, depth, torch_archive=torch_archive, torchscript=torchscript
             )
             return True
-        if torch_legacy.is_tar(head[:512]):
+        if is_tar(head[:512]):
             self.error("a tar inside a member is not analysed", member)
             return True
         if member.endswith((".pkl", TORCH_SAVED)):
@@ -351,9 +300,51 @@ class _FileScanner(ArchiveScanning, StreamScanning):
     def scan_plain_member(self, data: memoryview, member: str, depth: int) -> bool:
         return self.scan_member(data, member, depth, torch_archive=False, torchscript=False)
 
-    def scan_compressed(
-        self, data: memoryview, kind: _compressed.Compression, member: str, depth: int
+    # -- the parts a file's bytes call for, imported on first use ------------------------------
+    def scan_zip(
+        self,
+        member: str,
+        depth: int,
+        *,
+        start: int = 0,
+        length: int | None = None,
+        blob: bytes | None = None,
     ) -> None:
+        _part("archives").scan_zip(self, member, depth, start=start, length=length, blob=blob)
+
+    def scan_pickle_stream(
+        self,
+        data: memoryview,
+        member: str,
+        depth: int,
+        *,
+        torch_archive: bool = False,
+        torchscript: bool = False,
+        explained: bool = False,
+    ) -> None:
+        _part("streams").scan_pickle_stream(
+            self,
+            data,
+            member,
+            depth,
+            torch_archive=torch_archive,
+            torchscript=torchscript,
+            explained=explained,
+        )
+
+    def pickle_reading(self, data: memoryview) -> PickleReading:
+        """Whether the bytes are a pickle; a parse only where their first bytes leave it open."""
+        decided = decided_reading(data)
+        if decided is not None:
+            return decided
+        parsed: PickleReading = _part("pickle_kinds").pickle_reading(data)
+        return parsed
+
+    def is_text_not_pickle(self, data: memoryview) -> bool:
+        text: bool = _part("pickle_kinds").is_text_not_pickle(data)
+        return text
+
+    def scan_compressed(self, data: memoryview, kind: Compression, member: str, depth: int) -> None:
         inflated = memoryview(
             _compressed.inflate(
                 data,
@@ -368,7 +359,7 @@ class _FileScanner(ArchiveScanning, StreamScanning):
         elif not self.scan_member(
             inflated, label, depth + 1, torch_archive=False, torchscript=False
         ):
-            what = "a tar archive" if torch_legacy.is_tar(inflated[:512]) else "no pickle"
+            what = "a tar archive" if is_tar(inflated[:512]) else "no pickle"
             self.error(
                 f"the compressed stream holds {what}, which modelport does not analyse "
                 "there; decompress it and scan the result",
@@ -378,12 +369,16 @@ class _FileScanner(ArchiveScanning, StreamScanning):
     def scan_npy(self, data: memoryview, member: str, depth: int) -> None:
         """numpy evaluates ``descr`` with ``ast.literal_eval`` and builds the dtype from it;
         the same evaluation decides whether the data after the header is a pickle."""
-        prefix = bytes(data[: npy.MAX_PREFIX])
+        prefix = bytes(data[: _npy_header.MAX_PREFIX])
         size = len(data)
-        offset = npy.object_data_offset(prefix, path=self.path, where=member, available=size)
+        offset = _npy_header.object_data_offset(
+            prefix, path=self.path, where=member, available=size
+        )
         if offset is None:
             try:
-                header = npy.parse_header(prefix, path=self.path, where=member, available=size)
+                header = _npy_header.parse_header(
+                    prefix, path=self.path, where=member, available=size
+                )
             except UnsupportedDtypeError:
                 self.add(Severity.INFO, "plain-array", member, "a numpy array of a rarer dtype")
                 return
@@ -461,6 +456,11 @@ class _FileScanner(ArchiveScanning, StreamScanning):
 _SNIFF = 1 << 16
 
 
+def _mapped_view(path: Path) -> memoryview:
+    with open(path, "rb") as handle:
+        return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+
+
 def _configs_of(contents: Contents) -> list[Any]:
     """The model configurations a reader found (a Keras ``model_config``, parsed or as the
     JSON text an HDF5 attribute holds)."""
@@ -474,12 +474,3 @@ def _configs_of(contents: Contents) -> list[Any]:
         if isinstance(source, (dict, list)):
             found.append(source)
     return found
-
-
-_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
-# Text a model loader reads for what it makes it do: configs name code, templates render.
-_LOADER_TEXT = frozenset((".json", ".jinja", ".jinja2", ".yaml", ".yml"))
-# Binary files a model folder carries beside its weights, which tokenizer libraries parse
-# as data (sentencepiece protobufs, tiktoken ranks).
-_TOKENIZER_DATA = frozenset((".model", ".spm", ".tiktoken", ".bpe"))
-_TOKENIZER_NAMES = frozenset(("tokenizer.model", "spiece.model", "sentencepiece.bpe.model"))

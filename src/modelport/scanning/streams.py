@@ -5,109 +5,118 @@ reported unless another reading of the file explains them."""
 
 from __future__ import annotations
 
+import time
+
 from modelport import limits
 from modelport.errors import ModelportError, UnparsedPickleError
-from modelport.formats import torch_legacy
+from modelport.formats._torch_magic import is_magic_number
 from modelport.formats._zip import EOCD_SIGNATURE, LOCAL_SIGNATURE
+from modelport.pickles.interface import Limits
 from modelport.pickles.judging import scan_pickle
 from modelport.pickles.symbols import Severity
 from modelport.scanning import content_kinds
-from modelport.scanning.content_kinds import PickleReading
 from modelport.scanning.findings import Finding
+from modelport.scanning.first_bytes import PickleReading
 from modelport.scanning.scan_state import ScanState
 
 _LEGACY_PICKLES = 5  # magic number, protocol, sys_info, objects, storage keys
+MAX_OPCODES_PER_PICKLE = 20_000_000
 
 
-class StreamScanning(ScanState):
-    def scan_pickle_stream(
-        self,
-        data: memoryview,
-        member: str,
-        depth: int,
-        *,
-        torch_archive: bool = False,
-        torchscript: bool = False,
-        explained: bool = False,
-    ) -> None:
-        """Every pickle of the stream, not only the first a loader reads (legacy torch reads
-        five; a loader may read on); bytes after the last STOP are reported unless another
-        reading of the file explains them."""
-        start, legacy = 0, False
-        for index in range(limits.MAX_PICKLES_PER_STREAM):
-            end = self._scan_one_pickle(
-                data, start, member, depth, torch_archive or (legacy and index == 3), torchscript
-            )
-            if end is None:
-                return
-            if index == 0 and torch_legacy.is_magic_number(data[:end]):
-                legacy = True
-                self.format = "torch-legacy" if depth == 0 else self.format
-            start = end
-            if legacy and index + 1 == _LEGACY_PICKLES:
-                return  # then raw storage bytes, which torch copies and never parses
-            if start >= len(data):
-                if legacy:
-                    self.error(
-                        f"the legacy torch stream ends after {index + 1} of its "
-                        f"{_LEGACY_PICKLES} pickles (truncated?)",
-                        member,
-                    )
-                return
-            if content_kinds.pickle_reading(data[start:]) is not PickleReading.WHOLE and not legacy:
-                if not explained:
-                    self.add(
-                        Severity.MEDIUM,
-                        "trailing-data",
-                        member,
-                        f"{len(data) - start:,} bytes after the pickle's STOP at byte {start}: "
-                        "pickle.load ignores them, a loader that reads on does not",
-                    )
-                return
-        self.error(f"more than {limits.MAX_PICKLES_PER_STREAM} pickles in one stream", member)
+def pickle_limits(scan: ScanState) -> Limits:
+    """One pickle's bounds: its opcodes, and the time the file's scan has left."""
+    return Limits(
+        max_opcodes=MAX_OPCODES_PER_PICKLE,
+        max_seconds=max(1.0, scan.deadline - time.monotonic()),
+    )
 
-    def _scan_one_pickle(
-        self,
-        data: memoryview,
-        start: int,
-        member: str,
-        depth: int,
-        expect_pids: bool,
-        torchscript: bool,
-    ) -> int | None:
-        try:
-            result = scan_pickle(
-                data,
-                start=start,
-                torchscript=torchscript,
-                expect_persistent_ids=expect_pids,
-                limits=self.limits(),
-            )
-        except ModelportError as exc:
-            if isinstance(exc, UnparsedPickleError):  # what it did before it failed
-                self.findings.extend(Finding.from_pickle(f, member) for f in exc.findings)
-            self.error(f"pickle at byte {start} could not be analysed: {exc}", member)
-            return None
-        self.findings.extend(Finding.from_pickle(f, member) for f in result.findings)
-        for nested in result.nested:
-            payload = nested.payload
-            blob = (
-                memoryview(payload)
-                if isinstance(payload, bytes)
-                else data[payload.offset : payload.offset + payload.length]
-            )
-            self.add(
-                Severity.INFO,
-                "nested-torch-storage",
-                member,
-                f"a torch storage pickled inside the pickle at byte {nested.offset}; "
-                "scanned as well",
-            )
-            label = f"{member}@{nested.offset}"
-            if bytes(blob[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
-                self.scan_zip(label, depth + 1, blob=bytes(blob))
-            elif not self.scan_member(
-                blob, label, depth + 1, torch_archive=False, torchscript=False
-            ):
-                self.add(Severity.INFO, "opaque-member", label, "holds no pickle")
-        return result.end
+
+def scan_pickle_stream(
+    scan: ScanState,
+    data: memoryview,
+    member: str,
+    depth: int,
+    *,
+    torch_archive: bool = False,
+    torchscript: bool = False,
+    explained: bool = False,
+) -> None:
+    """Every pickle of the stream, not only the first a loader reads (legacy torch reads
+    five; a loader may read on); bytes after the last STOP are reported unless another
+    reading of the file explains them."""
+    start, legacy = 0, False
+    for index in range(limits.MAX_PICKLES_PER_STREAM):
+        end = _scan_one_pickle(
+            scan, data, start, member, depth, torch_archive or (legacy and index == 3), torchscript
+        )
+        if end is None:
+            return
+        if index == 0 and is_magic_number(data[:end]):
+            legacy = True
+            scan.format = "torch-legacy" if depth == 0 else scan.format
+        start = end
+        if legacy and index + 1 == _LEGACY_PICKLES:
+            return  # then raw storage bytes, which torch copies and never parses
+        if start >= len(data):
+            if legacy:
+                scan.error(
+                    f"the legacy torch stream ends after {index + 1} of its "
+                    f"{_LEGACY_PICKLES} pickles (truncated?)",
+                    member,
+                )
+            return
+        if content_kinds.pickle_reading(data[start:]) is not PickleReading.WHOLE and not legacy:
+            if not explained:
+                scan.add(
+                    Severity.MEDIUM,
+                    "trailing-data",
+                    member,
+                    f"{len(data) - start:,} bytes after the pickle's STOP at byte {start}: "
+                    "pickle.load ignores them, a loader that reads on does not",
+                )
+            return
+    scan.error(f"more than {limits.MAX_PICKLES_PER_STREAM} pickles in one stream", member)
+
+
+def _scan_one_pickle(
+    scan: ScanState,
+    data: memoryview,
+    start: int,
+    member: str,
+    depth: int,
+    expect_pids: bool,
+    torchscript: bool,
+) -> int | None:
+    try:
+        result = scan_pickle(
+            data,
+            start=start,
+            torchscript=torchscript,
+            expect_persistent_ids=expect_pids,
+            limits=pickle_limits(scan),
+        )
+    except ModelportError as exc:
+        if isinstance(exc, UnparsedPickleError):  # what it did before it failed
+            scan.findings.extend(Finding.from_pickle(f, member) for f in exc.findings)
+        scan.error(f"pickle at byte {start} could not be analysed: {exc}", member)
+        return None
+    scan.findings.extend(Finding.from_pickle(f, member) for f in result.findings)
+    for nested in result.nested:
+        payload = nested.payload
+        blob = (
+            memoryview(payload)
+            if isinstance(payload, bytes)
+            else data[payload.offset : payload.offset + payload.length]
+        )
+        scan.add(
+            Severity.INFO,
+            "nested-torch-storage",
+            member,
+            f"a torch storage pickled inside the pickle at byte {nested.offset}; scanned as well",
+        )
+        label = f"{member}@{nested.offset}"
+        if bytes(blob[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
+            scan.scan_zip(label, depth + 1, blob=bytes(blob))
+        elif not scan.scan_member(blob, label, depth + 1, torch_archive=False, torchscript=False):
+            scan.add(Severity.INFO, "opaque-member", label, "holds no pickle")
+    return result.end

@@ -16,7 +16,6 @@ import itertools
 import operator
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -43,20 +42,26 @@ _UNARY: dict[str, Callable[[Any], Any]] = {
 }
 
 
-@dataclass(frozen=True)
 class Items:
-    """A loop variable: an item of what the loop walks (``unpacked``: part of one)."""
+    """A loop variable: an item of what the loop walks (``unpacked``: part of one). Plain
+    records, never compared: a dataclass would cost every scan's start-up its generated
+    methods."""
 
-    iterable: nodes.Node
-    unpacked: bool = False
+    __slots__ = ("iterable", "unpacked")
+
+    def __init__(self, iterable: nodes.Node, unpacked: bool = False) -> None:
+        self.iterable = iterable
+        self.unpacked = unpacked
 
 
-@dataclass(frozen=True)
 class Body:
     """The text a ``{% set %}`` block or a macro renders."""
 
-    body: list[nodes.Node]
-    filtered: bool = False
+    __slots__ = ("body", "filtered")
+
+    def __init__(self, body: list[nodes.Node], filtered: bool = False) -> None:
+        self.body = body
+        self.filtered = filtered
 
 
 class TemplateValues:

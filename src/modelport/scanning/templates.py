@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, ClassVar
 
 from modelport.errors import MissingDependencyError
-from modelport.pickles.judging import Severity
+from modelport.pickles.symbols import Severity
 from modelport.scanning.findings import Finding
 from modelport.scanning.template_values import Items, TemplateValues
 
