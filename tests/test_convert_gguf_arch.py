@@ -19,6 +19,7 @@ import torch
 
 import modelport
 from modelport.conversion.gguf_arch import llama3_rope_factors, permuted_heads, transposed
+from modelport.conversion.gguf_vocab import CHECK_TEXT
 from modelport.errors import ConversionError
 from modelport.formats.gguf.writer import write_gguf
 from modelport.tensors import Storage, TensorRef, byte_array
@@ -116,10 +117,10 @@ def test_permuted_heads_of_a_transposed_view() -> None:
 
 
 # -- whole folders ------------------------------------------------------------------------------
-def _tokenizer_json(folder: Path, size: int) -> None:
+def _tokenizer_json(folder: Path, size: int, normalized: bool = False) -> None:
     """A byte-level BPE tokenizer of ``size - 1`` tokens and one special token, saved by the
-    tokenizers library."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    tokenizers library; ``normalized``: with an NFC normalizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
     letters = [chr(c) for c in range(ord("!"), ord("!") + size - 4)]
     vocab = {token: i for i, token in enumerate(letters)}
@@ -129,6 +130,8 @@ def _tokenizer_json(folder: Path, size: int) -> None:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.add_special_tokens(["<|end|>"])
+    if normalized:
+        tokenizer.normalizer = normalizers.NFC()
     tokenizer.save(str(folder / "tokenizer.json"))
 
 
@@ -258,7 +261,9 @@ def _llama_weights() -> dict[str, torch.Tensor]:
     return {name: torch.randn(shape) for name, shape in shapes.items()}
 
 
-def _hand_llama(tmp_path: Path, gguf_type: str) -> tuple[Path, dict[str, torch.Tensor], Any]:
+def _hand_llama(
+    tmp_path: Path, gguf_type: str, normalized: bool = False
+) -> tuple[Path, dict[str, torch.Tensor], Any]:
     """A Llama folder whose config.json is written here and weights by safetensors (fast:
     no transformers), converted."""
     from safetensors.torch import save_file
@@ -268,7 +273,7 @@ def _hand_llama(tmp_path: Path, gguf_type: str) -> tuple[Path, dict[str, torch.T
     (folder / "config.json").write_text(json.dumps(LLAMA_CONFIG))
     weights = _llama_weights()
     save_file(weights, str(folder / "model.safetensors"))
-    _tokenizer_json(folder, 128)
+    _tokenizer_json(folder, 128, normalized)
     out = tmp_path / "m.gguf"
     report = modelport.convert(folder, out, modelport.ConvertOptions(gguf_type=gguf_type))
     return out, weights, report
@@ -296,7 +301,7 @@ def test_llama_metadata_names_and_vocabulary(tmp_path: Path) -> None:
     assert fields["llama.rope.freq_base"] == 500000.0
     assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
     assert fields["tokenizer.ggml.model"] == "gpt2"
-    assert fields["tokenizer.ggml.pre"] == "default"  # a tiny vocabulary: no known hash
+    assert fields["tokenizer.ggml.pre"] == "gpt-2"  # no known hash, but GPT-2's split
     tokens = fields["tokenizer.ggml.tokens"]
     assert len(tokens) == 128 and tokens[:2] == ["!", '"'] and tokens[124] == '!"'
     assert tokens[126] == "<|end|>" and tokens[127] == "[PAD127]"
@@ -330,6 +335,52 @@ def test_llama_q_and_k_rows_are_permuted(tmp_path: Path, gguf_type: str) -> None
     )
     assert np.array_equal(stored["blk.1.attn_v.weight"], state[f"{layer}.v_proj.weight"])
     assert stored["blk.1.ffn_norm.weight"].dtype == np.float32
+
+
+# llama.cpp's "gpt-2" pre-tokenizer (llama-vocab.cpp); text it leaves unmatched is a piece
+LLAMA_CPP_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+
+
+@pytest.mark.parametrize("text", ["Hi !! $333333, 3333.", "a  b\tc \n\n d's", CHECK_TEXT])
+def test_byte_level_splits_as_llama_cpp_s_gpt2(text: str) -> None:
+    """What lets modelport name a tokenizer ``gpt-2`` without knowing its hash."""
+    import regex
+    from tokenizers import pre_tokenizers
+
+    expected, end = [], 0
+    for match in regex.finditer(LLAMA_CPP_GPT2_SPLIT, text):
+        expected += [text[end : match.start()]] if match.start() > end else []
+        expected.append(match.group())
+        end = match.end()
+    expected += [text[end:]] if end < len(text) else []
+    split = pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(text)
+    assert [text[start:stop] for _, (start, stop) in split] == expected
+
+
+def test_unknown_tokenizer_that_does_not_split_as_gpt2_is_default(tmp_path: Path) -> None:
+    path, _, report = _hand_llama(tmp_path, "f16", normalized=True)
+    assert _fields(path)["tokenizer.ggml.pre"] == "default"
+    assert any("may split text" in note for note in report.notes)
+
+
+def test_gpt2_context_length_is_the_position_rows(tmp_path: Path) -> None:
+    """llama.cpp reads position_embd as (embedding, context_length): n_positions, not n_ctx."""
+    from safetensors.torch import save_file
+
+    folder, w = tmp_path / "gpt2", 32
+    folder.mkdir()
+    config = {"architectures": ["GPT2LMHeadModel"], "vocab_size": 64, "n_embd": w, "n_layer": 1}
+    config |= {"n_head": 2, "n_ctx": 16, "n_positions": 48}
+    (folder / "config.json").write_text(json.dumps(config))
+    shapes = {"wte": (64, w), "wpe": (48, w), "ln_f": (w,), "h.0.ln_1": (w,), "h.0.ln_2": (w,)}
+    shapes |= {"h.0.attn.c_attn": (w, 3 * w), "h.0.attn.c_proj": (w, w), "h.0.mlp.c_fc": (w, 4 * w)}
+    shapes |= {"h.0.mlp.c_proj": (4 * w, w)}
+    weights = {f"transformer.{name}.weight": torch.randn(shape) for name, shape in shapes.items()}
+    save_file(weights, str(folder / "model.safetensors"))
+    out = tmp_path / "m.gguf"
+    modelport.convert(folder, out)
+    positions = next(t for t in gguf.GGUFReader(out).tensors if t.name == "position_embd.weight")
+    assert _fields(out)["gpt2.context_length"] == 48 == int(positions.shape[1])
 
 
 def test_unknown_architecture_writes_tensors_only(tmp_path: Path) -> None:

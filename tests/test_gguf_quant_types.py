@@ -179,7 +179,7 @@ BOS = 258  # after the 256 bytes and two merges
 def _byte_level_tokenizer(folder: Path, bos: bool = False) -> Path:
     """A tiny byte-level BPE tokenizer (every byte, two merges), saved by the tokenizers
     library; with ``bos``, a post-processor that puts ``<s>`` first, as Llama 3's does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {token: i for i, token in enumerate(sorted(alphabet))}
@@ -187,6 +187,7 @@ def _byte_level_tokenizer(folder: Path, bos: bool = False) -> Path:
     for left, right in merges:
         vocab[left + right] = len(vocab)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.normalizer = normalizers.NFC()  # unlike GPT-2's split: only its hash names it
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(["<s>"])

@@ -16,6 +16,8 @@ LAYERS = (
         "modelport.dtypes",
         "modelport.tensors",
         "modelport._version",
+        "modelport.severity",
+        "modelport.gadgets",
     ),
     ("modelport.transfer",),
     ("modelport.pickles",),

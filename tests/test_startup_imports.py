@@ -290,3 +290,36 @@ def test_a_scan_prints_the_same_text_to_a_pipe_as_to_a_terminal(tmp_path: Path) 
     lines = piped.stdout.splitlines()
     assert lines[0].split() == ["UNSAFE", str(tmp_path / "evil"), "[b].pkl", "(pickle)"]
     assert any("os.system" in line for line in lines[1:])
+
+
+# The pickle machine: the restricted unpickler, its resolvers, and the rules and tables that
+# judge what it reads. Severities and the gadget table are core types beside it.
+PICKLE_MACHINE = (
+    "modelport.pickles.machine",
+    "modelport.pickles.opcodes",
+    "modelport.pickles.reading",
+    "modelport.pickles.judging",
+    "modelport.pickles.rules",
+    "modelport.pickles.policy",
+    "modelport.pickles.symbols",
+)
+
+
+def test_a_safetensors_scan_imports_no_pickle_machine(tmp_path: Path) -> None:
+    """A file that holds no pickle is rated by severities and gadget names alone, and its
+    reader decodes no typed-JSON tree (nor imports the pickle records one rebuilds) when
+    its metadata holds none."""
+    path = write_safetensors(tmp_path / "small.safetensors")
+    code, modules = run_cli(tmp_path, "scan", path)
+    assert code == 0
+    assert "modelport.scanning.content_checks" in modules
+    assert under(modules, PICKLE_MACHINE) == []
+    assert "modelport.tree.typed_json_decoding" not in modules
+
+
+def test_a_torch_scan_does_import_the_pickle_machine(tmp_path: Path) -> None:
+    """The witness: the same probe sees the pickle machine where the file holds a pickle."""
+    path = write_torch(tmp_path / "state_dict.pt")
+    code, modules = run_cli(tmp_path, "scan", path)
+    assert code == 0
+    assert set(PICKLE_MACHINE) <= modules

@@ -12,8 +12,8 @@ from modelport.cli import _console, _many_files
 from modelport.cli._console import Segment
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.errors import UsageError
-from modelport.pickles.symbols import Severity
 from modelport.scanning.findings import FileReport, ScanReport, worst
+from modelport.severity import Severity
 
 if TYPE_CHECKING:
     from modelport.fleet.running import Plan

@@ -241,7 +241,8 @@ def _gpt2(config: dict[str, Any]) -> list[Hyperparameter]:
     hidden = _count(config, "n_embd", "hidden_size")
     return [
         ("{arch}.vocab_size", "uint32", _count(config, "vocab_size")),
-        ("{arch}.context_length", "uint32", _count(config, "n_ctx", "n_positions")),
+        # llama.cpp sizes position_embd by it: the rows of wpe, n_positions (n_ctx is older)
+        ("{arch}.context_length", "uint32", _count(config, "n_positions", "n_ctx")),
         ("{arch}.embedding_length", "uint32", hidden),
         ("{arch}.feed_forward_length", "uint32", _count(config, "n_inner", default=4 * hidden)),
         ("{arch}.block_count", "uint32", _count(config, "n_layer", "num_hidden_layers")),

@@ -21,13 +21,14 @@ tensors are returned with a warning, as any other reader of the format would see
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import re
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from modelport import dtypes, limits
 from modelport.errors import (
@@ -39,10 +40,14 @@ from modelport.errors import (
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.tensors import Storage, TensorRef
 from modelport.transfer.streaming import write_all, write_tensor
-from modelport.transfer.write_plan import WritePlan
-from modelport.tree import typed_json, typed_json_decoding
+
+if TYPE_CHECKING:
+    from modelport.transfer.write_plan import WritePlan
 
 METADATA_KEY = "__metadata__"
+# ``tree.typed_json.KEY``: the nested tree's entry. Its decoder (and the pickle records it
+# rebuilds) is imported only for a file that has one, so reading a plain file imports neither.
+TREE_KEY = "modelport.tree"
 
 
 def sniff(probe: Probe) -> bool:
@@ -228,7 +233,7 @@ def _read(path: Path, probe: Probe) -> Contents:
         spans = sorted(_spans(tensors, data_start))
         _check_coverage(spans, data_size, path)
         ordered = {name: tensors[name] for _, _, name in spans}
-    tree, warnings = typed_json_decoding.restore(ordered, metadata)
+    tree, warnings = _restored(ordered, metadata)
     # ``save_model`` (and modelport) store a tied tensor once and record ``alias -> kept`` in
     # the metadata: restore the alias as the same tensor, so both names share storage again.
     for alias, kept in metadata.items():
@@ -236,14 +241,23 @@ def _read(path: Path, probe: Probe) -> Contents:
             ordered[alias] = ordered[kept]
     details: dict[str, Any] = {"header_bytes": data_start - 8}
     if tree is not None:
-        details["tree"] = f"nested checkpoint restored from the {typed_json.KEY!r} metadata"
+        details["tree"] = f"nested checkpoint restored from the {TREE_KEY!r} metadata"
     return Contents(
         Format.SAFETENSORS,
         ordered if tree is None else tree,
-        metadata={k: v for k, v in metadata.items() if tree is None or k != typed_json.KEY},
+        metadata={k: v for k, v in metadata.items() if tree is None or k != TREE_KEY},
         details=details,
         warnings=warnings,
     )
+
+
+def _restored(tensors: dict[str, TensorRef], metadata: dict[str, Any]) -> tuple[Any, list[str]]:
+    """``typed_json_decoding.restore``, for a file whose metadata holds a tree."""
+    if TREE_KEY not in metadata:
+        return None, []
+    decoding = importlib.import_module("modelport.tree.typed_json_decoding")
+    restored: tuple[Any, list[str]] = decoding.restore(tensors, metadata)
+    return restored
 
 
 def _check_metadata(metadata: Any, path: Path) -> None:

@@ -10,17 +10,7 @@ from typing import Any
 
 from modelport.pickles.interface import Step
 from modelport.pickles.records import ByteSpan
-
-
-class Severity(str, Enum):
-    CRITICAL = "critical"
-    HIGH = "high"
-    MEDIUM = "medium"
-    INFO = "info"
-
-    @property
-    def rank(self) -> int:
-        return ("info", "medium", "high", "critical").index(self.value)
+from modelport.severity import Severity as Severity
 
 
 class Usage(str, Enum):

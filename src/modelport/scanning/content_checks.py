@@ -16,10 +16,10 @@ from typing import Any
 from modelport import limits
 from modelport.errors import MissingDependencyError
 from modelport.formats.protocol import Contents
-from modelport.pickles.judging import Severity
-from modelport.pickles.policy import gadget
+from modelport.gadgets import gadget
 from modelport.scanning import hf_code, templates
 from modelport.scanning.findings import Finding
+from modelport.severity import Severity
 
 
 def findings(contents: Contents) -> list[Finding]:

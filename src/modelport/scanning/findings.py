@@ -7,9 +7,12 @@ Verdicts, worst last: ``safe`` (info findings at most), ``suspicious`` (medium),
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from modelport.pickles.symbols import PickleFinding, Severity
+from modelport.severity import Severity
+
+if TYPE_CHECKING:
+    from modelport.pickles.symbols import PickleFinding
 
 _ORDER = ("safe", "suspicious", "error", "unsafe")
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from modelport import limits
-from modelport.pickles.symbols import Severity
 from modelport.scanning.findings import Finding
+from modelport.severity import Severity
 
 RULE = "remote-code"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from modelport.pickles.symbols import Severity
 from modelport.scanning.findings import Finding
+from modelport.severity import Severity
 
 # Members a loader hands to torch.load: the sample inputs, weights and constants of a .pt2.
 TORCH_SAVED = ".pt"

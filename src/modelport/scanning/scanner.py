@@ -42,11 +42,11 @@ from modelport.formats._zip import (
 )
 from modelport.formats.protocol import Contents, Format, Probe, refuse_special_file
 from modelport.formats.registry import candidates
-from modelport.pickles.symbols import Severity
 from modelport.scanning import content_checks, embedded
 from modelport.scanning.findings import FileReport, ScanReport, worst
 from modelport.scanning.first_bytes import PickleReading, decided_reading
 from modelport.scanning.scan_state import TORCH_SAVED, ScanState
+from modelport.severity import Severity
 
 if TYPE_CHECKING:
     from modelport.formats._compressed import Compression

@@ -31,9 +31,9 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, ClassVar
 
 from modelport.errors import MissingDependencyError
-from modelport.pickles.symbols import Severity
 from modelport.scanning.findings import Finding
 from modelport.scanning.template_values import Items, TemplateValues
+from modelport.severity import Severity
 
 if TYPE_CHECKING:
     from jinja2 import Environment, nodes
