@@ -17,7 +17,7 @@ the run; ``--timeout`` seconds each), through modelport's API:
 
 Prints one table (a row per expected format) and the failures (file, step, first line).
 
-Usage: python benchmarks/bench_wild.py [--cache DIR] [--only TEXT] [--timeout S] [-j N]
+Usage: python benchmarks/bench_wild.py [--cache DIR] [--only TEXT ...] [--timeout S] [-j N]
 """
 
 from __future__ import annotations
@@ -402,7 +402,9 @@ def print_table(entries: list[dict[str, Any]], judged: list[dict[str, Any]]) -> 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--only", default="", help="only files whose path has this")
+    parser.add_argument(
+        "--only", action="append", default=[], help="only files whose path has this (repeatable)"
+    )
     parser.add_argument("--timeout", type=float, default=180.0)
     parser.add_argument("-j", "--jobs", type=int, default=2)
     parser.add_argument("--one", nargs=2, metavar=("PATH", "FORMAT"), help=argparse.SUPPRESS)
@@ -412,7 +414,9 @@ def main() -> int:
         return 0
     cache: Path = args.cache.expanduser()
     manifest = json.loads((cache / "manifest.json").read_text())
-    entries = [e for e in manifest["files"] if args.only in e["path"]]
+    entries = [
+        e for e in manifest["files"] if not args.only or any(o in e["path"] for o in args.only)
+    ]
     packages = len({e["package"] for e in entries})
     print(f"{len(entries)} files from {packages} packages (manifest {cache / 'manifest.json'})")
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:

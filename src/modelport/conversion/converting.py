@@ -119,7 +119,7 @@ def convert(
     check_safety(source, allow_unsafe=options.allow_unsafe)
     pin.check("scanned")
     with open_model(source) as model, ExitStack() as stack:
-        structure = _structure(model, options)
+        structure = _structure(model, options, writer)
         chosen, selection, left_out = selecting.select(
             model, options, structure.plain, nested=structure.tree is not None
         )
@@ -212,10 +212,11 @@ class _Structure:
     notes: tuple[str, ...] = ()
 
 
-def _structure(model: Any, options: ConvertOptions) -> _Structure:
+def _structure(model: Any, options: ConvertOptions, writer: FormatReader) -> _Structure:
     if not options.take_all or options.extract:
         return _Structure()
-    kept = typed_json.plain(model.tree, drop=options.drop_unrepresentable)
+    records = writer.format.value != "torch-zip"  # a torch target pickles plain data only
+    kept = typed_json.plain(model.tree, drop=options.drop_unrepresentable, records=records)
     notes = list(kept.notes)
     if kept.dropped:
         notes.append("left out values that are not plain data: " + "; ".join(kept.dropped))

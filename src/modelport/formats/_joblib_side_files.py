@@ -43,9 +43,12 @@ ZF_HEADER_BYTES = len(ZF_PREFIX) + ZF_LENGTH_CHARS
 SIDE_FILE_NAME = re.compile(r"^(.+)_\d{2,}\.npy(?:\.z)?$")  # "%s_%02i.npy" [+ ".z"]
 
 
-def side_file_array(directory: Path | None, state: Any, warnings: list[str]) -> TensorRef | None:
-    """The tensor an ``NDArrayWrapper`` or ``ZNDArrayWrapper`` state names, or None (and a
-    warning saying why) when its side file cannot be read."""
+def side_file_array(
+    directory: Path | None, state: Any, warnings: list[str]
+) -> TensorRef | NumpyArray | None:
+    """The tensor an ``NDArrayWrapper`` or ``ZNDArrayWrapper`` state names (an object array
+    as the ``.npy`` reader gives it), or None and a warning saying why when its side file
+    cannot be read."""
     name = state.get("filename") if isinstance(state, dict) else None
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or ".." in name:
         warnings.append(f"joblib < 0.10 array with unsafe side-file name {name!r:.80}")
@@ -63,11 +66,13 @@ def side_file_array(directory: Path | None, state: Any, warnings: list[str]) -> 
         return None
 
 
-def _npy_array(side: Path) -> TensorRef:
+def _npy_array(side: Path) -> TensorRef | NumpyArray:
     reader, probe, _ = identify(side, (npy.READER,))
     tree = reader.contents(probe).tree
     if isinstance(tree, dict) and len(tree) == 1:  # the npy reader names its one array
         (tree,) = tree.values()
+    if isinstance(tree, NumpyArray) and tree.tensor is None and tree.objects is not None:
+        return tree  # joblib wrote object arrays with numpy.save too
     tree = tree.tensor if isinstance(tree, NumpyArray) else tree
     if not isinstance(tree, TensorRef):
         raise CorruptFileError("the side file holds no single array")

@@ -276,9 +276,12 @@ class PickleFileResolver(ReadingResolver):
     def _side_file(self, array: JoblibArray, state: Any) -> JoblibArray:
         self._count("joblib_side_files")
         array.dtype_text = "side file"
-        tensor = side_file_array(self.directory, state, self.warnings)
-        if tensor is not None:
-            array.tensor, array.shape, array.dtype_text = tensor, tensor.shape, tensor.dtype
+        found = side_file_array(self.directory, state, self.warnings)
+        if isinstance(found, NumpyArray):
+            array.objects, array.shape = found.objects, found.shape
+            array.dtype_text = found.dtype_text
+        elif found is not None:
+            array.tensor, array.shape, array.dtype_text = found, found.shape, found.dtype
         return array
 
     # torch -------------------------------------------------------------------------------

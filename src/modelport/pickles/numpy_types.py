@@ -133,7 +133,13 @@ def reconstruct(cls: Any, shape: Any = (0,), typecode: Any = b"b") -> NumpyArray
 
 
 def scalar(dtype: Any, raw: Any = None) -> Any:
-    """``numpy.core.multiarray.scalar``: a numeric scalar becomes the Python number it holds."""
+    """``numpy.core.multiarray.scalar``: a numeric scalar becomes the Python number it holds
+    (its bytes as Python 2 wrote them, a ``str`` numpy reads with ``encoding="latin1"``)."""
+    if isinstance(raw, str):
+        try:
+            raw = raw.encode("latin-1")
+        except UnicodeEncodeError:
+            return NumpyScalar(dtype, raw)
     if isinstance(dtype, NumpyDType):
         resolved = dtype.resolve()
         if (

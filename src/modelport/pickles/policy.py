@@ -39,6 +39,8 @@ SAFE_CLASSES: Final[MappingProxyType[tuple[str, str], str]] = MappingProxyType(
         ("argparse", "Namespace"): "training scripts save their arguments",
         ("types", "SimpleNamespace"): "plain attribute bag",
         ("joblib.numpy_pickle", "NumpyArrayWrapper"): "joblib's array header",
+        ("joblib.numpy_pickle", "NDArrayWrapper"): "joblib < 0.10's array header (side file)",
+        ("joblib.numpy_pickle_compat", "NDArrayWrapper"): "the same, as joblib reads it today",
         ("torch.optim.adam", "Adam"): "optimizers saved whole",
         ("torch.optim.sgd", "SGD"): "optimizers saved whole",
         ("torch.optim.adamw", "AdamW"): "optimizers saved whole",

@@ -21,7 +21,9 @@ from modelport.errors import (
     ModelportError,
     UnsupportedVersionError,
 )
+from modelport.pickles.numpy_types import NumpyArray, NumpyDType
 from modelport.pickles.reading import PickledDict
+from modelport.pickles.records import CallRecord, GlobalRef, ObjectRecord
 from modelport.pickles.torch_types import TorchDevice, TorchDType
 from modelport.tree.typed_json import (
     KEY,
@@ -33,6 +35,10 @@ _DEVICE = re.compile(r"^[a-z_]{1,32}(:[0-9]{1,6})?$")
 _HEX_INT = re.compile(r"^-?[0-9a-f]+$")
 _BITS = re.compile(r"^[0-9a-f]{16}$")
 _DTYPE_NAMES = frozenset(dtypes.TORCH_DTYPE_ATTRS.values())
+_PATH_PART = re.compile(r"^[^\x00-\x1f]{1,512}$")  # a module or name: text, never imported
+_NUMPY_SPEC = re.compile(r"^[^\x00-\x1f]{1,64}$")
+_BYTE_ORDERS = frozenset("<>|=")
+_MAX_SHAPE = 64
 
 
 def decode(text: str, tensors: Mapping[str, Any], *, complete: bool = False) -> Any:
@@ -97,6 +103,7 @@ class _Decoder:
         self.tensors = tensors
         self.used: set[str] = set()
         self.budget = limits.MAX_TREE_NODES
+        self.ids: dict[int, Any] = {}  # id -> the container that carries it
 
     def node(self, value: Any, depth: int, *, key: bool) -> Any:
         self.budget -= 1
@@ -158,7 +165,18 @@ class _Decoder:
             raise CorruptFileError(f"{KEY}: a dict cannot be a dict key or set item")
         ordered = node[TAG] == "odict"
         result: dict[Any, Any] = PickledDict() if ordered else {}
-        pairs = node["items"]
+        self.register(node, result)
+        self.pairs(node["items"], depth, result)
+        if "state" in node:
+            if not ordered:
+                raise CorruptFileError(f"{KEY}: only an odict carries state")
+            state = self.node(node["state"], depth + 1, key=False)
+            if type(state) is not dict or not all(type(k) is str for k in state):
+                raise CorruptFileError(f"{KEY}: odict state must be a dict of string keys")
+            result.pickle_state = state  # type: ignore[attr-defined]
+        return result
+
+    def pairs(self, pairs: Any, depth: int, result: dict[Any, Any]) -> dict[Any, Any]:
         if type(pairs) is not list:
             raise CorruptFileError(f"{KEY}: dict items must be a list of pairs")
         for pair in pairs:
@@ -168,14 +186,74 @@ class _Decoder:
             if name in result:
                 raise CorruptFileError(f"{KEY}: a dict repeats the key {name!r:.40}")
             result[name] = self.node(pair[1], depth + 1, key=False)
-        if "state" in node:
-            if not ordered:
-                raise CorruptFileError(f"{KEY}: only an odict carries state")
-            state = self.node(node["state"], depth + 1, key=False)
-            if type(state) is not dict or not all(type(k) is str for k in state):
-                raise CorruptFileError(f"{KEY}: odict state must be a dict of string keys")
-            result.pickle_state = state  # type: ignore[attr-defined]
         return result
+
+    def register(self, node: dict[str, Any], made: Any) -> None:
+        """A container that a later ``ref`` may name, known before its items are read so
+        that a reference back from inside it finds it."""
+        if "id" not in node:
+            return
+        number = node["id"]
+        if type(number) is not int or number in self.ids:
+            raise CorruptFileError(f"{KEY}: an id must be an int that no other node carries")
+        self.ids[number] = made
+
+    def ref(self, node: dict[str, Any], depth: int, key: bool) -> Any:
+        number = node["id"]
+        if key or type(number) is not int or number not in self.ids:
+            raise CorruptFileError(f"{KEY}: a ref names no container read before it")
+        return self.ids[number]
+
+    def list_(self, node: dict[str, Any], depth: int, key: bool) -> Any:
+        if key:
+            raise CorruptFileError(f"{KEY}: a list cannot be a dict key or set item")
+        result: list[Any] = []
+        self.register(node, result)
+        result.extend(self.items(node["items"], depth, False))
+        return result
+
+    def frozenset_(self, node: dict[str, Any], depth: int, key: bool) -> Any:
+        items = [self.hashable(item) for item in self.items(node["items"], depth, True)]
+        result = frozenset(items)
+        if len(result) != len(items):
+            raise CorruptFileError(f"{KEY}: a frozenset repeats an item")
+        return result
+
+    def ndarray(self, node: dict[str, Any], depth: int, key: bool) -> Any:
+        shape = node["shape"]
+        if type(shape) is not list or len(shape) > _MAX_SHAPE:
+            raise CorruptFileError(f"{KEY}: an 'ndarray' node has a malformed 'shape'")
+        if key or not all(type(n) is int and n >= 0 for n in shape):
+            raise CorruptFileError(f"{KEY}: an 'ndarray' node has a malformed 'shape'")
+        array = NumpyArray(None, [], tuple(shape), _text(node, "dtype", _NUMPY_SPEC))
+        self.register(node, array)
+        array.objects = self.items(node["items"], depth, False)
+        return array
+
+    def object_(self, node: dict[str, Any], depth: int, key: bool) -> Any:
+        if key:
+            raise CorruptFileError(f"{KEY}: an object cannot be a dict key or set item")
+        made = ObjectRecord(_global(node))
+        self.register(node, made)
+        made.args = tuple(self.items(node.get("args", []), depth, False))
+        if "kwargs" in node:
+            made.kwargs = self.pairs(node["kwargs"], depth, {})
+        made.state = self.node(node["state"], depth + 1, key=False) if "state" in node else None
+        return self.filled(made, node, depth)
+
+    def call(self, node: dict[str, Any], depth: int, key: bool) -> Any:
+        if key:
+            raise CorruptFileError(f"{KEY}: a call cannot be a dict key or set item")
+        made = CallRecord(None, ())
+        self.register(node, made)
+        made.func = self.node(node["func"], depth + 1, key=False)
+        made.args = tuple(self.items(node.get("args", []), depth, False))
+        return self.filled(made, node, depth)
+
+    def filled(self, made: Any, node: dict[str, Any], depth: int) -> Any:
+        made.list_items = self.items(node.get("list", []), depth, False)
+        self.pairs(node.get("dict", []), depth, made.dict_items)
+        return made
 
     def tensor(self, node: dict[str, Any], depth: int, key: bool) -> Any:
         name = node["name"]
@@ -245,13 +323,38 @@ def _device(node: dict[str, Any]) -> TorchDevice:
     return TorchDevice(_text(node, "spec", _DEVICE))
 
 
+def _global(node: dict[str, Any]) -> GlobalRef:
+    """A class or function path, kept as text: decoding never imports it."""
+    return GlobalRef(_text(node, "module", _PATH_PART), _text(node, "name", _PATH_PART))
+
+
+def _numpy_dtype(node: dict[str, Any]) -> NumpyDType:
+    dtype = NumpyDType(_text(node, "spec", _NUMPY_SPEC))
+    order = _text(node, "byteorder")
+    if order not in _BYTE_ORDERS:
+        raise CorruptFileError(f"{KEY}: a 'numpy.dtype' node has a malformed 'byteorder'")
+    dtype.byteorder = order
+    return dtype
+
+
 # tag -> (required fields, optional fields); containers are ``_Decoder`` methods, the rest
 # are leaves built from their own fields
 _FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "tuple": (frozenset({"items"}), frozenset()),
     "set": (frozenset({"items"}), frozenset()),
-    "dict": (frozenset({"items"}), frozenset()),
-    "odict": (frozenset({"items"}), frozenset({"state"})),
+    "frozenset": (frozenset({"items"}), frozenset()),
+    "list": (frozenset({"items"}), frozenset({"id"})),
+    "dict": (frozenset({"items"}), frozenset({"id"})),
+    "odict": (frozenset({"items"}), frozenset({"state", "id"})),
+    "ref": (frozenset({"id"}), frozenset()),
+    "object": (
+        frozenset({"module", "name"}),
+        frozenset({"args", "kwargs", "state", "list", "dict", "id"}),
+    ),
+    "call": (frozenset({"func"}), frozenset({"args", "list", "dict", "id"})),
+    "ndarray": (frozenset({"dtype", "shape", "items"}), frozenset({"id"})),
+    "global": (frozenset({"module", "name"}), frozenset()),
+    "numpy.dtype": (frozenset({"spec", "byteorder"}), frozenset()),
     "tensor": (frozenset({"name"}), frozenset()),
     "int": (frozenset({"hex"}), frozenset()),
     "float": (frozenset({"bits"}), frozenset()),
@@ -268,6 +371,12 @@ _CONTAINERS: dict[str, Callable[[_Decoder, dict[str, Any], int, bool], Any]] = {
     "dict": _Decoder.dict_,
     "odict": _Decoder.dict_,
     "tensor": _Decoder.tensor,
+    "frozenset": _Decoder.frozenset_,
+    "list": _Decoder.list_,
+    "ref": _Decoder.ref,
+    "ndarray": _Decoder.ndarray,
+    "object": _Decoder.object_,
+    "call": _Decoder.call,
 }
 _LEAVES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "int": _decode_int,
@@ -278,4 +387,6 @@ _LEAVES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "complex": _decode_complex,
     "torch.dtype": _dtype,
     "torch.device": _device,
+    "global": _global,
+    "numpy.dtype": _numpy_dtype,
 }
