@@ -6,6 +6,7 @@ oracle."""
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import struct
@@ -17,7 +18,8 @@ import modelport
 from modelport import limits
 from modelport.cli import cmd_inspect
 from modelport.cli._output import json_default
-from modelport.errors import CorruptFileError, LimitExceededError
+from modelport.errors import CorruptFileError, LimitExceededError, ModelportError
+from modelport.formats import _npy_header
 from modelport.formats import safetensors as safetensors_format
 from modelport.formats._zip import ZipDirectory
 from modelport.loading.inspect_report import InspectReport, TensorSummary
@@ -176,3 +178,85 @@ def test_the_tensor_table_for_people_stops_at_its_row_cap(
     assert f"{extra:,} more tensors" in shown
     assert f"t{cmd_inspect.MAX_TABLE_ROWS - 1} " in shown
     assert f"t{cmd_inspect.MAX_TABLE_ROWS} " not in shown
+
+
+_NUMPY_WRITES = [
+    "bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+    "float16", "float32", "float64", "longdouble", "complex64", "complex128", ">f4", ">i8",
+    ">c16", "object", "V8", "U5", "S3", "datetime64[ns]", "timedelta64[s]",
+]  # fmt: skip
+_SHAPES = [(), (0,), (1,), (3,), (2, 3), (3, 1, 2), (0, 4), (1, 1, 1, 1), (70000,)]
+
+
+def _saved_header(array: object, version: tuple[int, int]) -> tuple[bytes, tuple[object, ...]]:
+    """What ``numpy.lib.format.write_array`` writes at ``version`` for ``array``, and what
+    numpy's own header reader makes of it: (shape, fortran_order, dtype)."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, version=version, allow_pickle=True)
+    raw = buffer.getvalue()
+    buffer.seek(0)
+    assert np.lib.format.read_magic(buffer) == version
+    read_header = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }[version]
+    return raw, read_header(buffer, max_header_size=1 << 20)
+
+
+def _outcome(raw: bytes) -> object:
+    """What ``parse_header`` and ``object_data_offset`` make of ``raw``: values or the error."""
+    found: list[object] = []
+    for parse in (_npy_header.parse_header, _npy_header.object_data_offset):
+        try:
+            found.append(parse(raw, path=Path("x.npy")))
+        except ModelportError as exc:
+            found.append((type(exc), str(exc)))
+    return found
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+def test_every_header_numpy_writes_parses_fast_as_numpy_reads_it(
+    version: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    width = 2 if version == (1, 0) else 4
+    cases = []
+    for name in _NUMPY_WRITES:
+        for shape in _SHAPES:
+            for order in "CF":
+                array = np.zeros(shape, dtype=name, order=order)  # type: ignore[call-overload]
+                raw, (want_shape, want_fortran, want_dtype) = _saved_header(array, version)
+                (length,) = struct.unpack_from("<H" if width == 2 else "<I", raw, 8)
+                text = raw[8 + width : 8 + width + length].decode("latin-1")
+                fast = _npy_header.fast_fields(text.strip())
+                assert fast is not None, text
+                assert fast == ast.literal_eval(text)  # the full evaluation, value for value
+                assert (fast["shape"], fast["fortran_order"]) == (want_shape, want_fortran)
+                assert np.lib.format.descr_to_dtype(fast["descr"]) == want_dtype
+                cases.append(raw)
+    record = np.zeros(2, dtype=[("a", "<f4"), ("b", "<i8")])
+    cases.append(_saved_header(record, version)[0])
+    quick = [_outcome(raw) for raw in cases]
+    monkeypatch.setattr(_npy_header, "fast_fields", lambda text: None)
+    assert [_outcome(raw) for raw in cases] == quick
+    assert len(cases) == len(_NUMPY_WRITES) * len(_SHAPES) * 2 + 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{'descr': [('a', '<f4'), ('b', '<i8')], 'fortran_order': False, 'shape': (2,), }",
+        '{"descr": "<f4", "fortran_order": False, "shape": (3,)}',
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (3), }",
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (007,), }",
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (2L, 3L), }",
+        "{'descr': '<f4', 'fortran_order': 0, 'shape': (3,), }",
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999,), }",
+        "{'shape': (3,), 'descr': '<f4', 'fortran_order': False, }",
+    ],
+)
+def test_other_spellings_take_the_full_evaluation(text: str) -> None:
+    assert _npy_header.fast_fields(text) is None

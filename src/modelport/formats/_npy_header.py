@@ -7,6 +7,7 @@ array's data is a pickle) without the readers themselves."""
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import math
 import re
@@ -32,6 +33,15 @@ KEYS = {"descr", "fortran_order", "shape"}
 OBJECT_WARNING = "object array: contents are a pickle (read without executing anything)"
 
 _DESCR = re.compile(r"^[<>|=]?[biufcVO?][0-9]{0,3}$")
+# The header as numpy writes it for a plain dtype (``_wrap_header``: the keys sorted, each
+# value's repr, a trailing comma). Matching it gives the dict ``ast.literal_eval`` would at a
+# fraction of the cost; anything else (records, other spellings) is evaluated in full.
+# Integers are bounded so the two paths agree on every value Python would accept.
+_NUMBER = r"(?:0|[1-9][0-9]{0,17})"
+_NUMPY_LAYOUT = re.compile(
+    r"\{'descr': '([<>|=]?[A-Za-z0-9\[\]]{1,24})', 'fortran_order': (True|False), "
+    rf"'shape': \((|{_NUMBER},|{_NUMBER}(?:, {_NUMBER})+)\), \}}"
+)
 _VOID_CARRIERS = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 
 
@@ -133,15 +143,25 @@ def object_data_offset(
     """Where the pickle of an array whose dtype holds objects begins, or None when it holds
     none. ``descr`` is evaluated as ``numpy.load`` evaluates it (``descr_to_dtype``), so every
     spelling numpy accepts counts: ``'O'``, ``'object'``, a record with an object field."""
-    from numpy.lib import format as numpy_format
-
     label = f"npy{where}"
     _, fields, data_offset = _header_fields(prefix, label, path, available)
+    descr = fields["descr"]
     try:
-        holds = bool(numpy_format.descr_to_dtype(fields["descr"]).hasobject)
+        holds = _holds_objects(descr) if type(descr) is str else _descr_holds_objects(descr)
     except (TypeError, ValueError, KeyError, IndexError, RecursionError) as exc:
         raise CorruptFileError(f"{label}: numpy rejects its dtype ({exc})", path=path) from None
     return data_offset if holds else None
+
+
+def _descr_holds_objects(descr: Any) -> bool:
+    from numpy.lib import format as numpy_format
+
+    return bool(numpy_format.descr_to_dtype(descr).hasobject)
+
+
+# A million-member npz repeats a handful of dtypes: numpy's verdict is kept per spelling
+# (a raised error is not kept, so it is raised again, the same, for the next member).
+_holds_objects = functools.lru_cache(maxsize=256)(_descr_holds_objects)
 
 
 def raise_truncated(what: str, expected: int, actual: int, path: Path) -> None:
@@ -173,9 +193,31 @@ def _python2_literal(text: str, label: str, path: Path) -> Any:
         raise CorruptFileError(f"{label}: header is not a Python literal", path=path) from None
 
 
+def fast_fields(text: str) -> dict[str, Any] | None:
+    """The header dict when ``text`` (stripped) is laid out as numpy writes it; None otherwise."""
+    parts = _numpy_layout_parts(text)
+    if parts is None:
+        return None
+    descr, fortran, shape = parts
+    return {"descr": descr, "fortran_order": fortran, "shape": shape}
+
+
+@functools.lru_cache(maxsize=1024)  # members of one dtype and shape share one header text
+def _numpy_layout_parts(text: str) -> tuple[str, bool, tuple[int, ...]] | None:
+    found = _NUMPY_LAYOUT.fullmatch(text)
+    if found is None:
+        return None
+    descr, fortran, shape = found.groups()
+    return descr, fortran == "True", tuple(int(n) for n in shape.split(",") if n)
+
+
 def _literal(text: str, label: str, path: Path) -> dict[str, Any]:
+    text = text.strip()
+    fast = fast_fields(text)
+    if fast is not None:
+        return fast
     try:
-        fields = ast.literal_eval(text.strip())
+        fields = ast.literal_eval(text)
     except SyntaxError:  # Python 2 wrote longs with an L (``'shape': (2L, 3L)``): numpy reads it
         fields = _python2_literal(text, label, path)
     except (ValueError, TypeError, MemoryError, RecursionError):
@@ -199,12 +241,9 @@ def _element_type(descr: Any, label: str, path: Path) -> tuple[str | None, int, 
             f"{path}: {label} dtype {descr!r:.80} is not supported (strings, datetimes and "
             "other non-numeric types are not tensors)"
         )
-    import numpy as np
-
-    try:
-        parsed = np.dtype(descr)
-    except (TypeError, ValueError):
-        raise CorruptFileError(f"{label}: invalid dtype {descr!r}", path=path) from None
+    parsed = _numpy_dtype(descr)
+    if parsed is None:
+        raise CorruptFileError(f"{label}: invalid dtype {descr!r}", path=path)
     if parsed.kind == "O":
         return None, parsed.itemsize, False, OBJECT_WARNING
     if parsed.kind == "V":
@@ -221,5 +260,22 @@ def _element_type(descr: Any, label: str, path: Path) -> tuple[str | None, int, 
             f"types such as bfloat16 or float8 save as): reported as {carrier}",
         )
     swapped = parsed.byteorder == ">"
-    name = dtypes.from_numpy(parsed.newbyteorder("<") if swapped else parsed)
-    return name, parsed.itemsize, swapped, ""
+    return _modelport_dtype(descr), parsed.itemsize, swapped, ""
+
+
+@functools.lru_cache(maxsize=256)
+def _numpy_dtype(descr: str) -> Any:
+    """numpy's dtype for ``descr``, or None when numpy rejects it."""
+    import numpy as np
+
+    try:
+        return np.dtype(descr)
+    except (TypeError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=256)
+def _modelport_dtype(descr: str) -> str:
+    parsed = _numpy_dtype(descr)
+    swapped = parsed.byteorder == ">"
+    return dtypes.from_numpy(parsed.newbyteorder("<") if swapped else parsed)

@@ -122,6 +122,11 @@ TYPED_FIELDS: Final = frozenset(
 )
 FIXED_WIDTH: Final = MappingProxyType({T.FLOAT_DATA: 4, T.DOUBLE_DATA: 8})
 KNOWN_TYPES: Final = frozenset(int(t) for t in DataType)
+# by plain int and with each itemsize, for the per-tensor lookups of a million-tensor graph
+_DTYPE_BY_CODE: Final = MappingProxyType({int(k): v for k, v in DTYPE_NAMES.items()})
+_ITEMSIZE: Final = MappingProxyType({v: dtypes.dtype(v).itemsize for v in DTYPE_NAMES.values()})
+_NOTHING_TYPED: Final[Mapping[int, tuple[Field, ...]]] = MappingProxyType({})
+_NOTHING_EXTERNAL: Final[Mapping[str, str]] = MappingProxyType({})
 
 
 def dtype_label(code: int) -> str:
@@ -176,7 +181,10 @@ class TensorData:
         for part in msg.fields(item.start, item.end):
             number = part.number
             if number == T.DIMS:
-                dims.extend(s64(v) for v in msg.ints(part, limits.MAX_RANK + 1))
+                if part.wire == WireType.VARINT:  # one unpacked dimension, as protobuf writes
+                    dims.append(s64(part.value))
+                else:
+                    dims.extend(s64(v) for v in msg.ints(part, limits.MAX_RANK + 1))
                 if len(dims) > limits.MAX_RANK:
                     raise LimitExceededError("ONNX tensor rank", limits.MAX_RANK, len(dims))
             elif number == T.DATA_TYPE:
@@ -204,16 +212,15 @@ class TensorData:
                 location = part.value
             elif number == T.SEGMENT:
                 segmented = True
-        if any(d < 0 for d in dims):
+        if dims and min(dims) < 0:
             raise self.corrupt(f"tensor {name!r} has a negative dimension in {dims}")
-        frozen = MappingProxyType({k: tuple(v) for k, v in typed.items()})
         return TensorRecord(
             name,
             tuple(dims),
             data_type,
             raw,
-            frozen,
-            MappingProxyType(external),
+            MappingProxyType({k: tuple(v) for k, v in typed.items()}) if typed else _NOTHING_TYPED,
+            MappingProxyType(external) if external else _NOTHING_EXTERNAL,
             location,
             segmented,
         )
@@ -242,11 +249,11 @@ class TensorData:
             return STRING
         if code == D.UNDEFINED:
             raise self.corrupt(f"tensor {name!r} has data type UNDEFINED (0)")
-        dtype = DTYPE_NAMES.get(DataType(code)) if code in KNOWN_TYPES else None
+        dtype = _DTYPE_BY_CODE.get(code)
         if dtype is None or record.segmented:
             return "segmented" if record.segmented else dtype_label(code)
         numel = math.prod(record.dims)
-        nbytes = numel * dtypes.dtype(dtype).itemsize
+        nbytes = numel * _ITEMSIZE[dtype]
         if record.location == EXTERNAL:
             storage = self.external(record, name, nbytes)
         elif record.raw is not None:

@@ -37,7 +37,14 @@ STORED = 0
 DEFLATED = 8
 
 
-@dataclass(frozen=True)
+# The directories read last, by file identity: sniffing, reading and scanning one archive
+# each ask for its directory, which for a million members costs seconds to parse. A file
+# changed since (size, times or inode) is read afresh; a failed read is not kept.
+_RECENT: dict[tuple[object, ...], ZipDirectory] = {}
+_RECENT_KEPT = 4
+
+
+@dataclass(frozen=True, slots=True)  # slots: an archive can hold a million of these
 class ZipEntry:
     """One central-directory record, with where its data begins in the file."""
 
@@ -73,9 +80,16 @@ class ZipDirectory:
         """The directory of the zip in ``path``, or of one embedded at ``start`` and spanning
         ``length`` bytes (a ``torch.save`` blob inside another file); offsets in the zip are
         relative to ``start``, the entries' offsets returned are absolute in ``path``."""
-        file_size = path.stat().st_size
-        with open(path, "rb") as handle:
-            return cls._read(handle, path, file_size, start, length, None)
+        stat = path.stat()
+        key = (path, start, length, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        found = _RECENT.get(key)
+        if found is None:
+            with open(path, "rb") as handle:
+                found = cls._read(handle, path, stat.st_size, start, length, None)
+            if len(_RECENT) >= _RECENT_KEPT:
+                del _RECENT[next(iter(_RECENT))]
+            _RECENT[key] = found
+        return found
 
     @classmethod
     def from_bytes(cls, blob: bytes, path: Path) -> ZipDirectory:

@@ -400,7 +400,7 @@ class _Reader:
     ) -> None:
         name = prefix + (output or record.name or f"tensor_{len(into)}")
         ref = self.data.ref(record, name)
-        if ref == STRING:
+        if isinstance(ref, str) and ref == STRING:
             self.walk.strings[name] = list(record.dims)
             return
         if isinstance(ref, str):
