@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from json.encoder import encode_basestring_ascii as _quoted
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -17,6 +15,7 @@ from modelport.cli._output import console_width, human_bytes, json_default
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.errors import UsageError
 from modelport.loading.inspect_report import InspectReport, TensorSummary
+from modelport.tensors import collector_paused
 from modelport.transfer.remote import is_url
 from modelport.tree import quantization
 
@@ -84,19 +83,6 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--code reads a local file; inspect a URL without it")
     with collector_paused():
         return _run_one(args, path)
-
-
-@contextmanager
-def collector_paused() -> Iterator[None]:
-    """A file of a million tensors gives millions of small objects that form no cycles;
-    Python's cycle collector would walk them again and again, for nothing it could free."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _run_one(args: argparse.Namespace, path: str) -> int:

@@ -342,15 +342,8 @@ def stored_bytes(tensors: dict[str, TensorRef]) -> int:
     """The bytes the tensors take on disk, a view stored twice (tied weights) once."""
     seen: dict[tuple[Any, ...], int] = {}
     for tensor in tensors.values():
-        seen[tie_key(tensor)] = tensor.nbytes
+        seen[trees.view_key(tensor)] = tensor.nbytes
     return sum(seen.values())
-
-
-def tie_key(tensor: TensorRef) -> tuple[Any, ...]:
-    """Equal for two names of one stored view (tied weights): same storage, same view."""
-    if tensor.storage is None:
-        return (id(tensor),)
-    return (id(tensor.storage), tensor.element_offset, tensor.shape, tensor.strides, tensor.dtype)
 
 
 def _check_totals(

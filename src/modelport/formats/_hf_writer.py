@@ -61,6 +61,7 @@ from modelport.formats.protocol import Format, FormatReader, Probe
 from modelport.formats.registry import detect
 from modelport.transfer.streaming import write_all
 from modelport.transfer.write_plan import OutputTensor, WritePlan
+from modelport.tree import names as trees
 
 DEFAULT_SHARD_SIZE: Final = "5GB"
 CONFIG_NAME: Final = "config.json"
@@ -221,7 +222,7 @@ def _tie_key(tensor: OutputTensor) -> tuple[Any, ...] | None:
     """Two names of one stored view, written uncast: a torch archive stores it once."""
     if tensor.is_cast or tensor.source.storage is None or tensor.nbytes == 0:
         return None
-    return (*_hf_folder.tie_key(tensor.source), tensor.dtype)
+    return (*trees.view_key(tensor.source), tensor.dtype)
 
 
 def stored(plan_tensors: tuple[OutputTensor, ...], tied: bool) -> list[OutputTensor]:

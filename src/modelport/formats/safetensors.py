@@ -20,13 +20,11 @@ tensors are returned with a warning, as any other reader of the format would see
 
 from __future__ import annotations
 
-import gc
 import importlib
 import json
 import re
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -38,7 +36,7 @@ from modelport.errors import (
     TruncatedFileError,
 )
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
-from modelport.tensors import Storage, TensorRef
+from modelport.tensors import Storage, TensorRef, collector_paused
 from modelport.transfer.streaming import write_all, write_tensor
 
 if TYPE_CHECKING:
@@ -194,21 +192,8 @@ def _streamed(text: str) -> Iterator[tuple[str, Any]]:
         raise _Irregular
 
 
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """A header of a million entries makes millions of small objects that form no cycles;
-    Python's cycle collector would walk them again and again, a third of the reading time."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def read(path: Path, probe: Probe) -> Contents:
-    with _collector_paused():
+    with collector_paused():
         return _read(path, probe)
 
 

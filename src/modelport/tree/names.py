@@ -156,19 +156,21 @@ def stored_bytes_by_dtype(tensors: dict[str, TensorRef]) -> dict[str, int]:
         for tensor in tensors.values():
             totals[tensor.dtype] += tensor.nbytes
         return dict(totals.most_common())
-    seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...] | None, str]] = set()
+    seen: set[tuple[Any, ...]] = set()
     for tensor in tensors.values():
-        place = (
-            id(tensor.storage if tensor.storage is not None else tensor),
-            tensor.element_offset,
-            tensor.shape,
-            tensor.strides,
-            tensor.dtype,
-        )
+        place = view_key(tensor)
         if place not in seen:
             seen.add(place)
             totals[tensor.dtype] += tensor.nbytes
     return dict(totals.most_common())
+
+
+def view_key(tensor: TensorRef) -> tuple[Any, ...]:
+    """Equal for two names of one stored view (tied weights, a view listed twice): the same
+    storage, offset, shape, strides and dtype."""
+    if tensor.storage is None:
+        return (id(tensor),)
+    return (id(tensor.storage), tensor.element_offset, tensor.shape, tensor.strides, tensor.dtype)
 
 
 def _storages_distinct(tensors: dict[str, TensorRef]) -> bool:

@@ -25,7 +25,7 @@ from typing import Any
 from modelport.pickles import modules
 from modelport.pickles.records import ObjectRecord
 from modelport.tensors import TensorRef
-from modelport.tree.names import tensors_of
+from modelport.tree.names import tensors_of, view_key
 
 WEIGHT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 EMA_KEYS = ("ema", "model_ema", "ema_state_dict", "state_dict_ema", "ema_model")
@@ -91,17 +91,11 @@ def parameter_tensors(tensors: dict[str, TensorRef]) -> dict[str, TensorRef]:
     their names, and a tensor with several names (tied weights: one storage, offset, shape
     and dtype) counted under its first, as ``parameters()`` yields a shared one once."""
     kept: dict[str, TensorRef] = {}
-    seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...] | None, str]] = set()
+    seen: set[tuple[Any, ...]] = set()
     for name, tensor in tensors.items():
         if name.rpartition(".")[2] in BUFFER_NAMES:
             continue
-        place = (
-            id(tensor.storage if tensor.storage is not None else tensor),
-            tensor.element_offset,
-            tensor.shape,
-            tensor.strides,
-            tensor.dtype,
-        )
+        place = view_key(tensor)
         if place not in seen:
             seen.add(place)
             kept[name] = tensor
