@@ -70,7 +70,7 @@ def stats(path: str | Path | model_file.ModelFile, *, threads: int | None = None
     Reads the tensors' bytes with modelport's own readers and executes nothing, so like
     ``open`` it does not refuse a file the scanner calls unsafe; ``inspect`` and ``report``
     show the verdict beside it. ``threads`` defaults to the CPUs this process may use.
-    ``path`` may be a file already opened (``ModelFile.stats``): it is read, not closed.
+    ``path`` may be a file already opened with ``modelport.open``: it is read, not closed.
     """
     if isinstance(path, model_file.ModelFile):
         return _stats_of(path, threads)
