@@ -156,6 +156,7 @@ def _ref_tflite(path: Path) -> Digests:
 
     model = tflite.Model.GetRootAsModel(path.read_bytes(), 0)
     found: Digests = {}
+    sparse: dict[int, str] = {}  # tensor index (first subgraph) -> name
     for g in range(model.SubgraphsLength()):
         graph = model.Subgraphs(g)
         for t in range(graph.TensorsLength()):
@@ -164,10 +165,47 @@ def _ref_tflite(path: Path) -> Digests:
             if tensor.Buffer() == 0 or buffer.DataLength() == 0:
                 continue
             name = tensor.Name().decode("utf-8", "replace")
+            if tensor.Sparsity() is not None and g == 0:
+                sparse[t] = name
+                continue
             found[name] = (
                 tuple(tensor.ShapeAsNumpy().tolist() or ()),
                 _digest(buffer.DataAsNumpy()),
             )
+    if sparse:
+        found.update(_ref_tflite_dense(path, model, sparse))
+    return found
+
+
+def _ref_tflite_dense(path: Path, model: Any, sparse: dict[int, str]) -> Digests:
+    """A sparse constant's buffer holds only its non-zero values: the reference for it is
+    the dense tensor TFLite's own DENSIFY op makes of it (run without the default XNNPACK
+    delegate, which densifies inside itself and leaves the op's output empty)."""
+    import tensorflow as tf
+    import tflite
+
+    graph = model.Subgraphs(0)
+    densified: dict[int, int] = {}  # sparse input -> DENSIFY output
+    for o in range(graph.OperatorsLength()):
+        op = graph.Operators(o)
+        code = model.OperatorCodes(op.OpcodeIndex())
+        if max(code.DeprecatedBuiltinCode(), code.BuiltinCode()) == tflite.BuiltinOperator.DENSIFY:
+            densified[op.Inputs(0)] = op.Outputs(0)
+    resolver = tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    interpreter = tf.lite.Interpreter(
+        model_path=str(path),
+        experimental_op_resolver_type=resolver,
+        experimental_preserve_all_tensors=True,
+    )
+    interpreter.allocate_tensors()
+    for detail in interpreter.get_input_details():
+        interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
+    interpreter.invoke()
+    found: Digests = {}
+    for index, name in sparse.items():
+        if index in densified:
+            dense = interpreter.get_tensor(densified[index])
+            found[name] = (tuple(dense.shape), _digest(dense))
     return found
 
 

@@ -318,7 +318,26 @@ def _check_holds(outputs: list[OutputTensor], writer: FormatReader) -> None:
     if refused:
         listed = ", ".join(f"{t.name} ({t.dtype})" for t in refused[:5])
         more = f" and {len(refused) - 5} more" if len(refused) > 5 else ""
-        raise ConversionError(f"{writer.format} cannot hold {listed}{more}; nothing was written")
+        raise ConversionError(
+            f"{writer.format} cannot hold {listed}{more}; nothing was written. "
+            f"{_holders({t.dtype for t in refused}, writer)}; --exclude leaves them out"
+        )
+
+
+def _holders(kinds: set[str], writer: FormatReader) -> str:
+    """Which other targets hold every one of ``kinds`` (safetensors has no complex128;
+    torch and npz hold it), as the flags that choose them."""
+    found = []
+    for to in TARGETS:
+        other = _target_format(Path(to), to)
+        if other.format != writer.format and (
+            other.holds is None or all(other.holds(kind) for kind in kinds)
+        ):
+            found.append(f"--to {to}")
+    kinds_text = ", ".join(sorted(kinds))
+    if not found:
+        return f"no format modelport writes holds {kinds_text}"
+    return f"{' or '.join(found)} keeps {kinds_text}"
 
 
 def _dedupe(

@@ -66,6 +66,13 @@ def standard_type(h5py: Any, file_type: Any) -> tuple[np.dtype[Any], bool] | str
     for candidate in numeric_types():
         if candidate.itemsize == size and file_type.equal(h5py.h5t.py_create(candidate)):
             return candidate, candidate.byteorder in ("<", "|", "=")
+    # numpy keeps no byte order for one byte, so ">i1" above is little-endian to the library;
+    # PyTables writes its big-endian arrays' int8 as STD_I8BE, the same bytes
+    import numpy as np  # h5py has loaded it already
+
+    for code, big_endian in (("i1", h5py.h5t.STD_I8BE), ("u1", h5py.h5t.STD_U8BE)):
+        if file_type.equal(big_endian):
+            return np.dtype(code), True
     return "compound" if type_class == h5py.h5t.COMPOUND else "non-standard numeric type"
 
 

@@ -175,8 +175,8 @@ def dataset_reader(
         translate = h5_errors(f"reading dataset {name!r}", path)
         try:
             with source.file() as handle:
-                dset = _open_by_hard_links(h5py, handle, name)
-                if dset is None or not _same_dataset(h5py, dset, shape, numpy_dtype, dtype_name):
+                dset = open_by_hard_links(h5py, handle, name)
+                if dset is None or not same_dataset(h5py, dset, shape, numpy_dtype, dtype_name):
                     raise CorruptFileError(f"dataset {name!r} changed since it was opened")
                 data = np.asarray(dset[()])
         except Exception as exc:
@@ -189,7 +189,7 @@ def dataset_reader(
     return read_bytes
 
 
-def _same_dataset(
+def same_dataset(
     h5py: Any, dset: Any, shape: tuple[int, ...], numpy_dtype: np.dtype[Any], dtype_name: str
 ) -> bool:
     """Still the shape and (standard) type seen when the file was opened (it may have been
@@ -203,7 +203,7 @@ def _same_dataset(
     return not isinstance(kind, str) and kind[0].newbyteorder("<") == numpy_dtype
 
 
-def _open_by_hard_links(h5py: Any, handle: Any, name: str) -> Any:
+def open_by_hard_links(h5py: Any, handle: Any, name: str) -> Any:
     group = handle
     parts = name.split("/")
     for index, part in enumerate(parts):

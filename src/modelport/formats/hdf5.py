@@ -17,9 +17,11 @@ What modelport makes of it:
 - a contiguous, unfiltered dataset whose type is exactly the little-endian numpy type is a
   zero-copy ``Storage`` at ``dset.id.get_offset()`` (checked against the file size); chunked,
   compressed, compact, big-endian or not-yet-allocated datasets get a ``reader`` that reads
-  through h5py, which decodes the filter pipeline (``_hdf5_source``); a dataset whose
-  pipeline holds a filter the library lacks (blosc without its plugin) is listed with a note
-  and a warning, and reading it raises ``UnsupportedVersionError`` naming the filter;
+  through h5py, which decodes the filter pipeline (``_hdf5_source``); a chunked dataset
+  whose pipeline holds a filter the library lacks is read chunk by chunk when modelport
+  undoes every filter itself (blosc, with deflate, shuffle, fletcher32: ``_hdf5_chunks``),
+  else listed with a note and a warning, and reading it raises ``UnsupportedVersionError``
+  naming the filter;
 - soft links are reported, never followed (their target is reached by its hard link);
   external links, virtual datasets and datasets with external raw storage name other files:
   they are reported and never opened or read;
@@ -54,6 +56,7 @@ from modelport import limits
 from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
 from modelport.formats import _keras_names
 from modelport.formats._hdf5_attrs import AttributeReader, layout_details
+from modelport.formats._hdf5_chunks import chunk_reader, own_pipeline
 from modelport.formats._hdf5_raw import HeapGuard, RawReader, find_superblock, read_superblock
 from modelport.formats._hdf5_source import H5Source as H5Source  # the .keras reader's too
 from modelport.formats._hdf5_source import (
@@ -95,6 +98,7 @@ class Walk:
     external: list[dict[str, str]] = field(default_factory=list)
     zero_copy: int = 0
     through_h5py: int = 0
+    decoded_here: int = 0  # chunks h5py cannot decode (blosc), undone by modelport
     guessed_bfloat16: int = 0
     compression: dict[str, int] = field(default_factory=dict)
     undecodable: list[dict[str, str]] = field(default_factory=list)  # filters h5py lacks
@@ -105,6 +109,8 @@ class Walk:
             "zero_copy": self.zero_copy,
             "read_through_h5py": self.through_h5py,
         }
+        if self.decoded_here:
+            found["decoded_by_modelport"] = self.decoded_here
         for key, items in (
             ("skipped", self.skipped),
             ("soft_links", self.soft_links),
@@ -252,6 +258,14 @@ def _dataset(
         filter_name = plist.get_filter(index)[3].decode("ascii", "replace") or "unknown"
         found.compression[filter_name] = found.compression.get(filter_name, 0) + 1
     missing = undecodable_filters(h5py, plist)
+    pipeline = own_pipeline(h5py, plist) if missing and nbytes else None
+    if pipeline is not None:
+        found.decoded_here += 1
+        stored = numpy_dtype if exact else numpy_dtype.newbyteorder(">")
+        reader = chunk_reader(source, name, tuple(shape), stored, dtype_name, pipeline, place.path)
+        storage = Storage(place.path, 0, nbytes, key=name, reader=reader)
+        note = "; ".join(filter(None, [note, f"{', '.join(missing)} decoded by modelport"]))
+        return TensorRef(dtype_name, tuple(shape), storage, note=note)
     if missing and nbytes:
         return _undecodable(name, tuple(shape), dtype_name, nbytes, missing, place, found)
     contiguous = plist.get_layout() == h5py.h5d.CONTIGUOUS and plist.get_nfilters() == 0 and exact
