@@ -23,7 +23,9 @@ from safetensors.numpy import save_file
 import modelport
 from modelport.fleet import SCHEMA_VERSION, summarize
 from modelport.fleet.inputs import Input, Shard, expand
+from modelport.formats import dcp
 from tests.conftest import Cli
+from tests.formats import test_dcp
 from tests.formats.test_tf_bundle import write_bundle
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs/fleet-record.schema.json").read_text())
@@ -404,3 +406,17 @@ def test_a_tensorflow_checkpoint_folder_is_one_input(tmp_path: Path, cli: Cli) -
     record = cli("hash", root, "--json").json[0]
     assert record["format"] == "tf-checkpoint"
     assert record["digest"] == modelport.hash(checkpoint).digest
+
+
+def test_a_distributed_checkpoint_in_a_folder_is_scanned_by_its_byte_ranges(
+    tmp_path: Path,
+) -> None:
+    """A folder scan reads a distributed checkpoint's data files by the byte ranges its
+    metadata names, and only those files."""
+    test_dcp.save({"w": torch.arange(6.0), "b": torch.ones(2)}, tmp_path / "ckpt")
+    np.save(tmp_path / "other.npy", np.ones(2))
+    inputs = {Path(item.path).name: item.context for item in expand("scan", [str(tmp_path)])}
+    data = tmp_path / "ckpt" / "__0_0.distcp"
+    expected = dcp.segments_of([tmp_path / "ckpt" / dcp.METADATA_NAME, data])[data.resolve()]
+    assert inputs["__0_0.distcp"]["segments"] == [list(r) for r in expected]
+    assert "segments" not in inputs["other.npy"] and "segments" not in inputs[dcp.METADATA_NAME]

@@ -106,6 +106,11 @@ def _build() -> list[bytes]:
     # opcode runs that reach each limit inside the machine's inline path
     found.append(b"\x80\x02K\x01" + b"".join(b"q" + bytes([i]) for i in range(40)) + b".")
     found.append(b"\x80\x02" + b"(" * 40 + b"K\x01" * 60 + b"\x85" * 3 + b".")
+    # SETITEM(S) on a dict with a key it cannot hold, inside the inline path and at the end
+    pad = b"N0" * 10
+    for body in (b"}(]K\x01u", b"}(K\x02K\x03]\x85K\x01u", b"}]K\x01s", b"}(K\x01K\x02K\x03u"):
+        found += [b"\x80\x02" + pad + body + pad + b".", b"\x80\x02" + body + b"."]
+    found.append(b"\x80\x02" + pad + b"M\x01\x02G?\xf0\x00\x00\x00\x00\x00\x00\x86" + pad + b".")
     found.append(_joblib({"w": arrays[0], "objects": arrays[1], "n": 3}))
     found.append(_joblib([np.ones(5, np.float32), arrays[2]]))
     return found

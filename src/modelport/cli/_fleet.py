@@ -11,10 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from modelport.cli._many_files import DEFAULT_CONVERT_TIMEOUT, DEFAULT_TIMEOUT, options_given
-from modelport.conversion.options import ConvertOptions
+from modelport.cli._many_files import DEFAULT_TIMEOUT, options_given
 from modelport.errors import UsageError
-from modelport.fleet import convert_manifest
 from modelport.fleet.inputs import Input, Shard, expand, read_list
 from modelport.fleet.records import Budget, Record
 from modelport.fleet.running import Plan, Tally, run
@@ -33,29 +31,11 @@ def plan(args: argparse.Namespace, command: str, options: dict[str, Any]) -> Pla
     inputs = _without(expand(command, named, args.shard), args.jsonl)
     if not options_given(args) and len(named) == 1 and inputs == [Input(named[0], 0)]:
         return None
-    jobs = args.jobs or (_cores() if len(inputs) > 1 else 1)
+    jobs = args.jobs or (cores() if len(inputs) > 1 else 1)
     budget = Budget(args.timeout or DEFAULT_TIMEOUT, args.max_memory)
     return Plan(
         command, tuple(inputs), budget, options, jobs, args.jsonl, args.scheduler, args.dedupe
     )
-
-
-def convert_plan(args: argparse.Namespace, options: ConvertOptions) -> Plan:
-    """The run of ``convert --from-file``: every manifest's entries, checked whole before
-    any runs (so every machine of a ``--shard`` run refuses the same manifest alike), then
-    this shard's, split by target. An entry is an input whose path is its source and whose
-    context is its target and its own options, which override the command line's."""
-    entries = [item for manifest in args.from_file for item in convert_manifest.read(manifest)]
-    convert_manifest.check_outputs(entries)
-    inputs = [
-        Input(item.source, index, {**item.options, "target": item.target})
-        for index, item in enumerate(entries)
-        if args.shard is None or args.shard.holds(item.target)
-    ]
-    jobs = args.jobs or (_cores() if len(inputs) > 1 else 1)
-    budget = Budget(args.timeout or DEFAULT_CONVERT_TIMEOUT, args.max_memory)
-    given = convert_manifest.command_line(options, args.from_tf)
-    return Plan("convert", tuple(inputs), budget, given, jobs, args.jsonl, args.scheduler)
 
 
 def records(plan: Plan) -> Iterator[Record]:
@@ -99,7 +79,8 @@ def _same(path: str, other: str) -> bool:
         return False
 
 
-def _cores() -> int:
+def cores() -> int:
+    """The CPUs this process may use: ``--jobs`` when it is not given."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -147,9 +147,11 @@ def plan(args: argparse.Namespace, command: str, options: dict[str, Any]) -> Pla
 
 
 def convert_plan(args: argparse.Namespace, options: ConvertOptions) -> Plan:
-    """The fleet run of ``convert --from-file`` (``_fleet.convert_plan``); ``options`` are
+    """The fleet run of ``convert --from-file`` (``_fleet_convert``); ``options`` are
     the command line's, which every entry takes unless it sets its own."""
-    found: Plan = _fleet().convert_plan(args, options)
+    found: Plan = importlib.import_module("modelport.cli._fleet_convert").convert_plan(
+        args, options
+    )
     return found
 
 

@@ -121,7 +121,7 @@ def _scan_folder(root: Path) -> Iterator[Expanded]:
     segments = dcp.segments_of(list(walk.files))
     for file in walk.files:
         context: dict[str, Any] = {"in_folder": True}
-        ranges = segments.get(file.resolve())
+        ranges = segments.get(file.resolve()) if segments else None  # resolving costs lstats
         if ranges is not None:
             context["segments"] = [list(r) for r in ranges]
         if file in walk.outside:

@@ -102,8 +102,8 @@ def run(plan: Plan, tally: Tally | None = None) -> Iterator[Record]:
         for task, outcome, pid in executor.results(groups.leaders):
             if outcome.identity is None:  # the worker never answered: what the run saw
                 outcome = replace(outcome, identity=identities[task.key])
-            record = _record(plan, plan.inputs[task.key], task.options, outcome, pid)
-            record = replace(record, sha256=groups.sha256(task.key))
+            item, digest = plan.inputs[task.key], groups.sha256(task.key)
+            record = _record(plan, item, task.options, outcome, pid, sha256=digest)
             yield from order.put(task.key, _written(journal, record, tally))
             for follower in groups.followers.get(task.key, ()):
                 content = groups.contents[follower.key]
@@ -120,7 +120,13 @@ def _written(journal: Journal | None, record: Record, tally: Tally) -> Record:
 
 
 def _record(
-    plan: Plan, item: Input, options: dict[str, Any], outcome: Outcome, worker: int
+    plan: Plan,
+    item: Input,
+    options: dict[str, Any],
+    outcome: Outcome,
+    worker: int,
+    *,
+    sha256: str | None = None,
 ) -> Record:
     return Record(
         command=plan.command,
@@ -138,6 +144,7 @@ def _record(
         worker=worker,
         finished=round(time.time(), 3),
         target=_target(options),
+        sha256=sha256,
     )
 
 

@@ -66,11 +66,11 @@ class _Machine(Opcodes):
             if code == _BINGET and (key := data[pos + 1]) in memo:
                 stack.append(memo[key])
                 pos += 2
-            elif code == _BININT1:
-                stack.append(data[pos + 1])
-                pos += 2
             elif code == _BINPUT and stack and (memo_room or len(memo) < max_memo):
                 memo[data[pos + 1]] = stack[-1]
+                pos += 2
+            elif code == _BININT1:
+                stack.append(data[pos + 1])
                 pos += 2
             elif code == _LONG_BINPUT and stack and (memo_room or len(memo) < max_memo):
                 memo[_U32(data, pos + 1)[0]] = stack[-1]
@@ -84,10 +84,18 @@ class _Machine(Opcodes):
                 stack = marks.pop()
                 stack.append(item)
                 pos += 1
+            elif code == _REDUCE and len(stack) > 1 and isinstance(stack[-1], tuple):
+                args = stack.pop()
+                self.pos, self.op_offset, self.op_code = pos + 1, pos, code
+                stack[-1] = resolver.call(stack[-1], args, Step(pos, "REDUCE", self))
+                pos = self.pos
             elif code == _BINUNICODE and (end := pos + 5 + _U32(data, pos + 1)[0]) <= size:
                 self.op_offset = pos
                 stack.append(decode(data[pos + 5 : end], "utf-8", "surrogatepass"))
                 pos = end
+            elif code == _EMPTY_TUPLE:
+                stack.append(())
+                pos += 1
             elif code == _SHORT_BINUNICODE and (end := pos + 2 + data[pos + 1]) <= size:
                 self.op_offset = pos
                 stack.append(decode(data[pos + 2 : end], "utf-8", "surrogatepass"))
@@ -95,24 +103,27 @@ class _Machine(Opcodes):
             elif code == _MEMOIZE and stack and (memo_room or len(memo) < max_memo):
                 memo[len(memo)] = stack[-1]
                 pos += 1
-            elif code in _CONSTANTS:
-                stack.append(_CONSTANTS[code]())
-                pos += 1
             elif code in _SMALL_TUPLES and len(stack) >= (width := _SMALL_TUPLES[code]):
                 stack[-width:] = [tuple(stack[-width:])]
                 pos += 1
-            elif code == _REDUCE and len(stack) > 1 and isinstance(stack[-1], tuple):
-                args = stack.pop()
-                stack[-1] = resolver.call(stack[-1], args, self._at(pos, code, "REDUCE"))
-                pos = self.pos
+            elif code in _CONSTANTS:
+                stack.append(_CONSTANTS[code]())
+                pos += 1
             elif code == _BINPERSID and stack:
-                at = self._at(pos, code, "BINPERSID")
-                stack[-1] = resolver.persistent_load(stack[-1], at)
+                stack[-1] = resolver.persistent_load(stack[-1], self._at(pos, code, "BINPERSID"))
                 pos = self.pos
             elif code == _BUILD and len(stack) > 1:
                 state = stack.pop()
                 stack[-1] = resolver.build(stack[-1], state, self._at(pos, code, "BUILD"))
                 pos = self.pos
+            elif code == _SETITEMS and marks and not len(stack) % 2 and _dict_on_top(marks[-1]):
+                items, stack = stack, marks.pop()
+                self._set_items(stack, items, pos, code)
+                pos += 1
+            elif code in _FIXED_WIDTH:
+                unpack, width = _FIXED_WIDTH[code]
+                stack.append(unpack(data, pos + 1)[0])
+                pos += width
             elif code == _STOP:
                 return self._stop(pos, stack, count)
             else:
@@ -160,6 +171,18 @@ class _Machine(Opcodes):
         """Where a resolver is called from; its cursor reads on from just past the opcode."""
         self.pos, self.op_offset, self.op_code = pos + 1, pos, code
         return Step(pos, name, self)
+
+    def _set_items(self, stack: list[Any], items: list[Any], pos: int, code: int) -> None:
+        """SETITEMS of key-value ``items`` on the dict on top of ``stack``, in order; a key
+        the dict refuses raises what the handler raises, after the pairs before it were set
+        (as the handler sets them)."""
+        try:
+            stack[-1].update(zip(items[::2], items[1::2], strict=True))
+        except TypeError as exc:
+            self.stack, self.op_offset, self.op_code = stack, pos, code
+            for key in items[::2]:
+                self._hashable(key)
+            raise exc from None
 
     def _deadline(self) -> float | None:
         seconds = self.limits.max_seconds
@@ -228,14 +251,25 @@ _BINPUT, _LONG_BINPUT, _MEMOIZE = CODES["BINPUT"], CODES["LONG_BINPUT"], CODES["
 _MARK, _TUPLE = CODES["MARK"], CODES["TUPLE"]
 _REDUCE, _BINPERSID, _BUILD = CODES["REDUCE"], CODES["BINPERSID"], CODES["BUILD"]
 _SHORT_BINUNICODE, _BINUNICODE = CODES["SHORT_BINUNICODE"], CODES["BINUNICODE"]
+_SETITEMS, _EMPTY_TUPLE = CODES["SETITEMS"], CODES["EMPTY_TUPLE"]
+# Opcodes that push the number in their fixed-width argument: how to read it, and the
+# opcode's width with it.
+_FIXED_WIDTH: dict[int, tuple[Callable[[Any, int], tuple[Any, ...]], int]] = {
+    CODES["BININT2"]: (Struct("<H").unpack_from, 3),
+    CODES["BININT"]: (Struct("<i").unpack_from, 5),
+    CODES["BINFLOAT"]: (Struct(">d").unpack_from, 9),
+}
 # TUPLE1-3 by how many items they take.
 _SMALL_TUPLES = {CODES["TUPLE1"]: 1, CODES["TUPLE2"]: 2, CODES["TUPLE3"]: 3}
 # Opcodes that push a constant or a new empty container, and what makes it.
 _CONSTANTS: dict[int, Callable[[], Any]] = {
-    CODES["EMPTY_TUPLE"]: tuple,
     CODES["NEWFALSE"]: bool,
     CODES["NEWTRUE"]: lambda: True,
     CODES["NONE"]: lambda: None,
     CODES["EMPTY_DICT"]: dict,
     CODES["EMPTY_LIST"]: list,
 }
+
+
+def _dict_on_top(stack: list[Any]) -> bool:
+    return bool(stack) and type(stack[-1]) is dict
