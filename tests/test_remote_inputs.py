@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import modelport
+from modelport.fleet.records import Identity
 from modelport.scanning import remote_inputs
 from modelport.scanning.scanner import scan_file
 from tests.conftest import attack_pickles
@@ -32,6 +33,7 @@ class _RangeHandler(BaseHTTPRequestHandler):
 
     root: ClassVar[Path]
     sent: ClassVar[list[int]]
+    tagged: ClassVar[bool] = True
 
     def do_HEAD(self) -> None:
         self._answer(body=False)
@@ -55,6 +57,10 @@ class _RangeHandler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         self.send_header("Accept-Ranges", "bytes")
+        if self.tagged:  # as nginx names a file's version: mtime and size
+            info = path.stat()
+            self.send_header("ETag", f'"{info.st_mtime_ns:x}-{size:x}"')
+            self.send_header("Last-Modified", self.date_time_string(int(info.st_mtime)))
         self.send_header("Content-Length", str(end - start))
         self.end_headers()
         if body:
@@ -359,3 +365,68 @@ def test_server_without_ranges_sends_it_whole(tmp_path: Path) -> None:
         thread.join()
     assert found["bytes_fetched"] >= path.stat().st_size
     _same_inspect(found, modelport.inspect(path).to_json())
+
+
+# -- resuming over URLs -------------------------------------------------------------------------
+
+
+def test_an_object_is_identified_by_its_version(http_files: Served, tmp_path: Path) -> None:
+    """A URL's identity is what its server says of the bytes (ETag, Last-Modified), so a
+    rerun can tell an unchanged object; with neither, it has none and is read again."""
+    path = _small_safetensors(http_files.root / "a.safetensors")
+    url = f"{http_files.url}/a.safetensors"
+    first = Identity.of(url)
+    assert first is not None
+    assert (first.size, first.device, first.inode) == (path.stat().st_size, 0, 0)
+    assert first.version.startswith('ETag="')
+    assert first.mtime_ns == int(path.stat().st_mtime) * 10**9  # HTTP dates have seconds
+    assert Identity.of(url) == first
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 5 * 10**9))
+    assert Identity.of(url) not in (None, first)
+    _RangeHandler.tagged = False
+    try:
+        assert Identity.of(url) is None
+    finally:
+        _RangeHandler.tagged = True
+    assert Identity.of(f"{http_files.url}/missing.safetensors") is None
+
+
+@pytest.mark.heavy  # worker processes
+def test_a_rerun_skips_unchanged_objects(http_files: Served, cli: Any, tmp_path: Path) -> None:
+    for name in ("a.safetensors", "b.safetensors"):
+        _small_safetensors(http_files.root / name)
+    urls = [f"{http_files.url}/a.safetensors", f"{http_files.url}/b.safetensors"]
+    out = tmp_path / "scan.jsonl"
+    assert cli("scan", *urls, "--jobs", "1", "--jsonl", out).code == 0
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["path"] for r in written) == urls
+    assert all(r["version"].startswith("ETag=") and r["device"] == 0 for r in written)
+    again = cli("scan", *urls, "--jobs", "1", "--jsonl", out)
+    assert "0 processed now, 2 already recorded" in again.err
+    b = http_files.root / "b.safetensors"
+    later = b.stat().st_mtime_ns + 5 * 10**9
+    np.save(http_files.root / "c.npy", np.zeros(3))  # other bytes, renamed over b
+    (http_files.root / "c.npy").replace(b)
+    os.utime(b, ns=(later, later))
+    third = cli("scan", *urls, "--jobs", "1", "--jsonl", out)
+    assert "1 processed now, 1 already recorded" in third.err
+    last = json.loads(out.read_text().splitlines()[-1])
+    assert (last["path"], last["format"]) == (urls[1], "npy")
+
+
+@pytest.mark.heavy
+def test_a_rerun_skips_unchanged_s3_objects(s3_bucket: str, cli: Any, tmp_path: Path) -> None:
+    import boto3
+
+    client = boto3.client("s3")
+    path = _small_safetensors(tmp_path / "small.safetensors")
+    client.upload_file(str(path), s3_bucket, "resume/small.safetensors")
+    url = f"s3://{s3_bucket}/resume/small.safetensors"
+    out = tmp_path / "scan.jsonl"
+    assert cli("scan", url, "--jobs", "1", "--jsonl", out).code == 0
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["version"].startswith("ETag=") and record["size"] == path.stat().st_size
+    assert "0 processed now, 1 already recorded" in cli("scan", url, "--jsonl", out).err
+    np.save(tmp_path / "other.npy", np.ones(4))
+    client.upload_file(str(tmp_path / "other.npy"), s3_bucket, "resume/small.safetensors")
+    assert "1 processed now, 0 already recorded" in cli("scan", url, "--jsonl", out).err

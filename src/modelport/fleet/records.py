@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from modelport._version import __version__
+from modelport.errors import ModelportError
+from modelport.transfer import remote
 
 SCHEMA_VERSION: Final = 1
 # The scanner's rules change only with modelport's code for now, so its version stands for
@@ -39,17 +41,24 @@ NO_EFFECT_ON_OUTPUT: Final = ("overwrite", "fsync")
 class Identity:
     """Which bytes a record speaks for. A folder (a Hugging Face model directory) counts its
     files: the sum of their sizes and the latest of their mtimes, under the folder's own
-    device and inode, so a shard rewritten in place changes it."""
+    device and inode, so a shard rewritten in place changes it. An object behind a URL has
+    no device or inode (both 0): its store's ``version`` (an ETag, a generation) and its
+    modification time stand for them."""
 
     size: int
     mtime_ns: int
     device: int
     inode: int
+    version: str = ""
 
     @classmethod
     def of(cls, path: str | Path) -> Identity | None:
         """The identity of what ``path`` names now (links followed, as readers follow
-        them); None when it cannot be read, which no record ever matches."""
+        them); None when it cannot be read, which no record ever matches. For a URL this
+        asks the store (one metadata request); an object whose store gives neither a
+        version nor a modification time has none, and is read again by every run."""
+        if remote.is_url(path):
+            return cls._of_object(str(path))
         try:
             info = Path(path).stat()
             if not stat.S_ISDIR(info.st_mode):
@@ -63,6 +72,16 @@ class Identity:
             return cls(size, latest, info.st_dev, info.st_ino)
         except OSError:
             return None
+
+    @classmethod
+    def _of_object(cls, url: str) -> Identity | None:
+        try:
+            found = remote.RemoteObject.open(url)
+        except (ModelportError, OSError):
+            return None
+        if not (found.version or found.modified_ns):
+            return None
+        return cls(found.size, found.modified_ns, 0, 0, found.version)
 
 
 @dataclass(frozen=True)
@@ -89,7 +108,13 @@ class Outcome:
     def to_json(self) -> dict[str, Any]:
         identity = self.identity
         return {
-            "identity": [identity.size, identity.mtime_ns, identity.device, identity.inode]
+            "identity": [
+                identity.size,
+                identity.mtime_ns,
+                identity.device,
+                identity.inode,
+                identity.version,
+            ]
             if identity
             else None,
             "format": self.format,
@@ -173,6 +198,7 @@ class Record:
     def to_json(self) -> dict[str, Any]:
         identity = self.identity
         optional = {
+            "version": identity.version if identity and identity.version else None,
             "sha256": self.sha256,
             "deduplicated_from": self.deduplicated_from,
             "target": self.target,
@@ -218,7 +244,7 @@ class Record:
             command=str(data["command"]),
             path=str(data["path"]),
             index=int(data["index"]),
-            identity=Identity(*map(int, sizes)) if None not in sizes else None,
+            identity=_identity(sizes, data.get("version", "")),
             status=_status(data["status"]),
             format=str(data["format"]),
             error=Failure(str(error["type"]), str(error["message"])) if error else None,
@@ -287,6 +313,13 @@ def plain(value: Any) -> Any:
 
 def _optional_text(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def _identity(sizes: tuple[Any, ...], version: Any) -> Identity | None:
+    if None in sizes:
+        return None
+    size, mtime_ns, device, inode = map(int, sizes)
+    return Identity(size, mtime_ns, device, inode, str(version))
 
 
 def _status(value: Any) -> Status:

@@ -29,6 +29,7 @@ from modelport.fleet.inputs import Input
 from modelport.fleet.journal import Journal
 from modelport.fleet.pool import Pool, Task
 from modelport.fleet.records import TIMED_OUT, Budget, Identity, Outcome, Record, Status, plain
+from modelport.transfer import remote
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,8 @@ def run(plan: Plan, tally: Tally | None = None) -> Iterator[Record]:
         identities: dict[int, Identity | None] = {}
         for position, item in enumerate(plan.inputs):
             options = plain({**plan.options, **item.context})
-            identity = Identity.of(item.path)
             record = earlier.get((item.path, _target(options)))
+            identity = _identity(item.path, record)
             if record is not None and record.answers(plan.command, identity, options, plan.budget):
                 tally.reused += 1
                 yield from order.put(position, record)
@@ -110,6 +111,14 @@ def run(plan: Plan, tally: Tally | None = None) -> Iterator[Record]:
                 twin = copied(record, plan.inputs[follower.key], content, groups.contents[task.key])
                 tally.deduplicated += 1
                 yield from order.put(follower.key, _written(journal, twin, tally))
+
+
+def _identity(path: str, earlier: Record | None) -> Identity | None:
+    """What ``path`` is now. An object behind a URL costs a request to its store, made here
+    only when a record may stand for it: its worker takes the identity it reads."""
+    if earlier is None and remote.is_url(path):
+        return None
+    return Identity.of(path)
 
 
 def _written(journal: Journal | None, record: Record, tally: Tally) -> Record:

@@ -23,6 +23,8 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -43,6 +45,20 @@ _PACKAGES: Final = {
     "az": "adlfs",
     "abfs": "adlfs",
 }
+# What names an object's bytes in each store's ``info``, most specific first: S3's version
+# id and ETag, GCS's generation, an HTTP server's ETag or digest, a Hugging Face blob id.
+_VERSION_KEYS: Final = (
+    "VersionId",
+    "ETag",
+    "generation",
+    "etag",
+    "md5Hash",
+    "Digest",
+    "Content-MD5",
+    "blob_id",
+)
+# When it was last written: S3's LastModified, GCS's updated, fsspec's mtime, HTTP's header.
+_MODIFIED_KEYS: Final = ("LastModified", "updated", "mtime", "last_modified", "Last-Modified")
 STREAM_CHUNK: Final = 8 << 20  # bytes per range when a whole object is copied
 STREAM_BATCH: Final = 4  # ranges asked for at once (fetched concurrently where fsspec can)
 
@@ -65,13 +81,18 @@ def redact(url: str) -> str:
 
 @dataclass
 class RemoteObject:
-    """One object: its file system, its path there, its size, and the bytes received so far."""
+    """One object: its file system, its path there, its size, and the bytes received so far.
+    ``version`` is what the store says names these bytes (``ETag=...``, a generation, a blob
+    id; empty when it says nothing) and ``modified_ns`` its modification time (0 when
+    unknown): together with the size, what tells a rerun that the object is unchanged."""
 
     url: str
     fs: Any
     key: str
     size: int
     received: int = 0
+    version: str = ""
+    modified_ns: int = 0
 
     @classmethod
     def open(cls, url: str) -> RemoteObject:
@@ -93,7 +114,7 @@ class RemoteObject:
         size = info.get("size")
         if not isinstance(size, int):
             raise ModelFileNotFoundError(redact(url), "the server does not say the object's size")
-        return cls(url, fs, key, size)
+        return cls(url, fs, key, size, version=_version(info), modified_ns=_modified_ns(info))
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """The bytes of each ``(start, end)`` range, in one batch where the file system
@@ -227,6 +248,37 @@ def whole_copy(url: str) -> Iterator[SparseCopy]:
     with sparse_copy(url) as copy:
         copy.fetch_rest()
         yield copy
+
+
+def _version(info: dict[str, Any]) -> str:
+    for key in _VERSION_KEYS:
+        value = info.get(key)
+        if value not in (None, ""):
+            return f"{key}={value}"
+    return ""
+
+
+def _modified_ns(info: dict[str, Any]) -> int:
+    for key in _MODIFIED_KEYS:
+        value = info.get(key)
+        try:
+            if isinstance(value, datetime):
+                return int(value.timestamp() * 1e9)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return int(value * 1e9)
+            if isinstance(value, str) and value:
+                return int(_parsed_time(value).timestamp() * 1e9)
+        except (ValueError, TypeError, OverflowError):
+            continue  # a form this does not know: another key may say it
+    return 0
+
+
+def _parsed_time(text: str) -> datetime:
+    """ISO 8601 (GCS's ``updated``) or an HTTP date (``Last-Modified``)."""
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return parsedate_to_datetime(text)
 
 
 def _local_name(key: str) -> str:
