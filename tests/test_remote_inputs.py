@@ -430,3 +430,29 @@ def test_a_rerun_skips_unchanged_s3_objects(s3_bucket: str, cli: Any, tmp_path: 
     np.save(tmp_path / "other.npy", np.ones(4))
     client.upload_file(str(tmp_path / "other.npy"), s3_bucket, "resume/small.safetensors")
     assert "1 processed now, 0 already recorded" in cli("scan", url, "--jsonl", out).err
+
+
+@pytest.mark.heavy
+def test_dedupe_keys_objects_by_their_stored_digest(
+    s3_bucket: str, cli: Any, tmp_path: Path
+) -> None:
+    """The same bytes under one name in two prefixes are judged once, keyed by S3's ETag:
+    no byte of the second is fetched; other bytes under the name are judged apart."""
+    import boto3
+
+    client = boto3.client("s3")
+    path = _small_safetensors(tmp_path / "model.safetensors")
+    for prefix in ("hub/a", "hub/b"):
+        client.upload_file(str(path), s3_bucket, f"{prefix}/model.safetensors")
+    np.save(tmp_path / "other.npy", np.ones(4))
+    client.upload_file(str(tmp_path / "other.npy"), s3_bucket, "hub/c/model.safetensors")
+    urls = [f"s3://{s3_bucket}/hub/{p}/model.safetensors" for p in "abc"]
+    out = tmp_path / "scan.jsonl"
+    assert cli("scan", *urls, "--dedupe", "--jobs", "1", "--jsonl", out).code == 0
+    written = {r["path"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert written[urls[1]]["deduplicated_from"] == urls[0]
+    assert "deduplicated_from" not in written[urls[0]]
+    assert "deduplicated_from" not in written[urls[2]]
+    assert written[urls[1]]["result"]["path"] == urls[1]
+    assert written[urls[1]]["result"]["verdict"] == written[urls[0]]["result"]["verdict"]
+    assert written[urls[2]]["format"] == "npy"

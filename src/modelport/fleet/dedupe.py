@@ -2,10 +2,14 @@
 
 A run with ``--dedupe`` reads every file it is about to process once more, to take its
 sha256 (streamed, 1 MiB at a time, on ``--jobs`` threads), and keys it by that digest, its
-file name and the run's options for it. The first file of each key runs; each other one gets
+file name and the run's options for it. An object behind a URL is not read for this: it is
+keyed by the digest its store keeps of its bytes (S3's ETag, GCS's MD5, a Hugging Face
+file's sha256; ``transfer.remote``), one metadata request, and runs as itself where the
+store keeps none. The first file of each key runs; each other one gets
 a record copied from the first's: its own path, index, size, mtime, device and inode, the
 first's result with the first's path replaced by its own, and ``deduplicated_from`` naming
-the first. Every record of the run carries the ``sha256``.
+the first. Every record of the run carries the ``sha256`` when one was taken or the store
+gave one.
 
 The name is part of the key because a few readers take something from it (a ``.npy``'s
 tensor is named after the file; a ``.py`` or ``.jinja`` file is judged as code), so the same
@@ -29,18 +33,23 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from modelport.errors import ModelportError
 from modelport.fleet.inputs import Input
 from modelport.fleet.pool import Task
 from modelport.fleet.records import Failure, Identity, Record
+from modelport.transfer import remote
 from modelport.transfer.hashing import sha256_of
 
 
 @dataclass(frozen=True)
 class Content:
-    """A file's sha256 and the identity it had both before and after hashing."""
+    """What a file's bytes are known by: ``key`` groups equal bytes (``sha256=`` and the
+    digest taken here, or a store's own digest), ``identity`` is what the file was both
+    before and after hashing, ``sha256`` the digest where one is known."""
 
-    sha256: str
+    key: str
     identity: Identity
+    sha256: str | None
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,7 @@ class Groups:
                 leaders.append(task)
                 continue
             contents[task.key] = content
-            key = (content.sha256, Path(task.path).name, _canonical(task.options))
+            key = (content.key, Path(task.path).name, _canonical(task.options))
             first = leader_of.setdefault(key, task.key)
             if first == task.key:
                 leaders.append(task)
@@ -86,7 +95,10 @@ class Groups:
 
 
 def content_of(path: str) -> Content | None:
-    """The sha256 of a regular file that stayed the same while it was read; else None."""
+    """The sha256 of a regular file that stayed the same while it was read, or the digest a
+    store keeps of an object; else None."""
+    if remote.is_url(path):
+        return _stored_content(path)
     before = Identity.of(path)
     try:
         if before is None or not stat.S_ISREG(Path(path).stat().st_mode):
@@ -94,7 +106,19 @@ def content_of(path: str) -> Content | None:
         digest = sha256_of(path)
     except OSError:
         return None
-    return Content(digest, before) if Identity.of(path) == before else None
+    return Content(f"sha256={digest}", before, digest) if Identity.of(path) == before else None
+
+
+def _stored_content(url: str) -> Content | None:
+    try:
+        found = remote.RemoteObject.open(url)
+    except (ModelportError, OSError):
+        return None
+    identity = Identity.of_object(found)
+    if identity is None or not found.digest:
+        return None
+    kind, _, value = found.digest.partition("=")
+    return Content(found.digest, identity, value if kind == "sha256" else None)
 
 
 def copied(first: Record, item: Input, content: Content, expected: Content | None) -> Record:

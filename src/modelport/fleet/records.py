@@ -76,9 +76,13 @@ class Identity:
     @classmethod
     def _of_object(cls, url: str) -> Identity | None:
         try:
-            found = remote.RemoteObject.open(url)
+            return cls.of_object(remote.RemoteObject.open(url))
         except (ModelportError, OSError):
             return None
+
+    @classmethod
+    def of_object(cls, found: remote.RemoteObject) -> Identity | None:
+        """The identity of an object looked up already."""
         if not (found.version or found.modified_ns):
             return None
         return cls(found.size, found.modified_ns, 0, 0, found.version)

@@ -84,7 +84,9 @@ class RemoteObject:
     """One object: its file system, its path there, its size, and the bytes received so far.
     ``version`` is what the store says names these bytes (``ETag=...``, a generation, a blob
     id; empty when it says nothing) and ``modified_ns`` its modification time (0 when
-    unknown): together with the size, what tells a rerun that the object is unchanged."""
+    unknown): together with the size, what tells a rerun that the object is unchanged.
+    ``digest`` is a digest of the bytes themselves where the store keeps one (``_digest``):
+    two objects with one digest hold the same bytes."""
 
     url: str
     fs: Any
@@ -93,6 +95,7 @@ class RemoteObject:
     received: int = 0
     version: str = ""
     modified_ns: int = 0
+    digest: str = ""
 
     @classmethod
     def open(cls, url: str) -> RemoteObject:
@@ -114,7 +117,15 @@ class RemoteObject:
         size = info.get("size")
         if not isinstance(size, int):
             raise ModelFileNotFoundError(redact(url), "the server does not say the object's size")
-        return cls(url, fs, key, size, version=_version(info), modified_ns=_modified_ns(info))
+        return cls(
+            url,
+            fs,
+            key,
+            size,
+            version=_version(info),
+            modified_ns=_modified_ns(info),
+            digest=_digest(urlsplit(url).scheme.lower(), info),
+        )
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """The bytes of each ``(start, end)`` range, in one batch where the file system
@@ -255,6 +266,28 @@ def _version(info: dict[str, Any]) -> str:
         value = info.get(key)
         if value not in (None, ""):
             return f"{key}={value}"
+    return ""
+
+
+def _digest(scheme: str, info: dict[str, Any]) -> str:
+    """S3's ETag (the MD5 of the bytes, or for a multipart upload of its parts' MD5s, so
+    equal bytes uploaded alike), GCS's md5Hash, a Hugging Face file's LFS sha256 or git blob
+    id, an HTTP Digest or Content-MD5; never an HTTP ETag or a version id, which name a
+    version (often its mtime and size), not the bytes."""
+    lfs = info.get("lfs")
+    found: dict[str, Any] = {
+        "s3": info.get("ETag") if scheme in ("s3", "s3a") else None,
+        "md5": info.get("md5Hash") if scheme in ("gs", "gcs") else None,
+        "sha256": lfs.get("sha256") if scheme == "hf" and isinstance(lfs, dict) else None,
+        "git": info.get("blob_id") if scheme == "hf" else None,
+        "http": info.get("Digest") or info.get("Content-MD5")
+        if scheme.startswith("http")
+        else None,
+    }
+    for kind, value in found.items():
+        text = value.strip('"') if isinstance(value, str) else ""  # S3 quotes its ETags
+        if text:
+            return f"{kind}={text}"
     return ""
 
 
