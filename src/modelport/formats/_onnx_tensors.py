@@ -16,6 +16,11 @@ Layout (onnx/onnx.proto, ``message TensorProto``; field numbers in ``TensorField
 - STRING (``string_data``, 6) has no numeric data; 2/4/6-bit types and ``segment`` (3) are
   not supported.
 
+A tensor of only ``dims``, ``data_type``, ``name`` and ``raw_data`` with one-byte tags (what
+onnx writes for an initializer) is decoded in one loop that builds no per-field object and
+skips raw_data by its length; any other tensor is read field by field. Both apply the same
+checks, and protobuf's rules: fields in any order, the last of a repeated scalar wins.
+
 An external ``location`` that is absolute, has a drive, or contains ``..`` is refused, never
 followed; a missing external file is a clear error.
 """
@@ -25,11 +30,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final
+from typing import Final, NamedTuple
 
 from modelport import dtypes, limits
 from modelport.errors import (
@@ -39,7 +43,14 @@ from modelport.errors import (
     ModelFileNotFoundError,
     TruncatedFileError,
 )
-from modelport.formats._protobuf import Field, Message, WireType, count_varints, decode_varints
+from modelport.formats._protobuf import (
+    Field,
+    Message,
+    WireType,
+    count_varints,
+    decode_varints,
+    new_tuple,
+)
 from modelport.formats._protobuf import signed64 as s64
 from modelport.tensors import NDArray, Storage, TensorRef
 
@@ -127,6 +138,16 @@ _DTYPE_BY_CODE: Final = MappingProxyType({int(k): v for k, v in DTYPE_NAMES.item
 _ITEMSIZE: Final = MappingProxyType({v: dtypes.dtype(v).itemsize for v in DTYPE_NAMES.values()})
 _NOTHING_TYPED: Final[Mapping[int, tuple[Field, ...]]] = MappingProxyType({})
 _NOTHING_EXTERNAL: Final[Mapping[str, str]] = MappingProxyType({})
+# One-byte tags (field number << 3 | wire type) of the fields a plain tensor holds.
+_DIMS_TAG: Final = T.DIMS << 3 | WireType.VARINT
+_DATA_TYPE_TAG: Final = T.DATA_TYPE << 3 | WireType.VARINT
+_NAME_TAG: Final = T.NAME << 3 | WireType.LEN
+_RAW_DATA_TAG: Final = T.RAW_DATA << 3 | WireType.LEN
+_PLAIN_TAGS: Final = frozenset({_DIMS_TAG, _DATA_TYPE_TAG, _NAME_TAG, _RAW_DATA_TAG})
+_TWO_63: Final = 1 << 63
+_TEXT_LIMIT: Final = limits.MAX_PROTOBUF_TEXT
+_MAX_RANK: Final = limits.MAX_RANK
+_SHARED_SHAPES: Final = 4096
 
 
 def dtype_label(code: int) -> str:
@@ -136,16 +157,16 @@ def dtype_label(code: int) -> str:
     return f"onnx-type-{code}"
 
 
-@dataclass(frozen=True)
-class TensorRecord:
-    """A ``TensorProto`` as found: shape, type and where its elements are."""
+class TensorRecord(NamedTuple):
+    """A ``TensorProto`` as found: shape, type and where its elements are. (A NamedTuple:
+    immutable, and a graph of a million initializers builds a million of them.)"""
 
     name: str
     dims: tuple[int, ...]
     data_type: int
     raw: tuple[int, int] | None = None
-    typed: Mapping[int, tuple[Field, ...]] = field(default_factory=dict)
-    external: Mapping[str, str] = field(default_factory=dict)
+    typed: Mapping[int, tuple[Field, ...]] = _NOTHING_TYPED
+    external: Mapping[str, str] = _NOTHING_EXTERNAL
     location: int = 0
     segmented: bool = False
 
@@ -158,6 +179,9 @@ class TensorData:
         self.path = path
         self.external_files: set[str] = set()
         self.kept = 0
+        # One tuple per distinct shape (the first _SHARED_SHAPES of them): a million tensors
+        # of a few shapes then hold a few tuples, not a million.
+        self.shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
 
     def keep(self) -> None:
         """Count one field kept for later (unpacked repeated values cost one each)."""
@@ -171,14 +195,80 @@ class TensorData:
         return CorruptFileError(message, path=self.path)
 
     def record(self, item: Field) -> TensorRecord:
+        """The ``TensorProto`` in ``item``: the common shape (dims, data_type, name, raw_data
+        with one-byte tags) in one tight loop, anything else by the general field walk."""
+        if item.wire != WireType.LEN:
+            self.msg.expect(item, WireType.LEN)
+        start, end = item.start, item.end
+        return self.plain_record(start, end) or self.full_record(start, end)
+
+    def plain_record(self, start: int, end: int) -> TensorRecord | None:
+        """A tensor of only dims, data_type, name and raw_data fields, or None at the first
+        other field or a length past the tensor's end (``full_record`` then reads it and says
+        what is wrong). No Field is built and raw_data is skipped by its length, never read."""
         msg = self.msg
-        msg.expect(item, WireType.LEN)
+        data = msg.data
+        budget = msg.budget
+        dims: list[int] = []
+        name, data_type = "", 0
+        raw: tuple[int, int] | None = None
+        pos, wide = start, False
+        while pos < end:  # each turn moves on by two bytes or more: bounded by the tensor's size
+            tag = data[pos]
+            value = data[pos + 1] if pos + 1 < end else 0x80
+            if value < 0x80:
+                pos += 2
+            elif tag in _PLAIN_TAGS:
+                value, pos = msg.varint(pos + 1, end)
+                wide = True
+            else:
+                return None
+            budget -= 1
+            if tag in (_RAW_DATA_TAG, _NAME_TAG):
+                after = pos + value
+                if after > end:
+                    return None
+                if tag == _RAW_DATA_TAG:
+                    raw = (pos, after)
+                else:
+                    name = str(
+                        data[pos : after if value <= _TEXT_LIMIT else pos + _TEXT_LIMIT],
+                        "utf-8",
+                        "replace",
+                    )
+                pos = after
+            elif tag == _DIMS_TAG:
+                dims.append(value)
+                if len(dims) > _MAX_RANK:
+                    raise LimitExceededError("ONNX tensor rank", _MAX_RANK, len(dims))
+            elif tag == _DATA_TYPE_TAG:
+                data_type = value
+            else:
+                return None
+        if budget < 0:
+            raise msg.over_budget()
+        msg.budget = budget
+        if wide:  # a negative int64 is a ten-byte varint
+            data_type = s64(data_type)
+            if dims and max(dims) >= _TWO_63:
+                dims = [s64(d) for d in dims]
+                raise self.corrupt(f"tensor {name!r} has a negative dimension in {dims}")
+        shape, shapes = tuple(dims), self.shapes
+        shape = shapes.setdefault(shape, shape) if len(shapes) < _SHARED_SHAPES else shape
+        return new_tuple(
+            TensorRecord,
+            (name, shape, data_type, raw, _NOTHING_TYPED, _NOTHING_EXTERNAL, 0, False),
+        )
+
+    def full_record(self, start: int, end: int) -> TensorRecord:
+        """Any ``TensorProto``, field by field."""
+        msg = self.msg
         dims: list[int] = []
         name, data_type, location, segmented = "", 0, 0, False
         raw: tuple[int, int] | None = None
         typed: dict[int, list[Field]] = {}
         external: dict[str, str] = {}
-        for part in msg.fields(item.start, item.end):
+        for part in msg.fields(start, end):
             number = part.number
             if number == T.DIMS:
                 if part.wire == WireType.VARINT:  # one unpacked dimension, as protobuf writes
@@ -245,28 +335,35 @@ class TensorData:
     def ref(self, record: TensorRecord, name: str) -> TensorRef | str:
         """The tensor, or why it is not one: ``STRING`` or the unsupported type's label."""
         code = record.data_type
-        if code == D.STRING:
-            return STRING
-        if code == D.UNDEFINED:
-            raise self.corrupt(f"tensor {name!r} has data type UNDEFINED (0)")
         dtype = _DTYPE_BY_CODE.get(code)
         if dtype is None or record.segmented:
-            return "segmented" if record.segmented else dtype_label(code)
+            return self.not_numeric(record, name)
         numel = math.prod(record.dims)
         nbytes = numel * _ITEMSIZE[dtype]
+        raw = record.raw
         if record.location == EXTERNAL:
             storage = self.external(record, name, nbytes)
-        elif record.raw is not None:
-            start, end = record.raw
+        elif raw is not None:
+            start, end = raw
             if end - start != nbytes:
                 raise self.corrupt(
                     f"tensor {name!r}: shape {list(record.dims)} of {dtype} needs {nbytes} "
                     f"bytes, raw_data holds {end - start}"
                 )
-            storage = Storage(self.path, start, nbytes, key=name)
+            storage = Storage(self.path, start, nbytes, name)
         else:
             storage = self.typed_storage(record, name, DataType(code), numel, nbytes)
         return TensorRef(dtype, record.dims, storage)
+
+    def not_numeric(self, record: TensorRecord, name: str) -> str:
+        """Why a tensor with no numeric dtype (or in segments) is skipped; UNDEFINED is an
+        error."""
+        code = record.data_type
+        if code == D.STRING:
+            return STRING
+        if code == D.UNDEFINED:
+            raise self.corrupt(f"tensor {name!r} has data type UNDEFINED (0)")
+        return "segmented" if record.segmented else dtype_label(code)
 
     def typed_storage(
         self, record: TensorRecord, name: str, code: DataType, numel: int, nbytes: int

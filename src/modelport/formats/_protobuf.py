@@ -10,8 +10,9 @@ Wire format (protobuf.dev/programming-guides/encoding):
 - a repeated scalar MAY appear packed (one LEN field) or unpacked (one field per element),
   and MAY be split over several fields: readers concatenate them.
 
-``Message.fields`` yields each field with the offsets of its payload in the buffer, so a
-``bytes`` field (an ONNX ``raw_data``) is a byte range of the file, never a copy. Every
+``Message.fields`` yields each field (``field_at`` decodes one) with the offsets of its
+payload in the buffer, so a ``bytes`` field (an ONNX ``raw_data``) is a byte range of the
+file, never a copy. Every
 length is checked against the enclosing message before it is used, and a shared budget caps
 the number of fields one file may make us visit.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from enum import IntEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from modelport import limits
 from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
@@ -59,6 +60,11 @@ class Field(NamedTuple):
         return self.end - self.start
 
 
+# new_tuple(Field, (...)) builds a NamedTuple in C, without its Python-level __new__: readers
+# make one per field, or per tensor, so this is most of what building one costs.
+new_tuple: Final = tuple.__new__
+
+
 class Message:
     """A buffer (bytes or an mmap) and the budget shared by every walk over it."""
 
@@ -90,48 +96,68 @@ class Message:
                 f"message [{start}, {end}) lies outside the data", path=self.path
             )
         pos = start
-        data = self.data
+        field_at = self.field_at
         while pos < end:
             self.budget -= 1
             if self.budget < 0:
-                raise LimitExceededError("protobuf fields", self.max_fields, self.max_fields + 1)
-            tag = data[pos]  # one-byte tags (fields 1..15) are the common case
-            if tag < 0x80:
+                raise self.over_budget()
+            field = field_at(pos, end)
+            yield field
+            pos = field.end
+
+    def field_at(self, pos: int, end: int) -> Field:
+        """The field whose tag starts at ``pos``, checked to end by ``end`` (no budget spent)."""
+        data = self.data
+        tag = data[pos]  # one-byte tags (fields 1..15) are the common case
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = self.varint(pos, end)
+        number, wire = tag >> 3, tag & 7
+        if number == 0 or wire not in (0, 1, 2, 5):  # 3/4: obsolete groups
+            raise CorruptFileError(
+                f"invalid protobuf tag {tag:#x} before byte {pos}", path=self.path
+            )
+        if wire == 2:
+            value = data[pos] if pos < end else 0x80
+            if value < 0x80:
                 pos += 1
             else:
-                tag, pos = self.varint(pos, end)
-            number, wire = tag >> 3, tag & 7
-            if number == 0 or wire not in (0, 1, 2, 5):  # 3/4: obsolete groups
-                raise CorruptFileError(
-                    f"invalid protobuf tag {tag:#x} before byte {pos}", path=self.path
-                )
-            if wire == 2:
-                value = data[pos] if pos < end else 0x80
-                if value < 0x80:
-                    pos += 1
-                else:
-                    value, pos = self.varint(pos, end)
-                after = pos + value
-            elif wire == 0:
-                value, after = self.varint(pos, end)
+                value, pos = self.varint(pos, end)
+            after = pos + value
+        elif wire == 0:
+            value = data[pos] if pos < end else 0x80
+            if value < 0x80:
+                after = pos + 1
             else:
-                after = pos + (8 if wire == 1 else 4)
-                value = int.from_bytes(data[pos:after], "little") if after <= end else 0
-            if after > end:
-                raise self.truncated(
-                    f"field {number} at byte {pos} needs {after - pos} bytes, "
-                    f"its message has {end - pos} left",
-                    after,
-                    end,
-                )
-            yield Field(number, wire, value, pos, after)
-            pos = after
+                value, after = self.varint(pos, end)
+        else:
+            after = pos + (8 if wire == 1 else 4)
+            value = int.from_bytes(data[pos:after], "little") if after <= end else 0
+        if after > end:
+            raise self.truncated(
+                f"field {number} at byte {pos} needs {after - pos} bytes, "
+                f"its message has {end - pos} left",
+                after,
+                end,
+            )
+        return new_tuple(Field, (number, wire, value, pos, after))
+
+    def spend(self) -> None:
+        """Count one field visited against the file's budget."""
+        self.budget -= 1
+        if self.budget < 0:
+            raise self.over_budget()
+
+    def over_budget(self) -> LimitExceededError:
+        return LimitExceededError("protobuf fields", self.max_fields, self.max_fields + 1)
 
     def text(self, field: Field, limit: int = limits.MAX_PROTOBUF_TEXT) -> str:
         """A string field, decoded leniently; anything past ``limit`` bytes is dropped."""
-        self.expect(field, WireType.LEN)
-        end = min(field.end, field.start + limit)
-        return bytes(self.data[field.start : end]).decode("utf-8", "replace")
+        if field.wire != WireType.LEN:
+            self.expect(field, WireType.LEN)
+        start, end = field.start, field.end
+        return str(self.data[start : min(end, start + limit)], "utf-8", "replace")
 
     def expect(self, field: Field, *wires: WireType) -> None:
         if field.wire not in wires:

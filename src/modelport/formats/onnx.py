@@ -47,12 +47,12 @@ from modelport.formats._onnx_tensors import (
     TensorData,
     TensorField,
     TensorRecord,
-    dtype_label,
 )
+from modelport.formats._onnx_values import value_info
 from modelport.formats._protobuf import Field, Message, WireType
 from modelport.formats._protobuf import signed64 as s64
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
-from modelport.tensors import TensorRef
+from modelport.tensors import TensorRef, collector_paused
 
 MAX_IR_VERSION = 100
 
@@ -110,6 +110,9 @@ class AttributeField(IntEnum):
 
 
 GRAPH_FIELDS: Final = frozenset(int(f) for f in GraphField)
+_NODE: Final = int(GraphField.NODE)
+_INITIALIZER: Final = int(GraphField.INITIALIZER)
+_INITIALIZER_TAG: Final = _INITIALIZER << 3 | WireType.LEN
 # ModelProto fields and their wire types: anything else at the top level is not ONNX.
 MODEL_WIRES: Final = MappingProxyType(
     {f: WireType.LEN for f in ModelField}
@@ -184,7 +187,11 @@ class _Walk:
 def read(path: Path, probe: Probe) -> Contents:
     if probe.size == 0:
         raise TruncatedFileError("empty ONNX file", expected=1, actual=0, path=path)
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m:
+    with (
+        collector_paused(),
+        open(path, "rb") as handle,
+        mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m,
+    ):
         return _Reader(Message(m, path, limits.MAX_ONNX_FIELDS), path).model()
 
 
@@ -241,7 +248,7 @@ class _Reader:
             raise self.corrupt("ONNX model has no graph")
         details["opset"] = opsets
         details.update(self.graphs(graph, functions))
-        tree = dict(walk.initializers)
+        tree = walk.initializers  # counted already: constants join it in place, no copy
         for name, ref in walk.constants.items():
             if tree.setdefault(name, ref) is not ref:
                 walk.warnings.append(
@@ -263,7 +270,7 @@ class _Reader:
 
     def graphs(self, root: Field, functions: list[Field]) -> dict[str, Any]:
         """Walk the main graph, every subgraph under it and function bodies, with a stack."""
-        msg, walk = self.msg, self.walk
+        walk = self.walk
         top: dict[str, Any] = {"graph_name": "", "inputs": [], "outputs": []}
         stack: list[_Item] = [_Item(True, root.start, root.end, 0, "", True)]
         names: list[str] = []
@@ -282,21 +289,7 @@ class _Reader:
                 stack.extend(reversed(self.node(node, item)))
                 continue
             walk.graphs += 1
-            subgraphs: list[_Item] = []
-            for part in msg.fields(*item.span):
-                number = part.number
-                if number == GraphField.NODE:
-                    subgraphs.extend(self.node(part, item))
-                elif number == GraphField.INITIALIZER:
-                    self.add(self.data.record(part), "", walk.initializers, item.prefix)
-                elif number == GraphField.SPARSE_INITIALIZER:
-                    self.sparse(part, "", item.prefix)
-                elif item.depth == 0 and number == GraphField.NAME:
-                    top["graph_name"] = msg.text(part)
-                elif item.depth == 0 and number in (GraphField.INPUT, GraphField.OUTPUT):
-                    key = "inputs" if number == GraphField.INPUT else "outputs"
-                    top[key].append(self.value_info(part))
-            stack.extend(reversed(subgraphs))
+            stack.extend(reversed(self.graph(item, top)))
         top.update(
             node_count=walk.nodes,
             op_counts=dict(walk.op_counts.most_common()),
@@ -307,6 +300,55 @@ class _Reader:
         if names:
             top["functions"] = names
         return top
+
+    def graph(self, item: _Item, top: dict[str, Any]) -> list[_Item]:
+        """One graph's fields; returns its subgraphs. Initializers, which a graph may hold
+        by the million, are read in runs without a Field each."""
+        msg, data = self.msg, self.msg.data
+        subgraphs: list[_Item] = []
+        pos, end = item.span
+        while pos < end:
+            if data[pos] == _INITIALIZER_TAG:
+                pos = self.initializers(pos, end, item.prefix)
+                continue
+            msg.spend()
+            part = msg.field_at(pos, end)
+            pos, number = part.end, part.number
+            if number == _NODE:
+                subgraphs.extend(self.node(part, item))
+            elif number == _INITIALIZER:  # a tag written in more than one byte
+                self.add(self.data.record(part), "", self.walk.initializers, item.prefix)
+            elif number == GraphField.SPARSE_INITIALIZER:
+                self.sparse(part, "", item.prefix)
+            elif item.depth == 0 and number == GraphField.NAME:
+                top["graph_name"] = msg.text(part)
+            elif item.depth == 0 and number in (GraphField.INPUT, GraphField.OUTPUT):
+                key = "inputs" if number == GraphField.INPUT else "outputs"
+                top[key].append(value_info(msg, part))
+        return subgraphs
+
+    def initializers(self, pos: int, end: int, prefix: str) -> int:
+        """The run of initializer fields (one-byte tags) from ``pos``; returns where it ends."""
+        msg, data, tensors = self.msg, self.msg.data, self.data
+        into = self.walk.initializers
+        while pos < end and data[pos] == _INITIALIZER_TAG:
+            msg.spend()
+            length = data[pos + 1] if pos + 1 < end else 0x80
+            if length < 0x80:
+                start = pos + 2
+            else:
+                length, start = msg.varint(pos + 1, end)
+            pos = start + length
+            if pos > end:
+                raise msg.truncated(
+                    f"field 5 at byte {start} needs {length} bytes, "
+                    f"its message has {end - start} left",
+                    pos,
+                    end,
+                )
+            record = tensors.plain_record(start, pos) or tensors.full_record(start, pos)
+            self.add(record, "", into, prefix)
+        return pos
 
     def function(self, item: Field) -> tuple[str, list[Field]]:
         msg = self.msg
@@ -400,17 +442,16 @@ class _Reader:
     ) -> None:
         name = prefix + (output or record.name or f"tensor_{len(into)}")
         ref = self.data.ref(record, name)
-        if isinstance(ref, str) and ref == STRING:
-            self.walk.strings[name] = list(record.dims)
-            return
         if isinstance(ref, str):
-            self.walk.unsupported[name] = ref
-            self.walk.warnings.append(f"tensor {name!r}: {ref} tensors are not supported; skipped")
-            return
-        if name in into:
+            if ref == STRING:
+                self.walk.strings[name] = list(record.dims)
+            else:
+                self.walk.unsupported[name] = ref
+                self.walk.warnings.append(
+                    f"tensor {name!r}: {ref} tensors are not supported; skipped"
+                )
+        elif into.setdefault(name, ref) is not ref:
             self.walk.warnings.append(f"tensor name {name!r} appears twice; kept the first")
-            return
-        into[name] = ref
 
     def sparse(self, item: Field, output: str, prefix: str) -> None:
         """SparseTensorProto: values (1) and indices (2) are listed as two dense tensors."""
@@ -427,57 +468,6 @@ class _Reader:
         self.add(values, f"{name}.values", self.walk.initializers, "")
         if 2 in parts:
             self.add(self.data.record(parts[2][-1]), f"{name}.indices", self.walk.initializers, "")
-
-    def value_info(self, item: Field) -> dict[str, Any]:
-        """An input or output: name, and dtype/shape when it is a tensor."""
-        msg = self.msg
-        msg.expect(item, WireType.LEN)
-        info: dict[str, Any] = {"name": ""}
-        for part in msg.fields(item.start, item.end):
-            if part.number == 1:
-                info["name"] = msg.text(part)
-            elif part.number == 2:
-                info.update(self.type_proto(part))
-        return info
-
-    def type_proto(self, item: Field) -> dict[str, Any]:
-        msg = self.msg
-        msg.expect(item, WireType.LEN)
-        kinds = {4: "sequence", 5: "map", 7: "opaque", 9: "optional"}
-        for part in msg.fields(item.start, item.end):
-            if part.number in kinds:
-                return {"type": kinds[part.number]}
-            if part.number not in (1, 8):
-                continue
-            result: dict[str, Any] = {"type": "tensor" if part.number == 1 else "sparse_tensor"}
-            msg.expect(part, WireType.LEN)
-            for sub in msg.fields(part.start, part.end):
-                if sub.number == 1:
-                    code = s64(self.varint(sub))
-                    result["dtype"] = dtype_label(code)
-                elif sub.number == 2:
-                    result["shape"] = self.shape(sub)
-            return result
-        return {}
-
-    def shape(self, item: Field) -> list[int | str | None]:
-        msg = self.msg
-        msg.expect(item, WireType.LEN)
-        dims: list[int | str | None] = []
-        for dim in msg.fields(item.start, item.end):
-            if dim.number != 1:
-                continue
-            msg.expect(dim, WireType.LEN)
-            value: int | str | None = None
-            for part in msg.fields(dim.start, dim.end):
-                if part.number == 1:
-                    value = s64(self.varint(part))
-                elif part.number == 2:
-                    value = msg.text(part)
-            dims.append(value)
-            if len(dims) > limits.MAX_RANK:
-                raise LimitExceededError("ONNX value rank", limits.MAX_RANK, len(dims))
-        return dims
 
 
 READER = FormatReader(Format.ONNX, sniff, read, (".onnx",))
