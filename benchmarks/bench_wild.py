@@ -87,12 +87,27 @@ def _ref_torch(path: Path, scripted: bool) -> Digests:
     return {n: (tuple(t.shape), _torch_digest(t)) for n, t in _walk_torch(tree, "", set())}
 
 
+def _numpy_tensors(name: str, array: Any) -> Iterator[tuple[str, Any]]:
+    """The tensors numpy users read out of an array: a record array's fields (``array[f]``),
+    nested records' fields in turn; text (``U``, ``S``) is no tensor."""
+    if array.dtype.names:
+        for field in array.dtype.names:
+            yield from _numpy_tensors(f"{name}.{field}" if name else field, array[field])
+    elif array.dtype.kind not in "US":
+        yield name, array
+
+
 def _ref_numpy(path: Path, expected: str) -> Digests:
     if expected == "npy":
-        array = np.load(path, allow_pickle=False)
-        return {"": (array.shape, _digest(array))}
-    with np.load(path, allow_pickle=False) as archive:
-        return {k: (archive[k].shape, _digest(archive[k])) for k in archive.files}
+        arrays = {"": np.load(path, allow_pickle=False)}
+    else:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    return {
+        name: (array.shape, _digest(array))
+        for key, whole in arrays.items()
+        for name, array in _numpy_tensors(key, whole)
+    }
 
 
 def _ref_safetensors(path: Path) -> Digests:

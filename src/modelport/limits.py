@@ -78,6 +78,8 @@ MAX_KERAS_CONFIG_BYTES: Final = 64 << 20
 MAX_NPY_HEADER: Final = 64 << 10
 # An object array's pickle, read into memory to rebuild the array's records.
 MAX_NPY_PICKLE: Final = 1 << 30
+# A numpy array of fixed-width text (dtype ``U`` or ``S``), decoded to strings.
+MAX_NPY_TEXT: Final = 64 << 20
 # The dtype map modelport writes into an .npz.
 MAX_NPZ_DTYPE_MAP: Final = 64 << 20
 # A file carried beside converted weights (the largest tokenizer.json files are tens of MB).

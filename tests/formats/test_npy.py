@@ -171,7 +171,7 @@ def test_malicious_object_array_never_runs(tmp_path: Path, marker: Path) -> None
         (_npy_header("<f4", (-1,)), CorruptFileError),
         (_npy_header("<f4", (True,)), CorruptFileError),
         (_npy_header("<f4", tuple(range(1, 80))), CorruptFileError),
-        (_npy_header("<U3", (2,)) + b"\0" * 24, UnsupportedDtypeError),
+        (_npy_header("<U1", (1,)) + b"\xff" * 4, CorruptFileError),
         (_npy_header("<M8[ns]", (1,)) + b"\0" * 8, UnsupportedDtypeError),
         (_npy_header("|V3", (1,)) + b"\0" * 3, UnsupportedDtypeError),
         (_npy_header("<f16", (1,)) + b"\0" * 16, UnsupportedDtypeError),
@@ -190,7 +190,7 @@ def test_malicious_object_array_never_runs(tmp_path: Path, marker: Path) -> None
         "negative-dim",
         "bool-dim",
         "too-many-dims",
-        "unicode",
+        "text-past-unicode",
         "datetime",
         "void3",
         "float128",
@@ -208,13 +208,6 @@ def test_malformed_files(tmp_path: Path, raw: bytes, error: type[Exception]) -> 
     with pytest.raises(error), modelport.open(path) as model:
         for ref in model.tensors.values():
             ref.numpy()
-
-
-def test_structured_dtype_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "rec.npy"
-    np.save(path, np.zeros(3, dtype=[("a", "<f4"), ("b", "<i8")]))
-    with pytest.raises(UnsupportedDtypeError, match="structured"):
-        modelport.inspect(path)
 
 
 def test_trailing_bytes_are_reported(tmp_path: Path) -> None:

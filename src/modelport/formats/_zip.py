@@ -35,6 +35,11 @@ MAX_COMMENT = 0xFFFF
 
 STORED = 0
 DEFLATED = 8
+# A central-directory record's fixed part, the fields kept: flags, method, CRC-32,
+# compressed and uncompressed size, name / extra / comment lengths, local header offset
+# (skipped: the signature, versions, time and date, disk number, attributes).
+_CENTRAL = struct.Struct("<8xHH4xIIIHHH8xI")
+_LOCAL_LENGTHS = struct.Struct("<HH")  # a local header's name and extra lengths, at byte 26
 
 
 # The directories read last, by file identity: sniffing, reading and scanning one archive
@@ -156,10 +161,8 @@ class ZipDirectory:
             )
         handle.seek(start + cd_offset)
         directory = handle.read(cd_size)
-        declared = count
-        entries, unsafe = _parse_central(directory, size, path)
-        resolved = tuple(_with_data_offset(handle, e, size, path, start) for e in entries)
-        return cls(path, resolved, tuple(unsafe), declared, blob)
+        entries, unsafe = _parse_central(directory, size, path, handle, start)
+        return cls(path, tuple(entries), tuple(unsafe), count, blob)
 
     @property
     def mismatched_names(self) -> list[str]:
@@ -224,59 +227,94 @@ class ZipDirectory:
 
 
 def _parse_central(
-    directory: bytes, file_size: int, path: Path
+    directory: bytes,
+    file_size: int,
+    path: Path,
+    handle: BinaryIO | None = None,
+    start: int = 0,
 ) -> tuple[list[ZipEntry], list[str]]:
     """Every record in the directory's bytes, whatever the end record's count says (Python's
-    zipfile reads them all; a count that hides members is reported by the scanner)."""
+    zipfile reads them all; a count that hides members is reported by the scanner). With
+    ``handle`` (the file, the zip at ``start`` in it) each entry's local header is read in the
+    same pass, for where its data begins; without, ``data_offset`` is -1."""
     entries: list[ZipEntry] = []
     unsafe: list[str] = []
-    pos = 0
-    while pos < len(directory):
+    unpack = _CENTRAL.unpack_from
+    pos, end = 0, len(directory)
+    while pos < end:
         if len(entries) >= limits.MAX_ZIP_ENTRIES:
             raise LimitExceededError(
                 "zip entry count", limits.MAX_ZIP_ENTRIES, len(entries) + 1, path=path
             )
-        if directory[pos : pos + 4] != CENTRAL_SIGNATURE or pos + 46 > len(directory):
+        if pos + _CENTRAL.size > end or directory[pos : pos + 4] != CENTRAL_SIGNATURE:
             raise CorruptFileError("zip central directory is malformed", path=path)
-        flags, method, crc, csize, usize, name_len, extra_len, comment_len, offset = (
-            _central_fields(directory, pos)
+        flags, method, crc, csize, usize, name_len, extra_len, comment_len, offset = unpack(
+            directory, pos
         )
-        name_bytes = directory[pos + 46 : pos + 46 + name_len]
-        extra = directory[pos + 46 + name_len : pos + 46 + name_len + extra_len]
+        name_at = pos + _CENTRAL.size
+        name_bytes = directory[name_at : name_at + name_len]
         name = name_bytes.decode("utf-8" if flags & 0x800 else "cp437", "replace")
-        usize, csize, offset = _zip64_sizes(extra, usize, csize, offset)
+        if extra_len:
+            extra = directory[name_at + name_len : name_at + name_len + extra_len]
+            usize, csize, offset = _zip64_sizes(extra, usize, csize, offset)
         if offset + LOCAL_HEADER_SIZE > file_size or csize > file_size:
             raise CorruptFileError(f"zip entry {name!r} points past the end of the file", path=path)
         if method == STORED and csize != usize:
             raise CorruptFileError(
                 f"stored zip entry {name!r} claims {usize} bytes but holds {csize}", path=path
             )
-        if (
-            name.startswith(("/", "\\"))
-            or ".." in name.replace("\\", "/").split("/")
-            or ":" in name[:3]
-        ):
+        if _escapes(name):
             unsafe.append(name)
-        entries.append(ZipEntry(name, method, csize, usize, crc, offset, -1))
-        pos += 46 + name_len + extra_len + comment_len
+        if handle is None:
+            entries.append(ZipEntry(name, method, csize, usize, crc, offset, -1))
+        else:
+            same_text = bool(flags & 0x800) or name_bytes.isascii()  # decodes as UTF-8 would
+            data_at, local_name = _local_header(
+                handle, start + offset, name, name_bytes, same_text, path
+            )
+            data_offset = offset + data_at
+            if data_offset + csize > file_size:
+                raise TruncatedFileError(
+                    f"zip member {name!r} ends at byte {data_offset + csize}, "
+                    f"past the end of the {file_size}-byte file",
+                    expected=data_offset + csize,
+                    actual=file_size,
+                    path=path,
+                )
+            entries.append(
+                ZipEntry(
+                    name, method, csize, usize, crc, start + offset, start + data_offset, local_name
+                )
+            )
+        pos = name_at + name_len + extra_len + comment_len
     return entries, unsafe
 
 
-def _central_fields(directory: bytes, pos: int) -> tuple[int, ...]:
-    fields = struct.unpack("<4sHHHHHHIIIHHHHHII", directory[pos : pos + 46])
-    # signature, made-by, needed, flags, method, time, date, crc, csize, usize,
-    # name_len, extra_len, comment_len, disk, internal attr, external attr, offset
+def _escapes(name: str) -> bool:
+    """Whether a member name leaves the folder it is extracted to (absolute, drive, ``..``)."""
     return (
-        fields[3],
-        fields[4],
-        fields[7],
-        fields[8],
-        fields[9],
-        fields[10],
-        fields[11],
-        fields[12],
-        fields[16],
+        name.startswith(("/", "\\"))
+        or ":" in name[:3]
+        or (".." in name and ".." in name.replace("\\", "/").split("/"))
     )
+
+
+def _local_header(
+    handle: BinaryIO, at: int, name: str, name_bytes: bytes, same_text: bool, path: Path
+) -> tuple[int, str]:
+    """(where the data begins relative to the local header at ``at``, the name it gives, read
+    as UTF-8), from one read that also takes a name as long as the directory's. A name equal
+    to the directory's, in bytes that decode alike, is the directory's string, not a copy."""
+    handle.seek(at)
+    header = handle.read(LOCAL_HEADER_SIZE + len(name_bytes))
+    if len(header) < LOCAL_HEADER_SIZE or header[:4] != LOCAL_SIGNATURE:
+        raise CorruptFileError(f"zip entry {name!r} has no local header", path=path)
+    name_len, extra_len = _LOCAL_LENGTHS.unpack_from(header, 26)
+    local_name = header[LOCAL_HEADER_SIZE : LOCAL_HEADER_SIZE + name_len]
+    if name_len > len(name_bytes):
+        local_name += handle.read(name_len - len(name_bytes))
+    text = name if same_text and local_name == name_bytes else local_name.decode("utf-8", "replace")
+    return LOCAL_HEADER_SIZE + name_len + extra_len, text
 
 
 def _zip64_sizes(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
@@ -296,36 +334,6 @@ def _zip64_sizes(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int
                 (offset,) = struct.unpack("<Q", values[cursor : cursor + 8])
         pos += 4 + length
     return usize, csize, offset
-
-
-def _with_data_offset(
-    handle: BinaryIO, entry: ZipEntry, file_size: int, path: Path, start: int = 0
-) -> ZipEntry:
-    handle.seek(start + entry.header_offset)
-    header = handle.read(LOCAL_HEADER_SIZE)
-    if len(header) < LOCAL_HEADER_SIZE or header[:4] != LOCAL_SIGNATURE:
-        raise CorruptFileError(f"zip entry {entry.name!r} has no local header", path=path)
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    local_name = handle.read(name_len).decode("utf-8", "replace")
-    data_offset = entry.header_offset + LOCAL_HEADER_SIZE + name_len + extra_len
-    if data_offset + entry.compressed_size > file_size:
-        raise TruncatedFileError(
-            f"zip member {entry.name!r} ends at byte {data_offset + entry.compressed_size}, "
-            f"past the end of the {file_size}-byte file",
-            expected=data_offset + entry.compressed_size,
-            actual=file_size,
-            path=path,
-        )
-    return ZipEntry(
-        entry.name,
-        entry.method,
-        entry.compressed_size,
-        entry.size,
-        entry.crc32,
-        start + entry.header_offset,
-        start + data_offset,
-        local_name,
-    )
 
 
 def prepended_bytes(path: Path) -> int:

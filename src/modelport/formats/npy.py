@@ -21,7 +21,14 @@ Choices and edge cases:
 - big-endian arrays are read through a storage that swaps bytes on access (not zero-copy);
 - ``|V1``/``|V2``/``|V4``/``|V8`` (what ``ml_dtypes`` types such as bfloat16 and float8 save
   as) carry no element type: they are reported as unsigned integers of that width, with a
-  warning; structured dtypes, strings, datetimes and other void widths are refused;
+  warning; datetimes and other void widths are refused;
+- a structured dtype (record array) is read as numpy users read it, field by field
+  (``array["x"]``): one tensor per field, of the array's shape plus a subarray field's
+  own, nested under the array's name as the records nest (``data.x``, ``data.pos.y``). Its
+  fields must all be numbers or bools; a field of text or dates is refused, naming it;
+- fixed-width text (``U``: UTF-32, ``S``: bytes) is text, not a tensor: the array becomes
+  what numpy's ``tolist()`` gives (a ``str``, or ``bytes`` for ``S``, for a 0-d array; nested
+  lists otherwise), read whole up to ``limits.MAX_NPY_TEXT``;
 - object arrays: the pickle is interpreted by modelport's restricted reader (nothing from
   the file is imported or called); the tree holds what it rebuilt, with a warning;
 - bytes past the end of the data are ignored, with a warning.
@@ -31,18 +38,20 @@ Choices and edge cases:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
-from modelport import limits
-from modelport.errors import LimitExceededError, UnsupportedDtypeError
+from modelport import dtypes, limits
+from modelport.errors import CorruptFileError, LimitExceededError, UnsupportedDtypeError
 from modelport.formats._npy_header import MAGIC as MAGIC
 from modelport.formats._npy_header import MAX_PREFIX as MAX_PREFIX
+from modelport.formats._npy_header import ArrayKind as ArrayKind
 from modelport.formats._npy_header import NpyHeader as NpyHeader
+from modelport.formats._npy_header import RecordField, numpy_descr, raise_truncated
 from modelport.formats._npy_header import object_data_offset as object_data_offset
 from modelport.formats._npy_header import parse_header as parse_header
-from modelport.formats._npy_header import raise_truncated
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.pickles.numpy_types import NumpyArray
 from modelport.pickles.reading import read_pickle
@@ -67,7 +76,7 @@ def tensor_ref(
 ) -> TensorRef:
     """The array as a tensor: its data at ``offset`` in ``path``, or from ``reader``."""
     if header.dtype is None:
-        raise UnsupportedDtypeError(f"{path}: an object array is a pickle, not a tensor")
+        raise UnsupportedDtypeError(f"{path}: a {header.kind.value} array is not one tensor")
     base = reader
     if header.byteswapped:
         import numpy as np
@@ -82,6 +91,56 @@ def tensor_ref(
         base = swapping
     storage = Storage(path, offset, header.nbytes, key=key, reader=base)
     return TensorRef(header.dtype, header.shape, storage, 0, header.strides)
+
+
+def record_tree(header: NpyHeader, records: Storage) -> dict[str, Any]:
+    """A structured array's fields as tensors, nested as its records nest: what
+    ``array[name]`` gives in numpy. ``records`` holds the array's data; each field is
+    gathered out of it when read (a field's values are not contiguous in the file)."""
+    tree: dict[str, Any] = {}
+    for field in header.fields:
+        node = tree
+        for name in field.names[:-1]:
+            node = node.setdefault(name, {})
+        node[field.names[-1]] = _field_tensor(header, records, field)
+    return tree
+
+
+def _field_tensor(header: NpyHeader, records: Storage, field: RecordField) -> TensorRef:
+    shape = header.shape + field.shape
+    nbytes = math.prod(shape) * dtypes.dtype(field.dtype).itemsize
+
+    def gather() -> NDArray:
+        import numpy as np
+
+        order: Literal["C", "F"] = "F" if header.fortran_order else "C"
+        data = records.bytes_view()
+        values = np.ndarray(header.shape, numpy_descr(header.descr), data, order=order)
+        for name in field.names:
+            values = values[name]
+        little = values.dtype.newbyteorder("<") if values.dtype.byteorder == ">" else None
+        flat: NDArray = np.ascontiguousarray(values, dtype=little).reshape(-1)
+        return flat.view(np.uint8)
+
+    key = ".".join((records.key, *field.names))
+    storage = Storage(records.path, records.offset, nbytes, key=key, reader=gather)
+    return TensorRef(field.dtype, shape, storage)
+
+
+def text_value(data: bytes, header: NpyHeader, *, path: Path) -> Any:
+    """A fixed-width text array as numpy's ``tolist()`` gives it: a ``str`` (``bytes`` for
+    dtype ``S``) for a 0-d array, nested lists otherwise; ``data`` is the array's bytes."""
+    import numpy as np
+
+    dtype = numpy_descr(header.descr)
+    count = math.prod(header.shape)
+    if dtype.kind == "U" and count:
+        codes = np.frombuffer(data, dtype=">u4" if header.byteswapped else "<u4")
+        if int(codes.max()) > 0x10FFFF:  # numpy would fail building the str
+            raise CorruptFileError("npy text holds a character past U+10FFFF", path=path)
+    order: Literal["C", "F"] = "F" if header.fortran_order else "C"
+    array = np.frombuffer(data, dtype=dtype, count=count).reshape(header.shape, order=order)
+    return array.tolist()
 
 
 def object_array(data: bytes, header: NpyHeader, *, path: Path | None, base_offset: int) -> Any:
@@ -128,8 +187,32 @@ def read(path: Path, probe: Probe) -> Contents:
         )
     if end < size:
         warnings.append(f"{size - end} bytes after the array data are ignored")
-    tensor = tensor_ref(header, path, header.data_offset, key=name)
-    return Contents(Format.NPY, {name: tensor}, details=details, warnings=warnings)
+    array = _array(path, header, name)
+    return Contents(Format.NPY, {name: array}, details=details, warnings=warnings)
+
+
+def _array(path: Path, header: NpyHeader, name: str) -> Any:
+    """The array the header describes: a tensor, a record's fields, or text."""
+    if header.kind is ArrayKind.RECORD:
+        return record_tree(header, Storage(path, header.data_offset, header.nbytes, key=name))
+    if header.kind is ArrayKind.TEXT:
+        return text_value(_read_text(path, header), header, path=path)
+    return tensor_ref(header, path, header.data_offset, key=name)
+
+
+def _read_text(path: Path, header: NpyHeader) -> bytes:
+    if header.nbytes > limits.MAX_NPY_TEXT:
+        raise LimitExceededError(
+            "npy text array size", limits.MAX_NPY_TEXT, header.nbytes, path=path
+        )
+    with open(path, "rb") as handle:
+        handle.seek(header.data_offset)
+        data = handle.read(header.nbytes)
+    if len(data) < header.nbytes:
+        raise_truncated(
+            "npy text", header.data_offset + header.nbytes, header.data_offset + len(data), path
+        )
+    return data
 
 
 READER = FormatReader(Format.NPY, sniff, read, (".npy",))

@@ -17,7 +17,11 @@ Choices and edge cases:
   reachable from its compressed size (deflate expands at most ``MAX_RATIO`` to one), and
   inflation stops at that size, so a zip bomb costs at most what its header honestly
   declares; the CRC-32 is checked once the member has been inflated;
-- object arrays are read as in ``.npy`` files (a pickle, never executed), with a warning.
+- object arrays are read as in ``.npy`` files (a pickle, never executed), with a warning;
+  so are record arrays (a tensor per field) and text (``scipy.sparse.save_npz`` stores
+  ``format`` as a 0-d text array: ``"csc"``, or ``b"csc"`` as recent scipy writes it);
+- a member's header is read once (headers the members share are parsed once, see
+  ``_npy_header``); members whose dtype is no tensor type are left out with a warning.
 
 Sniffing claims a zip whose members are all ``*.npy``, which no torch archive is.
 
@@ -57,10 +61,11 @@ from modelport.errors import (
     UnsupportedDtypeError,
 )
 from modelport.formats import npy
+from modelport.formats._npy_header import ArrayKind, header_span
 from modelport.formats._zip import DEFLATED, STORED, ZipDirectory, ZipEntry
 from modelport.formats._zip_writer import ZipWriter, crc32_combine
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
-from modelport.tensors import NDArray, TensorRef
+from modelport.tensors import NDArray, Storage, TensorRef
 from modelport.transfer.readback import Checksum
 from modelport.transfer.streaming import write_all, write_tensor
 from modelport.transfer.write_plan import OutputTensor, WritePlan
@@ -98,6 +103,7 @@ NATIVE = {
     "bool": "|b1",
 }
 CHUNK = 1 << 20
+FIRST_READ = 256  # bytes read for a member's header: numpy's own headers fit (64 or 128)
 MAX_RATIO = 1032  # deflate's largest possible expansion (258-byte matches in 2-bit codes)
 RATIO_SLACK = 1024
 
@@ -156,41 +162,43 @@ def inflate(path: Path, entry: ZipEntry, skip: int, count: int) -> NDArray:
 
 
 def _read_prefix(handle: BinaryIO, path: Path, entry: ZipEntry) -> bytes:
+    """The member's header: the first ``FIRST_READ`` bytes, then the rest of a longer header
+    (never past ``npy.MAX_PREFIX`` nor the member's end)."""
     count = min(entry.size, npy.MAX_PREFIX)
-    if entry.is_stored:
+    prefix = _member_bytes(handle, path, entry, min(count, FIRST_READ))
+    span = header_span(prefix)
+    if span is None or span == len(prefix):
+        return prefix
+    if span < len(prefix):
+        return prefix[:span]
+    if len(prefix) >= count:  # the member (or MAX_PREFIX) ends before the header does
+        return prefix
+    return _member_bytes(handle, path, entry, min(span, count))
+
+
+def _member_bytes(handle: BinaryIO, path: Path, entry: ZipEntry, count: int) -> bytes:
+    if entry.method == STORED:
         handle.seek(entry.data_offset)
         return handle.read(count)
     return inflate(path, entry, 0, count).tobytes()
 
 
-def _member(directory: ZipDirectory, handle: BinaryIO, entry: ZipEntry, warnings: list[str]) -> Any:
+def _member(
+    directory: ZipDirectory, handle: BinaryIO, entry: ZipEntry, warnings: list[str]
+) -> Any | None:
+    """The member's array: a tensor, a record's fields, text or what an object array's
+    pickle rebuilds; None when it is left out (a warning says why)."""
     path = directory.path
     where = f" member {entry.name!r}"
-    if entry.method not in (STORED, DEFLATED):
-        raise CorruptFileError(
-            f"npz{where} uses zip compression method {entry.method} (numpy writes stored or "
-            "deflated members)",
-            path=path,
-        )
-    if entry.is_stored and entry.size != entry.compressed_size:
-        raise CorruptFileError(
-            f"npz{where} is stored but declares {entry.size} bytes in {entry.compressed_size}",
-            path=path,
-        )
-    if entry.size > entry.compressed_size * MAX_RATIO + RATIO_SLACK:
-        raise CorruptFileError(
-            f"npz{where} declares {entry.size:,} bytes from {entry.compressed_size:,} "
-            "compressed, more than deflate can produce",
-            path=path,
-        )
+    _check_sizes(entry, path, where)
     header = npy.parse_header(
         _read_prefix(handle, path, entry), path=path, where=where, available=entry.size
     )
     if header.warning:
-        warnings.append(f"{entry.name}: {header.warning}" if header.is_object else header.warning)
+        warnings.append(f"{entry.name}: {header.warning}")
+    stored = entry.method == STORED
     if header.is_object:
         data = directory.read_member(entry, limits.MAX_NPY_PICKLE)
-        stored = entry.is_stored
         return npy.object_array(
             data,
             header,
@@ -204,13 +212,46 @@ def _member(directory: ZipDirectory, handle: BinaryIO, entry: ZipEntry, warnings
             f"{expected:,} ({header.descr} array of shape {list(header.shape)})",
             path=path,
         )
-    if entry.is_stored:
-        return npy.tensor_ref(header, path, entry.data_offset + header.data_offset, key=entry.name)
+    if header.kind is ArrayKind.TEXT:
+        if header.nbytes > limits.MAX_NPY_TEXT:
+            warnings.append(
+                f"npz{where} left out: {header.nbytes:,} bytes of text, past the "
+                f"{limits.MAX_NPY_TEXT:,} read as text"
+            )
+            return None
+        data = _member_bytes(handle, path, entry, entry.size)[header.data_offset :]
+        return npy.text_value(data, header, path=path)
 
     def inflated() -> NDArray:
         return inflate(path, entry, header.data_offset, header.nbytes)
 
-    return npy.tensor_ref(header, path, entry.data_offset, key=entry.name, reader=inflated)
+    offset = entry.data_offset + header.data_offset if stored else entry.data_offset
+    reader = None if stored else inflated
+    if header.kind is ArrayKind.RECORD:
+        records = Storage(path, offset, header.nbytes, key=entry.name, reader=reader)
+        return npy.record_tree(header, records)
+    return npy.tensor_ref(header, path, offset, key=entry.name, reader=reader)
+
+
+def _check_sizes(entry: ZipEntry, path: Path, where: str) -> None:
+    """What the directory says of the member must be what numpy's writer can produce."""
+    if entry.method not in (STORED, DEFLATED):
+        raise CorruptFileError(
+            f"npz{where} uses zip compression method {entry.method} (numpy writes stored or "
+            "deflated members)",
+            path=path,
+        )
+    if entry.method == STORED and entry.size != entry.compressed_size:
+        raise CorruptFileError(
+            f"npz{where} is stored but declares {entry.size} bytes in {entry.compressed_size}",
+            path=path,
+        )
+    if entry.size > entry.compressed_size * MAX_RATIO + RATIO_SLACK:
+        raise CorruptFileError(
+            f"npz{where} declares {entry.size:,} bytes from {entry.compressed_size:,} "
+            "compressed, more than deflate can produce",
+            path=path,
+        )
 
 
 def read(path: Path, probe: Probe) -> Contents:
@@ -232,9 +273,12 @@ def read(path: Path, probe: Probe) -> Contents:
     with open(path, "rb") as handle:
         for name, entry in chosen.items():
             try:
-                tree[name] = _member(directory, handle, entry, warnings)
-            except UnsupportedDtypeError as exc:  # strings, dates, records: not tensors
+                value = _member(directory, handle, entry, warnings)
+            except UnsupportedDtypeError as exc:  # dates, records of text: not tensors
                 warnings.append(f"npz member {entry.name!r} skipped: {exc}")
+                continue
+            if value is not None:
+                tree[name] = value
     _restore_dtypes(tree, restore, warnings)
     nested = None
     if structure is not None:

@@ -66,7 +66,7 @@ def scan_zip(
         scan.zip_starts.add(start)
         directory = ZipDirectory.read(scan.path, start=start, length=length)
     names = directory.names()
-    _report_directory(scan, directory, member)
+    _report_directory(scan, directory, member, names)
     torchscript = any("/code/" in n or n.startswith("code/") for n in names) and any(
         n.endswith("constants.pkl") for n in names
     )
@@ -102,8 +102,9 @@ def scan_zip(
         scan.scan_with_reader(zip_only=True)
 
 
-def _report_directory(scan: ScanState, directory: ZipDirectory, member: str) -> None:
-    names = directory.names()
+def _report_directory(
+    scan: ScanState, directory: ZipDirectory, member: str, names: list[str]
+) -> None:
     for name in directory.unsafe_names:
         scan.add(
             Severity.HIGH,
@@ -154,18 +155,20 @@ def _scan_entry(
     raw = _raw_member(scan, directory, entry, label)
     if raw is None:
         return
-    if entry.method == STORED and raw[:4] == LOCAL_SIGNATURE and directory.blob is None:
-        scan_zip(scan, label, depth + 1, start=entry.data_offset, length=entry.size)
-        return
-    head = raw if entry.method == STORED else _inflate(raw, _SNIFF_BYTES, strict=False)
-    if head is None:
+    stored = entry.method == STORED
+    inflated = None if stored else _inflate(raw, _SNIFF_BYTES, strict=False)
+    if not stored and inflated is None:
         scan.error("the member does not inflate", label)
+        return
+    head = bytes(raw[:_SNIFF_BYTES] if inflated is None else inflated)  # the one copy
+    if stored and head[:4] == LOCAL_SIGNATURE and directory.blob is None:
+        scan_zip(scan, label, depth + 1, start=entry.data_offset, length=entry.size)
         return
     if entry.name.endswith(".json") and _scan_json_member(scan, directory, entry, label):
         return
-    if not _may_hold_code(bytes(head[:_SNIFF_BYTES]), entry.name, torchscript):
+    if not _may_hold_code(head, entry.name, torchscript):
         return
-    body = raw if entry.method == STORED else _inflate(raw, limits.MAX_SCANNED_MEMBER_BYTES)
+    body = raw if stored else _inflate(raw, limits.MAX_SCANNED_MEMBER_BYTES)
     if body is None:
         scan.error(
             f"the member inflates past {limits.MAX_SCANNED_MEMBER_BYTES:,} bytes or does "
@@ -177,7 +180,7 @@ def _scan_entry(
     if torchscript and entry.name.endswith(".py") and "code/" in entry.name:
         scan.findings.extend(script_code.findings(bytes(body), entry.name))
         return
-    if bytes(body[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
+    if head[:4] in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
         scan_zip(scan, label, depth + 1, blob=bytes(body))
         return
     scan.scan_member(body, label, depth + 1, torch_archive=torch_archive, torchscript=torchscript)

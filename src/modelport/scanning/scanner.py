@@ -368,26 +368,37 @@ class _FileScanner(ScanState):
 
     def scan_npy(self, data: memoryview, member: str, depth: int) -> None:
         """numpy evaluates ``descr`` with ``ast.literal_eval`` and builds the dtype from it;
-        the same evaluation decides whether the data after the header is a pickle."""
-        prefix = bytes(data[: _npy_header.MAX_PREFIX])
+        the same evaluation decides whether the data after the header is a pickle. The header
+        is parsed once; numpy's own evaluation of ``descr`` runs only for what the parse
+        refuses (a record with an object field, a rarer spelling)."""
+        span = _npy_header.header_span(bytes(data[:16]))
+        end = span if span is not None and span <= _npy_header.MAX_PREFIX else None
+        prefix = bytes(data[: end or _npy_header.MAX_PREFIX])  # the header exactly, if it can
         size = len(data)
-        offset = _npy_header.object_data_offset(
-            prefix, path=self.path, where=member, available=size
-        )
-        if offset is None:
-            try:
-                header = _npy_header.parse_header(
-                    prefix, path=self.path, where=member, available=size
-                )
-            except UnsupportedDtypeError:
-                self.add(Severity.INFO, "plain-array", member, "a numpy array of a rarer dtype")
-                return
+        refused: ModelportError | None = None
+        try:
+            header = _npy_header.parse_header(prefix, path=self.path, where=member, available=size)
+        except ModelportError as exc:
+            header, refused = None, exc
+        if header is not None and not header.is_object:
             if header.data_offset + header.nbytes > size:
                 self.error(
                     f"the header promises {header.nbytes:,} bytes of data, "
                     f"{max(0, size - header.data_offset):,} follow it (truncated?)",
                     member,
                 )
+            return
+        offset = (
+            header.data_offset
+            if header is not None
+            else _npy_header.object_data_offset(
+                prefix, path=self.path, where=member, available=size
+            )
+        )
+        if offset is None:  # no objects: the parse's refusal stands
+            if refused is not None and not isinstance(refused, UnsupportedDtypeError):
+                raise refused
+            self.add(Severity.INFO, "plain-array", member, "a numpy array of a rarer dtype")
             return
         self.add(
             Severity.INFO,
