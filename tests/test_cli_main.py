@@ -72,7 +72,7 @@ def test_sigterm_unwinds_like_ctrl_c_and_leaves_nothing(
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("modelport.formats.safetensors.write_tensor", terminated_midway)
+    monkeypatch.setattr("modelport.formats.safetensors_writer.write_tensor", terminated_midway)
     before = signal.getsignal(signal.SIGTERM)
     code = main(["convert", str(source), str(tmp_path / "out.safetensors")])
     assert code == ExitCode.TERMINATED == 143

@@ -19,14 +19,14 @@ import modelport
 from modelport.conversion.options import ConvertOptions
 from modelport.conversion.verifying import verify
 from modelport.errors import ConversionError, UnsafeModelError, UsageError
-from modelport.formats.registry import every_reader
+from modelport.formats.registry import every_writer
 from modelport.transfer import streaming
 from modelport.transfer.write_plan import OutputTensor, WritePlan
 from modelport.tree import names as trees
 from tests.conftest import Cli, torch_digest
 from tests.models import TiedLM, TinyResNet, trained_checkpoint
 
-WRITABLE = {r.format.value: r for r in every_reader() if r.write is not None}
+WRITABLE = {r.format.value: r for r in every_writer()}
 SUFFIX = {"safetensors": ".safetensors", "torch-zip": ".pt", "npz": ".npz", "gguf": ".gguf"}
 
 
@@ -262,7 +262,7 @@ def test_interrupted_conversion_leaves_nothing(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("modelport.formats.safetensors.write_tensor", interrupted)
+    monkeypatch.setattr("modelport.formats.safetensors_writer.write_tensor", interrupted)
     with pytest.raises(KeyboardInterrupt):
         modelport.convert(src, tmp_path / "out.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt"]
@@ -275,7 +275,7 @@ def test_disk_full_is_reported_and_cleaned(tmp_path: Path, monkeypatch: pytest.M
     def full(*args: object, **kwargs: object) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("modelport.formats.safetensors.write_tensor", full)
+    monkeypatch.setattr("modelport.formats.safetensors_writer.write_tensor", full)
     with pytest.raises(ConversionError, match="disk is full"):
         modelport.convert(src, tmp_path / "out.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt"]
@@ -393,7 +393,9 @@ def test_an_output_that_appears_meanwhile_is_never_replaced(
             target.write_bytes(b"the other run's output")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("modelport.formats.safetensors.write_tensor", other_run_finishes_first)
+    monkeypatch.setattr(
+        "modelport.formats.safetensors_writer.write_tensor", other_run_finishes_first
+    )
     with pytest.raises(ConversionError, match="appeared while the output was being written"):
         modelport.convert(src, target)
     assert target.read_bytes() == b"the other run's output"

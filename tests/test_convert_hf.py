@@ -331,7 +331,7 @@ def test_output_around_the_input_refused(gpt2: tuple[Any, Path, Path], tmp_path:
 def test_interrupted_write_leaves_nothing(
     gpt2: tuple[Any, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool
 ) -> None:
-    from modelport.formats import safetensors as st_format
+    from modelport.formats import safetensors_writer as st_format
 
     _, saved, _ = gpt2
     parent = tmp_path / "parent"

@@ -27,6 +27,14 @@ from modelport.loading.inspect_report import InspectReport, TensorSummary
 MANY = 100_000
 
 
+@pytest.fixture(params=["whole", "streamed"])
+def either_reading(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small header is parsed whole: "streamed" reads it entry by entry, as a large one is,
+    so that both readings are held to what ``json.loads`` gives."""
+    if request.param == "streamed":
+        monkeypatch.setattr(safetensors_format, "STREAMED_FROM", 0)
+
+
 def _write(path: Path, header: str, data: bytes) -> Path:
     raw = header.encode()
     raw += b" " * (-len(raw) % 8)
@@ -58,6 +66,7 @@ def test_a_hundred_thousand_tensors_as_safe_open_lists_them(tmp_path: Path) -> N
         assert model.get_tensor("w.77777").tolist() == some.tolist()
 
 
+@pytest.mark.usefixtures("either_reading")
 def test_spaced_and_reordered_entries_read_as_json_reads_them(tmp_path: Path) -> None:
     """Entries laid out otherwise than writers lay them out (spaces, fields in another
     order, escapes in a name, bytes listed out of order) give what ``json.loads`` gives."""
@@ -92,6 +101,7 @@ def test_spaced_and_reordered_entries_read_as_json_reads_them(tmp_path: Path) ->
         ),
     ],
 )
+@pytest.mark.usefixtures("either_reading")
 def test_broken_headers_give_the_errors_of_a_whole_read(
     tmp_path: Path, header: str, message: str
 ) -> None:
@@ -100,6 +110,7 @@ def test_broken_headers_give_the_errors_of_a_whole_read(
         modelport.inspect(path)
 
 
+@pytest.mark.usefixtures("either_reading")
 def test_a_repeated_name_keeps_json_s_last_entry(tmp_path: Path) -> None:
     header = (
         '{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'

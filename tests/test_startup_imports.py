@@ -317,6 +317,18 @@ def test_a_safetensors_scan_imports_no_pickle_machine(tmp_path: Path) -> None:
     assert "modelport.tree.typed_json_decoding" not in modules
 
 
+def test_a_safetensors_scan_imports_no_writer_and_no_tree(tmp_path: Path) -> None:
+    """Judging a safetensors file needs neither the byte movers its writer streams with nor
+    the tree's names (which bring the pickle records); the LoRA reader, tried first, is the
+    witness that the probe saw the readers."""
+    path = write_safetensors(tmp_path / "small.safetensors")
+    code, modules = run_cli(tmp_path, "scan", path)
+    assert code == 0
+    assert "modelport.formats.adapters" in modules
+    assert under(modules, ("modelport.transfer", "modelport.tree")) == []
+    assert "modelport.formats.safetensors_writer" not in modules
+
+
 def test_a_torch_scan_does_import_the_pickle_machine(tmp_path: Path) -> None:
     """The witness: the same probe sees the pickle machine where the file holds a pickle."""
     path = write_torch(tmp_path / "state_dict.pt")

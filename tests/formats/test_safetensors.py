@@ -24,7 +24,7 @@ from modelport.errors import (
     ModelportError,
     TruncatedFileError,
 )
-from modelport.formats import safetensors as safetensors_format
+from modelport.formats import safetensors_writer
 from modelport.transfer.write_plan import OutputTensor, WritePlan
 from tests.conftest import digest, torch_digest
 from tests.models import TiedLM, TinyResNet, dtype_zoo
@@ -179,7 +179,7 @@ def test_writer_bytes_equal_the_reference_writer(tmp_path: Path) -> None:
             {"format": "pt"},
         )
         with open(ours, "wb", buffering=0) as handle:
-            safetensors_format.write(handle, plan)
+            safetensors_writer.write(handle, plan)
     assert ours.read_bytes() == reference.read_bytes()
 
 

@@ -35,7 +35,7 @@ from modelport.conversion.verifying import CastCheck
 from modelport.errors import ConversionError, UsageError
 from modelport.formats import _hf_writer
 from modelport.formats.protocol import FormatReader
-from modelport.formats.registry import every_reader
+from modelport.formats.registry import every_writer
 from modelport.loading.model_file import check_safety
 from modelport.loading.model_file import open as open_model
 from modelport.tensors import TensorRef
@@ -186,9 +186,7 @@ def _target_format(target: Path, to: str | None) -> FormatReader:
         return _hf_writer.TARGET
     if wanted == "hf-bin":
         return _hf_writer.BIN_TARGET
-    for reader in every_reader():
-        if reader.write is None:
-            continue
+    for reader in every_writer():
         if wanted == reader.format.value or (
             wanted is None and target.suffix.lower() in reader.extensions
         ):

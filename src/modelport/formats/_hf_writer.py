@@ -56,7 +56,14 @@ from modelport.errors import (
     UnknownFormatError,
     UsageError,
 )
-from modelport.formats import _hf_folder, adapters, hf_dir, safetensors, torch_zip
+from modelport.formats import (
+    _hf_folder,
+    adapters,
+    hf_dir,
+    safetensors,
+    safetensors_writer,
+    torch_zip,
+)
 from modelport.formats.protocol import Format, FormatReader, Probe
 from modelport.formats.registry import detect
 from modelport.transfer.streaming import write_all
@@ -134,7 +141,7 @@ class Scheme:
         return name in (self.single, self.index) or re.fullmatch(shard, name) is not None
 
     def write(self, handle: BinaryIO, plan: WritePlan) -> None:
-        writer = torch_zip.READER.write if self.binary else safetensors.READER.write
+        writer = torch_zip.READER.write if self.binary else safetensors_writer.write
         assert writer is not None
         writer(handle, plan)
 

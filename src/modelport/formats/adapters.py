@@ -32,6 +32,7 @@ here reads a tensor's bytes: ranks come from shapes, alphas from the metadata.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -41,7 +42,6 @@ from typing import Any, Final
 from modelport.formats import safetensors
 from modelport.formats.protocol import Contents, FormatReader, Probe
 from modelport.tensors import TensorRef
-from modelport.tree import names as trees
 
 ADAPTER_CONFIG: Final = "adapter_config.json"
 ADAPTER_FIELDS: Final = (
@@ -68,21 +68,24 @@ KOHYA_METADATA: Final = {
     "ss_sd_model_name": "base_model",
     "ss_output_name": "output_name",
 }
-# (name pattern, style, algorithm, the suffix after the module path that holds the rank)
+# The name patterns, compiled on first use (``_compiled``): only a file whose header names a
+# LoRA needs them, and compiling them costs more than sniffing every other safetensors file.
+# (name pattern, style, algorithm)
 _STYLES: Final = (
-    (re.compile(r"^lora_[a-z0-9]+_.+\.lora_(down|up)\.weight$"), "kohya", "lora"),
-    (re.compile(r"^lora_[a-z0-9]+_.+\.hada_w[12]_[ab]$"), "kohya", "loha"),
-    (re.compile(r"^lora_[a-z0-9]+_.+\.lokr_w[12](_[ab])?$"), "kohya", "lokr"),
-    (re.compile(r"\.lora_[AB](\.[A-Za-z0-9_]+)?\.weight$"), "peft", "lora"),
-    (re.compile(r"\.lora_embedding_[AB](\.[A-Za-z0-9_]+)?$"), "peft", "lora"),
-    (re.compile(r"\.lora(_linear_layer)?\.(down|up)\.weight$"), "diffusers", "lora"),
+    (r"^lora_[a-z0-9]+_.+\.lora_(down|up)\.weight$", "kohya", "lora"),
+    (r"^lora_[a-z0-9]+_.+\.hada_w[12]_[ab]$", "kohya", "loha"),
+    (r"^lora_[a-z0-9]+_.+\.lokr_w[12](_[ab])?$", "kohya", "lokr"),
+    (r"\.lora_[AB](\.[A-Za-z0-9_]+)?\.weight$", "peft", "lora"),
+    (r"\.lora_embedding_[AB](\.[A-Za-z0-9_]+)?$", "peft", "lora"),
+    (r"\.lora(_linear_layer)?\.(down|up)\.weight$", "diffusers", "lora"),
 )
-_MODULE_END = re.compile(
+_MODULE_END: Final = (
     r"\.(lora_(down|up)\.weight|alpha|hada_w[12]_[ab]|lokr_w[12](_[ab])?|"
     r"lora_[AB](\.[A-Za-z0-9_]+)?\.weight|lora_embedding_[AB](\.[A-Za-z0-9_]+)?|"
     r"lora(_linear_layer)?\.(down|up)\.weight)$"
 )
-_DOWN = re.compile(
+# the weight whose first dimension is the rank
+_DOWN: Final = (
     r"\.(lora_down\.weight|lora_A(\.[A-Za-z0-9_]+)?\.weight|lora(_linear_layer)?\.down\.weight)$"
 )
 SNIFF_MARKS: Final = (b"lora_", b".lora.down.", b"ss_network_")
@@ -98,17 +101,19 @@ def adapter_details(config: Mapping[str, Any]) -> dict[str, Any]:
 def lora_details(tensors: Mapping[str, TensorRef], metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The LoRA these tensors make, or {} when their names are no LoRA's: style (kohya,
     peft, diffusers), algorithm, how many modules it adapts and where, the ranks."""
+    patterns = [(_compiled(text), style, algorithm) for text, style, algorithm in _STYLES]
     styles: Counter[tuple[str, str]] = Counter()
     for name in tensors:
-        for pattern, style, algorithm in _STYLES:
+        for pattern, style, algorithm in patterns:
             if pattern.search(name):
                 styles[style, algorithm] += 1
                 break
     if not styles:
         return {}
     (style, algorithm), _ = styles.most_common(1)[0]
-    modules = {_MODULE_END.sub("", n) for n in tensors if _MODULE_END.search(n)}
-    ranks = sorted({t.shape[0] for n, t in tensors.items() if _DOWN.search(n) and t.shape})
+    module_end, down = _compiled(_MODULE_END), _compiled(_DOWN)
+    modules = {module_end.sub("", n) for n in tensors if module_end.search(n)}
+    ranks = sorted({t.shape[0] for n, t in tensors.items() if down.search(n) and t.shape})
     details: dict[str, Any] = {"style": style, "algorithm": algorithm, "modules": len(modules)}
     if style == "kohya":
         details["targets"] = dict(Counter(_kohya_part(m) for m in modules))
@@ -119,6 +124,11 @@ def lora_details(tensors: Mapping[str, TensorRef], metadata: Mapping[str, Any]) 
         if isinstance(value, str) and value not in ("", "None"):
             details[shown] = _number(value)
     return details
+
+
+@functools.cache
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
 
 
 def _kohya_part(module: str) -> str:
@@ -144,9 +154,10 @@ def sniff(probe: Probe) -> bool:
 
 
 def read(path: Path, probe: Probe) -> Contents:
-    """The safetensors file, with ``details["lora"]`` when its names make a LoRA."""
-    contents = safetensors.read(path, probe)
-    described = lora_details(trees.tensors_of(contents.tree), contents.metadata)
+    """The safetensors file, with ``details["lora"]`` when its names (as its header gives
+    them, the names LoRA tools write) make a LoRA."""
+    contents, tensors = safetensors.read_tensors(path, probe)
+    described = lora_details(tensors, contents.metadata)
     if described:
         contents.details["lora"] = described
     return contents

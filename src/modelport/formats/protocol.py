@@ -8,22 +8,29 @@ that returns ``Contents``: the file's object tree with ``TensorRef`` leaves, plu
 Formats modelport can write also give ``write``: it receives an unbuffered, seekable file
 and a ``WritePlan`` (the tensors in order, with dtypes already decided, and string
 metadata) and streams each tensor with ``streaming.write_tensor``. ``holds`` says which
-dtypes the format can store, so impossible conversions are refused before writing.
+dtypes the format can store, so impossible conversions are refused before writing. A
+writer whose imports reading does not need lives in a module of its own, as a copy of its
+reader with ``write`` given (``registry.WRITER_SLOTS``, found by ``every_writer``).
+
+``Probe`` and ``Contents`` are plain classes and ``FormatReader`` a named tuple, not
+dataclasses: every command on one file defines them, and defining a dataclass costs more
+than reading a small file's header.
 """
 
 from __future__ import annotations
 
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, NamedTuple
 
 from modelport.errors import FileError, ModelportError, NotAModelError
 from modelport.formats._zip import EOCD_SIGNATURE, LOCAL_SIGNATURE, ZipDirectory
-from modelport.transfer.write_plan import WritePlan
+
+if TYPE_CHECKING:  # a reader's module never needs the plan of a write: only writers import it
+    from modelport.transfer.write_plan import WritePlan
 
 HEAD_BYTES = 64 * 1024
 
@@ -78,14 +85,17 @@ def refuse_special_file(path: Path) -> None:
             )
 
 
-@dataclass(frozen=True)
 class Probe:
     """What sniffers look at: path, size and first bytes, plus the zip directory on demand."""
 
-    path: Path
-    size: int
-    head: bytes
-    is_dir: bool
+    def __init__(self, path: Path, size: int, head: bytes, is_dir: bool) -> None:
+        self.path: Final = path
+        self.size: Final = size
+        self.head: Final = head
+        self.is_dir: Final = is_dir
+
+    def __repr__(self) -> str:
+        return f"Probe({str(self.path)!r}, size={self.size}, is_dir={self.is_dir})"
 
     @classmethod
     def of(cls, path: Path) -> Probe:
@@ -112,27 +122,36 @@ class Probe:
         return self.zip if self.zip is not None else ZipDirectory.read(self.path)
 
 
-@dataclass
 class Contents:
     """A file as read: its object tree (``TensorRef`` leaves), metadata and format details.
 
     ``tree`` is what loading the file would give, with tensors as references: a dict for
     state_dicts and checkpoints, a module record for a pickled ``nn.Module``. ``metadata`` is
     the format's own key/value metadata; ``details`` holds other facts worth showing (ONNX
-    opset and graph summary, GGUF version, zip prefix); ``code`` is TorchScript source text.
+    opset and graph summary, GGUF version, zip prefix); ``code`` is TorchScript source text;
+    ``close`` releases handles a reader keeps open (HDF5).
     """
 
-    format: Format
-    tree: Any
-    metadata: dict[str, Any] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
-    code: dict[str, str] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    close: Callable[[], None] | None = None  # releases handles a reader keeps open (HDF5)
+    def __init__(
+        self,
+        format: Format,
+        tree: Any,
+        metadata: dict[str, Any] | None = None,
+        details: dict[str, Any] | None = None,
+        code: dict[str, str] | None = None,
+        warnings: list[str] | None = None,
+        close: Callable[[], None] | None = None,
+    ) -> None:
+        self.format = format
+        self.tree = tree
+        self.metadata: dict[str, Any] = {} if metadata is None else metadata
+        self.details: dict[str, Any] = {} if details is None else details
+        self.code: dict[str, str] = {} if code is None else code
+        self.warnings: list[str] = [] if warnings is None else warnings
+        self.close = close
 
 
-@dataclass(frozen=True)
-class FormatReader:
+class FormatReader(NamedTuple):
     """One format: how to recognise it, read it and (optionally) write it. ``extensions``
     only feed the warning when a file's name contradicts its content, and choose a
     conversion's target from its output name; they never decide what a file is."""

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import NamedTuple
 
 from modelport.formats.protocol import FormatReader, Probe
 from modelport.formats.sniffing import extension_warnings, probe_model, unrecognised
@@ -42,9 +42,9 @@ class Needs(Enum):
         return not probe.is_dir
 
 
-@dataclass(frozen=True)
-class ReaderSlot:
-    """One reader: the module that defines it, the name it has there, and what it needs."""
+class ReaderSlot(NamedTuple):
+    """One reader: the module that defines it, the name it has there, and what it needs.
+    (A named tuple: defining a dataclass costs a one-file command more than its readers.)"""
 
     module: str
     needs: Needs = Needs.FILE
@@ -93,6 +93,9 @@ FOLDER_SLOTS: tuple[ReaderSlot, ...] = (
     _slot("tf_bundle", Needs.FOLDER, "FOLDER_READER"),  # TensorFlow checkpoints (<prefix>.index)
 )
 SLOTS: tuple[ReaderSlot, ...] = (*FILE_SLOTS, *FOLDER_SLOTS)
+# Writers kept apart from their readers, so that reading a file imports no byte mover; each
+# is its format's reader with ``write`` given, and comes before the readers in ``every_writer``.
+WRITER_SLOTS: tuple[ReaderSlot, ...] = (_slot("safetensors_writer", attribute="WRITER"),)
 
 
 def candidates(probe: Probe, slots: Sequence[ReaderSlot] = SLOTS) -> Iterator[FormatReader]:
@@ -113,6 +116,12 @@ def every_reader(slots: Sequence[ReaderSlot] = SLOTS) -> tuple[FormatReader, ...
     """All of them, imported: for choosing a conversion's target or naming the formats an
     extension belongs to."""
     return tuple(slot.reader() for slot in slots)
+
+
+def every_writer() -> tuple[FormatReader, ...]:
+    """Every format modelport writes, as the reader that carries its ``write``: for choosing
+    a conversion's target."""
+    return tuple(r for r in every_reader((*WRITER_SLOTS, *SLOTS)) if r.write is not None)
 
 
 def detect(

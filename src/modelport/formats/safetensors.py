@@ -20,13 +20,14 @@ tensors are returned with a warning, as any other reader of the format would see
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import re
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any
 
 from modelport import dtypes, limits
 from modelport.errors import (
@@ -37,10 +38,6 @@ from modelport.errors import (
 )
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.tensors import Storage, TensorRef, collector_paused
-from modelport.transfer.streaming import write_all, write_tensor
-
-if TYPE_CHECKING:
-    from modelport.transfer.write_plan import WritePlan
 
 METADATA_KEY = "__metadata__"
 # ``tree.typed_json.KEY``: the nested tree's entry. Its decoder (and the pickle records it
@@ -134,11 +131,15 @@ _SPACE = re.compile(_WS)
 _INT = "(0|[1-9][0-9]*)"  # a non-negative JSON integer
 # One entry as writers lay it out (fields in the reference's order), with what follows it;
 # any other spelling of an entry is parsed by the json module instead.
-_PLAIN_ENTRY = re.compile(
+_PLAIN_ENTRY = (
     rf'"([^"\\\x00-\x1f]*)"{_WS}:{_WS}\{{{_WS}"dtype"{_WS}:{_WS}"([A-Za-z0-9_]*)"{_WS},{_WS}'
     rf'"shape"{_WS}:{_WS}\[{_WS}((?:{_INT}(?:{_WS},{_WS}{_INT})*)?){_WS}\]{_WS},{_WS}'
     rf'"data_offsets"{_WS}:{_WS}\[{_WS}{_INT}{_WS},{_WS}{_INT}{_WS}\]{_WS}\}}{_WS}([,}}]){_WS}'
 )
+# Headers from this size on are read entry by entry (``_streamed``); a smaller one is parsed
+# whole, which is faster, holds a few megabytes at most, and needs no ``_PLAIN_ENTRY``
+# compiled (that costs more than reading a small file's whole header).
+STREAMED_FROM = 1 << 20
 # The json module's own scanners (C), which its stubs leave out: one string, one value.
 _SCAN_STRING: Callable[[str, int], tuple[str, int]] = vars(json.decoder)["scanstring"]
 _SCAN: Callable[[str, int], tuple[Any, int]] = vars(json.JSONDecoder())["scan_once"]
@@ -150,6 +151,11 @@ def _skipped(text: str, at: int) -> int:
     return found.end() if found is not None else at
 
 
+@functools.cache
+def _plain_entry() -> re.Pattern[str]:
+    return re.compile(_PLAIN_ENTRY)
+
+
 def _streamed(text: str) -> Iterator[tuple[str, Any]]:
     """The header's entries one at a time, as ``json.loads`` would give them: parsed whole,
     a million-tensor header is a gigabyte of small dicts and lists; one at a time, each is
@@ -157,7 +163,7 @@ def _streamed(text: str) -> Iterator[tuple[str, Any]]:
     tuple ``(dtype code, shape, begin, end)``, which no JSON value is. Anything irregular
     (bad JSON, not an object) raises ``_Irregular``, and the caller reads the header whole,
     for its exact error."""
-    space, plain = _skipped, _PLAIN_ENTRY.match
+    space, plain = _skipped, _plain_entry().match
     end = space(text, 0)
     if text[end : end + 1] != "{":
         raise _Irregular
@@ -193,16 +199,24 @@ def _streamed(text: str) -> Iterator[tuple[str, Any]]:
 
 
 def read(path: Path, probe: Probe) -> Contents:
+    return read_tensors(path, probe)[0]
+
+
+def read_tensors(path: Path, probe: Probe) -> tuple[Contents, dict[str, TensorRef]]:
+    """The contents, and the tensors under the names the header gives them (aliases
+    included), whatever tree the metadata restores."""
     with collector_paused():
         return _read(path, probe)
 
 
-def _read(path: Path, probe: Probe) -> Contents:
+def _read(path: Path, probe: Probe) -> tuple[Contents, dict[str, TensorRef]]:
     data_start, text = _header_text(path)
-    try:
-        found = _tensors(_streamed(text), path, data_start, probe.size)
-    except (_Irregular, ModelportError):  # read whole, the errors come in the usual order
-        found = None
+    found = None
+    if len(text) >= STREAMED_FROM:
+        try:
+            found = _tensors(_streamed(text), path, data_start, probe.size)
+        except (_Irregular, ModelportError):  # read whole, the errors come in the usual order
+            found = None
     if found is None:
         header = _parsed(text, path)
         metadata = header.pop(METADATA_KEY, None) or {}
@@ -227,13 +241,14 @@ def _read(path: Path, probe: Probe) -> Contents:
     details: dict[str, Any] = {"header_bytes": data_start - 8}
     if tree is not None:
         details["tree"] = f"nested checkpoint restored from the {TREE_KEY!r} metadata"
-    return Contents(
+    contents = Contents(
         Format.SAFETENSORS,
         ordered if tree is None else tree,
         metadata={k: v for k, v in metadata.items() if tree is None or k != TREE_KEY},
         details=details,
         warnings=warnings,
     )
+    return contents, ordered
 
 
 def _restored(tensors: dict[str, TensorRef], metadata: dict[str, Any]) -> tuple[Any, list[str]]:
@@ -360,44 +375,21 @@ def _check_coverage(spans: Iterable[tuple[int, int, str]], data_size: int, path:
         )
 
 
-_CODES = {name: code for code, name in dtypes.SAFETENSORS_CODES.items()}
+# modelport's dtype name -> the header's code, for the writer
+CODES = {name: code for code, name in dtypes.SAFETENSORS_CODES.items()}
 
 
 def holds(dtype: str) -> bool:
-    return dtype in _CODES
+    return dtype in CODES
 
 
-def header_bytes(plan: WritePlan) -> bytes:
-    """The header for ``plan``: tensors back to back in plan order, padded with spaces to a
-    multiple of 8 bytes as the reference writer does (so the data section stays aligned)."""
-    header: dict[str, Any] = {}
-    if plan.metadata:
-        header[METADATA_KEY] = plan.metadata
-    offset = 0
-    for tensor in plan.tensors:
-        header[tensor.name] = {
-            "dtype": _CODES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + tensor.nbytes],
-        }
-        offset += tensor.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
-
-
-def write(handle: BinaryIO, plan: WritePlan) -> None:
-    write_all(handle, header_bytes(plan))
-    for tensor in plan.tensors:
-        write_tensor(handle, tensor)
-
-
+# The writer (``safetensors_writer.WRITER``, found through the registry) lives apart, so that
+# reading or scanning a file imports none of the byte movers.
 READER = FormatReader(
     Format.SAFETENSORS,
     sniff,
     read,
     (".safetensors", ".sft"),
-    write=write,
     holds=holds,
     records_aliases=True,
 )
