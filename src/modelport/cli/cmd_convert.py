@@ -114,8 +114,12 @@ def register(commands: Any) -> None:
     select.add_argument(
         "--drop-unrepresentable",
         action="store_true",
-        help="with --all: leave out values that are not plain data (objects such as an "
-        "argparse.Namespace) instead of refusing; the report lists them",
+        help="with --all: leave out the values the target cannot hold instead of refusing; "
+        "the report lists them. A torch target holds plain data only: objects (an "
+        "argparse.Namespace) are left out, and one holding tensors keeps its state as a "
+        "dict. Other targets keep objects (class path and state, as typed JSON) and leave "
+        "out only what typed JSON cannot hold (sparse tensors, bytes left in a pickle, "
+        "tensors in an object's unnamed parts)",
     )
     select.add_argument("--ema", action="store_true", help="take the EMA weights")
     select.add_argument("--include", action="append", default=[], metavar="GLOB")

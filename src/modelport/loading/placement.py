@@ -210,9 +210,9 @@ class _TreeCopy:
         record.args = self.value(value.args, depth)
         record.list_items = self.value(value.list_items, depth)
         record.dict_items = self.value(value.dict_items, depth)
+        record.state = self.value(value.state, depth)
         if isinstance(value, ObjectRecord):
             record.kwargs = self.value(value.kwargs, depth)
-            record.state = self.value(value.state, depth)
         return record
 
     def _immutable(self, value: Any, depth: int) -> Any:

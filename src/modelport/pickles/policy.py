@@ -91,6 +91,8 @@ _RANDOM_STATE = "numpy's random state, rebuilt from its name and plain state"
 SAFE_LIBRARY_OBJECTS: Final[MappingProxyType[tuple[str, str], str]] = MappingProxyType(
     {
         ("numpy.random._pickle", "__randomstate_ctor"): _RANDOM_STATE,
+        ("numpy.random", "__RandomState_ctor"): "numpy's random state as numpy < 1.17 pickled "
+        "it: numpy/random/__init__.py returns RandomState(seed=0), whose state BUILD sets",
         ("numpy.random._pickle", "__generator_ctor"): _RANDOM_STATE,
         ("numpy.random._pickle", "__bit_generator_ctor"): _RANDOM_STATE,
         ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"): _RANDOM_STATE,

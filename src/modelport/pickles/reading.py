@@ -21,7 +21,7 @@ from modelport.errors import CorruptFileError, ModelportError
 from modelport.pickles import numpy_types, torch_types
 from modelport.pickles.interface import Limits, PickleResult, Step
 from modelport.pickles.machine import run
-from modelport.pickles.records import ByteSpan, CallRecord, GlobalRef, ObjectRecord
+from modelport.pickles.records import ByteSpan, CallRecord, FileBytes, GlobalRef, ObjectRecord
 from modelport.tensors import Storage, byte_array
 
 Reconstructor = Callable[["ReadingResolver", tuple[Any, ...]], Any]
@@ -173,6 +173,10 @@ CALLABLES: Final[MappingProxyType[tuple[str, str], tuple[Reconstructor, str]]] =
         ("builtins", "bytes"): (_builtin(bytes, _plain(bytes, list)), "plain data"),
         ("builtins", "complex"): (_builtin(complex, _plain(int, float)), "plain data"),
         ("builtins", "slice"): (_builtin(slice, _plain(int, type(None))), "plain data"),
+        ("builtins", "range"): (
+            _builtin(range, _plain(int)),
+            "plain data: a range object (Python 2's xrange maps here), built in constant time",
+        ),
         ("builtins", "list"): (_builtin(list, _SEQUENCE), "plain data"),
         ("builtins", "tuple"): (_builtin(tuple, _SEQUENCE), "plain data"),
         ("builtins", "dict"): (_builtin(dict, _plain(dict, list)), "plain data"),
@@ -256,6 +260,14 @@ CALLABLES: Final[MappingProxyType[tuple[str, str], tuple[Reconstructor, str]]] =
     }
 )
 
+# The names numpy's scalar types pickle under (``type.__name__``), numpy 1.x spellings too.
+_NUMPY_SCALAR_TYPES = (
+    *(f"{kind}{bits}" for kind in ("int", "uint") for bits in (8, 16, 32, 64)),
+    *("float16", "float32", "float64", "longdouble", "complex64", "complex128", "clongdouble"),
+    *("bool", "bool_", "longlong", "ulonglong", "str_", "bytes_", "unicode_", "string_"),
+    *("object_", "datetime64", "timedelta64"),
+)
+
 CONSTANTS: Final[MappingProxyType[tuple[str, str], tuple[Any, str]]] = MappingProxyType(
     {
         **{
@@ -311,7 +323,24 @@ CONSTANTS: Final[MappingProxyType[tuple[str, str], tuple[Any, str]]] = MappingPr
             )
         },
         ("numpy", "ndarray"): (GlobalRef("numpy", "ndarray"), "the class _reconstruct receives"),
+        **{
+            ("numpy", name): (
+                GlobalRef("numpy", name),
+                "a numpy scalar type given as a dtype (scikit-learn's TfidfVectorizer keeps "
+                "dtype=np.float64); numpy pickles scalars through its own scalar(), never by "
+                "calling the type",
+            )
+            for name in _NUMPY_SCALAR_TYPES
+        },
         ("builtins", "object"): (GlobalRef("builtins", "object"), "base class copyreg names"),
+        **{
+            ("builtins", name): (
+                GlobalRef("builtins", name),
+                "a builtin a model keeps as a setting (gensim's hashfxn=hash, a dtype given as "
+                "int); pickle writes these types' values natively, never by calling them",
+            )
+            for name in ("int", "float", "bool", "str", "hash")
+        },
     }
 )
 
@@ -369,7 +398,8 @@ class ReadingResolver:
         return CallRecord(cls, args)
 
     def build(self, obj: Any, state: Any, at: Step | None) -> Any:
-        if isinstance(obj, ObjectRecord):
+        if isinstance(obj, (ObjectRecord, CallRecord)):
+            self._locate_bytes(state)
             if isinstance(obj.state, dict) and isinstance(state, dict):
                 obj.state.update(state)
             else:
@@ -414,6 +444,17 @@ class ReadingResolver:
         raise CorruptFileError("pickle refers to out-of-band buffers, which a file cannot carry")
 
     # raw bytes --------------------------------------------------------------------------------
+    def _locate_bytes(self, state: Any) -> None:
+        """Large bytes an object's state holds (sklearn-crfsuite keeps its model file so)
+        become ``FileBytes``: still left in place, but readable once the tree has left the
+        pickle. The state's dicts are the pickle's own, changed in place."""
+        parts = state if isinstance(state, tuple) and len(state) == 2 else (state,)
+        for part in parts:
+            if isinstance(part, dict):
+                for key, value in part.items():
+                    if type(value) is ByteSpan:
+                        part[key] = FileBytes(value.offset, value.length, self.storage_of(value))
+
     def storage_of(self, raw: ByteSpan | bytes | bytearray) -> Storage:
         """A storage for array bytes found in the pickle: in place in the file when possible."""
         if isinstance(raw, ByteSpan):

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelport.tensors import Storage
+
 
 @dataclass(eq=False)
 class GlobalRef:
@@ -27,16 +29,54 @@ class GlobalRef:
         return f"<global {self.path}>"
 
 
+def _is_attribute_state(state: Any) -> bool:
+    """An attribute dict, or the ``(dict | None, dict | None)`` pair of a class with slots:
+    what the default ``__setstate__`` reads."""
+    if isinstance(state, dict):
+        return True
+    return (
+        isinstance(state, tuple)
+        and len(state) == 2
+        and all(part is None or isinstance(part, dict) for part in state)
+    )
+
+
+def _attributes(state: Any) -> dict[str, Any]:
+    """An instance ``__dict__`` as BUILD gave it (a ``(dict, slots)`` pair is merged)."""
+    if not _is_attribute_state(state):
+        return {}
+    parts = state if isinstance(state, tuple) else (state,)
+    merged: dict[str, Any] = {}
+    for part in parts:
+        if part is not None:
+            merged.update({k: v for k, v in part.items() if isinstance(k, str)})
+    return merged
+
+
+def _custom_state(state: Any) -> Any:
+    return None if state is None or _is_attribute_state(state) else state
+
+
 @dataclass(eq=False)
 class CallRecord:
     """The result of calling something modelport did not call: ``func(*args)`` never ran.
-    Items the pickle then appends or sets on the result (``defaultdict(list)`` filled with
-    SETITEMS) are kept as they came."""
+    What the pickle then does to the result is kept as it came: items it appends or sets
+    (``defaultdict(list)`` filled with SETITEMS), and the state BUILD gives it (a
+    ``__reduce__`` that returns a factory function and the object's ``__dict__``)."""
 
     func: Any
     args: tuple[Any, ...]
     list_items: list[Any] = field(default_factory=list)
     dict_items: dict[Any, Any] = field(default_factory=dict)
+    state: Any = None
+
+    def attributes(self) -> dict[str, Any]:
+        return _attributes(self.state)
+
+    def custom_state(self) -> Any:
+        """BUILD's state when it is not attributes: what the object's own ``__setstate__``
+        reads (numpy's legacy RandomState takes a tuple), or None."""
+        return _custom_state(self.state)
 
     def __repr__(self) -> str:
         return f"<call {self.func!r}(…{len(self.args)} args)>"
@@ -58,17 +98,11 @@ class ObjectRecord:
         return self.cls.path
 
     def attributes(self) -> dict[str, Any]:
-        """The instance ``__dict__`` as BUILD gave it (a ``(dict, slots)`` pair is merged)."""
-        state = self.state
-        if isinstance(state, tuple) and len(state) == 2:
-            merged: dict[str, Any] = {}
-            for part in state:
-                if isinstance(part, dict):
-                    merged.update({k: v for k, v in part.items() if isinstance(k, str)})
-            return merged
-        if isinstance(state, dict):
-            return {k: v for k, v in state.items() if isinstance(k, str)}
-        return {}
+        return _attributes(self.state)
+
+    def custom_state(self) -> Any:
+        """BUILD's state when it is not attributes (see ``CallRecord.custom_state``)."""
+        return _custom_state(self.state)
 
     def __repr__(self) -> str:
         return f"<object {self.class_path}>"
@@ -80,3 +114,14 @@ class ByteSpan:
 
     offset: int
     length: int
+
+
+@dataclass(frozen=True)
+class FileBytes(ByteSpan):
+    """A ``ByteSpan`` that knows where its bytes lie, so that they can be read when a value
+    is wanted (``convert --all``) and never before."""
+
+    storage: Storage = field(compare=False, repr=False)
+
+    def read(self) -> bytes:
+        return self.storage.bytes_view().tobytes()

@@ -18,7 +18,7 @@ from modelport import limits
 from modelport.errors import LimitExceededError
 from modelport.pickles import modules
 from modelport.pickles.numpy_types import NumpyArray
-from modelport.pickles.records import ByteSpan, CallRecord, ObjectRecord
+from modelport.pickles.records import ByteSpan, CallRecord, GlobalRef, ObjectRecord
 from modelport.pickles.torch_types import (
     SparseTensor,
     TorchConstant,
@@ -58,6 +58,12 @@ def wrapper_prefix(names: Iterable[str]) -> str:
         removed += prefix
         current = [n[len(prefix) :] for n in current]
     return removed
+
+
+# The name of an object's state that is not attributes (what its own __setstate__ reads).
+CUSTOM_STATE = "__state__"
+# The name of the arguments an object was constructed with, or a call made with.
+ARGS = "__args__"
 
 
 def tensors_of(tree: Any) -> dict[str, TensorRef]:
@@ -122,15 +128,14 @@ def _children(value: Any) -> list[tuple[str, Any]]:
         if value.shape == () and len(value.objects) == 1:  # what ``.item()`` gives
             return _children(value.objects[0])
         return [(str(i), v) for i, v in enumerate(value.objects)]
-    if isinstance(value, CallRecord):  # what the pickle filled in after the call
-        return [(str(k), v) for k, v in value.dict_items.items()] + [
-            (str(i), v) for i, v in enumerate(value.list_items)
-        ]
-    if isinstance(value, ObjectRecord):
-        if modules.is_module(value):
+    if isinstance(value, (ObjectRecord, CallRecord)):  # state, then what was filled in
+        if isinstance(value, ObjectRecord) and modules.is_module(value):
             return list(modules.state_dict(value).items())
+        custom = value.custom_state()
         return (
             list(value.attributes().items())
+            + ([] if custom is None else [(CUSTOM_STATE, custom)])
+            + ([(ARGS, value.args)] if value.args else [])
             + [(str(k), v) for k, v in value.dict_items.items()]
             + [(str(i), v) for i, v in enumerate(value.list_items)]
         )
@@ -192,7 +197,7 @@ def extras(tree: Any) -> Any:
 
 
 _DROP = object()
-_CONTAINERS = (dict, list, tuple, set, frozenset, ObjectRecord)
+_CONTAINERS = (dict, list, tuple, set, frozenset, ObjectRecord, CallRecord)
 
 
 def _to_json(value: Any, depth: int, on_path: set[int]) -> Any:
@@ -210,10 +215,12 @@ def _to_json(value: Any, depth: int, on_path: set[int]) -> Any:
 
 
 def _container_to_json(value: Any, depth: int, on_path: set[int]) -> Any:
-    if isinstance(value, CallRecord):  # what the pickle filled in after the call
-        return [(str(k), v) for k, v in value.dict_items.items()] + [
-            (str(i), v) for i, v in enumerate(value.list_items)
-        ]
+    if isinstance(value, CallRecord):  # a call's result: its text, and the state BUILD gave it
+        if not value.attributes():
+            return repr(value)
+        state = {k: _to_json(v, depth + 1, on_path) for k, v in value.attributes().items()}
+        func = value.func.path if isinstance(value.func, GlobalRef) else repr(value.func)
+        return {"__call__": func, **{k: v for k, v in state.items() if v is not _DROP}}
     if isinstance(value, ObjectRecord):
         if modules.is_module(value):
             return _DROP

@@ -20,11 +20,11 @@ from modelport.errors import ConversionError, LimitExceededError, ModelportError
 from modelport.pickles import modules
 from modelport.pickles.numpy_types import NumpyArray, NumpyDType, NumpyScalar
 from modelport.pickles.reading import PickledDict, Trusted
-from modelport.pickles.records import ByteSpan, CallRecord, GlobalRef, ObjectRecord
+from modelport.pickles.records import ByteSpan, CallRecord, FileBytes, GlobalRef, ObjectRecord
 from modelport.pickles.torch_types import SparseTensor, TorchDevice, TorchDType
 from modelport.tensors import TensorRef
 from modelport.transfer.write_plan import OutputTensor
-from modelport.tree.names import tensors_of
+from modelport.tree.names import ARGS, CUSTOM_STATE, tensors_of
 from modelport.tree.weights import Apart
 
 WHOLE_FILE = "(the whole file)"
@@ -112,6 +112,7 @@ def describe(value: Any) -> str:
 
 
 _SCALARS = (bool, int, float, str, bytes, bytearray, complex)
+_MAX_READ_BYTES = limits.MAX_TYPED_JSON_CHARS * 3 // 4  # what base64 text of that size holds
 _BUILDING: Any = object()  # a tuple or set being made: it exists only once its items do
 _NOT_A_RECORD: Any = object()
 
@@ -145,6 +146,8 @@ class _Plainer:
             raise ConversionError(f"{path}: nested deeper than {limits.MAX_DEPTH} containers")
         if value is None or type(value) in _SCALARS:
             return value
+        if isinstance(value, FileBytes) and value.length <= _MAX_READ_BYTES:
+            return value.read()
         if isinstance(value, (TensorRef, TorchDType, TorchDevice)):
             return value
         if isinstance(value, NumpyArray) and value.tensor is not None:
@@ -169,7 +172,7 @@ class _Plainer:
             return self.refuse(path, value) if made is _NOT_A_RECORD else made
         if self.drop and isinstance(value, (ObjectRecord, CallRecord)) and tensors_of(value):
             self.notes.append(
-                f"{path or WHOLE_FILE}: kept the state of the {describe(value)} as plain "
+                f"{path or WHOLE_FILE}: kept the state of {_the(describe(value))} as plain "
                 "data, its tensors included; the object itself is not recreated"
             )
             return self.mapping(_state_of(value), path, depth)
@@ -265,14 +268,13 @@ class _Plainer:
             made = CallRecord(None, ())
         self.open[id(value)] = made
         try:
+            made.args = self.value(value.args, _join(path, ARGS), depth + 1)
             if isinstance(value, ObjectRecord) and isinstance(made, ObjectRecord):
-                made.args = self.unnamed(value.args, _join(path, "__args__"), depth)
                 if value.kwargs is not None:
                     made.kwargs = self.unnamed(value.kwargs, _join(path, "__kwargs__"), depth)
-                made.state = self.state(value.state, path, depth)
             elif isinstance(value, CallRecord) and isinstance(made, CallRecord):
                 made.func = self.unnamed(value.func, _join(path, "__func__"), depth)
-                made.args = self.unnamed(value.args, _join(path, "__args__"), depth)
+            made.state = self.state(value.state, path, depth)
             self.fill(made.dict_items, value.dict_items, path, depth)
             items = [
                 self.value(v, _join(path, i), depth + 1) for i, v in enumerate(value.list_items)
@@ -284,12 +286,13 @@ class _Plainer:
 
     def state(self, state: Any, path: str, depth: int) -> Any:
         """BUILD's state: an attribute dict, or a ``(dict, slots)`` pair, named by attribute;
-        anything else unnamed."""
+        anything else (what the object's own ``__setstate__`` reads) named as a whole."""
         if isinstance(state, dict) and type(state) in (dict, PickledDict, OrderedDict):
             return self.attributes(state, path, depth)
         if type(state) is tuple and len(state) == 2 and all(_attribute_dict(p) for p in state):
             return tuple(None if p is None else self.attributes(p, path, depth) for p in state)
-        return self.unnamed(state, _join(path, "__state__"), depth)
+        kept = self.value(state, _join(path, CUSTOM_STATE), depth + 1)
+        return None if kept is OMIT else kept
 
     def attributes(self, state: dict[Any, Any], path: str, depth: int) -> dict[Any, Any]:
         named = {k: v for k, v in state.items() if isinstance(k, str)}
@@ -326,6 +329,10 @@ class _Plainer:
         ]
 
 
+def _the(description: str) -> str:
+    return description if description.startswith("the ") else f"the {description}"
+
+
 def _attribute_dict(part: Any) -> bool:
     return part is None or (isinstance(part, dict) and type(part) in (dict, PickledDict))
 
@@ -338,7 +345,11 @@ def _dtype_copy(dtype: NumpyDType) -> NumpyDType:
 
 def _state_of(value: ObjectRecord | CallRecord) -> dict[str, Any]:
     """An object's parts under the names ``names.tensors_of`` gives them."""
-    state: dict[str, Any] = value.attributes() if isinstance(value, ObjectRecord) else {}
+    state = value.attributes()
+    if value.custom_state() is not None:
+        state[CUSTOM_STATE] = value.custom_state()
+    if value.args:
+        state[ARGS] = value.args
     state.update((str(k), v) for k, v in value.dict_items.items())
     state.update((str(i), v) for i, v in enumerate(value.list_items))
     return state
@@ -399,14 +410,18 @@ class _Mapper:
         """A record's copy: its unnamed parts hold no tensor (``plain`` saw to it)."""
         made = copy.copy(value)
         self.open[id(value)] = made
-        if isinstance(value, ObjectRecord) and isinstance(made, ObjectRecord):
-            state = value.state
+        made.args = tuple(self.walk(value.args, _join(path, ARGS)))
+        state = value.state
+        if state is not None:
             if isinstance(state, dict):
                 made.state = PickledDict() if isinstance(state, OrderedDict) else {}
                 self.fill(made.state, state, path)
-            elif type(state) is tuple and len(state) == 2:
+            elif value.custom_state() is None:  # a (dict, slots) pair
                 parts = [None if p is None else self.fill_new(p, path) for p in state]
                 made.state = tuple(parts)
+            else:
+                kept = self.walk(state, _join(path, CUSTOM_STATE))
+                made.state = None if kept is OMIT else kept
         made.dict_items = {}
         self.fill(made.dict_items, value.dict_items, path)
         items = [self.walk(v, _join(path, i)) for i, v in enumerate(value.list_items)]

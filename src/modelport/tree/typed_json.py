@@ -24,8 +24,8 @@ Layout of the document (``{"version": 1, "root": NODE}``); a NODE is:
 - the inert records a pickle leaves where it names code (``pickles.records``), never
   imported when read back: ``object`` (``module``, ``name``: the class path; MAY carry
   ``args`` and ``list`` arrays, ``kwargs`` and ``dict`` pairs, and ``state``, what BUILD
-  gave it), ``call`` (``func``, the callable's NODE; MAY carry ``args``, ``list``,
-  ``dict``), ``global`` (``module``, ``name``), ``ndarray`` (a numpy object array:
+  gave it), ``call`` (``func``, the callable's NODE; MAY carry ``args``, ``state``,
+  ``list``, ``dict``), ``global`` (``module``, ``name``), ``ndarray`` (a numpy object array:
   ``dtype`` text, ``shape``, ``items``), ``numpy.dtype`` (``spec``, ``byteorder``);
 - a container reached again from inside itself (a config node pointing back at its parent)
   carries an ``id`` (an int; a ``list`` is then written as ``{"$": "list", "items": ...}``)
@@ -177,8 +177,6 @@ class _Encoder:
                 node["args"] = self.items(value.args, depth)
             if value.kwargs is not None:
                 node["kwargs"] = self.pairs(value.kwargs, depth)
-            if value.state is not None:
-                node["state"] = self.node(value.state, depth + 1)
             return self.filled(node, value, depth)
         if isinstance(value, CallRecord):
             node = {TAG: "call", "func": self.node(value.func, depth + 1)}
@@ -190,6 +188,8 @@ class _Encoder:
     def filled(
         self, node: dict[str, Any], value: ObjectRecord | CallRecord, depth: int
     ) -> dict[str, Any]:
+        if value.state is not None:
+            node["state"] = self.node(value.state, depth + 1)
         if value.list_items:
             node["list"] = self.items(value.list_items, depth)
         if value.dict_items:

@@ -238,7 +238,6 @@ class _Decoder:
         made.args = tuple(self.items(node.get("args", []), depth, False))
         if "kwargs" in node:
             made.kwargs = self.pairs(node["kwargs"], depth, {})
-        made.state = self.node(node["state"], depth + 1, key=False) if "state" in node else None
         return self.filled(made, node, depth)
 
     def call(self, node: dict[str, Any], depth: int, key: bool) -> Any:
@@ -251,6 +250,7 @@ class _Decoder:
         return self.filled(made, node, depth)
 
     def filled(self, made: Any, node: dict[str, Any], depth: int) -> Any:
+        made.state = self.node(node["state"], depth + 1, key=False) if "state" in node else None
         made.list_items = self.items(node.get("list", []), depth, False)
         self.pairs(node.get("dict", []), depth, made.dict_items)
         return made
@@ -351,7 +351,7 @@ _FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
         frozenset({"module", "name"}),
         frozenset({"args", "kwargs", "state", "list", "dict", "id"}),
     ),
-    "call": (frozenset({"func"}), frozenset({"args", "list", "dict", "id"})),
+    "call": (frozenset({"func"}), frozenset({"args", "state", "list", "dict", "id"})),
     "ndarray": (frozenset({"dtype", "shape", "items"}), frozenset({"id"})),
     "global": (frozenset({"module", "name"}), frozenset()),
     "numpy.dtype": (frozenset({"spec", "byteorder"}), frozenset()),
