@@ -26,6 +26,7 @@ from modelport.formats import pickle_file
 from modelport.pickles import judging, reading
 from modelport.pickles.interface import Limits
 from modelport.pickles.machine import run
+from modelport.pickles.records import ByteSpan
 from modelport.pickles.torch_types import StorageType, TypedStorage
 from modelport.tensors import Storage
 from tests.conftest import attack_pickles, benign_twins, mutated
@@ -126,6 +127,8 @@ def canonical(value: Any, seen: dict[int, int] | None = None) -> Any:
         return (type(value).__name__, value)
     if isinstance(value, float):
         return ("float", repr(value))
+    if isinstance(value, ByteSpan):  # a reading's FileBytes: its span, located in the file
+        return ("ByteSpan", value.offset, value.length)
     if id(value) in seen:
         return ("same as", seen[id(value)])
     seen[id(value)] = len(seen)

@@ -27,6 +27,12 @@ MAX_TYPED_JSON_CHARS: Final = 100 << 20
 MAX_INT_HEX_DIGITS: Final = 4096
 # Dimensions of one tensor: numpy's NPY_MAXDIMS; ONNX, TFLite and torch files stay far below.
 MAX_RANK: Final = 64
+# A protocol-0 pickle's text argument. CPython reads one to its newline however long it is,
+# and protocol 0 writes every str and bytes value as one UNICODE or quoted STRING line (a
+# model file kept in an object: megabytes), so those lines are bounded only against one that
+# never ends within memory; the other text arguments (numbers, names, memo keys) are short.
+MAX_PICKLE_TEXT_LINE: Final = 1 << 30
+MAX_PICKLE_SHORT_LINE: Final = 1 << 20
 
 # -- scanning ---------------------------------------------------------------------------------
 # Files one directory scan visits; a model repository holds hundreds.

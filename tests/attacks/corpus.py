@@ -111,6 +111,12 @@ TORCH_EXPORT = "import torch; torch.export.load(PATH)"
 TORCH_JIT = "import torch; torch.jit.load(PATH)"
 JOBLIB = "import joblib; joblib.load(PATH)"
 NUMPY_PICKLE = "import numpy as np; np.load(PATH, allow_pickle=True)"
+NUMPY_SECOND_LOAD = (
+    "import numpy as np\n"
+    "with open(PATH, 'rb') as f:\n"
+    "    np.load(f)\n"
+    "    np.load(f, allow_pickle=True)"
+)
 
 
 def _npz_member(name: str) -> str:
@@ -645,6 +651,16 @@ TECHNIQUES: tuple[Technique, ...] = (
         False,
         "a record dtype with an object field nested one level down: the array holds "
         "objects, so its data is a pickle",
+    ),
+    _file(
+        "npy-pickle-after-plain-array",
+        "code",
+        "arrays.npy",
+        lambda m: float_npy() + (plain(2) if m is None else shell2(m)),
+        NUMPY_SECOND_LOAD,
+        False,
+        "a plain array, then a pickle: np.load reads the array, and np.load of the same "
+        "handle again (arrays saved one after another) unpickles what follows",
     ),
     _file(
         "npy-version-3-header",

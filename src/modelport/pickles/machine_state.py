@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import pickletools
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
+from modelport.limits import MAX_PICKLE_SHORT_LINE, MAX_PICKLE_TEXT_LINE
 from modelport.pickles.interface import Limits, Resolver, Step
-from modelport.pickles.records import ByteSpan
+from modelport.pickles.records import ByteSpan, FileBytes
+from modelport.tensors import Storage
 
 # Opcode names by byte, from pickletools (the stdlib's own table of protocols 0-5).
 NAMES = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
 CODES = {name: code for code, name in NAMES.items()}
+_STRING, _UNICODE = CODES["STRING"], CODES["UNICODE"]
+_QUOTES = (b"'", b'"')
 
 
 class MachineState:
@@ -29,6 +34,10 @@ class MachineState:
         self.protocol = 0
         self.op_offset = start
         self.op_code = -1
+        # A reading resolver knows where the pickle's bytes lie (``storage_of``); a scan's does not.
+        self.storage_of: Callable[[ByteSpan], Storage] | None = getattr(
+            resolver, "storage_of", None
+        )
 
     @property
     def step(self) -> Step:
@@ -59,7 +68,7 @@ class MachineState:
         return chunk
 
     def _line(self) -> bytes:
-        limit = min(len(self.data), self.pos + (1 << 20))
+        limit = min(len(self.data), self.pos + self._line_bound())
         window = 64
         while True:
             stop = min(limit, self.pos + window)
@@ -78,15 +87,27 @@ class MachineState:
                 raise CorruptFileError(f"pickle: text argument too long at byte {self.pos}")
             window *= 16
 
+    def _line_bound(self) -> int:
+        if self.op_code == _UNICODE:
+            return MAX_PICKLE_TEXT_LINE
+        if self.op_code == _STRING and bytes(self.data[self.pos : self.pos + 1]) in _QUOTES:
+            return MAX_PICKLE_TEXT_LINE
+        return MAX_PICKLE_SHORT_LINE
+
     def _u(self, fmt: str, n: int) -> int:
         value: int = struct.unpack(fmt, self._take(n))[0]
         return value
 
     def _payload(self, n: int) -> bytes | ByteSpan:
+        """Bytes above ``inline_bytes`` stay in place; a reading resolver's are located
+        (``FileBytes``), so that a value held in any container can be read later."""
         if n > self.limits.inline_bytes:
             start = self.pos
             self._take(n)
-            return ByteSpan(start, n)
+            span = ByteSpan(start, n)
+            if self.storage_of is None:
+                return span
+            return FileBytes(start, n, self.storage_of(span))
         return bytes(self._take(n))
 
     # -- stack helpers ------------------------------------------------------------------

@@ -381,12 +381,16 @@ class _FileScanner(ScanState):
         except ModelportError as exc:
             header, refused = None, exc
         if header is not None and not header.is_object:
-            if header.data_offset + header.nbytes > size:
+            end = header.data_offset + header.nbytes
+            if end > size:
                 self.error(
                     f"the header promises {header.nbytes:,} bytes of data, "
                     f"{max(0, size - header.data_offset):,} follow it (truncated?)",
                     member,
                 )
+            elif end < size:
+                after = f"the array's {header.nbytes:,} bytes of data"
+                _part("streams").scan_after_array(self, data[end:], member, after, depth + 1)
             return
         offset = (
             header.data_offset
@@ -407,7 +411,7 @@ class _FileScanner(ScanState):
             "numpy array whose dtype holds objects: np.load(allow_pickle=True) unpickles its "
             "contents, judged below",
         )
-        self.scan_pickle_stream(data[offset:], member, depth + 1)
+        _part("streams").scan_object_array_pickle(self, data[offset:], member, depth + 1)
 
     def scan_embedded(self, document: Any, member: str) -> None:
         """Objects a config carries as base64 (``embedded``), scanned as members."""

@@ -1,7 +1,12 @@
 """Pickle streams, read as their loaders read them: ``pickle.load`` stops at the first STOP
 but a loader may read on (legacy torch reads five pickles; a stream of records is read to
 its end), so every pickle of a stream is scanned, and bytes after the last one are
-reported unless another reading of the file explains them."""
+reported unless another reading of the file explains them.
+
+An ``.npy`` object array's pickle is read by ``np.load``: one ``pickle.load`` on the open
+file (numpy/lib/format.py ``read_array``), which stops at STOP. Reading on is another
+``np.load`` of the same handle, which takes what follows as another ``.npy`` (an array
+saved after it), else as a pickle; bytes that are neither are read by no loader."""
 
 from __future__ import annotations
 
@@ -9,6 +14,9 @@ import time
 
 from modelport import limits
 from modelport.errors import ModelportError, UnparsedPickleError
+from modelport.formats._npy_header import MAGIC as NPY_MAGIC
+from modelport.formats._npy_header import MAX_PREFIX as NPY_PREFIX
+from modelport.formats._npy_header import parse_header
 from modelport.formats._torch_magic import is_magic_number
 from modelport.formats._zip import EOCD_SIGNATURE, LOCAL_SIGNATURE
 from modelport.pickles.interface import Limits
@@ -44,19 +52,106 @@ def scan_pickle_stream(
     """Every pickle of the stream, not only the first a loader reads (legacy torch reads
     five; a loader may read on); bytes after the last STOP are reported unless another
     reading of the file explains them."""
+    start = _scan_pickles(scan, data, member, depth, torch_archive, torchscript)
+    if start is not None and not explained:
+        scan.add(
+            Severity.MEDIUM,
+            "trailing-data",
+            member,
+            f"{len(data) - start:,} bytes after the pickle's STOP at byte {start}: "
+            "pickle.load ignores them, a loader that reads on does not",
+        )
+
+
+def scan_object_array_pickle(scan: ScanState, data: memoryview, member: str, depth: int) -> None:
+    """An ``.npy`` object array's pickle and what ``np.load`` of the same handle reads after
+    it: a further ``.npy`` is scanned as one, further pickles as pickles; other bytes make
+    every loader fail before they are read, so they are only noted."""
+    start = _scan_pickles(scan, data, member, depth, False, False)
+    if start is not None:
+        scan_after_array(
+            scan,
+            data[start:],
+            member,
+            f"the object array's pickle ({start:,} bytes into the array's data)",
+            depth,
+        )
+
+
+def scan_after_array(
+    scan: ScanState, rest: memoryview, member: str, after: str, depth: int
+) -> None:
+    """Bytes after an ``.npy`` array (``after`` says where they start): what a further
+    ``np.load`` of the same handle reads, an ``.npy`` saved after it or a pickle, is scanned
+    as such; other bytes make every loader fail before they are read, so they are noted.
+    Plain arrays saved one after another are stepped over here, not nested."""
+    for _ in range(limits.MAX_PICKLES_PER_STREAM):
+        if bytes(rest[: len(NPY_MAGIC)]) != NPY_MAGIC:
+            break
+        end = _plain_array_end(scan, rest, member)
+        if end is None or end > len(rest):  # objects, or damage: the array's own scan says
+            scan.scan_plain_member(rest, f"{member}@after", depth)
+            return
+        rest = rest[end:]
+        if not rest:
+            return
+    else:
+        scan.error(f"more than {limits.MAX_PICKLES_PER_STREAM} arrays in one file", member)
+        return
+    if content_kinds.pickle_reading(rest) is PickleReading.WHOLE:
+        scan.add(
+            Severity.INFO,
+            "pickle-after-array",
+            member,
+            f"a pickle after {after}: np.load(allow_pickle=True) of the same handle unpickles "
+            "it, judged below",
+        )
+        scan.scan_pickle_stream(rest, f"{member}@after", depth + 1)
+        return
+    scan.add(
+        Severity.INFO,
+        "unread-bytes",
+        member,
+        f"{len(rest):,} bytes after {after}: np.load stops at the array's end, and no loader "
+        "reads them as data",
+    )
+
+
+def _plain_array_end(scan: ScanState, data: memoryview, member: str) -> int | None:
+    """Where a plain array's data ends, or None for an object array or a header that does
+    not parse."""
+    try:
+        header = parse_header(
+            bytes(data[:NPY_PREFIX]), path=scan.path, where=member, available=len(data)
+        )
+    except ModelportError:
+        return None
+    return None if header.is_object else header.data_offset + header.nbytes
+
+
+def _scan_pickles(
+    scan: ScanState,
+    data: memoryview,
+    member: str,
+    depth: int,
+    torch_archive: bool,
+    torchscript: bool,
+) -> int | None:
+    """Scan the stream's pickles; the offset of bytes after them that no pickle opens, or
+    None when nothing follows (or the scan stopped with an error)."""
     start, legacy = 0, False
     for index in range(limits.MAX_PICKLES_PER_STREAM):
         end = _scan_one_pickle(
             scan, data, start, member, depth, torch_archive or (legacy and index == 3), torchscript
         )
         if end is None:
-            return
+            return None
         if index == 0 and is_magic_number(data[:end]):
             legacy = True
             scan.format = "torch-legacy" if depth == 0 else scan.format
         start = end
         if legacy and index + 1 == _LEGACY_PICKLES:
-            return  # then raw storage bytes, which torch copies and never parses
+            return None  # then raw storage bytes, which torch copies and never parses
         if start >= len(data):
             if legacy:
                 scan.error(
@@ -64,18 +159,11 @@ def scan_pickle_stream(
                     f"{_LEGACY_PICKLES} pickles (truncated?)",
                     member,
                 )
-            return
-        if content_kinds.pickle_reading(data[start:]) is not PickleReading.WHOLE and not legacy:
-            if not explained:
-                scan.add(
-                    Severity.MEDIUM,
-                    "trailing-data",
-                    member,
-                    f"{len(data) - start:,} bytes after the pickle's STOP at byte {start}: "
-                    "pickle.load ignores them, a loader that reads on does not",
-                )
-            return
+            return None
+        if not legacy and content_kinds.pickle_reading(data[start:]) is not PickleReading.WHOLE:
+            return start  # a legacy file's next pickle is read whatever it is: scanned next
     scan.error(f"more than {limits.MAX_PICKLES_PER_STREAM} pickles in one stream", member)
+    return None
 
 
 def _scan_one_pickle(
