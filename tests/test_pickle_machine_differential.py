@@ -24,7 +24,7 @@ from modelport import dtypes
 from modelport.errors import CorruptFileError, UnparsedPickleError
 from modelport.formats import pickle_file
 from modelport.pickles import judging, reading
-from modelport.pickles.interface import Limits
+from modelport.pickles.interface import Limits, Value
 from modelport.pickles.machine import run
 from modelport.pickles.records import ByteSpan
 from modelport.pickles.torch_types import StorageType, TypedStorage
@@ -146,6 +146,8 @@ def canonical(value: Any, seen: dict[int, int] | None = None) -> Any:
         return (kind, value.dtype.str, value.shape, value.tobytes())
     if is_dataclass(value):
         return (kind, [(f.name, canonical(getattr(value, f.name), seen)) for f in fields(value)])
+    if isinstance(value, Value):  # slotted, as a frozen dataclass's fields: every slot
+        return (kind, [(k, canonical(v, seen)) for k, v in value.__getstate__().items()])
     if callable(value):
         return (kind,)
     attributes = vars(value) if hasattr(value, "__dict__") else {}

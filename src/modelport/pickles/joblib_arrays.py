@@ -17,10 +17,10 @@ hide the opcodes after it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from modelport.errors import CorruptFileError
+from modelport.pickles.interface import Value, fill
 from modelport.pickles.symbols import Made, Symbol
 
 WRAPPER_NAMES = frozenset(("NumpyArrayWrapper",))
@@ -34,13 +34,17 @@ def is_wrapper(origin: Any) -> bool:
     return isinstance(origin, Symbol) and origin.name in WRAPPER_NAMES
 
 
-@dataclass(frozen=True)
-class ArrayLayout:
+class ArrayLayout(Value):
     """What follows the wrapper's BUILD: a nested pickle, or padding and raw bytes."""
 
+    FIELDS = ("holds_objects", "aligned", "nbytes")
+    __slots__ = FIELDS
     holds_objects: bool
     aligned: bool
     nbytes: int
+
+    def __init__(self, holds_objects: bool, aligned: bool, nbytes: int) -> None:
+        fill(self, holds_objects=holds_objects, aligned=aligned, nbytes=nbytes)
 
 
 def layout_of(state: Any) -> ArrayLayout:

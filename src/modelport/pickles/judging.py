@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import _compat_pickle
 import re
-from dataclasses import dataclass
 from typing import Any, Final
 
 from modelport.errors import CorruptFileError, TruncatedFileError, UnparsedPickleError
 from modelport.pickles import joblib_arrays, policy
-from modelport.pickles.interface import Limits, Step
+from modelport.pickles.interface import Limits, Step, Value, fill
 from modelport.pickles.machine import run
 from modelport.pickles.records import ByteSpan
 from modelport.pickles.rules import judge_symbol
@@ -245,12 +244,18 @@ def judge(resolver: ScanResolver) -> list[PickleFinding]:
     return findings
 
 
-@dataclass(frozen=True)
-class PickleScan:
+class PickleScan(Value):
+    FIELDS = ("findings", "nested", "end", "opcodes")
+    __slots__ = FIELDS
     findings: list[PickleFinding]
     nested: list[NestedPayload]
     end: int
     opcodes: int
+
+    def __init__(
+        self, findings: list[PickleFinding], nested: list[NestedPayload], end: int, opcodes: int
+    ) -> None:
+        fill(self, findings=findings, nested=nested, end=end, opcodes=opcodes)
 
 
 def scan_pickle(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from modelport import dtypes
@@ -60,15 +59,21 @@ class NumpyDType:
         return f"<numpy dtype {self.byteorder}{self.spec}>"
 
 
-@dataclass(eq=False)
 class NumpyArray:
     """An ``ndarray`` being rebuilt. After BUILD it holds a ``TensorRef`` or, for object
-    arrays, the list of objects the pickle stored."""
+    arrays, the list of objects the pickle stored. Equal only to itself."""
 
-    tensor: TensorRef | None = None
-    objects: list[Any] | None = None
-    shape: tuple[int, ...] = ()
-    dtype_text: str = ""
+    def __init__(
+        self,
+        tensor: TensorRef | None = None,
+        objects: list[Any] | None = None,
+        shape: tuple[int, ...] = (),
+        dtype_text: str = "",
+    ) -> None:
+        self.tensor = tensor
+        self.objects = objects
+        self.shape = shape
+        self.dtype_text = dtype_text
 
     def __repr__(self) -> str:
         return f"<numpy array {self.dtype_text}{list(self.shape)}>"
@@ -153,12 +158,16 @@ def scalar(dtype: Any, raw: Any = None) -> Any:
     return NumpyScalar(dtype, raw)
 
 
-@dataclass(eq=False)
 class NumpyScalar:
-    """A numpy scalar of a type that is not plain numeric (kept as a record)."""
+    """A numpy scalar of a type that is not plain numeric (kept as a record), equal only to
+    itself."""
 
-    dtype: Any
-    raw: Any
+    def __init__(self, dtype: Any, raw: Any) -> None:
+        self.dtype = dtype
+        self.raw = raw
+
+    def __repr__(self) -> str:
+        return f"NumpyScalar(dtype={self.dtype!r}, raw={self.raw!r})"
 
 
 def frombuffer(

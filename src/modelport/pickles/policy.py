@@ -11,12 +11,12 @@ with ``torch.``.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
 from modelport.gadgets import DENYLIST as DENYLIST
 from modelport.gadgets import gadget as gadget
+from modelport.pickles.interface import Value, fill
 from modelport.pickles.reading import CALLABLES, CONSTANTS
 from modelport.pickles.symbols import Usage
 from modelport.pickles.torch_nn_classes import TORCH_NN_CLASSES
@@ -111,14 +111,18 @@ SAFE_LIBRARY_OBJECTS: Final[MappingProxyType[tuple[str, str], str]] = MappingPro
 )
 
 
-@dataclass(frozen=True)
-class PassedOn:
+class PassedOn(Value):
     """An argument an allowlisted reconstructor calls or instantiates, and where its own
     source does so."""
 
+    FIELDS = ("index", "usage", "source")
+    __slots__ = FIELDS
     index: int
     usage: Usage
     source: str
+
+    def __init__(self, index: int, usage: Usage, source: str) -> None:
+        fill(self, index=index, usage=usage, source=source)
 
 
 _NUMPY_RECONSTRUCT = (PassedOn(0, Usage.INSTANTIATED, "ndarray.__new__(subtype, ...)"),)

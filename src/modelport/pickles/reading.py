@@ -11,7 +11,6 @@ from __future__ import annotations
 import _compat_pickle
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -19,7 +18,7 @@ from typing import Any, Final
 from modelport import dtypes
 from modelport.errors import CorruptFileError, ModelportError
 from modelport.pickles import numpy_types, torch_types
-from modelport.pickles.interface import Limits, PickleResult, Step
+from modelport.pickles.interface import Limits, PickleResult, Step, Value, fill
 from modelport.pickles.machine import run
 from modelport.pickles.records import ByteSpan, CallRecord, FileBytes, GlobalRef, ObjectRecord
 from modelport.tensors import Storage, byte_array
@@ -27,13 +26,17 @@ from modelport.tensors import Storage, byte_array
 Reconstructor = Callable[["ReadingResolver", tuple[Any, ...]], Any]
 
 
-@dataclass(frozen=True)
-class Trusted:
+class Trusted(Value):
     """An allowlisted global: calling it runs modelport's ``reconstruct``, nothing else."""
 
+    FIELDS = ("module", "name", "reconstruct")
+    __slots__ = FIELDS
     module: str
     name: str
     reconstruct: Reconstructor
+
+    def __init__(self, module: str, name: str, reconstruct: Reconstructor) -> None:
+        fill(self, module=module, name=name, reconstruct=reconstruct)
 
     def __repr__(self) -> str:
         return f"<trusted {self.module}.{self.name}>"
@@ -45,11 +48,15 @@ class PickledDict(OrderedDict[Any, Any]):
     pickle_state: Any = None
 
 
-@dataclass(frozen=True)
-class PersistentRef:
+class PersistentRef(Value):
     """A persistent id no storage loader claimed."""
 
+    FIELDS = ("pid",)
+    __slots__ = FIELDS
     pid: Any
+
+    def __init__(self, pid: Any) -> None:
+        fill(self, pid=pid)
 
 
 def _plain(*types: type) -> Callable[[Any], bool]:

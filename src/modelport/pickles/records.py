@@ -8,18 +8,19 @@ arguments, attribute state) survives and nothing from the file ever runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
+from modelport.pickles.interface import Value, fill
 from modelport.tensors import Storage
 
 
-@dataclass(eq=False)
 class GlobalRef:
-    """A ``module.name`` the pickle refers to, left unresolved."""
+    """A ``module.name`` the pickle refers to, left unresolved. Records are equal only to
+    themselves: two calls of one function are two objects."""
 
-    module: str
-    name: str
+    def __init__(self, module: str, name: str) -> None:
+        self.module = module
+        self.name = name
 
     @property
     def path(self) -> str:
@@ -57,18 +58,25 @@ def _custom_state(state: Any) -> Any:
     return None if state is None or _is_attribute_state(state) else state
 
 
-@dataclass(eq=False)
 class CallRecord:
     """The result of calling something modelport did not call: ``func(*args)`` never ran.
     What the pickle then does to the result is kept as it came: items it appends or sets
     (``defaultdict(list)`` filled with SETITEMS), and the state BUILD gives it (a
     ``__reduce__`` that returns a factory function and the object's ``__dict__``)."""
 
-    func: Any
-    args: tuple[Any, ...]
-    list_items: list[Any] = field(default_factory=list)
-    dict_items: dict[Any, Any] = field(default_factory=dict)
-    state: Any = None
+    def __init__(
+        self,
+        func: Any,
+        args: tuple[Any, ...],
+        list_items: list[Any] | None = None,
+        dict_items: dict[Any, Any] | None = None,
+        state: Any = None,
+    ) -> None:
+        self.func = func
+        self.args = args
+        self.list_items: list[Any] = [] if list_items is None else list_items
+        self.dict_items: dict[Any, Any] = {} if dict_items is None else dict_items
+        self.state = state
 
     def attributes(self) -> dict[str, Any]:
         return _attributes(self.state)
@@ -82,16 +90,24 @@ class CallRecord:
         return f"<call {self.func!r}(…{len(self.args)} args)>"
 
 
-@dataclass(eq=False)
 class ObjectRecord:
     """An instance of a class modelport does not import, with the state the pickle gave it."""
 
-    cls: GlobalRef
-    args: tuple[Any, ...] = ()
-    kwargs: dict[Any, Any] | None = None
-    state: Any = None
-    list_items: list[Any] = field(default_factory=list)
-    dict_items: dict[Any, Any] = field(default_factory=dict)
+    def __init__(
+        self,
+        cls: GlobalRef,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[Any, Any] | None = None,
+        state: Any = None,
+        list_items: list[Any] | None = None,
+        dict_items: dict[Any, Any] | None = None,
+    ) -> None:
+        self.cls = cls
+        self.args = args
+        self.kwargs = kwargs
+        self.state = state
+        self.list_items: list[Any] = [] if list_items is None else list_items
+        self.dict_items: dict[Any, Any] = {} if dict_items is None else dict_items
 
     @property
     def class_path(self) -> str:
@@ -108,20 +124,27 @@ class ObjectRecord:
         return f"<object {self.class_path}>"
 
 
-@dataclass(frozen=True)
-class ByteSpan:
+class ByteSpan(Value):
     """A large byte payload left in place: ``length`` bytes at ``offset`` of the pickle input."""
 
+    FIELDS = ("offset", "length")
+    __slots__ = FIELDS
     offset: int
     length: int
 
+    def __init__(self, offset: int, length: int) -> None:
+        fill(self, offset=offset, length=length)
 
-@dataclass(frozen=True)
+
 class FileBytes(ByteSpan):
     """A ``ByteSpan`` that knows where its bytes lie, so that they can be read when a value
-    is wanted (``convert --all``) and never before."""
+    is wanted (``convert --all``) and never before. Compared and shown as its span."""
 
-    storage: Storage = field(compare=False, repr=False)
+    __slots__ = ("storage",)
+    storage: Storage
+
+    def __init__(self, offset: int, length: int, storage: Storage) -> None:
+        fill(self, offset=offset, length=length, storage=storage)
 
     def read(self) -> bytes:
         return self.storage.bytes_view().tobytes()

@@ -7,67 +7,92 @@ them imports torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from modelport import dtypes
 from modelport.errors import CorruptFileError
+from modelport.pickles.interface import Value, fill
 from modelport.tensors import Storage, TensorRef, contiguous_strides
 
 
-@dataclass(frozen=True)
-class TorchDType:
+class TorchDType(Value):
     """``torch.float32`` and friends, as a pickle names them."""
 
+    FIELDS = ("name",)
+    __slots__ = FIELDS
     name: str
+
+    def __init__(self, name: str) -> None:
+        fill(self, name=name)
 
     def __str__(self) -> str:
         return f"torch.{self.name}"
 
 
-@dataclass(frozen=True)
-class TorchConstant:
+class TorchConstant(Value):
     """``torch.sparse_coo``, ``torch.channels_last``, ``torch.per_tensor_affine``: named values."""
 
+    FIELDS = ("name",)
+    __slots__ = FIELDS
     name: str
+
+    def __init__(self, name: str) -> None:
+        fill(self, name=name)
 
     def __str__(self) -> str:
         return f"torch.{self.name}"
 
 
-@dataclass(frozen=True)
-class StorageType:
+class StorageType(Value):
     """``torch.FloatStorage`` and friends: tells the dtype of a persistent storage id."""
 
+    FIELDS = ("dtype",)
+    __slots__ = FIELDS
     dtype: str
 
+    def __init__(self, dtype: str) -> None:
+        fill(self, dtype=dtype)
 
-@dataclass(frozen=True)
-class TypedStorage:
+
+class TypedStorage(Value):
     """A storage resolved from a persistent id, with the element type it was saved as."""
 
+    FIELDS = ("storage", "dtype", "numel", "location")
+    __slots__ = FIELDS
     storage: Storage
     dtype: str
     numel: int
     location: str
 
+    def __init__(self, storage: Storage, dtype: str, numel: int, location: str) -> None:
+        fill(self, storage=storage, dtype=dtype, numel=numel, location=location)
 
-@dataclass(frozen=True)
-class TorchDevice:
+
+class TorchDevice(Value):
     """``torch.device('cuda:0')``: kept as text; reading never needs the device."""
 
+    FIELDS = ("spec",)
+    __slots__ = FIELDS
     spec: str
+
+    def __init__(self, spec: str) -> None:
+        fill(self, spec=spec)
 
     def __str__(self) -> str:
         return self.spec
 
 
-@dataclass(eq=False)
 class SparseTensor:
-    """A sparse tensor saved by ``_rebuild_sparse_tensor``: its dense parts are ordinary tensors."""
+    """A sparse tensor saved by ``_rebuild_sparse_tensor``: its dense parts are ordinary
+    tensors. Equal only to itself."""
 
-    layout: str
-    parts: dict[str, Any]
+    def __init__(self, layout: str, parts: dict[str, Any]) -> None:
+        self.layout = layout
+        self.parts = parts
+
+    def __repr__(self) -> str:
+        return f"SparseTensor(layout={self.layout!r}, parts={self.parts!r})"
 
 
 def _ints(value: Any, what: str) -> tuple[int, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from modelport.pickles.interface import Value, fill
 from modelport.severity import Severity
 
 if TYPE_CHECKING:
@@ -54,20 +55,53 @@ FIXES: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class Finding:
+class Finding(Value):
     """One thing a file does that its loader would act on, located in the file: the member
     (archive entry, nested stream) and, for pickles, the opcode's offset and the global it
     names with how it is used."""
 
+    FIELDS = (
+        "severity",
+        "rule",
+        "member",
+        "message",
+        "offset",
+        "opcode",
+        "global_name",
+        "usage",
+    )
+    __slots__ = FIELDS
     severity: Severity
     rule: str
     member: str
     message: str
-    offset: int | None = None
-    opcode: str = ""
-    global_name: str = ""
-    usage: str = ""
+    offset: int | None
+    opcode: str
+    global_name: str
+    usage: str
+
+    def __init__(
+        self,
+        severity: Severity,
+        rule: str,
+        member: str,
+        message: str,
+        offset: int | None = None,
+        opcode: str = "",
+        global_name: str = "",
+        usage: str = "",
+    ) -> None:
+        fill(
+            self,
+            severity=severity,
+            rule=rule,
+            member=member,
+            message=message,
+            offset=offset,
+            opcode=opcode,
+            global_name=global_name,
+            usage=usage,
+        )
 
     @classmethod
     def from_pickle(cls, finding: PickleFinding, member: str) -> Finding:
@@ -129,12 +163,16 @@ class FileReport:
         )
 
 
-@dataclass(frozen=True)
-class ScanReport:
+class ScanReport(Value):
     """One verdict for everything scanned (the worst of its files), and each file's report."""
 
+    FIELDS = ("verdict", "files")
+    __slots__ = FIELDS
     verdict: str
     files: tuple[FileReport, ...]
+
+    def __init__(self, verdict: str, files: tuple[FileReport, ...]) -> None:
+        fill(self, verdict=verdict, files=files)
 
     @property
     def serious(self) -> tuple[Finding, ...]:
