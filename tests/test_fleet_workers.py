@@ -64,10 +64,10 @@ def exactly_once(written: list[dict[str, Any]], expected: list[Path]) -> None:
 
 def test_a_file_over_its_time_budget_is_a_timeout_record(tmp_path: Path, cli: Cli) -> None:
     others = small_files(tmp_path / "data", 6)
-    slow = slow_pickle(tmp_path / "data" / "slow.pkl", 400_000)
+    slow = slow_pickle(tmp_path / "data" / "slow.pkl", 1_000_000)  # seconds to scan
     out = tmp_path / "out.jsonl"
     started = time.monotonic()
-    result = cli("scan", tmp_path / "data", "--timeout", "0.5", "--jobs", "2", "--jsonl", out)
+    result = cli("scan", tmp_path / "data", "--timeout", "1.5", "--jobs", "2", "--jsonl", out)
     assert time.monotonic() - started < 30
     assert result.code == 2  # a file not analysed: an error verdict
     written = records(out)
@@ -78,7 +78,7 @@ def test_a_file_over_its_time_budget_is_a_timeout_record(tmp_path: Path, cli: Cl
     assert {r["status"] for r in written if r is not late} == {"ok"}
     assert "ERROR" in result.out and "--timeout" in result.out
     # the same budget again: the timeout stands; a larger one retries the file
-    again = cli("scan", tmp_path / "data", "--timeout", "0.5", "--jsonl", out)
+    again = cli("scan", tmp_path / "data", "--timeout", "1.5", "--jsonl", out)
     assert "0 processed now" in again.err
     retried = cli("scan", tmp_path / "data", "--timeout", "120", "--jsonl", out, "--json")
     assert "1 processed now" in retried.err and retried.code == 0
