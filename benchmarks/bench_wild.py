@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -271,11 +272,34 @@ def _first_line(error: BaseException, path: Path | None = None) -> str:
 def _converted(path: Path) -> Digests:
     from safetensors import safe_open
 
+    if path.suffix == ".pt":
+        return _converted_torch(path)
+    if path.suffix == ".npz":
+        with np.load(path) as arrays:  # no pickles: what modelport writes needs none
+            return {k: (arrays[k].shape, _digest(arrays[k])) for k in arrays.files}
     with safe_open(str(path), framework="pt") as handle:
         return {
             k: (tuple(handle.get_tensor(k).shape), _torch_digest(handle.get_tensor(k)))
             for k in handle.keys()  # noqa: SIM118 (safe_open is no mapping)
         }
+
+
+def _converted_torch(path: Path) -> Digests:
+    """A torch zip ``convert --all`` wrote, read by ``torch.load(weights_only=True)``: its
+    tensors by dotted path through the saved tree."""
+    import torch
+
+    found: Digests = {}
+    pending: list[tuple[str, Any]] = [("", torch.load(path, weights_only=True))]
+    while pending:
+        prefix, value = pending.pop()
+        if isinstance(value, torch.Tensor):
+            found[prefix] = (tuple(value.shape), _torch_digest(value))
+        elif isinstance(value, dict):
+            pending.extend((f"{prefix}.{k}" if prefix else str(k), v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            pending.extend((f"{prefix}.{i}" if prefix else str(i), v) for i, v in enumerate(value))
+    return found
 
 
 def _round_trip(ref: Digests, out: Digests, aliases: dict[str, str]) -> tuple[int, int]:
@@ -296,11 +320,36 @@ def _emit(result: dict[str, Any]) -> None:
     print(json.dumps(result), flush=True)
 
 
+def _retargeted(
+    path: Path, target: Path, named: list[str], result: dict[str, Any]
+) -> tuple[Any, Path]:
+    """``convert --all`` to the first of the targets a refusal named that takes the file
+    whole, as a user would follow the message."""
+    import modelport
+    from modelport import ConvertOptions
+    from modelport.errors import ConversionError
+
+    refused: ConversionError | None = None
+    for to in named:
+        other = target.with_suffix(".pt" if to == "torch" else ".npz")
+        try:
+            converted = modelport.convert(path, other, ConvertOptions(to=to, take_all=True))
+        except ConversionError as error:
+            refused = error
+            continue
+        result["retargeted"] = to
+        return converted, other
+    assert refused is not None
+    raise refused
+
+
 def _convert(
     path: Path, target: Path, result: dict[str, Any]
 ) -> tuple[Digests | None, dict[str, str]]:
     """``convert --all``; where it refuses values that are not plain data, once more with
-    ``drop_unrepresentable`` (then the file does not count as converted whole)."""
+    ``drop_unrepresentable`` (then the file does not count as converted whole); where
+    safetensors cannot hold a dtype (complex128) and the refusal names ``--to torch``, to a
+    torch zip, as its message tells a user to."""
     import modelport
     from modelport import ConvertOptions
     from modelport.errors import ConversionError
@@ -310,14 +359,18 @@ def _convert(
         try:
             converted = modelport.convert(path, target, options)
         except ConversionError as error:
-            if "drop-unrepresentable" not in str(error):
+            named = re.findall(r"--to (torch|npz)\b", str(error))
+            if "cannot hold" in str(error) and named:
+                converted, target = _retargeted(path, target, named, result)
+            elif "drop-unrepresentable" in str(error):
+                result["failures"].append(("convert --all", _first_line(error, path)))
+                result["dropped"] = True
+                options = ConvertOptions(
+                    to="safetensors", take_all=True, overwrite=True, drop_unrepresentable=True
+                )
+                converted = modelport.convert(path, target, options)
+            else:
                 raise
-            result["failures"].append(("convert --all", _first_line(error, path)))
-            result["dropped"] = True
-            options = ConvertOptions(
-                to="safetensors", take_all=True, overwrite=True, drop_unrepresentable=True
-            )
-            converted = modelport.convert(path, target, options)
     except Exception as error:
         if "selection holds no tensors" in str(error) and result.get("count") == 0:
             result["empty"] = True
