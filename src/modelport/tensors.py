@@ -31,7 +31,11 @@ if TYPE_CHECKING:
 NDArray: TypeAlias = "np.ndarray[Any, np.dtype[Any]]"
 
 
-@dataclass(frozen=True, eq=False, slots=True)
+# Storage and TensorRef have their own ``__init__`` and are not frozen: a file of a million
+# tensors builds a million of each, and a frozen dataclass's ``object.__setattr__`` per field
+# would make that four times slower. Nothing assigns to one once it is made; equality and
+# hashing are by identity (``eq=False``), so sharing one stays safe.
+@dataclass(eq=False, slots=True, init=False)
 class Storage:
     """``nbytes`` bytes at ``offset`` in ``path``, or produced by ``reader`` when not stored flat.
 
@@ -45,6 +49,22 @@ class Storage:
     key: str = ""
     reader: Callable[[], NDArray] | None = None  # returns a 1-d uint8 array of nbytes
     location: str = ""  # the device torch saved it from ("cuda:0"); "" if not recorded
+
+    def __init__(
+        self,
+        path: Path | None,
+        offset: int,
+        nbytes: int,
+        key: str = "",
+        reader: Callable[[], NDArray] | None = None,
+        location: str = "",
+    ) -> None:
+        self.path = path
+        self.offset = offset
+        self.nbytes = nbytes
+        self.key = key
+        self.reader = reader
+        self.location = location
 
     def bytes_view(self) -> NDArray:
         """The storage as a 1-d uint8 array: a memory map when the bytes lie flat in a file."""
@@ -66,7 +86,7 @@ class Storage:
         return mapped
 
 
-@dataclass(frozen=True, eq=False, slots=True)
+@dataclass(eq=False, slots=True, init=False)
 class TensorRef:
     """A tensor as the file describes it: dtype, shape and where its elements lie.
 
@@ -83,11 +103,26 @@ class TensorRef:
     note: str = ""
     nbytes: int = field(init=False)
 
-    def __post_init__(self) -> None:
-        size = _SIZERS.get(self.dtype)
-        if size is None:  # the lookup that names an unknown dtype in its error
-            size = dtypes.dtype(self.dtype).nbytes
-        object.__setattr__(self, "nbytes", size(math.prod(self.shape)))
+    def __init__(
+        self,
+        dtype: str,
+        shape: tuple[int, ...],
+        storage: Storage | None,
+        element_offset: int = 0,
+        strides: tuple[int, ...] | None = None,
+        note: str = "",
+    ) -> None:
+        self.dtype = dtype
+        self.shape = shape
+        self.storage = storage
+        self.element_offset = element_offset
+        self.strides = strides
+        self.note = note
+        itemsize = _ITEMSIZES.get(dtype)
+        if itemsize is not None:
+            self.nbytes = itemsize * math.prod(shape)
+        else:  # block-quantized, or unknown: the lookup that names it in its error
+            self.nbytes = dtypes.dtype(dtype).nbytes(math.prod(shape))
 
     @property
     def numel(self) -> int:
@@ -183,9 +218,11 @@ class TensorRef:
         return raw[start : start + self.nbytes]
 
 
-# Each dtype's bytes-for-elements, looked up once: a file of a million tensors builds a
+# Each plain dtype's bytes per element, looked up once: a file of a million tensors builds a
 # million references, so their construction is kept to a dict lookup and one product.
-_SIZERS: dict[str, Callable[[int], int]] = {name: d.nbytes for name, d in dtypes.DTYPES.items()}
+_ITEMSIZES: dict[str, int] = {
+    name: d.itemsize for name, d in dtypes.DTYPES.items() if d.block is None
+}
 
 
 def byte_array(data: bytes | bytearray | memoryview) -> NDArray:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from itertools import chain
 from json.encoder import encode_basestring_ascii as _quoted
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, TextIO
 
 import modelport
@@ -235,9 +237,9 @@ def write_json(out: TextIO, payload: dict[str, Any], tensors: Sequence[TensorSum
         print(text, file=out)
         return
     out.write(head + '\n  "tensors": [\n')
+    lines = _TensorLines()
     for start in range(0, len(tensors), _JSON_BATCH):
-        batch = tensors[start : start + _JSON_BATCH]
-        out.write(",\n".join(map(_tensor_json, batch)))
+        out.write(lines.batch(tensors[start : start + _JSON_BATCH]))
         out.write(",\n" if start + _JSON_BATCH < len(tensors) else "\n  ]")
     print(tail, file=out)
 
@@ -245,6 +247,65 @@ def write_json(out: TextIO, payload: dict[str, Any], tensors: Sequence[TensorSum
 # At the top level (two spaces in), where no string's text can appear: json escapes newlines.
 _EMPTY_TENSORS = '\n  "tensors": []'
 _JSON_BATCH = 4096
+_NAME, _DTYPE, _SHAPE, _NBYTES, _NOTE = map(
+    attrgetter, ("name", "dtype", "shape", "nbytes", "note")
+)
+
+
+class _Memo(dict[Any, str]):
+    """Each key's text, made once: a million tensors share a handful of dtypes and shapes."""
+
+    def __init__(self, make: Callable[[Any], str]) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key: Any) -> str:
+        made = self[key] = self.make(key)
+        return made
+
+
+class _TensorLines:
+    """Tensors laid out as ``json.dumps(..., indent=2)`` lays them out inside the tensors list,
+    a batch at a time, each dtype, shape and note laid out once."""
+
+    def __init__(self) -> None:
+        self.dtypes = _Memo(_quoted)
+        self.shapes = _Memo(_dims_json)
+        self.notes = _Memo(_note_json)
+
+    def batch(self, batch: Sequence[TensorSummary]) -> str:
+        if not _plain(batch):
+            return ",\n".join(map(_tensor_json, batch))
+        dtypes, shapes, notes = self.dtypes, self.shapes, self.notes
+        return ",\n".join(
+            [
+                f'    {{\n      "name": {_quoted(t.name)},\n      "dtype": {dtypes[t.dtype]},'
+                f'\n      "shape": {shapes[t.shape]},\n      "nbytes": {t.nbytes}{notes[t.note]}'
+                "\n    }"
+                for t in batch
+            ]
+        )
+
+
+def _plain(batch: Sequence[TensorSummary]) -> bool:
+    """Whether every field has exactly the type the memos assume: json lays out a str
+    subclass, a bool or a numpy integer its own way (and ``True == 1`` would share a memo)."""
+    shapes = list(map(_SHAPE, batch))
+    texts = {*map(type, map(_NAME, batch)), *map(type, map(_DTYPE, batch))}
+    return (
+        texts | {*map(type, map(_NOTE, batch))} == {str}
+        and {*map(type, map(_NBYTES, batch))} == {int}
+        and {*map(type, shapes)} == {tuple}
+        and {*map(type, chain.from_iterable(shapes))} <= {int}
+    )
+
+
+def _dims_json(shape: tuple[int, ...]) -> str:
+    return "[\n        " + ",\n        ".join(map(str, shape)) + "\n      ]" if shape else "[]"
+
+
+def _note_json(note: str) -> str:
+    return f',\n      "note": {_quoted(note)}' if note else ""
 
 
 def _tensor_json(tensor: TensorSummary) -> str:
@@ -258,11 +319,10 @@ def _tensor_json(tensor: TensorSummary) -> str:
     ):
         nested = json.dumps(tensor.to_json(), indent=2, default=json_default)
         return "    " + nested.replace("\n", "\n    ")
-    dims = "[\n        " + ",\n        ".join(map(str, shape)) + "\n      ]" if shape else "[]"
-    note = f',\n      "note": {_quoted(tensor.note)}' if tensor.note else ""
     return (
         f'    {{\n      "name": {_quoted(tensor.name)},\n      "dtype": {_quoted(tensor.dtype)},'
-        f'\n      "shape": {dims},\n      "nbytes": {tensor.nbytes}{note}\n    }}'
+        f'\n      "shape": {_dims_json(shape)},\n      "nbytes": {tensor.nbytes}'
+        f"{_note_json(tensor.note)}\n    }}"
     )
 
 

@@ -6,13 +6,26 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False, unsafe_hash=True)
 class TensorSummary:
+    """One tensor as ``inspect`` lists it. Not frozen, as a report lists a million of them and a
+    frozen dataclass's ``__init__`` costs four times a plain one's; nothing assigns to one once
+    made, so it hashes by value as a frozen one does."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
     note: str = ""  # what the reader knows beyond dtype and shape (quantized, saved without data)
+
+    def __init__(
+        self, name: str, dtype: str, shape: tuple[int, ...], nbytes: int, note: str = ""
+    ) -> None:
+        self.name = name
+        self.dtype = dtype
+        self.shape = shape
+        self.nbytes = nbytes
+        self.note = note
 
     def to_json(self) -> dict[str, Any]:
         found = {

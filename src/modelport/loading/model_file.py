@@ -14,6 +14,7 @@ import logging
 import warnings
 from collections.abc import Mapping
 from dataclasses import replace
+from itertools import repeat
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -154,7 +155,7 @@ class ModelFile:
         root = self.tree
         if isinstance(root, ObjectRecord) and modules.is_module(root):
             return modules.module_tree(root).to_json()
-        if isinstance(root, dict):
+        if isinstance(root, dict) and any(map(isinstance, root.values(), repeat(ObjectRecord))):
             nested = {
                 str(key): modules.module_tree(value).to_json()
                 for key, value in root.items()
@@ -212,10 +213,7 @@ def inspect(path: str | Path) -> InspectReport:
     with open(path) as model:
         selection = model.weights()
         quantized = model.quantized(selection.tensors)
-        tensors = tuple(
-            TensorSummary(name, t.dtype, t.shape, t.nbytes, t.note or quantized.note_for(name))
-            for name, t in model.tensors.items()
-        )
+        tensors = _summaries(model.tensors, quantized)
         return InspectReport(
             path=str(model.path),
             format=model.format.value,
@@ -259,8 +257,28 @@ def _safety(model: ModelFile) -> dict[str, Any]:
     return {"verdict": report.verdict, "findings": findings}
 
 
+def _summaries(
+    tensors: Mapping[str, TensorRef], quantized: quantization.Quantization
+) -> tuple[TensorSummary, ...]:
+    """Each tensor as the report lists it; a quantized layer's parts say what they are (asked
+    only where some layer is quantized: a million plain names would each ask for nothing)."""
+    if not quantized.layers:
+        return tuple(
+            [
+                TensorSummary(name, t.dtype, t.shape, t.nbytes, t.note or "")
+                for name, t in tensors.items()
+            ]
+        )
+    return tuple(
+        [
+            TensorSummary(name, t.dtype, t.shape, t.nbytes, t.note or quantized.note_for(name))
+            for name, t in tensors.items()
+        ]
+    )
+
+
 def _all_tensors(tree: dict[Any, Any]) -> bool:
-    return all(isinstance(v, TensorRef) for v in tree.values())
+    return all(map(isinstance, tree.values(), repeat(TensorRef)))
 
 
 @overload

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
+from operator import attrgetter
 from typing import Any
 
 from modelport import limits
@@ -109,7 +110,7 @@ def tensors_of(tree: Any) -> dict[str, TensorRef]:
 def _flat(tree: dict[Any, Any]) -> bool:
     """Every key a string, every value a TensorRef: a plain state_dict, the common case, is
     its own tensor listing, with no walk."""
-    return all(type(v) is TensorRef for v in tree.values()) and all(type(k) is str for k in tree)
+    return {*map(type, tree.values())} <= {TensorRef} and {*map(type, tree)} <= {str}
 
 
 def _join(prefix: str, key: str) -> str:
@@ -158,6 +159,9 @@ def stored_bytes_by_dtype(tensors: dict[str, TensorRef]) -> dict[str, int]:
     (tied weights; the same view listed twice)."""
     totals: Counter[str] = Counter()
     if _storages_distinct(tensors):
+        kinds = {*map(_DTYPE, tensors.values())}
+        if len(kinds) == 1:  # one dtype, the common case: summed in C
+            return {kinds.pop(): sum(map(_NBYTES, tensors.values()))}
         for tensor in tensors.values():
             totals[tensor.dtype] += tensor.nbytes
         return dict(totals.most_common())
@@ -181,8 +185,11 @@ def view_key(tensor: TensorRef) -> tuple[Any, ...]:
 def _storages_distinct(tensors: dict[str, TensorRef]) -> bool:
     """Whether no two tensors hold one storage (no ties, no views, at most one meta tensor):
     the common case, told by one pass in C, where grouping a million names would not be."""
-    storages = [t.storage for t in tensors.values()]
-    return len(set(map(id, storages))) == len(storages)
+    storages = list(map(_STORAGE, tensors.values()))
+    return len(set(storages)) == len(storages)  # a Storage is equal only to itself
+
+
+_STORAGE, _DTYPE, _NBYTES = map(attrgetter, ("storage", "dtype", "nbytes"))
 
 
 def parameter_count(tensors: dict[str, TensorRef]) -> int:

@@ -44,6 +44,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter, methodcaller
 from pathlib import Path
 from typing import Any, Final
 
@@ -117,6 +118,8 @@ class Quantization:
     def parameter_count(self, tensors: Mapping[str, TensorRef]) -> int:
         """Each quantized layer's logical weight, plus every tensor that is no part of one:
         scales, zeros, group indices and absmax are not parameters."""
+        if not self.layers:  # every tensor counts: summed in C, as a million may
+            return sum(map(math.prod, map(_SHAPE, tensors.values())))
         plain = sum(t.numel for name, t in tensors.items() if name not in self.parts)
         return plain + sum(la.parameters for la in self.layers if la.parts[0] in tensors)
 
@@ -235,7 +238,8 @@ def recognise(
     """The quantized layers among ``tensors`` (see the module docstring), in file order."""
     settings = _settings(config or {})
     layers = []
-    for name, ref in tensors.items():
+    for name in filter(_ENDS_LIKE_ANCHOR, tensors):  # the few names worth a closer look
+        ref = tensors[name]
         for suffix, recogniser in _ANCHORS:
             if name == suffix or name.endswith("." + suffix):
                 layer = recogniser(name[: len(name) - len(suffix)], ref, tensors, settings)
@@ -448,3 +452,5 @@ _ANCHORS: Final[tuple[tuple[str, _Recogniser], ...]] = (
     ("weight_packed", _compressed),
     ("weight", _plain_weight),
 )
+_ENDS_LIKE_ANCHOR: Final = methodcaller("endswith", tuple(suffix for suffix, _ in _ANCHORS))
+_SHAPE: Final = attrgetter("shape")

@@ -20,6 +20,8 @@ Anything else gives every tensor in the file, and says so.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import attrgetter, methodcaller
 from typing import Any
 
 from modelport.pickles import modules
@@ -35,6 +37,11 @@ KERAS_OPTIMIZER_PREFIX = "optimizer/"
 # torch's normalisation layers keep their running statistics as buffers under these names
 # (torch/nn/modules/batchnorm.py _NormBase): in a state_dict, never in ``model.parameters()``.
 BUFFER_NAMES = frozenset(("running_mean", "running_var", "num_batches_tracked"))
+_BUFFER_SUFFIXES = tuple("." + name for name in sorted(BUFFER_NAMES))
+_ENDS_LIKE_BUFFER = methodcaller("endswith", _BUFFER_SUFFIXES)
+_STORAGE = attrgetter("storage")
+# Names that either layout in ``_refined`` may concern.
+_MARKED = methodcaller("startswith", (KERAS_OPTIMIZER_PREFIX, LDM_EMA_PREFIX))
 
 
 class Apart(dict[str, Any]):
@@ -58,8 +65,8 @@ def select_weights(tree: Any, *, ema: bool = False) -> WeightSelection:
         )
     if not isinstance(tree, dict):
         return _refined(WeightSelection(tensors_of(tree), ""), ema)
-    apart = [str(k) for k, v in tree.items() if isinstance(v, Apart)]
-    if apart:
+    if any(map(isinstance, tree.values(), repeat(Apart))):
+        apart = [str(k) for k, v in tree.items() if isinstance(v, Apart)]
         kept = {k: v for k, v in tree.items() if not isinstance(v, Apart)}
         note = f"left out {', '.join(apart)}: listed beside the model weights, not among them"
         return _refined(WeightSelection(tensors_of(kept), "", note, apart), ema)
@@ -80,7 +87,7 @@ def select_weights(tree: Any, *, ema: bool = False) -> WeightSelection:
     if taken is not None:
         return _refined(taken, ema)
     everything = tensors_of(tree)
-    if everything and all(isinstance(v, TensorRef) for v in tree.values()):
+    if everything and all(map(isinstance, tree.values(), repeat(TensorRef))):
         return _refined(WeightSelection(everything, ""), ema)
     note = "no state_dict key found: took every tensor in the file" if everything else ""
     return _refined(WeightSelection(everything, "", note), ema)
@@ -90,11 +97,20 @@ def parameter_tensors(tensors: dict[str, TensorRef]) -> dict[str, TensorRef]:
     """The weights ``sum(p.numel() for p in model.parameters())`` counts: buffers left out by
     their names, and a tensor with several names (tied weights: one storage, offset, shape
     and dtype) counted under its first, as ``parameters()`` yields a shared one once."""
+    if BUFFER_NAMES.isdisjoint(tensors) and not any(map(_ENDS_LIKE_BUFFER, tensors)):
+        named = dict(tensors)
+    else:
+        named = {
+            name: tensor
+            for name, tensor in tensors.items()
+            if not name.endswith(_BUFFER_SUFFIXES) and name not in BUFFER_NAMES
+        }
+    storages = list(map(_STORAGE, named.values()))
+    if len(set(storages)) == len(storages):  # no two share one (storages equal by identity)
+        return named
     kept: dict[str, TensorRef] = {}
     seen: set[tuple[Any, ...]] = set()
-    for name, tensor in tensors.items():
-        if name.rpartition(".")[2] in BUFFER_NAMES:
-            continue
+    for name, tensor in named.items():
         place = view_key(tensor)
         if place not in seen:
             seen.add(place)
@@ -117,13 +133,14 @@ def _refined(selection: WeightSelection, ema: bool) -> WeightSelection:
     tensors = selection.tensors
     notes = [selection.note] if selection.note else []
     left_out = list(selection.left_out)
-    optimizer = [n for n in tensors if n.startswith(KERAS_OPTIMIZER_PREFIX)]
+    marked = list(filter(_MARKED, tensors))  # one pass over a million names, in C
+    optimizer = [n for n in marked if n.startswith(KERAS_OPTIMIZER_PREFIX)]
     if optimizer and len(optimizer) < len(tensors):
         tensors = {n: t for n, t in tensors.items() if not n.startswith(KERAS_OPTIMIZER_PREFIX)}
         notes.append(f"left out {len(optimizer)} optimizer variables ({KERAS_OPTIMIZER_PREFIX}*)")
         left_out.append(KERAS_OPTIMIZER_PREFIX + "*")
-    copies = [n for n in tensors if n.startswith(LDM_EMA_PREFIX)]
-    if copies and any(n.startswith(LDM_MODEL_PREFIX) for n in tensors):
+    with_copies = any(n.startswith(LDM_EMA_PREFIX) for n in marked)
+    if with_copies and any(n.startswith(LDM_MODEL_PREFIX) for n in tensors):
         tensors, note = _ldm_ema(tensors, ema)
         notes.append(note)
         left_out.append(LDM_EMA_PREFIX + "*")
