@@ -228,14 +228,8 @@ def blosclz_decompress(src: bytes, size: int) -> bytes:
     try:
         while True:
             if ctrl >= 32:
-                length = (ctrl >> 5) - 1
+                length, at = _extended_length(src, at, (ctrl >> 5) - 1, 6)
                 near = (ctrl & 31) << 8
-                if length == 6:
-                    code = 255
-                    while code == 255:
-                        code = src[at]
-                        at += 1
-                        length += code
                 code = src[at]
                 at += 1
                 distance = near + code
@@ -257,8 +251,10 @@ def blosclz_decompress(src: bytes, size: int) -> bytes:
     return bytes(out)
 
 
-def _lz4_length(src: bytes, at: int, length: int) -> tuple[int, int]:
-    if length == 15:
+def _extended_length(src: bytes, at: int, length: int, escape: int) -> tuple[int, int]:
+    """A match or literal length at its ``escape`` value goes on in the bytes at ``at``,
+    each added, until one under 255 (LZ4's and BloscLZ's one scheme)."""
+    if length == escape:
         code = 255
         while code == 255:
             code = src[at]
@@ -274,7 +270,7 @@ def lz4_block_decompress(src: bytes, size: int) -> bytes:
     try:
         while at < end:
             token = src[at]
-            literals, at = _lz4_length(src, at + 1, token >> 4)
+            literals, at = _extended_length(src, at + 1, token >> 4, 15)
             if at + literals > end or len(out) + literals > size:
                 raise CorruptFileError("an LZ4 literal run passes its block")
             out += src[at : at + literals]
@@ -282,7 +278,7 @@ def lz4_block_decompress(src: bytes, size: int) -> bytes:
             if at >= end:
                 break
             distance = src[at] | src[at + 1] << 8
-            length, at = _lz4_length(src, at + 2, token & 15)
+            length, at = _extended_length(src, at + 2, token & 15, 15)
             _copy_match(out, distance, length + 4, size)
     except IndexError:
         raise CorruptFileError("an LZ4 block ends inside a sequence") from None

@@ -22,16 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelport import limits
-from modelport.errors import CorruptFileError, LimitExceededError
+from modelport.errors import CorruptFileError
 from modelport.formats import _blosc
-from modelport.formats._hdf5_source import (
-    H5Source,
-    h5_errors,
-    import_h5py,
-    open_by_hard_links,
-    same_dataset,
-)
+from modelport.formats._hdf5_source import DatasetRead, H5Source
 from modelport.tensors import NDArray
 
 if TYPE_CHECKING:
@@ -75,20 +68,10 @@ def chunk_reader(
 
         little = stored.newbyteorder("<")
         nbytes = int(np.prod(shape, dtype=np.uint64)) * stored.itemsize
-        if nbytes > limits.MAX_HDF5_READ_BYTES:
-            raise LimitExceededError(
-                f"dataset {name!r} size", limits.MAX_HDF5_READ_BYTES, nbytes, path=path
-            )
-        h5py = import_h5py()
-        translate = h5_errors(f"reading dataset {name!r}", path)
-        try:
-            with source.file() as handle:
-                dset = open_by_hard_links(h5py, handle, name)
-                if dset is None or not same_dataset(h5py, dset, shape, little, dtype_name):
-                    raise CorruptFileError(f"dataset {name!r} changed since it was opened")
-                data = _assemble(dset, shape, stored, pipeline, f"dataset {name!r}")
-        except Exception as exc:
-            raise translate(exc) from None
+        read = DatasetRead(source, name, shape, little, dtype_name, path)
+        data = read.taking(
+            lambda dset: _assemble(dset, shape, stored, pipeline, f"dataset {name!r}"), nbytes
+        )
         return np.ascontiguousarray(data.astype(little, copy=False)).reshape(-1).view(np.uint8)
 
     return read_bytes

@@ -18,6 +18,7 @@ import re
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -167,26 +168,46 @@ def dataset_reader(
     def read_bytes() -> NDArray:
         import numpy as np
 
-        if nbytes > limits.MAX_HDF5_READ_BYTES:
-            raise LimitExceededError(
-                f"dataset {name!r} size", limits.MAX_HDF5_READ_BYTES, nbytes, path=path
-            )
-        h5py = import_h5py()
-        translate = h5_errors(f"reading dataset {name!r}", path)
-        try:
-            with source.file() as handle:
-                dset = open_by_hard_links(h5py, handle, name)
-                if dset is None or not same_dataset(h5py, dset, shape, numpy_dtype, dtype_name):
-                    raise CorruptFileError(f"dataset {name!r} changed since it was opened")
-                data = np.asarray(dset[()])
-        except Exception as exc:
-            raise translate(exc) from None
+        read = DatasetRead(source, name, shape, numpy_dtype, dtype_name, path)
+        data = read.taking(lambda dset: np.asarray(dset[()]), nbytes)
         if dtype_name == "bfloat16":
             return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         converted = np.ascontiguousarray(data.astype(numpy_dtype, copy=False))
         return converted.reshape(-1).view(np.uint8)
 
     return read_bytes
+
+
+@dataclass(frozen=True)
+class DatasetRead:
+    """One dataset as it was seen when the file was opened: what a read checks it still is."""
+
+    source: H5Source
+    name: str
+    shape: tuple[int, ...]
+    numpy_dtype: np.dtype[Any]
+    dtype_name: str
+    path: Path
+
+    def taking(self, take: Callable[[Any], NDArray], nbytes: int) -> NDArray:
+        """``take(dataset)``, refused above ``MAX_HDF5_READ_BYTES`` and when the file no
+        longer holds the dataset seen, h5py's errors typed."""
+        name = self.name
+        if nbytes > limits.MAX_HDF5_READ_BYTES:
+            raise LimitExceededError(
+                f"dataset {name!r} size", limits.MAX_HDF5_READ_BYTES, nbytes, path=self.path
+            )
+        h5py = import_h5py()
+        translate = h5_errors(f"reading dataset {name!r}", self.path)
+        try:
+            with self.source.file() as handle:
+                dset = open_by_hard_links(h5py, handle, name)
+                seen = (self.shape, self.numpy_dtype, self.dtype_name)
+                if dset is None or not same_dataset(h5py, dset, *seen):
+                    raise CorruptFileError(f"dataset {name!r} changed since it was opened")
+                return take(dset)
+        except Exception as exc:
+            raise translate(exc) from None
 
 
 def same_dataset(

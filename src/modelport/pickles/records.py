@@ -30,9 +30,9 @@ class GlobalRef:
         return f"<global {self.path}>"
 
 
-def _is_attribute_state(state: Any) -> bool:
+def is_attribute_state(state: Any) -> bool:
     """An attribute dict, or the ``(dict | None, dict | None)`` pair of a class with slots:
-    what the default ``__setstate__`` reads."""
+    what the default ``__setstate__`` reads (and so plain state, setting attributes only)."""
     if isinstance(state, dict):
         return True
     return (
@@ -44,7 +44,7 @@ def _is_attribute_state(state: Any) -> bool:
 
 def _attributes(state: Any) -> dict[str, Any]:
     """An instance ``__dict__`` as BUILD gave it (a ``(dict, slots)`` pair is merged)."""
-    if not _is_attribute_state(state):
+    if not is_attribute_state(state):
         return {}
     parts = state if isinstance(state, tuple) else (state,)
     merged: dict[str, Any] = {}
@@ -55,7 +55,7 @@ def _attributes(state: Any) -> dict[str, Any]:
 
 
 def _custom_state(state: Any) -> Any:
-    return None if state is None or _is_attribute_state(state) else state
+    return None if state is None or is_attribute_state(state) else state
 
 
 class CallRecord:

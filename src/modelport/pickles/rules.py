@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from modelport.pickles import policy
 from modelport.pickles.interface import Step
-from modelport.pickles.records import ByteSpan
+from modelport.pickles.records import ByteSpan, is_attribute_state
 from modelport.pickles.symbols import PickleFinding, Severity, Symbol, Usage
 
 _NESTED_TORCH = ("torch.storage", "_load_from_bytes")
@@ -145,7 +145,7 @@ def _instantiation(
     """A class the pickle instantiates, judged by its arguments and the state handed to it;
     None when it is on the allowlist and used as model files use it."""
     plain_args = all(args == () for _, args in symbol.news)
-    plain_state = all(_is_plain_state(state) for made in symbol.made for state in made.states)
+    plain_state = all(is_attribute_state(state) for made in symbol.made for state in made.states)
     if key in policy.SAFE_CLASSES and plain_args:
         return None
     if not plain_args:
@@ -190,15 +190,4 @@ def _first_use(symbol: Symbol) -> Step:
 def _loads_bytes_only(symbol: Symbol) -> bool:
     return bool(symbol.calls) and all(
         args[:1] and isinstance(args[0], (bytes, ByteSpan)) for _, args in symbol.calls
-    )
-
-
-def _is_plain_state(state: object) -> bool:
-    """A dict, or the (dict | None, dict | None) pair that classes with __slots__ pickle."""
-    if isinstance(state, dict):
-        return True
-    return (
-        isinstance(state, tuple)
-        and len(state) == 2
-        and all(part is None or isinstance(part, dict) for part in state)
     )
