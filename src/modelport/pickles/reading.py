@@ -20,7 +20,7 @@ from modelport.errors import CorruptFileError, ModelportError
 from modelport.pickles import numpy_types, torch_types
 from modelport.pickles.interface import Limits, PickleResult, Step, Value, fill
 from modelport.pickles.machine import run
-from modelport.pickles.records import ByteSpan, CallRecord, FileBytes, GlobalRef, ObjectRecord
+from modelport.pickles.records import ByteSpan, CallRecord, GlobalRef, ObjectRecord
 from modelport.tensors import Storage, byte_array
 
 Reconstructor = Callable[["ReadingResolver", tuple[Any, ...]], Any]
@@ -406,7 +406,6 @@ class ReadingResolver:
 
     def build(self, obj: Any, state: Any, at: Step | None) -> Any:
         if isinstance(obj, (ObjectRecord, CallRecord)):
-            self._locate_bytes(state)
             if isinstance(obj.state, dict) and isinstance(state, dict):
                 obj.state.update(state)
             else:
@@ -451,17 +450,6 @@ class ReadingResolver:
         raise CorruptFileError("pickle refers to out-of-band buffers, which a file cannot carry")
 
     # raw bytes --------------------------------------------------------------------------------
-    def _locate_bytes(self, state: Any) -> None:
-        """Large bytes an object's state holds (sklearn-crfsuite keeps its model file so)
-        become ``FileBytes``: still left in place, but readable once the tree has left the
-        pickle. The state's dicts are the pickle's own, changed in place."""
-        parts = state if isinstance(state, tuple) and len(state) == 2 else (state,)
-        for part in parts:
-            if isinstance(part, dict):
-                for key, value in part.items():
-                    if type(value) is ByteSpan:
-                        part[key] = FileBytes(value.offset, value.length, self.storage_of(value))
-
     def storage_of(self, raw: ByteSpan | bytes | bytearray) -> Storage:
         """A storage for array bytes found in the pickle: in place in the file when possible."""
         if isinstance(raw, ByteSpan):
