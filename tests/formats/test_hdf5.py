@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -367,6 +368,25 @@ def test_chunked_datasets_read_after_close(tmp_path: Path) -> None:
         chunked = model.tensors["nested/deeper/chunked"]
         assert chunked.byte_range() is None  # compressed: read through h5py
     assert digest(chunked.numpy()) == digest(values["chunked"])
+
+
+def test_reads_after_close_on_many_threads_at_once(tmp_path: Path) -> None:
+    """A conversion reads its source on two threads (the writer and the checks); after
+    ``close`` each read opens the file for itself, and none closes it under another's."""
+    path = tmp_path / "arrays.h5"
+    values = write_plain(path)
+    with modelport.open(path) as model:
+        chunked = model.tensors["nested/deeper/chunked"]
+        shuffled = model.tensors["shuffled"]
+    expected = {id(chunked): digest(values["chunked"]), id(shuffled): digest(values["longs"])}
+
+    def read_many(ref: Any) -> list[str]:
+        return [digest(ref.numpy()) for _ in range(150)]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(read_many, [chunked, shuffled, chunked, shuffled]))
+    for ref, found in zip([chunked, shuffled, chunked, shuffled], results, strict=True):
+        assert set(found) == {expected[id(ref)]}
 
 
 def test_big_endian_is_converted(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ unsigned integer of the bitfield's size, and so does modelport.
 from __future__ import annotations
 
 import re
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,36 +56,44 @@ class H5Source:
     ``opener`` returns the h5py file and the objects to close after it (a file object the
     h5py file reads through). A finalizer closes both in the right order at exit, which
     h5py's file-object driver needs to shut down cleanly.
+
+    A conversion reads the source on two threads (the writer, and the checks that read it
+    again), so one lock covers each use: a file opened just for one block is never closed
+    under another thread's read. h5py serialises its calls anyway, so nothing is lost.
     """
 
     def __init__(self, opener: Callable[[], tuple[Any, list[Any]]]) -> None:
         self._opener = opener
         self._handle: Any = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._lock = threading.RLock()
 
     def get(self) -> Any:
-        if self._handle is None:
-            handle, extras = self._opener()
-            self._handle = handle
-            self._finalizer = weakref.finalize(self, _close_all, handle, extras)
-        return self._handle
+        with self._lock:
+            if self._handle is None:
+                handle, extras = self._opener()
+                self._handle = handle
+                self._finalizer = weakref.finalize(self, _close_all, handle, extras)
+            return self._handle
 
     def close(self) -> None:
-        if self._finalizer is not None:
-            self._finalizer()
-        self._handle = None
-        self._finalizer = None
+        with self._lock:
+            if self._finalizer is not None:
+                self._finalizer()
+            self._handle = None
+            self._finalizer = None
 
     @contextmanager
     def file(self) -> Iterator[Any]:
         """The open handle, or the file opened just for this block after ``close``."""
-        if self._handle is not None:
-            yield self._handle
-            return
-        try:
-            yield self.get()
-        finally:
-            self.close()
+        with self._lock:
+            if self._handle is not None:
+                yield self._handle
+                return
+            try:
+                yield self.get()
+            finally:
+                self.close()
 
 
 def _close_all(handle: Any, extras: list[Any]) -> None:
