@@ -12,7 +12,7 @@ time from a seeded generator. Then, alternating, each case runs in a process of 
 Time is the work alone (measured inside the process, after imports); peak RSS is the
 process's ``VmHWM`` (since exec: a forked child's ``wait4`` figure would include this
 script's own memory; mapped file pages count, as in ``/usr/bin/time``), with a process that
-only imports ``modelport.reporting.stats`` for the floor. The file is read once before timing so
+only imports ``modelport.measuring.stats`` for the floor. The file is read once before timing so
 both read from the page cache. The whole-file mean and std modelport's per-tensor numbers
 imply are checked against numpy's.
 
@@ -75,7 +75,7 @@ print(json.dumps({"seconds": seconds, "min": found[0], "max": found[1], "mean": 
 FLOOR = (
     PEAK
     + """
-import json, modelport.reporting.stats
+import json, modelport.measuring.stats
 print(json.dumps({"peak": peak()}))
 """
 )

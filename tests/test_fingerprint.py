@@ -23,8 +23,9 @@ from gguf.quants import quantize
 from onnx import TensorProto, helper, numpy_helper
 
 import modelport
-from modelport.comparing.fingerprint import NO_DATA, SCHEME
+from modelport.comparing.fingerprint import SCHEME
 from modelport.errors import ModelFileNotFoundError, UnsafeModelError
+from modelport.transfer.hashing import NO_DATA
 from tests.conftest import Cli, benign_twins, digest, torch_digest
 from tests.models import TiedLM, TinyResNet, dtype_zoo, trained_checkpoint
 

@@ -4,6 +4,7 @@ its own layer or of layers below it, at the top of the file or inside a function
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import modelport
@@ -24,6 +25,7 @@ LAYERS = (
     ("modelport.tree",),
     ("modelport.formats",),
     ("modelport.scanning",),
+    ("modelport.measuring",),
     ("modelport.loading",),
     ("modelport.conversion",),
     ("modelport.comparing",),
@@ -32,6 +34,7 @@ LAYERS = (
     ("modelport.fleet",),
     ("modelport.cli", "modelport.__main__"),
 )
+MODULE_NAME = re.compile(r"modelport(\.[a-z_][a-z0-9_]*)+")
 FACADE = {"modelport"}  # the package itself: the verbs, each imported on first use
 ROOT = Path(modelport.__file__).parent
 
@@ -50,10 +53,14 @@ def module_name(path: Path) -> str:
 
 def imported(path: Path, package: str) -> set[str]:
     """Every modelport name ``path`` (a module of ``package``) imports, wherever the import
-    statement stands."""
+    statement stands, and every module it names in a string for ``importlib`` to import on
+    first use."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if MODULE_NAME.fullmatch(node.value) and _is_module(node.value):
+                names.add(node.value)
+        elif isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
@@ -63,6 +70,12 @@ def imported(path: Path, package: str) -> set[str]:
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
     return {n for n in names if n.split(".")[0] == "modelport"}
+
+
+def _is_module(name: str) -> bool:
+    """Whether a dotted name is one of the package's modules (not, say, a metadata key)."""
+    path = ROOT.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def test_every_module_imports_only_its_layer_and_those_below() -> None:
@@ -84,6 +97,12 @@ def test_every_module_imports_only_its_layer_and_those_below() -> None:
 
 def test_importing_a_higher_layer_is_caught(tmp_path: Path) -> None:
     module = tmp_path / "probe.py"
-    module.write_text("def f():\n    from ..cli import main\n")
-    assert "modelport.cli.main" in imported(module, "modelport.formats")
+    module.write_text(
+        "import importlib\n"
+        "def f():\n    from ..cli import main\n"
+        "def g():\n    return importlib.import_module('modelport.fleet.pool')\n"
+    )
+    found = imported(module, "modelport.formats")
+    assert "modelport.cli.main" in found
+    assert "modelport.fleet.pool" in found
     assert layer_of("modelport.cli.main") > layer_of("modelport.formats.npy")

@@ -36,9 +36,9 @@ DOCUMENTED = {
     "RebuildReport": "modelport.torch_models.rebuilding",
     "Format": "modelport.formats.protocol",
     "TensorRef": "modelport.tensors",
-    "stats": "modelport.reporting.stats",
+    "stats": "modelport.loading.model_file",
     "card": "modelport.reporting.card",
-    "StatsReport": "modelport.reporting.stats_records",
+    "StatsReport": "modelport.measuring.stats_records",
 }
 
 

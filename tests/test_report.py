@@ -19,9 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import save_file as save_numpy
 
 import modelport
+from modelport.measuring.stats_records import Histogram
 from modelport.reporting import html, model_report
 from modelport.reporting.html_parts import SparkAxis, sparkline
-from modelport.reporting.stats_records import Histogram
 from tests.conftest import Cli
 from tests.html_check import Page, assert_self_contained, read_page
 from tests.models import TinyResNet, trained_checkpoint

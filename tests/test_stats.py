@@ -20,8 +20,8 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 import modelport
-from modelport.reporting.stats import measure
-from modelport.reporting.stats_records import TensorStats
+from modelport.measuring.stats import measure
+from modelport.measuring.stats_records import TensorStats
 
 
 def special_values(n: int, seed: int = 0) -> np.ndarray:
@@ -264,3 +264,36 @@ def test_memory_does_not_grow_with_the_file(tmp_path: Path) -> None:
     grown_mib, maximum, mean = probe.stdout.split()
     assert float(maximum) == 1.0 and abs(float(mean)) < 1e-6
     assert int(grown_mib) < 48, probe.stdout  # a mapped or copied tensor would be 128
+
+
+OPEN_THEN_STATS = """
+import sys, modelport
+with modelport.open(sys.argv[1]) as model:
+    before = sorted(m for m in ("numpy", "ml_dtypes") if m in sys.modules)
+    report = model.stats(threads=1)
+print(",".join(before) or "-", report.tensor("w").max, report.format)
+"""
+
+
+def test_an_open_file_measures_itself(tmp_path: Path) -> None:
+    """``modelport.open(path).stats()``: the same report as ``modelport.stats(path)``, and
+    ``open`` alone imports neither numpy nor ml_dtypes (the statistics do, on first use)."""
+    values = special_values(5_000, seed=7)
+    path = tmp_path / "w.safetensors"
+    save_numpy({"w": values}, path)
+    with modelport.open(path) as model:
+        own = model.stats(threads=2)
+        given = modelport.stats(model, threads=2)
+        assert model.tensor("w").numpy().shape == values.shape  # still open, still readable
+    by_path = modelport.stats(path, threads=2)
+    assert_matches(own.tensor("w"), values, np.dtype(np.float32))
+    assert own.tensor("w").to_json() == by_path.tensor("w").to_json()
+    assert given.tensor("w").to_json() == by_path.tensor("w").to_json()
+    assert (own.path, own.format) == (str(path), "safetensors")
+    probe = subprocess.run(
+        [sys.executable, "-c", OPEN_THEN_STATS, str(path)], capture_output=True, text=True
+    )
+    assert probe.returncode == 0, probe.stderr
+    imported, maximum, fmt = probe.stdout.split()
+    assert imported == "-"
+    assert float(maximum) == float(own.tensor("w").max) and fmt == "safetensors"

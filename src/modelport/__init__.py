@@ -29,11 +29,10 @@ if TYPE_CHECKING:
     from modelport.conversion.options import ConvertOptions
     from modelport.formats.protocol import Format
     from modelport.loading.inspect_report import InspectReport
-    from modelport.loading.model_file import ModelFile, inspect, load
+    from modelport.loading.model_file import ModelFile, inspect, load, stats
     from modelport.loading.model_file import open as open
+    from modelport.measuring.stats_records import StatsReport
     from modelport.reporting.card import card
-    from modelport.reporting.stats import stats
-    from modelport.reporting.stats_records import StatsReport
     from modelport.scanning.findings import ScanReport
     from modelport.scanning.scanner import scan
     from modelport.tensors import TensorRef
@@ -55,7 +54,7 @@ _PUBLIC: dict[str, tuple[str, str]] = {
     "ModelFile": ("modelport.loading.model_file", "ModelFile"),
     "RebuildReport": ("modelport.torch_models.rebuilding", "RebuildReport"),
     "ScanReport": ("modelport.scanning.findings", "ScanReport"),
-    "StatsReport": ("modelport.reporting.stats_records", "StatsReport"),
+    "StatsReport": ("modelport.measuring.stats_records", "StatsReport"),
     "TensorRef": ("modelport.tensors", "TensorRef"),
     "card": ("modelport.reporting.card", "card"),
     "check": ("modelport.torch_models.checking", "check"),
@@ -68,7 +67,7 @@ _PUBLIC: dict[str, tuple[str, str]] = {
     "open": ("modelport.loading.model_file", "open"),
     "rebuild": ("modelport.torch_models.rebuilding", "rebuild"),
     "scan": ("modelport.scanning.scanner", "scan"),
-    "stats": ("modelport.reporting.stats", "stats"),
+    "stats": ("modelport.loading.model_file", "stats"),
 }
 
 

@@ -17,7 +17,7 @@ from modelport.transfer.remote import is_url
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from modelport.reporting.stats_records import StatsReport, TensorStats
+    from modelport.measuring.stats_records import StatsReport, TensorStats
 
 MAX_ROWS: Final = 10_000  # rows laid out in the table; --json lists every tensor
 MAX_FLAG_NAMES: Final = 8  # names shown under one flag

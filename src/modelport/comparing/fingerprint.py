@@ -33,14 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from modelport.loading import model_file as api
-from modelport.tensors import TensorRef
 from modelport.transfer import remote
-from modelport.transfer.streaming import source_chunks
+from modelport.transfer.hashing import tensor_digest
 from modelport.tree import names as trees
 
 SCHEME = "modelport-weights-v1"
 ALGORITHM = "sha256"
-NO_DATA = "no-data"
 
 
 @dataclass(frozen=True)
@@ -132,19 +130,6 @@ def fingerprint(
             weights_source=source,
             tensors=digests,
         )
-
-
-def tensor_digest(tensor: TensorRef) -> str:
-    """sha256 of the tensor's elements in C order, read a bounded chunk at a time."""
-    import numpy as np
-
-    if tensor.storage is None:
-        return NO_DATA
-    hasher = hashlib.sha256()
-    if tensor.numel > 0:
-        for chunk in source_chunks(tensor):
-            hasher.update(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8).data)
-    return hasher.hexdigest()
 
 
 def combine(digests: tuple[TensorDigest, ...] | list[TensorDigest]) -> str:

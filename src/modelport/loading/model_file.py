@@ -10,6 +10,7 @@ interface (``keys``, ``get_tensor``, ``get_slice``, ``metadata()``) for every fo
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 import warnings
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ from modelport.loading import file_access, weights_only
 from modelport.loading.file_access import FileMetadata, TensorSlice
 from modelport.loading.inspect_report import InspectReport, TensorSummary
 from modelport.loading.placement import CPU, MapLocation, Placement, place_tree
+from modelport.measuring.stats_records import StatsReport
 from modelport.pickles import modules
 from modelport.pickles.records import ObjectRecord
 from modelport.scanning import remote_inputs
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
+_MEASURING = "modelport.measuring.stats"
 
 
 class ModelFile:
@@ -168,6 +171,20 @@ class ModelFile:
         """The scanner's verdict on this file; opening never refuses, this says what to fear."""
         return scan(self.path)
 
+    def stats(self, *, threads: int | None = None) -> StatsReport:
+        """Statistics of every tensor's values, computed in bounded memory on ``threads``
+        threads (by default the CPUs this process may use): see ``TensorStats``. Reads the
+        values and executes nothing, so like ``open`` it does not refuse a file the scanner
+        calls unsafe. The statistics need numpy and ml_dtypes, so they are imported here, on
+        first use, not with every ``open``."""
+        measuring = importlib.import_module(_MEASURING)
+        weights = {id(ref) for ref in self.weights().tensors.values()}
+        names = {name for name, ref in self.tensors.items() if id(ref) in weights}
+        found: StatsReport = measuring.report(
+            self.path, self.format.value, self.tensors, names, threads=threads
+        )
+        return found
+
     def close(self) -> None:
         if self._contents.close is not None:
             self._contents.close()
@@ -197,6 +214,15 @@ def open(path: str | Path, framework: str = "np", device: str = CPU) -> ModelFil
     contents = reader.contents(probe)
     size = probe.size if not probe.is_dir else _directory_size(probe.path)
     return ModelFile(probe.path, contents, size, warnings, framework=framework, device=device)
+
+
+def stats(path: str | Path | ModelFile, *, threads: int | None = None) -> StatsReport:
+    """``modelport.stats``: ``ModelFile.stats`` of ``path``, opened and closed here, or of a
+    file already opened with ``open``, which is read and left open."""
+    if isinstance(path, ModelFile):
+        return path.stats(threads=threads)
+    with open(path) as model:
+        return model.stats(threads=threads)
 
 
 def _directory_size(path: Path) -> int:

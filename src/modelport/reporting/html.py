@@ -24,6 +24,7 @@ import base64
 import hashlib
 from typing import Final
 
+from modelport.measuring.stats_records import TensorStats
 from modelport.reporting import html_diff, html_model, html_verification
 from modelport.reporting.html_parts import (
     Column,
@@ -43,7 +44,6 @@ from modelport.reporting.html_parts import (
 )
 from modelport.reporting.model_report import FileSection, Report
 from modelport.reporting.page_assets import CSS, JS
-from modelport.reporting.stats_records import TensorStats
 
 MAX_FLAG_NAMES: Final = 12  # names listed under one flag before "... and N more"
 COLUMNS: Final = (  # each sorts by the field of TensorStats.to_json() it names

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from modelport.comparing.diffing import DiffReport, TensorDiff
-from modelport.reporting.flags import layer_role
+from modelport.measuring.flags import layer_role
 from modelport.reporting.html_parts import Column, big_table, count, kv_table, more, number, text
 
 MAX_LISTED: Final = 2000  # names listed as only in one file

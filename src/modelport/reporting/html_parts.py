@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from modelport.loading.inspect_report import TensorSummary
-from modelport.reporting.stats_records import Histogram
+from modelport.measuring.stats_records import Histogram
 
 INITIAL_ROWS: Final = 200  # table rows in the HTML itself; the script pages through the rest
 MAX_TEXT: Final = 2000  # characters of one metadata value shown before "... more"

@@ -28,9 +28,8 @@ from modelport.comparing.fingerprint import HashReport, fingerprint
 from modelport.errors import SuspiciousModelWarning
 from modelport.formats import _hf_folder
 from modelport.loading.inspect_report import InspectReport
-from modelport.loading.model_file import inspect
-from modelport.reporting.stats import stats
-from modelport.reporting.stats_records import StatsReport
+from modelport.loading.model_file import inspect, stats
+from modelport.measuring.stats_records import StatsReport
 from modelport.reporting.verification import Verification
 from modelport.scanning.findings import ScanReport
 from modelport.scanning.scanner import scan

@@ -1,5 +1,6 @@
 """A file's (or a folder's) sha256, streamed through one reused buffer: the one digest of
-raw bytes that conversion provenance, fleet dedupe, reports and model cards all record."""
+raw bytes that conversion provenance, fleet dedupe, reports and model cards all record; and
+a tensor's, over its elements, which the weights hash and the duplicate flag compare."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import hashlib
 from pathlib import Path
 from typing import Final
 
+from modelport.tensors import TensorRef
+from modelport.transfer.streaming import source_chunks
+
 READ_STEP: Final = 1 << 20  # bytes read at a time (hashlib releases the GIL above 2 KiB)
+NO_DATA: Final = "no-data"  # the digest of a tensor saved without its values
 
 
 def sha256_of(path: str | Path) -> str:
@@ -22,3 +27,16 @@ def sha256_of(path: str | Path) -> str:
             while count := handle.readinto(buffer):
                 digest.update(view[:count])
     return digest.hexdigest()
+
+
+def tensor_digest(tensor: TensorRef) -> str:
+    """sha256 of the tensor's elements in C order, read a bounded chunk at a time."""
+    import numpy as np
+
+    if tensor.storage is None:
+        return NO_DATA
+    hasher = hashlib.sha256()
+    if tensor.numel > 0:
+        for chunk in source_chunks(tensor):
+            hasher.update(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8).data)
+    return hasher.hexdigest()

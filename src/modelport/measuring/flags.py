@@ -31,9 +31,9 @@ from dataclasses import replace
 from typing import Final
 
 from modelport import dtypes
-from modelport.comparing.fingerprint import tensor_digest
-from modelport.reporting.stats_records import Flag, TensorStats
+from modelport.measuring.stats_records import Flag, TensorStats
 from modelport.tensors import TensorRef
+from modelport.transfer.hashing import tensor_digest
 
 KINDS: Final = (
     "nan",

@@ -1,4 +1,4 @@
-"""Tensor statistics in bounded memory, in parallel threads: ``modelport.stats(path)``.
+"""Tensor statistics in bounded memory, in parallel threads: ``modelport.open(path).stats()``.
 
 Every tensor is read with ``transfer.streaming.source_chunks``: ``preadv`` into one reused
 buffer per thread, never a memory map, since mapped pages count towards a process's memory
@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,10 +34,9 @@ import numpy as np
 
 from modelport import dtypes
 from modelport.errors import ModelportError
-from modelport.loading import model_file
-from modelport.reporting import flags as flagging
-from modelport.reporting.accumulating import LAYOUTS, Accumulator
-from modelport.reporting.stats_records import Histogram, StatsReport, TensorStats
+from modelport.measuring import flags as flagging
+from modelport.measuring.accumulating import LAYOUTS, Accumulator
+from modelport.measuring.stats_records import Histogram, StatsReport, TensorStats
 from modelport.tensors import TensorRef
 from modelport.transfer.streaming import dequantize, source_chunks
 
@@ -64,30 +63,23 @@ class _Piece:
     ggml: str = ""
 
 
-def stats(path: str | Path | model_file.ModelFile, *, threads: int | None = None) -> StatsReport:
-    """Statistics of every tensor in a model file (``modelport.stats``): see ``TensorStats``.
-
-    Reads the tensors' bytes with modelport's own readers and executes nothing, so like
-    ``open`` it does not refuse a file the scanner calls unsafe; ``inspect`` and ``report``
-    show the verdict beside it. ``threads`` defaults to the CPUs this process may use.
-    ``path`` may be a file already opened with ``modelport.open``: it is read, not closed.
-    """
-    if isinstance(path, model_file.ModelFile):
-        return _stats_of(path, threads)
-    with model_file.open(path) as model:
-        return _stats_of(model, threads)
-
-
-def _stats_of(model: model_file.ModelFile, threads: int | None) -> StatsReport:
+def report(
+    path: Path,
+    format_name: str,
+    tensors: Mapping[str, TensorRef],
+    weight_names: Collection[str],
+    *,
+    threads: int | None = None,
+) -> StatsReport:
+    """Statistics and flags of every tensor of one file (``ModelFile.stats``); the flags that
+    compare layers look at ``weight_names`` only, the file's weights by the one weights rule."""
     started = time.perf_counter()
     count = _thread_count(threads)
-    measured = measure(model.tensors, threads=count)
-    weights = {id(ref) for ref in model.weights().tensors.values()}
-    model_names = {name for name, ref in model.tensors.items() if id(ref) in weights}
-    raised = flagging.find(measured, model.tensors, model_names)
+    measured = measure(tensors, threads=count)
+    raised = flagging.find(measured, tensors, weight_names)
     return StatsReport(
-        path=str(model.path),
-        format=model.format.value,
+        path=str(path),
+        format=format_name,
         tensors=flagging.attach(measured, raised),
         flags=raised,
         threads=count,
