@@ -391,3 +391,53 @@ def test_piped_inspect_keeps_onnx_inputs_and_outputs_whole(tmp_path: Path, cli: 
     lines = result.out.splitlines()
     for name in names:
         assert any(name in line and '["batch", 768]' in line for line in lines), name
+
+
+def test_a_cut_legacy_torch_file_is_a_truncated_file(tmp_path: Path) -> None:
+    """torch's pre-zip stream layout cut inside its storage bytes: torch.load refuses it,
+    and the error class is the one a cut safetensors or zip gets."""
+    whole = tmp_path / "legacy.pt"
+    torch.save({"w": torch.randn(64, 64)}, whole, _use_new_zipfile_serialization=False)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.pt"
+    for size in (len(data) // 8, len(data) // 2, len(data) - 10):
+        cut.write_bytes(data[:size])
+        with pytest.raises(RuntimeError):  # torch: "unexpected EOF"
+            torch.load(cut, weights_only=True)
+        with pytest.raises(TruncatedFileError):
+            modelport.load(cut)
+        with pytest.raises(TruncatedFileError):
+            modelport.open(cut)
+
+
+@pytest.mark.parametrize(
+    ("spelling", "torch_dtype"),
+    [("fp16", torch.float16), ("half", torch.float16), ("bf16", torch.bfloat16),
+     ("f32", torch.float32), ("int64", torch.int64)],
+)  # fmt: skip
+def test_example_input_dtypes_take_the_convert_spellings(
+    spelling: str, torch_dtype: torch.dtype
+) -> None:
+    from modelport.cli.cmd_export import parse_input
+
+    name, value = parse_input(f"x:2,3:{spelling}")
+    assert (name, value.dtype, tuple(value.shape)) == ("x", torch_dtype, (2, 3))
+
+
+def test_wide_keeps_long_names_whole_on_a_terminal(
+    tmp_path: Path, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save({LONG_NAME: torch.zeros(2, 2)}, first)
+    torch.save({LONG_NAME: torch.ones(2, 2)}, second)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("NO_COLOR", "1")
+    fitted = cli("inspect", first, "--tensors")
+    assert fitted.code == 0 and LONG_NAME not in fitted.out  # rich fits the terminal
+    for argv in (("inspect", first, "--tensors"), ("diff", first, second)):
+        result = cli(*argv, "--wide")
+        assert result.code in (0, 1), result.err
+        assert any(LONG_NAME in line for line in result.out.splitlines()), argv

@@ -10,13 +10,19 @@ from typing import Any
 PIPED_WIDTH = 100_000
 
 
-def console_width() -> int | None:
-    """The width to give rich: None on a terminal (rich fits its width), else ``PIPED_WIDTH``."""
+def console_width(*, wide: bool = False) -> int | None:
+    """The width to give rich: None on a terminal (rich fits its width) unless ``wide``
+    (``--wide``: every name whole there too), else ``PIPED_WIDTH``."""
+    if wide:
+        return PIPED_WIDTH
     isatty = getattr(sys.stdout, "isatty", None)
     try:
         return None if isatty is not None and isatty() else PIPED_WIDTH
     except ValueError:  # a closed stream
         return PIPED_WIDTH
+
+
+WIDE_HELP = "print every name whole on a terminal too (piped output always does)"
 
 
 def human_bytes(count: int) -> str:

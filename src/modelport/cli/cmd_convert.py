@@ -22,7 +22,7 @@ from rich.progress import (
 import modelport
 from modelport import dtypes
 from modelport.cli import _many_files
-from modelport.cli._output import console_width, human_bytes
+from modelport.cli._output import WIDE_HELP, console_width, human_bytes
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.conversion.converting import (
     CASTS,
@@ -167,6 +167,7 @@ def _add_output_options(output: Any) -> None:
     output.add_argument(
         "--json", action="store_true", help="print one JSON object (with --from-file: a list)"
     )
+    output.add_argument("--wide", action="store_true", help=WIDE_HELP)
 
 
 def _add_name_options(names: Any) -> None:
@@ -203,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**report.to_json(), **written}, indent=2))
         return ExitCode.OK
     report = _convert_with_progress(args, options)
-    show(Console(width=console_width()), report, args.dtype or args.gguf_type)
+    show(Console(width=console_width(wide=args.wide)), report, args.dtype or args.gguf_type)
     if card is not None:
         print(f"  card: {_write_card(card, report, options, args)}")
     return ExitCode.OK

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from modelport.cli._output import console_width
+from modelport.cli._output import WIDE_HELP, console_width
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.comparing.diffing import DiffReport, diff
 
@@ -49,6 +49,7 @@ def register(commands: Any) -> None:
         "carries it on every name; any other value is stripped wherever it starts a name",
     )
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    parser.add_argument("--wide", action="store_true", help=WIDE_HELP)
     parser.add_argument(
         "--allow-unsafe",
         action="store_true",
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        show(Console(width=console_width()), report)
+        show(Console(width=console_width(wide=args.wide)), report)
     return ExitCode.OK if report.same else ExitCode.NO
 
 

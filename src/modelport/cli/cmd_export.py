@@ -13,6 +13,7 @@ from typing import Any, Final
 
 from rich.console import Console
 
+from modelport import dtypes
 from modelport.cli._recipe import export_recipe
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.cli.markdown import markdown
@@ -325,7 +326,9 @@ def parse_input(spec: str, high: int = INT_HIGH) -> tuple[str, Any]:
         raise UsageError(f"--input {spec!r}: shape must be integers like 1,3,32,32") from exc
     if any(s < 0 for s in shape):
         raise UsageError(f"--input {spec!r}: negative size")
-    dtype = getattr(torch, parts[2], None) if len(parts) == 3 else torch.float32
+    dtype = (
+        getattr(torch, dtypes.canonical_name(parts[2]), None) if len(parts) == 3 else torch.float32
+    )
     if not isinstance(dtype, torch.dtype):
         raise UsageError(f"--input {spec!r}: unknown dtype {parts[2]!r}")
     generator = torch.Generator().manual_seed(0)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import modelport
 from modelport.cli import _inspect_stats, _many_files
-from modelport.cli._output import console_width, human_bytes, json_default
+from modelport.cli._output import WIDE_HELP, console_width, human_bytes, json_default
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.errors import UsageError
 from modelport.loading.inspect_report import InspectReport, TensorSummary
@@ -56,6 +56,7 @@ def register(commands: Any) -> None:
         parser, "model files or directories (a folder that is no model: its models)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--wide", action="store_true", help=WIDE_HELP)
     parser.add_argument("--tensors", action="store_true", help="list every tensor")
     parser.add_argument("--code", action="store_true", help="print TorchScript code")
     parser.add_argument(
@@ -101,7 +102,7 @@ def _run_one(args: argparse.Namespace, path: str) -> int:
         return ExitCode.OK
     from rich.console import Console  # the people path only: --json goes without rich
 
-    console = Console(width=console_width())
+    console = Console(width=console_width(wide=args.wide))
     show_summary(console, report, depth=args.depth)
     if args.tensors:
         show_tensors(console, report)

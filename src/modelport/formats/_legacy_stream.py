@@ -142,9 +142,14 @@ class _StreamStorages:
         dtype = storage_dtype(storage_type, path)
         key = text_of(root_key)
         numel = count_of(numel, f"element count of storage {key!r}", path)
-        if numel * dtypes.dtype(dtype).itemsize > self.size:
-            raise CorruptFileError(
-                f"storage {key!r} declares {numel} elements, more than the file holds", path=path
+        nbytes = numel * dtypes.dtype(dtype).itemsize
+        if nbytes > self.size:
+            raise TruncatedFileError(
+                f"storage {key!r} declares {numel} elements ({nbytes:,} bytes), more than the "
+                f"whole file holds (truncated download?)",
+                expected=nbytes,
+                actual=self.size,
+                path=path,
             )
         root = self.roots.setdefault(key, _Root(dtype, numel, text_of(location)))
         if view is None:
