@@ -226,16 +226,24 @@ def test_sniffing_is_strict(tmp_path: Path) -> None:
         path.write_bytes(raw)
         assert flax_msgpack.sniff(Probe.of(path)) is expected, raw[:20]
     path.write_bytes(to_bytes({"params": {"w": np.ones(100, np.float32)}})[:-1])
-    assert not flax_msgpack.sniff(Probe.of(path))  # the array ends past the file
+    assert flax_msgpack.sniff(Probe.of(path))  # a whole array header: cut, not another format
+    with pytest.raises(TruncatedFileError):
+        modelport.open(path)
 
 
 def test_every_cut_is_a_truncated_file(tmp_path: Path) -> None:
     raw = to_bytes(state_dict())
     path = tmp_path / "cut.msgpack"
+    detected = 0
     for length in range(1, len(raw)):
         path.write_bytes(raw[:length])
         with pytest.raises(TruncatedFileError):
             flax_msgpack.READER.contents(Probe.of(path))
+        if flax_msgpack.sniff(Probe.of(path)):  # open says truncated too, not unknown
+            detected += 1
+            with pytest.raises(TruncatedFileError):
+                modelport.open(path)
+    assert detected > len(raw) - 100  # every cut once the first array's header is whole
 
 
 def test_nesting_past_the_depth_limit(tmp_path: Path) -> None:
