@@ -287,6 +287,7 @@ def test_every_loader_row_names_its_source() -> None:
         "custom_component",
         "sentence_transformers_module",
         "cross_encoder_activation",
+        "dense_activation",
         "peft_auto_mapping",
         "peft_megatron_core",
         "python_file",

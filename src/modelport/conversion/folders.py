@@ -1,5 +1,6 @@
-"""Hugging Face folders as conversion targets: one model's folder, or a diffusers pipeline
-with a subfolder per component, in the file names of the source's library.
+"""Hugging Face folders as conversion targets: one model's folder, or a model of several
+(a diffusers pipeline, a sentence-transformers model), in the file names of the source's
+library.
 
 Built in a new folder beside the target, verified, then renamed into place; into an
 existing folder the files are moved in one by one, and only older files of the weights
@@ -23,7 +24,7 @@ from modelport.conversion.verifying import (
     verify_pipeline,
 )
 from modelport.errors import ConversionError, UsageError
-from modelport.formats import _hf_writer, _pipeline_writer, diffusers_dir, hf_dir
+from modelport.formats import _hf_writer, _pipeline_writer, hf_dir
 from modelport.formats._hf_writer import Layout, Scheme
 from modelport.formats.protocol import FormatReader
 from modelport.transfer import placing
@@ -62,12 +63,7 @@ def _schemes(source: Path, writer: FormatReader) -> dict[str, Scheme]:
     binary = writer is _hf_writer.BIN_TARGET
     if not hf_dir.is_pipeline(source):
         return {"": _hf_writer.scheme_for(source, binary)}
-    _, components = diffusers_dir.components(source)
-    return {
-        c.name: _hf_writer.scheme_for(c.folder, binary)
-        for c in components
-        if c.folder is not None and c.has_weights
-    }
+    return _pipeline_writer.schemes(source, binary)
 
 
 def notes(
@@ -80,7 +76,7 @@ def notes(
     binary = writer is _hf_writer.BIN_TARGET
     if hf_dir.is_pipeline(source):
         planned = _pipeline_writer.plan(plan, limit, source, binary)
-        said = ["a diffusers pipeline: each component in its subfolder", *planned.notes]
+        said = [planned.description, *planned.notes]
         layouts = [(target / p.name, p.layout) for p in planned.parts]
     else:
         layout = _hf_writer.layout(plan, limit, _hf_writer.scheme_for(source, binary))
@@ -172,7 +168,7 @@ def _build(
     if hf_dir.is_pipeline(source):
         pipeline = _pipeline_writer.plan(plan, limit, source, binary)
         with copy_checks(options.verify) as copies:
-            _pipeline_writer.write(building, pipeline, limit, source, options.dtype, options.fsync)
+            _pipeline_writer.write(building, pipeline, limit, options.dtype, options.fsync)
         with pinned(pin):
             if options.verify:
                 casts = verify_pipeline(building, plan, pipeline, copies)
@@ -225,8 +221,13 @@ def _merge(
             building, target, stale_in(""), overwrite=options.overwrite, fsync=options.fsync
         )
         return
-    for path in sorted(p for p in building.iterdir() if p.is_file()):  # model_index.json ...
-        placing.install_file(path, target / path.name, overwrite=options.overwrite)
+    top = {p.name for p in building.iterdir() if p.is_file()}  # model_index.json ...
+    for name in sorted(top):
+        placing.install_file(building / name, target / name, overwrite=options.overwrite)
+    stale_top = stale_in("")  # a sentence-transformers model's top module: its old shards
+    for path in sorted(target.iterdir()) if options.overwrite else []:
+        if path.is_file() and path.name not in top and stale_top(path.name):
+            path.unlink()
     for folder in folders:
         there = target / folder.name
         if there.is_dir():

@@ -198,7 +198,7 @@ def verify_directory(
     covered = [t.name for _, part in planned.shards for t in part.tensors]
     if sorted(covered) != sorted(stored):
         raise VerificationError(f"{directory.name}: the shards do not hold the plan's tensors")
-    contents = _hf_writer.TARGET.read(directory, Probe.of(directory))
+    contents = hf_dir.read_model_folder(directory)  # the folder's own weights, not a whole model
     try:
         tree, details = contents.tree, contents.details
         if sorted(details.get("files", ())) != sorted(planned.files):

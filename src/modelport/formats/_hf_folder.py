@@ -203,15 +203,20 @@ def _config(path: Path, name: str, warnings: list[str]) -> dict[str, Any]:
     return config
 
 
-def load_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a small file, or ``CorruptFileError`` / ``LimitExceededError``."""
+def load_json_value(path: Path) -> Any:
+    """Any JSON value from a small file, or ``CorruptFileError`` / ``LimitExceededError``."""
     size = path.stat().st_size
     if size > limits.MAX_HF_INDEX_JSON:
         raise LimitExceededError(f"{path.name} size", limits.MAX_HF_INDEX_JSON, size, path=path)
     try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CorruptFileError(f"{path.name} is not valid JSON ({exc})", path=path) from None
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a small file, or ``CorruptFileError`` / ``LimitExceededError``."""
+    value = load_json_value(path)
     if not isinstance(value, dict):
         raise CorruptFileError(f"{path.name} is not a JSON object", path=path)
     return value
@@ -362,6 +367,32 @@ def _check_totals(
         warnings.append(
             f"config.json says dtype {wanted}, the weights are {', '.join(sorted(floating))}"
         )
+
+
+def read_prefixed(
+    folder: Path,
+    prefix: str,
+    tree: dict[str, TensorRef],
+    aliases: dict[str, str],
+    warnings: list[str],
+    closers: list[Any],
+) -> Contents:
+    """One model folder of a model made of several (a pipeline's component, a
+    sentence-transformers module): its tensors and aliases join ``tree`` and ``aliases``
+    under ``prefix``, its warnings under the folder's name; a name already taken is refused
+    rather than silently replaced."""
+    contents = read_folder(folder)
+    if contents.close is not None:
+        closers.append(contents.close)
+    for name, tensor in contents.tree.items():
+        if prefix + name in tree:
+            raise CorruptFileError(f"tensor {prefix + name!r} is named twice", path=folder)
+        tree[prefix + name] = tensor
+    for alias, kept in contents.details.get("aliases", {}).items():
+        aliases[prefix + alias] = prefix + kept
+    label = f"{folder.name}/: " if prefix else ""
+    warnings.extend(label + w for w in contents.warnings)
+    return contents
 
 
 def close_all(closers: list[Any]) -> None:

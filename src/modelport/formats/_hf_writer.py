@@ -62,6 +62,7 @@ from modelport.formats import (
     hf_dir,
     safetensors,
     safetensors_writer,
+    sentence_transformers_dir,
     torch_zip,
 )
 from modelport.formats.protocol import Format, FormatReader, Probe
@@ -288,14 +289,26 @@ def sidecars(
     folder = source if source.is_dir() else source.parent
     if not (_is_hf_folder(folder) or (source.is_dir() and hf_dir.sniff(Probe.of(source)))):
         return [], []
-    return carried_files(folder, reserved, source if source.is_file() else None)
+    if source.is_dir():
+        return carried_files(folder, reserved)
+    carried, notes = carried_files(folder, reserved, source)
+    if sentence_transformers_dir.sniff(folder):
+        notes.append(
+            f"{source.name} holds one module of the sentence-transformers model in "
+            f"{folder.name}: convert the folder to keep its other modules"
+        )
+    return carried, notes
 
 
 def carried_files(
-    folder: Path, reserved: frozenset[str] = frozenset(), source: Path | None = None
+    folder: Path,
+    reserved: frozenset[str] = frozenset(),
+    source: Path | None = None,
+    written: frozenset[str] = frozenset(),
 ) -> tuple[list[Path], list[str]]:
     """The top-level files of ``folder`` that are no weights (see the module docstring),
-    the ``source`` file itself left out, and notes on what stays behind."""
+    the ``source`` file itself left out, and notes on what stays behind; subfolders in
+    ``written`` (a pipeline's components, written on their own) are not among them."""
     carried: list[Path] = []
     left: list[str] = []
     subfolders: list[str] = []
@@ -303,7 +316,8 @@ def carried_files(
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            subfolders.append(entry.name)
+            if entry.name not in written:
+                subfolders.append(entry.name)
             continue
         if not entry.is_file() or (source is not None and entry.samefile(source)):
             continue

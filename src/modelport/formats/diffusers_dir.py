@@ -37,6 +37,7 @@ from modelport.tensors import TensorRef
 
 MODEL_INDEX: Final = "model_index.json"
 WEIGHT_SUFFIXES: Final = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+SEPARATOR: Final = "."  # between a component's name and its tensors' names
 
 
 @dataclass(frozen=True)
@@ -144,15 +145,9 @@ def _component(
     if not part.has_weights:
         facts["files"] = sorted(p.name for p in part.folder.iterdir() if p.is_file())
         return facts
-    contents = _hf_folder.read_folder(part.folder)
-    if contents.close is not None:
-        closers.append(contents.close)
-    prefix = part.name + "."
-    for name, tensor in contents.tree.items():
-        tree[prefix + name] = tensor
-    for alias, kept in contents.details.get("aliases", {}).items():
-        aliases[prefix + alias] = prefix + kept
-    warnings.extend(f"{part.name}/: {w}" for w in contents.warnings)
+    contents = _hf_folder.read_prefixed(
+        part.folder, part.name + SEPARATOR, tree, aliases, warnings, closers
+    )
     facts["tensors"] = len(contents.tree)
     keep = ("files", "index", "ignored_weights", "dtype", "torch_dtype")
     facts.update({k: contents.details[k] for k in keep if k in contents.details})

@@ -110,6 +110,13 @@ LOADERS: dict[str, CodeLoader] = {
         "sentence-transformers: cross_encoder/CrossEncoder.py "
         "CrossEncoder.get_default_activation_fn",
     ),
+    "dense_activation": CodeLoader(
+        "activation_function",
+        "activation_function in a Dense module's config.json (beside in_features and "
+        "out_features), outside torch.*",
+        "sentence-transformers' Dense imports and instantiates it when trust_remote_code=True",
+        "sentence-transformers: base/modules/dense.py Dense.load",
+    ),
     "peft_auto_mapping": CodeLoader(
         "auto_mapping.parent_library",
         "auto_mapping.parent_library in adapter_config.json, outside PEFT's allowlist",
@@ -208,6 +215,9 @@ def _named_code(name: str, document: Any) -> list[tuple[str, list[str]]]:
     legacy = document.get("sbert_ce_default_activation_function")
     functions = [f for f in _strings([activation, legacy]) if not f.startswith("torch.")]
     named.append(("cross_encoder_activation", functions))
+    if "in_features" in document and "out_features" in document:  # GPT-2's is a name, no code
+        dense = _strings([document.get("activation_function")])
+        named.append(("dense_activation", [f for f in dense if not f.startswith("torch.")]))
     named.append(("peft_auto_mapping", _peft_library(document)))
     megatron = document.get("megatron_core") if document.get("megatron_config") else None
     if isinstance(megatron, str) and not megatron.startswith("megatron."):

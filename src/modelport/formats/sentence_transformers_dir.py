@@ -1,0 +1,191 @@
+"""sentence-transformers models: ``modules.json`` and a folder per module.
+
+Layout (sentence-transformers ``SentenceTransformer.save``, ``CrossEncoder`` and
+``SparseEncoder`` alike), what ``SentenceTransformer(path)`` reads back:
+
+- ``modules.json`` MUST be a JSON list of modules in the order they run, each
+  ``{"idx": i, "name": str, "path": folder, "type": "package.module.Class"}``; ``type``
+  names the class the library imports to load the module (a ``type`` outside
+  ``sentence_transformers.`` is code from elsewhere: the scanner reports it, modelport never
+  imports it); ``path`` is the module's folder relative to the model's, ``""`` for the
+  model's own (where current releases keep a first Transformer module: ``config.json``,
+  ``model.safetensors``, tokenizer files, ``sentence_bert_config.json``); early releases
+  wrote every module in a subfolder (``0_BERT/``, ``0_Transformer/``); a path that would
+  leave the folder is refused;
+- a module folder holding weights is a Hugging Face model folder (``_hf_folder``): the
+  Transformer module's as transformers saves it (sharded with an index when large), any
+  other module's (``2_Dense/``: ``config.json`` with ``in_features``, ``out_features``,
+  ``activation_function``; ``linear.weight``, ``linear.bias``) one ``model.safetensors`` or
+  ``pytorch_model.bin``, which sentence-transformers reads unsharded;
+- modules without weights keep only configuration (``1_Pooling/config.json``,
+  ``3_Normalize/``); ``config_sentence_transformers.json`` (``model_type``, versions,
+  prompts, similarity function) and ``README.md`` sit at the top.
+
+Read as one model: each module folder that holds weights is read as a Hugging Face folder,
+its tensors named ``<path>/<name>`` (``2_Dense/linear.weight``; a Transformer module at the
+top keeps its own names, which hold no ``/``), modules in ``modules.json`` order.
+``details["module_folders"]`` lists every module with its type and, for those with weights,
+tensor count and files. Subfolders with weights that ``modules.json`` does not name
+(``onnx/``, ``openvino/`` exports) are left out with a warning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Final
+
+from modelport.errors import CorruptFileError, ModelportError
+from modelport.formats import _hf_folder
+from modelport.formats.protocol import Contents, Format
+from modelport.tensors import TensorRef
+
+MODULES_JSON: Final = "modules.json"
+MODEL_CONFIG: Final = "config_sentence_transformers.json"
+SEPARATOR: Final = "/"  # between a module's folder and its tensors' names
+TOP: Final = ""  # the model's own folder, as a module path
+
+
+@dataclass(frozen=True)
+class Module:
+    """One entry of ``modules.json``: its folder relative to the model's (``TOP`` for the
+    model's own), the class sentence-transformers imports for it, and the folder when it
+    exists."""
+
+    path: str
+    type: str
+    folder: Path | None
+
+    @property
+    def has_weights(self) -> bool:
+        return self.folder is not None and holds_weights(self.folder)
+
+    @property
+    def prefix(self) -> str:
+        """What the module's tensor names start with in the model read as one."""
+        return self.path + SEPARATOR if self.path else ""
+
+    @property
+    def loads_shards(self) -> bool:
+        """Whether the module's loader reads sharded weights: a Transformer module loads
+        through transformers' ``from_pretrained``; every other one reads one file."""
+        return self.type.rpartition(".")[2].endswith("Transformer")
+
+
+def holds_weights(folder: Path) -> bool:
+    """Weights of a Hugging Face name (or an index) in the folder itself."""
+    return _hf_folder.has_index(folder) or bool(_hf_folder.weight_files(folder))
+
+
+def sniff(path: Path) -> bool:
+    """A folder with ``modules.json`` and weights at its top or in a subfolder."""
+    if not (path / MODULES_JSON).is_file():
+        return False
+    return holds_weights(path) or any(
+        sub.is_dir() and not sub.name.startswith(".") and holds_weights(sub)
+        for sub in path.iterdir()
+    )
+
+
+def modules(path: Path) -> list[Module]:
+    """The modules ``modules.json`` lists, in its order."""
+    listed = _hf_folder.load_json_value(path / MODULES_JSON)
+    if not isinstance(listed, list):
+        raise CorruptFileError(f"{MODULES_JSON} is not a JSON list of modules", path=path)
+    found: dict[str, Module] = {}
+    for entry in listed:
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("path"), str)
+            and isinstance(entry.get("type"), str)
+        ):
+            raise CorruptFileError(
+                f"{MODULES_JSON}: a module without a path and a type ({str(entry)[:80]})",
+                path=path,
+            )
+        relative = _module_path(path, entry["path"])
+        if relative in found:
+            raise CorruptFileError(f"{MODULES_JSON} lists {relative!r} twice", path=path)
+        folder = path / relative if relative else path
+        found[relative] = Module(relative, entry["type"], folder if folder.is_dir() else None)
+    if not any(m.has_weights for m in found.values()):
+        raise CorruptFileError(f"{MODULES_JSON} names no module folder holding weights", path=path)
+    return list(found.values())
+
+
+def _module_path(root: Path, path: str) -> str:
+    """The module's folder as a plain relative path (``""`` for the model's own), refused
+    when it would leave the model's folder."""
+    if path in ("", "."):
+        return TOP
+    _hf_folder.inside(root, path, "module folder")
+    return PurePosixPath(path).as_posix()
+
+
+def read(path: Path) -> Contents:
+    listed = modules(path)
+    tree: dict[str, TensorRef] = {}
+    aliases: dict[str, str] = {}
+    warnings: list[str] = []
+    closers: list[Any] = []
+    try:
+        described = [_module(m, tree, aliases, warnings, closers) for m in listed]
+    except BaseException:
+        _hf_folder.close_all(closers)
+        raise
+    details: dict[str, Any] = {"layout": "sentence-transformers"}
+    kind = _model_type(path, warnings)
+    if kind is not None:
+        details["model_type"] = kind
+    details["module_folders"] = described
+    if aliases:
+        details["aliases"] = aliases
+    named = {m.folder.resolve() for m in listed if m.folder is not None}
+    for sub in sorted(path.iterdir()):
+        if sub.is_dir() and sub.resolve() not in named and holds_weights(sub):
+            warnings.append(f"{sub.name}/ holds weights that {MODULES_JSON} does not name: ignored")
+    return Contents(
+        Format.HF_DIR,
+        tree,
+        details=details,
+        warnings=warnings,
+        close=(lambda: _hf_folder.close_all(closers)) if closers else None,
+    )
+
+
+def _module(
+    module: Module,
+    tree: dict[str, TensorRef],
+    aliases: dict[str, str],
+    warnings: list[str],
+    closers: list[Any],
+) -> dict[str, Any]:
+    """One module's details; its tensors join ``tree`` under its prefix."""
+    facts: dict[str, Any] = {"path": module.path, "type": module.type}
+    if module.folder is None:
+        facts["missing"] = True
+        return facts
+    if not module.has_weights:
+        facts["files"] = sorted(p.name for p in module.folder.iterdir() if p.is_file())
+        return facts
+    contents = _hf_folder.read_prefixed(
+        module.folder, module.prefix, tree, aliases, warnings, closers
+    )
+    facts["tensors"] = len(contents.tree)
+    keep = ("files", "index", "ignored_weights", "model_type", "architectures")
+    facts.update({k: contents.details[k] for k in keep if k in contents.details})
+    return facts
+
+
+def _model_type(path: Path, warnings: list[str]) -> str | None:
+    """``model_type`` of ``config_sentence_transformers.json``: SentenceTransformer,
+    CrossEncoder or SparseEncoder (absent before sentence-transformers 5)."""
+    config = path / MODEL_CONFIG
+    if not config.is_file():
+        return None
+    try:
+        kind = _hf_folder.load_json(config).get("model_type")
+    except ModelportError as exc:
+        warnings.append(f"{MODEL_CONFIG} ignored: {exc}")
+        return None
+    return kind if isinstance(kind, str) else None
