@@ -4,6 +4,7 @@ agrees with eager; modelport's own reader reads it back."""
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,11 @@ from torch import nn
 import modelport
 from modelport.errors import MissingDependencyError
 from modelport.torch_models.agreement import TOLERANCES
+from modelport.torch_models.building import resolve_model
 from modelport.torch_models.exporting import export
 from tests.conftest import Cli
 from tests.models import Router, TinyResNet
+from tests.real_models import KINDS, real_model
 from tests.test_export import tiny_bert_dir
 
 FLOAT32_ATOL, _ = TOLERANCES["float32"]
@@ -95,6 +98,52 @@ def test_cli_exports_router_and_bert(tmp_path: Path, cli: Cli) -> None:
     assert bert.code == 0, bert.out + bert.err
     assert "in ExecuTorch's runtime: max abs error" in bert.out
     print(bert.out)
+
+
+@pytest.mark.heavy
+def test_gpt2_with_fused_attention_runs_in_executorch(tmp_path: Path) -> None:
+    """GPT-2 saved with its default (sdpa) attention: the lowering refuses the decomposed
+    attention, the eager one lowers; the program agrees with the untouched sdpa model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with warnings.catch_warnings():  # executorch reads its edge.yaml with a deprecated API
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from executorch.runtime import Runtime
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    model = resolve_model(tmp_path / "gpt2")
+    assert model.config._attn_implementation == "sdpa"
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    inputs = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": mask}
+    dynamic = {"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}
+    out = tmp_path / "gpt2.pte"
+    report = export(model, out, inputs, to="executorch", dynamic=dynamic)
+    print(f"gpt2 executorch max abs error {report.max_abs_error:.3g}")
+    assert report.verified is True, [c for c in report.outputs if not c.ok]
+    assert {"sequence=9", "sequence=17"} <= {c.sample for c in report.outputs}
+    assert model.config._attn_implementation == "sdpa"  # the caller's model is untouched
+    ids = torch.randint(0, 100, (2, 13))
+    program = Runtime.get().load_program(out).load_method("forward")
+    got = program.execute([ids, torch.ones(2, 13, dtype=torch.int64)])[0]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("kind", KINDS)
+def test_real_models_run_in_executorch(tmp_path: Path, kind: str) -> None:
+    """A head that caches in ``forward``, GPT-2, Llama and a diffusers UNet, each verified
+    in ExecuTorch's runtime against eager on the example and random inputs."""
+    model, inputs = real_model(kind, tmp_path)
+    out = tmp_path / f"{kind}.pte"
+    report = export(model, out, inputs, to="executorch")
+    print(f"{kind} executorch max abs error {report.max_abs_error:.3g}")
+    assert report.verified is True, [c for c in report.outputs if not c.ok]
+    assert report.runtime == "ExecuTorch's runtime"
+    assert report.max_abs_error < FLOAT32_ATOL
 
 
 def test_missing_executorch_names_the_extra(

@@ -19,6 +19,7 @@ from modelport.torch_models.agreement import TOLERANCES
 from modelport.torch_models.exporting import export
 from tests.conftest import Cli
 from tests.models import Router, TinyResNet
+from tests.real_models import KINDS, real_model
 from tests.test_export import tiny_bert_dir
 
 FLOAT32_ATOL, _ = TOLERANCES["float32"]
@@ -100,6 +101,21 @@ def test_dynamic_axes_refused_with_advice(tmp_path: Path) -> None:
             dynamic={"x": {0: "b"}, "mask": {0: "b"}},
         )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("kind", KINDS)
+def test_real_models_run_in_tflite(tmp_path: Path, kind: str) -> None:
+    """A head that caches in ``forward``, GPT-2, Llama and a diffusers UNet, each verified
+    in LiteRT's interpreter against eager on the example and random inputs."""
+    litert()
+    model, inputs = real_model(kind, tmp_path)
+    out = tmp_path / f"{kind}.tflite"
+    report = export(model, out, inputs, to="tflite")
+    print(f"{kind} tflite max abs error {report.max_abs_error:.3g}")
+    assert report.verified is True, [c for c in report.outputs if not c.ok]
+    assert report.runtime == "LiteRT's interpreter"
+    assert report.max_abs_error < FLOAT32_ATOL
 
 
 def test_missing_litert_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,7 @@ from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.cli.markdown import markdown
 from modelport.errors import UsageError
 from modelport.reporting.verification import Verification, export_facts
-from modelport.torch_models.building import resolve_model
+from modelport.torch_models.checking import resolve_fitting
 from modelport.torch_models.example_inputs import read_example_inputs
 from modelport.torch_models.export_report import ExportReport
 from modelport.torch_models.exporting import EXPORTERS, FORMATS, bundle, export
@@ -264,7 +264,7 @@ def show_side_outputs(report: Path | None, card: Path | None) -> None:
 
 def _export(args: argparse.Namespace) -> ExportReport:
     """Build the model and its example inputs as ``args`` say, then export and verify."""
-    model = resolve_model(
+    model = resolve_fitting(
         args.model,
         init=args.init,
         weights=args.weights,

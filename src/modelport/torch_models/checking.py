@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 from modelport.conversion.converting import convert
 from modelport.conversion.options import ConvertOptions
+from modelport.errors import ConversionError
 from modelport.loading.model_file import check_safety
 from modelport.loading.model_file import open as open_model
-from modelport.torch_models.building import build_model
+from modelport.torch_models.building import build_model, eval_mode, load_weights, resolve_model
 from modelport.tree import names as trees
 
 if TYPE_CHECKING:
@@ -197,6 +198,29 @@ def check(
     )
     again = check(fix, expected, allow_unsafe=True)  # our own output, just written
     return _replace(report, fixed=str(fix), fixed_ok=again.ok)
+
+
+def resolve_fitting(
+    spec: str | Path,
+    *,
+    init: str | Mapping[str, Any] | list[Any] | None = None,
+    weights: str | Path | None = None,
+    allow_unsafe: bool = False,
+    trust_code: bool = False,
+) -> nn.Module:
+    """``building.resolve_model``, except that ``weights`` that do not fit the model are
+    refused with ``check``'s answer (keys grouped by module, the likely cause and the
+    command that fixes it): ``load_state_dict``'s own message lists every key, which for a
+    real model is kilobytes, and names no cause."""
+    if weights is None:
+        return resolve_model(spec, init=init, allow_unsafe=allow_unsafe, trust_code=trust_code)
+    model = build_model(spec, init, trust_code=trust_code, allow_unsafe=allow_unsafe)
+    fit = check(weights, model, allow_unsafe=allow_unsafe)
+    if not fit.ok:
+        lines = [f"{weights}: the weights do not fit the model", *fit.lines()]
+        raise ConversionError("\n".join(lines))
+    load_weights(model, weights, allow_unsafe=allow_unsafe)
+    return eval_mode(model)
 
 
 def _replace(report: CheckReport, **changes: Any) -> CheckReport:

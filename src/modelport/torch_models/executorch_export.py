@@ -6,6 +6,9 @@ the XNNPACK partitioner (the subgraphs XNNPACK supports become delegate blobs; e
 operator runs on ExecuTorch's portable kernels), then ``to_executorch()``. A program the
 XNNPACK lowering refuses is lowered with plain ``to_edge`` instead: all portable kernels.
 
+A transformers model whose fused attention the edge lowering cannot decompose is exported
+again with its eager attention (``eager_attention``).
+
 Dynamic axes: ExecuTorch plans every tensor's memory ahead of time, for the largest size
 an axis may take, and an axis torch leaves unbounded is planned at the example's size (a
 larger input is then refused at run time). Each dynamic axis is therefore bounded at
@@ -52,22 +55,46 @@ def write_pte(
     except ImportError as exc:
         raise MissingDependencyError("executorch", "executorch", "exporting to ExecuTorch") from exc
     args, kwargs = call.split(inputs)
-    with torch.no_grad():
-        program = torch.export.export(
-            model, args, kwargs, dynamic_shapes=bounded(shapes, call, inputs)
-        )
-    try:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-            XnnpackPartitioner,
-        )
 
-        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-        manager = lowered.to_executorch()
-    except Exception:  # XNNPACK refused the graph: every operator on portable kernels
-        manager = to_edge(program).to_executorch()
+    def lowered() -> Any:
+        with torch.no_grad():
+            program = torch.export.export(
+                model, args, kwargs, dynamic_shapes=bounded(shapes, call, inputs)
+            )
+        try:
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+                XnnpackPartitioner,
+            )
+
+            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+            return edge.to_executorch()
+        except Exception:  # XNNPACK refused the graph: every operator on portable kernels
+            return to_edge(program).to_executorch()
+
+    try:
+        manager = lowered()
+    except Exception:
+        if not eager_attention(model):
+            raise
+        manager = lowered()
     with open(path, "wb") as out:
         manager.write_to_file(out)
     return (path,)
+
+
+def eager_attention(model: nn.Module) -> bool:
+    """Switch a transformers model on torch's fused attention (``sdpa``) to its own eager
+    attention; False when it is not one. The edge lowering decomposes
+    ``scaled_dot_product_attention`` into a result whose strides GPT-2's next ``view``
+    cannot take (torch 2.13: "Cannot view a tensor with shape ..."); the eager attention
+    computes the same values from plain matmuls and softmax, which lower. ``model`` is the
+    copy the exporter traces (``tracing_copy``): the eager reference keeps its own."""
+    config = getattr(model, "config", None)
+    switch = getattr(model, "set_attn_implementation", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not callable(switch):
+        return False
+    switch("eager")
+    return True
 
 
 def bounded(shapes: Shapes, call: Call, inputs: list[torch.Tensor]) -> Shapes:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from modelport.errors import ConversionError, UsageError
 from modelport.torch_models.agreement import OutputCheck, Runner, leaves, verify_outputs
 from modelport.torch_models.binding import Call, bind
-from modelport.torch_models.building import resolve_model
+from modelport.torch_models.checking import resolve_fitting
 from modelport.torch_models.exporting import check_targets, export
 from modelport.transfer.placing import install_file, staging_folder
 
@@ -124,7 +124,7 @@ def rebuild(
     path = Path(path)
     sources = [Path(weights)] + ([Path(model)] if Path(model).is_file() else [])
     check_targets(path, to, overwrite, sources)
-    module = resolve_model(
+    module = resolve_fitting(
         model, init=init, weights=weights, allow_unsafe=allow_unsafe, trust_code=trust_code
     )
     if callable(example_inputs):
