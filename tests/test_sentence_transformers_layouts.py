@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -375,3 +377,39 @@ def test_a_layout_written_by_hand_reads_and_converts(tmp_path: Path) -> None:
         source / "model.safetensors", tmp_path / "one", modelport.ConvertOptions(to="hf")
     )
     assert any("holds one module of the sentence-transformers model" in n for n in one.notes)
+
+
+CARD_RUN = """
+import json, sys, numpy as np
+namespace = {}
+exec(sys.argv[1], namespace)
+np.save(sys.argv[2], namespace["model"].encode(json.loads(sys.argv[3])))
+"""
+
+
+@heavy
+def test_the_card_loads_the_folder_with_sentence_transformers(built: Built, tmp_path: Path) -> None:
+    """``modelport card`` of the folder: the hub's front matter names the library and the
+    task, and its loading code, run as written from the folder, encodes as the original."""
+    from huggingface_hub import ModelCard
+
+    from modelport.reporting.card import build_card
+
+    folder = built.path("st")
+    made = build_card(folder, relative_to=folder)
+    data = ModelCard(made.text).data
+    assert (data.library_name, data.pipeline_tag) == (
+        "sentence-transformers",
+        "sentence-similarity",
+    )
+    assert "bert" in data.tags
+    code = made.text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'SentenceTransformer(".")' in code
+    out = tmp_path / "encoded.npy"
+    subprocess.run(
+        [sys.executable, "-c", CARD_RUN, code, str(out), json.dumps(SENTENCES)],
+        cwd=folder,
+        check=True,
+        timeout=300,
+    )
+    assert np.array_equal(np.load(out), built.encoded)

@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from modelport.errors import ModelportError
 from modelport.formats import _hf_folder
+from modelport.formats.sentence_transformers_dir import MODULES_JSON
 
 MODEL_INDEX: Final = "model_index.json"  # a diffusers pipeline
 ADAPTER_CONFIG: Final = "adapter_config.json"  # a PEFT adapter
@@ -65,7 +66,7 @@ class HubConfig:
     """What the config beside (or inside) a model says. ``folder`` is what ``from_pretrained``
     takes; ``class_name`` is a plain identifier or ""."""
 
-    library: str  # "transformers", "diffusers", "peft"
+    library: str  # "transformers", "diffusers", "peft", "sentence-transformers"
     config_file: str  # the file that told, by name
     folder: Path
     class_name: str
@@ -81,11 +82,13 @@ def hub_config(path: Path) -> tuple[HubConfig | None, str]:
     folder = path if path.is_dir() else path.parent
     names: tuple[str, ...] = (_hf_folder.CONFIG_NAME,)
     if path.is_dir():
-        names = (MODEL_INDEX, _hf_folder.CONFIG_NAME, ADAPTER_CONFIG)
+        names = (MODEL_INDEX, MODULES_JSON, _hf_folder.CONFIG_NAME, ADAPTER_CONFIG)
     for name in names:
         config_path = folder / name
         if not config_path.is_file():
             continue
+        if name == MODULES_JSON:  # a list of modules: the folder's kind is what it tells
+            return _sentence_transformer(folder), ""
         try:
             config = _hf_folder.load_json(config_path)
         except ModelportError as exc:
@@ -130,6 +133,22 @@ def _described(folder: Path, name: str, config: dict[str, Any]) -> HubConfig | N
         _hub_id(config.get("_name_or_path")),
         _task(class_name),
         isinstance(config.get("auto_map"), dict),
+    )
+
+
+def _sentence_transformer(folder: Path) -> HubConfig:
+    """A sentence-transformers model: ``modules.json`` names its modules, the top folder's
+    ``config.json`` (when there is one) the transformer it embeds with."""
+    inner, _ = hub_config(folder / _hf_folder.CONFIG_NAME)
+    return HubConfig(
+        "sentence-transformers",
+        MODULES_JSON,
+        folder,
+        "SentenceTransformer",
+        inner.model_type if inner else "",
+        inner.base_model if inner else "",
+        "sentence-similarity",
+        False,
     )
 
 

@@ -27,6 +27,7 @@ from modelport.reporting._card_hub import MODEL_INDEX, HubConfig
 from modelport.tensors import TensorRef
 
 # ONNX element types numpy can make example inputs of.
+_SENTENCE: Final = "sentence-transformers"  # the library, as the hub names it
 _NUMPY_INPUTS: Final = frozenset(
     {"float16", "float32", "float64", "bool"}
     | {f"{kind}{bits}" for kind in ("int", "uint") for bits in (8, 16, 32, 64)}
@@ -266,13 +267,19 @@ def _from_pretrained(subject: _Subject) -> tuple[str, str] | None:
     """``(sentence, code)`` loading the folder with the class its config names, when the file
     is (or is one that) ``from_pretrained`` reads."""
     config = subject.config
-    if config is None or config.library not in ("transformers", "diffusers"):
+    if config is None or config.library not in ("transformers", "diffusers", _SENTENCE):
         return None
     path = subject.model.path
     if not path.is_dir() and path.name not in _hf_folder.weight_files(path.parent):
         return None
     folder = subject.name if path.is_dir() else (posixpath.dirname(subject.name) or ".")
     literal = json.dumps(folder)
+    if config.library == _SENTENCE:
+        code = (
+            "from sentence_transformers import SentenceTransformer\n\n"
+            f"model = SentenceTransformer({literal})\n"
+        )
+        return _with(_SENTENCE, config), code
     if config.library == "diffusers":
         if not config.class_name:
             return None
