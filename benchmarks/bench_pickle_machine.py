@@ -8,6 +8,8 @@ state, a whole pickled ``nn.Module``), a numpy pickle, a joblib file, and the at
 catalogue of the test suite. For each: microseconds per scan (``scan_pickle``, as the
 scanner calls it) and per read (``read_pickle`` with a torch storage loader), old and new,
 timed in turns (process CPU time, best of the rounds) so that a busy machine slows both.
+The scan's "machine" column is the new machine alone, without the C unpickler's fast path
+(``pickles.fast_scan``) that "new" tries first.
 
 Usage: python benchmarks/bench_pickle_machine.py [--rounds 15]
 """
@@ -35,7 +37,7 @@ from tests.reference_machine import judging as old_judging  # noqa: E402
 from tests.reference_machine import reading as old_reading  # noqa: E402
 from tests.test_pickle_machine_differential import _storages  # noqa: E402
 
-from modelport.pickles import judging, reading  # noqa: E402
+from modelport.pickles import fast_scan, judging, reading  # noqa: E402
 
 
 def vision_net() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -103,6 +105,16 @@ def scan_all(scan: Callable[..., Any], data: bytes) -> None:
         start = scan(data, start=start, expect_persistent_ids=True).end
 
 
+def machine_only(data: bytes, **options: Any) -> judging.PickleScan:
+    """``scan_pickle`` with the fast path declining every pickle."""
+    clean_run = fast_scan.clean_run
+    fast_scan.clean_run = lambda *args: None  # type: ignore[assignment]
+    try:
+        return judging.scan_pickle(data, **options)
+    finally:
+        fast_scan.clean_run = clean_run
+
+
 def read_all(read: Callable[..., Any], data: bytes) -> None:
     start = 0
     while start < len(data):
@@ -113,8 +125,9 @@ def read_all(read: Callable[..., Any], data: bytes) -> None:
 
 
 def row(times: list[float]) -> str:
-    scan = f"{times[0]:9.1f} {times[1]:8.1f} {times[0] / times[1]:5.2f}"
-    read = f"{times[2]:9.1f} {times[3]:8.1f} {times[2] / times[3]:5.2f}"
+    scan = f"{times[0]:9.1f} {times[1]:8.1f} {times[2]:8.1f} {times[0] / times[2]:5.2f}"
+    scan += f" {times[1] / times[2]:5.2f}"
+    read = f"{times[3]:9.1f} {times[4]:8.1f} {times[3] / times[4]:5.2f}"
     return f"{scan} | {read}"
 
 
@@ -122,14 +135,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
-    print(f"{'pickle':20s} {'bytes':>7s} | {'scan old':>9s} {'new':>8s} {'x':>5s} |", end="")
-    print(f" {'read old':>9s} {'new':>8s} {'x':>5s}   (microseconds of CPU per pickle)")
-    totals = [0.0, 0.0, 0.0, 0.0]
+    print(f"{'pickle':20s} {'bytes':>7s} | {'scan old':>9s} {'machine':>8s} {'new':>8s}", end="")
+    print(f" {'x old':>5s} {'x mch':>5s} | {'read old':>9s} {'new':>8s} {'x':>5s}", end="")
+    print("   (microseconds of CPU per pickle)")
+    totals = [0.0] * 5
     for name, data in pickles().items():
         repeat = max(3, 20_000 // max(len(data), 1))
         times = [
             best_of(partial(scan_all, scan, data), args.rounds, repeat)
-            for scan in (old_judging.scan_pickle, judging.scan_pickle)
+            for scan in (old_judging.scan_pickle, machine_only, judging.scan_pickle)
         ] + [
             best_of(partial(read_all, reader, data), args.rounds, repeat)
             for reader in (old_reading.read_pickle, reading.read_pickle)

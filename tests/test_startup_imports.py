@@ -304,6 +304,7 @@ PICKLE_MACHINE = (
     "modelport.pickles.rules",
     "modelport.pickles.policy",
     "modelport.pickles.symbols",
+    "modelport.pickles.fast_scan",
 )
 
 

@@ -14,7 +14,7 @@ import re
 from typing import Any, Final
 
 from modelport.errors import CorruptFileError, TruncatedFileError, UnparsedPickleError
-from modelport.pickles import joblib_arrays, policy
+from modelport.pickles import fast_scan, joblib_arrays, policy
 from modelport.pickles.interface import Limits, Step, Value, fill
 from modelport.pickles.machine import run
 from modelport.pickles.records import ByteSpan
@@ -270,12 +270,22 @@ def scan_pickle(
     to its STOP (the caller reports that as an ``error`` verdict, never as safe)."""
     limits = limits or Limits()
     view = memoryview(data)
-    resolver = ScanResolver(
-        torchscript=torchscript,
-        expect_persistent_ids=expect_persistent_ids,
-        data=view,
-        limits=limits,
-    )
+
+    def new_resolver() -> ScanResolver:
+        return ScanResolver(
+            torchscript=torchscript,
+            expect_persistent_ids=expect_persistent_ids,
+            data=view,
+            limits=limits,
+        )
+
+    # CPython's C unpickler first (fast_scan): kept only when it vouches for the run and
+    # nothing in it is worth reporting; the Python machine locates every finding.
+    resolver = new_resolver()
+    clean = fast_scan.clean_run(view, start, resolver, limits)
+    if clean is not None and not resolver.nested and not (findings := judge(resolver)):
+        return PickleScan(findings, [], clean.end, clean.opcodes)
+    resolver = new_resolver()
     try:
         result = run(view, resolver, start=start, limits=limits)
     except (CorruptFileError, TruncatedFileError) as exc:
