@@ -8,11 +8,13 @@ import pickle
 import zipfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
 import modelport
+from tests.formats.test_hdf5 import keras2_model_config
 from tests.formats.test_keras import model_config, write_keras
 
 
@@ -421,3 +423,33 @@ def test_an_onnx_model_with_its_external_data_is_safe_as_a_folder(tmp_path: Path
         "model.onnx.data": "tensor-data",
     }
     assert modelport.scan(tmp_path / "model.onnx.data").verdict == "error"
+
+
+def _keras2_h5(path: Path, config: dict[str, object]) -> Path:
+    """Keras 2's ``model.save('m.h5')`` attributes (tests/formats/test_hdf5 writes the rest)."""
+    with h5py.File(path, "w") as f:
+        f.attrs["keras_version"] = b"2.15.0"
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["model_config"] = json.dumps(config).encode("utf8")
+        f.create_group("model_weights").attrs["layer_names"] = np.array([b"wrapper"])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("wrapper", "key"), [("TimeDistributed", "layer"), ("Bidirectional", "backward_layer")]
+)
+def test_keras2_lambda_inside_a_wrapper_is_unsafe(tmp_path: Path, wrapper: str, key: str) -> None:
+    """Keras 2 (tf_keras) keeps a wrapper's layer under ``layer`` (Bidirectional's second
+    one under ``backward_layer``), outside any ``layers`` list; ``load_model``
+    deserializes it and runs the Lambda's marshalled code while building the model."""
+    config = keras2_model_config()
+    layers = config["config"]["layers"]
+    lambda_layer, dense = layers[2], layers[1]
+    layers[2] = {"class_name": wrapper, "config": {"name": "wrapper", key: lambda_layer}}
+    path = _keras2_h5(tmp_path / "wrapped.h5", config)
+    report = modelport.scan(path)
+    assert report.verdict == "unsafe", report.to_json()
+    assert "keras-lambda" in rules(path)
+    layers[2] = {"class_name": wrapper, "config": {"name": "wrapper", key: dense}}
+    twin = _keras2_h5(tmp_path / "twin.h5", config)
+    assert modelport.scan(twin).verdict == "safe", modelport.scan(twin).to_json()

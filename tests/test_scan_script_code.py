@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import modelport
+from modelport.scanning import script_code
 
 
 class Plain(torch.nn.Module):
@@ -42,8 +43,10 @@ def _with_code(tmp_path: Path, rewrite: str) -> Path:
         '    y = torch . from_file ("/etc/hostname", None, 4)\n    return x\n',
         '    y = torch.\\\n      from_file("/etc/hostname", None, 4)\n    return x\n',
         '    y = ops.aten.from_file(  # a comment\n      "/etc/hostname", None, 4)\n    return x\n',
+        '    torch.save(x, "/tmp/anywhere")\n    return x\n',
+        '    ops.aten.save(x, "/tmp/anywhere")\n    return x\n',
     ],
-    ids=["plain", "spaced", "continued", "ops-namespace"],
+    ids=["plain", "spaced", "continued", "ops-namespace", "save", "save-ops-namespace"],
 )
 def test_file_operators_are_found_however_spelled(tmp_path: Path, body: str) -> None:
     report = modelport.scan(_with_code(tmp_path, body))
@@ -57,6 +60,20 @@ def test_a_custom_operator_namespace_is_suspicious(tmp_path: Path) -> None:
     assert report.verdict == "suspicious", report.to_json()
     rules = {f.rule for f in report.files[0].findings}
     assert "torchscript-custom-op" in rules
+
+
+def test_torch_own_operator_namespaces_are_no_custom_op(tmp_path: Path) -> None:
+    """Every namespace torch's dispatcher registers itself is torch's, not a native library
+    of the model's, but for the communication and test namespaces left out on purpose."""
+    registered = {name.split("::")[0] for name in torch._C._dispatch_get_all_op_names()}
+    apart = {"c10d", "symm_mem", "_test", "debug_mode_ops", "debugprims"}
+    assert registered - apart <= script_code.TORCH_NAMESPACES
+    calls = "".join(f"    x = torch.ops.{ns}.some_op(x)\n" for ns in sorted(registered - apart))
+    report = modelport.scan(_with_code(tmp_path, calls + "    return x\n"))
+    assert report.verdict == "safe", report.to_json()
+    apart_call = "    return torch.ops.c10d.allreduce_(x)\n"
+    report = modelport.scan(_with_code(tmp_path, apart_call))
+    assert report.verdict == "suspicious", report.to_json()
 
 
 def test_the_same_text_in_a_string_or_comment_is_not_a_call(tmp_path: Path) -> None:
@@ -79,3 +96,42 @@ def test_setstate_runs_while_loading(tmp_path: Path) -> None:
     )
     (finding,) = modelport.scan(_with_code(tmp_path, body)).serious
     assert "while the model loads" in finding.message
+
+
+class SavesWhileLoading(torch.nn.Module):
+    """torch.jit.load runs __setstate__, and TorchScript's torch.save (aten::save) writes
+    the path it is given: here one kept in the saved state."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.w = torch.ones(2)
+        self.target = target
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.w
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
+        return (self.w, self.target, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
+        self.w = state[0]
+        self.target = state[1]
+        self.training = state[2]
+        torch.save(self.w, self.target)
+
+
+def test_torch_save_in_setstate_writes_files_on_load(tmp_path: Path) -> None:
+    path, written = tmp_path / "model.pt", tmp_path / "written-on-load.pt"
+    torch.jit.save(torch.jit.script(SavesWhileLoading(str(written))), path)
+    assert not written.exists()
+    report = modelport.scan(path)
+    assert report.verdict == "unsafe", report.to_json()
+    (finding,) = report.serious
+    assert finding.rule == "torchscript-file-access"
+    assert "while the model loads" in finding.message
+    torch.jit.load(path)
+    assert written.exists()  # the oracle: the default loader wrote the file
+    body = "    self.save(x)\n    return x\n"  # a method of the model's own, not aten::save
+    assert modelport.scan(_with_code(tmp_path, body)).verdict == "safe"

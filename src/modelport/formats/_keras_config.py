@@ -125,7 +125,10 @@ def _visit(
     name = name if isinstance(name, str) else ""
     if in_layers and len(facts.layers) < MAX_LISTED:
         facts.layers.append({"name": name, "class_name": class_name})
-    if class_name == LAMBDA_LAYER and in_layers:
+    # a Keras 2 wrapper (TimeDistributed, Bidirectional) holds its layer under ``layer`` or
+    # ``backward_layer``, outside any ``layers`` list, and deserializes it all the same
+    holds_function = isinstance(inner, dict) and "function" in inner
+    if class_name == LAMBDA_LAYER and (in_layers or holds_function):
         facts.lambda_layers.append(name)
         facts.warnings.append(
             f"Keras Lambda layer {name}: its Python code runs when Keras loads this model"

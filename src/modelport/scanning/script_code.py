@@ -19,11 +19,21 @@ import tokenize
 from modelport.pickles.judging import Severity
 from modelport.scanning.findings import Finding
 
-# Operators that read or write files of the machine the model runs on.
+# Operators that read or write files of the machine the model runs on, by their last name.
 FILE_OPERATORS = frozenset(("from_file", "_load_for_mobile", "load_library"))
-# Operator namespaces torch itself defines; any other needs a native library loaded first.
+# ``aten::save`` (TorchScript's ``torch.save``) writes any path; ``save`` alone is also an
+# ordinary method name, so it is matched by its full spelling.
+SAVE_OPERATORS = frozenset(("torch.save", "ops.aten.save", "torch.ops.aten.save"))
+# Operator namespaces torch itself defines (its dispatcher's registrations, and TorchScript's
+# ``prim``); any other needs a native library loaded first. Left out on purpose: ``c10d`` and
+# ``symm_mem`` (they send tensors to other processes) and torch's test and debug namespaces.
 TORCH_NAMESPACES = frozenset(
-    ("aten", "prim", "quantized", "_quantized", "prims", "_c10d_functional", "profiler")
+    (
+        *("aten", "prim", "prims", "quantized", "_quantized", "quantization", "profiler"),
+        *("_c10d_functional", "_c10d_functional_autograd", "_dtensor", "_native", "export"),
+        *("inductor", "inductor_prims", "mkl", "mkldnn", "mkldnn_prepacked", "onednn"),
+        *("rngprims", "sparse", "static_runtime"),
+    )
 )
 _LOAD_TIME = frozenset(("__setstate__",))
 
@@ -44,7 +54,7 @@ def findings(code: bytes, member: str) -> list[Finding]:
     for dotted, line, function in calls:
         when = "while the model loads" if function in _LOAD_TIME else "when the model runs"
         parts = dotted.split(".")
-        if parts[-1] in FILE_OPERATORS:
+        if parts[-1] in FILE_OPERATORS or dotted in SAVE_OPERATORS:
             found.append(
                 Finding(
                     Severity.HIGH,
