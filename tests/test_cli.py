@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import modelport
+from tests import yolo_shapes
 from tests.conftest import Cli
 from tests.models import TinyResNet, trained_checkpoint
 
@@ -81,6 +82,30 @@ def test_python_m_modelport_entry_point(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert json.loads(done.stdout)["error"]["type"] == "ModelFileNotFoundError"
+
+
+def test_a_detection_checkpoint_prints_a_short_tree(tmp_path: Path, cli: Cli) -> None:
+    """An ultralytics-shaped ``best.pt`` (a pickled DetectionModel of some 200 modules): the
+    tree stops two levels down and counts the rest, and ``--depth`` shows them all."""
+    path = tmp_path / "best.pt"
+    checkpoint = {"epoch": 3, "model": yolo_shapes.DetectionModel().half(), "optimizer": None}
+    torch.save(checkpoint, path)
+    shown = cli("inspect", path).out
+    assert [line for line in shown.splitlines() if line.endswith(" ")] == []  # no padding
+    tree = _tree_lines(shown)
+    whole = _tree_lines(cli("inspect", path, "--depth", "99").out)
+    assert 20 < len(tree) <= 45, tree
+    assert len(whole) > 200
+    assert "└── 17: tests.yolo_shapes.Detect" in "\n".join(tree)
+    assert "… 62 modules below (--depth for more)" in "\n".join(tree)
+
+
+def _tree_lines(out: str) -> list[str]:
+    """The module tree's lines of ``inspect``'s output: from ``modules`` to the next section."""
+    lines = out.splitlines()
+    start = lines.index("modules") + 1
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith((" ", "└", "├")))
+    return lines[start:end]
 
 
 def test_inspect_folds_the_module_tree_below_depth(tmp_path: Path, cli: Cli) -> None:

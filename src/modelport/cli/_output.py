@@ -3,23 +3,57 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO, cast
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 # Piped or redirected, rich would fit tables to 80 columns and cut or fold long tensor names;
 # this wide, every line is as long as its content and each name stays whole for grep.
 PIPED_WIDTH = 100_000
 
 
-def console_width(*, wide: bool = False) -> int | None:
-    """The width to give rich: None on a terminal (rich fits its width) unless ``wide``
-    (``--wide``: every name whole there too), else ``PIPED_WIDTH``."""
-    if wide:
-        return PIPED_WIDTH
+def people_console(*, wide: bool = False) -> Console:
+    """rich's console for a command's tables: fitted to a terminal (``wide``: every name whole
+    there too), else ``PIPED_WIDTH`` wide with the spaces rich pads a table's last column
+    with trimmed, so piped lines end where their text does."""
+    from rich.console import Console
+
+    width = PIPED_WIDTH if wide or not _is_terminal() else None
+    trimmed = cast("TextIO", _TrimmedLines(sys.stdout))  # rich only writes and flushes it
+    return Console(width=width, file=trimmed if width else None)
+
+
+def _is_terminal() -> bool:
     isatty = getattr(sys.stdout, "isatty", None)
     try:
-        return None if isatty is not None and isatty() else PIPED_WIDTH
-    except ValueError:  # a closed stream
-        return PIPED_WIDTH
+        return isatty is not None and bool(isatty())
+    except ValueError:  # closed
+        return False
+
+
+class _TrimmedLines:
+    """A text stream that writes each whole line to ``out`` without its trailing spaces."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        lines = (self._pending + text).split("\n")
+        self._pending = lines.pop()
+        for line in lines:
+            self._out.write(line.rstrip(" ") + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._out.write(self._pending.rstrip(" "))
+            self._pending = ""
+        self._out.flush()
+
+    def isatty(self) -> bool:
+        return False
 
 
 WIDE_HELP = "print every name whole on a terminal too (piped output always does)"

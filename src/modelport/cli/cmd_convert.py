@@ -22,7 +22,7 @@ from rich.progress import (
 import modelport
 from modelport import dtypes
 from modelport.cli import _many_files
-from modelport.cli._output import WIDE_HELP, console_width, human_bytes
+from modelport.cli._output import WIDE_HELP, human_bytes, people_console
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.conversion.converting import (
     CASTS,
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**report.to_json(), **written}, indent=2))
         return ExitCode.OK
     report = _convert_with_progress(args, options)
-    show(Console(width=console_width(wide=args.wide)), report, args.dtype or args.gguf_type)
+    show(people_console(wide=args.wide), report, args.dtype or args.gguf_type)
     if card is not None:
         print(f"  card: {_write_card(card, report, options, args)}")
     return ExitCode.OK

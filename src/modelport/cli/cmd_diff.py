@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from modelport.cli._output import WIDE_HELP, console_width
+from modelport.cli._output import WIDE_HELP, people_console
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.comparing.diffing import DiffReport, diff
 
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        show(Console(width=console_width(wide=args.wide)), report)
+        show(people_console(wide=args.wide), report)
     return ExitCode.OK if report.same else ExitCode.NO
 
 

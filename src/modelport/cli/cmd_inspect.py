@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import modelport
 from modelport.cli import _inspect_stats, _many_files
-from modelport.cli._output import WIDE_HELP, console_width, human_bytes, json_default
+from modelport.cli._output import WIDE_HELP, human_bytes, json_default, people_console
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.errors import UsageError
 from modelport.loading.inspect_report import InspectReport, TensorSummary
@@ -100,9 +100,8 @@ def _run_one(args: argparse.Namespace, path: str) -> int:
                 payload["code"] = model.code
         write_json(sys.stdout, payload, report.tensors)
         return ExitCode.OK
-    from rich.console import Console  # the people path only: --json goes without rich
 
-    console = Console(width=console_width(wide=args.wide))
+    console = people_console(wide=args.wide)
     show_summary(console, report, depth=args.depth)
     if args.tensors:
         show_tensors(console, report)
