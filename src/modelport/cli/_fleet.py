@@ -14,6 +14,7 @@ from typing import Any
 from modelport.cli._many_files import DEFAULT_TIMEOUT, options_given
 from modelport.errors import UsageError
 from modelport.fleet.inputs import Input, Shard, expand, read_list
+from modelport.fleet.pool import discard_early, prestart
 from modelport.fleet.records import Budget, Record
 from modelport.fleet.running import Plan, Tally, run
 from modelport.fleet.summary import file_report as file_report
@@ -28,11 +29,18 @@ def plan(args: argparse.Namespace, command: str, options: dict[str, Any]) -> Pla
         named.extend(read_list(source))
     if not named and not args.from_file:
         raise UsageError(f"name at least one path to {command}, or a list with --from-file")
-    inputs = _without(expand(command, named, args.shard), args.jsonl)
+    budget = Budget(args.timeout or DEFAULT_TIMEOUT, args.max_memory)
+    if args.scheduler is None and not (args.jsonl and Path(args.jsonl).exists()):
+        prestart(_likely_jobs(args, command, named), budget, command)  # a resume may need none
+    try:
+        inputs = _without(expand(command, named, args.shard), args.jsonl)
+    except BaseException:
+        discard_early()
+        raise
     if not options_given(args) and len(named) == 1 and inputs == [Input(named[0], 0)]:
+        discard_early()
         return None
     jobs = args.jobs or (cores() if len(inputs) > 1 else 1)
-    budget = Budget(args.timeout or DEFAULT_TIMEOUT, args.max_memory)
     return Plan(
         command, tuple(inputs), budget, options, jobs, args.jsonl, args.scheduler, args.dedupe
     )
@@ -42,10 +50,13 @@ def records(plan: Plan) -> Iterator[Record]:
     """The run's records in input order, each record's warnings said on stderr as it comes;
     with ``--jsonl``, a closing line on stderr says what was resumed."""
     tally = Tally()
-    for record in run(plan, tally):
-        for warning in record.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
-        yield record
+    try:
+        for record in run(plan, tally):
+            for warning in record.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
+            yield record
+    finally:
+        discard_early()  # the run failed before its pool took them (a locked output)
     if plan.jsonl:
         notes = f"; cut a partial last line ({tally.cut_bytes} bytes)" if tally.cut_bytes else ""
         if tally.deduplicated:
@@ -55,6 +66,17 @@ def records(plan: Plan) -> Iterator[Record]:
             f"already recorded in {plan.jsonl}{notes}",
             file=sys.stderr,
         )
+
+
+def _likely_jobs(args: argparse.Namespace, command: str, named: list[str]) -> int:
+    """The workers a run will want, guessed before its folders are walked: ``--jobs``, else
+    a worker a core, but no more than the paths named when none is a folder a scan walks
+    (one that ``hash`` or ``inspect`` is named may be one model, read in this process)."""
+    if args.jobs:
+        return int(args.jobs)
+    if command == "scan" and any(Path(path).is_dir() for path in named):
+        return cores()
+    return min(cores(), len(named)) if len(named) > 1 else 0
 
 
 def error_json(record: Record) -> dict[str, Any]:

@@ -19,21 +19,26 @@ inputs and keeps its own part, with no coordinator.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from modelport import limits
 from modelport.errors import UsageError
-from modelport.formats import dcp
 from modelport.formats.registry import is_model_folder
 from modelport.pickles.symbols import Severity
 from modelport.scanning import walking
 from modelport.scanning.findings import FileReport, Finding
 from modelport.transfer import remote
+
+# The file that marks a torch.distributed.checkpoint (``formats.dcp.METADATA_NAME``): the
+# checkpoint reader, whose imports cost a run's start-up more than the walk itself, is
+# imported for a folder that holds one.
+DCP_METADATA: Final = ".metadata"
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,9 @@ def _expanded(command: str, named: Iterable[str]) -> Iterator[Expanded]:
 def _scan_folder(root: Path) -> Iterator[Expanded]:
     """A folder's inputs as ``scan DIR`` judges it (``scanning.scanner.scan``)."""
     walk = walking.walk(root)
-    segments = dcp.segments_of(list(walk.files))
+    segments = {}
+    if any(file.name == DCP_METADATA for file in walk.files):
+        segments = importlib.import_module("modelport.formats.dcp").segments_of(list(walk.files))
     for file in walk.files:
         context: dict[str, Any] = {"in_folder": True}
         ranges = segments.get(file.resolve()) if segments else None  # resolving costs lstats

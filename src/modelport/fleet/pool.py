@@ -10,7 +10,10 @@ record. Either way a fresh worker takes the next file, and every other file is u
 each file is answered for exactly once.
 
 Workers are started with one thread for the numeric libraries (``OMP_NUM_THREADS=1`` and
-friends, unless set): the parallelism is the processes'.
+friends, unless set): the parallelism is the processes'. A worker's start-up (a fifth of a
+second, most of it imports) is kept off the run's critical path: the CLI starts the workers
+(``prestart``) before it walks the folders it was named, and a worker nearing its last file
+(``TASKS_PER_WORKER``) has its successor started while it reads its last ones.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from modelport.errors import ModelportError, UsageError
 from modelport.fleet.records import TIMED_OUT, WORKER_DIED, Budget, Failure, Outcome
 
 TASKS_PER_WORKER: Final = 1000  # then a fresh process, so a long run's heap never fragments
+# Files before a worker's last at which its successor starts: about a start-up's worth.
+SUCCESSOR_LEAD: Final = 200
 # Tasks sent to a worker ahead of its answers: the next file waits in its pipe, so it never
 # idles while the parent, sharing the cores, gets round to reading the last answer.
 QUEUE_DEPTH: Final = 2
@@ -70,6 +75,16 @@ class _Worker:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    @property
+    def ending(self) -> bool:
+        """Whether it is dead, leaving, or near its last file: its successor may start."""
+        return self.gone or self.retiring or self.sent >= TASKS_PER_WORKER - SUCCESSOR_LEAD
+
+    @property
+    def room(self) -> int:
+        """Files it may still be sent."""
+        return 0 if self.gone or self.retiring else TASKS_PER_WORKER - self.sent
 
     @property
     def task(self) -> Task | None:
@@ -111,7 +126,9 @@ class Pool:
                 self.close()
 
     def close(self) -> None:
-        """Stop every worker: idle ones leave together, busy ones are killed."""
+        """Stop every worker: idle ones leave together, busy ones are killed; workers
+        started early for a pool and never taken leave too."""
+        discard_early()
         for worker in self._workers:
             if not worker.queue and worker.process.stdin is not None:
                 with contextlib.suppress(OSError):
@@ -123,28 +140,21 @@ class Pool:
     # -- workers ------------------------------------------------------------------------------
 
     def _start_workers(self) -> None:
-        busy = sum(w.task is not None for w in self._workers)
-        wanted = min(self.jobs, busy + len(self._pending))
-        while len(self._workers) < wanted:
+        """Workers for the files left, up to ``jobs`` of them not ending; the files that
+        ending workers may still take are theirs, the rest call for successors."""
+        lasting = [w for w in self._workers if not w.ending]
+        busy = sum(w.task is not None for w in lasting)
+        left = len(self._pending) - sum(w.room for w in self._workers if w.ending)
+        wanted = min(self.jobs, busy + max(0, left))
+        while len(lasting) < wanted:
             if self._failed_starts >= FAILED_STARTS:
                 raise self._cannot_start()
-            self._workers.append(self._spawn())
+            worker = self._spawn(self._pending[0].command)
+            self._workers.append(worker)
+            lasting.append(worker)
 
-    def _spawn(self) -> _Worker:
-        command = [sys.executable, "-m", "modelport.fleet.worker", "--parent", str(os.getpid())]
-        command += ["--max-tasks", str(TASKS_PER_WORKER)]
-        if self.budget.max_memory:
-            command += ["--max-memory", str(self.budget.max_memory)]
-        environment = dict(os.environ)
-        for name in _THREAD_VARIABLES:
-            environment.setdefault(name, "1")
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=environment,
-        )
+    def _spawn(self, command: str) -> _Worker:
+        process = _take_early(self.budget, command) or _start(self.budget, command)
         worker = _Worker(process)
         assert process.stdout is not None and process.stderr is not None
         self._selector.register(process.stdout, selectors.EVENT_READ, (worker, "out"))
@@ -161,11 +171,19 @@ class Pool:
         return ModelportError(f"no worker process could start{said}")
 
     def _dispatch(self) -> None:
-        """Give every worker a file before any gets a second one queued."""
+        """Give every worker a file before any gets a second one queued; an idle worker
+        begins only while fewer than ``jobs`` are busy (a successor waits for the worker it
+        succeeds to finish its last file)."""
+        busy = sum(bool(w.queue) for w in self._workers)
         for depth in range(1, QUEUE_DEPTH + 1):
             for worker in self._workers:
-                if self._pending and self._takes(worker, depth):
+                idle = not worker.queue
+                if not self._pending or (idle and busy >= self.jobs):
+                    continue
+                if self._takes(worker, depth):
                     self._send(worker, self._pending.popleft())
+                    if idle and worker.queue:
+                        busy += 1
 
     @staticmethod
     def _takes(worker: _Worker, depth: int) -> bool:
@@ -283,6 +301,58 @@ class Pool:
         unread = list(worker.queue)[0 if worker.retiring else 1 :]
         self._pending.extendleft(reversed(unread))
         worker.queue.clear()
+
+
+# Workers started by ``prestart``, not yet taken by a pool: (budget, command, process).
+_EARLY: list[tuple[Budget, str, subprocess.Popen[bytes]]] = []
+
+
+def prestart(jobs: int, budget: Budget, command: str) -> None:
+    """Start ``jobs`` workers for ``command`` now, for the next pool with this budget to
+    take: their start-up then overlaps what the parent does before its pool runs (walking
+    the folders it was named) instead of following it."""
+    while len(_EARLY) < jobs:
+        _EARLY.append((budget, command, _start(budget, command)))
+
+
+def discard_early() -> None:
+    """Stop the workers started early and never taken: they hold no file, and one still
+    importing would take its time to notice its input close."""
+    while _EARLY:
+        _, _, process = _EARLY.pop()
+        with contextlib.suppress(OSError):
+            process.kill()
+        process.wait()
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+
+def _take_early(budget: Budget, command: str) -> subprocess.Popen[bytes] | None:
+    for position, (wanted, preloaded, process) in enumerate(_EARLY):
+        if wanted == budget and preloaded == command:
+            del _EARLY[position]
+            return process
+    return None
+
+
+def _start(budget: Budget, command: str) -> subprocess.Popen[bytes]:
+    """A worker process, ready once it has imported what ``command`` needs."""
+    arguments = [sys.executable, "-m", "modelport.fleet.worker", "--parent", str(os.getpid())]
+    arguments += ["--max-tasks", str(TASKS_PER_WORKER), "--commands", command]
+    if budget.max_memory:
+        arguments += ["--max-memory", str(budget.max_memory)]
+    environment = dict(os.environ)
+    for name in _THREAD_VARIABLES:
+        environment.setdefault(name, "1")
+    return subprocess.Popen(
+        arguments,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=environment,
+    )
 
 
 def _how(status: int | None, tail: bytes | bytearray) -> str:

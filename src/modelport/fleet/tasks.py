@@ -15,20 +15,39 @@ from __future__ import annotations
 import importlib
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Final
 
 from modelport import errors
-from modelport.comparing.fingerprint import fingerprint
 from modelport.errors import ModelportWarning
 from modelport.fleet.records import Failure, Identity, Outcome
-from modelport.loading import model_file
 from modelport.pickles.symbols import Severity
-from modelport.scanning import remote_inputs
 from modelport.scanning.findings import Finding
 from modelport.scanning.scanner import scan_file
 from modelport.transfer import remote
+
+# The modules each command needs besides the scanner (which every worker has); a scan of
+# an object behind a URL imports its own on its first.
+_MODULES: Final = {
+    "scan_url": "modelport.scanning.remote_inputs",
+    "hash": "modelport.comparing.fingerprint",
+    "inspect": "modelport.loading.model_file",
+    "convert": "modelport.fleet.convert_manifest",
+}
+
+
+def preload(commands: Iterable[str]) -> None:
+    """Import what ``commands`` need, so that a worker's start-up, not its first file's
+    time budget, pays for it."""
+    for command in commands:
+        if command in _MODULES:
+            _module(command)
+
+
+def _module(command: str) -> ModuleType:
+    return importlib.import_module(_MODULES[command])
 
 
 def perform(command: str, path: str, options: dict[str, Any]) -> Outcome:
@@ -76,7 +95,7 @@ def describe(exc: BaseException) -> str:
 def _scan(path: str, options: dict[str, Any]) -> tuple[str, Any]:
     segments = options.get("segments")
     if remote.is_url(path):
-        report = remote_inputs.scan_url(path, scan_file)
+        report = _module("scan_url").scan_url(path, scan_file)
         return report.format, report.to_json()
     report = scan_file(
         Path(path),
@@ -98,11 +117,12 @@ def _scan(path: str, options: dict[str, Any]) -> tuple[str, Any]:
 
 
 def _hash(path: str, options: dict[str, Any]) -> tuple[str, Any]:
-    report = fingerprint(path, allow_unsafe=bool(options.get("allow_unsafe")))
+    report = _module("hash").fingerprint(path, allow_unsafe=bool(options.get("allow_unsafe")))
     return report.format, report.to_json()
 
 
 def _inspect(path: str, options: dict[str, Any]) -> tuple[str, Any]:
+    model_file = _module("inspect")
     report = model_file.inspect(path)
     payload = report.to_json()
     if options.get("code"):
@@ -112,8 +132,7 @@ def _inspect(path: str, options: dict[str, Any]) -> tuple[str, Any]:
 
 
 def _convert(path: str, options: dict[str, Any]) -> tuple[str, Any]:
-    manifests = importlib.import_module("modelport.fleet.convert_manifest")
-    converted: tuple[str, Any] = manifests.convert_entry(path, options)
+    converted: tuple[str, Any] = _module("convert").convert_entry(path, options)
     return converted
 
 

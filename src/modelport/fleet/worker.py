@@ -2,8 +2,9 @@
 
 The protocol is JSON Lines over the worker's standard streams, one message a line:
 
-- the worker says ``{"ready": PID}`` once it has imported what every task needs (so that
-  start-up never counts against a file's time budget) and set its memory limit;
+- the worker says ``{"ready": PID}`` once it has imported what the tasks of its
+  ``--commands`` need (so that start-up never counts against a file's time budget; a task
+  of another command imports its own modules) and set its memory limit;
 - the parent sends tasks, ``{"command", "path", "options"}``, at most ``pool.QUEUE_DEPTH``
   ahead of the answers, ``{"outcome": Outcome.to_json()}``, which come in the same order:
   the worker reads one file at a time, so a worker that dies was reading the first task not
@@ -35,7 +36,7 @@ from typing import IO, Any
 import numpy  # noqa: F401  (every reader needs it: loaded before the memory limit is set)
 
 from modelport.fleet.records import Failure, Identity, Outcome
-from modelport.fleet.tasks import perform
+from modelport.fleet.tasks import perform, preload
 
 MEMORY_EXIT = 3  # the exit status after a MemoryError (the answer was sent first)
 _PR_SET_PDEATHSIG = 1
@@ -46,7 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--max-memory", type=int, default=None)
     parser.add_argument("--max-tasks", type=int, default=1000)
+    parser.add_argument("--commands", default="scan,hash,inspect", help="comma-separated")
     args = parser.parse_args(argv)
+    preload(args.commands.split(","))
     protocol = os.fdopen(os.dup(1), "w", encoding="ascii")
     os.dup2(2, 1)
     sys.stdout = sys.stderr

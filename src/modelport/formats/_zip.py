@@ -14,12 +14,13 @@ pass 4 GiB). We parse the central directory ourselves so that:
 from __future__ import annotations
 
 import io
+import mmap
 import struct
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple, Protocol
 
 from modelport import limits
 from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
@@ -49,9 +50,17 @@ _RECENT: dict[tuple[object, ...], ZipDirectory] = {}
 _RECENT_KEPT = 4
 
 
-@dataclass(frozen=True, slots=True)  # slots: an archive can hold a million of these
-class ZipEntry:
-    """One central-directory record, with where its data begins in the file."""
+class Bytes(Protocol):
+    """What the directory is parsed from: the file's bytes, sliced (a memory map of it, the
+    bytes of a zip held in memory, or ``_FileBytes``)."""
+
+    def __getitem__(self, span: slice, /) -> bytes: ...
+
+
+class ZipEntry(NamedTuple):
+    """One central-directory record, with where its data begins in the file. A tuple, not a
+    dataclass: a directory builds one per member, up to a million, and a frozen dataclass
+    costs three times as much to build."""
 
     name: str
     method: int
@@ -90,7 +99,13 @@ class ZipDirectory:
         found = _RECENT.get(key)
         if found is None:
             with open(path, "rb") as handle:
-                found = cls._read(handle, path, stat.st_size, start, length, None)
+                view = _mapped(handle, stat.st_size)
+                try:
+                    source = _FileBytes(handle) if view is None else view
+                    found = cls._read(source, path, stat.st_size, start, length, None)
+                finally:
+                    if view is not None:
+                        view.close()
             if len(_RECENT) >= _RECENT_KEPT:
                 del _RECENT[next(iter(_RECENT))]
             _RECENT[key] = found
@@ -99,7 +114,7 @@ class ZipDirectory:
     @classmethod
     def from_bytes(cls, blob: bytes, path: Path) -> ZipDirectory:
         """The directory of a zip held in memory (``path`` names where it came from)."""
-        return cls._read(io.BytesIO(blob), path, len(blob), 0, None, blob)
+        return cls._read(blob, path, len(blob), 0, None, blob)
 
     def _open(self) -> BinaryIO:
         return io.BytesIO(self.blob) if self.blob is not None else open(self.path, "rb")
@@ -107,7 +122,7 @@ class ZipDirectory:
     @classmethod
     def _read(
         cls,
-        handle: BinaryIO,
+        source: Bytes,
         path: Path,
         file_size: int,
         start: int,
@@ -124,8 +139,7 @@ class ZipDirectory:
                 path=path,
             )
         tail_len = min(size, EOCD_SIZE + MAX_COMMENT + 20 + 56)
-        handle.seek(start + size - tail_len)
-        tail = handle.read(tail_len)
+        tail = source[start + size - tail_len : start + size]
         eocd_at = tail.rfind(EOCD_SIGNATURE)
         if eocd_at < 0 or eocd_at + EOCD_SIZE > len(tail):
             raise TruncatedFileError(
@@ -143,8 +157,7 @@ class ZipDirectory:
             (zip64_offset,) = struct.unpack("<Q", tail[locator_at + 8 : locator_at + 16])
             if zip64_offset + 56 > size:
                 raise CorruptFileError("zip64 end record points past the file", path=path)
-            handle.seek(start + zip64_offset)
-            record = handle.read(56)
+            record = source[start + zip64_offset : start + zip64_offset + 56]
             if len(record) < 56 or record[:4] != ZIP64_EOCD_SIGNATURE:
                 raise CorruptFileError("zip64 end record missing", path=path)
             count, cd_size, cd_offset = struct.unpack("<QQQ", record[32:56])
@@ -159,9 +172,8 @@ class ZipDirectory:
                 actual=eocd_file_offset,
                 path=path,
             )
-        handle.seek(start + cd_offset)
-        directory = handle.read(cd_size)
-        entries, unsafe = _parse_central(directory, size, path, handle, start)
+        directory = source[start + cd_offset : start + cd_offset + cd_size]
+        entries, unsafe = _parse_central(directory, size, path, source, start)
         return cls(path, tuple(entries), tuple(unsafe), count, blob)
 
     @property
@@ -230,13 +242,13 @@ def _parse_central(
     directory: bytes,
     file_size: int,
     path: Path,
-    handle: BinaryIO | None = None,
+    source: Bytes | None = None,
     start: int = 0,
 ) -> tuple[list[ZipEntry], list[str]]:
     """Every record in the directory's bytes, whatever the end record's count says (Python's
     zipfile reads them all; a count that hides members is reported by the scanner). With
-    ``handle`` (the file, the zip at ``start`` in it) each entry's local header is read in the
-    same pass, for where its data begins; without, ``data_offset`` is -1."""
+    ``source`` (the file's bytes, the zip at ``start`` in them) each entry's local header is
+    read in the same pass, for where its data begins; without, ``data_offset`` is -1."""
     entries: list[ZipEntry] = []
     unsafe: list[str] = []
     unpack = _CENTRAL.unpack_from
@@ -246,14 +258,19 @@ def _parse_central(
             raise LimitExceededError(
                 "zip entry count", limits.MAX_ZIP_ENTRIES, len(entries) + 1, path=path
             )
-        if pos + _CENTRAL.size > end or directory[pos : pos + 4] != CENTRAL_SIGNATURE:
+        if pos + _CENTRAL.size > end or not directory.startswith(CENTRAL_SIGNATURE, pos):
             raise CorruptFileError("zip central directory is malformed", path=path)
         flags, method, crc, csize, usize, name_len, extra_len, comment_len, offset = unpack(
             directory, pos
         )
         name_at = pos + _CENTRAL.size
         name_bytes = directory[name_at : name_at + name_len]
-        name = name_bytes.decode("utf-8" if flags & 0x800 else "cp437", "replace")
+        plain = name_bytes.isascii()  # reads alike in UTF-8 and cp437
+        name = (
+            name_bytes.decode("ascii")
+            if plain
+            else name_bytes.decode("utf-8" if flags & 0x800 else "cp437", "replace")
+        )
         if extra_len:
             extra = directory[name_at + name_len : name_at + name_len + extra_len]
             usize, csize, offset = _zip64_sizes(extra, usize, csize, offset)
@@ -263,14 +280,14 @@ def _parse_central(
             raise CorruptFileError(
                 f"stored zip entry {name!r} claims {usize} bytes but holds {csize}", path=path
             )
-        if _escapes(name):
+        if (".." in name or ":" in name[:3] or name[:1] in ("/", "\\")) and _escapes(name):
             unsafe.append(name)
-        if handle is None:
+        if source is None:
             entries.append(ZipEntry(name, method, csize, usize, crc, offset, -1))
         else:
-            same_text = bool(flags & 0x800) or name_bytes.isascii()  # decodes as UTF-8 would
+            same_text = plain or bool(flags & 0x800)  # decodes as UTF-8 would
             data_at, local_name = _local_header(
-                handle, start + offset, name, name_bytes, same_text, path
+                source, start + offset, name, name_bytes, same_text, path
             )
             data_offset = offset + data_at
             if data_offset + csize > file_size:
@@ -300,21 +317,43 @@ def _escapes(name: str) -> bool:
 
 
 def _local_header(
-    handle: BinaryIO, at: int, name: str, name_bytes: bytes, same_text: bool, path: Path
+    source: Bytes, at: int, name: str, name_bytes: bytes, same_text: bool, path: Path
 ) -> tuple[int, str]:
     """(where the data begins relative to the local header at ``at``, the name it gives, read
-    as UTF-8), from one read that also takes a name as long as the directory's. A name equal
+    as UTF-8), from one slice that also takes a name as long as the directory's. A name equal
     to the directory's, in bytes that decode alike, is the directory's string, not a copy."""
-    handle.seek(at)
-    header = handle.read(LOCAL_HEADER_SIZE + len(name_bytes))
+    header = source[at : at + LOCAL_HEADER_SIZE + len(name_bytes)]
     if len(header) < LOCAL_HEADER_SIZE or header[:4] != LOCAL_SIGNATURE:
         raise CorruptFileError(f"zip entry {name!r} has no local header", path=path)
     name_len, extra_len = _LOCAL_LENGTHS.unpack_from(header, 26)
     local_name = header[LOCAL_HEADER_SIZE : LOCAL_HEADER_SIZE + name_len]
     if name_len > len(name_bytes):
-        local_name += handle.read(name_len - len(name_bytes))
+        local_name = source[at + LOCAL_HEADER_SIZE : at + LOCAL_HEADER_SIZE + name_len]
     text = name if same_text and local_name == name_bytes else local_name.decode("utf-8", "replace")
     return LOCAL_HEADER_SIZE + name_len + extra_len, text
+
+
+class _FileBytes:
+    """A file sliced by reads, where it cannot be memory-mapped."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+
+    def __getitem__(self, span: slice, /) -> bytes:
+        start, stop = span.start or 0, span.stop
+        self._handle.seek(start)
+        return self._handle.read(max(0, stop - start))
+
+
+def _mapped(handle: BinaryIO, size: int) -> mmap.mmap | None:
+    """The file mapped, so that slicing it costs no system call; None where it cannot be
+    (an empty file, a file system that does not map)."""
+    if not size:
+        return None
+    try:
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
 
 
 def _zip64_sizes(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int, int]:

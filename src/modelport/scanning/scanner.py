@@ -17,9 +17,11 @@ Verdicts: ``safe`` (info findings at most, and something was analysed), ``suspic
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import mmap
+import os
 import time
 from pathlib import Path
 from types import ModuleType
@@ -40,7 +42,7 @@ from modelport.formats._zip import (
     has_zip_tail,
     prepended_bytes,
 )
-from modelport.formats.protocol import Contents, Format, Probe, refuse_special_file
+from modelport.formats.protocol import HEAD_BYTES, Contents, Format, Probe, refuse_special_file
 from modelport.formats.registry import candidates
 from modelport.scanning import content_checks, embedded
 from modelport.scanning.findings import FileReport, ScanReport, worst
@@ -85,6 +87,7 @@ _PARTS: Final = {
 _URL_MARK: Final = "://"
 
 
+@functools.cache  # a file calls on its parts a dozen times: the import machinery once
 def _part(name: str) -> ModuleType:
     return importlib.import_module(_PARTS[name])
 
@@ -176,13 +179,12 @@ class _FileScanner(ScanState):
     # -- the readings of one file -----------------------------------------------------------
     def run(self) -> None:
         refuse_special_file(self.path)  # a FIFO or device: an error verdict, never "empty"
-        if self.path.stat().st_size == 0:
+        # Views of the bytes may outlive this call in findings: a map goes with the last one.
+        self.data = _file_view(self.path)
+        if not self.data:
             self.format = "empty"
             self.error("the file is empty: nothing a loader reads, nothing to judge", "")
             return
-        # Views into the map may outlive this call inside findings' arguments; the map is
-        # unmapped when the last of them is collected.
-        self.data = _mapped_view(self.path)
         if self.segments is not None:
             self.format = "dcp-data"
             for offset, length in self.segments:
@@ -436,7 +438,7 @@ class _FileScanner(ScanState):
     def scan_with_reader(self, *, zip_only: bool = False) -> str | None:
         """The first reader of a code-free format (or, inside a zip, any reader) that takes
         the file; its format's name, or None when none does."""
-        probe = Probe.of(self.path)
+        probe = Probe(self.path, len(self.data), bytes(self.data[:HEAD_BYTES]), False)  # as read
         for reader in candidates(probe):
             if not zip_only and reader.format not in _CODE_FREE:
                 continue
@@ -469,10 +471,16 @@ class _FileScanner(ScanState):
 
 
 _SNIFF = 1 << 16
+_READ_WHOLE = 1 << 20  # up to this size one read costs less than a map, its unmap and faults
 
 
-def _mapped_view(path: Path) -> memoryview:
+def _file_view(path: Path) -> memoryview:
+    """The file's bytes as its size says (none for a file in ``/proc``, whose size is 0),
+    read whole when small, else mapped."""
     with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size <= _READ_WHOLE:
+            return memoryview(handle.read(size))
         return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
 
 

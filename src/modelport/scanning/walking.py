@@ -21,29 +21,69 @@ class Walk:
 
 
 def walk(root: Path) -> Walk:
+    """The folder's files, in name order, as ``os.walk`` finds them top down (links to
+    folders not entered). A plain file's real path is its folder's plus its name, so only
+    the links are resolved: a folder of plain files costs one listing each, no call per file."""
     base = root.resolve()
     files: list[Path] = []
     outside: dict[Path, Path] = {}
     dangling: list[Path] = []
     seen: set[Path] = set()
-    for folder, dirs, names in os.walk(root, followlinks=False):
-        dirs.sort()
-        here = Path(folder)
-        for name in [*sorted(names), *(d for d in dirs if (here / d).is_symlink())]:
-            path = here / name
-            real = _resolved(path)
+    folders = [(root, base)]  # to list: each as reached, and resolved
+    while folders:
+        here, real_here = folders.pop()
+        listing = _listing(here)
+        if listing is None:
+            continue  # unreadable, as os.walk skips it
+        names, dirs = listing
+        for entry in [*names, *(d for d in dirs if d.is_symlink())]:
+            path = here / entry.name
+            plain = _plain_file(entry)
+            real = real_here / entry.name if plain else _resolved(path)
             if real is None:
                 dangling.append(path)
                 continue
-            if real in seen or not real.is_file():
+            if real in seen or not (plain or real.is_file()):
                 continue  # a second path to one file, or a link to a folder
             seen.add(real)
             files.append(path)
-            if path.is_symlink() and not real.is_relative_to(base):
+            if entry.is_symlink() and not real.is_relative_to(base):
                 outside[path] = real
+        inner = [(here / d.name, real_here / d.name) for d in dirs if not d.is_symlink()]
+        folders.extend(reversed(inner))
     files.sort()
     truncated = len(files) > limits.MAX_SCANNED_FILES
     return Walk(tuple(files[: limits.MAX_SCANNED_FILES]), outside, tuple(dangling), truncated)
+
+
+def _listing(folder: Path) -> tuple[list[os.DirEntry[str]], list[os.DirEntry[str]]] | None:
+    """A folder's entries that are not folders and those that are (links followed, as
+    ``os.walk`` sorts them), each in name order; None when it cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            listed = sorted(entries, key=lambda entry: entry.name)
+    except OSError:
+        return None
+    names: list[os.DirEntry[str]] = []
+    dirs: list[os.DirEntry[str]] = []
+    for entry in listed:
+        (dirs if _is_dir(entry) else names).append(entry)
+    return names, dirs
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _plain_file(entry: os.DirEntry[str]) -> bool:
+    """A regular file that is no link: its real path needs no resolving."""
+    try:
+        return entry.is_file(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def _resolved(path: Path) -> Path | None:
