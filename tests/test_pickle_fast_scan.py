@@ -128,9 +128,19 @@ def assert_same(data: bytes, limits: tuple[Limits, ...] = LIMITS, start: int = 0
             assert outcome(judging.scan_pickle, data, **options) == expected, (data[:80], limit)
 
 
+def live_resolver(data: bytes, persistent: bool) -> judging.ScanResolver:
+    """The resolver ``scan_pickle`` gives a C run: its records are ones C can call."""
+    return judging.ScanResolver(
+        expect_persistent_ids=persistent,
+        data=memoryview(data),
+        symbol_type=fast_scan.LiveSymbol,
+        made_type=fast_scan.LiveMade,
+    )
+
+
 def fast_verdict(data: bytes, persistent: bool = True) -> tuple[bool, list[Any]]:
     """Whether the fast path vouched for the run, and what its resolver's records judge."""
-    resolver = judging.ScanResolver(expect_persistent_ids=persistent, data=memoryview(data))
+    resolver = live_resolver(data, persistent)
     taken = fast_scan.clean_run(memoryview(data), 0, resolver, Limits()) is not None
     return taken, judging.judge(resolver)
 
@@ -205,7 +215,7 @@ def test_the_fast_path_never_imports_or_runs_anything(tmp_path: Path) -> None:
     modules = set(sys.modules)
     with watched() as events:
         for data in pickles:
-            resolver = judging.ScanResolver(expect_persistent_ids=True, data=memoryview(data))
+            resolver = live_resolver(data, True)
             fast_scan.clean_run(memoryview(data), 0, resolver, Limits())
     assert events == []
     assert set(sys.modules) == modules

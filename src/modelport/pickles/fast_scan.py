@@ -38,7 +38,7 @@ from modelport.pickles import joblib_arrays, policy
 from modelport.pickles.interface import Limits, Resolver, Step, Value, fill
 from modelport.pickles.symbols import Made, Symbol
 
-__all__ = ["ENABLED", "CleanRun", "RecordingResolver", "clean_run"]
+__all__ = ["ENABLED", "CleanRun", "LiveMade", "LiveSymbol", "RecordingResolver", "clean_run"]
 
 ENABLED: Final = sys.version_info[:2] == (3, 11)
 
@@ -299,9 +299,8 @@ class _InertUnpickler(_pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         symbol = self.resolver.find_global(module, name, self.step)
-        if type(symbol) is not Symbol or symbol.key not in _MAY_BE_CLEAN:
-            raise _Unsure("a global the rules would report, or no Symbol")
-        symbol.__class__ = _LiveSymbol
+        if type(symbol) is not LiveSymbol or symbol.key not in _MAY_BE_CLEAN:
+            raise _Unsure("a global the rules would report, or no symbol C can call")
         return symbol
 
     def persistent_load(self, pid: Any) -> Any:
@@ -319,9 +318,8 @@ def _made(record: Symbol | Made, args: tuple[Any, ...]) -> Made:
     made = resolver.call(record, args, step)
     if resolver.findings or resolver.nested:
         raise _Unsure("not clean: the resolver noted something")
-    if type(made) is not Made:
-        raise _Unsure("the resolver made something other than a Made")
-    made.__class__ = _LiveMade
+    if type(made) is not LiveMade:
+        raise _Unsure("the resolver made a record C cannot call")
     return made
 
 
@@ -349,15 +347,15 @@ class _Live:
         self.step.cursor.resolver.append(self, [item], self.step)  # type: ignore[attr-defined]
 
 
-class _LiveSymbol(_Live, Symbol):
-    """A ``Symbol`` C can call (REDUCE, OBJ) and fill."""
+class LiveSymbol(_Live, Symbol):
+    """A ``Symbol`` C can call (REDUCE, OBJ) and fill: what the resolver of a C run makes."""
 
     __slots__ = ()
 
 
-class _LiveMade(_Live, Made):
-    """A ``Made`` C can call and fill; the BUILD of joblib's array wrapper is refused (the
-    Python machine reads the array bytes after it)."""
+class LiveMade(_Live, Made):
+    """A ``Made`` C can call and fill: what the resolver of a C run makes. The BUILD of
+    joblib's array wrapper is refused (the Python machine reads the array bytes after it)."""
 
     __slots__ = ()
 

@@ -42,7 +42,10 @@ _PYTHON_SPECIAL: Final = re.compile(r"__[a-z][a-z0-9_]*__")
 
 
 class ScanResolver:
-    """Gives opcodes symbolic meaning and collects findings that need no policy context."""
+    """Gives opcodes symbolic meaning and collects findings that need no policy context.
+
+    ``symbol_type`` and ``made_type`` are the records it makes: ``Symbol`` and ``Made``, or
+    for a run in CPython's C unpickler (``fast_scan``) subclasses that C can call and fill."""
 
     def __init__(
         self,
@@ -51,7 +54,11 @@ class ScanResolver:
         expect_persistent_ids: bool = False,
         data: memoryview | None = None,
         limits: Limits | None = None,
+        symbol_type: type[Symbol] = Symbol,
+        made_type: type[Made] = Made,
     ) -> None:
+        self.symbol_type = symbol_type
+        self.made_type = made_type
         self.data = data
         self.limits = limits or Limits()
         self.depth = 0
@@ -81,12 +88,12 @@ class ScanResolver:
         else:
             module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
             module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        symbol = Symbol(module, name, at)
+        symbol = self.symbol_type(module, name, at)
         self.symbols.append(symbol)
         return symbol
 
     def call(self, func: Any, args: tuple[Any, ...], at: Step) -> Made:
-        made = Made(func, at, args)
+        made = self.made_type(func, at, args)
         if isinstance(func, Symbol):
             func.made.append(made)
             func.calls.append((at, args))
@@ -131,7 +138,7 @@ class ScanResolver:
                 )
 
     def new(self, cls: Any, args: tuple[Any, ...], kwargs: dict[Any, Any] | None, at: Step) -> Made:
-        made = Made(cls, at, args)
+        made = self.made_type(cls, at, args)
         if isinstance(cls, Symbol):
             cls.made.append(made)
             cls.news.append((at, args if kwargs is None else (*args, kwargs)))
@@ -216,7 +223,7 @@ class ScanResolver:
             "referenced",
             "EXT opcode: names a global through the loader's copyreg registry, hiding what runs",
         )
-        symbol = Symbol("copyreg", f"<extension {code}>", at)
+        symbol = self.symbol_type("copyreg", f"<extension {code}>", at)
         return symbol
 
     def next_buffer(self, at: Step) -> Any:
@@ -271,21 +278,23 @@ def scan_pickle(
     limits = limits or Limits()
     view = memoryview(data)
 
-    def new_resolver() -> ScanResolver:
+    def new_resolver(symbol_type: type[Symbol], made_type: type[Made]) -> ScanResolver:
         return ScanResolver(
             torchscript=torchscript,
             expect_persistent_ids=expect_persistent_ids,
             data=view,
             limits=limits,
+            symbol_type=symbol_type,
+            made_type=made_type,
         )
 
     # CPython's C unpickler first (fast_scan): kept only when it vouches for the run and
     # nothing in it is worth reporting; the Python machine locates every finding.
-    resolver = new_resolver()
+    resolver = new_resolver(fast_scan.LiveSymbol, fast_scan.LiveMade)
     clean = fast_scan.clean_run(view, start, resolver, limits)
     if clean is not None and not resolver.nested and not (findings := judge(resolver)):
         return PickleScan(findings, [], clean.end, clean.opcodes)
-    resolver = new_resolver()
+    resolver = new_resolver(Symbol, Made)
     try:
         result = run(view, resolver, start=start, limits=limits)
     except (CorruptFileError, TruncatedFileError) as exc:
