@@ -18,6 +18,7 @@ from modelport.torch_models.example_inputs import read_example_inputs
 from modelport.torch_models.exporting import export
 from tests.conftest import Cli
 from tests.models import Router, TinyResNet
+from tests.real_models import KINDS, real_model
 
 pytestmark = pytest.mark.heavy  # exports run in every target runtime
 
@@ -689,3 +690,19 @@ def test_typo_in_model_rejected_before_torch(tmp_path: Path, spec: str) -> None:
     assert found["code"] == 2 and found["torch"] is False
     assert found["seconds"] < 2.0  # torch's import alone takes seconds
     assert spec in done.stderr and done.stdout == ""
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("to", ["onnx", "pt2"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_real_models_export_and_verify(tmp_path: Path, kind: str, to: str) -> None:
+    """A head that caches in ``forward``, GPT-2, Llama and a diffusers UNet, each exported
+    and verified in the target's own runtime (onnxruntime, ``torch.export.load``) against
+    eager on the example and random inputs."""
+    model, inputs = real_model(kind, tmp_path)
+    out = tmp_path / f"{kind}.{to}"
+    report = export(model, out, inputs, to=to)
+    print(f"{kind} {to} max abs error {report.max_abs_error:.3g}")
+    assert report.verified is True, [c for c in report.outputs if not c.ok]
+    assert report.runtime == {"onnx": "onnxruntime", "pt2": "torch.export.load"}[to]
+    assert report.max_abs_error < 1e-4

@@ -126,3 +126,25 @@ def test_missing_litert_names_the_extra(tmp_path: Path, monkeypatch: pytest.Monk
             Router(), tmp_path / "r.tflite", [torch.randn(2, 5, 8), torch.ones(2, 5)], to="tflite"
         )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.heavy
+def test_rebuild_to_tflite_by_name(tmp_path: Path) -> None:
+    """``rebuild`` picks LiteRT from a ``.tflite`` name and verifies through ``export``."""
+    litert()
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save_file(TinyResNet(classes=5, width=4).state_dict(), str(weights))
+    out = tmp_path / "cnn.tflite"
+    report = modelport.rebuild(
+        "tests.models:TinyResNet",
+        weights,
+        out,
+        init={"classes": 5, "width": 4},
+        example_inputs={"x": torch.randn(2, 3, 16, 16)},
+    )
+    assert report.format == "tflite" and report.verified is True
+    assert report.max_abs_error < FLOAT32_ATOL
+    assert modelport.inspect(out).format == "tflite"
