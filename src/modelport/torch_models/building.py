@@ -30,7 +30,7 @@ import importlib
 import json
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,16 +111,20 @@ def resolve_model(
     weights: str | Path | None = None,
     allow_unsafe: bool = False,
     trust_code: bool = False,
+    before_weights: Callable[[nn.Module, str | Path], None] | None = None,
 ) -> nn.Module:
     """The model to export, in eval mode: built by ``build_model``, then given an HF
-    directory's own weights, or ``weights`` (loaded strictly) when named. ``trust_code``
-    allows a whole-model pickle as ``spec`` (it runs code from that file; see the module
+    directory's own weights, or ``weights`` (loaded strictly) when named, after
+    ``before_weights(model, weights)`` (which may refuse them). ``trust_code`` allows a
+    whole-model pickle as ``spec`` (it runs code from that file; see the module
     docstring); ``allow_unsafe`` reads files the scanner judged unsafe."""
     model = build_model(spec, init, trust_code=trust_code, allow_unsafe=allow_unsafe)
     path = Path(spec)
     if path.is_dir() and weights is None:
         load_folder_weights(model, path, allow_unsafe=allow_unsafe)
     if weights is not None:
+        if before_weights is not None:
+            before_weights(model, weights)
         load_weights(model, weights, allow_unsafe=allow_unsafe)
     return eval_mode(model)
 

@@ -35,7 +35,7 @@ from modelport.conversion.options import ConvertOptions
 from modelport.errors import ConversionError
 from modelport.loading.model_file import check_safety
 from modelport.loading.model_file import open as open_model
-from modelport.torch_models.building import build_model, eval_mode, load_weights, resolve_model
+from modelport.torch_models.building import build_model, resolve_model
 from modelport.tree import names as trees
 
 if TYPE_CHECKING:
@@ -212,15 +212,21 @@ def resolve_fitting(
     refused with ``check``'s answer (keys grouped by module, the likely cause and the
     command that fixes it): ``load_state_dict``'s own message lists every key, which for a
     real model is kilobytes, and names no cause."""
-    if weights is None:
-        return resolve_model(spec, init=init, allow_unsafe=allow_unsafe, trust_code=trust_code)
-    model = build_model(spec, init, trust_code=trust_code, allow_unsafe=allow_unsafe)
-    fit = check(weights, model, allow_unsafe=allow_unsafe)
-    if not fit.ok:
-        lines = [f"{weights}: the weights do not fit the model", *fit.lines()]
-        raise ConversionError("\n".join(lines))
-    load_weights(model, weights, allow_unsafe=allow_unsafe)
-    return eval_mode(model)
+
+    def refuse_misfit(model: nn.Module, named: str | Path) -> None:
+        fit = check(named, model, allow_unsafe=allow_unsafe)
+        if not fit.ok:
+            lines = [f"{named}: the weights do not fit the model", *fit.lines()]
+            raise ConversionError("\n".join(lines))
+
+    return resolve_model(
+        spec,
+        init=init,
+        weights=weights,
+        allow_unsafe=allow_unsafe,
+        trust_code=trust_code,
+        before_weights=refuse_misfit,
+    )
 
 
 def _replace(report: CheckReport, **changes: Any) -> CheckReport:
