@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Final
 
@@ -369,6 +370,17 @@ def _check_totals(
         )
 
 
+class Parts:
+    """What reading a model made of several folders gathers, folder by folder."""
+
+    def __init__(self, details: dict[str, Any]) -> None:
+        self.tree: dict[str, TensorRef] = {}
+        self.aliases: dict[str, str] = {}
+        self.warnings: list[str] = []
+        self.closers: list[Any] = []
+        self.details = details
+
+
 def read_prefixed(
     folder: Path,
     prefix: str,
@@ -393,6 +405,32 @@ def read_prefixed(
     label = f"{folder.name}/: " if prefix else ""
     warnings.extend(label + w for w in contents.warnings)
     return contents
+
+
+def parts_contents(
+    path: Path,
+    parts: Parts,
+    index_name: str,
+    named: Collection[Path],
+    holds_weights: Callable[[Path], bool],
+) -> Contents:
+    """The contents of a model made of several folders: ``parts`` as read (a pipeline's
+    components, a sentence-transformers model's modules), closing every folder read, with a
+    warning for each subfolder that ``holds_weights`` but ``index_name`` does not name
+    (``named``: the folders it does, resolved)."""
+    for sub in sorted(path.iterdir()):
+        if sub.is_dir() and sub.resolve() not in named and holds_weights(sub):
+            parts.warnings.append(
+                f"{sub.name}/ holds weights that {index_name} does not name: ignored"
+            )
+    closers = parts.closers
+    return Contents(
+        Format.HF_DIR,
+        parts.tree,
+        details=parts.details,
+        warnings=parts.warnings,
+        close=(lambda: close_all(closers)) if closers else None,
+    )
 
 
 def close_all(closers: list[Any]) -> None:

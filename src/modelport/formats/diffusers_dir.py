@@ -32,7 +32,7 @@ from typing import Any, Final
 
 from modelport.errors import CorruptFileError
 from modelport.formats import _hf_folder
-from modelport.formats.protocol import Contents, Format
+from modelport.formats.protocol import Contents
 from modelport.tensors import TensorRef
 
 MODEL_INDEX: Final = "model_index.json"
@@ -91,44 +91,34 @@ def _is_component(value: Any) -> bool:
 
 
 def read(path: Path) -> Contents:
-    index, parts = components(path)
-    tree: dict[str, TensorRef] = {}
-    aliases: dict[str, str] = {}
+    index, listed = components(path)
+    parts = _hf_folder.Parts({"layout": "diffusers-pipeline"})
     described: dict[str, Any] = {}
-    warnings: list[str] = []
-    closers: list[Any] = []
-    absent = [p.name for p in parts if p.class_name is None]
+    absent = [p.name for p in listed if p.class_name is None]
     try:
-        for part in parts:
+        for part in listed:
             if part.class_name is not None:
-                described[part.name] = _component(part, tree, aliases, warnings, closers)
+                described[part.name] = _component(
+                    part, parts.tree, parts.aliases, parts.warnings, parts.closers
+                )
     except BaseException:
-        _hf_folder.close_all(closers)
+        _hf_folder.close_all(parts.closers)
         raise
-    details: dict[str, Any] = {"layout": "diffusers-pipeline"}
+    details = parts.details
     shown = {"_class_name": "pipeline", "_diffusers_version": "diffusers_version"}
     details.update({name: index[key] for key, name in shown.items() if key in index})
     details["components"] = described
     if absent:
         details["absent_components"] = absent
-    if aliases:
-        details["aliases"] = aliases
+    if parts.aliases:
+        details["aliases"] = parts.aliases
     ignored = sorted(
         p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES
     )
     if ignored:
         details["ignored_weights"] = ignored
-    named = {p.name for p in parts}
-    for sub in sorted(path.iterdir()):
-        if sub.is_dir() and sub.name not in named and _hf_folder.sniff_folder(sub):
-            warnings.append(f"{sub.name}/ holds weights that {MODEL_INDEX} does not name: ignored")
-    return Contents(
-        Format.HF_DIR,
-        tree,
-        details=details,
-        warnings=warnings,
-        close=(lambda: _hf_folder.close_all(closers)) if closers else None,
-    )
+    named = {(path / p.name).resolve() for p in listed}
+    return _hf_folder.parts_contents(path, parts, MODEL_INDEX, named, _hf_folder.sniff_folder)
 
 
 def _component(

@@ -37,7 +37,7 @@ from typing import Any, Final
 
 from modelport.errors import CorruptFileError, ModelportError
 from modelport.formats import _hf_folder
-from modelport.formats.protocol import Contents, Format
+from modelport.formats.protocol import Contents
 from modelport.tensors import TensorRef
 
 MODULES_JSON: Final = "modules.json"
@@ -124,33 +124,22 @@ def _module_path(root: Path, path: str) -> str:
 
 def read(path: Path) -> Contents:
     listed = modules(path)
-    tree: dict[str, TensorRef] = {}
-    aliases: dict[str, str] = {}
-    warnings: list[str] = []
-    closers: list[Any] = []
+    parts = _hf_folder.Parts({"layout": "sentence-transformers"})
     try:
-        described = [_module(m, tree, aliases, warnings, closers) for m in listed]
+        described = [
+            _module(m, parts.tree, parts.aliases, parts.warnings, parts.closers) for m in listed
+        ]
     except BaseException:
-        _hf_folder.close_all(closers)
+        _hf_folder.close_all(parts.closers)
         raise
-    details: dict[str, Any] = {"layout": "sentence-transformers"}
-    kind = _model_type(path, warnings)
+    kind = _model_type(path, parts.warnings)
     if kind is not None:
-        details["model_type"] = kind
-    details["module_folders"] = described
-    if aliases:
-        details["aliases"] = aliases
+        parts.details["model_type"] = kind
+    parts.details["module_folders"] = described
+    if parts.aliases:
+        parts.details["aliases"] = parts.aliases
     named = {m.folder.resolve() for m in listed if m.folder is not None}
-    for sub in sorted(path.iterdir()):
-        if sub.is_dir() and sub.resolve() not in named and holds_weights(sub):
-            warnings.append(f"{sub.name}/ holds weights that {MODULES_JSON} does not name: ignored")
-    return Contents(
-        Format.HF_DIR,
-        tree,
-        details=details,
-        warnings=warnings,
-        close=(lambda: _hf_folder.close_all(closers)) if closers else None,
-    )
+    return _hf_folder.parts_contents(path, parts, MODULES_JSON, named, holds_weights)
 
 
 def _module(
