@@ -1,15 +1,15 @@
 """The scan's fast path (``pickles.fast_scan``, CPython's C unpickler with the scan's
 resolver) against the Python machine alone: over every pickle the suite builds, crafted
 edge cases and mutated torch pickles, ``scan_pickle`` gives the same findings, nested
-payloads, end, opcode count and errors whether the fast path took the pickle or not; the
-fast path takes the common clean files, never calls an attack clean, and never imports or
-runs anything."""
+payloads, end and errors whether the fast path took the pickle or not, with either of the
+walks that admit a pickle to it (``fast_walk``: by opcode, and by the runs of its regular
+expression); the fast path takes the common clean files, never calls an attack clean, and
+never imports or runs anything."""
 
 from __future__ import annotations
 
 import io
 import pickle
-import pickletools
 import struct
 import sys
 import zipfile
@@ -22,10 +22,10 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelport.pickles import fast_scan, judging
+from modelport.pickles import fast_scan, fast_walk, judging
 from modelport.pickles.interface import Limits
 from tests.conftest import attack_pickles, mutated, short
 from tests.models import TinyResNet, trained_checkpoint
@@ -42,6 +42,15 @@ LIMITS = (
 )
 
 
+@pytest.fixture(autouse=True, params=["by_opcode", "by_runs"])
+def walk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with each walk: by opcode, and by the expression's runs from the
+    first pickle on."""
+    after = 0 if request.param == "by_runs" else 1 << 62
+    monkeypatch.setattr(fast_walk, "_EXPRESSION", fast_walk._Expression(after))
+    return str(request.param)
+
+
 def _data_pkl(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -54,6 +63,10 @@ _MODEL = TinyResNet()
 STATE_DICT = _data_pkl(_MODEL.state_dict())
 CHECKPOINT = _data_pkl(trained_checkpoint(_MODEL, torch.ones(1, 3, 8, 8)))
 NUMPY = pickle.dumps({"w": np.arange(6.0).reshape(2, 3), "b": np.ones(3, np.float32)}, 4)
+# A whole module of torch's own layers: NEWOBJ of each class, then BUILD.
+MODULE = _data_pkl(
+    torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
+)
 
 # Edge cases where C and the Python machine could part: each must scan the same either way.
 CRAFTED = [
@@ -85,7 +98,37 @@ CRAFTED = [
     b"\x80\x02ccollections\nOrderedDict\n)R}X\x08\x00\x00\x00__call__N\x86b.",
     b"\x80\x02ccollections\nOrderedDict\nb.",  # BUILD on a global itself
     b"\x80\x02ccollections\nOrderedDict\n)R)R.",  # a call of a call's result
-    b"\x80\x02ccollections\nOrderedDict\n\x81.",  # NEWOBJ
+    b"\x80\x02ccollections\nOrderedDict\n\x81.",  # NEWOBJ without arguments
+    b"\x80\x02ccollections\nOrderedDict\n)\x81.",  # NEWOBJ
+    b"\x80\x02ccollections\nOrderedDict\nK\x01\x81.",  # NEWOBJ of a number
+    b"\x80\x02ccollections\nOrderedDict\n)R)\x81.",  # NEWOBJ of a made object
+    b"\x80\x02\x81.",  # NEWOBJ on an empty stack
+    b"\x80\x02(ccollections\nOrderedDict\n)\x81t.",  # NEWOBJ after MARK
+    b"\x80\x02(ccollections\nOrderedDict\n\x81t.",  # ... popping the MARK
+    b"\x80\x02ccollections\nOrderedDict\nq\x00)\x81h\x00)R\x86.",  # NEWOBJ, then REDUCE
+    b"\x80\x02ccollections\nOrderedDict\nq\x00)Rh\x00)\x81\x86.",  # REDUCE, then NEWOBJ
+    b"\x80\x02(ccollections\nOrderedDict\nq\x00oh\x00)\x81h\x00)R\x87.",  # OBJ first
+    b"\x80\x02ctorch.nn.modules.linear\nLinear\n)\x81}b.",  # a torch layer, filled
+    b"\x80\x02ctorch.nn.modules.linear\nLinear\n)\x81}X\x08\x00\x00\x00__call__N\x86b.",
+    b"\x80\x02cos\nsystem\n)\x81.",  # NEWOBJ of a function the rules report
+    # A torch layer may be instantiated but not called: each call must be told apart.
+    b"\x80\x02ccollections\nOrderedDict\n)\x81ctorch.nn.modules.linear\nLinear\n)R\x86.",
+    b"\x80\x02ctorch.nn.modules.linear\nLinear\n)Rccollections\nOrderedDict\n)\x81\x86.",
+    b"\x80\x02ccollections\nOrderedDict\n)Rctorch.nn.modules.linear\nLinear\n)\x81\x86.",
+    b"\x80\x02ctorch.nn.modules.linear\nLinear\nK\x01\x85\x81.",  # instantiated with arguments
+    b"\x80\x02(ccollections\nOrderedDict\noctorch.nn.modules.linear\nLinear\n)R"
+    b"ccollections\nOrderedDict\n)\x81\x87.",  # OBJ counts as a call too
+    # Where the expression's runs stop: string lengths, memo indexes, marks, lines, frames.
+    b"\x80\x02X\x7f\x00\x00\x00" + b"a" * 127 + b"X\x80\x00\x00\x00" + b"b" * 128 + b"\x86.",
+    b"\x80\x04\x8c\x7f" + b"a" * 127 + b"\x8c\xff" + b"b" * 255 + b"\x86.",
+    b"\x80\x02X\x80\x00\x00\x00" + b"b" * 100 + b".",  # a string past the end
+    b"\x80\x02K\x01r\xff\xff\x00\x00r\x00\x00\x01\x00.",  # the last index, then one past
+    b"\x80\x02(\x80\x02K\x01e.",  # a MARK the next opcode makes odd, then items
+    b"\x80\x02]q\x00(K\x01K\x02e.",  # APPENDS of two items onto a list
+    b"\x80\x02cos\nsystem\n\x85.",  # a GLOBAL line, then an opcode C does not take here
+    b"\x80\x02c" + b"m" * 300 + b"\nn\nq\x00.",  # a long module line
+    b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01K\x02\x86.",  # a FRAME
+    b"\x80\x02\x8a\x02\xff\x7f\x8b\x03\x00\x00\x00\x01\x02\x03\x86.",  # LONG1, LONG4
     b"\x80\x02\x82\x01.",  # EXT1
     b"\x80\x02X\x01\x00\x00\x00aX\x01\x00\x00\x00b\x93.",  # STACK_GLOBAL of an unknown name
     b"\x80\x02K\x01K\x02\x93.",  # STACK_GLOBAL of numbers
@@ -113,7 +156,7 @@ def outcome(scan: Any, data: bytes, **options: Any) -> Any:
     except Exception as exc:  # the Python machine's verdict may be any error: compare it too
         return ("raised", type(exc).__name__, str(exc))
     nested = [(n.offset, n.payload) for n in result.nested]
-    return ("returned", _tuples(result.findings), nested, result.end, result.opcodes)
+    return ("returned", _tuples(result.findings), nested, result.end)
 
 
 def _tuples(findings: list[judging.PickleFinding]) -> list[tuple[Any, ...]]:
@@ -156,19 +199,21 @@ def test_edge_cases_scan_as_the_machine_alone(index: int) -> None:
 
 
 def test_each_pickle_of_a_stream_scans_as_the_machine_alone() -> None:
-    stream = STATE_DICT + NUMPY + CHECKPOINT
+    stream = STATE_DICT + NUMPY + MODULE + CHECKPOINT
     starts = [0, len(STATE_DICT), len(STATE_DICT) + len(NUMPY)]
+    starts.append(starts[-1] + len(MODULE))
     for start in starts:
         assert_same(stream, (Limits(),), start)
     assert judging.scan_pickle(stream, start=starts[1]).end == starts[2]
 
 
 @pytest.mark.skipif(not fast_scan.ENABLED, reason="the fast path is off on this Python")
-@pytest.mark.parametrize("data", [STATE_DICT, CHECKPOINT, NUMPY], ids=["state", "adam", "numpy"])
+@pytest.mark.parametrize(
+    "data", [STATE_DICT, CHECKPOINT, NUMPY, MODULE], ids=["state", "adam", "numpy", "module"]
+)
 def test_the_fast_path_takes_clean_model_files(data: bytes) -> None:
     assert fast_verdict(data) == (True, [])
-    opcodes = len(list(pickletools.genops(data)))
-    assert judging.scan_pickle(data, expect_persistent_ids=True).opcodes == opcodes
+    assert judging.scan_pickle(data, expect_persistent_ids=True).end == len(data)
 
 
 def test_an_attack_is_never_clean() -> None:
@@ -212,6 +257,7 @@ def test_the_fast_path_never_imports_or_runs_anything(tmp_path: Path) -> None:
     marker = tmp_path / "PWNED"
     never_imported = b"\x80\x02cnot_a_module_anyone_has\nrun\n" + short(b"x") + b"\x85R."
     pickles = [*attack_pickles(marker).values(), never_imported, STATE_DICT, CHECKPOINT, NUMPY]
+    pickles.append(MODULE)
     modules = set(sys.modules)
     with watched() as events:
         for data in pickles:
@@ -223,10 +269,12 @@ def test_the_fast_path_never_imports_or_runs_anything(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@settings(max_examples=150, deadline=None)
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_mutated_torch_pickles_scan_as_the_machine_alone(data: st.DataObject) -> None:
-    raw = data.draw(st.sampled_from([STATE_DICT, CHECKPOINT, NUMPY, *CRAFTED[:20]]))
+    raw = data.draw(st.sampled_from([STATE_DICT, CHECKPOINT, NUMPY, MODULE, *CRAFTED[:20]]))
     if data.draw(st.booleans()):
         assert_same(mutated(data, raw, flips=4), (Limits(),))
     else:  # whole, so that C runs to a STOP
@@ -236,7 +284,34 @@ def test_mutated_torch_pickles_scan_as_the_machine_alone(data: st.DataObject) ->
         assert_same(bytes(changed), (Limits(),))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(blob=st.binary(min_size=1, max_size=48))
 def test_random_bytes_scan_as_the_machine_alone(blob: bytes) -> None:
     assert_same(b"\x80\x02" + blob, (Limits(),))
+
+
+def test_one_small_pickle_never_compiles_the_expression(monkeypatch: pytest.MonkeyPatch) -> None:
+    fresh = fast_walk._Expression(fast_walk._COMPILE_AFTER)
+    monkeypatch.setattr(fast_walk, "_EXPRESSION", fresh)
+    assert judging.scan_pickle(CHECKPOINT, expect_persistent_ids=True).findings == []
+    assert (fresh.match, fresh.bytes_walked) == (None, len(CHECKPOINT))
+    for _ in range(fast_walk._COMPILE_AFTER // len(CHECKPOINT) + 1):
+        judging.scan_pickle(CHECKPOINT, expect_persistent_ids=True)
+    assert fresh.match is not None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x80\x02K\x01r\x00\x00\x01\x00.",  # a memo index C would grow its array for
+        b"\x80\x02K\x01r\xff\xff\xff\x7f.",
+        b"\x80\x02\x8b\x01\x00\x01\x00" + b"\x01" * 65537 + b".",  # LONG4 past the bound
+        b"\x80\x02\x8e\x02\x00\x00\x00\x00\x00\x00\x00ab.",  # an 8-byte length
+        b"\x80\x02)(e.",  # APPENDS of nothing
+    ],
+)
+def test_the_walk_refuses_what_c_would_do_otherwise(data: bytes) -> None:
+    assert fast_walk.admit(memoryview(data), 0, 1 << 20) is None
+    assert fast_walk.admit(memoryview(data[:-1] + b"K\x01."), 0, 1 << 20) is None

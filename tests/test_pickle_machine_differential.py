@@ -187,7 +187,7 @@ def scanned(scan: Any, data: bytes, limits: Limits, persistent: bool) -> Any:
     def action() -> Any:
         result = scan(data, expect_persistent_ids=persistent, limits=limits)
         nested = [(n.offset, canonical(n.payload)) for n in result.nested]
-        return result.findings, nested, result.end, result.opcodes
+        return result.findings, nested, result.end
 
     return outcome(action)
 

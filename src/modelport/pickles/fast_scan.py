@@ -10,15 +10,11 @@ clean; any doubt, and every finding, sends the pickle to the Python machine, who
 locates each finding.
 
 C and the Python machine must agree on every pickle this path accepts, so a walk over the
-opcodes comes first and admits only opcodes whose effect both give identically: data, the
-memo, containers, GLOBAL and STACK_GLOBAL, REDUCE, OBJ, BUILD, BINPERSID. It refuses what C
-does differently or cannot do without the file's code: NEWOBJ/NEWOBJ_EX (C wants a real
-class), EXT1/2/4 (C reads copyreg's registry), NEXT_BUFFER/READONLY_BUFFER, the 8-byte
-lengths, the protocol 0 text opcodes other than GLOBAL (their number syntax is C's
-``strtol``), and joblib's array wrappers (the Python machine skips their raw bytes). The
-walk also holds C to what the Python machine enforces: no length past the end, no memo
-index C would allocate an array for (C's memo is indexed, the machine's a dict), LONG4 and
-text-line bounds, and fewer opcodes than any ``Limits`` count, so no limit is reached.
+opcodes (``fast_walk``) comes first and admits only opcodes whose effect both give
+identically, with arguments inside the machine's bounds. C's NEWOBJ would want a real
+class, so C runs a copy in which each NEWOBJ is a REDUCE, and the calls the walk says were
+NEWOBJ go to the resolver's ``new``, as the Python machine sends them. joblib's array
+wrappers are refused when C builds them (the Python machine skips their raw bytes).
 
 What C does was read from CPython 3.11's Modules/_pickle.c and checked by the differential
 tests on 3.11; another interpreter's C unpickler may differ in a way no test shows, so the
@@ -28,17 +24,15 @@ path is off there (``ENABLED``).
 from __future__ import annotations
 
 import _pickle
-import pickletools
-import struct
 import sys
 from typing import Any, Final, Protocol
 
 from modelport.limits import MAX_PICKLE_SHORT_LINE
-from modelport.pickles import joblib_arrays, policy
-from modelport.pickles.interface import Limits, Resolver, Step, Value, fill
+from modelport.pickles import fast_walk, joblib_arrays, policy
+from modelport.pickles.interface import Limits, Resolver, Step
 from modelport.pickles.symbols import Made, Symbol
 
-__all__ = ["ENABLED", "CleanRun", "LiveMade", "LiveSymbol", "RecordingResolver", "clean_run"]
+__all__ = ["ENABLED", "LiveMade", "LiveSymbol", "RecordingResolver", "clean_run"]
 
 ENABLED: Final = sys.version_info[:2] == (3, 11)
 
@@ -50,97 +44,37 @@ class RecordingResolver(Resolver, Protocol):
     nested: list[Any]
 
 
-_CODES: Final = {op.name: op.code.encode("latin-1")[0] for op in pickletools.opcodes}
-# Opcodes whose whole argument has a fixed width, and the width with the opcode byte.
-_FIXED: Final = {
-    **dict.fromkeys(
-        [
-            *("DUP", "NONE", "NEWTRUE", "NEWFALSE", "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2"),
-            *("TUPLE3", "EMPTY_LIST", "LIST", "EMPTY_DICT", "DICT", "APPEND", "SETITEM"),
-            *("SETITEMS", "MEMOIZE", "REDUCE", "BUILD", "BINPERSID", "STACK_GLOBAL"),
-            *("EMPTY_SET", "ADDITEMS", "FROZENSET", "OBJ"),
-        ],
-        1,
-    ),
-    "BININT1": 2,
-    "BINGET": 2,
-    "BINPUT": 2,
-    "BININT2": 3,
-    "BININT": 5,
-    "LONG_BINGET": 5,
-    "BINFLOAT": 9,
-}
-_WIDTH: Final = [0] * 256
-for _name, _width in _FIXED.items():
-    _WIDTH[_CODES[_name]] = _width
-# Opcodes followed by a length and that many bytes: the length's format and width.
-_COUNTED: Final = {
-    _CODES["SHORT_BINUNICODE"]: (struct.Struct("<B"), 2),
-    _CODES["BINUNICODE"]: (struct.Struct("<I"), 5),
-    _CODES["SHORT_BINBYTES"]: (struct.Struct("<B"), 2),
-    _CODES["BINBYTES"]: (struct.Struct("<I"), 5),
-    _CODES["SHORT_BINSTRING"]: (struct.Struct("<B"), 2),
-    _CODES["BINSTRING"]: (struct.Struct("<i"), 5),
-    _CODES["LONG1"]: (struct.Struct("<B"), 2),
-    _CODES["LONG4"]: (struct.Struct("<i"), 5),
-}
-_STOP, _PROTO, _FRAME = _CODES["STOP"], _CODES["PROTO"], _CODES["FRAME"]
-_MARK, _APPENDS = _CODES["MARK"], _CODES["APPENDS"]
-_GLOBAL, _LONG_BINPUT, _LONG4 = _CODES["GLOBAL"], _CODES["LONG_BINPUT"], _CODES["LONG4"]
-_U32, _U64 = struct.Struct("<I").unpack_from, struct.Struct("<Q").unpack_from
-_MAX_LONG4 = 1 << 16  # the Python machine's own bound (opcodes.op_long4)
-# C grows its memo array to twice a new index and clears every slot: an index costs
-# 16 bytes of memory per unit, so a crafted one could ask for gigabytes.
-_MAX_MEMO_INDEX = 1 << 16
 # The only globals the rules leave without a finding (rules._judge_use): a run naming any
 # other is not clean, and stops at once.
 _MAY_BE_CLEAN: Final = policy.SAFE_CALLS | policy.SAFE_VALUES | frozenset(policy.SAFE_CLASSES)
 _DEADLINE_EVERY = 1 << 16  # the Python machine looks at the clock every 65,536 opcodes
-_HIGHEST_PROTOCOL = 5  # the Python machine's (opcodes.op_proto), and C's in Python 3.11
-# The walk copies this much first; a pickle that runs on is walked whole up to the last
-# (past it the Python machine, which never copies, takes the pickle). The windows also
-# bound the walk's work when a pickle holds more opcodes than it may.
-_FIRST_WINDOW, _LAST_WINDOW = 1 << 17, 1 << 22
-_TOO_LONG = -2
-
-
-class CleanRun(Value):
-    """Where the pickle ends (just past STOP) and how many opcodes it holds, STOP included,
-    as the Python machine counts them."""
-
-    FIELDS = ("end", "opcodes")
-    __slots__ = FIELDS
-    end: int
-    opcodes: int
-
-    def __init__(self, end: int, opcodes: int) -> None:
-        fill(self, end=end, opcodes=opcodes)
 
 
 def clean_run(
     data: memoryview, start: int, resolver: RecordingResolver, limits: Limits
-) -> CleanRun | None:
+) -> int | None:
     """Run the pickle at ``start`` through the C unpickler with ``resolver`` giving every
-    global and call its meaning; None when this path cannot vouch for mirroring the Python
-    machine (the caller then runs that machine on a fresh resolver). ``resolver`` holds the
-    run's records afterwards; the caller judges them."""
+    global and call its meaning: where the pickle ends (just past STOP), or None when this
+    path cannot vouch for mirroring the Python machine (the caller then runs that machine on
+    a fresh resolver). ``resolver`` holds the run's records afterwards; the caller judges
+    them."""
     if not ENABLED or start < 0:
         return None
     data = data if data.format == "B" else data.cast("B")
-    walked = _walk_from(data, start, _most_opcodes(limits))
-    if walked is None:
+    admitted = fast_walk.admit(data, start, _most_opcodes(limits))
+    if admitted is None:
         return None
-    source = _Source(data, start)
-    unpickler = _InertUnpickler(source, resolver)
+    source = _Source(memoryview(admitted.program), 0)
+    unpickler = _InertUnpickler(source, resolver, admitted.news)
     try:
         unpickler.load()
     except Exception:  # C refused the bytes, or a callback found what it cannot mirror
         return None
     finally:
         unpickler.cursor.resolver = None  # the records' way back to it: no cycle outlives the run
-    if start + source.pos != walked.end:
+    if source.pos != admitted.end:
         return None
-    return walked
+    return start + admitted.end
 
 
 def _most_opcodes(limits: Limits) -> int:
@@ -151,88 +85,6 @@ def _most_opcodes(limits: Limits) -> int:
     if limits.max_seconds is not None:
         most = min(most, _DEADLINE_EVERY - 1)
     return most
-
-
-def _walk_from(data: memoryview, start: int, most: int) -> CleanRun | None:
-    """The walk over a copy of the bytes (indexing bytes is twice as fast as a view): of the
-    first ``_FIRST_WINDOW`` bytes, then of all of them when the pickle runs on."""
-    for window in (_FIRST_WINDOW, _LAST_WINDOW):
-        chunk = bytes(data[start : start + window])
-        walked = _walk(chunk, most)
-        if walked is not _RAN_OUT:
-            return None if walked is None else CleanRun(start + walked.end, walked.opcodes)
-        if len(chunk) < window:
-            return None  # the bytes end before STOP
-    return None
-
-
-def _walk(data: bytes, most: int) -> CleanRun | None:
-    """The opcodes of ``data`` up to STOP if each is one this path admits and its argument
-    is within the Python machine's bounds; None when one is not, ``_RAN_OUT`` when the
-    bytes end first. (Past the end, indexing raises: that is how the end is found.)"""
-    width, counted, count, pos, marked = _WIDTH, _COUNTED, 0, 0, -1
-    try:
-        while True:
-            while step := width[data[pos]]:
-                pos += step
-                count += 1
-            code = data[pos]
-            count += 1
-            if count > most:
-                return None
-            if code == _MARK:
-                marked = pos = pos + 1
-            elif code == _APPENDS:
-                if pos == marked:
-                    return None  # no items: C appends nothing to anything, the machine checks
-                pos += 1
-            elif code in counted:
-                length, head = counted[code]
-                n = length.unpack_from(data, pos + 1)[0]
-                if n < 0 or (code == _LONG4 and n > _MAX_LONG4):
-                    return None
-                pos += head + n
-            elif code == _LONG_BINPUT:
-                if _U32(data, pos + 1)[0] >= _MAX_MEMO_INDEX:
-                    return None
-                pos += 5
-            elif code == _STOP:
-                return CleanRun(pos + 1, count)
-            elif code == _GLOBAL:
-                pos = _past_lines(data, pos + 1)
-                if pos < 0:
-                    return None if pos == _TOO_LONG else _RAN_OUT
-            elif code == _PROTO:
-                if data[pos + 1] > _HIGHEST_PROTOCOL:
-                    return None
-                marked = pos + 2 if pos == marked else marked
-                pos += 2
-            elif code == _FRAME:
-                if _U64(data, pos + 1)[0] > len(data) - pos - 9:
-                    return _RAN_OUT
-                marked = pos + 9 if pos == marked else marked
-                pos += 9
-            else:
-                return None
-    except (IndexError, struct.error):
-        return _RAN_OUT
-
-
-def _past_lines(data: bytes, pos: int) -> int:
-    """Past GLOBAL's two lines, each of at least one character (C refuses an empty one) and
-    short enough for the Python machine; ``_TOO_LONG`` when one is not, -1 when the bytes
-    end first."""
-    for _ in range(2):
-        end = data.find(b"\n", pos, pos + MAX_PICKLE_SHORT_LINE)
-        if end < 0:
-            return -1 if pos + MAX_PICKLE_SHORT_LINE > len(data) else _TOO_LONG
-        if end == pos:
-            return _TOO_LONG
-        pos = end + 1
-    return pos
-
-
-_RAN_OUT: Final = CleanRun(-1, -1)
 
 
 class _Unsure(Exception):
@@ -269,14 +121,17 @@ class _Source:
 
 class _RunCursor:
     """The cursor of the one ``Step`` every record of a C run carries: it knows the resolver
-    (so a record can reach it from C's callbacks) and refuses to read, because C has no
-    position to give (joblib's arrays, which read on, never reach it)."""
+    (so a record can reach it from C's callbacks), counts C's calls so that those which were
+    NEWOBJ (``news``) are told apart, and refuses to read, because C has no position to give
+    (joblib's arrays, which read on, never reach it)."""
 
-    __slots__ = ("resolver", "step")
+    __slots__ = ("calls", "news", "resolver", "step")
     resolver: RecordingResolver | None
 
-    def __init__(self, resolver: RecordingResolver) -> None:
+    def __init__(self, resolver: RecordingResolver, news: frozenset[int]) -> None:
         self.resolver = resolver
+        self.news = news
+        self.calls = 0
         self.step = Step(-1, "", self)
 
     @property
@@ -291,9 +146,9 @@ class _InertUnpickler(_pickle.Unpickler):
     """Names globals through the resolver and never imports; the strings of protocol 0-2
     pickles decode as latin-1, as the Python machine decodes them."""
 
-    def __init__(self, source: _Source, resolver: RecordingResolver) -> None:
+    def __init__(self, source: _Source, resolver: RecordingResolver, news: frozenset[int]) -> None:
         super().__init__(source, encoding="latin1")
-        self.cursor = _RunCursor(resolver)
+        self.cursor = _RunCursor(resolver, news)
         self.step = self.cursor.step
         self.resolver = resolver
 
@@ -311,11 +166,19 @@ class _InertUnpickler(_pickle.Unpickler):
 
 
 def _made(record: Symbol | Made, args: tuple[Any, ...]) -> Made:
-    """What REDUCE or OBJ made of a record: the resolver's ``Made``, which C can use in turn.
-    Every record of a run carries the run's step, and so its resolver."""
+    """What REDUCE, OBJ or NEWOBJ made of a record: the resolver's ``Made``, which C can use
+    in turn. Every record of a run carries the run's step, and so its resolver."""
     step = record.step
-    resolver = step.cursor.resolver  # type: ignore[attr-defined]  # a _RunCursor
-    made = resolver.call(record, args, step)
+    cursor: _RunCursor = step.cursor  # type: ignore[assignment]
+    resolver = cursor.resolver
+    if resolver is None:
+        raise _Unsure("the run is over")
+    index = cursor.calls
+    cursor.calls = index + 1
+    if index in cursor.news:
+        made = resolver.new(record, args, None, step)
+    else:
+        made = resolver.call(record, args, step)
     if resolver.findings or resolver.nested:
         raise _Unsure("not clean: the resolver noted something")
     if type(made) is not LiveMade:

@@ -252,17 +252,16 @@ def judge(resolver: ScanResolver) -> list[PickleFinding]:
 
 
 class PickleScan(Value):
-    FIELDS = ("findings", "nested", "end", "opcodes")
+    FIELDS = ("findings", "nested", "end")
     __slots__ = FIELDS
     findings: list[PickleFinding]
     nested: list[NestedPayload]
     end: int
-    opcodes: int
 
     def __init__(
-        self, findings: list[PickleFinding], nested: list[NestedPayload], end: int, opcodes: int
+        self, findings: list[PickleFinding], nested: list[NestedPayload], end: int
     ) -> None:
-        fill(self, findings=findings, nested=nested, end=end, opcodes=opcodes)
+        fill(self, findings=findings, nested=nested, end=end)
 
 
 def scan_pickle(
@@ -291,13 +290,13 @@ def scan_pickle(
     # CPython's C unpickler first (fast_scan): kept only when it vouches for the run and
     # nothing in it is worth reporting; the Python machine locates every finding.
     resolver = new_resolver(fast_scan.LiveSymbol, fast_scan.LiveMade)
-    clean = fast_scan.clean_run(view, start, resolver, limits)
-    if clean is not None and not resolver.nested and not (findings := judge(resolver)):
-        return PickleScan(findings, [], clean.end, clean.opcodes)
+    end = fast_scan.clean_run(view, start, resolver, limits)
+    if end is not None and not resolver.nested and not (findings := judge(resolver)):
+        return PickleScan(findings, [], end)
     resolver = new_resolver(Symbol, Made)
     try:
         result = run(view, resolver, start=start, limits=limits)
     except (CorruptFileError, TruncatedFileError) as exc:
         truncated = isinstance(exc, TruncatedFileError)
         raise UnparsedPickleError(str(exc), findings=judge(resolver), truncated=truncated) from exc
-    return PickleScan(judge(resolver), resolver.nested, result.end, result.opcodes)
+    return PickleScan(judge(resolver), resolver.nested, result.end)

@@ -1,0 +1,318 @@
+"""Which pickles the scan's fast path (``fast_scan``) may hand to CPython's C unpickler: a
+walk over the opcodes admits only those whose effect C and the Python machine give
+identically, with every argument inside the machine's bounds.
+
+Admitted: data, the memo, containers, GLOBAL and STACK_GLOBAL, REDUCE, OBJ, NEWOBJ, BUILD,
+BINPERSID. Refused, because C does them differently or cannot do them without the file's
+code: NEWOBJ_EX (C wants a real class), EXT1/2/4 (C reads copyreg's registry),
+NEXT_BUFFER/READONLY_BUFFER, the 8-byte lengths, POP and POP_MARK, and the protocol 0 text
+opcodes other than GLOBAL (their number syntax is C's ``strtol``). The walk also holds C to
+what the Python machine enforces: no length past the end, no memo index C would allocate an
+array for (C's memo is indexed, the machine's a dict), LONG4 and text-line bounds, and fewer
+opcodes than any ``Limits`` count, so no limit is reached.
+
+C's NEWOBJ would want a real class, so C runs a copy in which each NEWOBJ is a REDUCE (both
+pop a class or callable and an argument tuple and push one result). C calls a record for
+each REDUCE, OBJ and NEWOBJ in the order of the bytes, so the walk numbers those opcodes and
+says which calls were NEWOBJ.
+
+There are two walks with one verdict. ``_by_opcode`` looks at every opcode in Python and
+counts them. ``_by_runs`` hands runs of opcodes to one regular expression, which checks in C
+what it can (fixed widths, strings under ``_SHORT`` bytes, memo indexes, GLOBAL's lines),
+and looks in Python only at the opcodes it stops at (STOP, the calls, a FRAME, a longer
+string). It is about three times as fast but counts nothing, so it takes only pickles of
+fewer bytes than the opcodes they may hold; and compiling it costs as much as walking a
+quarter of a megabyte by opcode, so a process compiles it once it has walked that much.
+"""
+
+from __future__ import annotations
+
+import pickletools
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from modelport.limits import MAX_PICKLE_SHORT_LINE
+
+__all__ = ["Admitted", "admit"]
+
+# ``match`` of an expression of the form ``(...)*+``, which matches at every position.
+_Match = Callable[[bytes, int], re.Match[bytes]]
+
+_CODES: Final = {op.name: op.code.encode("latin-1")[0] for op in pickletools.opcodes}
+# Opcodes whose whole argument has a fixed width, and the width with the opcode byte.
+_FIXED: Final = {
+    **dict.fromkeys(
+        [
+            *("DUP", "NONE", "NEWTRUE", "NEWFALSE", "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2"),
+            *("TUPLE3", "EMPTY_LIST", "LIST", "EMPTY_DICT", "DICT", "APPEND", "SETITEM"),
+            *("SETITEMS", "MEMOIZE", "REDUCE", "BUILD", "BINPERSID", "STACK_GLOBAL"),
+            *("EMPTY_SET", "ADDITEMS", "FROZENSET", "OBJ"),
+        ],
+        1,
+    ),
+    "BININT1": 2,
+    "BINGET": 2,
+    "BINPUT": 2,
+    "BININT2": 3,
+    "BININT": 5,
+    "LONG_BINGET": 5,
+    "BINFLOAT": 9,
+}
+_WIDTH: Final = [0] * 256
+for _name, _width in _FIXED.items():
+    _WIDTH[_CODES[_name]] = _width
+# Opcodes followed by a length and that many bytes: the length's format and width.
+_COUNTED: Final = {
+    _CODES["SHORT_BINUNICODE"]: (struct.Struct("<B"), 2),
+    _CODES["BINUNICODE"]: (struct.Struct("<I"), 5),
+    _CODES["SHORT_BINBYTES"]: (struct.Struct("<B"), 2),
+    _CODES["BINBYTES"]: (struct.Struct("<I"), 5),
+    _CODES["SHORT_BINSTRING"]: (struct.Struct("<B"), 2),
+    _CODES["BINSTRING"]: (struct.Struct("<i"), 5),
+    _CODES["LONG1"]: (struct.Struct("<B"), 2),
+    _CODES["LONG4"]: (struct.Struct("<i"), 5),
+}
+_STOP, _PROTO, _FRAME = _CODES["STOP"], _CODES["PROTO"], _CODES["FRAME"]
+_MARK, _APPENDS = _CODES["MARK"], _CODES["APPENDS"]
+_GLOBAL, _LONG_BINPUT, _LONG4 = _CODES["GLOBAL"], _CODES["LONG_BINPUT"], _CODES["LONG4"]
+_NEWOBJ, _REDUCE, _OBJ = _CODES["NEWOBJ"], _CODES["REDUCE"], _CODES["OBJ"]
+_CALLS: Final = frozenset({_NEWOBJ, _REDUCE, _OBJ})
+# The walk by opcode that numbers the calls: REDUCE and OBJ leave its fast loop.
+_WIDTH_NUMBERING: Final = list(_WIDTH)
+_WIDTH_NUMBERING[_REDUCE] = _WIDTH_NUMBERING[_OBJ] = 0
+_U32, _U64 = struct.Struct("<I").unpack_from, struct.Struct("<Q").unpack_from
+_MAX_LONG4 = 1 << 16  # the Python machine's own bound (opcodes.op_long4)
+# C grows its memo array to twice a new index and clears every slot: an index costs
+# 16 bytes of memory per unit, so a crafted one could ask for gigabytes.
+_MAX_MEMO_INDEX = 1 << 16
+_HIGHEST_PROTOCOL = 5  # the Python machine's (opcodes.op_proto), and C's in Python 3.11
+# The walk copies this much first; a pickle that runs on is walked whole up to the last
+# (past it the Python machine, which never copies, takes the pickle). The windows also
+# bound the walk's work when a pickle holds more opcodes than it may.
+_FIRST_WINDOW, _LAST_WINDOW = 1 << 17, 1 << 22
+_SHORT = 128  # strings the expression checks: it spells out one branch per length
+_COMPILE_AFTER = 1 << 18  # bytes walked by opcode before the expression is compiled
+# What a walk may say besides the end: refused is None.
+_RAN_OUT, _TOO_LONG, _UNCOUNTED = -1, -2, -3
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A pickle C may run: the bytes it runs, from the pickle's first (each NEWOBJ made a
+    REDUCE), where it ends in them (just past STOP), and which of C's calls, numbered from
+    0 in the order of REDUCE, OBJ and NEWOBJ in the bytes, were NEWOBJ."""
+
+    program: bytes
+    end: int
+    news: frozenset[int]
+
+
+def admit(data: memoryview, start: int, most: int) -> Admitted | None:
+    """The pickle at ``start`` if C may run it holding no more than ``most`` opcodes;
+    None when it may not. The walk copies the bytes (indexing bytes is twice as fast as a
+    view): the first ``_FIRST_WINDOW``, then all up to the last when the pickle runs on."""
+    for window in (_FIRST_WINDOW, _LAST_WINDOW):
+        chunk = bytes(data[start : start + window])
+        calls: list[int] = []
+        end = _walk(chunk, most, calls)
+        if end is None:
+            return None
+        if end >= 0:
+            return _admitted(chunk, end, calls)
+        if len(chunk) < window:
+            return None  # the bytes end before STOP
+    return None
+
+
+def _admitted(chunk: bytes, end: int, calls: list[int]) -> Admitted:
+    newobjs = [at for at in calls if chunk[at] == _NEWOBJ]
+    if not newobjs:
+        return Admitted(chunk, end, frozenset())
+    program = bytearray(chunk[:end])
+    for at in newobjs:
+        program[at] = _REDUCE
+    news = frozenset(number for number, at in enumerate(calls) if chunk[at] == _NEWOBJ)
+    return Admitted(bytes(program), end, news)
+
+
+def _walk(chunk: bytes, most: int, calls: list[int]) -> int | None:
+    """Where the pickle ends in ``chunk``, with ``calls`` holding where each REDUCE, OBJ
+    and NEWOBJ is whenever there is a NEWOBJ; None when refused, ``_RAN_OUT`` when the
+    bytes end first."""
+    match = _EXPRESSION.compiled()
+    if match is not None:
+        end = _by_runs(chunk, most, match, calls)
+        if end != _UNCOUNTED:
+            return end
+        calls.clear()
+    end = _by_opcode(chunk, most, _WIDTH, calls)
+    if end is not None and end > 0:
+        _EXPRESSION.walked(end)
+        if calls:  # a NEWOBJ: number every call
+            calls.clear()
+            _by_opcode(chunk, most, _WIDTH_NUMBERING, calls)
+    return end
+
+
+def _by_opcode(data: bytes, most: int, width: list[int], calls: list[int]) -> int | None:
+    """The opcodes of ``data`` up to STOP, one by one and counted: the end, None when one is
+    refused or there are more than ``most``, ``_RAN_OUT`` when the bytes end first. (Past
+    the end, indexing raises: that is how the end is found.) Where ``width`` sends them past
+    its fast loop, REDUCE and OBJ are noted in ``calls``; NEWOBJ always is."""
+    counted, count, pos, marked = _COUNTED, 0, 0, -1
+    try:
+        while True:
+            while step := width[data[pos]]:
+                pos += step
+                count += 1
+            code = data[pos]
+            count += 1
+            if count > most:
+                return None
+            if code == _MARK:
+                marked = pos = pos + 1
+            elif code == _APPENDS:
+                if pos == marked:
+                    return None  # no items: C appends nothing to anything, the machine checks
+                pos += 1
+            elif code in _CALLS:
+                calls.append(pos)
+                pos += 1
+            elif code in counted:
+                length, head = counted[code]
+                n = length.unpack_from(data, pos + 1)[0]
+                if n < 0 or (code == _LONG4 and n > _MAX_LONG4):
+                    return None
+                pos += head + n
+            elif code == _LONG_BINPUT:
+                if _U32(data, pos + 1)[0] >= _MAX_MEMO_INDEX:
+                    return None
+                pos += 5
+            elif code == _STOP:
+                return pos + 1
+            elif code == _GLOBAL:
+                pos = _past_lines(data, pos + 1)
+                if pos < 0:
+                    return None if pos == _TOO_LONG else _RAN_OUT
+            elif code == _PROTO:
+                if data[pos + 1] > _HIGHEST_PROTOCOL:
+                    return None
+                marked = pos + 2 if pos == marked else marked
+                pos += 2
+            elif code == _FRAME:
+                if _U64(data, pos + 1)[0] > len(data) - pos - 9:
+                    return _RAN_OUT
+                marked = pos + 9 if pos == marked else marked
+                pos += 9
+            else:
+                return None
+    except (IndexError, struct.error):
+        return _RAN_OUT
+
+
+def _by_runs(data: bytes, most: int, match: _Match, calls: list[int]) -> int | None:
+    """The walk of ``_by_opcode``, the expression taking each run of opcodes it can check;
+    ``_UNCOUNTED`` once the bytes walked are as many as the opcodes allowed (opcodes are at
+    least a byte each, so below that no count is needed). A MARK the expression leaves is
+    one the next opcode (PROTO, FRAME, APPENDS) makes odd: refused."""
+    counted, pos = _COUNTED, 0
+    try:
+        while True:
+            pos = match(data, pos).end()
+            if pos >= most:
+                return _UNCOUNTED
+            code = data[pos]
+            if code in _CALLS:
+                calls.append(pos)
+                pos += 1
+            elif code == _STOP:
+                return pos + 1
+            elif code in counted:  # a string of ``_SHORT`` bytes or more, or a bad length
+                length, head = counted[code]
+                n = length.unpack_from(data, pos + 1)[0]
+                if n < 0 or (code == _LONG4 and n > _MAX_LONG4):
+                    return None
+                pos += head + n
+            elif code == _GLOBAL:
+                pos = _past_lines(data, pos + 1)
+                if pos < 0:
+                    return None if pos == _TOO_LONG else _RAN_OUT
+            elif code == _FRAME:
+                if _U64(data, pos + 1)[0] > len(data) - pos - 9:
+                    return _RAN_OUT
+                pos += 9
+            else:
+                return None
+    except (IndexError, struct.error):
+        return _RAN_OUT
+
+
+def _past_lines(data: bytes, pos: int) -> int:
+    """Past GLOBAL's two lines, each of at least one character (C refuses an empty one) and
+    short enough for the Python machine; ``_TOO_LONG`` when one is not, ``_RAN_OUT`` when
+    the bytes end first."""
+    for _ in range(2):
+        end = data.find(b"\n", pos, pos + MAX_PICKLE_SHORT_LINE)
+        if end < 0:
+            return _RAN_OUT if pos + MAX_PICKLE_SHORT_LINE > len(data) else _TOO_LONG
+        if end == pos:
+            return _TOO_LONG
+        pos = end + 1
+    return pos
+
+
+def _expression() -> re.Pattern[bytes]:
+    """Any run of the opcodes ``_by_runs`` need not look at: those of fixed width, strings
+    under ``_SHORT`` bytes, LONG_BINPUT under the memo bound, a MARK not followed by PROTO,
+    FRAME or APPENDS, PROTO up to the highest, GLOBAL with lines the machine reads."""
+
+    def one_of(*names: str) -> bytes:
+        return b"[" + b"".join(re.escape(bytes([_CODES[name]])) for name in names) + b"]"
+
+    def strings(names: tuple[str, ...], zeros: int) -> bytes:
+        lengths = (re.escape(bytes([n]) + bytes(zeros)) + b".{%d}" % n for n in range(_SHORT))
+        return one_of(*names) + b"(?:" + b"|".join(lengths) + b")"
+
+    single = [name for name, width in _FIXED.items() if width == 1 and _CODES[name] not in _CALLS]
+    line = b"[^\n]{1,%d}\n" % (MAX_PICKLE_SHORT_LINE - 1)
+    tokens = [
+        one_of("BININT1", "BINGET", "BINPUT") + b".",
+        one_of(*single),
+        strings(("SHORT_BINUNICODE", "SHORT_BINBYTES", "SHORT_BINSTRING", "LONG1"), 0),
+        strings(("BINUNICODE", "BINBYTES", "BINSTRING", "LONG4"), 3),
+        one_of("LONG_BINPUT") + b"..\x00\x00",  # an index under _MAX_MEMO_INDEX
+        one_of("MARK") + b"(?!" + one_of("PROTO", "FRAME", "APPENDS") + b")",
+        one_of("BININT2") + b"..",
+        one_of("BININT", "LONG_BINGET") + b"....",
+        one_of("BINFLOAT") + b".{8}",
+        one_of("PROTO") + b"[\x00-%c]" % _HIGHEST_PROTOCOL,
+        one_of("APPENDS"),
+        one_of("GLOBAL") + line + line,
+    ]
+    return re.compile(b"(?:" + b"|".join(tokens) + b")*+", re.DOTALL)
+
+
+class _Expression:
+    """``_by_runs``'s expression, compiled once the process has walked ``after`` bytes by
+    opcode: a process that scans one small file never pays for it."""
+
+    __slots__ = ("after", "bytes_walked", "match")
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self.bytes_walked = 0
+        self.match: _Match | None = None
+
+    def compiled(self) -> _Match | None:
+        if self.match is None and self.bytes_walked >= self.after:
+            self.match = _expression().match  # type: ignore[assignment]  # never None: see _Match
+        return self.match
+
+    def walked(self, size: int) -> None:
+        self.bytes_walked += size
+
+
+_EXPRESSION = _Expression(_COMPILE_AFTER)
