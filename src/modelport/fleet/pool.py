@@ -34,7 +34,10 @@ from typing import Any, Final
 from modelport.errors import ModelportError, UsageError
 from modelport.fleet.records import TIMED_OUT, WORKER_DIED, Budget, Failure, Outcome
 
-TASKS_PER_WORKER: Final = 1000  # then a fresh process, so a long run's heap never fragments
+# Then a fresh process, so a long run's heap never fragments. A worker's start-up costs
+# about 0.2 s of a core, 20 microseconds a file at this count; its memory stayed flat
+# (37 MB) over 10,000 small files.
+TASKS_PER_WORKER: Final = 10_000
 # Files before a worker's last at which its successor starts: about a start-up's worth.
 SUCCESSOR_LEAD: Final = 200
 # Tasks sent to a worker ahead of its answers: the next file waits in its pipe, so it never

@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="modelport.fleet.worker")
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--max-memory", type=int, default=None)
-    parser.add_argument("--max-tasks", type=int, default=1000)
+    parser.add_argument("--max-tasks", type=int, default=10_000)
     parser.add_argument("--commands", default="scan,hash,inspect", help="comma-separated")
     args = parser.parse_args(argv)
     preload(args.commands.split(","))
