@@ -453,3 +453,14 @@ def test_keras2_lambda_inside_a_wrapper_is_unsafe(tmp_path: Path, wrapper: str, 
     layers[2] = {"class_name": wrapper, "config": {"name": "wrapper", key: dense}}
     twin = _keras2_h5(tmp_path / "twin.h5", config)
     assert modelport.scan(twin).verdict == "safe", modelport.scan(twin).to_json()
+
+
+@pytest.mark.parametrize("protocol", range(6))
+def test_a_legacy_torch_stream_is_told_by_its_magic_number_in_every_protocol(
+    tmp_path: Path, protocol: int
+) -> None:
+    path = tmp_path / "old.pt"
+    weights = {"w": torch.ones(2)}
+    torch.save(weights, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    report = modelport.scan(path).to_json()
+    assert (report["format"], report["verdict"]) == ("torch-legacy", "safe")

@@ -10,12 +10,18 @@ from modelport.pickles.interface import Limits
 from modelport.pickles.reading import read_pickle
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+# How a pickle can spell the number: a pickle has no arithmetic, so one whose value is the
+# number holds it as LONG1/LONG4's little-endian bytes or as INT/LONG's decimal digits.
+_SPELLINGS = (MAGIC_NUMBER.to_bytes(10, "little"), str(MAGIC_NUMBER).encode())
 SNIFF_LIMITS = Limits(max_opcodes=32, max_memo=32, max_stack=32, max_marks=8, inline_bytes=64)
 
 
 def is_magic_number(pickled: bytes | memoryview) -> bool:
     """Whether ``pickled`` is one pickle of the magic number (the scan's test of a stream's
     first pickle)."""
+    held = bytes(pickled)
+    if not any(spelling in held for spelling in _SPELLINGS):
+        return False  # most pickles, told without running one
     try:
         value = read_pickle(pickled, limits=SNIFF_LIMITS).value
     except ModelportError:
