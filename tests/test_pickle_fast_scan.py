@@ -47,7 +47,7 @@ def walk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     """Every test runs with each walk: by opcode, and by the expression's runs from the
     first pickle on."""
     after = 0 if request.param == "by_runs" else 1 << 62
-    monkeypatch.setattr(fast_walk, "_EXPRESSION", fast_walk._Expression(after))
+    monkeypatch.setattr(fast_walk, "_EXPRESSIONS", fast_walk._Expressions(after))
     return str(request.param)
 
 
@@ -293,13 +293,15 @@ def test_random_bytes_scan_as_the_machine_alone(blob: bytes) -> None:
 
 
 def test_one_small_pickle_never_compiles_the_expression(monkeypatch: pytest.MonkeyPatch) -> None:
-    fresh = fast_walk._Expression(fast_walk._COMPILE_AFTER)
-    monkeypatch.setattr(fast_walk, "_EXPRESSION", fresh)
+    fresh = fast_walk._Expressions(fast_walk._COMPILE_AFTER)
+    monkeypatch.setattr(fast_walk, "_EXPRESSIONS", fresh)
     assert judging.scan_pickle(CHECKPOINT, expect_persistent_ids=True).findings == []
-    assert (fresh.match, fresh.bytes_walked) == (None, len(CHECKPOINT))
+    assert (fresh.compiled, fresh.bytes_walked) == ({}, len(CHECKPOINT))
     for _ in range(fast_walk._COMPILE_AFTER // len(CHECKPOINT) + 1):
         judging.scan_pickle(CHECKPOINT, expect_persistent_ids=True)
-    assert fresh.match is not None
+    assert list(fresh.compiled) == [False]  # no NEWOBJ: the expression that numbers calls waits
+    assert judging.scan_pickle(MODULE, expect_persistent_ids=True).findings == []
+    assert sorted(fresh.compiled) == [False, True]
 
 
 @pytest.mark.parametrize(

@@ -165,27 +165,6 @@ class _InertUnpickler(_pickle.Unpickler):
         return value
 
 
-def _made(record: Symbol | Made, args: tuple[Any, ...]) -> Made:
-    """What REDUCE, OBJ or NEWOBJ made of a record: the resolver's ``Made``, which C can use
-    in turn. Every record of a run carries the run's step, and so its resolver."""
-    step = record.step
-    cursor: _RunCursor = step.cursor  # type: ignore[assignment]
-    resolver = cursor.resolver
-    if resolver is None:
-        raise _Unsure("the run is over")
-    index = cursor.calls
-    cursor.calls = index + 1
-    if index in cursor.news:
-        made = resolver.new(record, args, None, step)
-    else:
-        made = resolver.call(record, args, step)
-    if resolver.findings or resolver.nested:
-        raise _Unsure("not clean: the resolver noted something")
-    if type(made) is not LiveMade:
-        raise _Unsure("the resolver made a record C cannot call")
-    return made
-
-
 class _Live:
     """What C does to a record besides calling it, each handed to the resolver as the
     Python machine hands it: BUILD (``__setstate__``), SETITEM(S), APPEND(S)."""
@@ -194,7 +173,24 @@ class _Live:
     step: Step
 
     def __call__(self: Any, *args: Any) -> Made:
-        return _made(self, args)
+        """What REDUCE, OBJ or NEWOBJ made of this record: the resolver's ``Made``, which C
+        can use in turn. Every record of a run carries the run's step, and so its resolver."""
+        step = self.step
+        cursor: _RunCursor = step.cursor
+        resolver = cursor.resolver
+        if resolver is None:
+            raise _Unsure("the run is over")
+        index = cursor.calls
+        cursor.calls = index + 1
+        if index in cursor.news:
+            made = resolver.new(self, args, None, step)
+        else:
+            made = resolver.call(self, args, step)
+        if resolver.findings or resolver.nested:
+            raise _Unsure("not clean: the resolver noted something")
+        if type(made) is not LiveMade:
+            raise _Unsure("the resolver made a record C cannot call")
+        return made
 
     def __setstate__(self, state: Any) -> None:
         self.step.cursor.resolver.build(self, state, self.step)  # type: ignore[attr-defined]

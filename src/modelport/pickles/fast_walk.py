@@ -142,16 +142,19 @@ def _walk(chunk: bytes, most: int, calls: list[int]) -> int | None:
     """Where the pickle ends in ``chunk``, with ``calls`` holding where each REDUCE, OBJ
     and NEWOBJ is whenever there is a NEWOBJ; None when refused, ``_RAN_OUT`` when the
     bytes end first."""
-    match = _EXPRESSION.compiled()
-    if match is not None:
-        end = _by_runs(chunk, most, match, calls)
+    expressions = _EXPRESSIONS
+    if expressions.ready():
+        end = _by_runs(chunk, most, expressions.match(numbering=False), calls)
         if end != _UNCOUNTED:
+            if calls and end is not None and end >= 0:  # a NEWOBJ: number every call
+                calls.clear()
+                _by_runs(chunk, most, expressions.match(numbering=True), calls)
             return end
         calls.clear()
     end = _by_opcode(chunk, most, _WIDTH, calls)
     if end is not None and end > 0:
-        _EXPRESSION.walked(end)
-        if calls:  # a NEWOBJ: number every call
+        expressions.bytes_walked += end
+        if calls:
             calls.clear()
             _by_opcode(chunk, most, _WIDTH_NUMBERING, calls)
     return end
@@ -216,8 +219,9 @@ def _by_opcode(data: bytes, most: int, width: list[int], calls: list[int]) -> in
 def _by_runs(data: bytes, most: int, match: _Match, calls: list[int]) -> int | None:
     """The walk of ``_by_opcode``, the expression taking each run of opcodes it can check;
     ``_UNCOUNTED`` once the bytes walked are as many as the opcodes allowed (opcodes are at
-    least a byte each, so below that no count is needed). A MARK the expression leaves is
-    one the next opcode (PROTO, FRAME, APPENDS) makes odd: refused."""
+    least a byte each, so below that no count is needed). The calls it leaves are noted in
+    ``calls``. A MARK the expression leaves is one the next opcode (PROTO, FRAME, APPENDS)
+    makes odd: refused."""
     counted, pos = _COUNTED, 0
     try:
         while True:
@@ -264,10 +268,11 @@ def _past_lines(data: bytes, pos: int) -> int:
     return pos
 
 
-def _expression() -> re.Pattern[bytes]:
-    """Any run of the opcodes ``_by_runs`` need not look at: those of fixed width, strings
-    under ``_SHORT`` bytes, LONG_BINPUT under the memo bound, a MARK not followed by PROTO,
-    FRAME or APPENDS, PROTO up to the highest, GLOBAL with lines the machine reads."""
+def _expression(numbering: bool) -> re.Pattern[bytes]:
+    """Any run of the opcodes ``_by_runs`` need not look at: those of fixed width but
+    NEWOBJ (and REDUCE and OBJ when ``numbering`` the calls), strings under ``_SHORT``
+    bytes, LONG_BINPUT under the memo bound, a MARK not followed by PROTO, FRAME or APPENDS,
+    PROTO up to the highest, GLOBAL with lines the machine reads."""
 
     def one_of(*names: str) -> bytes:
         return b"[" + b"".join(re.escape(bytes([_CODES[name]])) for name in names) + b"]"
@@ -276,7 +281,8 @@ def _expression() -> re.Pattern[bytes]:
         lengths = (re.escape(bytes([n]) + bytes(zeros)) + b".{%d}" % n for n in range(_SHORT))
         return one_of(*names) + b"(?:" + b"|".join(lengths) + b")"
 
-    single = [name for name, width in _FIXED.items() if width == 1 and _CODES[name] not in _CALLS]
+    left = _CALLS if numbering else frozenset({_NEWOBJ})
+    single = [name for name, width in _FIXED.items() if width == 1 and _CODES[name] not in left]
     line = b"[^\n]{1,%d}\n" % (MAX_PICKLE_SHORT_LINE - 1)
     tokens = [
         one_of("BININT1", "BINGET", "BINPUT") + b".",
@@ -295,24 +301,26 @@ def _expression() -> re.Pattern[bytes]:
     return re.compile(b"(?:" + b"|".join(tokens) + b")*+", re.DOTALL)
 
 
-class _Expression:
-    """``_by_runs``'s expression, compiled once the process has walked ``after`` bytes by
-    opcode: a process that scans one small file never pays for it."""
+class _Expressions:
+    """``_by_runs``'s two expressions (one stops at REDUCE and OBJ too, to number the calls
+    of a pickle with NEWOBJ), each compiled when first needed once the process has walked
+    ``after`` bytes by opcode: a process that scans one small file never pays for them."""
 
-    __slots__ = ("after", "bytes_walked", "match")
+    __slots__ = ("after", "bytes_walked", "compiled")
 
     def __init__(self, after: int) -> None:
         self.after = after
         self.bytes_walked = 0
-        self.match: _Match | None = None
+        self.compiled: dict[bool, _Match] = {}
 
-    def compiled(self) -> _Match | None:
-        if self.match is None and self.bytes_walked >= self.after:
-            self.match = _expression().match  # type: ignore[assignment]  # never None: see _Match
-        return self.match
+    def ready(self) -> bool:
+        return self.bytes_walked >= self.after
 
-    def walked(self, size: int) -> None:
-        self.bytes_walked += size
+    def match(self, *, numbering: bool) -> _Match:
+        if numbering not in self.compiled:
+            pattern = _expression(numbering)
+            self.compiled[numbering] = pattern.match  # type: ignore[assignment]  # see _Match
+        return self.compiled[numbering]
 
 
-_EXPRESSION = _Expression(_COMPILE_AFTER)
+_EXPRESSIONS = _Expressions(_COMPILE_AFTER)
