@@ -90,10 +90,23 @@ class ZipDirectory:
     blob: bytes | None = None
 
     @classmethod
-    def read(cls, path: Path, *, start: int = 0, length: int | None = None) -> ZipDirectory:
+    def read(
+        cls,
+        path: Path,
+        *,
+        start: int = 0,
+        length: int | None = None,
+        held: memoryview | None = None,
+    ) -> ZipDirectory:
         """The directory of the zip in ``path``, or of one embedded at ``start`` and spanning
         ``length`` bytes (a ``torch.save`` blob inside another file); offsets in the zip are
-        relative to ``start``, the entries' offsets returned are absolute in ``path``."""
+        relative to ``start``, the entries' offsets returned are absolute in ``path``.
+        ``held`` is a view of the whole file where the caller holds one already (a scan reads
+        a small file whole, maps a large one): the directory is parsed there, the file
+        neither opened again nor the result kept."""
+        whole = held.obj if held is not None else None
+        if isinstance(whole, (bytes, mmap.mmap)) and len(whole) == len(held or b""):
+            return cls._read(whole, path, len(whole), start, length, None)
         stat = path.stat()
         key = (path, start, length, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
         found = _RECENT.get(key)

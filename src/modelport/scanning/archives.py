@@ -64,7 +64,7 @@ def scan_zip(
         directory = ZipDirectory.from_bytes(blob, scan.path)
     else:
         scan.zip_starts.add(start)
-        directory = ZipDirectory.read(scan.path, start=start, length=length)
+        directory = ZipDirectory.read(scan.path, start=start, length=length, held=scan.data)
     names = directory.names()
     _report_directory(scan, directory, member, names)
     torchscript = any("/code/" in n or n.startswith("code/") for n in names) and any(

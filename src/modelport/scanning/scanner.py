@@ -254,7 +254,7 @@ class _FileScanner(ScanState):
         if start in self.zip_starts:
             return False
         try:
-            ZipDirectory.read(self.path, start=start)
+            ZipDirectory.read(self.path, start=start, held=self.data)
         except ModelportError:
             return False  # an end record by chance in data: no zip reader opens it
         self.scan_zip("", 0, start=start)
