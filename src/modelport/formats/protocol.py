@@ -86,13 +86,18 @@ def refuse_special_file(path: Path) -> None:
 
 
 class Probe:
-    """What sniffers look at: path, size and first bytes, plus the zip directory on demand."""
+    """What sniffers look at: path, size and first bytes, plus the zip directory on demand.
+    ``held`` is a view of the whole file where its maker holds one (the scanner does): the
+    zip directory is parsed there rather than from the file opened again."""
 
-    def __init__(self, path: Path, size: int, head: bytes, is_dir: bool) -> None:
+    def __init__(
+        self, path: Path, size: int, head: bytes, is_dir: bool, held: memoryview | None = None
+    ) -> None:
         self.path: Final = path
         self.size: Final = size
         self.head: Final = head
         self.is_dir: Final = is_dir
+        self.held: Final = held
 
     def __repr__(self) -> str:
         return f"Probe({str(self.path)!r}, size={self.size}, is_dir={self.is_dir})"
@@ -112,14 +117,14 @@ class Probe:
         if self.is_dir or not self.head.startswith((LOCAL_SIGNATURE, EOCD_SIGNATURE)):
             return None
         try:
-            return ZipDirectory.read(self.path)
+            return ZipDirectory.read(self.path, held=self.held)
         except ModelportError:
             return None
 
     def zip_directory(self) -> ZipDirectory:
         """The zip directory, for a reader whose sniffer took the file as a zip: the parsed
         one, or the precise reason it cannot be read."""
-        return self.zip if self.zip is not None else ZipDirectory.read(self.path)
+        return self.zip if self.zip is not None else ZipDirectory.read(self.path, held=self.held)
 
 
 class Contents:

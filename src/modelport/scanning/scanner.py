@@ -438,7 +438,8 @@ class _FileScanner(ScanState):
     def scan_with_reader(self, *, zip_only: bool = False) -> str | None:
         """The first reader of a code-free format (or, inside a zip, any reader) that takes
         the file; its format's name, or None when none does."""
-        probe = Probe(self.path, len(self.data), bytes(self.data[:HEAD_BYTES]), False)  # as read
+        head = bytes(self.data[:HEAD_BYTES])
+        probe = Probe(self.path, len(self.data), head, False, held=self.data)  # as read
         for reader in candidates(probe):
             if not zip_only and reader.format not in _CODE_FREE:
                 continue
