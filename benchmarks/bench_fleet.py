@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import shutil
 import signal
 import statistics
@@ -166,11 +167,20 @@ def _rss(pid: int) -> int:
 
 def timed(command: list[str]) -> tuple[float, int, int]:
     """Wall seconds, peak tree RSS and exit status of one run."""
+    wall, peak, status, _ = timed_with_cpu(command)
+    return wall, peak, status
+
+
+def timed_with_cpu(command: list[str]) -> tuple[float, int, int, float]:
+    """Wall seconds, peak tree RSS, exit status and CPU seconds (user and system, of the
+    process and every child it waited for: its workers) of one run."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     memory = TreeMemory(process.pid)
-    status = process.wait()
-    return time.perf_counter() - start, memory.stop(), status
+    _, raw_status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(raw_status)
+    wall = time.perf_counter() - start
+    return wall, memory.stop(), process.returncode, usage.ru_utime + usage.ru_stime
 
 
 def resume_after_kill(count: int) -> tuple[float, float, int]:
@@ -238,22 +248,35 @@ def main() -> int:
             tools[name] = [*command, str(CORPUS)]
     timed(tools["modelport --jobs 1"])  # page cache warm for everyone
     walls: dict[str, list[float]] = {name: [] for name in tools}
+    cpus: dict[str, list[float]] = {name: [] for name in tools}
     peaks: dict[str, list[int]] = {name: [] for name in tools}
     for _ in range(args.repeat):  # round by round, so that a busy minute costs every tool
         for name, command in tools.items():
             for stale in RUNS.glob("jobs*.jsonl"):
                 stale.unlink()  # a fresh run each time, never a resume
-            wall, peak, _ = timed(command)
+            wall, peak, _, cpu = timed_with_cpu(command)
             walls[name].append(wall)
+            cpus[name].append(cpu)
             peaks[name].append(peak)
     print(
-        f"\n{'tool':22} {'wall s':>8} {'files/s':>9} {'peak RSS':>10}   (median of {args.repeat})"
+        f"\n{'tool':22} {'wall s':>8} {'files/s':>9} {'CPU s':>7} {'files/CPU s':>12} "
+        f"{'peak RSS':>10}   (median of {args.repeat})"
     )
     for name in tools:
-        wall = statistics.median(walls[name])
-        print(f"{name:22} {wall:8.2f} {args.files / wall:9.0f} {max(peaks[name]) / 1e6:8.0f} MB")
+        wall, cpu = statistics.median(walls[name]), statistics.median(cpus[name])
+        print(
+            f"{name:22} {wall:8.2f} {args.files / wall:9.0f} {cpu:7.2f} {args.files / cpu:12.0f} "
+            f"{max(peaks[name]) / 1e6:8.0f} MB"
+        )
     one, two = (statistics.median(walls[f"modelport --jobs {j}"]) for j in (1, 2))
     print(f"--jobs 2 / --jobs 1: {one / two:.2f}x")
+    if "picklescan -p" in walls:
+        peer_wall, peer_cpu = (statistics.median(m["picklescan -p"]) for m in (walls, cpus))
+        one_cpu = statistics.median(cpus["modelport --jobs 1"])
+        print(
+            f"--jobs 1 / picklescan: {peer_wall / one:.2f}x the files per second, "
+            f"{peer_cpu / one_cpu:.2f}x the files per CPU second (parent and worker together)"
+        )
     resumes = [resume_after_kill(args.files) for _ in range(args.repeat)]
     rerun, noop, left = (statistics.median(r[i] for r in resumes) for i in range(3))
     print(
