@@ -82,27 +82,26 @@ def run(plan: Plan, tally: Tally | None = None) -> Iterator[Record]:
             tally.skipped_lines = journal.existing.skipped
         order = _InOrder()
         tasks: list[Task] = []
-        identities: dict[int, Identity | None] = {}
         for position, item in enumerate(plan.inputs):
             options = plain({**plan.options, **item.context})
             record = earlier.get((item.path, _target(options)))
-            identity = _identity(item.path, record)
-            if record is not None and record.answers(plan.command, identity, options, plan.budget):
+            if record is not None and record.answers(
+                plan.command, Identity.of(item.path), options, plan.budget
+            ):
                 tally.reused += 1
                 yield from order.put(position, record)
             elif item.decided is not None:
-                outcome = Outcome(identity, item.decided["format"], item.decided)
+                outcome = Outcome(_identity(item.path), item.decided["format"], item.decided)
                 decided = _record(plan, item, options, outcome, os.getpid())
                 yield from order.put(position, _written(journal, decided, tally))
             else:
                 tasks.append(Task(position, plan.command, item.path, options))
-                identities[position] = identity
         groups = Groups.of(tasks, plan.jobs) if plan.dedupe else Groups.none(tasks)
         if executor is None:
             executor = Pool(min(plan.jobs, len(groups.leaders)), plan.budget)
         for task, outcome, pid in executor.results(groups.leaders):
-            if outcome.identity is None:  # the worker never answered: what the run saw
-                outcome = replace(outcome, identity=identities[task.key])
+            if outcome.identity is None:  # the worker never answered: what the run sees
+                outcome = replace(outcome, identity=_identity(task.path))
             item, digest = plan.inputs[task.key], groups.sha256(task.key)
             record = _record(plan, item, task.options, outcome, pid, sha256=digest)
             yield from order.put(task.key, _written(journal, record, tally))
@@ -113,12 +112,11 @@ def run(plan: Plan, tally: Tally | None = None) -> Iterator[Record]:
                 yield from order.put(follower.key, _written(journal, twin, tally))
 
 
-def _identity(path: str, earlier: Record | None) -> Identity | None:
-    """What ``path`` is now. An object behind a URL costs a request to its store, made here
-    only when a record may stand for it: its worker takes the identity it reads."""
-    if earlier is None and remote.is_url(path):
-        return None
-    return Identity.of(path)
+def _identity(path: str) -> Identity | None:
+    """What ``path`` is now, for a record the run makes itself (a worker takes the identity
+    of each file it reads): a file decided without a worker, or one whose worker never
+    answered. An object behind a URL would cost a request to its store: it has none."""
+    return None if remote.is_url(path) else Identity.of(path)
 
 
 def _written(journal: Journal | None, record: Record, tally: Tally) -> Record:
