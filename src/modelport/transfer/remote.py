@@ -59,6 +59,11 @@ _VERSION_KEYS: Final = (
 )
 # When it was last written: S3's LastModified, GCS's updated, fsspec's mtime, HTTP's header.
 _MODIFIED_KEYS: Final = ("LastModified", "updated", "mtime", "last_modified", "Last-Modified")
+# Options for ``cat_ranges`` by protocol. HfFileSystem reads a range through a file with
+# fsspec's read-ahead cache, which asks the server for 5 MiB past the range (uncounted) and,
+# when a server ignores ``Range`` (a local mirror), returns the object's first bytes as the
+# range's; without the cache each range is one request whose whole answer comes back.
+_RANGE_OPTIONS: Final[dict[str, dict[str, str]]] = {"hf": {"cache_type": "none"}}
 STREAM_CHUNK: Final = 8 << 20  # bytes per range when a whole object is copied
 STREAM_BATCH: Final = 4  # ranges asked for at once (fetched concurrently where fsspec can)
 
@@ -135,7 +140,8 @@ class RemoteObject:
             return []
         starts = [start for start, _ in ranges]
         ends = [end for _, end in ranges]
-        found = self.fs.cat_ranges([self.key] * len(ranges), starts, ends)
+        options = _RANGE_OPTIONS.get(urlsplit(self.url).scheme.lower(), {})
+        found = self.fs.cat_ranges([self.key] * len(ranges), starts, ends, **options)
         blobs: list[bytes] = []
         for (start, end), blob in zip(ranges, found, strict=True):
             if isinstance(blob, BaseException):
