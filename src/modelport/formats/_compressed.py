@@ -35,7 +35,9 @@ MAGICS: Final = (
     (b"\x1f\x8b", Compression.GZIP),
     (b"BZh", Compression.BZ2),
     (b"\x5d\x00\x00", Compression.LZMA),
-    (ZF_PREFIX + b"0x", Compression.JOBLIB_ZF),
+    # joblib takes any file opening with "ZF" for one and reads its length with int(text, 16),
+    # which needs no "0x" (numpy_pickle_utils._detect_compressor, numpy_pickle_compat.read_zfile)
+    (ZF_PREFIX, Compression.JOBLIB_ZF),
     (b"\x78", Compression.ZLIB),
 )
 

@@ -120,7 +120,7 @@ def zfile_length(path: Path) -> int:
     """The decompressed length a ``ZF`` file's header declares."""
     with open(path, "rb") as handle:
         header = handle.read(ZF_HEADER_BYTES)
-    if not header.startswith(ZF_PREFIX + b"0x"):
+    if not header.startswith(ZF_PREFIX):
         raise CorruptFileError("not a joblib ZF file", path=path)
     try:
         return int(header[len(ZF_PREFIX) :].decode("ascii").strip(), 16)

@@ -44,11 +44,25 @@ class TarMember:
     size: int
 
 
+# What ``tarfile`` takes for a regular file (REGULAR_TYPES less GNU sparse), and the header
+# types it reads that change what follows (GNU long names, global pax, sparse maps): a walk
+# that meets one of those cannot say where tarfile puts the members.
+_REGULAR = (b"0", b"\0", b"7")
+_NOT_WALKED = (b"g", b"L", b"K", b"S")
+
+
 def tar_members(data: bytes | memoryview) -> list[TarMember]:
     """The regular members of a tar held in ``data`` (a pax ``path`` renames the next one)."""
+    return tar_layout(data)[0]
+
+
+def tar_layout(data: bytes | memoryview) -> tuple[list[TarMember], str | None]:
+    """The regular members, and why the walk may differ from ``tarfile``'s (a header type
+    it reads differently), or None. A pax ``size`` resizes the next member as in tarfile."""
     members: list[TarMember] = []
     pos = 0
     rename: str | None = None
+    resize: int | None = None
     for _ in range(limits.MAX_TAR_HEADERS):
         header = bytes(data[pos : pos + TAR_BLOCK])
         if len(header) < TAR_BLOCK or header == bytes(TAR_BLOCK):
@@ -62,15 +76,23 @@ def tar_members(data: bytes | memoryview) -> list[TarMember]:
         prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
         kind = header[156:157]
         start = pos + TAR_BLOCK
+        if kind in _NOT_WALKED:
+            return members, f"tar header type {kind!r}, which tarfile reads differently"
         if kind == b"x":
-            rename = _pax_path(bytes(data[start : start + min(size, 1 << 16)])) or rename
-        elif kind in (b"0", b"\0"):
+            records = bytes(data[start : start + min(size, 1 << 16)])
+            rename = _pax_field(records, b"path") or rename
+            given = _pax_field(records, b"size")
+            resize = int(given) if given is not None and given.isdigit() else resize
+            pos = start + -(-size // TAR_BLOCK) * TAR_BLOCK
+            continue
+        size = size if resize is None else resize
+        if kind in _REGULAR:
             members.append(
                 TarMember(rename or (f"{prefix}/{name}" if prefix else name), start, size)
             )
-            rename = None
+        rename, resize = None, None
         pos = start + -(-size // TAR_BLOCK) * TAR_BLOCK
-    return members
+    return members, None
 
 
 def _tar_size(field: bytes) -> int | None:
@@ -83,10 +105,10 @@ def _tar_size(field: bytes) -> int | None:
         return None
 
 
-def _pax_path(records: bytes) -> str | None:
+def _pax_field(records: bytes, wanted: bytes) -> str | None:
     for line in records.split(b"\n"):
         _, _, field = line.partition(b" ")
         key, _, value = field.partition(b"=")
-        if key == b"path":
+        if key == wanted:
             return value.decode("utf-8", "replace")
     return None

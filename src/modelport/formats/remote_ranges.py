@@ -186,4 +186,5 @@ def _is_raw_storage(entry: ZipEntry) -> bool:
     stored member in a ``data`` folder, reached through data.pkl's persistent ids and never
     parsed. It must stay the same rule: the scanner reads every other member."""
     parts = entry.name.split("/")
-    return entry.method == STORED and len(parts) >= 2 and parts[-2] == "data"
+    in_data = len(parts) >= 2 and parts[-2] == "data" and not parts[-1].lower().endswith(".pkl")
+    return entry.method == STORED and in_data

@@ -53,7 +53,7 @@ from modelport.formats._legacy_stream import (
     storage_dtype,
     text_of,
 )
-from modelport.formats._tar import TAR_BLOCK, TarMember, tar_members
+from modelport.formats._tar import TAR_BLOCK, TarMember, tar_layout, tar_members
 from modelport.formats._torch_magic import is_magic_number as is_magic_number
 from modelport.formats._torch_magic import opens_with_magic
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
@@ -131,7 +131,10 @@ def tar_pickle_spans(path: Path) -> tuple[list[PickleSpan], str | None]:
 
 
 def _read_tar(path: Path, data: memoryview, spans: list[PickleSpan] | None = None) -> Contents:
-    members = {m.name: m for m in tar_members(data)}
+    listed, odd = tar_layout(data)
+    if odd is not None:
+        raise CorruptFileError(f"legacy torch tar not walked: {odd}", path=path)
+    members = {m.name: m for m in listed}
     for name, member in members.items():
         check_data(member.offset + member.size, len(data), f"tar member {name!r}", path)
     missing = [n for n in TAR_MEMBERS[1:] if n not in members]

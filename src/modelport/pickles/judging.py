@@ -56,7 +56,12 @@ class ScanResolver:
         limits: Limits | None = None,
         symbol_type: type[Symbol] = Symbol,
         made_type: type[Made] = Made,
+        joblib_view: bool = True,
     ) -> None:
+        # joblib's NumpyUnpickler reads array bytes after a wrapper's BUILD; pickle.load,
+        # torch.load and the plain unpickler joblib uses for object arrays run them as opcodes
+        self.joblib_view = joblib_view
+        self.skipped_arrays = 0
         self.symbol_type = symbol_type
         self.made_type = made_type
         self.data = data
@@ -158,7 +163,8 @@ class ScanResolver:
             obj.patched.append(at)
         elif isinstance(obj, Made):
             obj.states.append(state)
-            if joblib_arrays.is_wrapper(obj.origin):
+            if self.joblib_view and self.depth == 0 and joblib_arrays.is_wrapper(obj.origin):
+                self.skipped_arrays += 1
                 self._skip_joblib_array(state, at)
         for key in _state_keys(state):
             if key[:2] == "__" and _PYTHON_SPECIAL.fullmatch(key):
@@ -299,4 +305,27 @@ def scan_pickle(
     except (CorruptFileError, TruncatedFileError) as exc:
         truncated = isinstance(exc, TruncatedFileError)
         raise UnparsedPickleError(str(exc), findings=judge(resolver), truncated=truncated) from exc
-    return PickleScan(judge(resolver), resolver.nested, result.end)
+    findings = judge(resolver)
+    if resolver.skipped_arrays:
+        findings += _as_plain_pickle(view, start, limits, torchscript, expect_persistent_ids)
+    return PickleScan(findings, resolver.nested, result.end)
+
+
+def _as_plain_pickle(
+    view: memoryview, start: int, limits: Limits, torchscript: bool, persistent: bool
+) -> list[PickleFinding]:
+    """The same bytes as pickle.load reads them, joblib's array bytes run as opcodes: the
+    globals named before they stop parsing count (findings without a global are left out,
+    since array bytes taken for opcodes make such noise in legitimate files)."""
+    plain = ScanResolver(
+        torchscript=torchscript,
+        expect_persistent_ids=persistent,
+        data=view,
+        limits=limits,
+        joblib_view=False,
+    )
+    try:
+        run(view, plain, start=start, limits=limits)
+    except (CorruptFileError, TruncatedFileError):
+        plain.findings.clear()  # pickle.load stops there too; what it named before counts
+    return [f for symbol in plain.symbols for f in judge_symbol(symbol, torchscript)]

@@ -68,7 +68,7 @@ def _judge_use(symbol: Symbol, key: tuple[str, str], torchscript: bool) -> list[
             "nested-loader",
             f"{name} loads a torch file embedded as bytes: those bytes are scanned as well",
         )
-    exploit = policy.gadget(*key)
+    exploit = policy.gadget(*key) or _traversed_gadget(key)
     if exploit is not None:
         verb = {Usage.CALLED: "calls", Usage.INSTANTIATED: "instantiates"}.get(usage, "references")
         return finding(Severity.CRITICAL, "known-gadget", f"{verb} {name}, which {exploit}")
@@ -107,6 +107,13 @@ def _judge_use(symbol: Symbol, key: tuple[str, str], torchscript: bool) -> list[
         ]
     if symbol.calls:
         return finding(*_direct_call(key, name))
+    if _through_module(key):
+        return finding(
+            Severity.HIGH,
+            "attribute-traversal",
+            f"names {name}: protocol 4 resolves a dotted name attribute by attribute, so it "
+            "reaches whatever that package imported (os, subprocess), not a class of its own",
+        )
     if usage is Usage.REFERENCED:
         return finding(
             Severity.MEDIUM,
@@ -125,7 +132,7 @@ def _direct_call(key: tuple[str, str], name: str) -> tuple[Severity, str, str]:
             f"calls {name}, a standard-library callable that is not on the allowlist: the "
             "standard library is where code execution, files, processes and sockets are",
         )
-    if policy.names_a_class(key[1]):
+    if policy.names_a_class(key[1]) and not _through_module(key):
         return (
             Severity.MEDIUM,
             "custom-class-call",
@@ -175,6 +182,27 @@ def _instantiation(
         f"instantiates {name} and hands its __setstate__ a non-dict state: loading it "
         "normally runs that class's code on data from the file",
     )
+
+
+def _through_module(key: tuple[str, str]) -> bool:
+    """A dotted name whose inner parts are not all classes: ``torch`` +
+    ``_strobelight.cli_function_profiler.subprocess.Popen`` walks modules to reach
+    ``subprocess.Popen``; a nested class (``Outer.Inner``) walks classes only."""
+    inner = key[1].split(".")[:-1]
+    return any(not policy.names_a_class(part) for part in inner)
+
+
+def _traversed_gadget(key: tuple[str, str]) -> str | None:
+    """The known gadget a dotted name ends on (``torch`` + ``serialization.os.system`` is
+    ``os.system``), tried at each module-like part from the innermost out."""
+    parts = [key[0], *key[1].split(".")]
+    for i in range(len(parts) - 2, 0, -1):
+        found = policy.gadget(".".join(parts[i:-1]), parts[-1]) or policy.gadget(
+            parts[i], ".".join(parts[i + 1 :])
+        )
+        if found is not None:
+            return found
+    return None
 
 
 def _first_use(symbol: Symbol) -> Step:

@@ -67,16 +67,18 @@ def scan_zip(
         directory = ZipDirectory.read(scan.path, start=start, length=length, held=scan.data)
     names = directory.names()
     _report_directory(scan, directory, member, names)
-    torchscript = any("/code/" in n or n.startswith("code/") for n in names) and any(
-        n.endswith("constants.pkl") for n in names
+    # torch's miniz lookup ignores case: "CODE/__torch__.PY" is the code torch.jit.load compiles
+    folded = [n.lower() for n in names]
+    torchscript = any("/code/" in n or n.startswith("code/") for n in folded) and any(
+        n.endswith("constants.pkl") for n in folded
     )
-    torch_archive = any(n.endswith("data.pkl") for n in names)
+    torch_archive = any(n.endswith("data.pkl") for n in folded)
     exported = any(n.endswith("/archive_format") or n == "archive_format" for n in names)
     raw_payloads = _exported_raw_payloads(scan, directory) if exported else frozenset()
     if depth == 0:
         scan.format = "torchscript" if torchscript else "torch-zip" if torch_archive else "zip"
     if torchscript:
-        code = sum(1 for n in names if "/code/" in n and n.endswith(".py"))
+        code = sum(1 for n in folded if "/code/" in n and n.endswith(".py"))
         scan.add(
             Severity.INFO,
             "torchscript-code",
@@ -177,7 +179,7 @@ def _scan_entry(
         )
         return
     _check_member(scan, entry, body, label)
-    if torchscript and entry.name.endswith(".py") and "code/" in entry.name:
+    if torchscript and _is_script_code(entry.name):
         scan.findings.extend(script_code.findings(bytes(body), entry.name))
         return
     if head[:4] in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
@@ -261,14 +263,23 @@ def _is_raw_storage(entry: ZipEntry) -> bool:
     """Tensor bytes of a torch.save or TorchScript archive (``<prefix>/data/<key>``, reached
     through data.pkl's persistent ids): stored, copied, never parsed."""
     parts = entry.name.split("/")
-    return entry.method == STORED and len(parts) >= 2 and parts[-2] == "data"
+    # torch.save to "data.pt" names its main pickle "data/data.pkl", and torch's miniz lookup
+    # ignores case: a member named like a pickle is never taken for a storage
+    in_data = len(parts) >= 2 and parts[-2] == "data" and not parts[-1].lower().endswith(".pkl")
+    return entry.method == STORED and in_data
 
 
 def _may_hold_code(head: bytes, name: str, torchscript: bool) -> bool:
     """Whether a member calls for a full read: anything but plain data does, and so does
     a member its loader unpickles by name (``*.pkl``; ``*.pt`` through ``torch.load``)."""
-    by_name = name.endswith((".pkl", TORCH_SAVED)) or (torchscript and name.endswith(".py"))
+    by_name = name.lower().endswith((".pkl", TORCH_SAVED))
+    by_name = by_name or (torchscript and _is_script_code(name))
     return by_name or may_hold_code(head)
+
+
+def _is_script_code(name: str) -> bool:
+    folded = name.lower()
+    return folded.endswith(".py") and "code/" in folded
 
 
 def _inflate(raw: memoryview, cap: int, *, strict: bool = True) -> memoryview | None:
