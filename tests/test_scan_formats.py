@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import modelport
+from tests.attacks.harness import reaches_payload
+from tests.attacks.writers import shell2
 from tests.formats.test_hdf5 import keras2_model_config
 from tests.formats.test_keras import model_config, write_keras
 
@@ -464,3 +466,44 @@ def test_a_legacy_torch_stream_is_told_by_its_magic_number_in_every_protocol(
     torch.save(weights, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
     report = modelport.scan(path).to_json()
     assert (report["format"], report["verdict"]) == ("torch-legacy", "safe")
+
+
+def _old_joblib(folder: Path, side_file: str) -> Path:
+    """A pickle as joblib < 0.10 wrote it: its array lives in a side file it names, which
+    joblib.load reads with np.load(allow_pickle=True) (joblib's own class, pickled)."""
+    from joblib.numpy_pickle_compat import NDArrayWrapper
+
+    path = folder / "model.pkl"
+    path.write_bytes(pickle.dumps(NDArrayWrapper(side_file, np.ndarray), protocol=2))
+    return path
+
+
+@pytest.mark.parametrize("side_file", ["../elsewhere/model.pkl_01.npy", "/tmp/x.npy"])
+def test_an_old_joblib_side_file_outside_the_folder_is_unsafe(
+    tmp_path: Path, side_file: str
+) -> None:
+    report = modelport.scan(_old_joblib(tmp_path, side_file)).to_json()
+    assert report["verdict"] == "unsafe"
+    assert [f["rule"] for f in report["findings"]] == ["reaches-outside"]
+
+
+def test_an_old_joblib_side_file_beside_it_is_judged_there(tmp_path: Path) -> None:
+    pickled = _old_joblib(tmp_path, "model.pkl_01.npy")
+    np.save(tmp_path / "model.pkl_01.npy", np.arange(4.0))
+    assert modelport.scan(pickled).verdict == "safe"
+    assert modelport.scan(tmp_path).verdict == "safe"
+    (tmp_path / "model.pkl_01.npy").write_bytes(shell2(tmp_path / "PWNED"))
+    assert modelport.scan(tmp_path).verdict == "unsafe"
+
+
+@pytest.mark.heavy
+def test_joblib_reaches_a_pickle_in_an_old_side_file_outside_the_folder(tmp_path: Path) -> None:
+    marker = tmp_path / "PWNED"
+    model = tmp_path / "model"
+    model.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.npy").write_bytes(shell2(marker))
+    pickled = _old_joblib(model, "../elsewhere/x.npy")
+    reach = reaches_payload("import joblib; joblib.load(PATH)", pickled, marker)
+    assert reach.reached, reach.stderr_tail
+    assert modelport.scan(model).verdict == "unsafe"

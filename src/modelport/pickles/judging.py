@@ -39,6 +39,11 @@ _MAX_NESTED_ARRAY_PICKLES = 8
 # lower case; copy, pickle and the interpreter look them up on an object. An upper-case
 # dunder (sklearn-crfsuite's ``__FILE_RESOURCE_DATA__``) is an application's field.
 _PYTHON_SPECIAL: Final = re.compile(r"__[a-z][a-z0-9_]*__")
+# joblib < 0.10 kept each array in a file beside the pickle; joblib.load still reads it, with
+# numpy's np.load(allow_pickle=True), at os.path.join(the pickle's folder, its name).
+_SIDE_FILE_WRAPPERS: Final = frozenset(
+    {("joblib.numpy_pickle", "NDArrayWrapper"), ("joblib.numpy_pickle_compat", "NDArrayWrapper")}
+)
 
 
 class ScanResolver:
@@ -166,6 +171,7 @@ class ScanResolver:
             if self.joblib_view and self.depth == 0 and joblib_arrays.is_wrapper(obj.origin):
                 self.skipped_arrays += 1
                 self._skip_joblib_array(state, at)
+            self._check_side_file(obj, state, at)
         for key in _state_keys(state):
             if key[:2] == "__" and _PYTHON_SPECIAL.fullmatch(key):
                 self._note(
@@ -178,6 +184,25 @@ class ScanResolver:
                     "behaves when it is used",
                 )
         return obj
+
+    def _check_side_file(self, obj: Made, state: Any, at: Step) -> None:
+        """A side file named by a path, not a plain name, lies wherever the path leads (an
+        absolute one anywhere): a scan of the pickle's folder never judges it."""
+        origin = obj.origin
+        if not (isinstance(origin, Symbol) and origin.key in _SIDE_FILE_WRAPPERS):
+            return
+        name = state.get("filename") if isinstance(state, dict) else None
+        if isinstance(name, str) and (not name or any(c in name for c in "/\\:") or ".." in name):
+            self._note(
+                Severity.HIGH,
+                "reaches-outside",
+                at,
+                origin.path,
+                "build-target",
+                f"joblib loads the array file {name!r} with np.load(allow_pickle=True), which "
+                "unpickles a pickle found there: a path that leaves the folder reaches a file "
+                "no scan of the folder judges",
+            )
 
     def _skip_joblib_array(self, state: Any, at: Step) -> None:
         """Step over the array bytes joblib reads after its wrapper's BUILD; an object array
