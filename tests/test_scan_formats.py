@@ -16,6 +16,7 @@ import torch
 import modelport
 from tests.attacks.harness import reaches_payload
 from tests.attacks.writers import shell2
+from tests.conftest import Cli
 from tests.formats.test_hdf5 import keras2_model_config
 from tests.formats.test_keras import model_config, write_keras
 
@@ -399,8 +400,11 @@ def test_remote_code_named_by_auto_map(tmp_path: Path) -> None:
     assert modelport.scan(tmp_path / "config.json").verdict == "safe"
 
 
-def test_an_onnx_model_with_its_external_data_is_safe_as_a_folder(tmp_path: Path) -> None:
-    """The data file is raw tensor bytes its model names; alone it is no model at all."""
+def test_an_onnx_model_with_its_external_data_is_safe_as_a_folder(
+    tmp_path: Path, cli: Cli
+) -> None:
+    """The data file is raw tensor bytes its model names; alone it is no model at all. The
+    command (workers, records) judges the folder as the API does, its table and summary too."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -425,6 +429,17 @@ def test_an_onnx_model_with_its_external_data_is_safe_as_a_folder(tmp_path: Path
         "model.onnx.data": "tensor-data",
     }
     assert modelport.scan(tmp_path / "model.onnx.data").verdict == "error"
+    records = tmp_path.parent / f"{tmp_path.name}.jsonl"
+    for run in (
+        cli("scan", tmp_path, "--json"),
+        cli("scan", tmp_path, "--json", "--jsonl", records),
+        cli("scan", "--from-jsonl", records, "--json"),
+    ):
+        assert run.code == 0, run.out
+        found = {Path(f["path"]).name: f["format"] for f in run.json["files"]}
+        assert found == {"model.onnx": "onnx", "model.onnx.data": "tensor-data"}
+    table = cli("scan", tmp_path)
+    assert (table.code, table.out.count("SAFE")) == (0, 2), table.out
 
 
 def _keras2_h5(path: Path, config: dict[str, object]) -> Path:

@@ -12,7 +12,7 @@ from modelport.cli import _console, _many_files
 from modelport.cli._console import Segment
 from modelport.cli.commands import COMMANDS, ExitCode
 from modelport.errors import UsageError
-from modelport.scanning.findings import FileReport, ScanReport, worst
+from modelport.scanning.findings import FileReport, ScanReport, data_files_as_data, worst
 from modelport.severity import Severity
 
 if TYPE_CHECKING:
@@ -99,14 +99,21 @@ def _print(args: argparse.Namespace, report: ScanReport, *, streamed: bool = Fal
 
 def _run_fleet(plan: Plan, *, show_lines: bool) -> ScanReport:
     """Scan in workers; with ``show_lines``, each file's lines print as it is judged, in the
-    order the files were named."""
-    files = []
+    order the files were named. A file no reader recognised waits for the end: a model among
+    the files may read it as raw tensor data (ONNX external data), which is judged as such."""
+    files, held = [], []
     for record in _many_files.records(plan):
         file = _many_files.file_report(record)
         files.append(file)
-        if show_lines:
+        if show_lines and file.format == "unknown":
+            held.append(file.path)
+        elif show_lines:
             _console.write(file_lines(file))
-    return ScanReport(worst([f.verdict for f in files]), tuple(files))
+    judged = data_files_as_data(files)
+    by_path = {file.path: file for file in judged}
+    for path in held:
+        _console.write(file_lines(by_path[path]))
+    return ScanReport(worst([f.verdict for f in judged]), tuple(judged))
 
 
 def report_lines(report: ScanReport) -> Iterator[list[Segment]]:

@@ -16,7 +16,7 @@ from modelport.errors import UsageError
 from modelport.fleet.journal import latest, read
 from modelport.fleet.records import Record
 from modelport.pickles.symbols import Severity
-from modelport.scanning.findings import FileReport, Finding, ScanReport, worst
+from modelport.scanning.findings import FileReport, Finding, ScanReport, data_files_as_data, worst
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,9 @@ def summarize(jsonl_path: str | Path, command: str | None = None) -> Summary:
 
 
 def scan_report(records: tuple[Record, ...] | list[Record]) -> ScanReport:
-    files = tuple(file_report(r) for r in records)
+    """The report of the records' files together: a file that a model among them reads as
+    raw tensor data is judged as such, as ``scan`` judges a folder."""
+    files = tuple(data_files_as_data([file_report(r) for r in records]))
     return ScanReport(worst([f.verdict for f in files]), files)
 
 
@@ -68,8 +70,9 @@ def file_report(record: Record) -> FileReport:
     if record.status == "ok" and isinstance(result, dict):
         findings = tuple(_finding(f) for f in result["findings"])
         fetched = result.get("bytes_fetched")  # an object behind a URL
+        data_files = tuple(result.get("data_files", ()))
         return FileReport(
-            result["path"], result["format"], result["verdict"], findings, bytes_fetched=fetched
+            result["path"], result["format"], result["verdict"], findings, data_files, fetched
         )
     message = record.error.message if record.error else "no result recorded"
     finding = Finding(Severity.HIGH, "not-analysed", "", message)

@@ -7,6 +7,7 @@ Verdicts, worst last: ``safe`` (info findings at most), ``suspicious`` (medium),
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelport.pickles.interface import Value, fill
@@ -152,15 +153,17 @@ class FileReport:
         return replace(self, findings=(*self.findings, finding))
 
     def to_json(self) -> dict[str, Any]:
-        found = {
+        found: dict[str, Any] = {
             "path": self.path,
             "format": self.format,
             "verdict": self.verdict,
             "findings": [f.to_json() for f in self.findings],
         }
-        return (
-            found if self.bytes_fetched is None else {**found, "bytes_fetched": self.bytes_fetched}
-        )
+        if self.data_files:
+            found["data_files"] = list(self.data_files)
+        if self.bytes_fetched is not None:
+            found["bytes_fetched"] = self.bytes_fetched
+        return found
 
 
 class ScanReport(Value):
@@ -190,6 +193,26 @@ class ScanReport(Value):
         if len(self.files) == 1:
             return self.files[0].to_json()
         return {"verdict": self.verdict, "files": [f.to_json() for f in self.files]}
+
+
+def data_files_as_data(reports: list[FileReport]) -> list[FileReport]:
+    """A file no reader recognises is an error, unless a model beside it names it as its raw
+    tensor data: its loader copies those bytes into tensors and interprets nothing."""
+    owners = {
+        (Path(report.path).parent / name).resolve(): Path(report.path).name
+        for report in reports
+        for name in report.data_files
+    }
+    judged = []
+    for report in reports:
+        owner = owners.get(Path(report.path).resolve())
+        if owner is not None and report.format == "unknown":
+            finding = Finding(
+                Severity.INFO, "tensor-data", "", f"raw tensor data that {owner} reads"
+            )
+            report = FileReport(report.path, "tensor-data", "safe", (finding,))
+        judged.append(report)
+    return judged
 
 
 def worst(verdicts: list[str]) -> str:

@@ -12,7 +12,7 @@ from modelport import limits
 from modelport.formats import dcp
 from modelport.pickles.symbols import Severity
 from modelport.scanning import walking
-from modelport.scanning.findings import FileReport, Finding
+from modelport.scanning.findings import FileReport, Finding, data_files_as_data
 
 # ``scanner.scan_file``: a file's path, its zip segments, and whether it was met in a folder.
 ScanFile = Callable[..., FileReport]
@@ -47,30 +47,10 @@ def scan_folder(path: Path, scan_file: ScanFile, reports: list[FileReport]) -> l
                 f"more than {limits.MAX_SCANNED_FILES} files; the rest were not scanned",
             )
         )
-    reports = _data_files_as_data(reports)
+    reports = data_files_as_data(reports)
     if not walk.files and not walk.dangling:
         reports.append(error_report(path, "dir", "the folder holds no file: nothing to judge"))
     return reports
-
-
-def _data_files_as_data(reports: list[FileReport]) -> list[FileReport]:
-    """A file no reader recognises is an error, unless a model beside it names it as its raw
-    tensor data: its loader copies those bytes into tensors and interprets nothing."""
-    owners = {
-        (Path(report.path).parent / name).resolve(): Path(report.path).name
-        for report in reports
-        for name in report.data_files
-    }
-    judged = []
-    for report in reports:
-        owner = owners.get(Path(report.path).resolve())
-        if owner is not None and report.format == "unknown":
-            finding = Finding(
-                Severity.INFO, "tensor-data", "", f"raw tensor data that {owner} reads"
-            )
-            report = FileReport(report.path, "tensor-data", "safe", (finding,))
-        judged.append(report)
-    return judged
 
 
 def error_report(path: Path, kind: str, message: str) -> FileReport:
