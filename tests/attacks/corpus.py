@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.attacks.corpus_bypasses import BYPASSES
 from tests.attacks.writers import (
     HEADER_BENIGN,
     OBJECT_DTYPE,
@@ -712,6 +713,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "pytorch_model.bin is a relative link out of the folder: a scan of the folder that "
         "skips links sees only config.json",
     ),
+    *(Technique(*fields) for fields in BYPASSES),  # a red-team audit's finds
 )
 
 
