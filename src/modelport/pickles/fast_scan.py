@@ -60,7 +60,10 @@ def clean_run(
     them."""
     if not ENABLED or start < 0:
         return None
-    data = data if data.format == "B" else data.cast("B")
+    if not data.c_contiguous:
+        return None  # the Python machine cannot read it as bytes either, and says so
+    # indexes are bytes only in a flat view of bytes: the Python machine reads it so
+    data = data if data.format == "B" and data.ndim == 1 else data.cast("B")
     admitted = fast_walk.admit(data, start, _most_opcodes(limits))
     if admitted is None:
         return None
@@ -219,6 +222,6 @@ class LiveMade(_Live, Made):
     __slots__ = ()
 
     def __setstate__(self, state: Any) -> None:
-        if joblib_arrays.is_wrapper(self.origin):
+        if joblib_arrays.builds_wrapper(self):
             raise _Unsure("joblib's array bytes follow this BUILD")
         super().__setstate__(state)

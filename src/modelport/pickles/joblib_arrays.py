@@ -21,7 +21,8 @@ from typing import Any
 
 from modelport.errors import CorruptFileError
 from modelport.pickles.interface import Value, fill
-from modelport.pickles.symbols import Made, Symbol
+from modelport.pickles.policy import PASSED_ON
+from modelport.pickles.symbols import Made, Symbol, Usage
 
 WRAPPER_NAMES = frozenset(("NumpyArrayWrapper",))
 _MAX_RECORD_NESTING = 32
@@ -32,6 +33,25 @@ def is_wrapper(origin: Any) -> bool:
     """Whether BUILD fills joblib's array wrapper. joblib tests the built object with
     isinstance, so any module path that resolves to the class counts: the name decides."""
     return isinstance(origin, Symbol) and origin.name in WRAPPER_NAMES
+
+
+def classes_of(made: Made) -> list[Any]:
+    """What an object BUILD fills may be an instance of: what was called or instantiated to
+    make it, and each class a reconstructor instantiates with its arguments (copyreg's
+    ``_reconstructor(cls, object, None)`` and ``__newobj__(cls)``, as pickle writes any
+    object in protocols 0-2). joblib tests the object with isinstance, however it was made."""
+    origin = made.origin
+    if not isinstance(origin, Symbol) or origin.key is None:
+        return [origin]
+    args = made.args
+    uses = PASSED_ON.get(origin.key, ())
+    instantiated = [u.index for u in uses if u.usage is Usage.INSTANTIATED and u.index < len(args)]
+    return [origin, *(args[index] for index in instantiated)]
+
+
+def builds_wrapper(made: Made) -> bool:
+    """Whether a BUILD on ``made`` fills joblib's array wrapper, however it was made."""
+    return any(is_wrapper(cls) for cls in classes_of(made))
 
 
 class ArrayLayout(Value):

@@ -168,9 +168,14 @@ class ScanResolver:
             obj.patched.append(at)
         elif isinstance(obj, Made):
             obj.states.append(state)
-            if self.joblib_view and self.depth == 0 and joblib_arrays.is_wrapper(obj.origin):
-                self.skipped_arrays += 1
-                self._skip_joblib_array(state, at)
+            if self.depth == 0 and joblib_arrays.builds_wrapper(obj):
+                if self.joblib_view:
+                    self.skipped_arrays += 1
+                    self._skip_joblib_array(state, at)
+                elif joblib_arrays.layout_of(state).holds_objects:
+                    # pickle.load runs joblib's nested pickle with this pickle's memo and
+                    # stops at its STOP: in a real joblib file what it names there is noise
+                    raise _PlainReadingEnds
             self._check_side_file(obj, state, at)
         for key in _state_keys(state):
             if key[:2] == "__" and _PYTHON_SPECIAL.fullmatch(key):
@@ -188,9 +193,14 @@ class ScanResolver:
     def _check_side_file(self, obj: Made, state: Any, at: Step) -> None:
         """A side file named by a path, not a plain name, lies wherever the path leads (an
         absolute one anywhere): a scan of the pickle's folder never judges it."""
-        origin = obj.origin
-        if not (isinstance(origin, Symbol) and origin.key in _SIDE_FILE_WRAPPERS):
+        wrappers = [
+            cls
+            for cls in joblib_arrays.classes_of(obj)
+            if isinstance(cls, Symbol) and cls.key in _SIDE_FILE_WRAPPERS
+        ]
+        if not wrappers:
             return
+        origin = wrappers[0]
         name = state.get("filename") if isinstance(state, dict) else None
         if isinstance(name, str) and (not name or any(c in name for c in "/\\:") or ".." in name):
             self._note(
@@ -267,6 +277,10 @@ class ScanResolver:
             "NEXT_BUFFER refers to data outside the file",
         )
         return None
+
+
+class _PlainReadingEnds(Exception):
+    """Where the plain reading of a joblib pickle (``_as_plain_pickle``) stops."""
 
 
 def _state_keys(state: Any) -> list[str]:
@@ -351,6 +365,6 @@ def _as_plain_pickle(
     )
     try:
         run(view, plain, start=start, limits=limits)
-    except (CorruptFileError, TruncatedFileError):
+    except (CorruptFileError, TruncatedFileError, _PlainReadingEnds):
         plain.findings.clear()  # pickle.load stops there too; what it named before counts
     return [f for symbol in plain.symbols for f in judge_symbol(symbol, torchscript)]

@@ -25,6 +25,7 @@ from typing import Any
 
 from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
 from modelport.pickles.interface import DEFAULT_LIMITS, Limits, PickleResult, Resolver, Step
+from modelport.pickles.keys import bounded_key
 from modelport.pickles.machine_state import CODES
 from modelport.pickles.opcodes import HANDLERS, Opcodes
 
@@ -176,6 +177,10 @@ class _Machine(Opcodes):
         """SETITEMS of key-value ``items`` on the dict on top of ``stack``, in order; a key
         the dict refuses raises what the handler raises, after the pairs before it were set
         (as the handler sets them)."""
+        if tuple in map(type, items[::2]):  # keys of tuples: each hashed only if bounded
+            self.stack, self.op_offset, self.op_code = stack, pos, code
+            for key in items[::2]:
+                bounded_key(key)
         try:
             stack[-1].update(zip(items[::2], items[1::2], strict=True))
         except TypeError as exc:

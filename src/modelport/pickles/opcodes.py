@@ -11,6 +11,7 @@ from typing import Any
 
 from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
 from modelport.pickles import text_args
+from modelport.pickles.keys import bounded_key
 from modelport.pickles.machine_state import NAMES, MachineState
 
 
@@ -226,7 +227,7 @@ class Opcodes(MachineState):
         if type(target) is dict:
             for key, value in pairs:
                 try:
-                    target[key] = value
+                    target[bounded_key(key)] = value
                 except TypeError:  # an unhashable key is a corrupt pickle; anything else is not
                     self._hashable(key)
                     raise
@@ -235,7 +236,7 @@ class Opcodes(MachineState):
 
     def _hashable(self, key: Any) -> Any:
         try:
-            hash(key)
+            hash(bounded_key(key))
         except TypeError:
             raise CorruptFileError(
                 f"pickle: unhashable {type(key).__name__} used as a key at byte {self.step.offset}"
