@@ -400,9 +400,7 @@ def test_remote_code_named_by_auto_map(tmp_path: Path) -> None:
     assert modelport.scan(tmp_path / "config.json").verdict == "safe"
 
 
-def test_an_onnx_model_with_its_external_data_is_safe_as_a_folder(
-    tmp_path: Path, cli: Cli
-) -> None:
+def test_an_onnx_model_with_its_external_data_is_safe_as_a_folder(tmp_path: Path, cli: Cli) -> None:
     """The data file is raw tensor bytes its model names; alone it is no model at all. The
     command (workers, records) judges the folder as the API does, its table and summary too."""
     import onnx
