@@ -48,6 +48,7 @@ _LOCAL_LENGTHS = struct.Struct("<HH")  # a local header's name and extra lengths
 # changed since (size, times or inode) is read afresh; a failed read is not kept.
 _RECENT: dict[tuple[object, ...], ZipDirectory] = {}
 _RECENT_KEPT = 4
+_MAP_AT_MOST = 16 << 20  # files larger are read by slices (``_mapped``)
 
 
 class Bytes(Protocol):
@@ -102,10 +103,10 @@ class ZipDirectory:
         ``length`` bytes (a ``torch.save`` blob inside another file); offsets in the zip are
         relative to ``start``, the entries' offsets returned are absolute in ``path``.
         ``held`` is a view of the whole file where the caller holds one already (a scan reads
-        a small file whole, maps a large one): the directory is parsed there, the file
-        neither opened again nor the result kept."""
+        a small file whole): the directory is parsed there, the file neither opened again
+        nor the result kept. A mapped file is not parsed through its map (see ``_mapped``)."""
         whole = held.obj if held is not None else None
-        if isinstance(whole, (bytes, mmap.mmap)) and len(whole) == len(held or b""):
+        if isinstance(whole, bytes) and len(whole) == len(held or b""):
             return cls._read(whole, path, len(whole), start, length, None)
         stat = path.stat()
         key = (path, start, length, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
@@ -360,8 +361,11 @@ class _FileBytes:
 
 def _mapped(handle: BinaryIO, size: int) -> mmap.mmap | None:
     """The file mapped, so that slicing it costs no system call; None where it cannot be
-    (an empty file, a file system that does not map)."""
-    if not size:
+    (an empty file, a file system that does not map) or should not be: a large file is read
+    header by header, since a fault on a mapped page maps the page cache's whole folio
+    around it (megabytes), and a directory's local headers, one beside each member, would
+    count hundreds of megabytes of the file in the process's resident set."""
+    if not size or size > _MAP_AT_MOST:
         return None
     try:
         return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
