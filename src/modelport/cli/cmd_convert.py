@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -34,7 +36,6 @@ from modelport.conversion.converting import (
 from modelport.conversion.options import ConvertOptions
 from modelport.errors import UsageError
 from modelport.formats.registry import is_model_folder
-from modelport.reporting.card import build_card, conversion_provenance
 from modelport.torch_models import tf_names
 from modelport.transfer import placing
 
@@ -277,14 +278,21 @@ def _card_path(args: argparse.Namespace) -> _CardTarget:
     return _CardTarget(path, path.exists())
 
 
+def _cards() -> ModuleType:
+    """The card writer, imported for ``--card`` alone: it brings numpy and the report's
+    code, a tenth of a second a conversion without a card need not pay."""
+    return importlib.import_module("modelport.reporting.card")
+
+
 def _write_card(
     card: _CardTarget, report: ConvertReport, options: ConvertOptions, args: argparse.Namespace
 ) -> Path:
     """The output's card, its provenance this conversion. A README the conversion itself
     carried over from a Hugging Face source is replaced: the card describes the new files."""
-    made = build_card(
+    cards = _cards()
+    made = cards.build_card(
         _card_subject(Path(report.target)),
-        provenance=conversion_provenance(report, options),
+        provenance=cards.conversion_provenance(report, options),
         relative_to=card.path.parent,
     )
     overwrite = args.overwrite or not card.existed
