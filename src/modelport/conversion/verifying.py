@@ -13,16 +13,15 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from modelport import dtypes
 from modelport.errors import VerificationError
 from modelport.formats import _hf_writer, _pipeline_writer, hf_dir
 from modelport.formats.gguf.writer import q8_0_blocks
 from modelport.formats.protocol import Probe
-from modelport.formats.registry import detect
+from modelport.formats.registry import candidates
+from modelport.formats.sniffing import probe_model, unrecognised
 from modelport.tensors import TensorRef
 from modelport.transfer import readback
 from modelport.transfer.pinning import SourcePin
@@ -31,6 +30,9 @@ from modelport.transfer.readback import CopiedRange, OutputChecks, RangeComparer
 from modelport.transfer.streaming import CAST_CHUNK, cast_chunk, paired_chunks
 from modelport.transfer.write_plan import OutputTensor, WritePlan
 from modelport.tree import names as trees
+
+if TYPE_CHECKING:  # imported by the comparisons that need it: ``--no-verify`` starts faster
+    import numpy as np
 
 
 @contextmanager
@@ -69,7 +71,11 @@ def verify(
     with its source, chunk by chunk: bit for bit, or, for casts, against the same cast of
     the source (and report the cast's error). Ranges that ``copies`` already compared while
     they were written are not read again, once the reader finds the tensor at that range."""
-    reader, probe, _ = detect(path)
+    probe = probe_model(path)  # the reader ``detect`` picks, without its warnings about the
+    # temporary file's name (which would import every reader to name its extension's owner)
+    reader = next((r for r in candidates(probe) if r.sniff(probe)), None)
+    if reader is None:
+        raise unrecognised(probe)
     contents = reader.contents(probe)
     written = trees.tensors_of(contents.tree)
     expected = {t.name for t in plan.tensors}
@@ -96,6 +102,8 @@ def verify(
 def _compare(
     tensor: OutputTensor, out: TensorRef, comparer: RangeComparer, copies: OutputChecks | None
 ) -> CastCheck | None:
+    import numpy as np
+
     source_range, out_range = tensor.source.byte_range(), out.byte_range()
     source_path = tensor.source.storage.path if tensor.source.storage else None
     out_path = out.storage.path if out.storage else None
@@ -137,6 +145,8 @@ def compare_elements(tensor: OutputTensor, out: TensorRef) -> CastCheck | None:
     """A tensor written element by element (cast, gathered from a view) against its
     source, chunk by chunk: the same bytes, or for a cast the same cast of the source and
     its error. Raises ``VerificationError``."""
+    import numpy as np
+
     worst, overflow = 0.0, 0
     for expected_chunk, got_chunk in paired_chunks(tensor.source, out, CAST_CHUNK):
         expected = (
@@ -159,6 +169,8 @@ def _cast_error(
     """Largest absolute error of a cast chunk, and how many finite values became inf. The
     16-bit floats widen to float32 exactly, so float32 arithmetic suffices below 64 bits.
     An infinite error can only come from an overflow, so only then are they counted."""
+    import numpy as np
+
     wide = np.float64 if original.dtype.itemsize > 4 else np.float32
     before = original.astype(wide, copy=False)
     after = converted.astype(wide)
@@ -176,6 +188,8 @@ def _cast_error(
 
 def _as_bytes(chunk: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """The chunk's bytes, compared as bytes (NaN payloads and -0.0 included), without a copy."""
+    import numpy as np
+
     return np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
 
 

@@ -254,13 +254,14 @@ class OutputChecks:
         self._worker.join()
 
     def _run(self) -> None:
-        comparer = RangeComparer()
+        comparer: RangeComparer | None = None  # its buffers (and numpy) once there is work
         while (job := self._pending.get()) is not None:
             try:
                 if self._stop.is_set():
                     raise ConversionError("the conversion stopped before this range was checked")
                 if self._failure is not None:  # every later checksum reports the first error
                     raise self._failure
+                comparer = comparer or RangeComparer()
                 self._check(comparer, job)
             except BaseException as exc:  # handed to the writing thread by ``finish``
                 job.failure = exc
