@@ -28,7 +28,7 @@ import sys
 from typing import Any, Final, Protocol
 
 from modelport.limits import MAX_PICKLE_SHORT_LINE
-from modelport.pickles import fast_walk, joblib_arrays, policy
+from modelport.pickles import fast_walk, policy
 from modelport.pickles.interface import Limits, Resolver, Step
 from modelport.pickles.symbols import Made, Symbol
 
@@ -217,11 +217,7 @@ class LiveSymbol(_Live, Symbol):
 
 class LiveMade(_Live, Made):
     """A ``Made`` C can call and fill: what the resolver of a C run makes. The BUILD of
-    joblib's array wrapper is refused (the Python machine reads the array bytes after it)."""
+    joblib's array wrapper ends the run: the resolver then reads the array bytes after it
+    through the cursor, which has no position in C (``_RunCursor``)."""
 
     __slots__ = ()
-
-    def __setstate__(self, state: Any) -> None:
-        if joblib_arrays.builds_wrapper(self):
-            raise _Unsure("joblib's array bytes follow this BUILD")
-        super().__setstate__(state)

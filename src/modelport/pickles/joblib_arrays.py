@@ -35,23 +35,31 @@ def is_wrapper(origin: Any) -> bool:
     return isinstance(origin, Symbol) and origin.name in WRAPPER_NAMES
 
 
+# For each reconstructor that instantiates an argument: which arguments.
+_INSTANTIATES: dict[tuple[str, str], tuple[int, ...]] = {
+    key: indexes
+    for key, uses in PASSED_ON.items()
+    if (indexes := tuple(u.index for u in uses if u.usage is Usage.INSTANTIATED))
+}
+
+
 def classes_of(made: Made) -> list[Any]:
     """What an object BUILD fills may be an instance of: what was called or instantiated to
     make it, and each class a reconstructor instantiates with its arguments (copyreg's
     ``_reconstructor(cls, object, None)`` and ``__newobj__(cls)``, as pickle writes any
     object in protocols 0-2). joblib tests the object with isinstance, however it was made."""
     origin = made.origin
-    if not isinstance(origin, Symbol) or origin.key is None:
+    key = origin.key if isinstance(origin, Symbol) else None
+    indexes = _INSTANTIATES.get(key) if key is not None else None
+    if not indexes:
         return [origin]
     args = made.args
-    uses = PASSED_ON.get(origin.key, ())
-    instantiated = [u.index for u in uses if u.usage is Usage.INSTANTIATED and u.index < len(args)]
-    return [origin, *(args[index] for index in instantiated)]
+    return [origin, *(args[index] for index in indexes if index < len(args))]
 
 
-def builds_wrapper(made: Made) -> bool:
-    """Whether a BUILD on ``made`` fills joblib's array wrapper, however it was made."""
-    return any(is_wrapper(cls) for cls in classes_of(made))
+def wraps_arrays(classes: list[Any]) -> bool:
+    """Whether a BUILD fills joblib's array wrapper, given ``classes_of`` its target."""
+    return any(is_wrapper(cls) for cls in classes)
 
 
 class ArrayLayout(Value):

@@ -168,7 +168,8 @@ class ScanResolver:
             obj.patched.append(at)
         elif isinstance(obj, Made):
             obj.states.append(state)
-            if self.depth == 0 and joblib_arrays.builds_wrapper(obj):
+            classes = joblib_arrays.classes_of(obj)
+            if self.depth == 0 and joblib_arrays.wraps_arrays(classes):
                 if self.joblib_view:
                     self.skipped_arrays += 1
                     self._skip_joblib_array(state, at)
@@ -176,7 +177,7 @@ class ScanResolver:
                     # pickle.load runs joblib's nested pickle with this pickle's memo and
                     # stops at its STOP: in a real joblib file what it names there is noise
                     raise _PlainReadingEnds
-            self._check_side_file(obj, state, at)
+            self._check_side_file(classes, state, at)
         for key in _state_keys(state):
             if key[:2] == "__" and _PYTHON_SPECIAL.fullmatch(key):
                 self._note(
@@ -190,13 +191,12 @@ class ScanResolver:
                 )
         return obj
 
-    def _check_side_file(self, obj: Made, state: Any, at: Step) -> None:
+    def _check_side_file(self, classes: list[Any], state: Any, at: Step) -> None:
         """A side file named by a path, not a plain name, lies wherever the path leads (an
-        absolute one anywhere): a scan of the pickle's folder never judges it."""
+        absolute one anywhere): a scan of the pickle's folder never judges it. ``classes``:
+        what the object BUILD fills may be (``joblib_arrays.classes_of``)."""
         wrappers = [
-            cls
-            for cls in joblib_arrays.classes_of(obj)
-            if isinstance(cls, Symbol) and cls.key in _SIDE_FILE_WRAPPERS
+            cls for cls in classes if isinstance(cls, Symbol) and cls.key in _SIDE_FILE_WRAPPERS
         ]
         if not wrappers:
             return
