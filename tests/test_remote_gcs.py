@@ -9,7 +9,7 @@ import functools
 import json
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -17,9 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-import modelport
-from tests.conftest import attack_pickles
-from tests.test_remote_inputs import _same_inspect, _small_safetensors, _torch_zip
+from tests.remote_checks import (
+    assert_read_as_local,
+    big_safetensors,
+    deduplicated,
+    small_safetensors,
+    store_files,
+)
 
 emulator = pytest.importorskip("gcp_storage_emulator.server")
 emulator_storage = pytest.importorskip("gcp_storage_emulator.storage")
@@ -95,54 +99,12 @@ def gcs_bucket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bucket]:
             thread.join()
 
 
-def _big_safetensors(path: Path) -> Path:
-    """64 MiB of float32 behind a header of a hundred bytes, sparse on disk."""
-    count = 16 << 20
-    header = json.dumps(
-        {
-            "__metadata__": {"format": "pt"},
-            "big": {"dtype": "F32", "shape": [4096, 4096], "data_offsets": [0, count * 4]},
-        }
-    ).encode()
-    header += b" " * (-len(header) % 8)
-    with open(path, "wb") as handle:
-        handle.write(len(header).to_bytes(8, "little") + header)
-        handle.truncate(8 + len(header) + count * 4)
-    return path
-
-
 def test_gcs_inspect_scan_hash_match_local(
     gcs_bucket: Bucket, tmp_path: Path, cli: Any, marker: Path
 ) -> None:
-    files = {
-        "small.safetensors": _small_safetensors(tmp_path / "small.safetensors"),
-        "model.pt": _torch_zip(tmp_path / "model.pt"),
-        "attack.pkl": tmp_path / "attack.pkl",
-    }
-    files["attack.pkl"].write_bytes(attack_pickles(marker)["global-reduce"])
-    urls = {name: gcs_bucket.upload(path, f"dir/{name}") for name, path in files.items()}
-    for name, path in files.items():
-        mark = len(gcs_bucket.sent)
-        scanned = cli("scan", urls[name], "--json")
-        local_scan = cli("scan", path, "--json")
-        assert scanned.code == local_scan.code
-        assert scanned.json["path"] == urls[name]
-        assert scanned.json["verdict"] == local_scan.json["verdict"], name
-        assert scanned.json["findings"] == local_scan.json["findings"], name
-        assert scanned.json["bytes_fetched"] == gcs_bucket.received_since(mark) > 0
-        if name == "attack.pkl":
-            assert scanned.json["verdict"] == "unsafe"
-            continue
-        found = cli("inspect", urls[name], "--json")
-        assert found.code == 0, found.err
-        _same_inspect(found.json, cli("inspect", path, "--json").json)
-        hashed = cli("hash", urls[name], "--json").json[0]
-        local_hash = modelport.hash(path)
-        assert hashed["digest"] == local_hash.digest
-        assert hashed["bytes_fetched"] == path.stat().st_size
-        assert replace(modelport.hash(urls[name]), path="", bytes_fetched=None) == replace(
-            local_hash, path=""
-        )
+    for name, path in store_files(tmp_path, marker).items():
+        url = gcs_bucket.upload(path, f"dir/{name}")
+        assert_read_as_local(cli, url, path, lambda: sum(gcs_bucket.sent))
     assert not marker.exists()
 
 
@@ -151,12 +113,7 @@ def test_large_gcs_safetensors_inspected_by_its_header(
 ) -> None:
     """64 MiB of tensor data behind a small header: inspect fetches the header and the ends
     the sniffers and the scanner look at, far under a megabyte."""
-    from safetensors import safe_open
-
-    path = _big_safetensors(tmp_path / "big.safetensors")
-    with safe_open(str(path), framework="np") as reference:
-        assert list(reference.keys()) == ["big"]
-        assert reference.get_slice("big").get_shape() == [4096, 4096]
+    path = big_safetensors(tmp_path / "big.safetensors")
     url = gcs_bucket.upload(path, "large/big.safetensors")
 
     mark = len(gcs_bucket.sent)
@@ -184,7 +141,7 @@ def test_missing_gcs_object_is_an_error(gcs_bucket: Bucket, cli: Any) -> None:
 def test_a_rerun_skips_unchanged_gcs_objects(gcs_bucket: Bucket, cli: Any, tmp_path: Path) -> None:
     """An object is known by its generation: the same one is not read again, a new upload
     under the name is."""
-    path = _small_safetensors(tmp_path / "small.safetensors")
+    path = small_safetensors(tmp_path / "small.safetensors")
     url = gcs_bucket.upload(path, "resume/small.safetensors")
     out = tmp_path / "scan.jsonl"
     assert cli("scan", url, "--jobs", "1", "--jsonl", out).code == 0
@@ -200,19 +157,13 @@ def test_a_rerun_skips_unchanged_gcs_objects(gcs_bucket: Bucket, cli: Any, tmp_p
 def test_dedupe_keys_gcs_objects_by_their_md5(gcs_bucket: Bucket, cli: Any, tmp_path: Path) -> None:
     """The same bytes under one name in two prefixes are judged once, keyed by the MD5 GCS
     keeps: no byte of the second is fetched; other bytes under the name are judged apart."""
-    path = _small_safetensors(tmp_path / "model.safetensors")
+    path = small_safetensors(tmp_path / "model.safetensors")
     urls = [gcs_bucket.upload(path, f"hub/{prefix}/model.safetensors") for prefix in "ab"]
     np.save(tmp_path / "other.npy", np.ones(4))
     urls.append(gcs_bucket.upload(tmp_path / "other.npy", "hub/c/model.safetensors"))
     out = tmp_path / "scan.jsonl"
     mark = len(gcs_bucket.sent)
     assert cli("scan", *urls, "--dedupe", "--jobs", "1", "--jsonl", out).code == 0
-    written = {r["path"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert written[urls[1]]["deduplicated_from"] == urls[0]
-    assert "deduplicated_from" not in written[urls[0]]
-    assert "deduplicated_from" not in written[urls[2]]
-    assert written[urls[1]]["result"]["path"] == urls[1]
-    assert written[urls[1]]["result"]["verdict"] == written[urls[0]]["result"]["verdict"]
-    assert written[urls[2]]["format"] == "npy"
+    written = deduplicated(out, urls)
     fetched = [written[url]["result"]["bytes_fetched"] for url in (urls[0], urls[2])]
     assert gcs_bucket.received_since(mark) == sum(fetched)

@@ -25,16 +25,19 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-import modelport
-from tests.conftest import attack_pickles
-from tests.test_remote_inputs import _same_inspect, _small_safetensors, _torch_zip
+from tests.remote_checks import (
+    assert_read_as_local,
+    deduplicated,
+    small_safetensors,
+    store_files,
+)
 
 pytestmark = pytest.mark.heavy  # as the S3 and GCS tests: a server process, huggingface_hub
 
@@ -241,38 +244,14 @@ def hf_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
 def test_hf_inspect_scan_hash_match_local(
     hf_hub: Hub, tmp_path: Path, cli: Any, marker: Path
 ) -> None:
-    files = {
-        "small.safetensors": _small_safetensors(tmp_path / "small.safetensors"),
-        "model.pt": _torch_zip(tmp_path / "model.pt"),
-        "attack.pkl": tmp_path / "attack.pkl",
-    }
-    files["attack.pkl"].write_bytes(attack_pickles(marker)["global-reduce"])
+    files = store_files(tmp_path, marker)
+    # one commit before any read: the Hub's file system caches what a folder lists
     urls = {
         name: hf_hub.add(path, f"dir/{name}", lfs=name != "attack.pkl")
         for name, path in files.items()
     }
     for name, path in files.items():
-        mark = len(hf_hub.downloads())
-        scanned = cli("scan", urls[name], "--json")
-        local_scan = cli("scan", path, "--json")
-        assert scanned.code == local_scan.code
-        assert scanned.json["path"] == urls[name]
-        assert scanned.json["verdict"] == local_scan.json["verdict"], name
-        assert scanned.json["findings"] == local_scan.json["findings"], name
-        assert scanned.json["bytes_fetched"] == hf_hub.sent_since(mark) > 0
-        if name == "attack.pkl":
-            assert scanned.json["verdict"] == "unsafe"
-            continue
-        found = cli("inspect", urls[name], "--json")
-        assert found.code == 0, found.err
-        _same_inspect(found.json, cli("inspect", path, "--json").json)
-        hashed = cli("hash", urls[name], "--json").json[0]
-        local_hash = modelport.hash(path)
-        assert hashed["digest"] == local_hash.digest
-        assert hashed["bytes_fetched"] == path.stat().st_size
-        assert replace(modelport.hash(urls[name]), path="", bytes_fetched=None) == replace(
-            local_hash, path=""
-        )
+        assert_read_as_local(cli, urls[name], path, lambda: hf_hub.sent_since(0))
     assert not marker.exists()
     assert _AUDIT.outside == []
 
@@ -290,19 +269,14 @@ def test_missing_hf_file_is_an_error(hf_hub: Hub, cli: Any) -> None:
 def test_dedupe_keys_hf_files_by_their_lfs_sha256(hf_hub: Hub, cli: Any, tmp_path: Path) -> None:
     """The same bytes under one name in two folders are judged once, keyed by the sha256 the
     LFS pointer holds: no byte of the second is fetched; other bytes are judged apart."""
-    path = _small_safetensors(tmp_path / "model.safetensors")
+    path = small_safetensors(tmp_path / "model.safetensors")
     urls = [hf_hub.add(path, f"hub/{folder}/model.safetensors") for folder in "ab"]
     np.save(tmp_path / "other.npy", np.ones(4))
     urls.append(hf_hub.add(tmp_path / "other.npy", "hub/c/model.safetensors"))
     out = tmp_path / "scan.jsonl"
     mark = len(hf_hub.downloads())
     assert cli("scan", *urls, "--dedupe", "--jobs", "1", "--jsonl", out).code == 0
-    written = {r["path"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert written[urls[1]]["deduplicated_from"] == urls[0]
-    assert "deduplicated_from" not in written[urls[0]]
-    assert "deduplicated_from" not in written[urls[2]]
-    assert written[urls[1]]["result"]["verdict"] == written[urls[0]]["result"]["verdict"]
-    assert written[urls[2]]["format"] == "npy"
+    written = deduplicated(out, urls)
     fetched = [written[url]["result"]["bytes_fetched"] for url in (urls[0], urls[2])]
     assert hf_hub.sent_since(mark) == sum(fetched)
     assert _AUDIT.outside == []
@@ -313,7 +287,7 @@ def test_a_rerun_skips_unchanged_hf_files(hf_hub: Hub, cli: Any, tmp_path: Path)
     other bytes under the name is."""
     from huggingface_hub import HfFileSystem
 
-    path = _small_safetensors(tmp_path / "small.safetensors")
+    path = small_safetensors(tmp_path / "small.safetensors")
     url = hf_hub.add(path, "resume/small.safetensors")
     out = tmp_path / "scan.jsonl"
     assert cli("scan", url, "--jobs", "1", "--jsonl", out).code == 0
@@ -331,7 +305,7 @@ def test_a_rerun_skips_unchanged_hf_files(hf_hub: Hub, cli: Any, tmp_path: Path)
 def test_hf_files_read_in_worker_processes(hf_hub: Hub, cli: Any, tmp_path: Path) -> None:
     """Workers are new processes: they find the server through HF_ENDPOINT and
     FSSPEC_HF_ENDPOINT alone."""
-    path = _small_safetensors(tmp_path / "small.safetensors")
+    path = small_safetensors(tmp_path / "small.safetensors")
     urls = [hf_hub.add(path, f"workers/{name}.safetensors") for name in "ab"]
     mark = len(hf_hub.downloads())
     scanned = cli("scan", *urls, "--json", "--jobs", "2")

@@ -10,7 +10,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,7 +22,15 @@ import modelport
 from modelport.fleet.records import Identity
 from modelport.scanning import remote_inputs
 from modelport.scanning.scanner import scan_file
-from tests.conftest import attack_pickles
+from tests.remote_checks import (
+    assert_read_as_local,
+    big_safetensors,
+    deduplicated,
+    same_inspect,
+    small_safetensors,
+    store_files,
+    torch_zip,
+)
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
@@ -97,39 +105,6 @@ def http_files(tmp_path: Path) -> Iterator[Served]:
         thread.join()
 
 
-def _small_safetensors(path: Path) -> Path:
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(0)
-    save_file(
-        {
-            "embed.weight": rng.standard_normal((2000, 128)).astype(np.float32),
-            "head.bias": np.arange(64, dtype=np.int64),
-        },
-        str(path),
-        metadata={"format": "np"},
-    )
-    return path
-
-
-def _torch_zip(path: Path) -> Path:
-    import torch
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 8)
-    )
-    torch.save(model.state_dict(), path)
-    return path
-
-
-def _same_inspect(remote: dict[str, Any], local: dict[str, Any]) -> None:
-    assert remote.pop("bytes_fetched") > 0
-    remote.pop("path")
-    local.pop("path")
-    assert remote == local
-
-
 def _fill_holes(copy: Any, byte: int) -> None:
     with open(copy.path, "r+b") as handle:
         for start, end in copy.holes():
@@ -142,23 +117,7 @@ def _fill_holes(copy: Any, byte: int) -> None:
 def test_large_safetensors_inspected_by_its_header(http_files: Served, cli: Any) -> None:
     """64 MiB of tensor data behind a small header: inspect fetches the header and the ends
     the sniffers and the scanner look at, far under a megabyte."""
-    from safetensors import safe_open
-
-    count = 16 << 20
-    header = json.dumps(
-        {
-            "__metadata__": {"format": "pt"},
-            "big": {"dtype": "F32", "shape": [4096, 4096], "data_offsets": [0, count * 4]},
-        }
-    ).encode()
-    header += b" " * (-len(header) % 8)
-    path = http_files.root / "big.safetensors"
-    with open(path, "wb") as handle:
-        handle.write(len(header).to_bytes(8, "little") + header)
-        handle.truncate(8 + len(header) + count * 4)  # sparse: costs no disk
-    with safe_open(str(path), framework="np") as reference:
-        assert list(reference.keys()) == ["big"]
-        assert reference.get_slice("big").get_shape() == [4096, 4096]
+    path = big_safetensors(http_files.root / "big.safetensors")
 
     result = cli("inspect", f"{http_files.url}/big.safetensors", "--json")
     assert result.code == 0, result.err
@@ -174,9 +133,9 @@ def test_large_safetensors_inspected_by_its_header(http_files: Served, cli: Any)
 
 
 def test_http_inspect_and_scan_match_local(http_files: Served) -> None:
-    path = _small_safetensors(http_files.root / "small.safetensors")
+    path = small_safetensors(http_files.root / "small.safetensors")
     url = f"{http_files.url}/small.safetensors"
-    _same_inspect(modelport.inspect(url).to_json(), modelport.inspect(path).to_json())
+    same_inspect(modelport.inspect(url).to_json(), modelport.inspect(path).to_json())
     remote_scan, local_scan = modelport.scan(url).to_json(), modelport.scan(path).to_json()
     assert remote_scan.pop("bytes_fetched") > 0
     assert remote_scan.pop("path") == url
@@ -185,7 +144,7 @@ def test_http_inspect_and_scan_match_local(http_files: Served) -> None:
 
 
 def test_credentials_never_reported(http_files: Served) -> None:
-    _small_safetensors(http_files.root / "model.safetensors")
+    small_safetensors(http_files.root / "model.safetensors")
     host = http_files.url.removeprefix("http://")
     url = f"http://someone:s3cret@{host}/model.safetensors?X-Amz-Signature=abc"
     text = json.dumps(modelport.inspect(url).to_json())
@@ -224,10 +183,10 @@ def _npy(path: Path) -> Path:
 @pytest.mark.parametrize(
     "name, build",
     [
-        ("small.safetensors", _small_safetensors),
+        ("small.safetensors", small_safetensors),
         ("model.gguf", _gguf),
         ("array.npy", _npy),
-        pytest.param("model.pt", _torch_zip, marks=pytest.mark.heavy),
+        pytest.param("model.pt", torch_zip, marks=pytest.mark.heavy),
     ],
 )
 def test_holes_never_read(http_files: Served, name: str, build: Any) -> None:
@@ -249,7 +208,7 @@ def test_holes_never_read(http_files: Served, name: str, build: Any) -> None:
 
 
 def test_temporary_copy_removed(http_files: Served) -> None:
-    _small_safetensors(http_files.root / "small.safetensors")
+    small_safetensors(http_files.root / "small.safetensors")
     with remote_inputs.local_copy(f"{http_files.url}/small.safetensors") as copy:
         folder = copy.path.parent
         assert copy.path.is_file()
@@ -294,36 +253,10 @@ def test_s3_inspect_scan_hash_match_local(
 ) -> None:
     import boto3
 
-    files = {
-        "small.safetensors": _small_safetensors(tmp_path / "small.safetensors"),
-        "model.pt": _torch_zip(tmp_path / "model.pt"),
-        "attack.pkl": tmp_path / "attack.pkl",
-    }
-    files["attack.pkl"].write_bytes(attack_pickles(marker)["global-reduce"])
     client = boto3.client("s3")
-    for name, path in files.items():
+    for name, path in store_files(tmp_path, marker).items():
         client.upload_file(str(path), s3_bucket, f"dir/{name}")
-    for name, path in files.items():
-        url = f"s3://{s3_bucket}/dir/{name}"
-        scanned = cli("scan", url, "--json")
-        local_scan = cli("scan", path, "--json")
-        assert scanned.code == local_scan.code
-        assert scanned.json["verdict"] == local_scan.json["verdict"], name
-        assert scanned.json["findings"] == local_scan.json["findings"], name
-        assert scanned.json["bytes_fetched"] > 0
-        if name == "attack.pkl":
-            assert scanned.json["verdict"] == "unsafe"
-            continue
-        found = cli("inspect", url, "--json")
-        assert found.code == 0, found.err
-        _same_inspect(found.json, cli("inspect", path, "--json").json)
-        hashed = cli("hash", url, "--json").json[0]
-        local_hash = modelport.hash(path)
-        assert hashed["digest"] == local_hash.digest
-        assert hashed["bytes_fetched"] == path.stat().st_size
-        assert replace(modelport.hash(url), path="", bytes_fetched=None) == replace(
-            local_hash, path=""
-        )
+        assert_read_as_local(cli, f"s3://{s3_bucket}/dir/{name}", path)
     assert not marker.exists()
 
 
@@ -331,7 +264,7 @@ def test_s3_inspect_scan_hash_match_local(
 def test_many_urls_run_in_workers(http_files: Served, cli: Any, tmp_path: Path) -> None:
     """Several URLs make a fleet run: each is one input, its record names the URL."""
     for name in ("a.safetensors", "b.safetensors"):
-        _small_safetensors(http_files.root / name)
+        small_safetensors(http_files.root / name)
     urls = [f"{http_files.url}/a.safetensors", f"{http_files.url}/b.safetensors"]
     out = tmp_path / "scan.jsonl"
     scanned = cli("scan", *urls, "--json", "--jobs", "1", "--jsonl", out)
@@ -352,7 +285,7 @@ def test_server_without_ranges_sends_it_whole(tmp_path: Path) -> None:
         def log_message(self, format: str, *args: Any) -> None:
             """Quiet."""
 
-    path = _small_safetensors(tmp_path / "small.safetensors")
+    path = small_safetensors(tmp_path / "small.safetensors")
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=tmp_path))
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -364,7 +297,7 @@ def test_server_without_ranges_sends_it_whole(tmp_path: Path) -> None:
         server.server_close()
         thread.join()
     assert found["bytes_fetched"] >= path.stat().st_size
-    _same_inspect(found, modelport.inspect(path).to_json())
+    same_inspect(found, modelport.inspect(path).to_json())
 
 
 # -- resuming over URLs -------------------------------------------------------------------------
@@ -373,7 +306,7 @@ def test_server_without_ranges_sends_it_whole(tmp_path: Path) -> None:
 def test_an_object_is_identified_by_its_version(http_files: Served, tmp_path: Path) -> None:
     """A URL's identity is what its server says of the bytes (ETag, Last-Modified), so a
     rerun can tell an unchanged object; with neither, it has none and is read again."""
-    path = _small_safetensors(http_files.root / "a.safetensors")
+    path = small_safetensors(http_files.root / "a.safetensors")
     url = f"{http_files.url}/a.safetensors"
     first = Identity.of(url)
     assert first is not None
@@ -394,7 +327,7 @@ def test_an_object_is_identified_by_its_version(http_files: Served, tmp_path: Pa
 @pytest.mark.heavy  # worker processes
 def test_a_rerun_skips_unchanged_objects(http_files: Served, cli: Any, tmp_path: Path) -> None:
     for name in ("a.safetensors", "b.safetensors"):
-        _small_safetensors(http_files.root / name)
+        small_safetensors(http_files.root / name)
     urls = [f"{http_files.url}/a.safetensors", f"{http_files.url}/b.safetensors"]
     out = tmp_path / "scan.jsonl"
     assert cli("scan", *urls, "--jobs", "1", "--jsonl", out).code == 0
@@ -419,7 +352,7 @@ def test_a_rerun_skips_unchanged_s3_objects(s3_bucket: str, cli: Any, tmp_path: 
     import boto3
 
     client = boto3.client("s3")
-    path = _small_safetensors(tmp_path / "small.safetensors")
+    path = small_safetensors(tmp_path / "small.safetensors")
     client.upload_file(str(path), s3_bucket, "resume/small.safetensors")
     url = f"s3://{s3_bucket}/resume/small.safetensors"
     out = tmp_path / "scan.jsonl"
@@ -441,7 +374,7 @@ def test_dedupe_keys_objects_by_their_stored_digest(
     import boto3
 
     client = boto3.client("s3")
-    path = _small_safetensors(tmp_path / "model.safetensors")
+    path = small_safetensors(tmp_path / "model.safetensors")
     for prefix in ("hub/a", "hub/b"):
         client.upload_file(str(path), s3_bucket, f"{prefix}/model.safetensors")
     np.save(tmp_path / "other.npy", np.ones(4))
@@ -449,10 +382,4 @@ def test_dedupe_keys_objects_by_their_stored_digest(
     urls = [f"s3://{s3_bucket}/hub/{p}/model.safetensors" for p in "abc"]
     out = tmp_path / "scan.jsonl"
     assert cli("scan", *urls, "--dedupe", "--jobs", "1", "--jsonl", out).code == 0
-    written = {r["path"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert written[urls[1]]["deduplicated_from"] == urls[0]
-    assert "deduplicated_from" not in written[urls[0]]
-    assert "deduplicated_from" not in written[urls[2]]
-    assert written[urls[1]]["result"]["path"] == urls[1]
-    assert written[urls[1]]["result"]["verdict"] == written[urls[0]]["result"]["verdict"]
-    assert written[urls[2]]["format"] == "npy"
+    deduplicated(out, urls)

@@ -22,10 +22,23 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from tests.attacks.corpus_bypasses import BYPASSES
+from tests.attacks.technique import (
+    JOBLIB,
+    NUMPY_PICKLE,
+    NUMPY_SECOND_LOAD,
+    PICKLE,
+    PICKLE_RECORDS,
+    TORCH_EXPORT,
+    TORCH_JIT,
+    TORCH_UNSAFE,
+    Make,
+    Malformed,
+    Technique,
+    file_technique,
+)
 from tests.attacks.writers import (
     HEADER_BENIGN,
     OBJECT_DTYPE,
@@ -78,48 +91,6 @@ from tests.attacks.writers import (
 )
 
 
-@dataclass(frozen=True)
-class Technique:
-    """One way to hide a payload from a scanner, and the same file without it."""
-
-    name: str
-    kind: str
-    build: Callable[[Path, Path], Path]  # (folder, marker) -> the attack file or folder
-    benign: Callable[[Path], Path]  # folder -> the twin
-    loader: str | None  # Python that loads the str PATH; None: no standard loader reads it
-    default_settings: bool  # the loader as shipped, with no opt-in to unsafe loading
-    note: str
-    patches: str = ""  # the attribute the payload sets, for the harness to watch
-
-
-@dataclass(frozen=True)
-class Malformed:
-    """A damaged or crafted file that no reader can fully analyse."""
-
-    name: str
-    build: Callable[[Path], Path]
-    note: str
-
-
-# -- loaders ---------------------------------------------------------------------------------------
-
-PICKLE = "import pickle\nwith open(PATH, 'rb') as f:\n    pickle.load(f)"
-PICKLE_RECORDS = (
-    "import pickle\nwith open(PATH, 'rb') as f:\n    while f.peek(1):\n        pickle.load(f)"
-)
-TORCH_UNSAFE = "import torch; torch.load(PATH, weights_only=False)"
-TORCH_EXPORT = "import torch; torch.export.load(PATH)"
-TORCH_JIT = "import torch; torch.jit.load(PATH)"
-JOBLIB = "import joblib; joblib.load(PATH)"
-NUMPY_PICKLE = "import numpy as np; np.load(PATH, allow_pickle=True)"
-NUMPY_SECOND_LOAD = (
-    "import numpy as np\n"
-    "with open(PATH, 'rb') as f:\n"
-    "    np.load(f)\n"
-    "    np.load(f, allow_pickle=True)"
-)
-
-
 def _npz_member(name: str) -> str:
     return f"import numpy as np; np.load(PATH, allow_pickle=True)[{name!r}]"
 
@@ -134,30 +105,6 @@ FOLDER_WEIGHTS = "import torch; torch.load(PATH + '/pytorch_model.bin', weights_
 
 # -- the techniques --------------------------------------------------------------------------------
 
-Make = Callable[[Path | None], bytes]  # the file aimed at a marker, or (given None) its twin
-
-
-def _file(
-    name: str,
-    kind: str,
-    filename: str,
-    make: Make,
-    loader: str | None,
-    default_settings: bool,
-    note: str,
-    patches: str = "",
-) -> Technique:
-    return Technique(
-        name,
-        kind,
-        lambda tmp, marker: write(tmp / filename, make(marker)),
-        lambda tmp: write(tmp / filename, make(None)),
-        loader,
-        default_settings,
-        note,
-        patches,
-    )
-
 
 def _pickle(
     name: str, kind: str, payload: Callable[[Path], bytes], note: str, patches: str = ""
@@ -167,7 +114,7 @@ def _pickle(
     def make(marker: Path | None) -> bytes:
         return plain(0) if marker is None else payload(marker)
 
-    return _file(name, kind, "model.pkl", make, PICKLE, True, note, patches)
+    return file_technique(name, kind, "model.pkl", make, PICKLE, True, note, patches)
 
 
 def _evil(marker: Path | None) -> bytes | None:
@@ -199,7 +146,7 @@ def _joblib_file(
 
 TECHNIQUES: tuple[Technique, ...] = (
     # -- containers
-    _file(
+    file_technique(
         "torch-zip-deflated-data-pkl",
         "container",
         "model.pt",
@@ -209,7 +156,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "data.pkl DEFLATED, not stored as torch writes it: torch's reader inflates it; a "
         "scanner that reads stored bytes in place sees compressed noise",
     ),
-    _file(
+    file_technique(
         "pt2-deflated-nested-sample-inputs",
         "container",
         "model.pt2",
@@ -222,7 +169,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "a torch zip nested DEFLATED in a .pt2: torch.export.load falls back to "
         "weights_only=False when the sample inputs fail the safe load",
     ),
-    _file(
+    file_technique(
         "pt2-legacy-weights-member",
         "container",
         "model.pt2",
@@ -239,7 +186,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "data/weights/<model>.pt, the legacy name torch.export.load reads before the weights "
         "config (no config entry points at it), loaded with a weights_only=False fallback",
     ),
-    _file(
+    file_technique(
         "pt2-opaque-constant-raw-pickle",
         "container",
         "model.pt2",
@@ -249,7 +196,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "data/constants/opaque_obj_0: no extension, no zip, named only in a JSON config; "
         "torch.export.load hands it to pickle.loads",
     ),
-    _file(
+    file_technique(
         "pt2-prepended-bytes",
         "container",
         "model.pt2",
@@ -262,7 +209,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "text before the zip (as in self-extracting archives), offsets absolute: torch's "
         "reader finds the zip from its end; a scanner sniffing the first bytes sees text",
     ),
-    _file(
+    file_technique(
         "npz-eocd-count-lies",
         "container",
         "arrays.npz",
@@ -278,7 +225,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "the end record counts 1 entry of 2: Python's zipfile walks the whole central "
         "directory and numpy unpickles the object array a counting reader never sees",
     ),
-    _file(
+    file_technique(
         "pt2-weight-marked-pickled",
         "container",
         "model.pt2",
@@ -288,7 +235,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "the weights config marks weight_0 use_pickle (as torch.export.save does for tensor "
         "subclasses): torch.export.load reads that raw-looking member with weights_only=False",
     ),
-    _file(
+    file_technique(
         "torch-zip-hidden-local-header",
         "container",
         "model.pt",
@@ -298,7 +245,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "the central directory points data.pkl at a second local header inside another "
         "member's bytes: torch reads that one, a local-header walker sees the benign first",
     ),
-    _file(
+    file_technique(
         "torch-legacy-v7-tar",
         "container",
         "model.pt",
@@ -308,7 +255,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "torch 0.1-0.3's tar (sys_info, storages, tensors, pickle) in the V7 format, no "
         "ustar magic: torch.load still tries it first; the object is in member 'pickle'",
     ),
-    _file(
+    file_technique(
         "torch-legacy-tar-protocol0-storages",
         "container",
         "model.pt",
@@ -320,7 +267,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "the payload in member 'storages' (unpickled before 'pickle') as a protocol-0 text "
         "pickle: no .pkl name and no 0x80 first byte",
     ),
-    _file(
+    file_technique(
         "npz-protocol1-member-without-extension",
         "container",
         "arrays.npz",
@@ -335,7 +282,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "an npz member named 'extra', not 'extra.npy': numpy still reads it as an array "
         "(by its magic) and unpickles its object data, a protocol-1 pickle (no 0x80)",
     ),
-    _file(
+    file_technique(
         "torch-zip-local-header-size-lies",
         "container",
         "model.pt",
@@ -346,7 +293,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "size: torch reads by the central directory; a local-header walker sees nothing",
     ),
     # -- streams
-    _file(
+    file_technique(
         "legacy-stream-evil-protocol-pickle",
         "stream",
         "model.pt",
@@ -356,7 +303,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "torch's pre-zip stream is five pickles; the 2nd (the protocol version) is the "
         "payload, where a scanner of the object pickle does not look",
     ),
-    _file(
+    file_technique(
         "legacy-stream-evil-sys-info",
         "stream",
         "model.pt",
@@ -365,7 +312,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         False,
         "the 3rd pickle of the pre-zip stream (sys_info) is the payload",
     ),
-    _file(
+    file_technique(
         "legacy-stream-evil-storage-keys",
         "stream",
         "model.pt",
@@ -374,7 +321,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         False,
         "the pickle after the object pickle's STOP (the storage keys) is the payload",
     ),
-    _file(
+    file_technique(
         "pickle-records-second-evil",
         "stream",
         "records.pkl",
@@ -384,7 +331,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "bytes after the final STOP are a second, protocol-0 pickle: one pickle.load stops "
         "before it, a reader of records (pickle.load until EOF) runs it",
     ),
-    _file(
+    file_technique(
         "joblib-dtype-spelled-float64",
         "stream",
         "model.joblib",
@@ -394,7 +341,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "numpy.dtype('float64', ...) instead of 'f8': a reader with a table of joblib's own "
         "spellings cannot size the array, and its bytes are all STOP",
     ),
-    _file(
+    file_technique(
         "joblib-shape-list-fortran",
         "stream",
         "model.joblib",
@@ -404,7 +351,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "shape as a list [2, 3], order 'F': joblib multiplies whatever shape holds; a reader "
         "expecting a tuple skips nothing and stops on the data",
     ),
-    _file(
+    file_technique(
         "joblib-record-dtype-state",
         "stream",
         "model.joblib",
@@ -414,7 +361,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "a record dtype 'V16' sized by its pickled state (two float64 fields), not by its "
         "spelling: a reader that sizes by the spelling alone misplaces the rest",
     ),
-    _file(
+    file_technique(
         "joblib-alignment-padding-dots",
         "stream",
         "model.joblib",
@@ -424,7 +371,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "numpy_array_alignment_bytes present: joblib reads a padding length byte (46) and "
         "skips that much, whatever the alignment; padding and data are STOP bytes",
     ),
-    _file(
+    file_technique(
         "joblib-object-array-nested-pickle",
         "stream",
         "model.joblib",
@@ -439,7 +386,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "an object-dtype array: what follows the wrapper's BUILD is a whole second pickle "
         "that joblib runs with a fresh unpickler, not array bytes to skip",
     ),
-    _file(
+    file_technique(
         "joblib-lzma-alone-compressed",
         "stream",
         "model.joblib",
@@ -449,7 +396,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "a joblib stream in the .lzma 'alone' container, which joblib.load detects by its "
         "first bytes (5d 00) and inflates, whatever the file's name",
     ),
-    _file(
+    file_technique(
         "joblib-zfile-legacy",
         "stream",
         "model.joblib",
@@ -460,7 +407,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "through its compatibility unpickler",
     ),
     # -- several readings
-    _file(
+    file_technique(
         "tar-header-holds-evil-pickle",
         "reading",
         "model.tar",
@@ -470,7 +417,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "a valid torch 0.x tar of benign members whose first header is also a pickle (its "
         "name field starts it, a BINBYTES skips the numeric fields): pickle.load runs it",
     ),
-    _file(
+    file_technique(
         "pickle-header-then-evil-legacy-tar",
         "reading",
         "model.pt",
@@ -480,7 +427,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "a benign pickle at offset 0 that is also the first header of a torch 0.x tar whose "
         "'pickle' member is the payload: torch.load tries the tar reading first",
     ),
-    _file(
+    file_technique(
         "hdf5-userblock-pickle",
         "reading",
         "model.h5",
@@ -490,7 +437,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "an HDF5 file (h5py opens it) with a 512-byte userblock holding a pickle: HDF5 "
         "readers skip the userblock, pickle.load runs it",
     ),
-    _file(
+    file_technique(
         "evil-pickle-then-torch-zip",
         "reading",
         "model.pt",
@@ -516,7 +463,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "PrintTime.__init__(path), which opens the path for writing",
     ),
     # -- calls made by allowed code
-    _file(
+    file_technique(
         "rebuild-from-type-v2-filehandler-in-torch-zip",
         "call",
         "model.pt",
@@ -631,7 +578,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "codecs.open(path, 'w') creates any file; only builtins.open and io.open are listed",
     ),
     # -- code in data formats
-    _file(
+    file_technique(
         "npy-descr-spelled-object",
         "code",
         "array.npy",
@@ -641,7 +588,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "descr 'object' rather than '|O': numpy parses it to the object dtype and unpickles "
         "the data",
     ),
-    _file(
+    file_technique(
         "npy-record-nested-object-field",
         "code",
         "array.npy",
@@ -653,7 +600,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "a record dtype with an object field nested one level down: the array holds "
         "objects, so its data is a pickle",
     ),
-    _file(
+    file_technique(
         "npy-pickle-after-plain-array",
         "code",
         "arrays.npy",
@@ -663,7 +610,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "a plain array, then a pickle: np.load reads the array, and np.load of the same "
         "handle again (arrays saved one after another) unpickles what follows",
     ),
-    _file(
+    file_technique(
         "npy-version-3-header",
         "code",
         "array.npy",
@@ -673,7 +620,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "format 3.0: a 4-byte header length and a UTF-8 header; a reader of 1.0's 2-byte "
         "length misplaces the data, an object array's pickle",
     ),
-    _file(
+    file_technique(
         "torchscript-ops-aten-from-file",
         "code",
         "scripted.pt",
@@ -683,7 +630,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "__setstate__ (run by torch.jit.load) calls ops.aten.from_file, which a list of "
         "'torch.from_file' misses; it maps any file (shared=True writes to it)",
     ),
-    _file(
+    file_technique(
         "torchscript-from-file-line-continuation",
         "code",
         "scripted.pt",
@@ -713,7 +660,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "pytorch_model.bin is a relative link out of the folder: a scan of the folder that "
         "skips links sees only config.json",
     ),
-    *(Technique(*fields) for fields in BYPASSES),  # a red-team audit's finds
+    *BYPASSES,  # a red-team audit's finds
 )
 
 

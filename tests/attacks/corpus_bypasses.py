@@ -7,8 +7,6 @@ joblib runs as opcodes, tar members that ``tarfile`` reads and a hand-written wa
 joblib's ``ZF`` length without ``0x``, and a protocol-4 dotted name that walks through a
 module to ``subprocess``.
 
-The rows are plain fields: ``corpus.py`` makes them ``Technique`` objects, so this module
-never imports it (``corpus.py`` imports this one).
 """
 
 from __future__ import annotations
@@ -20,10 +18,18 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
+from tests.attacks.technique import (
+    JOBLIB,
+    PICKLE,
+    TORCH_JIT,
+    TORCH_UNSAFE,
+    Make,
+    Technique,
+    file_technique,
+)
 from tests.attacks.writers import (
     _sealed,
     _tar_header,
@@ -37,46 +43,8 @@ from tests.attacks.writers import (
     torch_zip,
     torchscript,
     touch,
-    write,
     zip_archive,
 )
-
-
-class Fields(NamedTuple):
-    """``corpus.Technique``'s fields, in its order."""
-
-    name: str
-    kind: str
-    build: Callable[[Path, Path], Path]
-    benign: Callable[[Path], Path]
-    loader: str | None
-    default_settings: bool
-    note: str
-    patches: str = ""
-
-
-# the loaders, as corpus.py spells them (importing them from there would be a cycle)
-PICKLE = "import pickle\nwith open(PATH, 'rb') as f:\n    pickle.load(f)"
-TORCH_UNSAFE = "import torch; torch.load(PATH, weights_only=False)"
-TORCH_JIT = "import torch; torch.jit.load(PATH)"
-JOBLIB = "import joblib; joblib.load(PATH)"
-
-Make = Callable[[Path | None], bytes]  # the file aimed at a marker, or (given None) its twin
-
-
-def _file(
-    name: str, kind: str, filename: str, make: Make, loader: str, default: bool, note: str
-) -> Fields:
-    return Fields(
-        name,
-        kind,
-        lambda tmp, marker: write(tmp / filename, make(marker)),
-        lambda tmp: write(tmp / filename, make(None)),
-        loader,
-        default,
-        note,
-    )
-
 
 # -- torch zips whose prefix is "data" -------------------------------------------------------------
 
@@ -239,8 +207,8 @@ def _dotted_popen(marker: Path) -> bytes:
     return b"\x80\x04" + _unicode("torch") + _unicode(qualname) + b"\x93" + argv + b"\x85R."
 
 
-BYPASSES: tuple[Fields, ...] = (
-    Fields(
+BYPASSES: tuple[Technique, ...] = (
+    Technique(
         "torch-zip-prefix-data",
         "container",
         _saved_as_data,
@@ -250,7 +218,7 @@ BYPASSES: tuple[Fields, ...] = (
         "torch.save to data.pt: the prefix is 'data', so the main pickle is data/data.pkl, "
         "which a rule 'members under data/ are tensor bytes' never parses",
     ),
-    _file(
+    file_technique(
         "torch-zip-member-case",
         "container",
         "data.pt",
@@ -260,7 +228,7 @@ BYPASSES: tuple[Fields, ...] = (
         "the main pickle named data/data.PKL (torch's miniz lookup ignores case) beside a "
         "benign data/zz/data.pkl: a case-sensitive reader takes the first for a storage",
     ),
-    _file(
+    file_technique(
         "torchscript-code-extension-case",
         "code",
         "scripted.pt",
@@ -270,7 +238,7 @@ BYPASSES: tuple[Fields, ...] = (
         "code/__torch__/....PY: torch.jit.load finds and compiles it (case-insensitive "
         "lookup), and its __setstate__ calls torch.save on a path the file names",
     ),
-    _file(
+    file_technique(
         "torchscript-code-folder-case",
         "code",
         "scripted.pt",
@@ -280,7 +248,7 @@ BYPASSES: tuple[Fields, ...] = (
         "the code folder named CODE/: torch.jit.load still compiles what is under it, and "
         "its __setstate__ calls torch.save on a path the file names",
     ),
-    _file(
+    file_technique(
         "joblib-wrapper-hides-opcodes",
         "reading",
         "model.pkl",
@@ -290,7 +258,7 @@ BYPASSES: tuple[Fields, ...] = (
         "joblib's NumpyArrayWrapper, then array bytes that are opcodes: joblib reads them as "
         "data, pickle.load runs them; a scanner that skips them as joblib does sees nothing",
     ),
-    _file(
+    file_technique(
         "joblib-wrapper-hides-opcodes-torch-zip",
         "reading",
         "model.pt",
@@ -300,7 +268,7 @@ BYPASSES: tuple[Fields, ...] = (
         "the same wrapper and opcodes as a torch zip's data.pkl: torch.load's unpickler has "
         "no array skip and runs them",
     ),
-    _file(
+    file_technique(
         "legacy-tar-contiguous-type",
         "container",
         "model.pt",
@@ -310,7 +278,7 @@ BYPASSES: tuple[Fields, ...] = (
         "a later 'storages' member of type '7' in torch 0.x's tar: tarfile extracts it as a "
         "regular file (the last of a name wins), a walker of types '0' and NUL skips it",
     ),
-    _file(
+    file_technique(
         "legacy-tar-pax-size",
         "container",
         "model.pt",
@@ -320,7 +288,7 @@ BYPASSES: tuple[Fields, ...] = (
         "a pax 'size=0' on a member whose ustar size hides a second 'storages': tarfile "
         "reads that member, a walker that trusts the ustar size jumps over it",
     ),
-    _file(
+    file_technique(
         "joblib-zf-without-0x",
         "stream",
         "model.joblib",
@@ -330,7 +298,7 @@ BYPASSES: tuple[Fields, ...] = (
         "joblib's 'ZF' file with its length in hex but no '0x': joblib.load reads it, a "
         "magic table that wants 'ZF0x' calls it unrecognised",
     ),
-    _file(
+    file_technique(
         "dotted-global-through-module",
         "call",
         "model.pkl",

@@ -185,11 +185,10 @@ def _by_opcode(data: bytes, most: int, width: list[int], calls: list[int]) -> in
                 calls.append(pos)
                 pos += 1
             elif code in counted:
-                length, head = counted[code]
-                n = length.unpack_from(data, pos + 1)[0]
-                if n < 0 or (code == _LONG4 and n > _MAX_LONG4):
+                past = _past_counted(data, pos, code)
+                if past is None:
                     return None
-                pos += head + n
+                pos = past
             elif code == _LONG_BINPUT:
                 if _U32(data, pos + 1)[0] >= _MAX_MEMO_INDEX:
                     return None
@@ -235,11 +234,10 @@ def _by_runs(data: bytes, most: int, match: _Match, calls: list[int]) -> int | N
             elif code == _STOP:
                 return pos + 1
             elif code in counted:  # a string of ``_SHORT`` bytes or more, or a bad length
-                length, head = counted[code]
-                n = length.unpack_from(data, pos + 1)[0]
-                if n < 0 or (code == _LONG4 and n > _MAX_LONG4):
+                past = _past_counted(data, pos, code)
+                if past is None:
                     return None
-                pos += head + n
+                pos = past
             elif code == _GLOBAL:
                 pos = _past_lines(data, pos + 1)
                 if pos < 0:
@@ -252,6 +250,16 @@ def _by_runs(data: bytes, most: int, match: _Match, calls: list[int]) -> int | N
                 return None
     except (IndexError, struct.error):
         return _RAN_OUT
+
+
+def _past_counted(data: bytes, pos: int, code: int) -> int | None:
+    """Past the string (or LONG1/LONG4) at ``pos``: its length and that many bytes; None
+    for a length the Python machine refuses (negative, a LONG4 past its bound)."""
+    length, head = _COUNTED[code]
+    n = length.unpack_from(data, pos + 1)[0]
+    if n < 0 or (code == _LONG4 and n > _MAX_LONG4):
+        return None
+    return int(pos + head + n)
 
 
 def _past_lines(data: bytes, pos: int) -> int:
