@@ -10,6 +10,7 @@ reconstructed, so the scan does not depend on the file being well-formed torch d
 from __future__ import annotations
 
 import _compat_pickle
+import contextlib
 import re
 from typing import Any, Final
 
@@ -280,7 +281,7 @@ class ScanResolver:
 
 
 class _PlainReadingEnds(Exception):
-    """Where the plain reading of a joblib pickle (``_as_plain_pickle``) stops."""
+    """Where the reading of a joblib pickle as pickle.load reads it (``scan_pickle``) stops."""
 
 
 def _state_keys(state: Any) -> list[str]:
@@ -322,7 +323,12 @@ def scan_pickle(
     limits = limits or Limits()
     view = memoryview(data)
 
-    def new_resolver(symbol_type: type[Symbol], made_type: type[Made]) -> ScanResolver:
+    def new_resolver(
+        symbol_type: type[Symbol] = Symbol,
+        made_type: type[Made] = Made,
+        *,
+        joblib_view: bool = True,
+    ) -> ScanResolver:
         return ScanResolver(
             torchscript=torchscript,
             expect_persistent_ids=expect_persistent_ids,
@@ -330,6 +336,7 @@ def scan_pickle(
             limits=limits,
             symbol_type=symbol_type,
             made_type=made_type,
+            joblib_view=joblib_view,
         )
 
     # CPython's C unpickler first (fast_scan): kept only when it vouches for the run and
@@ -338,7 +345,7 @@ def scan_pickle(
     end = fast_scan.clean_run(view, start, resolver, limits)
     if end is not None and not resolver.nested and not (findings := judge(resolver)):
         return PickleScan(findings, [], end)
-    resolver = new_resolver(Symbol, Made)
+    resolver = new_resolver()
     try:
         result = run(view, resolver, start=start, limits=limits)
     except (CorruptFileError, TruncatedFileError) as exc:
@@ -346,25 +353,12 @@ def scan_pickle(
         raise UnparsedPickleError(str(exc), findings=judge(resolver), truncated=truncated) from exc
     findings = judge(resolver)
     if resolver.skipped_arrays:
-        findings += _as_plain_pickle(view, start, limits, torchscript, expect_persistent_ids)
+        # The same bytes as pickle.load reads them, joblib's array bytes run as opcodes.
+        # Where that reading stops, pickle.load stops too; what it named before counts, and
+        # only that: the resolver's other notes on array bytes read as opcodes are noise.
+        plain = new_resolver(joblib_view=False)
+        with contextlib.suppress(CorruptFileError, TruncatedFileError, _PlainReadingEnds):
+            run(view, plain, start=start, limits=limits)
+        named = (f for symbol in plain.symbols for f in judge_symbol(symbol, torchscript))
+        findings += [f for f in named if f not in findings]  # both readings may name it
     return PickleScan(findings, resolver.nested, result.end)
-
-
-def _as_plain_pickle(
-    view: memoryview, start: int, limits: Limits, torchscript: bool, persistent: bool
-) -> list[PickleFinding]:
-    """The same bytes as pickle.load reads them, joblib's array bytes run as opcodes: the
-    globals named before they stop parsing count (findings without a global are left out,
-    since array bytes taken for opcodes make such noise in legitimate files)."""
-    plain = ScanResolver(
-        torchscript=torchscript,
-        expect_persistent_ids=persistent,
-        data=view,
-        limits=limits,
-        joblib_view=False,
-    )
-    try:
-        run(view, plain, start=start, limits=limits)
-    except (CorruptFileError, TruncatedFileError, _PlainReadingEnds):
-        plain.findings.clear()  # pickle.load stops there too; what it named before counts
-    return [f for symbol in plain.symbols for f in judge_symbol(symbol, torchscript)]
