@@ -413,3 +413,92 @@ def test_the_card_loads_the_folder_with_sentence_transformers(built: Built, tmp_
         timeout=300,
     )
     assert np.array_equal(np.load(out), built.encoded)
+
+
+# -- Router: modules of modules ---------------------------------------------------------------
+
+
+def router_model(root: Path) -> Any:
+    """A Router (sentence-transformers 5 and later) sending queries and documents to two
+    StaticEmbedding modules of their own, then Normalize: an asymmetric encoder."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as models
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+
+    torch.manual_seed(5)
+    tokenizer = Tokenizer(
+        tokenizer_models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]")
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    query = models.StaticEmbedding(tokenizer, embedding_dim=8)
+    document = models.StaticEmbedding(tokenizer, embedding_dim=8)
+    router = models.Router.for_query_document(query_modules=[query], document_modules=[document])
+    model = SentenceTransformer(modules=[router, models.Normalize()], device="cpu")
+    model.save(str(root))
+    return model
+
+
+@heavy
+def test_a_router_reads_its_routes_and_converts_to_what_loads(tmp_path: Path) -> None:
+    """Each module a Router routes to is read from its own folder under ``<folder>/``, and
+    ``--to hf-bin`` keeps the layout: the converted model encodes queries and documents as
+    the original does, bit for bit."""
+    from sentence_transformers import SentenceTransformer
+
+    model = router_model(tmp_path / "st")
+    routes = {"query": "query_0_StaticEmbedding", "document": "document_0_StaticEmbedding"}
+    want = {
+        f"{folder}/{name}": tensor
+        for folder in routes.values()
+        for name, tensor in weights_of(tmp_path / "st" / folder).items()
+    }
+    with modelport.open(tmp_path / "st") as read:
+        assert_same_tensors(dict(read.tensors), want)
+    modelport.convert(tmp_path / "st", tmp_path / "bin", modelport.ConvertOptions(to="hf-bin"))
+    for folder in routes.values():
+        assert (tmp_path / "bin" / folder / "pytorch_model.bin").is_file()
+    loaded = SentenceTransformer(str(tmp_path / "bin"), device="cpu")
+    np.testing.assert_array_equal(loaded.encode_query(SENTENCES), model.encode_query(SENTENCES))
+    np.testing.assert_array_equal(
+        loaded.encode_document(SENTENCES), model.encode_document(SENTENCES)
+    )
+
+
+def test_a_router_written_by_hand_reads_scans_and_names_its_code(tmp_path: Path) -> None:
+    """The Router layout without the library: its routes' tensors under their folders, and a
+    route whose class lies outside sentence_transformers is code the Router imports."""
+    from safetensors.torch import save_file
+
+    source = tmp_path / "st"
+    torch.manual_seed(4)
+    weights = {
+        folder: {"embedding.weight": torch.randn(5, 3)}
+        for folder in ("query_0_StaticEmbedding", "document_0_StaticEmbedding")
+    }
+    for folder, tensors in weights.items():
+        (source / folder).mkdir(parents=True)
+        save_file(tensors, source / folder / "model.safetensors")
+    static = "sentence_transformers.sentence_transformer.modules.static_embedding.StaticEmbedding"
+    router = {
+        "types": {folder: static for folder in weights},
+        "structure": {
+            "query": ["query_0_StaticEmbedding"],
+            "document": ["document_0_StaticEmbedding"],
+        },
+        "parameters": {"default_route": "document"},
+    }
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Router"}]
+    (source / "modules.json").write_text(json.dumps(modules))
+    (source / "router_config.json").write_text(json.dumps(router))
+    with modelport.open(source) as model:
+        assert sorted(model.tensors) == sorted(f"{f}/embedding.weight" for f in weights)
+        routed = {m["path"]: m.get("tensors") for m in model.details["module_folders"]}
+        assert routed == {"": None, **{folder: 1 for folder in weights}}
+    assert modelport.scan(source).verdict == "safe"
+    router["types"]["query_0_StaticEmbedding"] = "my_layers.Static"
+    (source / "router_config.json").write_text(json.dumps(router))
+    report = modelport.scan(source)
+    assert report.verdict == "suspicious"
+    found = {(f.rule, f.member): f.message for file in report.files for f in file.findings}
+    assert "my_layers.Static" in found["remote-code", "router_config.json"]

@@ -19,7 +19,14 @@ Layout (sentence-transformers ``SentenceTransformer.save``, ``CrossEncoder`` and
   ``pytorch_model.bin``, which sentence-transformers reads unsharded;
 - modules without weights keep only configuration (``1_Pooling/config.json``,
   ``3_Normalize/``); ``config_sentence_transformers.json`` (``model_type``, versions,
-  prompts, similarity function) and ``README.md`` sit at the top.
+  prompts, similarity function) and ``README.md`` sit at the top;
+- a Router module (sentence-transformers 5 and later: asymmetric query and document
+  encoders, inference-free sparse encoders) routes inputs to modules of its own, each in a
+  subfolder of the Router's folder that ``router_config.json`` (``config.json`` in early
+  releases) names in ``types`` (folder to class, imported as a module's ``type`` is) and
+  ``structure`` (route to folders): ``query_0_StaticEmbedding/``,
+  ``document_0_SparseStaticEmbedding/``; such a folder is a module like any other, its path
+  the Router's joined with its own.
 
 Read as one model: each module folder that holds weights is read as a Hugging Face folder,
 its tensors named ``<path>/<name>`` (``2_Dense/linear.weight``; a Transformer module at the
@@ -42,6 +49,8 @@ from modelport.tensors import TensorRef
 
 MODULES_JSON: Final = "modules.json"
 MODEL_CONFIG: Final = "config_sentence_transformers.json"
+ROUTER_CONFIGS: Final = ("router_config.json", "config.json")  # the current name first
+MAX_ROUTER_DEPTH: Final = 8  # Routers inside Routers: real models nest none
 SEPARATOR: Final = "/"  # between a module's folder and its tensors' names
 TOP: Final = ""  # the model's own folder, as a module path
 
@@ -82,7 +91,9 @@ def sniff(path: Path) -> bool:
     if not (path / MODULES_JSON).is_file():
         return False
     return holds_weights(path) or any(
-        sub.is_dir() and not sub.name.startswith(".") and holds_weights(sub)
+        sub.is_dir()
+        and not sub.name.startswith(".")
+        and (holds_weights(sub) or (sub / ROUTER_CONFIGS[0]).is_file())
         for sub in path.iterdir()
     )
 
@@ -104,13 +115,51 @@ def modules(path: Path) -> list[Module]:
                 path=path,
             )
         relative = _module_path(path, entry["path"])
-        if relative in found:
-            raise CorruptFileError(f"{MODULES_JSON} lists {relative!r} twice", path=path)
-        folder = path / relative if relative else path
-        found[relative] = Module(relative, entry["type"], folder if folder.is_dir() else None)
+        _add(path, Module(relative, entry["type"], _folder(path, relative)), found, 0)
     if not any(m.has_weights for m in found.values()):
         raise CorruptFileError(f"{MODULES_JSON} names no module folder holding weights", path=path)
     return list(found.values())
+
+
+def _add(root: Path, module: Module, found: dict[str, Module], depth: int) -> None:
+    """``module`` into ``found``, and after it, when it is a Router, the modules it routes to."""
+    if module.path in found:
+        raise CorruptFileError(f"{MODULES_JSON} lists {module.path!r} twice", path=root)
+    found[module.path] = module
+    routed = _routed(root, module)
+    if routed and depth >= MAX_ROUTER_DEPTH:
+        raise CorruptFileError(
+            f"Routers nested more than {MAX_ROUTER_DEPTH} deep at {module.path!r}", path=root
+        )
+    for inner in routed:
+        _add(root, inner, found, depth + 1)
+
+
+def _routed(root: Path, router: Module) -> list[Module]:
+    """The modules a Router module routes to, from its configuration's ``types``; none for
+    any other module."""
+    if router.folder is None or not router.type.endswith("Router"):
+        return []
+    config = next(
+        (router.folder / n for n in ROUTER_CONFIGS if (router.folder / n).is_file()), None
+    )
+    if config is None:
+        return []
+    types = _hf_folder.load_json(config).get("types")
+    if not isinstance(types, dict) or not all(isinstance(t, str) for t in types.values()):
+        raise CorruptFileError(
+            f"{config.name}: 'types' is not a map of folders to classes", path=config
+        )
+    routed = []
+    for name, kind in types.items():
+        relative = _module_path(root, f"{router.path}/{name}" if router.path else name)
+        routed.append(Module(relative, kind, _folder(root, relative)))
+    return routed
+
+
+def _folder(root: Path, relative: str) -> Path | None:
+    folder = root / relative if relative else root
+    return folder if folder.is_dir() else None
 
 
 def _module_path(root: Path, path: str) -> str:

@@ -96,11 +96,12 @@ LOADERS: dict[str, CodeLoader] = {
     ),
     "sentence_transformers_module": CodeLoader(
         "a module type",
-        "a module of modules.json whose type is not sentence_transformers.*",
+        "a module of modules.json, or a folder a Router's router_config.json routes to, "
+        "whose type is not sentence_transformers.*",
         "SentenceTransformer imports the module file from the folder: from a local folder "
         "even without trust_remote_code; else it imports the installed module of that name",
         "sentence-transformers: SentenceTransformer.py "
-        "SentenceTransformer._load_module_class_from_ref",
+        "SentenceTransformer._load_module_class_from_ref; base/modules/router.py Router.load",
     ),
     "cross_encoder_activation": CodeLoader(
         "activation_fn",
@@ -199,6 +200,8 @@ def _named_code(name: str, document: Any) -> list[tuple[str, list[str]]]:
         return [("sentence_transformers_module", _modules(document))]
     if not isinstance(document, dict):
         return []
+    if isinstance(document.get("types"), dict) and isinstance(document.get("structure"), dict):
+        return [("sentence_transformers_module", _router_types(document["types"]))]
     pipelines = document.get("custom_pipelines")
     impls = [task.get("impl") for task in _dict(pipelines).values() if isinstance(task, dict)]
     named = [
@@ -382,6 +385,11 @@ def _components(document: dict[str, Any]) -> list[str]:
 def _modules(document: list[Any]) -> list[str]:
     types = [m.get("type") for m in document if isinstance(m, dict) and "path" in m]
     return [t for t in _strings(types) if not t.startswith("sentence_transformers.")]
+
+
+def _router_types(types: dict[str, Any]) -> list[str]:
+    """The classes a Router's configuration (``types``: folder to class) makes it import."""
+    return [t for t in _strings(list(types.values())) if not t.startswith("sentence_transformers.")]
 
 
 def _peft_library(document: dict[str, Any]) -> list[str]:
