@@ -122,20 +122,22 @@ def _expanded(command: str, named: Iterable[str]) -> Iterator[Expanded]:
 
 def _scan_folder(root: Path) -> Iterator[Expanded]:
     """A folder's inputs as ``scan DIR`` judges it (``scanning.scanner.scan``)."""
-    walk = walking.walk(root)
+    walk = walking.find(root)
     segments = {}
-    if any(file.name == DCP_METADATA for file in walk.files):
-        segments = importlib.import_module("modelport.formats.dcp").segments_of(list(walk.files))
+    if any(file.rsplit("/", 1)[-1] == DCP_METADATA for file in walk.files):
+        dcp = importlib.import_module("modelport.formats.dcp")
+        segments = dcp.segments_of([Path(file) for file in walk.files])
     for file in walk.files:
         context: dict[str, Any] = {"in_folder": True}
-        ranges = segments.get(file.resolve()) if segments else None  # resolving costs lstats
+        ranges = segments.get(Path(file).resolve()) if segments else None  # costs lstats
         if ranges is not None:
             context["segments"] = [list(r) for r in ranges]
         if file in walk.outside:
-            context["outside"] = [str(walk.outside[file]), str(root)]
-        yield str(file), context, None
+            context["outside"] = [walk.outside[file], str(root)]
+        yield file, context, None
     for link in walk.dangling:
-        yield str(link), {}, _not_analysed(link, "link", "a symbolic link that leads nowhere")
+        message = "a symbolic link that leads nowhere"
+        yield link, {}, _not_analysed(Path(link), "link", message)
     if walk.truncated:
         message = f"more than {limits.MAX_SCANNED_FILES} files; the rest were not scanned"
         yield str(root), {}, _not_analysed(root, "dir", message)

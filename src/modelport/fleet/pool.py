@@ -43,6 +43,16 @@ SUCCESSOR_LEAD: Final = 200
 # Tasks sent to a worker ahead of its answers: the next file waits in its pipe, so it never
 # idles while the parent, sharing the cores, gets round to reading the last answer.
 QUEUE_DEPTH: Final = 2
+# A worker whose files take under FAST_S each (its pace) is sent up to FAST_DEPTH ahead, and
+# while every busy worker has more than QUEUE_DEPTH queued the parent sleeps before it looks
+# at the pipes, for half the time the shortest queue needs (at most GATHER_S): it then wakes
+# for several answers at once and sends tasks in batches, instead of a wake-up and two
+# system calls a file (in a run of 2,000 small files on two workers, those were about half
+# the parent's time). A timeout is then seen up to GATHER_S late, and a queue behind a file
+# that turns out slow costs the run's end at most FAST_DEPTH * FAST_S.
+FAST_S: Final = 0.02
+FAST_DEPTH: Final = 8
+GATHER_S: Final = 0.05
 FAILED_STARTS: Final = 3  # workers in a row that die before they are ready: give up
 _TAIL_BYTES: Final = 2000
 _THREAD_VARIABLES: Final = (
@@ -74,6 +84,8 @@ class _Worker:
     queue: deque[Task] = field(default_factory=deque)  # sent, not answered; the first runs
     started: float = 0.0  # when the first of the queue began
     sent: int = 0
+    pace: float = FAST_S  # seconds a file, averaged over its last few; FAST_S until known
+    pipe_data: bytearray = field(default_factory=bytearray)  # tasks not yet written
 
     @property
     def pid(self) -> int:
@@ -88,6 +100,11 @@ class _Worker:
     def room(self) -> int:
         """Files it may still be sent."""
         return 0 if self.gone or self.retiring else TASKS_PER_WORKER - self.sent
+
+    @property
+    def depth(self) -> int:
+        """Tasks it may hold, sent and not answered."""
+        return FAST_DEPTH if self.pace < FAST_S else QUEUE_DEPTH
 
     @property
     def task(self) -> Task | None:
@@ -117,6 +134,9 @@ class Pool:
             while self._pending or any(w.task for w in self._workers):
                 self._start_workers()
                 self._dispatch()
+                gather = self._gather()
+                if gather > 0:
+                    time.sleep(gather)
                 for key, _ in self._selector.select(self._wait()):
                     yield from self._read(key.data[0], key.data[1])
                 yield from self._expire()
@@ -178,39 +198,62 @@ class Pool:
         begins only while fewer than ``jobs`` are busy (a successor waits for the worker it
         succeeds to finish its last file)."""
         busy = sum(bool(w.queue) for w in self._workers)
-        for depth in range(1, QUEUE_DEPTH + 1):
+        written = []
+        for depth in range(1, FAST_DEPTH + 1):
             for worker in self._workers:
                 idle = not worker.queue
                 if not self._pending or (idle and busy >= self.jobs):
                     continue
                 if self._takes(worker, depth):
                     self._send(worker, self._pending.popleft())
+                    written.append(worker)
                     if idle and worker.queue:
                         busy += 1
+        for worker in dict.fromkeys(written):  # each worker's tasks in one write
+            self._flush(worker)
+
+    def _gather(self) -> float:
+        """Seconds the parent may let answers gather: while every busy worker has more than
+        ``QUEUE_DEPTH`` files queued, half the time the shortest queue takes (0: none)."""
+        busy = [w for w in self._workers if w.queue]
+        if not busy or any(len(w.queue) <= QUEUE_DEPTH for w in busy):
+            return 0.0
+        drained = min((len(w.queue) - 1) * w.pace for w in busy)
+        deadline = self._wait()
+        return min(drained / 2, GATHER_S, GATHER_S if deadline is None else deadline)
 
     @staticmethod
     def _takes(worker: _Worker, depth: int) -> bool:
         return (
             worker.ready
             and not (worker.gone or worker.retiring)
-            and len(worker.queue) < depth
+            and len(worker.queue) < min(depth, worker.depth)
             and worker.sent < TASKS_PER_WORKER  # it leaves after that many: send no more
         )
 
     def _send(self, worker: _Worker, task: Task) -> None:
+        """Queue ``task`` in the worker's input buffer; ``_flush`` writes it."""
         message = {"command": task.command, "path": task.path, "options": task.options}
-        try:
-            assert worker.process.stdin is not None
-            worker.process.stdin.write(json.dumps(message).encode() + b"\n")
-            worker.process.stdin.flush()
-        except BrokenPipeError:  # it died; its end of output is on the way
-            self._pending.appendleft(task)
-            worker.gone = True
-            return
+        assert worker.process.stdin is not None
+        worker.pipe_data += json.dumps(message).encode() + b"\n"
         if not worker.queue:
             worker.started = time.monotonic()
         worker.queue.append(task)
         worker.sent += 1
+
+    def _flush(self, worker: _Worker) -> None:
+        """Write the tasks queued for the worker; if it died, they were never sent."""
+        data, worker.pipe_data = bytes(worker.pipe_data), bytearray()
+        try:
+            assert worker.process.stdin is not None
+            worker.process.stdin.write(data)
+            worker.process.stdin.flush()
+        except BrokenPipeError:  # it died; its end of output is on the way
+            unsent = data.count(b"\n")
+            for _ in range(unsent):
+                self._pending.appendleft(worker.queue.pop())
+            worker.sent -= unsent
+            worker.gone = True
 
     def _wait(self) -> float | None:
         """Seconds until the first busy worker's file overruns its budget."""
@@ -234,17 +277,20 @@ class Pool:
             yield from self._ended(worker)
             return
         worker.buffer += data
-        while (end := worker.buffer.find(b"\n")) >= 0:
-            message = json.loads(bytes(worker.buffer[:end]))
-            del worker.buffer[: end + 1]
+        *lines, worker.buffer = worker.buffer.split(b"\n")
+        now = time.monotonic()
+        for line in lines:
+            message = json.loads(line)
             if "ready" in message:
                 worker.ready = True
                 self._failed_starts = 0
             elif worker.queue:
                 task = worker.queue.popleft()
-                worker.started = time.monotonic()  # the next one in its queue begins
+                worker.started = now  # the next one in its queue begins
                 worker.retiring = worker.retiring or bool(message.get("last"))
-                yield task, Outcome.from_json(message["outcome"]), worker.pid
+                outcome = Outcome.from_json(message["outcome"])
+                worker.pace = (worker.pace + outcome.duration_s) / 2
+                yield task, outcome, worker.pid
 
     def _ended(self, worker: _Worker) -> Iterator[tuple[Task, Outcome, int]]:
         """A worker closed its output: it finished its tasks, left after saying its answer

@@ -28,7 +28,16 @@ from modelport.fleet.dedupe import Groups, copied
 from modelport.fleet.inputs import Input
 from modelport.fleet.journal import Journal
 from modelport.fleet.pool import Pool, Task
-from modelport.fleet.records import TIMED_OUT, Budget, Identity, Outcome, Record, Status, plain
+from modelport.fleet.records import (
+    TIMED_OUT,
+    Budget,
+    Identity,
+    Outcome,
+    Record,
+    Status,
+    is_plain,
+    plain,
+)
 from modelport.transfer import remote
 
 
@@ -82,8 +91,12 @@ def run(plan: Plan, tally: Tally | None = None) -> Iterator[Record]:
             tally.skipped_lines = journal.existing.skipped
         order = _InOrder()
         tasks: list[Task] = []
+        common = plain(plan.options)
         for position, item in enumerate(plan.inputs):
-            options = plain({**plan.options, **item.context})
+            if is_plain(item.context):
+                options = {**common, **item.context}
+            else:
+                options = plain({**plan.options, **item.context})
             record = earlier.get((item.path, _target(options)))
             if record is not None and record.answers(
                 plan.command, Identity.of(item.path), options, plan.budget

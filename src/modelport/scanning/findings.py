@@ -203,10 +203,12 @@ def data_files_as_data(reports: list[FileReport]) -> list[FileReport]:
         for report in reports
         for name in report.data_files
     }
+    if not owners:
+        return list(reports)  # nothing names a data file: no path needs resolving
     judged = []
     for report in reports:
-        owner = owners.get(Path(report.path).resolve())
-        if owner is not None and report.format == "unknown":
+        owner = owners.get(Path(report.path).resolve()) if report.format == "unknown" else None
+        if owner is not None:
             finding = Finding(
                 Severity.INFO, "tensor-data", "", f"raw tensor data that {owner} reads"
             )
