@@ -11,7 +11,10 @@ come from ``wait4`` (RSS counts mapped file pages, as ``/usr/bin/time`` does). C
 
 Write speed on this kind of VM drifts by 2x from one minute to the next, so every case is
 paired with a ``cp`` of its own source run just before it, and ``x cp`` is the median of
-those ratios. ``usual/x`` is how many times faster than the usual script a case is.
+those ratios. ``cpu x cp`` is the same for the CPU time (user + system, from ``wait4``),
+which moves less when other work shares the cores. ``usual/x`` is how many times faster
+than the usual script a case is. Run it with bytecode writing on (no
+``PYTHONDONTWRITEBYTECODE``), or every start compiles what changed since the last one.
 
 Usage: python benchmarks/bench_convert.py [--sizes 1,2,4] [--repeat 3] [--only TEXT]
 """
@@ -59,7 +62,7 @@ torch.save(sd, {str(path)!r})
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def run_once(command: list[str], output: Path | None) -> tuple[float, float]:
+def run_once(command: list[str], output: Path | None) -> tuple[float, float, float]:
     if output is not None:
         output.unlink(missing_ok=True)
     os.sync()
@@ -69,7 +72,7 @@ def run_once(command: list[str], output: Path | None) -> tuple[float, float]:
     wall = time.perf_counter() - start
     if status != 0:
         raise SystemExit(f"failed ({status}): {' '.join(command)}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def paired(
@@ -78,27 +81,34 @@ def paired(
     source: Path,
     repeat: int,
     reference: tuple[list[str], Path] | None = None,
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, float]:
     """Median wall of ``command``, the median of its ratio to ``reference`` (by default
     ``cp`` of ``source``) run just before it each time (write speed here drifts by 2x
     between minutes), and peak RSS. Each output is deleted as soon as it is timed, so that
     neither run starts with the other's 4 GB still in the page cache (left there, ``cp``
-    after a conversion took 3x as long as after the usual script)."""
+    after a conversion took 3x as long as after the usual script). Last, the median ratio
+    of their CPU times."""
     copy = OUT / "copy.bin"
     before, before_output = reference or (["cp", str(source), str(copy)], copy)
     run_once(command, output)
     output.unlink(missing_ok=True)
-    walls, ratios, peaks = [], [], []
+    walls, ratios, peaks, cpu_ratios = [], [], [], []
     for _ in range(repeat):
-        reference_wall, _ = run_once(before, before_output)
+        reference_wall, _, reference_cpu = run_once(before, before_output)
         before_output.unlink(missing_ok=True)
-        wall, rss = run_once(command, output)
+        wall, rss, cpu = run_once(command, output)
         output.unlink(missing_ok=True)
         walls.append(wall)
         ratios.append(wall / reference_wall)
+        cpu_ratios.append(cpu / max(reference_cpu, 1e-3))
         peaks.append(rss)
     output.unlink(missing_ok=True)
-    return statistics.median(walls), statistics.median(ratios), max(peaks)
+    return (
+        statistics.median(walls),
+        statistics.median(ratios),
+        max(peaks),
+        statistics.median(cpu_ratios),
+    )
 
 
 def main() -> int:
@@ -109,7 +119,8 @@ def main() -> int:
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     convert = [sys.executable, "-m", "modelport", "convert"]
-    print(f"{'size':>6} {'case':44} {'wall s':>8} {'x cp':>6} {'usual/x':>8} {'peak RSS MB':>12}")
+    header = f"{'size':>6} {'case':44} {'wall s':>8} {'x cp':>6} {'cpu x cp':>8} {'usual/x':>8}"
+    print(f"{header} {'peak RSS MB':>12}")
     for size in (float(s) for s in args.sizes.split(",")):
         layers = max(1, round((size * 1e9 - EMBED) / PER_LAYER))
         source = OUT / f"llm-{size:g}gb.pt"
@@ -118,8 +129,18 @@ def main() -> int:
         gb = source.stat().st_size / 1e9
         usual_out = OUT / "usual.safetensors"
         usual = [sys.executable, "-c", USUAL_SCRIPT, str(source), str(usual_out)]
-        usual_wall, usual_ratio, usual_rss = paired(usual, usual_out, source, args.repeat)
-        rows = [("torch.load + save_file + reload/compare", usual_wall, usual_ratio, usual_rss)]
+        usual_wall, usual_ratio, usual_rss, usual_cpu = paired(
+            usual, usual_out, source, args.repeat
+        )
+        rows = [
+            (
+                "torch.load + save_file + reload/compare",
+                usual_wall,
+                usual_ratio,
+                usual_rss,
+                usual_cpu,
+            )
+        ]
         safetensors_file = OUT / "reverse-source.safetensors"
         subprocess.run([*convert, str(source), str(safetensors_file)], check=True)
         cases = [
@@ -147,19 +168,22 @@ def main() -> int:
                 continue
             target = OUT / name
             try:
-                wall, ratio, rss = paired(
+                wall, ratio, rss, cpu_ratio = paired(
                     [*convert, str(src), str(target), *extra], target, src, args.repeat
                 )
             except SystemExit as exc:
                 print(f"{gb:6.2f} {label:44} skipped: {exc}")
                 continue
-            rows.append((label, wall, ratio, rss))
-        for label, wall, ratio, rss in rows:
+            rows.append((label, wall, ratio, rss, cpu_ratio))
+        for label, wall, ratio, rss, cpu_ratio in rows:
             faster = usual_wall / wall
-            print(f"{gb:6.2f} {label:44} {wall:8.2f} {ratio:6.2f} {faster:8.1f} {rss:12.0f}")
+            print(
+                f"{gb:6.2f} {label:44} {wall:8.2f} {ratio:6.2f} {cpu_ratio:8.2f} {faster:8.1f} "
+                f"{rss:12.0f}"
+            )
         if not args.only:  # the headline, paired with the usual script itself
             target = OUT / "out.safetensors"
-            wall, ratio, _ = paired(
+            wall, ratio, _, _ = paired(
                 [*convert, str(source), str(target)],
                 target,
                 source,

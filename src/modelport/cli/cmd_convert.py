@@ -12,14 +12,6 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 import modelport
 from modelport import dtypes
@@ -36,7 +28,6 @@ from modelport.conversion.converting import (
 from modelport.conversion.options import ConvertOptions
 from modelport.errors import UsageError
 from modelport.formats.registry import is_model_folder
-from modelport.torch_models import tf_names
 from modelport.transfer import placing
 
 if TYPE_CHECKING:
@@ -335,6 +326,9 @@ def _options(args: argparse.Namespace) -> ConvertOptions:
 def _pytorch_names(source: Path, options: ConvertOptions) -> tuple[str, ConvertOptions]:
     """A transformers ``tf_model.h5`` converted under the PyTorch names and layouts of the
     model its ``config.json`` describes (kernels transposed, renamed); other sources as named."""
+    if not (source.suffix == ".h5" or source.is_dir()):  # no TF weights: no import of them
+        return str(source), options
+    tf_names = importlib.import_module("modelport.torch_models.tf_names")
     h5_path = tf_names.tf_weights_file(source)
     if h5_path is None:
         return str(source), options
@@ -352,24 +346,30 @@ def _card_subject(target: Path) -> Path:
 
 
 def _convert_with_progress(args: argparse.Namespace, options: ConvertOptions) -> ConvertReport:
-    """The conversion with a progress bar on stderr, when stderr is a terminal."""
+    """The conversion with a progress bar on stderr, when stderr is a terminal (no bar in
+    logs and pipes, and then no import of ``rich.progress``, a fiftieth of a second)."""
     console = Console(stderr=True)
-    with Progress(
-        TextColumn("converting"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
+    if not console.is_terminal:
+        return modelport.convert(args.source, args.target, options)
+    bars = importlib.import_module("rich.progress")
+    with bars.Progress(
+        bars.TextColumn("converting"),
+        bars.BarColumn(),
+        bars.DownloadColumn(),
+        bars.TransferSpeedColumn(),
+        bars.TimeRemainingColumn(),
         console=console,
         transient=True,
-        disable=not console.is_terminal,  # no bar in logs and pipes
     ) as bar:
         task = bar.add_task("convert", total=None)
 
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        return modelport.convert(args.source, args.target, options, on_progress=progress)
+        result: ConvertReport = modelport.convert(
+            args.source, args.target, options, on_progress=progress
+        )
+        return result
 
 
 def show(out: Console, report: ConvertReport, dtype: str | None) -> None:

@@ -12,6 +12,7 @@ nothing behind, and an existing file is never replaced unless asked.
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +27,6 @@ from modelport.conversion import (
     folders,
     gguf_arch,
     gguf_quantizing,
-    gguf_to_hf,
     selecting,
     writing,
 )
@@ -294,7 +294,7 @@ def _outputs(
         if info.block is not None:
             if options.dequantize:
                 target = cast or "float32"
-        elif info.is_floating and info.numpy is not None:
+        elif info.is_floating and info.numpy_spec is not None:  # no numpy import
             target = gguf or cast or target
         outputs.append(OutputTensor(name, target, tensor))
     return outputs
@@ -313,11 +313,16 @@ def _for_target(
     the notes; and the folder whose sidecars the target gets (the source's, or one holding
     the config.json and tokenizer rebuilt from the GGUF, removed when ``stack`` closes)."""
     source, target_format = model.path, writer.format.value
+    if model.format.value != "gguf" or target_format != "hf-dir":
+        _check_holds(outputs, writer)
+        return outputs, notes, source
+    # imported for this pair alone: a fiftieth of a second of every other conversion's start
+    gguf_to_hf = importlib.import_module("modelport.conversion.gguf_to_hf")
     back = gguf_to_hf.for_transformers(
         source, model.format.value, target_format, model.metadata, outputs, options
     )
     _check_holds(list(back.tensors), writer)
-    carried = stack.enter_context(back.sidecars(source))
+    carried: Path = stack.enter_context(back.sidecars(source))
     return list(back.tensors), [*notes, *back.notes], carried
 
 

@@ -102,8 +102,6 @@ def verify(
 def _compare(
     tensor: OutputTensor, out: TensorRef, comparer: RangeComparer, copies: OutputChecks | None
 ) -> CastCheck | None:
-    import numpy as np
-
     source_range, out_range = tensor.source.byte_range(), out.byte_range()
     source_path = tensor.source.storage.path if tensor.source.storage else None
     out_path = out.storage.path if out.storage else None
@@ -119,6 +117,8 @@ def _compare(
         if not same:
             raise VerificationError(f"{tensor.name}: the bytes read back differ from the source")
         return None
+    import numpy as np  # a copied range is compared without it
+
     if dtypes.dtype(out.dtype).numpy is None:  # quantized blocks: compare raw bytes
         expected = (
             np.concatenate([b.reshape(-1).view(np.uint8) for b in _quantized(tensor)])

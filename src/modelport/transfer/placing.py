@@ -10,9 +10,7 @@ import errno
 import glob
 import os
 import re
-import secrets
 import shutil
-import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,7 +77,7 @@ def sibling(target: Path, kind: str) -> Path:
     run can tell its own stale files (``remove_stale_siblings``) from another's live ones."""
     remove_stale_siblings(target)
     while True:
-        name = f".{target.name}.modelport-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.{kind}"
+        name = f".{target.name}.modelport-{_HOST}-{os.getpid()}-{os.urandom(4).hex()}.{kind}"
         candidate = target.with_name(name)
         if not candidate.exists() and not candidate.is_symlink():
             return candidate
@@ -94,7 +92,8 @@ def staging_folder(target: Path) -> Path:
     return building
 
 
-_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+# the host name as os.uname gives it: importing socket (and secrets) slows every start
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", os.uname().nodename) or "host"
 
 
 def remove_stale_siblings(target: Path) -> list[Path]:

@@ -14,6 +14,7 @@ and only skips comparing it again. Without the thread, the CRC is taken by re-re
 
 from __future__ import annotations
 
+import mmap
 import os
 import queue
 import threading
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 COMPARE_CHUNK = 2 << 20  # two of these stay in the CPU cache between read and compare
 PIECE = 64 << 20  # a cancelled check stops within one piece
+MAP_WINDOW = 8 << 20  # the written file is compared through a map of this many bytes at a time
 
 Checksum = Callable[[], int]  # the CRC-32 of written bytes, waited for when asked
 # Compares a tensor written element by element (cast, gathered) with its source: returns
@@ -41,17 +43,19 @@ ElementCheck = Callable[["OutputTensor", TensorRef], Any]
 
 
 class RangeComparer:
-    """Compares byte ranges of files through two buffers reused for every chunk: reading
-    into fresh memory each time would cost a page fault per 4 KiB, more than the reading.
-    The chunks are small enough to stay in the CPU cache between the read and the compare,
-    and are compared eight bytes at a time (three times faster than byte by byte)."""
+    """Compares a range of a source with a range of the file just written. The source is
+    read through a buffer reused for every chunk (fresh memory would cost a page fault per
+    4 KiB, more than the reading), small enough to stay in the CPU cache until compared;
+    the written file is read through a map of a window at a time, so its bytes come from
+    its page cache without a copy (half the system time of reading both, 2 GHz ext4; the
+    window's pages leave the process with the window). Chunks are compared whole
+    (``bytearray`` equality is one ``memcmp``: a third of numpy's time for the same bytes,
+    and no numpy import for a plain copy)."""
 
     def __init__(self, chunk: int = COMPARE_CHUNK) -> None:
-        import numpy as np
-
         self.left = bytearray(chunk)
         self.right = bytearray(chunk)
-        self.equal = np.empty(chunk // 8, dtype=bool)
+        self._unmapped = bytearray()  # where the written file cannot be mapped
 
     def same(
         self,
@@ -68,36 +72,69 @@ class RangeComparer:
         length: int,
         crc: int | None = None,
     ) -> tuple[bool, int]:
-        """Whether the two ranges hold the same bytes; with ``crc``, also the CRC-32 of
-        ``b``'s range, continued from ``crc`` (taken from the buffer already read)."""
+        """Whether ``a``'s range (the source) holds the same bytes as ``b``'s (the file
+        written); with ``crc``, also the CRC-32 of ``b``'s range, continued from ``crc``."""
         with open(a[0], "rb") as first, open(b[0], "rb") as second:
             done = 0
             while done < length:
-                n = min(len(self.left), length - done)
-                _read_exactly(first, memoryview(self.left)[:n], a[1] + done)
-                _read_exactly(second, memoryview(self.right)[:n], b[1] + done)
-                if crc is not None:
-                    crc = zlib.crc32(memoryview(self.right)[:n], crc)
-                if not self._equal(n):
-                    return False, 0
-                advance(n)
-                done += n
+                size = min(MAP_WINDOW, length - done)
+                with self._window(second, b[1] + done, size) as written:
+                    for at in range(0, size, len(self.left)):
+                        n = min(len(self.left), size - at)
+                        _read_exactly(first, memoryview(self.left)[:n], a[1] + done + at)
+                        with written[at : at + n] as out:
+                            if crc is not None:
+                                crc = zlib.crc32(out, crc)
+                            if not self._equal(out):
+                                return False, 0
+                        advance(n)
+                done += size
         return True, crc or 0
+
+    @contextmanager
+    def _window(self, handle: BinaryIO, offset: int, length: int) -> Iterator[memoryview]:
+        """``length`` bytes at ``offset`` of ``handle``, mapped: the file just written,
+        which only this process writes (a map of a file that shrinks underneath faults).
+        Where the file cannot be mapped, they are read into a buffer kept for that (and a
+        range past its end is reported by that read)."""
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapped = mmap.mmap(
+                handle.fileno(), offset + length - start, prot=mmap.PROT_READ, offset=start
+            )
+        except (OSError, ValueError):  # a file system without maps, a range past the end
+            mapped = None
+        if mapped is None:
+            if len(self._unmapped) < length:
+                self._unmapped = bytearray(MAP_WINDOW)
+            view = memoryview(self._unmapped)[:length]
+            _read_exactly(handle, view, offset)
+            yield view
+            return
+        view = memoryview(mapped)[offset - start :]
+        try:
+            yield view
+        finally:
+            view.release()
+            mapped.close()
 
     def crc32(self, path: str | os.PathLike[str], offset: int, length: int, crc: int = 0) -> int:
         """The CRC-32 of a range, read through the same reused buffer."""
         with open(path, "rb") as handle:
             return crc32_of_range(handle, offset, length, self.right, crc)
 
-    def _equal(self, n: int) -> bool:
-        import numpy as np
-
-        words = n // 8
-        left = np.frombuffer(self.left, np.uint64, words)
-        right = np.frombuffer(self.right, np.uint64, words)
-        if not np.equal(left, right, out=self.equal[:words]).all():
-            return False
-        return self.left[words * 8 : n] == self.right[words * 8 : n]
+    def _equal(self, written: memoryview) -> bool:
+        """Whether ``written`` agrees with the first ``len(written)`` bytes of ``left``.
+        A shorter last chunk is copied into ``right`` and given ``left``'s tail, so that
+        the comparison is still of whole buffers: slicing a ``bytearray`` would copy into
+        fresh memory, and ``memoryview`` equality goes byte by byte (each 20-40x slower
+        than ``memcmp`` here)."""
+        n = len(written)
+        if n == len(self.left):
+            return self.left == written
+        memoryview(self.right)[:n] = written
+        memoryview(self.right)[n:] = memoryview(self.left)[n:]
+        return self.left == self.right
 
 
 def read_into(fd: int, view: memoryview, offset: int) -> int:
