@@ -13,8 +13,12 @@ C and the Python machine must agree on every pickle this path accepts, so a walk
 opcodes (``fast_walk``) comes first and admits only opcodes whose effect both give
 identically, with arguments inside the machine's bounds. C's NEWOBJ would want a real
 class, so C runs a copy in which each NEWOBJ is a REDUCE, and the calls the walk says were
-NEWOBJ go to the resolver's ``new``, as the Python machine sends them. joblib's array
-wrappers are refused when C builds them (the Python machine skips their raw bytes).
+NEWOBJ go to the resolver's ``new``, as the Python machine sends them. C hashes the keys of
+its own dicts before anything can look at them, so it makes none: each EMPTY_DICT names a
+global that ``find_class`` answers with a dict measuring each key first, as the Python
+machine does (``keys.bounded_key``), and the opcodes that make other dicts and sets are
+refused. joblib's array wrappers are refused when C builds them (the Python machine skips
+their raw bytes).
 
 What C does was read from CPython 3.11's Modules/_pickle.c and checked by the differential
 tests on 3.11; another interpreter's C unpickler may differ in a way no test shows, so the
@@ -30,6 +34,7 @@ from typing import Any, Final, Protocol
 from modelport.limits import MAX_PICKLE_SHORT_LINE
 from modelport.pickles import fast_walk, policy
 from modelport.pickles.interface import Limits, Resolver, Step
+from modelport.pickles.keys import bounded_key
 from modelport.pickles.symbols import Made, Symbol
 
 __all__ = ["ENABLED", "LiveMade", "LiveSymbol", "RecordingResolver", "clean_run"]
@@ -75,7 +80,7 @@ def clean_run(
         return None
     finally:
         unpickler.cursor.resolver = None  # the records' way back to it: no cycle outlives the run
-    if source.pos != admitted.end:
+    if source.pos != admitted.program_end:
         return None
     return start + admitted.end
 
@@ -144,6 +149,10 @@ class _RunCursor:
     def read(self, n: int) -> memoryview:
         raise _Unsure("no byte position inside the C unpickler")
 
+    @property
+    def frame_end(self) -> int:
+        raise _Unsure("no byte position inside the C unpickler")
+
 
 class _InertUnpickler(_pickle.Unpickler):
     """Names globals through the resolver and never imports; the strings of protocol 0-2
@@ -156,6 +165,8 @@ class _InertUnpickler(_pickle.Unpickler):
         self.resolver = resolver
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == fast_walk.CHECKED_DICT:
+            return _CheckedDict()
         symbol = self.resolver.find_global(module, name, self.step)
         if type(symbol) is not LiveSymbol or symbol.key not in _MAY_BE_CLEAN:
             raise _Unsure("a global the rules would report, or no symbol C can call")
@@ -166,6 +177,17 @@ class _InertUnpickler(_pickle.Unpickler):
         if self.resolver.findings:
             raise _Unsure("not clean: the resolver noted something")
         return value
+
+
+class _CheckedDict(dict[Any, Any]):
+    """The dict C makes for each EMPTY_DICT (``fast_walk``): C hashes a real dict's keys
+    itself, a subclass's through ``__setitem__``, where each key is measured first as the
+    Python machine measures it. No ``__dict__``: C's BUILD cannot set attributes on it."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        dict.__setitem__(self, bounded_key(key) if type(key) is tuple else key, value)
 
 
 class _Live:

@@ -5,14 +5,19 @@ identically, with every argument inside the machine's bounds.
 Admitted: data, the memo, containers, GLOBAL and STACK_GLOBAL, REDUCE, OBJ, NEWOBJ, BUILD,
 BINPERSID. Refused, because C does them differently or cannot do them without the file's
 code: NEWOBJ_EX (C wants a real class), EXT1/2/4 (C reads copyreg's registry),
-NEXT_BUFFER/READONLY_BUFFER, the 8-byte lengths, POP and POP_MARK, and the protocol 0 text
-opcodes other than GLOBAL (their number syntax is C's ``strtol``). The walk also holds C to
+NEXT_BUFFER/READONLY_BUFFER, the 8-byte lengths, POP and POP_MARK, the protocol 0 text
+opcodes other than GLOBAL (their number syntax is C's ``strtol``), and DICT, EMPTY_SET,
+ADDITEMS and FROZENSET, whose keys and items C hashes before any check (a key of tuples
+shared through the memo unfolds to 2**60 tuples in 300 bytes, and hashing it never ends;
+``keys``). Real files make sets through REDUCE and dicts with EMPTY_DICT, which C runs as
+the GLOBAL of a dict that measures each key first (``_admitted``). The walk also holds C to
 what the Python machine enforces: no length past the end, no memo index C would allocate an
 array for (C's memo is indexed, the machine's a dict), LONG4 and text-line bounds, and fewer
 opcodes than any ``Limits`` count, so no limit is reached.
 
 C's NEWOBJ would want a real class, so C runs a copy in which each NEWOBJ is a REDUCE (both
-pop a class or callable and an argument tuple and push one result). C calls a record for
+pop a class or callable and an argument tuple and push one result) and each EMPTY_DICT the
+checked dict's GLOBAL (both push an empty dict). C calls a record for
 each REDUCE, OBJ and NEWOBJ in the order of the bytes, so the walk numbers those opcodes and
 says which calls were NEWOBJ.
 
@@ -47,9 +52,8 @@ _FIXED: Final = {
     **dict.fromkeys(
         [
             *("DUP", "NONE", "NEWTRUE", "NEWFALSE", "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2"),
-            *("TUPLE3", "EMPTY_LIST", "LIST", "EMPTY_DICT", "DICT", "APPEND", "SETITEM"),
-            *("SETITEMS", "MEMOIZE", "REDUCE", "BUILD", "BINPERSID", "STACK_GLOBAL"),
-            *("EMPTY_SET", "ADDITEMS", "FROZENSET", "OBJ"),
+            *("TUPLE3", "EMPTY_LIST", "LIST", "APPEND", "SETITEM", "SETITEMS", "MEMOIZE"),
+            *("REDUCE", "BUILD", "BINPERSID", "STACK_GLOBAL", "OBJ"),
         ],
         1,
     ),
@@ -79,6 +83,13 @@ _STOP, _PROTO, _FRAME = _CODES["STOP"], _CODES["PROTO"], _CODES["FRAME"]
 _MARK, _APPENDS = _CODES["MARK"], _CODES["APPENDS"]
 _GLOBAL, _LONG_BINPUT, _LONG4 = _CODES["GLOBAL"], _CODES["LONG_BINPUT"], _CODES["LONG4"]
 _NEWOBJ, _REDUCE, _OBJ = _CODES["NEWOBJ"], _CODES["REDUCE"], _CODES["OBJ"]
+_EMPTY_DICT = _CODES["EMPTY_DICT"]
+# What C runs for each EMPTY_DICT: a GLOBAL that ``fast_scan``'s ``find_class`` answers with
+# a dict that measures each key before hashing it. No pickle C runs names it itself: its
+# name (ASCII, so the same bytes in every string opcode) appears nowhere in one.
+CHECKED_DICT: Final = ("modelport", "checked dict")
+_CHECKED_DICT_GLOBAL: Final = b"c%s\n%s\n" % tuple(part.encode() for part in CHECKED_DICT)
+_CHECKED_DICT_NAME: Final = CHECKED_DICT[1].encode()
 _CALLS: Final = frozenset({_NEWOBJ, _REDUCE, _OBJ})
 # The walk by opcode that numbers the calls: REDUCE and OBJ leave its fast loop.
 _WIDTH_NUMBERING: Final = list(_WIDTH)
@@ -102,11 +113,13 @@ _RAN_OUT, _TOO_LONG, _UNCOUNTED = -1, -2, -3
 @dataclass(frozen=True, slots=True)
 class Admitted:
     """A pickle C may run: the bytes it runs, from the pickle's first (each NEWOBJ made a
-    REDUCE), where it ends in them (just past STOP), and which of C's calls, numbered from
-    0 in the order of REDUCE, OBJ and NEWOBJ in the bytes, were NEWOBJ."""
+    REDUCE, each EMPTY_DICT the GLOBAL of a checked dict), where the pickle ends (just past
+    STOP) in its own bytes and in those C runs, and which of C's calls, numbered from 0 in
+    the order of REDUCE, OBJ and NEWOBJ in the bytes, were NEWOBJ."""
 
     program: bytes
     end: int
+    program_end: int
     news: frozenset[int]
 
 
@@ -117,50 +130,69 @@ def admit(data: memoryview, start: int, most: int) -> Admitted | None:
     for window in (_FIRST_WINDOW, _LAST_WINDOW):
         chunk = bytes(data[start : start + window])
         calls: list[int] = []
-        end = _walk(chunk, most, calls)
+        dicts: list[int] = []
+        end = _walk(chunk, most, calls, dicts)
         if end is None:
             return None
         if end >= 0:
-            return _admitted(chunk, end, calls)
+            if chunk.find(_CHECKED_DICT_NAME, 0, end) >= 0:
+                return None  # the pickle may name the checked dict itself
+            return _admitted(chunk, end, calls, dicts)
         if len(chunk) < window:
             return None  # the bytes end before STOP
     return None
 
 
-def _admitted(chunk: bytes, end: int, calls: list[int]) -> Admitted:
+def _admitted(chunk: bytes, end: int, calls: list[int], dicts: list[int]) -> Admitted:
+    """C hashes the keys of the dicts it makes before anything can look at them: a key of
+    tuples shared through the memo can unfold to 2**60 tuples and hang there. So C makes
+    no dict of its own: each EMPTY_DICT becomes a GLOBAL of the checked dict (``fast_scan``),
+    which measures each key as the Python machine does (``keys.bounded_key``). The walk
+    refuses the other opcodes that hash in C (DICT, EMPTY_SET, ADDITEMS, FROZENSET)."""
     newobjs = [at for at in calls if chunk[at] == _NEWOBJ]
-    if not newobjs:
-        return Admitted(chunk, end, frozenset())
+    news = frozenset(number for number, at in enumerate(calls) if chunk[at] == _NEWOBJ)
+    if not newobjs and not dicts:
+        return Admitted(chunk, end, end, news)
     program = bytearray(chunk[:end])
     for at in newobjs:
         program[at] = _REDUCE
-    news = frozenset(number for number, at in enumerate(calls) if chunk[at] == _NEWOBJ)
-    return Admitted(bytes(program), end, news)
+    if dicts:
+        parts: list[bytes | bytearray] = []
+        last = 0
+        for at in dicts:
+            parts += [program[last:at], _CHECKED_DICT_GLOBAL]
+            last = at + 1
+        parts.append(program[last:])
+        program = bytearray().join(parts)
+    return Admitted(bytes(program), end, len(program), news)
 
 
-def _walk(chunk: bytes, most: int, calls: list[int]) -> int | None:
+def _walk(chunk: bytes, most: int, calls: list[int], dicts: list[int]) -> int | None:
     """Where the pickle ends in ``chunk``, with ``calls`` holding where each REDUCE, OBJ
-    and NEWOBJ is whenever there is a NEWOBJ; None when refused, ``_RAN_OUT`` when the
-    bytes end first."""
+    and NEWOBJ is whenever there is a NEWOBJ, and ``dicts`` where each EMPTY_DICT is; None
+    when refused, ``_RAN_OUT`` when the bytes end first."""
     expressions = _EXPRESSIONS
     if expressions.ready():
-        end = _by_runs(chunk, most, expressions.match(numbering=False), calls)
+        end = _by_runs(chunk, most, expressions.match(numbering=False), calls, dicts)
         if end != _UNCOUNTED:
             if calls and end is not None and end >= 0:  # a NEWOBJ: number every call
                 calls.clear()
-                _by_runs(chunk, most, expressions.match(numbering=True), calls)
+                _by_runs(chunk, most, expressions.match(numbering=True), calls, [])
             return end
         calls.clear()
-    end = _by_opcode(chunk, most, _WIDTH, calls)
+        dicts.clear()
+    end = _by_opcode(chunk, most, _WIDTH, calls, dicts)
     if end is not None and end > 0:
         expressions.bytes_walked += end
         if calls:
             calls.clear()
-            _by_opcode(chunk, most, _WIDTH_NUMBERING, calls)
+            _by_opcode(chunk, most, _WIDTH_NUMBERING, calls, [])
     return end
 
 
-def _by_opcode(data: bytes, most: int, width: list[int], calls: list[int]) -> int | None:
+def _by_opcode(
+    data: bytes, most: int, width: list[int], calls: list[int], dicts: list[int]
+) -> int | None:
     """The opcodes of ``data`` up to STOP, one by one and counted: the end, None when one is
     refused or there are more than ``most``, ``_RAN_OUT`` when the bytes end first. (Past
     the end, indexing raises: that is how the end is found.) Where ``width`` sends them past
@@ -183,6 +215,9 @@ def _by_opcode(data: bytes, most: int, width: list[int], calls: list[int]) -> in
                 pos += 1
             elif code in _CALLS:
                 calls.append(pos)
+                pos += 1
+            elif code == _EMPTY_DICT:
+                dicts.append(pos)
                 pos += 1
             elif code in counted:
                 past = _past_counted(data, pos, code)
@@ -215,7 +250,9 @@ def _by_opcode(data: bytes, most: int, width: list[int], calls: list[int]) -> in
         return _RAN_OUT
 
 
-def _by_runs(data: bytes, most: int, match: _Match, calls: list[int]) -> int | None:
+def _by_runs(
+    data: bytes, most: int, match: _Match, calls: list[int], dicts: list[int]
+) -> int | None:
     """The walk of ``_by_opcode``, the expression taking each run of opcodes it can check;
     ``_UNCOUNTED`` once the bytes walked are as many as the opcodes allowed (opcodes are at
     least a byte each, so below that no count is needed). The calls it leaves are noted in
@@ -230,6 +267,9 @@ def _by_runs(data: bytes, most: int, match: _Match, calls: list[int]) -> int | N
             code = data[pos]
             if code in _CALLS:
                 calls.append(pos)
+                pos += 1
+            elif code == _EMPTY_DICT:
+                dicts.append(pos)
                 pos += 1
             elif code == _STOP:
                 return pos + 1
