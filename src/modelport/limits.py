@@ -57,6 +57,14 @@ MAX_ZIP_ENTRIES: Final = 1_000_000
 MAX_ZIP_MEMBER_INFLATED: Final = 1 << 30
 # A compressed pickle's inflated size when read (joblib dumps of large arrays).
 MAX_PICKLE_INFLATED: Final = 16 << 30
+# A compressed pickle stream inflated (scanned or read) against its compressed size: its bytes
+# are held in memory to be walked. joblib dumps of real models compress 1.2-6x with zlib, bz2
+# and xz alike (float weights barely; trees, vocabularies, sparse pixels a few times), and
+# an array of zeros 230x with joblib's zlib level 3; bz2 and xz reach a million to one on a
+# run of one byte, so a 10 KB file would otherwise claim gigabytes.
+MAX_INFLATION_RATIO: Final = 256
+# What any compressed stream may inflate to whatever its ratio: a small model's pickle.
+MIN_INFLATION_ALLOWANCE: Final = 64 << 20
 # Object arrays pickled inside joblib streams, inside each other.
 MAX_PICKLE_NESTING: Final = 16
 # A .keras archive's compressed weights member inflated into memory.

@@ -15,8 +15,8 @@ Layout (joblib/numpy_pickle_compat.py, which joblib still uses to load them):
 
 A side-file name MUST be a plain name in the pickle's folder (no separator, no ``..``); any
 other name, a missing file or an unreadable one leaves the array as a record, with a
-warning. The compressed bytes are inflated only when the tensor is read, under the same cap
-as compressed pickles.
+warning. The compressed bytes are inflated only when the tensor is read, never past the
+length the ``ZF`` header declares (nor the cap on compressed pickles).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from modelport.formats._compressed import (
     ZF_LENGTH_CHARS,
     ZF_PREFIX,
     Compression,
+    InflationCap,
     decompression_cap,
     inflate,
 )
@@ -92,9 +93,10 @@ def _zfile_array(side: Path, reduced: Any) -> TensorRef:
     declared = zfile_length(side)
 
     def read_bytes() -> NDArray:
-        inflated = inflate(
-            memoryview(side.read_bytes()), Compression.JOBLIB_ZF, decompression_cap(), partial=False
-        )
+        cap = InflationCap(decompression_cap())
+        if declared < cap.size:  # the length its header declares is all it may inflate to
+            cap = InflationCap(declared, "the length the ZF header declares: damaged")
+        inflated = inflate(memoryview(side.read_bytes()), Compression.JOBLIB_ZF, cap, partial=False)
         if len(inflated) != declared:
             raise CorruptFileError(
                 f"{side.name} inflates to {len(inflated)} bytes, its header says {declared}",

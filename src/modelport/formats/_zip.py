@@ -49,6 +49,7 @@ _LOCAL_LENGTHS = struct.Struct("<HH")  # a local header's name and extra lengths
 _RECENT: dict[tuple[object, ...], ZipDirectory] = {}
 _RECENT_KEPT = 4
 _MAP_AT_MOST = 16 << 20  # files larger are read by slices (``_mapped``)
+_INFLATE_CHUNK = 1 << 20
 
 
 class Bytes(Protocol):
@@ -238,9 +239,8 @@ class ZipDirectory:
             raise CorruptFileError(
                 f"zip member {entry.name!r} uses compression method {entry.method}", path=self.path
             )
-        inflater = zlib.decompressobj(-15)
         try:
-            data = inflater.decompress(raw, limit + 1)
+            data = inflate_deflated(memoryview(raw), limit)
         except zlib.error as exc:
             raise CorruptFileError(
                 f"zip member {entry.name!r} does not inflate ({exc})", path=self.path
@@ -249,7 +249,30 @@ class ZipDirectory:
             raise LimitExceededError(
                 f"zip member {entry.name!r} inflated size", limit, len(data), path=self.path
             )
-        return data
+        return bytes(data)
+
+
+def inflate_deflated(raw: memoryview, limit: int) -> bytearray:
+    """A deflated member's bytes, at most ``limit + 1`` of them (one more says it goes on),
+    inflated from ``_INFLATE_CHUNK`` of input at a time into one buffer: zlib's one call
+    with ``max_length`` holds its output twice as it finishes (2 GB for 1 GB). Raises
+    ``zlib.error`` when the data does not inflate."""
+    inflater = zlib.decompressobj(-15)
+    out = bytearray()
+    position, pending, more = 0, b"", False
+    while len(out) <= limit and not inflater.eof:
+        if not pending and not more:
+            if position >= len(raw):
+                break
+            pending = bytes(raw[position : position + _INFLATE_CHUNK])
+            position += len(pending)
+        room = min(_INFLATE_CHUNK, limit + 1 - len(out))
+        piece = inflater.decompress(pending, room)
+        out += piece
+        # input left over comes back in ``unconsumed_tail``; a full ``room`` may leave output
+        # held inside, to be asked for again before more input goes in
+        pending, more = inflater.unconsumed_tail, len(piece) == room
+    return out
 
 
 def _parse_central(

@@ -23,7 +23,8 @@ Layout (Lib/pickletools.py; joblib/numpy_pickle.py, compressor.py, numpy_pickle_
   with ``b`` a whole ``torch.save`` blob (see ``_torch_blob``).
 
 Edge cases: a torch legacy file (first pickle is torch's magic number) and ``.npy`` files
-are never claimed; decompression stops at ``limits.MAX_PICKLE_INFLATED`` (or half the RAM) with
+are never claimed; decompression stops at ``limits.MAX_PICKLE_INFLATED`` (or half the RAM),
+and at ``limits.MAX_INFLATION_RATIO`` times the compressed size, with
 ``LimitExceededError``; nothing named by the pickle is imported or called.
 """
 
@@ -45,7 +46,14 @@ from modelport.errors import (
     UnsupportedDtypeError,
 )
 from modelport.formats import npy
-from modelport.formats._compressed import Compression, compression_of, decompression_cap, inflate
+from modelport.formats._compressed import (
+    Compression,
+    InflationCap,
+    compression_of,
+    decompression_cap,
+    inflate,
+    stream_cap,
+)
 from modelport.formats._joblib_side_files import side_file_array, side_file_owner
 from modelport.formats._legacy_stream import MAGIC_NUMBER
 from modelport.formats._torch_blob import read_torch_blob
@@ -97,7 +105,7 @@ def _holds_pickle(probe: Probe, kind: Compression) -> bool:
         with open(probe.path, "rb") as handle:  # bz2 emits nothing before a whole block
             head = handle.read(SNIFF_BZ2_INPUT)
     try:
-        inflated = inflate(memoryview(head), kind, SNIFF_INFLATE, partial=True)
+        inflated = inflate(memoryview(head), kind, InflationCap(SNIFF_INFLATE), partial=True)
     except ModelportError:
         return False
     return _looks_like_pickle(bytes(inflated), complete=False)
@@ -335,7 +343,8 @@ def read(path: Path, probe: Probe) -> Contents:
     if kind is not None:
         with open(path, "rb") as handle:
             raw = handle.read()
-        inflated = inflate(memoryview(raw), kind, decompression_cap(), partial=False)
+        cap = stream_cap(len(raw), decompression_cap())
+        inflated = inflate(memoryview(raw), kind, cap, partial=False)
         del raw
         details.update(compression=kind.value, decompressed_bytes=len(inflated))
         if not _looks_like_pickle(bytes(inflated[:SNIFF_INFLATE]), complete=False):

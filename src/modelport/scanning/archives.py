@@ -37,6 +37,7 @@ from modelport.formats._zip import (
     STORED,
     ZipDirectory,
     ZipEntry,
+    inflate_deflated,
 )
 from modelport.pickles.symbols import Severity
 from modelport.scanning import script_code
@@ -170,15 +171,21 @@ def _scan_entry(
         return
     if not _may_hold_code(head, entry.name, torchscript):
         return
-    body = raw if stored else _inflate(raw, limits.MAX_SCANNED_MEMBER_BYTES)
-    if body is None:
+    if entry.size > limits.MAX_SCANNED_MEMBER_BYTES:
         scan.error(
-            f"the member inflates past {limits.MAX_SCANNED_MEMBER_BYTES:,} bytes or does "
-            "not inflate: not analysed",
+            f"the member declares {entry.size:,} bytes, past the "
+            f"{limits.MAX_SCANNED_MEMBER_BYTES:,} read to be scanned: not analysed",
             label,
         )
         return
+    # loaders read no further than the directory declares (zipfile cuts there, torch's miniz
+    # sizes its buffer by it): one byte more says the member is damaged
+    body = raw if stored else _inflate(raw, entry.size + 1, strict=False)
+    if body is None:
+        scan.error("the member does not inflate: not analysed", label)
+        return
     _check_member(scan, entry, body, label)
+    body = body[: entry.size]
     if torchscript and _is_script_code(entry.name):
         scan.findings.extend(script_code.findings(bytes(body), entry.name))
         return
@@ -205,7 +212,13 @@ def _raw_member(
 def _check_member(scan: ScanState, entry: ZipEntry, body: memoryview, label: str) -> None:
     """Damage that loaders refuse (Python's zipfile checks both) makes the member an
     error; its bytes were judged all the same, for loaders that do not check."""
-    if len(body) != entry.size:
+    if len(body) > entry.size:
+        scan.error(
+            f"the member inflates past the {entry.size:,} bytes the directory declares: "
+            "damaged, or made so (loaders stop there; those bytes are judged)",
+            label,
+        )
+    elif len(body) != entry.size:
         scan.error(
             f"the directory declares {entry.size:,} bytes but the member holds "
             f"{len(body):,}: damaged, or made so loaders disagree",
@@ -263,9 +276,11 @@ def _is_raw_storage(entry: ZipEntry) -> bool:
     """Tensor bytes of a torch.save or TorchScript archive (``<prefix>/data/<key>``, reached
     through data.pkl's persistent ids): stored, copied, never parsed."""
     parts = entry.name.split("/")
+    # torch names a storage <archive>/data/<key> and nothing deeper: a deeper "data" folder
+    # is TorchScript's code/__torch__/data/ (a class of module data.*), which jit compiles.
     # torch.save to "data.pt" names its main pickle "data/data.pkl", and torch's miniz lookup
     # ignores case: a member named like a pickle is never taken for a storage
-    in_data = len(parts) >= 2 and parts[-2] == "data" and not parts[-1].lower().endswith(".pkl")
+    in_data = len(parts) == 3 and parts[1] == "data" and not parts[-1].lower().endswith(".pkl")
     return entry.method == STORED and in_data
 
 
@@ -285,11 +300,10 @@ def _is_script_code(name: str) -> bool:
 def _inflate(raw: memoryview, cap: int, *, strict: bool = True) -> memoryview | None:
     """Raw deflate, never more than ``cap`` bytes; None when it does not inflate or (when
     ``strict``) inflates past the cap. Declared sizes are not consulted."""
-    inflater = zlib.decompressobj(-15)
     try:
-        data = inflater.decompress(raw, cap + 1)
+        data = inflate_deflated(raw, cap)
     except zlib.error:
         return None
-    if strict and (len(data) > cap or inflater.unconsumed_tail):
+    if strict and len(data) > cap:
         return None
-    return memoryview(data[:cap])
+    return memoryview(data).toreadonly()[:cap]

@@ -347,15 +347,14 @@ class _FileScanner(ScanState):
         return text
 
     def scan_compressed(self, data: memoryview, kind: Compression, member: str, depth: int) -> None:
-        inflated = memoryview(
-            _compressed.inflate(
-                data,
-                kind,
-                min(limits.MAX_SCAN_INFLATED_BYTES, _compressed.decompression_cap()),
-                partial=False,
-            )
-        )
         label = f"{member}<{kind.value}>"
+        absolute = min(limits.MAX_SCAN_INFLATED_BYTES, _compressed.decompression_cap())
+        try:
+            cap = _compressed.stream_cap(len(data), absolute)
+            inflated = memoryview(_compressed.inflate(data, kind, cap, partial=False))
+        except ModelportError as exc:  # the file's other readings are still scanned
+            self.error(str(exc), label)
+            return
         if bytes(inflated[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
             self.scan_zip(label, depth + 1, blob=bytes(inflated))
         elif not self.scan_member(
