@@ -62,3 +62,14 @@ def test_the_walk_follows_the_rules_os_walk_spells(tmp_path: Path) -> None:
     whole = walking.walk(root)
     assert root / "z/out.pt" in whole.outside
     assert len(whole.files) == 6 and not whole.truncated
+
+
+def test_the_walk_orders_paths_part_by_part_as_paths_sort(tmp_path: Path) -> None:
+    """``a/b`` comes before ``a-c`` (``/`` sorts after ``-`` in a string, not in a path)."""
+    for name in ("a/b/z", "a-c", "a.d/e", "a0", "a/b-x/y", "a/b.z", "b"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    for start in (tmp_path, Path(os.path.relpath(tmp_path))):
+        walk = walking.walk(start)
+        assert list(walk.files) == by_os_walk(start)[0]
+        assert list(walk.files) == sorted(walk.files)

@@ -12,13 +12,16 @@ module to ``subprocess``.
 from __future__ import annotations
 
 import io
+import lzma
 import os
+import pickle
 import struct
 import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tests.attacks.technique import (
@@ -31,6 +34,8 @@ from tests.attacks.technique import (
     file_technique,
 )
 from tests.attacks.writers import (
+    OBJECT_DTYPE,
+    _scripted,
     _sealed,
     _tar_header,
     dtype,
@@ -38,11 +43,13 @@ from tests.attacks.writers import (
     joblib_stream,
     legacy_tar_members,
     plain,
+    shell,
     shell2,
     text,
     torch_zip,
     torchscript,
     touch,
+    write,
     zip_archive,
 )
 
@@ -207,6 +214,107 @@ def _dotted_popen(marker: Path) -> bytes:
     return b"\x80\x04" + _unicode("torch") + _unicode(qualname) + b"\x93" + argv + b"\x85R."
 
 
+# -- a second audit: TorchScript code where storages lie, calls without "name(", folder links ------
+
+
+_SETSTATE_LINE = b"    self.weight = (state)[0]\n"
+_SCRIPT_MODULE = b"__torch__.tests.attacks.writers"
+
+
+def _script_in_data_module(marker: Path | None) -> bytes:
+    """The scripted class moved to a module named ``data.x``: its code is then
+    ``code/__torch__/data/x.py``, whose folder is named like the storages' ``data/``. With
+    a marker, ``__setstate__`` calls torch.from_file(MARKER/inside, shared=True), which
+    would create that file: where the marker is no folder, its error names the path."""
+    members = []
+    for name, data in _scripted():
+        name = name.replace("code/__torch__/tests/attacks/writers.py", "code/__torch__/data/x.py")
+        if name.endswith((".py", ".pkl")):
+            data = data.replace(_SCRIPT_MODULE, b"__torch__.data.x")
+        if name.endswith(".py") and marker is not None:
+            data = data.replace(
+                _SETSTATE_LINE,
+                f'    self.weight = torch.from_file("{marker / "inside"}", True, 2)\n'.encode(),
+            )
+        members.append((name, data))
+    return zip_archive(members)
+
+
+def _parenthesized_call(marker: Path | None) -> bytes:
+    """``(torch.from_file)(MARKER/inside, True, 2)`` in ``__setstate__``: a call whose name is not
+    followed by "(" but by ")"."""
+    target = None if marker is None else marker / "inside"
+    line = None if target is None else f'    self.weight = (torch.from_file)("{target}", True, 2)\n'
+    members = list(_scripted())
+    if line is not None:
+        members = [
+            (n, d.replace(_SETSTATE_LINE, line.encode()) if n.endswith(".py") else d)
+            for n, d in members
+        ]
+    return zip_archive(members)
+
+
+def _folder_linked_outside(tmp: Path, marker: Path | None) -> Path:
+    """A pipeline folder whose ``unet/`` is a relative link to a folder outside it, where
+    the weights are: the loader reads ``unet/pytorch_model.bin`` through the link."""
+    weights = torch_zip() if marker is None else torch_zip(shell2(marker))
+    write(tmp / "elsewhere" / "unet" / "pytorch_model.bin", weights)
+    folder = tmp / "pipeline"
+    write(folder / "model_index.json", b'{"unet": ["diffusers", "UNet2DConditionModel"]}')
+    (folder / "unet").symlink_to(os.path.relpath(tmp / "elsewhere" / "unet", folder))
+    return folder
+
+
+# -- joblib: a frame that ends after its array's bytes; an LZMA header joblib's prefix takes ------
+
+
+def _array_wrapper(array_dtype: bytes, count: int) -> bytes:
+    """A NumpyArrayWrapper of ``count`` items built with its state (joblib's BUILD)."""
+    state = (
+        b"}(Vsubclass\n"
+        + global_("numpy", "ndarray")
+        + b"Vshape\n"
+        + b"K"
+        + bytes([count])
+        + b"\x85"
+        + b"Vorder\nVC\nVdtype\n"
+        + array_dtype
+        + b"Vallow_mmap\n\x89ub"
+    )
+    return global_("joblib.numpy_pickle", "NumpyArrayWrapper") + b")\x81" + state
+
+
+def _frame(body: bytes) -> bytes:
+    return b"\x95" + struct.pack("<Q", len(body)) + body
+
+
+def _frame_split(marker: Path | None) -> bytes:
+    """Protocol 4. joblib's unpickler holds each FRAME in memory and reads an array's bytes
+    from the file, past the frame: so after a float array's BUILD the rest of its frame runs
+    as opcodes (``os.system`` here), and the 8-byte items after the frame are the array.
+    An object array first ends a reading of the file as one plain pickle before the call.
+    The twin is joblib's own layout: each frame ends at its wrapper's BUILD."""
+    objects = b"](" + _array_wrapper(OBJECT_DTYPE, 1)
+    held = pickle.dumps(np.array([None], dtype=object), protocol=2)
+    if marker is None:
+        floats = _array_wrapper(dtype("f8"), 1)
+        return b"\x80\x04" + _frame(objects) + held + _frame(floats) + bytes(8) + b"e."
+    tail = shell(marker)[:-1] + b"0"  # the call, its result popped
+    while len(tail) % 8:  # BININT1 POP makes the length even, NONE POP a multiple of 8
+        tail += b"K\x000" if len(tail) % 2 else b"N0"
+    floats = _array_wrapper(dtype("f8"), len(tail) // 8) + tail
+    array = b"N0" * (len(tail) // 2)
+    return b"\x80\x04" + _frame(objects) + held + _frame(floats) + array + b"e."
+
+
+def _lzma_small_dictionary(marker: Path | None) -> bytes:
+    """An LZMA-alone stream with a 4 KiB dictionary: its header is 5d 00 10 00 00, which
+    joblib's two-byte prefix takes and a three-byte 5d 00 00 does not."""
+    filters = [{"id": lzma.FILTER_LZMA1, "dict_size": 4096}]
+    data = plain(2) if marker is None else shell2(marker)
+    return lzma.compress(data, format=lzma.FORMAT_ALONE, filters=filters)
+
+
 BYPASSES: tuple[Technique, ...] = (
     Technique(
         "torch-zip-prefix-data",
@@ -307,5 +415,55 @@ BYPASSES: tuple[Technique, ...] = (
         True,
         "protocol 4 resolves torch + _strobelight.cli_function_profiler.subprocess.Popen "
         "attribute by attribute: a third-party CapWords name that is subprocess.Popen",
+    ),
+    file_technique(
+        "torchscript-code-in-data-folder",
+        "code",
+        "scripted.pt",
+        _script_in_data_module,
+        TORCH_JIT,
+        True,
+        "a scripted class of module data.x keeps its code in code/__torch__/data/x.py: a rule "
+        "'a stored member under a data/ folder is tensor bytes' never reads it",
+    ),
+    file_technique(
+        "torchscript-parenthesized-call",
+        "code",
+        "scripted.pt",
+        _parenthesized_call,
+        TORCH_JIT,
+        True,
+        "(torch.from_file)(path, True, 2) in __setstate__: a reading of calls as 'name(' "
+        "misses a name in parentheses, which TorchScript calls all the same",
+    ),
+    file_technique(
+        "joblib-frame-ends-past-array",
+        "reading",
+        "model.joblib",
+        _frame_split,
+        JOBLIB,
+        True,
+        "a protocol-4 FRAME that runs on past a float array's BUILD: joblib reads the array "
+        "from after the frame and runs the frame's rest, which a reading in place skips",
+    ),
+    file_technique(
+        "joblib-lzma-small-dictionary",
+        "stream",
+        "model.joblib",
+        _lzma_small_dictionary,
+        JOBLIB,
+        True,
+        "an LZMA-alone stream with a 4 KiB dictionary (header 5d 00 10): joblib's prefix "
+        "test takes it, a magic table that wants 5d 00 00 calls it unrecognised",
+    ),
+    Technique(
+        "folder-link-to-folder-outside",
+        "directory",
+        _folder_linked_outside,
+        lambda tmp: _folder_linked_outside(tmp, None),
+        "import torch; torch.load(PATH + '/unet/pytorch_model.bin', weights_only=False)",
+        False,
+        "unet/ is a link to a folder outside the pipeline's: a walk that enters no linked "
+        "folder never sees the weights the loader reads through it",
     ),
 )

@@ -19,6 +19,8 @@ import base64
 import json
 import marshal
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -515,7 +517,22 @@ def test_saved_model_folder(tmp_path: Path) -> None:
             assert meta["tags"] == ["serve"] and meta["signatures"] == ["serving_default"]
             assert meta["op_counts"] == {"Const": 1, "MatMul": 1, "ReadFile": 1}
             assert meta["file_ops"] == ["ReadFile"]
-    assert modelport.scan(folder).verdict == "safe"
+    assert modelport.scan(folder).verdict == "suspicious"  # a function reads files
+
+
+@pytest.mark.parametrize(("op", "verdict"), [("ReadFile", "suspicious"), ("WriteFile", "unsafe")])
+def test_a_graph_that_touches_files_is_a_finding(tmp_path: Path, op: str, verdict: str) -> None:
+    """tf.saved_model.load runs resource initializers as it loads (a red-team audit's
+    WriteFile in a TrackableResource's _initialize wrote its marker): writing files is code
+    reaching the machine, reading them is what some serving graphs do by design."""
+    folder = tmp_path / "sm"
+    (folder / "variables").mkdir(parents=True)
+    (folder / "saved_model.pb").write_bytes(_saved_model_bytes(["Const", op]))
+    write_bundle(folder / "variables" / "variables", dict(sample_tensors()))
+    report = modelport.scan(folder)
+    assert report.verdict == verdict
+    (graph,) = [f for f in report.files if Path(f.path).name == "saved_model.pb"]
+    assert [(f.rule, f.member) for f in graph.findings] == [("tf-file-access", op)]
 
 
 def test_keras_lambda_in_a_saved_model_is_a_finding(tmp_path: Path, cli: Cli) -> None:
@@ -711,3 +728,30 @@ def test_a_checkpoint_with_an_empty_prefix(tmp_path: Path) -> None:
     with modelport.open(folder / ".index") as model:
         assert_tensors(model, expected)
     assert modelport.scan(folder).verdict == "safe"
+
+
+@pytest.mark.heavy
+def test_a_resource_that_writes_a_file_as_it_loads_is_unsafe(tmp_path: Path) -> None:
+    """A TrackableResource whose _initialize calls tf.io.write_file: tf.saved_model.load
+    runs it while loading (the marker appears), and the scan calls the folder unsafe."""
+    tf = _tf()
+    marker = tmp_path / "marker"
+
+    class Resource(tf.saved_model.experimental.TrackableResource):  # type: ignore[misc]
+        def _create_resource(self) -> Any:
+            return tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[])
+
+        def _initialize(self) -> Any:
+            tf.io.write_file(str(marker), "x")
+            return tf.raw_ops.AssignVariableOp(resource=self.resource_handle, value=1.0)
+
+    module = tf.Module()
+    module.resource = Resource()
+    folder = tmp_path / "sm"
+    tf.saved_model.save(module, str(folder))
+    marker.unlink(missing_ok=True)  # whether saving ran the initializer is TensorFlow's affair
+    report = modelport.scan(folder)
+    assert report.verdict == "unsafe"
+    load = f"import tensorflow as tf; tf.saved_model.load({str(folder)!r})"
+    subprocess.run([sys.executable, "-c", load], check=True, capture_output=True, timeout=300)
+    assert marker.exists()

@@ -54,7 +54,8 @@ MAX_KERAS_METADATA_BYTES: Final = 1 << 30
 _WHOLE_JSON: Final = limits.MAX_KERAS_CONFIG_BYTES + 1  # past the cap: parse_json refuses it
 MAX_LISTED_OPS: Final = 200
 # Ops that touch the file system when a graph function runs (tf.io.read_file, write_file):
-# listed in details; the saver's own Save/Restore ops, in every SavedModel, are not.
+# the scanner rates them (WriteFile as code reaching the machine); the saver's own Save and
+# Restore ops, in every SavedModel, are not listed.
 FILE_OPS: Final = frozenset(("ReadFile", "WriteFile", "MatchingFiles"))
 _META_GRAPH_TAGS: Final = frozenset((0x0A, 0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A))  # fields 1..7
 _FINGERPRINT_WIRES: Final = {1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 6: 2, 7: 2}

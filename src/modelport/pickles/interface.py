@@ -103,6 +103,11 @@ class Cursor(Protocol):
 
     @property
     def position(self) -> int: ...
+    @property
+    def frame_end(self) -> int:
+        """Where the last FRAME's bytes end: a reader that buffers frames
+        (``pickle._Unpickler``, joblib's) reads raw bytes from there, not from ``position``."""
+
     def read(self, n: int) -> memoryview: ...
 
 

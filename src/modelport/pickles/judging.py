@@ -219,6 +219,19 @@ class ScanResolver:
         """Step over the array bytes joblib reads after its wrapper's BUILD; an object array
         is a nested pickle there, which is scanned like the rest."""
         layout = joblib_arrays.layout_of(state)
+        if at.cursor.frame_end > at.cursor.position:
+            # joblib's unpickler holds the frame in memory: it reads the array from past the
+            # frame's end and then runs the frame's remaining bytes as opcodes
+            self._note(
+                Severity.HIGH,
+                "joblib-frame-split",
+                at,
+                "",
+                "build-target",
+                f"an array wrapper's BUILD ends {at.cursor.frame_end - at.cursor.position} "
+                "bytes before its FRAME does: joblib reads the array from past the frame and "
+                "runs those bytes as opcodes, which a reading of the array in place never sees",
+            )
         if layout.holds_objects:
             if self.data is None or self.depth >= _MAX_NESTED_ARRAY_PICKLES:
                 raise CorruptFileError("joblib object arrays nested too deep to analyse")

@@ -33,6 +33,7 @@ class MachineState:
         self.memo: dict[int, Any] = {}
         self.protocol = 0
         self.op_offset = start
+        self.frame_end = start  # where the last FRAME's bytes end
         self.op_code = -1
         # A reading resolver knows where the pickle's bytes lie (``storage_of``); a scan's does not.
         self.storage_of: Callable[[ByteSpan], Storage] | None = getattr(

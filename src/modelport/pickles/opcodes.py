@@ -25,6 +25,7 @@ class Opcodes(MachineState):
         """Frames only group opcodes for buffered reading, but CPython reads each whole: one
         that claims more bytes than follow is a truncated pickle there, and here."""
         length = self._u("<Q", 8)
+        self.frame_end = self.pos + length
         if length > len(self.data) - self.pos:
             raise TruncatedFileError(
                 f"pickle truncated: FRAME at byte {self.step.offset} claims {length} bytes, "

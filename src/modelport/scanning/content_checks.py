@@ -39,7 +39,26 @@ def findings(contents: Contents) -> list[Finding]:
     found.extend(_chat_templates(contents.metadata))
     for reference in contents.details.get("external_references") or []:
         found.append(_external_reference(reference))
+    for graph in contents.details.get("meta_graphs") or []:
+        for op in graph.get("file_ops") or [] if isinstance(graph, dict) else []:
+            found.append(_tf_file_op(str(op)))
     return found
+
+
+def _tf_file_op(op: str) -> Finding:
+    """A SavedModel graph op that touches the machine's files (``tf_savedmodel.FILE_OPS``):
+    ``tf.saved_model.load`` runs resource initializers and init ops as it loads, and a
+    caller may run any function after. Writing is code's reach into the machine; reading a
+    path the caller passes is what some serving graphs do (an image by its file name)."""
+    writes = op == "WriteFile"
+    return Finding(
+        Severity.HIGH if writes else Severity.MEDIUM,
+        "tf-file-access",
+        op,
+        f"the graph holds a {op} op: the model {'writes' if writes else 'reads'} files of the "
+        "machine it runs on when a function that holds it runs, and tf.saved_model.load "
+        "runs resource initializers as it loads",
+    )
 
 
 def text_findings(path: Path) -> list[Finding]:

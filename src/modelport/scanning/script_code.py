@@ -79,7 +79,8 @@ def findings(code: bytes, member: str) -> list[Finding]:
 
 
 def _called_names(text: str) -> list[tuple[str, int, str]]:
-    """(dotted name, line, enclosing function) of every call in the code."""
+    """(dotted name, line, enclosing function) of every dotted name the code mentions: a
+    name need not be followed by "(" to be called (``(torch.from_file)(...)`` calls it)."""
     calls: list[tuple[str, int, str]] = []
     chain: list[str] = []
     expect_name = False
@@ -99,10 +100,9 @@ def _called_names(text: str) -> list[tuple[str, int, str]]:
             expect_name = False
         elif kind == tokenize.OP and value == "." and chain:
             expect_name = True
-        elif kind == tokenize.OP and value == "(" and chain:
-            calls.append((".".join(chain), token.start[0], function))
-            chain, expect_name = [], False
         else:
+            if chain:
+                calls.append((".".join(chain), token.start[0], function))
             chain, expect_name = [], False
             if kind == tokenize.NAME:
                 chain = [value]

@@ -1,7 +1,10 @@
 """Which files a folder scan judges. A Hugging Face cache snapshot is a folder of symbolic
 links into ``../../blobs/``: every link to a file is followed, since the loader reads its
-target, and each file is judged once, under the first path that reaches it. Links that
-leave the scanned folder are reported as such; links that lead nowhere are errors."""
+target, and each file is judged once, under the first path that reaches it. A link to a
+folder is entered too (a pipeline's ``unet/`` may be one, and its loader reads what is
+under it), each real folder once, so links that loop end. Files whose real path leaves the
+scanned folder are reported as such; links that lead nowhere are errors. A walk stops once
+it holds more than ``limits.MAX_SCANNED_FILES`` files."""
 
 from __future__ import annotations
 
@@ -20,43 +23,93 @@ class Walk:
     truncated: bool
 
 
+@dataclass(frozen=True)
+class Found:
+    """A ``Walk`` spelled in strings, each as ``str`` gives its ``Path``: a walk of thousands
+    of files (a fleet run's inputs) then costs no path object per file."""
+
+    files: tuple[str, ...]
+    outside: dict[str, str]  # link among ``files`` -> its target outside the folder
+    dangling: tuple[str, ...]
+    truncated: bool
+
+
 def walk(root: Path) -> Walk:
     """The folder's files, in name order, as ``os.walk`` finds them top down (links to
-    folders not entered). A plain file's real path is its folder's plus its name, so only
-    the links are resolved: a folder of plain files costs one listing each, no call per file."""
-    base = root.resolve()
-    files: list[Path] = []
-    outside: dict[Path, Path] = {}
-    dangling: list[Path] = []
-    seen: set[Path] = set()
-    folders = [(root, base)]  # to list: each as reached, and resolved
-    while folders:
+    folders entered, each real folder once)."""
+    found = find(root)
+    return Walk(
+        tuple(map(Path, found.files)),
+        {Path(link): Path(target) for link, target in found.outside.items()},
+        tuple(map(Path, found.dangling)),
+        found.truncated,
+    )
+
+
+def find(root: Path) -> Found:
+    """``walk``, in strings. A plain file's real path is its folder's plus its name, so only
+    the links are resolved: a folder of plain files costs one listing each, no call per
+    file."""
+    top = str(root)
+    base = os.path.realpath(top)
+    files: list[str] = []
+    outside: dict[str, str] = {}
+    dangling: list[str] = []
+    seen: set[str] = set()
+    folders = [(top, base)]  # to list: each as reached, and resolved
+    entered = {base}  # resolved folders, each listed once (links may loop)
+    while folders and len(files) <= limits.MAX_SCANNED_FILES:  # a link to / ends, cut short
         here, real_here = folders.pop()
         listing = _listing(here)
         if listing is None:
             continue  # unreadable, as os.walk skips it
         names, dirs = listing
         for entry in [*names, *(d for d in dirs if d.is_symlink())]:
-            path = here / entry.name
+            path = _child(here, entry.name)
             plain = _plain_file(entry)
-            real = real_here / entry.name if plain else _resolved(path)
+            real = _child(real_here, entry.name) if plain else _resolved(path)
             if real is None:
                 dangling.append(path)
                 continue
-            if real in seen or not (plain or real.is_file()):
+            if real in seen or not (plain or _target_is_file(entry)):
                 continue  # a second path to one file, or a link to a folder
             seen.add(real)
             files.append(path)
-            if entry.is_symlink() and not real.is_relative_to(base):
+            if not _within(real, base):  # a link, or a file in a linked folder
                 outside[path] = real
-        inner = [(here / d.name, real_here / d.name) for d in dirs if not d.is_symlink()]
+        # a link to a folder is entered too: a loader reads "unet/model.bin" through it
+        inner: list[tuple[str, str]] = []
+        for d in dirs:
+            real_dir = _folder_real(real_here, d)
+            if real_dir is not None and real_dir not in entered:
+                entered.add(real_dir)
+                inner.append((_child(here, d.name), real_dir))
         folders.extend(reversed(inner))
-    files.sort()
+    files.sort(key=_parts)
     truncated = len(files) > limits.MAX_SCANNED_FILES
-    return Walk(tuple(files[: limits.MAX_SCANNED_FILES]), outside, tuple(dangling), truncated)
+    return Found(tuple(files[: limits.MAX_SCANNED_FILES]), outside, tuple(dangling), truncated)
 
 
-def _listing(folder: Path) -> tuple[list[os.DirEntry[str]], list[os.DirEntry[str]]] | None:
+def _child(folder: str, name: str) -> str:
+    """``str(Path(folder) / name)`` for a folder spelled as ``str`` spells a ``Path``."""
+    if folder == ".":
+        return name
+    return folder + name if folder.endswith("/") else f"{folder}/{name}"
+
+
+def _parts(path: str) -> list[str]:
+    """The order of ``Path`` objects (part by part), which string order is not: ``a/b``
+    comes before ``a-c``. Every path of a walk starts with its root, so the parts of the
+    root spelled one way or another never meet a different spelling."""
+    return path.split("/")
+
+
+def _within(real: str, base: str) -> bool:
+    """Whether the resolved ``real`` lies under the resolved ``base`` (or is it)."""
+    return real == base or real.startswith(base if base.endswith("/") else base + "/")
+
+
+def _listing(folder: str) -> tuple[list[os.DirEntry[str]], list[os.DirEntry[str]]] | None:
     """A folder's entries that are not folders and those that are (links followed, as
     ``os.walk`` sorts them), each in name order; None when it cannot be listed."""
     try:
@@ -86,8 +139,20 @@ def _plain_file(entry: os.DirEntry[str]) -> bool:
         return False
 
 
-def _resolved(path: Path) -> Path | None:
+def _target_is_file(entry: os.DirEntry[str]) -> bool:
+    """A link that leads to a regular file (not to a folder)."""
     try:
-        return path.resolve(strict=True)
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def _folder_real(real_here: str, entry: os.DirEntry[str]) -> str | None:
+    return _resolved(entry.path) if entry.is_symlink() else _child(real_here, entry.name)
+
+
+def _resolved(path: str) -> str | None:
+    try:
+        return os.path.realpath(path, strict=True)
     except (OSError, RuntimeError):
         return None
