@@ -18,25 +18,9 @@ import pytest
 
 from modelport.errors import TruncatedFileError
 from modelport.transfer import readback, streaming
+from tests.test_streaming_copy import _copied, _source
 
 PAGE = mmap.PAGESIZE
-
-
-def _source(tmp_path: Path, size: int = 40 * PAGE + 123) -> tuple[Path, bytes]:
-    data = os.urandom(size)
-    path = tmp_path / "source.bin"
-    path.write_bytes(data)
-    return path, data
-
-
-def _copied(source: Path, offset: int, length: int, out: Path, lead: int) -> bytes:
-    with open(out, "w+b", buffering=0) as handle:
-        handle.write(b"h" * lead)
-        streaming._copy_range(source, offset, length, handle)
-        assert handle.tell() == lead + length
-    written = out.read_bytes()
-    assert written[:lead] == b"h" * lead
-    return written[lead:]
 
 
 def _count_splices(monkeypatch: pytest.MonkeyPatch) -> list[int]:
