@@ -96,16 +96,29 @@ def test_the_walk_refuses_opcodes_that_hash_in_c(
     assert fast_walk.admit(memoryview(BOMBS[name]), 0, 99_999) is None
 
 
+def _naming(module: str, name: str, stack_global: bool) -> bytes:
+    if stack_global:
+        return b"\x80\x04\x8c%c%s\x8c%c%s\x93." % (
+            len(module),
+            module.encode(),
+            len(name),
+            name.encode(),
+        )
+    return b"\x80\x02c%s\n%s\n." % (module.encode(), name.encode())
+
+
 @pytest.mark.parametrize(
     "data",
     [
-        b"\x80\x04\x8c\x09modelport\x8c\x0cchecked dict\x93.",
-        b"\x80\x02cmodelport\nchecked dict\n.",
+        _naming(*names, stack_global)
+        for names in (fast_walk.CHECKED_DICT, fast_walk.NEW_MARKER)
+        for stack_global in (True, False)
     ],
-    ids=["stack_global", "global"],
+    ids=["dict_stack_global", "dict_global", "new_stack_global", "new_global"],
 )
 def test_a_pickle_naming_the_checked_dict_is_not_run_by_c(data: bytes) -> None:
-    """C answers that name with a dict; the Python machine reports it as a global."""
+    """C answers those names with a dict or the NEWOBJ marker; the Python machine reports
+    each as a global."""
     assert fast_walk.admit(memoryview(data), 0, 99_999) is None
     assert judging.scan_pickle(data).findings == _machine_alone(data).findings != []
 

@@ -12,8 +12,9 @@ locates each finding.
 C and the Python machine must agree on every pickle this path accepts, so a walk over the
 opcodes (``fast_walk``) comes first and admits only opcodes whose effect both give
 identically, with arguments inside the machine's bounds. C's NEWOBJ would want a real
-class, so C runs a copy in which each NEWOBJ is a REDUCE, and the calls the walk says were
-NEWOBJ go to the resolver's ``new``, as the Python machine sends them. C hashes the keys of
+class, so C runs a copy in which each NEWOBJ is a REDUCE of the argument tuple and a marker
+that only ``find_class`` hands out: a call with the marker goes to the resolver's ``new``,
+as the Python machine sends it. C hashes the keys of
 its own dicts before anything can look at them, so it makes none: each EMPTY_DICT names a
 global that ``find_class`` answers with a dict measuring each key first, as the Python
 machine does (``keys.bounded_key``), and the opcodes that make other dicts and sets are
@@ -43,10 +44,15 @@ ENABLED: Final = sys.version_info[:2] == (3, 11)
 
 
 class RecordingResolver(Resolver, Protocol):
-    """The scan's resolver: what it noted as it went, besides its symbols."""
+    """The scan's resolver: what it noted as it went, besides its symbols; and the globals
+    whose calls it only records on the symbol (``Symbol.calls`` and ``Symbol.made``, a
+    ``made_type`` record each), which a record of a C run then records itself."""
 
     findings: list[Any]
     nested: list[Any]
+
+    @property
+    def calls_only_recorded(self) -> frozenset[tuple[str, str]]: ...
 
 
 # The only globals the rules leave without a finding (rules._judge_use): a run naming any
@@ -73,7 +79,7 @@ def clean_run(
     if admitted is None:
         return None
     source = _Source(memoryview(admitted.program), 0)
-    unpickler = _InertUnpickler(source, resolver, admitted.news)
+    unpickler = _InertUnpickler(source, resolver)
     try:
         unpickler.load()
     except Exception:  # C refused the bytes, or a callback found what it cannot mirror
@@ -129,17 +135,14 @@ class _Source:
 
 class _RunCursor:
     """The cursor of the one ``Step`` every record of a C run carries: it knows the resolver
-    (so a record can reach it from C's callbacks), counts C's calls so that those which were
-    NEWOBJ (``news``) are told apart, and refuses to read, because C has no position to give
-    (joblib's arrays, which read on, never reach it)."""
+    (so a record can reach it from C's callbacks), and refuses to read, because C has no
+    position to give (joblib's arrays, which read on, never reach it)."""
 
-    __slots__ = ("calls", "news", "resolver", "step")
+    __slots__ = ("resolver", "step")
     resolver: RecordingResolver | None
 
-    def __init__(self, resolver: RecordingResolver, news: frozenset[int]) -> None:
+    def __init__(self, resolver: RecordingResolver) -> None:
         self.resolver = resolver
-        self.news = news
-        self.calls = 0
         self.step = Step(-1, "", self)
 
     @property
@@ -158,18 +161,23 @@ class _InertUnpickler(_pickle.Unpickler):
     """Names globals through the resolver and never imports; the strings of protocol 0-2
     pickles decode as latin-1, as the Python machine decodes them."""
 
-    def __init__(self, source: _Source, resolver: RecordingResolver, news: frozenset[int]) -> None:
+    def __init__(self, source: _Source, resolver: RecordingResolver) -> None:
         super().__init__(source, encoding="latin1")
-        self.cursor = _RunCursor(resolver, news)
+        self.cursor = _RunCursor(resolver)
         self.step = self.cursor.step
         self.resolver = resolver
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == fast_walk.CHECKED_DICT:
-            return _CheckedDict()
+        if module == "modelport":  # the walk refuses a pickle that names these itself
+            if name == _CHECKED_DICT_NAME:
+                return _CheckedDict()
+            if name == _NEW_MARKER_NAME:
+                return _NEW
         symbol = self.resolver.find_global(module, name, self.step)
         if type(symbol) is not LiveSymbol or symbol.key not in _MAY_BE_CLEAN:
             raise _Unsure("a global the rules would report, or no symbol C can call")
+        if symbol.key in self.resolver.calls_only_recorded:
+            symbol.__class__ = _RecordedLiveSymbol  # the same record, calls recorded in place
         return symbol
 
     def persistent_load(self, pid: Any) -> Any:
@@ -177,6 +185,11 @@ class _InertUnpickler(_pickle.Unpickler):
         if self.resolver.findings:
             raise _Unsure("not clean: the resolver noted something")
         return value
+
+
+_CHECKED_DICT_NAME: Final = fast_walk.CHECKED_DICT[1]
+_NEW_MARKER_NAME: Final = fast_walk.NEW_MARKER[1]
+_NEW: Final = object()  # the last argument of a call that was a NEWOBJ (fast_walk)
 
 
 class _CheckedDict(dict[Any, Any]):
@@ -201,14 +214,13 @@ class _Live:
         """What REDUCE, OBJ or NEWOBJ made of this record: the resolver's ``Made``, which C
         can use in turn. Every record of a run carries the run's step, and so its resolver."""
         step = self.step
-        cursor: _RunCursor = step.cursor
-        resolver = cursor.resolver
+        resolver = step.cursor.resolver  # type: ignore[attr-defined]
         if resolver is None:
             raise _Unsure("the run is over")
-        index = cursor.calls
-        cursor.calls = index + 1
-        if index in cursor.news:
-            made = resolver.new(self, args, None, step)
+        if len(args) == 2 and args[1] is _NEW:
+            if type(args[0]) is not tuple:
+                raise _Unsure("NEWOBJ of arguments that are not a tuple")
+            made = resolver.new(self, args[0], None, step)
         else:
             made = resolver.call(self, args, step)
         if resolver.findings or resolver.nested:
@@ -235,6 +247,22 @@ class LiveSymbol(_Live, Symbol):
     """A ``Symbol`` C can call (REDUCE, OBJ) and fill: what the resolver of a C run makes."""
 
     __slots__ = ()
+
+
+class _RecordedLiveSymbol(LiveSymbol):
+    """A ``LiveSymbol`` whose calls the resolver only records: recorded here as it would,
+    without the way through the resolver, which most calls in a model file take."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any) -> Made:
+        step = self.step
+        if (len(args) == 2 and args[1] is _NEW) or step.cursor.resolver is None:  # type: ignore[attr-defined]
+            return _Live.__call__(self, *args)
+        made = LiveMade(self, step, args)
+        self.made.append(made)
+        self.calls.append((step, args))
+        return made
 
 
 class LiveMade(_Live, Made):

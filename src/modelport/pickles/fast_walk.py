@@ -15,19 +15,17 @@ what the Python machine enforces: no length past the end, no memo index C would 
 array for (C's memo is indexed, the machine's a dict), LONG4 and text-line bounds, and fewer
 opcodes than any ``Limits`` count, so no limit is reached.
 
-C's NEWOBJ would want a real class, so C runs a copy in which each NEWOBJ is a REDUCE (both
-pop a class or callable and an argument tuple and push one result) and each EMPTY_DICT the
-checked dict's GLOBAL (both push an empty dict). C calls a record for
-each REDUCE, OBJ and NEWOBJ in the order of the bytes, so the walk numbers those opcodes and
-says which calls were NEWOBJ.
+C's NEWOBJ would want a real class, so C runs a copy in which each NEWOBJ pairs its argument
+tuple with a marker global and REDUCEs (the record C calls sees the marker and knows it was
+instantiated), and each EMPTY_DICT is the checked dict's GLOBAL (both push an empty dict).
 
 There are two walks with one verdict. ``_by_opcode`` looks at every opcode in Python and
 counts them. ``_by_runs`` hands runs of opcodes to one regular expression, which checks in C
 what it can (fixed widths, strings under ``_SHORT`` bytes, memo indexes, GLOBAL's lines),
-and looks in Python only at the opcodes it stops at (STOP, the calls, a FRAME, a longer
-string). It is about three times as fast but counts nothing, so it takes only pickles of
-fewer bytes than the opcodes they may hold; and compiling it costs as much as walking a
-quarter of a megabyte by opcode, so a process compiles it once it has walked that much.
+and looks in Python only at the opcodes it stops at (STOP, NEWOBJ, EMPTY_DICT, a FRAME, a
+longer string). It is about three times as fast but counts nothing, so it takes only
+pickles of fewer bytes than the opcodes they may hold; and compiling it costs about as much
+as walking 50 KiB by opcode, so a process compiles it once it has walked 64 KiB.
 """
 
 from __future__ import annotations
@@ -82,18 +80,20 @@ _COUNTED: Final = {
 _STOP, _PROTO, _FRAME = _CODES["STOP"], _CODES["PROTO"], _CODES["FRAME"]
 _MARK, _APPENDS = _CODES["MARK"], _CODES["APPENDS"]
 _GLOBAL, _LONG_BINPUT, _LONG4 = _CODES["GLOBAL"], _CODES["LONG_BINPUT"], _CODES["LONG4"]
-_NEWOBJ, _REDUCE, _OBJ = _CODES["NEWOBJ"], _CODES["REDUCE"], _CODES["OBJ"]
-_EMPTY_DICT = _CODES["EMPTY_DICT"]
+_NEWOBJ, _REDUCE = _CODES["NEWOBJ"], _CODES["REDUCE"]
+_EMPTY_DICT, _TUPLE2 = _CODES["EMPTY_DICT"], _CODES["TUPLE2"]
 # What C runs for each EMPTY_DICT: a GLOBAL that ``fast_scan``'s ``find_class`` answers with
-# a dict that measures each key before hashing it. No pickle C runs names it itself: its
-# name (ASCII, so the same bytes in every string opcode) appears nowhere in one.
-CHECKED_DICT: Final = ("modelport", "checked dict")
+# a dict that measures each key before hashing it; and for each NEWOBJ, a GLOBAL it answers
+# with a marker, paired with the argument tuple and REDUCEd. No pickle C runs names either:
+# their common prefix (ASCII, so the same bytes in every string opcode) appears nowhere in one.
+CHECKED_DICT: Final = ("modelport", "modelport: checked dict")
+NEW_MARKER: Final = ("modelport", "modelport: instantiated")
+_OURS: Final = b"modelport: "
 _CHECKED_DICT_GLOBAL: Final = b"c%s\n%s\n" % tuple(part.encode() for part in CHECKED_DICT)
-_CHECKED_DICT_NAME: Final = CHECKED_DICT[1].encode()
-_CALLS: Final = frozenset({_NEWOBJ, _REDUCE, _OBJ})
-# The walk by opcode that numbers the calls: REDUCE and OBJ leave its fast loop.
-_WIDTH_NUMBERING: Final = list(_WIDTH)
-_WIDTH_NUMBERING[_REDUCE] = _WIDTH_NUMBERING[_OBJ] = 0
+_NEW_CALL: Final = b"c%s\n%s\n" % tuple(part.encode() for part in NEW_MARKER) + bytes(
+    [_TUPLE2, _REDUCE]
+)
+_CHANGED: Final = frozenset({_NEWOBJ, _EMPTY_DICT})  # the opcodes C runs otherwise
 _U32, _U64 = struct.Struct("<I").unpack_from, struct.Struct("<Q").unpack_from
 _MAX_LONG4 = 1 << 16  # the Python machine's own bound (opcodes.op_long4)
 # C grows its memo array to twice a new index and clears every slot: an index costs
@@ -104,23 +104,21 @@ _HIGHEST_PROTOCOL = 5  # the Python machine's (opcodes.op_proto), and C's in Pyt
 # (past it the Python machine, which never copies, takes the pickle). The windows also
 # bound the walk's work when a pickle holds more opcodes than it may.
 _FIRST_WINDOW, _LAST_WINDOW = 1 << 17, 1 << 22
-_SHORT = 128  # strings the expression checks: it spells out one branch per length
-_COMPILE_AFTER = 1 << 18  # bytes walked by opcode before the expression is compiled
+_SHORT = 64  # strings the expression checks: it spells out one branch per length (names fit)
+_COMPILE_AFTER = 1 << 16  # bytes walked by opcode before the expression is compiled
 # What a walk may say besides the end: refused is None.
 _RAN_OUT, _TOO_LONG, _UNCOUNTED = -1, -2, -3
 
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    """A pickle C may run: the bytes it runs, from the pickle's first (each NEWOBJ made a
-    REDUCE, each EMPTY_DICT the GLOBAL of a checked dict), where the pickle ends (just past
-    STOP) in its own bytes and in those C runs, and which of C's calls, numbered from 0 in
-    the order of REDUCE, OBJ and NEWOBJ in the bytes, were NEWOBJ."""
+    """A pickle C may run: the bytes it runs, from the pickle's first (each NEWOBJ a REDUCE
+    of its arguments and the marker, each EMPTY_DICT the GLOBAL of a checked dict), and
+    where the pickle ends (just past STOP) in its own bytes and in those C runs."""
 
     program: bytes
     end: int
     program_end: int
-    news: frozenset[int]
 
 
 def admit(data: memoryview, start: int, most: int) -> Admitted | None:
@@ -129,75 +127,60 @@ def admit(data: memoryview, start: int, most: int) -> Admitted | None:
     view): the first ``_FIRST_WINDOW``, then all up to the last when the pickle runs on."""
     for window in (_FIRST_WINDOW, _LAST_WINDOW):
         chunk = bytes(data[start : start + window])
-        calls: list[int] = []
-        dicts: list[int] = []
-        end = _walk(chunk, most, calls, dicts)
+        changed: list[int] = []
+        end = _walk(chunk, most, changed)
         if end is None:
             return None
         if end >= 0:
-            if chunk.find(_CHECKED_DICT_NAME, 0, end) >= 0:
-                return None  # the pickle may name the checked dict itself
-            return _admitted(chunk, end, calls, dicts)
+            if chunk.find(_OURS, 0, end) >= 0:
+                return None  # the pickle may name the checked dict or the marker itself
+            return _admitted(chunk, end, changed)
         if len(chunk) < window:
             return None  # the bytes end before STOP
     return None
 
 
-def _admitted(chunk: bytes, end: int, calls: list[int], dicts: list[int]) -> Admitted:
+def _admitted(chunk: bytes, end: int, changed: list[int]) -> Admitted:
     """C hashes the keys of the dicts it makes before anything can look at them: a key of
     tuples shared through the memo can unfold to 2**60 tuples and hang there. So C makes
     no dict of its own: each EMPTY_DICT becomes a GLOBAL of the checked dict (``fast_scan``),
     which measures each key as the Python machine does (``keys.bounded_key``). The walk
-    refuses the other opcodes that hash in C (DICT, EMPTY_SET, ADDITEMS, FROZENSET)."""
-    newobjs = [at for at in calls if chunk[at] == _NEWOBJ]
-    news = frozenset(number for number, at in enumerate(calls) if chunk[at] == _NEWOBJ)
-    if not newobjs and not dicts:
-        return Admitted(chunk, end, end, news)
-    program = bytearray(chunk[:end])
-    for at in newobjs:
-        program[at] = _REDUCE
-    if dicts:
-        parts: list[bytes | bytearray] = []
-        last = 0
-        for at in dicts:
-            parts += [program[last:at], _CHECKED_DICT_GLOBAL]
-            last = at + 1
-        parts.append(program[last:])
-        program = bytearray().join(parts)
-    return Admitted(bytes(program), end, len(program), news)
+    refuses the other opcodes that hash in C (DICT, EMPTY_SET, ADDITEMS, FROZENSET). Each
+    NEWOBJ becomes the marker's GLOBAL, TUPLE2 and REDUCE: C calls the class with the
+    argument tuple and the marker."""
+    if not changed:
+        return Admitted(chunk, end, end)
+    parts: list[bytes] = []
+    last = 0
+    for at in changed:
+        parts += [chunk[last:at], _NEW_CALL if chunk[at] == _NEWOBJ else _CHECKED_DICT_GLOBAL]
+        last = at + 1
+    parts.append(chunk[last:end])
+    program = b"".join(parts)
+    return Admitted(program, end, len(program))
 
 
-def _walk(chunk: bytes, most: int, calls: list[int], dicts: list[int]) -> int | None:
-    """Where the pickle ends in ``chunk``, with ``calls`` holding where each REDUCE, OBJ
-    and NEWOBJ is whenever there is a NEWOBJ, and ``dicts`` where each EMPTY_DICT is; None
-    when refused, ``_RAN_OUT`` when the bytes end first."""
+def _walk(chunk: bytes, most: int, changed: list[int]) -> int | None:
+    """Where the pickle ends in ``chunk``, with ``changed`` holding where each NEWOBJ and
+    EMPTY_DICT is; None when refused, ``_RAN_OUT`` when the bytes end first."""
     expressions = _EXPRESSIONS
     if expressions.ready():
-        end = _by_runs(chunk, most, expressions.match(numbering=False), calls, dicts)
+        end = _by_runs(chunk, most, expressions.match(), changed)
         if end != _UNCOUNTED:
-            if calls and end is not None and end >= 0:  # a NEWOBJ: number every call
-                calls.clear()
-                _by_runs(chunk, most, expressions.match(numbering=True), calls, [])
             return end
-        calls.clear()
-        dicts.clear()
-    end = _by_opcode(chunk, most, _WIDTH, calls, dicts)
+        changed.clear()
+    end = _by_opcode(chunk, most, changed)
     if end is not None and end > 0:
         expressions.bytes_walked += end
-        if calls:
-            calls.clear()
-            _by_opcode(chunk, most, _WIDTH_NUMBERING, calls, [])
     return end
 
 
-def _by_opcode(
-    data: bytes, most: int, width: list[int], calls: list[int], dicts: list[int]
-) -> int | None:
+def _by_opcode(data: bytes, most: int, changed: list[int]) -> int | None:
     """The opcodes of ``data`` up to STOP, one by one and counted: the end, None when one is
     refused or there are more than ``most``, ``_RAN_OUT`` when the bytes end first. (Past
-    the end, indexing raises: that is how the end is found.) Where ``width`` sends them past
-    its fast loop, REDUCE and OBJ are noted in ``calls``; NEWOBJ always is."""
-    counted, count, pos, marked = _COUNTED, 0, 0, -1
+    the end, indexing raises: that is how the end is found.) Each NEWOBJ and EMPTY_DICT is
+    noted in ``changed``."""
+    width, counted, count, pos, marked = _WIDTH, _COUNTED, 0, 0, -1
     try:
         while True:
             while step := width[data[pos]]:
@@ -213,11 +196,8 @@ def _by_opcode(
                 if pos == marked:
                     return None  # no items: C appends nothing to anything, the machine checks
                 pos += 1
-            elif code in _CALLS:
-                calls.append(pos)
-                pos += 1
-            elif code == _EMPTY_DICT:
-                dicts.append(pos)
+            elif code in _CHANGED:
+                changed.append(pos)
                 pos += 1
             elif code in counted:
                 past = _past_counted(data, pos, code)
@@ -250,14 +230,12 @@ def _by_opcode(
         return _RAN_OUT
 
 
-def _by_runs(
-    data: bytes, most: int, match: _Match, calls: list[int], dicts: list[int]
-) -> int | None:
+def _by_runs(data: bytes, most: int, match: _Match, changed: list[int]) -> int | None:
     """The walk of ``_by_opcode``, the expression taking each run of opcodes it can check;
     ``_UNCOUNTED`` once the bytes walked are as many as the opcodes allowed (opcodes are at
-    least a byte each, so below that no count is needed). The calls it leaves are noted in
-    ``calls``. A MARK the expression leaves is one the next opcode (PROTO, FRAME, APPENDS)
-    makes odd: refused."""
+    least a byte each, so below that no count is needed). The NEWOBJ and EMPTY_DICT it leaves
+    are noted in ``changed``. A MARK the expression leaves is one the next opcode (PROTO,
+    FRAME, APPENDS) makes odd: refused."""
     counted, pos = _COUNTED, 0
     try:
         while True:
@@ -265,11 +243,8 @@ def _by_runs(
             if pos >= most:
                 return _UNCOUNTED
             code = data[pos]
-            if code in _CALLS:
-                calls.append(pos)
-                pos += 1
-            elif code == _EMPTY_DICT:
-                dicts.append(pos)
+            if code in _CHANGED:
+                changed.append(pos)
                 pos += 1
             elif code == _STOP:
                 return pos + 1
@@ -316,11 +291,10 @@ def _past_lines(data: bytes, pos: int) -> int:
     return pos
 
 
-def _expression(numbering: bool) -> re.Pattern[bytes]:
-    """Any run of the opcodes ``_by_runs`` need not look at: those of fixed width but
-    NEWOBJ (and REDUCE and OBJ when ``numbering`` the calls), strings under ``_SHORT``
-    bytes, LONG_BINPUT under the memo bound, a MARK not followed by PROTO, FRAME or APPENDS,
-    PROTO up to the highest, GLOBAL with lines the machine reads."""
+def _expression() -> re.Pattern[bytes]:
+    """Any run of the opcodes ``_by_runs`` need not look at: those of fixed width, strings
+    under ``_SHORT`` bytes, LONG_BINPUT under the memo bound, a MARK not followed by PROTO,
+    FRAME or APPENDS, PROTO up to the highest, GLOBAL with lines the machine reads."""
 
     def one_of(*names: str) -> bytes:
         return b"[" + b"".join(re.escape(bytes([_CODES[name]])) for name in names) + b"]"
@@ -329,8 +303,7 @@ def _expression(numbering: bool) -> re.Pattern[bytes]:
         lengths = (re.escape(bytes([n]) + bytes(zeros)) + b".{%d}" % n for n in range(_SHORT))
         return one_of(*names) + b"(?:" + b"|".join(lengths) + b")"
 
-    left = _CALLS if numbering else frozenset({_NEWOBJ})
-    single = [name for name, width in _FIXED.items() if width == 1 and _CODES[name] not in left]
+    single = [name for name, width in _FIXED.items() if width == 1]
     line = b"[^\n]{1,%d}\n" % (MAX_PICKLE_SHORT_LINE - 1)
     tokens = [
         one_of("BININT1", "BINGET", "BINPUT") + b".",
@@ -350,25 +323,23 @@ def _expression(numbering: bool) -> re.Pattern[bytes]:
 
 
 class _Expressions:
-    """``_by_runs``'s two expressions (one stops at REDUCE and OBJ too, to number the calls
-    of a pickle with NEWOBJ), each compiled when first needed once the process has walked
-    ``after`` bytes by opcode: a process that scans one small file never pays for them."""
+    """``_by_runs``'s expression, compiled when first needed once the process has walked
+    ``after`` bytes by opcode: a process that scans one small file never pays for it."""
 
     __slots__ = ("after", "bytes_walked", "compiled")
 
     def __init__(self, after: int) -> None:
         self.after = after
         self.bytes_walked = 0
-        self.compiled: dict[bool, _Match] = {}
+        self.compiled: _Match | None = None
 
     def ready(self) -> bool:
         return self.bytes_walked >= self.after
 
-    def match(self, *, numbering: bool) -> _Match:
-        if numbering not in self.compiled:
-            pattern = _expression(numbering)
-            self.compiled[numbering] = pattern.match  # type: ignore[assignment]  # see _Match
-        return self.compiled[numbering]
+    def match(self) -> _Match:
+        if self.compiled is None:
+            self.compiled = _expression().match  # type: ignore[assignment]  # see _Match
+        return self.compiled  # type: ignore[return-value]  # see _Match
 
 
 _EXPRESSIONS = _Expressions(_COMPILE_AFTER)

@@ -17,7 +17,7 @@ hide the opcodes after it.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Final
 
 from modelport.errors import CorruptFileError
 from modelport.pickles.interface import Value, fill
@@ -31,8 +31,11 @@ _NUMPY_DTYPE = frozenset((("numpy", "dtype"), ("numpy.core.multiarray", "dtype")
 
 def is_wrapper(origin: Any) -> bool:
     """Whether BUILD fills joblib's array wrapper. joblib tests the built object with
-    isinstance, so any module path that resolves to the class counts: the name decides."""
-    return isinstance(origin, Symbol) and origin.name in WRAPPER_NAMES
+    isinstance, so any module path that resolves to the class counts: the name decides (and
+    a name that is not text names no class)."""
+    return (
+        isinstance(origin, Symbol) and isinstance(origin.name, str) and origin.name in WRAPPER_NAMES
+    )
 
 
 # For each reconstructor that instantiates an argument: which arguments.
@@ -54,7 +57,11 @@ def classes_of(made: Made) -> list[Any]:
     if not indexes:
         return [origin]
     args = made.args
-    return [origin, *(args[index] for index in indexes if index < len(args))]
+    classes = [origin]
+    for index in indexes:
+        if index < len(args):
+            classes.append(args[index])
+    return classes
 
 
 def wraps_arrays(classes: list[Any]) -> bool:
@@ -97,20 +104,37 @@ def _dtype_size(dtype: Any, depth: int = 0) -> tuple[int, bool]:
     spec = dtype.args[0]
     if not isinstance(spec, str):
         raise _unknown("its dtype is not spelled as text")
+    kind, itemsize, holds_objects = _parse_spec(spec)
+    for state in dtype.states:
+        itemsize, holds_objects = _apply_state(kind, state, itemsize, holds_objects, depth)
+    return itemsize, holds_objects
+
+
+# The spellings numpy pickles for plain dtypes (``kind`` + itemsize), read without importing
+# numpy, which costs a scanning process a quarter of a second: (kind, itemsize).
+_PLAIN_SPECS: Final = {
+    **{f"{kind}{size}": (kind, size) for kind in "iu" for size in (1, 2, 4, 8)},
+    **{f"f{size}": ("f", size) for size in (2, 4, 8)},
+    **{"b1": ("b", 1), "c8": ("c", 8), "c16": ("c", 16), "O8": ("O", 8)},
+}
+
+
+def _parse_spec(spec: str) -> tuple[str, int, bool]:
+    """(kind, itemsize, holds objects) of a dtype spelling, as ``numpy.dtype`` reads it."""
+    plain = _PLAIN_SPECS.get(spec)
+    if plain is not None:
+        return plain[0], plain[1], plain[0] == "O"
     import numpy as np  # numpy's own parser: the spelling means what it means to joblib
 
     try:
         parsed = np.dtype(spec)
     except (TypeError, ValueError) as exc:
         raise _unknown(f"numpy rejects its dtype {spec!r}") from exc
-    itemsize, holds_objects = parsed.itemsize, parsed.hasobject
-    for state in dtype.states:
-        itemsize, holds_objects = _apply_state(parsed, state, itemsize, holds_objects, depth)
-    return itemsize, holds_objects
+    return parsed.kind, parsed.itemsize, bool(parsed.hasobject)
 
 
 def _apply_state(
-    parsed: Any, state: Any, itemsize: int, holds_objects: bool, depth: int
+    kind: str, state: Any, itemsize: int, holds_objects: bool, depth: int
 ) -> tuple[int, bool]:
     """numpy's dtype ``__setstate__``: (version, byteorder, subarray, names, fields, elsize,
     alignment, flags[, metadata]); flexible dtypes take their size from ``elsize``."""
@@ -122,10 +146,10 @@ def _apply_state(
     if type(elsize) is not int:
         raise _unknown("its dtype state gives no element size")
     if names is None and fields is None:
-        if parsed.kind in "SUV" and elsize >= 0:
+        if kind in "SUV" and elsize >= 0:
             return elsize, holds_objects
         return itemsize, holds_objects
-    if parsed.kind != "V" or not isinstance(fields, dict) or elsize <= 0:
+    if kind != "V" or not isinstance(fields, dict) or elsize <= 0:
         raise _unknown("its record dtype is not numpy's")
     for value in fields.values():
         field_dtype = value[0] if isinstance(value, tuple) and value else None

@@ -30,21 +30,32 @@ from modelport.pickles.symbols import (
     describe,
 )
 
-__all__ = ["PickleFinding", "PickleScan", "Severity", "scan_pickle"]
+__all__ = ["SIDE_FILE_RULE", "PickleFinding", "PickleScan", "Severity", "scan_pickle"]
 
 _NESTED_TORCH = ("torch.storage", "_load_from_bytes")
 _PASSED_ON = policy.PASSED_ON
+# What each reconstructor in ``_PASSED_ON`` is noted as on a global it calls or instantiates.
+_VIAS: Final = {
+    key: tuple(f"{key[0]}.{key[1]} ({use.source})" for use in uses)
+    for key, uses in _PASSED_ON.items()
+}
+# The callables whose arguments a call looks at; a call of any other is only recorded.
+_CALLS_LOOKED_AT: Final = frozenset({*_PASSED_ON, _NESTED_TORCH})
 _MAX_NESTED_ARRAY_PICKLES = 8
 
 # Python's own special names (``__reduce_ex__``, ``__class__``, ``__setstate__``) are all
 # lower case; copy, pickle and the interpreter look them up on an object. An upper-case
 # dunder (sklearn-crfsuite's ``__FILE_RESOURCE_DATA__``) is an application's field.
 _PYTHON_SPECIAL: Final = re.compile(r"__[a-z][a-z0-9_]*__")
+# The finding that names a plain-named side file; its ``global_name`` is the file's name.
+SIDE_FILE_RULE: Final = "joblib-side-file"
 # joblib < 0.10 kept each array in a file beside the pickle; joblib.load still reads it, with
 # numpy's np.load(allow_pickle=True), at os.path.join(the pickle's folder, its name).
 _SIDE_FILE_WRAPPERS: Final = frozenset(
     {("joblib.numpy_pickle", "NDArrayWrapper"), ("joblib.numpy_pickle_compat", "NDArrayWrapper")}
 )
+# The classes BUILD looks for among what the object it fills may be (joblib's wrappers).
+_JOBLIB_NAMES: Final = joblib_arrays.WRAPPER_NAMES | {name for _, name in _SIDE_FILE_WRAPPERS}
 
 
 class ScanResolver:
@@ -52,6 +63,12 @@ class ScanResolver:
 
     ``symbol_type`` and ``made_type`` are the records it makes: ``Symbol`` and ``Made``, or
     for a run in CPython's C unpickler (``fast_scan``) subclasses that C can call and fill."""
+
+    # Globals whose calls ``call`` only records, whatever their arguments: those of the
+    # allowlist the fast path may meet, but the ones whose arguments it looks at.
+    calls_only_recorded: Final = (
+        policy.SAFE_CALLS | policy.SAFE_VALUES | frozenset(policy.SAFE_CLASSES)
+    ) - _CALLS_LOOKED_AT
 
     def __init__(
         self,
@@ -109,11 +126,12 @@ class ScanResolver:
             func.made.append(made)
             func.calls.append((at, args))
             key = func.key
-            if key == _NESTED_TORCH and args and isinstance(args[0], (bytes, ByteSpan)):
-                self.nested.append(NestedPayload(at.offset, args[0]))
-            uses = _PASSED_ON.get(key) if key is not None else None
-            if uses is not None:
-                self._pass_on(func, uses, args, at)
+            if key in _CALLS_LOOKED_AT:
+                if key == _NESTED_TORCH and args and isinstance(args[0], (bytes, ByteSpan)):
+                    self.nested.append(NestedPayload(at.offset, args[0]))
+                uses = _PASSED_ON.get(key)  # type: ignore[arg-type]  # in the set: text
+                if uses is not None:
+                    self._pass_on(func, uses, _VIAS[key], args, at)  # type: ignore[index]
         else:
             self._note(
                 Severity.HIGH,
@@ -126,17 +144,23 @@ class ScanResolver:
         return made
 
     def _pass_on(
-        self, func: Symbol, uses: tuple[policy.PassedOn, ...], args: tuple[Any, ...], at: Step
+        self,
+        func: Symbol,
+        uses: tuple[policy.PassedOn, ...],
+        vias: tuple[str, ...],
+        args: tuple[Any, ...],
+        at: Step,
     ) -> None:
-        """What an allowlisted reconstructor calls or instantiates with its arguments."""
-        for use in uses:
+        """What an allowlisted reconstructor calls or instantiates with its arguments
+        (``vias``: how each use names the reconstructor, ``_VIAS``)."""
+        for use, via in zip(uses, vias, strict=True):
             if use.index >= len(args):
                 continue
             target = args[use.index]
             if isinstance(target, Symbol):
                 if use.usage is Usage.CALLED and target.key == policy.NO_BASE:
                     continue
-                target.passed_on.append((at, use.usage, f"{func.path} ({use.source})"))
+                target.passed_on.append((at, use.usage, via))
             elif isinstance(target, Made):
                 self._note(
                     Severity.HIGH,
@@ -170,17 +194,12 @@ class ScanResolver:
         elif isinstance(obj, Made):
             obj.states.append(state)
             classes = joblib_arrays.classes_of(obj)
-            if self.depth == 0 and joblib_arrays.wraps_arrays(classes):
-                if self.joblib_view:
-                    self.skipped_arrays += 1
-                    self._skip_joblib_array(state, at)
-                elif joblib_arrays.layout_of(state).holds_objects:
-                    # pickle.load runs joblib's nested pickle with this pickle's memo and
-                    # stops at its STOP: in a real joblib file what it names there is noise
-                    raise _PlainReadingEnds
-            self._check_side_file(classes, state, at)
+            for cls in classes:  # a name not text is judged as joblib_arrays judges it
+                if isinstance(cls, Symbol) and (cls.key is None or cls.key[1] in _JOBLIB_NAMES):
+                    self._build_joblib(classes, state, at)
+                    break
         for key in _state_keys(state):
-            if key[:2] == "__" and _PYTHON_SPECIAL.fullmatch(key):
+            if _PYTHON_SPECIAL.fullmatch(key):
                 self._note(
                     Severity.HIGH,
                     "attribute-smuggling",
@@ -192,9 +211,24 @@ class ScanResolver:
                 )
         return obj
 
+    def _build_joblib(self, classes: list[Any], state: Any, at: Step) -> None:
+        """BUILD of an object that may be one of joblib's array wrappers (``classes``:
+        what it may be an instance of, ``joblib_arrays.classes_of``)."""
+        if self.depth == 0 and joblib_arrays.wraps_arrays(classes):
+            if self.joblib_view:
+                self.skipped_arrays += 1
+                self._skip_joblib_array(state, at)
+            elif joblib_arrays.layout_of(state).holds_objects:
+                # pickle.load runs joblib's nested pickle with this pickle's memo and
+                # stops at its STOP: in a real joblib file what it names there is noise
+                raise _PlainReadingEnds
+        self._check_side_file(classes, state, at)
+
     def _check_side_file(self, classes: list[Any], state: Any, at: Step) -> None:
         """A side file named by a path, not a plain name, lies wherever the path leads (an
-        absolute one anywhere): a scan of the pickle's folder never judges it. ``classes``:
+        absolute one anywhere): a scan of the pickle's folder never judges it. A plain name
+        is noted (``SIDE_FILE_RULE``, the name as the finding's name) for the scanner, which
+        judges that file with the pickle when the pickle is scanned alone. ``classes``:
         what the object BUILD fills may be (``joblib_arrays.classes_of``)."""
         wrappers = [
             cls for cls in classes if isinstance(cls, Symbol) and cls.key in _SIDE_FILE_WRAPPERS
@@ -213,6 +247,16 @@ class ScanResolver:
                 f"joblib loads the array file {name!r} with np.load(allow_pickle=True), which "
                 "unpickles a pickle found there: a path that leaves the folder reaches a file "
                 "no scan of the folder judges",
+            )
+        elif isinstance(name, str):
+            self._note(
+                Severity.INFO,
+                SIDE_FILE_RULE,
+                at,
+                name,
+                "build-target",
+                f"joblib.load reads the array file {name!r} beside the pickle with "
+                "np.load(allow_pickle=True), which unpickles an object array found there",
             )
 
     def _skip_joblib_array(self, state: Any, at: Step) -> None:
@@ -298,8 +342,12 @@ class _PlainReadingEnds(Exception):
 
 
 def _state_keys(state: Any) -> list[str]:
-    parts = state if isinstance(state, tuple) else (state,)
-    return [k for part in parts if isinstance(part, dict) for k in part if isinstance(k, str)]
+    """The names of a BUILD state that start like a special name: the only ones looked at."""
+    found: list[str] = []
+    for part in state if isinstance(state, tuple) else (state,):
+        if isinstance(part, dict):
+            found += [k for k in part if isinstance(k, str) and k[:2] == "__"]
+    return found
 
 
 def judge(resolver: ScanResolver) -> list[PickleFinding]:

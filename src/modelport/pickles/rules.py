@@ -47,6 +47,8 @@ def judge_symbol(symbol: Symbol, torchscript: bool) -> list[PickleFinding]:
 
 
 def _judge_use(symbol: Symbol, key: tuple[str, str], torchscript: bool) -> list[PickleFinding]:
+    if key in _PLAIN_SAFE_CALLS:
+        return []
     name = symbol.path
     indirect = [(step, via) for step, usage, via in symbol.passed_on if usage is Usage.CALLED]
     instantiated = symbol.news or any(u is Usage.INSTANTIATED for _, u, _ in symbol.passed_on)
@@ -152,9 +154,9 @@ def _instantiation(
     """A class the pickle instantiates, judged by its arguments and the state handed to it;
     None when it is on the allowlist and used as model files use it."""
     plain_args = all(args == () for _, args in symbol.news)
-    plain_state = all(is_attribute_state(state) for made in symbol.made for state in made.states)
     if key in policy.SAFE_CLASSES and plain_args:
         return None
+    plain_state = all(is_attribute_state(state) for made in symbol.made for state in made.states)
     if not plain_args:
         if policy.is_standard_library(key[0]):
             return (
@@ -219,3 +221,12 @@ def _loads_bytes_only(symbol: Symbol) -> bool:
     return bool(symbol.calls) and all(
         args[:1] and isinstance(args[0], (bytes, ByteSpan)) for _, args in symbol.calls
     )
+
+
+# The allowlisted callables judged fine however they are used (the end of ``_judge_use``'s
+# way for them, taken first: most globals of a model file are these).
+_PLAIN_SAFE_CALLS = frozenset(
+    key
+    for key in policy.SAFE_CALLS
+    if key != _NESTED_TORCH and policy.gadget(*key) is None and _traversed_gadget(key) is None
+)
