@@ -124,10 +124,11 @@ def modelaudit_sample(count: int) -> None:
 
 
 class TreeMemory:
-    """The peak of the summed RSS of a process and its descendants, sampled."""
+    """The peak of the summed RSS of a process and its descendants, sampled, and the CPU
+    seconds the process itself had used at its last sample (its workers' are apart)."""
 
     def __init__(self, pid: int) -> None:
-        self.pid, self.peak = pid, 0
+        self.pid, self.peak, self.own_cpu = pid, 0, 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -135,6 +136,7 @@ class TreeMemory:
     def _sample(self) -> None:
         while not self._stop.wait(0.01):
             self.peak = max(self.peak, sum(_rss(p) for p in _tree(self.pid)))
+            self.own_cpu = max(self.own_cpu, _own_cpu(self.pid))
 
     def stop(self) -> int:
         self._stop.set()
@@ -155,6 +157,15 @@ def _tree(pid: int) -> list[int]:
     return found
 
 
+def _own_cpu(pid: int) -> float:
+    """User and system seconds of ``pid`` alone (``/proc/PID/stat`` fields 14 and 15)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _rss(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -167,20 +178,22 @@ def _rss(pid: int) -> int:
 
 def timed(command: list[str]) -> tuple[float, int, int]:
     """Wall seconds, peak tree RSS and exit status of one run."""
-    wall, peak, status, _ = timed_with_cpu(command)
+    wall, peak, status, _, _ = timed_with_cpu(command)
     return wall, peak, status
 
 
-def timed_with_cpu(command: list[str]) -> tuple[float, int, int, float]:
-    """Wall seconds, peak tree RSS, exit status and CPU seconds (user and system, of the
-    process and every child it waited for: its workers) of one run."""
+def timed_with_cpu(command: list[str]) -> tuple[float, int, int, float, float]:
+    """Wall seconds, peak tree RSS, exit status, CPU seconds (user and system, of the
+    process and every child it waited for: its workers) of one run, and of those the
+    process's own, as last sampled (up to 10 ms short: the parent's share of a fleet run)."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     memory = TreeMemory(process.pid)
     _, raw_status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(raw_status)
     wall = time.perf_counter() - start
-    return wall, memory.stop(), process.returncode, usage.ru_utime + usage.ru_stime
+    peak = memory.stop()
+    return wall, peak, process.returncode, usage.ru_utime + usage.ru_stime, memory.own_cpu
 
 
 def resume_after_kill(count: int) -> tuple[float, float, int]:
@@ -249,14 +262,16 @@ def main() -> int:
     timed(tools["modelport --jobs 1"])  # page cache warm for everyone
     walls: dict[str, list[float]] = {name: [] for name in tools}
     cpus: dict[str, list[float]] = {name: [] for name in tools}
+    parents: dict[str, list[float]] = {name: [] for name in tools}
     peaks: dict[str, list[int]] = {name: [] for name in tools}
     for _ in range(args.repeat):  # round by round, so that a busy minute costs every tool
         for name, command in tools.items():
             for stale in RUNS.glob("jobs*.jsonl"):
                 stale.unlink()  # a fresh run each time, never a resume
-            wall, peak, _, cpu = timed_with_cpu(command)
+            wall, peak, _, cpu, parent = timed_with_cpu(command)
             walls[name].append(wall)
             cpus[name].append(cpu)
+            parents[name].append(parent)
             peaks[name].append(peak)
     print(
         f"\n{'tool':22} {'wall s':>8} {'files/s':>9} {'CPU s':>7} {'files/CPU s':>12} "
@@ -269,7 +284,17 @@ def main() -> int:
             f"{max(peaks[name]) / 1e6:8.0f} MB"
         )
     one, two = (statistics.median(walls[f"modelport --jobs {j}"]) for j in (1, 2))
-    print(f"--jobs 2 / --jobs 1: {one / two:.2f}x")
+    one_each, two_each = walls["modelport --jobs 1"], walls["modelport --jobs 2"]
+    turns = [a / b for a, b in zip(one_each, two_each, strict=True)]
+    print(
+        f"--jobs 2 / --jobs 1: {one / two:.2f}x (round by round: median "
+        f"{statistics.median(turns):.2f}x, {min(turns):.2f}x to {max(turns):.2f}x)"
+    )
+    for jobs in (1, 2):  # the parent's share competes with the workers for the cores
+        name = f"modelport --jobs {jobs}"
+        own = statistics.median(parents[name])
+        workers = statistics.median(c - p for c, p in zip(cpus[name], parents[name], strict=True))
+        print(f"{name}: parent {own:.2f} CPU s, workers {workers:.2f} CPU s")
     if "picklescan -p" in walls:
         peer_wall, peer_cpu = (statistics.median(m["picklescan -p"]) for m in (walls, cpus))
         one_cpu = statistics.median(cpus["modelport --jobs 1"])

@@ -1,9 +1,11 @@
 """A pool sends quick files to its workers in batches and lets their answers gather: every
 file is still answered exactly once when a file behind a batch overruns its time budget or
-a worker dies holding a batch, and the queue really does run deeper than one file ahead."""
+a worker dies holding a batch, and the queue really does run deeper than one file ahead, but
+never past the room in the worker's pipe."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections import Counter
@@ -76,3 +78,28 @@ def test_a_worker_killed_holding_a_batch_answers_each_file_once(
     assert all(outcome.error.type == WORKER_DIED for outcome in died if outcome.error)
     assert len(died) <= 1 and killed
     assert deepest[0] > pool.QUEUE_DEPTH
+
+
+def test_a_worker_is_never_sent_more_task_bytes_than_its_pipe_has_room_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quick files with long task lines: the queue stops at ``PIPE_ROOM`` bytes, well short
+    of ``FAST_DEPTH`` files, so a write to a worker never waits for it to read."""
+    queued = [0]
+    send = Pool._send
+
+    def counting(self: Pool, worker: pool._Worker, task: Task) -> None:
+        send(self, worker, task)
+        lines = [
+            json.dumps({"command": t.command, "path": t.path, "options": t.options})
+            for t in list(worker.queue)[1:]
+        ]
+        queued[0] = max(queued[0], sum(len(line) + 1 for line in lines))
+
+    monkeypatch.setattr(Pool, "_send", counting)
+    padding = {"note": "x" * 4000}  # an option scan does not read: each line about 4 KB
+    tasks = [Task(t.key, t.command, t.path, padding) for t in quick_tasks(tmp_path, 40)]
+    answered = list(Pool(1, Budget(60.0)).results(tasks))
+    assert sorted(task.key for task, _, _ in answered) == list(range(40))
+    assert all(outcome.error is None for _, outcome, _ in answered)
+    assert 0 < queued[0] <= pool.PIPE_ROOM

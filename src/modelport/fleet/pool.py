@@ -43,16 +43,23 @@ SUCCESSOR_LEAD: Final = 200
 # Tasks sent to a worker ahead of its answers: the next file waits in its pipe, so it never
 # idles while the parent, sharing the cores, gets round to reading the last answer.
 QUEUE_DEPTH: Final = 2
-# A worker whose files take under FAST_S each (its pace) is sent up to FAST_DEPTH ahead, and
-# while every busy worker has more than QUEUE_DEPTH queued the parent sleeps before it looks
-# at the pipes, for half the time the shortest queue needs (at most GATHER_S): it then wakes
-# for several answers at once and sends tasks in batches, instead of a wake-up and two
-# system calls a file (in a run of 2,000 small files on two workers, those were about half
-# the parent's time). A timeout is then seen up to GATHER_S late, and a queue behind a file
-# that turns out slow costs the run's end at most FAST_DEPTH * FAST_S.
+# A worker whose files take under FAST_S each (its pace) is sent files for about AHEAD_S of
+# its time (at most FAST_DEPTH), and while every busy worker has more than QUEUE_DEPTH queued
+# the parent sleeps before it looks at the pipes, for half the time the shortest queue needs
+# (at most GATHER_S): it then wakes for many answers at once and sends tasks in batches,
+# instead of a wake-up and two system calls a file. A wake-up costs the parent about 0.3 ms
+# of a core and takes that from a worker when the workers fill the cores, so the queue is
+# counted in time, not files: files of 2 ms queue 50 deep and the parent wakes about every
+# GATHER_S. A timeout is then seen up to GATHER_S late, and a queue behind a file that turns
+# out slow costs the run's end about AHEAD_S.
 FAST_S: Final = 0.02
-FAST_DEPTH: Final = 8
+AHEAD_S: Final = 0.1
+FAST_DEPTH: Final = 64
 GATHER_S: Final = 0.05
+# A worker with a task queued is sent another only while its queued tasks come to fewer bytes
+# than this, half of Linux's pipe buffer: a write to a worker then never blocks the parent
+# while that worker reads a file (long paths or options would fill the pipe 64 files deep).
+PIPE_ROOM: Final = 32 << 10
 FAILED_STARTS: Final = 3  # workers in a row that die before they are ready: give up
 _TAIL_BYTES: Final = 2000
 _THREAD_VARIABLES: Final = (
@@ -82,6 +89,7 @@ class _Worker:
     gone: bool = False  # its input pipe broke: it is dead, its end of output on the way
     retiring: bool = False  # said its last answer: the rest of its queue was never read
     queue: deque[Task] = field(default_factory=deque)  # sent, not answered; the first runs
+    sizes: deque[int] = field(default_factory=deque)  # the bytes of each task in the queue
     started: float = 0.0  # when the first of the queue began
     sent: int = 0
     pace: float = FAST_S  # seconds a file, averaged over its last few; FAST_S until known
@@ -103,8 +111,11 @@ class _Worker:
 
     @property
     def depth(self) -> int:
-        """Tasks it may hold, sent and not answered."""
-        return FAST_DEPTH if self.pace < FAST_S else QUEUE_DEPTH
+        """Tasks it may hold, sent and not answered: about ``AHEAD_S`` of its time."""
+        if self.pace >= FAST_S:
+            return QUEUE_DEPTH
+        ahead = int(AHEAD_S / self.pace) if self.pace > 0 else FAST_DEPTH
+        return max(QUEUE_DEPTH, min(FAST_DEPTH, ahead))
 
     @property
     def task(self) -> Task | None:
@@ -199,7 +210,9 @@ class Pool:
         succeeds to finish its last file)."""
         busy = sum(bool(w.queue) for w in self._workers)
         written = []
-        for depth in range(1, FAST_DEPTH + 1):
+        lowest = min((len(w.queue) for w in self._workers), default=0)
+        deepest = max((w.depth for w in self._workers), default=0)
+        for depth in range(lowest + 1, deepest + 1):  # below ``lowest``, every queue is full
             for worker in self._workers:
                 idle = not worker.queue
                 if not self._pending or (idle and busy >= self.jobs):
@@ -228,6 +241,7 @@ class Pool:
             worker.ready
             and not (worker.gone or worker.retiring)
             and len(worker.queue) < min(depth, worker.depth)
+            and (not worker.queue or sum(worker.sizes) < PIPE_ROOM)
             and worker.sent < TASKS_PER_WORKER  # it leaves after that many: send no more
         )
 
@@ -235,10 +249,12 @@ class Pool:
         """Queue ``task`` in the worker's input buffer; ``_flush`` writes it."""
         message = {"command": task.command, "path": task.path, "options": task.options}
         assert worker.process.stdin is not None
-        worker.pipe_data += json.dumps(message).encode() + b"\n"
+        line = json.dumps(message).encode() + b"\n"
+        worker.pipe_data += line
         if not worker.queue:
             worker.started = time.monotonic()
         worker.queue.append(task)
+        worker.sizes.append(len(line))
         worker.sent += 1
 
     def _flush(self, worker: _Worker) -> None:
@@ -252,6 +268,7 @@ class Pool:
             unsent = data.count(b"\n")
             for _ in range(unsent):
                 self._pending.appendleft(worker.queue.pop())
+                worker.sizes.pop()
             worker.sent -= unsent
             worker.gone = True
 
@@ -278,14 +295,16 @@ class Pool:
             return
         worker.buffer += data
         *lines, worker.buffer = worker.buffer.split(b"\n")
+        if not lines:
+            return
         now = time.monotonic()
-        for line in lines:
-            message = json.loads(line)
+        for message in json.loads(b"[" + b",".join(lines) + b"]"):  # one call for the batch
             if "ready" in message:
                 worker.ready = True
                 self._failed_starts = 0
             elif worker.queue:
                 task = worker.queue.popleft()
+                worker.sizes.popleft()
                 worker.started = now  # the next one in its queue begins
                 worker.retiring = worker.retiring or bool(message.get("last"))
                 outcome = Outcome.from_json(message["outcome"])
@@ -350,6 +369,7 @@ class Pool:
         unread = list(worker.queue)[0 if worker.retiring else 1 :]
         self._pending.extendleft(reversed(unread))
         worker.queue.clear()
+        worker.sizes.clear()
 
 
 # Workers started by ``prestart``, not yet taken by a pool: (budget, command, process).

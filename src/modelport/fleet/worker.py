@@ -5,11 +5,12 @@ The protocol is JSON Lines over the worker's standard streams, one message a lin
 - the worker says ``{"ready": PID}`` once it has imported what the tasks of its
   ``--commands`` need (so that start-up never counts against a file's time budget; a task
   of another command imports its own modules) and set its memory limit;
-- the parent sends tasks, ``{"command", "path", "options"}``, at most ``pool.FAST_DEPTH``
-  ahead of the answers (``pool.QUEUE_DEPTH`` until its files prove quick), several in one
-  write; the answers, ``{"outcome": Outcome.to_json()}``, come in the same order:
-  the worker reads one file at a time, so a worker that dies was reading the first task not
-  yet answered, and the ones after it were never begun;
+- the parent sends tasks, ``{"command", "path", "options"}``, about ``pool.AHEAD_S`` of
+  the worker's time ahead of the answers (at most ``pool.FAST_DEPTH``; ``pool.QUEUE_DEPTH``
+  until its files prove quick), several in one write; the answers,
+  ``{"outcome": Outcome.to_json()}``, come in the same order: the worker reads one file at a
+  time, so a worker that dies was reading the first task not yet answered, and the ones
+  after it were never begun;
 - the worker stops when its standard input closes, after ``--max-tasks`` files (a fresh
   process then starts with a fresh heap), and after a ``MemoryError``, once it has answered
   for the file that raised it with ``"last": true`` (the tasks queued behind it are unread).
