@@ -247,9 +247,10 @@ def test_a_scan_of_a_torch_zip_reaches_the_parts_its_bytes_need(tmp_path: Path) 
 
 
 def test_inspect_of_an_npy_file_does_import_numpy(tmp_path: Path) -> None:
-    """The witness: the same probe sees numpy where the file's content needs it."""
-    path = tmp_path / "arange.npy"
-    np.save(path, np.arange(3, dtype=np.float32))
+    """The witness: the same probe sees numpy where the file's content needs it (a record
+    dtype is built by numpy's own parser; plain numbers are read without it)."""
+    path = tmp_path / "records.npy"
+    np.save(path, np.zeros(3, dtype=[("x", "<f4"), ("y", "<i4")]))
     code, modules = run_cli(tmp_path, "inspect", "--json", path)
     assert code == 0
     assert "numpy" in heavy(modules)

@@ -16,7 +16,7 @@ import tokenize
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from modelport import dtypes, limits
 from modelport.errors import (
@@ -227,6 +227,9 @@ def object_data_offset(
 
 
 def _descr_holds_objects(descr: Any) -> bool:
+    plain = _PLAIN.get(descr) if type(descr) is str else None
+    if plain is not None:
+        return plain.kind == "O"
     return bool(_descr_to_dtype(descr).hasobject)
 
 
@@ -309,7 +312,7 @@ def _element_type(
             f"{path}: {label} dtype {descr!r:.80} is not supported (datetimes and other "
             "types that are neither numbers nor text are not tensors)"
         )
-    parsed = _numpy_dtype(descr)
+    parsed = _PLAIN.get(descr) or _numpy_dtype(descr)
     if parsed is None:
         raise CorruptFileError(f"{label}: invalid dtype {descr!r}", path=path)
     if parsed.kind == "O":
@@ -376,6 +379,49 @@ def _walk_fields(
         found.append(RecordField(here, offset + field_offset, dtype, shape))
 
 
+@dataclass(frozen=True)
+class PlainDtype:
+    """What the header reader needs of a dtype, for the spellings ``numpy.save`` writes for
+    plain numbers (``dtype.str``): they are read without importing numpy, which costs a
+    scanning process a quarter of a second. ``tests/formats`` holds each to ``numpy.dtype``."""
+
+    kind: str
+    itemsize: int
+    byteorder: str  # as spelled: "<", ">" or "|" (only ">" is ever asked for)
+    name: str  # modelport's (torch's) dtype name; "" for objects
+
+
+_PLAIN_CODES: Final = {
+    "b1": "bool",
+    "i1": "int8",
+    "u1": "uint8",
+    "i2": "int16",
+    "u2": "uint16",
+    "i4": "int32",
+    "u4": "uint32",
+    "i8": "int64",
+    "u8": "uint64",
+    "f2": "float16",
+    "f4": "float32",
+    "f8": "float64",
+    "c8": "complex64",
+    "c16": "complex128",
+}
+
+
+def _plain_spellings() -> dict[str, PlainDtype]:
+    table = {"|O": PlainDtype("O", 8, "|", "")}
+    for code, name in _PLAIN_CODES.items():
+        size = int(code[1:])
+        orders = ("|",) if size == 1 else ("<", ">")
+        for order in orders:
+            table[order + code] = PlainDtype(code[0], size, order, name)
+    return table
+
+
+_PLAIN: Final = _plain_spellings()
+
+
 def numpy_descr(descr: str | list[Any]) -> Any:
     """numpy's dtype for a ``descr`` this module parsed (records as ``numpy.load`` builds
     them)."""
@@ -401,6 +447,9 @@ def _numpy_dtype(descr: str) -> Any:
 
 @functools.lru_cache(maxsize=256)
 def _modelport_dtype(descr: str) -> str:
+    plain = _PLAIN.get(descr)
+    if plain is not None:
+        return plain.name
     parsed = _numpy_dtype(descr)
     swapped = parsed.byteorder == ">"
     return dtypes.from_numpy(parsed.newbyteorder("<") if swapped else parsed)
