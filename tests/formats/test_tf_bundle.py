@@ -22,7 +22,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import ml_dtypes
 import numpy as np
@@ -100,8 +100,17 @@ def _messages() -> dict[str, Any]:
             ("tags", 4, "str", True),
             ("tensorflow_version", 5, "str", False),
         ],
-        "NodeDef": [("name", 1, "str", False), ("op", 2, "str", False)],
-        "GraphDef": [("node", 1, "NodeDef", True)],
+        "ListValue": [("s", 2, "bytes", True)],
+        "AttrValue": [("list", 1, "ListValue", False), ("s", 2, "bytes", False)],
+        "AttrEntry": [("key", 1, "str", False), ("value", 2, "AttrValue", False)],  # map entry
+        "NodeDef": [
+            ("name", 1, "str", False),
+            ("op", 2, "str", False),
+            ("attr", 5, "AttrEntry", True),
+        ],
+        "FunctionDef": [("node_def", 3, "NodeDef", True)],
+        "FunctionDefLibrary": [("function", 1, "FunctionDef", True)],
+        "GraphDef": [("node", 1, "NodeDef", True), ("library", 2, "FunctionDefLibrary", False)],
         "SignatureEntry": [("key", 1, "str", False), ("value", 2, "bytes", False)],
         "MetaGraphDef": [
             ("meta_info_def", 1, "MetaInfoDef", False),
@@ -535,6 +544,81 @@ def test_a_graph_that_touches_files_is_a_finding(tmp_path: Path, op: str, verdic
     assert [(f.rule, f.member) for f in graph.findings] == [("tf-file-access", op)]
 
 
+def _attr_node(op: str, **attrs: bytes | list[bytes]) -> Any:
+    node = PB["NodeDef"](name=f"{op}_1", op=op)
+    for key, value in attrs.items():
+        if isinstance(value, list):
+            node.attr.add(key=key, value=PB["AttrValue"](list=PB["ListValue"](s=value)))
+        else:
+            node.attr.add(key=key, value=PB["AttrValue"](s=value))
+    return node
+
+
+def _saved_model_with_function(nodes: list[Any]) -> bytes:
+    """A SavedModel whose one library function holds ``nodes``, as tf.function traces them."""
+    meta = PB["MetaGraphDef"]()
+    meta.meta_info_def.tags.append("serve")
+    meta.graph_def.node.add(name="saver_filename", op="Placeholder")
+    meta.graph_def.library.function.add(node_def=[PB["NodeDef"](name="x", op="Const"), *nodes])
+    meta.signature_def.add(key="serving_default", value=b"")
+    return bytes(
+        PB["SavedModel"](saved_model_schema_version=1, meta_graphs=[meta]).SerializeToString()
+    )
+
+
+_PRINT_TO: Final = "file:///tmp/printed.txt"
+_WRITERS: Final = [
+    pytest.param([_attr_node("PrintV2", output_stream=_PRINT_TO.encode())], _PRINT_TO, id="print"),
+    pytest.param(
+        [_attr_node("DebugIdentity", debug_urls=[b"file:///tmp/dump"])],
+        "file:///tmp/dump",
+        id="debug",
+    ),
+    pytest.param(
+        [_attr_node("DebugIdentityV2", debug_urls=[b"grpc://host:1"])], "grpc://host:1", id="grpc"
+    ),
+    pytest.param(
+        [_attr_node("Copy", debug_ops_spec=[b"DebugIdentity;file:///tmp/c;0"])],
+        "file:///tmp/c",
+        id="copy-debug-spec",
+    ),
+    pytest.param([_attr_node("CreateSummaryFileWriter")], "", id="summary-writer"),
+    pytest.param([_attr_node("SnapshotDatasetV2")], "", id="snapshot"),
+    pytest.param([_attr_node("PrintV2", output_stream=b"stderr")], None, id="print-stderr"),
+    pytest.param([_attr_node("PrintV2")], None, id="print-default"),
+    pytest.param(
+        [_attr_node("PrintV2", output_stream=b"log(warning)"), _attr_node("RestoreV2")],
+        None,
+        id="log-and-restore",
+    ),
+]
+
+
+@pytest.mark.parametrize(("nodes", "target"), _WRITERS)
+def test_ops_that_write_by_attribute_or_input_are_unsafe(
+    tmp_path: Path, nodes: list[Any], target: str | None
+) -> None:
+    """tf.print(..., output_stream="file://...") appends to that file each time its function
+    runs, debug ops dump tensors to their debug_urls and a summary writer creates its logdir
+    (TensorFlow did all three when a loaded SavedModel's function ran:
+    test_a_printing_saved_model_writes_its_file_when_called); the process's own streams and
+    the saver's SaveV2 (in every SavedModel) write nothing of the model's choosing."""
+    folder = tmp_path / "sm"
+    folder.mkdir()
+    (folder / "saved_model.pb").write_bytes(_saved_model_with_function(nodes))
+    report = modelport.scan(folder)
+    (graph,) = [f for f in report.files if Path(f.path).name == "saved_model.pb"]
+    if target is None:
+        assert report.verdict == "safe", report.to_json()
+        return
+    assert report.verdict == "unsafe"
+    assert [(f.rule, f.member) for f in graph.findings] == [("tf-file-access", nodes[-1].op)]
+    assert (target or "where its inputs say") in graph.findings[0].message
+    with modelport.open(folder) as model:
+        (meta,) = model.details["meta_graphs"]
+        assert meta["file_writes"] == [{"op": nodes[-1].op, "to": target}]
+
+
 def test_keras_lambda_in_a_saved_model_is_a_finding(tmp_path: Path, cli: Cli) -> None:
     folder = tmp_path / "keras_sm"
     folder.mkdir()
@@ -755,3 +839,35 @@ def test_a_resource_that_writes_a_file_as_it_loads_is_unsafe(tmp_path: Path) -> 
     load = f"import tensorflow as tf; tf.saved_model.load({str(folder)!r})"
     subprocess.run([sys.executable, "-c", load], check=True, capture_output=True, timeout=300)
     assert marker.exists()
+
+
+@pytest.mark.heavy
+def test_a_printing_saved_model_writes_its_file_when_called(tmp_path: Path) -> None:
+    """tf.print to a file:// stream: the loaded function appends to that file when called
+    (the marker appears), so the scan calls the folder unsafe; the same model printing to
+    stderr, with the saver's SaveV2 that every SavedModel holds, is safe."""
+    tf = _tf()
+    marker = tmp_path / "marker"
+
+    def saved(stream: object, name: str) -> Path:
+        module = tf.Module()
+        module.v = tf.Variable(1.0)
+        signature = [tf.TensorSpec([], tf.float32)]
+        module.f = tf.function(input_signature=signature)(
+            lambda x: (tf.print("x", x, output_stream=stream), x * module.v)[1]
+        )
+        folder = tmp_path / name
+        tf.saved_model.save(module, str(folder))
+        return folder
+
+    printing, quiet = saved(f"file://{marker}", "printing"), saved(sys.stderr, "quiet")
+    marker.unlink(missing_ok=True)
+    report = modelport.scan(printing)
+    assert report.verdict == "unsafe"
+    (graph,) = [f for f in report.files if Path(f.path).name == "saved_model.pb"]
+    assert [(f.rule, f.member) for f in graph.findings] == [("tf-file-access", "PrintV2")]
+    assert modelport.scan(quiet).verdict == "safe"
+    for folder in (quiet, printing):
+        loaded = tf.saved_model.load(str(folder))  # kept: its function needs its variable
+        loaded.f(tf.constant(2.0))
+        assert marker.exists() == (folder == printing)

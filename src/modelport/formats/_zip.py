@@ -24,6 +24,10 @@ from typing import BinaryIO, NamedTuple, Protocol
 
 from modelport import limits
 from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
+from modelport.formats._compressed import BZIP2 as BZIP2
+from modelport.formats._compressed import DEFLATED as DEFLATED
+from modelport.formats._compressed import LZMA as LZMA
+from modelport.formats._compressed import member_pieces
 
 EOCD_SIGNATURE = b"PK\x05\x06"
 ZIP64_LOCATOR_SIGNATURE = b"PK\x06\x07"
@@ -35,7 +39,11 @@ LOCAL_HEADER_SIZE = 30
 MAX_COMMENT = 0xFFFF
 
 STORED = 0
-DEFLATED = 8
+# What Python's zipfile (numpy.load) inflates; torch's miniz reads stored and deflated only
+# ("PytorchStreamReader failed retrieving file meta-data ...: unsupported method").
+INFLATED_METHODS = frozenset((DEFLATED, BZIP2, LZMA))
+ZIPFILE_METHODS = frozenset((STORED, *INFLATED_METHODS))
+TORCH_METHODS = frozenset((STORED, DEFLATED))
 # A central-directory record's fixed part, the fields kept: flags, method, CRC-32,
 # compressed and uncompressed size, name / extra / comment lengths, local header offset
 # (skipped: the signature, versions, time and date, disk number, attributes).
@@ -217,8 +225,15 @@ class ZipDirectory:
             handle.seek(entry.data_offset)
             return handle.read(len(LOCAL_SIGNATURE)) == LOCAL_SIGNATURE
 
-    def read_member(self, entry: ZipEntry, limit: int = limits.MAX_ZIP_MEMBER_INFLATED) -> bytes:
-        """A member's bytes, inflated if needed, never more than ``limit`` of them."""
+    def read_member(
+        self,
+        entry: ZipEntry,
+        limit: int = limits.MAX_ZIP_MEMBER_INFLATED,
+        methods: frozenset[int] = TORCH_METHODS,
+    ) -> bytes:
+        """A member's bytes, inflated if needed, never more than ``limit`` of them. Only the
+        ``methods`` its loader reads are read: torch's by default, zipfile's (bzip2, LZMA)
+        for the formats Python's zipfile loads."""
         if entry.size > limit:
             raise LimitExceededError(
                 f"zip member {entry.name!r} size", limit, entry.size, path=self.path
@@ -235,13 +250,16 @@ class ZipDirectory:
             )
         if entry.method == STORED:
             return raw
-        if entry.method != DEFLATED:
+        if entry.method not in methods:
+            why = "torch reads stored and deflated members only" if methods == TORCH_METHODS else ""
             raise CorruptFileError(
-                f"zip member {entry.name!r} uses compression method {entry.method}", path=self.path
+                f"zip member {entry.name!r} uses compression method {entry.method}"
+                + (f": {why}" if why else ""),
+                path=self.path,
             )
         try:
-            data = inflate_deflated(memoryview(raw), limit)
-        except zlib.error as exc:
+            data = inflate_member(memoryview(raw), entry.method, limit)
+        except CorruptFileError as exc:
             raise CorruptFileError(
                 f"zip member {entry.name!r} does not inflate ({exc})", path=self.path
             ) from None
@@ -273,6 +291,30 @@ def inflate_deflated(raw: memoryview, limit: int) -> bytearray:
         # held inside, to be asked for again before more input goes in
         pending, more = inflater.unconsumed_tail, len(piece) == room
     return out
+
+
+def inflate_member(raw: memoryview, method: int, limit: int) -> bytearray:
+    """A deflated, bzip2 or LZMA member's bytes, at most ``limit + 1`` of them (one more
+    says it goes on). Raises ``CorruptFileError`` when the data does not inflate."""
+    if method == DEFLATED:
+        try:
+            return inflate_deflated(raw, limit)
+        except zlib.error as exc:
+            raise CorruptFileError(f"deflate data is corrupt ({exc})") from None
+    out = bytearray()
+    position = 0
+
+    def read(count: int) -> bytes:
+        nonlocal position
+        piece = bytes(raw[position : position + count])
+        position += len(piece)
+        return piece
+
+    for piece in member_pieces(read, method):
+        out += piece
+        if len(out) > limit:
+            break
+    return out[: limit + 1]
 
 
 def _parse_central(

@@ -16,7 +16,9 @@ Choices and edge cases:
   member's declared size MUST equal its header plus ``prod(shape) * itemsize``, MUST be
   reachable from its compressed size (deflate expands at most ``MAX_RATIO`` to one), and
   inflation stops at that size, so a zip bomb costs at most what its header honestly
-  declares; the CRC-32 is checked once the member has been inflated;
+  declares; the CRC-32 is checked once the member has been inflated. Members in bzip2 or
+  LZMA (numpy never writes them, its loader reads them through zipfile) are read the same
+  way, their declared size within ``_compressed.stream_cap`` of their compressed size;
 - object arrays are read as in ``.npy`` files (a pickle, never executed), with a warning;
   so are record arrays (a tensor per field) and text (``scipy.sparse.save_npz`` stores
   ``format`` as a 0-d text array: ``"csc"``, or ``b"csc"`` as recent scipy writes it);
@@ -56,13 +58,24 @@ from modelport import dtypes, limits
 from modelport.errors import (
     ConversionError,
     CorruptFileError,
+    LimitExceededError,
     ModelportError,
     TruncatedFileError,
     UnsupportedDtypeError,
 )
 from modelport.formats import npy
+from modelport.formats._compressed import member_pieces, stream_cap
 from modelport.formats._npy_header import ArrayKind, header_span
-from modelport.formats._zip import DEFLATED, STORED, ZipDirectory, ZipEntry
+from modelport.formats._zip import (
+    BZIP2,
+    DEFLATED,
+    INFLATED_METHODS,
+    LZMA,
+    STORED,
+    ZIPFILE_METHODS,
+    ZipDirectory,
+    ZipEntry,
+)
 from modelport.formats._zip_writer import ZipWriter, crc32_combine
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 from modelport.tensors import NDArray, Storage, TensorRef
@@ -102,7 +115,6 @@ NATIVE = {
     "uint8": "|u1",
     "bool": "|b1",
 }
-CHUNK = 1 << 20
 FIRST_READ = 256  # bytes read for a member's header: numpy's own headers fit (64 or 128)
 MAX_RATIO = 1032  # deflate's largest possible expansion (258-byte matches in 2-bit codes)
 RATIO_SLACK = 1024
@@ -116,39 +128,35 @@ def sniff(probe: Probe) -> bool:
 
 
 def inflate(path: Path, entry: ZipEntry, skip: int, count: int) -> NDArray:
-    """Bytes ``skip .. skip + count`` of a deflated member, inflating no further than that
-    (the CRC-32 is checked when the range reaches the member's end)."""
+    """Bytes ``skip .. skip + count`` of a deflated (or bzip2, LZMA) member, inflating no
+    further than that (the CRC-32 is checked when the range reaches the member's end)."""
     import numpy as np
 
     end = skip + count
     out = np.empty(count, dtype=np.uint8)
-    inflater = zlib.decompressobj(-15)
     produced, crc = 0, 0
     with open(path, "rb") as handle:
         handle.seek(entry.data_offset)
         left = entry.compressed_size
-        pending = b""
-        while produced < end:
-            if not pending:
-                if left == 0 or inflater.eof:
+
+        def read(size: int) -> bytes:
+            nonlocal left
+            piece = handle.read(min(size, left))
+            left -= len(piece)
+            return piece
+
+        try:
+            for piece in member_pieces(read, entry.method):
+                crc = zlib.crc32(piece[: end - produced], crc)  # up to ``end`` only
+                low, high = max(skip - produced, 0), min(end - produced, len(piece))
+                if high > low:
+                    start = produced + low - skip
+                    out[start : start + high - low] = np.frombuffer(piece, np.uint8)[low:high]
+                produced += len(piece)
+                if produced >= end:
                     break
-                pending = handle.read(min(CHUNK, left))
-                left -= len(pending)
-                if not pending:
-                    break
-            try:
-                piece = inflater.decompress(pending, min(end - produced, CHUNK))
-            except zlib.error as exc:
-                raise CorruptFileError(
-                    f"npz member {entry.name!r} is not valid deflate data ({exc})", path=path
-                ) from None
-            pending = inflater.unconsumed_tail
-            crc = zlib.crc32(piece, crc)
-            low, high = max(skip - produced, 0), min(end - produced, len(piece))
-            if high > low:
-                start = produced + low - skip
-                out[start : start + high - low] = np.frombuffer(piece, np.uint8)[low:high]
-            produced += len(piece)
+        except CorruptFileError as exc:
+            raise CorruptFileError(f"npz member {entry.name!r}: {exc}", path=path) from None
     if produced < end:
         raise TruncatedFileError(
             f"npz member {entry.name!r} inflates to {produced} bytes, {end} were expected",
@@ -198,7 +206,7 @@ def _member(
         warnings.append(f"{entry.name}: {header.warning}")
     stored = entry.method == STORED
     if header.is_object:
-        data = directory.read_member(entry, limits.MAX_NPY_PICKLE)
+        data = directory.read_member(entry, limits.MAX_NPY_PICKLE, ZIPFILE_METHODS)
         return npy.object_array(
             data,
             header,
@@ -235,12 +243,22 @@ def _member(
 
 def _check_sizes(entry: ZipEntry, path: Path, where: str) -> None:
     """What the directory says of the member must be what numpy's writer can produce."""
-    if entry.method not in (STORED, DEFLATED):
+    if entry.method != STORED and entry.method not in INFLATED_METHODS:
         raise CorruptFileError(
-            f"npz{where} uses zip compression method {entry.method} (numpy writes stored or "
-            "deflated members)",
+            f"npz{where} uses zip compression method {entry.method}, which numpy.load "
+            "(Python's zipfile) does not read either",
             path=path,
         )
+    if entry.method != DEFLATED and entry.method != STORED:
+        cap = stream_cap(entry.compressed_size, limits.MAX_ZIP_MEMBER_INFLATED)
+        if entry.size > cap.size:
+            raise LimitExceededError(
+                f"npz{where} declared size (capped at {cap.advice})",
+                cap.size,
+                entry.size,
+                path=path,
+            )
+        return
     if entry.method == STORED and entry.size != entry.compressed_size:
         raise CorruptFileError(
             f"npz{where} is stored but declares {entry.size} bytes in {entry.compressed_size}",
@@ -287,11 +305,15 @@ def read(path: Path, probe: Probe) -> Contents:
         except ModelportError as exc:
             warnings.append(f"{TREE}.npy ignored, the arrays are shown flat: {exc}")
     stored = sum(1 for e in chosen.values() if e.is_stored)
+    methods = [e.method for e in chosen.values()]
     details: dict[str, Any] = {
         "members": len(chosen),
         "stored": stored,
-        "deflated": len(chosen) - stored,
+        "deflated": methods.count(DEFLATED),
     }
+    for method, name in ((BZIP2, "bzip2"), (LZMA, "lzma")):
+        if method in methods:
+            details[name] = methods.count(method)
     if restore:
         details["restored_dtypes"] = len(restore)
     if nested is not None:
@@ -309,7 +331,7 @@ def _take_text(
     entry = chosen.get(name)
     if entry is None or entry.size > limit + npy.MAX_PREFIX:
         return None
-    data = directory.read_member(entry, limit + npy.MAX_PREFIX)
+    data = directory.read_member(entry, limit + npy.MAX_PREFIX, ZIPFILE_METHODS)
     header = npy.parse_header(data[: npy.MAX_PREFIX], path=directory.path, available=len(data))
     if (
         header.dtype != "uint8"
@@ -335,7 +357,7 @@ def _take_dtype_map(
     if entry is None or entry.size > limits.MAX_NPZ_DTYPE_MAP:
         return {}
     path = directory.path
-    data = directory.read_member(entry, limits.MAX_NPZ_DTYPE_MAP)
+    data = directory.read_member(entry, limits.MAX_NPZ_DTYPE_MAP, ZIPFILE_METHODS)
     header = npy.parse_header(data[: npy.MAX_PREFIX], path=path, available=len(data))
     if (
         header.dtype != "uint8"

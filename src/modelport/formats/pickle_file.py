@@ -40,6 +40,7 @@ from modelport import limits
 from modelport.errors import (
     CorruptFileError,
     LimitExceededError,
+    MissingDependencyError,
     ModelportError,
     NotAModelError,
     TruncatedFileError,
@@ -106,6 +107,8 @@ def _holds_pickle(probe: Probe, kind: Compression) -> bool:
             head = handle.read(SNIFF_BZ2_INPUT)
     try:
         inflated = inflate(memoryview(head), kind, InflationCap(SNIFF_INFLATE), partial=True)
+    except MissingDependencyError:
+        return True  # an LZ4 frame without lz4: reading it says what to install
     except ModelportError:
         return False
     return _looks_like_pickle(bytes(inflated), complete=False)

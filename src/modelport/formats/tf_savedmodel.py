@@ -32,6 +32,7 @@ are not listed, and nothing from the graph is executed.
 from __future__ import annotations
 
 import mmap
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Final
@@ -53,10 +54,49 @@ MAX_FINGERPRINT_BYTES: Final = 4096
 MAX_KERAS_METADATA_BYTES: Final = 1 << 30
 _WHOLE_JSON: Final = limits.MAX_KERAS_CONFIG_BYTES + 1  # past the cap: parse_json refuses it
 MAX_LISTED_OPS: Final = 200
-# Ops that touch the file system when a graph function runs (tf.io.read_file, write_file):
-# the scanner rates them (WriteFile as code reaching the machine); the saver's own Save and
-# Restore ops, in every SavedModel, are not listed.
-FILE_OPS: Final = frozenset(("ReadFile", "WriteFile", "MatchingFiles"))
+# Ops that touch the file system when a graph function runs: the scanner rates them (writing
+# as code reaching the machine). Writers: tf.io.write_file, a summary writer's logdir or
+# database, tf.data's TFRecord writer, save and snapshot, and the V1 checkpoint writers Save
+# and SaveSlices (tf.raw_ops.Save in a resource's _initialize writes where it says as
+# tf.saved_model.load runs it). Restore is not listed.
+WRITING_FILE_OPS: Final = frozenset(
+    (
+        "WriteFile",
+        "Save",
+        "SaveSlices",
+        "CreateSummaryFileWriter",
+        "CreateSummaryDbWriter",
+        "DatasetToTFRecord",
+        "SaveDataset",
+        "SaveDatasetV2",
+        "SnapshotDataset",
+        "SnapshotDatasetV2",
+    )
+)
+FILE_OPS: Final = frozenset(("ReadFile", "MatchingFiles")) | WRITING_FILE_OPS
+# The V2 saver's writers, in every SavedModel's ``__inference__traced_save_<n>`` (which load
+# never runs; it writes where its caller's file_prefix says, and only a graph node calls it)
+# and in a TF1 Saver's graph scope ``save/``: anywhere else, or in a saver function that
+# another function calls, they write a checkpoint where the graph says.
+SAVER_OPS: Final = frozenset(("SaveV2", "MergeV2Checkpoints"))
+_SAVER_FUNCTION: Final = "__inference__traced_save_"
+_SAVER_SCOPE: Final = re.compile(r"save(?:_\d+)?/")
+# Ops that write where an attribute says as they run: PrintV2's output_stream (a file:// URL
+# is appended to; the process's own streams below are not files), the debug ops' debug_urls
+# (file:// dumps every tensor they see, grpc:// sends it) and Copy's debug_ops_spec entries
+# ("DebugIdentity;file:///dump;0").
+OUTPUT_ATTRS: Final = {
+    "PrintV2": "output_stream",
+    "DebugIdentity": "debug_urls",
+    "DebugIdentityV2": "debug_urls",
+    "DebugIdentityV3": "debug_urls",
+    "DebugNanCount": "debug_urls",
+    "DebugNumericSummary": "debug_urls",
+    "Copy": "debug_ops_spec",
+    "CopyHost": "debug_ops_spec",
+}
+STREAMS: Final = frozenset(("stdout", "stderr", "log(info)", "log(warning)", "log(error)"))
+_ATTR_TEXT: Final = 4096
 _META_GRAPH_TAGS: Final = frozenset((0x0A, 0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A))  # fields 1..7
 _FINGERPRINT_WIRES: Final = {1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 6: 2, 7: 2}
 _KERAS_NODE_WIRES: Final = {2: 0, 3: 2, 4: 2, 5: 2, 6: 2}
@@ -236,6 +276,7 @@ def _meta_graph(message: Message, meta: Field, keras_json: list[str]) -> dict[st
     version = ""
     signatures: list[str] = []
     ops: Counter[str] = Counter()
+    outputs: list[dict[str, str]] = []
     for field in message.fields(meta.start, meta.end):
         if field.wire != WireType.LEN:
             continue
@@ -246,7 +287,7 @@ def _meta_graph(message: Message, meta: Field, keras_json: list[str]) -> dict[st
                 elif info.number == 5:
                     version = message.text(info)
         elif field.number == 2:
-            _count_ops(message, field, ops)
+            _count_ops(message, field, ops, outputs)
         elif field.number == 5:
             signatures.extend(message.text(k) for k in _sub(message, field) if k.number == 1)
         elif field.number == 7:
@@ -257,6 +298,10 @@ def _meta_graph(message: Message, meta: Field, keras_json: list[str]) -> dict[st
     file_ops = sorted(FILE_OPS.intersection(ops))
     if file_ops:
         found["file_ops"] = file_ops
+    outputs.extend({"op": op, "to": ""} for op in sorted(WRITING_FILE_OPS.intersection(ops)))
+    if outputs:
+        unique = {(o["op"], o["to"]): o for o in outputs}
+        found["file_writes"] = list(unique.values())[:MAX_LISTED_OPS]
     return found
 
 
@@ -265,20 +310,88 @@ def _sub(message: Message, field: Field) -> list[Field]:
     return [f for f in message.fields(field.start, field.end) if f.wire == WireType.LEN]
 
 
-def _count_ops(message: Message, graph_def: Field, ops: Counter[str]) -> None:
-    """Ops of the graph's nodes and of every function in its library."""
-    nodes: list[Field] = []
+def _count_ops(
+    message: Message, graph_def: Field, ops: Counter[str], outputs: list[dict[str, str]]
+) -> None:
+    """Ops of the graph's nodes and of every function in its library, and where the ops of
+    ``OUTPUT_ATTRS`` write (a node's ``attr`` map is field 5, entries ``{key 1, value 2}``),
+    and the ``SAVER_OPS`` outside the saver's own function or graph scope."""
+    nodes: list[tuple[Field, bool | None]] = []  # each node; in the saver's function?
     for field in _sub(message, graph_def):
         if field.number == 1:
-            nodes.append(field)
+            nodes.append((field, None))  # a graph node: the saver's by its scope
         elif field.number == 2:
             for function in _sub(message, field):
                 if function.number == 1:
-                    nodes.extend(f for f in _sub(message, function) if f.number == 3)
-    for node in nodes:
-        for part in _sub(message, node):
-            if part.number == 2:
-                ops[message.text(part, 256)] += 1
+                    in_saver = _function_name(message, function).startswith(_SAVER_FUNCTION)
+                    nodes.extend((f, in_saver) for f in _sub(message, function) if f.number == 3)
+    for node, saver in nodes:
+        in_function = saver is not None
+        parts = _sub(message, node)
+        names = [message.text(part, 256) for part in parts if part.number == 2]
+        for op in names:
+            ops[op] += 1
+        attr = OUTPUT_ATTRS.get(names[-1]) if names else None
+        if attr is not None:
+            outputs.extend(_outputs(message, names[-1], attr, parts))
+        elif names and names[-1] in SAVER_OPS:
+            if saver is None:
+                node_name = next((message.text(p, 256) for p in parts if p.number == 1), "")
+                saver = _SAVER_SCOPE.match(node_name) is not None
+            if not saver:
+                outputs.append({"op": names[-1], "to": ""})
+        called = [*names[-1:], *_called(message, parts)] if in_function else []
+        if any(name.startswith(_SAVER_FUNCTION) for name in called):
+            outputs.append({"op": "SaveV2", "to": ""})  # a function calls the saver's
+
+
+def _called(message: Message, parts: list[Field]) -> list[str]:
+    """The functions a node's attributes name: an ``AttrValue``'s ``func`` (10) or its
+    ``list`` (1) of ``func`` (9), each a ``NameAttrList`` whose name is field 1."""
+    found: list[str] = []
+    for entry in (part for part in parts if part.number == 5):
+        for value in (f for f in _sub(message, entry) if f.number == 2):
+            for kind in _sub(message, value):
+                lists = _sub(message, kind) if kind.number == 1 else []
+                for named in [kind] if kind.number == 10 else [f for f in lists if f.number == 9]:
+                    found.extend(
+                        message.text(f, 256) for f in _sub(message, named) if f.number == 1
+                    )
+    return found
+
+
+def _function_name(message: Message, function: Field) -> str:
+    """A ``FunctionDef``'s name: its ``signature`` (1, an ``OpDef``) has it as field 1."""
+    for signature in (f for f in _sub(message, function) if f.number == 1):
+        for name in (f for f in _sub(message, signature) if f.number == 1):
+            return message.text(name, 256)
+    return ""
+
+
+def _outputs(message: Message, op: str, attr: str, parts: list[Field]) -> list[dict[str, str]]:
+    """Where a node of ``OUTPUT_ATTRS`` writes: each of its ``attr``'s strings that is not
+    the process's own stream (``debug_ops_spec`` entries name their URL second)."""
+    found = []
+    for entry in (part for part in parts if part.number == 5):
+        fields = {f.number: f for f in _sub(message, entry)}
+        if 1 not in fields or 2 not in fields or message.text(fields[1], 256) != attr:
+            continue
+        for text in _attr_strings(message, fields[2]):
+            target = text.split(";")[1] if attr == "debug_ops_spec" and ";" in text else text
+            if target not in STREAMS:
+                found.append({"op": op, "to": target})
+    return found
+
+
+def _attr_strings(message: Message, value: Field) -> list[str]:
+    """An ``AttrValue``'s strings: ``s`` (2), or ``list`` (1) of ``s`` (2)."""
+    found = []
+    for field in _sub(message, value):
+        if field.number == 2:
+            found.append(message.text(field, _ATTR_TEXT))
+        elif field.number == 1:
+            found.extend(message.text(s, _ATTR_TEXT) for s in _sub(message, field) if s.number == 2)
+    return found
 
 
 def _user_object_metadata(message: Message, object_graph: Field) -> list[str]:
