@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.attacks.corpus_bypasses import BYPASSES
+from tests.attacks.corpus_redteam3 import REDTEAM3
 from tests.attacks.technique import (
     JOBLIB,
     NUMPY_PICKLE,
@@ -661,6 +662,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         "skips links sees only config.json",
     ),
     *BYPASSES,  # a red-team audit's finds
+    *REDTEAM3,  # a third audit's
 )
 
 

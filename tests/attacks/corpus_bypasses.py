@@ -12,6 +12,7 @@ module to ``subprocess``.
 from __future__ import annotations
 
 import io
+import json
 import lzma
 import os
 import pickle
@@ -27,6 +28,7 @@ import torch
 from tests.attacks.technique import (
     JOBLIB,
     PICKLE,
+    TORCH_EXPORT,
     TORCH_JIT,
     TORCH_UNSAFE,
     Make,
@@ -35,13 +37,17 @@ from tests.attacks.technique import (
 )
 from tests.attacks.writers import (
     OBJECT_DTYPE,
+    _exported,
     _scripted,
     _sealed,
     _tar_header,
+    _torch_save,
     dtype,
+    float_npy,
     global_,
     joblib_stream,
     legacy_tar_members,
+    object_npy,
     plain,
     shell,
     shell2,
@@ -315,6 +321,62 @@ def _lzma_small_dictionary(marker: Path | None) -> bytes:
     return lzma.compress(data, format=lzma.FORMAT_ALONE, filters=filters)
 
 
+# -- a third audit: an npz member named like a storage, a joblib side file, a name in two cases ----
+
+NPZ_ARRAYS = "import numpy as np; dict(np.load(PATH, allow_pickle=True))"
+
+
+def _npz_storage_named(marker: Path | None) -> bytes:
+    """An npz whose object array is stored as ``a/data/w.npy``, the name a torch archive
+    gives a storage, beside a benign ``data.pkl``: numpy.load reads every ``*.npy`` member;
+    torch refuses the zip (its first member is in no folder). The twin's array is floats."""
+    inner = float_npy() if marker is None else object_npy(shell2(marker))
+    return zip_archive(
+        [("weights.npy", float_npy()), ("a/data/w.npy", inner), ("data.pkl", plain())]
+    )
+
+
+def joblib_side_file(tmp: Path, marker: Path | None) -> Path:
+    """joblib < 0.10's layout: ``model.pkl`` holds an NDArrayWrapper naming
+    ``model.pkl_01.npy`` beside it, which joblib.load reads with np.load(allow_pickle=True).
+    The attack is ``model.pkl`` alone, the file a user hands to joblib.load."""
+    state = (
+        b"}(Vfilename\nVmodel.pkl_01.npy\nVsubclass\n"
+        + global_("numpy", "ndarray")
+        + b"Vallow_mmap\n\x89ub"
+    )
+    wrapper = global_("joblib.numpy_pickle", "NDArrayWrapper") + b")\x81" + state
+    write(tmp / "model.pkl_01.npy", float_npy() if marker is None else object_npy(shell2(marker)))
+    return write(tmp / "model.pkl", b"\x80\x02}Vcoef\n" + wrapper + b"s.")
+
+
+def pt2_case_twin(marker: Path | None, *, twin_member: bool = True) -> bytes:
+    """torch.export.save's archive, its weights config listing ``WEIGHT_0`` (use_pickle)
+    before the raw ``weight_0``, whose bytes become a pickle; ``twin_member`` adds a benign
+    member literally named ``WEIGHT_0`` after it. torch's lookup ignores case and picks
+    among equal names by its own sort: in this archive it returns weight_0 for both names
+    (checked with torch's PyTorchFileReader) and hands it to torch.load(weights_only=False).
+    The twin is the plain archive."""
+    members = list(_exported())
+    if marker is None:
+        return zip_archive(members)
+    payload = shell2(marker)
+    payload += b"\x00" * (-len(payload) % 4)  # whole float32 elements
+    out: list[tuple[str, bytes]] = []
+    for name, data in members:
+        if name.endswith("/data/weights/model_weights_config.json"):
+            extra = {"path_name": "WEIGHT_0", "is_param": False, "use_pickle": True}
+            config = {"w_extra": {**extra, "tensor_meta": None}, **json.loads(data)["config"]}
+            data = json.dumps({"config": config}).encode()
+        elif name.endswith("/data/weights/weight_0"):
+            out.append((name, payload))
+            if twin_member:
+                out.append((name[: -len("weight_0")] + "WEIGHT_0", _torch_save()))
+            continue
+        out.append((name, data))
+    return zip_archive(out)
+
+
 BYPASSES: tuple[Technique, ...] = (
     Technique(
         "torch-zip-prefix-data",
@@ -465,5 +527,35 @@ BYPASSES: tuple[Technique, ...] = (
         False,
         "unet/ is a link to a folder outside the pipeline's: a walk that enters no linked "
         "folder never sees the weights the loader reads through it",
+    ),
+    file_technique(
+        "npz-member-named-like-a-storage",
+        "container",
+        "arrays.npz",
+        _npz_storage_named,
+        NPZ_ARRAYS,
+        False,
+        "an object array stored as a/data/w.npy beside a data.pkl: a rule 'stored members "
+        "under <x>/data/ of a zip with a data.pkl are tensor bytes' skips what numpy unpickles",
+    ),
+    Technique(
+        "joblib-side-file-beside-the-pickle",
+        "directory",
+        joblib_side_file,
+        lambda tmp: joblib_side_file(tmp, None),
+        JOBLIB,
+        True,
+        "model.pkl names model.pkl_01.npy, an object array joblib.load unpickles: a scan of "
+        "model.pkl alone that leaves side files to a folder scan judges nothing",
+    ),
+    file_technique(
+        "pt2-payload-name-in-other-case",
+        "container",
+        "model.pt2",
+        pt2_case_twin,
+        TORCH_EXPORT,
+        True,
+        "a pickled payload WEIGHT_0 beside the raw weight_0 (and a benign member WEIGHT_0): "
+        "torch's lookup ignores case and unpickles weight_0, which an exact compare skips",
     ),
 )

@@ -134,6 +134,8 @@ def _scan_folder(root: Path) -> Iterator[Expanded]:
             context["segments"] = [list(r) for r in ranges]
         if file in walk.outside:
             context["outside"] = [walk.outside[file], str(root)]
+        if file in walk.aliases:
+            context["aliases"] = list(walk.aliases[file])
         yield file, context, None
     for link in walk.dangling:
         message = "a symbolic link that leads nowhere"

@@ -101,6 +101,7 @@ def _scan(path: str, options: dict[str, Any]) -> tuple[str, Any]:
         Path(path),
         [(offset, length) for offset, length in segments] if segments is not None else None,
         in_folder=bool(options.get("in_folder")),
+        aliases=tuple(Path(alias) for alias in options.get("aliases", ())),
     )
     if "outside" in options:  # the note ``scan DIR`` adds to a link leaving the folder
         target, root = options["outside"]

@@ -13,13 +13,18 @@ What each loader reads of an archive, from its own source:
 - Keras ``.keras`` (keras/src/saving/saving_lib.py): ``config.json`` deserialized,
   ``model.weights.h5`` read.
 - Python's ``zipfile`` (all of these but torch): every central-directory record whatever
-  the end record's count says; bytes in front of the zip are allowed.
+  the end record's count says; bytes in front of the zip are allowed; bzip2 and LZMA
+  members as well as deflated ones (torch's miniz refuses them: "unsupported method").
 
-torch's reader walks only the end record's count and finds members by exact name; Python's
-walks the whole directory. The scanner reads the union: every record, every member judged
-by its content whatever its name, case or declared size; nested zips recursively, bounded
-in depth and inflated bytes. Raw tensor bytes (``data/`` of a torch archive, stored) are the
-one thing skipped: every loader copies them and none interprets them.
+torch's reader walks only the end record's count, takes the first record's top-level folder
+as the prefix of every name it looks up (caffe2/serialize/inline_container.cc), and finds
+members ignoring case (miniz without MZ_ZIP_FLAG_CASE_SENSITIVE); Python's walks the whole
+directory and tells case apart. The scanner reads the union: every record, every member
+judged by its content whatever its name, case or declared size; nested zips recursively,
+bounded in depth and inflated bytes; the readers of the other zip formats (Keras, npz) on
+any zip that holds members outside torch's prefix. Raw tensor bytes are the one thing
+skipped: stored ``<prefix>/data/<key>`` of a torch archive, and the raw payloads a
+``.pt2``'s configs declare, unless they open as an ``.npy`` or a zip (read by other loaders).
 """
 
 from __future__ import annotations
@@ -30,15 +35,20 @@ import zlib
 
 from modelport import limits
 from modelport.errors import ModelportError
+from modelport.formats._compressed import stream_cap
+from modelport.formats._npy_header import MAGIC as NPY_MAGIC
 from modelport.formats._zip import (
     DEFLATED,
     EOCD_SIGNATURE,
+    INFLATED_METHODS,
     LOCAL_SIGNATURE,
     STORED,
+    TORCH_METHODS,
     ZipDirectory,
     ZipEntry,
-    inflate_deflated,
+    inflate_member,
 )
+from modelport.formats.protocol import Format
 from modelport.pickles.symbols import Severity
 from modelport.scanning import script_code
 from modelport.scanning.first_bytes import may_hold_code
@@ -47,6 +57,8 @@ from modelport.scanning.scan_state import TORCH_SAVED, ScanState
 _SNIFF_BYTES = 1 << 16
 _MAX_CONFIG_BYTES = 64 << 20
 _BOMB_RATIO, _BOMB_SIZE = 1000, 1 << 24  # deflate tops out near 1032:1 on runs of one byte
+# The readers whose whole reading the member pass already makes (data.pkl, code, storages).
+_TORCH_READERS = frozenset((Format.TORCHSCRIPT, Format.TORCH_ZIP))
 
 
 def scan_zip(
@@ -67,7 +79,6 @@ def scan_zip(
         scan.zip_starts.add(start)
         directory = ZipDirectory.read(scan.path, start=start, length=length, held=scan.data)
     names = directory.names()
-    _report_directory(scan, directory, member, names)
     # torch's miniz lookup ignores case: "CODE/__torch__.PY" is the code torch.jit.load compiles
     folded = [n.lower() for n in names]
     torchscript = any("/code/" in n or n.startswith("code/") for n in folded) and any(
@@ -75,7 +86,9 @@ def scan_zip(
     )
     torch_archive = any(n.endswith("data.pkl") for n in folded)
     exported = any(n.endswith("/archive_format") or n == "archive_format" for n in names)
+    _report_directory(scan, directory, member, names, torch_archive or torchscript or exported)
     raw_payloads = _exported_raw_payloads(scan, directory) if exported else frozenset()
+    storages = _storage_folder(folded) if torch_archive or torchscript else None
     if depth == 0:
         scan.format = "torchscript" if torchscript else "torch-zip" if torch_archive else "zip"
     if torchscript:
@@ -93,20 +106,24 @@ def scan_zip(
                 f"time limit of {limits.SCAN_SECONDS_PER_FILE:.0f}s per file reached", member
             )
             return
-        raw = (
-            entry.name in raw_payloads
-            if exported
-            else (torch_archive or torchscript) and _is_raw_storage(entry)
-        )
-        if not raw:
+        if exported:
+            raw = entry.method == STORED and entry.name.lower() in raw_payloads
+        else:
+            raw = storages is not None and _is_raw_storage(entry, storages)
+        if not raw or _read_otherwise(scan, directory, entry):
             parent = member or scan.path.name
             _scan_entry(scan, directory, entry, parent, depth, torch_archive, torchscript)
-    if depth == 0 and not torch_archive and blob is None:
-        scan.scan_with_reader(zip_only=True)
+    # Keras and numpy read their own members of any zip: torch's alone leave them no member
+    torch_only = storages is not None and all(
+        n.startswith(storages[: -len("data/")]) for n in folded
+    )
+    if depth == 0 and blob is None and not torch_only:
+        passing = _TORCH_READERS if torch_archive or torchscript else frozenset()
+        scan.scan_with_reader(zip_only=True, passing=passing)
 
 
 def _report_directory(
-    scan: ScanState, directory: ZipDirectory, member: str, names: list[str]
+    scan: ScanState, directory: ZipDirectory, member: str, names: list[str], torch_read: bool
 ) -> None:
     for name in directory.unsafe_names:
         scan.add(
@@ -121,6 +138,14 @@ def _report_directory(
             "duplicate-member",
             member,
             "the archive lists a member name twice: different loaders read different copies",
+        )
+    elif torch_read and len({n.lower() for n in names}) != len(names):
+        scan.add(
+            Severity.MEDIUM,
+            "duplicate-member",
+            member,
+            "two member names differ only in case: torch's reader ignores case and picks one "
+            "by its own sorted order, other loaders read each under its own name",
         )
     if 0 <= directory.declared_count != len(names):
         scan.add(
@@ -151,15 +176,23 @@ def _scan_entry(
 ) -> None:
     label = f"{parent}!{entry.name}"
     ratio = entry.size / entry.compressed_size if entry.compressed_size else 0
-    if ratio > _BOMB_RATIO and entry.size > _BOMB_SIZE:
+    deflated = entry.method == DEFLATED  # bzip2 and LZMA reach far past 1000:1 on plain zeros
+    if deflated and ratio > _BOMB_RATIO and entry.size > _BOMB_SIZE:
         message = f"inflates {entry.compressed_size:,} bytes to {entry.size:,}"
         scan.add(Severity.HIGH, "zip-bomb", label, message)
         return
     raw = _raw_member(scan, directory, entry, label)
     if raw is None:
         return
+    if (torch_archive or torchscript) and entry.method not in TORCH_METHODS:
+        scan.error(
+            f"compression method {entry.method} in a torch archive: torch.load refuses the "
+            "file (its reader reads stored and deflated members only); judged for loaders "
+            "that read it through Python's zipfile",
+            label,
+        )
     stored = entry.method == STORED
-    inflated = None if stored else _inflate(raw, _SNIFF_BYTES, strict=False)
+    inflated = None if stored else _inflate(raw, entry.method, _SNIFF_BYTES, strict=False)
     if not stored and inflated is None:
         scan.error("the member does not inflate", label)
         return
@@ -180,7 +213,16 @@ def _scan_entry(
         return
     # loaders read no further than the directory declares (zipfile cuts there, torch's miniz
     # sizes its buffer by it): one byte more says the member is damaged
-    body = raw if stored else _inflate(raw, entry.size + 1, strict=False)
+    if not stored and not deflated:
+        cap = stream_cap(entry.compressed_size, limits.MAX_SCANNED_MEMBER_BYTES)
+        if entry.size >= cap.size:
+            scan.error(
+                f"the member declares {entry.size:,} bytes from {entry.compressed_size:,}, "
+                f"past the {cap.size:,} inflated to be scanned ({cap.advice}): not analysed",
+                label,
+            )
+            return
+    body = raw if stored else _inflate(raw, entry.method, entry.size + 1, strict=False)
     if body is None:
         scan.error("the member does not inflate: not analysed", label)
         return
@@ -198,7 +240,7 @@ def _scan_entry(
 def _raw_member(
     scan: ScanState, directory: ZipDirectory, entry: ZipEntry, label: str
 ) -> memoryview | None:
-    if entry.method not in (STORED, DEFLATED):
+    if entry.method != STORED and entry.method not in INFLATED_METHODS:
         scan.error(f"compression method {entry.method} is not analysed", label)
         return None
     base = memoryview(directory.blob) if directory.blob is not None else scan.data
@@ -246,7 +288,8 @@ def _exported_raw_payloads(scan: ScanState, directory: ZipDirectory) -> frozense
     ``data/weights`` and ``data/constants`` is unpickled by torch.export.load whatever its
     name (torch/export/pt2_archive/_package.py): ``use_pickle`` payloads through
     ``torch.load(weights_only=False)``, ``custom_obj_*`` through torch's own unpickler,
-    ``opaque_obj_*`` through ``pickle.loads``; those are judged by content."""
+    ``opaque_obj_*`` through ``pickle.loads``; those are judged by content. Names are
+    case-folded, as torch finds them."""
     raw: set[str] = set()
     loaded: set[str] = set()
     for entry in directory.entries:
@@ -263,7 +306,8 @@ def _exported_raw_payloads(scan: ScanState, directory: ZipDirectory) -> frozense
             path_name = payload.get("path_name") if isinstance(payload, dict) else None
             if not isinstance(path_name, str):
                 continue
-            member = f"{folder}/{path_name}"
+            # torch's lookup ignores case: a pickled "WEIGHT_0" may be read from weight_0
+            member = f"{folder}/{path_name}".lower()
             tensor = path_name.startswith(("weight_", "tensor_"))
             if payload.get("use_pickle") is False and tensor:
                 raw.add(member)
@@ -272,16 +316,34 @@ def _exported_raw_payloads(scan: ScanState, directory: ZipDirectory) -> frozense
     return frozenset(raw - loaded)
 
 
-def _is_raw_storage(entry: ZipEntry) -> bool:
-    """Tensor bytes of a torch.save or TorchScript archive (``<prefix>/data/<key>``, reached
-    through data.pkl's persistent ids): stored, copied, never parsed."""
-    parts = entry.name.split("/")
-    # torch names a storage <archive>/data/<key> and nothing deeper: a deeper "data" folder
+def _storage_folder(folded: list[str]) -> str | None:
+    """``<prefix>/data/``, case-folded, where torch looks for storages: its reader takes the
+    first record's top-level folder for every name (and refuses a first record in none)."""
+    if not folded or "/" not in folded[0]:
+        return None
+    return folded[0].split("/", 1)[0] + "/data/"
+
+
+def _is_raw_storage(entry: ZipEntry, storages: str) -> bool:
+    """Tensor bytes of a torch.save or TorchScript archive (``<prefix>/data/<key>`` of torch's
+    own prefix, reached through data.pkl's persistent ids): stored, copied, never parsed."""
+    folded = entry.name.lower()
+    key = folded[len(storages) :] if folded.startswith(storages) else ""
+    # torch names a storage <prefix>/data/<key> and nothing deeper: a deeper "data" folder
     # is TorchScript's code/__torch__/data/ (a class of module data.*), which jit compiles.
     # torch.save to "data.pt" names its main pickle "data/data.pkl", and torch's miniz lookup
     # ignores case: a member named like a pickle is never taken for a storage
-    in_data = len(parts) == 3 and parts[1] == "data" and not parts[-1].lower().endswith(".pkl")
-    return entry.method == STORED and in_data
+    return entry.method == STORED and bool(key) and "/" not in key and not key.endswith(".pkl")
+
+
+def _read_otherwise(scan: ScanState, directory: ZipDirectory, entry: ZipEntry) -> bool:
+    """Whether stored tensor bytes open as a file another loader interprets: an ``.npy``
+    (numpy.load reads every ``*.npy`` member of a zip) or a zip. Bytes that parse as a
+    pickle stay data: no loader unpickles a storage, and float data opens like one often
+    enough (an optimizer's step counts do) that judging it would be a false alarm."""
+    base = memoryview(directory.blob) if directory.blob is not None else scan.data
+    head = bytes(base[entry.data_offset : entry.data_offset + min(entry.compressed_size, 8)])
+    return head.startswith((NPY_MAGIC, LOCAL_SIGNATURE, EOCD_SIGNATURE))
 
 
 def _may_hold_code(head: bytes, name: str, torchscript: bool) -> bool:
@@ -297,12 +359,12 @@ def _is_script_code(name: str) -> bool:
     return folded.endswith(".py") and "code/" in folded
 
 
-def _inflate(raw: memoryview, cap: int, *, strict: bool = True) -> memoryview | None:
-    """Raw deflate, never more than ``cap`` bytes; None when it does not inflate or (when
-    ``strict``) inflates past the cap. Declared sizes are not consulted."""
+def _inflate(raw: memoryview, method: int, cap: int, *, strict: bool = True) -> memoryview | None:
+    """A deflated, bzip2 or LZMA member, never more than ``cap`` bytes; None when it does not
+    inflate or (when ``strict``) inflates past the cap. Declared sizes are not consulted."""
     try:
-        data = inflate_deflated(raw, cap)
-    except zlib.error:
+        data = inflate_member(raw, method, cap)
+    except ModelportError:
         return None
     if strict and len(data) > cap:
         return None

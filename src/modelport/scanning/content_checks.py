@@ -10,6 +10,7 @@ files of the machine. The readers record these without acting on them; this modu
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -20,6 +21,9 @@ from modelport.gadgets import gadget
 from modelport.scanning import hf_code, templates
 from modelport.scanning.findings import Finding
 from modelport.severity import Severity
+
+# Suffixes of the text loaders read for code names (JSON configurations) or render (Jinja).
+_READ_FOR_CODE = frozenset((".json", ".jinja"))
 
 
 def findings(contents: Contents) -> list[Finding]:
@@ -40,46 +44,98 @@ def findings(contents: Contents) -> list[Finding]:
     for reference in contents.details.get("external_references") or []:
         found.append(_external_reference(reference))
     for graph in contents.details.get("meta_graphs") or []:
-        for op in graph.get("file_ops") or [] if isinstance(graph, dict) else []:
-            found.append(_tf_file_op(str(op)))
+        if not isinstance(graph, dict):
+            continue
+        writes = [item for item in graph.get("file_writes") or [] if isinstance(item, dict)]
+        writers = {item.get("op") for item in writes}
+        found.extend(
+            _tf_file_read(str(op)) for op in graph.get("file_ops") or [] if op not in writers
+        )
+        found.extend(_tf_file_write(item) for item in writes)
     return found
 
 
-def _tf_file_op(op: str) -> Finding:
-    """A SavedModel graph op that touches the machine's files (``tf_savedmodel.FILE_OPS``):
-    ``tf.saved_model.load`` runs resource initializers and init ops as it loads, and a
-    caller may run any function after. Writing is code's reach into the machine; reading a
-    path the caller passes is what some serving graphs do (an image by its file name)."""
-    writes = op == "WriteFile"
+def _tf_file_read(op: str) -> Finding:
+    """A SavedModel graph op that reads the machine's files (``tf_savedmodel.FILE_OPS``):
+    reading a path the caller passes is what some serving graphs do (an image by its file
+    name), so it is worth a look, not a refusal."""
     return Finding(
-        Severity.HIGH if writes else Severity.MEDIUM,
+        Severity.MEDIUM,
         "tf-file-access",
         op,
-        f"the graph holds a {op} op: the model {'writes' if writes else 'reads'} files of the "
-        "machine it runs on when a function that holds it runs, and tf.saved_model.load "
-        "runs resource initializers as it loads",
+        f"the graph holds a {op} op: the model reads files of the machine it runs on when a "
+        "function that holds it runs, and tf.saved_model.load runs resource initializers as "
+        "it loads",
     )
 
 
-def text_findings(path: Path) -> list[Finding]:
+def _tf_file_write(item: dict[str, str]) -> Finding:
+    """A SavedModel graph op that writes (``tf_savedmodel.WRITING_FILE_OPS``, or an op of
+    ``OUTPUT_ATTRS`` whose attribute names a file or URL: ``tf.print(...,
+    output_stream="file://...")``): code's reach into the machine, run whenever a function
+    that holds it runs, and tf.saved_model.load runs resource initializers as it loads."""
+    op, target = str(item.get("op", "")), str(item.get("to", ""))
+    where = f"to {target!r}" if target else "where its inputs say"
+    return Finding(
+        Severity.HIGH,
+        "tf-file-access",
+        op,
+        f"the graph's {op} op writes {where}: the model writes files of the machine it runs "
+        "on (or sends data from it) when a function that holds it runs, and "
+        "tf.saved_model.load runs resource initializers as it loads",
+    )
+
+
+def text_findings(path: Path, aliases: Sequence[Path] = ()) -> list[Finding]:
     """What the text files beside a model make its loaders run: chat templates (``.jinja``
     files such as ``chat_template.jinja`` and ``additional_chat_templates/*.jinja``, and the
     ``chat_template`` entries of JSON files: ``tokenizer_config.json``, ``chat_template.json``,
     ``processor_config.json``), the code Hugging Face configurations name (``auto_map``,
-    ``modules.json``, ``model_index.json``: see ``hf_code``), and ``.py`` files."""
-    if path.suffix == ".py":
-        return [hf_code.python_file(path)]
-    if path.stat().st_size > limits.MAX_TEMPLATE_TEXT_BYTES:
-        return []
+    ``modules.json``, ``model_index.json``: see ``hf_code``), and ``.py`` files. The rules
+    that go by name apply under every name that reaches the file: ``aliases`` are the other
+    paths (links) a loader may open it by; the bytes are read once."""
+    names = list(dict.fromkeys([path, *aliases]))
+    found = [hf_code.python_file(name) for name in names if name.suffix == ".py"]
+    others = [name for name in names if name.suffix != ".py"]
+    if not others:
+        return found
+    size = path.stat().st_size
+    if size > limits.MAX_TEMPLATE_TEXT_BYTES:
+        return found + _too_long(others, size)
     text = path.read_bytes().decode("utf-8", "replace")
-    if path.suffix == ".jinja":
-        return _template(path.name, text)
+    for name in dict.fromkeys(n.name for n in others if n.suffix == ".jinja"):
+        found += _template(name, text)
+    json_names = list(dict.fromkeys(n.name for n in others if n.suffix != ".jinja"))
+    if not json_names:
+        return found
     try:
         document = json.loads(text)
     except (ValueError, RecursionError):
+        return found
+    found += _chat_templates(document) if isinstance(document, dict) else []
+    for name in json_names:
+        found += hf_code.findings(name, document)
+    return found
+
+
+def _too_long(names: list[Path], size: int) -> list[Finding]:
+    """A JSON file or template past the limit of text read: loaders read it whole (json.loads
+    skips any padding), so what it names cannot be left unjudged. Other long text (a README,
+    a vocabulary) is no loader's code or template."""
+    read = [name.name for name in names if name.suffix in _READ_FOR_CODE]
+    if not read:
         return []
-    found = _chat_templates(document) if isinstance(document, dict) else []
-    return found + hf_code.findings(path.name, document)
+    return [
+        Finding(
+            Severity.HIGH,
+            "not-analysed",
+            read[0],
+            f"{read[0]} holds {size} bytes, more than the {limits.MAX_TEMPLATE_TEXT_BYTES} "
+            "bytes of configuration or template text modelport reads: the code it may name "
+            "(auto_map and the other keys loaders import code from) and the templates it may "
+            "hold were not analysed, though loaders read it whole; find out why it is so large",
+        )
+    ]
 
 
 def _custom_object(item: dict[str, Any]) -> Finding:

@@ -50,6 +50,8 @@ FIXES: dict[str, str] = {
     "template-include": "render it without a template loader",
     "template-resource": "do not render this chat template",
     "remote-code": "read the named code before loading with trust_remote_code=True",
+    "config-torch-call": "do not load this model: its loader calls the torch function the "
+    "configuration names, with no trust_remote_code asked",
     "zip-path-traversal": "do not extract this archive",
     "zip-bomb": "do not extract this archive",
     "not-analysed": "",

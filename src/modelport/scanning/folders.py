@@ -24,7 +24,8 @@ def scan_folder(path: Path, scan_file: ScanFile, reports: list[FileReport]) -> l
     walk = walking.walk(path)
     segments = dcp.segments_of(list(walk.files))
     for file in walk.files:
-        report = scan_file(file, segments.get(file.resolve()), in_folder=True)
+        aliases = walk.aliases.get(file, ())
+        report = scan_file(file, segments.get(file.resolve()), in_folder=True, aliases=aliases)
         if file in walk.outside:
             report = report.noted(
                 Finding(

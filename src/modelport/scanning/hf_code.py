@@ -90,7 +90,8 @@ LOADERS: dict[str, CodeLoader] = {
         "diffusers pipeline module",
         "DiffusionPipeline.from_pretrained imports <component>/<library>.py when present "
         "(trust_remote_code=True), and otherwise imports the installed module of that name "
-        "whatever trust_remote_code says",
+        "whatever trust_remote_code says; the file is imported whatever the library, "
+        "diffusers and transformers included, so such a .py is reported for every component",
         "diffusers: pipelines/pipeline_loading_utils.py get_class_obj_and_candidates, "
         "load_sub_model, simple_get_class_obj",
     ),
@@ -106,16 +107,19 @@ LOADERS: dict[str, CodeLoader] = {
     "cross_encoder_activation": CodeLoader(
         "activation_fn",
         "sentence_transformers.activation_fn (or sbert_ce_default_activation_function) in "
-        "config.json, outside torch.*",
-        "CrossEncoder imports and calls it when trust_remote_code=True",
-        "sentence-transformers: cross_encoder/CrossEncoder.py "
-        "CrossEncoder.get_default_activation_fn",
+        "config.json, other than a torch activation class (TORCH_ACTIVATIONS)",
+        "CrossEncoder imports it and calls it with no arguments when trust_remote_code=True, "
+        "and a torch.* path even without it",
+        "sentence-transformers: cross_encoder/model.py CrossEncoder._resolve_activation_fn, "
+        "util/misc.py import_from_string",
     ),
     "dense_activation": CodeLoader(
         "activation_function",
         "activation_function in a Dense module's config.json (beside in_features and "
-        "out_features), outside torch.*",
-        "sentence-transformers' Dense imports and instantiates it when trust_remote_code=True",
+        "out_features), other than a torch activation class (TORCH_ACTIVATIONS)",
+        "sentence-transformers' Dense imports it and instantiates it when "
+        "trust_remote_code=True, and a torch.* path even without it (importing a module "
+        "runs its code; recent releases then want an nn.Module class)",
         "sentence-transformers: base/modules/dense.py Dense.load",
     ),
     "peft_auto_mapping": CodeLoader(
@@ -172,6 +176,24 @@ DIFFUSERS_LIBRARIES = frozenset(
 # (pipelines/pipeline_utils.py config_name; a model's own config.json lists block types, not
 # components, so the rule is kept to these files).
 PIPELINE_INDEXES = frozenset({"model_index.json", "modular_model_index.json"})
+# The torch paths a CrossEncoder's activation_fn or a Dense module's activation_function may
+# name and stay code-free: activation classes, spelled as sentence-transformers saves them
+# (util.fullname: torch.nn.modules.activation.Tanh, torch.nn.modules.linear.Identity) or as
+# torch.nn exports them. The loaders take any other torch.* path without trust_remote_code,
+# import its module and call what it names: every torch submodule's import-time code and
+# every zero-argument function of torch (one writes a debug folder, one runs shell commands).
+_ACTIVATION_CLASSES = """
+    CELU ELU GELU GLU Hardshrink Hardsigmoid Hardswish Hardtanh LeakyReLU LogSigmoid
+    LogSoftmax Mish PReLU RReLU ReLU ReLU6 SELU SiLU Sigmoid Softmax Softmax2d Softmin
+    Softplus Softshrink Softsign Tanh Tanhshrink Threshold"""
+TORCH_ACTIVATIONS = frozenset(
+    [
+        *(f"torch.nn.modules.activation.{name}" for name in _ACTIVATION_CLASSES.split()),
+        *(f"torch.nn.{name}" for name in [*_ACTIVATION_CLASSES.split(), "Identity"]),
+        "torch.nn.modules.linear.Identity",
+    ]
+)
+_ACTIVATION_ROWS = frozenset(("cross_encoder_activation", "dense_activation"))
 # peft/auto.py get_default_import_allowlist
 PEFT_IMPORT_ALLOWLIST = ("diffusers", "lerobot", "megatron-core", "transformers")
 # transformers/integrations/hub_kernels.py is_kernel: 'org/repo[@rev][:name]', maybe 'paged|'
@@ -190,6 +212,9 @@ def findings(name: str, document: Any) -> list[Finding]:
     """What a JSON file of a model folder makes its loaders import; ``name`` is the file."""
     found = []
     for loader_key, targets in _named_code(name, document):
+        if loader_key in _ACTIVATION_ROWS:
+            found += _torch_calls(name, loader_key, [t for t in targets if _is_torch(t)])
+            targets = [t for t in targets if not _is_torch(t)]
         found += _report(name, loader_key, targets)
     return found
 
@@ -213,14 +238,15 @@ def _named_code(name: str, document: Any) -> list[tuple[str, list[str]]]:
         class_name = document.get("_class_name")
         pipeline = [class_name[0]] if isinstance(class_name, list) and class_name else []
         named.append(("custom_pipeline_class", [f"{p}.py" for p in _strings(pipeline)]))
-        named.append(("custom_component", _components(document)))
+        custom = [(c, lib) for c, lib in _components(document) if lib not in DIFFUSERS_LIBRARIES]
+        named.append(("custom_component", [f"{c}: {lib}" for c, lib in custom]))
     activation = _dict(document.get("sentence_transformers")).get("activation_fn")
     legacy = document.get("sbert_ce_default_activation_function")
-    functions = [f for f in _strings([activation, legacy]) if not f.startswith("torch.")]
+    functions = [f for f in _strings([activation, legacy]) if f not in TORCH_ACTIVATIONS]
     named.append(("cross_encoder_activation", functions))
     if "in_features" in document and "out_features" in document:  # GPT-2's is a name, no code
         dense = _strings([document.get("activation_function")])
-        named.append(("dense_activation", [f for f in dense if not f.startswith("torch.")]))
+        named.append(("dense_activation", [f for f in dense if f not in TORCH_ACTIVATIONS]))
     named.append(("peft_auto_mapping", _peft_library(document)))
     megatron = document.get("megatron_core") if document.get("megatron_config") else None
     if isinstance(megatron, str) and not megatron.startswith("megatron."):
@@ -283,6 +309,9 @@ def _imported_modules(folder: Path) -> set[str] | None:
             continue  # not JSON: no loader reads code names from it
         for _, targets in _named_code(config.name, document):
             modules.update(_module_paths(targets))
+        if config.name in PIPELINE_INDEXES and isinstance(document, dict):
+            # get_class_obj_and_candidates: <component>/<library>.py, whatever the library
+            modules.update(f"{c}/{library}" for c, library in _components(document))
     pending = list(modules)
     while pending:
         if len(modules) > _MAX_MODULES:
@@ -304,9 +333,8 @@ def _module_paths(targets: list[str]) -> set[str]:
     paths: set[str] = set()
     for target in targets:
         code = target.partition("--")[2] or target
-        component, colon, library = code.partition(": ")
-        if colon:  # a diffusers component: <component>/<library>.py
-            code = f"{component}.{library}"
+        if ": " in code:  # a diffusers component: its file comes from ``_components``
+            continue
         parts = code.removesuffix(".py").split(".")
         paths.update("/".join(parts[:n]) for n in range(1, len(parts) + 1))
     return paths
@@ -325,6 +353,27 @@ def _report(name: str, loader_key: str, targets: list[str]) -> list[Finding]:
             name,
             f"{loader.key} names code to run ({shown}{more}): {loader.runs}; read that code before "
             "trusting the model",
+        )
+    ]
+
+
+def _is_torch(path: str) -> bool:
+    return path.startswith("torch.")
+
+
+def _torch_calls(name: str, loader_key: str, paths: list[str]) -> list[Finding]:
+    """torch.* paths outside ``TORCH_ACTIVATIONS``: the loader calls them with no
+    trust_remote_code asked, so nothing stands between the config and the call."""
+    if not paths:
+        return []
+    loader = LOADERS[loader_key]
+    return [
+        Finding(
+            Severity.HIGH,
+            "config-torch-call",
+            name,
+            f"{loader.key} names {', '.join(paths[:4])}, a torch path that is no activation "
+            f"class: {loader.runs}, so loading the model runs it without trust_remote_code",
         )
     ]
 
@@ -365,8 +414,8 @@ def _kernels(document: dict[str, Any]) -> list[str]:
     return [v for v in _strings(values) if _HUB_KERNEL.match(v)]
 
 
-def _components(document: dict[str, Any]) -> list[str]:
-    """Components whose library is neither diffusers, transformers nor a pipeline module;
+def _components(document: dict[str, Any]) -> list[tuple[str, str]]:
+    """Each component of a pipeline index with each library it names;
     ``modular_model_index.json`` keeps the class to load in each spec's ``type_hint``."""
     named = []
     for component, value in document.items():
@@ -376,9 +425,7 @@ def _components(document: dict[str, Any]) -> list[str]:
         if len(value) > 2 and isinstance(value[2], dict):
             hint = value[2].get("type_hint")
             libraries += hint[:1] if isinstance(hint, list) else []
-        for library in _strings(libraries):
-            if library not in DIFFUSERS_LIBRARIES:
-                named.append(f"{component}: {library}")
+        named += [(component, library) for library in _strings(libraries)]
     return named
 
 

@@ -49,7 +49,7 @@ def scan_unrecognised(scan: ScanState) -> None:
     suffix = scan.path.suffix.lower()
     if content_checks.is_text(scan.path):
         scan.format = "text"
-        found = content_checks.text_findings(scan.path)
+        found = content_checks.text_findings(scan.path, scan.aliases)
         scan.findings.extend(found)
         serious = any(f.severity is not Severity.INFO for f in found)
         if serious or scan.in_folder or suffix in _LOADER_TEXT:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from modelport.formats.protocol import Format
 from modelport.scanning.findings import Finding
 from modelport.severity import Severity
 
@@ -21,6 +22,7 @@ class ScanState:
     data: memoryview
     format: str
     in_folder: bool  # met in a folder scan, beside the model it may belong to
+    aliases: tuple[Path, ...]  # the folder's other paths to this file (links), by name
     deadline: float
     findings: list[Finding]
     zip_starts: set[int]
@@ -64,7 +66,9 @@ class ScanState:
     ) -> None:
         raise NotImplementedError
 
-    def scan_with_reader(self, *, zip_only: bool = False) -> str | None:
+    def scan_with_reader(
+        self, *, zip_only: bool = False, passing: frozenset[Format] = frozenset()
+    ) -> str | None:
         raise NotImplementedError
 
     def scan_embedded(self, document: Any, member: str) -> None:

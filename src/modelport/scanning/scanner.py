@@ -28,11 +28,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
 from modelport import limits
-from modelport.errors import (
-    EscapingReferenceError,
-    ModelportError,
-    UnsupportedDtypeError,
-)
+from modelport.errors import EscapingReferenceError, ModelportError, UnsupportedDtypeError
 from modelport.formats import _compressed, _npy_header
 from modelport.formats._tar import is_tar
 from modelport.formats._zip import (
@@ -123,14 +119,15 @@ def scan_file(
     *,
     in_folder: bool = False,
     read: Contents | None = None,
+    aliases: tuple[Path, ...] = (),
 ) -> FileReport:
     """One file's verdict; errors while reading become an ``error`` verdict, not a crash.
     ``segments`` lists (offset, length) of zips stored back to back (DCP ``.distcp`` files);
     ``in_folder``: met in a folder scan, where a model's companion files (README, tokenizer
     data) leave the verdict alone instead of being an error as files that are no model.
     ``read``: what the file's reader already gave (``inspect`` has it), so a code-free
-    format's header, a million tensors perhaps, is not read twice."""
-    scanner = _FileScanner(path, segments, in_folder=in_folder, read=read)
+    format's header is not read twice. ``aliases``: other paths to it, judged by name too."""
+    scanner = _FileScanner(path, segments, in_folder=in_folder, read=read, aliases=aliases)
     try:
         scanner.run()
     except ModelportError as exc:
@@ -151,10 +148,12 @@ class _FileScanner(ScanState):
         *,
         in_folder: bool = False,
         read: Contents | None = None,
+        aliases: tuple[Path, ...] = (),
     ) -> None:
         self.path = path
         self.segments = segments
         self.in_folder = in_folder
+        self.aliases = aliases
         self.read = read
         self.format = "unknown"
         self.findings = []
@@ -434,15 +433,16 @@ class _FileScanner(ScanState):
                 self.add(Severity.INFO, "opaque-member", label, "holds no pickle")
 
     # -- formats without code: their readers check every header field -------------------------
-    def scan_with_reader(self, *, zip_only: bool = False) -> str | None:
-        """The first reader of a code-free format (or, inside a zip, any reader) that takes
-        the file; its format's name, or None when none does."""
+    def scan_with_reader(
+        self, *, zip_only: bool = False, passing: frozenset[Format] = frozenset()
+    ) -> str | None:
+        """The first reader of a code-free format (or, inside a zip, any reader but those of
+        ``passing``) that takes the file; its format's name, or None when none does."""
         head = bytes(self.data[:HEAD_BYTES])
         probe = Probe(self.path, len(self.data), head, False, held=self.data)  # as read
         for reader in candidates(probe):
-            if not zip_only and reader.format not in _CODE_FREE:
-                continue
-            if not reader.sniff(probe):
+            skip = (not zip_only and reader.format not in _CODE_FREE) or reader.format in passing
+            if skip or not reader.sniff(probe):
                 continue
             if self.format in ("unknown", "zip"):
                 self.format = reader.format.value

@@ -8,13 +8,17 @@ leave through the model's outputs), and operators of a namespace that is not tor
 exist only where a native library was loaded. The code is Python syntax, so Python's own
 tokenizer reads it: every dotted name that is called is found however it is spaced, split
 across lines or commented; nothing is compiled or run. Code the tokenizer rejects is not
-analysed, which makes the file's verdict ``error``.
+analysed, which makes the file's verdict ``error``. ``getattr(torch, "save")`` names
+``torch.save`` as TorchScript resolves it; a ``getattr`` on torch's operators whose name is
+no string literal hides which one it calls.
 """
 
 from __future__ import annotations
 
+import ast
 import io
 import tokenize
+from typing import NamedTuple
 
 from modelport.pickles.judging import Severity
 from modelport.scanning.findings import Finding
@@ -36,6 +40,13 @@ TORCH_NAMESPACES = frozenset(
     )
 )
 _LOAD_TIME = frozenset(("__setstate__",))
+# What TorchScript code names operators through: ``torch`` (aten), ``ops.<namespace>``.
+_OPERATOR_ROOTS = frozenset(("torch", "ops"))
+# Parts of a name a getattr makes: longer ones (no model's code has them) count as computed,
+# so that getattrs nested a thousand deep cost no copies of ever longer names.
+_MAX_PARTS = 256
+_SHOWN_TOKENS = 16  # of the object a computed getattr looks into, in its finding
+_SKIP = frozenset((tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT))
 
 
 def findings(code: bytes, member: str) -> list[Finding]:
@@ -51,17 +62,29 @@ def findings(code: bytes, member: str) -> list[Finding]:
             )
         ]
     found = []
-    for dotted, line, function in calls:
-        when = "while the model loads" if function in _LOAD_TIME else "when the model runs"
-        parts = dotted.split(".")
-        if parts[-1] in FILE_OPERATORS or dotted in SAVE_OPERATORS:
+    for call in calls:
+        when = "while the model loads" if call.function in _LOAD_TIME else "when the model runs"
+        where = f"at line {call.line} in {call.function or 'module'} {when}"
+        parts = call.name.split(".")
+        if call.computed:
+            found.append(
+                Finding(
+                    Severity.HIGH,
+                    "computed-call",
+                    member,
+                    f"TorchScript code looks up an attribute of {call.name} by a name that is "
+                    f"no string literal {where}: it may reach any operator, aten::save (which "
+                    "writes files) and aten::from_file (which reads them) among them",
+                )
+            )
+        elif parts[-1] in FILE_OPERATORS or call.name in SAVE_OPERATORS:
             found.append(
                 Finding(
                     Severity.HIGH,
                     "torchscript-file-access",
                     member,
-                    f"TorchScript code calls {dotted}() at line {line} in {function or 'module'}"
-                    f" {when}: it reads or writes files of the machine it runs on",
+                    f"TorchScript code calls {call.name}() {where}: it reads or writes files of "
+                    "the machine it runs on",
                 )
             )
         elif len(parts) >= 4 and parts[-3] == "ops" and parts[-2] not in TORCH_NAMESPACES:
@@ -70,25 +93,38 @@ def findings(code: bytes, member: str) -> list[Finding]:
                     Severity.MEDIUM,
                     "torchscript-custom-op",
                     member,
-                    f"TorchScript code calls the operator {dotted}() at line {line} {when}: "
-                    f"namespace {parts[-2]!r} is not torch's, so it runs native code from a "
-                    "library the loading program must have loaded",
+                    f"TorchScript code calls the operator {call.name}() {where}: namespace "
+                    f"{parts[-2]!r} is not torch's, so it runs native code from a library the "
+                    "loading program must have loaded",
                 )
             )
     return found
 
 
-def _called_names(text: str) -> list[tuple[str, int, str]]:
-    """(dotted name, line, enclosing function) of every dotted name the code mentions: a
-    name need not be followed by "(" to be called (``(torch.from_file)(...)`` calls it)."""
-    calls: list[tuple[str, int, str]] = []
+class _Call(NamedTuple):
+    name: str  # dotted; for a computed lookup, the object looked into
+    line: int
+    function: str  # the enclosing function
+    computed: bool  # getattr(<name>, <not a string literal>) on torch's operators
+
+
+def _called_names(text: str) -> list[_Call]:
+    """Every dotted name the code mentions, with its line and enclosing function: a name
+    need not be followed by "(" to be called (``(torch.from_file)(...)`` calls it).
+    ``getattr(torch, "save")`` names ``torch.save``, as TorchScript resolves it; a name
+    that continues after it (``getattr(ops, "aten").save``) continues the dotted name."""
+    tokens = [
+        t for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type not in _SKIP
+    ]
+    resolved, computed = _getattrs(tokens)
+    calls: list[_Call] = []
     chain: list[str] = []
     expect_name = False
     function, pending_def = "", False
-    for token in tokenize.generate_tokens(io.StringIO(text).readline):
-        kind, value = token.type, token.string
-        if kind in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT):
-            continue
+    for index, token in enumerate(tokens):
+        kind, value, line = token.type, token.string, token.start[0]
+        if index in computed:
+            calls.append(_Call(computed[index], line, function, True))
         if kind == tokenize.NAME and value == "def":
             pending_def, chain = True, []
             continue
@@ -96,14 +132,115 @@ def _called_names(text: str) -> list[tuple[str, int, str]]:
             function, pending_def = value, False
             continue
         if kind == tokenize.NAME and (expect_name or not chain):
-            chain = [*chain, value] if expect_name else [value]
+            if expect_name:
+                chain.append(value)  # in place: a name of n parts costs n, not n squared
+            else:
+                chain = [value]
             expect_name = False
         elif kind == tokenize.OP and value == "." and chain:
             expect_name = True
         else:
             if chain:
-                calls.append((".".join(chain), token.start[0], function))
+                calls.append(_Call(".".join(chain), line, function, False))
             chain, expect_name = [], False
             if kind == tokenize.NAME:
                 chain = [value]
+            elif index in resolved:  # the ")" closing getattr(<name>, "<literal>")
+                chain = list(resolved[index])
     return calls
+
+
+def _getattrs(tokens: list[tokenize.TokenInfo]) -> tuple[dict[int, list[str]], dict[int, str]]:
+    """The ``getattr`` calls of the code: where each that names an attribute by a string
+    literal closes (its ")") with the dotted name it makes, and where each that looks one
+    up in ``torch`` or ``ops`` by anything else starts, with the object it looks into.
+    Inner calls close first, so a nested ``getattr(getattr(ops, "aten"), "save")`` finds
+    its object already resolved."""
+    resolved: dict[int, list[str]] = {}
+    computed: dict[int, str] = {}
+    named = [i for i, token in enumerate(tokens[:-1]) if token.string == "getattr"]
+    if not named:
+        return resolved, computed
+    closing = _closing(tokens)
+    starts = [i for i in named if tokens[i].type == tokenize.NAME and i + 1 in closing]
+    roots = [0]  # roots[i]: how many of tokens[:i] are torch or ops
+    for token in tokens:
+        roots.append(roots[-1] + (token.type == tokenize.NAME and token.string in _OPERATOR_ROOTS))
+    for start in sorted(starts, key=lambda i: closing[i + 1]):
+        close = closing[start + 1]
+        first_end = _argument_end(tokens, start + 2, close, closing)
+        obj = _primary(tokens, start + 2, first_end, closing, resolved)
+        name = _literal(tokens, first_end + 1, close) if first_end < close else None
+        if obj is not None and name is not None and len(obj) + name.count(".") < _MAX_PARTS:
+            resolved[close] = [*obj, *name.split(".")]
+            continue
+        if roots[first_end] > roots[start + 2]:  # torch or ops in the object looked into
+            shown = tokens[start + 2 : min(first_end, start + 2 + _SHOWN_TOKENS)]
+            computed[start] = "".join(t.string for t in shown)
+    return resolved, computed
+
+
+def _closing(tokens: list[tokenize.TokenInfo]) -> dict[int, int]:
+    """Each opening bracket's index to its closing one's (the tokenizer has checked that
+    they pair)."""
+    pairs: dict[int, int] = {}
+    opened: list[int] = []
+    for index, token in enumerate(tokens):
+        if token.type != tokenize.OP:
+            continue
+        if token.string in "([{":
+            opened.append(index)
+        elif token.string in ")]}" and opened:
+            pairs[opened.pop()] = index
+    return pairs
+
+
+def _argument_end(
+    tokens: list[tokenize.TokenInfo], at: int, close: int, closing: dict[int, int]
+) -> int:
+    """Where the argument that starts at ``at`` ends: its "," or the call's ")"."""
+    while at < close and tokens[at].string != ",":
+        at = closing[at] + 1 if at in closing else at + 1
+    return min(at, close)
+
+
+def _primary(
+    tokens: list[tokenize.TokenInfo],
+    at: int,
+    end: int,
+    closing: dict[int, int],
+    resolved: dict[int, list[str]],
+) -> list[str] | None:
+    """The dotted name ``tokens[at:end]`` spells (a name, or a resolved getattr, then
+    ``.name`` parts); None when they spell anything else."""
+    if at >= end or tokens[at].type != tokenize.NAME:
+        return None
+    if tokens[at].string == "getattr" and at + 1 in closing:
+        parts = resolved.get(closing[at + 1])
+        if parts is None:
+            return None
+        parts, at = list(parts), closing[at + 1] + 1
+    else:
+        parts, at = [tokens[at].string], at + 1
+    while at + 1 < end and tokens[at].string == "." and tokens[at + 1].type == tokenize.NAME:
+        parts.append(tokens[at + 1].string)
+        at += 2
+    return parts if at == end else None
+
+
+def _literal(tokens: list[tokenize.TokenInfo], at: int, close: int) -> str | None:
+    """The string the literals at ``at`` spell (adjacent ones joined, as Python joins
+    them), when they are the whole argument; None otherwise."""
+    pieces = []
+    while at < close and tokens[at].type == tokenize.STRING:
+        try:
+            piece = ast.literal_eval(tokens[at].string)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return None
+        if not isinstance(piece, str):
+            return None
+        pieces.append(piece)
+        at += 1
+    if not pieces or (at < close and tokens[at].string != ","):
+        return None
+    return "".join(pieces)

@@ -20,9 +20,9 @@ from modelport.formats._npy_header import parse_header
 from modelport.formats._torch_magic import is_magic_number
 from modelport.formats._zip import EOCD_SIGNATURE, LOCAL_SIGNATURE
 from modelport.pickles.interface import Limits
-from modelport.pickles.judging import scan_pickle
+from modelport.pickles.judging import SIDE_FILE_RULE, scan_pickle
 from modelport.pickles.symbols import Severity
-from modelport.scanning import content_kinds
+from modelport.scanning import content_kinds, side_files
 from modelport.scanning.findings import Finding
 from modelport.scanning.first_bytes import PickleReading
 from modelport.scanning.scan_state import ScanState
@@ -189,6 +189,9 @@ def _scan_one_pickle(
         scan.error(f"pickle at byte {start} could not be analysed: {exc}", member)
         return None
     scan.findings.extend(Finding.from_pickle(f, member) for f in result.findings)
+    if depth == 0:  # the file itself: what its loader opens beside it
+        named = [f.global_name for f in result.findings if f.rule == SIDE_FILE_RULE]
+        side_files.scan_side_files(scan, named)
     for nested in result.nested:
         payload = nested.payload
         blob = (

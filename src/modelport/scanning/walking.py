@@ -1,10 +1,12 @@
 """Which files a folder scan judges. A Hugging Face cache snapshot is a folder of symbolic
 links into ``../../blobs/``: every link to a file is followed, since the loader reads its
-target, and each file is judged once, under the first path that reaches it. A link to a
+target, and each file is read once, under the first path that reaches it; the other paths
+that reach it go with it (``aliases``), since a loader may read it under any of them and
+some rules depend on the name (``model_index.json``, ``.py``, ``.jinja``). A link to a
 folder is entered too (a pipeline's ``unet/`` may be one, and its loader reads what is
 under it), each real folder once, so links that loop end. Files whose real path leaves the
 scanned folder are reported as such; links that lead nowhere are errors. A walk stops once
-it holds more than ``limits.MAX_SCANNED_FILES`` files."""
+it holds more than ``limits.MAX_SCANNED_FILES`` paths to files."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class Walk:
     outside: dict[Path, Path]  # link among ``files`` -> its target outside the folder
     dangling: tuple[Path, ...]
     truncated: bool
+    aliases: dict[Path, tuple[Path, ...]]  # one of ``files`` -> the other paths to it
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class Found:
     outside: dict[str, str]  # link among ``files`` -> its target outside the folder
     dangling: tuple[str, ...]
     truncated: bool
+    aliases: dict[str, tuple[str, ...]]  # one of ``files`` -> the other paths to it
 
 
 def walk(root: Path) -> Walk:
@@ -43,6 +47,7 @@ def walk(root: Path) -> Walk:
         {Path(link): Path(target) for link, target in found.outside.items()},
         tuple(map(Path, found.dangling)),
         found.truncated,
+        {Path(file): tuple(map(Path, paths)) for file, paths in found.aliases.items()},
     )
 
 
@@ -55,10 +60,12 @@ def find(root: Path) -> Found:
     files: list[str] = []
     outside: dict[str, str] = {}
     dangling: list[str] = []
-    seen: set[str] = set()
+    first: dict[str, str] = {}  # real path -> the path of ``files`` that reached it first
+    aliases: dict[str, list[str]] = {}
+    paths = 0  # to files: each is judged under its name, so each counts
     folders = [(top, base)]  # to list: each as reached, and resolved
     entered = {base}  # resolved folders, each listed once (links may loop)
-    while folders and len(files) <= limits.MAX_SCANNED_FILES:  # a link to / ends, cut short
+    while folders and paths <= limits.MAX_SCANNED_FILES:  # a link to / ends, cut short
         here, real_here = folders.pop()
         listing = _listing(here)
         if listing is None:
@@ -71,10 +78,15 @@ def find(root: Path) -> Found:
             if real is None:
                 dangling.append(path)
                 continue
-            if real in seen or not (plain or _target_is_file(entry)):
-                continue  # a second path to one file, or a link to a folder
-            seen.add(real)
+            if real in first:  # a second path to one file: read once, judged under both names
+                aliases.setdefault(first[real], []).append(path)
+                paths += 1
+                continue
+            if not (plain or _target_is_file(entry)):
+                continue  # a link to a folder
+            first[real] = path
             files.append(path)
+            paths += 1
             if not _within(real, base):  # a link, or a file in a linked folder
                 outside[path] = real
         # a link to a folder is entered too: a loader reads "unet/model.bin" through it
@@ -86,8 +98,10 @@ def find(root: Path) -> Found:
                 inner.append((_child(here, d.name), real_dir))
         folders.extend(reversed(inner))
     files.sort(key=_parts)
-    truncated = len(files) > limits.MAX_SCANNED_FILES
-    return Found(tuple(files[: limits.MAX_SCANNED_FILES]), outside, tuple(dangling), truncated)
+    truncated = paths > limits.MAX_SCANNED_FILES
+    kept = files[: limits.MAX_SCANNED_FILES]
+    named = {file: tuple(aliases[file]) for file in kept if file in aliases} if aliases else {}
+    return Found(tuple(kept), outside, tuple(dangling), truncated, named)
 
 
 def _child(folder: str, name: str) -> str:
