@@ -43,6 +43,7 @@ from modelport.errors import CorruptFileError, ModelportError, UnsupportedVersio
 from modelport.formats._torch_blob import read_torch_blob
 from modelport.formats._zip import ZipDirectory, ZipEntry
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
+from modelport.formats.torch_zip import check_byte_order
 from modelport.formats.torchscript import extra_files
 from modelport.pickles.torch_types import TypedStorage, tensor_from_storage
 from modelport.tensors import NDArray, Storage, byte_array
@@ -399,11 +400,7 @@ def read(path: Path, probe: Probe) -> Contents:
         raise UnsupportedVersionError(
             f"archive_format {details['archive_format']!r} (expected 'pt2')", path=path
         )
-    order = directory.find(f"{prefix}/byteorder")
-    if order is not None and directory.read_member(order, 16).strip() not in (b"little", b""):
-        raise UnsupportedVersionError(
-            "big-endian torch.export archives are not supported", path=path
-        )
+    check_byte_order(directory, prefix, path, "torch.export archives")
     warnings = [f"zip member name escapes the archive: {name!r}" for name in directory.unsafe_names]
     models_dir = f"{prefix}/models/"
     programs: dict[str, Any] = {}

@@ -125,6 +125,21 @@ def sniff(probe: Probe) -> bool:
     return probe.zip is not None and archive_prefix(probe.zip) is not None
 
 
+def check_byte_order(directory: ZipDirectory, prefix: str, path: Path, kind: str) -> None:
+    """Little-endian data is all this reads; torch itself refuses a record that is neither
+    byte order, so one is damage, not a big-endian file."""
+    order = directory.find(f"{prefix}/byteorder")
+    record = b"" if order is None else directory.read_member(order, 16).strip()
+    if record == b"big":
+        raise UnsupportedVersionError(f"big-endian {kind} are not supported yet", path=path)
+    if record not in (b"little", b""):
+        raise CorruptFileError(
+            f"{prefix}/byteorder holds {record[:16]!r}, not 'little' or 'big' as torch writes "
+            "it; the archive is damaged",
+            path=path,
+        )
+
+
 def load_archive_pickle(
     directory: ZipDirectory, prefix: str, member: str, path: Path, *, data_dir: str = "data"
 ) -> tuple[Any, dict[str, Any]]:
@@ -137,9 +152,7 @@ def load_archive_pickle(
     entry = directory.find(f"{prefix}/{member}")
     if entry is None:
         raise CorruptFileError(f"archive has no {prefix}/{member}", path=path)
-    order = directory.find(f"{prefix}/byteorder")
-    if order is not None and directory.read_member(order, 16).strip() not in (b"little", b""):
-        raise UnsupportedVersionError("big-endian torch archives are not supported yet", path=path)
+    check_byte_order(directory, prefix, path, "torch archives")
     storages: dict[str, TypedStorage] = {}
     locations: set[str] = set()
 
