@@ -85,14 +85,14 @@ def _from_bench_faults(name: str) -> Seed:
     return seed
 
 
-def _ggjt(folder: Path) -> Path:
-    write_ggjt_v3(folder / "model.bin")
-    return folder / "model.bin"
+def _written_by(write: Callable[[Path], object], filename: str) -> Seed:
+    """A seed that is one file a test suite's builder writes."""
 
+    def seed(folder: Path) -> Path:
+        write(folder / filename)
+        return folder / filename
 
-def _gpt2_ggml(folder: Path) -> Path:
-    write_gpt2(folder / "gpt2.bin")
-    return folder / "gpt2.bin"
+    return seed
 
 
 def _onnx_external(folder: Path) -> Path:
@@ -113,16 +113,6 @@ def _hdf5_chunked(folder: Path) -> Path:
     return folder / "chunked.h5"
 
 
-def _keras(folder: Path) -> Path:
-    write_keras(folder / "model.keras")
-    return folder / "model.keras"
-
-
-def _tflite(folder: Path) -> Path:
-    small_model(folder / "model.tflite")
-    return folder / "model.tflite"
-
-
 def _torchscript(folder: Path) -> Path:
     module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
     scripted: Any = torch.jit.script(module)
@@ -139,14 +129,14 @@ def _deepspeed(folder: Path) -> Path:
 SEED_WRITERS: dict[str, Seed] = {
     "safetensors": _from_bench_faults("safetensors"),
     "gguf": _from_bench_faults("gguf"),
-    "ggjt": _ggjt,
-    "ggml-gpt2": _gpt2_ggml,
+    "ggjt": _written_by(write_ggjt_v3, "model.bin"),
+    "ggml-gpt2": _written_by(write_gpt2, "gpt2.bin"),
     "onnx": _from_bench_faults("onnx"),
     "onnx-external": _onnx_external,
     "hdf5": _from_bench_faults("hdf5"),
     "hdf5-chunked": _hdf5_chunked,
-    "keras": _keras,
-    "tflite": _tflite,
+    "keras": _written_by(write_keras, "model.keras"),
+    "tflite": _written_by(small_model, "model.tflite"),
     "npy": _from_bench_faults("npy"),
     "npz": _from_bench_faults("npz"),
     "torch-zip": _from_bench_faults("torch-zip"),

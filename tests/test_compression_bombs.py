@@ -248,13 +248,16 @@ def _npy_header(count: int) -> bytes:
     return header.getvalue()
 
 
-def _one_member_zip(name: str, deflated: bytes, declared: int, crc: int) -> bytes:
-    """A zip of one deflated member whose directory says it inflates to ``declared``."""
+def _one_member_zip(
+    name: str, deflated: bytes, declared: int, crc: int, method: int = 8, version: int = 20
+) -> bytes:
+    """A zip of one member compressed by ``method`` (deflate unless said) whose directory
+    says it inflates to ``declared``."""
     encoded = name.encode()
     sizes = (crc, len(deflated), declared, len(encoded), 0)
-    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0, *sizes) + encoded
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, version, 0, method, 0, 0, *sizes) + encoded
     central = struct.pack(
-        "<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 8, 0, 0, *sizes, 0, 0, 0, 0, 0
+        "<IHHHHHHIIIHHHHHII", 0x02014B50, version, version, 0, method, 0, 0, *sizes, 0, 0, 0, 0, 0
     )
     central += encoded
     end = struct.pack(

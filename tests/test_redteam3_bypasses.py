@@ -22,6 +22,7 @@ from modelport import limits
 from modelport.fleet.inputs import expand
 from modelport.fleet.tasks import perform
 from modelport.scanning import hf_code, script_code, walking
+from tests.test_scan_script_code import SavesWhileLoading
 
 SMALL_LIMIT = 4096
 
@@ -153,34 +154,10 @@ def test_a_chat_template_behind_a_link_is_judged_as_one(tmp_path: Path) -> None:
 # -- 5: TorchScript operators named through getattr ------------------------------------------------
 
 
-class SavesOnLoad(torch.nn.Module):
-    """torch.jit.load runs __setstate__, whose torch.save (aten::save) writes the path kept
-    in the state."""
-
-    def __init__(self, target: str) -> None:
-        super().__init__()
-        self.w = torch.ones(2)
-        self.target = target
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.w
-
-    @torch.jit.export
-    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
-        return (self.w, self.target, self.training)
-
-    @torch.jit.export
-    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
-        self.w = state[0]
-        self.target = state[1]
-        self.training = state[2]
-        torch.save(self.w, self.target)
-
-
 def _saving_with(tmp_path: Path, target: Path, spelling: str) -> Path:
     """The scripted module, its ``torch.save`` spelled ``spelling`` in the archive's code."""
     source, path = tmp_path / "plain.pt", tmp_path / "model.pt"
-    torch.jit.save(torch.jit.script(SavesOnLoad(str(target))), source)
+    torch.jit.save(torch.jit.script(SavesWhileLoading(str(target))), source)
     with zipfile.ZipFile(source) as archive, zipfile.ZipFile(path, "w") as out:
         for info in archive.infolist():
             data = archive.read(info.filename)

@@ -8,32 +8,13 @@ import resource
 import subprocess
 import sys
 import textwrap
-import zipfile
 from pathlib import Path
 
-import torch
-
-
-class Plain(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * 2
-
-
-def _with_long_name(tmp_path: Path, parts: int) -> Path:
-    source = tmp_path / "plain.pt"
-    torch.jit.save(torch.jit.script(Plain()), source)
-    target = tmp_path / "model.pt"
-    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(target, "w") as out:
-        for info in archive.infolist():
-            data = archive.read(info.filename)
-            if info.filename.endswith(".py") and b"def forward" in data:
-                data = b"x = " + b"a." * parts + b"b\n"
-            out.writestr(info, data)
-    return target
+from tests.test_scan_script_code import _with_code
 
 
 def test_a_code_file_of_one_long_dotted_name_scans_in_linear_time(tmp_path: Path) -> None:
-    archive = _with_long_name(tmp_path, 40_000)
+    archive = _with_code(tmp_path, "    y = " + "a." * 40_000 + "b\n    return x\n")
     probe = textwrap.dedent(
         f"""
         import resource, modelport

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import bz2
 import io
-import struct
 import subprocess
 import sys
 import zipfile
@@ -22,6 +21,7 @@ import modelport
 from modelport import limits
 from modelport.errors import CorruptFileError
 from tests.conftest import attack_pickles
+from tests.test_compression_bombs import _one_member_zip
 
 METHODS = [pytest.param(zipfile.ZIP_BZIP2, id="bzip2"), pytest.param(zipfile.ZIP_LZMA, id="lzma")]
 
@@ -100,18 +100,7 @@ def test_a_torch_archive_with_compressed_members_is_an_error_torch_agrees(
 
 def _bz2_member_zip(name: str, data: bytes, compressed: bytes) -> bytes:
     """A zip of one bzip2 member (``compressed``) whose directory declares ``data``."""
-    encoded = name.encode()
-    crc = zlib.crc32(data)
-    sizes = (crc, len(compressed), len(data), len(encoded), 0)
-    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 46, 0, 12, 0, 0, *sizes) + encoded
-    central = struct.pack(
-        "<IHHHHHHIIIHHHHHII", 0x02014B50, 46, 46, 0, 12, 0, 0, *sizes, 0, 0, 0, 0, 0
-    )
-    central += encoded
-    end = struct.pack(
-        "<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(central), len(local) + len(compressed), 0
-    )
-    return local + compressed + central + end
+    return _one_member_zip(name, compressed, len(data), zlib.crc32(data), method=12, version=46)
 
 
 def test_a_bzip2_object_array_past_the_inflation_cap_is_not_analysed(
