@@ -336,15 +336,17 @@ def _npz_storage_named(marker: Path | None) -> bytes:
     )
 
 
-def joblib_side_file(tmp: Path, marker: Path | None) -> Path:
+def joblib_side_file(tmp: Path, marker: Path | None, *, slot_state: bool = False) -> Path:
     """joblib < 0.10's layout: ``model.pkl`` holds an NDArrayWrapper naming
     ``model.pkl_01.npy`` beside it, which joblib.load reads with np.load(allow_pickle=True).
-    The attack is ``model.pkl`` alone, the file a user hands to joblib.load."""
+    The attack is ``model.pkl`` alone, the file a user hands to joblib.load. ``slot_state``:
+    BUILD gets ``(None, state)``, whose second half pickle sets attribute by attribute."""
     state = (
         b"}(Vfilename\nVmodel.pkl_01.npy\nVsubclass\n"
         + global_("numpy", "ndarray")
-        + b"Vallow_mmap\n\x89ub"
+        + b"Vallow_mmap\n\x89u"
     )
+    state = (b"N" + state + b"\x86b") if slot_state else state + b"b"
     wrapper = global_("joblib.numpy_pickle", "NDArrayWrapper") + b")\x81" + state
     write(tmp / "model.pkl_01.npy", float_npy() if marker is None else object_npy(shell2(marker)))
     return write(tmp / "model.pkl", b"\x80\x02}Vcoef\n" + wrapper + b"s.")

@@ -236,7 +236,7 @@ class ScanResolver:
         if not wrappers:
             return
         origin = wrappers[0]
-        name = state.get("filename") if isinstance(state, dict) else None
+        name = _built_attribute(state, "filename")
         if isinstance(name, str) and (not name or any(c in name for c in "/\\:") or ".." in name):
             self._note(
                 Severity.HIGH,
@@ -423,3 +423,16 @@ def scan_pickle(
         named = (f for symbol in plain.symbols for f in judge_symbol(symbol, torchscript))
         findings += [f for f in named if f not in findings]  # both readings may name it
     return PickleScan(findings, resolver.nested, result.end)
+
+
+def _built_attribute(state: Any, name: str) -> Any:
+    """The value BUILD gives attribute ``name`` of an object without ``__setstate__``: a
+    dict state sets it, and the second of a ``(state, slotstate)`` pair sets it after
+    (``pickle``'s ``load_build``, with ``setattr``); None when neither names it."""
+    slots = None
+    if isinstance(state, tuple) and len(state) == 2:
+        state, slots = state
+    value = state.get(name) if isinstance(state, dict) else None
+    if isinstance(slots, dict) and name in slots:
+        value = slots[name]
+    return value

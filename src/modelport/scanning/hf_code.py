@@ -244,9 +244,12 @@ def _named_code(name: str, document: Any) -> list[tuple[str, list[str]]]:
     legacy = document.get("sbert_ce_default_activation_function")
     functions = [f for f in _strings([activation, legacy]) if f not in TORCH_ACTIVATIONS]
     named.append(("cross_encoder_activation", functions))
-    if "in_features" in document and "out_features" in document:  # GPT-2's is a name, no code
-        dense = _strings([document.get("activation_function")])
-        named.append(("dense_activation", [f for f in dense if f not in TORCH_ACTIVATIONS]))
+    # a Dense module's: Dense.load imports and calls it before the layer's sizes are read, so a
+    # dotted path counts with or without them (transformers' own values, GPT-2's "gelu_new",
+    # are names without a dot)
+    sized = "in_features" in document and "out_features" in document
+    dense = [f for f in _strings([document.get("activation_function")]) if sized or "." in f]
+    named.append(("dense_activation", [f for f in dense if f not in TORCH_ACTIVATIONS]))
     named.append(("peft_auto_mapping", _peft_library(document)))
     megatron = document.get("megatron_core") if document.get("megatron_config") else None
     if isinstance(megatron, str) and not megatron.startswith("megatron."):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import io
 import tokenize
+from tokenize import NAME
 from typing import NamedTuple
 
 from modelport.pickles.judging import Severity
@@ -26,8 +27,11 @@ from modelport.scanning.findings import Finding
 # Operators that read or write files of the machine the model runs on, by their last name.
 FILE_OPERATORS = frozenset(("from_file", "_load_for_mobile", "load_library"))
 # ``aten::save`` (TorchScript's ``torch.save``) writes any path; ``save`` alone is also an
-# ordinary method name, so it is matched by its full spelling.
-SAVE_OPERATORS = frozenset(("torch.save", "ops.aten.save", "torch.ops.aten.save"))
+# ordinary method name, so it counts under ``torch`` or ``ops`` only, in any namespace there.
+SAVE_OPERATOR = "save"
+# TorchScript reads ``torch.autograd`` as ``torch`` (and ``ops.<ns>.autograd`` as
+# ``ops.<ns>``): names are judged with these parts dropped.
+_TRANSPARENT = "autograd"
 # Operator namespaces torch itself defines (its dispatcher's registrations, and TorchScript's
 # ``prim``); any other needs a native library loaded first. Left out on purpose: ``c10d`` and
 # ``symm_mem`` (they send tensors to other processes) and torch's test and debug namespaces.
@@ -65,7 +69,7 @@ def findings(code: bytes, member: str) -> list[Finding]:
     for call in calls:
         when = "while the model loads" if call.function in _LOAD_TIME else "when the model runs"
         where = f"at line {call.line} in {call.function or 'module'} {when}"
-        parts = call.name.split(".")
+        parts = _canonical(call.name.split("."))
         if call.computed:
             found.append(
                 Finding(
@@ -77,7 +81,9 @@ def findings(code: bytes, member: str) -> list[Finding]:
                     "writes files) and aten::from_file (which reads them) among them",
                 )
             )
-        elif parts[-1] in FILE_OPERATORS or call.name in SAVE_OPERATORS:
+        elif parts[-1] in FILE_OPERATORS or (
+            parts[-1] == SAVE_OPERATOR and parts[0] in _OPERATOR_ROOTS
+        ):
             found.append(
                 Finding(
                     Severity.HIGH,
@@ -87,18 +93,55 @@ def findings(code: bytes, member: str) -> list[Finding]:
                     "the machine it runs on",
                 )
             )
-        elif len(parts) >= 4 and parts[-3] == "ops" and parts[-2] not in TORCH_NAMESPACES:
+        elif not call.in_getattr and _is_namespace(parts):
+            found.append(
+                Finding(
+                    Severity.HIGH,
+                    "computed-call",
+                    member,
+                    f"TorchScript code takes the operator namespace {call.name} as a value "
+                    f"{where}: any operator may be called through it, aten::save (which "
+                    "writes files) and aten::from_file (which reads them) among them",
+                )
+            )
+        elif (namespace := _custom_namespace(parts)) is not None:
             found.append(
                 Finding(
                     Severity.MEDIUM,
                     "torchscript-custom-op",
                     member,
                     f"TorchScript code calls the operator {call.name}() {where}: namespace "
-                    f"{parts[-2]!r} is not torch's, so it runs native code from a library the "
+                    f"{namespace!r} is not torch's, so it runs native code from a library the "
                     "loading program must have loaded",
                 )
             )
     return found
+
+
+def _custom_namespace(parts: list[str]) -> str | None:
+    """The namespace of an operator outside torch's own: ``ops.<ns>.<op>`` as archives
+    spell it, ``torch.ops.<ns>.<op>`` as Python does, ``<...>.ops.<ns>.<op>`` otherwise."""
+    if parts[0] == "ops" and len(parts) >= 3:
+        namespace = parts[1]
+    elif len(parts) >= 4 and "ops" in parts[:-2]:
+        namespace = parts[parts.index("ops") + 1]
+    else:
+        return None
+    return None if namespace in TORCH_NAMESPACES else namespace
+
+
+def _canonical(parts: list[str]) -> list[str]:
+    if parts[0] not in _OPERATOR_ROOTS:
+        return parts
+    return [parts[0], *(part for part in parts[1:] if part != _TRANSPARENT)]
+
+
+def _is_namespace(parts: list[str]) -> bool:
+    """Whether a name is ``torch``, ``ops``, ``torch.ops`` or one of its namespaces: what
+    code calls operators through, never a value of its own."""
+    if parts[:2] == ["torch", "ops"]:
+        return len(parts) <= 3
+    return parts[0] in _OPERATOR_ROOTS and len(parts) <= (1 if parts[0] == "torch" else 2)
 
 
 class _Call(NamedTuple):
@@ -106,6 +149,7 @@ class _Call(NamedTuple):
     line: int
     function: str  # the enclosing function
     computed: bool  # getattr(<name>, <not a string literal>) on torch's operators
+    in_getattr: bool = False  # the object a getattr with a literal name looks into
 
 
 def _called_names(text: str) -> list[_Call]:
@@ -116,9 +160,10 @@ def _called_names(text: str) -> list[_Call]:
     tokens = [
         t for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type not in _SKIP
     ]
-    resolved, computed = _getattrs(tokens)
+    resolved, computed, objects = _getattrs(tokens)
     calls: list[_Call] = []
     chain: list[str] = []
+    chain_start = 0
     expect_name = False
     function, pending_def = "", False
     for index, token in enumerate(tokens):
@@ -135,14 +180,15 @@ def _called_names(text: str) -> list[_Call]:
             if expect_name:
                 chain.append(value)  # in place: a name of n parts costs n, not n squared
             else:
-                chain = [value]
+                chain, chain_start = [value], index
             expect_name = False
         elif kind == tokenize.OP and value == "." and chain:
             expect_name = True
         else:
             if chain:
-                calls.append(_Call(".".join(chain), line, function, False))
-            chain, expect_name = [], False
+                looked_into = chain_start in objects
+                calls.append(_Call(".".join(chain), line, function, False, looked_into))
+            chain, expect_name, chain_start = [], False, index
             if kind == tokenize.NAME:
                 chain = [value]
             elif index in resolved:  # the ")" closing getattr(<name>, "<literal>")
@@ -150,17 +196,20 @@ def _called_names(text: str) -> list[_Call]:
     return calls
 
 
-def _getattrs(tokens: list[tokenize.TokenInfo]) -> tuple[dict[int, list[str]], dict[int, str]]:
+def _getattrs(
+    tokens: list[tokenize.TokenInfo],
+) -> tuple[dict[int, list[str]], dict[int, str], set[int]]:
     """The ``getattr`` calls of the code: where each that names an attribute by a string
     literal closes (its ")") with the dotted name it makes, and where each that looks one
-    up in ``torch`` or ``ops`` by anything else starts, with the object it looks into.
-    Inner calls close first, so a nested ``getattr(getattr(ops, "aten"), "save")`` finds
-    its object already resolved."""
+    up in ``torch`` or ``ops`` by anything else starts, with the object it looks into; and
+    where the objects of the first kind start. Inner calls close first, so a nested
+    ``getattr(getattr(ops, "aten"), "save")`` finds its object already resolved."""
     resolved: dict[int, list[str]] = {}
     computed: dict[int, str] = {}
+    objects: set[int] = set()
     named = [i for i, token in enumerate(tokens[:-1]) if token.string == "getattr"]
     if not named:
-        return resolved, computed
+        return resolved, computed, objects
     closing = _closing(tokens)
     starts = [i for i in named if tokens[i].type == tokenize.NAME and i + 1 in closing]
     roots = [0]  # roots[i]: how many of tokens[:i] are torch or ops
@@ -173,11 +222,14 @@ def _getattrs(tokens: list[tokenize.TokenInfo]) -> tuple[dict[int, list[str]], d
         name = _literal(tokens, first_end + 1, close) if first_end < close else None
         if obj is not None and name is not None and len(obj) + name.count(".") < _MAX_PARTS:
             resolved[close] = [*obj, *name.split(".")]
+            inner = tokens[start + 2].string == "getattr"  # the object's name starts at its ")"
+            objects.add(closing[start + 3] if inner else start + 2)
             continue
         if roots[first_end] > roots[start + 2]:  # torch or ops in the object looked into
             shown = tokens[start + 2 : min(first_end, start + 2 + _SHOWN_TOKENS)]
             computed[start] = "".join(t.string for t in shown)
-    return resolved, computed
+            objects.add(next((i for i, t in enumerate(shown, start + 2) if t.type == NAME), -1))
+    return resolved, computed, objects
 
 
 def _closing(tokens: list[tokenize.TokenInfo]) -> dict[int, int]:
