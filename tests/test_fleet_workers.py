@@ -64,10 +64,12 @@ def exactly_once(written: list[dict[str, Any]], expected: list[Path]) -> None:
 
 def test_a_file_over_its_time_budget_is_a_timeout_record(tmp_path: Path, cli: Cli) -> None:
     others = small_files(tmp_path / "data", 6)
-    slow = slow_pickle(tmp_path / "data" / "slow.pkl", 1_000_000)  # seconds to scan
+    # Several times the budget to scan (about ten on a slow core), while a small file takes
+    # milliseconds of it (workers preload); the retry below reads it whole: both kept small.
+    slow = slow_pickle(tmp_path / "data" / "slow.pkl", 340_000)
     out = tmp_path / "out.jsonl"
     started = time.monotonic()
-    result = cli("scan", tmp_path / "data", "--timeout", "1.5", "--jobs", "2", "--jsonl", out)
+    result = cli("scan", tmp_path / "data", "--timeout", "0.5", "--jobs", "2", "--jsonl", out)
     assert time.monotonic() - started < 30
     assert result.code == 2  # a file not analysed: an error verdict
     written = records(out)
@@ -78,7 +80,7 @@ def test_a_file_over_its_time_budget_is_a_timeout_record(tmp_path: Path, cli: Cl
     assert {r["status"] for r in written if r is not late} == {"ok"}
     assert "ERROR" in result.out and "--timeout" in result.out
     # the same budget again: the timeout stands; a larger one retries the file
-    again = cli("scan", tmp_path / "data", "--timeout", "1.5", "--jsonl", out)
+    again = cli("scan", tmp_path / "data", "--timeout", "0.5", "--jsonl", out)
     assert "0 processed now" in again.err
     retried = cli("scan", tmp_path / "data", "--timeout", "120", "--jsonl", out, "--json")
     assert "1 processed now" in retried.err and retried.code == 0
@@ -87,7 +89,7 @@ def test_a_file_over_its_time_budget_is_a_timeout_record(tmp_path: Path, cli: Cl
 
 def test_a_file_over_the_memory_budget_is_an_error_record(tmp_path: Path, cli: Cli) -> None:
     others = small_files(tmp_path / "data", 6)
-    heavy = inflating_pickle(tmp_path / "data" / "inflates.pkl.gz", 512 << 20)
+    heavy = inflating_pickle(tmp_path / "data" / "inflates.pkl.gz", 384 << 20)  # > 350M
     out = tmp_path / "out.jsonl"
     result = cli("scan", tmp_path / "data", "--max-memory", "350M", "--jsonl", out, "--jobs", "2")
     assert result.code == 2
