@@ -11,6 +11,7 @@ from __future__ import annotations
 import pickle
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,29 +120,54 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _node(index: int, op: str) -> bytes:
-    """A NodeDef (name 1, op 2); ``"Call>f"`` is a StatefulPartitionedCall whose attr ``f``
-    (map entry 5: key 1, AttrValue 2 whose func 10 is a NameAttrList named by 1) names f."""
+def _node_def(name: str, op: str, inputs: tuple[str, ...] = ()) -> bytes:
+    """A NodeDef (name 1, op 2, input 3); ``"Call>f"`` is a StatefulPartitionedCall whose
+    attr ``f`` (map entry 5: key 1, AttrValue 2 whose func 10 is a NameAttrList named by 1)
+    names f."""
     op, _, callee = op.partition(">")
-    node = _field(1, f"n{index}".encode()) + _field(2, op.encode())
+    node = _field(1, name.encode()) + _field(2, op.encode())
+    node += b"".join(_field(3, source.encode()) for source in inputs)
     if callee:
         value = _field(10, _field(1, callee.encode()))
         node += _field(5, _field(1, b"f") + _field(2, value))
-    return _field(3, node)
+    return node
 
 
-def _saved_model(functions: dict[str, list[str]], graph_ops: tuple[str, ...] = ()) -> bytes:
-    """A SavedModel whose library holds each named function with its ops, as tf.function
-    traces them (FunctionDef: signature 1 = OpDef whose name is 1, node_def 3)."""
+Node = tuple[str, str, tuple[str, ...]]  # graph node: name, op (or "Call>f"), inputs
+_TF2_SAVER_NODES: tuple[Node, ...] = (
+    ("saver_filename", "Placeholder", ()),
+    ("StatefulPartitionedCall_2", "Call>__inference__traced_save_46", ("saver_filename",)),
+    ("StatefulPartitionedCall_3", "Call>__inference__traced_restore_58", ("saver_filename",)),
+)
+
+
+def _saved_model(
+    functions: dict[str, list[str]],
+    nodes: tuple[Node, ...] = _TF2_SAVER_NODES,
+    *,
+    save: str = "StatefulPartitionedCall_2:0",
+    restore: str = "StatefulPartitionedCall_3",
+    main_op: str = "",
+    object_functions: tuple[str, ...] = ("__inference_f_12",),
+) -> bytes:
+    """A SavedModel as tf.saved_model.save writes one: library functions with their ops
+    (FunctionDef: signature 1 = OpDef whose name is 1, node_def 3), graph nodes, a
+    ``saver_def`` (3: save_tensor_name 2, restore_op_name 3), a main_op collection (4:
+    entry key 1, CollectionDef 2 whose node_list 1 holds value 1) and an object graph (7)
+    whose concrete_functions map (2) names the functions it runs."""
     library = b""
     for name, ops in functions.items():
-        nodes = b"".join(_node(i, op) for i, op in enumerate(ops))
-        library += _field(1, _field(1, _field(1, name.encode())) + nodes)
-    nodes = b"".join(
-        _field(1, _field(1, f"save/{op}".encode()) + _field(2, op.encode())) for op in graph_ops
-    )
-    graph = nodes + _field(2, library)
-    meta = _field(1, _field(4, b"serve")) + _field(2, graph) + _field(5, _field(1, b"serving"))
+        body = b"".join(_field(3, _node_def(f"n{i}", op)) for i, op in enumerate(ops))
+        library += _field(1, _field(1, _field(1, name.encode())) + body)
+    graph = b"".join(_field(1, _node_def(*node)) for node in nodes) + _field(2, library)
+    meta = _field(1, _field(4, b"serve")) + _field(2, graph)
+    meta += _field(3, _field(2, save.encode()) + _field(3, restore.encode()))
+    if main_op:
+        main = _field(2, _field(1, _field(1, main_op.encode())))
+        meta += _field(4, _field(1, b"saved_model_main_op") + main)
+    meta += _field(5, _field(1, b"serving"))
+    objects = (_field(2, _field(1, name.encode()) + _field(2, b"")) for name in object_functions)
+    meta += _field(7, b"".join(objects))
     return b"\x08\x01" + _field(2, meta)
 
 
@@ -150,6 +176,7 @@ _SAVER = {
     "__inference__traced_restore_58": ["RestoreV2"],
     "__inference_f_12": ["AddV2"],
 }
+_RUNS_SAVE = ("NoOp", "NoOp", ("^StatefulPartitionedCall_2",))
 
 
 @pytest.mark.parametrize(
@@ -177,15 +204,19 @@ _SAVER = {
             "safe",
             id="other-call",
         ),
+        pytest.param(
+            {**_SAVER, "__inference__traced_save_909": ["SaveV2"]}, "unsafe", id="saver-named"
+        ),
     ],
 )
 def test_checkpoint_writers_outside_the_saver_are_unsafe(
     tmp_path: Path, functions: dict[str, list[str]], verdict: str
 ) -> None:
     """tf.saved_model.load runs a resource's _initialize: a Save op there writes a tensor
-    bundle to the path it names (the red team's marker). Every SavedModel's
-    ``__inference__traced_save_*`` holds SaveV2 and MergeV2Checkpoints, which load never
-    runs (real TensorFlow 2.21's tf.saved_model.save, checked)."""
+    bundle to the path it names (the red team's marker). Every SavedModel's saver function,
+    called by the node its ``saver_def`` names, holds SaveV2 and MergeV2Checkpoints, which
+    load never runs (real TensorFlow 2.21's tf.saved_model.save, checked); a function only
+    named like it (``__inference__traced_save_909``) is not it."""
     folder = tmp_path / "sm"
     write(folder / "saved_model.pb", _saved_model(functions))
     report = modelport.scan(folder)
@@ -193,13 +224,107 @@ def test_checkpoint_writers_outside_the_saver_are_unsafe(
     assert ("tf-file-access" in _rules(report)) is (verdict == "unsafe")
 
 
-def test_a_tf1_savers_graph_nodes_are_no_finding(tmp_path: Path) -> None:
-    """A TF1 SavedModel keeps its Saver's ops in the graph (``save/SaveV2``), run only when a
-    session asks for a save."""
+@pytest.mark.parametrize(
+    ("changes", "verdict"),
+    [
+        pytest.param({}, "safe", id="plain"),
+        pytest.param(
+            {"object_functions": ("__inference__traced_save_46",)}, "unsafe", id="object-runs-it"
+        ),
+        pytest.param(
+            {"nodes": (*_TF2_SAVER_NODES, _RUNS_SAVE), "main_op": "NoOp"},
+            "unsafe",
+            id="main-op-runs-the-save-node",
+        ),
+        pytest.param(
+            {"nodes": (*_TF2_SAVER_NODES, ("s", "Call>__inference__traced_save_46", ()))},
+            "unsafe",
+            id="another-node-calls-it",
+        ),
+        pytest.param({"save": "saver_filename:0"}, "unsafe", id="saver-def-names-another-node"),
+        pytest.param({"save": ""}, "unsafe", id="no-saver-def"),
+    ],
+)
+def test_the_saver_function_is_known_by_structure(
+    tmp_path: Path, changes: dict[str, Any], verdict: str
+) -> None:
+    """The saver's function is the one only the ``saver_def``'s save node calls, which no
+    loaded object names and nothing the loader runs reaches; a red team's resource
+    initializer that called SaveV2, renamed ``__inference__traced_save_<n>``, wrote its
+    marker as tf.saved_model.load ran (TensorFlow 2.21)."""
     folder = tmp_path / "sm"
-    write(folder / "saved_model.pb", _saved_model({}, ("SaveV2", "MergeV2Checkpoints")))
+    write(folder / "saved_model.pb", _saved_model(_SAVER, **changes))
     report = modelport.scan(folder)
-    assert report.verdict == "safe", report.to_json()
+    assert report.verdict == verdict, report.to_json()
+
+
+_TF1_SAVER: tuple[Node, ...] = (
+    ("v", "VarHandleOp", ()),
+    ("save/Const", "PlaceholderWithDefault", ()),
+    ("save/SaveV2", "SaveV2", ("save/Const", "v")),
+    ("save/control_dependency", "Identity", ("save/Const", "^save/SaveV2")),
+    ("save/MergeV2Checkpoints", "MergeV2Checkpoints", ("^save/control_dependency",)),
+    ("save/Identity", "Identity", ("save/Const", "^save/MergeV2Checkpoints")),
+    ("save/RestoreV2", "RestoreV2", ("save/Const",)),
+    ("save/restore_all", "NoOp", ("^save/RestoreV2",)),
+    ("init", "NoOp", ("v",)),
+)
+
+_LONG = "save/" + "q" * 300  # node names are compared by their first 256 bytes
+
+
+@pytest.mark.parametrize(
+    ("extra", "verdict"),
+    [
+        pytest.param((), "safe", id="saver"),
+        pytest.param(
+            (("save/SaveV2_9", "SaveV2", ("save/Const",)), ("init", "NoOp", ("^save/SaveV2_9",))),
+            "unsafe",
+            id="main-op-runs-a-save-scope-writer",
+        ),
+        pytest.param(
+            (("init", "NoOp", ("^save/control_dependency",)),),
+            "unsafe",
+            id="main-op-runs-the-savers-writer",
+        ),
+        pytest.param(
+            (("save/SaveV2_9", "SaveV2", ("save/Const",)),), "unsafe", id="not-the-savers"
+        ),
+        pytest.param(
+            (
+                ("save/SaveV2_9", "SaveV2", ("save/Const",)),
+                (
+                    "save/Identity",
+                    "Identity",
+                    ("save/Const", "^save/MergeV2Checkpoints", "^save/SaveV2_9"),
+                ),
+                (_LONG + "x", "NoOp", ("^save/SaveV2_9",)),
+                (_LONG + "y", "NoOp", ()),
+                ("init", "NoOp", ("^" + _LONG + "x",)),
+            ),
+            "unsafe",
+            id="names-alike-to-256-bytes",
+        ),
+    ],
+)
+def test_a_tf1_savers_graph_nodes_are_no_finding(
+    tmp_path: Path, extra: tuple[Node, ...], verdict: str
+) -> None:
+    """A TF1 SavedModel keeps its Saver's ops in the graph below the ``saver_def``'s save
+    tensor, run only when a session asks for a save; a SaveV2 in the ``save/`` scope that
+    main_op reaches wrote the red team's marker as the TF1 loader ran main_op."""
+    nodes = {name: (name, op, inputs) for name, op, inputs in (*_TF1_SAVER, *extra)}
+    graph = _saved_model(
+        {},
+        tuple(nodes.values()),
+        save="save/Identity:0",
+        restore="save/restore_all",
+        main_op="init",
+        object_functions=(),
+    )
+    write(tmp_path / "sm" / "saved_model.pb", graph)
+    report = modelport.scan(tmp_path / "sm")
+    assert report.verdict == verdict, report.to_json()
 
 
 # -- joblib's side files, when the pickle alone is scanned -----------------------------------------

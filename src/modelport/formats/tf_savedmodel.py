@@ -32,14 +32,13 @@ are not listed, and nothing from the graph is executed.
 from __future__ import annotations
 
 import mmap
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Final
 
 from modelport import limits
 from modelport.errors import CorruptFileError, LimitExceededError, ModelportError
-from modelport.formats import _keras_config, tf_bundle
+from modelport.formats import _keras_config, _tf_saver, tf_bundle
 from modelport.formats._protobuf import Field, Message, WireType
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 
@@ -74,13 +73,10 @@ WRITING_FILE_OPS: Final = frozenset(
     )
 )
 FILE_OPS: Final = frozenset(("ReadFile", "MatchingFiles")) | WRITING_FILE_OPS
-# The V2 saver's writers, in every SavedModel's ``__inference__traced_save_<n>`` (which load
-# never runs; it writes where its caller's file_prefix says, and only a graph node calls it)
-# and in a TF1 Saver's graph scope ``save/``: anywhere else, or in a saver function that
-# another function calls, they write a checkpoint where the graph says.
+# The V2 saver's writers, in every SavedModel's saver (which load never runs; it writes where
+# its caller's file_prefix says): anywhere else they write a checkpoint where the graph says.
+# ``_tf_saver`` tells the saver's own by the graph's structure.
 SAVER_OPS: Final = frozenset(("SaveV2", "MergeV2Checkpoints"))
-_SAVER_FUNCTION: Final = "__inference__traced_save_"
-_SAVER_SCOPE: Final = re.compile(r"save(?:_\d+)?/")
 # Ops that write where an attribute says as they run: PrintV2's output_stream (a file:// URL
 # is appended to; the process's own streams below are not files), the debug ops' debug_urls
 # (file:// dumps every tensor they see, grpc:// sends it) and Copy's debug_ops_spec entries
@@ -277,6 +273,7 @@ def _meta_graph(message: Message, meta: Field, keras_json: list[str]) -> dict[st
     signatures: list[str] = []
     ops: Counter[str] = Counter()
     outputs: list[dict[str, str]] = []
+    saver = _tf_saver.read_saver(message, meta)
     for field in message.fields(meta.start, meta.end):
         if field.wire != WireType.LEN:
             continue
@@ -287,7 +284,7 @@ def _meta_graph(message: Message, meta: Field, keras_json: list[str]) -> dict[st
                 elif info.number == 5:
                     version = message.text(info)
         elif field.number == 2:
-            _count_ops(message, field, ops, outputs)
+            _count_ops(message, field, ops, outputs, saver)
         elif field.number == 5:
             signatures.extend(message.text(k) for k in _sub(message, field) if k.number == 1)
         elif field.number == 7:
@@ -305,44 +302,55 @@ def _meta_graph(message: Message, meta: Field, keras_json: list[str]) -> dict[st
     return found
 
 
-def _sub(message: Message, field: Field) -> list[Field]:
-    """A LEN field's own fields (only the LEN ones: every sub-message walked here is one)."""
-    return [f for f in message.fields(field.start, field.end) if f.wire == WireType.LEN]
+_sub = _tf_saver.sub
 
 
 def _count_ops(
-    message: Message, graph_def: Field, ops: Counter[str], outputs: list[dict[str, str]]
+    message: Message,
+    graph_def: Field,
+    ops: Counter[str],
+    outputs: list[dict[str, str]],
+    saver: _tf_saver.Saver,
 ) -> None:
     """Ops of the graph's nodes and of every function in its library, and where the ops of
     ``OUTPUT_ATTRS`` write (a node's ``attr`` map is field 5, entries ``{key 1, value 2}``),
-    and the ``SAVER_OPS`` outside the saver's own function or graph scope."""
-    nodes: list[tuple[Field, bool | None]] = []  # each node; in the saver's function?
+    and the ``SAVER_OPS`` that are not the saver's own."""
+    nodes: list[tuple[Field, str, str]] = []  # each node: (field, "node" or "function", name)
     for field in _sub(message, graph_def):
         if field.number == 1:
-            nodes.append((field, None))  # a graph node: the saver's by its scope
+            nodes.append((field, "node", ""))
         elif field.number == 2:
             for function in _sub(message, field):
                 if function.number == 1:
-                    in_saver = _function_name(message, function).startswith(_SAVER_FUNCTION)
-                    nodes.extend((f, in_saver) for f in _sub(message, function) if f.number == 3)
-    for node, saver in nodes:
-        in_function = saver is not None
+                    name = _function_name(message, function)
+                    nodes.extend(
+                        (f, "function", name) for f in _sub(message, function) if f.number == 3
+                    )
+    graph = _tf_saver.Graph()
+    writers: list[tuple[str, str, str]] = []  # (op, "node" or "function", its name)
+    for node, kind, name in nodes:
         parts = _sub(message, node)
-        names = [message.text(part, 256) for part in parts if part.number == 2]
-        for op in names:
-            ops[op] += 1
+        names: list[str] = []
+        inputs: list[str] = []
+        for part in parts:
+            if part.number == 2:
+                names.append(message.text(part, 256))
+            elif part.number == 3 and kind == "node":
+                inputs.append(message.text(part))
+            elif part.number == 1 and kind == "node":
+                name = _tf_saver.node_name(message.text(part))
+        ops.update(names)
+        called = [*names[-1:], *_called(message, parts)]
+        graph.add(name if kind == "node" else None, inputs, called, saver)
         attr = OUTPUT_ATTRS.get(names[-1]) if names else None
         if attr is not None:
             outputs.extend(_outputs(message, names[-1], attr, parts))
         elif names and names[-1] in SAVER_OPS:
-            if saver is None:
-                node_name = next((message.text(p, 256) for p in parts if p.number == 1), "")
-                saver = _SAVER_SCOPE.match(node_name) is not None
-            if not saver:
-                outputs.append({"op": names[-1], "to": ""})
-        called = [*names[-1:], *_called(message, parts)] if in_function else []
-        if any(name.startswith(_SAVER_FUNCTION) for name in called):
-            outputs.append({"op": "SaveV2", "to": ""})  # a function calls the saver's
+            writers.append((names[-1], kind, name))
+    own_nodes, own_functions = _tf_saver.trusted(saver, graph)
+    for op, kind, name in writers:
+        if name not in (own_nodes if kind == "node" else own_functions):
+            outputs.append({"op": op, "to": ""})
 
 
 def _called(message: Message, parts: list[Field]) -> list[str]:
