@@ -391,27 +391,9 @@ class PlainDtype:
     name: str  # modelport's (torch's) dtype name; "" for objects
 
 
-_PLAIN_CODES: Final = {
-    "b1": "bool",
-    "i1": "int8",
-    "u1": "uint8",
-    "i2": "int16",
-    "u2": "uint16",
-    "i4": "int32",
-    "u4": "uint32",
-    "i8": "int64",
-    "u8": "uint64",
-    "f2": "float16",
-    "f4": "float32",
-    "f8": "float64",
-    "c8": "complex64",
-    "c16": "complex128",
-}
-
-
 def _plain_spellings() -> dict[str, PlainDtype]:
     table = {"|O": PlainDtype("O", 8, "|", "")}
-    for code, name in _PLAIN_CODES.items():
+    for code, name in dtypes.NUMPY_CODES.items():
         size = int(code[1:])
         orders = ("|",) if size == 1 else ("<", ">")
         for order in orders:

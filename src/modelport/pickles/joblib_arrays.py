@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any, Final
 
+from modelport import dtypes
 from modelport.errors import CorruptFileError
 from modelport.pickles.interface import Value, fill
 from modelport.pickles.policy import PASSED_ON
@@ -113,9 +114,8 @@ def _dtype_size(dtype: Any, depth: int = 0) -> tuple[int, bool]:
 # The spellings numpy pickles for plain dtypes (``kind`` + itemsize), read without importing
 # numpy, which costs a scanning process a quarter of a second: (kind, itemsize).
 _PLAIN_SPECS: Final = {
-    **{f"{kind}{size}": (kind, size) for kind in "iu" for size in (1, 2, 4, 8)},
-    **{f"f{size}": ("f", size) for size in (2, 4, 8)},
-    **{"b1": ("b", 1), "c8": ("c", 8), "c16": ("c", 16), "O8": ("O", 8)},
+    **{code: (code[0], int(code[1:])) for code in dtypes.NUMPY_CODES},
+    "O8": ("O", 8),
 }
 
 
