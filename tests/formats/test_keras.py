@@ -222,6 +222,22 @@ def test_deflated_archive_reads_through_h5py(tmp_path: Path) -> None:
     assert sorted(loaded) == sorted(n for n in expected if not n.startswith("optimizer/"))
 
 
+@pytest.mark.parametrize("compression", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_bzip2_and_lzma_archives_read_as_keras_reads_them(tmp_path: Path, compression: int) -> None:
+    """Keras opens archives with Python's zipfile, which inflates bzip2 and LZMA members too:
+    a re-zipped archive is read, and its Lambda layer judged, not refused as damaged."""
+    path = tmp_path / "model.keras"
+    weights = write_keras(path, compression=compression)
+    assert_matches(path, oracle(weights))
+    write_keras(path, compression=compression, config=model_config(with_lambda=True))
+    with zipfile.ZipFile(path) as zf:
+        assert json.loads(zf.read("config.json"))["config"]["layers"][2]["class_name"] == "Lambda"
+    report = modelport.scan(path)
+    assert report.verdict == "unsafe"
+    high = [f.rule for f in report.files[0].findings if f.severity.value == "high"]
+    assert high == ["keras-lambda"]
+
+
 def test_lambda_and_custom_objects_are_reported(tmp_path: Path) -> None:
     """Shapes as Keras 3.15 writes them: a Functional root (a built-in with a registered
     name), custom layers with ``"module": null``, a lambda activation as a bare dump."""

@@ -16,8 +16,8 @@ Layout (keras/src/saving/saving_lib.py, ``_save_model_to_fileobj``):
 Keras writes every member STORED (``zipfile.ZipFile`` defaults), so the weights file is a
 plain byte range of the archive: h5py opens it through a read-only window onto that range,
 and contiguous datasets become zero-copy storages at ``member offset + dataset offset``. A
-deflated weights member (re-zipped by another tool) is inflated into memory (bounded) and
-its datasets are read through h5py.
+compressed weights member (re-zipped by another tool: deflate, bzip2 or LZMA, the methods
+``zipfile`` reads) is inflated into memory (bounded) and its datasets are read through h5py.
 
 Edge cases: Python's ``zipfile`` (what Keras uses) takes the LAST member of a duplicated
 name, so this reader does too and warns; Lambda layers and serialized lambdas (code Keras
@@ -41,7 +41,7 @@ from modelport.formats._hdf5_raw import (
     find_superblock,
     read_superblock,
 )
-from modelport.formats._zip import ZipDirectory, ZipEntry
+from modelport.formats._zip import ZIPFILE_METHODS, ZipDirectory, ZipEntry
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
 
 CONFIG = "config.json"
@@ -63,7 +63,9 @@ def sniff(probe: Probe) -> bool:
     if entry is None or entry.size > limits.MAX_KERAS_SNIFF_METADATA:
         return False
     try:
-        return b'"keras_version"' in directory.read_member(entry, limits.MAX_KERAS_SNIFF_METADATA)
+        return b'"keras_version"' in directory.read_member(
+            entry, limits.MAX_KERAS_SNIFF_METADATA, ZIPFILE_METHODS
+        )
     except ModelportError:
         return False
 
@@ -136,7 +138,9 @@ def read(path: Path, probe: Probe) -> Contents:
 
 def _json_member(directory: ZipDirectory, entry: ZipEntry, limit: int, path: Path) -> Any:
     try:
-        return _keras_config.parse_json(directory.read_member(entry, limit), entry.name)
+        return _keras_config.parse_json(
+            directory.read_member(entry, limit, ZIPFILE_METHODS), entry.name
+        )
     except CorruptFileError as exc:
         raise CorruptFileError(str(exc), path=path) from None
 
@@ -168,7 +172,7 @@ def _read_weights(
         place = hdf5.Place(path, start, size)
     else:
         # Inflated once and held while tensors may still be read through h5py.
-        data = directory.read_member(entry, limits.MAX_KERAS_INFLATED_WEIGHTS)
+        data = directory.read_member(entry, limits.MAX_KERAS_INFLATED_WEIGHTS, ZIPFILE_METHODS)
 
         def raw(offset: int, length: int) -> bytes:
             return data[offset : offset + length]
