@@ -71,6 +71,8 @@ MAX_PICKLE_NESTING: Final = 16
 MAX_KERAS_INFLATED_WEIGHTS: Final = 2 << 30
 # Tar headers walked in a torch 0.x save (it has five members).
 MAX_TAR_HEADERS: Final = 64
+# The data of one pax or GNU long-name tar header, which tarfile reads whole: a few records.
+MAX_TAR_HEADER_DATA: Final = 1 << 20
 
 # -- headers and metadata read into memory ------------------------------------------------------
 # A safetensors header: the reference library's own cap (also DCP's safetensors shards).

@@ -168,9 +168,9 @@ def _pax_record(key: str, value: str) -> bytes:
     return f"{length}{body}".encode()
 
 
-def _legacy_members() -> bytes:
-    """torch 0.1-0.3's benign members, ustar headers, no end blocks yet."""
-    return b"".join(_tar_member(name, data) for name, data in legacy_tar_members())
+def _legacy_members(skip: bytes = b"") -> bytes:
+    """torch 0.1-0.3's benign members but ``skip``, ustar headers, no end blocks yet."""
+    return b"".join(_tar_member(n, data) for n, data in legacy_tar_members() if n != skip)
 
 
 def _benign_storages() -> bytes:
@@ -179,20 +179,24 @@ def _benign_storages() -> bytes:
 
 def _contiguous_storages(marker: Path | None) -> bytes:
     """A second ``storages`` member of type '7' (contiguous file): tarfile reads it as a
-    regular file and torch extracts the last member of a name. The twin's copy is benign."""
+    regular file and torch extracts the last member of a name. The twin's is its only
+    ``storages`` (a name listed twice is suspicious in itself), benign."""
     later = _benign_storages() if marker is None else shell2(marker)
-    return _legacy_members() + _tar_member(b"storages", later, b"7") + _END
+    earlier = _legacy_members(b"storages" if marker is None else b"")
+    return earlier + _tar_member(b"storages", later, b"7") + _END
 
 
 def _pax_sized_storages(marker: Path | None) -> bytes:
     """A pax header gives member ``junk`` size 0 while its ustar size covers a second
-    ``storages`` member: tarfile honours the pax size and reads that member next."""
+    ``storages`` member: tarfile honours the pax size and reads that member next. The
+    twin's hidden member is its only ``storages``, benign."""
     later = _benign_storages() if marker is None else shell2(marker)
+    earlier = _legacy_members(b"storages" if marker is None else b"")
     hidden = _tar_member(b"storages", later)
     records = _pax_record("size", "0")
     pax = _tar_member(b"././@PaxHeader", records, b"x")
     junk = _sealed(_tar_header(b"junk", len(hidden), ustar=True))
-    return _legacy_members() + pax + junk + hidden + _END
+    return earlier + pax + junk + hidden + _END
 
 
 # -- joblib's ZF format and dotted names -----------------------------------------------------------

@@ -1,114 +1,144 @@
-"""Tar headers as Python's ``tarfile`` reads them (torch 0.1-0.3 saved checkpoints as tars;
-``torch.load`` still tries a tar before a pickle): what a header is, and the regular members
-a run of bytes holds. Bytes only: nothing here reads a member's content.
+"""Tars as Python's ``tarfile`` reads them (torch 0.1-0.3 saved checkpoints as tars;
+``torch.load`` still tries a tar before a pickle): whether bytes open as one, and the
+members it lists. ``tarfile`` itself decides both, so every header quirk it accepts (a
+checksum in base-256 or spelled ``+0123``, pax records framed by their length, the last
+``path`` record winning, GNU long names) is read as the loader reads it. Headers only:
+nothing here reads a member's content or extracts anything.
 
-Layout (POSIX.1-1988 ustar, pax): 512-byte header blocks; the name at bytes 0..100, the
-size in octal (or base-256 past 8 GiB) at 124..136, the checksum at 148..156, the type flag
-at 156 (``0`` or NUL a regular file, ``x`` a pax header for the next member), ``ustar`` at
-257, a name prefix at 345..500; each member's data padded to a whole block.
+Layout (POSIX.1-1988 ustar, pax, GNU, V7): 512-byte header blocks, each member's data
+padded to a whole block; a pax ``x`` header renames or resizes the next member; the list
+ends at a zero block or at the first header that does not parse.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import posixpath
+import tarfile
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from modelport import limits
+from modelport.errors import CorruptFileError
 
-TAR_BLOCK = 512
-TAR_MAGIC = b"ustar"
-TAR_MAGIC_AT = 257
+TAR_BLOCK = tarfile.BLOCKSIZE
+# What the loader's tarfile decodes names with (torch passes no encoding): the default.
+_ENCODING = tarfile.ENCODING
+_ERRORS = "surrogateescape"
 
 
 def is_tar(head: bytes | memoryview) -> bool:
-    """A tar header as Python's ``tarfile`` (torch's legacy loader) accepts it: ustar/PAX
-    magic at byte 257, or the old V7 layout, which has no magic and is known only by the
-    checksum of its 512-byte header."""
-    header = bytes(head[:TAR_BLOCK])
-    if header[TAR_MAGIC_AT : TAR_MAGIC_AT + len(TAR_MAGIC)] == TAR_MAGIC:
-        return True
-    if len(header) < TAR_BLOCK or header == bytes(TAR_BLOCK):
+    """Whether ``tarfile.open(mode="r:")`` (torch's legacy loader) takes the bytes for a tar:
+    its first header parses, checksum included, by tarfile's own reading."""
+    try:
+        tarfile.TarInfo.frombuf(bytes(head[:TAR_BLOCK]), _ENCODING, _ERRORS)
+    except tarfile.HeaderError:
         return False
-    field = header[148:156].split(b"\0", 1)[0].strip()
-    if not field or any(c not in b"01234567" for c in field):
-        return False
-    blanked = header[:148] + b" " * 8 + header[156:]
-    unsigned = sum(blanked)
-    signed = sum(b - 256 if b > 127 else b for b in blanked)
-    return int(field, 8) in (unsigned, signed)
+    return True
 
 
 @dataclass(frozen=True)
 class TarMember:
+    """One member as ``tarfile`` lists it. ``plain`` when the bytes at ``offset`` are what
+    ``extractfile`` returns: a regular file, not sparse; ``kind`` says what it is else."""
+
     name: str
     offset: int
     size: int
+    plain: bool
+    kind: str
+    linkname: str = ""
 
 
-# What ``tarfile`` takes for a regular file (REGULAR_TYPES less GNU sparse), and the header
-# types it reads that change what follows (GNU long names, global pax, sparse maps): a walk
-# that meets one of those cannot say where tarfile puts the members.
-_REGULAR = (b"0", b"\0", b"7")
-_NOT_WALKED = (b"g", b"L", b"K", b"S")
+@dataclass(frozen=True)
+class TarListing:
+    """A tar's members in order, and the names it holds more than once (``getmember``
+    and ``extract`` take the last copy of a name)."""
+
+    members: tuple[TarMember, ...]
+
+    @property
+    def duplicates(self) -> list[str]:
+        """Paths more than one member names (``pickle``, ``./pickle``): extracted, the
+        last copy wins; ``getmember`` takes the last of an exact name."""
+        counts = Counter(posixpath.normpath(m.name) for m in self.members)
+        return [name for name, n in counts.items() if n > 1]
+
+    def get(self, name: str) -> TarMember | None:
+        """The member ``tarfile.getmember(name)`` returns: the last of that name."""
+        wanted = name.rstrip("/")
+        return next((m for m in reversed(self.members) if m.name == wanted), None)
 
 
-def tar_members(data: bytes | memoryview) -> list[TarMember]:
-    """The regular members of a tar held in ``data`` (a pax ``path`` renames the next one)."""
-    return tar_layout(data)[0]
-
-
-def tar_layout(data: bytes | memoryview) -> tuple[list[TarMember], str | None]:
-    """The regular members, and why the walk may differ from ``tarfile``'s (a header type
-    it reads differently), or None. A pax ``size`` resizes the next member as in tarfile."""
+def list_tar(
+    data: bytes | memoryview,
+    *,
+    limit: int = limits.MAX_TAR_HEADERS,
+    whole: bool = True,
+    path: Path | None = None,
+) -> TarListing:
+    """Every member ``tarfile`` lists in ``data``, up to ``limit`` of them. ``whole``: the
+    bytes are the whole file, so any error tarfile raises while listing is the loader's
+    too; otherwise they are a file's first bytes, and the list ends where they do."""
     members: list[TarMember] = []
-    pos = 0
-    rename: str | None = None
-    resize: int | None = None
-    for _ in range(limits.MAX_TAR_HEADERS):
-        header = bytes(data[pos : pos + TAR_BLOCK])
-        if len(header) < TAR_BLOCK or header == bytes(TAR_BLOCK):
-            break
-        if not is_tar(header):
-            break
-        size = _tar_size(header[124:136])
-        if size is None:
-            break
-        name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
-        kind = header[156:157]
-        start = pos + TAR_BLOCK
-        if kind in _NOT_WALKED:
-            return members, f"tar header type {kind!r}, which tarfile reads differently"
-        if kind == b"x":
-            records = bytes(data[start : start + min(size, 1 << 16)])
-            rename = _pax_field(records, b"path") or rename
-            given = _pax_field(records, b"size")
-            resize = int(given) if given is not None and given.isdigit() else resize
-            pos = start + -(-size // TAR_BLOCK) * TAR_BLOCK
-            continue
-        size = size if resize is None else resize
-        if kind in _REGULAR:
-            members.append(
-                TarMember(rename or (f"{prefix}/{name}" if prefix else name), start, size)
-            )
-        rename, resize = None, None
-        pos = start + -(-size // TAR_BLOCK) * TAR_BLOCK
-    return members, None
-
-
-def _tar_size(field: bytes) -> int | None:
-    if field[:1] and field[0] & 0x80:  # base-256 for sizes past 8 GiB
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
     try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        return None
+        with tarfile.open(fileobj=_HeldBytes(data), mode="r:") as archive:
+            while len(members) <= limit and (info := archive.next()) is not None:
+                members.append(_member(info))
+    except (tarfile.TarError, ValueError) as exc:
+        if whole or not members:
+            raise CorruptFileError(f"tarfile does not read the tar: {exc}", path=path) from None
+    if len(members) > limit:
+        raise CorruptFileError(f"the tar holds more than {limit} members", path=path)
+    return TarListing(tuple(members))
 
 
-def _pax_field(records: bytes, wanted: bytes) -> str | None:
-    for line in records.split(b"\n"):
-        _, _, field = line.partition(b" ")
-        key, _, value = field.partition(b"=")
-        if key == wanted:
-            return value.decode("utf-8", "replace")
-    return None
+def _member(info: tarfile.TarInfo) -> TarMember:
+    if info.isreg():
+        kind = "file" if info.sparse is None else "sparse file"
+    else:
+        kind = "link" if info.islnk() or info.issym() else "folder" if info.isdir() else "device"
+    return TarMember(info.name, info.offset_data, info.size, kind == "file", kind, info.linkname)
+
+
+class _HeldBytes(io.RawIOBase):
+    """Bytes already held (a map of the file), read by tarfile without a copy of them all."""
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        super().__init__()
+        self._data = data
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: len(self._data)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        """At most what is held: a header's claimed size allocates nothing. tarfile reads a
+        pax or GNU long-name header's data whole; past a limit the listing stops."""
+        end = len(self._data) if size is None or size < 0 else self._pos + size
+        if end - self._pos > limits.MAX_TAR_HEADER_DATA:
+            raise tarfile.ReadError(
+                f"a tar header's data of {end - self._pos:,} bytes is past modelport's limit "
+                f"of {limits.MAX_TAR_HEADER_DATA:,}"
+            )
+        chunk = bytes(self._data[self._pos : end])
+        self._pos += len(chunk)
+        return chunk
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        chunk = self.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)

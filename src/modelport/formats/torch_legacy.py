@@ -53,7 +53,7 @@ from modelport.formats._legacy_stream import (
     storage_dtype,
     text_of,
 )
-from modelport.formats._tar import TAR_BLOCK, TarMember, tar_layout, tar_members
+from modelport.formats._tar import TarListing, TarMember, list_tar
 from modelport.formats._torch_magic import is_magic_number as is_magic_number
 from modelport.formats._torch_magic import opens_with_magic
 from modelport.formats.protocol import Contents, Format, FormatReader, Probe
@@ -74,9 +74,13 @@ def sniff(probe: Probe) -> bool:
 
 # -- tar layout -------------------------------------------------------------------------------
 def _is_tar(head: bytes) -> bool:
-    """A tar whose first member is one of the legacy layout's (torch writes sys_info first)."""
-    members = tar_members(head[: 4 * TAR_BLOCK])
-    return bool(members) and members[0].name in TAR_MEMBERS
+    """A tar, as tarfile reads it, that lists a member of the legacy layout in its first
+    bytes (torch writes sys_info first; torch.load reads the members by name)."""
+    try:
+        listing = list_tar(head, whole=False)
+    except CorruptFileError:
+        return False
+    return any(m.name in TAR_MEMBERS for m in listing.members)
 
 
 class _Cursor:
@@ -130,16 +134,33 @@ def tar_pickle_spans(path: Path) -> tuple[list[PickleSpan], str | None]:
     return spans, None
 
 
-def _read_tar(path: Path, data: memoryview, spans: list[PickleSpan] | None = None) -> Contents:
-    listed, odd = tar_layout(data)
-    if odd is not None:
-        raise CorruptFileError(f"legacy torch tar not walked: {odd}", path=path)
-    members = {m.name: m for m in listed}
-    for name, member in members.items():
-        check_data(member.offset + member.size, len(data), f"tar member {name!r}", path)
-    missing = [n for n in TAR_MEMBERS[1:] if n not in members]
+def layout_members(listing: TarListing, path: Path) -> dict[str, TarMember]:
+    """The members torch reads by name (``tar.extract``, ``tar.extractfile``: the last of a
+    name), each one whose bytes are its content; a link, folder or sparse file under a
+    layout name is refused, for tarfile would hand torch another member's bytes or none."""
+    chosen: dict[str, TarMember] = {}
+    for name in TAR_MEMBERS:
+        member = listing.get(name)
+        if member is None:
+            continue
+        if not member.plain:
+            raise CorruptFileError(
+                f"legacy torch tar member {name!r} is a {member.kind}, not a plain file: "
+                "tarfile would give torch other bytes than its own; not read",
+                path=path,
+            )
+        chosen[name] = member
+    missing = [n for n in TAR_MEMBERS[1:] if n not in chosen]
     if missing:
         raise CorruptFileError(f"legacy torch tar has no {missing[0]!r} member", path=path)
+    return chosen
+
+
+def _read_tar(path: Path, data: memoryview, spans: list[PickleSpan] | None = None) -> Contents:
+    listing = list_tar(data, path=path)
+    members = layout_members(listing, path)
+    for name, member in members.items():
+        check_data(member.offset + member.size, len(data), f"tar member {name!r}", path)
     sys_info: dict[str, Any] = {}
     if "sys_info" in members:
         sys_info = check_sys_info(_Cursor(data, members["sys_info"], path, spans).pickle(), path)
@@ -160,7 +181,13 @@ def _read_tar(path: Path, data: memoryview, spans: list[PickleSpan] | None = Non
 
     tree = _Cursor(data, members["pickle"], path, spans).pickle(load)
     details = {"layout": "tar", "sys_info": sys_info, "storages": storage_count}
-    return Contents(Format.TORCH_LEGACY, tree, details=details, code=sources.code)
+    warnings = [
+        f"the tar holds more than one member at {name!r}: the last copy is read, as torch does"
+        for name in listing.duplicates
+    ]
+    return Contents(
+        Format.TORCH_LEGACY, tree, details=details, code=sources.code, warnings=warnings
+    )
 
 
 def _tar_storages(cursor: _Cursor, objects: dict[int, Any]) -> int:

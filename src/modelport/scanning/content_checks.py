@@ -9,9 +9,12 @@ files of the machine. The readers record these without acting on them; this modu
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 from collections.abc import Sequence
-from pathlib import Path, PurePath
+from pathlib import Path, PurePath, PurePosixPath
+from types import ModuleType
 from typing import Any
 
 from modelport import limits
@@ -22,8 +25,12 @@ from modelport.scanning import hf_code, templates
 from modelport.scanning.findings import Finding
 from modelport.severity import Severity
 
-# Suffixes of the text loaders read for code names (JSON configurations) or render (Jinja).
-_READ_FOR_CODE = frozenset((".json", ".jinja"))
+# Text a model loader reads for what it makes it do: configs name code, templates render.
+LOADER_TEXT = frozenset((".json", ".jinja", ".jinja2", ".yaml", ".yml"))
+# Suffixes of the text loaders read for code names (JSON and YAML configurations) or render
+# (Jinja).
+_READ_FOR_CODE = frozenset((".json", ".jinja", ".yaml", ".yml"))
+_YAML = frozenset((".yaml", ".yml"))
 
 
 def findings(contents: Contents) -> list[Finding]:
@@ -91,21 +98,48 @@ def text_findings(path: Path, aliases: Sequence[Path] = ()) -> list[Finding]:
     files such as ``chat_template.jinja`` and ``additional_chat_templates/*.jinja``, and the
     ``chat_template`` entries of JSON files: ``tokenizer_config.json``, ``chat_template.json``,
     ``processor_config.json``), the code Hugging Face configurations name (``auto_map``,
-    ``modules.json``, ``model_index.json``: see ``hf_code``), and ``.py`` files. The rules
-    that go by name apply under every name that reaches the file: ``aliases`` are the other
-    paths (links) a loader may open it by; the bytes are read once."""
+    ``modules.json``, ``model_index.json``: see ``hf_code``), the code YAML configurations
+    name (``yaml_configs``), and ``.py`` files. The rules that go by name apply under every
+    name that reaches the file: ``aliases`` are the other paths (links) a loader may open it
+    by; the bytes are read once."""
     names = list(dict.fromkeys([path, *aliases]))
     found = [hf_code.python_file(name) for name in names if name.suffix == ".py"]
-    others = [name for name in names if name.suffix != ".py"]
+    others = [name.name for name in names if name.suffix != ".py"]
     if not others:
         return found
     size = path.stat().st_size
     if size > limits.MAX_TEMPLATE_TEXT_BYTES:
         return found + _too_long(others, size)
-    text = path.read_bytes().decode("utf-8", "replace")
-    for name in dict.fromkeys(n.name for n in others if n.suffix == ".jinja"):
+    return found + _loader_text(others, path.read_bytes(), path.name)
+
+
+def member_text_findings(name: str, data: bytes | memoryview, member: str) -> list[Finding]:
+    """A text member of an archive that a loader reads from it (a ``.nemo``'s
+    ``model_config.yaml``), judged as the same file in a folder; ``member`` locates the
+    findings. No loader imports a ``.py`` member from an archive: it is named, as text."""
+    leaf = PurePosixPath(name)
+    if leaf.suffix == ".py":
+        message = f"Python source {name} in the archive: no model loader imports it from there"
+        return [Finding(Severity.INFO, "python-source", member, message)]
+    if leaf.suffix.lower() not in LOADER_TEXT:
+        return []
+    if len(data) > limits.MAX_TEMPLATE_TEXT_BYTES:
+        return _too_long([leaf.name], len(data))
+    return _loader_text([leaf.name], bytes(data), member)
+
+
+def _loader_text(names: list[str], data: bytes, member: str) -> list[Finding]:
+    """One text's findings under each of its file names: templates for ``.jinja``, the code
+    YAML configurations name for ``.yaml``/``.yml`` (``member`` locates those), and what a
+    JSON document holds for the rest."""
+    text = data.decode("utf-8", "replace")
+    found = []
+    for name in dict.fromkeys(n for n in names if n.endswith(".jinja")):
         found += _template(name, text)
-    json_names = list(dict.fromkeys(n.name for n in others if n.suffix != ".jinja"))
+    if any(PurePosixPath(n).suffix.lower() in _YAML for n in names):
+        judged: list[Finding] = _yaml_configs().findings(data, member)
+        found += judged
+    json_names = [n for n in dict.fromkeys(names) if _is_json_name(n)]
     if not json_names:
         return found
     try:
@@ -118,11 +152,20 @@ def text_findings(path: Path, aliases: Sequence[Path] = ()) -> list[Finding]:
     return found
 
 
-def _too_long(names: list[Path], size: int) -> list[Finding]:
-    """A JSON file or template past the limit of text read: loaders read it whole (json.loads
-    skips any padding), so what it names cannot be left unjudged. Other long text (a README,
-    a vocabulary) is no loader's code or template."""
-    read = [name.name for name in names if name.suffix in _READ_FOR_CODE]
+def _is_json_name(name: str) -> bool:
+    return not name.endswith(".jinja") and PurePosixPath(name).suffix.lower() not in _YAML
+
+
+@functools.cache  # a scan of YAML needs PyYAML and the pickle rule; nothing else does
+def _yaml_configs() -> ModuleType:
+    return importlib.import_module("modelport.scanning.yaml_configs")
+
+
+def _too_long(names: list[str], size: int) -> list[Finding]:
+    """A JSON or YAML file or template past the limit of text read: loaders read it whole
+    (json.loads skips any padding), so what it names cannot be left unjudged. Other long
+    text (a README, a vocabulary) is no loader's code or template."""
+    read = [name for name in names if PurePosixPath(name).suffix.lower() in _READ_FOR_CODE]
     if not read:
         return []
     return [
@@ -132,8 +175,9 @@ def _too_long(names: list[Path], size: int) -> list[Finding]:
             read[0],
             f"{read[0]} holds {size} bytes, more than the {limits.MAX_TEMPLATE_TEXT_BYTES} "
             "bytes of configuration or template text modelport reads: the code it may name "
-            "(auto_map and the other keys loaders import code from) and the templates it may "
-            "hold were not analysed, though loaders read it whole; find out why it is so large",
+            "(auto_map, _target_ and the other keys loaders import code from) and the "
+            "templates it may hold were not analysed, though loaders read it whole; find out "
+            "why it is so large",
         )
     ]
 

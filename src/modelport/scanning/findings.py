@@ -52,6 +52,10 @@ FIXES: dict[str, str] = {
     "remote-code": "read the named code before loading with trust_remote_code=True",
     "config-torch-call": "do not load this model: its loader calls the torch function the "
     "configuration names, with no trust_remote_code asked",
+    "config-target": "read what the configuration names before its loader instantiates it "
+    "(Hydra, NeMo, LightningCLI import and call it)",
+    "yaml-python-tag": "load this YAML only with yaml.safe_load; its python/ tags build objects",
+    "yaml-unparsed": "find out why the YAML does not parse before a loader reads it",
     "zip-path-traversal": "do not extract this archive",
     "zip-bomb": "do not extract this archive",
     "not-analysed": "",

@@ -1,5 +1,6 @@
 """Files with no model reading, judged for what they are: raw tensor bytes a TensorFlow
-``.index`` names, a file a loader reads for what it makes it do (a config, a chat template),
+``.index`` names, a file a loader reads for what it makes it do (a JSON or YAML config, a
+chat template: ``content_checks`` judges what each names or renders),
 a model's companion in a folder (tokenizer data), or else not a model at all, an error that
 says what it is (a Git LFS pointer, a web page), never ``safe``. Imported by the scanner only
 for such files."""
@@ -13,8 +14,6 @@ from modelport.scanning.scan_state import ScanState
 
 _SNIFF = 1 << 16
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
-# Text a model loader reads for what it makes it do: configs name code, templates render.
-_LOADER_TEXT = frozenset((".json", ".jinja", ".jinja2", ".yaml", ".yml"))
 # Binary files a model folder carries beside its weights, which tokenizer libraries parse
 # as data (sentencepiece protobufs, tiktoken ranks).
 _TOKENIZER_DATA = frozenset((".model", ".spm", ".tiktoken", ".bpe"))
@@ -52,7 +51,7 @@ def scan_unrecognised(scan: ScanState) -> None:
         found = content_checks.text_findings(scan.path, scan.aliases)
         scan.findings.extend(found)
         serious = any(f.severity is not Severity.INFO for f in found)
-        if serious or scan.in_folder or suffix in _LOADER_TEXT:
+        if serious or scan.in_folder or suffix in content_checks.LOADER_TEXT:
             return
         scan.error("a text file that is not a model and that no model loader reads", "")
         return
