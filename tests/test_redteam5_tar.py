@@ -156,6 +156,17 @@ def test_every_member_of_a_legacy_tar_is_scanned(tmp_path: Path, marker: Path) -
     assert verdict == "unsafe" and "known-gadget" in rules, rules
 
 
+def test_a_config_beside_a_legacy_layout_is_judged_as_in_a_folder(tmp_path: Path) -> None:
+    """A YAML config packed beside torch's layout is text a loader reads once extracted:
+    judged as in a folder, not only by its bytes (which no pickle reading explains)."""
+    path = tmp_path / "model.pt"
+    config = b"model:\n  encoder: !!python/object/apply:os.system ['true']\n"
+    members = [*legacy_tar_members(), (b"model_config.yaml", config)]
+    path.write_bytes(b"".join(_tar_member(name, data) for name, data in members) + _END)
+    verdict, rules = _rules(path)
+    assert verdict == "unsafe" and "yaml-python-tag" in rules, rules
+
+
 def test_a_name_listed_twice_in_any_tar_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "model.nemo"
     with tarfile.open(path, "w") as archive:

@@ -5,15 +5,13 @@ nothing extracted."""
 
 from __future__ import annotations
 
-import tarfile
-from pathlib import Path
+from pathlib import PurePosixPath
 
 from modelport import limits
 from modelport.errors import ModelportError
 from modelport.formats import torch_legacy
-from modelport.formats._tar import TarListing, list_tar
+from modelport.formats._tar import TarListing, TarMember, list_tar
 from modelport.formats._zip import EOCD_SIGNATURE, LOCAL_SIGNATURE
-from modelport.formats.torch_legacy import PickleSpan
 from modelport.pickles.judging import scan_pickle
 from modelport.pickles.symbols import Severity
 from modelport.scanning import content_checks
@@ -27,15 +25,16 @@ def scan_tar(scan: ScanState) -> None:
     torch reads them, then every other member by content; any other tar member by member.
     The members are the ones ``tarfile`` lists, names as it reads them."""
     try:
-        listing = list_tar(scan.data, limit=limits.MAX_SCANNED_FILES)
-    except ModelportError:
-        scan_tar_members(scan)  # it names tarfile's own error
+        listing = list_tar(scan.data, limit=limits.MAX_SCANNED_FILES, path=scan.path)
+    except ModelportError as exc:
+        scan.format = scan.format if scan.format != "unknown" else "tar"
+        scan.error(f"the tar archive could not be read: {exc}", "")
         return
     _report_duplicates(scan, listing)
     _report_layout_links(scan, listing)
     spans, stopped = torch_legacy.tar_pickle_spans(scan.path)
     if stopped is not None and not spans:
-        scan_tar_members(scan)
+        _scan_members(scan, listing)
         return
     scan.format = scan.format if scan.format != "unknown" else "torch-legacy (tar)"
     for span in spans:
@@ -51,7 +50,9 @@ def scan_tar(scan: ScanState) -> None:
             scan.error(f"pickle at byte {span.start} could not be analysed: {exc}", label)
             continue
         scan.findings.extend(Finding.from_pickle(f, label) for f in result.findings)
-    _scan_unwalked(scan, listing, spans)
+    for member in listing.members:
+        if not any(member.offset <= s.start < member.offset + member.size for s in spans):
+            _scan_member(scan, member)  # a shadowed copy of a name, any extra member
     if stopped is not None:
         scan.error(f"the tar layout could not be walked to its end: {stopped}", "")
 
@@ -82,63 +83,34 @@ def _report_layout_links(scan: ScanState, listing: TarListing) -> None:
             )
 
 
-def _scan_unwalked(scan: ScanState, listing: TarListing, spans: list[PickleSpan]) -> None:
-    """Members of a 0.x layout its walk did not read (a shadowed copy of a name, any extra
-    member), each by content: another loader, or another reading of the names, reads them."""
-    for member in listing.members:
-        if any(member.offset <= s.start < member.offset + member.size for s in spans):
-            continue
-        if member.kind == "link":
-            scan.add(Severity.MEDIUM, "tar-link", member.name, f"a link to {member.linkname!r}")
-            continue
-        if not member.plain or not member.size:
-            continue
-        end = member.offset + member.size
-        if end > len(scan.data):
-            scan.error("the tar member runs past the end of the file", member.name)
-            continue
-        body = scan.data[member.offset : end]
-        label = f"{scan.path.name}!{member.name}"
-        if bytes(body[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
-            scan.scan_zip(label, 1, start=member.offset, length=member.size)
-        else:
-            scan.scan_member(body, label, 1, torch_archive=False, torchscript=False)
-
-
-def scan_tar_members(scan: ScanState) -> None:
-    """Any other tar (NeMo's ``.nemo``, a packed model folder): every regular member is
-    scanned by its content, zips in place, nothing extracted; the text a loader reads from
-    it (``model_config.yaml``, which NeMo's restore_from instantiates) as in a folder."""
+def _scan_members(scan: ScanState, listing: TarListing) -> None:
+    """Any other tar (NeMo's ``.nemo``, a packed model folder): every member by content,
+    zips in place, nothing extracted; the text a loader reads from it (``model_config.yaml``,
+    which NeMo's restore_from instantiates) as in a folder."""
     scan.format = scan.format if scan.format != "unknown" else "tar"
-    try:
-        with tarfile.open(scan.path, "r:") as archive:
-            members = archive.getmembers()
-    except (tarfile.TarError, OSError) as exc:
-        scan.error(f"the tar archive could not be read: {exc}", "")
+    for member in listing.members:
+        _scan_member(scan, member)
+
+
+def _scan_member(scan: ScanState, member: TarMember) -> None:
+    if member.kind == "link":
+        scan.add(Severity.MEDIUM, "tar-link", member.name, f"a link to {member.linkname!r}")
         return
-    if len(members) > limits.MAX_SCANNED_FILES:
-        scan.error(f"more than {limits.MAX_SCANNED_FILES:,} tar members", "")
+    if not member.plain or not member.size:
         return
-    for info in members:
-        if not info.isfile():
-            if info.issym() or info.islnk():
-                scan.add(Severity.MEDIUM, "tar-link", info.name, f"a link to {info.linkname!r}")
-            continue
-        if ".." in Path(info.name).parts or Path(info.name).is_absolute():
-            scan.add(
-                Severity.HIGH,
-                "tar-path-traversal",
-                info.name,
-                "member name escapes the archive",
-            )
-        end = info.offset_data + info.size
-        if end > len(scan.data):
-            scan.error("the tar member runs past the end of the file", info.name)
-            continue
-        body = scan.data[info.offset_data : end]
-        label = f"{scan.path.name}!{info.name}"
-        if bytes(body[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
-            scan.scan_zip(label, 1, start=info.offset_data, length=info.size)
-        elif body:
-            scan.scan_member(body, label, 1, torch_archive=False, torchscript=False)
-            scan.findings.extend(content_checks.member_text_findings(info.name, body, label))
+    name = PurePosixPath(member.name)
+    if ".." in name.parts or name.is_absolute():
+        scan.add(
+            Severity.HIGH, "tar-path-traversal", member.name, "member name escapes the archive"
+        )
+    end = member.offset + member.size
+    if end > len(scan.data):
+        scan.error("the tar member runs past the end of the file", member.name)
+        return
+    body = scan.data[member.offset : end]
+    label = f"{scan.path.name}!{member.name}"
+    if bytes(body[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
+        scan.scan_zip(label, 1, start=member.offset, length=member.size)
+        return
+    scan.scan_member(body, label, 1, torch_archive=False, torchscript=False)
+    scan.findings.extend(content_checks.member_text_findings(member.name, body, label))
