@@ -84,6 +84,19 @@ def test_the_red_teams_os_system_tag_is_unsafe(tmp_path: Path, marker: Path) -> 
     assert marker.exists()
 
 
+def test_a_config_whose_bytes_read_as_a_pickle_is_judged_as_yaml(
+    tmp_path: Path, marker: Path
+) -> None:
+    """``c`` opens pickle's GLOBAL: a config beginning ``callbacks:`` reads as a (broken)
+    pickle too, and its loader still reads it as YAML, tags and all."""
+    path = tmp_path / "config.yaml"
+    path.write_text(f'callbacks:\n  x: !!python/object/apply:os.system ["touch {marker}"]\n')
+    verdict, found = _scan(path)
+    assert (verdict, ("critical", "yaml-python-tag") in found) == ("unsafe", True), found
+    yaml.load(path.read_text(), Loader=yaml.Loader)  # the oracle
+    assert marker.exists()
+
+
 # -- case 4: Hydra's _target_ -----------------------------------------------------------------
 
 TOUCH = "pathlib.Path.touch"

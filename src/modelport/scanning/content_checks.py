@@ -251,6 +251,15 @@ def _external_reference(item: dict[str, str]) -> Finding:
     )
 
 
+def loader_text_findings(path: Path, aliases: Sequence[Path] = ()) -> list[Finding]:
+    """A config or template by name (``config.yaml``, ``tokenizer_config.json``) whose bytes
+    also read as a model: its loader reads it as text all the same, so it is judged as such."""
+    names = [path, *aliases]
+    if not any(name.suffix.lower() in LOADER_TEXT for name in names) or not is_text(path):
+        return []
+    return text_findings(path, aliases)
+
+
 def is_text(path: Path) -> bool:
     """Whether a file reads as UTF-8 text (no NUL in its first 4 KiB)."""
     with open(path, "rb") as handle:

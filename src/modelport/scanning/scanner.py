@@ -138,8 +138,7 @@ def scan_file(
 
 
 class _FileScanner(ScanState):
-    """One file's scan: its state, its readings, and the parts it reaches as its bytes call
-    for them."""
+    """One file's scan: its state, its readings, the parts its bytes call for."""
 
     def __init__(
         self,
@@ -200,6 +199,8 @@ class _FileScanner(ScanState):
             )
         if not readings:
             _part("other_files").scan_unrecognised(self)
+        else:
+            self.findings.extend(content_checks.loader_text_findings(self.path, self.aliases))
 
     def scan_readings(self) -> list[str]:
         data = self.data
