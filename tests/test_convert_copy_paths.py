@@ -1,6 +1,7 @@
-"""The byte paths of a plain conversion: ranges that do not line up are spliced through a
-pipe (or, where splicing is refused, copied through the buffer), and the read-back compares
-the source with a map of the written file (or, where it cannot be mapped, a read of it).
+"""The byte paths of a plain conversion: where the kernel's copy is refused, ranges are
+spliced through a pipe (or, where splicing is refused too, copied through the buffer), and
+the read-back compares the source with a map of the written file (or, where it cannot be
+mapped, a read of it).
 Each way must land every byte, and each comparison must see a single changed byte."""
 
 from __future__ import annotations
@@ -36,14 +37,24 @@ def _count_splices(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def _no_kernel_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``copy_file_range`` refused, as across file systems on kernels before 5.3."""
+
+    def refused(*args: Any) -> int:
+        raise OSError(errno.EXDEV, "across file systems")
+
+    monkeypatch.setattr(os, "copy_file_range", refused, raising=False)
+
+
 needs_splice = pytest.mark.skipif(not hasattr(os, "splice"), reason="Linux's os.splice")
 
 
 @needs_splice
 @pytest.mark.parametrize(("offset", "lead"), [(64, 8), (PAGE + 7, 3 * PAGE - 5), (0, 1)])
-def test_a_range_that_does_not_line_up_is_spliced_byte_for_byte(
+def test_without_the_kernel_copy_a_range_is_spliced_byte_for_byte(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offset: int, lead: int
 ) -> None:
+    _no_kernel_copy(monkeypatch)
     monkeypatch.setattr(streaming, "WRITE_STEP", 2 * PAGE)
     monkeypatch.setattr(streaming, "PIPE_SIZE", 4 * PAGE)  # several pipes' worth
     calls = _count_splices(monkeypatch)
@@ -62,6 +73,7 @@ def test_a_refused_pipe_size_copies_through_the_buffer(
     def refused(*args: Any) -> int:
         raise PermissionError(errno.EPERM, "no")
 
+    _no_kernel_copy(monkeypatch)
     monkeypatch.setattr(streaming.fcntl, "fcntl", refused)
     monkeypatch.setattr(streaming, "WRITE_STEP", 2 * PAGE)
     calls = _count_splices(monkeypatch)
@@ -76,6 +88,7 @@ def test_splice_refused_part_way_leaves_the_rest_to_the_buffer(
 ) -> None:
     """A file system that refuses splice after some bytes moved (bytes left in the pipe
     included) still gets every byte, once."""
+    _no_kernel_copy(monkeypatch)
     real = os.splice
     calls: list[int] = []
 
@@ -98,6 +111,7 @@ def test_splice_refused_part_way_leaves_the_rest_to_the_buffer(
 def test_a_spliced_source_that_ends_early_is_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _no_kernel_copy(monkeypatch)
     monkeypatch.setattr(streaming, "WRITE_STEP", 2 * PAGE)
     calls = _count_splices(monkeypatch)
     source, data = _source(tmp_path, 10 * PAGE)

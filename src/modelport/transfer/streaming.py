@@ -1,10 +1,9 @@
 """Moving tensor bytes in bounded memory: from a source file to an output file, or to a hash.
 
 Peak memory must not grow with the file, and mapped file pages count, so nothing here maps
-a whole file: contiguous ranges are copied in the kernel (``os.copy_file_range`` where
-source and output line up page for page, else ``os.splice`` through a pipe), or through one
-small reused buffer where neither works (``_copy_range`` says why); casts and strided views
-are done a chunk at a time.
+a whole file: contiguous ranges are copied in the kernel (``os.copy_file_range``, else
+``os.splice`` through a pipe), or through one small reused buffer where neither works
+(``_copy_range`` says why); casts and strided views are done a chunk at a time.
 Checking what was written (the comparison with the source, a zip member's CRC-32) is
 ``readback``'s job.
 """
@@ -37,7 +36,7 @@ RUNS_PER_BATCH = 1 << 16  # file offsets of a gathered block, computed this many
 WRITE_STEP = 64 << 10  # a copy writes the output in aligned blocks of this size (see _copy_range)
 COPY_BUFFER = 4 * WRITE_STEP  # read at a time; small enough to stay in the CPU's cache
 PAGE = mmap.PAGESIZE
-PIPE_SIZE = 1 << 20  # a spliced copy's pipe: Linux's largest for an unprivileged process
+PIPE_SIZE = 64 << 10  # a spliced copy's pipe (see _copy_range)
 # splice refused for these files (a file system without it): the buffer copies instead
 _NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV, errno.EBADF})
 
@@ -264,18 +263,13 @@ def write_tensor(
     the written range is then compared with its source and checksummed on the checking
     thread; otherwise the CRC is taken by re-reading the range from the page cache."""
     source = tensor.source
-    span = source.byte_range()
+    span = copied_span(tensor)
     start = os.lseek(handle.fileno(), 0, os.SEEK_CUR)
     output = getattr(handle, "name", None)
     if not isinstance(output, (str, os.PathLike)):
         output = None
     copied: readback.CopiedRange | None = None
-    if (
-        not tensor.is_cast
-        and span is not None
-        and source.storage is not None
-        and source.storage.path is not None
-    ):
+    if span is not None and source.storage is not None and source.storage.path is not None:
         _copy_range(source.storage.path, span[0], span[1], handle)
         advance(span[1])
         if output is not None:
@@ -292,6 +286,16 @@ def write_tensor(
         with _borrowed(readback.COMPARE_CHUNK) as buffer:
             crc = readback.crc32_of_range(handle, start, tensor.nbytes, buffer)
     return lambda: crc
+
+
+def copied_span(tensor: OutputTensor) -> tuple[int, int] | None:
+    """(offset, length) of the file range ``write_tensor`` copies unchanged into the output
+    for ``tensor``; None where its bytes are computed (a cast, a strided view, a storage not
+    stored flat in a file)."""
+    source = tensor.source
+    if tensor.is_cast or source.storage is None or source.storage.path is None:
+        return None
+    return source.byte_range()
 
 
 def _has_elements(tensor: OutputTensor) -> bool:
@@ -325,28 +329,28 @@ def _copy_range(path: os.PathLike[str] | str, offset: int, length: int, handle: 
     """Copy ``length`` bytes at ``offset`` of ``path`` to ``handle``'s position, and move
     that position past them.
 
-    ``os.copy_file_range`` is what ``cp`` uses: where the two ranges start at the same
-    place within a page it is as fast (or, where the file system shares blocks, instant).
-    Most tensors do not line up (a torch zip puts a header between entries, a safetensors
-    file packs them back to back), and then the kernel's copy writes every page it moves
-    as two pieces: 1.25-1.35x ``cp``'s time on ext4 for the same bytes. ``os.splice``
-    through a 1 MiB pipe is as fast as ``cp`` there (the pipe takes the source's cached
-    pages by reference; each is copied once, into the output's page cache: 0.33-0.37 s of
-    system time a GB, against cp's 0.34-0.38 and 0.43-0.56 for the buffer below, 2 GHz
-    ext4). Where a pipe that large or splicing is refused, the bytes go through a buffer
-    that stays in the CPU's cache and are written in blocks that each fill one aligned
+    ``os.copy_file_range`` is what ``cp`` uses, and the cheapest way found for every range
+    (4 GB torch zip to safetensors on ext4, Linux 6.18, CPU time against ``cp`` of the
+    same file, median of alternating rounds): where source and output start at the same
+    place within a page it costs what ``cp`` does (or nothing, where the file system
+    shares blocks); where they do not, 1.25-1.4x (each page it moves lands in two of the
+    output's). The alternatives for ranges that do not line up cost more: ``os.splice``
+    through a 64 KiB pipe 1.7x, through a 1 MiB pipe 2.4x (``perf``: the extra time is
+    the kernel's own memcpy), a read into a buffer and a write from it 1.8-2.1x (every
+    byte copied twice), writing from a map of the source 1.8x (its page faults). The
+    safetensors writer chooses where its data starts so that most bytes line up
+    (``safetensors_writer.data_start``).
+
+    Where the kernel's copy is refused (across file systems on older kernels, platforms
+    without it), the range goes through a pipe, and where that is refused too, through a
+    buffer that stays in the CPU's cache, written in blocks that each fill one aligned
     ``WRITE_STEP`` of the output, so the kernel allocates the output's page cache in
-    blocks of that size, as it does for ``cp``. Larger blocks are faster on an idle
-    machine but their allocation stalls when memory is short or fragmented; copying from a
-    mapped window of the source saves a copy but was 2-3x slower whenever the host was
-    busy."""
+    blocks of that size, as it does for ``cp``."""
     out_fd = handle.fileno()
     position = os.lseek(out_fd, 0, os.SEEK_CUR)
     with open(path, "rb") as source:
         in_fd = source.fileno()
-        done = 0
-        if (offset - position) % PAGE == 0:
-            done = _copy_in_kernel(in_fd, out_fd, offset, position, length)
+        done = _copy_in_kernel(in_fd, out_fd, offset, position, length)
         if length - done >= WRITE_STEP:  # below, a pipe's set-up costs more than it saves
             done += _copy_spliced(in_fd, out_fd, (offset + done, position + done), length - done)
         if done < length:
@@ -359,7 +363,7 @@ def _copy_range(path: os.PathLike[str] | str, offset: int, length: int, handle: 
 def _copy_spliced(in_fd: int, out_fd: int, at: tuple[int, int], length: int) -> int:
     """As much of the range as ``os.splice`` moves from ``at[0]`` of ``in_fd`` to ``at[1]``
     of ``out_fd`` through a ``PIPE_SIZE`` pipe; the rest (a source that ends early, a file
-    system without splice, a smaller pipe: no faster than the buffer) is the caller's."""
+    system without splice, a pipe that cannot be sized) is the caller's."""
     splice = getattr(os, "splice", None)  # Linux, Python 3.10+
     resize = getattr(fcntl, "F_SETPIPE_SZ", None)
     if splice is None or resize is None:
