@@ -7,7 +7,8 @@ below is what ``modelport scan`` and ``modelport inspect`` interpret in a real f
 state, a whole pickled ``nn.Module``), a numpy pickle, a joblib file, and the attack
 catalogue of the test suite. For each: microseconds per scan (``scan_pickle``, as the
 scanner calls it) and per read (``read_pickle`` with a torch storage loader), old and new,
-timed in turns (process CPU time, best of the rounds) so that a busy machine slows both.
+timed in turns within each round (process CPU time, best of the rounds), so that a busy
+machine slows each alike.
 The scan's "machine" column is the new machine alone, without the C unpickler's fast path
 (``pickles.fast_scan``) that "new" tries first.
 
@@ -17,6 +18,7 @@ Usage: python benchmarks/bench_pickle_machine.py [--rounds 15]
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import pickle
 import sys
@@ -88,14 +90,20 @@ def pickles() -> dict[str, bytes]:
     return found
 
 
-def best_of(action: Callable[[], Any], rounds: int, repeat: int) -> float:
-    best = float("inf")
+def best_of(actions: list[Callable[[], Any]], rounds: int, repeat: int) -> list[float]:
+    """Microseconds of CPU per call of each action, best of ``rounds``; the actions take
+    turns within each round, so that a machine busy for a while slows each of them alike.
+    Each turn starts with no garbage left by the one before: an action pays for collecting
+    its own, not another's."""
+    best = [float("inf")] * len(actions)
     for _ in range(rounds):
-        start = time.process_time()
-        for _ in range(repeat):
-            action()
-        best = min(best, time.process_time() - start)
-    return best / repeat * 1e6
+        for index, action in enumerate(actions):
+            gc.collect()
+            start = time.process_time()
+            for _ in range(repeat):
+                action()
+            best[index] = min(best[index], time.process_time() - start)
+    return [seconds / repeat * 1e6 for seconds in best]
 
 
 def scan_all(scan: Callable[..., Any], data: bytes) -> None:
@@ -141,13 +149,15 @@ def main() -> int:
     totals = [0.0] * 5
     for name, data in pickles().items():
         repeat = max(3, 20_000 // max(len(data), 1))
-        times = [
-            best_of(partial(scan_all, scan, data), args.rounds, repeat)
+        scans = [
+            partial(scan_all, scan, data)
             for scan in (old_judging.scan_pickle, machine_only, judging.scan_pickle)
-        ] + [
-            best_of(partial(read_all, reader, data), args.rounds, repeat)
+        ]
+        reads = [
+            partial(read_all, reader, data)
             for reader in (old_reading.read_pickle, reading.read_pickle)
         ]
+        times = best_of([*scans, *reads], args.rounds, repeat)
         totals = [t + x for t, x in zip(totals, times, strict=True)]
         print(f"{name:20s} {len(data):7d} | {row(times)}")
     print(f"{'all of them':20s} {'':7s} | {row(totals)}")

@@ -78,6 +78,11 @@ DENYLIST: Final[MappingProxyType[tuple[str, str], str]] = MappingProxyType(
         ("torch.serialization", "load"): _LOADER,
         ("torch.storage", "_load_from_bytes"): _LOADER,
         ("torch.jit", "load"): _LOADER,
+        ("torch", "load_config"): _LOADER,  # torch._dynamo.config, torch._inductor.config
+        **{
+            ("torch.utils.data.datapipes.datapipe", f"_{kind}SerializationWrapper"): _LOADER
+            for kind in ("DataPipe", "IterDataPipe", "MapDataPipe")
+        },
         ("torch.hub", "load"): "downloads and runs a repository's code",
         ("torch.hub", "load_state_dict_from_url"): _NET,
         ("shutil", "*"): _FILES,
@@ -92,6 +97,9 @@ DENYLIST: Final[MappingProxyType[tuple[str, str], str]] = MappingProxyType(
         ("httpx", "*"): _NET,
         ("webbrowser", "*"): "opens a browser",
         ("smtplib", "*"): _NET,
+        ("poplib", "*"): _NET,
+        ("imaplib", "*"): _NET,
+        ("nntplib", "*"): _NET,
         ("ftplib", "*"): _NET,
         ("telnetlib", "*"): _NET,
         ("signal", "*"): "changes process signal handling",
@@ -163,5 +171,14 @@ DENYLIST: Final[MappingProxyType[tuple[str, str], str]] = MappingProxyType(
 
 
 def gadget(module: str, name: str) -> str | None:
-    """What a known gadget does, or None. Module-wide entries end in ``*``."""
-    return DENYLIST.get((module, name)) or DENYLIST.get((module, "*"))
+    """What a known gadget does, or None. Module-wide entries end in ``*``. An entry names
+    its module's submodules too (``importlib`` + ``*`` is ``importlib.util``'s, ``joblib`` +
+    ``load`` is ``joblib.numpy_pickle.load``): a package's names are defined in its
+    submodules, and a pickle may name them there."""
+    parts = module.split(".")
+    for end in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:end])
+        found = DENYLIST.get((prefix, name)) or DENYLIST.get((prefix, "*"))
+        if found is not None:
+            return found
+    return None

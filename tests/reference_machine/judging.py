@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from modelport.errors import CorruptFileError, TruncatedFileError, UnparsedPickleError
-from modelport.pickles import joblib_arrays, policy
+from modelport.pickles import hooks, joblib_arrays, policy
 from modelport.pickles.interface import Limits, Step
 from modelport.pickles.records import ByteSpan
 from modelport.pickles.rules import judge_symbol
@@ -80,6 +80,12 @@ class ScanResolver:
 
     def call(self, func: Any, args: tuple[Any, ...], at: Step) -> Made:
         made = Made(func, at, args)
+        nested_torch = isinstance(func, Symbol) and func.key == _NESTED_TORCH
+        self._payloads(args[1:] if nested_torch else args, at)
+        if isinstance(func, Symbol) and func.key == hooks.ENCODE:
+            encoded = hooks.encoded_payload(args)
+            if encoded is not None:
+                self.nested.append(NestedPayload(at.offset, encoded, hooks.BYTES_CONSTANT))
         if isinstance(func, Symbol):
             func.made.append(made)
             func.calls.append((at, args))
@@ -122,6 +128,7 @@ class ScanResolver:
 
     def new(self, cls: Any, args: tuple[Any, ...], kwargs: dict[Any, Any] | None, at: Step) -> Made:
         made = Made(cls, at, args)
+        self._payloads((args, kwargs), at)
         if isinstance(cls, Symbol):
             cls.made.append(made)
             cls.news.append((at, args if kwargs is None else (*args, kwargs)))
@@ -141,8 +148,10 @@ class ScanResolver:
             obj.patched.append(at)
         elif isinstance(obj, Made):
             obj.states.append(state)
+            self._state_hooks(obj, state, at)
             if joblib_arrays.is_wrapper(obj.origin):
                 self._skip_joblib_array(state, at)
+        self._payloads(state, at)
         for key in _state_keys(state):
             if _PYTHON_SPECIAL.fullmatch(key):
                 self._note(
@@ -173,13 +182,51 @@ class ScanResolver:
             return
         if layout.aligned:
             at.cursor.read(at.cursor.read(1)[0])
+        # raw bytes that open like a pickle are scanned all the same: no reading that stops
+        # before them (pickle.load's, at an array's bytes) leaves them unjudged
+        self._payloads(ByteSpan(at.cursor.position, layout.nbytes), at)
         at.cursor.read(layout.nbytes)
 
+    def _state_hooks(self, obj: Made, state: Any, at: Step) -> None:
+        """The rules the scan gained since (``hooks``), the same way."""
+        if hooks.opaque_state(state):
+            self._note(
+                Severity.HIGH,
+                "opaque-state",
+                at,
+                describe(obj),
+                "build-target",
+                f"BUILD hands {describe(obj)} a state computed by the pickle "
+                f"({describe(state)}): the attributes it sets, special ones among them, "
+                "cannot be read from the file",
+            )
+        if hooks.repeated_build(obj):
+            self._note(
+                Severity.HIGH,
+                "repeated-build",
+                at,
+                describe(obj),
+                "called",
+                f"a second BUILD on {describe(obj)}: pickle builds each object once, and a "
+                "BUILD calls the __setstate__ an earlier state may have planted",
+            )
+
     def append(self, target: Any, items: list[Any], at: Step) -> None:
-        pass
+        self._item_hook(target, False, at)
+        self._payloads(items, at)
 
     def set_items(self, target: Any, pairs: list[tuple[Any, Any]], at: Step) -> None:
-        pass
+        self._item_hook(target, True, at)
+        self._payloads(pairs, at)
+
+    def _item_hook(self, target: Any, setting: bool, at: Step) -> None:
+        why = hooks.item_hook(target, setting)
+        if why is not None:
+            self._note(Severity.HIGH, "item-hook", at, describe(target), "called", why)
+
+    def _payloads(self, value: Any, at: Step) -> None:
+        for payload in hooks.payloads(value, self.data):
+            self.nested.append(NestedPayload(at.offset, payload, hooks.BYTES_CONSTANT))
 
     def persistent_load(self, pid: Any, at: Step) -> Any:
         if not self.expect_persistent_ids:

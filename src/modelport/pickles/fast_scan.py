@@ -4,9 +4,12 @@ every global and call its meaning, and nothing from the file is imported or call
 Most pickles a scan meets are clean model files, and most of a scan's time went to
 interpreting their opcodes in Python. Here ``_pickle.Unpickler`` interprets them in C; its
 ``find_class`` hands back the resolver's own ``Symbol`` (never an import) and calls, BUILD,
-APPEND and SETITEM on what it made go to the resolver as in the Python machine, so the
-resolver ends up with the same records. The caller keeps this run's verdict only when it is
-clean; any doubt, and every finding, sends the pickle to the Python machine, whose report
+APPEND and SETITEM on what it made are recorded as the resolver records them, so the rules
+judge the same uses. Each callback from C costs about a microsecond, so the records do what
+they can themselves: a global whose calls the rules never look at gives one shared result
+(``_PlainLiveSymbol``), a call the rules would report ends the run at once, a dict takes
+all the items of a SETITEMS in one call. The caller keeps this run's verdict only when it
+is clean; any doubt, and every finding, sends the pickle to the Python machine, whose report
 locates each finding.
 
 C and the Python machine must agree on every pickle this path accepts, so a walk over the
@@ -30,12 +33,14 @@ from __future__ import annotations
 
 import _pickle
 import sys
+from functools import partial
 from typing import Any, Final, Protocol
 
 from modelport.limits import MAX_PICKLE_SHORT_LINE
-from modelport.pickles import fast_walk, policy
+from modelport.pickles import fast_walk, hooks, joblib_arrays, policy
 from modelport.pickles.interface import Limits, Resolver, Step
 from modelport.pickles.keys import bounded_key
+from modelport.pickles.rules import PLAIN_SAFE_CALLS, pass_on, special_names
 from modelport.pickles.symbols import Made, Symbol
 
 __all__ = ["ENABLED", "LiveMade", "LiveSymbol", "RecordingResolver", "clean_run"]
@@ -76,8 +81,8 @@ def clean_run(
     # indexes are bytes only in a flat view of bytes: the Python machine reads it so
     data = data if data.format == "B" and data.ndim == 1 else data.cast("B")
     admitted = fast_walk.admit(data, start, _most_opcodes(limits))
-    if admitted is None:
-        return None
+    if admitted is None or hooks.may_hold_payload(admitted.program):
+        return None  # (a constant that may be a nested payload: the resolver scans it)
     source = _Source(memoryview(admitted.program), 0)
     unpickler = _InertUnpickler(source, resolver)
     try:
@@ -166,6 +171,10 @@ class _InertUnpickler(_pickle.Unpickler):
         self.cursor = _RunCursor(resolver)
         self.step = self.cursor.step
         self.resolver = resolver
+        self.kinds = _kinds(resolver.calls_only_recorded)
+        # C calls the resolver itself for each BINPERSID (no method of this class between):
+        # the C unpickler takes any callable here
+        self.persistent_load = partial(resolver.persistent_load, at=self.step)  # type: ignore[method-assign]
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "modelport":  # the walk refuses a pickle that names these itself
@@ -173,23 +182,36 @@ class _InertUnpickler(_pickle.Unpickler):
                 return _CheckedDict()
             if name == _NEW_MARKER_NAME:
                 return _NEW
+            if name == _SET_ITEMS_NAME:
+                return _SET_ITEMS
         symbol = self.resolver.find_global(module, name, self.step)
-        if type(symbol) is not LiveSymbol or symbol.key not in _MAY_BE_CLEAN:
+        kind = self.kinds.get(symbol.key) if type(symbol) is LiveSymbol else None
+        if kind is None:
             raise _Unsure("a global the rules would report, or no symbol C can call")
-        if symbol.key in self.resolver.calls_only_recorded:
-            symbol.__class__ = _RecordedLiveSymbol  # the same record, calls recorded in place
+        symbol.__class__ = kind  # the same record, its calls handled as its key needs
+        if kind is _PlainLiveSymbol or kind is _PassingLiveSymbol:
+            symbol.made.append(LiveMade(symbol, self.step))
         return symbol
-
-    def persistent_load(self, pid: Any) -> Any:
-        value = self.resolver.persistent_load(pid, self.step)
-        if self.resolver.findings:
-            raise _Unsure("not clean: the resolver noted something")
-        return value
 
 
 _CHECKED_DICT_NAME: Final = fast_walk.CHECKED_DICT[1]
 _NEW_MARKER_NAME: Final = fast_walk.NEW_MARKER[1]
+_SET_ITEMS_NAME: Final = fast_walk.SET_ITEMS_MARKER[1]
 _NEW: Final = object()  # the last argument of a call that was a NEWOBJ (fast_walk)
+_SET_ITEMS: Final = object()  # the last item of a BUILD state that was a SETITEMS
+
+
+def _items(state: Any) -> tuple[Any, ...] | None:
+    """The keys and values of a SETITEMS that C ran as a BUILD (``fast_walk``); None for a
+    BUILD of the pickle's own."""
+    if type(state) is not tuple or not state or state[-1] is not _SET_ITEMS:
+        return None
+    if len(state) % 2 == 0:
+        raise _Unsure("SETITEMS of an odd number of items: the Python machine refuses it")
+    return state  # type: ignore[no-any-return]
+
+
+_set_item: Final = dict.__setitem__
 
 
 class _CheckedDict(dict[Any, Any]):
@@ -200,74 +222,164 @@ class _CheckedDict(dict[Any, Any]):
     __slots__ = ()
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        dict.__setitem__(self, bounded_key(key) if type(key) is tuple else key, value)
+        if type(key) is tuple:
+            bounded_key(key)
+        _set_item(self, key, value)
+
+    def __setstate__(self, state: Any) -> None:
+        """SETITEMS (``fast_walk``): every key measured, then all stored at once."""
+        items = _items(state)
+        if items is None:
+            raise _Unsure("BUILD on a dict: the Python machine's resolver looks at it")
+        keys = items[0:-1:2]
+        for key in keys:
+            if type(key) is tuple:
+                bounded_key(key)
+        self.update(zip(keys, items[1:-1:2], strict=True))
 
 
 class _Live:
-    """What C does to a record besides calling it, each handed to the resolver as the
-    Python machine hands it: BUILD (``__setstate__``), SETITEM(S), APPEND(S)."""
+    """What C does to a record besides calling it. SETITEM onto a record is judged as the
+    resolver judges it (``hooks.item_hook``); APPENDS (C calls ``extend`` on what is no
+    list) ends the run: the Python machine judges it."""
 
     __slots__ = ()
     step: Step
 
-    def __call__(self: Any, *args: Any) -> Made:
-        """What REDUCE, OBJ or NEWOBJ made of this record: the resolver's ``Made``, which C
-        can use in turn. Every record of a run carries the run's step, and so its resolver."""
-        step = self.step
-        resolver = step.cursor.resolver  # type: ignore[attr-defined]
-        if resolver is None:
-            raise _Unsure("the run is over")
-        if len(args) == 2 and args[1] is _NEW:
-            if type(args[0]) is not tuple:
-                raise _Unsure("NEWOBJ of arguments that are not a tuple")
-            made = resolver.new(self, args[0], None, step)
-        else:
-            made = resolver.call(self, args, step)
-        if resolver.findings or resolver.nested:
-            raise _Unsure("not clean: the resolver noted something")
-        if type(made) is not LiveMade:
-            raise _Unsure("the resolver made a record C cannot call")
-        return made
-
-    def __setstate__(self, state: Any) -> None:
-        self.step.cursor.resolver.build(self, state, self.step)  # type: ignore[attr-defined]
-
     def __setitem__(self, key: Any, value: Any) -> None:
-        resolver = self.step.cursor.resolver  # type: ignore[attr-defined]
-        resolver.set_items(self, [(key, value)], self.step)
+        if hooks.item_hook(self, True) is not None:
+            raise _Unsure("SETITEM through a method a state may have planted")
 
-    def extend(self, items: list[Any]) -> None:
-        self.step.cursor.resolver.append(self, list(items), self.step)  # type: ignore[attr-defined]
+    def extend(self, items: Any) -> None:
+        raise _Unsure("APPENDS onto a record: the resolver judges the method it reaches")
 
-    def append(self, item: Any) -> None:
-        self.step.cursor.resolver.append(self, [item], self.step)  # type: ignore[attr-defined]
+    def _instantiated(self: Any, args: Any) -> Made:
+        """NEWOBJ of this record (C ran it as a call with the marker last)."""
+        if type(args) is not tuple:
+            raise _Unsure("NEWOBJ of arguments that are not a tuple")
+        step = self.step
+        resolver = step.cursor.resolver
+        made = resolver.new(self, args, None, step)
+        if resolver.findings:
+            raise _Unsure("not clean: the resolver noted something")
+        return made  # type: ignore[no-any-return]
 
 
 class LiveSymbol(_Live, Symbol):
-    """A ``Symbol`` C can call (REDUCE, OBJ) and fill: what the resolver of a C run makes."""
-
-    __slots__ = ()
-
-
-class _RecordedLiveSymbol(LiveSymbol):
-    """A ``LiveSymbol`` whose calls the resolver only records: recorded here as it would,
-    without the way through the resolver, which most calls in a model file take."""
+    """A ``Symbol`` C can call (REDUCE, OBJ) and fill: what the resolver of a C run makes.
+    Its calls go through the resolver, which looks at their arguments."""
 
     __slots__ = ()
 
     def __call__(self, *args: Any) -> Made:
+        """What REDUCE, OBJ or NEWOBJ made of this record: the resolver's ``Made``, which C
+        can use in turn. Every record of a run carries the run's step, and so its resolver."""
+        if len(args) == 2 and args[1] is _NEW:
+            return self._instantiated(args[0])
         step = self.step
-        if (len(args) == 2 and args[1] is _NEW) or step.cursor.resolver is None:  # type: ignore[attr-defined]
-            return _Live.__call__(self, *args)
-        made = LiveMade(self, step, args)
-        self.made.append(made)
+        resolver = step.cursor.resolver  # type: ignore[attr-defined]
+        made = resolver.call(self, args, step)
+        if resolver.findings or resolver.nested:
+            raise _Unsure("not clean: the resolver noted something")
+        if type(made) is not LiveMade:
+            raise _Unsure("the resolver made a record C cannot call")
+        return made  # type: ignore[no-any-return]
+
+    def __setstate__(self, state: Any) -> None:
+        if _items(state) is None:
+            raise _Unsure("BUILD on a global itself: the rules report it")
+        raise _Unsure("SETITEMS onto a global itself: the resolver reports it")
+
+
+class _PlainLiveSymbol(LiveSymbol):
+    """A global the rules judge fine however it is called (``rules.PLAIN_SAFE_CALLS``) and
+    whose calls the resolver only records: each call is recorded here as the resolver
+    records it, and gives the one result the symbol holds (``made[0]``). Nothing judges
+    these results apart: the rules look at no call of such a global, and a result is
+    reported only when it is called or handed to a reconstructor, which ends the run."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any) -> Made:
+        if len(args) == 2 and args[1] is _NEW:
+            return self._instantiated(args[0])
+        self.calls.append((self.step, args))
+        return self.made[0]
+
+
+class _PassingLiveSymbol(LiveSymbol):
+    """An allowlisted reconstructor the rules judge fine however it is called, which calls or
+    instantiates some of its arguments (numpy's ``_reconstruct``, copyreg's): each call is
+    recorded as the resolver records it, its arguments noted as the resolver notes them
+    (``rules.pass_on``), and it gives the one result the symbol holds, as
+    ``_PlainLiveSymbol`` does. A computed value handed on is reported: the run ends."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any) -> Made:
+        if len(args) == 2 and args[1] is _NEW:
+            return self._instantiated(args[0])
+        step = self.step
         self.calls.append((step, args))
-        return made
+        if pass_on(self.key, args, step):  # type: ignore[arg-type]  # on the allowlist: text
+            raise _Unsure("a reconstructor handed a computed value: the resolver reports it")
+        return self.made[0]
+
+
+class _UncalledLiveSymbol(LiveSymbol):
+    """A global on the allowlist that the rules report when called (a value, a class the
+    pickle should instantiate, a named gadget): a call ends the run; NEWOBJ is recorded."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any) -> Made:
+        if len(args) == 2 and args[1] is _NEW:
+            return self._instantiated(args[0])
+        raise _Unsure("a call the rules report")
 
 
 class LiveMade(_Live, Made):
-    """A ``Made`` C can call and fill: what the resolver of a C run makes. The BUILD of
-    joblib's array wrapper ends the run: the resolver then reads the array bytes after it
-    through the cursor, which has no position in C (``_RunCursor``)."""
+    """A ``Made`` C can fill: what the resolver of a C run makes. Calling one is a call of a
+    computed value, which the resolver reports; BUILD records its state, and a state that
+    sets a special name is reported. joblib's array wrappers never reach here: their names
+    end the run when they are named (``_kinds``)."""
 
     __slots__ = ()
+
+    def __call__(self, *args: Any) -> Made:
+        raise _Unsure("a call of a computed value: the resolver reports it")
+
+    def __setstate__(self, state: Any) -> None:
+        if type(state) is tuple and state and state[-1] is _SET_ITEMS:
+            _items(state)  # (an odd count ends the run)
+            if hooks.item_hook(self, True) is not None:
+                raise _Unsure("SETITEMS through a method a state may have planted")
+            return
+        self.states.append(state)
+        if special_names(state) or hooks.opaque_state(state) or hooks.repeated_build(self):
+            raise _Unsure("BUILD of a state the resolver reports")
+
+
+_Kinds = dict[tuple[str, str] | None, type[LiveSymbol]]
+
+
+def _kinds(recorded: frozenset[tuple[str, str]]) -> _Kinds:
+    """Which record each global of the allowlist becomes in a C run, for a resolver that only
+    records the calls of ``recorded``; a global not here ends the run."""
+    found = _KINDS.get(recorded)
+    if found is None:
+        found = _KINDS[recorded] = {}
+        for key in _MAY_BE_CLEAN:
+            if key[1] in joblib_arrays.BUILT_NAMES:
+                continue  # its BUILD reads the array bytes after it: the Python machine's
+            if key not in recorded:
+                passing = key in policy.PASSED_ON and key in PLAIN_SAFE_CALLS
+                found[key] = _PassingLiveSymbol if passing else LiveSymbol
+            elif key in PLAIN_SAFE_CALLS:
+                found[key] = _PlainLiveSymbol
+            else:
+                found[key] = _UncalledLiveSymbol
+    return found
+
+
+_KINDS: dict[frozenset[tuple[str, str]], _Kinds] = {}

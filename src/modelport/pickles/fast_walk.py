@@ -17,13 +17,16 @@ opcodes than any ``Limits`` count, so no limit is reached.
 
 C's NEWOBJ would want a real class, so C runs a copy in which each NEWOBJ pairs its argument
 tuple with a marker global and REDUCEs (the record C calls sees the marker and knows it was
-instantiated), and each EMPTY_DICT is the checked dict's GLOBAL (both push an empty dict).
+instantiated), each EMPTY_DICT is the checked dict's GLOBAL (both push an empty dict), and
+each SETITEMS closes its items and a second marker into a tuple that BUILD hands to the
+target (a checked dict measures the keys and stores them at once: one call from C for the
+items of a dict instead of one for each).
 
 There are two walks with one verdict. ``_by_opcode`` looks at every opcode in Python and
 counts them. ``_by_runs`` hands runs of opcodes to one regular expression, which checks in C
 what it can (fixed widths, strings under ``_SHORT`` bytes, memo indexes, GLOBAL's lines),
-and looks in Python only at the opcodes it stops at (STOP, NEWOBJ, EMPTY_DICT, a FRAME, a
-longer string). It is about three times as fast but counts nothing, so it takes only
+and looks in Python only at the opcodes it stops at (STOP, NEWOBJ, EMPTY_DICT, SETITEMS, a
+FRAME, a longer string). It is about three times as fast but counts nothing, so it takes only
 pickles of fewer bytes than the opcodes they may hold; and compiling it costs about as much
 as walking 50 KiB by opcode, so a process compiles it once it has walked 64 KiB.
 """
@@ -50,7 +53,7 @@ _FIXED: Final = {
     **dict.fromkeys(
         [
             *("DUP", "NONE", "NEWTRUE", "NEWFALSE", "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2"),
-            *("TUPLE3", "EMPTY_LIST", "LIST", "APPEND", "SETITEM", "SETITEMS", "MEMOIZE"),
+            *("TUPLE3", "EMPTY_LIST", "LIST", "APPEND", "SETITEM", "MEMOIZE"),
             *("REDUCE", "BUILD", "BINPERSID", "STACK_GLOBAL", "OBJ"),
         ],
         1,
@@ -83,17 +86,29 @@ _GLOBAL, _LONG_BINPUT, _LONG4 = _CODES["GLOBAL"], _CODES["LONG_BINPUT"], _CODES[
 _NEWOBJ, _REDUCE = _CODES["NEWOBJ"], _CODES["REDUCE"]
 _EMPTY_DICT, _TUPLE2 = _CODES["EMPTY_DICT"], _CODES["TUPLE2"]
 # What C runs for each EMPTY_DICT: a GLOBAL that ``fast_scan``'s ``find_class`` answers with
-# a dict that measures each key before hashing it; and for each NEWOBJ, a GLOBAL it answers
-# with a marker, paired with the argument tuple and REDUCEd. No pickle C runs names either:
-# their common prefix (ASCII, so the same bytes in every string opcode) appears nowhere in one.
+# a dict that measures each key before hashing it; for each NEWOBJ, a GLOBAL it answers
+# with a marker, paired with the argument tuple and REDUCEd; for each SETITEMS, a GLOBAL it
+# answers with another marker, closing the items into a tuple that BUILD hands to the
+# target's ``__setstate__`` (one call for the items of a dict, not one for each). No pickle
+# C runs names these: their common prefix (ASCII, so the same bytes in every string
+# opcode) appears nowhere in one.
 CHECKED_DICT: Final = ("modelport", "modelport: checked dict")
 NEW_MARKER: Final = ("modelport", "modelport: instantiated")
+SET_ITEMS_MARKER: Final = ("modelport", "modelport: set items")
 _OURS: Final = b"modelport: "
-_CHECKED_DICT_GLOBAL: Final = b"c%s\n%s\n" % tuple(part.encode() for part in CHECKED_DICT)
-_NEW_CALL: Final = b"c%s\n%s\n" % tuple(part.encode() for part in NEW_MARKER) + bytes(
-    [_TUPLE2, _REDUCE]
-)
-_CHANGED: Final = frozenset({_NEWOBJ, _EMPTY_DICT})  # the opcodes C runs otherwise
+_SET_ITEMS = _CODES["SETITEMS"]
+
+
+def _global(name: tuple[str, str]) -> bytes:
+    return b"c%s\n%s\n" % (name[0].encode(), name[1].encode())
+
+
+# The opcodes C runs otherwise, and what it runs instead.
+_CHANGED: Final = {
+    _EMPTY_DICT: _global(CHECKED_DICT),
+    _NEWOBJ: _global(NEW_MARKER) + bytes([_TUPLE2, _REDUCE]),
+    _SET_ITEMS: _global(SET_ITEMS_MARKER) + bytes([_CODES["TUPLE"], _CODES["BUILD"]]),
+}
 _U32, _U64 = struct.Struct("<I").unpack_from, struct.Struct("<Q").unpack_from
 _MAX_LONG4 = 1 << 16  # the Python machine's own bound (opcodes.op_long4)
 # C grows its memo array to twice a new index and clears every slot: an index costs
@@ -113,7 +128,8 @@ _RAN_OUT, _TOO_LONG, _UNCOUNTED = -1, -2, -3
 @dataclass(frozen=True, slots=True)
 class Admitted:
     """A pickle C may run: the bytes it runs, from the pickle's first (each NEWOBJ a REDUCE
-    of its arguments and the marker, each EMPTY_DICT the GLOBAL of a checked dict), and
+    of its arguments and the marker, each EMPTY_DICT the GLOBAL of a checked dict, each
+    SETITEMS a BUILD of its items and another marker), and
     where the pickle ends (just past STOP) in its own bytes and in those C runs."""
 
     program: bytes
@@ -147,13 +163,14 @@ def _admitted(chunk: bytes, end: int, changed: list[int]) -> Admitted:
     which measures each key as the Python machine does (``keys.bounded_key``). The walk
     refuses the other opcodes that hash in C (DICT, EMPTY_SET, ADDITEMS, FROZENSET). Each
     NEWOBJ becomes the marker's GLOBAL, TUPLE2 and REDUCE: C calls the class with the
-    argument tuple and the marker."""
+    argument tuple and the marker. Each SETITEMS becomes its marker's GLOBAL, TUPLE and
+    BUILD: the target's ``__setstate__`` gets the items and the marker in one tuple."""
     if not changed:
         return Admitted(chunk, end, end)
     parts: list[bytes] = []
     last = 0
     for at in changed:
-        parts += [chunk[last:at], _NEW_CALL if chunk[at] == _NEWOBJ else _CHECKED_DICT_GLOBAL]
+        parts += [chunk[last:at], _CHANGED[chunk[at]]]
         last = at + 1
     parts.append(chunk[last:end])
     program = b"".join(parts)
@@ -161,8 +178,8 @@ def _admitted(chunk: bytes, end: int, changed: list[int]) -> Admitted:
 
 
 def _walk(chunk: bytes, most: int, changed: list[int]) -> int | None:
-    """Where the pickle ends in ``chunk``, with ``changed`` holding where each NEWOBJ and
-    EMPTY_DICT is; None when refused, ``_RAN_OUT`` when the bytes end first."""
+    """Where the pickle ends in ``chunk``, with ``changed`` holding where each opcode C runs
+    otherwise is; None when refused, ``_RAN_OUT`` when the bytes end first."""
     expressions = _EXPRESSIONS
     if expressions.ready():
         end = _by_runs(chunk, most, expressions.match(), changed)
@@ -178,8 +195,8 @@ def _walk(chunk: bytes, most: int, changed: list[int]) -> int | None:
 def _by_opcode(data: bytes, most: int, changed: list[int]) -> int | None:
     """The opcodes of ``data`` up to STOP, one by one and counted: the end, None when one is
     refused or there are more than ``most``, ``_RAN_OUT`` when the bytes end first. (Past
-    the end, indexing raises: that is how the end is found.) Each NEWOBJ and EMPTY_DICT is
-    noted in ``changed``."""
+    the end, indexing raises: that is how the end is found.) Each opcode C runs otherwise
+    (``_CHANGED``) is noted in ``changed``."""
     width, counted, count, pos, marked = _WIDTH, _COUNTED, 0, 0, -1
     try:
         while True:
@@ -233,7 +250,7 @@ def _by_opcode(data: bytes, most: int, changed: list[int]) -> int | None:
 def _by_runs(data: bytes, most: int, match: _Match, changed: list[int]) -> int | None:
     """The walk of ``_by_opcode``, the expression taking each run of opcodes it can check;
     ``_UNCOUNTED`` once the bytes walked are as many as the opcodes allowed (opcodes are at
-    least a byte each, so below that no count is needed). The NEWOBJ and EMPTY_DICT it leaves
+    least a byte each, so below that no count is needed). The opcodes C runs otherwise it leaves
     are noted in ``changed``. A MARK the expression leaves is one the next opcode (PROTO,
     FRAME, APPENDS) makes odd: refused."""
     counted, pos = _COUNTED, 0
@@ -303,11 +320,11 @@ def _expression() -> re.Pattern[bytes]:
         lengths = (re.escape(bytes([n]) + bytes(zeros)) + b".{%d}" % n for n in range(_SHORT))
         return one_of(*names) + b"(?:" + b"|".join(lengths) + b")"
 
-    single = [name for name, width in _FIXED.items() if width == 1]
+    single = one_of(*(name for name, width in _FIXED.items() if width == 1))
     line = b"[^\n]{1,%d}\n" % (MAX_PICKLE_SHORT_LINE - 1)
     tokens = [
         one_of("BININT1", "BINGET", "BINPUT") + b".",
-        one_of(*single),
+        single,
         strings(("SHORT_BINUNICODE", "SHORT_BINBYTES", "SHORT_BINSTRING", "LONG1"), 0),
         strings(("BINUNICODE", "BINBYTES", "BINSTRING", "LONG4"), 3),
         one_of("LONG_BINPUT") + b"..\x00\x00",  # an index under _MAX_MEMO_INDEX
@@ -319,7 +336,9 @@ def _expression() -> re.Pattern[bytes]:
         one_of("APPENDS"),
         one_of("GLOBAL") + line + line,
     ]
-    return re.compile(b"(?:" + b"|".join(tokens) + b")*+", re.DOTALL)
+    # each token takes the one-byte opcodes after it too: a run of them costs the engine
+    # one repetition of the whole alternation, not one each
+    return re.compile(b"(?:(?:" + b"|".join(tokens) + b")" + single + b"*+)*+", re.DOTALL)
 
 
 class _Expressions:

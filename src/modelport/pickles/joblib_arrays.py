@@ -26,6 +26,9 @@ from modelport.pickles.policy import PASSED_ON
 from modelport.pickles.symbols import Made, Symbol, Usage
 
 WRAPPER_NAMES = frozenset(("NumpyArrayWrapper",))
+# The classes whose BUILD the scan looks at, by name in any module: the array wrapper, and
+# joblib < 0.10's, which names a side file.
+BUILT_NAMES: Final = WRAPPER_NAMES | {"NDArrayWrapper"}
 _MAX_RECORD_NESTING = 32
 _NUMPY_DTYPE = frozenset((("numpy", "dtype"), ("numpy.core.multiarray", "dtype")))
 
@@ -137,25 +140,56 @@ def _apply_state(
     kind: str, state: Any, itemsize: int, holds_objects: bool, depth: int
 ) -> tuple[int, bool]:
     """numpy's dtype ``__setstate__``: (version, byteorder, subarray, names, fields, elsize,
-    alignment, flags[, metadata]); flexible dtypes take their size from ``elsize``."""
+    alignment, flags[, metadata]); flexible dtypes take their size from ``elsize``. numpy
+    takes the flags word as given, and its bit 0 is ``hasobject``, which decides whether
+    joblib reads the bytes as a pickle; numpy versions differ on whether a spelling's own
+    kind or the word wins, so a word that disagrees with the spelling is refused, as is any
+    value numpy reads differently from what is modelled here."""
     if not isinstance(state, tuple) or len(state) not in (8, 9):
         raise _unknown("its dtype state is not numpy's")
-    subarray, names, fields, elsize = state[2], state[3], state[4], state[5]
+    version, order, subarray, names, fields, elsize, alignment, flags = state[:8]
+    if type(version) is not int or not 0 <= version <= _HIGHEST_DTYPE_STATE:
+        raise _unknown(f"its dtype state has version {version!r}")
+    if not (isinstance(order, str) and order in _BYTE_ORDERS) or type(alignment) is not int:
+        raise _unknown("its dtype state's byte order or alignment is not numpy's")
     if subarray is not None:
         raise _unknown("its dtype is a subarray")
-    if type(elsize) is not int:
+    if type(elsize) is not int or (elsize < 0 and kind in "SUV"):
         raise _unknown("its dtype state gives no element size")
     if names is None and fields is None:
-        if kind in "SUV" and elsize >= 0:
-            return elsize, holds_objects
-        return itemsize, holds_objects
-    if kind != "V" or not isinstance(fields, dict) or elsize <= 0:
-        raise _unknown("its record dtype is not numpy's")
-    for value in fields.values():
-        field_dtype = value[0] if isinstance(value, tuple) and value else None
-        _, field_objects = _dtype_size(field_dtype, depth + 1)
-        holds_objects = holds_objects or field_objects
-    return elsize, holds_objects
+        if kind in "SUV":
+            itemsize = elsize
+    else:
+        if kind != "V" or not isinstance(fields, dict) or elsize <= 0:
+            raise _unknown("its record dtype is not numpy's")
+        for value in fields.values():
+            field_dtype = value[0] if isinstance(value, tuple) and value else None
+            _, field_objects = _dtype_size(field_dtype, depth + 1)
+            holds_objects = holds_objects or field_objects
+        itemsize = elsize
+    if _object_bit(flags) != holds_objects:
+        raise _unknown(
+            f"its dtype state's flags {flags!r} say the elements are "
+            f"{'' if holds_objects else 'not '}plain data, its spelling says otherwise"
+        )
+    return itemsize, holds_objects
+
+
+_HIGHEST_DTYPE_STATE = 4  # numpy refuses a later version of its dtype state
+_BYTE_ORDERS: Final = frozenset("<>|=")
+
+
+def _object_bit(flags: Any) -> bool:
+    """numpy's ``hasobject`` from a pickled flags word: a signed char's value in -128..-1 is
+    read as that plus 128 (an old numpy pickled the flags as a char); a word outside a byte
+    is refused."""
+    if type(flags) is not int:
+        raise _unknown("its dtype state's flags are not a number")
+    if -128 <= flags < 0:
+        flags += 128
+    if not 0 <= flags <= 0xFF:
+        raise _unknown(f"its dtype state's flags {flags} do not fit numpy's")
+    return bool(flags & 0x01)
 
 
 def _unknown(why: str) -> CorruptFileError:

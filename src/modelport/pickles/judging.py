@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import _compat_pickle
 import contextlib
-import re
 from typing import Any, Final
 
 from modelport.errors import CorruptFileError, TruncatedFileError, UnparsedPickleError
-from modelport.pickles import fast_scan, joblib_arrays, policy
-from modelport.pickles.interface import Limits, Step, Value, fill
+from modelport.pickles import fast_scan, hooks, joblib_arrays, policy
+from modelport.pickles.interface import DEFAULT_LIMITS, Limits, Step, Value, fill
 from modelport.pickles.machine import run
 from modelport.pickles.records import ByteSpan
-from modelport.pickles.rules import judge_symbol
+from modelport.pickles.rules import judge_symbol, judged_clean, pass_on, special_names
 from modelport.pickles.symbols import (
     Made,
     NestedPayload,
     PickleFinding,
     Severity,
     Symbol,
-    Usage,
     describe,
 )
 
@@ -34,19 +32,9 @@ __all__ = ["SIDE_FILE_RULE", "PickleFinding", "PickleScan", "Severity", "scan_pi
 
 _NESTED_TORCH = ("torch.storage", "_load_from_bytes")
 _PASSED_ON = policy.PASSED_ON
-# What each reconstructor in ``_PASSED_ON`` is noted as on a global it calls or instantiates.
-_VIAS: Final = {
-    key: tuple(f"{key[0]}.{key[1]} ({use.source})" for use in uses)
-    for key, uses in _PASSED_ON.items()
-}
-# The callables whose arguments a call looks at; a call of any other is only recorded.
 _CALLS_LOOKED_AT: Final = frozenset({*_PASSED_ON, _NESTED_TORCH})
 _MAX_NESTED_ARRAY_PICKLES = 8
 
-# Python's own special names (``__reduce_ex__``, ``__class__``, ``__setstate__``) are all
-# lower case; copy, pickle and the interpreter look them up on an object. An upper-case
-# dunder (sklearn-crfsuite's ``__FILE_RESOURCE_DATA__``) is an application's field.
-_PYTHON_SPECIAL: Final = re.compile(r"__[a-z][a-z0-9_]*__")
 # The finding that names a plain-named side file; its ``global_name`` is the file's name.
 SIDE_FILE_RULE: Final = "joblib-side-file"
 # joblib < 0.10 kept each array in a file beside the pickle; joblib.load still reads it, with
@@ -55,7 +43,7 @@ _SIDE_FILE_WRAPPERS: Final = frozenset(
     {("joblib.numpy_pickle", "NDArrayWrapper"), ("joblib.numpy_pickle_compat", "NDArrayWrapper")}
 )
 # The classes BUILD looks for among what the object it fills may be (joblib's wrappers).
-_JOBLIB_NAMES: Final = joblib_arrays.WRAPPER_NAMES | {name for _, name in _SIDE_FILE_WRAPPERS}
+_JOBLIB_NAMES: Final = joblib_arrays.BUILT_NAMES
 
 
 class ScanResolver:
@@ -80,15 +68,19 @@ class ScanResolver:
         symbol_type: type[Symbol] = Symbol,
         made_type: type[Made] = Made,
         joblib_view: bool = True,
+        payloads: bool = True,
     ) -> None:
         # joblib's NumpyUnpickler reads array bytes after a wrapper's BUILD; pickle.load,
         # torch.load and the plain unpickler joblib uses for object arrays run them as opcodes
         self.joblib_view = joblib_view
+        # whether values handed on are looked through for bytes constants: only when the
+        # pickle's bytes may hold one (``hooks.may_hold_payload``), the walk costs a third
+        self.payloads = payloads
         self.skipped_arrays = 0
         self.symbol_type = symbol_type
         self.made_type = made_type
         self.data = data
-        self.limits = limits or Limits()
+        self.limits = limits or DEFAULT_LIMITS
         self.depth = 0
         self.symbols: list[Symbol] = []
         self.findings: list[PickleFinding] = []
@@ -122,6 +114,12 @@ class ScanResolver:
 
     def call(self, func: Any, args: tuple[Any, ...], at: Step) -> Made:
         made = self.made_type(func, at, args)
+        nested_torch = isinstance(func, Symbol) and func.key == _NESTED_TORCH
+        self._payloads(args[1:] if nested_torch else args, at)  # its first: a torch file
+        if isinstance(func, Symbol) and func.key == hooks.ENCODE:
+            encoded = hooks.encoded_payload(args)
+            if encoded is not None:
+                self.nested.append(NestedPayload(at.offset, encoded, hooks.BYTES_CONSTANT))
         if isinstance(func, Symbol):
             func.made.append(made)
             func.calls.append((at, args))
@@ -129,9 +127,8 @@ class ScanResolver:
             if key in _CALLS_LOOKED_AT:
                 if key == _NESTED_TORCH and args and isinstance(args[0], (bytes, ByteSpan)):
                     self.nested.append(NestedPayload(at.offset, args[0]))
-                uses = _PASSED_ON.get(key)  # type: ignore[arg-type]  # in the set: text
-                if uses is not None:
-                    self._pass_on(func, uses, _VIAS[key], args, at)  # type: ignore[index]
+                if key in _PASSED_ON:
+                    self._pass_on(func, key, args, at)  # type: ignore[arg-type]  # in it: text
         else:
             self._note(
                 Severity.HIGH,
@@ -143,37 +140,22 @@ class ScanResolver:
             )
         return made
 
-    def _pass_on(
-        self,
-        func: Symbol,
-        uses: tuple[policy.PassedOn, ...],
-        vias: tuple[str, ...],
-        args: tuple[Any, ...],
-        at: Step,
-    ) -> None:
-        """What an allowlisted reconstructor calls or instantiates with its arguments
-        (``vias``: how each use names the reconstructor, ``_VIAS``)."""
-        for use, via in zip(uses, vias, strict=True):
-            if use.index >= len(args):
-                continue
-            target = args[use.index]
-            if isinstance(target, Symbol):
-                if use.usage is Usage.CALLED and target.key == policy.NO_BASE:
-                    continue
-                target.passed_on.append((at, use.usage, via))
-            elif isinstance(target, Made):
-                self._note(
-                    Severity.HIGH,
-                    "computed-call",
-                    at,
-                    describe(target),
-                    use.usage.value,
-                    f"{func.path} {use.usage.value.removesuffix('ed')}s a value computed by "
-                    f"the pickle itself ({use.source})",
-                )
+    def _pass_on(self, func: Symbol, key: tuple[str, str], args: tuple[Any, ...], at: Step) -> None:
+        """What an allowlisted reconstructor calls or instantiates with its arguments."""
+        for use in pass_on(key, args, at):
+            self._note(
+                Severity.HIGH,
+                "computed-call",
+                at,
+                describe(args[use.index]),
+                use.usage.value,
+                f"{func.path} {use.usage.value.removesuffix('ed')}s a value computed by "
+                f"the pickle itself ({use.source})",
+            )
 
     def new(self, cls: Any, args: tuple[Any, ...], kwargs: dict[Any, Any] | None, at: Step) -> Made:
         made = self.made_type(cls, at, args)
+        self._payloads((args, kwargs), at)
         if isinstance(cls, Symbol):
             cls.made.append(made)
             cls.news.append((at, args if kwargs is None else (*args, kwargs)))
@@ -193,23 +175,49 @@ class ScanResolver:
             obj.patched.append(at)
         elif isinstance(obj, Made):
             obj.states.append(state)
+            self._state_hooks(obj, state, at)
             classes = joblib_arrays.classes_of(obj)
             for cls in classes:  # a name not text is judged as joblib_arrays judges it
                 if isinstance(cls, Symbol) and (cls.key is None or cls.key[1] in _JOBLIB_NAMES):
                     self._build_joblib(classes, state, at)
                     break
-        for key in _state_keys(state):
-            if _PYTHON_SPECIAL.fullmatch(key):
-                self._note(
-                    Severity.HIGH,
-                    "attribute-smuggling",
-                    at,
-                    describe(obj),
-                    "build-target",
-                    f"BUILD sets the special attribute {key!r}, which changes how the object "
-                    "behaves when it is used",
-                )
+        self._payloads(state, at)
+        for key in special_names(state):
+            self._note(
+                Severity.HIGH,
+                "attribute-smuggling",
+                at,
+                describe(obj),
+                "build-target",
+                f"BUILD sets the special attribute {key!r}, which changes how the object "
+                "behaves when it is used",
+            )
         return obj
+
+    def _state_hooks(self, obj: Made, state: Any, at: Step) -> None:
+        """A state whose keys no scan reads, and a second BUILD, which calls a
+        ``__setstate__`` such a state may have planted (``hooks``)."""
+        if hooks.opaque_state(state):
+            self._note(
+                Severity.HIGH,
+                "opaque-state",
+                at,
+                describe(obj),
+                "build-target",
+                f"BUILD hands {describe(obj)} a state computed by the pickle "
+                f"({describe(state)}): the attributes it sets, special ones among them, "
+                "cannot be read from the file",
+            )
+        if hooks.repeated_build(obj):
+            self._note(
+                Severity.HIGH,
+                "repeated-build",
+                at,
+                describe(obj),
+                "called",
+                f"a second BUILD on {describe(obj)}: pickle builds each object once, and a "
+                "BUILD calls the __setstate__ an earlier state may have planted",
+            )
 
     def _build_joblib(self, classes: list[Any], state: Any, at: Step) -> None:
         """BUILD of an object that may be one of joblib's array wrappers (``classes``:
@@ -289,13 +297,33 @@ class ScanResolver:
             return
         if layout.aligned:
             at.cursor.read(at.cursor.read(1)[0])
+        # raw bytes that open like a pickle are scanned all the same: no reading that stops
+        # before them (pickle.load's, at an array's bytes) leaves them unjudged
+        span = ByteSpan(at.cursor.position, layout.nbytes)
+        for payload in hooks.payloads(span, self.data):
+            self.nested.append(NestedPayload(at.offset, payload, hooks.BYTES_CONSTANT))
         at.cursor.read(layout.nbytes)
 
     def append(self, target: Any, items: list[Any], at: Step) -> None:
-        pass
+        self._item_hook(target, False, at)
+        self._payloads(items, at)
 
     def set_items(self, target: Any, pairs: list[tuple[Any, Any]], at: Step) -> None:
-        pass
+        self._item_hook(target, True, at)
+        self._payloads(pairs, at)
+
+    def _item_hook(self, target: Any, setting: bool, at: Step) -> None:
+        why = hooks.item_hook(target, setting)
+        if why is not None:
+            self._note(Severity.HIGH, "item-hook", at, describe(target), "called", why)
+
+    def _payloads(self, value: Any, at: Step) -> None:
+        """Bytes that open like a pickle, a zip or an ``.npy``, handed to what may load them
+        (a class's own ``__setstate__``, a config loader): scanned as nested payloads."""
+        if not self.payloads:
+            return
+        for payload in hooks.payloads(value, self.data):
+            self.nested.append(NestedPayload(at.offset, payload, hooks.BYTES_CONSTANT))
 
     def persistent_load(self, pid: Any, at: Step) -> Any:
         if not self.expect_persistent_ids:
@@ -341,13 +369,13 @@ class _PlainReadingEnds(Exception):
     """Where the reading of a joblib pickle as pickle.load reads it (``scan_pickle``) stops."""
 
 
-def _state_keys(state: Any) -> list[str]:
-    """The names of a BUILD state that start like a special name: the only ones looked at."""
-    found: list[str] = []
-    for part in state if isinstance(state, tuple) else (state,):
-        if isinstance(part, dict):
-            found += [k for k in part if isinstance(k, str) and k[:2] == "__"]
-    return found
+def _clean(resolver: ScanResolver) -> bool:
+    """Whether ``judge`` would find nothing (the rules' answers for each way of use are
+    remembered, ``rules.judged_clean``)."""
+    if resolver.findings or resolver.nested:
+        return False
+    torchscript = resolver.torchscript
+    return all(judged_clean(symbol, torchscript) for symbol in resolver.symbols)
 
 
 def judge(resolver: ScanResolver) -> list[PickleFinding]:
@@ -381,7 +409,7 @@ def scan_pickle(
 ) -> PickleScan:
     """Scan one pickle starting at ``start``; raises ``ModelportError`` if it cannot be parsed
     to its STOP (the caller reports that as an ``error`` verdict, never as safe)."""
-    limits = limits or Limits()
+    limits = limits or DEFAULT_LIMITS
     view = memoryview(data)
 
     def new_resolver(
@@ -389,6 +417,7 @@ def scan_pickle(
         made_type: type[Made] = Made,
         *,
         joblib_view: bool = True,
+        payloads: bool = False,
     ) -> ScanResolver:
         return ScanResolver(
             torchscript=torchscript,
@@ -398,21 +427,35 @@ def scan_pickle(
             symbol_type=symbol_type,
             made_type=made_type,
             joblib_view=joblib_view,
+            payloads=payloads,
         )
 
     # CPython's C unpickler first (fast_scan): kept only when it vouches for the run and
     # nothing in it is worth reporting; the Python machine locates every finding.
     resolver = new_resolver(fast_scan.LiveSymbol, fast_scan.LiveMade)
     end = fast_scan.clean_run(view, start, resolver, limits)
-    if end is not None and not resolver.nested and not (findings := judge(resolver)):
-        return PickleScan(findings, [], end)
+    clean = end is not None and _clean(resolver)
+    _release(resolver)
+    if end is not None and clean:
+        return PickleScan([], [], end)
     resolver = new_resolver()
     try:
         result = run(view, resolver, start=start, limits=limits)
     except (CorruptFileError, TruncatedFileError) as exc:
         truncated = isinstance(exc, TruncatedFileError)
-        raise UnparsedPickleError(str(exc), findings=judge(resolver), truncated=truncated) from exc
+        findings = judge(resolver)
+        _release(resolver)
+        raise UnparsedPickleError(str(exc), findings=findings, truncated=truncated) from exc
     findings = judge(resolver)
+    _release(resolver)
+    nested = resolver.nested
+    if hooks.may_hold_payload(bytes(view[start : result.end])):
+        # a bytes constant may open like a payload: read again, looking through each value
+        # handed on (rare; the walk is a third of a reading)
+        again = new_resolver(payloads=True)
+        run(view, again, start=start, limits=limits)
+        _release(again)
+        nested = again.nested
     if resolver.skipped_arrays:
         # The same bytes as pickle.load reads them, joblib's array bytes run as opcodes.
         # Where that reading stops, pickle.load stops too; what it named before counts, and
@@ -422,7 +465,18 @@ def scan_pickle(
             run(view, plain, start=start, limits=limits)
         named = (f for symbol in plain.symbols for f in judge_symbol(symbol, torchscript))
         findings += [f for f in named if f not in findings]  # both readings may name it
-    return PickleScan(findings, resolver.nested, result.end)
+    return PickleScan(findings, nested, result.end)
+
+
+def _release(resolver: ScanResolver) -> None:
+    """Each result names the symbol that made it, the symbol its results, and a state may
+    hold its own object: the scan's records are cycles, which only the garbage collector
+    frees, and a process scanning many files spent a third of its time collecting them.
+    Once judged, they are let go."""
+    for symbol in resolver.symbols:
+        for made in symbol.made:
+            made.states.clear()
+        symbol.made.clear()
 
 
 def _built_attribute(state: Any, name: str) -> Any:

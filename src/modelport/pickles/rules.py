@@ -18,10 +18,13 @@ denylist.
 
 from __future__ import annotations
 
+import re
+from typing import Any, Final
+
 from modelport.pickles import policy
 from modelport.pickles.interface import Step
 from modelport.pickles.records import ByteSpan, is_attribute_state
-from modelport.pickles.symbols import PickleFinding, Severity, Symbol, Usage
+from modelport.pickles.symbols import Made, PickleFinding, Severity, Symbol, Usage
 
 _NESTED_TORCH = ("torch.storage", "_load_from_bytes")
 
@@ -46,8 +49,40 @@ def judge_symbol(symbol: Symbol, torchscript: bool) -> list[PickleFinding]:
     return found + _judge_use(symbol, key, torchscript)
 
 
+def judged_clean(symbol: Symbol, torchscript: bool) -> bool:
+    """Whether ``judge_symbol`` finds nothing, remembered per key and way of use: what the
+    rules read of a symbol besides where it was used is its key, whether it was called,
+    instantiated (with arguments or without) or passed on (and how), and, for torch's
+    nested loader, its arguments; a global patched by BUILD is always reported."""
+    key = symbol.key
+    if key is None:
+        return True
+    if symbol.patched:
+        return False
+    if key == _NESTED_TORCH:
+        return not judge_symbol(symbol, torchscript)
+    news = symbol.news
+    use = (
+        key,
+        torchscript,
+        not symbol.calls,
+        not news,
+        all(args == () for _, args in news) if news else True,
+        frozenset(usage for _, usage, _ in symbol.passed_on),
+    )
+    clean = _CLEAN_USES.get(use)
+    if clean is None:
+        clean = _CLEAN_USES[use] = not judge_symbol(symbol, torchscript)
+    return clean
+
+
+# ``judged_clean``'s answers by way of use: bounded by the allowlist's keys (the fast path
+# asks only about those) times the few ways of use.
+_CLEAN_USES: dict[tuple[object, ...], bool] = {}
+
+
 def _judge_use(symbol: Symbol, key: tuple[str, str], torchscript: bool) -> list[PickleFinding]:
-    if key in _PLAIN_SAFE_CALLS:
+    if key in PLAIN_SAFE_CALLS:
         return []
     name = symbol.path
     indirect = [(step, via) for step, usage, via in symbol.passed_on if usage is Usage.CALLED]
@@ -225,8 +260,54 @@ def _loads_bytes_only(symbol: Symbol) -> bool:
 
 # The allowlisted callables judged fine however they are used (the end of ``_judge_use``'s
 # way for them, taken first: most globals of a model file are these).
-_PLAIN_SAFE_CALLS = frozenset(
+PLAIN_SAFE_CALLS: Final = frozenset(
     key
     for key in policy.SAFE_CALLS
     if key != _NESTED_TORCH and policy.gadget(*key) is None and _traversed_gadget(key) is None
 )
+
+
+# Python's own special names (``__reduce_ex__``, ``__class__``, ``__setstate__``) are all
+# lower case; copy, pickle and the interpreter look them up on an object. An upper-case
+# dunder (sklearn-crfsuite's ``__FILE_RESOURCE_DATA__``) is an application's field.
+_PYTHON_SPECIAL: Final = re.compile(r"__[a-z][a-z0-9_]*__")
+
+
+def special_names(state: Any) -> list[str]:
+    """The names of a BUILD state that are Python's own special names: setting one changes
+    how the object behaves when it is used (the attribute-smuggling rule)."""
+    found: list[str] = []
+    for part in state if isinstance(state, tuple) else (state,):
+        if isinstance(part, dict):
+            found += [
+                k
+                for k in part
+                if isinstance(k, str) and k[:2] == "__" and _PYTHON_SPECIAL.fullmatch(k)
+            ]
+    return found
+
+
+# What each reconstructor in ``policy.PASSED_ON`` is noted as on a global it calls or
+# instantiates, with the use.
+_PASSES: Final = {
+    key: tuple((use, f"{key[0]}.{key[1]} ({use.source})") for use in uses)
+    for key, uses in policy.PASSED_ON.items()
+}
+
+
+def pass_on(key: tuple[str, str], args: tuple[Any, ...], at: Step) -> list[policy.PassedOn]:
+    """Note on each global that the allowlisted reconstructor ``key`` calls or instantiates
+    with ``args`` how it does (``Symbol.passed_on``); the uses that would call or
+    instantiate a value computed by the pickle instead, for the caller to report."""
+    computed: list[policy.PassedOn] = []
+    for use, via in _PASSES[key]:
+        if use.index >= len(args):
+            continue
+        target = args[use.index]
+        if isinstance(target, Symbol):
+            if use.usage is Usage.CALLED and target.key == policy.NO_BASE:
+                continue
+            target.passed_on.append((at, use.usage, via))
+        elif isinstance(target, Made):
+            computed.append(use)
+    return computed

@@ -97,15 +97,23 @@ class Made:
 
 
 class NestedPayload(Value):
-    """Bytes handed to a nested loader (``torch.storage._load_from_bytes``): scanned too."""
+    """Bytes handed to a nested loader (``torch.storage._load_from_bytes``), or bytes that
+    open like a pickle, a zip or an ``.npy`` (``loader``: ``BYTES_CONSTANT``): scanned too."""
 
-    FIELDS = ("offset", "payload")
+    FIELDS = ("offset", "payload", "loader")
     __slots__ = FIELDS
     offset: int
     payload: bytes | ByteSpan
+    loader: str
 
-    def __init__(self, offset: int, payload: bytes | ByteSpan) -> None:
-        fill(self, offset=offset, payload=payload)
+    def __init__(
+        self, offset: int, payload: bytes | ByteSpan, loader: str = "torch.storage._load_from_bytes"
+    ) -> None:
+        fill(self, offset=offset, payload=payload, loader=loader)
+
+
+# ``NestedPayload.loader`` of bytes no named loader takes, scanned for what they open like.
+BYTES_CONSTANT = "bytes constant"
 
 
 def describe(value: Any) -> str:

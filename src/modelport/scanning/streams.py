@@ -21,7 +21,7 @@ from modelport.formats._torch_magic import is_magic_number
 from modelport.formats._zip import EOCD_SIGNATURE, LOCAL_SIGNATURE
 from modelport.pickles.interface import Limits
 from modelport.pickles.judging import SIDE_FILE_RULE, scan_pickle
-from modelport.pickles.symbols import Severity
+from modelport.pickles.symbols import BYTES_CONSTANT, Severity
 from modelport.scanning import content_kinds, side_files
 from modelport.scanning.findings import Finding
 from modelport.scanning.first_bytes import PickleReading
@@ -199,12 +199,22 @@ def _scan_one_pickle(
             if isinstance(payload, bytes)
             else data[payload.offset : payload.offset + payload.length]
         )
-        scan.add(
-            Severity.INFO,
-            "nested-torch-storage",
-            member,
-            f"a torch storage pickled inside the pickle at byte {nested.offset}; scanned as well",
-        )
+        if nested.loader == BYTES_CONSTANT:
+            scan.add(
+                Severity.INFO,
+                "nested-payload",
+                member,
+                f"bytes handed on at byte {nested.offset} open like a pickle, a zip or an .npy, "
+                "which the class or function they go to may load: scanned as well",
+            )
+        else:
+            scan.add(
+                Severity.INFO,
+                "nested-torch-storage",
+                member,
+                f"a torch storage pickled inside the pickle at byte {nested.offset}; "
+                "scanned as well",
+            )
         label = f"{member}@{nested.offset}"
         if bytes(blob[:4]) in (LOCAL_SIGNATURE, EOCD_SIGNATURE):
             scan.scan_zip(label, depth + 1, blob=bytes(blob))
