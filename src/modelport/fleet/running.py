@@ -10,21 +10,23 @@ of ``convert`` is a source with its target (``Record.key``): one source may have
 
 The files run on this machine's worker processes (``pool``) or, with a scheduler, on a Dask
 cluster (``dask_runner``); with ``dedupe``, a file with the bytes and name of one before it
-in the run is not run, and its record copies that one's (``dedupe``).
+in the run is not run, and its record copies that one's (``dedupe``). Those two modules (and
+the hashing and threads they bring) are imported only by the runs that use them: the parent's
+imports come before its workers start, on every run's critical path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
 
-from modelport.fleet.dask_runner import DaskRunner
-from modelport.fleet.dedupe import Groups, copied
 from modelport.fleet.inputs import Input
 from modelport.fleet.journal import Journal
 from modelport.fleet.pool import Pool, Task
@@ -39,6 +41,9 @@ from modelport.fleet.records import (
     plain,
 )
 from modelport.transfer import remote
+
+if TYPE_CHECKING:
+    from modelport.fleet.dedupe import Groups
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,8 @@ def run(plan: Plan, tally: Tally | None = None) -> Iterator[Record]:
     tally = tally if tally is not None else Tally()
     executor: Executor | None = None
     if plan.scheduler is not None:  # a missing extra or a bad address: before any output
-        executor = DaskRunner(plan.scheduler, plan.budget)
+        dask_runner = importlib.import_module("modelport.fleet.dask_runner")
+        executor = dask_runner.DaskRunner(plan.scheduler, plan.budget)
     with contextlib.ExitStack() as stack:
         journal = stack.enter_context(Journal(plan.jsonl)) if plan.jsonl else None
         earlier: dict[tuple[str, str | None], Record] = {}
@@ -109,20 +115,29 @@ def run(plan: Plan, tally: Tally | None = None) -> Iterator[Record]:
                 yield from order.put(position, _written(journal, decided, tally))
             else:
                 tasks.append(Task(position, plan.command, item.path, options))
-        groups = Groups.of(tasks, plan.jobs) if plan.dedupe else Groups.none(tasks)
+        groups: Groups | None = _dedupe().Groups.of(tasks, plan.jobs) if plan.dedupe else None
+        leaders = tuple(tasks) if groups is None else groups.leaders
         if executor is None:
-            executor = Pool(min(plan.jobs, len(groups.leaders)), plan.budget)
-        for task, outcome, pid in executor.results(groups.leaders):
+            executor = Pool(min(plan.jobs, len(leaders)), plan.budget)
+        for task, outcome, pid in executor.results(leaders):
             if outcome.identity is None:  # the worker never answered: what the run sees
                 outcome = replace(outcome, identity=_identity(task.path))
-            item, digest = plan.inputs[task.key], groups.sha256(task.key)
+            item, digest = plan.inputs[task.key], groups.sha256(task.key) if groups else None
             record = _record(plan, item, task.options, outcome, pid, sha256=digest)
             yield from order.put(task.key, _written(journal, record, tally))
+            if groups is None:
+                continue
             for follower in groups.followers.get(task.key, ()):
                 content = groups.contents[follower.key]
-                twin = copied(record, plan.inputs[follower.key], content, groups.contents[task.key])
+                twin = _dedupe().copied(
+                    record, plan.inputs[follower.key], content, groups.contents[task.key]
+                )
                 tally.deduplicated += 1
                 yield from order.put(follower.key, _written(journal, twin, tally))
+
+
+def _dedupe() -> ModuleType:
+    return importlib.import_module("modelport.fleet.dedupe")
 
 
 def _identity(path: str) -> Identity | None:

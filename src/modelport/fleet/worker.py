@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib
 import json
 import os
 import resource
@@ -34,8 +35,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
-
-import numpy  # noqa: F401  (every reader needs it: loaded before the memory limit is set)
 
 from modelport.fleet.records import Failure, Identity, Outcome
 from modelport.fleet.tasks import perform, preload
@@ -59,6 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not _bound_to_parent(args.parent):
         return 0  # the parent is gone already: nobody would read an answer
     if args.max_memory:
+        # numpy, which many readers import, is mapped before the limit so that the limit
+        # is checked against it and a file never finds the library no longer fits; with
+        # no limit, the first file that needs numpy imports it (a scan of pickles, torch
+        # zips, safetensors or npz never does): two thirds of a worker's start-up
+        importlib.import_module("numpy")
         mapped = _mapped_bytes()
         if args.max_memory <= mapped:
             sys.stderr.write(f"it maps {mapped:,} bytes once started\n")

@@ -16,20 +16,25 @@ variables (``FSSPEC_S3_ENDPOINT_URL`` for an S3-compatible server).
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
-from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from modelport.errors import MissingDependencyError, ModelFileNotFoundError, ModelportError
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+# Every worker of a fleet run imports this module for ``is_url``; what only a URL's reading
+# needs (a temporary folder, dates in a store's formats: ``tempfile``, ``shutil``,
+# ``datetime``, ``email.utils``: a sixth of a worker's start-up) is imported by the first
+# object read.
 
 # A URL as fsspec takes it: a scheme of two letters or more (one letter is a Windows drive).
 _URL: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
@@ -239,7 +244,7 @@ def sparse_copy(url: str) -> Iterator[SparseCopy]:
     removed on every way out; the file keeps the object's name, so a warning about its
     extension reads as it would for the object."""
     remote = RemoteObject.open(url)
-    folder = Path(tempfile.mkdtemp(prefix="modelport-remote-"))
+    folder = Path(importlib.import_module("tempfile").mkdtemp(prefix="modelport-remote-"))
     path = folder / _local_name(remote.key)
     try:
         with open(path, "wb") as handle:
@@ -249,7 +254,7 @@ def sparse_copy(url: str) -> Iterator[SparseCopy]:
         _name_the_object(exc, path, redact(url))
         raise
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        importlib.import_module("shutil").rmtree(folder, ignore_errors=True)
 
 
 def _name_the_object(exc: BaseException, path: Path, url: str) -> None:
@@ -298,6 +303,7 @@ def _digest(scheme: str, info: dict[str, Any]) -> str:
 
 
 def _modified_ns(info: dict[str, Any]) -> int:
+    datetime = importlib.import_module("datetime").datetime
     for key in _MODIFIED_KEYS:
         value = info.get(key)
         try:
@@ -315,9 +321,12 @@ def _modified_ns(info: dict[str, Any]) -> int:
 def _parsed_time(text: str) -> datetime:
     """ISO 8601 (GCS's ``updated``) or an HTTP date (``Last-Modified``)."""
     try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+        found: datetime = importlib.import_module("datetime").datetime.fromisoformat(
+            text.replace("Z", "+00:00")
+        )
     except ValueError:
-        return parsedate_to_datetime(text)
+        found = importlib.import_module("email.utils").parsedate_to_datetime(text)
+    return found
 
 
 def _local_name(key: str) -> str:
