@@ -5,8 +5,6 @@ its natural loader, in a child process whose audit hook blocks the payload, reac
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 
 import modelport
 from tests.attacks.corpus import MALFORMED, TECHNIQUES, Malformed, Technique
-from tests.attacks.harness import Reach, reaches_payload
+from tests.attacks.harness import Reach, Run, reaches_payloads
 
 LOADED = tuple(t for t in TECHNIQUES if t.loader is not None)
 
@@ -78,29 +76,28 @@ class Loaded:
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Loaded]:
-    """Every loader run at once: each is its own child process, so running them side by
-    side changes nothing they see, and the heavy set takes a fraction of the time."""
-    jobs = []
+    """Every loader run at once: each file in a child process of its own, forked from one
+    server per loader that has imported the loader's library, so the heavy set pays for
+    ``import torch`` once rather than once per file."""
+    runs, markers = [], []
     for technique in LOADED:
+        assert technique.loader is not None
         folder = tmp_path_factory.mktemp(technique.name)
         (folder / "attack").mkdir()
         (folder / "twin").mkdir()
         marker = folder / "PWNED"
         attack = technique.build(folder / "attack", marker)
-        jobs.append((technique, attack, technique.benign(folder / "twin"), marker))
-
-    def run(job: tuple[Technique, Path, Path, Path]) -> tuple[str, Loaded]:
-        technique, attack, twin, marker = job
-        assert technique.loader is not None
-        return technique.name, Loaded(
-            reaches_payload(technique.loader, attack, marker, patches=technique.patches),
-            reaches_payload(technique.loader, twin, marker, patches=technique.patches),
-            marker,
-        )
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    with ThreadPoolExecutor(max_workers=min(8, max(2, cpus or 1))) as pool:
-        return dict(pool.map(run, jobs))
+        twin = technique.benign(folder / "twin")
+        runs += [
+            Run(technique.loader, attack, marker, technique.patches),
+            Run(technique.loader, twin, marker, technique.patches),
+        ]
+        markers.append(marker)
+    reaches = reaches_payloads(runs)
+    return {
+        technique.name: Loaded(reaches[2 * n], reaches[2 * n + 1], marker)
+        for n, (technique, marker) in enumerate(zip(LOADED, markers, strict=True))
+    }
 
 
 @pytest.mark.heavy

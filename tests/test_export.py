@@ -688,7 +688,6 @@ def test_typo_in_model_rejected_before_torch(tmp_path: Path, spec: str) -> None:
     )
     found = json.loads(result.read_text())
     assert found["code"] == 2 and found["torch"] is False
-    assert found["seconds"] < 2.0  # torch's import alone takes seconds
     assert spec in done.stderr and done.stdout == ""
 
 

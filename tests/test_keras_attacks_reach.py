@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import pytest
 
 import modelport
-from tests.attacks.harness import Reach, reaches_payload
+from tests.attacks.harness import Reach, Run, reaches_payloads
 
 pytestmark = [
     pytest.mark.heavy,
@@ -112,8 +111,8 @@ def _write(keras: Any, layout: Layout, folder: Path) -> tuple[Path, Path, Path, 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
-    """Every file built once with Keras, then every loader run side by side (each run is
-    its own child process, so running them together changes nothing they see)."""
+    """Every file built once with Keras, then every loader run side by side, each in a
+    child process of its own forked from one that has imported Keras."""
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     keras = pytest.importorskip("keras")
@@ -122,7 +121,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
         for layout in LAYOUTS
     }
     jobs = [
-        (name, kind, loader, path, marker)
+        ((name, kind), Run(loader, path, marker))
         for name, (attack, twin, marker, _) in written.items()
         for kind, loader, path in (
             ("unsafe", UNSAFE_LOADER, attack),
@@ -130,14 +129,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
             ("twin", UNSAFE_LOADER, twin),
         )
     ]
-
-    def run(job: tuple[str, str, str, Path, Path]) -> tuple[tuple[str, str], Reach]:
-        name, kind, loader, path, marker = job
-        return (name, kind), reaches_payload(loader, path, marker)
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    with ThreadPoolExecutor(max_workers=min(6, max(2, cpus or 1))) as pool:
-        reaches = dict(pool.map(run, jobs))
+    found = reaches_payloads([run for _, run in jobs])
+    reaches = dict(zip((key for key, _ in jobs), found, strict=True))
     return {
         name: Built(
             attack,
