@@ -39,17 +39,21 @@ def _rules(report: modelport.ScanReport) -> set[str]:
 # -- zips that are torch archives to one rule only -------------------------------------------------
 
 
+@pytest.mark.parametrize("padding", [0, 2 << 20], ids=["read-whole", "mapped"])
 @pytest.mark.parametrize("evil", [True, False], ids=["attack", "twin"])
 def test_an_npy_under_torch_storage_names_is_read_as_numpy_reads_it(
-    tmp_path: Path, marker: Path, evil: bool
+    tmp_path: Path, marker: Path, evil: bool, padding: int
 ) -> None:
     """A real torch.save archive with one more member ``<prefix>/data/w.npy``: torch never
     names it, numpy.load of the same file unpickles it. A storage-shaped name under torch's
-    own prefix is skipped only when its bytes open as nothing another loader reads."""
+    own prefix is skipped only when its bytes open as nothing another loader reads (a
+    storage's first bytes are read from the file when the scan maps it, never faulted in)."""
     members = _members(torch_zip())
     prefix = members[0][0].split("/")[0]
     inner = object_npy(shell2(marker)) if evil else float_npy()
-    path = write(tmp_path / "model.pt", zip_archive([*members, (f"{prefix}/data/w.npy", inner)]))
+    big = [(f"{prefix}/data/99", bytes(padding))] if padding else []
+    archive = zip_archive([*members, *big, (f"{prefix}/data/w.npy", inner)])
+    path = write(tmp_path / "model.pt", archive)
     report = modelport.scan(path)
     assert report.verdict == ("unsafe" if evil else "safe"), report.to_json()
 

@@ -30,6 +30,8 @@ skipped: stored ``<prefix>/data/<key>`` of a torch archive, and the raw payloads
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import time
 import zlib
 
@@ -341,8 +343,16 @@ def _read_otherwise(scan: ScanState, directory: ZipDirectory, entry: ZipEntry) -
     (numpy.load reads every ``*.npy`` member of a zip) or a zip. Bytes that parse as a
     pickle stay data: no loader unpickles a storage, and float data opens like one often
     enough (an optimizer's step counts do) that judging it would be a false alarm."""
-    base = memoryview(directory.blob) if directory.blob is not None else scan.data
-    head = bytes(base[entry.data_offset : entry.data_offset + min(entry.compressed_size, 8)])
+    start, size = entry.data_offset, min(entry.compressed_size, 8)
+    if directory.blob is not None:
+        head = bytes(directory.blob[start : start + size])
+    elif isinstance(scan.data.obj, mmap.mmap):
+        # read, not faulted in: a fault maps the page cache's whole folio around the page
+        # (megabytes), and a large archive holds hundreds of storages
+        with open(scan.path, "rb") as handle:
+            head = os.pread(handle.fileno(), size, start)
+    else:
+        head = bytes(scan.data[start : start + size])
     return head.startswith((NPY_MAGIC, LOCAL_SIGNATURE, EOCD_SIGNATURE))
 
 
