@@ -34,13 +34,14 @@ from __future__ import annotations
 import _pickle
 import sys
 from functools import partial
+from itertools import chain
 from typing import Any, Final, Protocol
 
 from modelport.limits import MAX_PICKLE_SHORT_LINE
 from modelport.pickles import fast_walk, hooks, joblib_arrays, policy
 from modelport.pickles.interface import Limits, Resolver, Step
 from modelport.pickles.keys import bounded_key
-from modelport.pickles.rules import PLAIN_SAFE_CALLS, pass_on, special_names
+from modelport.pickles.rules import PLAIN_SAFE_CALLS, passes_computed, special_names
 from modelport.pickles.symbols import Made, Symbol
 
 __all__ = ["ENABLED", "LiveMade", "LiveSymbol", "RecordingResolver", "clean_run"]
@@ -55,6 +56,7 @@ class RecordingResolver(Resolver, Protocol):
 
     findings: list[Any]
     nested: list[Any]
+    symbols: list[Symbol]
 
     @property
     def calls_only_recorded(self) -> frozenset[tuple[str, str]]: ...
@@ -81,12 +83,15 @@ def clean_run(
     # indexes are bytes only in a flat view of bytes: the Python machine reads it so
     data = data if data.format == "B" and data.ndim == 1 else data.cast("B")
     admitted = fast_walk.admit(data, start, _most_opcodes(limits))
-    if admitted is None or hooks.may_hold_payload(admitted.program):
+    if admitted is None:
+        return None
+    if admitted.opens_like_payload and hooks.may_hold_payload(admitted.program):
         return None  # (a constant that may be a nested payload: the resolver scans it)
     source = _Source(memoryview(admitted.program), 0)
     unpickler = _InertUnpickler(source, resolver)
     try:
         unpickler.load()
+        judge_records(resolver)
     except Exception:  # C refused the bytes, or a callback found what it cannot mirror
         return None
     finally:
@@ -232,9 +237,10 @@ class _CheckedDict(dict[Any, Any]):
         if items is None:
             raise _Unsure("BUILD on a dict: the Python machine's resolver looks at it")
         keys = items[0:-1:2]
-        for key in keys:
-            if type(key) is tuple:
-                bounded_key(key)
+        if tuple in map(type, keys):  # (told in C: most dicts have no tuple key)
+            for key in keys:
+                if type(key) is tuple:
+                    bounded_key(key)
         self.update(zip(keys, items[1:-1:2], strict=True))
 
 
@@ -310,19 +316,17 @@ class _PlainLiveSymbol(LiveSymbol):
 class _PassingLiveSymbol(LiveSymbol):
     """An allowlisted reconstructor the rules judge fine however it is called, which calls or
     instantiates some of its arguments (numpy's ``_reconstruct``, copyreg's): each call is
-    recorded as the resolver records it, its arguments noted as the resolver notes them
-    (``rules.pass_on``), and it gives the one result the symbol holds, as
-    ``_PlainLiveSymbol`` does. A computed value handed on is reported: the run ends."""
+    recorded as the resolver records it and gives the one result the symbol holds, as
+    ``_PlainLiveSymbol`` does; once the run is over its arguments are noted as the resolver
+    notes them (``judge_records``: ``rules.pass_on``), and a computed value handed on is
+    reported."""
 
     __slots__ = ()
 
     def __call__(self, *args: Any) -> Made:
         if len(args) == 2 and args[1] is _NEW:
             return self._instantiated(args[0])
-        step = self.step
-        self.calls.append((step, args))
-        if pass_on(self.key, args, step):  # type: ignore[arg-type]  # on the allowlist: text
-            raise _Unsure("a reconstructor handed a computed value: the resolver reports it")
+        self.calls.append((self.step, args))
         return self.made[0]
 
 
@@ -340,25 +344,116 @@ class _UncalledLiveSymbol(LiveSymbol):
 
 class LiveMade(_Live, Made):
     """A ``Made`` C can fill: what the resolver of a C run makes. Calling one is a call of a
-    computed value, which the resolver reports; BUILD records its state, and a state that
-    sets a special name is reported. joblib's array wrappers never reach here: their names
-    end the run when they are named (``_kinds``)."""
+    computed value, which the resolver reports. BUILD reaches the record's own list's
+    ``append`` (its ``__setstate__`` slot), which C calls with no Python frame between: the
+    states are judged in order once the run is over (``judge_records``), as the resolver
+    judges each. joblib's array wrappers never reach here: their names end the run when
+    they are named (``_kinds``)."""
 
-    __slots__ = ()
+    __slots__ = ("__setstate__",)
+
+    def __init__(self, origin: Any, step: Step, args: tuple[Any, ...] = ()) -> None:
+        self.origin = origin
+        self.step = step
+        self.args = args
+        states: list[Any] = []
+        self.states = states
+        self.__setstate__ = states.append
 
     def __call__(self, *args: Any) -> Made:
         raise _Unsure("a call of a computed value: the resolver reports it")
 
-    def __setstate__(self, state: Any) -> None:
-        if type(state) is tuple and state and state[-1] is _SET_ITEMS:
-            _items(state)  # (an odd count ends the run)
-            if hooks.item_hook(self, True) is not None:
-                raise _Unsure("SETITEMS through a method a state may have planted")
-            return
-        self.states.append(state)
-        if special_names(state) or hooks.opaque_state(state) or hooks.repeated_build(self):
-            raise _Unsure("BUILD of a state the resolver reports")
 
+def judge_records(resolver: RecordingResolver) -> None:
+    """What the resolver would have judged as C went, judged once the run is over: the
+    arguments each reconstructor handed on (``rules.pass_on``), and what C's BUILDs handed
+    each record, in the order C handed it (a state the resolver reports, a second BUILD,
+    SETITEMS after a state: ``hooks``; a SETITEMS C ran as a BUILD leaves the record's
+    states). Raises ``_Unsure`` where the resolver would have noted something."""
+    for symbol in resolver.symbols:
+        passing = type(symbol) is _PassingLiveSymbol and symbol.calls
+        if passing and passes_computed(symbol.key, symbol.calls):  # type: ignore[arg-type]
+            raise _Unsure("a reconstructor handed a computed value: the resolver reports it")
+        for made in symbol.made:
+            if made.states:
+                _judge_states(made)
+
+
+def _judge_states(made: Made) -> None:
+    handed = made.states
+    if len(handed) == 1 and not _is_set_items(handed[0]):
+        if _reported_state(handed[0]):
+            raise _Unsure("BUILD of a state the resolver reports")
+        return
+    if _plain_tuples(handed):
+        if hooks.repeated_build(made):
+            raise _Unsure("a second BUILD on an object: the resolver reports it")
+        return
+    # the states so far, as the resolver holds them at each BUILD; the list C appended to
+    # stays the record's (the scan's release empties it: a state may hold its own record)
+    made.states = []
+    try:
+        for state in handed:
+            if _is_set_items(state):
+                _items(state)  # (an odd count ends the run)
+                if hooks.item_hook(made, True) is not None:
+                    raise _Unsure("SETITEMS through a method a state may have planted")
+                continue
+            made.states.append(state)
+            if _reported_state(state):
+                raise _Unsure("BUILD of a state the resolver reports")
+        if hooks.repeated_build(made):
+            raise _Unsure("a second BUILD on an object: the resolver reports it")
+    finally:
+        handed[:] = made.states
+        made.states = handed
+
+
+def _plain_tuples(states: list[Any]) -> bool:
+    """Whether every state is a tuple but a pair, and none of their parts a dict or a marker
+    (``object``): states the resolver reports nothing of (``_reported_state``) and no
+    SETITEMS, told in C for all the arrays of a numpy pickle at once."""
+    if set(map(type, states)) != _TUPLE:
+        return False
+    if 2 in set(map(len, states)):
+        return False
+    return set(map(type, chain.from_iterable(states))) <= _PLAIN_PARTS
+
+
+def _is_set_items(state: Any) -> bool:
+    return type(state) is tuple and bool(state) and state[-1] is _SET_ITEMS
+
+
+def _reported_state(state: Any) -> bool:
+    """``special_names(state) or hooks.opaque_state(state)``, quicker for the states model
+    files hold: a tuple that is no pair (numpy's) is never opaque and has special names only
+    in its dict parts; a dict is never opaque."""
+    if type(state) is tuple and len(state) != 2:
+        return any(isinstance(part, dict) and _special_keys(part) for part in state)
+    if isinstance(state, dict):
+        return _special_keys(state)
+    return bool(special_names(state)) or hooks.opaque_state(state)
+
+
+def _special_keys(state: dict[Any, Any]) -> bool:
+    """Whether ``special_names`` finds a name among the keys of ``state``; a key can be one
+    only if it opens with two underscores, which one search of the joined keys rules out
+    for most attribute dicts (keys that are not all text are looked at one by one)."""
+    try:
+        joined = "\n".join(state)
+    except TypeError:
+        return bool(special_names(state))
+    if not joined.startswith("__") and "\n__" not in joined:
+        return False
+    return bool(special_names(state))
+
+
+_TUPLE: Final = {tuple}
+# The parts of a state no rule looks into (no dict, no marker): what C builds of data.
+_PLAIN_PARTS: Final = frozenset(
+    {int, float, bool, str, bytes, tuple, list, type(None), LiveMade, LiveSymbol}
+    | {_PlainLiveSymbol, _PassingLiveSymbol, _UncalledLiveSymbol}
+)
 
 _Kinds = dict[tuple[str, str] | None, type[LiveSymbol]]
 

@@ -120,6 +120,17 @@ _HIGHEST_PROTOCOL = 5  # the Python machine's (opcodes.op_proto), and C's in Pyt
 # bound the walk's work when a pickle holds more opcodes than it may.
 _FIRST_WINDOW, _LAST_WINDOW = 1 << 17, 1 << 22
 _SHORT = 64  # strings the expression checks: it spells out one branch per length (names fit)
+# The first two bytes of a string constant that may hold a nested payload
+# (``hooks.payloads``): a pickle's PROTO 2-5, a zip's "PK", numpy's magic, as bytes or
+# latin-1 text, or as UTF-8 text (``hooks.encoded_payload``: U+0080 and U+0093 are led by
+# 0xc2). A pickle with none is not searched for payloads (``hooks.may_hold_payload``):
+# nothing in it can open like one. The expression leaves each string whose first byte
+# is one of theirs (``_PAYLOAD_FIRST``) for the walk to look at.
+_PAYLOAD_PAIRS: Final = frozenset(
+    {*(bytes([0x80, protocol]) for protocol in range(2, 6)), b"PK", b"\x93N", b"\xc2\x80"}
+    | {b"\xc2\x93"}
+)
+_PAYLOAD_FIRST: Final = frozenset(pair[0] for pair in _PAYLOAD_PAIRS)
 _COMPILE_AFTER = 1 << 16  # bytes walked by opcode before the expression is compiled
 # What a walk may say besides the end: refused is None.
 _RAN_OUT, _TOO_LONG, _UNCOUNTED = -1, -2, -3
@@ -130,11 +141,13 @@ class Admitted:
     """A pickle C may run: the bytes it runs, from the pickle's first (each NEWOBJ a REDUCE
     of its arguments and the marker, each EMPTY_DICT the GLOBAL of a checked dict, each
     SETITEMS a BUILD of its items and another marker), and
-    where the pickle ends (just past STOP) in its own bytes and in those C runs."""
+    where the pickle ends (just past STOP) in its own bytes and in those C runs; whether a
+    string constant opens with bytes a nested payload opens with (``_PAYLOAD_PAIRS``)."""
 
     program: bytes
     end: int
     program_end: int
+    opens_like_payload: bool
 
 
 def admit(data: memoryview, start: int, most: int) -> Admitted | None:
@@ -144,19 +157,20 @@ def admit(data: memoryview, start: int, most: int) -> Admitted | None:
     for window in (_FIRST_WINDOW, _LAST_WINDOW):
         chunk = bytes(data[start : start + window])
         changed: list[int] = []
-        end = _walk(chunk, most, changed)
+        heads: list[int] = []
+        end = _walk(chunk, most, changed, heads)
         if end is None:
             return None
         if end >= 0:
             if chunk.find(_OURS, 0, end) >= 0:
                 return None  # the pickle may name the checked dict or the marker itself
-            return _admitted(chunk, end, changed)
+            return _admitted(chunk, end, changed, bool(heads))
         if len(chunk) < window:
             return None  # the bytes end before STOP
     return None
 
 
-def _admitted(chunk: bytes, end: int, changed: list[int]) -> Admitted:
+def _admitted(chunk: bytes, end: int, changed: list[int], heads: bool) -> Admitted:
     """C hashes the keys of the dicts it makes before anything can look at them: a key of
     tuples shared through the memo can unfold to 2**60 tuples and hang there. So C makes
     no dict of its own: each EMPTY_DICT becomes a GLOBAL of the checked dict (``fast_scan``),
@@ -166,7 +180,7 @@ def _admitted(chunk: bytes, end: int, changed: list[int]) -> Admitted:
     argument tuple and the marker. Each SETITEMS becomes its marker's GLOBAL, TUPLE and
     BUILD: the target's ``__setstate__`` gets the items and the marker in one tuple."""
     if not changed:
-        return Admitted(chunk, end, end)
+        return Admitted(chunk, end, end, heads)
     parts: list[bytes] = []
     last = 0
     for at in changed:
@@ -174,29 +188,32 @@ def _admitted(chunk: bytes, end: int, changed: list[int]) -> Admitted:
         last = at + 1
     parts.append(chunk[last:end])
     program = b"".join(parts)
-    return Admitted(program, end, len(program))
+    return Admitted(program, end, len(program), heads)
 
 
-def _walk(chunk: bytes, most: int, changed: list[int]) -> int | None:
+def _walk(chunk: bytes, most: int, changed: list[int], heads: list[int]) -> int | None:
     """Where the pickle ends in ``chunk``, with ``changed`` holding where each opcode C runs
-    otherwise is; None when refused, ``_RAN_OUT`` when the bytes end first."""
+    otherwise is and ``heads`` where each string constant opening like a payload is; None
+    when refused, ``_RAN_OUT`` when the bytes end first."""
     expressions = _EXPRESSIONS
     if expressions.ready():
-        end = _by_runs(chunk, most, expressions.match(), changed)
+        end = _by_runs(chunk, most, expressions.match(), changed, heads)
         if end != _UNCOUNTED:
             return end
         changed.clear()
-    end = _by_opcode(chunk, most, changed)
+        heads.clear()
+    end = _by_opcode(chunk, most, changed, heads)
     if end is not None and end > 0:
         expressions.bytes_walked += end
     return end
 
 
-def _by_opcode(data: bytes, most: int, changed: list[int]) -> int | None:
+def _by_opcode(data: bytes, most: int, changed: list[int], heads: list[int]) -> int | None:
     """The opcodes of ``data`` up to STOP, one by one and counted: the end, None when one is
     refused or there are more than ``most``, ``_RAN_OUT`` when the bytes end first. (Past
     the end, indexing raises: that is how the end is found.) Each opcode C runs otherwise
-    (``_CHANGED``) is noted in ``changed``."""
+    (``_CHANGED``) is noted in ``changed``, each string constant whose first byte a payload
+    may open with in ``heads``."""
     width, counted, count, pos, marked = _WIDTH, _COUNTED, 0, 0, -1
     try:
         while True:
@@ -217,7 +234,7 @@ def _by_opcode(data: bytes, most: int, changed: list[int]) -> int | None:
                 changed.append(pos)
                 pos += 1
             elif code in counted:
-                past = _past_counted(data, pos, code)
+                past = _past_counted(data, pos, code, heads)
                 if past is None:
                     return None
                 pos = past
@@ -247,7 +264,9 @@ def _by_opcode(data: bytes, most: int, changed: list[int]) -> int | None:
         return _RAN_OUT
 
 
-def _by_runs(data: bytes, most: int, match: _Match, changed: list[int]) -> int | None:
+def _by_runs(
+    data: bytes, most: int, match: _Match, changed: list[int], heads: list[int]
+) -> int | None:
     """The walk of ``_by_opcode``, the expression taking each run of opcodes it can check;
     ``_UNCOUNTED`` once the bytes walked are as many as the opcodes allowed (opcodes are at
     least a byte each, so below that no count is needed). The opcodes C runs otherwise it leaves
@@ -265,8 +284,8 @@ def _by_runs(data: bytes, most: int, match: _Match, changed: list[int]) -> int |
                 pos += 1
             elif code == _STOP:
                 return pos + 1
-            elif code in counted:  # a string of ``_SHORT`` bytes or more, or a bad length
-                past = _past_counted(data, pos, code)
+            elif code in counted:  # ``_SHORT`` bytes or more, opening like a payload, bad length
+                past = _past_counted(data, pos, code, heads)
                 if past is None:
                     return None
                 pos = past
@@ -284,13 +303,16 @@ def _by_runs(data: bytes, most: int, match: _Match, changed: list[int]) -> int |
         return _RAN_OUT
 
 
-def _past_counted(data: bytes, pos: int, code: int) -> int | None:
+def _past_counted(data: bytes, pos: int, code: int, heads: list[int]) -> int | None:
     """Past the string (or LONG1/LONG4) at ``pos``: its length and that many bytes; None
-    for a length the Python machine refuses (negative, a LONG4 past its bound)."""
+    for a length the Python machine refuses (negative, a LONG4 past its bound). A constant
+    whose first bytes a payload may open with is noted in ``heads``."""
     length, head = _COUNTED[code]
     n = length.unpack_from(data, pos + 1)[0]
     if n < 0 or (code == _LONG4 and n > _MAX_LONG4):
         return None
+    if n > 1 and data[pos + head : pos + head + 2] in _PAYLOAD_PAIRS:
+        heads.append(pos)
     return int(pos + head + n)
 
 
@@ -308,33 +330,43 @@ def _past_lines(data: bytes, pos: int) -> int:
     return pos
 
 
+def _opening(n: int) -> bytes:
+    """``n`` bytes of a string constant, the first not one a payload may open with."""
+    first = b"".join(re.escape(bytes([byte])) for byte in sorted(_PAYLOAD_FIRST))
+    return b"[^%s].{%d}" % (first, n - 1) if n else b""
+
+
 def _expression() -> re.Pattern[bytes]:
     """Any run of the opcodes ``_by_runs`` need not look at: those of fixed width, strings
-    under ``_SHORT`` bytes, LONG_BINPUT under the memo bound, a MARK not followed by PROTO,
-    FRAME or APPENDS, PROTO up to the highest, GLOBAL with lines the machine reads."""
+    under ``_SHORT`` bytes not opening like a payload (``_PAYLOAD_FIRST``), LONG_BINPUT
+    under the memo bound, a MARK not followed by PROTO, FRAME or APPENDS, PROTO up to the
+    highest, GLOBAL with lines the machine reads."""
 
     def one_of(*names: str) -> bytes:
         return b"[" + b"".join(re.escape(bytes([_CODES[name]])) for name in names) + b"]"
 
     def strings(names: tuple[str, ...], zeros: int) -> bytes:
-        lengths = (re.escape(bytes([n]) + bytes(zeros)) + b".{%d}" % n for n in range(_SHORT))
+        lengths = (re.escape(bytes([n]) + bytes(zeros)) + _opening(n) for n in range(_SHORT))
         return one_of(*names) + b"(?:" + b"|".join(lengths) + b")"
 
     single = one_of(*(name for name, width in _FIXED.items() if width == 1))
     line = b"[^\n]{1,%d}\n" % (MAX_PICKLE_SHORT_LINE - 1)
+    # Each token opens with opcodes no other token opens with, so their order changes
+    # nothing the expression matches; the engine tries them in turn, so the commonest come
+    # first (in torch's protocol 2 pickles: BINGET, BINPUT, LONG_BINPUT, text).
     tokens = [
         one_of("BININT1", "BINGET", "BINPUT") + b".",
-        single,
-        strings(("SHORT_BINUNICODE", "SHORT_BINBYTES", "SHORT_BINSTRING", "LONG1"), 0),
-        strings(("BINUNICODE", "BINBYTES", "BINSTRING", "LONG4"), 3),
         one_of("LONG_BINPUT") + b"..\x00\x00",  # an index under _MAX_MEMO_INDEX
+        strings(("BINUNICODE", "BINBYTES", "BINSTRING", "LONG4"), 3),
+        single,
         one_of("MARK") + b"(?!" + one_of("PROTO", "FRAME", "APPENDS") + b")",
-        one_of("BININT2") + b"..",
+        strings(("SHORT_BINUNICODE", "SHORT_BINBYTES", "SHORT_BINSTRING", "LONG1"), 0),
         one_of("BININT", "LONG_BINGET") + b"....",
+        one_of("BININT2") + b"..",
         one_of("BINFLOAT") + b".{8}",
+        one_of("GLOBAL") + line + line,
         one_of("PROTO") + b"[\x00-%c]" % _HIGHEST_PROTOCOL,
         one_of("APPENDS"),
-        one_of("GLOBAL") + line + line,
     ]
     # each token takes the one-byte opcodes after it too: a run of them costs the engine
     # one repetition of the whole alternation, not one each

@@ -19,6 +19,7 @@ denylist.
 from __future__ import annotations
 
 import re
+from operator import itemgetter
 from typing import Any, Final
 
 from modelport.pickles import policy
@@ -68,13 +69,16 @@ def judged_clean(symbol: Symbol, torchscript: bool) -> bool:
         not symbol.calls,
         not news,
         all(args == () for _, args in news) if news else True,
-        frozenset(usage for _, usage, _ in symbol.passed_on),
+        frozenset(map(_USAGE, symbol.passed_on)) if symbol.passed_on else _NO_USAGES,
     )
     clean = _CLEAN_USES.get(use)
     if clean is None:
         clean = _CLEAN_USES[use] = not judge_symbol(symbol, torchscript)
     return clean
 
+
+_USAGE: Final = itemgetter(1)  # of a ``Symbol.passed_on`` entry
+_NO_USAGES: Final = frozenset[Usage]()
 
 # ``judged_clean``'s answers by way of use: bounded by the allowlist's keys (the fast path
 # asks only about those) times the few ways of use.
@@ -311,3 +315,27 @@ def pass_on(key: tuple[str, str], args: tuple[Any, ...], at: Step) -> list[polic
         elif isinstance(target, Made):
             computed.append(use)
     return computed
+
+
+def passes_computed(key: tuple[str, str], calls: list[tuple[Step, tuple[Any, ...]]]) -> bool:
+    """``pass_on`` for each of ``calls`` of the reconstructor ``key``, noting the same uses on
+    the same globals: whether any would call or instantiate a computed value (one loop for
+    a run's calls of one reconstructor, where ``pass_on`` is a call each)."""
+    for index, usage, via, skips_no_base in _FLAT_PASSES[key]:
+        for at, args in calls:
+            if index < len(args):
+                target = args[index]
+                if isinstance(target, Symbol):
+                    if not (skips_no_base and target.key == policy.NO_BASE):
+                        target.passed_on.append((at, usage, via))
+                elif isinstance(target, Made):
+                    return True
+    return False
+
+
+# ``_PASSES`` as ``passes_computed`` reads it: (argument index, use, note, whether ``object``
+# as that argument is passed over, as ``pass_on`` passes it over).
+_FLAT_PASSES: Final = {
+    key: tuple((use.index, use.usage, via, use.usage is Usage.CALLED) for use, via in passes)
+    for key, passes in _PASSES.items()
+}
