@@ -196,6 +196,37 @@ def timed_with_cpu(command: list[str]) -> tuple[float, int, int, float, float]:
     return wall, peak, process.returncode, usage.ru_utime + usage.ru_stime, memory.own_cpu
 
 
+# Run in a fresh interpreter holding what the CLI holds when it starts its workers (one
+# thread, so the pool may fork): the CPU seconds a worker spends before it says it is ready,
+# started fresh and forked, in turns; the median of each, in ms.
+_START_UP = """
+import os, resource, statistics, sys
+import modelport.cli._fleet, modelport.cli.cmd_scan
+from modelport.fleet import pool
+from modelport.fleet.records import Budget
+spent = {"fresh": [], "forked": []}
+for _ in range(int(sys.argv[1])):
+    for kind, start in (("fresh", pool._start), ("forked", pool._launch)):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        worker = start(Budget(300.0), "scan")
+        worker.stdout.readline()
+        worker.stdin.close()
+        worker.wait()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        spent[kind].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+print(" ".join(f"{statistics.median(v) * 1000:.0f}" for v in spent.values()))
+"""
+
+
+def worker_start_up(rounds: int) -> tuple[float, float]:
+    """A scan worker's start-up CPU in ms, started fresh and forked from the CLI's parent."""
+    done = subprocess.run(
+        [sys.executable, "-c", _START_UP, str(rounds)], capture_output=True, text=True, check=True
+    )
+    fresh, forked = map(float, done.stdout.split())
+    return fresh, forked
+
+
 def resume_after_kill(count: int) -> tuple[float, float, int]:
     """Kill a --jobs 2 run once half the files are recorded; the rerun's wall time, the
     time of a second rerun with everything recorded, and the records the kill left."""
@@ -295,6 +326,11 @@ def main() -> int:
         own = statistics.median(parents[name])
         workers = statistics.median(c - p for c, p in zip(cpus[name], parents[name], strict=True))
         print(f"{name}: parent {own:.2f} CPU s, workers {workers:.2f} CPU s")
+    fresh, forked = worker_start_up(max(args.repeat, 5))
+    print(
+        f"a scan worker's start-up, to ready with every file reader imported (median CPU): "
+        f"{fresh:.0f} ms started fresh, {forked:.0f} ms forked from the parent"
+    )
     if "picklescan -p" in walls:
         peer_wall, peer_cpu = (statistics.median(m["picklescan -p"]) for m in (walls, cpus))
         one_cpu = statistics.median(cpus["modelport --jobs 1"])

@@ -5,6 +5,7 @@ gets exactly one; nothing here is simulated inside modelport."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -151,24 +152,40 @@ def kill_when_recorded(argv: list[str], out: Path, lines: int) -> int:
     try:
         while parent.poll() is None and (not out.exists() or out.read_bytes().count(b"\n") < lines):
             time.sleep(0.005)
+        workers = children(parent.pid)  # forked or started fresh, as the parent chose
         parent.send_signal(signal.SIGKILL)  # no cleanup at all: its workers die with it
         parent.wait()
     finally:
         if parent.poll() is None:
             parent.kill()
-    assert no_worker_outlives(parent.pid)
+    assert workers, "no worker was running"
+    assert no_worker_outlives(parent.pid, workers)
     return out.read_bytes().count(b"\n")
 
 
-def no_worker_outlives(parent: int, limit: float = 10) -> bool:
+def children(parent: int) -> set[int]:
+    found: set[int] = set()
+    for thread in Path(f"/proc/{parent}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found.update(int(pid) for pid in (thread / "children").read_text().split())
+    return found
+
+
+def no_worker_outlives(parent: int, workers: set[int], limit: float = 10) -> bool:
+    """Whether every one of ``workers``, and every fresh worker naming ``parent``, ended
+    (a zombie has ended: only its exit status is left to collect)."""
     deadline = time.monotonic() + limit
     mark = f"--parent\x00{parent}\x00".encode()
     while time.monotonic() < deadline:
         alive = []
         for entry in Path("/proc").iterdir():
             try:
-                if entry.name.isdigit() and mark in (entry / "cmdline").read_bytes():
-                    alive.append(entry.name)
+                if entry.name.isdigit() and (
+                    int(entry.name) in workers or mark in (entry / "cmdline").read_bytes()
+                ):
+                    state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                    if state != "Z":
+                        alive.append(entry.name)
             except OSError:
                 continue
         if not alive:

@@ -4,13 +4,14 @@ it finishes, and a rerun with the same output resuming where the last one stoppe
 
 The work unit is one path. ``inputs`` expands the paths, folders and lists a user names
 into inputs (and picks this machine's shard); ``journal`` is the JSONL output (locked,
-appended to, synced in batches, a cut last line repaired); ``pool`` keeps ``--jobs``
-worker processes (``worker``, running ``tasks``) busy and turns a worker that dies or
-overruns into that file's record; ``dask_runner`` sends the same tasks to a Dask cluster
-instead (``--scheduler``); ``dedupe`` judges the same bytes under the same name once
-(``--dedupe``); ``convert_manifest`` reads ``convert --from-file`` manifests (an input is
-then a source and its target); ``running`` ties them together and resumes; ``summary``
-rebuilds a command's summary from a JSONL file. ``records`` is the record and its schema.
+appended to, synced in batches, a cut last line repaired); ``pool`` keeps ``--jobs`` worker
+processes (``worker``, running ``tasks``; forked from the parent where ``forking`` finds
+that safe) busy and turns a worker that dies or overruns into that file's record;
+``dask_runner`` sends the same tasks to a Dask cluster instead (``--scheduler``);
+``dedupe`` judges the same bytes under the same name once (``--dedupe``);
+``convert_manifest`` reads ``convert --from-file`` manifests (an input is then a source and
+its target); ``running`` ties them together and resumes; ``summary`` rebuilds a command's
+summary from a JSONL file. ``records`` is the record and its schema.
 
 The names below are imported from their modules on first use: every worker process imports
 this package, and a worker needs no summary or journal.

@@ -10,10 +10,13 @@ record. Either way a fresh worker takes the next file, and every other file is u
 each file is answered for exactly once.
 
 Workers are started with one thread for the numeric libraries (``OMP_NUM_THREADS=1`` and
-friends, unless set): the parallelism is the processes'. A worker's start-up (a tenth of a
-second, most of it imports) is kept off the run's critical path: the CLI starts the workers
-(``prestart``) before it walks the folders it was named, and a worker nearing its last file
-(``TASKS_PER_WORKER``) has its successor started while it reads its last ones.
+friends, unless set): the parallelism is the processes'. A worker is forked from the parent
+where that is safe (``forking``: one thread, no memory limit), inheriting the imports the
+parent made, else started fresh (a tenth of a second more of a core: the interpreter's own
+start and those imports again). Its start-up is kept off the run's critical path: the CLI
+starts the workers (``prestart``) before it walks the folders it was named, and a worker
+nearing its last file (``TASKS_PER_WORKER``) has its successor started while it reads its
+last ones.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import IO, Any, Final, Protocol
 
 from modelport.errors import ModelportError, UsageError
+from modelport.fleet import forking
 from modelport.fleet.records import TIMED_OUT, WORKER_DIED, Budget, Failure, Outcome
 
 # Then a fresh process, so a long run's heap never fragments. A worker's start-up costs
@@ -70,6 +74,20 @@ _THREAD_VARIABLES: Final = (
 )
 
 
+class _Process(Protocol):
+    """A worker process as the pool sees it: ``subprocess.Popen`` or ``forking.Forked``."""
+
+    pid: int
+    stdin: IO[bytes] | None
+    stdout: IO[bytes] | None
+    stderr: IO[bytes] | None
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def kill(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class Task:
     """One file to send to a worker; ``key`` is the caller's name for it."""
@@ -82,7 +100,7 @@ class Task:
 
 @dataclass(eq=False)  # each worker is itself: compared and removed by identity
 class _Worker:
-    process: subprocess.Popen[bytes]
+    process: _Process
     buffer: bytearray = field(default_factory=bytearray)
     tail: bytearray = field(default_factory=bytearray)
     ready: bool = False  # said it is ready: it started
@@ -196,7 +214,7 @@ class Pool:
             lasting.append(worker)
 
     def _spawn(self, command: str) -> _Worker:
-        process = _take_early(self.budget, command) or _start(self.budget, command)
+        process = _take_early(self.budget, command) or _launch(self.budget, command)
         worker = _Worker(process)
         assert process.stdout is not None and process.stderr is not None
         self._selector.register(process.stdout, selectors.EVENT_READ, (worker, "out"))
@@ -376,7 +394,7 @@ class Pool:
 
 
 # Workers started by ``prestart``, not yet taken by a pool: (budget, command, process).
-_EARLY: list[tuple[Budget, str, subprocess.Popen[bytes]]] = []
+_EARLY: list[tuple[Budget, str, _Process]] = []
 
 
 def prestart(jobs: int, budget: Budget, command: str) -> None:
@@ -384,7 +402,7 @@ def prestart(jobs: int, budget: Budget, command: str) -> None:
     take: their start-up then overlaps what the parent does before its pool runs (walking
     the folders it was named) instead of following it."""
     while len(_EARLY) < jobs:
-        _EARLY.append((budget, command, _start(budget, command)))
+        _EARLY.append((budget, command, _launch(budget, command)))
 
 
 def discard_early() -> None:
@@ -401,7 +419,7 @@ def discard_early() -> None:
                     pipe.close()
 
 
-def _take_early(budget: Budget, command: str) -> subprocess.Popen[bytes] | None:
+def _take_early(budget: Budget, command: str) -> _Process | None:
     for position, (wanted, preloaded, process) in enumerate(_EARLY):
         if wanted == budget and preloaded == command:
             del _EARLY[position]
@@ -409,12 +427,31 @@ def _take_early(budget: Budget, command: str) -> subprocess.Popen[bytes] | None:
     return None
 
 
-def _start(budget: Budget, command: str) -> subprocess.Popen[bytes]:
-    """A worker process, ready once it has imported what ``command`` needs."""
-    arguments = [sys.executable, "-m", "modelport.fleet.worker", "--parent", str(os.getpid())]
-    arguments += ["--max-tasks", str(TASKS_PER_WORKER), "--commands", command]
+def _launch(budget: Budget, command: str) -> _Process:
+    """A worker forked from this process where that is safe (``forking``), else a fresh one."""
+    if _forks(budget):
+        return forking.fork_worker(_arguments(budget, command), _THREAD_VARIABLES)
+    return _start(budget, command)
+
+
+def _forks(budget: Budget) -> bool:
+    """Whether a worker for ``budget`` is forked: not under a memory limit (it would count
+    this process's heap and libraries), and only where ``forking`` finds it safe."""
+    return budget.max_memory is None and forking.can_fork()
+
+
+def _arguments(budget: Budget, command: str) -> list[str]:
+    """The worker's command line, after ``python -m modelport.fleet.worker``."""
+    arguments = ["--parent", str(os.getpid()), "--max-tasks", str(TASKS_PER_WORKER)]
+    arguments += ["--commands", command]
     if budget.max_memory:
         arguments += ["--max-memory", str(budget.max_memory)]
+    return arguments
+
+
+def _start(budget: Budget, command: str) -> subprocess.Popen[bytes]:
+    """A fresh worker process, ready once it has imported what ``command`` needs."""
+    arguments = [sys.executable, "-m", "modelport.fleet.worker", *_arguments(budget, command)]
     environment = dict(os.environ)
     for name in _THREAD_VARIABLES:
         environment.setdefault(name, "1")

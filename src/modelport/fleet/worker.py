@@ -1,4 +1,5 @@
-"""A worker process: ``python -m modelport.fleet.worker``, started and fed by ``pool``.
+"""A worker process: ``python -m modelport.fleet.worker``, started and fed by ``pool`` (or
+forked from the parent by ``forking``, which calls ``main`` with the same arguments).
 
 The protocol is JSON Lines over the worker's standard streams, one message a line:
 
