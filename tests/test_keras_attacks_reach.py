@@ -30,6 +30,7 @@ import pytest
 
 import modelport
 from tests.attacks.harness import Reach, Run, reaches_payloads
+from tests.test_redteam7_keras_h5 import BUILDERS as PLACEMENTS
 
 pytestmark = [
     pytest.mark.heavy,
@@ -109,9 +110,18 @@ def _write(keras: Any, layout: Layout, folder: Path) -> tuple[Path, Path, Path, 
     return attack, twin, marker, probe_written
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """What every loader run found: the layouts Keras wrote, and the configs placed where
+    modelport's readers once missed them (``tests/test_redteam7_keras_h5.py``'s builders)."""
+
+    layouts: dict[str, Built]
+    placed: dict[str, tuple[Run, Reach]]
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
-    """Every file built once with Keras, then every loader run side by side, each in a
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> Loaded:
+    """Every file built once, then every loader run side by side in one call, each in a
     child process of its own forked from one that has imported Keras."""
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -129,9 +139,14 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
             ("twin", UNSAFE_LOADER, twin),
         )
     ]
+    for name, build in PLACEMENTS.items():
+        folder = tmp_path_factory.mktemp(name)
+        marker = folder / "PWNED"
+        jobs.append(((name, "placed"), Run(UNSAFE_LOADER, build(folder, marker), marker)))
     found = reaches_payloads([run for _, run in jobs])
     reaches = dict(zip((key for key, _ in jobs), found, strict=True))
-    return {
+    runs = dict(jobs)
+    layouts = {
         name: Built(
             attack,
             twin,
@@ -143,6 +158,13 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
         )
         for name, (attack, twin, marker, probe_written) in written.items()
     }
+    placed = {name: (runs[name, "placed"], reaches[name, "placed"]) for name in PLACEMENTS}
+    return Loaded(layouts, placed)
+
+
+@pytest.fixture(scope="module")
+def built(loaded: Loaded) -> dict[str, Built]:
+    return loaded.layouts
 
 
 def by_name(layouts: tuple[Layout, ...]) -> list[str]:
@@ -192,6 +214,16 @@ def test_default_loader_refuses_the_lambda(built: dict[str, Built], layout: Layo
     assert reach.returncode == 1, reach.stderr_tail
     assert SAFE_MODE_REFUSAL in reach.stderr_tail, reach.stderr_tail
     assert "safe_mode=False" in reach.stderr_tail, reach.stderr_tail
+
+
+@pytest.mark.parametrize("name", list(PLACEMENTS))
+def test_keras_runs_a_config_placed_where_readers_missed_it(loaded: Loaded, name: str) -> None:
+    """The oracle for red-team round 7's Keras cases: each file modelport now calls unsafe
+    (or, for a config it cannot read, an error) holds a Lambda Keras' loader runs."""
+    run, reach = loaded.placed[name]
+    assert reach.reached, (name, reach.stderr_tail)
+    assert all(repr(str(run.marker)) in event for event in reach.events), reach.events
+    assert not run.marker.exists()
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=by_name(LAYOUTS))

@@ -176,6 +176,8 @@ class AttributeReader:
                 metadata[name] = value = self.get(handle, name)
             except LimitExceededError as exc:
                 warnings.append(f"root attribute {name!r} left out: {exc}")
+                if name in _keras_config.LOADED_ATTRIBUTES:  # present all the same
+                    metadata[name] = {"left_out": str(exc)}
                 continue
             if isinstance(value, dict) and "failed" in str(value.get("hdf5_type")):
                 warnings.append(f"root attribute {name!r} not read: {value['hdf5_type']}")
@@ -189,17 +191,7 @@ def layout_details(
     h5py = attrs.h5py
     details: dict[str, Any] = {}
     warnings: list[str] = []
-    config_text = metadata.get("model_config")
-    if isinstance(config_text, str):
-        try:
-            config = _keras_config.parse_json(config_text, "Keras model_config attribute")
-        except (CorruptFileError, LimitExceededError) as exc:
-            warnings.append(f"{exc}; the model's architecture is unknown")
-        else:
-            facts = _keras_config.analyse(config)
-            details["model_config"] = config
-            details.update(facts.details())
-            warnings.extend(facts.warnings)
+    _judge_configs(metadata, details, warnings)
     weights = handle.get("model_weights", getlink=True)
     if "model_config" in metadata and isinstance(weights, h5py.HardLink):
         layer_names = attrs.keras_list(handle["model_weights"], "layer_names")
@@ -218,6 +210,39 @@ def layout_details(
     if layer_names is not None:
         details["layer_names"] = layer_names[: _keras_config.MAX_LISTED]
     return details, warnings
+
+
+def _judge_configs(metadata: dict[str, Any], details: dict[str, Any], warnings: list[str]) -> None:
+    """Every root attribute Keras deserializes, judged. One present but not read (in dense
+    attribute storage, which the heap check does not follow; past the size read; not text;
+    not JSON) goes to ``unread_configs``: Keras may run what it holds, so the scanner calls
+    the file not analysed rather than trusting a description of it."""
+    unread: list[dict[str, str]] = []
+    for name in _keras_config.LOADED_ATTRIBUTES:
+        value = metadata.get(name, _MISSING)
+        if value is _MISSING:
+            continue
+        if not isinstance(value, str):
+            unread.append({"name": name, "why": f"not read as text ({value})"})
+            continue
+        try:
+            config = _keras_config.parse_json(value, f"Keras {name} attribute")
+            facts = _keras_config.analyse(config)
+        except (CorruptFileError, LimitExceededError) as exc:
+            unread.append({"name": name, "why": str(exc)})
+            continue
+        found = facts.details()
+        if name == "model_config":
+            details["model_config"] = config
+            details.update(found)
+        else:  # of the others, what runs code counts
+            for key in ("lambda_layers", "lambda_functions", "custom_objects"):
+                if found.get(key):
+                    details[key] = [*details.get(key, []), *found[key]]
+        warnings.extend(facts.warnings)
+    if unread:
+        details["unread_configs"] = unread
+        warnings.extend(f"Keras {u['name']} attribute not read: {u['why']}" for u in unread)
 
 
 def _looks_transformers(attrs: AttributeReader, handle: Any, layer_names: list[str]) -> bool:

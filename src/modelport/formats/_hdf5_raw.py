@@ -103,7 +103,7 @@ def find_superblock(head: bytes, size: int, path: Path | None = None) -> int | N
             beyond.append(offset)
     if not beyond or path is None:
         return None
-    with open(path, "rb") as handle:
+    with open(path, "rb", buffering=0) as handle:  # 8 bytes a try, not a buffer's worth
         for offset in beyond:
             handle.seek(offset)
             if handle.read(len(SIGNATURE)) == SIGNATURE:

@@ -9,6 +9,10 @@ pass 4 GiB). We parse the central directory ourselves so that:
 - counts, sizes and offsets are checked against the file before anything is allocated;
 - duplicate names resolve to the first entry, as torch's miniz lookup does;
 - names that would escape a directory (``../``, absolute) are reported, never followed.
+
+A directory is read for one kind of reader (``ZipView``): torch's, or Python's ``zipfile``,
+which finds the directory and names its members by other rules (``_zip_ends``). The two
+views are one object when they agree, as they do for every zip a writer makes.
 """
 
 from __future__ import annotations
@@ -16,27 +20,36 @@ from __future__ import annotations
 import io
 import mmap
 import struct
-import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, Protocol
 
 from modelport import limits
-from modelport.errors import CorruptFileError, LimitExceededError, TruncatedFileError
+from modelport.errors import (
+    CorruptFileError,
+    LimitExceededError,
+    ModelportError,
+    TruncatedFileError,
+)
 from modelport.formats._compressed import BZIP2 as BZIP2
 from modelport.formats._compressed import DEFLATED as DEFLATED
 from modelport.formats._compressed import LZMA as LZMA
-from modelport.formats._compressed import member_pieces
+from modelport.formats._zip_ends import EOCD_SIGNATURE as EOCD_SIGNATURE
+from modelport.formats._zip_ends import EOCD_SIZE as EOCD_SIZE
+from modelport.formats._zip_ends import LOCAL_SIGNATURE as LOCAL_SIGNATURE
+from modelport.formats._zip_ends import MAX_COMMENT as MAX_COMMENT
+from modelport.formats._zip_ends import TAIL_BYTES, ZipEnd, torch_end, zipfile_end
+from modelport.formats._zip_ends import ZIP64_EOCD_SIGNATURE as ZIP64_EOCD_SIGNATURE
+from modelport.formats._zip_ends import ZIP64_LOCATOR_SIGNATURE as ZIP64_LOCATOR_SIGNATURE
+from modelport.formats._zip_ends import ZipView as ZipView
+from modelport.formats._zip_ends import has_zip_tail as has_zip_tail
+from modelport.formats._zip_ends import prepended_bytes as prepended_bytes
+from modelport.formats._zip_inflate import inflate_deflated as inflate_deflated
+from modelport.formats._zip_inflate import inflate_member as inflate_member
 
-EOCD_SIGNATURE = b"PK\x05\x06"
-ZIP64_LOCATOR_SIGNATURE = b"PK\x06\x07"
-ZIP64_EOCD_SIGNATURE = b"PK\x06\x06"
 CENTRAL_SIGNATURE = b"PK\x01\x02"
-LOCAL_SIGNATURE = b"PK\x03\x04"
-EOCD_SIZE = 22
 LOCAL_HEADER_SIZE = 30
-MAX_COMMENT = 0xFFFF
 
 STORED = 0
 # What Python's zipfile (numpy.load) inflates; torch's miniz reads stored and deflated only
@@ -57,7 +70,6 @@ _LOCAL_LENGTHS = struct.Struct("<HH")  # a local header's name and extra lengths
 _RECENT: dict[tuple[object, ...], ZipDirectory] = {}
 _RECENT_KEPT = 4
 _MAP_AT_MOST = 16 << 20  # files larger are read by slices (``_mapped``)
-_INFLATE_CHUNK = 1 << 20
 
 
 class Bytes(Protocol):
@@ -90,14 +102,34 @@ class ZipEntry(NamedTuple):
 class ZipDirectory:
     """``entries`` are every record of the central directory, walked by its byte size as
     Python's ``zipfile`` walks it; ``declared_count`` is what the end record says, which is
-    all torch's reader walks. ``blob`` holds the bytes of a zip read from memory (a member
-    of another archive); otherwise members are read from ``path``."""
+    all torch's reader walks (-1 in zipfile's view, which never counts). ``blob`` holds the
+    bytes of a zip read from memory (a member of another archive); otherwise members are
+    read from ``path``, the zip at ``start`` in it spanning ``length`` bytes (None: to the
+    file's end). ``end`` is where this view's reader found the directory, ``zipfile_end``
+    where Python's zipfile finds it (None where zipfile refuses the zip)."""
 
     path: Path
     entries: tuple[ZipEntry, ...]
     unsafe_names: tuple[str, ...]
     declared_count: int = -1
     blob: bytes | None = None
+    view: ZipView = ZipView.TORCH
+    end: ZipEnd | None = None
+    zipfile_end: ZipEnd | None = None
+    start: int = 0
+    length: int | None = None
+
+    @property
+    def zipfile_agrees(self) -> bool:
+        """Whether Python's zipfile reads the members this directory lists, where it lists
+        them and under the same names."""
+        same = self.end is not None and self.end == self.zipfile_end
+        return same and not self.nul_names
+
+    @property
+    def nul_names(self) -> list[str]:
+        """Names holding a NUL: zipfile cuts them there, torch keeps them whole."""
+        return [e.name for e in self.entries if "\0" in e.name]
 
     @classmethod
     def read(
@@ -107,37 +139,69 @@ class ZipDirectory:
         start: int = 0,
         length: int | None = None,
         held: memoryview | None = None,
+        view: ZipView = ZipView.TORCH,
     ) -> ZipDirectory:
         """The directory of the zip in ``path``, or of one embedded at ``start`` and spanning
-        ``length`` bytes (a ``torch.save`` blob inside another file); offsets in the zip are
-        relative to ``start``, the entries' offsets returned are absolute in ``path``.
-        ``held`` is a view of the whole file where the caller holds one already (a scan reads
-        a small file whole): the directory is parsed there, the file neither opened again
-        nor the result kept. A mapped file is not parsed through its map (see ``_mapped``)."""
+        ``length`` bytes (a ``torch.save`` blob inside another file), as ``view``'s reader
+        reads it; offsets in the zip are relative to ``start``, the entries' offsets
+        returned are absolute in ``path``. ``held`` is a view of the whole file where the
+        caller holds one already (a scan reads a small file whole): the directory is parsed
+        there, the file neither opened again nor the result kept. A mapped file is not
+        parsed through its map (see ``_mapped``). Zipfile's view of a zip whose two readers
+        agree is torch's, parsed once."""
+        if view is ZipView.ZIPFILE:
+            try:
+                torch_view = cls.read(path, start=start, length=length, held=held)
+            except ModelportError:
+                torch_view = None
+            if torch_view is not None and torch_view.end == torch_view.zipfile_end:
+                return torch_view.as_zipfile_reads()
         whole = held.obj if held is not None else None
         if isinstance(whole, bytes) and len(whole) == len(held or b""):
-            return cls._read(whole, path, len(whole), start, length, None)
+            return cls._read(whole, path, len(whole), start, length, None, view)
         stat = path.stat()
-        key = (path, start, length, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        key = (path, start, length, view, *identity)
         found = _RECENT.get(key)
         if found is None:
             with open(path, "rb") as handle:
-                view = _mapped(handle, stat.st_size)
+                mapped = _mapped(handle, stat.st_size)
                 try:
-                    source = _FileBytes(handle) if view is None else view
-                    found = cls._read(source, path, stat.st_size, start, length, None)
+                    source = _FileBytes(handle) if mapped is None else mapped
+                    found = cls._read(source, path, stat.st_size, start, length, None, view)
                 finally:
-                    if view is not None:
-                        view.close()
+                    if mapped is not None:
+                        mapped.close()
             if len(_RECENT) >= _RECENT_KEPT:
                 del _RECENT[next(iter(_RECENT))]
             _RECENT[key] = found
         return found
 
     @classmethod
-    def from_bytes(cls, blob: bytes, path: Path) -> ZipDirectory:
+    def from_bytes(cls, blob: bytes, path: Path, view: ZipView = ZipView.TORCH) -> ZipDirectory:
         """The directory of a zip held in memory (``path`` names where it came from)."""
-        return cls._read(blob, path, len(blob), 0, None, blob)
+        return cls._read(blob, path, len(blob), 0, None, blob, view)
+
+    def as_zipfile_reads(self) -> ZipDirectory:
+        """This directory under the names zipfile gives its members, for a torch view that
+        zipfile finds at the same place: the same object when no name holds a NUL."""
+        if self.view is ZipView.ZIPFILE or not self.nul_names:
+            return self
+        entries = tuple(
+            e._replace(name=_cut(e.name), local_name=_cut(e.local_name)) for e in self.entries
+        )
+        return replace(self, entries=entries, view=ZipView.ZIPFILE, declared_count=-1)
+
+    def zipfile_view(self) -> ZipDirectory:
+        """The same zip as Python's zipfile reads it (numpy.load, Keras): this directory
+        when the two agree; raises where zipfile refuses the zip."""
+        if self.view is ZipView.ZIPFILE or self.end == self.zipfile_end:
+            return self.as_zipfile_reads()
+        if self.blob is not None:
+            return ZipDirectory.from_bytes(self.blob, self.path, ZipView.ZIPFILE)
+        return ZipDirectory.read(
+            self.path, start=self.start, length=self.length, view=ZipView.ZIPFILE
+        )
 
     def _open(self) -> BinaryIO:
         return io.BytesIO(self.blob) if self.blob is not None else open(self.path, "rb")
@@ -151,6 +215,7 @@ class ZipDirectory:
         start: int,
         length: int | None,
         blob: bytes | None,
+        view: ZipView = ZipView.TORCH,
     ) -> ZipDirectory:
         size = file_size - start if length is None else length
         if start < 0 or size < 0 or start + size > file_size:
@@ -161,43 +226,41 @@ class ZipDirectory:
                 actual=file_size,
                 path=path,
             )
-        tail_len = min(size, EOCD_SIZE + MAX_COMMENT + 20 + 56)
-        tail = source[start + size - tail_len : start + size]
-        eocd_at = tail.rfind(EOCD_SIGNATURE)
-        if eocd_at < 0 or eocd_at + EOCD_SIZE > len(tail):
-            raise TruncatedFileError(
-                "zip archive has no end-of-central-directory record (truncated download?)",
-                expected=size + 1,
-                actual=size,
-                path=path,
-            )
-        (_, _, _, _, count, cd_size, cd_offset, _) = struct.unpack(
-            "<4sHHHHIIH", tail[eocd_at : eocd_at + EOCD_SIZE]
+        tail = source[start + size - min(size, TAIL_BYTES) : start + size]
+
+        def read_at(offset: int, count: int) -> bytes:
+            return source[start + offset : start + offset + count] if offset >= 0 else b""
+
+        try:
+            other: ZipEnd | None = zipfile_end(tail, size, read_at, path)
+        except ModelportError:
+            if view is ZipView.ZIPFILE:
+                raise
+            other = None
+        end = (
+            torch_end(tail, size, read_at, path)
+            if other is None or view is ZipView.TORCH
+            else other
         )
-        eocd_file_offset = size - tail_len + eocd_at
-        locator_at = eocd_at - 20
-        if locator_at >= 0 and tail[locator_at : locator_at + 4] == ZIP64_LOCATOR_SIGNATURE:
-            (zip64_offset,) = struct.unpack("<Q", tail[locator_at + 8 : locator_at + 16])
-            if zip64_offset + 56 > size:
-                raise CorruptFileError("zip64 end record points past the file", path=path)
-            record = source[start + zip64_offset : start + zip64_offset + 56]
-            if len(record) < 56 or record[:4] != ZIP64_EOCD_SIGNATURE:
-                raise CorruptFileError("zip64 end record missing", path=path)
-            count, cd_size, cd_offset = struct.unpack("<QQQ", record[32:56])
-            eocd_file_offset = zip64_offset
+        count = end.count if view is ZipView.TORCH else -1
         if count > limits.MAX_ZIP_ENTRIES:
             raise LimitExceededError("zip entry count", limits.MAX_ZIP_ENTRIES, count, path=path)
-        if cd_offset + cd_size > eocd_file_offset:
-            raise TruncatedFileError(
-                f"zip central directory claims bytes {cd_offset}..{cd_offset + cd_size} "
-                f"but the file's directory ends at {eocd_file_offset}",
-                expected=cd_offset + cd_size,
-                actual=eocd_file_offset,
-                path=path,
-            )
-        directory = source[start + cd_offset : start + cd_offset + cd_size]
-        entries, unsafe = _parse_central(directory, size, path, source, start)
-        return cls(path, tuple(entries), tuple(unsafe), count, blob)
+        directory = read_at(end.directory_at, end.directory_size)
+        entries, unsafe = _parse_central(
+            directory, size, path, source, start, end.shift, cut=view is ZipView.ZIPFILE
+        )
+        return cls(
+            path,
+            tuple(entries),
+            tuple(unsafe),
+            count,
+            blob,
+            view=view,
+            end=end,
+            zipfile_end=other,
+            start=start,
+            length=length,
+        )
 
     @property
     def mismatched_names(self) -> list[str]:
@@ -270,64 +333,22 @@ class ZipDirectory:
         return bytes(data)
 
 
-def inflate_deflated(raw: memoryview, limit: int) -> bytearray:
-    """A deflated member's bytes, at most ``limit + 1`` of them (one more says it goes on),
-    inflated from ``_INFLATE_CHUNK`` of input at a time into one buffer: zlib's one call
-    with ``max_length`` holds its output twice as it finishes (2 GB for 1 GB). Raises
-    ``zlib.error`` when the data does not inflate."""
-    inflater = zlib.decompressobj(-15)
-    out = bytearray()
-    position, pending, more = 0, b"", False
-    while len(out) <= limit and not inflater.eof:
-        if not pending and not more:
-            if position >= len(raw):
-                break
-            pending = bytes(raw[position : position + _INFLATE_CHUNK])
-            position += len(pending)
-        room = min(_INFLATE_CHUNK, limit + 1 - len(out))
-        piece = inflater.decompress(pending, room)
-        out += piece
-        # input left over comes back in ``unconsumed_tail``; a full ``room`` may leave output
-        # held inside, to be asked for again before more input goes in
-        pending, more = inflater.unconsumed_tail, len(piece) == room
-    return out
-
-
-def inflate_member(raw: memoryview, method: int, limit: int) -> bytearray:
-    """A deflated, bzip2 or LZMA member's bytes, at most ``limit + 1`` of them (one more
-    says it goes on). Raises ``CorruptFileError`` when the data does not inflate."""
-    if method == DEFLATED:
-        try:
-            return inflate_deflated(raw, limit)
-        except zlib.error as exc:
-            raise CorruptFileError(f"deflate data is corrupt ({exc})") from None
-    out = bytearray()
-    position = 0
-
-    def read(count: int) -> bytes:
-        nonlocal position
-        piece = bytes(raw[position : position + count])
-        position += len(piece)
-        return piece
-
-    for piece in member_pieces(read, method):
-        out += piece
-        if len(out) > limit:
-            break
-    return out[: limit + 1]
-
-
 def _parse_central(
     directory: bytes,
     file_size: int,
     path: Path,
     source: Bytes | None = None,
     start: int = 0,
+    shift: int = 0,
+    *,
+    cut: bool = False,
 ) -> tuple[list[ZipEntry], list[str]]:
     """Every record in the directory's bytes, whatever the end record's count says (Python's
     zipfile reads them all; a count that hides members is reported by the scanner). With
     ``source`` (the file's bytes, the zip at ``start`` in them) each entry's local header is
-    read in the same pass, for where its data begins; without, ``data_offset`` is -1."""
+    read in the same pass, for where its data begins; without, ``data_offset`` is -1.
+    ``shift`` is added to each header offset and ``cut`` ends names at a NUL, as zipfile
+    does (``_zip_ends``)."""
     entries: list[ZipEntry] = []
     unsafe: list[str] = []
     unpack = _CENTRAL.unpack_from
@@ -353,7 +374,10 @@ def _parse_central(
         if extra_len:
             extra = directory[name_at + name_len : name_at + name_len + extra_len]
             usize, csize, offset = _zip64_sizes(extra, usize, csize, offset)
-        if offset + LOCAL_HEADER_SIZE > file_size or csize > file_size:
+        offset += shift
+        if cut and "\0" in name:
+            name = _cut(name)
+        if offset < 0 or offset + LOCAL_HEADER_SIZE > file_size or csize > file_size:
             raise CorruptFileError(f"zip entry {name!r} points past the end of the file", path=path)
         if method == STORED and csize != usize:
             raise CorruptFileError(
@@ -368,6 +392,7 @@ def _parse_central(
             data_at, local_name = _local_header(
                 source, start + offset, name, name_bytes, same_text, path
             )
+            local_name = _cut(local_name) if cut else local_name
             data_offset = offset + data_at
             if data_offset + csize > file_size:
                 raise TruncatedFileError(
@@ -384,6 +409,11 @@ def _parse_central(
             )
         pos = name_at + name_len + extra_len + comment_len
     return entries, unsafe
+
+
+def _cut(name: str) -> str:
+    """A name as zipfile's ``ZipInfo`` keeps it: up to its first NUL."""
+    return name.split("\0", 1)[0]
 
 
 def _escapes(name: str) -> bool:
@@ -455,37 +485,3 @@ def _zip64_sizes(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int
                 (offset,) = struct.unpack("<Q", values[cursor : cursor + 8])
         pos += 4 + length
     return usize, csize, offset
-
-
-def prepended_bytes(path: Path) -> int:
-    """How many bytes precede the zip in ``path`` (a pickle with a zip appended, a
-    self-extracting archive): where the central directory really is minus where the end
-    record says it is (the zip64 record's, when there is one), as Python's ``zipfile``
-    computes it. torch does not read such files."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        tail_len = min(size, EOCD_SIZE + MAX_COMMENT + 20 + 56)
-        handle.seek(size - tail_len)
-        tail = handle.read(tail_len)
-    eocd_at = tail.rfind(EOCD_SIGNATURE)
-    if eocd_at < 0 or eocd_at + EOCD_SIZE > len(tail):
-        return 0
-    cd_size, cd_offset = struct.unpack("<II", tail[eocd_at + 12 : eocd_at + 20])
-    record_at = size - tail_len + eocd_at
-    zip64_at = eocd_at - 20 - 56
-    if (
-        zip64_at >= 0
-        and tail[eocd_at - 20 : eocd_at - 16] == ZIP64_LOCATOR_SIGNATURE
-        and tail[zip64_at : zip64_at + 4] == ZIP64_EOCD_SIGNATURE
-    ):
-        cd_size, cd_offset = struct.unpack("<QQ", tail[zip64_at + 40 : zip64_at + 56])
-        record_at = size - tail_len + zip64_at
-    prepended: int = record_at - cd_size - cd_offset
-    return max(0, prepended)
-
-
-def has_zip_tail(data: memoryview) -> bool:
-    """Whether bytes that do not start as a zip end with one (a polyglot: loaders that
-    read from either end see different files)."""
-    tail = bytes(data[-(1 << 16) - 22 :])
-    return EOCD_SIGNATURE in tail and bytes(data[:4]) != LOCAL_SIGNATURE

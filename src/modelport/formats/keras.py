@@ -53,7 +53,7 @@ MAX_LISTED_MEMBERS = 1000
 
 
 def sniff(probe: Probe) -> bool:
-    directory: ZipDirectory | None = probe.zip
+    directory: ZipDirectory | None = probe.zipfile_zip  # Keras opens it with zipfile
     if directory is None:
         return False
     names = set(directory.names())
@@ -82,7 +82,7 @@ def _last(directory: ZipDirectory, name: str, warnings: list[str]) -> ZipEntry |
 
 
 def read(path: Path, probe: Probe) -> Contents:
-    directory: ZipDirectory | None = probe.zip
+    directory: ZipDirectory | None = probe.zipfile_zip
     if directory is None:
         raise CorruptFileError("not a readable zip archive", path=path)
     warnings = [f"zip member name escapes the archive: {name!r}" for name in directory.unsafe_names]

@@ -121,7 +121,7 @@ RATIO_SLACK = 1024
 
 
 def sniff(probe: Probe) -> bool:
-    directory = probe.zip
+    directory = probe.zipfile_zip  # numpy.load opens it with zipfile
     if directory is None or not directory.entries:
         return False
     return all(entry.name.endswith(SUFFIX) for entry in directory.entries)
@@ -273,9 +273,7 @@ def _check_sizes(entry: ZipEntry, path: Path, where: str) -> None:
 
 
 def read(path: Path, probe: Probe) -> Contents:
-    directory: ZipDirectory = probe.zip_directory()
-    if directory is None:
-        raise CorruptFileError("not a zip archive", path=path)
+    directory: ZipDirectory = probe.zipfile_zip or probe.zip_directory().zipfile_view()
     warnings = [f"zip member name escapes the archive: {name!r}" for name in directory.unsafe_names]
     chosen: dict[str, ZipEntry] = {}
     for entry in directory.entries:

@@ -121,6 +121,17 @@ class Probe:
         except ModelportError:
             return None
 
+    @cached_property
+    def zipfile_zip(self) -> ZipDirectory | None:
+        """The zip directory as Python's zipfile reads it (numpy.load, Keras), which can
+        differ from torch's (``formats/_zip_ends``), or None if not a zip it reads."""
+        if self.zip is None:
+            return None
+        try:
+            return self.zip.zipfile_view()
+        except ModelportError:
+            return None
+
     def zip_directory(self) -> ZipDirectory:
         """The zip directory, for a reader whose sniffer took the file as a zip: the parsed
         one, or the precise reason it cannot be read."""

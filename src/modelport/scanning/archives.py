@@ -48,11 +48,12 @@ from modelport.formats._zip import (
     TORCH_METHODS,
     ZipDirectory,
     ZipEntry,
+    ZipView,
     inflate_member,
 )
 from modelport.formats.protocol import Format
 from modelport.pickles.symbols import Severity
-from modelport.scanning import script_code
+from modelport.scanning import content_checks, script_code, zip_views
 from modelport.scanning.first_bytes import may_hold_code
 from modelport.scanning.scan_state import TORCH_SAVED, ScanState
 
@@ -71,15 +72,19 @@ def scan_zip(
     start: int = 0,
     length: int | None = None,
     blob: bytes | None = None,
+    view: ZipView = ZipView.TORCH,
 ) -> None:
+    """``view``: the reader whose directory is judged; torch's is compared with zipfile's
+    (``zip_views``), which is judged too where the two differ."""
     if depth > limits.MAX_CONTAINER_NESTING:
         scan.error(f"containers nested deeper than {limits.MAX_CONTAINER_NESTING}", member)
         return
     if blob is not None:
-        directory = ZipDirectory.from_bytes(blob, scan.path)
+        directory = ZipDirectory.from_bytes(blob, scan.path, view)
     else:
         scan.zip_starts.add(start)
-        directory = ZipDirectory.read(scan.path, start=start, length=length, held=scan.data)
+        held = scan.data
+        directory = ZipDirectory.read(scan.path, start=start, length=length, held=held, view=view)
     names = directory.names()
     # torch's miniz lookup ignores case: "CODE/__torch__.PY" is the code torch.jit.load compiles
     folded = [n.lower() for n in names]
@@ -89,6 +94,7 @@ def scan_zip(
     torch_archive = any(n.endswith("data.pkl") for n in folded)
     exported = any(n.endswith("/archive_format") or n == "archive_format" for n in names)
     _report_directory(scan, directory, member, names, torch_archive or torchscript or exported)
+    zip_views.judge_views(scan, directory, member, depth, start=start, length=length, blob=blob)
     raw_payloads = _exported_raw_payloads(scan, directory) if exported else frozenset()
     storages = _storage_folder(folded) if torch_archive or torchscript else None
     if depth == 0:
@@ -121,7 +127,8 @@ def scan_zip(
     )
     if depth == 0 and blob is None and not torch_only:
         passing = _TORCH_READERS if torch_archive or torchscript else frozenset()
-        scan.scan_with_reader(zip_only=True, passing=passing)
+        behind = directory if start else None  # a zip at byte 0 is the file's own probe's
+        scan.scan_with_reader(zip_only=True, passing=passing, behind=behind)
 
 
 def _report_directory(
@@ -282,6 +289,10 @@ def _scan_json_member(
     except (ModelportError, ValueError, RecursionError):
         return False
     scan.scan_embedded(document, label)
+    try:  # whichever reader takes the zip, if any: Keras runs a config.json on its own
+        scan.findings.extend(content_checks.keras_config_findings(document))
+    except ModelportError as exc:
+        scan.error(f"a Keras model config, not analysed: {exc}", label)
     return True
 
 

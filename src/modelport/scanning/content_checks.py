@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path, PurePath, PurePosixPath
 from types import ModuleType
@@ -19,7 +20,8 @@ from typing import Any
 
 from modelport import limits
 from modelport.errors import MissingDependencyError
-from modelport.formats.protocol import Contents
+from modelport.formats import _keras_config
+from modelport.formats.protocol import Contents, Format
 from modelport.gadgets import gadget
 from modelport.scanning import hf_code, templates
 from modelport.scanning.findings import Finding
@@ -31,6 +33,22 @@ LOADER_TEXT = frozenset((".json", ".jinja", ".jinja2", ".yaml", ".yml"))
 # (Jinja).
 _READ_FOR_CODE = frozenset((".json", ".jinja", ".yaml", ".yml"))
 _YAML = frozenset((".yaml", ".yml"))
+_TEMPLATES = frozenset((".jinja", ".jinja2"))
+# Text under any other name is a config by its content (``OmegaConf.load`` and jsonargparse
+# read any file name): a small text holding what a YAML config needs to name code is judged
+# as YAML. A python tag needs ``!!``, a verbatim ``!<`` or a ``%TAG`` handle; a target key
+# needs its word (an alias or a merge key repeats a word written elsewhere in the text) or a
+# backslash (an escape in a double-quoted key). Real configs are tens of kilobytes; a text
+# that composes whole costs about 0.25 s of CPU at the bound (pure-Python PyYAML), most prose
+# stops at its first line that is not YAML, and a vocabulary or merges file past the bound
+# is not composed.
+MAX_CONTENT_CONFIG_BYTES = 128 << 10
+_CONFIG_SHAPE = re.compile(rb"!!|!<|%TAG|\\|target|class_path|cls")
+# Bytes a JSON document needs for a target key (JSON may spell a key with \u escapes), and
+# the keys (``yaml_configs`` judges what they name).
+_JSON_TARGET_NEEDLES = (b"_target_", b"class_path", b"cls", b"target", b"\\u")
+_TARGET_KEYS = frozenset(("_target_", "class_path", "cls", "target"))
+_OPENS_CONTAINER = re.compile(rb"\s*[\[{]")
 
 
 def findings(contents: Contents) -> list[Finding]:
@@ -47,6 +65,9 @@ def findings(contents: Contents) -> list[Finding]:
             )
     for item in contents.details.get("custom_objects") or []:
         found.append(_custom_object(item))
+    for unread in contents.details.get("unread_configs") or []:  # Keras runs them unjudged
+        message = f"a config Keras deserializes on load was not read: {unread['why']}"
+        found.append(Finding(Severity.HIGH, "not-analysed", unread["name"], message))
     found.extend(_chat_templates(contents.metadata))
     for reference in contents.details.get("external_references") or []:
         found.append(_external_reference(reference))
@@ -60,6 +81,16 @@ def findings(contents: Contents) -> list[Finding]:
         )
         found.extend(_tf_file_write(item) for item in writes)
     return found
+
+
+def keras_config_findings(document: Any) -> list[Finding]:
+    """A JSON document shaped as a Keras model (a folder's or zip's ``config.json``): Keras
+    runs it with or without weights beside it, so it is judged wherever it is met, by the
+    same rules as the Keras readers' configs."""
+    if not _keras_config.is_keras_shaped(document):
+        return []
+    facts = _keras_config.analyse(document)
+    return findings(Contents(Format.KERAS, {}, details=facts.details()))
 
 
 def _tf_file_read(op: str) -> Finding:
@@ -130,26 +161,62 @@ def member_text_findings(name: str, data: bytes | memoryview, member: str) -> li
 
 def _loader_text(names: list[str], data: bytes, member: str) -> list[Finding]:
     """One text's findings under each of its file names: templates for ``.jinja``, the code
-    YAML configurations name for ``.yaml``/``.yml`` (``member`` locates those), and what a
-    JSON document holds for the rest."""
+    YAML configurations name for ``.yaml``/``.yml`` (``member`` locates those), what a
+    JSON document holds for the rest (``auto_map``, chat templates, target keys), and a text
+    that is neither, judged as YAML by its content."""
     text = data.decode("utf-8", "replace")
     found = []
     for name in dict.fromkeys(n for n in names if n.endswith(".jinja")):
         found += _template(name, text)
-    if any(PurePosixPath(n).suffix.lower() in _YAML for n in names):
+    suffixes = {PurePosixPath(n).suffix.lower() for n in names}
+    if suffixes & _YAML:
         judged: list[Finding] = _yaml_configs().findings(data, member)
         found += judged
     json_names = [n for n in dict.fromkeys(names) if _is_json_name(n)]
     if not json_names:
         return found
+    targeted = _Targeted()
     try:
-        document = json.loads(text)
+        if _OPENS_CONTAINER.match(data) and any(n in data for n in _JSON_TARGET_NEEDLES):
+            document = json.loads(text, object_hook=targeted)
+        else:
+            document = json.loads(text)
     except (ValueError, RecursionError):
+        if not suffixes & (_YAML | _TEMPLATES):
+            found += _content_config(data, member)
         return found
     found += _chat_templates(document) if isinstance(document, dict) else []
+    found += keras_config_findings(document)
     for name in json_names:
         found += hf_code.findings(name, document)
+    if targeted.mappings and not suffixes & _YAML:
+        judged = _yaml_configs().document_findings(document, targeted.mappings, member)
+        found += judged
     return found
+
+
+class _Targeted:
+    """``json.loads``' object hook that keeps the objects holding a target key: a config's
+    few, none of a tokenizer's (whose vocabulary is one object of many thousand keys)."""
+
+    __slots__ = ("mappings",)
+
+    def __init__(self) -> None:
+        self.mappings: list[dict[str, Any]] = []
+
+    def __call__(self, mapping: dict[str, Any]) -> dict[str, Any]:
+        if not _TARGET_KEYS.isdisjoint(mapping):
+            self.mappings.append(mapping)
+        return mapping
+
+
+def _content_config(data: bytes, member: str) -> list[Finding]:
+    """A text no name declares a config (``config.cfg``, ``model.hparams``, a ``.json``
+    that is YAML), judged as YAML when it is small and shaped like one that names code."""
+    if len(data) > MAX_CONTENT_CONFIG_BYTES or _CONFIG_SHAPE.search(data) is None:
+        return []
+    judged: list[Finding] = _yaml_configs().findings(data, member, declared=False)
+    return judged
 
 
 def _is_json_name(name: str) -> bool:
@@ -252,10 +319,11 @@ def _external_reference(item: dict[str, str]) -> Finding:
 
 
 def loader_text_findings(path: Path, aliases: Sequence[Path] = ()) -> list[Finding]:
-    """A config or template by name (``config.yaml``, ``tokenizer_config.json``) whose bytes
-    also read as a model: its loader reads it as text all the same, so it is judged as such."""
+    """A config or template (``config.yaml``, ``tokenizer_config.json``, a ``config.cfg`` by
+    its content) whose bytes also read as a model: its loader reads it as text all the same,
+    so it is judged as such."""
     names = [path, *aliases]
-    if not any(name.suffix.lower() in LOADER_TEXT for name in names) or not is_text(path):
+    if all(name.suffix == ".py" for name in names) or not is_text(path):
         return []
     return text_findings(path, aliases)
 

@@ -58,6 +58,9 @@ FIXES: dict[str, str] = {
     "yaml-unparsed": "find out why the YAML does not parse before a loader reads it",
     "zip-path-traversal": "do not extract this archive",
     "zip-bomb": "do not extract this archive",
+    "zip-directory-mismatch": "do not load it: torch and Python's zipfile (numpy, Keras) read "
+    "different archives from this file",
+    "zip-name-nul": "do not load it: loaders name its members differently",
     "not-analysed": "",
 }
 

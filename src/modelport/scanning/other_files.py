@@ -1,6 +1,7 @@
 """Files with no model reading, judged for what they are: raw tensor bytes a TensorFlow
-``.index`` names, a file a loader reads for what it makes it do (a JSON or YAML config, a
-chat template: ``content_checks`` judges what each names or renders),
+``.index`` names, a file a loader reads for what it makes it do (a JSON or YAML config, by
+its name or its content, a chat template: ``content_checks`` judges what each names or
+renders),
 a model's companion in a folder (tokenizer data), or else not a model at all, an error that
 says what it is (a Git LFS pointer, a web page), never ``safe``. Imported by the scanner only
 for such files."""
@@ -18,6 +19,8 @@ _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 # as data (sentencepiece protobufs, tiktoken ranks).
 _TOKENIZER_DATA = frozenset((".model", ".spm", ".tiktoken", ".bpe"))
 _TOKENIZER_NAMES = frozenset(("tokenizer.model", "spiece.model", "sentencepiece.bpe.model"))
+# A text judged as a config by its content (``config.cfg``) is one a loader reads.
+_CONFIG_RULES = frozenset(("config-target", "yaml-python-tag"))
 
 
 def is_tensor_shard(scan: ScanState) -> bool:
@@ -51,7 +54,8 @@ def scan_unrecognised(scan: ScanState) -> None:
         found = content_checks.text_findings(scan.path, scan.aliases)
         scan.findings.extend(found)
         serious = any(f.severity is not Severity.INFO for f in found)
-        if serious or scan.in_folder or suffix in content_checks.LOADER_TEXT:
+        config = any(f.rule in _CONFIG_RULES for f in found)
+        if serious or config or scan.in_folder or suffix in content_checks.LOADER_TEXT:
             return
         scan.error("a text file that is not a model and that no model loader reads", "")
         return

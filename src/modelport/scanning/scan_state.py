@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from modelport.formats.protocol import Format
+from modelport.formats._zip import ZipDirectory
+from modelport.formats._zip_ends import ZipView
+from modelport.formats.protocol import Contents, Format
 from modelport.scanning.findings import Finding
 from modelport.severity import Severity
 
@@ -27,6 +29,8 @@ class ScanState:
     findings: list[Finding]
     zip_starts: set[int]
     embedded_seen: set[int]
+    read: Contents | None  # the file's contents as a caller read them already, if it did
+    data_files: tuple[str, ...]  # files beside it that its reader says it reads (ONNX data)
 
     def error(self, message: str, member: str) -> None:
         self.findings.append(Finding(Severity.HIGH, "not-analysed", member, message))
@@ -43,6 +47,7 @@ class ScanState:
         start: int = 0,
         length: int | None = None,
         blob: bytes | None = None,
+        view: ZipView = ZipView.TORCH,
     ) -> None:
         raise NotImplementedError
 
@@ -67,7 +72,11 @@ class ScanState:
         raise NotImplementedError
 
     def scan_with_reader(
-        self, *, zip_only: bool = False, passing: frozenset[Format] = frozenset()
+        self,
+        *,
+        zip_only: bool = False,
+        passing: frozenset[Format] = frozenset(),
+        behind: ZipDirectory | None = None,
     ) -> str | None:
         raise NotImplementedError
 

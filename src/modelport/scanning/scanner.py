@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import mmap
 import os
 import time
@@ -28,19 +27,21 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
 from modelport import limits
-from modelport.errors import EscapingReferenceError, ModelportError, UnsupportedDtypeError
+from modelport.errors import ModelportError, UnsupportedDtypeError
 from modelport.formats import _compressed, _npy_header
+from modelport.formats._hdf5_raw import SIGNATURE as HDF5_SIGNATURE
+from modelport.formats._hdf5_raw import find_superblock
 from modelport.formats._tar import is_tar
 from modelport.formats._zip import (
     EOCD_SIGNATURE,
     LOCAL_SIGNATURE,
     ZipDirectory,
+    ZipView,
     has_zip_tail,
     prepended_bytes,
 )
-from modelport.formats.protocol import HEAD_BYTES, Contents, Format, Probe, refuse_special_file
-from modelport.formats.registry import candidates
-from modelport.scanning import content_checks, embedded
+from modelport.formats.protocol import Contents, Format, refuse_special_file
+from modelport.scanning import code_free, content_checks, embedded
 from modelport.scanning.findings import FileReport, ScanReport, worst
 from modelport.scanning.first_bytes import PickleReading, decided_reading
 from modelport.scanning.scan_state import TORCH_SAVED, ScanState
@@ -48,23 +49,6 @@ from modelport.severity import Severity
 
 if TYPE_CHECKING:
     from modelport.formats._compressed import Compression
-
-# Formats whose readers check a file that holds no pickle; the scanner reads the others.
-_CODE_FREE = frozenset(
-    (
-        Format.SAFETENSORS,
-        Format.GGUF,
-        Format.GGML,
-        Format.ONNX,
-        Format.HDF5,
-        Format.TFLITE,
-        Format.KERAS,
-        Format.TF_CHECKPOINT,
-        Format.TF_SAVEDMODEL,
-        Format.FLAX_MSGPACK,
-        Format.EXECUTORCH_PTE,
-    )
-)
 
 # The parts of a scan that only some files call for, each imported the first time a file's
 # bytes (or a path) need it, as ``formats.registry`` imports readers: a safetensors file
@@ -226,10 +210,13 @@ class _FileScanner(ScanState):
             readings.append(f"{kind.value} stream")
             self.format = f"pickle ({kind.value})"
             self.scan_compressed(data, kind, "", 0)
-        if "zip" not in readings:
-            reader_format = self.scan_with_reader()
+        if "zip" not in readings and not head.startswith(HDF5_SIGNATURE):
+            reader_format = code_free.scan_with_reader(self, passing=code_free.FOUND_BEHIND)
             if reader_format is not None:
                 readings.append(reader_format)
+        if find_superblock(head, len(data), self.path) is not None:  # before any import
+            behind = code_free.scan_with_reader(self, slots=code_free.FOUND_BEHIND_SLOTS)
+            readings += [] if behind is None else [behind]
         if (
             reading is PickleReading.CUT
             and not readings
@@ -254,10 +241,10 @@ class _FileScanner(ScanState):
         if start in self.zip_starts:
             return False
         try:
-            ZipDirectory.read(self.path, start=start, held=self.data)
+            ZipDirectory.read(self.path, start=start, held=self.data, view=ZipView.ZIPFILE)
         except ModelportError:
             return False  # an end record by chance in data: no zip reader opens it
-        self.scan_zip("", 0, start=start)
+        self.scan_zip("", 0, start=start, view=ZipView.ZIPFILE)
         return True
 
     def _polyglot_severity(self) -> Severity:
@@ -311,8 +298,11 @@ class _FileScanner(ScanState):
         start: int = 0,
         length: int | None = None,
         blob: bytes | None = None,
+        view: ZipView = ZipView.TORCH,
     ) -> None:
-        _part("archives").scan_zip(self, member, depth, start=start, length=length, blob=blob)
+        _part("archives").scan_zip(
+            self, member, depth, start=start, length=length, blob=blob, view=view
+        )
 
     def scan_pickle_stream(
         self,
@@ -433,42 +423,14 @@ class _FileScanner(ScanState):
             elif not self.scan_plain_member(memoryview(raw), label, 1):
                 self.add(Severity.INFO, "opaque-member", label, "holds no pickle")
 
-    # -- formats without code: their readers check every header field -------------------------
     def scan_with_reader(
-        self, *, zip_only: bool = False, passing: frozenset[Format] = frozenset()
+        self,
+        *,
+        zip_only: bool = False,
+        passing: frozenset[Format] = frozenset(),
+        behind: ZipDirectory | None = None,
     ) -> str | None:
-        """The first reader of a code-free format (or, inside a zip, any reader but those of
-        ``passing``) that takes the file; its format's name, or None when none does."""
-        head = bytes(self.data[:HEAD_BYTES])
-        probe = Probe(self.path, len(self.data), head, False, held=self.data)  # as read
-        for reader in candidates(probe):
-            skip = (not zip_only and reader.format not in _CODE_FREE) or reader.format in passing
-            if skip or not reader.sniff(probe):
-                continue
-            if self.format in ("unknown", "zip"):
-                self.format = reader.format.value
-            if self.read is not None and self.read.format is reader.format:
-                self._judge_contents(self.read)
-                return reader.format.value
-            try:
-                contents = reader.contents(probe)
-            except EscapingReferenceError as exc:
-                self.add(Severity.HIGH, "reaches-outside", "", str(exc))
-                return reader.format.value
-            except ModelportError as exc:
-                self.error(f"damaged or not a {reader.format} file: {exc}", "")
-                return reader.format.value
-            self._judge_contents(contents)
-            if contents.close is not None:
-                contents.close()
-            return reader.format.value
-        return None
-
-    def _judge_contents(self, contents: Contents) -> None:
-        self.findings.extend(content_checks.findings(contents))
-        self.data_files = tuple(str(n) for n in contents.details.get("external_data") or ())
-        for document in _configs_of(contents):
-            self.scan_embedded(document, "")
+        return code_free.scan_with_reader(self, zip_only=zip_only, passing=passing, behind=behind)
 
 
 _SNIFF = 1 << 16
@@ -483,18 +445,3 @@ def _file_view(path: Path) -> memoryview:
         if size <= _READ_WHOLE:
             return memoryview(handle.read(size))
         return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
-
-
-def _configs_of(contents: Contents) -> list[Any]:
-    """The model configurations a reader found (a Keras ``model_config``, parsed or as the
-    JSON text an HDF5 attribute holds)."""
-    found: list[Any] = []
-    for source in (contents.details.get("model_config"), contents.metadata.get("model_config")):
-        if isinstance(source, str):
-            try:
-                source = json.loads(source)
-            except (ValueError, RecursionError):
-                continue
-        if isinstance(source, (dict, list)):
-            found.append(source)
-    return found

@@ -10,7 +10,17 @@ instantiates ``model_config.yaml`` so), NeMo the ``cls`` of its old configs (rew
 ``config.yaml``) every ``class_path``. Each such name is judged as a global the file calls:
 a gadget or a standard-library or third-party function is unsafe, a library class is worth a
 look, and the classes the pickle allowlist takes (``torch.nn`` modules, optimizers) are
-information.
+information, as are the framework classes ``config_classes`` names (Lightning callbacks
+and file loggers, torch's learning-rate schedulers, NeMo's neural modules; its docstring
+says why each is inert and why a NeMo model class is not). Loaders look a dotted name up
+attribute by attribute past the last module they can import (Hydra's ``_locate``,
+jsonargparse's ``import_object``), so a name that reaches a known gadget through any of its
+parts (``lightning.pytorch.callbacks.os.system``) is that gadget.
+
+JSON configurations are YAML to these loaders (``OmegaConf.load``, jsonargparse) and are
+judged by the same rule on what ``json.loads`` made of them (``document_findings``): for
+text that ``json.loads`` reads, PyYAML's node graph holds the same keys and strings, and
+composing megabytes of a tokenizer's vocabulary in pure Python would take seconds.
 
 The text is composed into nodes by both of PyYAML's parsers (the pure-Python one that
 OmegaConf and the unsafe loaders use, and libyaml's), so a file that one reads differently
@@ -21,15 +31,17 @@ shared nodes, each visited once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
 
 import yaml
 
+from modelport.gadgets import gadget
 from modelport.pickles import policy
 from modelport.pickles.interface import Step
 from modelport.pickles.rules import judge_symbol
 from modelport.pickles.symbols import Symbol, Usage
+from modelport.scanning import config_classes
 from modelport.scanning.findings import Finding
 from modelport.severity import Severity
 
@@ -40,6 +52,12 @@ RULE = "config-target"
 TAG_RULE = "yaml-python-tag"
 _PYTHON_TAG = "tag:yaml.org,2002:python/"
 _STR_TAG = "tag:yaml.org,2002:str"
+# Values no loader takes for a name (Hydra and jsonargparse reject a target that is not a
+# string): a number, a boolean or null under a target key names nothing, as a tokenizer's
+# vocabulary may hold "_target_" as a token with its id.
+_NOT_NAMES = frozenset(f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "bool", "null"))
+# Dotted names longer than any module path: each split of a name is tried for a gadget.
+_MAX_NAME_PARTS = 32
 # What PyYAML's constructors make plain values of (Lightning's hparams.yaml holds
 # ``!!python/tuple``): nothing imported, nothing called.
 _SCALAR_TAGS = ("none", "bool", "str", "unicode", "bytes", "int", "long", "float", "complex")
@@ -60,6 +78,7 @@ _TARGET_KEYS: Final = {
 }
 _TOP = "target"
 _TOP_LOADER = "NeMo's restore_from (the model class a model_config.yaml names)"
+_KEY_WORDS = frozenset((*_TARGET_KEYS, _TOP))
 # Bytes without which no tag and no spelling of a target key can occur (escapes need a
 # backslash; tags an exclamation mark): a file without any of them is not composed at all.
 _NEEDLES = (b"!", b"\\", b"target", b"class_path", b"cls")
@@ -81,12 +100,14 @@ def _aliases() -> dict[tuple[str, str], tuple[str, str]]:
 ALIASES: Final = _aliases()
 
 
-def findings(data: bytes, member: str) -> list[Finding]:
+def findings(data: bytes, member: str, declared: bool = True) -> list[Finding]:
     """What loading the YAML text ``data`` makes its loaders import and run; ``member``
-    locates the findings (the file, or the archive member)."""
+    locates the findings (the file, or the archive member). ``declared``: the file is YAML
+    by its name; a text that is YAML only by its content (``config.cfg``, ``hparams``) and
+    that no parser reads is no config, and its caller bounds its size."""
     if not data.startswith(_UTF16_BOMS) and not any(n in data for n in _NEEDLES):
         return []
-    if len(data) > MAX_YAML_BYTES:
+    if declared and len(data) > MAX_YAML_BYTES:
         return [
             Finding(
                 Severity.HIGH,
@@ -107,9 +128,53 @@ def findings(data: bytes, member: str) -> list[Finding]:
         except (yaml.YAMLError, RecursionError) as exc:
             failures.append(exc)
     found = sorted(judged.values(), key=lambda f: (-f.severity.rank, f.message))
-    if len(failures) == len(_LOADERS):
+    if len(failures) == len(_LOADERS) and (declared or found):
         found.append(_unparsed(failures, member))
     return found
+
+
+def document_findings(
+    document: object, mappings: Sequence[dict[str, Any]], member: str
+) -> list[Finding]:
+    """What a JSON configuration, as ``json.loads`` decoded it, makes Hydra or jsonargparse
+    import and run: each target key judged by the rule YAML's are. ``mappings`` are the
+    document's objects that hold a target key, handed over by the decoder, so that a
+    tokenizer's vocabulary is never walked in Python; the document is walked only to locate
+    a finding."""
+    judged: dict[tuple[str, str, str], Finding] = {}
+    places: dict[int, str] = {}
+    for mapping in mappings:
+        for word in sorted(_KEY_WORDS.intersection(mapping)):
+            value = mapping[word]
+            loader = _loader(word, value, mapping is document)
+            if not loader:
+                continue
+            places = places or _places(document)
+            where = f"at {places.get(id(mapping), 'an object')}"
+            finding = _target(word, value, where, loader, member)
+            judged.setdefault(_identity(finding), finding)
+    return sorted(judged.values(), key=lambda f: (-f.severity.rank, f.message))
+
+
+def _places(document: object) -> dict[int, str]:
+    """Where each object of a decoded JSON document is (``model.layers[0]``); no
+    recursion."""
+    places: dict[int, str] = {}
+    stack: list[tuple[object, str]] = [(document, "")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, dict):
+            places[id(node)] = where or "the top"
+            items: Iterable[tuple[object, object]] = node.items()
+        elif isinstance(node, list):
+            items = enumerate(node)
+        else:
+            continue
+        for key, value in items:
+            if isinstance(value, (dict, list)):
+                step = f"[{key}]" if isinstance(key, int) else f".{key}" if where else str(key)
+                stack.append((value, where + step))
+    return places
 
 
 def _identity(finding: Finding) -> tuple[str, str, str]:
@@ -147,13 +212,33 @@ def _document_findings(root: Any, member: str) -> Iterator[Finding]:
             continue
         for key, value in node.value:
             word = str(key.value) if isinstance(key, yaml.ScalarNode) else ""
-            loader = _TARGET_KEYS.get(word) or (_TOP_LOADER if top and word == _TOP else "")
-            if loader and (word not in ("cls", _TOP) or _dotted(value)):
-                yield _target(word, value, loader, member)
+            name = _node_name(value)
+            plain = isinstance(value, yaml.ScalarNode) and value.tag == _STR_TAG
+            loader = _loader(word, name, top, plain) if word in _KEY_WORDS else ""
+            if loader:
+                yield _target(word, name, f"line {value.start_mark.line + 1}", loader, member)
 
 
-def _dotted(node: Any) -> bool:
-    return isinstance(node, yaml.ScalarNode) and node.tag == _STR_TAG and "." in node.value
+def _node_name(node: Any) -> object:
+    """A value as the rule reads it: the text of a scalar (whatever its tag: a python tag is
+    judged on its own), the node itself for a list or mapping, None for what names nothing."""
+    if not isinstance(node, yaml.ScalarNode):
+        return node
+    return None if node.tag in _NOT_NAMES else str(node.value)
+
+
+def _loader(word: str, value: object, top: bool, plain: bool = True) -> str:
+    """The loader that imports and calls what ``word`` names, or "" when it names nothing:
+    ``cls`` and ``target`` are plain words in other configs, so only a dotted string counts
+    there (``plain``: not a scalar under another tag), ``target`` only at the top."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return ""
+    if word in ("cls", _TOP):
+        dotted = plain and isinstance(value, str) and "." in value
+        if not dotted or (word == _TOP and not top):
+            return ""
+        return _TARGET_KEYS.get(word) or _TOP_LOADER
+    return _TARGET_KEYS.get(word, "")
 
 
 def _nodes(root: Any) -> Iterator[tuple[Any, bool]]:
@@ -203,15 +288,14 @@ def _no_arguments(node: Any) -> bool:
     return not node.value
 
 
-def _target(key: str, value: Any, loader: str, member: str) -> Finding:
+def _target(key: str, value: object, where: str, loader: str, member: str) -> Finding:
     """A name a config loader imports and calls, judged as the pickle global it would be."""
-    line = value.start_mark.line + 1
     called = Usage.CALLED.value
-    if not isinstance(value, yaml.ScalarNode):
-        message = f"line {line}: {key} is not a dotted name, so its callable cannot be judged"
+    if not isinstance(value, str):
+        message = f"{where}: {key} is not a dotted name, so its callable cannot be judged"
         return Finding(Severity.MEDIUM, RULE, member, message, global_name="?", usage=called)
-    name = str(value.value)
-    where = f"line {line}: {key}: {name}"
+    name = str(value)
+    where = f"{where}: {key}: {name}"
     if "${" in name:
         message = (
             f"{where}: {loader} resolves the interpolation as it loads, then imports and "
@@ -222,12 +306,44 @@ def _target(key: str, value: Any, loader: str, member: str) -> Finding:
     if len(parts) == 1:
         message = f"{where}: {loader} imports the module {name} or looks the name up"
         return Finding(Severity.MEDIUM, RULE, member, message, global_name=name, usage=called)
+    severity, why = _reached_gadget(parts) or _framework(name) or _judge_dotted(parts)
+    message = f"{where}: {loader} imports and calls it; {why}"
+    return Finding(severity, RULE, member, message, global_name=name, usage=called)
+
+
+def _framework(name: str) -> tuple[Severity, str] | None:
+    """A framework class ``config_classes`` names, by its exact spelling."""
+    if name in config_classes.INERT:
+        return Severity.INFO, config_classes.INERT[name]
+    if name in config_classes.WORTH_A_LOOK:
+        return Severity.MEDIUM, config_classes.WORTH_A_LOOK[name]
+    return None
+
+
+def _reached_gadget(parts: list[str]) -> tuple[Severity, str] | None:
+    """The known gadget a dotted name reaches through any of its parts: loaders import what
+    they can and look the rest up as attributes, so ``a.b.os.system`` is ``os.system``
+    wherever ``a.b`` imported ``os``; a name past any module path's depth is not looked
+    through."""
+    if len(parts) > _MAX_NAME_PARTS:
+        return Severity.HIGH, f"a dotted name of {len(parts)} parts, deeper than any module"
+    for start in range(len(parts) - 1):
+        for end in range(start + 1, len(parts)):
+            does = gadget(".".join(parts[start:end]), parts[end])
+            if does is not None:
+                reached = ".".join(parts[start : end + 1])
+                return Severity.CRITICAL, f"it reaches {reached}, which {does}"
+    return None
+
+
+def _judge_dotted(parts: list[str]) -> tuple[Severity, str]:
+    """A dotted name split where pickle would name it (module, then the first class and
+    what follows it) and judged as that global."""
     first = next((i for i in range(1, len(parts)) if policy.names_a_class(parts[i])), None)
     split = first if first is not None else len(parts) - 1
     module, attribute = ".".join(parts[:split]), ".".join(parts[split:])
-    severity, why = _judge(module, attribute, Usage.CALLED, (value,), line)
-    message = f"{where}: {loader} imports and calls it; as a pickle global: {why}"
-    return Finding(severity, RULE, member, message, global_name=name, usage=called)
+    severity, why = _judge(module, attribute, Usage.CALLED, (".".join(parts),), 0)
+    return severity, f"as a pickle global: {why}"
 
 
 def _judge(
