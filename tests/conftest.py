@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import pickle
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +16,34 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+# -- pytest-xdist workers under coverage ------------------------------------------------------
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_setupnodes(config: pytest.Config, specs: list[object]) -> None:
+    """xdist's workers are new interpreters, which ``coverage run`` does not measure: the
+    start-up hook coverage installs (its .pth file) measures a process that finds this
+    variable naming the configuration, from before the worker imports anything."""
+    running = sys.modules.get("coverage")
+    current = running.Coverage.current() if running is not None else None
+    if current is not None and current.config.config_file:
+        os.environ["COVERAGE_PROCESS_START"] = current.config.config_file
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In a worker: the commands tests start go unmeasured, as they do without xdist (under
+    coverage each would start several times slower, past some tests' timeouts)."""
+    if hasattr(config, "workerinput"):
+        os.environ.pop("COVERAGE_PROCESS_START", None)
+
+
+def installed(package: str) -> pytest.MarkDecorator:
+    """Skips a module's tests where ``package`` is missing, as a module-level
+    ``pytest.importorskip`` does, without importing it: every xdist worker imports every test
+    module, and peft or diffusers alone take seconds to import."""
+    missing = importlib.util.find_spec(package) is None
+    return pytest.mark.skipif(missing, reason=f"{package} is not installed")
 
 
 def digest(array: np.ndarray) -> str:

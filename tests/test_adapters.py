@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import modelport
-from tests.conftest import digest, torch_digest
+from tests.conftest import digest, installed, torch_digest
 
-pytest.importorskip("peft")
+pytestmark = installed("peft")
 
 
 def base_model() -> Any:

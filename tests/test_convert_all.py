@@ -9,6 +9,7 @@ reference library with every tensor present."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import pickle
@@ -25,7 +26,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
-from sklearn import linear_model
 
 import modelport
 from modelport import limits
@@ -474,6 +474,7 @@ def test_an_estimators_arrays_are_kept_under_inspects_names(tmp_path: Path) -> N
     """A joblib file of a fitted scikit-learn estimator: with --drop-unrepresentable the
     object's state is kept as plain data, so its arrays reach the output instead of being
     dropped with it, named as inspect lists them."""
+    linear_model = importlib.import_module("sklearn.linear_model")  # seconds: only here
     rng = np.random.default_rng(0)
     estimator = linear_model.LogisticRegression().fit(
         rng.standard_normal((20, 3)), np.arange(20) % 2

@@ -21,9 +21,9 @@ import torch
 
 import modelport
 from modelport.errors import ConversionError, UsageError
-from tests.conftest import digest, torch_digest
+from tests.conftest import digest, installed, torch_digest
 
-pytest.importorskip("diffusers")
+pytestmark = installed("diffusers")
 
 UNET_FILE = "diffusion_pytorch_model.safetensors"
 
