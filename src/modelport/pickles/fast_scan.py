@@ -313,21 +313,14 @@ class _PlainLiveSymbol(LiveSymbol):
         return self.made[0]
 
 
-class _PassingLiveSymbol(LiveSymbol):
+class _PassingLiveSymbol(_PlainLiveSymbol):
     """An allowlisted reconstructor the rules judge fine however it is called, which calls or
-    instantiates some of its arguments (numpy's ``_reconstruct``, copyreg's): each call is
-    recorded as the resolver records it and gives the one result the symbol holds, as
-    ``_PlainLiveSymbol`` does; once the run is over its arguments are noted as the resolver
+    instantiates some of its arguments (numpy's ``_reconstruct``, copyreg's): called as
+    ``_PlainLiveSymbol`` is; once the run is over its arguments are noted as the resolver
     notes them (``judge_records``: ``rules.pass_on``), and a computed value handed on is
-    reported."""
+    reported. Told apart by its exact type."""
 
     __slots__ = ()
-
-    def __call__(self, *args: Any) -> Made:
-        if len(args) == 2 and args[1] is _NEW:
-            return self._instantiated(args[0])
-        self.calls.append((self.step, args))
-        return self.made[0]
 
 
 class _UncalledLiveSymbol(LiveSymbol):
